@@ -1,0 +1,820 @@
+//! Configuration: `omrs-stream.toml` (sites, databases, identity rules, sinks) and `topics.toml`.
+//!
+//! Loading is three steps, all before anything connects:
+//! 1. parse the TOML;
+//! 2. substitute `${NAME}` / `${NAME:-default}` in every string value (secrets stay out of
+//!    the file; `$${` is a literal `${`);
+//! 3. deserialize with unknown keys rejected, then [`Config::validate`].
+//!
+//! Every error names the file, the dotted key (`sites[1].database.port`) and what is wrong.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::{CoreError, Result};
+
+/// `omrs-stream.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    pub sites: Vec<SiteConfig>,
+    pub hq: HqConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub transform: TransformConfig,
+    #[serde(default)]
+    pub sinks: SinksConfig,
+}
+
+/// Kafka connection. Every librdkafka setting not named here goes in `properties`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    #[serde(default = "default_bootstrap")]
+    pub bootstrap_servers: String,
+    /// Prepended to every topic name (for shared brokers, and for isolated test runs).
+    #[serde(default)]
+    pub topic_prefix: String,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    #[serde(default)]
+    pub security_protocol: Option<String>,
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER` or `GSSAPI`.
+    #[serde(default)]
+    pub sasl_mechanism: Option<String>,
+    #[serde(default)]
+    pub sasl_username: Option<String>,
+    #[serde(default)]
+    pub sasl_password: Option<String>,
+    #[serde(default)]
+    pub ssl_ca_location: Option<String>,
+    #[serde(default)]
+    pub ssl_certificate_location: Option<String>,
+    #[serde(default)]
+    pub ssl_key_location: Option<String>,
+    #[serde(default)]
+    pub ssl_key_password: Option<String>,
+    /// Raw librdkafka properties, passed through unchanged.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_bootstrap() -> String {
+    "127.0.0.1:9092".into()
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: default_bootstrap(),
+            topic_prefix: String::new(),
+            security_protocol: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+            ssl_key_password: None,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// The Prometheus endpoint (`/metrics`, `/health`) every process serves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port`. Each process needs its own port; the subcommands accept `--metrics-listen`.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: default_metrics_listen() }
+    }
+}
+
+impl MetricsConfig {
+    pub fn addr(&self) -> Result<SocketAddr> {
+        self.listen.parse().map_err(|e| CoreError::Config {
+            file: PathBuf::from("<metrics>"),
+            key: "metrics.listen".into(),
+            message: format!("`{}` is not host:port ({e})", self.listen),
+        })
+    }
+}
+
+/// One clinic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Lower-case letters, digits and `-`; used in topic names (`omrs.cdc.<name>`).
+    pub name: String,
+    pub database: DatabaseConfig,
+    /// Conflict tie-break: higher wins when change times are equal (DESIGN.md semantics 6).
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// A MySQL/MariaDB database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    #[serde(default)]
+    pub password: String,
+    /// Schema name, e.g. `openmrs`.
+    pub database: String,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+impl DatabaseConfig {
+    /// `mysql://user:password@host:port/database` with user and password percent-encoded.
+    pub fn url(&self) -> String {
+        format!(
+            "mysql://{}:{}@{}:{}/{}",
+            pct(&self.user),
+            pct(&self.password),
+            self.host,
+            self.port,
+            self.database
+        )
+    }
+
+    /// The same URL without the password, for logs and manifests.
+    pub fn redacted_url(&self) -> String {
+        format!("mysql://{}@{}:{}/{}", pct(&self.user), self.host, self.port, self.database)
+    }
+}
+
+fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HqConfig {
+    pub database: DatabaseConfig,
+}
+
+/// Identifier types that identify one person across sites (DESIGN.md semantics 5).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    #[serde(default)]
+    pub identifiers: Vec<IdentifierRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifierRule {
+    /// `patient_identifier_type.uuid`.
+    pub identifier_type_uuid: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Applied in order to each identifier value before comparison.
+    #[serde(default = "default_normalize")]
+    pub normalize: Vec<Normalize>,
+}
+
+fn default_normalize() -> Vec<Normalize> {
+    vec![Normalize::Trim, Normalize::StripSeparators, Normalize::Upper]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    /// Strip leading and trailing whitespace.
+    Trim,
+    /// Upper-case.
+    Upper,
+    /// Lower-case.
+    Lower,
+    /// Remove spaces, `-`, `_`, `.`, `/`.
+    StripSeparators,
+}
+
+impl IdentifierRule {
+    pub fn normalize(&self, value: &str) -> String {
+        let mut s = value.to_string();
+        for step in &self.normalize {
+            s = match step {
+                Normalize::Trim => s.trim().to_string(),
+                Normalize::Upper => s.to_uppercase(),
+                Normalize::Lower => s.to_lowercase(),
+                Normalize::StripSeparators => s
+                    .chars()
+                    .filter(|c| !c.is_whitespace() && !matches!(c, '-' | '_' | '.' | '/'))
+                    .collect(),
+            };
+        }
+        s
+    }
+}
+
+/// What the ingest agents read and what never leaves a site.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Tables to capture; empty means every table not excluded.
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default = "default_exclude")]
+    pub exclude: Vec<String>,
+    /// `table.column` values that are never shipped.
+    #[serde(default = "default_scrub")]
+    pub scrub: Vec<String>,
+    #[serde(default = "default_chunk_rows")]
+    pub snapshot_chunk_rows: u32,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+}
+
+fn default_exclude() -> Vec<String> {
+    [
+        "liquibasechangelog",
+        "liquibasechangeloglock",
+        "scheduler_task_config",
+        "scheduler_task_config_property",
+        "idgen_pooled_identifier",
+        "idgen_log_entry",
+        "notification_alert_recipient",
+        "hl7_in_queue",
+        "hl7_in_archive",
+        "hl7_in_error",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn default_scrub() -> Vec<String> {
+    ["users.password", "users.salt", "users.secret_question", "users.secret_answer"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn default_chunk_rows() -> u32 {
+    5_000
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1_000
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            include: Vec::new(),
+            exclude: default_exclude(),
+            scrub: default_scrub(),
+            snapshot_chunk_rows: default_chunk_rows(),
+            heartbeat_interval_ms: default_heartbeat_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformConfig {
+    /// Bounded out-of-orderness subtracted from each site's latest event time.
+    #[serde(default = "default_ooo")]
+    pub out_of_orderness_ms: u64,
+    /// A site with no event or heartbeat for this long stops holding the global watermark back.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_s: u64,
+    /// Upper bound of events buffered for the ordered merge.
+    #[serde(default = "default_buffer")]
+    pub max_buffered_events: usize,
+}
+
+fn default_ooo() -> u64 {
+    2_000
+}
+fn default_idle() -> u64 {
+    180
+}
+fn default_buffer() -> usize {
+    200_000
+}
+
+impl Default for TransformConfig {
+    fn default() -> Self {
+        TransformConfig {
+            out_of_orderness_ms: default_ooo(),
+            idle_timeout_s: default_idle(),
+            max_buffered_events: default_buffer(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinksConfig {
+    #[serde(default)]
+    pub hq_mysql: HqSinkConfig,
+    #[serde(default)]
+    pub parquet: ParquetSinkConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HqSinkConfig {
+    /// How long a row may wait for its parent before it is dead-lettered.
+    #[serde(default = "default_fk_wait")]
+    pub fk_wait_timeout_s: u64,
+    #[serde(default = "default_pending")]
+    pub max_pending_rows: usize,
+}
+
+fn default_fk_wait() -> u64 {
+    600
+}
+fn default_pending() -> usize {
+    100_000
+}
+
+impl Default for HqSinkConfig {
+    fn default() -> Self {
+        HqSinkConfig { fk_wait_timeout_s: default_fk_wait(), max_pending_rows: default_pending() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParquetSinkConfig {
+    #[serde(default = "default_lake")]
+    pub path: PathBuf,
+}
+
+fn default_lake() -> PathBuf {
+    PathBuf::from("/var/lib/omrs-stream/lake")
+}
+
+impl Default for ParquetSinkConfig {
+    fn default() -> Self {
+        ParquetSinkConfig { path: default_lake() }
+    }
+}
+
+impl Config {
+    /// Reads, substitutes, parses and validates `omrs-stream.toml`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CoreError::ConfigRead { file: path.to_path_buf(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// As [`Config::load`], from text; `file` is used in error messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Config> {
+        let cfg: Config = parse_toml(text, file)?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    pub fn site(&self, name: &str) -> Option<&SiteConfig> {
+        self.sites.iter().find(|s| s.name == name)
+    }
+
+    pub fn site_names(&self) -> Vec<String> {
+        self.sites.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Checks what serde cannot: names, ports, uniqueness, enumerations.
+    pub fn validate(&self, file: &Path) -> Result<()> {
+        let err = |key: String, message: String| CoreError::Config {
+            file: file.to_path_buf(),
+            key,
+            message,
+        };
+        if self.sites.is_empty() {
+            return Err(err("sites".into(), "at least one [[sites]] entry is required".into()));
+        }
+        let mut seen = HashSet::new();
+        for (i, site) in self.sites.iter().enumerate() {
+            if !valid_site_name(&site.name) {
+                return Err(err(
+                    format!("sites[{i}].name"),
+                    format!(
+                        "`{}` must be 1-48 characters of a-z, 0-9 and `-` (it names a Kafka topic)",
+                        site.name
+                    ),
+                ));
+            }
+            if !seen.insert(site.name.as_str()) {
+                return Err(err(
+                    format!("sites[{i}].name"),
+                    format!("site `{}` is configured twice", site.name),
+                ));
+            }
+            validate_db(&site.database, &format!("sites[{i}].database"), file)?;
+        }
+        validate_db(&self.hq.database, "hq.database", file)?;
+
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return Err(err("kafka.bootstrap_servers".into(), "is empty".into()));
+        }
+        for server in self.kafka.bootstrap_servers.split(',') {
+            let server = server.trim();
+            let port = server.rsplit_once(':').map(|(_, p)| p);
+            match port.map(str::parse::<u16>) {
+                Some(Ok(p)) if p != 0 => {}
+                _ => {
+                    return Err(err(
+                        "kafka.bootstrap_servers".into(),
+                        format!("`{server}` is not host:port with a port in 1-65535"),
+                    ))
+                }
+            }
+        }
+        if let Some(p) = &self.kafka.security_protocol {
+            if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&p.to_lowercase().as_str())
+            {
+                return Err(err(
+                    "kafka.security_protocol".into(),
+                    format!("`{p}` is not one of plaintext, ssl, sasl_plaintext, sasl_ssl"),
+                ));
+            }
+        }
+        if let Some(m) = &self.kafka.sasl_mechanism {
+            if !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
+                .contains(&m.as_str())
+            {
+                return Err(err(
+                    "kafka.sasl_mechanism".into(),
+                    format!("`{m}` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER, GSSAPI"),
+                ));
+            }
+        }
+        if !self.kafka.topic_prefix.is_empty() && !valid_topic_chars(&self.kafka.topic_prefix) {
+            return Err(err(
+                "kafka.topic_prefix".into(),
+                format!("`{}` may only hold a-z, A-Z, 0-9, `.`, `_` and `-`", self.kafka.topic_prefix),
+            ));
+        }
+        match self.metrics.listen.parse::<SocketAddr>() {
+            Ok(_) => {}
+            Err(e) => {
+                return Err(err(
+                    "metrics.listen".into(),
+                    format!("`{}` is not host:port with a port in 0-65535 ({e})", self.metrics.listen),
+                ))
+            }
+        }
+        let mut types = HashSet::new();
+        for (i, rule) in self.identity.identifiers.iter().enumerate() {
+            if !looks_like_uuid(&rule.identifier_type_uuid) {
+                return Err(err(
+                    format!("identity.identifiers[{i}].identifier_type_uuid"),
+                    format!("`{}` is not a uuid", rule.identifier_type_uuid),
+                ));
+            }
+            if !types.insert(rule.identifier_type_uuid.as_str()) {
+                return Err(err(
+                    format!("identity.identifiers[{i}].identifier_type_uuid"),
+                    "the same identifier type is listed twice".into(),
+                ));
+            }
+        }
+        for (i, col) in self.ingest.scrub.iter().enumerate() {
+            if col.split('.').count() != 2 || col.starts_with('.') || col.ends_with('.') {
+                return Err(err(
+                    format!("ingest.scrub[{i}]"),
+                    format!("`{col}` must be `table.column`"),
+                ));
+            }
+        }
+        if self.ingest.snapshot_chunk_rows == 0 {
+            return Err(err("ingest.snapshot_chunk_rows".into(), "must be at least 1".into()));
+        }
+        if self.transform.idle_timeout_s == 0 {
+            return Err(err("transform.idle_timeout_s".into(), "must be at least 1".into()));
+        }
+        if self.transform.max_buffered_events == 0 {
+            return Err(err("transform.max_buffered_events".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+fn validate_db(db: &DatabaseConfig, key: &str, file: &Path) -> Result<()> {
+    let err = |k: &str, message: String| CoreError::Config {
+        file: file.to_path_buf(),
+        key: format!("{key}.{k}"),
+        message,
+    };
+    if db.host.trim().is_empty() {
+        return Err(err("host", "is empty".into()));
+    }
+    if db.port == 0 {
+        return Err(err("port", "0 is not a usable TCP port (1-65535)".into()));
+    }
+    if db.user.trim().is_empty() {
+        return Err(err("user", "is empty".into()));
+    }
+    if db.database.trim().is_empty()
+        || !db.database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(err(
+            "database",
+            format!("`{}` must be a non-empty name of a-z, A-Z, 0-9 and `_`", db.database),
+        ));
+    }
+    Ok(())
+}
+
+pub fn valid_site_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 48
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+}
+
+fn valid_topic_chars(s: &str) -> bool {
+    s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn looks_like_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.chars().enumerate().all(|(i, c)| {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// topics.toml
+
+/// `topics.toml`: every Kafka topic of DESIGN.md.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsFile {
+    pub topics: Vec<TopicSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    /// Topic name; `{site}` expands to one topic per configured site.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Topic-level configs (`cleanup.policy`, `retention.ms`, …) as strings.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+/// A topic after `{site}` expansion and prefixing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedTopic {
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub config: BTreeMap<String, String>,
+}
+
+impl TopicsFile {
+    pub fn load(path: &Path) -> Result<TopicsFile> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CoreError::ConfigRead { file: path.to_path_buf(), source })?;
+        TopicsFile::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, file: &Path) -> Result<TopicsFile> {
+        let tf: TopicsFile = parse_toml(text, file)?;
+        tf.validate(file)?;
+        Ok(tf)
+    }
+
+    fn validate(&self, file: &Path) -> Result<()> {
+        let err = |key: String, message: String| CoreError::Config {
+            file: file.to_path_buf(),
+            key,
+            message,
+        };
+        let mut names = HashSet::new();
+        for (i, t) in self.topics.iter().enumerate() {
+            let bare = t.name.replace("{site}", "x");
+            if bare.is_empty() || !valid_topic_chars(&bare) || t.name.matches('{').count() > t.name.matches("{site}").count() {
+                return Err(err(
+                    format!("topics[{i}].name"),
+                    format!("`{}` is not a valid topic name (a-z, 0-9, `.`, `_`, `-`, and `{{site}}`)", t.name),
+                ));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(err(format!("topics[{i}].name"), format!("`{}` is declared twice", t.name)));
+            }
+            if t.partitions < 1 {
+                return Err(err(format!("topics[{i}].partitions"), "must be at least 1".into()));
+            }
+            if t.replication_factor < 1 {
+                return Err(err(format!("topics[{i}].replication_factor"), "must be at least 1".into()));
+            }
+            if let Some(p) = t.config.get("cleanup.policy") {
+                if !["delete", "compact", "compact,delete", "delete,compact"].contains(&p.as_str()) {
+                    return Err(err(
+                        format!("topics[{i}].config.\"cleanup.policy\""),
+                        format!("`{p}` is not delete, compact or compact,delete"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Expands `{site}` for every site and applies the prefix.
+    pub fn resolve(&self, sites: &[String], prefix: &str) -> Vec<ResolvedTopic> {
+        let mut out = Vec::new();
+        for t in &self.topics {
+            let names: Vec<String> = if t.name.contains("{site}") {
+                sites.iter().map(|s| t.name.replace("{site}", s)).collect()
+            } else {
+                vec![t.name.clone()]
+            };
+            for name in names {
+                out.push(ResolvedTopic {
+                    name: format!("{prefix}{name}"),
+                    partitions: t.partitions,
+                    replication_factor: t.replication_factor,
+                    config: t.config.clone(),
+                });
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// shared parsing
+
+fn parse_toml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T> {
+    let mut value: toml::Value = toml::from_str(text).map_err(|e| CoreError::Config {
+        file: file.to_path_buf(),
+        key: "(syntax)".into(),
+        message: e.to_string().trim().replace('\n', " "),
+    })?;
+    substitute_env(&mut value, &mut String::new(), file)?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        CoreError::Config {
+            file: file.to_path_buf(),
+            key: if path == "." { "(top level)".into() } else { path },
+            message: clean_message(&e.into_inner().to_string()),
+        }
+    })
+}
+
+/// toml's deserializer appends "in `table`" lines that repeat the key path; drop them.
+fn clean_message(msg: &str) -> String {
+    msg.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("in `"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn substitute_env(value: &mut toml::Value, path: &mut String, file: &Path) -> Result<()> {
+    match value {
+        toml::Value::String(s) => {
+            if s.contains('$') {
+                *s = expand(s).map_err(|var| CoreError::Config {
+                    file: file.to_path_buf(),
+                    key: path.clone(),
+                    message: format!("environment variable `{var}` is not set (and `${{{var}:-default}}` gives no default)"),
+                })?;
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                substitute_env(item, path, file)?;
+                path.truncate(len);
+            }
+        }
+        toml::Value::Table(table) => {
+            for (k, v) in table.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                substitute_env(v, path, file)?;
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Expands `${NAME}` and `${NAME:-default}`; `$${` is a literal `${`. Err(name) if unset.
+fn expand(s: &str) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        if after.starts_with("$${") {
+            out.push_str("${");
+            rest = &after[3..];
+        } else if let Some(body) = after.strip_prefix("${") {
+            let Some(end) = body.find('}') else {
+                out.push_str(after);
+                rest = "";
+                break;
+            };
+            let inner = &body[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            match (std::env::var(name), default) {
+                (Ok(v), _) => out.push_str(&v),
+                (Err(_), Some(d)) => out.push_str(d),
+                (Err(_), None) => return Err(name.to_string()),
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expand_forms() {
+        std::env::set_var("OMRS_TEST_EXPAND", "s3cret");
+        assert_eq!(expand("a${OMRS_TEST_EXPAND}b").unwrap(), "as3cretb");
+        assert_eq!(expand("${OMRS_TEST_UNSET_X:-dflt}").unwrap(), "dflt");
+        assert_eq!(expand("$${literal}").unwrap(), "${literal}");
+        assert_eq!(expand("cost $5").unwrap(), "cost $5");
+        assert_eq!(expand("${OMRS_TEST_UNSET_Y}").unwrap_err(), "OMRS_TEST_UNSET_Y");
+    }
+
+    #[test]
+    fn normalisation_undoes_formatting_noise() {
+        let rule = IdentifierRule {
+            identifier_type_uuid: "a".into(),
+            name: None,
+            normalize: default_normalize(),
+        };
+        assert_eq!(rule.normalize(" nid-1234 56 "), "NID123456");
+        assert_eq!(rule.normalize("NID.1234/56"), "NID123456");
+    }
+
+    #[test]
+    fn password_is_encoded_in_url_and_hidden_in_redacted() {
+        let db = DatabaseConfig {
+            host: "h".into(),
+            port: 1,
+            user: "u".into(),
+            password: "p@ss:/".into(),
+            database: "d".into(),
+        };
+        assert_eq!(db.url(), "mysql://u:p%40ss%3A%2F@h:1/d");
+        assert!(!db.redacted_url().contains("ss"));
+    }
+}

@@ -1,0 +1,219 @@
+//! The change event: one JSON object per row change, Debezium-shaped (DESIGN.md, "The change event").
+//!
+//! ```json
+//! {"op":"u","site":"site-a","table":"encounter","key":{"encounter_id":123},"uuid":"…",
+//!  "before":{…},"after":{…},"refs":{"patient_id":"<person uuid>"},
+//!  "source":{"server_id":11,"gtid":"0-11-42","file":"binlog.000003","pos":1234,"row":0,
+//!            "ts_ms":1700000000000,"snapshot":false},
+//!  "ts_ms":1700000000123}
+//! ```
+//!
+//! A heartbeat (`"op":"h"`) carries only `site`, `source` and `ts_ms`; it moves the site's
+//! watermark when the site is quiet. [`ChangeEvent::validate`] enforces the per-op shape, so a
+//! consumer can dead-letter a malformed record with a precise reason.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+
+/// A row image: column name → value, in table column order.
+pub type Row = serde_json::Map<String, serde_json::Value>;
+
+/// What happened to the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Op {
+    /// Insert.
+    #[serde(rename = "c")]
+    Create,
+    /// Update.
+    #[serde(rename = "u")]
+    Update,
+    /// Delete.
+    #[serde(rename = "d")]
+    Delete,
+    /// Read by the initial snapshot.
+    #[serde(rename = "r")]
+    Read,
+    /// Heartbeat of a quiet site: no row, only a position and a time.
+    #[serde(rename = "h")]
+    Heartbeat,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Read => "r",
+            Op::Heartbeat => "h",
+        }
+    }
+}
+
+/// Where in the site's binlog (or snapshot) the change comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// The site server's `server_id`.
+    pub server_id: u32,
+    /// MariaDB GTID `domain-server-seq` of the transaction, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gtid: Option<String>,
+    /// Binlog file of the transaction (for a snapshot: the snapshot's binlog position).
+    pub file: String,
+    /// Binlog position of the transaction's event.
+    pub pos: u64,
+    /// Index of the row within its binlog event (or snapshot chunk).
+    #[serde(default)]
+    pub row: u32,
+    /// Commit time at the site, in ms since the epoch: the event time.
+    pub ts_ms: i64,
+    /// True for `op:"r"` snapshot reads.
+    #[serde(default)]
+    pub snapshot: bool,
+}
+
+/// One row change (or heartbeat) from one site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeEvent {
+    pub op: Op,
+    pub site: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// Primary key columns and their site-local values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Row>,
+    /// The row's uuid, or the uuid of the row whose key it shares (`patient` → `person`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub before: Option<Row>,
+    #[serde(default)]
+    pub after: Option<Row>,
+    /// Every foreign-key column resolved to the uuid of the row it points to (null when the
+    /// column is null).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub refs: serde_json::Map<String, serde_json::Value>,
+    pub source: Source,
+    /// When the event was produced (processing time), ms since the epoch.
+    pub ts_ms: i64,
+}
+
+impl ChangeEvent {
+    /// A heartbeat for a quiet site at a binlog position.
+    pub fn heartbeat(site: impl Into<String>, source: Source, ts_ms: i64) -> Self {
+        ChangeEvent {
+            op: Op::Heartbeat,
+            site: site.into(),
+            table: None,
+            key: None,
+            uuid: None,
+            before: None,
+            after: None,
+            refs: serde_json::Map::new(),
+            source,
+            ts_ms,
+        }
+    }
+
+    /// Parses and validates one record value.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        let ev: ChangeEvent =
+            serde_json::from_slice(bytes).map_err(|e| CoreError::Envelope(e.to_string()))?;
+        ev.validate()?;
+        Ok(ev)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain maps and strings cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The event time: the commit time at the site.
+    pub fn event_time_ms(&self) -> i64 {
+        self.source.ts_ms
+    }
+
+    /// Checks the per-op shape of the envelope.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| {
+            Err(CoreError::Envelope(format!(
+                "op `{}` from site `{}`{}: {what}",
+                self.op.as_str(),
+                self.site,
+                self.table.as_deref().map(|t| format!(", table `{t}`")).unwrap_or_default()
+            )))
+        };
+        if self.site.is_empty() {
+            return bad("`site` is empty");
+        }
+        if self.op == Op::Heartbeat {
+            if self.table.is_some() || self.before.is_some() || self.after.is_some() {
+                return bad("a heartbeat carries no table or row images");
+            }
+            return Ok(());
+        }
+        match self.table.as_deref() {
+            None | Some("") => return bad("`table` is missing"),
+            Some(_) => {}
+        }
+        if self.key.as_ref().is_none_or(|k| k.is_empty()) {
+            return bad("`key` is missing or empty");
+        }
+        match (self.op, self.before.is_some(), self.after.is_some()) {
+            (Op::Create | Op::Read, false, true) => {}
+            (Op::Create | Op::Read, _, _) => return bad("needs `after` and no `before`"),
+            (Op::Update, true, true) => {}
+            (Op::Update, _, _) => return bad("needs both `before` and `after`"),
+            (Op::Delete, true, false) => {}
+            (Op::Delete, _, _) => return bad("needs `before` and no `after`"),
+            (Op::Heartbeat, _, _) => {}
+        }
+        if (self.op == Op::Read) != self.source.snapshot {
+            return bad("`source.snapshot` must be true exactly for op `r`");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src() -> Source {
+        Source {
+            server_id: 11,
+            gtid: None,
+            file: "binlog.000001".into(),
+            pos: 4,
+            row: 0,
+            ts_ms: 1,
+            snapshot: false,
+        }
+    }
+
+    #[test]
+    fn heartbeat_is_valid_and_minimal() {
+        let hb = ChangeEvent::heartbeat("site-a", src(), 2);
+        hb.validate().unwrap();
+        let json = String::from_utf8(hb.to_json()).unwrap();
+        assert!(json.starts_with(r#"{"op":"h","site":"site-a""#), "{json}");
+        assert!(!json.contains("table"));
+    }
+
+    #[test]
+    fn update_without_before_is_rejected_with_reason() {
+        let mut ev = ChangeEvent::heartbeat("site-a", src(), 2);
+        ev.op = Op::Update;
+        ev.table = Some("person".into());
+        let mut key = Row::new();
+        key.insert("person_id".into(), 7.into());
+        ev.key = Some(key);
+        ev.after = Some(Row::new());
+        let err = ev.validate().unwrap_err().to_string();
+        assert!(err.contains("needs both `before` and `after`"), "{err}");
+        assert!(err.contains("table `person`"), "{err}");
+    }
+}

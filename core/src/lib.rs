@@ -1,0 +1,18 @@
+//! omrs-core: what every stage of omrs-stream shares.
+//!
+//! - [`envelope`]: the change-event envelope of DESIGN.md (Debezium-shaped JSON).
+//! - [`config`]: `omrs-stream.toml` and `topics.toml`, with `${ENV}` substitution and validation
+//!   that runs before anything connects.
+//! - [`kafka`]: librdkafka client settings, including TLS/SASL passthrough.
+//! - [`topics`]: `omrs-stream topics apply|check` against the broker's admin API.
+//! - [`metrics`]: every `omrs_stream_*` metric name, and the `/metrics` + `/health` endpoint.
+//! - [`error`]: the crate's one error enum, split into transient and definite errors.
+
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod kafka;
+pub mod metrics;
+pub mod topics;
+
+pub use error::{CoreError, Result};

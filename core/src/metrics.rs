@@ -1,0 +1,181 @@
+//! Every Prometheus metric of omrs-stream, by name, in one place, and the HTTP endpoint that
+//! serves them (`GET /metrics`, `GET /health`).
+//!
+//! Names follow `omrs_stream_<stage>_<what>_<unit>`. Stages register nothing themselves: they
+//! use the handles of [`metrics()`].
+
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::error::{CoreError, Result};
+
+pub const EVENTS_IN: &str = "omrs_stream_events_in_total";
+pub const EVENTS_OUT: &str = "omrs_stream_events_out_total";
+pub const CONSUMER_LAG: &str = "omrs_stream_consumer_lag_messages";
+pub const SITE_WATERMARK: &str = "omrs_stream_site_watermark_ms";
+pub const GLOBAL_WATERMARK: &str = "omrs_stream_global_watermark_ms";
+pub const WATERMARK_DELAY: &str = "omrs_stream_watermark_delay_ms";
+pub const SITE_IDLE: &str = "omrs_stream_site_idle";
+pub const LATE_EVENTS: &str = "omrs_stream_late_events_total";
+pub const MERGES: &str = "omrs_stream_identity_merges_total";
+pub const CONFLICTS: &str = "omrs_stream_conflicts_total";
+pub const PARKED_ROWS: &str = "omrs_stream_parked_rows";
+pub const DEAD_LETTERED: &str = "omrs_stream_dead_lettered_total";
+pub const BATCH_LATENCY: &str = "omrs_stream_batch_latency_seconds";
+pub const BUFFERED_EVENTS: &str = "omrs_stream_buffered_events";
+pub const BUFFERED_BYTES: &str = "omrs_stream_buffered_bytes";
+pub const SNAPSHOT_ROWS: &str = "omrs_stream_snapshot_rows_total";
+pub const SNAPSHOT_TABLES_DONE: &str = "omrs_stream_snapshot_tables_done";
+pub const SIMULATED_ROWS: &str = "omrs_stream_simulate_rows_total";
+pub const UP: &str = "omrs_stream_up";
+
+/// Handles to every metric; registered once in one registry.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Change events read, by stage, site, table and op.
+    pub events_in: IntCounterVec,
+    /// Change events written, by stage, site, table and op.
+    pub events_out: IntCounterVec,
+    /// Messages between the committed offset and the end of a partition.
+    pub consumer_lag: IntGaugeVec,
+    pub site_watermark: IntGaugeVec,
+    pub global_watermark: IntGauge,
+    pub watermark_delay: IntGauge,
+    /// 1 while a site is idle (not holding the global watermark back).
+    pub site_idle: IntGaugeVec,
+    pub late_events: IntCounterVec,
+    pub merges: IntCounter,
+    pub conflicts: IntCounterVec,
+    pub parked_rows: IntGauge,
+    pub dead_lettered: IntCounterVec,
+    pub batch_latency: HistogramVec,
+    pub buffered_events: IntGauge,
+    pub buffered_bytes: IntGauge,
+    pub snapshot_rows: IntCounterVec,
+    pub snapshot_tables_done: IntGaugeVec,
+    pub simulated_rows: IntCounterVec,
+    pub up: IntGaugeVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let m = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(m.clone())).expect("metric registered once");
+    m
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(m.clone())).expect("metric registered once");
+    m
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let m = IntGauge::new(name, help).expect("static metric definition");
+    r.register(Box::new(m.clone())).expect("metric registered once");
+    m
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let r = Registry::new();
+        let merges = IntCounter::new(MERGES, "Cross-site patient merges performed").expect("static");
+        r.register(Box::new(merges.clone())).expect("metric registered once");
+        let batch_latency = HistogramVec::new(
+            HistogramOpts::new(BATCH_LATENCY, "Time to process one batch, by stage").buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["stage"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(batch_latency.clone())).expect("metric registered once");
+        Metrics {
+            events_in: counter_vec(&r, EVENTS_IN, "Change events read", &["stage", "site", "table", "op"]),
+            events_out: counter_vec(&r, EVENTS_OUT, "Change events written", &["stage", "site", "table", "op"]),
+            consumer_lag: gauge_vec(&r, CONSUMER_LAG, "Consumer lag in messages", &["stage", "topic", "partition"]),
+            site_watermark: gauge_vec(&r, SITE_WATERMARK, "Per-site watermark (ms since epoch)", &["site"]),
+            global_watermark: gauge(&r, GLOBAL_WATERMARK, "Global watermark: minimum over active sites (ms since epoch)"),
+            watermark_delay: gauge(&r, WATERMARK_DELAY, "Now minus the global watermark (ms)"),
+            site_idle: gauge_vec(&r, SITE_IDLE, "1 while the site is idle and does not hold the watermark back", &["site"]),
+            late_events: counter_vec(&r, LATE_EVENTS, "Events older than the global watermark, emitted late", &["site"]),
+            merges,
+            conflicts: counter_vec(&r, CONFLICTS, "Changes overwritten by a later writer (last writer wins)", &["sink", "table"]),
+            parked_rows: gauge(&r, PARKED_ROWS, "Rows waiting at the HQ sink for a referenced row"),
+            dead_lettered: counter_vec(&r, DEAD_LETTERED, "Records sent to the dead-letter topic", &["stage", "reason"]),
+            batch_latency,
+            buffered_events: gauge(&r, BUFFERED_EVENTS, "Events buffered for the ordered merge"),
+            buffered_bytes: gauge(&r, BUFFERED_BYTES, "Bytes buffered for the ordered merge"),
+            snapshot_rows: counter_vec(&r, SNAPSHOT_ROWS, "Rows read by the initial snapshot", &["site", "table"]),
+            snapshot_tables_done: gauge_vec(&r, SNAPSHOT_TABLES_DONE, "Tables whose snapshot is complete", &["site"]),
+            simulated_rows: counter_vec(&r, SIMULATED_ROWS, "Row changes written by the simulator", &["site", "table", "op"]),
+            up: gauge_vec(&r, UP, "1 while the process runs", &["stage"]),
+            registry: r,
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding in-memory metrics into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process-wide metric handles.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Serves `/metrics` and `/health` on `addr` until the task is dropped. Returns the bound
+/// address (useful with port 0).
+pub async fn serve(addr: SocketAddr, stage: &str) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| CoreError::Metrics { addr: addr.to_string(), source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| CoreError::Metrics { addr: addr.to_string(), source })?;
+    metrics().up.with_label_values(&[stage]).set(1);
+    tracing::info!(addr = %bound, "serving /metrics and /health");
+    let handle = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                while n < buf.len() {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let path = head.split_whitespace().nth(1).unwrap_or("");
+                let (status, ctype, body) = match path {
+                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics().render()),
+                    "/health" => ("200 OK", "text/plain", "ok\n".to_string()),
+                    _ => ("404 Not Found", "text/plain", "try /metrics or /health\n".to_string()),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Ok((bound, handle))
+}

@@ -1,0 +1,305 @@
+//! Topic names, and `omrs-stream topics apply|check` against the broker's admin API.
+//!
+//! `apply` creates missing topics, raises partition counts and sets declared configs; it is
+//! idempotent (a second run reports everything unchanged). `check` changes nothing and lists
+//! every difference between `topics.toml` and the broker.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier,
+    TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+
+use crate::config::{KafkaConfig, ResolvedTopic};
+use crate::error::{CoreError, Result};
+use crate::kafka::client_config;
+
+/// The names of the topics of DESIGN.md, with the configured prefix.
+#[derive(Debug, Clone, Default)]
+pub struct TopicNames {
+    prefix: String,
+}
+
+impl TopicNames {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        TopicNames { prefix: prefix.into() }
+    }
+    /// `omrs.cdc.<site>`: one site's change events, one partition.
+    pub fn cdc(&self, site: &str) -> String {
+        format!("{}omrs.cdc.{site}", self.prefix)
+    }
+    /// Regex subscribing to every site topic.
+    pub fn cdc_pattern(&self) -> String {
+        format!("^{}omrs\\.cdc\\..+", self.prefix.replace('.', "\\."))
+    }
+    pub fn hq_changes(&self) -> String {
+        format!("{}omrs.hq.changes", self.prefix)
+    }
+    pub fn transform_state(&self) -> String {
+        format!("{}omrs.transform.state", self.prefix)
+    }
+    pub fn dlq(&self) -> String {
+        format!("{}omrs.dlq", self.prefix)
+    }
+    pub fn ingest_offsets(&self) -> String {
+        format!("{}omrs.ingest.offsets", self.prefix)
+    }
+}
+
+/// What `apply` did, topic by topic.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub created: Vec<String>,
+    /// Topic and what was changed on it.
+    pub changed: Vec<(String, String)>,
+    pub unchanged: Vec<String>,
+}
+
+impl ApplyReport {
+    pub fn is_noop(&self) -> bool {
+        self.created.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// What the broker has for one topic.
+#[derive(Debug, Clone)]
+pub struct TopicState {
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Topic configs whose value was set on the topic (not broker defaults).
+    pub config: BTreeMap<String, String>,
+    /// Every config value, defaults included.
+    pub all_config: BTreeMap<String, String>,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn admin(cfg: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>> {
+    client_config(cfg)
+        .create()
+        .map_err(|e| CoreError::kafka("creating admin client", e))
+}
+
+fn opts() -> AdminOptions {
+    AdminOptions::new().operation_timeout(Some(TIMEOUT)).request_timeout(Some(TIMEOUT))
+}
+
+/// Reads the broker's view of the named topics (None: the topic does not exist).
+pub async fn describe(
+    cfg: &KafkaConfig,
+    names: &[String],
+) -> Result<HashMap<String, Option<TopicState>>> {
+    let admin = admin(cfg)?;
+    let md = admin
+        .inner()
+        .fetch_metadata(None, METADATA_TIMEOUT)
+        .map_err(|e| CoreError::kafka(format!("metadata from {}", cfg.bootstrap_servers), e))?;
+    let mut out = HashMap::new();
+    let mut existing = Vec::new();
+    for name in names {
+        match md.topics().iter().find(|t| t.name() == name) {
+            Some(t) if t.error().is_none() => {
+                let rf = t.partitions().first().map(|p| p.replicas().len() as i32).unwrap_or(0);
+                existing.push((name.clone(), t.partitions().len() as i32, rf));
+            }
+            _ => {
+                out.insert(name.clone(), None);
+            }
+        }
+    }
+    if existing.is_empty() {
+        return Ok(out);
+    }
+    let specs: Vec<ResourceSpecifier> =
+        existing.iter().map(|(n, _, _)| ResourceSpecifier::Topic(n)).collect();
+    let results = admin
+        .describe_configs(specs.iter(), &opts())
+        .await
+        .map_err(|e| CoreError::kafka("describing topic configs", e))?;
+    for ((name, partitions, rf), res) in existing.into_iter().zip(results) {
+        let resource = res.map_err(|e| CoreError::kafka(format!("describing `{name}`"), rdkafka::error::KafkaError::AdminOp(e)))?;
+        let mut config = BTreeMap::new();
+        let mut all_config = BTreeMap::new();
+        for entry in resource.entries {
+            if let Some(v) = entry.value {
+                if !entry.is_default {
+                    config.insert(entry.name.clone(), v.clone());
+                }
+                all_config.insert(entry.name, v);
+            }
+        }
+        out.insert(name, Some(TopicState { partitions, replication_factor: rf, config, all_config }));
+    }
+    Ok(out)
+}
+
+fn same_value(key: &str, want: &str, have: &str) -> bool {
+    if key == "cleanup.policy" {
+        let norm = |s: &str| {
+            let mut v: Vec<String> = s.split(',').map(|x| x.trim().to_string()).collect();
+            v.sort();
+            v
+        };
+        return norm(want) == norm(have);
+    }
+    want == have
+}
+
+/// Every difference between the declared topics and the broker, one line each.
+pub fn diff(want: &[ResolvedTopic], have: &HashMap<String, Option<TopicState>>) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in want {
+        match have.get(&t.name).and_then(|s| s.as_ref()) {
+            None => out.push(format!("{}: missing", t.name)),
+            Some(s) => {
+                if s.partitions != t.partitions {
+                    out.push(format!("{}: partitions {} (want {})", t.name, s.partitions, t.partitions));
+                }
+                if s.replication_factor != t.replication_factor {
+                    out.push(format!(
+                        "{}: replication factor {} (want {})",
+                        t.name, s.replication_factor, t.replication_factor
+                    ));
+                }
+                for (k, v) in &t.config {
+                    match s.all_config.get(k) {
+                        Some(h) if same_value(k, v, h) => {}
+                        Some(h) => out.push(format!("{}: {k}={h} (want {v})", t.name)),
+                        None => out.push(format!("{}: {k} unset (want {v})", t.name)),
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Lists mismatches without changing anything. Err(TopicMismatch) when there are any.
+pub async fn check(cfg: &KafkaConfig, want: &[ResolvedTopic]) -> Result<()> {
+    let names: Vec<String> = want.iter().map(|t| t.name.clone()).collect();
+    let have = describe(cfg, &names).await?;
+    let mismatches = diff(want, &have);
+    if mismatches.is_empty() {
+        Ok(())
+    } else {
+        Err(CoreError::TopicMismatch(mismatches))
+    }
+}
+
+/// Creates or fixes every declared topic. Idempotent.
+pub async fn apply(cfg: &KafkaConfig, want: &[ResolvedTopic]) -> Result<ApplyReport> {
+    let names: Vec<String> = want.iter().map(|t| t.name.clone()).collect();
+    let have = describe(cfg, &names).await?;
+    let admin = admin(cfg)?;
+    let mut report = ApplyReport::default();
+    let mut unfixable = Vec::new();
+
+    let missing: Vec<&ResolvedTopic> =
+        want.iter().filter(|t| have.get(&t.name).is_none_or(|s| s.is_none())).collect();
+    if !missing.is_empty() {
+        let new_topics: Vec<NewTopic> = missing
+            .iter()
+            .map(|t| {
+                let mut nt = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(t.replication_factor));
+                for (k, v) in &t.config {
+                    nt = nt.set(k, v);
+                }
+                nt
+            })
+            .collect();
+        let results = admin
+            .create_topics(new_topics.iter(), &opts())
+            .await
+            .map_err(|e| CoreError::kafka("creating topics", e))?;
+        for r in results {
+            match r {
+                Ok(name) => {
+                    tracing::info!(topic = %name, "created topic");
+                    report.created.push(name);
+                }
+                Err((name, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    report.unchanged.push(name)
+                }
+                Err((name, code)) => {
+                    return Err(CoreError::Kafka {
+                        context: format!("creating `{name}`"),
+                        message: code.to_string(),
+                        transient: false,
+                    })
+                }
+            }
+        }
+    }
+
+    for t in want {
+        let Some(Some(state)) = have.get(&t.name) else { continue };
+        let mut changes = Vec::new();
+        if state.replication_factor != t.replication_factor {
+            unfixable.push(format!(
+                "{}: replication factor {} (want {}); changing it needs a partition reassignment",
+                t.name, state.replication_factor, t.replication_factor
+            ));
+        }
+        if state.partitions > t.partitions {
+            unfixable.push(format!(
+                "{}: partitions {} (want {}); Kafka cannot remove partitions, recreate the topic",
+                t.name, state.partitions, t.partitions
+            ));
+        } else if state.partitions < t.partitions {
+            admin
+                .create_partitions([NewPartitions::new(&t.name, t.partitions as usize)].iter(), &opts())
+                .await
+                .map_err(|e| CoreError::kafka(format!("adding partitions to `{}`", t.name), e))?
+                .into_iter()
+                .try_for_each(|r| {
+                    r.map(|_| ()).map_err(|(n, code)| CoreError::Kafka {
+                        context: format!("adding partitions to `{n}`"),
+                        message: code.to_string(),
+                        transient: false,
+                    })
+                })?;
+            changes.push(format!("partitions {} -> {}", state.partitions, t.partitions));
+        }
+        let config_differs = t.config.iter().any(|(k, v)| {
+            state.all_config.get(k).is_none_or(|h| !same_value(k, v, h))
+        });
+        if config_differs {
+            let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&t.name));
+            for (k, v) in &t.config {
+                alter = alter.set(k, v);
+            }
+            admin
+                .alter_configs([alter].iter(), &opts())
+                .await
+                .map_err(|e| CoreError::kafka(format!("altering `{}`", t.name), e))?
+                .into_iter()
+                .try_for_each(|r| {
+                    r.map(|_| ()).map_err(|(_, code)| CoreError::Kafka {
+                        context: format!("altering configs of `{}`", t.name),
+                        message: code.to_string(),
+                        transient: false,
+                    })
+                })?;
+            for (k, v) in &t.config {
+                let h = state.all_config.get(k).map(String::as_str).unwrap_or("unset");
+                if !same_value(k, v, h) {
+                    changes.push(format!("{k} {h} -> {v}"));
+                }
+            }
+        }
+        if changes.is_empty() {
+            report.unchanged.push(t.name.clone());
+        } else {
+            tracing::info!(topic = %t.name, changes = %changes.join(", "), "altered topic");
+            report.changed.push((t.name.clone(), changes.join(", ")));
+        }
+    }
+    if !unfixable.is_empty() {
+        return Err(CoreError::TopicMismatch(unfixable));
+    }
+    Ok(report)
+}

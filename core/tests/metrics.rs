@@ -1,0 +1,41 @@
+//! The metrics endpoint serves every registered metric and a health check over real HTTP.
+
+use std::time::Duration;
+
+use omrs_core::metrics::{self, metrics};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await.unwrap().unwrap();
+    out
+}
+
+#[tokio::test]
+async fn metrics_and_health_are_served() {
+    metrics().events_in.with_label_values(&["test", "site-a", "obs", "c"]).inc_by(3);
+    metrics().global_watermark.set(1234);
+    let (addr, _h) = metrics::serve("127.0.0.1:0".parse().unwrap(), "test").await.unwrap();
+    let body = get(addr, "/metrics").await;
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(
+        body.contains(r#"omrs_stream_events_in_total{op="c",site="site-a",stage="test",table="obs"} 3"#),
+        "{body}"
+    );
+    assert!(body.contains("omrs_stream_global_watermark_ms 1234"), "{body}");
+    assert!(body.contains(r#"omrs_stream_up{stage="test"} 1"#), "{body}");
+    let health = get(addr, "/health").await;
+    assert!(health.starts_with("HTTP/1.1 200 OK") && health.ends_with("ok\n"), "{health}");
+    assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn every_metric_name_has_the_project_prefix() {
+    let text = metrics().render();
+    for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+        let name = line.split_whitespace().nth(2).unwrap();
+        assert!(name.starts_with("omrs_stream_"), "{name}");
+    }
+}

@@ -1,0 +1,179 @@
+//! The population plan: who exists, where each person is registered, and how their National ID
+//! becomes known. It is a pure function of (seed, sites, patients, dup fraction), so the same
+//! seed gives the same people, identifiers and uuids.
+
+use chrono::NaiveDate;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::names;
+
+/// One real human.
+#[derive(Debug, Clone)]
+pub struct Human {
+    pub idx: usize,
+    /// Canonical National ID (`NID` + 9 digits), if the person has one.
+    pub national_id: Option<String>,
+    pub gender: &'static str,
+    pub given: String,
+    pub family: String,
+    pub birthdate: NaiveDate,
+}
+
+/// How a registration learns the National ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NidMode {
+    /// Typed in at registration (with formatting noise).
+    AtRegistration(String),
+    /// Added later by an update: the identity becomes known late.
+    Late(String),
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegKind {
+    /// The person's first registration.
+    Primary,
+    /// The same person registered at another site (a cross-site duplicate).
+    CrossSite,
+    /// The same person registered a second time at the same site, later merged there.
+    LocalDup,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlannedReg {
+    pub human: usize,
+    pub kind: RegKind,
+    pub nid: NidMode,
+}
+
+pub struct Plan {
+    pub humans: Vec<Human>,
+    /// Registrations per site, in the order the site performs them.
+    pub per_site: Vec<Vec<PlannedReg>>,
+}
+
+/// Fraction of single-site people who have a National ID at all.
+const NID_COVERAGE: f64 = 0.6;
+/// Fraction of cross-site duplicates that appear at three sites (when there are three).
+const THREE_SITE: f64 = 0.25;
+/// Fraction of a duplicate's non-home registrations whose National ID is added later.
+const LATE_NID: f64 = 0.35;
+/// Fraction of people registered twice at their home site and merged there.
+const LOCAL_DUP: f64 = 0.04;
+
+pub fn seed_for(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
+impl Plan {
+    pub fn new(seed: u64, sites: usize, patients: usize, dup_fraction: f64) -> Plan {
+        let mut rng = seed_for(seed, 0);
+        let mut humans = Vec::with_capacity(patients);
+        let mut per_site: Vec<Vec<PlannedReg>> = vec![Vec::new(); sites];
+        let mut local_dups: Vec<(usize, usize)> = Vec::new();
+        for idx in 0..patients {
+            let female = rng.gen_bool(0.5);
+            let given = if female { names::GIVEN_F } else { names::GIVEN_M }
+                .choose(&mut rng)
+                .copied()
+                .unwrap_or("Alex")
+                .to_string();
+            let family = names::FAMILY.choose(&mut rng).copied().unwrap_or("Doe").to_string();
+            let birthdate = NaiveDate::from_ymd_opt(1940, 1, 1)
+                .and_then(|d| d.checked_add_days(chrono::Days::new(rng.gen_range(0..30_000))))
+                .unwrap_or_default();
+            let home = rng.gen_range(0..sites);
+            let dup = sites >= 2 && rng.gen_bool(dup_fraction.clamp(0.0, 1.0));
+            let has_nid = dup || rng.gen_bool(NID_COVERAGE);
+            // Unique by construction: idx in the high digits, noise in the low ones.
+            let national_id = has_nid
+                .then(|| format!("NID{:09}", 100_000_000 + idx as u64 * 1000 + rng.gen_range(0..1000)));
+
+            let mut at = vec![home];
+            if dup {
+                let copies = if sites >= 3 && rng.gen_bool(THREE_SITE) { 2 } else { 1 };
+                let mut others: Vec<usize> = (0..sites).filter(|&s| s != home).collect();
+                others.shuffle(&mut rng);
+                at.extend(others.into_iter().take(copies));
+            }
+            for (i, &site) in at.iter().enumerate() {
+                let nid = match &national_id {
+                    None => NidMode::None,
+                    Some(n) => {
+                        let raw = names::noisy_national_id(&mut rng, n);
+                        if i > 0 && rng.gen_bool(LATE_NID) {
+                            NidMode::Late(raw)
+                        } else {
+                            NidMode::AtRegistration(raw)
+                        }
+                    }
+                };
+                let kind = if i == 0 { RegKind::Primary } else { RegKind::CrossSite };
+                per_site[site].push(PlannedReg { human: idx, kind, nid });
+            }
+            if rng.gen_bool(LOCAL_DUP) {
+                local_dups.push((home, idx));
+            }
+            humans.push(Human {
+                idx,
+                national_id,
+                gender: if female { "F" } else { "M" },
+                given,
+                family,
+                birthdate,
+            });
+        }
+        // A local duplicate is registered again a little after the first registration.
+        for (site, human) in local_dups {
+            let list = &mut per_site[site];
+            let Some(first) = list.iter().position(|r| r.human == human) else { continue };
+            let at = (first + 1 + rng.gen_range(0..8)).min(list.len());
+            list.insert(at, PlannedReg { human, kind: RegKind::LocalDup, nid: NidMode::None });
+        }
+        Plan { humans, per_site }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_gives_the_same_plan() {
+        let a = Plan::new(42, 3, 500, 0.2);
+        let b = Plan::new(42, 3, 500, 0.2);
+        let key = |p: &Plan| {
+            p.per_site
+                .iter()
+                .map(|regs| regs.iter().map(|r| (r.human, format!("{:?}{:?}", r.kind, r.nid))).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(key(&a), key(&b));
+        assert_ne!(key(&a), key(&Plan::new(43, 3, 500, 0.2)));
+    }
+
+    #[test]
+    fn duplicates_cover_the_requested_fraction_and_three_site_people() {
+        let p = Plan::new(7, 3, 2000, 0.2);
+        let mut sites_per_human = vec![std::collections::HashSet::new(); 2000];
+        for (s, regs) in p.per_site.iter().enumerate() {
+            for r in regs {
+                sites_per_human[r.human].insert(s);
+            }
+        }
+        let dups = sites_per_human.iter().filter(|s| s.len() >= 2).count();
+        let three = sites_per_human.iter().filter(|s| s.len() == 3).count();
+        assert!((300..500).contains(&dups), "{dups}");
+        assert!(three > 30, "{three}");
+        let late = p.per_site.iter().flatten().filter(|r| matches!(r.nid, NidMode::Late(_))).count();
+        assert!(late > 50, "{late}");
+        let local = p.per_site.iter().flatten().filter(|r| r.kind == RegKind::LocalDup).count();
+        assert!(local > 40, "{local}");
+        let ids: std::collections::HashSet<_> = p.humans.iter().filter_map(|h| h.national_id.clone()).collect();
+        assert_eq!(ids.len(), p.humans.iter().filter(|h| h.national_id.is_some()).count());
+    }
+}

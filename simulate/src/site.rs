@@ -1,0 +1,733 @@
+//! One site's generator and writer.
+//!
+//! The generator turns the plan into OpenMRS transactions, written the way the OpenMRS app
+//! writes them (registration in one transaction; a visit with its encounters and obs in one
+//! transaction; edits void the old obs and point `previous_version` at it; merges follow
+//! `PatientService.mergePatients`). Every logical value comes from the site's own seeded RNG,
+//! so a seed gives the same rows; only wall-clock columns (`date_created`, `date_changed`, …)
+//! differ between runs. Primary keys are allocated here (the simulator owns the site while it
+//! runs), which lets a whole transaction travel in one round trip.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use chrono::{Duration, NaiveDateTime};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::names;
+use crate::plan::{Human, NidMode, PlannedReg, RegKind};
+use crate::provision::{Coded, ExistingPatient, Meta, SiteStart};
+use crate::sql::{date, dt, io, q, qo, Insert};
+
+/// One SQL transaction and the row changes it makes, per table and op.
+#[derive(Debug, Default)]
+pub struct Tx {
+    pub sql: String,
+    pub rows: u64,
+    /// (table, op) → rows; op is `c`, `u` or `d`.
+    pub changes: Vec<(&'static str, char, u64)>,
+}
+
+impl Tx {
+    fn new() -> Self {
+        let mut t = Tx::default();
+        t.sql.push_str("START TRANSACTION;");
+        t
+    }
+    pub fn stmt(&mut self, sql: &str, rows: u64) {
+        self.sql.push_str(sql);
+        self.sql.push(';');
+        self.rows += rows;
+    }
+    fn change(&mut self, table: &'static str, op: char, rows: u64) {
+        self.changes.push((table, op, rows));
+    }
+    fn update(&mut self, table: &'static str, sql: &str, rows: u64) {
+        self.stmt(sql, rows);
+        self.change(table, 'u', rows);
+    }
+    fn insert(&mut self, table: &'static str, ins: Insert) {
+        let n = ins.rows();
+        ins.finish(self);
+        self.change(table, 'c', n);
+    }
+    fn commit(mut self) -> Self {
+        self.sql.push_str("COMMIT;");
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ObsRef {
+    id: i64,
+    concept: i64,
+    encounter: i64,
+    datetime: NaiveDateTime,
+    location: i64,
+    value: f64,
+}
+
+#[derive(Debug, Clone)]
+struct EncState {
+    id: i64,
+    live_obs: u64,
+    voided: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PatientState {
+    pub person_id: i64,
+    pub uuid: String,
+    /// Index into the plan's humans; None for patients that were there before the run.
+    pub human: Option<usize>,
+    pub kind: Option<RegKind>,
+    name_id: Option<i64>,
+    address_id: Option<i64>,
+    pub voided: bool,
+    pub openmrs_id: Option<String>,
+    /// The National ID as typed at this site, once it is known here.
+    pub national_id_raw: Option<String>,
+    pub nid_at_registration: bool,
+    encounters: Vec<EncState>,
+    visits: u64,
+    obs_total: u64,
+    /// Numeric obs that may still be edited or deleted (never edited, not voided).
+    editable: Vec<ObsRef>,
+}
+
+/// A merge done at the site: (winner uuid, loser uuid).
+#[derive(Debug, Clone)]
+pub struct SiteMerge {
+    pub winner_uuid: String,
+    pub loser_uuid: String,
+}
+
+pub struct SiteGen {
+    pub name: String,
+    code: char,
+    rng: ChaCha8Rng,
+    meta: Meta,
+    next: BTreeMap<&'static str, i64>,
+    pub patients: Vec<PatientState>,
+    /// Indices of patients that can receive activity (not voided).
+    live: Vec<usize>,
+    regs: VecDeque<PlannedReg>,
+    /// Non-registration actions left in plan mode.
+    budget: u64,
+    action_no: u64,
+    pending_nid: Vec<(u64, usize, String)>,
+    pending_merge: Vec<(u64, usize, usize)>,
+    /// First registration of each human at this site (winner of a later local merge).
+    first_reg: BTreeMap<usize, usize>,
+    clock: NaiveDateTime,
+    /// Rows inserted (+) and deleted (−) per table since the start.
+    pub deltas: BTreeMap<&'static str, i64>,
+    pub merges: Vec<SiteMerge>,
+    pub registered: u64,
+}
+
+/// Non-registration actions per registration in plan mode.
+const ACTIONS_PER_PATIENT: u64 = 3;
+
+impl SiteGen {
+    pub fn new(name: &str, index: usize, rng: ChaCha8Rng, start: &SiteStart, regs: Vec<PlannedReg>) -> Self {
+        let patients: Vec<PatientState> = start.existing.iter().map(existing_state).collect();
+        let live = (0..patients.len()).collect();
+        let budget = regs.len() as u64 * ACTIONS_PER_PATIENT;
+        SiteGen {
+            name: name.to_string(),
+            code: (b'A' + (index % 26) as u8) as char,
+            rng,
+            meta: start.meta.clone(),
+            next: start.next_ids.clone(),
+            patients,
+            live,
+            regs: regs.into(),
+            budget,
+            action_no: 0,
+            pending_nid: Vec::new(),
+            pending_merge: Vec::new(),
+            first_reg: BTreeMap::new(),
+            clock: chrono::NaiveDate::from_ymd_opt(2024, 1, 8)
+                .and_then(|d| d.and_hms_opt(8, 0, 0))
+                .unwrap_or_default(),
+            deltas: BTreeMap::new(),
+            merges: Vec::new(),
+            registered: 0,
+        }
+    }
+
+    fn id(&mut self, table: &'static str) -> i64 {
+        let e = self.next.entry(table).or_insert(1);
+        let v = *e;
+        *e += 1;
+        v
+    }
+
+    fn uuid(&mut self) -> String {
+        uuid::Builder::from_random_bytes(self.rng.gen()).into_uuid().to_string()
+    }
+
+    fn tick(&mut self) -> NaiveDateTime {
+        self.clock += Duration::minutes(self.rng.gen_range(1..25));
+        self.clock
+    }
+
+    /// The next transaction. In plan mode (`ongoing == false`) None once the plan is done; in
+    /// ongoing mode activity continues on existing patients after the plan.
+    pub fn next_tx(&mut self, humans: &[Human], ongoing: bool) -> Option<Tx> {
+        self.action_no += 1;
+        let now = self.action_no;
+        let drain = self.regs.is_empty() && self.budget == 0;
+        if let Some(i) = self.pending_merge.iter().position(|(due, _, _)| *due <= now || drain) {
+            let (_, w, l) = self.pending_merge.remove(i);
+            return Some(self.commit(|g, tx| g.merge(tx, w, l)));
+        }
+        if let Some(i) = self.pending_nid.iter().position(|(due, _, _)| *due <= now || drain) {
+            let (_, p, raw) = self.pending_nid.remove(i);
+            return Some(self.commit(|g, tx| g.add_national_id(tx, p, &raw)));
+        }
+        let remaining_regs = self.regs.len() as u64;
+        let other_possible = !self.live.is_empty() && (self.budget > 0 || (ongoing && remaining_regs == 0));
+        let do_reg = remaining_regs > 0
+            && (!other_possible || self.rng.gen_range(0..remaining_regs + self.budget.max(1)) < remaining_regs);
+        if do_reg {
+            let reg = self.regs.pop_front()?;
+            return Some(self.commit(|g, tx| g.register(tx, &humans[reg.human], &reg)));
+        }
+        if !other_possible {
+            return None;
+        }
+        self.budget = self.budget.saturating_sub(1);
+        let p = *self.live.choose(&mut self.rng)?;
+        let roll = self.rng.gen_range(0..100);
+        Some(self.commit(|g, tx| match roll {
+            0..=54 => g.visit(tx, p),
+            55..=66 => {
+                if !g.edit_obs(tx, p) {
+                    g.visit(tx, p)
+                }
+            }
+            67..=76 => g.correct_name(tx, p),
+            77..=86 => g.change_address(tx, p),
+            87..=93 => {
+                if !g.void_encounter(tx, p) {
+                    g.visit(tx, p)
+                }
+            }
+            _ => {
+                if !g.delete_obs(tx, p) {
+                    g.visit(tx, p)
+                }
+            }
+        }))
+    }
+
+    fn commit(&mut self, f: impl FnOnce(&mut Self, &mut Tx)) -> Tx {
+        let mut tx = Tx::new();
+        f(self, &mut tx);
+        for (table, op, n) in &tx.changes {
+            match op {
+                'c' => *self.deltas.entry(table).or_insert(0) += *n as i64,
+                'd' => *self.deltas.entry(table).or_insert(0) -= *n as i64,
+                _ => {}
+            }
+        }
+        tx.commit()
+    }
+
+    fn register(&mut self, tx: &mut Tx, h: &Human, reg: &PlannedReg) {
+        let user = self.meta.user_id;
+        let person_id = self.id("person");
+        let person_uuid = self.uuid();
+        let (given, family) = match reg.kind {
+            RegKind::Primary => (h.given.clone(), h.family.clone()),
+            RegKind::CrossSite => {
+                let g = if self.rng.gen_bool(0.5) { names::misspell(&mut self.rng, &h.given) } else { h.given.clone() };
+                let f = if self.rng.gen_bool(0.3) { names::misspell(&mut self.rng, &h.family) } else { h.family.clone() };
+                (g, f)
+            }
+            RegKind::LocalDup => (names::misspell(&mut self.rng, &h.given), h.family.clone()),
+        };
+        let when = self.tick();
+
+        let mut ins = Insert::new(
+            "person",
+            &["person_id", "gender", "birthdate", "birthdate_estimated", "dead", "creator", "date_created", "voided", "uuid", "deathdate_estimated"],
+        );
+        ins.row(&[person_id.to_string(), q(h.gender), date(h.birthdate), "0".into(), "0".into(), user.to_string(), "NOW()".into(), "0".into(), q(&person_uuid), "0".into()]);
+        tx.insert("person", ins);
+
+        let name_id = self.id("person_name");
+        let name_uuid = self.uuid();
+        let mut ins = Insert::new(
+            "person_name",
+            &["person_name_id", "preferred", "person_id", "given_name", "family_name", "creator", "date_created", "voided", "uuid"],
+        );
+        ins.row(&[name_id.to_string(), "1".into(), person_id.to_string(), q(&given), q(&family), user.to_string(), "NOW()".into(), "0".into(), q(&name_uuid)]);
+        tx.insert("person_name", ins);
+
+        let address_id = self.id("person_address");
+        let address_uuid = self.uuid();
+        let city = names::CITIES.choose(&mut self.rng).copied().unwrap_or("Kisumu");
+        let county = names::COUNTIES.choose(&mut self.rng).copied().unwrap_or("Kisumu");
+        let plot = format!("Plot {}", self.rng.gen_range(1..999));
+        let mut ins = Insert::new(
+            "person_address",
+            &["person_address_id", "person_id", "preferred", "address1", "city_village", "county_district", "country", "creator", "date_created", "voided", "uuid"],
+        );
+        ins.row(&[address_id.to_string(), person_id.to_string(), "1".into(), q(&plot), q(city), q(county), q("Kenya"), user.to_string(), "NOW()".into(), "0".into(), q(&address_uuid)]);
+        tx.insert("person_address", ins);
+
+        let mut ins = Insert::new("patient", &["patient_id", "creator", "date_created", "voided", "allergy_status"]);
+        ins.row(&[person_id.to_string(), user.to_string(), "NOW()".into(), "0".into(), q("Unknown")]);
+        tx.insert("patient", ins);
+
+        let seq = self.next.get("patient_identifier").copied().unwrap_or(1);
+        let openmrs_id = luhn_id(self.code, seq);
+        let location = *self.meta.locations.choose(&mut self.rng).unwrap_or(&1);
+        let mut ins = Insert::new(
+            "patient_identifier",
+            &["patient_identifier_id", "patient_id", "identifier", "identifier_type", "preferred", "location_id", "creator", "date_created", "voided", "uuid"],
+        );
+        let pid = self.id("patient_identifier");
+        let u = self.uuid();
+        ins.row(&[pid.to_string(), person_id.to_string(), q(&openmrs_id), self.meta.openmrs_id_type.to_string(), "1".into(), location.to_string(), user.to_string(), "NOW()".into(), "0".into(), q(&u)]);
+        let mut nid_raw = None;
+        if let NidMode::AtRegistration(raw) = &reg.nid {
+            let pid = self.id("patient_identifier");
+            let u = self.uuid();
+            ins.row(&[pid.to_string(), person_id.to_string(), q(raw), self.meta.national_id_type.to_string(), "0".into(), location.to_string(), user.to_string(), "NOW()".into(), "0".into(), q(&u)]);
+            nid_raw = Some(raw.clone());
+        }
+        tx.insert("patient_identifier", ins);
+        let _ = when;
+
+        let idx = self.patients.len();
+        self.patients.push(PatientState {
+            person_id,
+            uuid: person_uuid,
+            human: Some(h.idx),
+            kind: Some(reg.kind),
+            name_id: Some(name_id),
+            address_id: Some(address_id),
+            voided: false,
+            openmrs_id: Some(openmrs_id),
+            national_id_raw: nid_raw.clone(),
+            nid_at_registration: nid_raw.is_some(),
+            encounters: Vec::new(),
+            visits: 0,
+            obs_total: 0,
+            editable: Vec::new(),
+        });
+        self.live.push(idx);
+        self.registered += 1;
+        let now = self.action_no;
+        if let NidMode::Late(raw) = &reg.nid {
+            let due = now + self.rng.gen_range(3..40);
+            self.pending_nid.push((due, idx, raw.clone()));
+        }
+        match reg.kind {
+            RegKind::LocalDup => {
+                if let Some(&winner) = self.first_reg.get(&h.idx) {
+                    let due = now + self.rng.gen_range(3..30);
+                    self.pending_merge.push((due, winner, idx));
+                }
+            }
+            _ => {
+                self.first_reg.entry(h.idx).or_insert(idx);
+            }
+        }
+    }
+
+    fn add_national_id(&mut self, tx: &mut Tx, p: usize, raw: &str) {
+        let id = self.id("patient_identifier");
+        let u = self.uuid();
+        let location = *self.meta.locations.choose(&mut self.rng).unwrap_or(&1);
+        let person_id = self.patients[p].person_id;
+        let mut ins = Insert::new(
+            "patient_identifier",
+            &["patient_identifier_id", "patient_id", "identifier", "identifier_type", "preferred", "location_id", "creator", "date_created", "voided", "uuid"],
+        );
+        ins.row(&[id.to_string(), person_id.to_string(), q(raw), self.meta.national_id_type.to_string(), "0".into(), location.to_string(), self.meta.user_id.to_string(), "NOW()".into(), "0".into(), q(&u)]);
+        tx.insert("patient_identifier", ins);
+        // OpenMRS saves the patient too, which stamps it as changed.
+        tx.update("patient", &format!("UPDATE patient SET changed_by = {}, date_changed = NOW() WHERE patient_id = {person_id}", self.meta.user_id), 1);
+        self.patients[p].national_id_raw = Some(raw.to_string());
+    }
+
+    fn obs_row(&mut self, ins: &mut Insert, o: ObsRow) -> i64 {
+        let id = self.id("obs");
+        let u = self.uuid();
+        ins.row(&[
+            id.to_string(),
+            o.person.to_string(),
+            o.concept.to_string(),
+            o.encounter.to_string(),
+            dt(o.datetime),
+            o.location.to_string(),
+            io(o.group),
+            io(o.coded),
+            o.datetime_value.map(dt).unwrap_or_else(|| "NULL".into()),
+            o.numeric.map(|v| v.to_string()).unwrap_or_else(|| "NULL".into()),
+            qo(o.text.as_deref()),
+            self.meta.user_id.to_string(),
+            "NOW()".into(),
+            "0".into(),
+            q(&u),
+            io(o.previous),
+        ]);
+        id
+    }
+
+    fn visit(&mut self, tx: &mut Tx, p: usize) {
+        let user = self.meta.user_id;
+        let person = self.patients[p].person_id;
+        let start = self.tick();
+        let location = *self.meta.locations.choose(&mut self.rng).unwrap_or(&1);
+        let visit_id = self.id("visit");
+        let visit_uuid = self.uuid();
+        let mut ins = Insert::new(
+            "visit",
+            &["visit_id", "patient_id", "visit_type_id", "date_started", "date_stopped", "location_id", "creator", "date_created", "voided", "uuid"],
+        );
+        ins.row(&[visit_id.to_string(), person.to_string(), self.meta.visit_type.to_string(), dt(start), dt(start + Duration::minutes(90)), location.to_string(), user.to_string(), "NOW()".into(), "0".into(), q(&visit_uuid)]);
+        tx.insert("visit", ins);
+
+        let mut enc = Insert::new(
+            "encounter",
+            &["encounter_id", "encounter_type", "patient_id", "location_id", "encounter_datetime", "creator", "date_created", "voided", "visit_id", "uuid"],
+        );
+        let mut prov = Insert::new(
+            "encounter_provider",
+            &["encounter_provider_id", "encounter_id", "provider_id", "encounter_role_id", "creator", "date_created", "voided", "uuid"],
+        );
+        let mut obs = Insert::new(
+            "obs",
+            &["obs_id", "person_id", "concept_id", "encounter_id", "obs_datetime", "location_id", "obs_group_id", "value_coded", "value_datetime", "value_numeric", "value_text", "creator", "date_created", "voided", "uuid", "previous_version"],
+        );
+        let mut members = Insert::new(
+            "obs",
+            &["obs_id", "person_id", "concept_id", "encounter_id", "obs_datetime", "location_id", "obs_group_id", "value_coded", "value_datetime", "value_numeric", "value_text", "creator", "date_created", "voided", "uuid", "previous_version"],
+        );
+
+        // Vitals.
+        let vitals_at = start + Duration::minutes(5);
+        let vitals = self.encounter_row(&mut enc, &mut prov, self.meta.enc_vitals, person, location, vitals_at, visit_id);
+        let mut n_vitals = 0;
+        let numeric = self.meta.numeric.clone();
+        for c in &numeric {
+            if !self.rng.gen_bool(0.85) {
+                continue;
+            }
+            let raw = self.rng.gen_range(c.lo..=c.hi);
+            let value = if c.precise { (raw * 10.0).round() / 10.0 } else { raw.round() };
+            let id = self.obs_row(&mut obs, ObsRow::numeric(person, c.id, vitals, vitals_at, location, value));
+            self.patients[p].editable.push(ObsRef { id, concept: c.id, encounter: vitals, datetime: vitals_at, location, value });
+            n_vitals += 1;
+        }
+
+        // Visit note: diagnoses as obs groups, a free-text note, sometimes a date.
+        let note_at = start + Duration::minutes(30);
+        let note = self.encounter_row(&mut enc, &mut prov, self.meta.enc_note, person, location, note_at, visit_id);
+        let mut n_note = 0;
+        if let Some(d) = self.meta.diagnosis.clone() {
+            for order in 0..self.rng.gen_range(1..=2usize) {
+                let group = self.obs_row(&mut obs, ObsRow::group(person, d.group, note, note_at, location));
+                let diag = self.pick(&d.diagnosis);
+                let cert = self.pick(&d.certainty);
+                let ord = d.order.answers.get(order.min(d.order.answers.len() - 1)).copied().unwrap_or(cert);
+                self.obs_row(&mut members, ObsRow::coded(person, d.diagnosis.question, note, note_at, location, diag, Some(group)));
+                self.obs_row(&mut members, ObsRow::coded(person, d.certainty.question, note, note_at, location, cert, Some(group)));
+                self.obs_row(&mut members, ObsRow::coded(person, d.order.question, note, note_at, location, ord, Some(group)));
+                n_note += 4;
+            }
+        }
+        if let Some(c) = self.meta.text_note {
+            let text = names::note(&mut self.rng);
+            self.obs_row(&mut obs, ObsRow::text(person, c, note, note_at, location, text));
+            n_note += 1;
+        }
+        if let (Some(c), true) = (self.meta.date_concept, self.rng.gen_bool(0.2)) {
+            let when = note_at + Duration::days(self.rng.gen_range(7..90));
+            let mut row = ObsRow::group(person, c, note, note_at, location);
+            row.datetime_value = Some(when);
+            self.obs_row(&mut obs, row);
+            n_note += 1;
+        }
+        let n_obs = obs.rows() + members.rows();
+        tx.insert("encounter", enc);
+        tx.insert("encounter_provider", prov);
+        tx.insert("obs", obs);
+        tx.insert("obs", members);
+        let st = &mut self.patients[p];
+        st.encounters.push(EncState { id: vitals, live_obs: n_vitals, voided: false });
+        st.encounters.push(EncState { id: note, live_obs: n_note, voided: false });
+        st.visits += 1;
+        st.obs_total += n_obs;
+        if st.editable.len() > 24 {
+            let excess = st.editable.len() - 24;
+            st.editable.drain(0..excess);
+        }
+    }
+
+    fn pick(&mut self, c: &Coded) -> i64 {
+        *c.answers.choose(&mut self.rng).unwrap_or(&c.question)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn encounter_row(&mut self, enc: &mut Insert, prov: &mut Insert, etype: i64, person: i64, location: i64, at: NaiveDateTime, visit: i64) -> i64 {
+        let id = self.id("encounter");
+        let u = self.uuid();
+        enc.row(&[id.to_string(), etype.to_string(), person.to_string(), location.to_string(), dt(at), self.meta.user_id.to_string(), "NOW()".into(), "0".into(), visit.to_string(), q(&u)]);
+        if let Some(&provider) = self.meta.providers.choose(&mut self.rng) {
+            let pid = self.id("encounter_provider");
+            let u = self.uuid();
+            prov.row(&[pid.to_string(), id.to_string(), provider.to_string(), self.meta.encounter_role.to_string(), self.meta.user_id.to_string(), "NOW()".into(), "0".into(), q(&u)]);
+        }
+        id
+    }
+
+    /// An edit as OpenMRS does it: the old obs is voided and the new one points back at it.
+    fn edit_obs(&mut self, tx: &mut Tx, p: usize) -> bool {
+        if self.patients[p].editable.is_empty() {
+            return false;
+        }
+        let i = self.rng.gen_range(0..self.patients[p].editable.len());
+        let old = self.patients[p].editable.swap_remove(i);
+        let person = self.patients[p].person_id;
+        let user = self.meta.user_id;
+        tx.update(
+            "obs",
+            &format!("UPDATE obs SET voided = 1, voided_by = {user}, date_voided = NOW(), void_reason = 'Edited: value corrected' WHERE obs_id = {}", old.id),
+            1,
+        );
+        let value = ((old.value * self.rng.gen_range(0.9..1.1)) * 10.0).round() / 10.0;
+        let mut ins = Insert::new(
+            "obs",
+            &["obs_id", "person_id", "concept_id", "encounter_id", "obs_datetime", "location_id", "obs_group_id", "value_coded", "value_datetime", "value_numeric", "value_text", "creator", "date_created", "voided", "uuid", "previous_version"],
+        );
+        let mut row = ObsRow::numeric(person, old.concept, old.encounter, old.datetime, old.location, value);
+        row.previous = Some(old.id);
+        self.obs_row(&mut ins, row);
+        tx.insert("obs", ins);
+        self.patients[p].obs_total += 1;
+        true
+    }
+
+    fn correct_name(&mut self, tx: &mut Tx, p: usize) {
+        let Some(name_id) = self.patients[p].name_id else { return self.change_address(tx, p) };
+        let pool = if self.rng.gen_bool(0.5) { names::GIVEN_F } else { names::GIVEN_M };
+        let given = pool.choose(&mut self.rng).copied().unwrap_or("Alex");
+        tx.update(
+            "person_name",
+            &format!("UPDATE person_name SET given_name = {}, changed_by = {}, date_changed = NOW() WHERE person_name_id = {name_id}", q(given), self.meta.user_id),
+            1,
+        );
+    }
+
+    fn change_address(&mut self, tx: &mut Tx, p: usize) {
+        let Some(address_id) = self.patients[p].address_id else { return };
+        let city = names::CITIES.choose(&mut self.rng).copied().unwrap_or("Kisumu");
+        let plot = format!("Plot {}", self.rng.gen_range(1..999));
+        tx.update(
+            "person_address",
+            &format!(
+                "UPDATE person_address SET address1 = {}, city_village = {}, changed_by = {}, date_changed = NOW() WHERE person_address_id = {address_id}",
+                q(&plot),
+                q(city),
+                self.meta.user_id
+            ),
+            1,
+        );
+    }
+
+    /// Voids an encounter and, as `EncounterService.voidEncounter` does, its obs.
+    fn void_encounter(&mut self, tx: &mut Tx, p: usize) -> bool {
+        let live: Vec<usize> = (0..self.patients[p].encounters.len()).filter(|&i| !self.patients[p].encounters[i].voided).collect();
+        let Some(&i) = live.choose(&mut self.rng) else { return false };
+        let user = self.meta.user_id;
+        let e = self.patients[p].encounters[i].clone();
+        tx.update(
+            "encounter",
+            &format!("UPDATE encounter SET voided = 1, voided_by = {user}, date_voided = NOW(), void_reason = 'Entered in error' WHERE encounter_id = {}", e.id),
+            1,
+        );
+        if e.live_obs > 0 {
+            tx.update(
+                "obs",
+                &format!("UPDATE obs SET voided = 1, voided_by = {user}, date_voided = NOW(), void_reason = 'Entered in error' WHERE encounter_id = {} AND voided = 0", e.id),
+                e.live_obs,
+            );
+        }
+        let st = &mut self.patients[p];
+        st.encounters[i].voided = true;
+        st.encounters[i].live_obs = 0;
+        st.editable.retain(|o| o.encounter != e.id);
+        true
+    }
+
+    /// A hard delete (rare in OpenMRS, but it happens: purge of an erroneous obs).
+    fn delete_obs(&mut self, tx: &mut Tx, p: usize) -> bool {
+        if self.patients[p].editable.is_empty() {
+            return false;
+        }
+        let i = self.rng.gen_range(0..self.patients[p].editable.len());
+        let old = self.patients[p].editable.swap_remove(i);
+        tx.stmt(&format!("DELETE FROM obs WHERE obs_id = {}", old.id), 1);
+        tx.change("obs", 'd', 1);
+        let st = &mut self.patients[p];
+        st.obs_total = st.obs_total.saturating_sub(1);
+        if let Some(e) = st.encounters.iter_mut().find(|e| e.id == old.encounter) {
+            e.live_obs = e.live_obs.saturating_sub(1);
+        }
+        true
+    }
+
+    /// `PatientService.mergePatients(winner, loser)`, as the site's OpenMRS does it.
+    fn merge(&mut self, tx: &mut Tx, w: usize, l: usize) {
+        let user = self.meta.user_id;
+        let (wid, lid) = (self.patients[w].person_id, self.patients[l].person_id);
+        let reason = q(&format!("Merged with patient #{wid}"));
+        let loser = self.patients[l].clone();
+        let n_enc = loser.encounters.len() as u64;
+        if n_enc > 0 {
+            tx.update("encounter", &format!("UPDATE encounter SET patient_id = {wid}, changed_by = {user}, date_changed = NOW() WHERE patient_id = {lid}"), n_enc);
+        }
+        if loser.visits > 0 {
+            tx.update("visit", &format!("UPDATE visit SET patient_id = {wid}, changed_by = {user}, date_changed = NOW() WHERE patient_id = {lid}"), loser.visits);
+        }
+        if loser.obs_total > 0 {
+            tx.update("obs", &format!("UPDATE obs SET person_id = {wid} WHERE person_id = {lid}"), loser.obs_total);
+        }
+        // The loser's identifiers are copied to the winner as non-preferred ones.
+        let mut n_ident = 0;
+        if let Some(openmrs_id) = &loser.openmrs_id {
+            let id = self.id("patient_identifier");
+            let u = self.uuid();
+            let location = *self.meta.locations.first().unwrap_or(&1);
+            let mut ins = Insert::new(
+                "patient_identifier",
+                &["patient_identifier_id", "patient_id", "identifier", "identifier_type", "preferred", "location_id", "creator", "date_created", "voided", "uuid"],
+            );
+            ins.row(&[id.to_string(), wid.to_string(), q(openmrs_id), self.meta.openmrs_id_type.to_string(), "0".into(), location.to_string(), user.to_string(), "NOW()".into(), "0".into(), q(&u)]);
+            tx.insert("patient_identifier", ins);
+            n_ident += 1;
+        }
+        if loser.national_id_raw.is_some() {
+            n_ident += 1;
+        }
+        let voided = |table: &str, col: &str| {
+            format!("UPDATE {table} SET voided = 1, voided_by = {user}, date_voided = NOW(), void_reason = {reason} WHERE {col} = {lid} AND voided = 0")
+        };
+        tx.update("patient_identifier", &voided("patient_identifier", "patient_id"), n_ident.max(1));
+        tx.update("person_name", &voided("person_name", "person_id"), 1);
+        tx.update("person_address", &voided("person_address", "person_id"), 1);
+        tx.update("patient", &voided("patient", "patient_id"), 1);
+        tx.update("person", &voided("person", "person_id"), 1);
+        let log_id = self.id("person_merge_log");
+        let u = self.uuid();
+        let data = format!(
+            "{{\"winner\":\"{}\",\"loser\":\"{}\",\"movedEncounters\":{n_enc},\"movedVisits\":{},\"movedObs\":{},\"createdIdentifiers\":1}}",
+            self.patients[w].uuid, loser.uuid, loser.visits, loser.obs_total
+        );
+        let mut ins = Insert::new(
+            "person_merge_log",
+            &["person_merge_log_id", "winner_person_id", "loser_person_id", "creator", "date_created", "merged_data", "uuid", "voided"],
+        );
+        ins.row(&[log_id.to_string(), wid.to_string(), lid.to_string(), user.to_string(), "NOW()".into(), q(&data), q(&u), "0".into()]);
+        tx.insert("person_merge_log", ins);
+
+        // Move the loser's state to the winner.
+        let moved = std::mem::take(&mut self.patients[l].encounters);
+        let editable = std::mem::take(&mut self.patients[l].editable);
+        self.patients[l].voided = true;
+        self.patients[l].visits = 0;
+        self.patients[l].obs_total = 0;
+        let ws = &mut self.patients[w];
+        ws.encounters.extend(moved);
+        ws.editable.extend(editable);
+        ws.visits += loser.visits;
+        ws.obs_total += loser.obs_total;
+        self.live.retain(|&i| i != l);
+        self.merges.push(SiteMerge { winner_uuid: self.patients[w].uuid.clone(), loser_uuid: loser.uuid });
+    }
+}
+
+struct ObsRow {
+    person: i64,
+    concept: i64,
+    encounter: i64,
+    datetime: NaiveDateTime,
+    location: i64,
+    group: Option<i64>,
+    coded: Option<i64>,
+    datetime_value: Option<NaiveDateTime>,
+    numeric: Option<f64>,
+    text: Option<String>,
+    previous: Option<i64>,
+}
+
+impl ObsRow {
+    fn base(person: i64, concept: i64, encounter: i64, datetime: NaiveDateTime, location: i64) -> Self {
+        ObsRow { person, concept, encounter, datetime, location, group: None, coded: None, datetime_value: None, numeric: None, text: None, previous: None }
+    }
+    fn group(person: i64, concept: i64, encounter: i64, datetime: NaiveDateTime, location: i64) -> Self {
+        Self::base(person, concept, encounter, datetime, location)
+    }
+    fn numeric(person: i64, concept: i64, encounter: i64, datetime: NaiveDateTime, location: i64, v: f64) -> Self {
+        ObsRow { numeric: Some(v), ..Self::base(person, concept, encounter, datetime, location) }
+    }
+    fn coded(person: i64, concept: i64, encounter: i64, datetime: NaiveDateTime, location: i64, v: i64, group: Option<i64>) -> Self {
+        ObsRow { coded: Some(v), group, ..Self::base(person, concept, encounter, datetime, location) }
+    }
+    fn text(person: i64, concept: i64, encounter: i64, datetime: NaiveDateTime, location: i64, v: String) -> Self {
+        ObsRow { text: Some(v), ..Self::base(person, concept, encounter, datetime, location) }
+    }
+}
+
+fn existing_state(e: &ExistingPatient) -> PatientState {
+    PatientState {
+        person_id: e.person_id,
+        uuid: e.uuid.clone(),
+        human: None,
+        kind: None,
+        name_id: e.name_id,
+        address_id: e.address_id,
+        voided: false,
+        openmrs_id: None,
+        national_id_raw: None,
+        nid_at_registration: false,
+        encounters: Vec::new(),
+        visits: 0,
+        obs_total: 0,
+        editable: Vec::new(),
+    }
+}
+
+/// A site-prefixed OpenMRS-style identifier with a Luhn check digit, e.g. `A100023-7`.
+fn luhn_id(code: char, seq: i64) -> String {
+    let body = format!("{}", 100_000 + seq);
+    let mut sum = 0;
+    for (i, c) in body.chars().rev().enumerate() {
+        let mut d = c.to_digit(10).unwrap_or(0);
+        if i % 2 == 0 {
+            d *= 2;
+            if d > 9 {
+                d -= 9;
+            }
+        }
+        sum += d;
+    }
+    format!("{code}{body}-{}", (10 - sum % 10) % 10)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn luhn_ids_are_site_prefixed_and_checked() {
+        assert_eq!(super::luhn_id('A', 1), "A100001-8");
+        assert!(super::luhn_id('B', 42).starts_with("B100042-"));
+    }
+}

@@ -1,0 +1,155 @@
+//! `omrs-stream`: argument parsing and wiring only. Every stage lives in its crate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use omrs_core::config::{Config, TopicsFile};
+use omrs_core::topics;
+
+/// Exactly-once streaming consolidation of many OpenMRS sites into one HQ OpenMRS database and
+/// a Parquet lake.
+///
+/// Site binlogs → ingest agents → Kafka (omrs.cdc.<site>) → transform (watermarks, identity,
+/// conflicts) → omrs.hq.changes → HQ MySQL sink and Parquet sink → SQL.
+#[derive(Parser)]
+#[command(name = "omrs-stream", version, about, long_about)]
+struct Cli {
+    /// Sites, databases, identity rules and sinks.
+    #[arg(long, global = true, default_value = "omrs-stream.toml", env = "OMRS_CONFIG")]
+    config: PathBuf,
+    /// Every Kafka topic: partitions, replication, retention, compaction.
+    #[arg(long, global = true, default_value = "topics.toml", env = "OMRS_TOPICS")]
+    topics: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything on one machine: services, sites, pipeline, verify, summary (not built yet: issue #8).
+    Demo,
+    /// Create or check the Kafka topics declared in topics.toml.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Run one site's agent: snapshot, then binlog CDC into omrs.cdc.<site> (not built yet: issue #4).
+    Ingest {
+        /// The site, as named in omrs-stream.toml.
+        #[arg(long)]
+        site: String,
+    },
+    /// Merge every site stream into omrs.hq.changes (not built yet: issue #5).
+    Transform,
+    /// Run a sink: `hq-mysql` or `parquet` (not built yet: issues #6, #7).
+    Sink {
+        /// hq-mysql | parquet
+        kind: String,
+    },
+    /// SQL over the Parquet lake with DataFusion (not built yet: issue #7).
+    Query {
+        /// The SQL statement.
+        sql: String,
+    },
+    /// Compare sites, HQ and Parquet: missing, extra, duplicated, orphaned (not built yet: issue #8).
+    Verify,
+    /// Generate a multi-site OpenMRS workload on the real schema, with a ground-truth manifest.
+    Simulate(omrs_simulate::SimulateArgs),
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Create missing topics and fix settings that can be fixed. Idempotent.
+    Apply,
+    /// Change nothing; exit 1 and name every mismatch.
+    Check,
+}
+
+fn not_built(what: &str, issue: u32) -> ExitCode {
+    eprintln!("omrs-stream {what}: not built yet (see issue #{issue}); nothing was done.");
+    ExitCode::from(2)
+}
+
+fn resolved_topics(cli: &Cli) -> anyhow::Result<(Config, Vec<omrs_core::config::ResolvedTopic>)> {
+    let cfg = Config::load(&cli.config)?;
+    let tf = TopicsFile::load(&cli.topics)?;
+    let topics = tf.resolve(&cfg.site_names(), &cfg.kafka.topic_prefix);
+    Ok((cfg, topics))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Demo => Ok(not_built("demo", 8)),
+        Command::Ingest { .. } => Ok(not_built("ingest", 4)),
+        Command::Transform => Ok(not_built("transform", 5)),
+        Command::Sink { .. } => Ok(not_built("sink", 6)),
+        Command::Query { .. } => Ok(not_built("query", 7)),
+        Command::Verify => Ok(not_built("verify", 8)),
+        Command::Topics { action: TopicsAction::Apply } => {
+            let (cfg, want) = resolved_topics(&cli)?;
+            let report = topics::apply(&cfg.kafka, &want).await.context("topics apply")?;
+            for t in &report.created {
+                println!("created   {t}");
+            }
+            for (t, what) in &report.changed {
+                println!("changed   {t}: {what}");
+            }
+            for t in &report.unchanged {
+                println!("unchanged {t}");
+            }
+            println!(
+                "{} created, {} changed, {} unchanged",
+                report.created.len(),
+                report.changed.len(),
+                report.unchanged.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topics { action: TopicsAction::Check } => {
+            let (cfg, want) = resolved_topics(&cli)?;
+            match topics::check(&cfg.kafka, &want).await {
+                Ok(()) => {
+                    println!("all {} topics match {}", want.len(), cli.topics.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e @ omrs_core::CoreError::TopicMismatch(_)) => {
+                    eprintln!("{e}");
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Simulate(args) => {
+            let cfg = Config::load(&cli.config)?;
+            omrs_simulate::run(&cfg, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

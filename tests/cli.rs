@@ -1,0 +1,88 @@
+//! The `omrs-stream` binary: help, honest "not built yet" exits, config errors before any
+//! connection, and `topics apply|check` exit codes against the real broker.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_omrs-stream"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let out = bin().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["demo", "topics", "ingest", "transform", "sink", "query", "verify", "simulate"] {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(&format!("{cmd} "))),
+            "`{cmd}` missing from --help:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn unbuilt_subcommands_say_so_and_exit_2() {
+    for args in [
+        vec!["demo"],
+        vec!["ingest", "--site", "site-a"],
+        vec!["transform"],
+        vec!["sink", "hq-mysql"],
+        vec!["query", "select 1"],
+        vec!["verify"],
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not built yet"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?} printed output");
+    }
+}
+
+#[test]
+fn invalid_config_fails_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(root().join("omrs-stream.toml")).unwrap();
+    // Point Kafka at a port nothing listens on: a config error must come first.
+    let text = text.replace("${OMRS_KAFKA:-127.0.0.1:9092}", "127.0.0.1:1").replacen("port = 3311", "port = 0", 1);
+    std::fs::write(&cfg, text).unwrap();
+    let out = bin().arg("--config").arg(&cfg).args(["topics", "check"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml: sites[0].database.port"), "{err}");
+}
+
+#[test]
+fn topics_apply_then_check_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let prefix = format!("test.cli.{n}.");
+    let text = std::fs::read_to_string(root().join("omrs-stream.toml"))
+        .unwrap()
+        .replace("[kafka]\n", &format!("[kafka]\ntopic_prefix = \"{prefix}\"\n"));
+    let cfg = dir.path().join("omrs-stream.toml");
+    std::fs::write(&cfg, text).unwrap();
+
+    let check = bin().arg("--config").arg(&cfg).args(["topics", "check"]).output().unwrap();
+    assert_eq!(check.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(err.contains(&format!("{prefix}omrs.hq.changes: missing")), "{err}");
+
+    let apply = bin().arg("--config").arg(&cfg).args(["topics", "apply"]).output().unwrap();
+    assert!(apply.status.success(), "{}", String::from_utf8_lossy(&apply.stderr));
+    assert!(String::from_utf8_lossy(&apply.stdout).contains("7 created, 0 changed, 0 unchanged"));
+
+    let again = bin().arg("--config").arg(&cfg).args(["topics", "apply"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 created, 0 changed, 7 unchanged"));
+
+    let check = bin().arg("--config").arg(&cfg).args(["topics", "check"]).output().unwrap();
+    assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stderr));
+}
