@@ -1,0 +1,65 @@
+//! Helpers shared by the simulator's integration tests (real MariaDB from scripts/dev-up).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+use omrs_core::config::{Config, SiteConfig};
+use omrs_simulate::SimulateArgs;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn config() -> Config {
+    Config::load(&root().join("omrs-stream.toml")).expect("the shipped omrs-stream.toml loads")
+}
+
+pub fn dump() -> PathBuf {
+    if let Ok(p) = std::env::var("OMRS_DEMO_DUMP") {
+        return PathBuf::from(p);
+    }
+    root().join("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz")
+}
+
+/// Arguments as the CLI would parse them, for an isolated database name.
+pub fn args(database: &str, seed: u64, patients: usize, dup_fraction: f64) -> SimulateArgs {
+    SimulateArgs {
+        sites: 3,
+        patients,
+        dup_fraction,
+        seed,
+        rate: None,
+        burst: true,
+        duration: None,
+        until_patients: None,
+        offline: Vec::new(),
+        manifest: std::env::temp_dir().join(format!("{database}-manifest.json")),
+        database: Some(database.to_string()),
+        no_provision: false,
+        provision_only: false,
+        dump: dump(),
+        demo_site: "first".into(),
+        admin_user: "omrs".into(),
+        admin_password: "omrs".into(),
+        batch: 16,
+        quiet: true,
+    }
+}
+
+pub async fn connect(site: &SiteConfig, database: &str) -> Conn {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(site.database.host.clone())
+        .tcp_port(site.database.port)
+        .user(Some("omrs"))
+        .pass(Some("omrs"))
+        .db_name(Some(database.to_string()))
+        .prefer_socket(false);
+    Conn::new(opts).await.unwrap_or_else(|e| panic!("{}: {e} (is scripts/dev-up running?)", site.name))
+}
+
+pub async fn drop_db(site: &SiteConfig, database: &str) {
+    let mut c = connect(site, "mysql").await;
+    c.query_drop(format!("DROP DATABASE IF EXISTS `{database}`")).await.unwrap();
+}
