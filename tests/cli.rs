@@ -85,4 +85,23 @@ fn topics_apply_then_check_exit_codes() {
 
     let check = bin().arg("--config").arg(&cfg).args(["topics", "check"]).output().unwrap();
     assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stderr));
+
+    // Leave the dev broker as we found it.
+    let names: Vec<String> = ["omrs.cdc.site-a", "omrs.cdc.site-b", "omrs.cdc.site-c", "omrs.hq.changes", "omrs.transform.state", "omrs.dlq", "omrs.ingest.offsets"]
+        .iter()
+        .map(|t| format!("{prefix}{t}"))
+        .collect();
+    delete_topics(&names);
+}
+
+fn delete_topics(names: &[String]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:9092")
+        .create()
+        .unwrap();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _ = rt.block_on(admin.delete_topics(&refs, &AdminOptions::new()));
 }

@@ -30,6 +30,13 @@ fn declared(prefix: &str) -> Vec<ResolvedTopic> {
     TopicsFile::load(&root.join("topics.toml")).unwrap().resolve(&cfg.site_names(), prefix)
 }
 
+/// Deletes the test's topics so repeated runs do not pile them up on the dev broker.
+async fn cleanup(k: &KafkaConfig, want: &[ResolvedTopic]) {
+    let admin: AdminClient<DefaultClientContext> = client_config(k).create().unwrap();
+    let names: Vec<&str> = want.iter().map(|t| t.name.as_str()).collect();
+    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+}
+
 #[tokio::test]
 async fn apply_creates_every_topic_with_its_settings_and_is_idempotent() {
     let prefix = unique_prefix("apply");
@@ -64,6 +71,7 @@ async fn apply_creates_every_topic_with_its_settings_and_is_idempotent() {
     assert!(second.is_noop(), "second apply changed something: {second:?}");
     assert_eq!(second.unchanged.len(), 7);
     topics::check(&k, &want).await.unwrap();
+    cleanup(&k, &want).await;
 }
 
 #[tokio::test]
@@ -101,6 +109,7 @@ async fn check_names_each_mismatch_and_apply_fixes_what_it_can() {
     let err = topics::check(&k, &want).await.unwrap_err();
     let CoreError::TopicMismatch(lines) = &err else { panic!("{err}") };
     assert_eq!(lines, &vec![format!("{dlq}: partitions 3 (want 1)")]);
+    cleanup(&k, &want).await;
 }
 
 #[tokio::test]

@@ -386,6 +386,7 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
         started_at_ms,
         finished_at_ms: now_ms(),
         row_changes,
+        write_seconds: elapsed,
         sites: site_manifests,
         expected_hq: ExpectedHq { active_patients: humans_out.len() as u64, hq_merges, tables: expected_tables },
         humans: humans_out,

@@ -15,6 +15,8 @@ pub struct Manifest {
     pub finished_at_ms: i64,
     /// Row changes (inserts, updates, deletes) written, all sites together.
     pub row_changes: u64,
+    /// Seconds spent writing (after provisioning), until the last site finished.
+    pub write_seconds: f64,
     pub sites: Vec<SiteManifest>,
     /// One entry per real human, with every site record that is that human.
     pub humans: Vec<HumanManifest>,
