@@ -35,12 +35,8 @@ enum Command {
         #[command(subcommand)]
         action: TopicsAction,
     },
-    /// Run one site's agent: snapshot, then binlog CDC into omrs.cdc.<site> (not built yet: issue #4).
-    Ingest {
-        /// The site, as named in omrs-stream.toml.
-        #[arg(long)]
-        site: String,
-    },
+    /// Run one site's agent: consistent snapshot, then binlog CDC into omrs.cdc.<site>, exactly once.
+    Ingest(omrs_ingest::IngestArgs),
     /// Merge every site stream into omrs.hq.changes (not built yet: issue #5).
     Transform,
     /// Run a sink: `hq-mysql` or `parquet` (not built yet: issues #6, #7).
@@ -82,7 +78,16 @@ fn resolved_topics(cli: &Cli) -> anyhow::Result<(Config, Vec<omrs_core::config::
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Demo => Ok(not_built("demo", 8)),
-        Command::Ingest { .. } => Ok(not_built("ingest", 4)),
+        Command::Ingest(args) => {
+            let cfg = Config::load(&cli.config)?;
+            let listen = match args.metrics_port {
+                Some(p) => std::net::SocketAddr::new(cfg.metrics.addr()?.ip(), p),
+                None => cfg.metrics.addr()?,
+            };
+            let _metrics = omrs_core::metrics::serve(listen, "ingest").await?;
+            omrs_ingest::run(&cfg, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Transform => Ok(not_built("transform", 5)),
         Command::Sink { .. } => Ok(not_built("sink", 6)),
         Command::Query { .. } => Ok(not_built("query", 7)),

@@ -35,6 +35,13 @@ pub const SNAPSHOT_ROWS: &str = "omrs_stream_snapshot_rows_total";
 pub const SNAPSHOT_TABLES_DONE: &str = "omrs_stream_snapshot_tables_done";
 pub const SIMULATED_ROWS: &str = "omrs_stream_simulate_rows_total";
 pub const UP: &str = "omrs_stream_up";
+pub const UNRESOLVED_REFS: &str = "omrs_stream_unresolved_refs_total";
+pub const SITE_CLOCK_SKEW: &str = "omrs_stream_site_clock_skew_seconds";
+pub const INGEST_POSITION: &str = "omrs_stream_ingest_binlog_position";
+pub const INGEST_BINLOG_MARGIN: &str = "omrs_stream_ingest_binlog_margin_files";
+pub const INGEST_RETRIES: &str = "omrs_stream_ingest_retries_total";
+pub const KAFKA_TRANSACTIONS: &str = "omrs_stream_kafka_transactions_total";
+pub const HEARTBEATS: &str = "omrs_stream_heartbeats_total";
 
 /// Handles to every metric; registered once in one registry.
 pub struct Metrics {
@@ -62,6 +69,19 @@ pub struct Metrics {
     pub snapshot_tables_done: IntGaugeVec,
     pub simulated_rows: IntCounterVec,
     pub up: IntGaugeVec,
+    /// Foreign keys sent as null because the referenced row has no uuid.
+    pub unresolved_refs: IntCounterVec,
+    /// Site clock minus this host's clock, seconds (from heartbeats).
+    pub site_clock_skew: prometheus::GaugeVec,
+    /// Committed binlog position (byte offset in the current file), by site.
+    pub ingest_position: IntGaugeVec,
+    /// Binlog files the server still retains behind the agent's position; 0 means the next
+    /// purge loses data the agent has not read.
+    pub ingest_binlog_margin: IntGaugeVec,
+    /// Restarts of the agent's loop after a transient error (site or Kafka unreachable).
+    pub ingest_retries: IntCounterVec,
+    pub kafka_transactions: IntCounterVec,
+    pub heartbeats: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -115,6 +135,17 @@ impl Metrics {
             snapshot_tables_done: gauge_vec(&r, SNAPSHOT_TABLES_DONE, "Tables whose snapshot is complete", &["site"]),
             simulated_rows: counter_vec(&r, SIMULATED_ROWS, "Row changes written by the simulator", &["site", "table", "op"]),
             up: gauge_vec(&r, UP, "1 while the process runs", &["stage"]),
+            unresolved_refs: counter_vec(&r, UNRESOLVED_REFS, "Foreign keys that could not be resolved to a uuid (sent as null)", &["site", "table"]),
+            site_clock_skew: {
+                let m = prometheus::GaugeVec::new(Opts::new(SITE_CLOCK_SKEW, "Site clock minus the agent host's clock, seconds"), &["site"]).expect("static metric definition");
+                r.register(Box::new(m.clone())).expect("metric registered once");
+                m
+            },
+            ingest_position: gauge_vec(&r, INGEST_POSITION, "Committed binlog position within its file", &["site", "file"]),
+            ingest_binlog_margin: gauge_vec(&r, INGEST_BINLOG_MARGIN, "Binlog files retained behind the agent's position", &["site"]),
+            ingest_retries: counter_vec(&r, INGEST_RETRIES, "Agent restarts after a transient error", &["site", "reason"]),
+            kafka_transactions: counter_vec(&r, KAFKA_TRANSACTIONS, "Kafka transactions committed", &["stage", "site"]),
+            heartbeats: counter_vec(&r, HEARTBEATS, "Heartbeats sent by a quiet site", &["site"]),
             registry: r,
         }
     }

@@ -1,13 +1,255 @@
-//! omrs-ingest: the per-site agent (consistent snapshot, binlog tailing, FK-to-uuid resolution,
-//! heartbeats, offsets in Kafka). Delivery guarantee, once built: exactly once from the site's
-//! binlog into `omrs.cdc.<site>`, events and binlog position in one Kafka transaction.
+//! omrs-ingest: the per-site agent, `omrs-stream ingest --site NAME`.
 //!
-//! Not built yet: issue #4. `omrs-stream ingest` says so and exits 2.
+//! Delivery guarantee: **exactly once** from the site's binlog into `omrs.cdc.<site>`. Every
+//! Kafka transaction holds whole site transactions (or, for a very large one, a run of its rows)
+//! plus the checkpoint that follows them, in `omrs.ingest.offsets`; on restart the agent resumes
+//! from the last committed checkpoint, and `transactional.id` (derived from the site) fences a
+//! zombie. The initial snapshot is consistent without a global lock and resumes mid-table.
+//!
+//! - [`model`]: the table model from `information_schema`.
+//! - [`snapshot`]: chunked consistent snapshot (`op:"r"`).
+//! - [`stream`]: binlog tailing with mysql_async, heartbeats, DDL refresh.
+//! - [`refs`]: FK → uuid.
+//! - [`convert`]: MySQL values → envelope JSON.
+//! - [`checkpoint`], [`producer`]: offsets and the transactional producer.
 
-/// Errors of the ingest agent.
+pub mod checkpoint;
+pub mod convert;
+pub mod model;
+pub mod producer;
+pub mod refs;
+pub mod snapshot;
+pub mod stream;
+
+use std::time::Duration;
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+use omrs_core::config::{Config, SiteConfig};
+use omrs_core::metrics::metrics;
+use omrs_core::topics::TopicNames;
+
+use crate::checkpoint::Checkpoint;
+use crate::model::Model;
+use crate::producer::TxProducer;
+use crate::refs::Resolver;
+
+/// Errors of the ingest agent. Site and Kafka connectivity errors are transient (the agent
+/// retries with backoff); the rest are definite and stop the agent with a message that says
+/// what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    /// The agent is not implemented in this build.
-    #[error("the ingest agent is not built yet (issue #4)")]
-    NotBuilt,
+    #[error("site database: {context}: {source}")]
+    Site {
+        context: String,
+        #[source]
+        source: mysql_async::Error,
+    },
+    #[error("kafka: {context}: {message}")]
+    Kafka { context: String, message: String },
+    /// The site's server is not set up for row-based CDC.
+    #[error("the site server is not ready for CDC: {0}")]
+    Refused(String),
+    /// The binlog position to resume from is gone.
+    #[error("{0}")]
+    Purged(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("binlog: {0}")]
+    Binlog(String),
+}
+
+impl IngestError {
+    pub fn site(context: &str, source: mysql_async::Error) -> Self {
+        IngestError::Site { context: context.to_string(), source }
+    }
+    pub fn kafka(context: &str, e: rdkafka::error::KafkaError) -> Self {
+        IngestError::Kafka { context: context.to_string(), message: e.to_string() }
+    }
+    /// True when retrying may help: the site or Kafka is unreachable or timed out.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            IngestError::Site { source, .. } => matches!(source, mysql_async::Error::Io(_) | mysql_async::Error::Driver(_)),
+            IngestError::Kafka { .. } => true,
+            IngestError::Binlog(_) => true,
+            _ => false,
+        }
+    }
+    fn reason(&self) -> &'static str {
+        match self {
+            IngestError::Site { .. } => "site",
+            IngestError::Kafka { .. } => "kafka",
+            IngestError::Binlog(_) => "binlog",
+            _ => "other",
+        }
+    }
+}
+
+/// `omrs-stream ingest`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestArgs {
+    /// The site, as named in omrs-stream.toml.
+    #[arg(long)]
+    pub site: String,
+    /// Exit 0 once the snapshot is done and the binlog end seen at start has been reached.
+    #[arg(long)]
+    pub until_caught_up: bool,
+    /// Ignore the saved position and take a fresh snapshot (after the binlog was purged).
+    #[arg(long)]
+    pub resnapshot: bool,
+    /// Serve /metrics and /health on this port (overrides metrics.listen).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Tuning knobs (config `[ingest]` plus fixed defaults).
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub chunk_rows: u32,
+    pub heartbeat: Duration,
+    pub batch_events: usize,
+    pub batch_age: Duration,
+    /// A site transaction larger than this is split across Kafka transactions.
+    pub max_txn_events: usize,
+    pub ref_cache: usize,
+}
+
+/// What every phase of the agent shares.
+pub struct Agent {
+    pub site: SiteConfig,
+    pub model: Model,
+    pub resolver: Resolver,
+    pub producer: TxProducer,
+    /// For point queries (FK misses, site clock, binlog listing). Never inside the snapshot.
+    pub query: Conn,
+    pub scrub: Vec<String>,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub tuning: Tuning,
+    pub server_id: u32,
+    pub quiet: bool,
+}
+
+pub fn site_opts(site: &SiteConfig) -> OptsBuilder {
+    OptsBuilder::default()
+        .ip_or_hostname(site.database.host.clone())
+        .tcp_port(site.database.port)
+        .user(Some(site.database.user.clone()))
+        .pass(Some(site.database.password.clone()))
+        .db_name(Some(site.database.database.clone()))
+        .prefer_socket(false)
+}
+
+pub async fn connect(site: &SiteConfig) -> Result<Conn, IngestError> {
+    let mut c = Conn::new(site_opts(site))
+        .await
+        .map_err(|e| IngestError::site(&format!("connecting to {}", site.database.redacted_url()), e))?;
+    c.query_drop("SET time_zone = '+00:00'").await.map_err(|e| IngestError::site("setting the session time zone", e))?;
+    Ok(c)
+}
+
+/// Refuses a server whose binlog cannot carry full row images with metadata.
+pub async fn check_server(conn: &mut Conn) -> Result<u32, IngestError> {
+    let row: Option<(Option<String>, Option<String>, Option<String>, Option<String>, u32)> = conn
+        .query_first("SELECT @@GLOBAL.log_bin, @@GLOBAL.binlog_format, @@GLOBAL.binlog_row_image, @@GLOBAL.binlog_row_metadata, @@GLOBAL.server_id")
+        .await
+        .map_err(|e| IngestError::site("reading binlog settings", e))?;
+    let Some((log_bin, format, image, metadata, server_id)) = row else {
+        return Err(IngestError::Refused("could not read the binlog settings".into()));
+    };
+    let on = |v: &Option<String>| v.as_deref().is_some_and(|s| s == "1" || s.eq_ignore_ascii_case("ON"));
+    if !on(&log_bin) {
+        return Err(IngestError::Refused(
+            "log_bin is OFF: the binary log is disabled. Set `log_bin` (and server_id) in the server's [mysqld] config and restart it".into(),
+        ));
+    }
+    let mut problems = Vec::new();
+    if !format.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("ROW")) {
+        problems.push(format!("binlog_format is {} (need ROW): SET GLOBAL binlog_format = 'ROW' and binlog_format=ROW in [mysqld]", format.unwrap_or_default()));
+    }
+    if !image.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("FULL")) {
+        problems.push(format!("binlog_row_image is {} (need FULL): SET GLOBAL binlog_row_image = 'FULL' and binlog_row_image=FULL in [mysqld]", image.unwrap_or_default()));
+    }
+    if !metadata.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("FULL")) {
+        problems.push(format!(
+            "binlog_row_metadata is {} (need FULL, for column names and primary keys in the binlog): SET GLOBAL binlog_row_metadata = 'FULL' and binlog_row_metadata=FULL in [mysqld]",
+            metadata.unwrap_or_else(|| "unsupported by this server".into())
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(IngestError::Refused(problems.join("; ")));
+    }
+    Ok(server_id)
+}
+
+/// Runs the agent until `--until-caught-up` is satisfied, or forever. Transient errors (site or
+/// Kafka unreachable) restart it from the last committed checkpoint with backoff.
+pub async fn run(cfg: &Config, args: &IngestArgs) -> Result<(), IngestError> {
+    let site = cfg
+        .site(&args.site)
+        .ok_or_else(|| IngestError::Usage(format!("site `{}` is not in the config (sites: {})", args.site, cfg.site_names().join(", "))))?
+        .clone();
+    let mut resnapshot = args.resnapshot;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match run_once(cfg, &site, args, resnapshot).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                metrics().ingest_retries.with_label_values(&[&site.name, e.reason()]).inc();
+                tracing::warn!(site = %site.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "transient error; resuming from the last committed checkpoint");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                // A resnapshot that already committed progress continues from it.
+                resnapshot = false;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot: bool) -> Result<(), IngestError> {
+    let mut query = connect(site).await?;
+    check_server(&mut query).await?;
+    let model = Model::load(&mut query, &site.database.database, &cfg.ingest.include, &cfg.ingest.exclude).await?;
+    if model.tables.is_empty() {
+        return Err(IngestError::Usage(format!("database `{}` at site {} has no tables to capture", site.database.database, site.name)));
+    }
+    let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
+    let producer = TxProducer::new(&cfg.kafka, &site.name, names.cdc(&site.name), names.ingest_offsets())?;
+    let saved = if resnapshot { None } else { checkpoint::read(&cfg.kafka, &names.ingest_offsets(), &site.name)? };
+    let tuning = Tuning {
+        chunk_rows: cfg.ingest.snapshot_chunk_rows,
+        heartbeat: Duration::from_millis(cfg.ingest.heartbeat_interval_ms.max(50)),
+        batch_events: 20_000,
+        batch_age: Duration::from_millis(200),
+        max_txn_events: 50_000,
+        ref_cache: 2_000_000,
+    };
+    let mut agent = Agent {
+        site: site.clone(),
+        model,
+        resolver: Resolver::new(tuning.ref_cache),
+        producer,
+        query,
+        scrub: cfg.ingest.scrub.clone(),
+        include: cfg.ingest.include.clone(),
+        exclude: cfg.ingest.exclude.clone(),
+        tuning,
+        server_id: 0,
+        quiet: args.quiet,
+    };
+    let streaming = match saved {
+        Some(cp @ Checkpoint::Streaming { .. }) => cp,
+        Some(Checkpoint::Snapshot { tables, segments, next_table, after_key, rows }) => {
+            tracing::info!(site = %site.name, next_table, ?after_key, "resuming the snapshot");
+            snapshot::run(&mut agent, Some((tables, segments, next_table, after_key, rows))).await?
+        }
+        None => snapshot::run(&mut agent, None).await?,
+    };
+    stream::run(&mut agent, streaming, args.until_caught_up).await
 }

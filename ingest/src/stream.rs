@@ -1,0 +1,469 @@
+//! Binlog tailing: from a checkpoint position, decode row events of the site database into
+//! change events, group whole site transactions into Kafka transactions with the checkpoint
+//! that follows them, send heartbeats while the site is quiet, and refresh the table model on
+//! DDL.
+//!
+//! MariaDB specifics (checked on 10.11):
+//! - `SET @mariadb_slave_capability=4` before the dump, or GTID events become dummy queries;
+//! - GTID (162) and GTID_LIST (163) events reach mysql_common as unknown events: GTID is decoded
+//!   here (seq: bytes 0–7, domain: bytes 8–11, server id from the header);
+//! - the first ROTATE comes before the format description, so its name still carries the 4
+//!   checksum bytes: the requested file name is trusted instead;
+//! - a purged or unknown file only errors on the first `next()`.
+//!
+//! Very large site transactions (more than `max_txn_events` captured rows) are split: the rows
+//! so far are committed with a checkpoint at the *start* of the site transaction plus the
+//! number of its rows already sent (`skip_rows`); a restart re-reads the transaction from its
+//! start and skips that many rows. Such a transaction is then visible in Kafka in parts; nothing
+//! is lost or doubled.
+//!
+//! MySQL 8 is not tested here. What differs there: GTIDs arrive as GTID_EVENT (33) and resuming
+//! by GTID needs COM_BINLOG_DUMP_GTID (`BinlogStreamRequest::with_gtid`); the snapshot position
+//! has no `binlog_snapshot_*` status (the agent refuses to snapshot); V2 row events are decoded
+//! by mysql_common as on MariaDB. Resuming here is by file and position, which is exact on one
+//! server; after a fail-over to a replica the position has to be translated by hand.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mysql_async::prelude::Queryable;
+use mysql_async::BinlogStreamRequest;
+use mysql_common::binlog::events::{EventData, QueryEvent, RotateEvent, RowsEventData};
+use omrs_core::envelope::{ChangeEvent, Op, Row, Source};
+use omrs_core::metrics::metrics;
+use serde_json::Value as J;
+
+use crate::checkpoint::{Checkpoint, Position, Segment};
+use crate::convert::{binlog_value, scrubbed};
+use crate::model::{Model, TableModel};
+use crate::{connect, Agent, IngestError};
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Builds one change event: key, uuid, refs; learns the row's uuid for later references.
+pub async fn make_event(
+    agent: &mut Agent,
+    table: &TableModel,
+    op: Op,
+    before: Option<Row>,
+    after: Option<Row>,
+    source: Source,
+) -> Result<ChangeEvent, IngestError> {
+    let image = match (&after, &before) {
+        (Some(a), _) => a,
+        (None, Some(b)) => b,
+        (None, None) => return Err(IngestError::Binlog(format!("{}: a row event without an image", table.name))),
+    };
+    let mut key = Row::new();
+    if table.pk.is_empty() {
+        for (k, v) in image {
+            key.insert(k.clone(), v.clone());
+        }
+    } else {
+        for k in &table.pk {
+            key.insert(k.clone(), image.get(k).cloned().unwrap_or(J::Null));
+        }
+    }
+    let id = table.int_pk().and_then(|pk| image.get(pk)).and_then(J::as_i64);
+    let uuid = if table.has_uuid {
+        image.get("uuid").and_then(J::as_str).map(str::to_string)
+    } else if let (Some(parent), Some(id)) = (&table.shared_parent, id) {
+        agent.resolver.uuid_of(&agent.model, &mut agent.query, parent, id).await?
+    } else {
+        None
+    };
+    if let (true, Some(id), Some(u), false) = (table.has_uuid, id, &uuid, op == Op::Delete) {
+        agent.resolver.learn(&table.name, id, u);
+    }
+    let refs = agent.resolver.refs(&agent.model, &mut agent.query, &agent.site.name, &table.name, image).await?;
+    metrics()
+        .events_in
+        .with_label_values(&["ingest", &agent.site.name, &table.name, op.as_str()])
+        .inc();
+    Ok(ChangeEvent {
+        op,
+        site: agent.site.name.clone(),
+        table: Some(table.name.clone()),
+        key: Some(key),
+        uuid,
+        before,
+        after,
+        refs,
+        source,
+        ts_ms: now_ms(),
+    })
+}
+
+/// Which snapshot segment a row belongs to, and so from which position its changes count.
+struct Segments {
+    table_idx: HashMap<String, usize>,
+    segments: Vec<Segment>,
+    tables: Vec<String>,
+}
+
+impl Segments {
+    /// The position a change to (table, key) must be after to be applied, if any.
+    fn floor(&self, table: &str, key: Option<i64>) -> Option<&Position> {
+        let ti = *self.table_idx.get(table)?;
+        self.segments
+            .iter()
+            .rev()
+            .find(|s| s.table_idx < ti || (s.table_idx == ti && (s.after_key.is_none() || key.is_some_and(|k| Some(k) > s.after_key))))
+            .map(|s| &s.position)
+    }
+    fn max(&self) -> Option<&Position> {
+        self.segments.iter().map(|s| &s.position).max_by(|a, b| a.key().cmp(&b.key()))
+    }
+}
+
+fn is_ddl(q: &str) -> bool {
+    let q = q.trim_start().to_ascii_uppercase();
+    ["ALTER ", "CREATE ", "DROP ", "RENAME ", "TRUNCATE "].iter().any(|p| q.starts_with(p))
+}
+
+pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Result<(), IngestError> {
+    let Checkpoint::Streaming { position, skip_rows, tables, segments } = cp else {
+        return Err(IngestError::Checkpoint("streaming started without a streaming checkpoint".into()));
+    };
+    let site = agent.site.name.clone();
+    let mut segs = Segments {
+        table_idx: tables.iter().enumerate().map(|(i, t)| (t.clone(), i)).collect(),
+        segments,
+        tables,
+    };
+
+    let mut conn = connect(&agent.site).await?;
+    let server_id: u32 = conn.query_first("SELECT @@server_id").await.map_err(|e| IngestError::site("reading server_id", e))?.unwrap_or(0);
+    agent.server_id = server_id;
+    let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await.map_err(|e| IngestError::site("listing binary logs", e))?;
+    let files: Vec<String> = logs.iter().filter_map(|r| r.get::<String, _>(0)).collect();
+    let Some(idx) = files.iter().position(|f| *f == position.file) else {
+        return Err(IngestError::Purged(format!(
+            "site {site}: binlog file {} (position {}) is no longer on the server (oldest retained: {}); it was purged while the agent was behind. \
+             Run `omrs-stream ingest --site {site} --resnapshot` to take a fresh snapshot and resume, and raise expire_logs_days / binlog_expire_logs_seconds.",
+            position.file,
+            position.pos,
+            files.first().map(String::as_str).unwrap_or("none")
+        )));
+    };
+    metrics().ingest_binlog_margin.with_label_values(&[&site]).set(idx as i64);
+    if idx == 0 && files.len() > 1 {
+        tracing::warn!(site = %site, file = %position.file, "the agent's binlog file is the oldest the server retains: the next purge loses changes it has not read");
+    }
+    let target: Option<(String, u64)> = {
+        let row: Option<mysql_async::Row> = conn.query_first("SHOW MASTER STATUS").await.map_err(|e| IngestError::site("reading the binlog end", e))?;
+        row.and_then(|r| Some((r.get::<String, _>(0)?, r.get::<u64, _>(1)?)))
+    };
+    conn.query_drop("SET @mariadb_slave_capability = 4").await.map_err(|e| IngestError::site("announcing GTID capability", e))?;
+    // A replica id unique to this connection, so concurrent agents on one server do not kick
+    // each other off.
+    let replica_id = 1_000_000_000u32 + (rand_u32() % 1_000_000_000);
+    let file_bytes = position.file.clone().into_bytes();
+    let req = BinlogStreamRequest::new(replica_id).with_filename(&file_bytes).with_pos(position.pos);
+    let mut stream = conn.get_binlog_stream(req).await.map_err(|e| IngestError::site("requesting the binlog", e))?;
+    tracing::info!(site = %site, file = %position.file, pos = position.pos, skip_rows, "streaming the binlog");
+
+    let db = agent.model.database.clone();
+    let mut cur_file = position.file.clone();
+    let mut cur_pos = position.pos;
+    let mut last_gtid = position.gtid.clone();
+    let mut committed = position.clone();
+    let mut first = true;
+    let mut resume_skip = skip_rows;
+
+    let mut in_txn = false;
+    let mut txn: Vec<ChangeEvent> = Vec::new();
+    let mut txn_start = position.clone();
+    let mut txn_gtid: Option<String> = None;
+    let mut txn_rows_seen: u64 = 0;
+    let mut standalone = false;
+
+    let mut batch: Vec<ChangeEvent> = Vec::new();
+    let mut batch_cp: Option<Checkpoint> = None;
+    let mut batch_since = Instant::now();
+    let mut last_emit = Instant::now();
+
+    loop {
+        // Caught up?
+        if until_caught_up && !in_txn && batch.is_empty() {
+            if let Some((tf, tp)) = &target {
+                if (cur_file.as_str(), cur_pos) >= (tf.as_str(), *tp) {
+                    if (committed.file.as_str(), committed.pos) < (cur_file.as_str(), cur_pos) {
+                        let cp = Checkpoint::Streaming {
+                            position: Position { file: cur_file.clone(), pos: cur_pos, gtid: last_gtid.clone() },
+                            skip_rows: 0,
+                            tables: segs.tables.clone(),
+                            segments: segs.segments.clone(),
+                        };
+                        agent.producer.send(&[], &cp).await?;
+                    }
+                    tracing::info!(site = %site, file = %cur_file, pos = cur_pos, "caught up with the binlog end seen at start");
+                    return Ok(());
+                }
+            }
+        }
+        let wait = if !batch.is_empty() {
+            agent.tuning.batch_age.saturating_sub(batch_since.elapsed()).max(Duration::from_millis(1))
+        } else {
+            agent.tuning.heartbeat.saturating_sub(last_emit.elapsed()).max(Duration::from_millis(1))
+        };
+        let next = tokio::time::timeout(wait, stream.next()).await;
+        let event = match next {
+            Err(_) => {
+                if !batch.is_empty() {
+                    let cp = batch_cp.take().unwrap_or_else(|| streaming_cp(&committed, &segs));
+                    flush(agent, &mut batch, &cp, &mut committed, &site).await?;
+                    last_emit = Instant::now();
+                } else if !in_txn && last_emit.elapsed() >= agent.tuning.heartbeat {
+                    let pos = Position { file: cur_file.clone(), pos: cur_pos, gtid: last_gtid.clone() };
+                    heartbeat(agent, &pos, &segs).await?;
+                    committed = pos;
+                    last_emit = Instant::now();
+                }
+                continue;
+            }
+            Ok(None) => return Err(IngestError::Binlog("the server closed the binlog stream".into())),
+            Ok(Some(Err(e))) => {
+                let msg = e.to_string();
+                if first && (msg.contains("Could not find first log file") || msg.contains("1236")) {
+                    return Err(IngestError::Purged(format!(
+                        "site {site}: the server cannot serve binlog {} at {}: {msg}. If it was purged, run `omrs-stream ingest --site {site} --resnapshot`.",
+                        position.file, position.pos
+                    )));
+                }
+                return Err(IngestError::site("reading the binlog", e));
+            }
+            Ok(Some(Ok(ev))) => ev,
+        };
+        let h = event.header();
+        let etype = h.event_type_raw();
+        let next_pos = h.log_pos() as u64;
+        let start_pos = next_pos.saturating_sub(h.event_size() as u64);
+        let was_first = first;
+        first = false;
+        let mut end_txn = false;
+        match etype {
+            // ROTATE
+            4 => {
+                if let Ok(r) = event.read_event::<RotateEvent>() {
+                    if !was_first {
+                        cur_file = r.name().trim_end_matches('\0').to_string();
+                        cur_pos = r.position();
+                    }
+                }
+                continue;
+            }
+            // FORMAT_DESCRIPTION, ANNOTATE_ROWS, BINLOG_CHECKPOINT, GTID_LIST, TABLE_MAP, HEARTBEAT
+            15 | 160 | 161 | 163 | 19 | 27 => {}
+            // MariaDB GTID: a transaction starts.
+            162 => {
+                let d = event.data();
+                if d.len() >= 13 {
+                    let seq = u64::from_le_bytes(d[0..8].try_into().unwrap_or([0; 8]));
+                    let domain = u32::from_le_bytes(d[8..12].try_into().unwrap_or([0; 4]));
+                    txn_gtid = Some(format!("{domain}-{}-{seq}", h.server_id()));
+                    standalone = d[12] & 1 == 1;
+                }
+                in_txn = true;
+                txn_start = Position { file: cur_file.clone(), pos: start_pos, gtid: last_gtid.clone() };
+                txn_rows_seen = 0;
+            }
+            // MySQL GTID
+            33 => {
+                if let Ok(Some(EventData::GtidEvent(g))) = event.read_data() {
+                    txn_gtid = Some(format!("{}:{}", uuid_hex(&g.sid()), g.gno()));
+                }
+                in_txn = true;
+                standalone = false;
+                txn_start = Position { file: cur_file.clone(), pos: start_pos, gtid: last_gtid.clone() };
+                txn_rows_seen = 0;
+            }
+            // QUERY
+            2 => {
+                let q = event.read_event::<QueryEvent>().map_err(|e| IngestError::Binlog(format!("decoding a query event at {cur_file}:{start_pos}: {e}")))?;
+                let text = q.query();
+                let t = text.trim();
+                if t.eq_ignore_ascii_case("BEGIN") {
+                    if !in_txn {
+                        in_txn = true;
+                        txn_start = Position { file: cur_file.clone(), pos: start_pos, gtid: last_gtid.clone() };
+                        txn_rows_seen = 0;
+                    }
+                } else if t.eq_ignore_ascii_case("COMMIT") {
+                    end_txn = true;
+                } else {
+                    if is_ddl(t) && (q.schema() == db || t.contains(&db)) {
+                        tracing::info!(site = %site, ddl = %t.chars().take(200).collect::<String>(), "DDL: refreshing the table model");
+                        agent.model = Model::load(&mut agent.query, &db, &agent.include, &agent.exclude).await?;
+                    }
+                    if standalone || !in_txn {
+                        end_txn = true;
+                    }
+                }
+            }
+            // XID
+            16 => end_txn = true,
+            // Row events, v1 and v2
+            23 | 24 | 25 | 30 | 31 | 32 => {
+                let data = event.read_data().map_err(|e| IngestError::Binlog(format!("decoding a row event at {cur_file}:{start_pos}: {e}")))?;
+                if let Some(EventData::RowsEvent(re)) = data {
+                    let op = match re {
+                        RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => Op::Create,
+                        RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => Op::Delete,
+                        _ => Op::Update,
+                    };
+                    let Some(tme) = stream.get_tme(re.table_id()) else {
+                        return Err(IngestError::Binlog(format!("row event at {cur_file}:{start_pos} without its table map")));
+                    };
+                    if tme.database_name() != db {
+                        // Another database on the same server.
+                    } else if let Some(table) = agent.model.table(&tme.table_name()).cloned() {
+                        let scrub = scrubbed(&table, &agent.scrub);
+                        let mut images = Vec::new();
+                        for row in re.rows(tme) {
+                            let (b, a) = row.map_err(|e| IngestError::Binlog(format!("decoding {} rows at {cur_file}:{start_pos}: {e}", table.name)))?;
+                            let conv = |r: Option<mysql_common::binlog::row::BinlogRow>| {
+                                r.map(|r| {
+                                    let mut m = Row::new();
+                                    for (i, col) in r.columns_ref().iter().enumerate() {
+                                        let name = col.name_str();
+                                        if scrub.contains(&name.as_ref()) {
+                                            continue;
+                                        }
+                                        let v = r.as_ref(i).map(|v| binlog_value(v, col, table.enums.get(name.as_ref()))).unwrap_or(J::Null);
+                                        m.insert(name.into_owned(), v);
+                                    }
+                                    m
+                                })
+                            };
+                            images.push((conv(b), conv(a)));
+                        }
+                        for (row_idx, (before, after)) in images.into_iter().enumerate() {
+                            txn_rows_seen += 1;
+                            if resume_skip > 0 {
+                                resume_skip -= 1;
+                                continue;
+                            }
+                            let key = table.int_pk().and_then(|pk| after.as_ref().or(before.as_ref()).and_then(|i| i.get(pk))).and_then(J::as_i64);
+                            if let Some(floor) = segs.floor(&table.name, key) {
+                                if txn_start.le(floor) {
+                                    continue; // already in the snapshot rows of its segment
+                                }
+                            }
+                            let (before, after) = match op {
+                                Op::Create => (None, after),
+                                Op::Delete => (before, None),
+                                _ => (before, after),
+                            };
+                            let source = Source {
+                                server_id: h.server_id(),
+                                gtid: txn_gtid.clone(),
+                                file: cur_file.clone(),
+                                pos: start_pos,
+                                row: row_idx as u32,
+                                ts_ms: h.timestamp() as i64 * 1000,
+                                snapshot: false,
+                            };
+                            let ev = make_event(agent, &table, op, before, after, source).await?;
+                            txn.push(ev);
+                        }
+                        if txn.len() >= agent.tuning.max_txn_events {
+                            // Split a very large site transaction (see the module docs).
+                            batch.append(&mut txn);
+                            let cp = Checkpoint::Streaming {
+                                position: txn_start.clone(),
+                                skip_rows: txn_rows_seen,
+                                tables: segs.tables.clone(),
+                                segments: segs.segments.clone(),
+                            };
+                            flush(agent, &mut batch, &cp, &mut committed, &site).await?;
+                            batch_cp = None;
+                            last_emit = Instant::now();
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        if end_txn {
+            in_txn = false;
+            standalone = false;
+            if txn_gtid.is_some() {
+                last_gtid = txn_gtid.take();
+            }
+            if next_pos > 0 {
+                cur_pos = next_pos;
+            }
+            if segs.max().is_some_and(|m| m.le(&txn_start)) {
+                segs.segments.clear();
+            }
+            if !txn.is_empty() || !batch.is_empty() {
+                if batch.is_empty() {
+                    batch_since = Instant::now();
+                }
+                batch.append(&mut txn);
+                batch_cp = Some(Checkpoint::Streaming {
+                    position: Position { file: cur_file.clone(), pos: cur_pos, gtid: last_gtid.clone() },
+                    skip_rows: 0,
+                    tables: segs.tables.clone(),
+                    segments: segs.segments.clone(),
+                });
+                if batch.len() >= agent.tuning.batch_events {
+                    let cp = batch_cp.take().unwrap_or_else(|| streaming_cp(&committed, &segs));
+                    flush(agent, &mut batch, &cp, &mut committed, &site).await?;
+                    last_emit = Instant::now();
+                }
+            }
+        } else if !in_txn && next_pos > 0 && etype != 4 {
+            cur_pos = next_pos;
+        }
+    }
+}
+
+fn streaming_cp(pos: &Position, segs: &Segments) -> Checkpoint {
+    Checkpoint::Streaming { position: pos.clone(), skip_rows: 0, tables: segs.tables.clone(), segments: segs.segments.clone() }
+}
+
+async fn flush(agent: &mut Agent, batch: &mut Vec<ChangeEvent>, cp: &Checkpoint, committed: &mut Position, site: &str) -> Result<(), IngestError> {
+    let started = Instant::now();
+    agent.producer.send(batch, cp).await?;
+    metrics().batch_latency.with_label_values(&["ingest"]).observe(started.elapsed().as_secs_f64());
+    batch.clear();
+    if let Checkpoint::Streaming { position, .. } = cp {
+        *committed = position.clone();
+        metrics().ingest_position.with_label_values(&[site, &position.file]).set(position.pos as i64);
+    }
+    Ok(())
+}
+
+async fn heartbeat(agent: &mut Agent, pos: &Position, segs: &Segments) -> Result<(), IngestError> {
+    let site_ms = agent
+        .query
+        .query_first::<f64, _>("SELECT UNIX_TIMESTAMP(NOW(3)) * 1000")
+        .await
+        .map_err(|e| IngestError::site("reading the site clock", e))?
+        .unwrap_or(0.0) as i64;
+    let local = now_ms();
+    metrics().site_clock_skew.with_label_values(&[&agent.site.name]).set((site_ms - local) as f64 / 1000.0);
+    let ev = ChangeEvent::heartbeat(
+        agent.site.name.clone(),
+        Source { server_id: agent.server_id, gtid: pos.gtid.clone(), file: pos.file.clone(), pos: pos.pos, row: 0, ts_ms: site_ms, snapshot: false },
+        local,
+    );
+    agent.producer.send(std::slice::from_ref(&ev), &streaming_cp(pos, segs)).await?;
+    metrics().heartbeats.with_label_values(&[&agent.site.name]).inc();
+    Ok(())
+}
+
+fn uuid_hex(b: &[u8; 16]) -> String {
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (t as u32) ^ ((t >> 32) as u32) ^ std::process::id().wrapping_mul(2654435761)
+}
