@@ -349,7 +349,9 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                             }
                             let key = table.int_pk().and_then(|pk| after.as_ref().or(before.as_ref()).and_then(|i| i.get(pk))).and_then(J::as_i64);
                             if let Some(floor) = segs.floor(&table.name, key) {
-                                if txn_start.le(floor) {
+                                // The snapshot position is where the first transaction *not*
+                                // in the snapshot starts.
+                                if txn_start.key() < floor.key() {
                                     continue; // already in the snapshot rows of its segment
                                 }
                             }

@@ -1,0 +1,207 @@
+//! Helpers for the end-to-end tests of the binary against the real services of scripts/dev-up.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+use omrs_core::config::Config;
+use omrs_core::envelope::ChangeEvent;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_omrs-stream"));
+    c.current_dir(root());
+    c
+}
+
+pub fn dump() -> PathBuf {
+    std::env::var("OMRS_DEMO_DUMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz"))
+}
+
+pub fn unique(tag: &str) -> String {
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros();
+    format!("{tag}_{}_{}", std::process::id(), n % 1_000_000_000)
+}
+
+/// A test environment: its own site database (the demo dump) on one site server, its own topic
+/// prefix, and a config file pointing at both.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub cfg: Config,
+    pub site: String,
+    pub database: String,
+    pub prefix: String,
+    pub port: u16,
+}
+
+impl Env {
+    /// `site` is site-a, site-b or site-c; `tweaks` edits the config text.
+    pub async fn new(tag: &str, site: &str, tweaks: &[(&str, &str)]) -> Env {
+        let database = unique(&format!("ing_{tag}"));
+        let prefix = format!("{}.", unique(&format!("t{tag}")));
+        let port = match site {
+            "site-a" => 3311,
+            "site-b" => 3312,
+            _ => 3313,
+        };
+        let mut admin = admin(port, None).await;
+        omrs_simulate::provision::provision(&mut admin, site, &database, &dump(), true).await.expect("provision the demo dump");
+        let mut text = std::fs::read_to_string(root().join("omrs-stream.toml")).unwrap();
+        text = text.replace("[kafka]\n", &format!("[kafka]\ntopic_prefix = \"{prefix}\"\n"));
+        text = text.replace("database = \"openmrs\"\n", &format!("database = \"{database}\"\n"));
+        for (from, to) in tweaks {
+            assert!(text.contains(from), "config tweak `{from}` does not apply");
+            text = text.replacen(from, to, 1);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("omrs-stream.toml");
+        std::fs::write(&config, &text).unwrap();
+        let cfg = Config::load(&config).unwrap();
+        let out = bin().arg("--config").arg(&config).args(["topics", "apply"]).output().unwrap();
+        assert!(out.status.success(), "topics apply: {}", String::from_utf8_lossy(&out.stderr));
+        Env { dir, config, cfg, site: site.into(), database, prefix, port }
+    }
+
+    pub fn topic(&self) -> String {
+        format!("{}omrs.cdc.{}", self.prefix, self.site)
+    }
+
+    pub async fn db(&self) -> Conn {
+        admin(self.port, Some(&self.database)).await
+    }
+
+    /// Runs the agent to completion with --until-caught-up.
+    pub fn catch_up(&self) -> std::process::Output {
+        let out = self.agent(&["--until-caught-up"]).wait_with_output().unwrap();
+        assert!(out.status.success(), "ingest failed: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    pub fn agent(&self, extra: &[&str]) -> Child {
+        bin()
+            .arg("--config")
+            .arg(&self.config)
+            .args(["ingest", "--site", &self.site, "--quiet", "--metrics-port", "0"])
+            .args(extra)
+            .env("RUST_LOG", "warn,omrs_ingest=info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn events(&self) -> Vec<ChangeEvent> {
+        read_topic(&self.topic())
+    }
+
+    pub async fn drop(self) {
+        let mut c = admin(self.port, None).await;
+        c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.database)).await.unwrap();
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
+        let names: Vec<String> = ["omrs.cdc.site-a", "omrs.cdc.site-b", "omrs.cdc.site-c", "omrs.hq.changes", "omrs.transform.state", "omrs.dlq", "omrs.ingest.offsets"]
+            .iter()
+            .map(|t| format!("{}{t}", self.prefix))
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let _ = admin.delete_topics(&refs, &rdkafka::admin::AdminOptions::new()).await;
+    }
+}
+
+pub async fn admin(port: u16, db: Option<&str>) -> Conn {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some("omrs"))
+        .pass(Some("omrs"))
+        .db_name(db.map(str::to_string))
+        .prefer_socket(false);
+    Conn::new(opts).await.expect("connect to the site server (is scripts/dev-up running?)")
+}
+
+/// Every committed record of a topic, read_committed, in order.
+pub fn read_topic(topic: &str) -> Vec<ChangeEvent> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:9092")
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
+    if high <= low {
+        return Vec::new();
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.unwrap();
+            let ev = ChangeEvent::from_json(m.payload().unwrap()).unwrap_or_else(|e| panic!("bad event on {topic}: {e}"));
+            out.push(ev);
+        }
+        let pos = consumer.position().unwrap().find_partition(topic, 0).map(|e| e.offset());
+        if let Some(Offset::Offset(o)) = pos {
+            if o >= high {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out reading {topic}");
+    }
+    out
+}
+
+/// Polls `f` until it returns Some, or panics after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Replays events into the current state per table: key → after image.
+pub fn replay(events: &[ChangeEvent]) -> BTreeMap<String, BTreeMap<String, serde_json::Map<String, serde_json::Value>>> {
+    let mut state: BTreeMap<String, BTreeMap<String, _>> = BTreeMap::new();
+    for ev in events {
+        let (Some(t), Some(k)) = (&ev.table, &ev.key) else { continue };
+        let key = serde_json::to_string(k).unwrap();
+        let tbl = state.entry(t.clone()).or_default();
+        match ev.op {
+            omrs_core::envelope::Op::Delete => {
+                tbl.remove(&key);
+            }
+            _ => {
+                tbl.insert(key, ev.after.clone().unwrap());
+            }
+        }
+    }
+    state
+}
+
+pub fn kill9(child: &mut Child) {
+    let _ = child.kill(); // SIGKILL on Unix
+    let _ = child.wait();
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

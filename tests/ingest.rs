@@ -1,0 +1,310 @@
+//! The ingest agent end to end against real MariaDB (the OpenMRS demo dump) and real Kafka:
+//! snapshot counts and scrubbing, streaming in commit order with refs, exactly once across
+//! SIGKILLs, heartbeats, and DDL mid-stream.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use common::*;
+use mysql_async::prelude::Queryable;
+use omrs_core::envelope::Op;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+async fn site_counts(env: &Env) -> BTreeMap<String, i64> {
+    let mut c = env.db().await;
+    let tables: Vec<String> = c
+        .query(format!("SELECT table_name FROM information_schema.tables WHERE table_schema = '{}' AND table_type = 'BASE TABLE'", env.database))
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for t in tables {
+        if env.cfg.ingest.exclude.contains(&t) {
+            continue;
+        }
+        let n: i64 = c.query_first(format!("SELECT COUNT(*) FROM `{t}`")).await.unwrap().unwrap();
+        out.insert(t, n);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_counts_match_and_scrubbed_columns_never_leave() {
+    let env = Env::new("snap", "site-a", &[]).await;
+    env.catch_up();
+    let events = env.events();
+    let mut per_table: BTreeMap<String, i64> = BTreeMap::new();
+    for ev in events.iter().filter(|e| e.op == Op::Read) {
+        assert!(ev.source.snapshot);
+        *per_table.entry(ev.table.clone().unwrap()).or_default() += 1;
+    }
+    let counts = site_counts(&env).await;
+    assert_eq!(counts.len(), 138, "148 tables minus 10 excluded");
+    for (t, n) in &counts {
+        assert_eq!(per_table.get(t).copied().unwrap_or(0), *n, "snapshot of {t}");
+    }
+    assert_eq!(per_table.get("obs"), Some(&9927));
+    let users: Vec<_> = events.iter().filter(|e| e.table.as_deref() == Some("users")).collect();
+    assert_eq!(users.len(), 7);
+    for u in users {
+        let after = u.after.as_ref().unwrap();
+        assert!(after.contains_key("username"));
+        for secret in ["password", "salt", "secret_question", "secret_answer"] {
+            assert!(!after.contains_key(secret), "users.{secret} left the site");
+        }
+    }
+    // Shared keys and refs on snapshot rows.
+    let patient = events.iter().find(|e| e.table.as_deref() == Some("patient")).unwrap();
+    let pid = patient.key.as_ref().unwrap()["patient_id"].as_i64().unwrap();
+    let person_uuid = events
+        .iter()
+        .find(|e| e.table.as_deref() == Some("person") && e.key.as_ref().unwrap()["person_id"].as_i64() == Some(pid))
+        .and_then(|e| e.uuid.clone())
+        .unwrap();
+    assert_eq!(patient.uuid.as_deref(), Some(person_uuid.as_str()), "patient takes its person's uuid");
+    assert_eq!(patient.refs["patient_id"], serde_json::Value::String(person_uuid));
+    // A second run changes nothing: the checkpoint says the snapshot is done.
+    let before = events.len();
+    env.catch_up();
+    let again = env.events();
+    assert!(again.iter().skip(before).all(|e| e.op == Op::Heartbeat), "a restart re-sent data");
+    env.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_arrive_in_commit_order_with_refs() {
+    let env = Env::new("stream", "site-b", &[]).await;
+    env.catch_up();
+    let n0 = env.events().len();
+    let mut c = env.db().await;
+    // One multi-row transaction: a registration.
+    c.query_drop(
+        "START TRANSACTION;
+         INSERT INTO person (gender, birthdate, birthdate_estimated, dead, creator, date_created, voided, uuid, deathdate_estimated)
+           VALUES ('F', '1990-01-02', 0, 0, 1, NOW(), 0, 'aaaaaaaa-0000-4000-8000-000000000001', 0);
+         SET @p = LAST_INSERT_ID();
+         INSERT INTO person_name (preferred, person_id, given_name, family_name, creator, date_created, voided, uuid)
+           VALUES (1, @p, 'Achieng', 'Otieno', 1, NOW(), 0, 'aaaaaaaa-0000-4000-8000-000000000002');
+         INSERT INTO patient (patient_id, creator, date_created, voided, allergy_status) VALUES (@p, 1, NOW(), 0, 'Unknown');
+         INSERT INTO patient_identifier (patient_id, identifier, identifier_type, preferred, location_id, creator, date_created, voided, uuid)
+           VALUES (@p, 'NID-123', 1, 1, 1, 1, NOW(), 0, 'aaaaaaaa-0000-4000-8000-000000000003');
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let person_id: i64 = c.query_first("SELECT person_id FROM person WHERE uuid = 'aaaaaaaa-0000-4000-8000-000000000001'").await.unwrap().unwrap();
+    c.query_drop(format!(
+        "START TRANSACTION;
+         INSERT INTO visit (patient_id, visit_type_id, date_started, location_id, creator, date_created, voided, uuid)
+           VALUES ({person_id}, 1, NOW(), 1, 1, NOW(), 0, 'aaaaaaaa-0000-4000-8000-000000000004');
+         SET @v = LAST_INSERT_ID();
+         INSERT INTO encounter (encounter_type, patient_id, location_id, encounter_datetime, creator, date_created, voided, visit_id, uuid)
+           VALUES (2, {person_id}, 1, NOW(), 1, NOW(), 0, @v, 'aaaaaaaa-0000-4000-8000-000000000005');
+         SET @e = LAST_INSERT_ID();
+         INSERT INTO obs (person_id, concept_id, encounter_id, obs_datetime, location_id, value_numeric, creator, date_created, voided, uuid)
+           VALUES ({person_id}, 5089, @e, NOW(), 1, 71.5, 1, NOW(), 0, 'aaaaaaaa-0000-4000-8000-000000000006');
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
+    c.query_drop("UPDATE person_name SET given_name = 'Akinyi', changed_by = 1, date_changed = NOW() WHERE uuid = 'aaaaaaaa-0000-4000-8000-000000000002'").await.unwrap();
+    c.query_drop("DELETE FROM obs WHERE uuid = 'aaaaaaaa-0000-4000-8000-000000000006'").await.unwrap();
+
+    env.catch_up();
+    let events: Vec<_> = env.events().into_iter().skip(n0).filter(|e| e.op != Op::Heartbeat).collect();
+    let got: Vec<(Op, String)> = events.iter().map(|e| (e.op, e.table.clone().unwrap())).collect();
+    let want: Vec<(Op, String)> = [
+        (Op::Create, "person"),
+        (Op::Create, "person_name"),
+        (Op::Create, "patient"),
+        (Op::Create, "patient_identifier"),
+        (Op::Create, "visit"),
+        (Op::Create, "encounter"),
+        (Op::Create, "obs"),
+        (Op::Update, "person_name"),
+        (Op::Delete, "obs"),
+    ]
+    .iter()
+    .map(|(o, t)| (*o, t.to_string()))
+    .collect();
+    assert_eq!(got, want);
+    // Commit order is binlog order: positions strictly increase, one GTID per site transaction.
+    for w in events.windows(2) {
+        assert!((&w[0].source.file, w[0].source.pos, w[0].source.row) < (&w[1].source.file, w[1].source.pos, w[1].source.row));
+    }
+    let gtids: Vec<_> = events.iter().map(|e| e.source.gtid.clone().unwrap()).collect();
+    assert!(gtids[..4].iter().all(|g| *g == gtids[0]), "the registration is one transaction: {gtids:?}");
+    assert_ne!(gtids[4], gtids[0]);
+
+    let person = "aaaaaaaa-0000-4000-8000-000000000001";
+    let by = |t: &str, op: Op| events.iter().find(|e| e.table.as_deref() == Some(t) && e.op == op).unwrap();
+    assert_eq!(by("person_name", Op::Create).refs["person_id"], person);
+    assert_eq!(by("patient", Op::Create).uuid.as_deref(), Some(person));
+    assert_eq!(by("patient_identifier", Op::Create).refs["patient_id"], person);
+    assert_eq!(by("patient_identifier", Op::Create).refs["identifier_type"], "8d793bee-c2cc-11de-8d13-0010c6dffd0f");
+    assert_eq!(by("visit", Op::Create).refs["patient_id"], person);
+    let enc = by("encounter", Op::Create);
+    assert_eq!(enc.refs["patient_id"], person);
+    assert_eq!(enc.refs["visit_id"], "aaaaaaaa-0000-4000-8000-000000000004");
+    assert_eq!(enc.refs["encounter_type"], "67a71486-1a54-468f-ac3e-7091a9a79584");
+    let obs = by("obs", Op::Create);
+    assert_eq!(obs.refs["encounter_id"], "aaaaaaaa-0000-4000-8000-000000000005");
+    assert_eq!(obs.refs["person_id"], person);
+    assert_eq!(obs.refs["concept_id"], "5089AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    assert_eq!(obs.after.as_ref().unwrap()["value_numeric"], 71.5);
+    let upd = by("person_name", Op::Update);
+    assert_eq!(upd.before.as_ref().unwrap()["given_name"], "Achieng");
+    assert_eq!(upd.after.as_ref().unwrap()["given_name"], "Akinyi");
+    assert!(upd.after.as_ref().unwrap()["date_changed"].is_string());
+    let del = by("obs", Op::Delete);
+    assert!(del.after.is_none());
+    assert_eq!(del.before.as_ref().unwrap()["uuid"], "aaaaaaaa-0000-4000-8000-000000000006");
+    env.drop().await;
+}
+
+fn high_watermark(topic: &str) -> i64 {
+    let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
+    c.fetch_watermarks(topic, 0, std::time::Duration::from_secs(10)).map(|(_, h)| h).unwrap_or(0)
+}
+
+/// Starts the agent and SIGKILLs it once the topic has grown past `target` records.
+fn kill_after(env: &Env, target: i64) {
+    let mut agent = env.agent(&[]);
+    wait_for(120, &format!("{} to reach {target} records", env.topic()), || {
+        if let Ok(Some(status)) = agent.try_wait() {
+            panic!("agent exited early: {status}");
+        }
+        (high_watermark(&env.topic()) >= target).then_some(())
+    });
+    kill9(&mut agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_snapshot_and_streaming_loses_and_doubles_nothing() {
+    let env = Env::new("kill", "site-c", &[("snapshot_chunk_rows = 5000", "snapshot_chunk_rows = 400")]).await;
+    // Kill during the snapshot, at three points.
+    for target in [1_500, 6_000, 14_000] {
+        kill_after(&env, target);
+    }
+    // Streaming, with a workload running at the site, killed twice more.
+    let mut cfg = env.cfg.clone();
+    cfg.sites.retain(|s| s.name == env.site);
+    let mut args = omrs_simulate::SimulateArgs {
+        sites: 1,
+        patients: 120,
+        dup_fraction: 0.0,
+        seed: 3,
+        rate: Some(1500.0),
+        burst: false,
+        duration: None,
+        until_patients: None,
+        offline: vec![],
+        manifest: env.dir.path().join("manifest.json"),
+        database: Some(env.database.clone()),
+        no_provision: true,
+        provision_only: false,
+        dump: dump(),
+        demo_site: "none".into(),
+        admin_user: "omrs".into(),
+        admin_password: "omrs".into(),
+        batch: 4,
+        quiet: true,
+    };
+    args.rate = Some(1500.0);
+    let workload = tokio::spawn(async move { omrs_simulate::run(&cfg, &args).await });
+    let base = high_watermark(&env.topic());
+    for step in [400, 1_500] {
+        kill_after(&env, base + step);
+    }
+    workload.await.unwrap().expect("workload ran");
+    env.catch_up();
+
+    let events = env.events();
+    // Exactly once: no (table, key, op, position) twice.
+    let mut seen = HashSet::new();
+    for e in events.iter().filter(|e| e.op != Op::Heartbeat) {
+        let id = (
+            e.table.clone().unwrap(),
+            serde_json::to_string(e.key.as_ref().unwrap()).unwrap(),
+            e.op,
+            e.source.file.clone(),
+            e.source.pos,
+            e.source.row,
+        );
+        assert!(seen.insert(id.clone()), "duplicate event {id:?}");
+    }
+    // Nothing lost: replaying the topic gives the site's current state.
+    let state = replay(&events);
+    let counts = site_counts(&env).await;
+    for (t, n) in &counts {
+        assert_eq!(state.get(t).map(|m| m.len() as i64).unwrap_or(0), *n, "replayed {t}");
+    }
+    let mut c = env.db().await;
+    let names: Vec<(i64, String)> = c.query("SELECT person_name_id, given_name FROM person_name").await.unwrap();
+    let replayed: HashMap<i64, String> = state["person_name"]
+        .values()
+        .map(|r| (r["person_name_id"].as_i64().unwrap(), r["given_name"].as_str().unwrap_or("").to_string()))
+        .collect();
+    for (id, name) in names {
+        assert_eq!(replayed.get(&id), Some(&name), "person_name {id}");
+    }
+    let voided: Vec<(i64, i64)> = c.query("SELECT obs_id, voided FROM obs").await.unwrap();
+    let obs = &state["obs"];
+    let replayed: HashMap<i64, i64> = obs.values().map(|r| (r["obs_id"].as_i64().unwrap(), r["voided"].as_i64().unwrap())).collect();
+    for (id, v) in voided {
+        assert_eq!(replayed.get(&id), Some(&v), "obs {id} voided flag");
+    }
+    env.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_site_sends_heartbeats_and_its_position_advances() {
+    let env = Env::new("hb", "site-a", &[("heartbeat_interval_ms = 1000", "heartbeat_interval_ms = 300")]).await;
+    let mut agent = env.agent(&[]);
+    let first = wait_for(120, "a first heartbeat", || env.events().into_iter().find(|e| e.op == Op::Heartbeat));
+    // Another database on the same server writes: the binlog moves, our site stays quiet.
+    let other = unique("hb_other");
+    let mut c = admin(env.port, None).await;
+    c.query_drop(format!("CREATE DATABASE `{other}`; CREATE TABLE `{other}`.t (id INT PRIMARY KEY); INSERT INTO `{other}`.t VALUES (1),(2),(3)"))
+        .await
+        .unwrap();
+    let later = wait_for(60, "a heartbeat at a later position", || {
+        env.events()
+            .into_iter()
+            .filter(|e| e.op == Op::Heartbeat)
+            .find(|e| (&e.source.file, e.source.pos) > (&first.source.file, first.source.pos))
+    });
+    assert!(later.source.ts_ms >= first.source.ts_ms);
+    assert!(env.events().iter().filter(|e| e.op != Op::Read).all(|e| e.op == Op::Heartbeat), "no data events for a quiet site");
+    assert!(agent.try_wait().unwrap().is_none(), "agent still running");
+    kill9(&mut agent);
+    c.query_drop(format!("DROP DATABASE `{other}`")).await.unwrap();
+    env.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alter_table_mid_stream_is_picked_up() {
+    let env = Env::new("ddl", "site-b", &[]).await;
+    let mut agent = env.agent(&[]);
+    wait_for(120, "the snapshot", || env.events().iter().any(|e| e.op == Op::Heartbeat).then_some(()));
+    let mut c = env.db().await;
+    c.query_drop("ALTER TABLE person_name ADD COLUMN nickname VARCHAR(50) NULL").await.unwrap();
+    c.query_drop("UPDATE person_name SET nickname = 'Jo' WHERE person_name_id = 1").await.unwrap();
+    c.query_drop(
+        "INSERT INTO person_name (preferred, person_id, given_name, family_name, nickname, creator, date_created, voided, uuid)
+         VALUES (0, 1, 'Super', 'User', 'Admin', 1, NOW(), 0, 'bbbbbbbb-0000-4000-8000-000000000001')",
+    )
+    .await
+    .unwrap();
+    let ins = wait_for(60, "the insert after the ALTER", || {
+        env.events().into_iter().find(|e| e.op == Op::Create && e.uuid.as_deref() == Some("bbbbbbbb-0000-4000-8000-000000000001"))
+    });
+    assert_eq!(ins.after.as_ref().unwrap()["nickname"], "Admin");
+    assert_eq!(ins.refs["person_id"], "1ac26e04-2f3b-11e7-8ccb-28d2440db56c", "refs still resolve after the DDL");
+    let upd = env.events().into_iter().find(|e| e.op == Op::Update && e.table.as_deref() == Some("person_name")).unwrap();
+    assert_eq!(upd.after.as_ref().unwrap()["nickname"], "Jo");
+    assert!(upd.before.as_ref().unwrap()["nickname"].is_null());
+    assert!(agent.try_wait().unwrap().is_none(), "the agent kept running");
+    kill9(&mut agent);
+    env.drop().await;
+}
