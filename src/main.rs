@@ -37,8 +37,8 @@ enum Command {
     },
     /// Run one site's agent: consistent snapshot, then binlog CDC into omrs.cdc.<site>, exactly once.
     Ingest(omrs_ingest::IngestArgs),
-    /// Merge every site stream into omrs.hq.changes (not built yet: issue #5).
-    Transform,
+    /// Merge every site stream into omrs.hq.changes: watermarks, ordered merge, identity, exactly once.
+    Transform(omrs_transform::TransformArgs),
     /// Run a sink: `hq-mysql` or `parquet` (not built yet: issues #6, #7).
     Sink {
         /// hq-mysql | parquet
@@ -88,7 +88,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             omrs_ingest::run(&cfg, args).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Transform => Ok(not_built("transform", 5)),
+        Command::Transform(args) => {
+            let cfg = Config::load(&cli.config)?;
+            let listen = match args.metrics_port {
+                Some(p) => std::net::SocketAddr::new(cfg.metrics.addr()?.ip(), p),
+                None => cfg.metrics.addr()?,
+            };
+            let _metrics = omrs_core::metrics::serve(listen, "transform").await?;
+            omrs_transform::runner::run(&cfg, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sink { .. } => Ok(not_built("sink", 6)),
         Command::Query { .. } => Ok(not_built("query", 7)),
         Command::Verify => Ok(not_built("verify", 8)),

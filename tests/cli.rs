@@ -32,7 +32,6 @@ fn help_lists_every_subcommand() {
 fn unbuilt_subcommands_say_so_and_exit_2() {
     for args in [
         vec!["demo"],
-        vec!["transform"],
         vec!["sink", "hq-mysql"],
         vec!["query", "select 1"],
         vec!["verify"],

@@ -42,6 +42,7 @@ pub const INGEST_BINLOG_MARGIN: &str = "omrs_stream_ingest_binlog_margin_files";
 pub const INGEST_RETRIES: &str = "omrs_stream_ingest_retries_total";
 pub const KAFKA_TRANSACTIONS: &str = "omrs_stream_kafka_transactions_total";
 pub const HEARTBEATS: &str = "omrs_stream_heartbeats_total";
+pub const REF_CACHE_ENTRIES: &str = "omrs_stream_ingest_ref_cache_entries";
 
 /// Handles to every metric; registered once in one registry.
 pub struct Metrics {
@@ -82,6 +83,8 @@ pub struct Metrics {
     pub ingest_retries: IntCounterVec,
     pub kafka_transactions: IntCounterVec,
     pub heartbeats: IntCounterVec,
+    /// Rows whose id → uuid the agent keeps for FK resolution.
+    pub ref_cache_entries: IntGaugeVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -146,6 +149,7 @@ impl Metrics {
             ingest_retries: counter_vec(&r, INGEST_RETRIES, "Agent restarts after a transient error", &["site", "reason"]),
             kafka_transactions: counter_vec(&r, KAFKA_TRANSACTIONS, "Kafka transactions committed", &["stage", "site"]),
             heartbeats: counter_vec(&r, HEARTBEATS, "Heartbeats sent by a quiet site", &["site"]),
+            ref_cache_entries: gauge_vec(&r, REF_CACHE_ENTRIES, "Rows tracked for FK to uuid resolution", &["site"]),
             registry: r,
         }
     }

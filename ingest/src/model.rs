@@ -3,6 +3,7 @@
 //! (`patient` → `person`), column types, and the FK-dependency order used by the snapshot.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
@@ -56,13 +57,13 @@ impl TableModel {
 #[derive(Debug, Clone, Default)]
 pub struct Model {
     pub database: String,
-    pub tables: BTreeMap<String, TableModel>,
+    pub tables: BTreeMap<String, Arc<TableModel>>,
     /// Captured tables, parents before children.
     pub order: Vec<String>,
 }
 
 impl Model {
-    pub fn table(&self, name: &str) -> Option<&TableModel> {
+    pub fn table(&self, name: &str) -> Option<&Arc<TableModel>> {
         self.tables.get(name)
     }
 
@@ -137,6 +138,7 @@ impl Model {
         }
         tables.retain(|name, _| (include.is_empty() || include.contains(name)) && !exclude.contains(name));
         let order = dependency_order(&tables);
+        let tables = tables.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
         Ok(Model { database: database.to_string(), tables, order })
     }
 }

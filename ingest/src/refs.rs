@@ -44,8 +44,12 @@ impl Resolver {
     }
 
     fn table_id(&mut self, table: &str) -> u32 {
+        if let Some(&id) = self.tables.get(table) {
+            return id;
+        }
         let n = self.tables.len() as u32;
-        *self.tables.entry(table.to_string()).or_insert(n)
+        self.tables.insert(table.to_string(), n);
+        n
     }
 
     /// Remembers the uuid of `table` row `id`.
@@ -57,33 +61,32 @@ impl Resolver {
     /// The uuid that stands for row `id` of `table`: its own uuid column, or the uuid of the
     /// row whose key it shares (patient → person). None when the row does not exist.
     pub async fn uuid_of(&mut self, model: &Model, conn: &mut Conn, table: &str, id: i64) -> Result<Option<String>, IngestError> {
-        let mut table = table.to_string();
+        let mut table: &str = table;
         // Follow shared keys up to the table that has the uuid (at most a few hops).
         for _ in 0..4 {
-            let Some(t) = model.table(&table) else { return Ok(None) };
+            let Some(t) = model.table(table) else { return Ok(None) };
             if t.has_uuid {
                 break;
             }
             match &t.shared_parent {
-                Some(p) => table = p.clone(),
+                Some(p) => table = p.as_str(),
                 None => return Ok(None),
             }
         }
-        let tid = self.table_id(&table);
+        let tid = self.table_id(table);
         if let Some(u) = self.cache.get(&(tid, id)) {
             self.hits += 1;
-            return Ok(Some(u.to_string()));
+            // An empty entry remembers that the row does not exist.
+            return Ok((!u.is_empty()).then(|| u.to_string()));
         }
         self.misses += 1;
-        let Some(t) = model.table(&table) else { return Ok(None) };
+        let Some(t) = model.table(table) else { return Ok(None) };
         if !t.has_uuid || t.pk.len() != 1 {
             return Ok(None);
         }
         let sql = format!("SELECT uuid FROM `{}`.`{}` WHERE `{}` = {id}", model.database, table, t.pk[0]);
         let found: Option<String> = conn.query_first(sql).await.map_err(|e| IngestError::site("resolving a foreign key", e))?;
-        if let Some(u) = &found {
-            self.cache.put((tid, id), u.as_str().into());
-        }
+        self.cache.put((tid, id), found.as_deref().unwrap_or("").into());
         Ok(found)
     }
 

@@ -134,6 +134,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
             };
             agent.producer.send(&events, &cp).await?;
             metrics().snapshot_rows.with_label_values(&[&site, name]).inc_by(n as u64);
+            metrics().events_in.with_label_values(&["ingest", &site, name, "r"]).inc_by(n as u64);
             if let Some(pb) = &bar {
                 pb.set_position(rows_done);
             }

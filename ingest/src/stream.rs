@@ -79,10 +79,6 @@ pub async fn make_event(
         agent.resolver.learn(&table.name, id, u);
     }
     let refs = agent.resolver.refs(&agent.model, &mut agent.query, &agent.site.name, &table.name, image).await?;
-    metrics()
-        .events_in
-        .with_label_values(&["ingest", &agent.site.name, &table.name, op.as_str()])
-        .inc();
     Ok(ChangeEvent {
         op,
         site: agent.site.name.clone(),
@@ -341,6 +337,7 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                             };
                             images.push((conv(b), conv(a)));
                         }
+                        let re_rows = images.len() as u64;
                         for (row_idx, (before, after)) in images.into_iter().enumerate() {
                             txn_rows_seen += 1;
                             if resume_skip > 0 {
@@ -372,6 +369,7 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                             let ev = make_event(agent, &table, op, before, after, source).await?;
                             txn.push(ev);
                         }
+                        metrics().events_in.with_label_values(&["ingest", &site, &table.name, op.as_str()]).inc_by(re_rows);
                         if txn.len() >= agent.tuning.max_txn_events {
                             // Split a very large site transaction (see the module docs).
                             batch.append(&mut txn);
@@ -434,6 +432,7 @@ async fn flush(agent: &mut Agent, batch: &mut Vec<ChangeEvent>, cp: &Checkpoint,
     agent.producer.send(batch, cp).await?;
     metrics().batch_latency.with_label_values(&["ingest"]).observe(started.elapsed().as_secs_f64());
     batch.clear();
+    metrics().ref_cache_entries.with_label_values(&[site]).set(agent.resolver.len() as i64);
     if let Checkpoint::Streaming { position, .. } = cp {
         *committed = position.clone();
         metrics().ingest_position.with_label_values(&[site, &position.file]).set(position.pos as i64);

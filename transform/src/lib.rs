@@ -1,12 +1,49 @@
-//! omrs-transform: event-time merge of every site stream with watermarks, cross-site patient
-//! identity and conflict resolution. Delivery guarantee, once built: exactly once, as a Kafka
-//! consume-transform-produce transaction with its state changelog.
+//! omrs-transform: `omrs-stream transform`, the merge stage.
 //!
-//! Not built yet: issue #5. `omrs-stream transform` says so and exits 2.
+//! Delivery guarantee: **exactly once**. Consume (read_committed) → transform → produce runs
+//! in Kafka transactions: the output events, the state changelog facts
+//! (`omrs.transform.state`) and the consumer offsets commit together. Offsets are committed
+//! only up to what has been *emitted*: an event still buffered for the ordered merge is
+//! re-read after a crash, never lost. State is restored from the changelog before consuming.
+//!
+//! - [`engine`]: watermarks, ordered merge, late data, identity (no Kafka).
+//! - [`identity`]: the union-find over person records.
+//! - [`runner`]: the Kafka loop.
+//!
+//! Runs as a single instance (one consumer in its group); a second one is fenced by the shared
+//! `transactional.id`.
 
-/// Errors of the transform.
+pub mod engine;
+pub mod identity;
+pub mod runner;
+
+/// Errors of the transform. Kafka errors are transient (the loop restarts from the last
+/// committed transaction); a bad input record is not an error at all (it is dead-lettered).
 #[derive(Debug, thiserror::Error)]
 pub enum TransformError {
-    #[error("the transform is not built yet (issue #5)")]
-    NotBuilt,
+    #[error("kafka: {context}: {message}")]
+    Kafka { context: String, message: String },
+    #[error("state changelog: {0}")]
+    State(String),
+}
+
+impl TransformError {
+    pub fn kafka(context: &str, e: rdkafka::error::KafkaError) -> Self {
+        TransformError::Kafka { context: context.to_string(), message: e.to_string() }
+    }
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TransformError::Kafka { .. })
+    }
+}
+
+/// `omrs-stream transform`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TransformArgs {
+    /// Serve /metrics and /health on this port (overrides metrics.listen).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// Exit 0 once every site topic has been read to its end (as of start) and everything
+    /// buffered has been emitted; for batch runs and tests.
+    #[arg(long)]
+    pub until_idle: bool,
 }

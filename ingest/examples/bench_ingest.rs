@@ -1,0 +1,159 @@
+//! Catch-up benchmark of the ingest agent (run by `scripts/bench-ingest`, release build).
+//!
+//! 1. A fresh site database from the OpenMRS demo dump, snapshotted by the agent.
+//! 2. The simulator writes an obs-heavy OpenMRS workload into it (burst) while the agent is
+//!    stopped, so the work sits in the binlog.
+//! 3. Raw decode: mysql_async reads the same binlog range and decodes every row of the database
+//!    (no conversion, no Kafka) — the ceiling.
+//! 4. The agent catches up: binlog → change events → committed Kafka transactions.
+//!
+//! Prints `BENCH <name> <value> <unit>` lines last.
+
+use std::time::Instant;
+
+use futures::StreamExt;
+use mysql_async::prelude::Queryable;
+use mysql_async::{BinlogStreamRequest, Conn, OptsBuilder};
+use mysql_common::binlog::events::EventData;
+use omrs_core::config::{Config, TopicsFile};
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn admin(port: u16, db: Option<&str>) -> OptsBuilder {
+    OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some("omrs"))
+        .pass(Some("omrs"))
+        .db_name(db.map(str::to_string))
+        .prefer_socket(false)
+}
+
+async fn master_status(c: &mut Conn) -> (String, u64) {
+    let r: mysql_async::Row = c.query_first("SHOW MASTER STATUS").await.unwrap().unwrap();
+    (r.get(0).unwrap(), r.get(1).unwrap())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let patients: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(6000);
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dump = std::env::var("OMRS_DEMO_DUMP")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz"));
+    let database = "bench_ingest";
+    let prefix = format!("bench.{}.", std::process::id());
+
+    let mut cfg = Config::load(&root.join("omrs-stream.toml")).unwrap();
+    cfg.kafka.topic_prefix = prefix.clone();
+    cfg.sites.truncate(1);
+    cfg.sites[0].database.database = database.into();
+    let site = cfg.sites[0].clone();
+    let port = site.database.port;
+    let topics = TopicsFile::load(&root.join("topics.toml")).unwrap().resolve(&cfg.site_names(), &prefix);
+    omrs_core::topics::apply(&cfg.kafka, &topics).await.unwrap();
+
+    let mut c = Conn::new(admin(port, None)).await.unwrap();
+    omrs_simulate::provision::provision(&mut c, &site.name, database, &dump, true).await.unwrap();
+    let args = omrs_ingest::IngestArgs { site: site.name.clone(), until_caught_up: true, resnapshot: false, metrics_port: None, quiet: true };
+    let t = Instant::now();
+    omrs_ingest::run(&cfg, &args).await.unwrap();
+    eprintln!("snapshot of the demo dump: {:.1} s", t.elapsed().as_secs_f64());
+
+    // The workload, written while the agent is stopped.
+    let (from_file, from_pos) = master_status(&mut c).await;
+    let sim = omrs_simulate::SimulateArgs {
+        sites: 1,
+        patients,
+        dup_fraction: 0.0,
+        seed: 11,
+        rate: None,
+        burst: true,
+        duration: None,
+        until_patients: None,
+        offline: vec![],
+        manifest: std::env::temp_dir().join("bench-ingest-manifest.json"),
+        database: Some(database.into()),
+        no_provision: true,
+        provision_only: false,
+        dump: dump.clone(),
+        demo_site: "none".into(),
+        admin_user: "omrs".into(),
+        admin_password: "omrs".into(),
+        batch: 16,
+        quiet: true,
+    };
+    let m = omrs_simulate::run(&cfg, &sim).await.unwrap();
+    let (to_file, to_pos) = master_status(&mut c).await;
+    eprintln!("workload: {} row changes in the binlog ({from_file}:{from_pos} .. {to_file}:{to_pos})", m.row_changes);
+
+    // Raw decode of the same range.
+    let mut conn = Conn::new(admin(port, None)).await.unwrap();
+    conn.query_drop("SET @mariadb_slave_capability = 4").await.unwrap();
+    let fb = from_file.clone().into_bytes();
+    let mut stream = conn
+        .get_binlog_stream(BinlogStreamRequest::new(1_999_999_999).with_filename(&fb).with_pos(from_pos))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut raw_rows = 0u64;
+    let mut cur_file = from_file.clone();
+    let mut first = true;
+    while let Some(ev) = stream.next().await {
+        let ev = ev.unwrap();
+        let h = ev.header();
+        if h.event_type_raw() == 4 {
+            if !first {
+                if let Ok(Some(EventData::RotateEvent(r))) = ev.read_data() {
+                    cur_file = r.name().trim_end_matches('\0').to_string();
+                }
+            }
+        } else if let Ok(Some(EventData::RowsEvent(re))) = ev.read_data() {
+            if let Some(tme) = stream.get_tme(re.table_id()) {
+                if tme.database_name() == database {
+                    for row in re.rows(tme) {
+                        row.unwrap();
+                        raw_rows += 1;
+                    }
+                }
+            }
+        }
+        first = false;
+        if (cur_file.as_str(), h.log_pos() as u64) >= (to_file.as_str(), to_pos) {
+            break;
+        }
+    }
+    let raw_secs = t.elapsed().as_secs_f64();
+    drop(stream);
+
+    // The agent catches up.
+    let rss0 = rss_kib();
+    let t = Instant::now();
+    omrs_ingest::run(&cfg, &args).await.unwrap();
+    let agent_secs = t.elapsed().as_secs_f64();
+    let rss1 = rss_kib();
+    let tracked = omrs_core::metrics::metrics().ref_cache_entries.with_label_values(&[&site.name]).get().max(1) as u64;
+    let events_out: u64 = omrs_core::metrics::metrics().kafka_transactions.with_label_values(&["ingest", &site.name]).get();
+
+    // Clean up.
+    let _ = c.query_drop(format!("DROP DATABASE `{database}`")).await;
+    let admin_client: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        omrs_core::kafka::client_config(&cfg.kafka).create().unwrap();
+    let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+    let _ = admin_client.delete_topics(&names, &rdkafka::admin::AdminOptions::new()).await;
+
+    let raw_rate = raw_rows as f64 / raw_secs;
+    let agent_rate = raw_rows as f64 / agent_secs;
+    println!("BENCH ingest_rows {raw_rows} rows");
+    println!("BENCH raw_decode_rate {raw_rate:.0} rows/s");
+    println!("BENCH ingest_catchup_rate {agent_rate:.0} rows/s");
+    println!("BENCH ingest_vs_raw {:.2} ratio", agent_rate / raw_rate);
+    println!("BENCH ingest_kafka_transactions {events_out} txns");
+    println!("BENCH ref_cache_entries {tracked} rows");
+    println!("BENCH memory_per_tracked_row {:.0} bytes", (rss1.saturating_sub(rss0) * 1024) as f64 / tracked as f64);
+}

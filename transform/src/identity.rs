@@ -1,0 +1,197 @@
+//! Patient identity across sites: a union-find over person records (keyed by person uuid,
+//! which is unique per site record; shared metadata persons such as users carry the same uuid
+//! everywhere and are one record), joined by configured identifiers and by site-side merges.
+//!
+//! The survivor of a component is deterministic: the earliest `person.date_created`, then the
+//! smallest uuid. It depends only on the set of records in the component, so the final
+//! assignment is the same whatever the arrival order.
+
+use std::collections::HashMap;
+
+/// A merge decided by the index: `loser`'s component now survives as `winner`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    pub winner: String,
+    pub loser: String,
+}
+
+#[derive(Debug, Clone)]
+struct Rec {
+    uuid: Box<str>,
+    /// `date_created` as written by OpenMRS (`YYYY-MM-DD HH:MM:SS` sorts as time); None: unknown.
+    created: Option<Box<str>>,
+    parent: u32,
+    /// At a root: the survivor record of the component.
+    survivor: u32,
+    size: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Identity {
+    recs: Vec<Rec>,
+    by_uuid: HashMap<Box<str>, u32>,
+    /// (identifier type index, normalised value) → a record holding it.
+    index: HashMap<(u16, Box<str>), u32>,
+}
+
+impl Identity {
+    pub fn len(&self) -> usize {
+        self.recs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.recs.is_empty()
+    }
+
+    pub fn index_len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn knows(&self, uuid: &str) -> bool {
+        self.by_uuid.contains_key(uuid)
+    }
+
+    fn rec(&mut self, uuid: &str) -> u32 {
+        if let Some(&i) = self.by_uuid.get(uuid) {
+            return i;
+        }
+        let i = self.recs.len() as u32;
+        self.recs.push(Rec { uuid: uuid.into(), created: None, parent: i, survivor: i, size: 1 });
+        self.by_uuid.insert(uuid.into(), i);
+        i
+    }
+
+    fn find(&mut self, mut i: u32) -> u32 {
+        while self.recs[i as usize].parent != i {
+            let p = self.recs[i as usize].parent;
+            self.recs[i as usize].parent = self.recs[p as usize].parent;
+            i = p;
+        }
+        i
+    }
+
+    /// Orders records: earliest date_created first (unknown last), then uuid.
+    fn better(&self, a: u32, b: u32) -> bool {
+        let (ra, rb) = (&self.recs[a as usize], &self.recs[b as usize]);
+        match (&ra.created, &rb.created) {
+            (Some(x), Some(y)) if x != y => x < y,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            _ => ra.uuid < rb.uuid,
+        }
+    }
+
+    /// Registers a person record (and its creation time). Returns a merge when the record's
+    /// earlier creation time makes it the new survivor of its component.
+    pub fn person(&mut self, uuid: &str, created: Option<&str>) -> Option<Merged> {
+        let i = self.rec(uuid);
+        if let Some(c) = created {
+            if self.recs[i as usize].created.as_deref() == Some(c) {
+                return None;
+            }
+            self.recs[i as usize].created = Some(c.into());
+        }
+        let root = self.find(i);
+        let old = self.recs[root as usize].survivor;
+        if old != i && self.better(i, old) {
+            self.recs[root as usize].survivor = i;
+            return Some(Merged { winner: uuid.to_string(), loser: self.recs[old as usize].uuid.to_string() });
+        }
+        None
+    }
+
+    /// The canonical (survivor) uuid for a person uuid; the uuid itself when unknown.
+    pub fn canonical(&mut self, uuid: &str) -> String {
+        match self.by_uuid.get(uuid).copied() {
+            Some(i) => {
+                let r = self.find(i);
+                let s = self.recs[r as usize].survivor;
+                self.recs[s as usize].uuid.to_string()
+            }
+            None => uuid.to_string(),
+        }
+    }
+
+    /// Joins two records. Returns the merge if they were in different components.
+    pub fn union(&mut self, a: &str, b: &str) -> Option<Merged> {
+        let (ia, ib) = (self.rec(a), self.rec(b));
+        let (ra, rb) = (self.find(ia), self.find(ib));
+        if ra == rb {
+            return None;
+        }
+        let (sa, sb) = (self.recs[ra as usize].survivor, self.recs[rb as usize].survivor);
+        let (winner, loser) = if self.better(sa, sb) { (sa, sb) } else { (sb, sa) };
+        let (big, small) = if self.recs[ra as usize].size >= self.recs[rb as usize].size { (ra, rb) } else { (rb, ra) };
+        self.recs[small as usize].parent = big;
+        self.recs[big as usize].size += self.recs[small as usize].size;
+        self.recs[big as usize].survivor = winner;
+        Some(Merged { winner: self.recs[winner as usize].uuid.to_string(), loser: self.recs[loser as usize].uuid.to_string() })
+    }
+
+    /// Records that `person` holds identifier (type, value). Returns the record it shares the
+    /// identifier with, if another one already holds it.
+    pub fn identifier(&mut self, type_idx: u16, value: &str, person: &str) -> Option<String> {
+        let p = self.rec(person);
+        match self.index.get(&(type_idx, value.into())).copied() {
+            Some(other) if other != p => Some(self.recs[other as usize].uuid.to_string()),
+            Some(_) => None,
+            None => {
+                self.index.insert((type_idx, value.into()), p);
+                None
+            }
+        }
+    }
+
+    /// Members of `uuid`'s component.
+    pub fn component_size(&mut self, uuid: &str) -> u32 {
+        match self.by_uuid.get(uuid).copied() {
+            Some(i) => {
+                let r = self.find(i);
+                self.recs[r as usize].size
+            }
+            None => 1,
+        }
+    }
+
+    /// Approximate heap bytes held, for the bench.
+    pub fn approx_bytes(&self) -> usize {
+        let recs = self.recs.capacity() * std::mem::size_of::<Rec>()
+            + self.recs.iter().map(|r| r.uuid.len() + r.created.as_ref().map_or(0, |c| c.len())).sum::<usize>();
+        let by_uuid = self.by_uuid.capacity() * (std::mem::size_of::<(Box<str>, u32)>() + 1) + self.recs.iter().map(|r| r.uuid.len()).sum::<usize>();
+        let index = self.index.capacity() * (std::mem::size_of::<((u16, Box<str>), u32)>() + 1) + self.index.keys().map(|(_, v)| v.len()).sum::<usize>();
+        recs + by_uuid + index
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survivor_is_earliest_created_then_uuid_whatever_the_order() {
+        let people = [("b", "2020-01-02 00:00:00"), ("a", "2020-01-03 00:00:00"), ("c", "2020-01-01 00:00:00")];
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+            let mut id = Identity::default();
+            for &i in &order {
+                id.person(people[i].0, Some(people[i].1));
+            }
+            id.union("a", "b");
+            id.union("b", "c");
+            for u in ["a", "b", "c"] {
+                assert_eq!(id.canonical(u), "c");
+            }
+        }
+    }
+
+    #[test]
+    fn an_earlier_record_arriving_later_takes_over() {
+        let mut id = Identity::default();
+        id.person("x", Some("2021-01-01 00:00:00"));
+        id.person("y", Some("2021-02-01 00:00:00"));
+        assert_eq!(id.union("x", "y"), Some(Merged { winner: "x".into(), loser: "y".into() }));
+        id.person("w", Some("2019-01-01 00:00:00"));
+        assert_eq!(id.union("y", "w"), Some(Merged { winner: "w".into(), loser: "x".into() }));
+        assert_eq!(id.canonical("y"), "w");
+        assert_eq!(id.union("x", "w"), None);
+    }
+}
