@@ -202,6 +202,12 @@ impl Engine {
         out
     }
 
+    /// Declares a site (from the config): until it speaks or its idle timeout passes, it holds
+    /// the global watermark back, so its first events are not mistaken for late ones.
+    pub fn expect_site(&mut self, site: &str, now_ms: i64) {
+        self.sites.entry(site.to_string()).or_insert(SiteState { max_ts: i64::MIN / 2, last_seen: now_ms, idle: false, buffered: 0 });
+    }
+
     /// Restores a fact from the changelog (no output).
     pub fn restore(&mut self, fact: Fact) {
         match fact {
@@ -294,7 +300,7 @@ impl Engine {
             // Every site idle: release everything seen.
             wm = self.sites.values().map(|s| s.max_ts).max().unwrap_or(i64::MIN);
         }
-        if wm > self.global_wm {
+        if wm > self.global_wm && wm > i64::MIN / 4 {
             self.global_wm = wm;
         }
         while let Some(Reverse(top)) = self.buffer.peek() {
@@ -392,7 +398,9 @@ impl Engine {
         }
 
         let mut origin_refs = serde_json::Map::new();
-        for (col, v) in ev.refs.iter_mut() {
+        // A merge log row keeps its own winner and loser.
+        let canonicalise = table != "person_merge_log";
+        for (col, v) in ev.refs.iter_mut().filter(|_| canonicalise) {
             if let Some(u) = v.as_str() {
                 if self.identity.knows(u) {
                     let c = self.identity.canonical(u);

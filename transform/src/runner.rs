@@ -108,6 +108,16 @@ fn restore(cfg: &Config, topic: &str, engine: &mut Engine) -> Result<usize, Tran
     Ok(n)
 }
 
+/// Parses and checks one input record; Err is the dead-letter reason.
+pub fn decode(payload: &[u8], topic: &str, cdc_prefix: &str) -> Result<ChangeEvent, String> {
+    let site_of_topic = topic.strip_prefix(cdc_prefix).unwrap_or("");
+    let ev = ChangeEvent::from_json(payload).map_err(|e| e.to_string())?;
+    if ev.site != site_of_topic {
+        return Err(format!("unknown site `{}` on topic {topic} (expected `{site_of_topic}`)", ev.site));
+    }
+    Ok(ev)
+}
+
 fn dlq_record(reason: &str, origin: &Origin, payload: &[u8]) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "stage": "transform",
@@ -155,6 +165,9 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
     let now = now_ms();
     for s in engine.sites.values_mut() {
         s.last_seen = now;
+    }
+    for site in cfg.site_names() {
+        engine.expect_site(&site, now);
     }
     tracing::info!(facts = restored, identities = engine.identity.len(), "state restored");
 
@@ -208,13 +221,8 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             consumed.insert((origin.topic.clone(), origin.partition), origin.offset);
             let payload = msg.payload().unwrap_or(&[]).to_vec();
             drop(msg);
-            let site_of_topic = origin.topic.strip_prefix(&cdc_prefix).unwrap_or("").to_string();
-            match ChangeEvent::from_json(&payload) {
-                Err(e) => dead.push((origin, e.to_string(), payload)),
-                Ok(ev) if ev.site != site_of_topic => {
-                    let reason = format!("unknown site `{}` on topic {} (expected `{site_of_topic}`)", ev.site, origin.topic);
-                    dead.push((origin, reason, payload));
-                }
+            match decode(&payload, &origin.topic, &cdc_prefix) {
+                Err(reason) => dead.push((origin, reason, payload)),
                 Ok(ev) => {
                     metrics().events_in.with_label_values(&["transform", &ev.site, ev.table.as_deref().unwrap_or(""), ev.op.as_str()]).inc();
                     outputs.extend(engine.push(ev, origin, now_ms()));
