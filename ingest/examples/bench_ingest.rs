@@ -17,6 +17,9 @@ use mysql_async::{BinlogStreamRequest, Conn, OptsBuilder};
 use mysql_common::binlog::events::EventData;
 use omrs_core::config::{Config, TopicsFile};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -41,6 +44,10 @@ async fn master_status(c: &mut Conn) -> (String, u64) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
+        .with_writer(std::io::stderr)
+        .init();
     let patients: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(6000);
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let dump = std::env::var("OMRS_DEMO_DUMP")
@@ -149,6 +156,8 @@ async fn main() {
 
     let raw_rate = raw_rows as f64 / raw_secs;
     let agent_rate = raw_rows as f64 / agent_secs;
+    let commit = omrs_core::metrics::metrics().batch_latency.with_label_values(&["ingest"]);
+    eprintln!("time in Kafka commits: {:.1} s over {} commits", commit.get_sample_sum(), commit.get_sample_count());
     println!("BENCH ingest_rows {raw_rows} rows");
     println!("BENCH raw_decode_rate {raw_rate:.0} rows/s");
     println!("BENCH ingest_catchup_rate {agent_rate:.0} rows/s");
