@@ -173,6 +173,10 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
 
     let consumer: StreamConsumer = client_config(&cfg.kafka)
         .set("group.id", format!("{}omrs-transform", cfg.kafka.topic_prefix))
+        // Static membership: a restarted transform takes its place at once instead of waiting
+        // for the killed one's session to time out.
+        .set("group.instance.id", format!("{}omrs-transform-1", cfg.kafka.topic_prefix))
+        .set("session.timeout.ms", "10000")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
@@ -192,6 +196,20 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             for p in topic.partitions() {
                 let (_, high) = consumer.fetch_watermarks(topic.name(), p.id(), Duration::from_secs(30)).map_err(|e| TransformError::kafka("reading end offsets", e))?;
                 t.insert((topic.name().to_string(), p.id()), high);
+            }
+        }
+        // Partitions already committed to their end count as done.
+        let mut tpl = TopicPartitionList::new();
+        for (topic, part) in t.keys() {
+            let _ = tpl.add_partition(topic, *part);
+        }
+        if let Ok(c) = consumer.committed_offsets(tpl, Duration::from_secs(30)) {
+            for e in c.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    if t.get(&(e.topic().to_string(), e.partition())).is_some_and(|h| o >= *h) {
+                        t.insert((e.topic().to_string(), e.partition()), 0);
+                    }
+                }
             }
         }
         targets = Some(t);
