@@ -17,62 +17,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::json;
 
-const NID: &str = "c5b2e8a4-1f7d-4e5b-9a61-6f1e0a1d2b3c";
-
-/// A deterministic multi-site input: people (20 % registered at two sites with the same
-/// National ID, formatted differently), their identifiers and obs, then heartbeats.
 fn input(people: usize, obs_per_person: usize) -> BTreeMap<String, Vec<ChangeEvent>> {
-    let sites = ["site-a", "site-b", "site-c"];
-    let mut out: BTreeMap<String, Vec<ChangeEvent>> = sites.iter().map(|s| (s.to_string(), Vec::new())).collect();
-    let mut pos: HashMap<String, u64> = HashMap::new();
-    let base = 1_700_000_000_000i64;
-    let mut push = |site: &str, table: &str, id: u64, uuid: String, after: Row, refs: serde_json::Map<String, serde_json::Value>, ts: i64| {
-        let p = pos.entry(site.to_string()).or_insert(0);
-        *p += 1;
-        let mut key = Row::new();
-        key.insert(format!("{table}_id"), json!(id));
-        let ev = ChangeEvent {
-            op: Op::Create,
-            site: site.into(),
-            table: Some(table.into()),
-            key: Some(key),
-            uuid: Some(uuid),
-            before: None,
-            after: Some(after),
-            refs,
-            source: Source { server_id: 1, gtid: None, file: "binlog.000001".into(), pos: *p, row: 0, ts_ms: ts, snapshot: false },
-            ts_ms: ts,
-        };
-        out.get_mut(site).unwrap().push(ev);
-    };
-    let obj = |v: serde_json::Value| v.as_object().cloned().unwrap();
-    for h in 0..people {
-        let home = sites[h % 3];
-        let mut at = vec![home];
-        if h % 5 == 0 {
-            at.push(sites[(h + 1) % 3]);
-        }
-        for (k, site) in at.iter().enumerate() {
-            let person = format!("p-{site}-{h}");
-            let ts = base + (h as i64) * 100 + (k as i64) * 7_000 + if *site == "site-b" { 2_000 } else { 0 };
-            let created = format!("20{:02}-01-01 00:00:{:02}", 10 + (h * 7 + k * 3) % 13, h % 60);
-            push(site, "person", h as u64, person.clone(), obj(json!({"date_created": created, "voided": 0})), Default::default(), ts);
-            let nid = if k == 0 { format!("NID{h:09}") } else { format!("nid-{h:09}") };
-            push(site, "patient_identifier", h as u64, format!("i-{site}-{h}"), obj(json!({"identifier": nid, "voided": 0})), obj(json!({"patient_id": person, "identifier_type": NID})), ts + 1);
-            for o in 0..obs_per_person {
-                let id = (h * obs_per_person + o) as u64;
-                push(site, "obs", id, format!("o-{site}-{id}"), obj(json!({"value_numeric": o, "voided": 0})), obj(json!({"person_id": person})), ts + 2 + o as i64);
-            }
-        }
-    }
-    for site in sites {
-        let last = out[site].last().map(|e| e.source.ts_ms).unwrap_or(base) + 60_000;
-        let p = pos.entry(site.to_string()).or_insert(0);
-        *p += 1;
-        let hb = ChangeEvent::heartbeat(site, Source { server_id: 1, gtid: None, file: "binlog.000001".into(), pos: *p, row: 0, ts_ms: last, snapshot: false }, last);
-        out.get_mut(site).unwrap().push(hb);
-    }
-    out
+    omrs_transform::synth::input(3, people, obs_per_person, 5)
 }
 
 fn producer() -> FutureProducer {

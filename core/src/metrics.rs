@@ -43,6 +43,9 @@ pub const INGEST_RETRIES: &str = "omrs_stream_ingest_retries_total";
 pub const KAFKA_TRANSACTIONS: &str = "omrs_stream_kafka_transactions_total";
 pub const HEARTBEATS: &str = "omrs_stream_heartbeats_total";
 pub const REF_CACHE_ENTRIES: &str = "omrs_stream_ingest_ref_cache_entries";
+pub const IDENTITY_RECORDS: &str = "omrs_stream_identity_records";
+pub const IDENTITY_BYTES: &str = "omrs_stream_identity_index_bytes";
+pub const IDENTITY_REVIEWS: &str = "omrs_stream_identity_reviews_total";
 
 /// Handles to every metric; registered once in one registry.
 pub struct Metrics {
@@ -85,6 +88,12 @@ pub struct Metrics {
     pub heartbeats: IntCounterVec,
     /// Rows whose id → uuid the agent keeps for FK resolution.
     pub ref_cache_entries: IntGaugeVec,
+    /// Person records in the transform's identity index.
+    pub identity_records: IntGauge,
+    /// Approximate heap bytes of the identity index.
+    pub identity_bytes: IntGauge,
+    /// Identifiers voided on merged persons, left for a person to review.
+    pub identity_reviews: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -150,6 +159,13 @@ impl Metrics {
             kafka_transactions: counter_vec(&r, KAFKA_TRANSACTIONS, "Kafka transactions committed", &["stage", "site"]),
             heartbeats: counter_vec(&r, HEARTBEATS, "Heartbeats sent by a quiet site", &["site"]),
             ref_cache_entries: gauge_vec(&r, REF_CACHE_ENTRIES, "Rows tracked for FK to uuid resolution", &["site"]),
+            identity_records: gauge(&r, IDENTITY_RECORDS, "Person records in the identity index"),
+            identity_bytes: gauge(&r, IDENTITY_BYTES, "Approximate heap bytes of the identity index"),
+            identity_reviews: {
+                let c = IntCounter::new(IDENTITY_REVIEWS, "Identifiers voided on merged persons, emitted for review").expect("static");
+                r.register(Box::new(c.clone())).expect("metric registered once");
+                c
+            },
             registry: r,
         }
     }

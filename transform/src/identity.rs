@@ -32,6 +32,8 @@ pub struct Identity {
     by_uuid: HashMap<Box<str>, u32>,
     /// (identifier type index, normalised value) → a record holding it.
     index: HashMap<(u16, Box<str>), u32>,
+    /// Heap bytes of the strings held (uuids twice, creation times, identifier values).
+    str_bytes: usize,
 }
 
 impl Identity {
@@ -58,6 +60,7 @@ impl Identity {
         let i = self.recs.len() as u32;
         self.recs.push(Rec { uuid: uuid.into(), created: None, parent: i, survivor: i, size: 1 });
         self.by_uuid.insert(uuid.into(), i);
+        self.str_bytes += 2 * uuid.len();
         i
     }
 
@@ -88,6 +91,9 @@ impl Identity {
         if let Some(c) = created {
             if self.recs[i as usize].created.as_deref() == Some(c) {
                 return None;
+            }
+            if self.recs[i as usize].created.is_none() {
+                self.str_bytes += c.len();
             }
             self.recs[i as usize].created = Some(c.into());
         }
@@ -137,6 +143,7 @@ impl Identity {
             Some(_) => None,
             None => {
                 self.index.insert((type_idx, value.into()), p);
+                self.str_bytes += value.len();
                 None
             }
         }
@@ -155,11 +162,10 @@ impl Identity {
 
     /// Approximate heap bytes held, for the bench.
     pub fn approx_bytes(&self) -> usize {
-        let recs = self.recs.capacity() * std::mem::size_of::<Rec>()
-            + self.recs.iter().map(|r| r.uuid.len() + r.created.as_ref().map_or(0, |c| c.len())).sum::<usize>();
-        let by_uuid = self.by_uuid.capacity() * (std::mem::size_of::<(Box<str>, u32)>() + 1) + self.recs.iter().map(|r| r.uuid.len()).sum::<usize>();
-        let index = self.index.capacity() * (std::mem::size_of::<((u16, Box<str>), u32)>() + 1) + self.index.keys().map(|(_, v)| v.len()).sum::<usize>();
-        recs + by_uuid + index
+        self.recs.capacity() * std::mem::size_of::<Rec>()
+            + self.by_uuid.capacity() * (std::mem::size_of::<(Box<str>, u32)>() + 1)
+            + self.index.capacity() * (std::mem::size_of::<((u16, Box<str>), u32)>() + 1)
+            + self.str_bytes
     }
 }
 

@@ -16,6 +16,7 @@
 pub mod engine;
 pub mod identity;
 pub mod runner;
+pub mod synth;
 
 /// Errors of the transform. Kafka errors are transient (the loop restarts from the last
 /// committed transaction); a bad input record is not an error at all (it is dead-lettered).

@@ -313,7 +313,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                         }
                     }
                     HqEvent::Merge { .. } => m.merges.inc(),
-                    HqEvent::IdentityReview { .. } => {}
+                    HqEvent::IdentityReview { .. } => m.identity_reviews.inc(),
                 }
             }
             for (_, reason, _) in &dead {
@@ -329,6 +329,8 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             m.global_watermark.set(gwm);
             m.watermark_delay.set(now_ms() - gwm);
         }
+        m.identity_records.set(engine.identity.len() as i64);
+        m.identity_bytes.set(engine.identity.approx_bytes() as i64);
         let (be, bb) = engine.buffered();
         m.buffered_events.set(be as i64);
         m.buffered_bytes.set(bb as i64);
