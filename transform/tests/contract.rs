@@ -1,0 +1,26 @@
+//! The output contract of `omrs.hq.changes`: golden JSON for each record type parses as an
+//! `HqEvent` and serialises back to the same bytes. docs/ARCHITECTURE.md documents the fields.
+
+use std::path::PathBuf;
+
+use omrs_transform::engine::HqEvent;
+
+#[test]
+fn every_golden_output_record_round_trips() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/contract");
+    let mut kinds = Vec::new();
+    for name in ["change.json", "change_late.json", "merge.json", "merge_site.json", "identity_review.json"] {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap().trim().to_string();
+        let ev: HqEvent = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(String::from_utf8(ev.to_json()).unwrap(), text, "{name} did not round-trip");
+        if let HqEvent::Change { event, .. } = &ev {
+            event.validate().unwrap();
+        }
+        kinds.push(match ev {
+            HqEvent::Change { late, .. } => format!("change late={late}"),
+            HqEvent::Merge { reason, .. } => format!("merge {reason}"),
+            HqEvent::IdentityReview { .. } => "identity_review".into(),
+        });
+    }
+    assert_eq!(kinds, ["change late=false", "change late=true", "merge identifier", "merge site_merge", "identity_review"]);
+}
