@@ -55,6 +55,10 @@ struct Setup {
 }
 
 fn setup(tag: &str) -> Setup {
+    setup_with(tag, &[])
+}
+
+fn setup_with(tag: &str, tweaks: &[(&str, &str)]) -> Setup {
     let prefix = format!("{}.", unique(tag));
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root().join("omrs-stream.toml"))
@@ -62,6 +66,7 @@ fn setup(tag: &str) -> Setup {
         .replace("[kafka]\n", &format!("[kafka]\ntopic_prefix = \"{prefix}\"\n"))
         .replace("idle_timeout_s = 180", "idle_timeout_s = 3")
         .replace("out_of_orderness_ms = 2000", "out_of_orderness_ms = 500");
+    let text = tweaks.iter().fold(text, |t, (from, to)| t.replace(from, to));
     let config = dir.path().join("omrs-stream.toml");
     std::fs::write(&config, text).unwrap();
     let out = bin().arg("--config").arg(&config).args(["topics", "apply"]).output().unwrap();
@@ -309,4 +314,20 @@ async fn different_interleavings_and_restarts_give_the_same_identities_and_event
     for v in [v1, v2, v3] {
         cleanup(&v.prefix).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_buffer_pauses_sites_that_are_ahead_and_still_delivers_everything() {
+    let data = input(1_500, 4);
+    let s = setup_with("tbuf", &[("max_buffered_events = 200000", "max_buffered_events = 300")]);
+    for (site, evs) in &data {
+        produce(&s.prefix, site, evs).await;
+    }
+    run_to_end(&s);
+    let out = read_out(&format!("{}omrs.hq.changes", s.prefix));
+    let mut ids = change_ids(&out);
+    ids.sort();
+    assert_eq!(ids, expected_ids(&data));
+    assert_eq!(assignment(&out).len(), 300);
+    cleanup(&s.prefix).await;
 }

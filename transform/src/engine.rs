@@ -208,6 +208,13 @@ impl Engine {
         self.sites.entry(site.to_string()).or_insert(SiteState { max_ts: i64::MIN / 2, last_seen: now_ms, idle: false, buffered: 0 });
     }
 
+    /// A site we are not reading (paused for back-pressure) is not idle.
+    pub fn touch(&mut self, site: &str, now_ms: i64) {
+        if let Some(s) = self.sites.get_mut(site) {
+            s.last_seen = now_ms;
+        }
+    }
+
     /// Restores a fact from the changelog (no output).
     pub fn restore(&mut self, fact: Fact) {
         match fact {

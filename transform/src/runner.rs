@@ -338,27 +338,37 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             m.site_watermark.with_label_values(&[site]).set(st.max_ts);
             m.site_idle.with_label_values(&[site]).set(st.idle as i64);
         }
-        if engine.is_full() {
-            // Pause the sites that are ahead; the slowest one keeps flowing.
-            let slowest = engine.sites.iter().filter(|(_, s)| !s.idle).min_by_key(|(_, s)| s.max_ts).map(|(n, _)| n.clone());
-            let mut tpl = TopicPartitionList::new();
-            for (topic, part) in consumed.keys() {
-                let site = topic.strip_prefix(&cdc_prefix).unwrap_or("");
-                if Some(site.to_string()) != slowest && !paused.contains(&(topic.clone(), *part)) {
-                    let _ = tpl.add_partition(topic, *part);
-                    paused.insert((topic.clone(), *part));
-                }
-            }
-            if tpl.count() > 0 {
-                tracing::info!(buffered = be, "buffer full: pausing the sites that are ahead");
-                consumer.pause(&tpl).map_err(|e| TransformError::kafka("pausing", e))?;
-            }
-        } else if !paused.is_empty() && be < engine_config(cfg).max_buffered / 2 {
-            let mut tpl = TopicPartitionList::new();
-            for (topic, part) in paused.drain() {
-                let _ = tpl.add_partition(&topic, part);
-            }
-            consumer.resume(&tpl).map_err(|e| TransformError::kafka("resuming", e))?;
+        // Back-pressure: when the buffer is full, only the slowest active site keeps flowing;
+        // below half, everything flows again. The slowest site is never left paused (it is the
+        // one the watermark waits for), and paused sites are not idle, only unread.
+        let slowest = engine.sites.iter().filter(|(_, s)| !s.idle).min_by_key(|(_, s)| s.max_ts).map(|(n, _)| n.clone());
+        let max = engine_config(cfg).max_buffered;
+        let desired: HashSet<(String, i32)> = if engine.is_full() {
+            consumed.keys().filter(|(t, _)| Some(t.strip_prefix(&cdc_prefix).unwrap_or("").to_string()) != slowest).cloned().collect()
+        } else if be < max / 2 {
+            HashSet::new()
+        } else {
+            paused.iter().filter(|(t, _)| Some(t.strip_prefix(&cdc_prefix).unwrap_or("").to_string()) != slowest).cloned().collect()
+        };
+        let mut to_pause = TopicPartitionList::new();
+        for (t, p) in desired.difference(&paused) {
+            let _ = to_pause.add_partition(t, *p);
+        }
+        let mut to_resume = TopicPartitionList::new();
+        for (t, p) in paused.difference(&desired) {
+            let _ = to_resume.add_partition(t, *p);
+        }
+        if to_pause.count() > 0 {
+            tracing::debug!(buffered = be, "buffer full: pausing the sites that are ahead");
+            consumer.pause(&to_pause).map_err(|e| TransformError::kafka("pausing", e))?;
+        }
+        if to_resume.count() > 0 {
+            consumer.resume(&to_resume).map_err(|e| TransformError::kafka("resuming", e))?;
+        }
+        paused = desired;
+        let now = now_ms();
+        for (t, _) in &paused {
+            engine.touch(t.strip_prefix(&cdc_prefix).unwrap_or(""), now);
         }
         if finished {
             tracing::info!(merges = engine.merges, identities = engine.identity.len(), "all site topics read to their end; done");
