@@ -7,8 +7,20 @@
 //! assignment is the same whatever the arrival order.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 
 /// A merge decided by the index: `loser`'s component now survives as `winner`.
+const UNKNOWN: i64 = i64::MAX;
+
+/// `YYYY-MM-DD HH:MM:SS[.f]` (as OpenMRS writes `date_created`) → seconds, or UNKNOWN.
+fn parse_created(s: &str) -> i64 {
+    chrono::NaiveDateTime::parse_from_str(s.get(..19).unwrap_or(s), "%Y-%m-%d %H:%M:%S")
+        .map(|d| d.and_utc().timestamp())
+        .unwrap_or(UNKNOWN)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Merged {
     pub winner: String,
@@ -18,18 +30,20 @@ pub struct Merged {
 #[derive(Debug, Clone)]
 struct Rec {
     uuid: Box<str>,
-    /// `date_created` as written by OpenMRS (`YYYY-MM-DD HH:MM:SS` sorts as time); None: unknown.
-    created: Option<Box<str>>,
+    /// `date_created` in seconds since the epoch; `UNKNOWN` when not (yet) known.
+    created: i64,
     parent: u32,
     /// At a root: the survivor record of the component.
     survivor: u32,
     size: u32,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Identity {
     recs: Vec<Rec>,
-    by_uuid: HashMap<Box<str>, u32>,
+    /// uuid → record, storing only the record number (the uuid lives once, in `recs`).
+    by_uuid: HashTable<u32>,
+    hasher: std::collections::hash_map::RandomState,
     /// (identifier type index, normalised value) → a record holding it.
     index: HashMap<(u16, Box<str>), u32>,
     /// Heap bytes of the strings held (uuids twice, creation times, identifier values).
@@ -49,18 +63,25 @@ impl Identity {
         self.index.len()
     }
 
+    fn lookup(&self, uuid: &str) -> Option<u32> {
+        let h = self.hasher.hash_one(uuid);
+        self.by_uuid.find(h, |&i| &*self.recs[i as usize].uuid == uuid).copied()
+    }
+
     pub fn knows(&self, uuid: &str) -> bool {
-        self.by_uuid.contains_key(uuid)
+        self.lookup(uuid).is_some()
     }
 
     fn rec(&mut self, uuid: &str) -> u32 {
-        if let Some(&i) = self.by_uuid.get(uuid) {
+        if let Some(i) = self.lookup(uuid) {
             return i;
         }
         let i = self.recs.len() as u32;
-        self.recs.push(Rec { uuid: uuid.into(), created: None, parent: i, survivor: i, size: 1 });
-        self.by_uuid.insert(uuid.into(), i);
-        self.str_bytes += 2 * uuid.len();
+        self.recs.push(Rec { uuid: uuid.into(), created: UNKNOWN, parent: i, survivor: i, size: 1 });
+        let (recs, hasher) = (&self.recs, &self.hasher);
+        let h = hasher.hash_one(uuid);
+        self.by_uuid.insert_unique(h, i, |&j| hasher.hash_one(&*recs[j as usize].uuid));
+        self.str_bytes += uuid.len();
         i
     }
 
@@ -76,26 +97,18 @@ impl Identity {
     /// Orders records: earliest date_created first (unknown last), then uuid.
     fn better(&self, a: u32, b: u32) -> bool {
         let (ra, rb) = (&self.recs[a as usize], &self.recs[b as usize]);
-        match (&ra.created, &rb.created) {
-            (Some(x), Some(y)) if x != y => x < y,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            _ => ra.uuid < rb.uuid,
-        }
+        (ra.created, &ra.uuid) < (rb.created, &rb.uuid)
     }
 
     /// Registers a person record (and its creation time). Returns a merge when the record's
     /// earlier creation time makes it the new survivor of its component.
     pub fn person(&mut self, uuid: &str, created: Option<&str>) -> Option<Merged> {
         let i = self.rec(uuid);
-        if let Some(c) = created {
-            if self.recs[i as usize].created.as_deref() == Some(c) {
+        if let Some(c) = created.map(parse_created).filter(|&c| c != UNKNOWN) {
+            if self.recs[i as usize].created == c {
                 return None;
             }
-            if self.recs[i as usize].created.is_none() {
-                self.str_bytes += c.len();
-            }
-            self.recs[i as usize].created = Some(c.into());
+            self.recs[i as usize].created = c;
         }
         let root = self.find(i);
         let old = self.recs[root as usize].survivor;
@@ -108,7 +121,7 @@ impl Identity {
 
     /// The canonical (survivor) uuid for a person uuid; the uuid itself when unknown.
     pub fn canonical(&mut self, uuid: &str) -> String {
-        match self.by_uuid.get(uuid).copied() {
+        match self.lookup(uuid) {
             Some(i) => {
                 let r = self.find(i);
                 let s = self.recs[r as usize].survivor;
@@ -151,7 +164,7 @@ impl Identity {
 
     /// Members of `uuid`'s component.
     pub fn component_size(&mut self, uuid: &str) -> u32 {
-        match self.by_uuid.get(uuid).copied() {
+        match self.lookup(uuid) {
             Some(i) => {
                 let r = self.find(i);
                 self.recs[r as usize].size
@@ -163,7 +176,7 @@ impl Identity {
     /// Approximate heap bytes held, for the bench.
     pub fn approx_bytes(&self) -> usize {
         self.recs.capacity() * std::mem::size_of::<Rec>()
-            + self.by_uuid.capacity() * (std::mem::size_of::<(Box<str>, u32)>() + 1)
+            + self.by_uuid.capacity() * (std::mem::size_of::<u32>() + 1)
             + self.index.capacity() * (std::mem::size_of::<((u16, Box<str>), u32)>() + 1)
             + self.str_bytes
     }

@@ -183,6 +183,8 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         .set("topic.metadata.refresh.interval.ms", "2000")
         .set("enable.partition.eof", "false")
         .set("fetch.max.bytes", "52428800")
+        // Prefetch per partition; the default (64 MiB each) dominated memory with many sites.
+        .set("queued.max.messages.kbytes", "16384")
         .create()
         .map_err(|e| TransformError::kafka("creating the consumer", e))?;
     consumer.subscribe(&[&names.cdc_pattern()]).map_err(|e| TransformError::kafka("subscribing to the site topics", e))?;
