@@ -19,6 +19,8 @@ pub struct TxProducer {
     pub topic: String,
     pub offsets_topic: String,
     site: String,
+    /// The commit of the previous transaction, still running while the next batch is built.
+    inflight: Option<(tokio::task::JoinHandle<rdkafka::error::KafkaResult<()>>, Vec<(String, &'static str)>)>,
 }
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,34 +42,41 @@ impl TxProducer {
         producer
             .init_transactions(TXN_TIMEOUT)
             .map_err(|e| IngestError::kafka("initialising transactions (fencing any older agent of this site)", e))?;
-        Ok(TxProducer { producer, topic, offsets_topic, site: site.to_string() })
+        Ok(TxProducer { producer, topic, offsets_topic, site: site.to_string(), inflight: None })
     }
 
-    /// Sends `events` and `checkpoint` in one Kafka transaction.
-    pub async fn send(&self, events: &[ChangeEvent], checkpoint: &Checkpoint) -> Result<(), IngestError> {
+    /// Sends `events` and `checkpoint` in one Kafka transaction. The commit runs in the
+    /// background while the caller builds the next batch; the next `send` (or [`Self::wait`])
+    /// waits for it first, so transactions stay strictly ordered and at most one is open.
+    pub async fn send(&mut self, events: &[ChangeEvent], checkpoint: &Checkpoint) -> Result<(), IngestError> {
+        self.wait().await?;
         self.producer.begin_transaction().map_err(|e| IngestError::kafka("beginning a transaction", e))?;
-        let result = self.send_inner(events, checkpoint).await;
-        match result {
-            Ok(()) => {
-                let p = self.producer.clone();
-                tokio::task::spawn_blocking(move || p.commit_transaction(TXN_TIMEOUT))
-                    .await
-                    .map_err(|e| IngestError::Kafka { context: "committing".into(), message: e.to_string() })?
-                    .map_err(|e| IngestError::kafka("committing a transaction", e))?;
-                metrics().kafka_transactions.with_label_values(&["ingest", &self.site]).inc();
-                for ev in events {
-                    metrics()
-                        .events_out
-                        .with_label_values(&["ingest", &self.site, ev.table.as_deref().unwrap_or(""), ev.op.as_str()])
-                        .inc();
-                }
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self.producer.abort_transaction(TXN_TIMEOUT);
-                Err(e)
-            }
+        if let Err(e) = self.send_inner(events, checkpoint).await {
+            let _ = self.producer.abort_transaction(TXN_TIMEOUT);
+            return Err(e);
         }
+        let counts: Vec<(String, &'static str)> = events.iter().map(|ev| (ev.table.clone().unwrap_or_default(), ev.op.as_str())).collect();
+        let p = self.producer.clone();
+        self.inflight = Some((tokio::task::spawn_blocking(move || p.commit_transaction(TXN_TIMEOUT)), counts));
+        Ok(())
+    }
+
+    /// Waits for the transaction in flight, if any, to be committed.
+    pub async fn wait(&mut self) -> Result<(), IngestError> {
+        let Some((handle, counts)) = self.inflight.take() else { return Ok(()) };
+        handle
+            .await
+            .map_err(|e| IngestError::Kafka { context: "committing".into(), message: e.to_string() })?
+            .map_err(|e| IngestError::kafka("committing a transaction", e))?;
+        metrics().kafka_transactions.with_label_values(&["ingest", &self.site]).inc();
+        let mut by: std::collections::HashMap<(String, &'static str), u64> = std::collections::HashMap::new();
+        for c in counts {
+            *by.entry(c).or_default() += 1;
+        }
+        for ((table, op), n) in by {
+            metrics().events_out.with_label_values(&["ingest", &self.site, &table, op]).inc_by(n);
+        }
+        Ok(())
     }
 
     async fn send_inner(&self, events: &[ChangeEvent], checkpoint: &Checkpoint) -> Result<(), IngestError> {

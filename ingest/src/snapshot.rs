@@ -153,6 +153,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
     let start = segments.first().map(|s| s.position.clone()).unwrap_or(position);
     let cp = Checkpoint::Streaming { position: start, skip_rows: 0, tables, segments };
     agent.producer.send(&[], &cp).await?;
+    agent.producer.wait().await?;
     tracing::info!(site = %site, rows = rows_done, "snapshot done; streaming");
     Ok(cp)
 }

@@ -196,6 +196,7 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                         };
                         agent.producer.send(&[], &cp).await?;
                     }
+                    agent.producer.wait().await?;
                     tracing::info!(
                         site = %site, file = %cur_file, pos = cur_pos,
                         ref_hits = agent.resolver.hits, ref_misses = agent.resolver.misses, ref_unresolved = agent.resolver.unresolved,

@@ -132,6 +132,12 @@ fn dlq_record(reason: &str, origin: &Origin, payload: &[u8]) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+async fn await_commit(h: tokio::task::JoinHandle<rdkafka::error::KafkaResult<()>>) -> Result<(), TransformError> {
+    h.await
+        .map_err(|e| TransformError::Kafka { context: "committing".into(), message: e.to_string() })?
+        .map_err(|e| TransformError::kafka("committing a transaction", e))
+}
+
 async fn enqueue(producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) -> Result<(), TransformError> {
     loop {
         match producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
@@ -220,6 +226,8 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
     let mut consumed: HashMap<(String, i32), i64> = HashMap::new();
     let mut committed: HashMap<(String, i32), i64> = HashMap::new();
     let mut paused: HashSet<(String, i32)> = HashSet::new();
+    let mut inflight: Option<tokio::task::JoinHandle<rdkafka::error::KafkaResult<()>>> = None;
+    let mut in_counts: HashMap<(String, String, &'static str), u64> = HashMap::new();
     loop {
         let started = Instant::now();
         let mut outputs: Vec<HqEvent> = Vec::new();
@@ -244,12 +252,15 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             match decode(&payload, &origin.topic, &cdc_prefix) {
                 Err(reason) => dead.push((origin, reason, payload)),
                 Ok(ev) => {
-                    metrics().events_in.with_label_values(&["transform", &ev.site, ev.table.as_deref().unwrap_or(""), ev.op.as_str()]).inc();
+                    *in_counts.entry((ev.site.clone(), ev.table.clone().unwrap_or_default(), ev.op.as_str())).or_default() += 1;
                     outputs.extend(engine.push(ev, origin, now_ms()));
                 }
             }
         }
         outputs.extend(engine.tick(now_ms()));
+        for ((site, table, op), n) in in_counts.drain() {
+            metrics().events_in.with_label_values(&["transform", &site, &table, op]).inc_by(n);
+        }
 
         // Done (batch mode)?
         let mut finished = false;
@@ -280,6 +291,10 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             facts.extend(engine.watermark_facts());
         }
         if !outputs.is_empty() || !dead.is_empty() || !facts.is_empty() || !new_committed.is_empty() {
+            // The previous transaction's commit ran while this batch was read and transformed.
+            if let Some(h) = inflight.take() {
+                await_commit(h).await?;
+            }
             producer.begin_transaction().map_err(|e| TransformError::kafka("beginning a transaction", e))?;
             for o in &outputs {
                 enqueue(&producer, &out_topic, &o.key(), &o.to_json()).await?;
@@ -296,27 +311,32 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                 producer.send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT).map_err(|e| TransformError::kafka("adding offsets to the transaction", e))?;
             }
             let p = producer.clone();
-            tokio::task::spawn_blocking(move || p.commit_transaction(TXN_TIMEOUT))
-                .await
-                .map_err(|e| TransformError::Kafka { context: "committing".into(), message: e.to_string() })?
-                .map_err(|e| TransformError::kafka("committing a transaction", e))?;
+            inflight = Some(tokio::task::spawn_blocking(move || p.commit_transaction(TXN_TIMEOUT)));
             for (k, v) in new_committed {
                 committed.insert(k, v);
             }
             let m = metrics();
             m.kafka_transactions.with_label_values(&["transform", ""]).inc();
             m.batch_latency.with_label_values(&["transform"]).observe(started.elapsed().as_secs_f64());
+            let mut out_counts: HashMap<(String, String, &'static str), u64> = HashMap::new();
+            let mut late_counts: HashMap<String, u64> = HashMap::new();
             for o in &outputs {
                 match o {
                     HqEvent::Change { event, late, .. } => {
-                        m.events_out.with_label_values(&["transform", &event.site, event.table.as_deref().unwrap_or(""), event.op.as_str()]).inc();
+                        *out_counts.entry((event.site.clone(), event.table.clone().unwrap_or_default(), event.op.as_str())).or_default() += 1;
                         if *late {
-                            m.late_events.with_label_values(&[&event.site]).inc();
+                            *late_counts.entry(event.site.clone()).or_default() += 1;
                         }
                     }
                     HqEvent::Merge { .. } => m.merges.inc(),
                     HqEvent::IdentityReview { .. } => m.identity_reviews.inc(),
                 }
+            }
+            for ((site, table, op), n) in out_counts {
+                m.events_out.with_label_values(&["transform", &site, &table, op]).inc_by(n);
+            }
+            for (site, n) in late_counts {
+                m.late_events.with_label_values(&[&site]).inc_by(n);
             }
             for (_, reason, _) in &dead {
                 let kind = reason.split(':').next().unwrap_or("invalid").chars().take(40).collect::<String>();
@@ -373,6 +393,9 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             engine.touch(t.strip_prefix(&cdc_prefix).unwrap_or(""), now);
         }
         if finished {
+            if let Some(h) = inflight.take() {
+                await_commit(h).await?;
+            }
             tracing::info!(merges = engine.merges, identities = engine.identity.len(), "all site topics read to their end; done");
             return Ok(());
         }
