@@ -120,6 +120,8 @@ async fn main() {
                     cur_file = r.name().trim_end_matches('\0').to_string();
                 }
             }
+            first = false;
+            continue;
         } else if let Ok(Some(EventData::RowsEvent(re))) = ev.read_data() {
             if let Some(tme) = stream.get_tme(re.table_id()) {
                 if tme.database_name() == database {
@@ -157,7 +159,7 @@ async fn main() {
     let raw_rate = raw_rows as f64 / raw_secs;
     let agent_rate = raw_rows as f64 / agent_secs;
     let commit = omrs_core::metrics::metrics().batch_latency.with_label_values(&["ingest"]);
-    eprintln!("time in Kafka commits: {:.1} s over {} commits", commit.get_sample_sum(), commit.get_sample_count());
+    eprintln!("time waiting for the producer task: {:.1} s over {} batches", commit.get_sample_sum(), commit.get_sample_count());
     println!("BENCH ingest_rows {raw_rows} rows");
     println!("BENCH raw_decode_rate {raw_rate:.0} rows/s");
     println!("BENCH ingest_catchup_rate {agent_rate:.0} rows/s");

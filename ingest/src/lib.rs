@@ -225,7 +225,7 @@ async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot
     let tuning = Tuning {
         chunk_rows: cfg.ingest.snapshot_chunk_rows,
         heartbeat: Duration::from_millis(cfg.ingest.heartbeat_interval_ms.max(50)),
-        batch_events: 20_000,
+        batch_events: 5_000,
         batch_age: Duration::from_millis(200),
         max_txn_events: 50_000,
         ref_cache: 2_000_000,

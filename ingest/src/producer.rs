@@ -1,7 +1,14 @@
 //! The transactional Kafka producer of one site agent. `transactional.id` is derived from the
 //! site, so a second agent for the same site fences the first (zombie fencing); every batch of
 //! events goes out in one Kafka transaction together with the checkpoint that covers it.
+//!
+//! The producer runs as its own task: the agent hands it whole batches and goes on decoding the
+//! binlog while the task serialises, enqueues and commits (and the commit of one transaction
+//! overlaps the building of the next). Transactions stay strictly ordered, and at most one is
+//! open. The first failure stops the task; the agent sees it on its next call and restarts from
+//! the last committed checkpoint.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use omrs_core::config::KafkaConfig;
@@ -10,20 +17,31 @@ use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::Checkpoint;
 use crate::IngestError;
 
-pub struct TxProducer {
-    producer: FutureProducer,
-    pub topic: String,
-    pub offsets_topic: String,
-    site: String,
-    /// The commit of the previous transaction, still running while the next batch is built.
-    inflight: Option<(tokio::task::JoinHandle<rdkafka::error::KafkaResult<()>>, Vec<(String, &'static str)>)>,
+const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+
+enum Req {
+    Batch(Vec<ChangeEvent>, Checkpoint),
+    Flush(oneshot::Sender<()>),
 }
 
-const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+pub struct TxProducer {
+    tx: mpsc::Sender<Req>,
+    failed: Arc<Mutex<Option<String>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+struct Worker {
+    producer: FutureProducer,
+    topic: String,
+    offsets_topic: String,
+    site: String,
+    inflight: Option<(tokio::task::JoinHandle<rdkafka::error::KafkaResult<()>>, Vec<(String, &'static str)>)>,
+}
 
 impl TxProducer {
     pub fn new(kafka: &KafkaConfig, site: &str, topic: String, offsets_topic: String) -> Result<Self, IngestError> {
@@ -42,27 +60,76 @@ impl TxProducer {
         producer
             .init_transactions(TXN_TIMEOUT)
             .map_err(|e| IngestError::kafka("initialising transactions (fencing any older agent of this site)", e))?;
-        Ok(TxProducer { producer, topic, offsets_topic, site: site.to_string(), inflight: None })
+        let (tx, mut rx) = mpsc::channel::<Req>(1);
+        let failed = Arc::new(Mutex::new(None));
+        let mut worker = Worker { producer, topic, offsets_topic, site: site.to_string(), inflight: None };
+        let flag = failed.clone();
+        let task = tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                let result = match req {
+                    Req::Batch(events, cp) => worker.send(events, cp).await,
+                    Req::Flush(reply) => {
+                        let r = worker.wait().await;
+                        let _ = reply.send(());
+                        r
+                    }
+                };
+                if let Err(e) = result {
+                    if let Ok(mut f) = flag.lock() {
+                        f.get_or_insert(e.to_string());
+                    }
+                    break;
+                }
+            }
+        });
+        Ok(TxProducer { tx, failed, _task: task })
     }
 
-    /// Sends `events` and `checkpoint` in one Kafka transaction. The commit runs in the
-    /// background while the caller builds the next batch; the next `send` (or [`Self::wait`])
-    /// waits for it first, so transactions stay strictly ordered and at most one is open.
-    pub async fn send(&mut self, events: &[ChangeEvent], checkpoint: &Checkpoint) -> Result<(), IngestError> {
+    fn check(&self) -> Result<(), IngestError> {
+        match self.failed.lock().ok().and_then(|f| f.clone()) {
+            Some(message) => Err(IngestError::Kafka { context: "producing".into(), message }),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands `events` and the `checkpoint` that follows them to the producer task, to go out
+    /// as one Kafka transaction.
+    pub async fn send(&mut self, events: Vec<ChangeEvent>, checkpoint: Checkpoint) -> Result<(), IngestError> {
+        self.check()?;
+        if self.tx.send(Req::Batch(events, checkpoint)).await.is_err() {
+            self.check()?;
+            return Err(IngestError::Kafka { context: "producing".into(), message: "the producer task stopped".into() });
+        }
+        Ok(())
+    }
+
+    /// Waits until everything sent so far is committed.
+    pub async fn wait(&mut self) -> Result<(), IngestError> {
+        self.check()?;
+        let (reply, done) = oneshot::channel();
+        if self.tx.send(Req::Flush(reply)).await.is_err() || done.await.is_err() {
+            self.check()?;
+            return Err(IngestError::Kafka { context: "producing".into(), message: "the producer task stopped".into() });
+        }
+        self.check()
+    }
+}
+
+impl Worker {
+    async fn send(&mut self, events: Vec<ChangeEvent>, checkpoint: Checkpoint) -> Result<(), IngestError> {
         self.wait().await?;
         self.producer.begin_transaction().map_err(|e| IngestError::kafka("beginning a transaction", e))?;
-        if let Err(e) = self.send_inner(events, checkpoint).await {
+        if let Err(e) = self.enqueue_all(&events, &checkpoint).await {
             let _ = self.producer.abort_transaction(TXN_TIMEOUT);
             return Err(e);
         }
-        let counts: Vec<(String, &'static str)> = events.iter().map(|ev| (ev.table.clone().unwrap_or_default(), ev.op.as_str())).collect();
+        let counts: Vec<(String, &'static str)> = events.into_iter().map(|ev| (ev.table.unwrap_or_default(), ev.op.as_str())).collect();
         let p = self.producer.clone();
         self.inflight = Some((tokio::task::spawn_blocking(move || p.commit_transaction(TXN_TIMEOUT)), counts));
         Ok(())
     }
 
-    /// Waits for the transaction in flight, if any, to be committed.
-    pub async fn wait(&mut self) -> Result<(), IngestError> {
+    async fn wait(&mut self) -> Result<(), IngestError> {
         let Some((handle, counts)) = self.inflight.take() else { return Ok(()) };
         handle
             .await
@@ -79,7 +146,7 @@ impl TxProducer {
         Ok(())
     }
 
-    async fn send_inner(&self, events: &[ChangeEvent], checkpoint: &Checkpoint) -> Result<(), IngestError> {
+    async fn enqueue_all(&self, events: &[ChangeEvent], checkpoint: &Checkpoint) -> Result<(), IngestError> {
         for ev in events {
             let key = event_key(ev);
             let payload = ev.to_json();

@@ -132,7 +132,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
             } else {
                 Checkpoint::Snapshot { tables: tables.clone(), segments: segments.clone(), next_table: ti, after_key: last_key, rows: rows_done }
             };
-            agent.producer.send(&events, &cp).await?;
+            agent.producer.send(events, cp).await?;
             metrics().snapshot_rows.with_label_values(&[&site, name]).inc_by(n as u64);
             metrics().events_in.with_label_values(&["ingest", &site, name, "r"]).inc_by(n as u64);
             if let Some(pb) = &bar {
@@ -152,7 +152,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
     }
     let start = segments.first().map(|s| s.position.clone()).unwrap_or(position);
     let cp = Checkpoint::Streaming { position: start, skip_rows: 0, tables, segments };
-    agent.producer.send(&[], &cp).await?;
+    agent.producer.send(Vec::new(), cp.clone()).await?;
     agent.producer.wait().await?;
     tracing::info!(site = %site, rows = rows_done, "snapshot done; streaming");
     Ok(cp)

@@ -194,7 +194,7 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                             tables: segs.tables.clone(),
                             segments: segs.segments.clone(),
                         };
-                        agent.producer.send(&[], &cp).await?;
+                        agent.producer.send(Vec::new(), cp).await?;
                     }
                     agent.producer.wait().await?;
                     tracing::info!(
@@ -434,9 +434,8 @@ fn streaming_cp(pos: &Position, segs: &Segments) -> Checkpoint {
 
 async fn flush(agent: &mut Agent, batch: &mut Vec<ChangeEvent>, cp: &Checkpoint, committed: &mut Position, site: &str) -> Result<(), IngestError> {
     let started = Instant::now();
-    agent.producer.send(batch, cp).await?;
+    agent.producer.send(std::mem::take(batch), cp.clone()).await?;
     metrics().batch_latency.with_label_values(&["ingest"]).observe(started.elapsed().as_secs_f64());
-    batch.clear();
     metrics().ref_cache_entries.with_label_values(&[site]).set(agent.resolver.len() as i64);
     if let Checkpoint::Streaming { position, .. } = cp {
         *committed = position.clone();
@@ -459,7 +458,7 @@ async fn heartbeat(agent: &mut Agent, pos: &Position, segs: &Segments) -> Result
         Source { server_id: agent.server_id, gtid: pos.gtid.clone(), file: pos.file.clone(), pos: pos.pos, row: 0, ts_ms: site_ms, snapshot: false },
         local,
     );
-    agent.producer.send(std::slice::from_ref(&ev), &streaming_cp(pos, segs)).await?;
+    agent.producer.send(vec![ev], streaming_cp(pos, segs)).await?;
     metrics().heartbeats.with_label_values(&[&agent.site.name]).inc();
     Ok(())
 }
