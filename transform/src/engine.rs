@@ -151,7 +151,11 @@ impl Fact {
 pub struct Engine {
     cfg: EngineConfig,
     pub sites: BTreeMap<String, SiteState>,
-    buffer: BinaryHeap<Reverse<Pending>>,
+    /// Boxed: sifting the heap then moves pointers, not whole events.
+    buffer: BinaryHeap<Reverse<Box<Pending>>>,
+    /// Offsets still buffered, per (topic, partition), in arrival order. A site's events are
+    /// released in arrival order, so the front is always the first one not yet emitted.
+    buffered_offsets: BTreeMap<(String, i32), std::collections::VecDeque<i64>>,
     buffered_bytes: usize,
     seq: u64,
     pub identity: Identity,
@@ -169,6 +173,7 @@ impl Engine {
             cfg,
             sites: BTreeMap::new(),
             buffer: BinaryHeap::new(),
+            buffered_offsets: BTreeMap::new(),
             buffered_bytes: 0,
             seq: 0,
             identity: Identity::default(),
@@ -194,12 +199,7 @@ impl Engine {
 
     /// The smallest buffered offset per (topic, partition): what must not be committed past.
     pub fn pending_offsets(&self) -> BTreeMap<(String, i32), i64> {
-        let mut out: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        for Reverse(p) in self.buffer.iter() {
-            let e = out.entry((p.origin.topic.clone(), p.origin.partition)).or_insert(i64::MAX);
-            *e = (*e).min(p.origin.offset);
-        }
-        out
+        self.buffered_offsets.iter().filter_map(|(k, q)| q.front().map(|&o| (k.clone(), o))).collect()
     }
 
     /// Declares a site (from the config): until it speaks or its idle timeout passes, it holds
@@ -269,7 +269,8 @@ impl Engine {
         if let Some(s) = self.sites.get_mut(&site) {
             s.buffered += 1;
         }
-        self.buffer.push(Reverse(Pending { time, site, seq: self.seq, ev, origin, bytes }));
+        self.buffered_offsets.entry((origin.topic.clone(), origin.partition)).or_default().push_back(origin.offset);
+        self.buffer.push(Reverse(Box::new(Pending { time, site, seq: self.seq, ev, origin, bytes })));
         self.advance(now_ms, &mut out);
         out
     }
@@ -319,7 +320,13 @@ impl Engine {
         }
     }
 
-    fn release(&mut self, p: Pending, out: &mut Vec<HqEvent>) {
+    fn release(&mut self, p: Box<Pending>, out: &mut Vec<HqEvent>) {
+        let p = *p;
+        if let Some(q) = self.buffered_offsets.get_mut(&(p.origin.topic.clone(), p.origin.partition)) {
+            if let Some(i) = q.iter().position(|&o| o == p.origin.offset) {
+                q.remove(i);
+            }
+        }
         self.buffered_bytes = self.buffered_bytes.saturating_sub(p.bytes);
         if let Some(s) = self.sites.get_mut(&p.site) {
             s.buffered = s.buffered.saturating_sub(1);
