@@ -265,7 +265,18 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         // Done (batch mode)?
         let mut finished = false;
         if let Some(t) = &targets {
-            let all = t.iter().all(|(k, high)| consumed.get(k).map_or(*high == 0, |o| o + 1 >= *high) || *high == 0);
+            // Positions, not the last offsets seen: a transactional topic ends with a commit
+            // marker that the consumer skips but that counts in the end offset.
+            let positions = consumer.position().ok();
+            let at = |topic: &str, part: i32| {
+                positions
+                    .as_ref()
+                    .and_then(|p| p.find_partition(topic, part))
+                    .and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None })
+            };
+            let all = t.iter().all(|((topic, part), high)| {
+                *high == 0 || at(topic, *part).is_some_and(|o| o >= *high) || consumed.get(&(topic.clone(), *part)).is_some_and(|o| o + 1 >= *high)
+            });
             if all && n == 0 {
                 outputs.extend(engine.drain());
                 finished = true;
