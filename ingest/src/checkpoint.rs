@@ -84,9 +84,17 @@ pub fn read(kafka: &KafkaConfig, topic: &str, site: &str) -> Result<Option<Check
         .create()
         .map_err(|e| IngestError::kafka("creating the checkpoint reader", e))?;
     let timeout = Duration::from_secs(30);
-    let (low, high) = consumer
-        .fetch_watermarks(topic, 0, timeout)
-        .map_err(|e| IngestError::kafka(&format!("reading the end of {topic}"), e))?;
+    let (low, high) = consumer.fetch_watermarks(topic, 0, timeout).map_err(|e| {
+        let missing = matches!(
+            e.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::UnknownPartition | rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition | rdkafka::types::RDKafkaErrorCode::UnknownTopic)
+        );
+        if missing {
+            IngestError::Usage(format!("topic {topic} does not exist: create the topics first with `omrs-stream topics apply`"))
+        } else {
+            IngestError::kafka(&format!("reading the end of {topic}"), e)
+        }
+    })?;
     if high <= low {
         return Ok(None);
     }

@@ -59,7 +59,17 @@ fn restore(cfg: &Config, topic: &str, engine: &mut Engine) -> Result<usize, Tran
         .set("isolation.level", "read_committed")
         .create()
         .map_err(|e| TransformError::kafka("creating the state reader", e))?;
-    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(30)).map_err(|e| TransformError::kafka(&format!("reading the end of {topic}"), e))?;
+    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(30)).map_err(|e| {
+        let missing = matches!(
+            e.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::UnknownPartition | rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition | rdkafka::types::RDKafkaErrorCode::UnknownTopic)
+        );
+        if missing {
+            TransformError::State(format!("topic {topic} does not exist: create the topics first with `omrs-stream topics apply`"))
+        } else {
+            TransformError::kafka(&format!("reading the end of {topic}"), e)
+        }
+    })?;
     if high <= low {
         return Ok(0);
     }
