@@ -80,26 +80,25 @@ fn resolved_topics(cli: &Cli) -> anyhow::Result<(Config, Vec<omrs_core::config::
     Ok((cfg, topics))
 }
 
+/// Serves /metrics and /health on `metrics.listen`, or on its host with `--metrics-port`.
+async fn serve_metrics(cfg: &Config, port: Option<u16>, stage: &str) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let addr = cfg.metrics.addr()?;
+    let listen = port.map(|p| std::net::SocketAddr::new(addr.ip(), p)).unwrap_or(addr);
+    Ok(omrs_core::metrics::serve(listen, stage).await?)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Demo => Ok(not_built("demo", 8)),
         Command::Ingest(args) => {
             let cfg = Config::load(&cli.config)?;
-            let listen = match args.metrics_port {
-                Some(p) => std::net::SocketAddr::new(cfg.metrics.addr()?.ip(), p),
-                None => cfg.metrics.addr()?,
-            };
-            let _metrics = omrs_core::metrics::serve(listen, "ingest").await?;
+            let _metrics = serve_metrics(&cfg, args.metrics_port, "ingest").await?;
             omrs_ingest::run(&cfg, args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Transform(args) => {
             let cfg = Config::load(&cli.config)?;
-            let listen = match args.metrics_port {
-                Some(p) => std::net::SocketAddr::new(cfg.metrics.addr()?.ip(), p),
-                None => cfg.metrics.addr()?,
-            };
-            let _metrics = omrs_core::metrics::serve(listen, "transform").await?;
+            let _metrics = serve_metrics(&cfg, args.metrics_port, "transform").await?;
             omrs_transform::runner::run(&cfg, args).await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -189,28 +189,21 @@ async fn sigkill_during_snapshot_and_streaming_loses_and_doubles_nothing() {
     // Streaming, with a workload running at the site, killed twice more.
     let mut cfg = env.cfg.clone();
     cfg.sites.retain(|s| s.name == env.site);
-    let mut args = omrs_simulate::SimulateArgs {
+    let args = omrs_simulate::SimulateArgs {
         sites: 1,
         patients: 120,
         dup_fraction: 0.0,
         seed: 3,
         rate: Some(1500.0),
-        burst: false,
-        duration: None,
-        until_patients: None,
-        offline: vec![],
         manifest: env.dir.path().join("manifest.json"),
         database: Some(env.database.clone()),
         no_provision: true,
-        provision_only: false,
         dump: dump(),
         demo_site: "none".into(),
-        admin_user: "omrs".into(),
-        admin_password: "omrs".into(),
         batch: 4,
         quiet: true,
+        ..Default::default()
     };
-    args.rate = Some(1500.0);
     let workload = tokio::spawn(async move { omrs_simulate::run(&cfg, &args).await });
     let base = high_watermark(&env.topic());
     for step in [400, 1_500] {

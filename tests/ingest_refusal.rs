@@ -1,5 +1,6 @@
-//! The agent refuses a server whose binlog is not ROW, naming the setting and the fix. Its own
-//! test binary: it changes a global server setting, so nothing else may run meanwhile.
+//! Tests that change a server globally, in their own test binary so that no other test binary
+//! runs meanwhile: the agent refuses a server whose binlog is not ROW (site-c), and a purged
+//! position is a clear error that `--resnapshot` recovers from (site-b).
 
 mod common;
 
@@ -22,10 +23,10 @@ async fn statement_binlog_format_is_refused_with_the_fix() {
 }
 
 /// A position purged while the agent was away is a clear error; `--resnapshot` recovers.
-/// (Purges binlogs of site-c: this binary runs alone.)
+/// Purges binlogs of site-b: this binary runs alone, and its other test changes site-c only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purged_position_is_a_clear_error_and_resnapshot_recovers() {
-    let env = Env::new("purge", "site-c", &[]).await;
+    let env = Env::new("purge", "site-b", &[]).await;
     env.catch_up();
     let mut c = admin(env.port, None).await;
     // The agent is away; the site writes, rotates and purges.
@@ -34,9 +35,14 @@ async fn a_purged_position_is_a_clear_error_and_resnapshot_recovers() {
     c.query_drop("FLUSH BINARY LOGS").await.unwrap();
     let current: mysql_async::Row = c.query_first("SHOW MASTER STATUS").await.unwrap().unwrap();
     let file: String = current.get(0).unwrap();
-    // A replica connection that has not yet noticed its client is gone keeps its file; retry
-    // until the server really purged it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // A binlog dump thread whose client is gone keeps its file until it notices; end them
+    // (this binary runs alone, so no live agent is affected), then purge.
+    let dumps: Vec<mysql_async::Row> = c.query("SELECT id FROM information_schema.processlist WHERE command LIKE 'Binlog Dump%'").await.unwrap();
+    for d in dumps {
+        let id: u64 = d.get(0).unwrap();
+        let _ = c.query_drop(format!("KILL {id}")).await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         c.query_drop(format!("PURGE BINARY LOGS TO '{file}'")).await.unwrap();
         let first: mysql_async::Row = c.query_first("SHOW BINARY LOGS").await.unwrap().unwrap();

@@ -10,8 +10,6 @@ use std::process::Stdio;
 
 use common::*;
 use omrs_transform::engine::HqEvent;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_and_transform_resolve_every_manifest_identity() {
@@ -30,25 +28,15 @@ async fn ingest_and_transform_resolve_every_manifest_identity() {
 
     let manifest_path = dir.path().join("manifest.json");
     let args = omrs_simulate::SimulateArgs {
-        sites: 3,
         patients: 150,
         dup_fraction: 0.3,
         seed: 42,
-        rate: None,
         burst: true,
-        duration: None,
-        until_patients: None,
-        offline: vec![],
         manifest: manifest_path.clone(),
         database: Some(database.clone()),
-        no_provision: false,
-        provision_only: false,
         dump: dump(),
-        demo_site: "first".into(),
-        admin_user: "omrs".into(),
-        admin_password: "omrs".into(),
-        batch: 16,
         quiet: true,
+        ..Default::default()
     };
     let manifest = omrs_simulate::run(&cfg, &args).await.unwrap();
 
@@ -78,25 +66,7 @@ async fn ingest_and_transform_resolve_every_manifest_identity() {
         .unwrap();
     assert!(out.status.success(), "transform: {}", String::from_utf8_lossy(&out.stderr));
 
-    // Read the HQ stream.
-    let topic = format!("{prefix}omrs.hq.changes");
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", "127.0.0.1:9092")
-        .set("group.id", unique("e2e-reader"))
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let (_, high) = consumer.fetch_watermarks(&topic, 0, std::time::Duration::from_secs(10)).unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, Offset::Beginning).unwrap();
-    consumer.assign(&tpl).unwrap();
-    let mut events = Vec::new();
-    wait_for(120, "the HQ stream", || {
-        while let Some(m) = consumer.poll(std::time::Duration::from_millis(100)) {
-            events.push(serde_json::from_slice::<HqEvent>(m.unwrap().payload().unwrap()).unwrap());
-        }
-        matches!(consumer.position().unwrap().find_partition(&topic, 0).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= high).then_some(())
-    });
+    let events: Vec<HqEvent> = read_json(&format!("{prefix}omrs.hq.changes"));
 
     // Final assignment: follow merges loser → winner.
     let mut parent: HashMap<String, String> = HashMap::new();

@@ -14,7 +14,6 @@ use omrs_core::envelope::{ChangeEvent, Op, Row, Source};
 use omrs_transform::engine::HqEvent;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::json;
 
 fn input(people: usize, obs_per_person: usize) -> BTreeMap<String, Vec<ChangeEvent>> {
@@ -94,31 +93,7 @@ fn high(topic: &str) -> i64 {
 }
 
 fn read_out(topic: &str) -> Vec<HqEvent> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", "127.0.0.1:9092")
-        .set("group.id", unique("out"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let (low, hw) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
-    if hw <= low {
-        return Vec::new();
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    wait_for(120, "reading the output", || {
-        while let Some(m) = consumer.poll(Duration::from_millis(100)) {
-            out.push(serde_json::from_slice::<HqEvent>(m.unwrap().payload().unwrap()).unwrap());
-        }
-        match consumer.position().unwrap().find_partition(topic, 0).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) if o >= hw => Some(()),
-            _ => None,
-        }
-    });
-    out
+    read_json(topic)
 }
 
 type Id = (String, String, String, u64);

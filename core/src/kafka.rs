@@ -3,9 +3,14 @@
 //! Every stage builds its producers, consumers and admin clients from [`client_config`], so a
 //! deployment that needs `sasl_ssl` sets it once in `omrs-stream.toml`.
 
-use rdkafka::ClientConfig;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
+use crate::error::{CoreError, Result};
 
 /// Base client settings: bootstrap servers, security, then raw `properties` (which win).
 pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
@@ -30,6 +35,56 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         cc.set(k, v);
     }
     cc
+}
+
+/// Reads partition 0 of `topic` from the beginning to its current end, read_committed, calling
+/// `f(key, payload, offset)` for each record. A missing topic is a definite error that says to
+/// run `topics apply`; `f` returning Err stops the read with that message.
+pub fn read_to_end(
+    cfg: &KafkaConfig,
+    topic: &str,
+    mut f: impl FnMut(Option<&[u8]>, &[u8], i64) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let consumer: BaseConsumer = client_config(cfg)
+        .set("group.id", format!("omrs-reader-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|e| CoreError::kafka(format!("creating a reader for {topic}"), e))?;
+    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(30)).map_err(|e| match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::UnknownPartition | RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => CoreError::Kafka {
+            context: format!("topic {topic}"),
+            message: "does not exist: create the topics first with `omrs-stream topics apply`".into(),
+            transient: false,
+        },
+        _ => CoreError::kafka(format!("reading the end of {topic}"), e),
+    })?;
+    if high <= low {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning).map_err(|e| CoreError::kafka(format!("assigning {topic}"), e))?;
+    consumer.assign(&tpl).map_err(|e| CoreError::kafka(format!("assigning {topic}"), e))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
+            let msg = msg.map_err(|e| CoreError::kafka(format!("reading {topic}"), e))?;
+            if let Some(payload) = msg.payload() {
+                f(msg.key(), payload, msg.offset()).map_err(|m| CoreError::Kafka { context: format!("{topic} offset {}", msg.offset()), message: m, transient: false })?;
+            }
+        }
+        // The position, not the last offset: a transactional topic ends with a commit marker.
+        let pos = consumer.position().ok().and_then(|p| p.find_partition(topic, 0).map(|e| e.offset()));
+        if let Some(Offset::Offset(o)) = pos {
+            if o >= high {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(CoreError::Kafka { context: format!("reading {topic} to its end"), message: "timed out".into(), transient: true });
+        }
+    }
 }
 
 #[cfg(test)]

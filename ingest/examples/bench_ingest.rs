@@ -79,21 +79,14 @@ async fn main() {
         patients,
         dup_fraction: 0.0,
         seed: 11,
-        rate: None,
         burst: true,
-        duration: None,
-        until_patients: None,
-        offline: vec![],
         manifest: std::env::temp_dir().join("bench-ingest-manifest.json"),
         database: Some(database.into()),
         no_provision: true,
-        provision_only: false,
         dump: dump.clone(),
         demo_site: "none".into(),
-        admin_user: "omrs".into(),
-        admin_password: "omrs".into(),
-        batch: 16,
         quiet: true,
+        ..Default::default()
     };
     let m = omrs_simulate::run(&cfg, &sim).await.unwrap();
     let (to_file, to_pos) = master_status(&mut c).await;

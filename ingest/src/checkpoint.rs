@@ -2,12 +2,7 @@
 //! `omrs.ingest.offsets` topic, keyed by site, and is written in the same Kafka transaction as
 //! the events it covers, so the topic and the checkpoint never disagree.
 
-use std::time::Duration;
-
 use omrs_core::config::KafkaConfig;
-use omrs_core::kafka::client_config;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::IngestError;
@@ -76,56 +71,19 @@ impl Checkpoint {
 
 /// Reads the last committed checkpoint of `site` (read_committed), or None.
 pub fn read(kafka: &KafkaConfig, topic: &str, site: &str) -> Result<Option<Checkpoint>, IngestError> {
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", format!("omrs-ingest-checkpoint-{site}"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false")
-        .create()
-        .map_err(|e| IngestError::kafka("creating the checkpoint reader", e))?;
-    let timeout = Duration::from_secs(30);
-    let (low, high) = consumer.fetch_watermarks(topic, 0, timeout).map_err(|e| {
-        let missing = matches!(
-            e.rdkafka_error_code(),
-            Some(rdkafka::types::RDKafkaErrorCode::UnknownPartition | rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition | rdkafka::types::RDKafkaErrorCode::UnknownTopic)
-        );
-        if missing {
-            IngestError::Usage(format!("topic {topic} does not exist: create the topics first with `omrs-stream topics apply`"))
+    let mut last = None;
+    omrs_core::kafka::read_to_end(kafka, topic, |key, payload, _| {
+        if key == Some(site.as_bytes()) {
+            last = Some(serde_json::from_slice::<Checkpoint>(payload).map_err(|e| e.to_string())?);
+        }
+        Ok(())
+    })
+    .map_err(|e| {
+        if e.is_transient() {
+            IngestError::Kafka { context: "reading checkpoints".into(), message: e.to_string() }
         } else {
-            IngestError::kafka(&format!("reading the end of {topic}"), e)
+            IngestError::Checkpoint(e.to_string())
         }
     })?;
-    if high <= low {
-        return Ok(None);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .map_err(|e| IngestError::kafka("assigning the checkpoint partition", e))?;
-    consumer.assign(&tpl).map_err(|e| IngestError::kafka("assigning the checkpoint partition", e))?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut last = None;
-    loop {
-        if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
-            let msg = msg.map_err(|e| IngestError::kafka("reading checkpoints", e))?;
-            if msg.key() == Some(site.as_bytes()) {
-                if let Some(payload) = msg.payload() {
-                    let cp: Checkpoint = serde_json::from_slice(payload).map_err(|e| IngestError::Checkpoint(format!("{topic}: {e}")))?;
-                    last = Some(cp);
-                }
-            }
-        }
-        let pos = consumer
-            .position()
-            .ok()
-            .and_then(|p| p.find_partition(topic, 0).map(|e| e.offset()));
-        if let Some(Offset::Offset(o)) = pos {
-            if o >= high {
-                break;
-            }
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(IngestError::Kafka { context: format!("reading checkpoints of {site} from {topic}"), message: "timed out before the end of the topic".into() });
-        }
-    }
     Ok(last)
 }

@@ -129,6 +129,33 @@ pub struct SimulateArgs {
     pub quiet: bool,
 }
 
+impl Default for SimulateArgs {
+    /// The command line's defaults, for callers that build the arguments in code.
+    fn default() -> Self {
+        SimulateArgs {
+            sites: 3,
+            patients: 300,
+            dup_fraction: 0.2,
+            seed: 1,
+            rate: None,
+            burst: false,
+            duration: None,
+            until_patients: None,
+            offline: Vec::new(),
+            manifest: PathBuf::from("simulate-manifest.json"),
+            database: None,
+            no_provision: false,
+            provision_only: false,
+            dump: PathBuf::from("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz"),
+            demo_site: "first".into(),
+            admin_user: "omrs".into(),
+            admin_password: "omrs".into(),
+            batch: 16,
+            quiet: false,
+        }
+    }
+}
+
 struct Offline {
     site: String,
     start: f64,

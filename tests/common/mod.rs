@@ -10,8 +10,6 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 use omrs_core::config::Config;
 use omrs_core::envelope::ChangeEvent;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -133,36 +131,17 @@ pub async fn admin(port: u16, db: Option<&str>) -> Conn {
 
 /// Every committed record of a topic, read_committed, in order.
 pub fn read_topic(topic: &str) -> Vec<ChangeEvent> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", "127.0.0.1:9092")
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
-    if high <= low {
-        return Vec::new();
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
-    consumer.assign(&tpl).unwrap();
+    read_json(topic)
+}
+
+/// Every committed record of a topic, parsed as `T`.
+pub fn read_json<T: serde::de::DeserializeOwned>(topic: &str) -> Vec<T> {
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-            let m = m.unwrap();
-            let ev = ChangeEvent::from_json(m.payload().unwrap()).unwrap_or_else(|e| panic!("bad event on {topic}: {e}"));
-            out.push(ev);
-        }
-        let pos = consumer.position().unwrap().find_partition(topic, 0).map(|e| e.offset());
-        if let Some(Offset::Offset(o)) = pos {
-            if o >= high {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "timed out reading {topic}");
-    }
+    omrs_core::kafka::read_to_end(&omrs_core::config::KafkaConfig::default(), topic, |_, payload, offset| {
+        out.push(serde_json::from_slice(payload).map_err(|e| format!("bad record at {topic}@{offset}: {e}"))?);
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     out
 }
 

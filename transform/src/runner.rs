@@ -11,7 +11,7 @@ use omrs_core::envelope::ChangeEvent;
 use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -53,54 +53,23 @@ pub async fn run(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErro
 
 /// Reads the compacted changelog to its end (read_committed) and replays it into the engine.
 fn restore(cfg: &Config, topic: &str, engine: &mut Engine) -> Result<usize, TransformError> {
-    let consumer: BaseConsumer = client_config(&cfg.kafka)
-        .set("group.id", format!("{}omrs-transform-restore", cfg.kafka.topic_prefix))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .map_err(|e| TransformError::kafka("creating the state reader", e))?;
-    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(30)).map_err(|e| {
-        let missing = matches!(
-            e.rdkafka_error_code(),
-            Some(rdkafka::types::RDKafkaErrorCode::UnknownPartition | rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition | rdkafka::types::RDKafkaErrorCode::UnknownTopic)
-        );
-        if missing {
-            TransformError::State(format!("topic {topic} does not exist: create the topics first with `omrs-stream topics apply`"))
-        } else {
-            TransformError::kafka(&format!("reading the end of {topic}"), e)
-        }
-    })?;
-    if high <= low {
-        return Ok(0);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).map_err(|e| TransformError::kafka("assigning the state topic", e))?;
-    consumer.assign(&tpl).map_err(|e| TransformError::kafka("assigning the state topic", e))?;
     let mut facts: BTreeMap<String, Fact> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            let m = m.map_err(|e| TransformError::kafka("reading state", e))?;
-            if let Some(p) = m.payload() {
-                let f: Fact = serde_json::from_slice(p).map_err(|e| TransformError::State(format!("{topic} offset {}: {e}", m.offset())))?;
-                let k = f.key();
-                if facts.insert(k.clone(), f).is_none() {
-                    order.push(k);
-                }
-            }
+    omrs_core::kafka::read_to_end(&cfg.kafka, topic, |_, payload, _| {
+        let f: Fact = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        let k = f.key();
+        if facts.insert(k.clone(), f).is_none() {
+            order.push(k);
         }
-        if let Ok(pos) = consumer.position() {
-            if let Some(Offset::Offset(o)) = pos.find_partition(topic, 0).map(|e| e.offset()) {
-                if o >= high {
-                    break;
-                }
-            }
+        Ok(())
+    })
+    .map_err(|e| {
+        if e.is_transient() {
+            TransformError::Kafka { context: "restoring state".into(), message: e.to_string() }
+        } else {
+            TransformError::State(e.to_string())
         }
-        if Instant::now() > deadline {
-            return Err(TransformError::Kafka { context: format!("restoring from {topic}"), message: "timed out".into() });
-        }
-    }
+    })?;
     // Persons first (creation times decide survivors), then identifiers and links.
     let n = facts.len();
     let mut rest = Vec::new();

@@ -26,25 +26,15 @@ pub fn dump() -> PathBuf {
 /// Arguments as the CLI would parse them, for an isolated database name.
 pub fn args(database: &str, seed: u64, patients: usize, dup_fraction: f64) -> SimulateArgs {
     SimulateArgs {
-        sites: 3,
         patients,
         dup_fraction,
         seed,
-        rate: None,
         burst: true,
-        duration: None,
-        until_patients: None,
-        offline: Vec::new(),
         manifest: std::env::temp_dir().join(format!("{database}-manifest.json")),
         database: Some(database.to_string()),
-        no_provision: false,
-        provision_only: false,
         dump: dump(),
-        demo_site: "first".into(),
-        admin_user: "omrs".into(),
-        admin_password: "omrs".into(),
-        batch: 16,
         quiet: true,
+        ..SimulateArgs::default()
     }
 }
 
