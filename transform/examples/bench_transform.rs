@@ -92,6 +92,11 @@ async fn main() {
             println!("BENCH transform_peak_rss {} MiB", status_kib("VmHWM:") / 1024);
             println!("BENCH identity_records {records} records");
             println!("BENCH identity_bytes_per_record {:.0} bytes", m.identity_bytes.get() as f64 / records as f64);
+            // Leave the broker as we found it.
+            let names: Vec<String> = TopicsFile::load(&root.join("topics.toml")).unwrap().resolve(&cfg.site_names(), &prefix).into_iter().map(|t| t.name).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = omrs_core::kafka::client_config(&cfg.kafka).create().unwrap();
+            let _ = admin.delete_topics(&refs, &rdkafka::admin::AdminOptions::new()).await;
         }
         _ => eprintln!("usage: bench_transform fill PREFIX SITES PEOPLE | run PREFIX SITES"),
     }

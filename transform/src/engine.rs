@@ -101,6 +101,8 @@ pub struct SiteState {
 
 struct Pending {
     time: i64,
+    /// The site name's first 8 bytes, big-endian: orders like the name, without touching it.
+    prefix: u64,
     site: String,
     seq: u64,
     ev: ChangeEvent,
@@ -108,9 +110,17 @@ struct Pending {
     bytes: usize,
 }
 
+fn name_prefix(site: &str) -> u64 {
+    let mut b = [0u8; 8];
+    for (d, s) in b.iter_mut().zip(site.bytes()) {
+        *d = s;
+    }
+    u64::from_be_bytes(b)
+}
+
 impl PartialEq for Pending {
     fn eq(&self, o: &Self) -> bool {
-        (self.time, &self.site, self.seq) == (o.time, &o.site, o.seq)
+        self.cmp(o) == std::cmp::Ordering::Equal
     }
 }
 impl Eq for Pending {}
@@ -121,7 +131,10 @@ impl PartialOrd for Pending {
 }
 impl Ord for Pending {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.time, &self.site, self.seq).cmp(&(o.time, &o.site, o.seq))
+        (self.time, self.prefix)
+            .cmp(&(o.time, o.prefix))
+            .then_with(|| if self.prefix == o.prefix && self.site != o.site { self.site.cmp(&o.site) } else { std::cmp::Ordering::Equal })
+            .then(self.seq.cmp(&o.seq))
     }
 }
 
@@ -270,7 +283,8 @@ impl Engine {
             s.buffered += 1;
         }
         self.buffered_offsets.entry((origin.topic.clone(), origin.partition)).or_default().push_back(origin.offset);
-        self.buffer.push(Reverse(Box::new(Pending { time, site, seq: self.seq, ev, origin, bytes })));
+        let prefix = name_prefix(&site);
+        self.buffer.push(Reverse(Box::new(Pending { time, prefix, site, seq: self.seq, ev, origin, bytes })));
         self.advance(now_ms, &mut out);
         out
     }
@@ -350,7 +364,6 @@ impl Engine {
         let ts = ev.source.ts_ms;
         let alive = ev.op != Op::Delete;
         let row = ev.after.as_ref().or(ev.before.as_ref());
-        let voided = row.and_then(|r| r.get("voided")).and_then(J::as_i64).unwrap_or(0) == 1;
         let mut pending_merges: Vec<(Merged, &'static str, J)> = Vec::new();
         let mut review: Option<(String, J)> = None;
 
@@ -371,6 +384,7 @@ impl Engine {
                 if let (Some((ti, rule)), Some(person), Some(raw)) = (self.rule_of(&type_uuid), person, raw) {
                     let value = rule.normalize(&raw);
                     let was_voided = ev.before.as_ref().and_then(|r| r.get("voided")).and_then(J::as_i64).unwrap_or(0) == 1;
+                    let voided = row.and_then(|r| r.get("voided")).and_then(J::as_i64).unwrap_or(0) == 1;
                     if !value.is_empty() && alive && !voided {
                         if let Some(other) = self.identity.identifier(ti, &value, &person) {
                             if let Some(m) = self.identity.union(&person, &other) {

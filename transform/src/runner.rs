@@ -213,6 +213,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         let mut dead: Vec<(Origin, String, Vec<u8>)> = Vec::new();
         let deadline = Instant::now() + Duration::from_millis(100);
         let mut n = 0;
+        let mut now = now_ms();
         while n < 20_000 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -224,6 +225,9 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                 Ok(Ok(m)) => m,
             };
             n += 1;
+            if n % 512 == 0 {
+                now = now_ms();
+            }
             let origin = Origin { topic: msg.topic().to_string(), partition: msg.partition(), offset: msg.offset() };
             consumed.insert((origin.topic.clone(), origin.partition), origin.offset);
             let payload = msg.payload().unwrap_or(&[]).to_vec();
@@ -232,7 +236,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                 Err(reason) => dead.push((origin, reason, payload)),
                 Ok(ev) => {
                     *in_counts.entry((ev.site.clone(), ev.table.clone().unwrap_or_default(), ev.op.as_str())).or_default() += 1;
-                    outputs.extend(engine.push(ev, origin, now_ms()));
+                    outputs.extend(engine.push(ev, origin, now));
                 }
             }
         }
