@@ -159,6 +159,15 @@ async fn changes_arrive_in_commit_order_with_refs() {
     let del = by("obs", Op::Delete);
     assert!(del.after.is_none());
     assert_eq!(del.before.as_ref().unwrap()["uuid"], "aaaaaaaa-0000-4000-8000-000000000006");
+
+    // The checkpoint now carries a GTID: the next run resumes by GTID, exactly after it.
+    c.query_drop("UPDATE person_name SET given_name = 'Aoko' WHERE uuid = 'aaaaaaaa-0000-4000-8000-000000000002'").await.unwrap();
+    let out = env.catch_up();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("gtid=Some("), "did not resume by GTID: {log}");
+    let after: Vec<_> = env.events().into_iter().skip(n0).filter(|e| e.op != Op::Heartbeat).collect();
+    assert_eq!(after.len(), events.len() + 1, "exactly one more event after a GTID resume");
+    assert_eq!(after.last().unwrap().after.as_ref().unwrap()["given_name"], "Aoko");
     env.drop().await;
 }
 

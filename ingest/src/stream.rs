@@ -17,11 +17,13 @@
 //! start and skips that many rows. Such a transaction is then visible in Kafka in parts; nothing
 //! is lost or doubled.
 //!
+//! Resuming is by GTID (`@slave_connect_state`) when the checkpoint has one and the server has
+//! GTIDs, else by file and position (after a snapshot, and for a split transaction).
+//!
 //! MySQL 8 is not tested here. What differs there: GTIDs arrive as GTID_EVENT (33) and resuming
-//! by GTID needs COM_BINLOG_DUMP_GTID (`BinlogStreamRequest::with_gtid`); the snapshot position
-//! has no `binlog_snapshot_*` status (the agent refuses to snapshot); V2 row events are decoded
-//! by mysql_common as on MariaDB. Resuming here is by file and position, which is exact on one
-//! server; after a fail-over to a replica the position has to be translated by hand.
+//! by GTID needs COM_BINLOG_DUMP_GTID (`BinlogStreamRequest::with_gtid`), which is not built;
+//! the snapshot position has no `binlog_snapshot_*` status (the agent refuses to snapshot); V2
+//! row events are decoded by mysql_common as on MariaDB.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -157,10 +159,33 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
     // A replica id unique to this connection, so concurrent agents on one server do not kick
     // each other off.
     let replica_id = 1_000_000_000u32 + (rand_u32() % 1_000_000_000);
+    // Resume by GTID where the server has GTIDs (it survives a fail-over to a replica whose file
+    // names differ), else by file and position. A split transaction resumes at its start by
+    // position, since it must be re-read from its first row.
+    let server_gtids: String = conn
+        .query_first::<Option<String>, _>("SELECT @@GLOBAL.gtid_binlog_pos")
+        .await
+        .map_err(|e| IngestError::site("reading gtid_binlog_pos", e))?
+        .flatten()
+        .unwrap_or_default();
+    let by_gtid = match (&position.gtid, skip_rows) {
+        (Some(g), 0) if !server_gtids.is_empty() && g.split('-').count() == 3 && g.chars().all(|c| c.is_ascii_digit() || c == '-') => Some(g.clone()),
+        _ => None,
+    };
     let file_bytes = position.file.clone().into_bytes();
-    let req = BinlogStreamRequest::new(replica_id).with_filename(&file_bytes).with_pos(position.pos);
+    let req = match &by_gtid {
+        Some(gtid) => {
+            conn.query_drop(format!(
+                "SET @slave_connect_state = '{gtid}'; SET @slave_gtid_strict_mode = 0; SET @slave_gtid_ignore_duplicates = 0"
+            ))
+            .await
+            .map_err(|e| IngestError::site("setting the GTID to resume from", e))?;
+            BinlogStreamRequest::new(replica_id).with_filename(b"").with_pos(4)
+        }
+        None => BinlogStreamRequest::new(replica_id).with_filename(&file_bytes).with_pos(position.pos),
+    };
     let mut stream = conn.get_binlog_stream(req).await.map_err(|e| IngestError::site("requesting the binlog", e))?;
-    tracing::info!(site = %site, file = %position.file, pos = position.pos, skip_rows, "streaming the binlog");
+    tracing::info!(site = %site, file = %position.file, pos = position.pos, gtid = ?by_gtid, skip_rows, "streaming the binlog");
 
     let db = agent.model.database.clone();
     let mut cur_file = position.file.clone();
@@ -253,6 +278,14 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                     if !was_first {
                         cur_file = r.name().trim_end_matches('\0').to_string();
                         cur_pos = r.position();
+                    } else if by_gtid.is_some() {
+                        // Resuming by GTID, the server names the file. This first ROTATE comes
+                        // before the format description, so its name still carries the 4
+                        // checksum bytes: keep `<base>.<6 digits>`.
+                        if let Some(name) = strip_rotate_name(&r.name()) {
+                            cur_file = name;
+                            cur_pos = r.position();
+                        }
                     }
                 }
                 continue;
@@ -461,6 +494,25 @@ async fn heartbeat(agent: &mut Agent, pos: &Position, segs: &Segments) -> Result
     agent.producer.send(vec![ev], streaming_cp(pos, segs)).await?;
     metrics().heartbeats.with_label_values(&[&agent.site.name]).inc();
     Ok(())
+}
+
+/// `binlog.000002` out of `binlog.000002` followed by checksum bytes.
+fn strip_rotate_name(raw: &str) -> Option<String> {
+    // The last `.` followed by six digits (the checksum bytes may hold a `.` themselves).
+    raw.char_indices().rev().filter(|(_, c)| *c == '.').find_map(|(dot, _)| {
+        let digits: String = raw[dot + 1..].chars().take(6).collect();
+        (digits.len() == 6 && digits.chars().all(|c| c.is_ascii_digit())).then(|| format!("{}.{digits}", &raw[..dot]))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rotate_names_lose_their_checksum_bytes() {
+        assert_eq!(super::strip_rotate_name("binlog.000002\u{fffd}.\u{fffd}7").as_deref(), Some("binlog.000002"));
+        assert_eq!(super::strip_rotate_name("mysql-bin.000123").as_deref(), Some("mysql-bin.000123"));
+        assert_eq!(super::strip_rotate_name("garbage"), None);
+    }
 }
 
 fn uuid_hex(b: &[u8; 16]) -> String {
