@@ -83,6 +83,8 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
         pb
     });
 
+    let mut pending: Vec<omrs_core::envelope::ChangeEvent> = Vec::new();
+    let mut pending_cp: Option<Checkpoint> = None;
     for (ti, name) in tables.iter().enumerate().skip(next_table) {
         let Some(table) = agent.model.table(name).cloned() else {
             after_key = None;
@@ -103,7 +105,6 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
             };
             let rows: Vec<mysql_async::Row> = snap.query(sql).await.map_err(|e| IngestError::site(&format!("reading {name}"), e))?;
             let n = rows.len();
-            let mut events = Vec::with_capacity(n);
             let mut last_key = after_key;
             for r in rows {
                 let mut image = Row::new();
@@ -124,7 +125,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
                     snapshot: true,
                 };
                 rows_done += 1;
-                events.push(crate::stream::make_event(agent, &table, Op::Read, None, Some(image), source).await?);
+                pending.push(crate::stream::make_event(agent, &table, Op::Read, None, Some(image), source).await?);
             }
             let table_done = int_pk.is_none() || n < agent.tuning.chunk_rows as usize;
             let cp = if table_done {
@@ -132,7 +133,13 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
             } else {
                 Checkpoint::Snapshot { tables: tables.clone(), segments: segments.clone(), next_table: ti, after_key: last_key, rows: rows_done }
             };
-            agent.producer.send(events, cp).await?;
+            // Small tables share a Kafka transaction: a batch goes out once it holds a chunk's
+            // worth of rows, with the checkpoint that covers all of it.
+            if pending.len() >= agent.tuning.chunk_rows as usize {
+                agent.producer.send(std::mem::take(&mut pending), cp).await?;
+            } else {
+                pending_cp = Some(cp);
+            }
             metrics().snapshot_rows.with_label_values(&[&site, name]).inc_by(n as u64);
             metrics().events_in.with_label_values(&["ingest", &site, name, "r"]).inc_by(n as u64);
             if let Some(pb) = &bar {
@@ -145,6 +152,9 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
             }
             after_key = last_key;
         }
+    }
+    if let Some(cp) = pending_cp.take().filter(|_| !pending.is_empty()) {
+        agent.producer.send(std::mem::take(&mut pending), cp).await?;
     }
     snap.query_drop("COMMIT").await.map_err(|e| IngestError::site("ending the snapshot", e))?;
     if let Some(pb) = &bar {
