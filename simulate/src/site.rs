@@ -250,7 +250,8 @@ impl SiteGen {
             }
             RegKind::LocalDup => (names::misspell(&mut self.rng, &h.given), h.family.clone()),
         };
-        let when = self.tick();
+        // Registration takes clinic time too (the logical clock moves; date_created is NOW()).
+        self.tick();
 
         let mut ins = Insert::new(
             "person",
@@ -302,7 +303,6 @@ impl SiteGen {
             nid_raw = Some(raw.clone());
         }
         tx.insert("patient_identifier", ins);
-        let _ = when;
 
         let idx = self.patients.len();
         self.patients.push(PatientState {
