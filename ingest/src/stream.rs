@@ -203,7 +203,8 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
     let mut standalone = false;
 
     let mut batch: Vec<ChangeEvent> = Vec::new();
-    let mut batch_cp: Option<Checkpoint> = None;
+    // Where the batch ends; its checkpoint is built when the batch is flushed.
+    let mut batch_end: Option<Position> = None;
     let mut batch_since = Instant::now();
     let mut last_emit = Instant::now();
 
@@ -240,7 +241,8 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
         let event = match next {
             Err(_) => {
                 if !batch.is_empty() {
-                    let cp = batch_cp.take().unwrap_or_else(|| streaming_cp(&committed, &segs));
+                    let cp = streaming_cp(batch_end.as_ref().unwrap_or(&committed), &segs);
+                    batch_end = None;
                     flush(agent, &mut batch, &cp, &mut committed, &site).await?;
                     last_emit = Instant::now();
                 } else if !in_txn && last_emit.elapsed() >= agent.tuning.heartbeat {
@@ -418,7 +420,7 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                                 segments: segs.segments.clone(),
                             };
                             flush(agent, &mut batch, &cp, &mut committed, &site).await?;
-                            batch_cp = None;
+                            batch_end = None;
                             last_emit = Instant::now();
                         }
                     }
@@ -443,14 +445,10 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                     batch_since = Instant::now();
                 }
                 batch.append(&mut txn);
-                batch_cp = Some(Checkpoint::Streaming {
-                    position: Position { file: cur_file.clone(), pos: cur_pos, gtid: last_gtid.clone() },
-                    skip_rows: 0,
-                    tables: segs.tables.clone(),
-                    segments: segs.segments.clone(),
-                });
+                batch_end = Some(Position { file: cur_file.clone(), pos: cur_pos, gtid: last_gtid.clone() });
                 if batch.len() >= agent.tuning.batch_events {
-                    let cp = batch_cp.take().unwrap_or_else(|| streaming_cp(&committed, &segs));
+                    let cp = streaming_cp(batch_end.as_ref().unwrap_or(&committed), &segs);
+                    batch_end = None;
                     flush(agent, &mut batch, &cp, &mut committed, &site).await?;
                     last_emit = Instant::now();
                 }

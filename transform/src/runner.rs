@@ -230,10 +230,12 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             }
             let origin = Origin { topic: msg.topic().to_string(), partition: msg.partition(), offset: msg.offset() };
             consumed.insert((origin.topic.clone(), origin.partition), origin.offset);
-            let payload = msg.payload().unwrap_or(&[]).to_vec();
+            // Decode from the borrowed record; the bytes are copied only for a dead letter.
+            let payload = msg.payload().unwrap_or(&[]);
+            let decoded = decode(payload, &origin.topic, &cdc_prefix).map_err(|reason| (reason, payload.to_vec()));
             drop(msg);
-            match decode(&payload, &origin.topic, &cdc_prefix) {
-                Err(reason) => dead.push((origin, reason, payload)),
+            match decoded {
+                Err((reason, payload)) => dead.push((origin, reason, payload)),
                 Ok(ev) => {
                     *in_counts.entry((ev.site.clone(), ev.table.clone().unwrap_or_default(), ev.op.as_str())).or_default() += 1;
                     outputs.extend(engine.push(ev, origin, now));
@@ -358,7 +360,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         // below half, everything flows again. The slowest site is never left paused (it is the
         // one the watermark waits for), and paused sites are not idle, only unread.
         let slowest = engine.sites.iter().filter(|(_, s)| !s.idle).min_by_key(|(_, s)| s.max_ts).map(|(n, _)| n.clone());
-        let max = engine_config(cfg).max_buffered;
+        let max = cfg.transform.max_buffered_events;
         let desired: HashSet<(String, i32)> = if engine.is_full() {
             consumed.keys().filter(|(t, _)| Some(t.strip_prefix(&cdc_prefix).unwrap_or("").to_string()) != slowest).cloned().collect()
         } else if be < max / 2 {
