@@ -44,10 +44,10 @@ enum Command {
     Ingest(omrs_ingest::IngestArgs),
     /// Merge every site stream into omrs.hq.changes: watermarks, ordered merge, identity, exactly once.
     Transform(omrs_transform::TransformArgs),
-    /// Run a sink: `hq-mysql` or `parquet` (not built yet: issues #6, #7).
+    /// Run a sink that consumes omrs.hq.changes.
     Sink {
-        /// hq-mysql | parquet
-        kind: String,
+        #[command(subcommand)]
+        which: SinkKind,
     },
     /// SQL over the Parquet lake with DataFusion (not built yet: issue #7).
     Query {
@@ -58,6 +58,15 @@ enum Command {
     Verify,
     /// Generate a multi-site OpenMRS workload on the real schema, with a ground-truth manifest.
     Simulate(omrs_simulate::SimulateArgs),
+}
+
+#[derive(Subcommand)]
+enum SinkKind {
+    /// The consolidated HQ OpenMRS database, exactly once: merges, conflicts, FK waits.
+    /// Run once with --init to create the HQ database.
+    HqMysql(omrs_sinks::hq_mysql::HqSinkArgs),
+    /// The Parquet lake (not built yet: issue #7).
+    Parquet,
 }
 
 #[derive(Subcommand)]
@@ -102,7 +111,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             omrs_transform::runner::run(&cfg, args).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sink { .. } => Ok(not_built("sink", 6)),
+        Command::Sink { which: SinkKind::HqMysql(args) } => {
+            let cfg = Config::load(&cli.config)?;
+            if !args.init {
+                let _metrics = serve_metrics(&cfg, args.metrics_port, "hq_mysql").await?;
+                omrs_sinks::hq_mysql::run(&cfg, args).await?;
+            } else {
+                omrs_sinks::hq_mysql::run(&cfg, args).await?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sink { which: SinkKind::Parquet } => Ok(not_built("sink parquet", 7)),
         Command::Query { .. } => Ok(not_built("query", 7)),
         Command::Verify => Ok(not_built("verify", 8)),
         Command::Topics { action: TopicsAction::Apply } => {

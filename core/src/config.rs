@@ -356,6 +356,19 @@ pub struct HqSinkConfig {
     pub fk_wait_timeout_s: u64,
     #[serde(default = "default_pending")]
     pub max_pending_rows: usize,
+    /// A batch (one HQ transaction) closes at this many records…
+    #[serde(default = "default_batch_rows")]
+    pub batch_max_rows: usize,
+    /// …or after this many milliseconds, whichever comes first.
+    #[serde(default = "default_batch_ms")]
+    pub batch_max_ms: u64,
+}
+
+fn default_batch_rows() -> usize {
+    5_000
+}
+fn default_batch_ms() -> u64 {
+    200
 }
 
 fn default_fk_wait() -> u64 {
@@ -367,7 +380,12 @@ fn default_pending() -> usize {
 
 impl Default for HqSinkConfig {
     fn default() -> Self {
-        HqSinkConfig { fk_wait_timeout_s: default_fk_wait(), max_pending_rows: default_pending() }
+        HqSinkConfig {
+            fk_wait_timeout_s: default_fk_wait(),
+            max_pending_rows: default_pending(),
+            batch_max_rows: default_batch_rows(),
+            batch_max_ms: default_batch_ms(),
+        }
     }
 }
 

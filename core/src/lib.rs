@@ -3,6 +3,8 @@
 //! - [`envelope`]: the change-event envelope of DESIGN.md (Debezium-shaped JSON).
 //! - [`config`]: `omrs-stream.toml` and `topics.toml`, with `${ENV}` substitution and validation
 //!   that runs before anything connects.
+//! - [`hq`]: the records of `omrs.hq.changes` and the one conflict rule (semantics 6).
+//! - [`openmrs`]: loading the OpenMRS schema and metadata from the demo dump (sites and HQ).
 //! - [`kafka`]: librdkafka client settings, including TLS/SASL passthrough.
 //! - [`topics`]: `omrs-stream topics apply|check` against the broker's admin API.
 //! - [`metrics`]: every `omrs_stream_*` metric name, and the `/metrics` + `/health` endpoint.
@@ -11,8 +13,10 @@
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod hq;
 pub mod kafka;
 pub mod metrics;
+pub mod openmrs;
 pub mod topics;
 
 pub use error::{CoreError, Result};

@@ -46,6 +46,10 @@ pub const REF_CACHE_ENTRIES: &str = "omrs_stream_ingest_ref_cache_entries";
 pub const IDENTITY_RECORDS: &str = "omrs_stream_identity_records";
 pub const IDENTITY_BYTES: &str = "omrs_stream_identity_index_bytes";
 pub const IDENTITY_REVIEWS: &str = "omrs_stream_identity_reviews_total";
+pub const HQ_ROWS_APPLIED: &str = "omrs_stream_hq_rows_applied_total";
+pub const HQ_PENDING_OLDEST_AGE: &str = "omrs_stream_hq_pending_oldest_age_seconds";
+pub const HQ_E2E_LATENCY: &str = "omrs_stream_hq_end_to_end_latency_seconds";
+pub const SINK_ERRORS: &str = "omrs_stream_sink_errors_total";
 
 /// Handles to every metric; registered once in one registry.
 pub struct Metrics {
@@ -94,6 +98,13 @@ pub struct Metrics {
     pub identity_bytes: IntGauge,
     /// Identifiers voided on merged persons, left for a person to review.
     pub identity_reviews: IntCounter,
+    /// Rows written at HQ, by table and op (`c`, `u`, `d`, `r`).
+    pub hq_rows_applied: IntCounterVec,
+    pub hq_pending_oldest_age: IntGauge,
+    /// Site commit → HQ commit, seconds.
+    pub hq_e2e_latency: HistogramVec,
+    /// Sink errors by sink and kind (`transient`, `deadlock`, `row_rejected`, …).
+    pub sink_errors: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -166,6 +177,20 @@ impl Metrics {
                 r.register(Box::new(c.clone())).expect("metric registered once");
                 c
             },
+            hq_rows_applied: counter_vec(&r, HQ_ROWS_APPLIED, "Rows written to the HQ database", &["table", "op"]),
+            hq_pending_oldest_age: gauge(&r, HQ_PENDING_OLDEST_AGE, "Age of the oldest row waiting at the HQ sink for its parent"),
+            hq_e2e_latency: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(HQ_E2E_LATENCY, "Site commit to HQ commit, seconds").buckets(vec![
+                        0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+                    ]),
+                    &["site"],
+                )
+                .expect("static metric definition");
+                r.register(Box::new(h.clone())).expect("metric registered once");
+                h
+            },
+            sink_errors: counter_vec(&r, SINK_ERRORS, "Sink errors by kind", &["sink", "kind"]),
             registry: r,
         }
     }

@@ -5,7 +5,6 @@
 //! existing patients and per-table baseline counts.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::Path;
 
 use mysql_async::prelude::Queryable;
@@ -107,60 +106,10 @@ pub async fn provision(
     dump: &Path,
     keep_demo_patients: bool,
 ) -> Result<(), SimError> {
-    conn.query_drop(format!(
-        "DROP DATABASE IF EXISTS `{database}`; CREATE DATABASE `{database}` DEFAULT CHARACTER SET utf8 COLLATE utf8_general_ci; USE `{database}`"
-    ))
-    .await
-    .map_err(db_err(site, "creating the site database"))?;
-
-    let file = std::fs::File::open(dump).map_err(|source| SimError::Dump { path: dump.to_path_buf(), source })?;
-    let reader = std::io::BufReader::new(flate2::read::GzDecoder::new(file));
-    let mut stmt = String::new();
-    let mut batch = String::new();
-    for line in reader.lines() {
-        let line = line.map_err(|source| SimError::Dump { path: dump.to_path_buf(), source })?;
-        if stmt.is_empty() && (line.starts_with("--") || line.trim().is_empty()) {
-            continue;
-        }
-        stmt.push_str(&line);
-        stmt.push('\n');
-        if line.trim_end().ends_with(';') {
-            batch.push_str(&stmt);
-            stmt.clear();
-            if batch.len() > 4 << 20 {
-                conn.query_drop(std::mem::take(&mut batch))
-                    .await
-                    .map_err(db_err(site, "loading the OpenMRS demo dump"))?;
-            }
-        }
-    }
-    if !batch.is_empty() {
-        conn.query_drop(batch).await.map_err(db_err(site, "loading the OpenMRS demo dump"))?;
-    }
-
-    if !keep_demo_patients {
-        // Patient data only; users, providers and their persons stay (shared metadata).
-        conn.query_drop(
-            "SET FOREIGN_KEY_CHECKS=0;
-             CREATE TEMPORARY TABLE demo_patients AS SELECT patient_id FROM patient;
-             DELETE FROM obs WHERE person_id IN (SELECT patient_id FROM demo_patients);
-             DELETE ep FROM encounter_provider ep JOIN encounter e ON e.encounter_id = ep.encounter_id
-               WHERE e.patient_id IN (SELECT patient_id FROM demo_patients);
-             DELETE FROM encounter WHERE patient_id IN (SELECT patient_id FROM demo_patients);
-             DELETE FROM visit WHERE patient_id IN (SELECT patient_id FROM demo_patients);
-             DELETE FROM patient_identifier WHERE patient_id IN (SELECT patient_id FROM demo_patients);
-             DELETE FROM person_attribute WHERE person_id IN (SELECT patient_id FROM demo_patients);
-             DELETE FROM person_name WHERE person_id IN (SELECT patient_id FROM demo_patients);
-             DELETE FROM person_address WHERE person_id IN (SELECT patient_id FROM demo_patients);
-             DELETE FROM idgen_log_entry;
-             DELETE FROM patient WHERE patient_id IN (SELECT patient_id FROM demo_patients);
-             DELETE FROM person WHERE person_id IN (SELECT patient_id FROM demo_patients);
-             DROP TEMPORARY TABLE demo_patients;
-             SET FOREIGN_KEY_CHECKS=1;",
-        )
-        .await
-        .map_err(db_err(site, "removing the demo patients"))?;
-    }
+    omrs_core::openmrs::load_dump(conn, database, dump, keep_demo_patients).await.map_err(|e| match e {
+        omrs_core::openmrs::DumpError::Read { path, source } => SimError::Dump { path, source },
+        omrs_core::openmrs::DumpError::Db { context, source } => SimError::Db { site: site.to_string(), context: context.to_string(), source },
+    })?;
 
     conn.query_drop(format!(
         "INSERT INTO patient_identifier_type

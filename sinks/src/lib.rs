@@ -1,12 +1,55 @@
-//! omrs-sinks: the HQ MySQL sink (`hq_mysql/`), the Parquet lake sink (`parquet/`) and the
-//! DataFusion query layer. Delivery guarantee, once built: exactly once (offsets committed with
-//! the rows at HQ; Parquet files published atomically with a manifest of offsets).
+//! omrs-sinks: the consumers of `omrs.hq.changes`.
 //!
-//! Not built yet: issues #6 and #7. `omrs-stream sink` and `query` say so and exit 2.
+//! - [`hq_mysql`]: the consolidated HQ OpenMRS database. Delivery guarantee: exactly once —
+//!   the consumed offsets are stored in the HQ database in the same transaction as the rows.
+//! - `parquet/` and the DataFusion query layer: not built yet (issue #7).
 
-/// Errors of the sinks.
+pub mod hq_mysql;
+
+/// Errors of the sinks. Transient ones (the database or the broker unreachable, a deadlock) are
+/// retried from the last committed batch; definite ones stop the process with the reason.
+/// Errors of a single record are not errors of the sink: the record goes to `omrs.dlq`.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("the sinks are not built yet (issues #6 and #7)")]
+    /// The MySQL error is part of the message (not a `source`), so it is printed once.
+    #[error("HQ database: {context}: {source}")]
+    Db { context: String, source: mysql_async::Error },
+    #[error("kafka: {context}: {message}")]
+    Kafka { context: String, message: String, transient: bool },
+    #[error("HQ schema: {0}")]
+    Schema(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("the parquet sink is not built yet (issue #7)")]
     NotBuilt,
+}
+
+impl SinkError {
+    pub fn db(context: impl Into<String>, source: mysql_async::Error) -> Self {
+        SinkError::Db { context: context.into(), source }
+    }
+
+    pub fn kafka(context: impl Into<String>, e: rdkafka::error::KafkaError) -> Self {
+        SinkError::Kafka { context: context.into(), message: e.to_string(), transient: true }
+    }
+
+    /// Worth a retry: connection problems, deadlocks and lock waits, a broker that is away.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Db { source, .. } => is_transient_db(source),
+            SinkError::Kafka { transient, .. } => *transient,
+            _ => false,
+        }
+    }
+}
+
+/// MySQL errors that a retry of the whole transaction can fix.
+pub fn is_transient_db(e: &mysql_async::Error) -> bool {
+    match e {
+        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => true,
+        // 1213 deadlock, 1205 lock wait timeout, 2006/2013 gone away, 1927 connection killed,
+        // 1053 server shutdown, 1040 too many connections.
+        mysql_async::Error::Server(s) => matches!(s.code, 1213 | 1205 | 2006 | 2013 | 1927 | 1053 | 1040),
+        _ => false,
+    }
 }

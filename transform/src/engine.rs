@@ -30,56 +30,7 @@ pub struct Origin {
     pub offset: i64,
 }
 
-/// One record of `omrs.hq.changes`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum HqEvent {
-    /// A site change, in uuid space, with person references pointing at the survivor.
-    Change {
-        /// Older than the global watermark when it arrived (an offline site catching up).
-        late: bool,
-        /// The canonical person this row belongs to, when it is about a person.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        person: Option<String>,
-        /// The references this event rewrote to the survivor: column → original uuid.
-        #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
-        origin_refs: serde_json::Map<String, J>,
-        /// The site event, with `refs` canonicalised.
-        event: ChangeEvent,
-    },
-    /// Two person records are one human; `loser` is merged into `winner` the OpenMRS way.
-    Merge {
-        winner: String,
-        loser: String,
-        /// `identifier`, `site_merge` or `survivor_change`.
-        reason: String,
-        evidence: J,
-        site: String,
-        ts_ms: i64,
-    },
-    /// A voided or deleted identifier of a merged person: never unmerged automatically.
-    IdentityReview {
-        person: String,
-        reason: String,
-        evidence: J,
-        site: String,
-        ts_ms: i64,
-    },
-}
-
-impl HqEvent {
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-    /// The record key on `omrs.hq.changes`.
-    pub fn key(&self) -> String {
-        match self {
-            HqEvent::Change { event, .. } => format!("{}:{}", event.table.as_deref().unwrap_or(""), event.uuid.as_deref().unwrap_or("")),
-            HqEvent::Merge { loser, .. } => format!("merge:{loser}"),
-            HqEvent::IdentityReview { person, .. } => format!("review:{person}"),
-        }
-    }
-}
+pub use omrs_core::hq::HqEvent;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {

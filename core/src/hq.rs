@@ -1,0 +1,153 @@
+//! The HQ side of the contract: the records of `omrs.hq.changes` ([`HqEvent`], written by the
+//! transform, read by both sinks) and the one conflict rule of DESIGN.md semantics 6
+//! ([`RowVersion`], [`compare`]) that every sink applies against the version it holds.
+
+use std::cmp::Ordering;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use crate::envelope::{ChangeEvent, Op};
+
+/// One record of `omrs.hq.changes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HqEvent {
+    /// A site change, in uuid space, with person references pointing at the survivor.
+    Change {
+        /// Older than the global watermark when it arrived (an offline site catching up).
+        late: bool,
+        /// The canonical person this row belongs to, when it is about a person.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        person: Option<String>,
+        /// The references this event rewrote to the survivor: column → original uuid.
+        #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+        origin_refs: serde_json::Map<String, J>,
+        /// The site event, with `refs` canonicalised.
+        event: ChangeEvent,
+    },
+    /// Two person records are one human; `loser` is merged into `winner` the OpenMRS way.
+    Merge {
+        winner: String,
+        loser: String,
+        /// `identifier`, `site_merge` or `survivor_change`.
+        reason: String,
+        evidence: J,
+        site: String,
+        ts_ms: i64,
+    },
+    /// A voided or deleted identifier of a merged person: never unmerged automatically.
+    IdentityReview {
+        person: String,
+        reason: String,
+        evidence: J,
+        site: String,
+        ts_ms: i64,
+    },
+}
+
+impl HqEvent {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+    /// The record key on `omrs.hq.changes`.
+    pub fn key(&self) -> String {
+        match self {
+            HqEvent::Change { event, .. } => format!("{}:{}", event.table.as_deref().unwrap_or(""), event.uuid.as_deref().unwrap_or("")),
+            HqEvent::Merge { loser, .. } => format!("merge:{loser}"),
+            HqEvent::IdentityReview { person, .. } => format!("review:{person}"),
+        }
+    }
+}
+
+
+/// The version of one row change, for last-writer-wins across sites.
+///
+/// Ordered by, in turn: the change time (`date_changed`, else `date_created`, else the commit
+/// time), the site's configured priority, the site name, then the site commit time and binlog
+/// position (so that, within one site, the later change always wins).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowVersion {
+    pub change_ms: i64,
+    pub priority: i32,
+    pub site: String,
+    pub commit_ms: i64,
+    /// `file:pos:row`, zero-padded so that it compares as text.
+    pub position: String,
+}
+
+/// The one comparison of semantics 6: `Greater` means `a` wins over `b`.
+pub fn compare(a: &RowVersion, b: &RowVersion) -> Ordering {
+    a.change_ms
+        .cmp(&b.change_ms)
+        .then(a.priority.cmp(&b.priority))
+        // Site id: the lower name wins a full tie, so that `a` < `b` reads "a is older".
+        .then_with(|| b.site.cmp(&a.site))
+        .then(a.commit_ms.cmp(&b.commit_ms))
+        .then_with(|| a.position.cmp(&b.position))
+}
+
+impl RowVersion {
+    /// The version of a site change; `priority` is the site's configured priority.
+    pub fn of(ev: &ChangeEvent, priority: i32) -> RowVersion {
+        let row = if ev.op == Op::Delete { None } else { ev.after.as_ref() };
+        let change_ms = row
+            .and_then(|r| {
+                ["date_changed", "date_created"]
+                    .iter()
+                    .find_map(|c| r.get(*c).and_then(J::as_str).and_then(parse_datetime_ms))
+            })
+            .unwrap_or(ev.source.ts_ms);
+        RowVersion {
+            change_ms,
+            priority,
+            site: ev.site.clone(),
+            commit_ms: ev.source.ts_ms,
+            position: format!("{}:{:020}:{:010}", ev.source.file, ev.source.pos, ev.source.row),
+        }
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff]` (the envelope's DATETIME form, site time taken as UTC) → ms.
+pub fn parse_datetime_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<u32>().ok();
+    let date = chrono::NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+    let mut micros = 0u32;
+    if b.len() > 20 && b[19] == b'.' {
+        let frac = s.get(20..)?;
+        let digits: String = frac.chars().take(6).collect();
+        micros = digits.parse::<u32>().ok()? * 10u32.pow(6 - digits.len() as u32);
+    }
+    let t = date.and_hms_micro_opt(num(11..13)?, num(14..16)?, num(17..19)?, micros)?;
+    Some(t.and_utc().timestamp_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(change_ms: i64, priority: i32, site: &str, commit_ms: i64) -> RowVersion {
+        RowVersion { change_ms, priority, site: site.into(), commit_ms, position: String::new() }
+    }
+
+    #[test]
+    fn later_change_then_priority_then_site_then_commit() {
+        assert_eq!(compare(&v(2, 0, "site-b", 0), &v(1, 9, "site-a", 9)), Ordering::Greater);
+        assert_eq!(compare(&v(1, 2, "site-b", 0), &v(1, 1, "site-a", 0)), Ordering::Greater);
+        assert_eq!(compare(&v(1, 1, "site-a", 0), &v(1, 1, "site-b", 0)), Ordering::Greater);
+        assert_eq!(compare(&v(1, 1, "site-a", 5), &v(1, 1, "site-a", 4)), Ordering::Greater);
+        assert_eq!(compare(&v(1, 1, "site-a", 5), &v(1, 1, "site-a", 5)), Ordering::Equal);
+    }
+
+    #[test]
+    fn datetimes_parse() {
+        assert_eq!(parse_datetime_ms("1970-01-01 00:00:01"), Some(1000));
+        assert_eq!(parse_datetime_ms("1970-01-01 00:00:01.5"), Some(1500));
+        assert_eq!(parse_datetime_ms("0000-00-00 00:00:00"), None);
+        assert_eq!(parse_datetime_ms("garbage"), None);
+    }
+}

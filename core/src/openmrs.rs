@@ -1,0 +1,98 @@
+//! The real OpenMRS schema and metadata, from the demo dump in `../shared/openmrs-demo/`.
+//!
+//! Sites (through the simulator) and HQ (`omrs-stream sink hq-mysql --init`) are created the same
+//! way: a fresh database, the dump loaded statement by statement, and, unless asked to keep
+//! them, the demo patients removed so that only shared metadata (concepts, locations, encounter
+//! types, users and providers with their persons) remains.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+
+/// Why loading the dump failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("OpenMRS demo dump {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{context}: {source}")]
+    Db {
+        context: &'static str,
+        #[source]
+        source: mysql_async::Error,
+    },
+}
+
+fn db(context: &'static str) -> impl FnOnce(mysql_async::Error) -> DumpError {
+    move |source| DumpError::Db { context, source }
+}
+
+/// The demo dump's default path, relative to the repository root, or `$OMRS_DEMO_DUMP`.
+pub fn default_dump() -> PathBuf {
+    std::env::var("OMRS_DEMO_DUMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz"))
+}
+
+/// Drops and recreates `database`, loads the dump into it, and strips the demo patients unless
+/// `keep_demo_patients`. The connection is left on `database`.
+pub async fn load_dump(conn: &mut Conn, database: &str, dump: &Path, keep_demo_patients: bool) -> Result<(), DumpError> {
+    conn.query_drop(format!(
+        "DROP DATABASE IF EXISTS `{database}`; CREATE DATABASE `{database}` DEFAULT CHARACTER SET utf8 COLLATE utf8_general_ci; USE `{database}`"
+    ))
+    .await
+    .map_err(db("creating the database"))?;
+
+    let file = std::fs::File::open(dump).map_err(|source| DumpError::Read { path: dump.to_path_buf(), source })?;
+    let reader = std::io::BufReader::new(flate2::read::GzDecoder::new(file));
+    let mut stmt = String::new();
+    let mut batch = String::new();
+    for line in reader.lines() {
+        let line = line.map_err(|source| DumpError::Read { path: dump.to_path_buf(), source })?;
+        if stmt.is_empty() && (line.starts_with("--") || line.trim().is_empty()) {
+            continue;
+        }
+        stmt.push_str(&line);
+        stmt.push('\n');
+        if line.trim_end().ends_with(';') {
+            batch.push_str(&stmt);
+            stmt.clear();
+            if batch.len() > 4 << 20 {
+                conn.query_drop(std::mem::take(&mut batch)).await.map_err(db("loading the OpenMRS demo dump"))?;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        conn.query_drop(batch).await.map_err(db("loading the OpenMRS demo dump"))?;
+    }
+
+    if !keep_demo_patients {
+        // Patient data only; users, providers and their persons stay (shared metadata).
+        conn.query_drop(
+            "SET FOREIGN_KEY_CHECKS=0;
+             CREATE TEMPORARY TABLE demo_patients AS SELECT patient_id FROM patient;
+             DELETE FROM obs WHERE person_id IN (SELECT patient_id FROM demo_patients);
+             DELETE ep FROM encounter_provider ep JOIN encounter e ON e.encounter_id = ep.encounter_id
+               WHERE e.patient_id IN (SELECT patient_id FROM demo_patients);
+             DELETE FROM encounter WHERE patient_id IN (SELECT patient_id FROM demo_patients);
+             DELETE FROM visit WHERE patient_id IN (SELECT patient_id FROM demo_patients);
+             DELETE FROM patient_identifier WHERE patient_id IN (SELECT patient_id FROM demo_patients);
+             DELETE FROM person_attribute WHERE person_id IN (SELECT patient_id FROM demo_patients);
+             DELETE FROM person_name WHERE person_id IN (SELECT patient_id FROM demo_patients);
+             DELETE FROM person_address WHERE person_id IN (SELECT patient_id FROM demo_patients);
+             DELETE FROM idgen_log_entry;
+             DELETE FROM patient WHERE patient_id IN (SELECT patient_id FROM demo_patients);
+             DELETE FROM person WHERE person_id IN (SELECT patient_id FROM demo_patients);
+             DROP TEMPORARY TABLE demo_patients;
+             SET FOREIGN_KEY_CHECKS=1;",
+        )
+        .await
+        .map_err(db("removing the demo patients"))?;
+    }
+    Ok(())
+}

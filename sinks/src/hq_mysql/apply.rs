@@ -1,0 +1,1320 @@
+//! One batch of `omrs.hq.changes` applied to HQ inside one database transaction.
+//!
+//! For each change, in stream order: the row's key at HQ (its uuid, the uuid of the row whose
+//! key it shares, or its references), its version against the stored one (the one rule of
+//! `omrs_core::hq::compare`), every reference mapped from uuid to the HQ id (a missing parent
+//! parks the row in `omrs_sync_pending`), then a staged write. Staged writes go out as
+//! multi-row prepared `INSERT … ON DUPLICATE KEY UPDATE` per table, parents before children; a
+//! statement that fails on a definite error is retried row by row so that only the bad row is
+//! dead-lettered. A `merge` record first flushes what is staged, then does what OpenMRS
+//! `mergePatients` does (see [`Applier::merge`]).
+
+// Rows read from SQL come back as tuples named by their SELECT.
+#![allow(clippy::type_complexity)]
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::num::NonZeroUsize;
+
+use base64::Engine as _;
+use lru::LruCache;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Value};
+use omrs_core::envelope::{ChangeEvent, Op, Row};
+use omrs_core::hq::{compare, HqEvent, RowVersion};
+use omrs_ingest::model::{Model, TableModel};
+use serde_json::Value as J;
+
+use crate::{is_transient_db, SinkError};
+
+/// The OpenMRS daemon user: HQ's own merges are done in its name.
+pub const DAEMON_USER_UUID: &str = "A4F30A1B-5EB9-11DF-A648-37A07F9C90FB";
+
+/// Namespace of the uuids HQ makes for its own `person_merge_log` rows (a function of the loser,
+/// so that every run writes the same row).
+const MERGE_LOG_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6f6d_7273_2d73_7472_6561_6d2d_6d65_7267);
+
+/// What `mergePatients` moves from the loser to the survivor: (table, column, also set
+/// `preferred = 0`). Tables missing at HQ are skipped.
+const MOVES: &[(&str, &str, bool)] = &[
+    ("visit", "patient_id", false),
+    ("encounter", "patient_id", false),
+    ("obs", "person_id", false),
+    ("orders", "patient_id", false),
+    ("patient_program", "patient_id", false),
+    ("conditions", "patient_id", false),
+    ("allergy", "patient_id", false),
+    ("relationship", "person_a", false),
+    ("relationship", "person_b", false),
+    ("person_attribute", "person_id", false),
+    ("patient_identifier", "patient_id", true),
+    ("person_name", "person_id", true),
+    ("person_address", "person_id", true),
+];
+
+/// One input record of the batch.
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+}
+
+/// A record that cannot be applied, and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub partition: i32,
+    pub offset: i64,
+    pub kind: &'static str,
+    pub reason: String,
+    pub payload: Vec<u8>,
+}
+
+/// What a committed batch did, for metrics and logs.
+#[derive(Default, Debug)]
+pub struct Outcome {
+    pub dead: Vec<DeadLetter>,
+    pub applied: HashMap<(String, &'static str), u64>,
+    pub conflicts: HashMap<String, u64>,
+    pub merges: u64,
+    pub parked: u64,
+    /// (site, source commit ms) of every applied change, for the end-to-end latency.
+    pub commits: Vec<(String, i64)>,
+}
+
+#[derive(Debug, Clone)]
+struct Stored {
+    version: RowVersion,
+    hash: u64,
+    hq_id: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+struct MergeRec {
+    winner: String,
+    ts_ms: i64,
+    reason: String,
+    applied: bool,
+    evidence: String,
+    site: String,
+}
+
+#[derive(Debug, Clone)]
+struct PendingEntry {
+    tbl: String,
+    row_key: String,
+    waits: (String, String),
+    first_seen_ms: i64,
+    offset: i64,
+    partition: i32,
+    event: String,
+}
+
+/// One change to process: from the input, or woken from the pending store.
+struct Work {
+    partition: i32,
+    offset: i64,
+    first_seen_ms: i64,
+    late: bool,
+    origin_refs: serde_json::Map<String, J>,
+    event: ChangeEvent,
+    /// The raw record, for a dead letter.
+    payload: std::sync::Arc<Vec<u8>>,
+}
+
+/// Where a staged write came from: for its dead letter and its latency.
+struct Receipt {
+    partition: i32,
+    offset: i64,
+    site: String,
+    commit_ms: i64,
+    payload: std::sync::Arc<Vec<u8>>,
+}
+
+struct StagedRow {
+    cols: Vec<String>,
+    vals: Vec<Value>,
+    work: usize,
+}
+
+#[derive(Default)]
+struct Staged {
+    /// table → rows, in stream order; `index` finds a row by its primary-key text.
+    upserts: HashMap<String, Vec<Option<StagedRow>>>,
+    index: HashMap<(String, String), usize>,
+    deletes: Vec<(String, Vec<(String, Value)>, usize)>,
+    deleted_keys: HashSet<(String, String)>,
+    versions: Vec<(String, String, Stored, Option<String>, usize)>,
+    conflicts: Vec<Vec<Value>>,
+    /// Where each staged write came from, by index.
+    receipts: Vec<Receipt>,
+    ops: Vec<(String, &'static str)>,
+}
+
+/// HQ's state as the sink sees it: table model, id and version caches, merges, pending rows.
+pub struct Applier {
+    pub model: Model,
+    priorities: HashMap<String, i32>,
+    ids: LruCache<(String, String), i64>,
+    versions: LruCache<(String, String), Option<Stored>>,
+    next_id: HashMap<String, i64>,
+    merges: HashMap<String, MergeRec>,
+    pending: BTreeMap<i64, PendingEntry>,
+    waits: HashMap<(String, String), Vec<i64>>,
+    pending_rows: HashMap<(String, String), usize>,
+    next_pending_id: i64,
+    daemon_user: i64,
+    fk_wait_ms: i64,
+    warned: HashSet<(String, String)>,
+    pub max_rows_per_statement: usize,
+}
+
+fn db(context: &str) -> impl FnOnce(mysql_async::Error) -> SinkError + '_ {
+    move |e| SinkError::db(context, e)
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// FNV-1a: a stable content hash (the same across runs and builds).
+fn fnv(h: &mut u64, bytes: &[u8]) {
+    for b in bytes {
+        *h ^= *b as u64;
+        *h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+}
+
+fn q(id: &str) -> String {
+    format!("`{}`", id.replace('`', "``"))
+}
+
+fn ms_to_datetime(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "1970-01-01 00:00:00".into())
+}
+
+fn is_int_type(t: &str) -> bool {
+    let t = t.to_ascii_lowercase();
+    ["int", "bigint", "smallint", "mediumint", "tinyint"].iter().any(|p| t.starts_with(p))
+}
+
+fn is_binary_type(t: &str) -> bool {
+    let t = t.to_ascii_lowercase();
+    t.contains("blob") || t.contains("binary")
+}
+
+fn json_text(v: &J) -> String {
+    match v {
+        J::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+enum Plan {
+    /// Staged (or an idempotent no-op).
+    Done,
+    /// Waits for (table, key).
+    Park(String, String),
+    Dead(&'static str, String),
+}
+
+impl Applier {
+    /// Loads the model, the daemon user, merges and pending rows from HQ.
+    pub async fn load(conn: &mut Conn, database: &str, priorities: HashMap<String, i32>, fk_wait_ms: i64) -> Result<Applier, SinkError> {
+        let model = Model::load(conn, database, &[], &[])
+            .await
+            .map_err(|e| SinkError::Schema(format!("reading HQ's information_schema: {e}")))?;
+        if model.table("person").is_none() || model.table("omrs_sync_offsets").is_none() {
+            return Err(SinkError::Schema(format!(
+                "database `{database}` is not an initialised HQ database: run `omrs-stream sink hq-mysql --init` first"
+            )));
+        }
+        let daemon: Option<i64> = conn
+            .exec_first("SELECT user_id FROM users WHERE uuid = ?", (DAEMON_USER_UUID,))
+            .await
+            .map_err(db("reading the daemon user"))?;
+        let daemon_user = match daemon {
+            Some(d) => d,
+            None => conn.query_first("SELECT MIN(user_id) FROM users").await.map_err(db("reading users"))?.unwrap_or(1),
+        };
+        let mut merges = HashMap::new();
+        let rows: Vec<(String, String, i64, String, i64, Option<String>, String)> = conn
+            .query("SELECT loser_uuid, winner_uuid, ts_ms, reason, applied, evidence, site FROM omrs_sync_merge")
+            .await
+            .map_err(db("reading omrs_sync_merge"))?;
+        for (loser, winner, ts_ms, reason, applied, evidence, site) in rows {
+            merges.insert(loser, MergeRec { winner, ts_ms, reason, applied: applied == 1, evidence: evidence.unwrap_or_default(), site });
+        }
+        let mut a = Applier {
+            model,
+            priorities,
+            ids: LruCache::new(NonZeroUsize::new(500_000).unwrap_or(NonZeroUsize::MIN)),
+            versions: LruCache::new(NonZeroUsize::new(500_000).unwrap_or(NonZeroUsize::MIN)),
+            next_id: HashMap::new(),
+            merges,
+            pending: BTreeMap::new(),
+            waits: HashMap::new(),
+            pending_rows: HashMap::new(),
+            next_pending_id: 1,
+            daemon_user,
+            fk_wait_ms,
+            warned: HashSet::new(),
+            max_rows_per_statement: 1000,
+        };
+        let rows: Vec<(i64, String, String, String, String, i64, i64, i32, String)> = conn
+            .query(
+                "SELECT pending_id, tbl, row_key, waits_for_table, waits_for_key, first_seen_ms, source_offset, 0, event
+                 FROM omrs_sync_pending ORDER BY pending_id",
+            )
+            .await
+            .map_err(db("reading omrs_sync_pending"))?;
+        for (id, tbl, row_key, wt, wk, first_seen_ms, offset, partition, event) in rows {
+            a.add_pending(id, PendingEntry { tbl, row_key, waits: (wt, wk), first_seen_ms, offset, partition, event });
+            a.next_pending_id = a.next_pending_id.max(id + 1);
+        }
+        Ok(a)
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn oldest_pending_ms(&self) -> Option<i64> {
+        self.pending.values().map(|p| p.first_seen_ms).min()
+    }
+
+    fn add_pending(&mut self, id: i64, p: PendingEntry) {
+        self.waits.entry(p.waits.clone()).or_default().push(id);
+        *self.pending_rows.entry((p.tbl.clone(), p.row_key.clone())).or_default() += 1;
+        self.pending.insert(id, p);
+    }
+
+    fn take_pending(&mut self, id: i64) -> Option<PendingEntry> {
+        let p = self.pending.remove(&id)?;
+        if let Some(v) = self.waits.get_mut(&p.waits) {
+            v.retain(|x| *x != id);
+            if v.is_empty() {
+                self.waits.remove(&p.waits);
+            }
+        }
+        let k = (p.tbl.clone(), p.row_key.clone());
+        if let Some(n) = self.pending_rows.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_rows.remove(&k);
+            }
+        }
+        Some(p)
+    }
+
+    fn table(&self, name: &str) -> Option<std::sync::Arc<TableModel>> {
+        self.model.table(name).cloned()
+    }
+
+    /// The loser's final survivor, following merges transitively.
+    fn survivor_of(&self, uuid: &str) -> Option<String> {
+        let mut cur = self.merges.get(uuid)?.winner.clone();
+        for _ in 0..64 {
+            match self.merges.get(&cur) {
+                Some(m) if m.winner != cur => cur = m.winner.clone(),
+                _ => break,
+            }
+        }
+        Some(cur)
+    }
+
+    /// The key of a row in uuid space: its uuid, the uuid of the row whose key it shares, or
+    /// its key columns through their references.
+    fn row_key(&self, tm: &TableModel, ev: &ChangeEvent, origin_refs: &serde_json::Map<String, J>) -> Result<String, String> {
+        if tm.has_uuid || tm.shared_parent.is_some() {
+            return match ev.uuid.as_deref() {
+                Some(u) if !u.is_empty() => Ok(u.to_string()),
+                _ => Err(format!("{} change without a uuid", tm.name)),
+            };
+        }
+        let row = ev.after.as_ref().or(ev.before.as_ref()).or(ev.key.as_ref());
+        let mut parts = Vec::new();
+        let int_pk = tm.int_pk().filter(|c| tm.fk(c).is_none()).is_some();
+        for col in &tm.pk {
+            // A reference by uuid where the site resolved one; a natural key (role names,
+            // privilege names) as it is.
+            let by_ref = tm.fk(col).and_then(|_| origin_refs.get(col).or_else(|| ev.refs.get(col))).filter(|v| v.is_string());
+            let v = by_ref
+                .or_else(|| ev.key.as_ref().and_then(|k| k.get(col)))
+                .or_else(|| row.and_then(|r| r.get(col)))
+                .cloned()
+                .unwrap_or(J::Null);
+            if v.is_null() {
+                return Err(format!("{}: key column `{col}` is missing", tm.name));
+            }
+            parts.push(format!("{col}={}", json_text(&v)));
+        }
+        let key = if int_pk { format!("{}:{}", ev.site, parts.join("|")) } else { parts.join("|") };
+        Ok(if key.len() > 255 { format!("h:{:016x}", { let mut h = 0xcbf2_9ce4_8422_2325; fnv(&mut h, key.as_bytes()); h }) } else { key })
+    }
+
+    /// Content hash of a row in uuid space: references by uuid, site-local ids left out.
+    fn content_hash(tm: &TableModel, ev: &ChangeEvent) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        if ev.op == Op::Delete {
+            return 0;
+        }
+        if let Some(after) = &ev.after {
+            for (col, v) in after {
+                if tm.pk.iter().any(|p| p == col) && (tm.has_uuid || tm.shared_parent.is_some()) {
+                    continue;
+                }
+                fnv(&mut h, col.as_bytes());
+                fnv(&mut h, b"=");
+                if tm.fk(col).is_some() {
+                    fnv(&mut h, json_text(ev.refs.get(col).unwrap_or(&J::Null)).as_bytes());
+                } else {
+                    fnv(&mut h, json_text(v).as_bytes());
+                }
+                fnv(&mut h, b";");
+            }
+        }
+        h
+    }
+
+    /// Fills the id cache for (table, uuid) pairs in bulk.
+    async fn prefetch_ids(&mut self, conn: &mut Conn, wanted: HashMap<String, HashSet<String>>) -> Result<(), SinkError> {
+        for (table, keys) in wanted {
+            let Some(tm) = self.table(&table) else { continue };
+            let keys: Vec<String> = keys.into_iter().filter(|k| !self.ids.contains(&(table.clone(), k.clone()))).collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let Some(pk) = tm.int_pk().map(str::to_string) else { continue };
+            for chunk in keys.chunks(1000) {
+                let marks = vec!["?"; chunk.len()].join(",");
+                let sql = if tm.has_uuid {
+                    format!("SELECT uuid, {} FROM {} WHERE uuid IN ({marks})", q(&pk), q(&table))
+                } else if let Some(parent) = tm.shared_parent.as_deref().and_then(|p| self.model.table(p)).filter(|p| p.has_uuid) {
+                    let ppk = parent.int_pk().unwrap_or("");
+                    format!(
+                        "SELECT p.uuid, t.{} FROM {} t JOIN {} p ON p.{} = t.{} WHERE p.uuid IN ({marks})",
+                        q(&pk),
+                        q(&table),
+                        q(&parent.name),
+                        q(ppk),
+                        q(&pk)
+                    )
+                } else {
+                    continue;
+                };
+                let params: Vec<Value> = chunk.iter().map(|k| Value::from(k.as_str())).collect();
+                let rows: Vec<(String, i64)> = conn.exec(sql, params).await.map_err(db("looking up HQ ids"))?;
+                for (u, id) in rows {
+                    self.ids.put((table.clone(), u), id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The HQ id of the row of `table` that `uuid` stands for, if it is at HQ.
+    async fn lookup_id(&mut self, conn: &mut Conn, table: &str, uuid: &str) -> Result<Option<i64>, SinkError> {
+        if let Some(id) = self.ids.get(&(table.to_string(), uuid.to_string())) {
+            return Ok(Some(*id));
+        }
+        let mut want = HashMap::new();
+        want.insert(table.to_string(), HashSet::from([uuid.to_string()]));
+        self.prefetch_ids(conn, want).await?;
+        Ok(self.ids.get(&(table.to_string(), uuid.to_string())).copied())
+    }
+
+    async fn prefetch_versions(&mut self, conn: &mut Conn, wanted: HashMap<String, HashSet<String>>) -> Result<(), SinkError> {
+        for (table, keys) in wanted {
+            let keys: Vec<String> = keys.into_iter().filter(|k| !self.versions.contains(&(table.clone(), k.clone()))).collect();
+            for chunk in keys.chunks(1000) {
+                let marks = vec!["?"; chunk.len()].join(",");
+                let sql = format!(
+                    "SELECT row_key, hq_id, change_ms, priority, site, commit_ms, position, content_hash
+                     FROM omrs_sync_row_version WHERE tbl = ? AND row_key IN ({marks})"
+                );
+                let mut params: Vec<Value> = vec![Value::from(table.as_str())];
+                params.extend(chunk.iter().map(|k| Value::from(k.as_str())));
+                let rows: Vec<mysql_async::Row> = conn.exec(sql, params).await.map_err(db("reading row versions"))?;
+                let mut found = HashSet::new();
+                for r in rows {
+                    let (Some(key), hq_id, Some(change_ms), Some(priority), Some(site), Some(commit_ms), Some(position), Some(hash)) = (
+                        r.get::<String, _>(0),
+                        r.get::<Option<i64>, _>(1).flatten(),
+                        r.get::<i64, _>(2),
+                        r.get::<i32, _>(3),
+                        r.get::<String, _>(4),
+                        r.get::<i64, _>(5),
+                        r.get::<String, _>(6),
+                        r.get::<u64, _>(7),
+                    ) else {
+                        continue;
+                    };
+                    found.insert(key.clone());
+                    let version = RowVersion { change_ms, priority, site, commit_ms, position };
+                    self.versions.put((table.clone(), key), Some(Stored { version, hash, hq_id }));
+                }
+                for k in chunk {
+                    if !found.contains(k) {
+                        self.versions.put((table.clone(), k.clone()), None);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn allocate(&mut self, conn: &mut Conn, table: &str, pk: &str) -> Result<i64, SinkError> {
+        if !self.next_id.contains_key(table) {
+            let max: Option<Option<i64>> =
+                conn.query_first(format!("SELECT MAX({}) FROM {}", q(pk), q(table))).await.map_err(db("reading the next HQ id"))?;
+            self.next_id.insert(table.to_string(), max.flatten().unwrap_or(0) + 1);
+        }
+        let n = self.next_id.entry(table.to_string()).or_insert(1);
+        let id = *n;
+        *n += 1;
+        Ok(id)
+    }
+
+    /// Applies one batch inside an open transaction. Returns what it did; the caller commits.
+    pub async fn apply(&mut self, conn: &mut Conn, records: Vec<Record>) -> Result<Outcome, SinkError> {
+        let mut out = Outcome::default();
+        let mut segment: Vec<Work> = Vec::new();
+        for rec in records {
+            let payload = std::sync::Arc::new(rec.payload);
+            let ev: HqEvent = match serde_json::from_slice(&payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    out.dead.push(DeadLetter {
+                        partition: rec.partition,
+                        offset: rec.offset,
+                        kind: "invalid_record",
+                        reason: format!("not an omrs.hq.changes record: {e}"),
+                        payload: payload.to_vec(),
+                    });
+                    continue;
+                }
+            };
+            match ev {
+                HqEvent::Change { late, origin_refs, event, .. } => {
+                    if let Err(e) = event.validate() {
+                        out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: "invalid_event", reason: e.to_string(), payload: payload.to_vec() });
+                        continue;
+                    }
+                    if event.op == Op::Heartbeat {
+                        continue;
+                    }
+                    segment.push(Work { partition: rec.partition, offset: rec.offset, first_seen_ms: now_ms(), late, origin_refs, event, payload });
+                }
+                HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
+                    self.flush(conn, std::mem::take(&mut segment), &mut out).await?;
+                    let rec = MergeRec { winner, ts_ms, reason, applied: false, evidence: evidence.to_string(), site };
+                    self.merge(conn, &loser, rec).await?;
+                    out.merges += 1;
+                }
+                HqEvent::IdentityReview { person, reason, site, .. } => {
+                    tracing::warn!(person = %person, site = %site, reason = %reason, "identity review: an identifier of a merged person was voided or deleted; HQ keeps the merge");
+                }
+            }
+        }
+        self.flush(conn, segment, &mut out).await?;
+        self.retry_merges(conn).await?;
+        self.expire_pending(conn, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Re-applies merges whose persons were not both at HQ yet.
+    async fn retry_merges(&mut self, conn: &mut Conn) -> Result<(), SinkError> {
+        let waiting: Vec<(String, MergeRec)> =
+            self.merges.iter().filter(|(_, m)| !m.applied).map(|(l, m)| (l.clone(), m.clone())).collect();
+        for (loser, rec) in waiting {
+            self.merge(conn, &loser, rec).await?;
+        }
+        Ok(())
+    }
+
+    /// Rows that waited longer than the FK timeout go to the dead-letter topic.
+    async fn expire_pending(&mut self, conn: &mut Conn, out: &mut Outcome) -> Result<(), SinkError> {
+        let cutoff = now_ms() - self.fk_wait_ms;
+        let expired: Vec<i64> = self.pending.iter().filter(|(_, p)| p.first_seen_ms < cutoff).map(|(id, _)| *id).collect();
+        for id in expired {
+            if let Some(p) = self.take_pending(id) {
+                conn.exec_drop("DELETE FROM omrs_sync_pending WHERE pending_id = ?", (id,)).await.map_err(db("expiring a pending row"))?;
+                out.dead.push(DeadLetter {
+                    partition: p.partition,
+                    offset: p.offset,
+                    kind: "fk_wait_timeout",
+                    reason: format!(
+                        "{} {}: referenced {} {} did not reach HQ within {} s",
+                        p.tbl,
+                        p.row_key,
+                        p.waits.0,
+                        p.waits.1,
+                        self.fk_wait_ms / 1000
+                    ),
+                    payload: p.event.into_bytes(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages and writes a run of changes (no merge inside), then retries the pending rows
+    /// their parents woke up.
+    async fn flush(&mut self, conn: &mut Conn, works: Vec<Work>, out: &mut Outcome) -> Result<(), SinkError> {
+        if works.is_empty() {
+            return Ok(());
+        }
+        // Bulk lookups first: the rows' own ids and versions, and every referenced uuid.
+        let mut want_ids: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut want_versions: HashMap<String, HashSet<String>> = HashMap::new();
+        for w in &works {
+            let Some(table) = w.event.table.as_deref() else { continue };
+            let Some(tm) = self.model.table(table) else { continue };
+            if let Ok(k) = self.row_key(tm, &w.event, &w.origin_refs) {
+                if tm.has_uuid || tm.shared_parent.is_some() {
+                    want_ids.entry(table.to_string()).or_default().insert(k.clone());
+                }
+                want_versions.entry(table.to_string()).or_default().insert(k);
+            }
+            for (col, v) in w.event.refs.iter().chain(w.origin_refs.iter()) {
+                if let (Some(fk), Some(u)) = (tm.fk(col), v.as_str()) {
+                    want_ids.entry(fk.ref_table.clone()).or_default().insert(u.to_string());
+                }
+            }
+        }
+        self.prefetch_ids(conn, want_ids).await?;
+        self.prefetch_versions(conn, want_versions).await?;
+
+        let mut staged = Staged::default();
+        let mut queue: VecDeque<(Work, Option<i64>)> = works.into_iter().map(|w| (w, None)).collect();
+        let mut new_pending: Vec<(i64, PendingEntry)> = Vec::new();
+        let mut done_pending: Vec<i64> = Vec::new();
+        while let Some((w, from_pending)) = queue.pop_front() {
+            if let Some(id) = from_pending {
+                done_pending.push(id);
+            }
+            match self.plan(conn, &w, &mut staged, out).await? {
+                Plan::Done => {
+                    // Rows parked behind this one (its children, or its own later changes) wake.
+                    if let (Some(table), Some(tm)) = (w.event.table.clone(), w.event.table.as_deref().and_then(|t| self.model.table(t))) {
+                        if let Ok(k) = self.row_key(tm, &w.event, &w.origin_refs) {
+                            if let Some(ids) = self.waits.get(&(table, k)).cloned() {
+                                for id in ids {
+                                    if let Some(p) = self.take_pending(id) {
+                                        if let Ok(HqEvent::Change { late, origin_refs, event, .. }) = serde_json::from_str::<HqEvent>(&p.event) {
+                                            queue.push_back((
+                                                Work {
+                                                    partition: p.partition,
+                                                    offset: p.offset,
+                                                    first_seen_ms: p.first_seen_ms,
+                                                    late,
+                                                    origin_refs,
+                                                    event,
+                                                    payload: std::sync::Arc::new(p.event.into_bytes()),
+                                                },
+                                                Some(id),
+                                            ));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                Plan::Park(wt, wk) => {
+                    let table = w.event.table.clone().unwrap_or_default();
+                    let row_key = self.model.table(&table).and_then(|tm| self.row_key(tm, &w.event, &w.origin_refs).ok()).unwrap_or_default();
+                    let event = HqEvent::Change { late: w.late, person: None, origin_refs: w.origin_refs.clone(), event: w.event.clone() };
+                    let id = self.next_pending_id;
+                    self.next_pending_id += 1;
+                    let p = PendingEntry {
+                        tbl: table,
+                        row_key,
+                        waits: (wt, wk),
+                        first_seen_ms: w.first_seen_ms,
+                        offset: w.offset,
+                        partition: w.partition,
+                        event: String::from_utf8(event.to_json()).unwrap_or_default(),
+                    };
+                    self.add_pending(id, p.clone());
+                    new_pending.push((id, p));
+                    out.parked += 1;
+                }
+                Plan::Dead(kind, reason) => {
+                    out.dead.push(DeadLetter { partition: w.partition, offset: w.offset, kind, reason, payload: w.payload.to_vec() });
+                }
+            }
+        }
+        self.execute(conn, staged, out).await?;
+        // Pending store changes, in the same transaction. A row parked and woken within this
+        // flush never reaches the table.
+        let done: HashSet<i64> = done_pending.iter().copied().collect();
+        let fresh: HashSet<i64> = new_pending.iter().map(|(id, _)| *id).collect();
+        let woken: Vec<i64> = done_pending.into_iter().filter(|id| !fresh.contains(id)).collect();
+        new_pending.retain(|(id, _)| !done.contains(id));
+        for chunk in woken.chunks(1000) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            conn.exec_drop(format!("DELETE FROM omrs_sync_pending WHERE pending_id IN ({marks})"), chunk.to_vec())
+                .await
+                .map_err(db("clearing woken pending rows"))?;
+        }
+        for chunk in new_pending.chunks(200) {
+            let marks = vec!["(?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
+            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
+            for (id, p) in chunk {
+                params.extend([
+                    Value::from(*id),
+                    Value::from(p.tbl.as_str()),
+                    Value::from(p.row_key.as_str()),
+                    Value::from(p.waits.0.as_str()),
+                    Value::from(p.waits.1.as_str()),
+                    Value::from(p.first_seen_ms),
+                    Value::from(p.offset),
+                    Value::from(p.event.as_str()),
+                ]);
+            }
+            conn.exec_drop(
+                format!(
+                    "INSERT INTO omrs_sync_pending (pending_id, tbl, row_key, waits_for_table, waits_for_key, first_seen_ms, source_offset, event) VALUES {marks}"
+                ),
+                params,
+            )
+            .await
+            .map_err(db("parking rows"))?;
+        }
+        Ok(())
+    }
+
+    /// Decides what one change does at HQ and stages it.
+    async fn plan(&mut self, conn: &mut Conn, w: &Work, staged: &mut Staged, out: &mut Outcome) -> Result<Plan, SinkError> {
+        let ev = &w.event;
+        let Some(table) = ev.table.clone() else { return Ok(Plan::Dead("invalid_event", "change without a table".into())) };
+        let Some(tm) = self.table(&table) else {
+            return Ok(Plan::Dead("unknown_table", format!("table `{table}` does not exist at HQ")));
+        };
+        let row_key = match self.row_key(&tm, ev, &w.origin_refs) {
+            Ok(k) => k,
+            Err(reason) => return Ok(Plan::Dead("missing_key", reason)),
+        };
+        // Later changes of a parked row queue behind it.
+        if self.pending_rows.contains_key(&(table.clone(), row_key.clone())) {
+            return Ok(Plan::Park(table, row_key));
+        }
+        let version = RowVersion::of(ev, self.priorities.get(&ev.site).copied().unwrap_or(0));
+        let hash = Self::content_hash(&tm, ev);
+        let stored = match self.versions.get(&(table.clone(), row_key.clone())) {
+            Some(s) => s.clone(),
+            None => {
+                let mut want = HashMap::new();
+                want.insert(table.clone(), HashSet::from([row_key.clone()]));
+                self.prefetch_versions(conn, want).await?;
+                self.versions.get(&(table.clone(), row_key.clone())).cloned().flatten()
+            }
+        };
+        let mut overwritten: Option<&Stored> = None;
+        if let Some(s) = &stored {
+            match compare(&version, &s.version) {
+                std::cmp::Ordering::Equal => return Ok(Plan::Done), // delivered twice
+                std::cmp::Ordering::Less => {
+                    if s.version.site != ev.site && s.hash != hash {
+                        staged.conflicts.push(self.conflict_row(&table, &row_key, &s.version, &version, ev, false));
+                        *out.conflicts.entry(table.clone()).or_default() += 1;
+                    }
+                    return Ok(Plan::Done);
+                }
+                std::cmp::Ordering::Greater => {
+                    if s.version.site != ev.site && s.hash != hash {
+                        overwritten = Some(s);
+                    }
+                }
+            }
+        }
+
+        // The primary key at HQ.
+        let int_pk = tm.int_pk().map(str::to_string);
+        let mut pk_vals: Vec<(String, Value)> = Vec::new();
+        let mut own_id: Option<i64> = None;
+        let row = if ev.op == Op::Delete { ev.before.as_ref() } else { ev.after.as_ref() };
+        let Some(row) = row else { return Ok(Plan::Dead("invalid_event", format!("{table} {row_key}: no row image"))) };
+        if let (Some(pk), Some(parent)) = (int_pk.as_deref(), tm.shared_parent.as_deref()) {
+            match self.lookup_id(conn, parent, &row_key).await? {
+                Some(id) => {
+                    pk_vals.push((pk.to_string(), Value::from(id)));
+                    own_id = Some(id);
+                }
+                None if ev.op == Op::Delete => own_id = None,
+                None => return Ok(Plan::Park(parent.to_string(), row_key)),
+            }
+        } else if let (Some(pk), true) = (int_pk.as_deref(), tm.has_uuid || tm.fk(int_pk.as_deref().unwrap_or("")).is_none()) {
+            let known = if tm.has_uuid {
+                self.lookup_id(conn, &table, &row_key).await?
+            } else {
+                stored.as_ref().and_then(|s| s.hq_id)
+            };
+            let id = match known {
+                Some(id) => Some(id),
+                None if ev.op == Op::Delete => None,
+                None => Some(self.allocate(conn, &table, pk).await?),
+            };
+            if let Some(id) = id {
+                pk_vals.push((pk.to_string(), Value::from(id)));
+            }
+            own_id = id;
+        } else {
+            for col in &tm.pk {
+                let v = match self.column_value(conn, &tm, col, row, ev, &w.origin_refs).await? {
+                    Ok(v) => v,
+                    Err(p) => return Ok(p),
+                };
+                pk_vals.push((col.clone(), v));
+            }
+        }
+        let pk_text = pk_vals.iter().map(|(c, v)| format!("{c}={v:?}")).collect::<Vec<_>>().join("|");
+
+        if ev.op == Op::Delete {
+            let wi = Self::receipt(staged, w);
+            if !pk_vals.is_empty() && pk_vals.len() == tm.pk.len() {
+                if let Some(i) = staged.index.remove(&(table.clone(), pk_text.clone())) {
+                    if let Some(rows) = staged.upserts.get_mut(&table) {
+                        rows[i] = None;
+                    }
+                }
+                staged.deletes.push((table.clone(), pk_vals, wi));
+                staged.deleted_keys.insert((table.clone(), pk_text));
+                staged.ops.push((table.clone(), "d"));
+            }
+            self.ids.pop(&(table.clone(), row_key.clone()));
+            self.stage_version(staged, wi, &table, &row_key, version, hash, own_id, None, overwritten.cloned(), ev);
+            return Ok(Plan::Done);
+        }
+
+        // Every other column: references mapped to HQ ids, merged persons kept voided.
+        let mut cols: Vec<String> = pk_vals.iter().map(|(c, _)| c.clone()).collect();
+        let mut vals: Vec<Value> = pk_vals.into_iter().map(|(_, v)| v).collect();
+        let known_cols: HashSet<&str> = tm.columns.iter().map(|c| c.name.as_str()).collect();
+        for (col, _) in row {
+            if cols.iter().any(|c| c == col) {
+                continue;
+            }
+            if !known_cols.contains(col.as_str()) {
+                if self.warned.insert((table.clone(), col.clone())) {
+                    tracing::warn!(table = %table, column = %col, site = %ev.site, "column does not exist at HQ; its values are not applied");
+                    omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "unknown_column"]).inc();
+                }
+                continue;
+            }
+            let v = match self.column_value(conn, &tm, col, row, ev, &w.origin_refs).await? {
+                Ok(v) => v,
+                Err(p) => return Ok(p),
+            };
+            cols.push(col.clone());
+            vals.push(v);
+        }
+        self.force_merge_values(conn, &table, &row_key, w, &mut cols, &mut vals).await?;
+
+        if staged.deleted_keys.contains(&(table.clone(), pk_text.clone())) {
+            // Deleted earlier in this flush and written again: write out what is staged first.
+            let s = std::mem::take(staged);
+            self.execute(conn, s, out).await?;
+        }
+        let wi = Self::receipt(staged, w);
+        let rows = staged.upserts.entry(table.clone()).or_default();
+        match staged.index.get(&(table.clone(), pk_text.clone())) {
+            Some(&i) => rows[i] = Some(StagedRow { cols, vals, work: wi }),
+            None => {
+                staged.index.insert((table.clone(), pk_text), rows.len());
+                rows.push(Some(StagedRow { cols, vals, work: wi }));
+            }
+        }
+        staged.ops.push((table.clone(), ev.op.as_str()));
+        if let Some(id) = own_id {
+            self.ids.put((table.clone(), row_key.clone()), id);
+        }
+        let origin_key = ev.key.as_ref().map(|k| serde_json::to_string(k).unwrap_or_default());
+        self.stage_version(staged, wi, &table, &row_key, version, hash, own_id, origin_key, overwritten.cloned(), ev);
+        Ok(Plan::Done)
+    }
+
+    fn receipt(staged: &mut Staged, w: &Work) -> usize {
+        staged.receipts.push(Receipt {
+            partition: w.partition,
+            offset: w.offset,
+            site: w.event.site.clone(),
+            commit_ms: w.event.source.ts_ms,
+            payload: w.payload.clone(),
+        });
+        staged.receipts.len() - 1
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stage_version(
+        &mut self,
+        staged: &mut Staged,
+        wi: usize,
+        table: &str,
+        row_key: &str,
+        version: RowVersion,
+        hash: u64,
+        hq_id: Option<i64>,
+        origin_key: Option<String>,
+        overwritten: Option<Stored>,
+        ev: &ChangeEvent,
+    ) {
+        if let Some(s) = overwritten {
+            staged.conflicts.push(self.conflict_row(table, row_key, &version, &s.version, ev, true));
+        }
+        let stored = Stored { version, hash, hq_id };
+        self.versions.put((table.to_string(), row_key.to_string()), Some(stored.clone()));
+        staged.versions.push((table.to_string(), row_key.to_string(), stored, origin_key, wi));
+    }
+
+    fn conflict_row(&self, table: &str, row_key: &str, winner: &RowVersion, loser: &RowVersion, ev: &ChangeEvent, overwritten: bool) -> Vec<Value> {
+        // The losing values: the incoming row when it lost; when it won, the stored row's values
+        // are read back by `execute` before they are overwritten (marked by `overwritten`).
+        let loser_values = if overwritten { J::Null } else { serde_json::json!({"after": ev.after, "refs": ev.refs}) };
+        vec![
+            Value::from(table),
+            Value::from(row_key),
+            Value::from(winner.site.as_str()),
+            Value::from(serde_json::to_string(winner).unwrap_or_default()),
+            Value::from(loser.site.as_str()),
+            Value::from(serde_json::to_string(loser).unwrap_or_default()),
+            Value::from(loser_values.to_string()),
+            Value::from(overwritten as i64),
+        ]
+    }
+
+    /// The HQ value of one column: a reference becomes the HQ id of the row it points to.
+    /// `Err(plan)` parks or dead-letters the row.
+    async fn column_value(
+        &mut self,
+        conn: &mut Conn,
+        tm: &TableModel,
+        col: &str,
+        row: &Row,
+        ev: &ChangeEvent,
+        origin_refs: &serde_json::Map<String, J>,
+    ) -> Result<Result<Value, Plan>, SinkError> {
+        let raw = row.get(col).unwrap_or(&J::Null);
+        if let Some(fk) = tm.fk(col) {
+            let target_int = self.model.table(&fk.ref_table).and_then(|t| t.int_pk().map(|p| p == fk.ref_column)).unwrap_or(false);
+            if target_int {
+                if raw.is_null() {
+                    return Ok(Ok(Value::NULL));
+                }
+                // A shared key keeps its own row: `patient.patient_id` is the patient's person,
+                // even when the transform points person references at a survivor.
+                let own = tm.pk.len() == 1 && tm.pk[0] == col;
+                let r = if own { origin_refs.get(col).or_else(|| ev.refs.get(col)) } else { ev.refs.get(col) };
+                let Some(uuid) = r.and_then(J::as_str) else {
+                    omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "unresolved_ref"]).inc();
+                    return Ok(Ok(Value::NULL));
+                };
+                return Ok(match self.lookup_id(conn, &fk.ref_table, uuid).await? {
+                    Some(id) => Ok(Value::from(id)),
+                    None if fk.ref_table == tm.name && ev.uuid.as_deref() == Some(uuid) => {
+                        // A row pointing at itself (a user created by itself).
+                        match self.ids.get(&(tm.name.clone(), uuid.to_string())) {
+                            Some(id) => Ok(Value::from(*id)),
+                            None => Err(Plan::Park(fk.ref_table.clone(), uuid.to_string())),
+                        }
+                    }
+                    None => Err(Plan::Park(fk.ref_table.clone(), uuid.to_string())),
+                });
+            }
+        }
+        let ctype = tm.columns.iter().find(|c| c.name == col).map(|c| c.column_type.as_str()).unwrap_or("");
+        Ok(Ok(match raw {
+            J::Null => Value::NULL,
+            J::Bool(b) => Value::from(*b as i64),
+            J::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    Value::from(i)
+                } else if let Some(u) = n.as_u64() {
+                    Value::from(u)
+                } else {
+                    Value::from(n.as_f64().unwrap_or(0.0))
+                }
+            }
+            J::String(s) if is_binary_type(ctype) => match base64::engine::general_purpose::STANDARD.decode(s) {
+                Ok(b) => Value::Bytes(b),
+                Err(e) => return Ok(Err(Plan::Dead("bad_value", format!("{}.{col}: not base64 ({e})", tm.name)))),
+            },
+            J::String(s) if is_int_type(ctype) && s.is_empty() => Value::NULL,
+            J::String(s) => Value::from(s.as_str()),
+            other => Value::from(other.to_string()),
+        }))
+    }
+
+    /// A merged person stays voided whatever its site says later, and the rows moved to a
+    /// survivor stay non-preferred (semantics 4: the same result in any order).
+    async fn force_merge_values(&mut self, conn: &mut Conn, table: &str, row_key: &str, w: &Work, cols: &mut Vec<String>, vals: &mut Vec<Value>) -> Result<(), SinkError> {
+        let set = |cols: &mut Vec<String>, vals: &mut Vec<Value>, c: &str, v: Value| match cols.iter().position(|x| x == c) {
+            Some(i) => vals[i] = v,
+            None => {
+                cols.push(c.to_string());
+                vals.push(v);
+            }
+        };
+        match table {
+            "person" | "patient" => {
+                if let Some(survivor) = self.survivor_of(row_key) {
+                    let own = cols.iter().position(|c| c == "date_created").map(|i| vals[i].clone()).filter(|_| table == "person");
+                    let when = match own {
+                        Some(v) => v,
+                        None => Value::from(self.merge_time(conn, row_key).await?),
+                    };
+                    let reason = self.void_reason(conn, &survivor).await?;
+                    set(cols, vals, "voided", Value::from(1));
+                    set(cols, vals, "voided_by", Value::from(self.daemon_user));
+                    set(cols, vals, "date_voided", when);
+                    set(cols, vals, "void_reason", Value::from(reason));
+                } else if Self::merge_voided(cols, vals) && self.merges.values().any(|m| m.winner == row_key) {
+                    // The site voided this person by merging it into another one, but HQ's rule
+                    // (earliest registration, then uuid) made it the survivor: it stays alive.
+                    set(cols, vals, "voided", Value::from(0));
+                    set(cols, vals, "voided_by", Value::NULL);
+                    set(cols, vals, "date_voided", Value::NULL);
+                    set(cols, vals, "void_reason", Value::NULL);
+                }
+            }
+            "patient_identifier" | "person_name" | "person_address" => {
+                let col = if table == "patient_identifier" { "patient_id" } else { "person_id" };
+                if w.origin_refs.contains_key(col) {
+                    set(cols, vals, "preferred", Value::from(0));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The row is voided by a merge ("Merged with patient #…").
+    fn merge_voided(cols: &[String], vals: &[Value]) -> bool {
+        let get = |c: &str| cols.iter().position(|x| x == c).map(|i| &vals[i]);
+        let voided = matches!(get("voided"), Some(Value::Int(1)) | Some(Value::UInt(1)));
+        let merged = matches!(get("void_reason"), Some(Value::Bytes(b)) if b.starts_with(b"Merged with patient"));
+        voided && merged
+    }
+
+    /// When a merge is dated at HQ: the loser's registration (`person.date_created`). A
+    /// duplicate is a duplicate from its creation; and unlike the time HQ learned of it, this
+    /// does not depend on the order in which the sites were read (semantics 4).
+    async fn merge_time(&mut self, conn: &mut Conn, loser: &str) -> Result<String, SinkError> {
+        let t: Option<Option<String>> = conn
+            .exec_first("SELECT DATE_FORMAT(date_created, '%Y-%m-%d %H:%i:%s') FROM person WHERE uuid = ?", (loser,))
+            .await
+            .map_err(db("reading the merged person"))?;
+        Ok(t.flatten().unwrap_or_else(|| ms_to_datetime(self.merges.get(loser).map(|m| m.ts_ms).unwrap_or(0))))
+    }
+
+    async fn void_reason(&mut self, conn: &mut Conn, survivor: &str) -> Result<String, SinkError> {
+        Ok(match self.lookup_id(conn, "person", survivor).await? {
+            Some(id) => format!("Merged with patient #{id}"),
+            None => format!("Merged with patient {survivor}"),
+        })
+    }
+
+    /// Writes what is staged: upserts parents first, then deletes children first, versions and
+    /// conflicts. A statement that fails definitely is retried row by row; the rows that still
+    /// fail are dead-lettered and their versions are not written.
+    async fn execute(&mut self, conn: &mut Conn, mut staged: Staged, out: &mut Outcome) -> Result<(), SinkError> {
+        let mut failed: HashSet<usize> = HashSet::new();
+        // Conflicts that overwrite: read the values that are about to be overwritten.
+        for c in staged.conflicts.iter_mut() {
+            if matches!(c.get(7), Some(Value::Int(1))) {
+                let (Some(Value::Bytes(t)), Some(Value::Bytes(k))) = (c.first(), c.get(1)) else { continue };
+                let table = String::from_utf8_lossy(t).to_string();
+                let key = String::from_utf8_lossy(k).to_string();
+                if let Some(tm) = self.table(&table) {
+                    if tm.has_uuid {
+                        let row: Option<mysql_async::Row> =
+                            conn.exec_first(format!("SELECT * FROM {} WHERE uuid = ?", q(&table)), (key.as_str(),)).await.map_err(db("reading an overwritten row"))?;
+                        if let Some(r) = row {
+                            let mut m = serde_json::Map::new();
+                            for (i, col) in r.columns_ref().iter().enumerate() {
+                                let v: Option<Value> = r.as_ref(i).cloned();
+                                m.insert(col.name_str().to_string(), J::String(v.map(|v| v.as_sql(true)).unwrap_or_default()));
+                            }
+                            c[6] = Value::from(J::Object(m).to_string());
+                        }
+                    }
+                }
+            }
+        }
+
+        let order: Vec<String> = self.model.order.clone();
+        for table in &order {
+            let Some(rows) = staged.upserts.remove(table) else { continue };
+            let rows: Vec<StagedRow> = rows.into_iter().flatten().collect();
+            // Group by column list (rows of one table normally share it).
+            let mut groups: Vec<(Vec<String>, Vec<StagedRow>)> = Vec::new();
+            for r in rows {
+                match groups.iter_mut().find(|(c, _)| *c == r.cols) {
+                    Some((_, g)) => g.push(r),
+                    None => groups.push((r.cols.clone(), vec![r])),
+                }
+            }
+            for (cols, rows) in groups {
+                let tm = self.table(table);
+                let pk: Vec<String> = tm.map(|t| t.pk.clone()).unwrap_or_default();
+                let per = (60_000 / cols.len().max(1)).clamp(1, self.max_rows_per_statement);
+                for chunk in rows.chunks(per) {
+                    if let Err(e) = self.upsert(conn, table, &cols, &pk, chunk.iter()).await {
+                        if is_transient_db(&e) {
+                            return Err(SinkError::db(format!("writing {table}"), e));
+                        }
+                        // Row by row: only the bad rows fail.
+                        for r in chunk {
+                            if let Err(e) = self.upsert(conn, table, &cols, &pk, std::iter::once(r)).await {
+                                if is_transient_db(&e) {
+                                    return Err(SinkError::db(format!("writing {table}"), e));
+                                }
+                                failed.insert(r.work);
+                                let w = &staged.receipts[r.work];
+                                omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "row_rejected"]).inc();
+                                out.dead.push(DeadLetter {
+                                    partition: w.partition,
+                                    offset: w.offset,
+                                    kind: "row_rejected",
+                                    reason: format!("HQ rejected the {table} row: {e}"),
+                                    payload: w.payload.to_vec(),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Deletes, children first.
+        let pos: HashMap<&str, usize> = order.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        staged.deletes.sort_by_key(|(t, _, _)| std::cmp::Reverse(pos.get(t.as_str()).copied().unwrap_or(0)));
+        for (table, pk, wi) in &staged.deletes {
+            let cond = pk.iter().map(|(c, _)| format!("{} = ?", q(c))).collect::<Vec<_>>().join(" AND ");
+            let params: Vec<Value> = pk.iter().map(|(_, v)| v.clone()).collect();
+            if let Err(e) = conn.exec_drop(format!("DELETE FROM {} WHERE {cond}", q(table)), params).await {
+                if is_transient_db(&e) {
+                    return Err(SinkError::db(format!("deleting from {table}"), e));
+                }
+                failed.insert(*wi);
+                let w = &staged.receipts[*wi];
+                out.dead.push(DeadLetter {
+                    partition: w.partition,
+                    offset: w.offset,
+                    kind: "row_rejected",
+                    reason: format!("HQ refused to delete the {table} row: {e}"),
+                    payload: w.payload.to_vec(),
+                });
+            }
+        }
+        // Versions of what was written.
+        let versions: Vec<_> = staged.versions.iter().filter(|v| !failed.contains(&v.4)).collect();
+        for chunk in versions.chunks(500) {
+            let marks = vec!["(?,?,?,?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
+            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
+            for (table, key, s, origin, wi) in chunk {
+                let deleted = staged.deletes.iter().any(|(_, _, w)| w == wi);
+                params.extend([
+                    Value::from(table.as_str()),
+                    Value::from(key.as_str()),
+                    s.hq_id.map(Value::from).unwrap_or(Value::NULL),
+                    Value::from(s.version.change_ms),
+                    Value::from(s.version.priority),
+                    Value::from(s.version.site.as_str()),
+                    Value::from(s.version.commit_ms),
+                    Value::from(s.version.position.as_str()),
+                    origin.as_deref().map(Value::from).unwrap_or(Value::NULL),
+                    Value::from(s.hash),
+                    Value::from(deleted as i64),
+                ]);
+            }
+            conn.exec_drop(
+                format!(
+                    "INSERT INTO omrs_sync_row_version (tbl, row_key, hq_id, change_ms, priority, site, commit_ms, position, origin_key, content_hash, deleted)
+                     VALUES {marks} ON DUPLICATE KEY UPDATE hq_id = COALESCE(VALUES(hq_id), hq_id), change_ms = VALUES(change_ms), priority = VALUES(priority),
+                     site = VALUES(site), commit_ms = VALUES(commit_ms), position = VALUES(position), origin_key = COALESCE(VALUES(origin_key), origin_key),
+                     content_hash = VALUES(content_hash), deleted = VALUES(deleted)"
+                ),
+                params,
+            )
+            .await
+            .map_err(db("writing row versions"))?;
+        }
+        // A failed row's cached id and version are gone with it.
+        for (table, key, _, _, wi) in &staged.versions {
+            if failed.contains(wi) {
+                self.versions.pop(&(table.clone(), key.clone()));
+                self.ids.pop(&(table.clone(), key.clone()));
+            }
+        }
+        for chunk in staged.conflicts.chunks(200) {
+            let marks = vec!["(?,?,?,?,?,?,?,?,NOW(3))"; chunk.len()].join(",");
+            let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
+            conn.exec_drop(
+                format!(
+                    "INSERT INTO omrs_sync_conflict (tbl, row_key, winner_site, winner_version, loser_site, loser_version, loser_values, overwritten, detected_at) VALUES {marks}"
+                ),
+                params,
+            )
+            .await
+            .map_err(db("logging conflicts"))?;
+        }
+        for c in &staged.conflicts {
+            if matches!(c.get(7), Some(Value::Int(1))) {
+                if let Some(Value::Bytes(t)) = c.first() {
+                    *out.conflicts.entry(String::from_utf8_lossy(t).to_string()).or_default() += 1;
+                }
+            }
+        }
+        for (i, r) in staged.receipts.iter().enumerate() {
+            if !failed.contains(&i) {
+                out.commits.push((r.site.clone(), r.commit_ms));
+            }
+        }
+        for (table, op) in staged.ops {
+            *out.applied.entry((table, op)).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    async fn upsert<'r>(
+        &self,
+        conn: &mut Conn,
+        table: &str,
+        cols: &[String],
+        pk: &[String],
+        rows: impl Iterator<Item = &'r StagedRow> + Clone,
+    ) -> Result<(), mysql_async::Error> {
+        let n = rows.clone().count();
+        if n == 0 {
+            return Ok(());
+        }
+        let one = format!("({})", vec!["?"; cols.len()].join(","));
+        let updates: Vec<String> = cols.iter().filter(|c| !pk.contains(c)).map(|c| format!("{0} = VALUES({0})", q(c))).collect();
+        let update = if updates.is_empty() { format!("{0} = {0}", q(&cols[0])) } else { updates.join(", ") };
+        let sql = format!(
+            "INSERT INTO {} ({}) VALUES {} ON DUPLICATE KEY UPDATE {update}",
+            q(table),
+            cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(","),
+            vec![one; n].join(",")
+        );
+        let params: Vec<Value> = rows.flat_map(|r| r.vals.iter().cloned()).collect();
+        conn.exec_drop(sql, params).await
+    }
+
+    /// `mergePatients`, in the batch's transaction: the loser's clinical rows move to the
+    /// survivor (identifiers, names and addresses too, as non-preferred: a move keeps their
+    /// uuids, so a later edit at the site lands on the same row, whatever the order), the loser
+    /// patient and person are voided "Merged with patient #<id>", and a `person_merge_log` row
+    /// is written (a site's own merge brings its own). Earlier losers of the loser follow it to
+    /// the new survivor. If either person is not at HQ yet, the merge is remembered and applied
+    /// when both are; rows that arrive later are already canonical.
+    async fn merge(&mut self, conn: &mut Conn, loser: &str, mut rec: MergeRec) -> Result<(), SinkError> {
+        if loser == rec.winner {
+            return Ok(());
+        }
+        // Earlier losers of the loser now belong to the new survivor.
+        let chained: Vec<String> = self.merges.iter().filter(|(_, m)| m.winner == loser).map(|(l, _)| l.clone()).collect();
+        for l in &chained {
+            if let Some(m) = self.merges.get_mut(l) {
+                m.winner = rec.winner.clone();
+            }
+        }
+        let w = self.lookup_id(conn, "person", &rec.winner).await?;
+        let l = self.lookup_id(conn, "person", loser).await?;
+        let mut log_uuid: Option<String> = None;
+        if let (Some(w), Some(l)) = (w, l) {
+            for (table, col, preferred) in MOVES {
+                let Some(tm) = self.model.table(table) else { continue };
+                if !tm.columns.iter().any(|c| c.name == *col) {
+                    continue;
+                }
+                let extra = if *preferred && tm.columns.iter().any(|c| c.name == "preferred") { ", preferred = 0" } else { "" };
+                conn.exec_drop(format!("UPDATE {} SET {} = ?{extra} WHERE {} = ?", q(table), q(col), q(col)), (w, l))
+                    .await
+                    .map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))?;
+            }
+            let reason = format!("Merged with patient #{w}");
+            let when = self.merge_time(conn, loser).await?;
+            // A survivor that its site had merged away (the site chose the other record) is
+            // alive at HQ.
+            for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+                conn.exec_drop(
+                    format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} = ? AND voided = 1 AND void_reason LIKE 'Merged with patient%'"),
+                    (w,),
+                )
+                .await
+                .map_err(|e| SinkError::db(format!("keeping the surviving {table}"), e))?;
+            }
+            for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+                conn.exec_drop(
+                    format!("UPDATE {table} SET voided = 1, voided_by = ?, date_voided = ?, void_reason = ? WHERE {col} = ?"),
+                    (self.daemon_user, when.as_str(), reason.as_str(), l),
+                )
+                .await
+                .map_err(|e| SinkError::db(format!("voiding the merged {table}"), e))?;
+            }
+            if rec.reason != "site_merge" {
+                let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, loser.as_bytes()).to_string();
+                let id = self.allocate(conn, "person_merge_log", "person_merge_log_id").await?;
+                // Only what does not depend on the order the evidence arrived in: the reason and
+                // evidence of this merge are in omrs_sync_merge.
+                let data = serde_json::json!({"loser": loser, "merged_by": "omrs-stream", "details": "omrs_sync_merge"});
+                conn.exec_drop(
+                    "INSERT INTO person_merge_log (person_merge_log_id, winner_person_id, loser_person_id, creator, date_created, merged_data, uuid, voided)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, 0)
+                     ON DUPLICATE KEY UPDATE winner_person_id = VALUES(winner_person_id)",
+                    (id, w, l, self.daemon_user, when.as_str(), data.to_string(), u.as_str()),
+                )
+                .await
+                .map_err(db("writing person_merge_log"))?;
+                log_uuid = Some(u);
+            }
+            // Earlier losers: their merge log and void reason name the new survivor.
+            for cl in &chained {
+                if let Some(cid) = self.lookup_id(conn, "person", cl).await? {
+                    for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+                        conn.exec_drop(format!("UPDATE {table} SET void_reason = ? WHERE {col} = ? AND voided = 1"), (reason.as_str(), cid))
+                            .await
+                            .map_err(db("renaming a chained merge"))?;
+                    }
+                    let cu = uuid::Uuid::new_v5(&MERGE_LOG_NS, cl.as_bytes()).to_string();
+                    conn.exec_drop("UPDATE person_merge_log SET winner_person_id = ? WHERE uuid = ?", (w, cu.as_str()))
+                        .await
+                        .map_err(db("renaming a chained merge"))?;
+                }
+            }
+            rec.applied = true;
+        }
+        conn.exec_drop(
+            "INSERT INTO omrs_sync_merge (loser_uuid, winner_uuid, reason, evidence, site, ts_ms, applied, merge_log_uuid, applied_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, IF(? = 1, NOW(3), NULL))
+             ON DUPLICATE KEY UPDATE winner_uuid = VALUES(winner_uuid), applied = VALUES(applied),
+               merge_log_uuid = COALESCE(VALUES(merge_log_uuid), merge_log_uuid), applied_at = COALESCE(applied_at, VALUES(applied_at))",
+            (
+                loser,
+                rec.winner.as_str(),
+                rec.reason.as_str(),
+                rec.evidence.as_str(),
+                rec.site.as_str(),
+                rec.ts_ms,
+                rec.applied as i64,
+                log_uuid.as_deref(),
+                rec.applied as i64,
+            ),
+        )
+        .await
+        .map_err(db("recording the merge"))?;
+        if !chained.is_empty() {
+            let marks = vec!["?"; chained.len()].join(",");
+            let mut params: Vec<Value> = vec![Value::from(rec.winner.as_str())];
+            params.extend(chained.iter().map(|c| Value::from(c.as_str())));
+            conn.exec_drop(format!("UPDATE omrs_sync_merge SET winner_uuid = ? WHERE loser_uuid IN ({marks})"), params)
+                .await
+                .map_err(db("following a survivor change"))?;
+        }
+        self.merges.insert(loser.to_string(), rec);
+        Ok(())
+    }
+}

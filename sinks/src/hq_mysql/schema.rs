@@ -1,0 +1,120 @@
+//! The HQ database: created from the real OpenMRS schema and the shared metadata of the demo
+//! dump (`--init`), plus the sink's own bookkeeping in `omrs_sync_*` tables. OpenMRS tables are
+//! never altered.
+
+use std::path::Path;
+
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+
+use crate::SinkError;
+
+/// The sink's bookkeeping. Every table is written in the same transaction as the rows it
+/// describes.
+pub const BOOKKEEPING: &[&str] = &[
+    // Consumed offsets of omrs.hq.changes: where a restart resumes (semantics 1).
+    "CREATE TABLE IF NOT EXISTS omrs_sync_offsets (
+        topic VARCHAR(249) NOT NULL,
+        kafka_partition INT NOT NULL,
+        next_offset BIGINT NOT NULL,
+        updated_at DATETIME(3) NOT NULL,
+        PRIMARY KEY (topic, kafka_partition)
+     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // One version per HQ row (semantics 6), which is also its provenance: the site and the
+    // site-local key it came from, and the HQ id it was given.
+    "CREATE TABLE IF NOT EXISTS omrs_sync_row_version (
+        tbl VARCHAR(64) NOT NULL,
+        row_key VARCHAR(255) NOT NULL,
+        hq_id BIGINT NULL,
+        change_ms BIGINT NOT NULL,
+        priority INT NOT NULL,
+        site VARCHAR(64) NOT NULL,
+        commit_ms BIGINT NOT NULL,
+        position VARCHAR(128) NOT NULL,
+        origin_key VARCHAR(255) NULL,
+        content_hash BIGINT UNSIGNED NOT NULL,
+        deleted TINYINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (tbl, row_key)
+     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // Every losing change (semantics 6).
+    "CREATE TABLE IF NOT EXISTS omrs_sync_conflict (
+        conflict_id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        tbl VARCHAR(64) NOT NULL,
+        row_key VARCHAR(255) NOT NULL,
+        winner_site VARCHAR(64) NOT NULL,
+        winner_version TEXT NOT NULL,
+        loser_site VARCHAR(64) NOT NULL,
+        loser_version TEXT NOT NULL,
+        loser_values LONGTEXT NULL,
+        overwritten TINYINT NOT NULL,
+        detected_at DATETIME(3) NOT NULL,
+        KEY (tbl, row_key)
+     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // Rows waiting for a referenced row (semantics 7).
+    "CREATE TABLE IF NOT EXISTS omrs_sync_pending (
+        pending_id BIGINT NOT NULL PRIMARY KEY,
+        tbl VARCHAR(64) NOT NULL,
+        row_key VARCHAR(255) NOT NULL,
+        waits_for_table VARCHAR(64) NOT NULL,
+        waits_for_key VARCHAR(255) NOT NULL,
+        first_seen_ms BIGINT NOT NULL,
+        source_offset BIGINT NOT NULL,
+        event LONGTEXT NOT NULL,
+        KEY (waits_for_table, waits_for_key)
+     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // Every merge applied at HQ, in addition to OpenMRS's own person_merge_log.
+    "CREATE TABLE IF NOT EXISTS omrs_sync_merge (
+        loser_uuid CHAR(38) NOT NULL PRIMARY KEY,
+        winner_uuid CHAR(38) NOT NULL,
+        reason VARCHAR(32) NOT NULL,
+        evidence TEXT NULL,
+        site VARCHAR(64) NOT NULL,
+        ts_ms BIGINT NOT NULL,
+        applied TINYINT NOT NULL,
+        merge_log_uuid CHAR(38) NULL,
+        applied_at DATETIME(3) NULL,
+        KEY (winner_uuid)
+     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+];
+
+/// Creates the bookkeeping tables if they are missing.
+pub async fn ensure_bookkeeping(conn: &mut Conn) -> Result<(), SinkError> {
+    for ddl in BOOKKEEPING {
+        conn.query_drop(*ddl).await.map_err(|e| SinkError::db("creating the omrs_sync_ tables", e))?;
+    }
+    Ok(())
+}
+
+/// True when `database` already holds an OpenMRS schema.
+pub async fn has_openmrs(conn: &mut Conn, database: &str) -> Result<bool, SinkError> {
+    let n: Option<i64> = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = ? AND table_name IN ('person', 'patient', 'encounter', 'obs')",
+            (database,),
+        )
+        .await
+        .map_err(|e| SinkError::db("reading information_schema", e))?;
+    Ok(n.unwrap_or(0) == 4)
+}
+
+/// `--init`: the OpenMRS schema and shared metadata from the demo dump, then the bookkeeping.
+/// An existing HQ database is kept unless `force`.
+pub async fn init(conn: &mut Conn, database: &str, dump: &Path, force: bool) -> Result<bool, SinkError> {
+    if has_openmrs(conn, database).await? && !force {
+        conn.query_drop(format!("USE `{database}`")).await.map_err(|e| SinkError::db("selecting the HQ database", e))?;
+        ensure_bookkeeping(conn).await?;
+        return Ok(false);
+    }
+    if !dump.exists() {
+        return Err(SinkError::Usage(format!(
+            "the OpenMRS demo dump {} does not exist: pass --dump PATH or set OMRS_DEMO_DUMP",
+            dump.display()
+        )));
+    }
+    omrs_core::openmrs::load_dump(conn, database, dump, false).await.map_err(|e| match e {
+        omrs_core::openmrs::DumpError::Db { context, source } => SinkError::db(context, source),
+        other => SinkError::Usage(other.to_string()),
+    })?;
+    ensure_bookkeeping(conn).await?;
+    Ok(true)
+}
