@@ -32,7 +32,7 @@ fn help_lists_every_subcommand() {
 fn unbuilt_subcommands_say_so_and_exit_2() {
     for args in [
         vec!["demo"],
-        vec!["sink", "hq-mysql"],
+        vec!["sink", "parquet"],
         vec!["query", "select 1"],
         vec!["verify"],
     ] {
@@ -102,4 +102,20 @@ fn delete_topics(names: &[String]) {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _ = rt.block_on(admin.delete_topics(&refs, &AdminOptions::new()));
+}
+
+#[test]
+fn hq_sink_refuses_an_uninitialised_database_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("omrs-stream.toml"))
+        .unwrap()
+        .replace("database = \"openmrs_hq\"", "database = \"openmrs_hq_never_initialised\"")
+        .replace("user = \"hq\"", "user = \"omrs\"")
+        .replace("${OMRS_HQ_PASSWORD:-hq}", "omrs");
+    let config = dir.path().join("omrs-stream.toml");
+    std::fs::write(&config, text).unwrap();
+    let out = bin().arg("--config").arg(&config).args(["sink", "hq-mysql", "--metrics-port", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist") && err.contains("sink hq-mysql --init"), "{err}");
 }

@@ -72,9 +72,13 @@ fn hq_opts(cfg: &Config, with_db: bool) -> OptsBuilder {
 }
 
 async fn connect(cfg: &Config, with_db: bool) -> Result<Conn, SinkError> {
-    let mut c = Conn::new(hq_opts(cfg, with_db))
-        .await
-        .map_err(|e| SinkError::db(format!("connecting to {}", cfg.hq.database.redacted_url()), e))?;
+    let mut c = Conn::new(hq_opts(cfg, with_db)).await.map_err(|e| match &e {
+        mysql_async::Error::Server(s) if s.code == 1049 => SinkError::Schema(format!(
+            "the HQ database `{}` does not exist: create it with `omrs-stream sink hq-mysql --init`",
+            cfg.hq.database.database
+        )),
+        _ => SinkError::db(format!("connecting to {}", cfg.hq.database.redacted_url()), e),
+    })?;
     c.query_drop("SET time_zone = '+00:00', SESSION sql_mode = 'STRICT_TRANS_TABLES,NO_AUTO_VALUE_ON_ZERO'; SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
         .await
         .map_err(|e| SinkError::db("setting up the session", e))?;

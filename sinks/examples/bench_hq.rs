@@ -1,0 +1,247 @@
+//! Benchmark of the HQ MySQL sink (run by `scripts/bench-hq`, release build).
+//!
+//! 1. A fresh HQ database (`--init` from the OpenMRS demo dump).
+//! 2. `omrs.hq.changes` pre-filled with an obs-heavy OpenMRS mix in uuid space: per patient a
+//!    person, a name, a patient, a visit, 2 encounters and 24 obs, all referencing HQ metadata.
+//! 3. The sink applies the topic to its end: rows/s.
+//! 4. Raw: the same number of obs-shaped rows through 1000-row multi-row prepared INSERTs into a
+//!    copy of `obs` on the same server — the ceiling.
+//! 5. Latency: events produced at a steady 2,000/s for 20 s, with the site commit time set to
+//!    the produce time; p50/p99 site commit → HQ commit from the sink's histogram.
+//!
+//! Prints `BENCH <name> <value> <unit>` lines last.
+
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder, Value};
+use omrs_core::config::{Config, TopicsFile};
+use omrs_core::envelope::{ChangeEvent, Op, Source};
+use omrs_core::hq::HqEvent;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde_json::{json, Map, Value as J};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Meta {
+    user: String,
+    location: String,
+    concept: Vec<String>,
+    enc_type: String,
+    visit_type: String,
+}
+
+fn obj(v: J) -> Map<String, J> {
+    match v {
+        J::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn change(site: &str, table: &str, uuid: &str, after: J, refs: J, seq: &mut u64, ts: i64) -> HqEvent {
+    *seq += 1;
+    HqEvent::Change {
+        late: false,
+        person: None,
+        origin_refs: Map::new(),
+        event: ChangeEvent {
+            op: Op::Create,
+            site: site.into(),
+            table: Some(table.into()),
+            key: None,
+            uuid: Some(uuid.into()),
+            before: None,
+            after: Some(obj(after)),
+            refs: obj(refs),
+            source: Source { server_id: 11, gtid: None, file: "binlog.000001".into(), pos: *seq, row: 0, ts_ms: ts, snapshot: false },
+            ts_ms: ts,
+        },
+    }
+}
+
+/// One patient's registration, visit, encounters and obs: 30 rows.
+fn patient(site: &str, m: &Meta, i: u64, seq: &mut u64, ts: i64) -> Vec<HqEvent> {
+    let u = |_: &str| uuid::Uuid::new_v4().to_string();
+    let person = u("");
+    let now = "2026-11-26 10:00:00";
+    let mut out = vec![
+        change(site, "person", &person, json!({"person_id": i, "gender": "F", "birthdate": "1990-01-01", "dead": 0, "creator": 1, "date_created": now, "voided": 0, "uuid": person}), json!({"creator": m.user}), seq, ts),
+        change(site, "person_name", &u("n"), json!({"person_name_id": i, "preferred": 1, "person_id": i, "given_name": "Amina", "family_name": format!("Bench{i}"), "creator": 1, "date_created": now, "voided": 0}), json!({"person_id": person, "creator": m.user}), seq, ts),
+        change(site, "patient", &person, json!({"patient_id": i, "creator": 1, "date_created": now, "voided": 0, "allergy_status": "Unknown"}), json!({"patient_id": person, "creator": m.user}), seq, ts),
+    ];
+    let visit = u("v");
+    out.push(change(site, "visit", &visit, json!({"visit_id": i, "patient_id": i, "visit_type_id": 1, "date_started": now, "location_id": 1, "creator": 1, "date_created": now, "voided": 0}), json!({"patient_id": person, "visit_type_id": m.visit_type, "location_id": m.location, "creator": m.user}), seq, ts));
+    for e in 0..2 {
+        let enc = u("e");
+        out.push(change(site, "encounter", &enc, json!({"encounter_id": i * 2 + e, "encounter_type": 1, "patient_id": i, "location_id": 1, "encounter_datetime": now, "creator": 1, "date_created": now, "voided": 0, "visit_id": i}), json!({"encounter_type": m.enc_type, "patient_id": person, "location_id": m.location, "creator": m.user, "visit_id": visit}), seq, ts));
+        for o in 0..12 {
+            let concept = &m.concept[(o as usize) % m.concept.len()];
+            out.push(change(site, "obs", &u("o"), json!({"obs_id": 1, "person_id": i, "concept_id": 1, "encounter_id": 1, "obs_datetime": now, "location_id": 1, "value_numeric": 36.5 + o as f64, "creator": 1, "date_created": now, "voided": 0, "status": "FINAL"}), json!({"person_id": person, "concept_id": concept, "encounter_id": enc, "location_id": m.location, "creator": m.user}), seq, ts));
+        }
+    }
+    out
+}
+
+fn admin(db: Option<&str>) -> OptsBuilder {
+    OptsBuilder::default().ip_or_hostname("127.0.0.1").tcp_port(3310).user(Some("omrs")).pass(Some("omrs")).db_name(db.map(str::to_string)).prefer_socket(false)
+}
+
+fn quantile(buckets: &[(f64, u64)], count: u64, q: f64) -> f64 {
+    let target = (count as f64 * q).ceil() as u64;
+    let mut prev = (0.0, 0u64);
+    for &(le, c) in buckets {
+        if c >= target {
+            let span = (c - prev.1).max(1) as f64;
+            return prev.0 + (le - prev.0) * ((target - prev.1) as f64 / span);
+        }
+        prev = (le, c);
+    }
+    f64::INFINITY
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))).with_writer(std::io::stderr).init();
+    let patients: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(4000);
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dump = omrs_core::openmrs::default_dump();
+    let dump = if dump.is_absolute() { dump } else { root.join(dump) };
+    let prefix = format!("bench.{}.", std::process::id());
+    let database = "openmrs_hq_bench";
+
+    let mut cfg = Config::load(&root.join("omrs-stream.toml")).expect("omrs-stream.toml");
+    cfg.kafka.topic_prefix = prefix.clone();
+    cfg.hq.database.database = database.into();
+    cfg.hq.database.user = "omrs".into();
+    cfg.hq.database.password = "omrs".into();
+    let topics = TopicsFile::load(&root.join("topics.toml")).expect("topics.toml").resolve(&cfg.site_names(), &prefix);
+    omrs_core::topics::apply(&cfg.kafka, &topics).await.expect("topics apply");
+
+    let init = omrs_sinks::hq_mysql::HqSinkArgs { init: true, force: true, dump, until_idle: false, metrics_port: None, batch_rows: None, quiet: true };
+    omrs_sinks::hq_mysql::run(&cfg, &init).await.expect("HQ --init");
+    let mut c = Conn::new(admin(Some(database))).await.expect("HQ");
+    let one = |sql: &'static str| sql;
+    let user: String = c.query_first(one("SELECT uuid FROM users ORDER BY user_id LIMIT 1")).await.unwrap().unwrap();
+    let location: String = c.query_first(one("SELECT uuid FROM location ORDER BY location_id LIMIT 1")).await.unwrap().unwrap();
+    let enc_type: String = c.query_first(one("SELECT uuid FROM encounter_type ORDER BY encounter_type_id LIMIT 1")).await.unwrap().unwrap();
+    let visit_type: String = c.query_first(one("SELECT uuid FROM visit_type ORDER BY visit_type_id LIMIT 1")).await.unwrap().unwrap();
+    let concept: Vec<String> = c.query(one("SELECT c.uuid FROM concept c JOIN concept_numeric n ON n.concept_id = c.concept_id ORDER BY c.concept_id LIMIT 12")).await.unwrap();
+    let meta = Meta { user, location, concept, enc_type, visit_type };
+
+    // Pre-fill.
+    let topic = format!("{prefix}omrs.hq.changes");
+    let producer: FutureProducer = omrs_core::kafka::client_config(&cfg.kafka).set("linger.ms", "20").set("compression.type", "lz4").set("queue.buffering.max.messages", "1000000").create().unwrap();
+    let mut seq = 0;
+    let mut rows = 0u64;
+    let ts = chrono::Utc::now().timestamp_millis();
+    for i in 0..patients {
+        for ev in patient("site-a", &meta, 100_000 + i, &mut seq, ts) {
+            let payload = ev.to_json();
+            loop {
+                match producer.send_result(FutureRecord::to(&topic).key(&ev.key()).payload(&payload)) {
+                    Ok(_) => break,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+            rows += 1;
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    eprintln!("pre-filled {rows} events ({patients} patients)");
+
+    // The sink, to the end of the topic.
+    let args = omrs_sinks::hq_mysql::HqSinkArgs { init: false, force: false, dump: Default::default(), until_idle: true, metrics_port: None, batch_rows: None, quiet: true };
+    let t0 = Instant::now();
+    omrs_sinks::hq_mysql::run(&cfg, &args).await.expect("sink");
+    let secs = t0.elapsed().as_secs_f64();
+    let obs: i64 = c.query_first(one("SELECT COUNT(*) FROM obs")).await.unwrap().unwrap();
+    assert!(obs as u64 >= patients * 24, "only {obs} obs at HQ");
+    let sink_rate = rows as f64 / secs;
+    eprintln!("sink: {rows} rows in {secs:.1} s = {sink_rate:.0} rows/s");
+
+    // Raw multi-row INSERT ceiling on the same server.
+    c.query_drop("DROP TABLE IF EXISTS bench_obs_raw; CREATE TABLE bench_obs_raw LIKE obs").await.unwrap();
+    let cols = ["obs_id", "person_id", "concept_id", "encounter_id", "obs_datetime", "location_id", "value_numeric", "creator", "date_created", "voided", "uuid", "status"];
+    let per = 1000usize;
+    let sql = format!("INSERT INTO bench_obs_raw ({}) VALUES {}", cols.join(","), vec![format!("({})", vec!["?"; cols.len()].join(",")); per].join(","));
+    let stmt = c.prep(sql).await.unwrap();
+    let t0 = Instant::now();
+    let mut written = 0u64;
+    let mut id = 1i64;
+    c.query_drop("START TRANSACTION").await.unwrap();
+    while written < rows {
+        let mut params: Vec<Value> = Vec::with_capacity(per * cols.len());
+        for _ in 0..per {
+            params.extend([Value::from(id), Value::from(1), Value::from(5089), Value::NULL, Value::from("2026-11-26 10:00:00"), Value::from(1), Value::from(36.6), Value::from(1), Value::from("2026-11-26 10:00:00"), Value::from(0), Value::from(uuid::Uuid::new_v4().to_string()), Value::from("FINAL")]);
+            id += 1;
+        }
+        c.exec_drop(&stmt, params).await.unwrap();
+        written += per as u64;
+        if written % 5000 == 0 {
+            c.query_drop("COMMIT; START TRANSACTION").await.unwrap();
+        }
+    }
+    c.query_drop("COMMIT").await.unwrap();
+    let raw_rate = written as f64 / t0.elapsed().as_secs_f64();
+    c.query_drop("DROP TABLE bench_obs_raw").await.unwrap();
+    eprintln!("raw multi-row INSERT: {raw_rate:.0} rows/s");
+
+    // Latency at a steady 2,000 events/s.
+    let live = tokio::spawn({
+        let cfg = cfg.clone();
+        let args = omrs_sinks::hq_mysql::HqSinkArgs { until_idle: false, ..args.clone() };
+        async move { omrs_sinks::hq_mysql::run(&cfg, &args).await }
+    });
+    // The live phase's events come from "site-b": its histogram holds only them.
+    let h = omrs_core::metrics::metrics().hq_e2e_latency.with_label_values(&["site-b"]);
+    let rate = 2000.0;
+    let secs_live = 20.0;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut i = 1_000_000u64;
+    while start.elapsed().as_secs_f64() < secs_live {
+        let due = (start.elapsed().as_secs_f64() * rate) as u64;
+        while sent < due {
+            for ev in patient("site-b", &meta, i, &mut seq, chrono::Utc::now().timestamp_millis()) {
+                let payload = ev.to_json();
+                let _ = producer.send_result(FutureRecord::to(&topic).key(&ev.key()).payload(&payload));
+                sent += 1;
+            }
+            i += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while h.get_sample_count() < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    live.abort();
+    let mf = omrs_core::metrics::metrics().registry.gather();
+    let fam = mf.iter().find(|f| f.name() == omrs_core::metrics::HQ_E2E_LATENCY).expect("latency histogram");
+    let metric = fam
+        .get_metric()
+        .iter()
+        .find(|m| m.get_label().iter().any(|l| l.value() == "site-b"))
+        .expect("site-b latency");
+    let hist = metric.get_histogram();
+    let total = hist.get_sample_count();
+    let buckets: Vec<(f64, u64)> = hist.get_bucket().iter().map(|b| (b.upper_bound(), b.cumulative_count())).collect();
+    let p50 = quantile(&buckets, total, 0.5);
+    let p99 = quantile(&buckets, total, 0.99);
+
+    let admin_conn = Conn::new(admin(None)).await;
+    if let Ok(mut a) = admin_conn {
+        let _ = a.query_drop(format!("DROP DATABASE IF EXISTS `{database}`")).await;
+    }
+    let adm: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = omrs_core::kafka::client_config(&cfg.kafka).create().unwrap();
+    let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let _ = adm.delete_topics(&refs, &rdkafka::admin::AdminOptions::new()).await;
+
+    println!("BENCH hq_sink_rows_per_s {sink_rate:.0} rows/s");
+    println!("BENCH hq_raw_insert_rows_per_s {raw_rate:.0} rows/s");
+    println!("BENCH hq_sink_vs_raw_ratio {:.2} ratio", sink_rate / raw_rate);
+    println!("BENCH hq_latency_p50_at_2000_eps {p50:.3} s");
+    println!("BENCH hq_latency_p99_at_2000_eps {p99:.3} s");
+}
