@@ -8,13 +8,17 @@
 //! 4. The agent catches up: binlog → change events → committed Kafka transactions.
 //!
 //! Prints `BENCH <name> <value> <unit>` lines last.
+//!
+//! With `--check` after the patient count, the rows of the range are also encoded both ways
+//! (mysql_common rows → `convert::binlog_value` maps → serde_json, and `encode::TablePlan`
+//! straight from the event), untimed, and every image must come out byte for byte the same.
 
 use std::time::Instant;
 
 use futures::StreamExt;
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStreamRequest, Conn, OptsBuilder};
-use mysql_common::binlog::events::EventData;
+use mysql_common::binlog::events::{EventData, RowsEventData, TableMapEvent};
 use omrs_core::config::{Config, TopicsFile};
 
 #[global_allocator]
@@ -94,45 +98,17 @@ async fn main() {
     eprintln!("workload: {} row changes in the binlog ({from_file}:{from_pos} .. {to_file}:{to_pos})", m.row_changes);
 
     // Raw decode of the same range.
-    let mut conn = Conn::new(admin(port, None)).await.unwrap();
-    conn.query_drop("SET @mariadb_slave_capability = 4").await.unwrap();
-    let fb = from_file.clone().into_bytes();
-    let mut stream = conn
-        .get_binlog_stream(BinlogStreamRequest::new(1_999_999_999).with_filename(&fb).with_pos(from_pos))
-        .await
-        .unwrap();
-    let t = Instant::now();
     let mut raw_rows = 0u64;
-    let mut cur_file = from_file.clone();
-    let mut first = true;
-    while let Some(ev) = stream.next().await {
-        let ev = ev.unwrap();
-        let h = ev.header();
-        if h.event_type_raw() == 4 {
-            if !first {
-                if let Ok(Some(EventData::RotateEvent(r))) = ev.read_data() {
-                    cur_file = r.name().trim_end_matches('\0').to_string();
-                }
-            }
-            first = false;
-            continue;
-        } else if let Ok(Some(EventData::RowsEvent(re))) = ev.read_data() {
-            if let Some(tme) = stream.get_tme(re.table_id()) {
-                if tme.database_name() == database {
-                    for row in re.rows(tme) {
-                        row.unwrap();
-                        raw_rows += 1;
-                    }
-                }
-            }
+    let raw_secs = each_rows_event(port, database, (&from_file, from_pos), (&to_file, to_pos), |tme, re, _, _| {
+        for row in re.rows(tme) {
+            row.unwrap();
+            raw_rows += 1;
         }
-        first = false;
-        if (cur_file.as_str(), h.log_pos() as u64) >= (to_file.as_str(), to_pos) {
-            break;
-        }
+    })
+    .await;
+    if std::env::args().any(|a| a == "--check") {
+        check_encode(port, database, (&from_file, from_pos), (&to_file, to_pos)).await;
     }
-    let raw_secs = t.elapsed().as_secs_f64();
-    drop(stream);
 
     // The agent catches up.
     let rss0 = rss_kib();
@@ -162,4 +138,92 @@ async fn main() {
     println!("BENCH ingest_kafka_transactions {events_out} txns");
     println!("BENCH ref_cache_entries {tracked} rows");
     println!("BENCH memory_per_tracked_row {:.0} bytes", (rss1.saturating_sub(rss0) * 1024) as f64 / tracked as f64);
+}
+
+/// Reads the binlog range from `from` to `to` and hands every rows event of `database` to `f`,
+/// with its table map, file and end position. Returns the seconds it took once the stream was
+/// open.
+async fn each_rows_event(
+    port: u16,
+    database: &str,
+    from: (&str, u64),
+    to: (&str, u64),
+    mut f: impl FnMut(&TableMapEvent<'_>, &RowsEventData<'_>, &str, u32),
+) -> f64 {
+    let mut conn = Conn::new(admin(port, None)).await.unwrap();
+    conn.query_drop("SET @mariadb_slave_capability = 4").await.unwrap();
+    let fb = from.0.to_string().into_bytes();
+    let mut stream = conn
+        .get_binlog_stream(BinlogStreamRequest::new(1_999_999_999).with_filename(&fb).with_pos(from.1))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut cur_file = from.0.to_string();
+    let mut first = true;
+    while let Some(ev) = stream.next().await {
+        let ev = ev.unwrap();
+        let h = ev.header();
+        if h.event_type_raw() == 4 {
+            if !first {
+                if let Ok(Some(EventData::RotateEvent(r))) = ev.read_data() {
+                    cur_file = r.name().trim_end_matches('\0').to_string();
+                }
+            }
+            first = false;
+            continue;
+        } else if let Ok(Some(EventData::RowsEvent(re))) = ev.read_data() {
+            if let Some(tme) = stream.get_tme(re.table_id()) {
+                if tme.database_name() == database {
+                    f(tme, &re, &cur_file, h.log_pos());
+                }
+            }
+        }
+        first = false;
+        if (cur_file.as_str(), h.log_pos() as u64) >= to {
+            break;
+        }
+    }
+    t.elapsed().as_secs_f64()
+}
+
+/// Both encodings of every row image in the range agree (see the module docs).
+async fn check_encode(port: u16, database: &str, from: (&str, u64), to: (&str, u64)) {
+    use omrs_ingest::convert::binlog_value;
+    let mut q = Conn::new(admin(port, Some(database))).await.unwrap();
+    let model = omrs_ingest::model::Model::load(&mut q, database, &[], &[]).await.unwrap();
+    let mut resolver = omrs_ingest::refs::Resolver::new(16);
+    let mut enc = omrs_ingest::encode::RowEncoder::default();
+    let mut rows_checked = 0u64;
+    each_rows_event(port, database, from, to, |tme, re, file, pos| {
+        let Some(table) = model.table(&tme.table_name()) else { return };
+        let plan = omrs_ingest::encode::TablePlan::new(tme, table.clone(), &[], "s", &model, &mut resolver).unwrap();
+        let bb: Option<Vec<bool>> = re.columns_before_image().map(|b| b.iter().by_vals().collect());
+        let ab: Option<Vec<bool>> = re.columns_after_image().map(|b| b.iter().by_vals().collect());
+        let mut buf = mysql_common::io::ParseBuf(re.rows_data());
+        for row in re.rows(tme) {
+            let (b, a) = row.unwrap();
+            plan.decode_row(&mut buf, bb.as_deref(), ab.as_deref(), &mut enc).unwrap();
+            for (old, after) in [(b, false), (a, true)] {
+                let want = old.map(|r| {
+                    let mut m = serde_json::Map::new();
+                    for (i, col) in r.columns_ref().iter().enumerate() {
+                        let name = col.name_str();
+                        let v = r.as_ref(i).map(|v| binlog_value(v, col, table.enums.get(name.as_ref()))).unwrap_or(serde_json::Value::Null);
+                        m.insert(name.into_owned(), v);
+                    }
+                    serde_json::to_vec(&m).unwrap()
+                });
+                assert_eq!(
+                    want.as_deref().map(String::from_utf8_lossy),
+                    enc.image_json(after).map(String::from_utf8_lossy),
+                    "{} row at {file}:{pos}",
+                    table.name
+                );
+            }
+            rows_checked += 1;
+        }
+        assert!(buf.is_empty(), "rows left over");
+    })
+    .await;
+    eprintln!("encode check: {rows_checked} rows, every image identical in both encodings");
 }

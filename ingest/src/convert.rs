@@ -20,9 +20,9 @@ use serde_json::Value as J;
 use crate::model::TableModel;
 
 /// Charset id 63 is `binary`.
-const BINARY: u16 = 63;
+pub(crate) const BINARY: u16 = 63;
 
-fn is_latin1(charset: u16) -> bool {
+pub(crate) fn is_latin1(charset: u16) -> bool {
     matches!(charset, 5 | 8 | 15 | 31 | 47 | 48 | 49 | 94)
 }
 
@@ -65,7 +65,7 @@ fn time(neg: bool, days: u32, h: u8, i: u8, s: u8, us: u32) -> J {
     }
 }
 
-fn f64_json(v: f64) -> J {
+pub(crate) fn f64_json(v: f64) -> J {
     serde_json::Number::from_f64(v).map(J::Number).unwrap_or(J::Null)
 }
 
@@ -79,8 +79,13 @@ fn is_timestamp(t: ColumnType) -> bool {
 
 /// A value of a binlog row image.
 pub fn binlog_value(value: &BinlogValue<'_>, col: &Column, enums: Option<&Vec<String>>) -> J {
+    binlog_value_typed(value, col.column_type(), col.character_set(), enums)
+}
+
+/// [`binlog_value`] from the column's type and charset alone (what [`crate::encode`] knows of
+/// a column).
+pub fn binlog_value_typed(value: &BinlogValue<'_>, t: ColumnType, charset: u16, enums: Option<&Vec<String>>) -> J {
     use ColumnType::*;
-    let t = col.column_type();
     let v = match value {
         BinlogValue::Value(v) => v,
         BinlogValue::Jsonb(j) => {
@@ -111,12 +116,12 @@ pub fn binlog_value(value: &BinlogValue<'_>, col: &Column, enums: Option<&Vec<St
             MYSQL_TYPE_YEAR => std::str::from_utf8(b).ok().and_then(|s| s.parse::<i64>().ok()).map(J::from).unwrap_or(J::Null),
             MYSQL_TYPE_BIT => bits(b),
             MYSQL_TYPE_TIMESTAMP | MYSQL_TYPE_TIMESTAMP2 => timestamp_from_epoch(&String::from_utf8_lossy(b)),
-            _ => text(b, col.character_set()),
+            _ => text(b, charset),
         },
     }
 }
 
-fn float32(f: f32) -> J {
+pub(crate) fn float32(f: f32) -> J {
     format!("{f}").parse::<f64>().map(f64_json).unwrap_or(J::Null)
 }
 

@@ -11,10 +11,12 @@
 //! - [`stream`]: binlog tailing with mysql_async, heartbeats, DDL refresh.
 //! - [`refs`]: FK → uuid.
 //! - [`convert`]: MySQL values → envelope JSON.
+//! - [`encode`]: binlog rows straight to the JSON of their change events.
 //! - [`checkpoint`], [`producer`]: offsets and the transactional producer.
 
 pub mod checkpoint;
 pub mod convert;
+pub mod encode;
 pub mod model;
 pub mod producer;
 pub mod refs;
@@ -112,6 +114,9 @@ pub struct IngestArgs {
 pub struct Tuning {
     pub chunk_rows: u32,
     pub heartbeat: Duration,
+    /// At most this many events (whole site transactions) per Kafka transaction, reached while
+    /// catching up; a live site's batches end at `batch_age` first. Events stream to the
+    /// producer ahead of their checkpoint, so this does not bound the agent's memory.
     pub batch_events: usize,
     pub batch_age: Duration,
     /// A site transaction larger than this is split across Kafka transactions.
@@ -213,19 +218,23 @@ pub async fn run(cfg: &Config, args: &IngestArgs) -> Result<(), IngestError> {
 }
 
 async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot: bool) -> Result<(), IngestError> {
+    let t0 = std::time::Instant::now();
     let mut query = connect(site).await?;
     check_server(&mut query).await?;
     let model = Model::load(&mut query, &site.database.database, &cfg.ingest.include, &cfg.ingest.exclude).await?;
     if model.tables.is_empty() {
         return Err(IngestError::Usage(format!("database `{}` at site {} has no tables to capture", site.database.database, site.name)));
     }
+    let t_model = t0.elapsed();
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let producer = TxProducer::new(&cfg.kafka, &site.name, names.cdc(&site.name), names.ingest_offsets())?;
+    let t_producer = t0.elapsed();
     let saved = if resnapshot { None } else { checkpoint::read(&cfg.kafka, &names.ingest_offsets(), &site.name)? };
+    tracing::debug!(site = %site.name, model_ms = t_model.as_millis() as u64, producer_ms = t_producer.as_millis() as u64, checkpoint_ms = t0.elapsed().as_millis() as u64, "agent started");
     let tuning = Tuning {
         chunk_rows: cfg.ingest.snapshot_chunk_rows,
         heartbeat: Duration::from_millis(cfg.ingest.heartbeat_interval_ms.max(50)),
-        batch_events: 5_000,
+        batch_events: 20_000,
         batch_age: Duration::from_millis(200),
         max_txn_events: 50_000,
         ref_cache: 2_000_000,

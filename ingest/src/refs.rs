@@ -16,6 +16,13 @@ use serde_json::Value as J;
 use crate::model::Model;
 use crate::IngestError;
 
+/// The table whose uuid column answers a lookup (see [`Resolver::target`]).
+#[derive(Debug, Clone)]
+pub struct Target {
+    id: u32,
+    pub table: String,
+}
+
 pub struct Resolver {
     cache: LruCache<(u32, i64), Box<str>>,
     tables: std::collections::HashMap<String, u32>,
@@ -43,7 +50,8 @@ impl Resolver {
         self.cache.is_empty()
     }
 
-    fn table_id(&mut self, table: &str) -> u32 {
+    /// The resolver's small integer id of `table`, stable for the resolver's lifetime.
+    pub fn table_id(&mut self, table: &str) -> u32 {
         if let Some(&id) = self.tables.get(table) {
             return id;
         }
@@ -55,39 +63,59 @@ impl Resolver {
     /// Remembers the uuid of `table` row `id`.
     pub fn learn(&mut self, table: &str, id: i64, uuid: &str) {
         let t = self.table_id(table);
-        self.cache.put((t, id), uuid.into());
+        self.learn_id(t, id, uuid);
+    }
+
+    /// [`Resolver::learn`] by the table's id ([`Resolver::table_id`]).
+    pub fn learn_id(&mut self, table_id: u32, id: i64, uuid: &str) {
+        self.cache.put((table_id, id), uuid.into());
+    }
+
+    /// Where the uuid of a row of `table` is looked up: the table itself, or the table whose
+    /// key it shares. None when the chain leaves the model (the uuid is then unknown).
+    pub fn target(&mut self, model: &Model, table: &str) -> Option<Target> {
+        let mut table: &str = table;
+        // Follow shared keys up to the table that has the uuid (at most a few hops).
+        for _ in 0..4 {
+            let t = model.table(table)?;
+            if t.has_uuid {
+                break;
+            }
+            table = t.shared_parent.as_deref()?;
+        }
+        Some(Target { id: self.table_id(table), table: table.to_string() })
+    }
+
+    /// The cached answer for row `id` of `target`: `Some(Some(uuid))`, `Some(None)` when the
+    /// row is known not to exist, None on a miss (then [`Resolver::fetch`]).
+    pub fn cached(&mut self, target: &Target, id: i64) -> Option<Option<&str>> {
+        let u = self.cache.get(&(target.id, id))?;
+        self.hits += 1;
+        // An empty entry remembers that the row does not exist.
+        Some((!u.is_empty()).then_some(&**u))
+    }
+
+    /// Asks the site for the uuid of row `id` of `target` after a cache miss, and caches it.
+    pub async fn fetch(&mut self, model: &Model, conn: &mut Conn, target: &Target, id: i64) -> Result<Option<String>, IngestError> {
+        self.misses += 1;
+        let Some(t) = model.table(&target.table) else { return Ok(None) };
+        if !t.has_uuid || t.pk.len() != 1 {
+            return Ok(None);
+        }
+        let sql = format!("SELECT uuid FROM `{}`.`{}` WHERE `{}` = {id}", model.database, target.table, t.pk[0]);
+        let found: Option<String> = conn.query_first(sql).await.map_err(|e| IngestError::site("resolving a foreign key", e))?;
+        self.cache.put((target.id, id), found.as_deref().unwrap_or("").into());
+        Ok(found)
     }
 
     /// The uuid that stands for row `id` of `table`: its own uuid column, or the uuid of the
     /// row whose key it shares (patient → person). None when the row does not exist.
     pub async fn uuid_of(&mut self, model: &Model, conn: &mut Conn, table: &str, id: i64) -> Result<Option<String>, IngestError> {
-        let mut table: &str = table;
-        // Follow shared keys up to the table that has the uuid (at most a few hops).
-        for _ in 0..4 {
-            let Some(t) = model.table(table) else { return Ok(None) };
-            if t.has_uuid {
-                break;
-            }
-            match &t.shared_parent {
-                Some(p) => table = p.as_str(),
-                None => return Ok(None),
-            }
+        let Some(target) = self.target(model, table) else { return Ok(None) };
+        if let Some(hit) = self.cached(&target, id) {
+            return Ok(hit.map(str::to_string));
         }
-        let tid = self.table_id(table);
-        if let Some(u) = self.cache.get(&(tid, id)) {
-            self.hits += 1;
-            // An empty entry remembers that the row does not exist.
-            return Ok((!u.is_empty()).then(|| u.to_string()));
-        }
-        self.misses += 1;
-        let Some(t) = model.table(table) else { return Ok(None) };
-        if !t.has_uuid || t.pk.len() != 1 {
-            return Ok(None);
-        }
-        let sql = format!("SELECT uuid FROM `{}`.`{}` WHERE `{}` = {id}", model.database, table, t.pk[0]);
-        let found: Option<String> = conn.query_first(sql).await.map_err(|e| IngestError::site("resolving a foreign key", e))?;
-        self.cache.put((tid, id), found.as_deref().unwrap_or("").into());
-        Ok(found)
+        self.fetch(model, conn, &target, id).await
     }
 
     /// Resolves every FK column of `row` of `table` into `refs` (column → uuid or null).

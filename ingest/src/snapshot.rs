@@ -136,7 +136,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
             // Small tables share a Kafka transaction: a batch goes out once it holds a chunk's
             // worth of rows, with the checkpoint that covers all of it.
             if pending.len() >= agent.tuning.chunk_rows as usize {
-                agent.producer.send(std::mem::take(&mut pending), cp).await?;
+                agent.producer.send(std::mem::take(&mut pending).into(), cp).await?;
             } else {
                 pending_cp = Some(cp);
             }
@@ -154,7 +154,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
         }
     }
     if let Some(cp) = pending_cp.take().filter(|_| !pending.is_empty()) {
-        agent.producer.send(std::mem::take(&mut pending), cp).await?;
+        agent.producer.send(std::mem::take(&mut pending).into(), cp).await?;
     }
     snap.query_drop("COMMIT").await.map_err(|e| IngestError::site("ending the snapshot", e))?;
     if let Some(pb) = &bar {
@@ -162,7 +162,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
     }
     let start = segments.first().map(|s| s.position.clone()).unwrap_or(position);
     let cp = Checkpoint::Streaming { position: start, skip_rows: 0, tables, segments };
-    agent.producer.send(Vec::new(), cp.clone()).await?;
+    agent.producer.send(Default::default(), cp.clone()).await?;
     agent.producer.wait().await?;
     tracing::info!(site = %site, rows = rows_done, "snapshot done; streaming");
     Ok(cp)

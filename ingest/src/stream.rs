@@ -11,6 +11,10 @@
 //!   checksum bytes: the requested file name is trusted instead;
 //! - a purged or unknown file only errors on the first `next()`.
 //!
+//! Rows are encoded straight from the row events into the JSON of their change events
+//! ([`crate::encode`]), and complete site transactions are streamed to the producer task while
+//! the Kafka transaction that will hold them is still open; it commits with the checkpoint.
+//!
 //! Very large site transactions (more than `max_txn_events` captured rows) are split: the rows
 //! so far are committed with a checkpoint at the *start* of the site transaction plus the
 //! number of its rows already sent (`skip_rows`); a restart re-reads the transaction from its
@@ -25,19 +29,24 @@
 //! the snapshot position has no `binlog_snapshot_*` status (the agent refuses to snapshot); V2
 //! row events are decoded by mysql_common as on MariaDB.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use mysql_async::prelude::Queryable;
 use mysql_async::BinlogStreamRequest;
 use mysql_common::binlog::events::{EventData, QueryEvent, RotateEvent, RowsEventData};
+use mysql_common::io::ParseBuf;
 use omrs_core::envelope::{ChangeEvent, Op, Row, Source};
 use omrs_core::metrics::metrics;
 use serde_json::Value as J;
 
 use crate::checkpoint::{Checkpoint, Position, Segment};
-use crate::convert::{binlog_value, scrubbed};
+use crate::convert::scrubbed;
+use crate::encode::{push_ref, source_parts, RowEncoder, TablePlan};
+use crate::producer::{Batch, STREAM_BYTES};
 use crate::model::{Model, TableModel};
 use crate::{connect, Agent, IngestError};
 
@@ -196,13 +205,23 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
     let mut resume_skip = skip_rows;
 
     let mut in_txn = false;
-    let mut txn: Vec<ChangeEvent> = Vec::new();
     let mut txn_start = position.clone();
     let mut txn_gtid: Option<String> = None;
     let mut txn_rows_seen: u64 = 0;
     let mut standalone = false;
 
-    let mut batch: Vec<ChangeEvent> = Vec::new();
+    // The events of whole site transactions, then those of the transaction being read: the
+    // first `done` records are complete transactions. Complete transactions are streamed to the
+    // producer as the buffer fills (`sent` records since the last checkpoint); the Kafka
+    // transaction ends with the checkpoint that follows them.
+    let mut batch = agent.producer.batch();
+    let mut done: usize = 0;
+    let mut sent: usize = 0;
+    // Table maps → how their rows are encoded, and reused buffers.
+    let mut plans: HashMap<u64, Arc<TablePlan>> = HashMap::new();
+    let mut enc = RowEncoder::default();
+    let (mut before_bits, mut after_bits): (Vec<bool>, Vec<bool>) = (Vec::new(), Vec::new());
+    let (mut src_head, mut src_tail, mut refs, mut key_buf): (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) = Default::default();
     // Where the batch ends; its checkpoint is built when the batch is flushed.
     let mut batch_end: Option<Position> = None;
     let mut batch_since = Instant::now();
@@ -210,7 +229,7 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
 
     loop {
         // Caught up?
-        if until_caught_up && !in_txn && batch.is_empty() {
+        if until_caught_up && !in_txn && sent + done == 0 {
             if let Some((tf, tp)) = &target {
                 if (cur_file.as_str(), cur_pos) >= (tf.as_str(), *tp) {
                     if (committed.file.as_str(), committed.pos) < (cur_file.as_str(), cur_pos) {
@@ -220,7 +239,7 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                             tables: segs.tables.clone(),
                             segments: segs.segments.clone(),
                         };
-                        agent.producer.send(Vec::new(), cp).await?;
+                        agent.producer.send(Batch::default(), cp).await?;
                     }
                     agent.producer.wait().await?;
                     tracing::info!(
@@ -232,18 +251,29 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                 }
             }
         }
-        let wait = if !batch.is_empty() {
-            agent.tuning.batch_age.saturating_sub(batch_since.elapsed()).max(Duration::from_millis(1))
-        } else {
-            agent.tuning.heartbeat.saturating_sub(last_emit.elapsed()).max(Duration::from_millis(1))
+        // Without a timer while the binlog has events ready (a timer per event costs more than
+        // decoding the event).
+        let next = match stream.next().now_or_never() {
+            Some(ev) => Ok(ev),
+            None => {
+                let wait = if sent + done > 0 {
+                    agent.tuning.batch_age.saturating_sub(batch_since.elapsed()).max(Duration::from_millis(1))
+                } else {
+                    agent.tuning.heartbeat.saturating_sub(last_emit.elapsed()).max(Duration::from_millis(1))
+                };
+                tokio::time::timeout(wait, stream.next()).await
+            }
         };
-        let next = tokio::time::timeout(wait, stream.next()).await;
         let event = match next {
             Err(_) => {
-                if !batch.is_empty() {
+                if sent + done > 0 {
                     let cp = streaming_cp(batch_end.as_ref().unwrap_or(&committed), &segs);
                     batch_end = None;
+                    // The transaction being read waits for its end.
+                    let mut rest = batch.split_off(done, agent.producer.batch());
                     flush(agent, &mut batch, &cp, &mut committed, &site).await?;
+                    std::mem::swap(&mut batch, &mut rest);
+                    (sent, done) = (0, 0);
                     last_emit = Instant::now();
                 } else if !in_txn && last_emit.elapsed() >= agent.tuning.heartbeat {
                     let pos = Position { file: cur_file.clone(), pos: cur_pos, gtid: last_gtid.clone() };
@@ -334,6 +364,7 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                     if is_ddl(t) && (q.schema() == db || t.contains(&db)) {
                         tracing::info!(site = %site, ddl = %t.chars().take(200).collect::<String>(), "DDL: refreshing the table model");
                         agent.model = Model::load(&mut agent.query, &db, &agent.include, &agent.exclude).await?;
+                        plans.clear();
                     }
                     if standalone || !in_txn {
                         end_txn = true;
@@ -354,37 +385,50 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                     let Some(tme) = stream.get_tme(re.table_id()) else {
                         return Err(IngestError::Binlog(format!("row event at {cur_file}:{start_pos} without its table map")));
                     };
-                    if tme.database_name() != db {
+                    let plan = if tme.database_name() != db {
                         // Another database on the same server.
-                    } else if let Some(table) = agent.model.table(&tme.table_name()).cloned() {
-                        let scrub = scrubbed(&table, &agent.scrub);
-                        let mut images = Vec::new();
-                        for row in re.rows(tme) {
-                            let (b, a) = row.map_err(|e| IngestError::Binlog(format!("decoding {} rows at {cur_file}:{start_pos}: {e}", table.name)))?;
-                            let conv = |r: Option<mysql_common::binlog::row::BinlogRow>| {
-                                r.map(|r| {
-                                    let mut m = Row::new();
-                                    for (i, col) in r.columns_ref().iter().enumerate() {
-                                        let name = col.name_str();
-                                        if scrub.contains(&name.as_ref()) {
-                                            continue;
-                                        }
-                                        let v = r.as_ref(i).map(|v| binlog_value(v, col, table.enums.get(name.as_ref()))).unwrap_or(J::Null);
-                                        m.insert(name.into_owned(), v);
-                                    }
-                                    m
-                                })
-                            };
-                            images.push((conv(b), conv(a)));
+                        None
+                    } else {
+                        match plans.get(&re.table_id()) {
+                            Some(p) if p.fits(tme) => Some(p.clone()),
+                            _ => match agent.model.table(&tme.table_name()).cloned() {
+                                Some(table) => {
+                                    let scrub = scrubbed(&table, &agent.scrub);
+                                    let p = Arc::new(TablePlan::new(tme, table, &scrub, &site, &agent.model, &mut agent.resolver)?);
+                                    plans.insert(re.table_id(), p.clone());
+                                    Some(p)
+                                }
+                                None => None,
+                            },
                         }
-                        let re_rows = images.len() as u64;
-                        for (row_idx, (before, after)) in images.into_iter().enumerate() {
+                    };
+                    if let Some(plan) = plan {
+                        let table = &plan.table;
+                        let before_cols = re.columns_before_image().map(|b| {
+                            before_bits.clear();
+                            before_bits.extend(b.iter().by_vals());
+                        });
+                        let after_cols = re.columns_after_image().map(|b| {
+                            after_bits.clear();
+                            after_bits.extend(b.iter().by_vals());
+                        });
+                        let (before_cols, after_cols) = (before_cols.map(|_| &before_bits[..]), after_cols.map(|_| &after_bits[..]));
+                        source_parts(h.server_id(), txn_gtid.as_deref(), &cur_file, start_pos, h.timestamp() as i64 * 1000, &mut src_head, &mut src_tail);
+                        let mut rows = ParseBuf(re.rows_data());
+                        // Processing time, once per row event.
+                        let ts_ms = now_ms();
+                        let mut re_rows: u64 = 0;
+                        while !rows.is_empty() {
+                            plan.decode_row(&mut rows, before_cols, after_cols, &mut enc)
+                                .map_err(|e| IngestError::Binlog(format!("decoding {} rows at {cur_file}:{start_pos}: {e}", table.name)))?;
+                            let row_idx = re_rows as u32;
+                            re_rows += 1;
                             txn_rows_seen += 1;
                             if resume_skip > 0 {
                                 resume_skip -= 1;
                                 continue;
                             }
-                            let key = table.int_pk().and_then(|pk| after.as_ref().or(before.as_ref()).and_then(|i| i.get(pk))).and_then(J::as_i64);
+                            let key = plan.int_key(&enc);
                             if let Some(floor) = segs.floor(&table.name, key) {
                                 // The snapshot position is where the first transaction *not*
                                 // in the snapshot starts.
@@ -392,27 +436,59 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                                     continue; // already in the snapshot rows of its segment
                                 }
                             }
-                            let (before, after) = match op {
-                                Op::Create => (None, after),
-                                Op::Delete => (before, None),
-                                _ => (before, after),
+                            if !enc.has_image() {
+                                return Err(IngestError::Binlog(format!("{}: a row event without an image", table.name)));
+                            }
+                            // The uuid; a row with its own uuid is learnt for later references.
+                            let uuid: Option<Cow<str>> = if table.has_uuid {
+                                let u = plan.uuid(&enc);
+                                if let (Some(t), Some(id), Some(u), false) = (plan.learn, key, &u, op == Op::Delete) {
+                                    agent.resolver.learn_id(t, id, u);
+                                }
+                                u
+                            } else if let (Some(Some(t)), Some(id)) = (&plan.parent, key) {
+                                match agent.resolver.cached(t, id) {
+                                    Some(hit) => hit.map(|u| Cow::Owned(u.to_string())),
+                                    None => agent.resolver.fetch(&agent.model, &mut agent.query, t, id).await?.map(Cow::Owned),
+                                }
+                            } else {
+                                None
                             };
-                            let source = Source {
-                                server_id: h.server_id(),
-                                gtid: txn_gtid.clone(),
-                                file: cur_file.clone(),
-                                pos: start_pos,
-                                row: row_idx as u32,
-                                ts_ms: h.timestamp() as i64 * 1000,
-                                snapshot: false,
-                            };
-                            let ev = make_event(agent, &table, op, before, after, source).await?;
-                            txn.push(ev);
+                            refs.clear();
+                            for fk in &plan.fks {
+                                let Some(fid) = plan.fk_id(fk, &enc) else { continue }; // scrubbed or not in the image
+                                let Some(id) = fid else {
+                                    push_ref(&mut refs, fk, None);
+                                    continue;
+                                };
+                                let found = match &fk.target {
+                                    None => None,
+                                    Some(t) => match agent.resolver.cached(t, id) {
+                                        Some(Some(u)) => {
+                                            push_ref(&mut refs, fk, Some(u));
+                                            continue;
+                                        }
+                                        Some(None) => None,
+                                        None => agent.resolver.fetch(&agent.model, &mut agent.query, t, id).await?,
+                                    },
+                                };
+                                if found.is_none() {
+                                    agent.resolver.unresolved += 1;
+                                    metrics().unresolved_refs.with_label_values(&[&site, &table.name]).inc();
+                                    tracing::warn!(site = %site, table = %table.name, column = %fk.column, id, ref_table = %fk.ref_table, "foreign key does not resolve to a uuid; sent as null");
+                                }
+                                push_ref(&mut refs, fk, found.as_deref());
+                            }
+                            plan.write_event(&enc, op, uuid.as_deref(), &refs, (&src_head, row_idx, &src_tail), ts_ms, &mut key_buf, &mut batch);
                         }
-                        metrics().events_in.with_label_values(&["ingest", &site, &table.name, op.as_str()]).inc_by(re_rows);
-                        if txn.len() >= agent.tuning.max_txn_events {
+                        let counter = match op {
+                            Op::Create => &plan.events_in[0],
+                            Op::Delete => &plan.events_in[2],
+                            _ => &plan.events_in[1],
+                        };
+                        counter(re_rows);
+                        if batch.len() - done >= agent.tuning.max_txn_events {
                             // Split a very large site transaction (see the module docs).
-                            batch.append(&mut txn);
                             let cp = Checkpoint::Streaming {
                                 position: txn_start.clone(),
                                 skip_rows: txn_rows_seen,
@@ -420,6 +496,7 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                                 segments: segs.segments.clone(),
                             };
                             flush(agent, &mut batch, &cp, &mut committed, &site).await?;
+                            (sent, done) = (0, 0);
                             batch_end = None;
                             last_emit = Instant::now();
                         }
@@ -440,17 +517,24 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
             if segs.max().is_some_and(|m| m.le(&txn_start)) {
                 segs.segments.clear();
             }
-            if !txn.is_empty() || !batch.is_empty() {
-                if batch.is_empty() {
+            if !batch.is_empty() || sent > 0 {
+                if sent + done == 0 {
                     batch_since = Instant::now();
                 }
-                batch.append(&mut txn);
+                done = batch.len();
                 batch_end = Some(Position { file: cur_file.clone(), pos: cur_pos, gtid: last_gtid.clone() });
-                if batch.len() >= agent.tuning.batch_events {
+                if sent + done >= agent.tuning.batch_events {
                     let cp = streaming_cp(batch_end.as_ref().unwrap_or(&committed), &segs);
                     batch_end = None;
                     flush(agent, &mut batch, &cp, &mut committed, &site).await?;
+                    (sent, done) = (0, 0);
                     last_emit = Instant::now();
+                } else if batch.bytes() >= STREAM_BYTES {
+                    // Whole site transactions only: the buffer holds no partial one here.
+                    let full = std::mem::replace(&mut batch, agent.producer.batch());
+                    agent.producer.stream(full).await?;
+                    sent += done;
+                    done = 0;
                 }
             }
         } else if !in_txn && next_pos > 0 && etype != 4 {
@@ -463,9 +547,10 @@ fn streaming_cp(pos: &Position, segs: &Segments) -> Checkpoint {
     Checkpoint::Streaming { position: pos.clone(), skip_rows: 0, tables: segs.tables.clone(), segments: segs.segments.clone() }
 }
 
-async fn flush(agent: &mut Agent, batch: &mut Vec<ChangeEvent>, cp: &Checkpoint, committed: &mut Position, site: &str) -> Result<(), IngestError> {
+async fn flush(agent: &mut Agent, batch: &mut Batch, cp: &Checkpoint, committed: &mut Position, site: &str) -> Result<(), IngestError> {
     let started = Instant::now();
-    agent.producer.send(std::mem::take(batch), cp.clone()).await?;
+    let full = std::mem::replace(batch, agent.producer.batch());
+    agent.producer.send(full, cp.clone()).await?;
     metrics().batch_latency.with_label_values(&["ingest"]).observe(started.elapsed().as_secs_f64());
     metrics().ref_cache_entries.with_label_values(&[site]).set(agent.resolver.len() as i64);
     if let Checkpoint::Streaming { position, .. } = cp {
@@ -489,7 +574,7 @@ async fn heartbeat(agent: &mut Agent, pos: &Position, segs: &Segments) -> Result
         Source { server_id: agent.server_id, gtid: pos.gtid.clone(), file: pos.file.clone(), pos: pos.pos, row: 0, ts_ms: site_ms, snapshot: false },
         local,
     );
-    agent.producer.send(vec![ev], streaming_cp(pos, segs)).await?;
+    agent.producer.send(vec![ev].into(), streaming_cp(pos, segs)).await?;
     metrics().heartbeats.with_label_values(&[&agent.site.name]).inc();
     Ok(())
 }
