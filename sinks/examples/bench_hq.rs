@@ -49,7 +49,7 @@ fn change(site: &str, table: &str, uuid: &str, after: J, refs: J, seq: &mut u64,
             op: Op::Create,
             site: site.into(),
             table: Some(table.into()),
-            key: None,
+            key: Some(obj(json!({ format!("{table}_id"): after.get(format!("{table}_id")).cloned().unwrap_or(J::Null) }))),
             uuid: Some(uuid.into()),
             before: None,
             after: Some(obj(after)),
@@ -77,7 +77,7 @@ fn patient(site: &str, m: &Meta, i: u64, seq: &mut u64, ts: i64) -> Vec<HqEvent>
         out.push(change(site, "encounter", &enc, json!({"encounter_id": i * 2 + e, "encounter_type": 1, "patient_id": i, "location_id": 1, "encounter_datetime": now, "creator": 1, "date_created": now, "voided": 0, "visit_id": i}), json!({"encounter_type": m.enc_type, "patient_id": person, "location_id": m.location, "creator": m.user, "visit_id": visit}), seq, ts));
         for o in 0..12 {
             let concept = &m.concept[(o as usize) % m.concept.len()];
-            out.push(change(site, "obs", &u("o"), json!({"obs_id": 1, "person_id": i, "concept_id": 1, "encounter_id": 1, "obs_datetime": now, "location_id": 1, "value_numeric": 36.5 + o as f64, "creator": 1, "date_created": now, "voided": 0, "status": "FINAL"}), json!({"person_id": person, "concept_id": concept, "encounter_id": enc, "location_id": m.location, "creator": m.user}), seq, ts));
+            out.push(change(site, "obs", &u("o"), json!({"obs_id": i * 100 + o, "person_id": i, "concept_id": 1, "encounter_id": 1, "obs_datetime": now, "location_id": 1, "value_numeric": 36.5 + o as f64, "creator": 1, "date_created": now, "voided": 0, "status": "FINAL"}), json!({"person_id": person, "concept_id": concept, "encounter_id": enc, "location_id": m.location, "creator": m.user}), seq, ts));
         }
     }
     out
