@@ -39,8 +39,11 @@ fn obj(v: J) -> Map<String, J> {
     }
 }
 
-fn change(site: &str, table: &str, uuid: &str, after: J, refs: J, seq: &mut u64, ts: i64) -> HqEvent {
+fn change(site: &str, table: &str, uuid: &str, mut after: J, refs: J, seq: &mut u64, ts: i64) -> HqEvent {
     *seq += 1;
+    if table != "patient" {
+        after["uuid"] = J::String(uuid.to_string());
+    }
     HqEvent::Change {
         late: false,
         person: None,
@@ -65,7 +68,7 @@ fn patient(site: &str, m: &Meta, i: u64, seq: &mut u64, ts: i64) -> Vec<HqEvent>
     let u = |_: &str| uuid::Uuid::new_v4().to_string();
     let person = u("");
     let now = "2026-11-26 10:00:00";
-    let mut out = vec![
+    let mut out: Vec<HqEvent> = vec![
         change(site, "person", &person, json!({"person_id": i, "gender": "F", "birthdate": "1990-01-01", "dead": 0, "creator": 1, "date_created": now, "voided": 0, "uuid": person}), json!({"creator": m.user}), seq, ts),
         change(site, "person_name", &u("n"), json!({"person_name_id": i, "preferred": 1, "person_id": i, "given_name": "Amina", "family_name": format!("Bench{i}"), "creator": 1, "date_created": now, "voided": 0}), json!({"person_id": person, "creator": m.user}), seq, ts),
         change(site, "patient", &person, json!({"patient_id": i, "creator": 1, "date_created": now, "voided": 0, "allergy_status": "Unknown"}), json!({"patient_id": person, "creator": m.user}), seq, ts),
@@ -77,7 +80,7 @@ fn patient(site: &str, m: &Meta, i: u64, seq: &mut u64, ts: i64) -> Vec<HqEvent>
         out.push(change(site, "encounter", &enc, json!({"encounter_id": i * 2 + e, "encounter_type": 1, "patient_id": i, "location_id": 1, "encounter_datetime": now, "creator": 1, "date_created": now, "voided": 0, "visit_id": i}), json!({"encounter_type": m.enc_type, "patient_id": person, "location_id": m.location, "creator": m.user, "visit_id": visit}), seq, ts));
         for o in 0..12 {
             let concept = &m.concept[(o as usize) % m.concept.len()];
-            out.push(change(site, "obs", &u("o"), json!({"obs_id": i * 100 + o, "person_id": i, "concept_id": 1, "encounter_id": 1, "obs_datetime": now, "location_id": 1, "value_numeric": 36.5 + o as f64, "creator": 1, "date_created": now, "voided": 0, "status": "FINAL"}), json!({"person_id": person, "concept_id": concept, "encounter_id": enc, "location_id": m.location, "creator": m.user}), seq, ts));
+            out.push(change(site, "obs", &u("o"), json!({"obs_id": i * 100 + o, "person_id": i, "concept_id": 1, "encounter_id": 1, "obs_datetime": now, "location_id": 1, "value_numeric": 36.5 + o as f64, "creator": 1, "date_created": now, "voided": 0}), json!({"person_id": person, "concept_id": concept, "encounter_id": enc, "location_id": m.location, "creator": m.user}), seq, ts));
         }
     }
     out
@@ -162,7 +165,7 @@ async fn main() {
 
     // Raw multi-row INSERT ceiling on the same server.
     c.query_drop("DROP TABLE IF EXISTS bench_obs_raw; CREATE TABLE bench_obs_raw LIKE obs").await.unwrap();
-    let cols = ["obs_id", "person_id", "concept_id", "encounter_id", "obs_datetime", "location_id", "value_numeric", "creator", "date_created", "voided", "uuid", "status"];
+    let cols = ["obs_id", "person_id", "concept_id", "encounter_id", "obs_datetime", "location_id", "value_numeric", "creator", "date_created", "voided", "uuid"];
     let per = 1000usize;
     let sql = format!("INSERT INTO bench_obs_raw ({}) VALUES {}", cols.join(","), vec![format!("({})", vec!["?"; cols.len()].join(",")); per].join(","));
     let stmt = c.prep(sql).await.unwrap();
@@ -173,7 +176,7 @@ async fn main() {
     while written < rows {
         let mut params: Vec<Value> = Vec::with_capacity(per * cols.len());
         for _ in 0..per {
-            params.extend([Value::from(id), Value::from(1), Value::from(5089), Value::NULL, Value::from("2026-11-26 10:00:00"), Value::from(1), Value::from(36.6), Value::from(1), Value::from("2026-11-26 10:00:00"), Value::from(0), Value::from(uuid::Uuid::new_v4().to_string()), Value::from("FINAL")]);
+            params.extend([Value::from(id), Value::from(1), Value::from(5089), Value::NULL, Value::from("2026-11-26 10:00:00"), Value::from(1), Value::from(36.6), Value::from(1), Value::from("2026-11-26 10:00:00"), Value::from(0), Value::from(uuid::Uuid::new_v4().to_string())]);
             id += 1;
         }
         c.exec_drop(&stmt, params).await.unwrap();

@@ -149,11 +149,24 @@ struct Staged {
     ops: Vec<(String, &'static str)>,
 }
 
+/// What the sink needs to know of one HQ column, worked out once per table.
+#[derive(Debug, Clone, Copy, Default)]
+struct ColKind {
+    /// A reference to a table whose key is one integer column (mapped uuid → HQ id).
+    fk_to_int: bool,
+    binary: bool,
+    int: bool,
+}
+
 /// HQ's state as the sink sees it: table model, id and version caches, merges, pending rows.
 pub struct Applier {
     pub model: Model,
     priorities: HashMap<String, i32>,
     ids: LruCache<(String, String), i64>,
+    /// Keys the current flush's bulk lookup found absent at HQ: no point query for them.
+    absent: HashSet<(String, String)>,
+    /// Rows deleted at HQ (their version is kept): the only rows absent at HQ that have one.
+    tombstones: HashSet<(String, String)>,
     versions: LruCache<(String, String), Option<Stored>>,
     next_id: HashMap<String, i64>,
     merges: HashMap<String, MergeRec>,
@@ -164,6 +177,7 @@ pub struct Applier {
     daemon_user: i64,
     fk_wait_ms: i64,
     warned: HashSet<(String, String)>,
+    kinds: HashMap<String, HashMap<String, ColKind>>,
     pub max_rows_per_statement: usize,
 }
 
@@ -249,6 +263,8 @@ impl Applier {
             model,
             priorities,
             ids: LruCache::new(NonZeroUsize::new(500_000).unwrap_or(NonZeroUsize::MIN)),
+            absent: HashSet::new(),
+            tombstones: HashSet::new(),
             versions: LruCache::new(NonZeroUsize::new(500_000).unwrap_or(NonZeroUsize::MIN)),
             next_id: HashMap::new(),
             merges,
@@ -259,8 +275,22 @@ impl Applier {
             daemon_user,
             fk_wait_ms,
             warned: HashSet::new(),
+            kinds: HashMap::new(),
             max_rows_per_statement: 1000,
         };
+        for (name, t) in &a.model.tables {
+            let mut m = HashMap::new();
+            for c in &t.columns {
+                let fk_to_int = t
+                    .fk(&c.name)
+                    .is_some_and(|fk| a.model.table(&fk.ref_table).and_then(|rt| rt.int_pk().map(|p| p == fk.ref_column)).unwrap_or(false));
+                m.insert(c.name.clone(), ColKind { fk_to_int, binary: is_binary_type(&c.column_type), int: is_int_type(&c.column_type) });
+            }
+            a.kinds.insert(name.clone(), m);
+        }
+        let dead: Vec<(String, String)> =
+            conn.query("SELECT tbl, row_key FROM omrs_sync_row_version WHERE deleted = 1").await.map_err(db("reading tombstones"))?;
+        a.tombstones.extend(dead);
         let rows: Vec<(i64, String, String, String, String, i64, i64, i32, String)> = conn
             .query(
                 "SELECT pending_id, tbl, row_key, waits_for_table, waits_for_key, first_seen_ms, source_offset, 0, event
@@ -405,8 +435,15 @@ impl Applier {
                 };
                 let params: Vec<Value> = chunk.iter().map(|k| Value::from(k.as_str())).collect();
                 let rows: Vec<(String, i64)> = conn.exec(sql, params).await.map_err(db("looking up HQ ids"))?;
+                let mut found = HashSet::with_capacity(rows.len());
                 for (u, id) in rows {
+                    found.insert(u.clone());
                     self.ids.put((table.clone(), u), id);
+                }
+                for k in chunk {
+                    if !found.contains(k) {
+                        self.absent.insert((table.clone(), k.clone()));
+                    }
                 }
             }
         }
@@ -415,8 +452,12 @@ impl Applier {
 
     /// The HQ id of the row of `table` that `uuid` stands for, if it is at HQ.
     async fn lookup_id(&mut self, conn: &mut Conn, table: &str, uuid: &str) -> Result<Option<i64>, SinkError> {
-        if let Some(id) = self.ids.get(&(table.to_string(), uuid.to_string())) {
+        let key = (table.to_string(), uuid.to_string());
+        if let Some(id) = self.ids.get(&key) {
             return Ok(Some(*id));
+        }
+        if self.absent.contains(&key) {
+            return Ok(None);
         }
         let mut want = HashMap::new();
         want.insert(table.to_string(), HashSet::from([uuid.to_string()]));
@@ -566,6 +607,7 @@ impl Applier {
             return Ok(());
         }
         // Bulk lookups first: the rows' own ids and versions, and every referenced uuid.
+        self.absent.clear();
         let mut want_ids: HashMap<String, HashSet<String>> = HashMap::new();
         let mut want_versions: HashMap<String, HashSet<String>> = HashMap::new();
         for w in &works {
@@ -583,8 +625,27 @@ impl Applier {
                 }
             }
         }
+        let t0 = std::time::Instant::now();
         self.prefetch_ids(conn, want_ids).await?;
+        let t_ids = t0.elapsed();
+        // A row that is not at HQ has a version only if HQ deleted it: skip the lookup for the
+        // rest (most rows of a batch are new).
+        for (table, keys) in want_versions.iter_mut() {
+            let keyed_by_uuid = self.model.table(table).is_some_and(|t| t.has_uuid || t.shared_parent.is_some());
+            if !keyed_by_uuid {
+                continue;
+            }
+            keys.retain(|k| {
+                let key = (table.clone(), k.clone());
+                let new = self.absent.contains(&key) && !self.tombstones.contains(&key);
+                if new {
+                    self.versions.put(key, None);
+                }
+                !new
+            });
+        }
         self.prefetch_versions(conn, want_versions).await?;
+        let t_versions = t0.elapsed() - t_ids;
 
         let mut staged = Staged::default();
         let mut queue: VecDeque<(Work, Option<i64>)> = works.into_iter().map(|w| (w, None)).collect();
@@ -646,7 +707,15 @@ impl Applier {
                 }
             }
         }
+        let t_plan = t0.elapsed() - t_ids - t_versions;
         self.execute(conn, staged, out).await?;
+        tracing::debug!(
+            ids_ms = t_ids.as_millis() as u64,
+            versions_ms = t_versions.as_millis() as u64,
+            plan_ms = t_plan.as_millis() as u64,
+            write_ms = (t0.elapsed() - t_ids - t_versions - t_plan).as_millis() as u64,
+            "flush"
+        );
         // Pending store changes, in the same transaction. A row parked and woken within this
         // flush never reaches the table.
         let done: HashSet<i64> = done_pending.iter().copied().collect();
@@ -785,6 +854,7 @@ impl Applier {
                 staged.ops.push((table.clone(), "d"));
             }
             self.ids.pop(&(table.clone(), row_key.clone()));
+            self.tombstones.insert((table.clone(), row_key.clone()));
             self.stage_version(staged, wi, &table, &row_key, version, hash, own_id, None, overwritten.cloned(), ev);
             return Ok(Plan::Done);
         }
@@ -792,12 +862,11 @@ impl Applier {
         // Every other column: references mapped to HQ ids, merged persons kept voided.
         let mut cols: Vec<String> = pk_vals.iter().map(|(c, _)| c.clone()).collect();
         let mut vals: Vec<Value> = pk_vals.into_iter().map(|(_, v)| v).collect();
-        let known_cols: HashSet<&str> = tm.columns.iter().map(|c| c.name.as_str()).collect();
         for (col, _) in row {
             if cols.iter().any(|c| c == col) {
                 continue;
             }
-            if !known_cols.contains(col.as_str()) {
+            if !self.kinds.get(&table).is_some_and(|k| k.contains_key(col)) {
                 if self.warned.insert((table.clone(), col.clone())) {
                     tracing::warn!(table = %table, column = %col, site = %ev.site, "column does not exist at HQ; its values are not applied");
                     omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "unknown_column"]).inc();
@@ -810,6 +879,11 @@ impl Applier {
             };
             cols.push(col.clone());
             vals.push(v);
+        }
+        if tm.has_uuid && !cols.iter().any(|c| c == "uuid") {
+            // The envelope's uuid is the row's: a row image without the column still keeps it.
+            cols.push("uuid".into());
+            vals.push(Value::from(row_key.as_str()));
         }
         self.force_merge_values(conn, &table, &row_key, w, &mut cols, &mut vals).await?;
 
@@ -828,7 +902,9 @@ impl Applier {
             }
         }
         staged.ops.push((table.clone(), ev.op.as_str()));
+        self.tombstones.remove(&(table.clone(), row_key.clone()));
         if let Some(id) = own_id {
+            self.absent.remove(&(table.clone(), row_key.clone()));
             self.ids.put((table.clone(), row_key.clone()), id);
         }
         let origin_key = ev.key.as_ref().map(|k| serde_json::to_string(k).unwrap_or_default());
@@ -898,7 +974,7 @@ impl Applier {
     ) -> Result<Result<Value, Plan>, SinkError> {
         let raw = row.get(col).unwrap_or(&J::Null);
         if let Some(fk) = tm.fk(col) {
-            let target_int = self.model.table(&fk.ref_table).and_then(|t| t.int_pk().map(|p| p == fk.ref_column)).unwrap_or(false);
+            let target_int = self.kinds.get(&tm.name).and_then(|k| k.get(col)).is_some_and(|k| k.fk_to_int);
             if target_int {
                 if raw.is_null() {
                     return Ok(Ok(Value::NULL));
@@ -924,7 +1000,7 @@ impl Applier {
                 });
             }
         }
-        let ctype = tm.columns.iter().find(|c| c.name == col).map(|c| c.column_type.as_str()).unwrap_or("");
+        let kind = self.kinds.get(&tm.name).and_then(|k| k.get(col)).copied().unwrap_or_default();
         Ok(Ok(match raw {
             J::Null => Value::NULL,
             J::Bool(b) => Value::from(*b as i64),
@@ -937,11 +1013,11 @@ impl Applier {
                     Value::from(n.as_f64().unwrap_or(0.0))
                 }
             }
-            J::String(s) if is_binary_type(ctype) => match base64::engine::general_purpose::STANDARD.decode(s) {
+            J::String(s) if kind.binary => match base64::engine::general_purpose::STANDARD.decode(s) {
                 Ok(b) => Value::Bytes(b),
                 Err(e) => return Ok(Err(Plan::Dead("bad_value", format!("{}.{col}: not base64 ({e})", tm.name)))),
             },
-            J::String(s) if is_int_type(ctype) && s.is_empty() => Value::NULL,
+            J::String(s) if kind.int && s.is_empty() => Value::NULL,
             J::String(s) => Value::from(s.as_str()),
             other => Value::from(other.to_string()),
         }))
@@ -1044,6 +1120,7 @@ impl Applier {
             }
         }
 
+        let t_exec = std::time::Instant::now();
         let order: Vec<String> = self.model.order.clone();
         for table in &order {
             let Some(rows) = staged.upserts.remove(table) else { continue };
@@ -1108,6 +1185,7 @@ impl Applier {
                 });
             }
         }
+        tracing::debug!(rows_ms = t_exec.elapsed().as_millis() as u64, "rows written");
         // Versions of what was written.
         let versions: Vec<_> = staged.versions.iter().filter(|v| !failed.contains(&v.4)).collect();
         for chunk in versions.chunks(500) {
