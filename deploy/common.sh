@@ -34,3 +34,10 @@ stop_pid() {
   rm -f "$pidfile"
   log "$name stopped"
 }
+
+# one_at_a_time NAME: serialise concurrent runs of a start/stop script (two `dev-up`s at once
+# must not both start the same server). Holds the lock until the script exits.
+one_at_a_time() {
+  exec 9>"$OMRS_STATE/.$1.lock"
+  flock 9
+}

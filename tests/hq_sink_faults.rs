@@ -2,7 +2,8 @@
 //! `omrs.hq.changes` records: a row HQ rejects (data too long) and a record that is not JSON go
 //! to `omrs.dlq` with their reasons while the rows around them commit; a row whose parent is
 //! not at HQ waits in `omrs_sync_pending` and is applied when the parent lands; one whose parent
-//! never comes is dead-lettered after `fk_wait_timeout_s`.
+//! never comes is dead-lettered after `fk_wait_timeout_s`; with HQ stopped under it, the sink
+//! retries without exiting and applies what arrived once HQ is back.
 
 mod common;
 
@@ -145,6 +146,35 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
     assert_eq!(count(format!("SELECT COUNT(*) FROM encounter WHERE uuid = '{e3}'")), 0);
     // The offsets are stored with the rows: everything consumed.
     assert_eq!(count("SELECT MAX(next_offset) FROM omrs_sync_offsets".into()), 9);
+
+    // HQ down while the sink runs: it retries with back-off, does not exit, and applies what
+    // arrived once HQ is back.
+    let p4 = "11111111-0000-4000-8000-000000000004";
+    let log = dir.path().join("sink.log");
+    let mut sink = bin()
+        .arg("--config")
+        .arg(&config)
+        .args(["sink", "hq-mysql", "--metrics-port", "0", "--quiet"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    drop(c);
+    let deploy = root().join("deploy/mariadb");
+    assert!(std::process::Command::new(deploy.join("mariadb-down")).arg("hq").status().unwrap().success());
+    produce(&topic, vec![person(p4, 9)]).await;
+    wait_for(60, "the sink to report HQ unavailable", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("retrying from the last committed batch").then_some(())
+    });
+    assert!(sink.try_wait().unwrap().is_none(), "the sink exited while HQ was down");
+    assert!(std::process::Command::new(deploy.join("mariadb-up")).arg("hq").status().unwrap().success());
+    wait_for(90, "the person produced while HQ was down to reach HQ", || {
+        let n = count(format!("SELECT COUNT(*) FROM person WHERE uuid = '{p4}'"));
+        (n == 1).then_some(())
+    });
+    assert_eq!(count("SELECT MAX(next_offset) FROM omrs_sync_offsets".into()), 10);
+    kill9(&mut sink);
 
     let mut a = admin(3310, None).await;
     a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
