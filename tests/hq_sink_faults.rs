@@ -2,7 +2,8 @@
 //! `omrs.hq.changes` records: a row HQ rejects (data too long) and a record that is not JSON go
 //! to `omrs.dlq` with their reasons while the rows around them commit; a row whose parent is
 //! not at HQ waits in `omrs_sync_pending` and is applied when the parent lands; one whose parent
-//! never comes is dead-lettered after `fk_wait_timeout_s`; with HQ stopped under it, the sink
+//! never comes is dead-lettered after `fk_wait_timeout_s`, and one past the pending store's bound
+//! at once; with HQ stopped under it, the sink
 //! retries without exiting and applies what arrived once HQ is back.
 
 mod common;
@@ -62,7 +63,8 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
         .replace("database = \"openmrs_hq\"\n", &format!("database = \"{hq_db}\"\n"))
         .replace("user = \"hq\"", "user = \"omrs\"")
         .replace("${OMRS_HQ_PASSWORD:-hq}", "omrs")
-        .replace("fk_wait_timeout_s = 600", "fk_wait_timeout_s = 2");
+        .replace("fk_wait_timeout_s = 600", "fk_wait_timeout_s = 2")
+        .replace("max_pending_rows = 100000", "max_pending_rows = 1");
     let config = dir.path().join("omrs-stream.toml");
     std::fs::write(&config, text).unwrap();
     let run = |args: &[&str]| {
@@ -133,10 +135,14 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
     );
     assert_eq!(count("SELECT COUNT(*) FROM omrs_sync_pending".into()), 0);
 
-    // A parent that never comes: dead-lettered after fk_wait_timeout_s (2 s here).
-    produce(&topic, vec![encounter(e3, p3, 8)]).await;
+    // A parent that never comes: dead-lettered after fk_wait_timeout_s (2 s here). The pending
+    // store is bounded (max_pending_rows = 1 here): a second orphan is dead-lettered at once.
+    let e5 = "33333333-0000-4000-8000-000000000005";
+    produce(&topic, vec![encounter(e3, p3, 8), encounter(e5, "11111111-0000-4000-8000-000000000005", 9)]).await;
     drain();
     assert_eq!(count("SELECT COUNT(*) FROM omrs_sync_pending".into()), 1);
+    let dlq: Vec<J> = read_json(&format!("{prefix}omrs.dlq"));
+    assert!(dlq.iter().any(|d| d["kind"] == "pending_full" && d["offset"] == 9), "{dlq:#?}");
     wait_for(60, "the orphan encounter to be dead-lettered", || {
         drain();
         let dlq: Vec<J> = read_json(&format!("{prefix}omrs.dlq"));
@@ -145,7 +151,7 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
     assert_eq!(count("SELECT COUNT(*) FROM omrs_sync_pending".into()), 0);
     assert_eq!(count(format!("SELECT COUNT(*) FROM encounter WHERE uuid = '{e3}'")), 0);
     // The offsets are stored with the rows: everything consumed.
-    assert_eq!(count("SELECT MAX(next_offset) FROM omrs_sync_offsets".into()), 9);
+    assert_eq!(count("SELECT MAX(next_offset) FROM omrs_sync_offsets".into()), 10);
 
     // HQ down while the sink runs: it retries with back-off, does not exit, and applies what
     // arrived once HQ is back.
@@ -162,18 +168,32 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
         .unwrap();
     drop(c);
     let deploy = root().join("deploy/mariadb");
+    // HQ comes back even if an assertion below fails.
+    struct Restart(std::path::PathBuf);
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new(self.0.join("mariadb-up")).arg("hq").status();
+        }
+    }
+    let _restart = Restart(deploy.clone());
     assert!(std::process::Command::new(deploy.join("mariadb-down")).arg("hq").status().unwrap().success());
-    produce(&topic, vec![person(p4, 9)]).await;
-    wait_for(60, "the sink to report HQ unavailable", || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("retrying from the last committed batch").then_some(())
-    });
+    produce(&topic, vec![person(p4, 10)]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("retrying from the last committed batch") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sink did not report HQ unavailable; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(sink.try_wait().unwrap().is_none(), "the sink exited while HQ was down");
     assert!(std::process::Command::new(deploy.join("mariadb-up")).arg("hq").status().unwrap().success());
     wait_for(90, "the person produced while HQ was down to reach HQ", || {
         let n = count(format!("SELECT COUNT(*) FROM person WHERE uuid = '{p4}'"));
         (n == 1).then_some(())
     });
-    assert_eq!(count("SELECT MAX(next_offset) FROM omrs_sync_offsets".into()), 10);
+    assert_eq!(count("SELECT MAX(next_offset) FROM omrs_sync_offsets".into()), 11);
     kill9(&mut sink);
 
     let mut a = admin(3310, None).await;

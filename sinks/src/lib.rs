@@ -18,6 +18,9 @@ pub enum SinkError {
     Kafka { context: String, message: String, transient: bool },
     #[error("HQ schema: {0}")]
     Schema(String),
+    /// HQ could not be reached while reading something; a retry may succeed.
+    #[error("HQ unavailable: {0}")]
+    Unavailable(String),
     #[error("{0}")]
     Usage(String),
     #[error("the parquet sink is not built yet (issue #7)")]
@@ -38,6 +41,7 @@ impl SinkError {
         match self {
             SinkError::Db { source, .. } => is_transient_db(source),
             SinkError::Kafka { transient, .. } => *transient,
+            SinkError::Unavailable(_) => true,
             _ => false,
         }
     }

@@ -176,6 +176,7 @@ pub struct Applier {
     next_pending_id: i64,
     daemon_user: i64,
     fk_wait_ms: i64,
+    max_pending: usize,
     warned: HashSet<(String, String)>,
     kinds: HashMap<String, HashMap<String, ColKind>>,
     pub max_rows_per_statement: usize,
@@ -237,7 +238,13 @@ impl Applier {
     pub async fn load(conn: &mut Conn, database: &str, priorities: HashMap<String, i32>, fk_wait_ms: i64) -> Result<Applier, SinkError> {
         let model = Model::load(conn, database, &[], &[])
             .await
-            .map_err(|e| SinkError::Schema(format!("reading HQ's information_schema: {e}")))?;
+            .map_err(|e| {
+                if e.is_transient() {
+                    SinkError::Unavailable(format!("reading HQ's information_schema: {e}"))
+                } else {
+                    SinkError::Schema(format!("reading HQ's information_schema: {e}"))
+                }
+            })?;
         if model.table("person").is_none() || model.table("omrs_sync_offsets").is_none() {
             return Err(SinkError::Schema(format!(
                 "database `{database}` is not an initialised HQ database: run `omrs-stream sink hq-mysql --init` first"
@@ -274,6 +281,7 @@ impl Applier {
             next_pending_id: 1,
             daemon_user,
             fk_wait_ms,
+            max_pending: usize::MAX,
             warned: HashSet::new(),
             kinds: HashMap::new(),
             max_rows_per_statement: 1000,
@@ -303,6 +311,12 @@ impl Applier {
             a.next_pending_id = a.next_pending_id.max(id + 1);
         }
         Ok(a)
+    }
+
+    /// Bounds the pending store (`sinks.hq_mysql.max_pending_rows`).
+    pub fn with_max_pending(mut self, n: usize) -> Self {
+        self.max_pending = n.max(1);
+        self
     }
 
     pub fn pending_len(&self) -> usize {
@@ -682,6 +696,18 @@ impl Applier {
                             }
                         }
                     }
+                }
+                Plan::Park(wt, wk) if self.pending.len() >= self.max_pending => {
+                    // The pending store is bounded: past the bound a row is dead-lettered with
+                    // what it waited for, not kept in memory without limit.
+                    omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "pending_full"]).inc();
+                    out.dead.push(DeadLetter {
+                        partition: w.partition,
+                        offset: w.offset,
+                        kind: "pending_full",
+                        reason: format!("waits for {wt} {wk}, and the pending store holds its maximum of {} rows (sinks.hq_mysql.max_pending_rows)", self.max_pending),
+                        payload: w.payload.to_vec(),
+                    });
                 }
                 Plan::Park(wt, wk) => {
                     let table = w.event.table.clone().unwrap_or_default();

@@ -145,7 +145,9 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
 
     let mut conn = connect(cfg, true).await?;
     let priorities: HashMap<String, i32> = cfg.sites.iter().map(|s| (s.name.clone(), s.priority)).collect();
-    let mut applier = Applier::load(&mut conn, &cfg.hq.database.database, priorities, sink_cfg.fk_wait_timeout_s as i64 * 1000).await?;
+    let mut applier = Applier::load(&mut conn, &cfg.hq.database.database, priorities, sink_cfg.fk_wait_timeout_s as i64 * 1000)
+        .await?
+        .with_max_pending(sink_cfg.max_pending_rows);
 
     let consumer: StreamConsumer = client_config(&cfg.kafka)
         .set("group.id", format!("{}omrs-sink-hq-mysql", cfg.kafka.topic_prefix))
