@@ -229,7 +229,8 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         .set("enable.partition.eof", "false")
         .set("fetch.max.bytes", "52428800")
         // Prefetch per partition; the default (64 MiB each) dominated memory with many sites.
-        .set("queued.max.messages.kbytes", "16384")
+        // 4 MiB keeps up now that a drained queue is refilled at once (fetch.queue.backoff.ms).
+        .set("queued.max.messages.kbytes", "4096")
         // Refill a drained prefetch queue at once: the default backoff (1 s) after a full queue
         // left the loop waiting for data about half of the time.
         .set("fetch.queue.backoff.ms", "10")
