@@ -12,20 +12,21 @@
 //! exactly what has been emitted (which makes "commit offsets up to what was emitted" a correct
 //! crash-recovery rule).
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use omrs_core::config::IdentifierRule;
-use omrs_core::envelope::{ChangeEvent, Op};
+use omrs_core::envelope::Op;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
+pub use crate::event::{InEvent, Out, Refs};
 use crate::identity::{Identity, Merged};
 
 /// Where an input record came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
 }
@@ -51,42 +52,18 @@ pub struct SiteState {
 }
 
 struct Pending {
+    /// Effective event time: the site's running maximum, so non-decreasing within a site.
     time: i64,
-    /// The site name's first 8 bytes, big-endian: orders like the name, without touching it.
-    prefix: u64,
-    site: String,
-    seq: u64,
-    ev: ChangeEvent,
+    ev: InEvent,
     origin: Origin,
     bytes: usize,
 }
 
-fn name_prefix(site: &str) -> u64 {
-    let mut b = [0u8; 8];
-    for (d, s) in b.iter_mut().zip(site.bytes()) {
-        *d = s;
-    }
-    u64::from_be_bytes(b)
-}
-
-impl PartialEq for Pending {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == std::cmp::Ordering::Equal
-    }
-}
-impl Eq for Pending {}
-impl PartialOrd for Pending {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Pending {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.time, self.prefix)
-            .cmp(&(o.time, o.prefix))
-            .then_with(|| if self.prefix == o.prefix && self.site != o.site { self.site.cmp(&o.site) } else { std::cmp::Ordering::Equal })
-            .then(self.seq.cmp(&o.seq))
-    }
+/// One site's buffered events in arrival order, which is also their release order: effective
+/// times never decrease within a site, and ties keep arrival order.
+struct SiteQueue {
+    site: Arc<str>,
+    q: VecDeque<Pending>,
 }
 
 /// A fact for the state changelog (`omrs.transform.state`): replaying all of them rebuilds the
@@ -115,13 +92,14 @@ impl Fact {
 pub struct Engine {
     cfg: EngineConfig,
     pub sites: BTreeMap<String, SiteState>,
-    /// Boxed: sifting the heap then moves pointers, not whole events.
-    buffer: BinaryHeap<Reverse<Box<Pending>>>,
+    /// The ordered merge: one FIFO per site, merged on release by (effective time, site name).
+    /// This is the order of a single heap keyed by (time, site, arrival), without its cost.
+    queues: Vec<SiteQueue>,
+    buffered_events: usize,
     /// Offsets still buffered, per (topic, partition), in arrival order. A site's events are
     /// released in arrival order, so the front is always the first one not yet emitted.
-    buffered_offsets: BTreeMap<(String, i32), std::collections::VecDeque<i64>>,
+    buffered_offsets: BTreeMap<(Arc<str>, i32), VecDeque<i64>>,
     buffered_bytes: usize,
-    seq: u64,
     pub identity: Identity,
     global_wm: i64,
     /// Facts produced since the last `take_facts`.
@@ -136,10 +114,10 @@ impl Engine {
         Engine {
             cfg,
             sites: BTreeMap::new(),
-            buffer: BinaryHeap::new(),
+            queues: Vec::new(),
+            buffered_events: 0,
             buffered_offsets: BTreeMap::new(),
             buffered_bytes: 0,
-            seq: 0,
             identity: Identity::default(),
             global_wm: i64::MIN,
             facts: Vec::new(),
@@ -154,16 +132,16 @@ impl Engine {
     }
 
     pub fn buffered(&self) -> (usize, usize) {
-        (self.buffer.len(), self.buffered_bytes)
+        (self.buffered_events, self.buffered_bytes)
     }
 
     pub fn is_full(&self) -> bool {
-        self.buffer.len() >= self.cfg.max_buffered
+        self.buffered_events >= self.cfg.max_buffered
     }
 
     /// The smallest buffered offset per (topic, partition): what must not be committed past.
     pub fn pending_offsets(&self) -> BTreeMap<(String, i32), i64> {
-        self.buffered_offsets.iter().filter_map(|(k, q)| q.front().map(|&o| (k.clone(), o))).collect()
+        self.buffered_offsets.iter().filter_map(|((t, p), q)| q.front().map(|&o| ((t.to_string(), *p), o))).collect()
     }
 
     /// Declares a site (from the config): until it speaks or its idle timeout passes, it holds
@@ -205,58 +183,98 @@ impl Engine {
     }
 
     /// Takes one input event. Returns what can be emitted now.
-    pub fn push(&mut self, ev: ChangeEvent, origin: Origin, now_ms: i64) -> Vec<HqEvent> {
-        let site = ev.site.clone();
-        let st = self.sites.entry(site.clone()).or_default();
+    pub fn push(&mut self, ev: InEvent, origin: Origin, now_ms: i64) -> Vec<Out> {
+        let mut out = Vec::new();
+        self.push_into(ev, origin, now_ms, &mut out);
+        out
+    }
+
+    /// [`Engine::push`], appending to `out`.
+    pub fn push_into(&mut self, ev: InEvent, origin: Origin, now_ms: i64, out: &mut Vec<Out>) {
+        let st = match self.sites.get_mut(&*ev.site) {
+            Some(st) => st,
+            None => self.sites.entry(ev.site.to_string()).or_default(),
+        };
         let time = st.max_ts.max(ev.source.ts_ms);
         st.max_ts = time;
         st.last_seen = now_ms;
         if st.idle {
             st.idle = false;
-            tracing::info!(site = %site, "site active again");
+            tracing::info!(site = %ev.site, "site active again");
         }
-        let mut out = Vec::new();
         if ev.op == Op::Heartbeat {
-            self.advance(now_ms, &mut out);
-            return out;
+            self.advance(now_ms, out);
+            return;
         }
         if time < self.global_wm {
             // Late: older than what has already been released. Emitted at once.
-            *self.late_events.entry(site.clone()).or_default() += 1;
-            self.emit(ev, true, &mut out);
-            self.advance(now_ms, &mut out);
-            return out;
+            match self.late_events.get_mut(&*ev.site) {
+                Some(n) => *n += 1,
+                None => {
+                    self.late_events.insert(ev.site.to_string(), 1);
+                }
+            }
+            self.emit(ev, true, out);
+            self.advance(now_ms, out);
+            return;
         }
-        self.seq += 1;
-        let bytes = ev.before.as_ref().map_or(0, |r| r.len() * 48) + ev.after.as_ref().map_or(0, |r| r.len() * 48) + 256;
+        let bytes = ev.approx_bytes();
         self.buffered_bytes += bytes;
-        if let Some(s) = self.sites.get_mut(&site) {
-            s.buffered += 1;
+        self.buffered_events += 1;
+        st.buffered += 1;
+        let key = (origin.topic.clone(), origin.partition);
+        match self.buffered_offsets.get_mut(&key) {
+            Some(q) => q.push_back(origin.offset),
+            None => {
+                self.buffered_offsets.insert(key, VecDeque::from([origin.offset]));
+            }
         }
-        self.buffered_offsets.entry((origin.topic.clone(), origin.partition)).or_default().push_back(origin.offset);
-        let prefix = name_prefix(&site);
-        self.buffer.push(Reverse(Box::new(Pending { time, prefix, site, seq: self.seq, ev, origin, bytes })));
-        self.advance(now_ms, &mut out);
-        out
+        let qi = match self.queues.iter().position(|q| q.site == ev.site) {
+            Some(i) => i,
+            None => {
+                self.queues.push(SiteQueue { site: ev.site.clone(), q: VecDeque::new() });
+                self.queues.len() - 1
+            }
+        };
+        self.queues[qi].q.push_back(Pending { time, ev, origin, bytes });
+        self.advance(now_ms, out);
     }
 
     /// Idle detection and release, driven by the clock alone.
-    pub fn tick(&mut self, now_ms: i64) -> Vec<HqEvent> {
+    pub fn tick(&mut self, now_ms: i64) -> Vec<Out> {
         let mut out = Vec::new();
         self.advance(now_ms, &mut out);
         out
     }
 
     /// Releases everything buffered, in order (end of input in tests and batch runs).
-    pub fn drain(&mut self) -> Vec<HqEvent> {
+    pub fn drain(&mut self) -> Vec<Out> {
         let mut out = Vec::new();
-        while let Some(Reverse(p)) = self.buffer.pop() {
+        while let Some(p) = self.pop_next(i64::MAX) {
             self.release(p, &mut out);
         }
         out
     }
 
-    fn advance(&mut self, now_ms: i64, out: &mut Vec<HqEvent>) {
+    /// The next event in merge order, if its time is at most `wm`: the smallest
+    /// (effective time, site name) among the queue fronts.
+    fn pop_next(&mut self, wm: i64) -> Option<Pending> {
+        let mut best: Option<(usize, i64)> = None;
+        for (i, q) in self.queues.iter().enumerate() {
+            let Some(f) = q.q.front() else { continue };
+            if f.time > wm {
+                continue;
+            }
+            best = match best {
+                Some((b, t)) if t < f.time || (t == f.time && self.queues[b].site <= q.site) => Some((b, t)),
+                _ => Some((i, f.time)),
+            };
+        }
+        let (i, _) = best?;
+        self.queues[i].q.pop_front()
+    }
+
+    fn advance(&mut self, now_ms: i64, out: &mut Vec<Out>) {
         let mut wm = i64::MAX;
         let mut any = false;
         for (name, s) in self.sites.iter_mut() {
@@ -276,24 +294,25 @@ impl Engine {
         if wm > self.global_wm && wm > i64::MIN / 4 {
             self.global_wm = wm;
         }
-        while let Some(Reverse(top)) = self.buffer.peek() {
-            if top.time > self.global_wm {
-                break;
-            }
-            let Some(Reverse(p)) = self.buffer.pop() else { break };
+        if self.buffered_events == 0 {
+            return;
+        }
+        while let Some(p) = self.pop_next(self.global_wm) {
             self.release(p, out);
         }
     }
 
-    fn release(&mut self, p: Box<Pending>, out: &mut Vec<HqEvent>) {
-        let p = *p;
-        if let Some(q) = self.buffered_offsets.get_mut(&(p.origin.topic.clone(), p.origin.partition)) {
-            if let Some(i) = q.iter().position(|&o| o == p.origin.offset) {
+    fn release(&mut self, p: Pending, out: &mut Vec<Out>) {
+        if let Some(q) = self.buffered_offsets.get_mut(&(p.origin.topic, p.origin.partition)) {
+            if q.front() == Some(&p.origin.offset) {
+                q.pop_front();
+            } else if let Some(i) = q.iter().position(|&o| o == p.origin.offset) {
                 q.remove(i);
             }
         }
         self.buffered_bytes = self.buffered_bytes.saturating_sub(p.bytes);
-        if let Some(s) = self.sites.get_mut(&p.site) {
+        self.buffered_events = self.buffered_events.saturating_sub(1);
+        if let Some(s) = self.sites.get_mut(&*p.ev.site) {
             s.buffered = s.buffered.saturating_sub(1);
         }
         self.emit(p.ev, false, out);
@@ -303,25 +322,24 @@ impl Engine {
         self.cfg.identifiers.iter().enumerate().find(|(_, r)| r.identifier_type_uuid == type_uuid).map(|(i, r)| (i as u16, r))
     }
 
-    fn merged(&mut self, m: Merged, reason: &str, evidence: J, site: &str, ts: i64, out: &mut Vec<HqEvent>) {
+    fn merged(&mut self, m: Merged, reason: &str, evidence: J, site: &str, ts: i64, out: &mut Vec<Out>) {
         self.merges += 1;
-        out.push(HqEvent::Merge { winner: m.winner, loser: m.loser, reason: reason.into(), evidence, site: site.into(), ts_ms: ts });
+        out.push(Out::Hq(Box::new(HqEvent::Merge { winner: m.winner, loser: m.loser, reason: reason.into(), evidence, site: site.into(), ts_ms: ts })));
     }
 
     /// Applies identity, canonicalises person references and emits.
-    fn emit(&mut self, mut ev: ChangeEvent, late: bool, out: &mut Vec<HqEvent>) {
-        let table = ev.table.clone().unwrap_or_default();
-        let site = ev.site.clone();
+    fn emit(&mut self, mut ev: InEvent, late: bool, out: &mut Vec<Out>) {
         let ts = ev.source.ts_ms;
         let alive = ev.op != Op::Delete;
-        let row = ev.after.as_ref().or(ev.before.as_ref());
         let mut pending_merges: Vec<(Merged, &'static str, J)> = Vec::new();
         let mut review: Option<(String, J)> = None;
 
-        match table.as_str() {
+        match ev.table_str() {
             "person" if alive => {
                 if let Some(uuid) = ev.uuid.clone() {
-                    let created = row.and_then(|r| r.get("date_created")).and_then(J::as_str).map(str::to_string);
+                    // The few identity rows are parsed in full; every other row stays raw.
+                    let row = row_map(ev.after_raw().or(ev.before_raw()));
+                    let created = row.as_ref().and_then(|r| r.get("date_created")).and_then(J::as_str).map(str::to_string);
                     if let Some(m) = self.identity.person(&uuid, created.as_deref()) {
                         pending_merges.push((m, "survivor_change", serde_json::json!({"earlier_record": uuid})));
                     }
@@ -331,11 +349,12 @@ impl Engine {
             "patient_identifier" => {
                 let type_uuid = ev.refs.get("identifier_type").and_then(J::as_str).unwrap_or("").to_string();
                 let person = ev.refs.get("patient_id").and_then(J::as_str).map(str::to_string);
-                let raw = row.and_then(|r| r.get("identifier")).and_then(J::as_str).map(str::to_string);
+                let row = row_map(ev.after_raw().or(ev.before_raw()));
+                let raw = row.as_ref().and_then(|r| r.get("identifier")).and_then(J::as_str).map(str::to_string);
                 if let (Some((ti, rule)), Some(person), Some(raw)) = (self.rule_of(&type_uuid), person, raw) {
                     let value = rule.normalize(&raw);
-                    let was_voided = ev.before.as_ref().and_then(|r| r.get("voided")).and_then(J::as_i64).unwrap_or(0) == 1;
-                    let voided = row.and_then(|r| r.get("voided")).and_then(J::as_i64).unwrap_or(0) == 1;
+                    let was_voided = row_map(ev.before_raw()).and_then(|r| r.get("voided").and_then(J::as_i64)).unwrap_or(0) == 1;
+                    let voided = row.as_ref().and_then(|r| r.get("voided")).and_then(J::as_i64).unwrap_or(0) == 1;
                     if !value.is_empty() && alive && !voided {
                         if let Some(other) = self.identity.identifier(ti, &value, &person) {
                             if let Some(m) = self.identity.union(&person, &other) {
@@ -369,36 +388,73 @@ impl Engine {
 
         // Merges first: the change that caused them follows, already canonical.
         for (m, reason, evidence) in pending_merges {
-            self.merged(m, reason, evidence, &site, ts, out);
+            self.merged(m, reason, evidence, &ev.site, ts, out);
         }
         if let Some((person, evidence)) = review {
             self.reviews += 1;
-            out.push(HqEvent::IdentityReview { person, reason: "identifier voided or deleted on a merged person".into(), evidence, site: site.clone(), ts_ms: ts });
+            out.push(Out::Hq(Box::new(HqEvent::IdentityReview { person, reason: "identifier voided or deleted on a merged person".into(), evidence, site: ev.site.to_string(), ts_ms: ts })));
         }
 
-        let mut origin_refs = serde_json::Map::new();
+        let mut origin_refs = Vec::new();
         // A merge log row keeps its own winner and loser.
-        let canonicalise = table != "person_merge_log";
-        for (col, v) in ev.refs.iter_mut().filter(|_| canonicalise) {
-            if let Some(u) = v.as_str() {
-                if self.identity.knows(u) {
-                    let c = self.identity.canonical(u);
-                    if c != u {
-                        origin_refs.insert(col.clone(), J::String(u.to_string()));
-                        *v = J::String(c);
+        if ev.table_str() != "person_merge_log" {
+            for (col, v) in ev.refs.0.iter_mut() {
+                if let J::String(u) = v {
+                    if let Some(c) = self.identity.survivor_if_other(u) {
+                        origin_refs.push((col.clone(), std::mem::replace(u, c)));
                     }
                 }
             }
         }
-        let person = match table.as_str() {
+        let person = match ev.table_str() {
             "person" | "patient" => ev.uuid.as_deref().map(|u| self.identity.canonical(u)),
-            _ => ["patient_id", "person_id"].iter().find_map(|c| ev.refs.get(*c).and_then(J::as_str).map(str::to_string)),
+            _ => ["patient_id", "person_id"].iter().find_map(|c| ev.refs.get(c).and_then(J::as_str).map(str::to_string)),
         };
-        out.push(HqEvent::Change { late, person, origin_refs, event: ev });
+        out.push(Out::Change { late, person, origin_refs, event: ev });
     }
 
     /// Watermark facts for the changelog.
     pub fn watermark_facts(&self) -> Vec<Fact> {
         self.sites.iter().map(|(s, st)| Fact::Watermark { site: s.clone(), max_ts: st.max_ts }).collect()
+    }
+}
+
+/// A raw row image as a map (only for the rows identity reads).
+fn row_map(raw: Option<&[u8]>) -> Option<serde_json::Map<String, J>> {
+    raw.and_then(|r| serde_json::from_slice(r).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(site: &str, id: u32, ts: i64) -> (InEvent, Origin) {
+        let json = format!(
+            r#"{{"op":"c","site":"{site}","table":"location","key":{{"location_id":{id}}},"uuid":"{site}-{id}","after":{{"location_id":{id}}},"source":{{"server_id":1,"file":"f","pos":{id},"ts_ms":{ts}}},"ts_ms":0}}"#
+        );
+        let site: Arc<str> = Arc::from(site);
+        let topic: Arc<str> = Arc::from(format!("omrs.cdc.{site}"));
+        (InEvent::decode(json.as_bytes(), &site, &topic).unwrap(), Origin { topic, partition: 0, offset: id as i64 })
+    }
+
+    /// Release order is (effective time, site name, arrival), as with a single ordered heap.
+    #[test]
+    fn ties_go_by_site_name_then_arrival_and_a_site_never_goes_back() {
+        let cfg = EngineConfig { out_of_orderness_ms: 0, idle_timeout_ms: 1_000_000, max_buffered: 100, identifiers: vec![] };
+        let mut e = Engine::new(cfg);
+        for s in ["site-a", "site-b", "site-c"] {
+            e.expect_site(s, 0);
+        }
+        let input = [("site-c", 1, 10), ("site-b", 2, 10), ("site-b", 3, 5), ("site-a", 4, 10), ("site-a", 5, 20), ("site-c", 6, 10)];
+        let mut out = Vec::new();
+        for (s, id, ts) in input {
+            let (ev, o) = ev(s, id, ts);
+            out.extend(e.push(ev, o, 1));
+        }
+        out.extend(e.drain());
+        let order: Vec<String> = out.iter().map(|o| o.key()).collect();
+        // site-b's ts 5 after its 10 takes the effective time 10; site-a's 20 comes last.
+        assert_eq!(order, ["location:site-a-4", "location:site-b-2", "location:site-b-3", "location:site-c-1", "location:site-c-6", "location:site-a-5"]);
+        assert!(e.pending_offsets().is_empty());
     }
 }

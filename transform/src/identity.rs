@@ -6,10 +6,9 @@
 //! smallest uuid. It depends only on the set of records in the component, so the final
 //! assignment is the same whatever the arrival order.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 
-use hashbrown::HashTable;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 
 /// A merge decided by the index: `loser`'s component now survives as `winner`.
 const UNKNOWN: i64 = i64::MAX;
@@ -43,7 +42,8 @@ pub struct Identity {
     recs: Vec<Rec>,
     /// uuid → record, storing only the record number (the uuid lives once, in `recs`).
     by_uuid: HashTable<u32>,
-    hasher: std::collections::hash_map::RandomState,
+    /// foldhash, randomly seeded: several refs per event are looked up, so the hash is hot.
+    hasher: DefaultHashBuilder,
     /// (identifier type index, normalised value) → a record holding it.
     index: HashMap<(u16, Box<str>), u32>,
     /// Heap bytes of the strings held (uuids twice, creation times, identifier values).
@@ -129,6 +129,16 @@ impl Identity {
             }
             None => uuid.to_string(),
         }
+    }
+
+    /// The survivor's uuid when `uuid` is a known record merged into another one; None when it
+    /// is unknown or its own survivor (so that the common case allocates nothing).
+    pub fn survivor_if_other(&mut self, uuid: &str) -> Option<String> {
+        let i = self.lookup(uuid)?;
+        let r = self.find(i);
+        let s = self.recs[r as usize].survivor;
+        let su = &self.recs[s as usize].uuid;
+        (**su != *uuid).then(|| su.to_string())
     }
 
     /// Joins two records. Returns the merge if they were in different components.

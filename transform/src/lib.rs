@@ -7,6 +7,7 @@
 //! re-read after a crash, never lost. State is restored from the changelog before consuming.
 //!
 //! - [`engine`]: watermarks, ordered merge, late data, identity (no Kafka).
+//! - [`event`]: input events held with raw row images, and the output records written from them.
 //! - [`identity`]: the union-find over person records.
 //! - [`runner`]: the Kafka loop.
 //!
@@ -14,6 +15,7 @@
 //! `transactional.id`.
 
 pub mod engine;
+pub mod event;
 pub mod identity;
 pub mod runner;
 pub mod synth;

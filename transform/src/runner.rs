@@ -3,20 +3,22 @@
 //! facts, dead letters and the consumer offsets.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use omrs_core::config::Config;
-use omrs_core::envelope::ChangeEvent;
 use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::engine::{Engine, EngineConfig, Fact, HqEvent, Origin};
+use crate::engine::{Engine, EngineConfig, Fact, HqEvent, Origin, Out};
+use crate::event::InEvent;
 use crate::{TransformArgs, TransformError};
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -88,20 +90,61 @@ fn restore(cfg: &Config, topic: &str, engine: &mut Engine) -> Result<usize, Tran
 }
 
 /// Parses and checks one input record; Err is the dead-letter reason.
-pub fn decode(payload: &[u8], topic: &str, cdc_prefix: &str) -> Result<ChangeEvent, String> {
-    let site_of_topic = topic.strip_prefix(cdc_prefix).unwrap_or("");
-    let ev = ChangeEvent::from_json(payload).map_err(|e| e.to_string())?;
-    if ev.site != site_of_topic {
-        return Err(format!("unknown site `{}` on topic {topic} (expected `{site_of_topic}`)", ev.site));
+pub fn decode(payload: &[u8], topic: &str, cdc_prefix: &str) -> Result<InEvent, String> {
+    let site_of_topic: Arc<str> = Arc::from(topic.strip_prefix(cdc_prefix).unwrap_or(""));
+    InEvent::decode(payload, &site_of_topic, topic)
+}
+
+/// A metrics label set (site, table, op), counted per batch without allocating per event.
+#[derive(PartialEq, Eq, Hash)]
+struct CountKey {
+    site: Box<str>,
+    table: Box<str>,
+    op: &'static str,
+}
+
+/// A borrowed [`CountKey`]; hashes the same way (field by field, as `str`).
+#[derive(Hash)]
+struct CountRef<'a> {
+    site: &'a str,
+    table: &'a str,
+    op: &'static str,
+}
+
+impl hashbrown::Equivalent<CountKey> for CountRef<'_> {
+    fn equivalent(&self, k: &CountKey) -> bool {
+        *k.site == *self.site && *k.table == *self.table && k.op == self.op
     }
-    Ok(ev)
+}
+
+#[derive(Default)]
+struct Counts(hashbrown::HashMap<CountKey, u64>);
+
+impl Counts {
+    fn bump(&mut self, site: &str, table: &str, op: &'static str) {
+        let r = CountRef { site, table, op };
+        match self.0.get_mut(&r) {
+            Some(n) => *n += 1,
+            None => {
+                self.0.insert(CountKey { site: site.into(), table: table.into(), op }, 1);
+            }
+        }
+    }
+
+    /// Hands the counts over as (site, table, op, n) and resets them.
+    fn flush(&mut self, mut f: impl FnMut(&str, &str, &str, u64)) {
+        for (k, n) in self.0.iter_mut().filter(|(_, n)| **n > 0) {
+            f(&k.site, &k.table, k.op, *n);
+            *n = 0;
+        }
+    }
 }
 
 fn dlq_record(reason: &str, origin: &Origin, payload: &[u8]) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "stage": "transform",
         "reason": reason,
-        "topic": origin.topic,
+        "topic": &*origin.topic,
         "partition": origin.partition,
         "offset": origin.offset,
         "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload),
@@ -111,16 +154,32 @@ fn dlq_record(reason: &str, origin: &Origin, payload: &[u8]) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-async fn await_commit(h: tokio::task::JoinHandle<rdkafka::error::KafkaResult<()>>) -> Result<(), TransformError> {
-    h.await
-        .map_err(|e| TransformError::Kafka { context: "committing".into(), message: e.to_string() })?
-        .map_err(|e| TransformError::kafka("committing a transaction", e))
+/// Time spent per phase of the loop, logged when a batch run ends.
+#[derive(Default)]
+struct Phases {
+    batches: u64,
+    /// Reading, decoding and the engine.
+    read: Duration,
+    /// Waiting for the previous transaction's commit.
+    commit_wait: Duration,
+    /// Writing the outputs, facts and dead letters into the transaction.
+    produce: Duration,
+    /// Back-pressure pauses.
+    pauses: u64,
 }
 
-async fn enqueue(producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) -> Result<(), TransformError> {
+async fn await_commit(h: tokio::task::JoinHandle<Result<(), TransformError>>) -> Result<(), TransformError> {
+    h.await.map_err(|e| TransformError::Kafka { context: "committing".into(), message: e.to_string() })?
+}
+
+/// The transactional producer. Deliveries are not awaited one by one: a failed delivery fails
+/// the transaction's commit, and the loop restarts from the last committed transaction.
+type TxProducer = Arc<ThreadedProducer<DefaultProducerContext>>;
+
+async fn enqueue(producer: &TxProducer, topic: &str, key: &str, payload: &[u8]) -> Result<(), TransformError> {
     loop {
-        match producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
-            Ok(_) => return Ok(()),
+        match producer.send(BaseRecord::<str, [u8]>::to(topic).key(key).payload(payload)) {
+            Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => tokio::time::sleep(Duration::from_millis(5)).await,
             Err((e, _)) => return Err(TransformError::kafka(&format!("producing to {topic}"), e)),
         }
@@ -134,7 +193,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
     let dlq_topic = names.dlq();
     let cdc_prefix = format!("{}omrs.cdc.", cfg.kafka.topic_prefix);
 
-    let producer: FutureProducer = client_config(&cfg.kafka)
+    let producer: TxProducer = client_config(&cfg.kafka)
         .set("transactional.id", format!("{}omrs-transform", cfg.kafka.topic_prefix))
         .set("transaction.timeout.ms", "60000")
         .set("linger.ms", "5")
@@ -142,6 +201,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         .set("queue.buffering.max.messages", "1000000")
         .set("compression.type", "lz4")
         .create()
+        .map(Arc::new)
         .map_err(|e| TransformError::kafka("creating the producer", e))?;
     producer.init_transactions(TXN_TIMEOUT).map_err(|e| TransformError::kafka("initialising transactions", e))?;
 
@@ -169,7 +229,14 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         .set("enable.partition.eof", "false")
         .set("fetch.max.bytes", "52428800")
         // Prefetch per partition; the default (64 MiB each) dominated memory with many sites.
-        .set("queued.max.messages.kbytes", "16384")
+        // 4 MiB keeps up now that a drained queue is refilled at once (fetch.queue.backoff.ms).
+        .set("queued.max.messages.kbytes", "4096")
+        // Refill a drained prefetch queue at once: the default backoff (1 s) after a full queue
+        // left the loop waiting for data about half of the time.
+        .set("fetch.queue.backoff.ms", "10")
+        // A partition resumed after back-pressure is fetched within this time, instead of
+        // waiting for a fetch that long-polls the partitions already at their end (default 500).
+        .set("fetch.wait.max.ms", "20")
         .create()
         .map_err(|e| TransformError::kafka("creating the consumer", e))?;
     consumer.subscribe(&[&names.cdc_pattern()]).map_err(|e| TransformError::kafka("subscribing to the site topics", e))?;
@@ -205,46 +272,76 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
     let mut consumed: HashMap<(String, i32), i64> = HashMap::new();
     let mut committed: HashMap<(String, i32), i64> = HashMap::new();
     let mut paused: HashSet<(String, i32)> = HashSet::new();
-    let mut inflight: Option<tokio::task::JoinHandle<rdkafka::error::KafkaResult<()>>> = None;
-    let mut in_counts: HashMap<(String, String, &'static str), u64> = HashMap::new();
+    let mut inflight: Option<tokio::task::JoinHandle<Result<(), TransformError>>> = None;
+    let mut in_counts = Counts::default();
+    let mut out_counts = Counts::default();
+    // Per topic: the shared topic and site names, so a record allocates neither.
+    let mut topic_names: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+    // The last offset read per (topic, partition) in this batch, folded into `consumed` after it.
+    let mut batch_last: Vec<(Arc<str>, i32, i64)> = Vec::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut key = String::with_capacity(128);
+    let mut prof = Phases::default();
     loop {
         let started = Instant::now();
-        let mut outputs: Vec<HqEvent> = Vec::new();
+        prof.batches += 1;
+        let mut outputs: Vec<Out> = Vec::with_capacity(4096);
         let mut dead: Vec<(Origin, String, Vec<u8>)> = Vec::new();
         let deadline = Instant::now() + Duration::from_millis(100);
         let mut n = 0;
         let mut now = now_ms();
+        let timer = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(timer);
+        let t_batch = Instant::now();
         while n < 20_000 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            // The clock is read every 256 records, not per record.
+            if n % 256 == 255 && Instant::now() >= deadline {
                 break;
             }
-            let msg = match tokio::time::timeout(left, consumer.recv()).await {
-                Err(_) => break,
-                Ok(Err(e)) => return Err(TransformError::kafka("consuming", e)),
-                Ok(Ok(m)) => m,
+            let msg = tokio::select! {
+                biased;
+                m = consumer.recv() => match m {
+                    Err(e) => return Err(TransformError::kafka("consuming", e)),
+                    Ok(m) => m,
+                },
+                _ = &mut timer => break,
             };
             n += 1;
             if n % 512 == 0 {
                 now = now_ms();
             }
-            let origin = Origin { topic: msg.topic().to_string(), partition: msg.partition(), offset: msg.offset() };
-            consumed.insert((origin.topic.clone(), origin.partition), origin.offset);
-            // Decode from the borrowed record; the bytes are copied only for a dead letter.
+            let (topic, site) = match topic_names.iter().find(|(t, _)| **t == *msg.topic()) {
+                Some((t, s)) => (t.clone(), s.clone()),
+                None => {
+                    let t: Arc<str> = Arc::from(msg.topic());
+                    let s: Arc<str> = Arc::from(msg.topic().strip_prefix(&cdc_prefix).unwrap_or(""));
+                    topic_names.push((t.clone(), s.clone()));
+                    (t, s)
+                }
+            };
+            let origin = Origin { topic, partition: msg.partition(), offset: msg.offset() };
+            match batch_last.iter_mut().find(|(t, p, _)| Arc::ptr_eq(t, &origin.topic) && *p == origin.partition) {
+                Some(e) => e.2 = origin.offset,
+                None => batch_last.push((origin.topic.clone(), origin.partition, origin.offset)),
+            }
+            // Decode from the borrowed record; the event keeps one copy of its bytes, and a dead
+            // letter its own.
             let payload = msg.payload().unwrap_or(&[]);
-            let decoded = decode(payload, &origin.topic, &cdc_prefix).map_err(|reason| (reason, payload.to_vec()));
+            let decoded = InEvent::decode(payload, &site, &origin.topic).map_err(|reason| (reason, payload.to_vec()));
             drop(msg);
             match decoded {
                 Err((reason, payload)) => dead.push((origin, reason, payload)),
                 Ok(ev) => {
-                    *in_counts.entry((ev.site.clone(), ev.table.clone().unwrap_or_default(), ev.op.as_str())).or_default() += 1;
-                    outputs.extend(engine.push(ev, origin, now));
+                    in_counts.bump(&ev.site, ev.table_str(), ev.op.as_str());
+                    engine.push_into(ev, origin, now, &mut outputs);
                 }
             }
         }
+        prof.read += t_batch.elapsed();
         outputs.extend(engine.tick(now_ms()));
-        for ((site, table, op), n) in in_counts.drain() {
-            metrics().events_in.with_label_values(&["transform", &site, &table, op]).inc_by(n);
+        in_counts.flush(|site, table, op, n| metrics().events_in.with_label_values(&["transform", site, table, op]).inc_by(n));
+        for (t, p, o) in batch_last.drain(..) {
+            consumed.insert((t.to_string(), p), o);
         }
 
         // Done (batch mode)?
@@ -288,12 +385,18 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         }
         if !outputs.is_empty() || !dead.is_empty() || !facts.is_empty() || !new_committed.is_empty() {
             // The previous transaction's commit ran while this batch was read and transformed.
+            let t = Instant::now();
             if let Some(h) = inflight.take() {
                 await_commit(h).await?;
             }
+            prof.commit_wait += t.elapsed();
+            let t = Instant::now();
             producer.begin_transaction().map_err(|e| TransformError::kafka("beginning a transaction", e))?;
             for o in &outputs {
-                enqueue(&producer, &out_topic, &o.key(), &o.to_json()).await?;
+                buf.clear();
+                o.write_json(&mut buf);
+                o.write_key(&mut key);
+                enqueue(&producer, &out_topic, &key, &buf).await?;
             }
             for f in &facts {
                 enqueue(&producer, &state_topic, &f.key(), &serde_json::to_vec(f).unwrap_or_default()).await?;
@@ -302,37 +405,47 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                 tracing::warn!(topic = %origin.topic, offset = origin.offset, reason = %reason, "record dead-lettered");
                 enqueue(&producer, &dlq_topic, &format!("{}:{}", origin.topic, origin.offset), &dlq_record(reason, origin, payload)).await?;
             }
-            if !new_committed.is_empty() {
-                let cgm = consumer.group_metadata().ok_or_else(|| TransformError::Kafka { context: "group metadata".into(), message: "not available".into() })?;
-                producer.send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT).map_err(|e| TransformError::kafka("adding offsets to the transaction", e))?;
-            }
+            let cgm = if new_committed.is_empty() {
+                None
+            } else {
+                Some(consumer.group_metadata().ok_or_else(|| TransformError::Kafka { context: "group metadata".into(), message: "not available".into() })?)
+            };
+            prof.produce += t.elapsed();
+            // The offsets join this transaction and it commits off the loop's thread (both are
+            // broker round trips); the next batch is read meanwhile and waits for this commit
+            // before it begins its own transaction.
             let p = producer.clone();
-            inflight = Some(tokio::task::spawn_blocking(move || p.commit_transaction(TXN_TIMEOUT)));
+            inflight = Some(tokio::task::spawn_blocking(move || {
+                if let Some(cgm) = cgm {
+                    p.send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT).map_err(|e| TransformError::kafka("adding offsets to the transaction", e))?;
+                }
+                p.commit_transaction(TXN_TIMEOUT).map_err(|e| TransformError::kafka("committing a transaction", e))
+            }));
             for (k, v) in new_committed {
                 committed.insert(k, v);
             }
             let m = metrics();
             m.kafka_transactions.with_label_values(&["transform", ""]).inc();
             m.batch_latency.with_label_values(&["transform"]).observe(started.elapsed().as_secs_f64());
-            let mut out_counts: HashMap<(String, String, &'static str), u64> = HashMap::new();
-            let mut late_counts: HashMap<String, u64> = HashMap::new();
+            let mut late_counts: HashMap<&str, u64> = HashMap::new();
             for o in &outputs {
                 match o {
-                    HqEvent::Change { event, late, .. } => {
-                        *out_counts.entry((event.site.clone(), event.table.clone().unwrap_or_default(), event.op.as_str())).or_default() += 1;
+                    Out::Change { event, late, .. } => {
+                        out_counts.bump(&event.site, event.table_str(), event.op.as_str());
                         if *late {
-                            *late_counts.entry(event.site.clone()).or_default() += 1;
+                            *late_counts.entry(&event.site).or_default() += 1;
                         }
                     }
-                    HqEvent::Merge { .. } => m.merges.inc(),
-                    HqEvent::IdentityReview { .. } => m.identity_reviews.inc(),
+                    Out::Hq(h) => match **h {
+                        HqEvent::Merge { .. } => m.merges.inc(),
+                        HqEvent::IdentityReview { .. } => m.identity_reviews.inc(),
+                        HqEvent::Change { .. } => {}
+                    },
                 }
             }
-            for ((site, table, op), n) in out_counts {
-                m.events_out.with_label_values(&["transform", &site, &table, op]).inc_by(n);
-            }
+            out_counts.flush(|site, table, op, n| m.events_out.with_label_values(&["transform", site, table, op]).inc_by(n));
             for (site, n) in late_counts {
-                m.late_events.with_label_values(&[&site]).inc_by(n);
+                m.late_events.with_label_values(&[site]).inc_by(n);
             }
             for (_, reason, _) in &dead {
                 let kind = reason.split(':').next().unwrap_or("invalid").chars().take(40).collect::<String>();
@@ -361,8 +474,16 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         // one the watermark waits for), and paused sites are not idle, only unread.
         let slowest = engine.sites.iter().filter(|(_, s)| !s.idle).min_by_key(|(_, s)| s.max_ts).map(|(n, _)| n.clone());
         let max = cfg.transform.max_buffered_events;
+        // Pausing drops a partition's prefetched records (they are fetched again on resume), so
+        // only the sites holding more than their share of the buffer are paused.
+        let active = engine.sites.values().filter(|s| !s.idle).count().max(1);
+        let share = max / active;
         let desired: HashSet<(String, i32)> = if engine.is_full() {
-            consumed.keys().filter(|(t, _)| Some(t.strip_prefix(&cdc_prefix).unwrap_or("").to_string()) != slowest).cloned().collect()
+            let over = |t: &str| {
+                let site = t.strip_prefix(&cdc_prefix).unwrap_or("");
+                Some(site) != slowest.as_deref() && engine.sites.get(site).is_some_and(|s| s.buffered >= share)
+            };
+            consumed.keys().filter(|(t, _)| over(t)).chain(paused.iter()).filter(|(t, _)| Some(t.strip_prefix(&cdc_prefix).unwrap_or("")) != slowest.as_deref()).cloned().collect()
         } else if be < max / 2 {
             HashSet::new()
         } else {
@@ -377,6 +498,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             let _ = to_resume.add_partition(t, *p);
         }
         if to_pause.count() > 0 {
+            prof.pauses += 1;
             tracing::debug!(buffered = be, "buffer full: pausing the sites that are ahead");
             consumer.pause(&to_pause).map_err(|e| TransformError::kafka("pausing", e))?;
         }
@@ -392,7 +514,16 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             if let Some(h) = inflight.take() {
                 await_commit(h).await?;
             }
-            tracing::info!(merges = engine.merges, identities = engine.identity.len(), "all site topics read to their end; done");
+            tracing::info!(
+                merges = engine.merges,
+                identities = engine.identity.len(),
+                batches = prof.batches,
+                pauses = prof.pauses,
+                read_ms = prof.read.as_millis() as u64,
+                commit_wait_ms = prof.commit_wait.as_millis() as u64,
+                produce_ms = prof.produce.as_millis() as u64,
+                "all site topics read to their end; done"
+            );
             return Ok(());
         }
     }

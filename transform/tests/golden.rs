@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use omrs_core::config::{IdentifierRule, Normalize};
 use omrs_core::envelope::{ChangeEvent, Op, Row, Source};
-use omrs_transform::engine::{Engine, EngineConfig, HqEvent, Origin};
+use omrs_transform::engine::{Engine, EngineConfig, HqEvent, Origin, Out};
 use omrs_transform::runner::decode;
 use serde_json::Value as J;
 
@@ -92,6 +92,11 @@ fn render(o: &HqEvent) -> String {
     }
 }
 
+/// Renders an output record from its JSON, as it is written to `omrs.hq.changes`.
+fn render_out(o: &Out) -> String {
+    render(&o.to_hq().unwrap())
+}
+
 fn run(name: &str) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
     let input = std::fs::read_to_string(dir.join("input.jsonl")).unwrap();
@@ -111,7 +116,7 @@ fn run(name: &str) {
     for (i, line) in input.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with("//")) {
         let v: J = serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}:{}: {e}", i + 1));
         if let Some(t) = v.get("tick") {
-            out.extend(engine.tick(t.as_i64().unwrap()).iter().map(render));
+            out.extend(engine.tick(t.as_i64().unwrap()).iter().map(render_out));
             continue;
         }
         let at = v["at"].as_i64().unwrap();
@@ -121,13 +126,13 @@ fn run(name: &str) {
         match decode(&event(&v, offset), &topic, "omrs.cdc.") {
             Err(reason) => out.push(format!("DLQ {topic}@{offset}: {reason}")),
             Ok(ev) => {
-                let o = engine.push(ev, Origin { topic, partition: 0, offset }, at);
-                out.extend(o.iter().map(render));
+                let o = engine.push(ev, Origin { topic: topic.into(), partition: 0, offset }, at);
+                out.extend(o.iter().map(render_out));
             }
         }
     }
     out.push("-- end of input: drain".into());
-    out.extend(engine.drain().iter().map(render));
+    out.extend(engine.drain().iter().map(render_out));
     let got = out.join("\n") + "\n";
     let expected_path = dir.join("expected.txt");
     if std::env::var("OMRS_BLESS").is_ok() {
