@@ -154,7 +154,9 @@ async fn main() {
     eprintln!("pre-filled {rows} events ({patients} patients)");
 
     // The sink, to the end of the topic.
-    let args = omrs_sinks::hq_mysql::HqSinkArgs { init: false, force: false, dump: Default::default(), until_idle: true, metrics_port: None, batch_rows: None, quiet: true };
+    // BENCH_BATCH_ROWS overrides sinks.hq_mysql.batch_max_rows, to compare batch sizes.
+    let batch_rows = std::env::var("BENCH_BATCH_ROWS").ok().and_then(|v| v.parse().ok());
+    let args = omrs_sinks::hq_mysql::HqSinkArgs { init: false, force: false, dump: Default::default(), until_idle: true, metrics_port: None, batch_rows, quiet: true };
     let t0 = Instant::now();
     omrs_sinks::hq_mysql::run(&cfg, &args).await.expect("sink");
     let secs = t0.elapsed().as_secs_f64();
