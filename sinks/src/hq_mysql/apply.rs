@@ -56,6 +56,16 @@ pub struct Record {
     pub partition: i32,
     pub offset: i64,
     pub payload: Vec<u8>,
+    /// The payload parsed ([`Record::decode`]), or why it is not an `omrs.hq.changes` record.
+    pub decoded: Result<HqEvent, String>,
+}
+
+impl Record {
+    /// Parses the payload. Runs on the reader task, while the previous batch is being written.
+    pub fn decode(partition: i32, offset: i64, payload: Vec<u8>) -> Record {
+        let decoded = serde_json::from_slice::<HqEvent>(&payload).map_err(|e| format!("not an omrs.hq.changes record: {e}"));
+        Record { partition, offset, payload, decoded }
+    }
 }
 
 /// A record that cannot be applied, and why.
@@ -537,16 +547,10 @@ impl Applier {
         let mut segment: Vec<Work> = Vec::new();
         for rec in records {
             let payload = std::sync::Arc::new(rec.payload);
-            let ev: HqEvent = match serde_json::from_slice(&payload) {
+            let ev: HqEvent = match rec.decoded {
                 Ok(e) => e,
-                Err(e) => {
-                    out.dead.push(DeadLetter {
-                        partition: rec.partition,
-                        offset: rec.offset,
-                        kind: "invalid_record",
-                        reason: format!("not an omrs.hq.changes record: {e}"),
-                        payload: payload.to_vec(),
-                    });
+                Err(reason) => {
+                    out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: "invalid_record", reason, payload: payload.to_vec() });
                     continue;
                 }
             };

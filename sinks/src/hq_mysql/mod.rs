@@ -85,6 +85,23 @@ async fn connect(cfg: &Config, with_db: bool) -> Result<Conn, SinkError> {
     Ok(c)
 }
 
+/// One batch from the reader task: parsed records, the offsets after them, and whether the
+/// topic's end at start has been reached (`--until-idle`).
+struct Batch {
+    records: Vec<Record>,
+    next: HashMap<i32, i64>,
+    at_end: bool,
+}
+
+/// Stops the reader task when the sink's loop ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -185,7 +202,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         tpl.add_partition_offset(&topic, *p, off).map_err(|e| SinkError::kafka("assigning", e))?;
     }
     consumer.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
-    let mut next: HashMap<i32, i64> = stored.clone();
+    let next: HashMap<i32, i64> = stored.clone();
     tracing::info!(topic = %topic, offsets = ?stored, pending = applier.pending_len(), "HQ sink started");
 
     let mut targets: HashMap<i32, i64> = HashMap::new();
@@ -201,29 +218,59 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         b.enable_steady_tick(Duration::from_millis(200));
         b
     });
+    // The reader task consumes and parses the next batch while this one is being written.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, SinkError>>(2);
+    let reader = AbortOnDrop(tokio::spawn({
+        let topic = topic.clone();
+        let batch_max = Duration::from_millis(sink_cfg.batch_max_ms);
+        let until_idle = args.until_idle;
+        let mut next = next.clone();
+        async move {
+            loop {
+                let deadline = Instant::now() + batch_max;
+                let mut records: Vec<Record> = Vec::new();
+                while records.len() < batch_rows {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match tokio::time::timeout(left, consumer.recv()).await {
+                        Err(_) => break,
+                        Ok(Err(e)) => {
+                            let _ = tx.send(Err(SinkError::kafka("consuming", e))).await;
+                            return;
+                        }
+                        Ok(Ok(m)) => {
+                            next.insert(m.partition(), m.offset() + 1);
+                            records.push(Record::decode(m.partition(), m.offset(), m.payload().unwrap_or(&[]).to_vec()));
+                        }
+                    }
+                }
+                let at_end = until_idle
+                    && records.is_empty()
+                    && targets.iter().all(|(p, high)| {
+                        let pos = consumer
+                            .position()
+                            .ok()
+                            .and_then(|tp| tp.find_partition(&topic, *p).and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None }));
+                        *high == 0 || pos.is_some_and(|o| o >= *high) || next.get(p).is_some_and(|o| *o >= *high)
+                    });
+                if tx.send(Ok(Batch { records, next: next.clone(), at_end })).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }));
     let mut total_applied: u64 = 0;
     let mut last_bytes_total = Instant::now();
 
     loop {
+        let Some(batch) = rx.recv().await else {
+            return Err(SinkError::Kafka { context: "reading omrs.hq.changes".into(), message: "the reader task stopped".into(), transient: true });
+        };
+        let Batch { records, next: stored_now, at_end } = batch?;
         let started = Instant::now();
-        let deadline = started + Duration::from_millis(sink_cfg.batch_max_ms);
-        let mut records: Vec<Record> = Vec::new();
-        while records.len() < batch_rows {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match tokio::time::timeout(left, consumer.recv()).await {
-                Err(_) => break,
-                Ok(Err(e)) => return Err(SinkError::kafka("consuming", e)),
-                Ok(Ok(m)) => {
-                    next.insert(m.partition(), m.offset() + 1);
-                    records.push(Record { partition: m.partition(), offset: m.offset(), payload: m.payload().unwrap_or(&[]).to_vec() });
-                }
-            }
-        }
         let n = records.len();
-        let stored_now: HashMap<i32, i64> = next.clone();
 
         if n > 0 || applier.pending_len() > 0 {
             conn.query_drop("START TRANSACTION").await.map_err(|e| SinkError::db("beginning a transaction", e))?;
@@ -286,21 +333,13 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
                 last_bytes_total = Instant::now();
             }
         }
-        if args.until_idle && n == 0 {
-            let done = targets.iter().all(|(p, high)| {
-                let pos = consumer
-                    .position()
-                    .ok()
-                    .and_then(|tp| tp.find_partition(&topic, *p).and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None }));
-                *high == 0 || pos.is_some_and(|o| o >= *high) || next.get(p).is_some_and(|o| *o >= *high)
-            });
-            if done {
-                if let Some(b) = &bar {
-                    b.finish_and_clear();
-                }
-                tracing::info!(rows = total_applied, pending = applier.pending_len(), "omrs.hq.changes applied to its end at start; done");
-                return Ok(());
+        if at_end {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
             }
+            tracing::info!(rows = total_applied, pending = applier.pending_len(), "omrs.hq.changes applied to its end at start; done");
+            drop(reader);
+            return Ok(());
         }
     }
 }
