@@ -3,6 +3,7 @@
 //! - [`envelope`]: the change-event envelope of DESIGN.md (Debezium-shaped JSON).
 //! - [`config`]: `omrs-stream.toml` and `topics.toml`, with `${ENV}` substitution and validation
 //!   that runs before anything connects.
+//! - [`dlq`]: the dead-letter record every stage writes to `omrs.dlq`.
 //! - [`hq`]: the records of `omrs.hq.changes` and the one conflict rule (semantics 6).
 //! - [`openmrs`]: loading the OpenMRS schema and metadata from the demo dump (sites and HQ).
 //! - [`kafka`]: librdkafka client settings, including TLS/SASL passthrough.
@@ -11,6 +12,7 @@
 //! - [`error`]: the crate's one error enum, split into transient and definite errors.
 
 pub mod config;
+pub mod dlq;
 pub mod envelope;
 pub mod error;
 pub mod hq;

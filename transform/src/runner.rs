@@ -7,8 +7,8 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use omrs_core::config::Config;
+use omrs_core::dlq::DeadRecord;
 use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
@@ -141,17 +141,7 @@ impl Counts {
 }
 
 fn dlq_record(reason: &str, origin: &Origin, payload: &[u8]) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "stage": "transform",
-        "reason": reason,
-        "topic": &*origin.topic,
-        "partition": origin.partition,
-        "offset": origin.offset,
-        "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload),
-        "payload_text": std::str::from_utf8(payload).ok(),
-        "ts_ms": now_ms(),
-    }))
-    .unwrap_or_default()
+    DeadRecord { stage: "transform", kind: None, reason, topic: &origin.topic, partition: origin.partition, offset: origin.offset, payload }.to_json(now_ms())
 }
 
 /// Time spent per phase of the loop, logged when a batch run ends.

@@ -18,10 +18,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 use omrs_core::config::Config;
+use omrs_core::dlq::DeadRecord;
 use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
@@ -139,18 +139,8 @@ pub async fn run(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
 }
 
 fn dlq_record(d: &DeadLetter, topic: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "stage": "hq_mysql",
-        "kind": d.kind,
-        "reason": d.reason,
-        "topic": topic,
-        "partition": d.partition,
-        "offset": d.offset,
-        "payload_text": std::str::from_utf8(&d.payload).ok(),
-        "payload_base64": if std::str::from_utf8(&d.payload).is_ok() { None } else { Some(base64::engine::general_purpose::STANDARD.encode(&d.payload)) },
-        "ts_ms": now_ms(),
-    }))
-    .unwrap_or_default()
+    DeadRecord { stage: "hq_mysql", kind: Some(d.kind), reason: &d.reason, topic, partition: d.partition, offset: d.offset, payload: &d.payload }
+        .to_json(now_ms())
 }
 
 async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
