@@ -178,15 +178,10 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
     let _restart = Restart(deploy.clone());
     assert!(std::process::Command::new(deploy.join("mariadb-down")).arg("hq").status().unwrap().success());
     produce(&topic, vec![person(p4, 10)]).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("retrying from the last committed batch") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sink did not report HQ unavailable; its log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let sink_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for_or(60, "the sink to report HQ unavailable", || format!("its log:\n{}", sink_log()), || {
+        sink_log().contains("retrying from the last committed batch").then_some(())
+    });
     assert!(sink.try_wait().unwrap().is_none(), "the sink exited while HQ was down");
     assert!(std::process::Command::new(deploy.join("mariadb-up")).arg("hq").status().unwrap().success());
     wait_for(90, "the person produced while HQ was down to reach HQ", || {

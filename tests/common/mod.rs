@@ -146,13 +146,18 @@ pub fn read_json<T: serde::de::DeserializeOwned>(topic: &str) -> Vec<T> {
 }
 
 /// Polls `f` until it returns Some, or panics after `secs`.
-pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(secs: u64, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_for_or(secs, what, String::new, f)
+}
+
+/// As [`wait_for`]; on timeout the panic message adds `detail()` (a log, a state dump).
+pub fn wait_for_or<T>(secs: u64, what: &str, detail: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", detail());
         std::thread::sleep(Duration::from_millis(200));
     }
 }
