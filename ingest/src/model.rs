@@ -44,9 +44,7 @@ impl TableModel {
             return None;
         }
         let col = self.columns.iter().find(|c| c.name == self.pk[0])?;
-        let t = col.column_type.to_ascii_lowercase();
-        (t.starts_with("int") || t.starts_with("bigint") || t.starts_with("smallint") || t.starts_with("mediumint") || t.starts_with("tinyint"))
-            .then_some(self.pk[0].as_str())
+        is_int_type(&col.column_type).then_some(self.pk[0].as_str())
     }
 
     pub fn fk(&self, column: &str) -> Option<&Fk> {
@@ -141,6 +139,12 @@ impl Model {
         let tables = tables.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
         Ok(Model { database: database.to_string(), tables, order })
     }
+}
+
+/// An integer column type (`int(11)`, `bigint(20) unsigned`, `tinyint(1)`, …).
+pub fn is_int_type(column_type: &str) -> bool {
+    let t = column_type.to_ascii_lowercase();
+    ["int", "bigint", "smallint", "mediumint", "tinyint"].iter().any(|p| t.starts_with(p))
 }
 
 /// `enum('a','b')` → ["a", "b"].

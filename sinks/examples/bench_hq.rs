@@ -183,7 +183,7 @@ async fn main() {
         }
         c.exec_drop(&stmt, params).await.unwrap();
         written += per as u64;
-        if written % 5000 == 0 {
+        if written.is_multiple_of(5000) {
             c.query_drop("COMMIT; START TRANSACTION").await.unwrap();
         }
     }

@@ -21,7 +21,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
 use omrs_core::envelope::{ChangeEvent, Op, Row};
 use omrs_core::hq::{compare, HqEvent, RowVersion};
-use omrs_ingest::model::{Model, TableModel};
+use omrs_ingest::model::{is_int_type, Model, TableModel};
 use serde_json::Value as J;
 
 use crate::{is_transient_db, SinkError};
@@ -128,6 +128,9 @@ struct Work {
     event: ChangeEvent,
     /// The raw record, for a dead letter.
     payload: std::sync::Arc<Vec<u8>>,
+    /// The row's key in uuid space ([`Applier::row_key`]), worked out once by
+    /// [`Applier::keyed`]; Err says why there is none.
+    key: Result<String, String>,
 }
 
 /// Where a staged write came from: for its dead letter and its latency.
@@ -216,11 +219,6 @@ fn ms_to_datetime(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_else(|| "1970-01-01 00:00:00".into())
-}
-
-fn is_int_type(t: &str) -> bool {
-    let t = t.to_ascii_lowercase();
-    ["int", "bigint", "smallint", "mediumint", "tinyint"].iter().any(|p| t.starts_with(p))
 }
 
 fn is_binary_type(t: &str) -> bool {
@@ -375,6 +373,15 @@ impl Applier {
             }
         }
         Some(cur)
+    }
+
+    /// `w` with its key worked out (see [`Work::key`]).
+    fn keyed(&self, mut w: Work) -> Work {
+        w.key = match w.event.table.as_deref().and_then(|t| self.model.table(t)) {
+            Some(tm) => self.row_key(tm, &w.event, &w.origin_refs),
+            None => Err(format!("table `{}` does not exist at HQ", w.event.table.as_deref().unwrap_or(""))),
+        };
+        w
     }
 
     /// The key of a row in uuid space: its uuid, the uuid of the row whose key it shares, or
@@ -563,7 +570,8 @@ impl Applier {
                     if event.op == Op::Heartbeat {
                         continue;
                     }
-                    segment.push(Work { partition: rec.partition, offset: rec.offset, first_seen_ms: now_ms(), late, origin_refs, event, payload });
+                    let w = Work { partition: rec.partition, offset: rec.offset, first_seen_ms: now_ms(), late, origin_refs, event, payload, key: Err(String::new()) };
+                    segment.push(self.keyed(w));
                 }
                 HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
                     self.flush(conn, std::mem::take(&mut segment), &mut out).await?;
@@ -631,11 +639,11 @@ impl Applier {
         for w in &works {
             let Some(table) = w.event.table.as_deref() else { continue };
             let Some(tm) = self.model.table(table) else { continue };
-            if let Ok(k) = self.row_key(tm, &w.event, &w.origin_refs) {
+            if let Ok(k) = &w.key {
                 if tm.has_uuid || tm.shared_parent.is_some() {
                     want_ids.entry(table.to_string()).or_default().insert(k.clone());
                 }
-                want_versions.entry(table.to_string()).or_default().insert(k);
+                want_versions.entry(table.to_string()).or_default().insert(k.clone());
             }
             for (col, v) in w.event.refs.iter().chain(w.origin_refs.iter()) {
                 if let (Some(fk), Some(u)) = (tm.fk(col), v.as_str()) {
@@ -676,28 +684,16 @@ impl Applier {
             match self.plan(conn, &w, &mut staged, out).await? {
                 Plan::Done => {
                     // Rows parked behind this one (its children, or its own later changes) wake.
-                    if let (Some(table), Some(tm)) = (w.event.table.clone(), w.event.table.as_deref().and_then(|t| self.model.table(t))) {
-                        if let Ok(k) = self.row_key(tm, &w.event, &w.origin_refs) {
-                            if let Some(ids) = self.waits.get(&(table, k)).cloned() {
-                                for id in ids {
-                                    if let Some(p) = self.take_pending(id) {
-                                        if let Ok(HqEvent::Change { late, origin_refs, event, .. }) = serde_json::from_str::<HqEvent>(&p.event) {
-                                            queue.push_back((
-                                                Work {
-                                                    partition: p.partition,
-                                                    offset: p.offset,
-                                                    first_seen_ms: p.first_seen_ms,
-                                                    late,
-                                                    origin_refs,
-                                                    event,
-                                                    payload: std::sync::Arc::new(p.event.into_bytes()),
-                                                },
-                                                Some(id),
-                                            ));
-                                        }
-                                    }
-                                }
-                            }
+                    let woken = match (w.event.table.clone(), &w.key) {
+                        (Some(table), Ok(k)) => self.waits.get(&(table, k.clone())).cloned().unwrap_or_default(),
+                        _ => Vec::new(),
+                    };
+                    for id in woken {
+                        let Some(p) = self.take_pending(id) else { continue };
+                        if let Ok(HqEvent::Change { late, origin_refs, event, .. }) = serde_json::from_str::<HqEvent>(&p.event) {
+                            let payload = std::sync::Arc::new(p.event.into_bytes());
+                            let w = Work { partition: p.partition, offset: p.offset, first_seen_ms: p.first_seen_ms, late, origin_refs, event, payload, key: Err(String::new()) };
+                            queue.push_back((self.keyed(w), Some(id)));
                         }
                     }
                 }
@@ -715,7 +711,7 @@ impl Applier {
                 }
                 Plan::Park(wt, wk) => {
                     let table = w.event.table.clone().unwrap_or_default();
-                    let row_key = self.model.table(&table).and_then(|tm| self.row_key(tm, &w.event, &w.origin_refs).ok()).unwrap_or_default();
+                    let row_key = w.key.clone().unwrap_or_default();
                     let event = HqEvent::Change { late: w.late, person: None, origin_refs: w.origin_refs.clone(), event: w.event.clone() };
                     let id = self.next_pending_id;
                     self.next_pending_id += 1;
@@ -792,9 +788,9 @@ impl Applier {
         let Some(tm) = self.table(&table) else {
             return Ok(Plan::Dead("unknown_table", format!("table `{table}` does not exist at HQ")));
         };
-        let row_key = match self.row_key(&tm, ev, &w.origin_refs) {
-            Ok(k) => k,
-            Err(reason) => return Ok(Plan::Dead("missing_key", reason)),
+        let row_key = match &w.key {
+            Ok(k) => k.clone(),
+            Err(reason) => return Ok(Plan::Dead("missing_key", reason.clone())),
         };
         // Later changes of a parked row queue behind it.
         if self.pending_rows.contains_key(&(table.clone(), row_key.clone())) {

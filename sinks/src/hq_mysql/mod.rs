@@ -192,7 +192,6 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         tpl.add_partition_offset(&topic, *p, off).map_err(|e| SinkError::kafka("assigning", e))?;
     }
     consumer.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
-    let next: HashMap<i32, i64> = stored.clone();
     tracing::info!(topic = %topic, offsets = ?stored, pending = applier.pending_len(), "HQ sink started");
 
     let mut targets: HashMap<i32, i64> = HashMap::new();
@@ -214,7 +213,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         let topic = topic.clone();
         let batch_max = Duration::from_millis(sink_cfg.batch_max_ms);
         let until_idle = args.until_idle;
-        let mut next = next.clone();
+        let mut next = stored.clone();
         async move {
             loop {
                 let deadline = Instant::now() + batch_max;
