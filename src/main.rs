@@ -49,11 +49,9 @@ enum Command {
         #[command(subcommand)]
         which: SinkKind,
     },
-    /// SQL over the Parquet lake with DataFusion (not built yet: issue #7).
-    Query {
-        /// The SQL statement.
-        sql: String,
-    },
+    /// SQL over the Parquet lake with DataFusion: changes.<table>, current.<table>, patients,
+    /// encounters_flat, obs_flat, lake_partitions. `--tables` lists them with their columns.
+    Query(omrs_sinks::query::QueryArgs),
     /// Compare sites, HQ and Parquet: missing, extra, duplicated, orphaned (not built yet: issue #8).
     Verify,
     /// Generate a multi-site OpenMRS workload on the real schema, with a ground-truth manifest.
@@ -65,8 +63,9 @@ enum SinkKind {
     /// The consolidated HQ OpenMRS database, exactly once: merges, conflicts, FK waits.
     /// Run once with --init to create the HQ database.
     HqMysql(omrs_sinks::hq_mysql::HqSinkArgs),
-    /// The Parquet lake (not built yet: issue #7).
-    Parquet,
+    /// The Parquet lake, exactly once: typed change history per table, current state and
+    /// flattened views (compacted on a schedule, or now with --compact).
+    Parquet(omrs_sinks::parquet::ParquetSinkArgs),
 }
 
 #[derive(Subcommand)]
@@ -121,8 +120,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sink { which: SinkKind::Parquet } => Ok(not_built("sink parquet", 7)),
-        Command::Query { .. } => Ok(not_built("query", 7)),
+        Command::Sink { which: SinkKind::Parquet(args) } => {
+            let cfg = Config::load(&cli.config)?;
+            if args.compact {
+                omrs_sinks::parquet::run(&cfg, args).await?;
+            } else {
+                let _metrics = serve_metrics(&cfg, args.metrics_port, "parquet").await?;
+                omrs_sinks::parquet::run(&cfg, args).await?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Query(args) => {
+            let lake = match &args.lake {
+                Some(p) => p.clone(),
+                None => Config::load(&cli.config)?.sinks.parquet.path,
+            };
+            match omrs_sinks::query::run(&lake, args).await {
+                Ok(out) => {
+                    println!("{}", out.trim_end());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("omrs-stream query: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
         Command::Verify => Ok(not_built("verify", 8)),
         Command::Topics { action: TopicsAction::Apply } => {
             let (cfg, want) = resolved_topics(&cli)?;

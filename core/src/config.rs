@@ -394,15 +394,45 @@ impl Default for HqSinkConfig {
 pub struct ParquetSinkConfig {
     #[serde(default = "default_lake")]
     pub path: PathBuf,
+    /// Files roll (one manifest commit) when this many bytes of records are buffered…
+    #[serde(default = "default_roll_bytes")]
+    pub roll_max_bytes: usize,
+    /// …or when the oldest buffered record is this old, whichever comes first.
+    #[serde(default = "default_roll_ms")]
+    pub roll_interval_ms: u64,
+    /// How often the sink rebuilds `current/` and the views (0: only on demand).
+    #[serde(default = "default_compact_s")]
+    pub compact_interval_s: u64,
+    /// Rows per Parquet row group.
+    #[serde(default = "default_row_group")]
+    pub row_group_rows: usize,
 }
 
 fn default_lake() -> PathBuf {
     PathBuf::from("/var/lib/omrs-stream/lake")
 }
+fn default_roll_bytes() -> usize {
+    128 << 20
+}
+fn default_roll_ms() -> u64 {
+    10_000
+}
+fn default_compact_s() -> u64 {
+    60
+}
+fn default_row_group() -> usize {
+    128 * 1024
+}
 
 impl Default for ParquetSinkConfig {
     fn default() -> Self {
-        ParquetSinkConfig { path: default_lake() }
+        ParquetSinkConfig {
+            path: default_lake(),
+            roll_max_bytes: default_roll_bytes(),
+            roll_interval_ms: default_roll_ms(),
+            compact_interval_s: default_compact_s(),
+            row_group_rows: default_row_group(),
+        }
     }
 }
 
@@ -541,6 +571,19 @@ impl Config {
         }
         if self.transform.max_buffered_events == 0 {
             return Err(err("transform.max_buffered_events".into(), "must be at least 1".into()));
+        }
+        let pq = &self.sinks.parquet;
+        if pq.path.as_os_str().is_empty() {
+            return Err(err("sinks.parquet.path".into(), "is empty".into()));
+        }
+        if pq.roll_max_bytes < 4096 {
+            return Err(err("sinks.parquet.roll_max_bytes".into(), format!("{} is too small (at least 4096)", pq.roll_max_bytes)));
+        }
+        if pq.roll_interval_ms == 0 {
+            return Err(err("sinks.parquet.roll_interval_ms".into(), "must be at least 1".into()));
+        }
+        if pq.row_group_rows == 0 {
+            return Err(err("sinks.parquet.row_group_rows".into(), "must be at least 1".into()));
         }
         Ok(())
     }

@@ -36,6 +36,9 @@ pub enum HqEvent {
         site: String,
         ts_ms: i64,
     },
+    /// The transform's global watermark: every later record that is not `late` is at or after
+    /// it. The Parquet sink finalises date partitions with it.
+    Watermark { ts_ms: i64 },
     /// A voided or deleted identifier of a merged person: never unmerged automatically.
     IdentityReview {
         person: String,
@@ -56,6 +59,7 @@ impl HqEvent {
             HqEvent::Change { event, .. } => format!("{}:{}", event.table.as_deref().unwrap_or(""), event.uuid.as_deref().unwrap_or("")),
             HqEvent::Merge { loser, .. } => format!("merge:{loser}"),
             HqEvent::IdentityReview { person, .. } => format!("review:{person}"),
+            HqEvent::Watermark { .. } => "watermark".to_string(),
         }
     }
 }
@@ -106,6 +110,67 @@ impl RowVersion {
             position: format!("{}:{:020}:{:010}", ev.source.file, ev.source.pos, ev.source.row),
         }
     }
+}
+
+/// How a table's rows are keyed in uuid space (DESIGN.md, "The change event"): by their uuid
+/// (or the uuid of the row whose key they share), else by their key columns.
+pub struct KeyShape<'a> {
+    pub table: &'a str,
+    /// The table has a uuid column, or shares its key with a table that has one.
+    pub by_uuid: bool,
+    pub pk: &'a [String],
+    /// The key columns that are foreign keys (keyed by the uuid they reference).
+    pub fk_columns: &'a [&'a str],
+    /// The key is one site-local integer that references nothing: it only means something
+    /// together with its site.
+    pub site_local: bool,
+}
+
+/// The key of a row in uuid space, the same in every sink: its uuid, the uuid of the row whose
+/// key it shares, or its key columns through their references (`origin_refs` first, so that
+/// a row rewritten to a survivor keeps its own key). Keys over 255 bytes are hashed.
+pub fn row_key(shape: &KeyShape<'_>, ev: &ChangeEvent, origin_refs: &serde_json::Map<String, J>) -> Result<String, String> {
+    if shape.by_uuid {
+        return match ev.uuid.as_deref() {
+            Some(u) if !u.is_empty() => Ok(u.to_string()),
+            _ => Err(format!("{} change without a uuid", shape.table)),
+        };
+    }
+    let row = ev.after.as_ref().or(ev.before.as_ref()).or(ev.key.as_ref());
+    let mut parts = Vec::with_capacity(shape.pk.len());
+    for col in shape.pk {
+        // A reference by uuid where the site resolved one; a natural key (role names,
+        // privilege names) as it is.
+        let by_ref = shape
+            .fk_columns
+            .contains(&col.as_str())
+            .then(|| origin_refs.get(col).or_else(|| ev.refs.get(col)))
+            .flatten()
+            .filter(|v| v.is_string());
+        let v = by_ref
+            .or_else(|| ev.key.as_ref().and_then(|k| k.get(col)))
+            .or_else(|| row.and_then(|r| r.get(col)))
+            .cloned()
+            .unwrap_or(J::Null);
+        if v.is_null() {
+            return Err(format!("{}: key column `{col}` is missing", shape.table));
+        }
+        let text = match v {
+            J::String(s) => s,
+            other => other.to_string(),
+        };
+        parts.push(format!("{col}={text}"));
+    }
+    let key = if shape.site_local { format!("{}:{}", ev.site, parts.join("|")) } else { parts.join("|") };
+    if key.len() > 255 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.as_bytes() {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        return Ok(format!("h:{h:016x}"));
+    }
+    Ok(key)
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.ffffff]` (the envelope's DATETIME form, site time taken as UTC) → ms.

@@ -1,6 +1,7 @@
 //! omrs-core: what every stage of omrs-stream shares.
 //!
 //! - [`envelope`]: the change-event envelope of DESIGN.md (Debezium-shaped JSON).
+//! - [`arrow_map`]: the one MySQL → Arrow type map, and envelope values → Arrow values.
 //! - [`config`]: `omrs-stream.toml` and `topics.toml`, with `${ENV}` substitution and validation
 //!   that runs before anything connects.
 //! - [`dlq`]: the dead-letter record every stage writes to `omrs.dlq`.
@@ -11,6 +12,7 @@
 //! - [`metrics`]: every `omrs_stream_*` metric name, and the `/metrics` + `/health` endpoint.
 //! - [`error`]: the crate's one error enum, split into transient and definite errors.
 
+pub mod arrow_map;
 pub mod config;
 pub mod dlq;
 pub mod envelope;

@@ -50,6 +50,12 @@ pub const HQ_ROWS_APPLIED: &str = "omrs_stream_hq_rows_applied_total";
 pub const HQ_PENDING_OLDEST_AGE: &str = "omrs_stream_hq_pending_oldest_age_seconds";
 pub const HQ_E2E_LATENCY: &str = "omrs_stream_hq_end_to_end_latency_seconds";
 pub const SINK_ERRORS: &str = "omrs_stream_sink_errors_total";
+pub const LAKE_ROWS_WRITTEN: &str = "omrs_stream_lake_rows_written_total";
+pub const LAKE_FILES_WRITTEN: &str = "omrs_stream_lake_files_written_total";
+pub const LAKE_BYTES_WRITTEN: &str = "omrs_stream_lake_bytes_written_total";
+pub const LAKE_COMPACTION_SECONDS: &str = "omrs_stream_lake_compaction_seconds";
+pub const LAKE_MANIFEST_LAG: &str = "omrs_stream_lake_manifest_lag_messages";
+pub const LAKE_LATE_FILES: &str = "omrs_stream_lake_late_files_total";
 
 /// Handles to every metric; registered once in one registry.
 pub struct Metrics {
@@ -105,6 +111,16 @@ pub struct Metrics {
     pub hq_e2e_latency: HistogramVec,
     /// Sink errors by sink and kind (`transient`, `deadlock`, `row_rejected`, …).
     pub sink_errors: IntCounterVec,
+    /// Rows committed to the lake's change history, by table.
+    pub lake_rows_written: IntCounterVec,
+    /// Parquet files committed to the lake, by dataset (`changes`, `current`, `views`).
+    pub lake_files_written: IntCounterVec,
+    pub lake_bytes_written: IntCounterVec,
+    pub lake_compaction_seconds: HistogramVec,
+    /// End of omrs.hq.changes minus the offset the lake's manifest has committed.
+    pub lake_manifest_lag: IntGauge,
+    /// Files written into date partitions that were already complete (late data).
+    pub lake_late_files: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -191,6 +207,26 @@ impl Metrics {
                 h
             },
             sink_errors: counter_vec(&r, SINK_ERRORS, "Sink errors by kind", &["sink", "kind"]),
+            lake_rows_written: counter_vec(&r, LAKE_ROWS_WRITTEN, "Rows committed to the lake's change history", &["table"]),
+            lake_files_written: counter_vec(&r, LAKE_FILES_WRITTEN, "Parquet files committed to the lake", &["dataset"]),
+            lake_bytes_written: counter_vec(&r, LAKE_BYTES_WRITTEN, "Parquet bytes committed to the lake", &["dataset"]),
+            lake_compaction_seconds: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(LAKE_COMPACTION_SECONDS, "Time to build and publish one current-state snapshot").buckets(vec![
+                        0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                    ]),
+                    &["trigger"],
+                )
+                .expect("static metric definition");
+                r.register(Box::new(h.clone())).expect("metric registered once");
+                h
+            },
+            lake_manifest_lag: gauge(&r, LAKE_MANIFEST_LAG, "omrs.hq.changes end offset minus the lake manifest's committed offset"),
+            lake_late_files: {
+                let c = IntCounter::new(LAKE_LATE_FILES, "Files written into already-complete date partitions").expect("static");
+                r.register(Box::new(c.clone())).expect("metric registered once");
+                c
+            },
             registry: r,
         }
     }

@@ -2,9 +2,13 @@
 //!
 //! - [`hq_mysql`]: the consolidated HQ OpenMRS database. Delivery guarantee: exactly once —
 //!   the consumed offsets are stored in the HQ database in the same transaction as the rows.
-//! - `parquet/` and the DataFusion query layer: not built yet (issue #7).
+//! - [`parquet`]: the analytics lake. Delivery guarantee: exactly once — files are committed
+//!   by a manifest entry that names them and the offsets they cover (write, fsync, rename).
+//! - [`query`]: DataFusion SQL over the lake (read only).
 
 pub mod hq_mysql;
+pub mod parquet;
+pub mod query;
 
 /// Errors of the sinks. Transient ones (the database or the broker unreachable, a deadlock) are
 /// retried from the last committed batch; definite ones stop the process with the reason.
@@ -23,13 +27,24 @@ pub enum SinkError {
     Unavailable(String),
     #[error("{0}")]
     Usage(String),
-    #[error("the parquet sink is not built yet (issue #7)")]
-    NotBuilt,
+    /// The lake's disk: full, read-only, gone. Retried from the last commit.
+    #[error("lake: {context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    /// The lake's content is not what the sink wrote (a definite error).
+    #[error("lake: {0}")]
+    Lake(String),
+    /// A query over the lake failed (bad SQL, unknown table…).
+    #[error("{0}")]
+    Query(String),
 }
 
 impl SinkError {
     pub fn db(context: impl Into<String>, source: mysql_async::Error) -> Self {
         SinkError::Db { context: context.into(), source }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        SinkError::Io { context: context.into(), source }
     }
 
     pub fn kafka(context: impl Into<String>, e: rdkafka::error::KafkaError) -> Self {
@@ -42,6 +57,7 @@ impl SinkError {
             SinkError::Db { source, .. } => is_transient_db(source),
             SinkError::Kafka { transient, .. } => *transient,
             SinkError::Unavailable(_) => true,
+            SinkError::Io { .. } => true,
             _ => false,
         }
     }

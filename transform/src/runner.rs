@@ -272,6 +272,8 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut key = String::with_capacity(128);
     let mut prof = Phases::default();
+    // The last global watermark written to omrs.hq.changes (for the Parquet sink's partitions).
+    let mut wm_out = i64::MIN;
     loop {
         let started = Instant::now();
         prof.batches += 1;
@@ -355,6 +357,14 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             }
         }
 
+        // The global watermark, after the events it releases, at most once a second (and at the
+        // end of a batch run).
+        let gwm = engine.global_watermark();
+        if gwm > i64::MIN / 4 && (gwm >= wm_out.saturating_add(1000) || (finished && gwm > wm_out)) {
+            outputs.push(Out::Hq(Box::new(HqEvent::Watermark { ts_ms: gwm })));
+            wm_out = gwm;
+        }
+
         // Offsets: up to what was emitted.
         let pending = engine.pending_offsets();
         let mut tpl = TopicPartitionList::new();
@@ -429,6 +439,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                     Out::Hq(h) => match **h {
                         HqEvent::Merge { .. } => m.merges.inc(),
                         HqEvent::IdentityReview { .. } => m.identity_reviews.inc(),
+                        HqEvent::Watermark { .. } => {}
                         HqEvent::Change { .. } => {}
                     },
                 }

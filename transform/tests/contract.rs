@@ -20,6 +20,7 @@ fn every_golden_output_record_round_trips() {
             HqEvent::Change { late, .. } => format!("change late={late}"),
             HqEvent::Merge { reason, .. } => format!("merge {reason}"),
             HqEvent::IdentityReview { .. } => "identity_review".into(),
+            HqEvent::Watermark { .. } => "watermark".into(),
         });
     }
     assert_eq!(kinds, ["change late=false", "change late=true", "merge identifier", "merge site_merge", "identity_review"]);

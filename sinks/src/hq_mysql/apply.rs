@@ -20,7 +20,7 @@ use lru::LruCache;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
 use omrs_core::envelope::{ChangeEvent, Op, Row};
-use omrs_core::hq::{compare, HqEvent, RowVersion};
+use omrs_core::hq::{compare, row_key, HqEvent, KeyShape, RowVersion};
 use omrs_ingest::model::{is_int_type, Model, TableModel};
 use serde_json::Value as J;
 
@@ -35,7 +35,7 @@ const MERGE_LOG_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6f6d_7273_2d73_7472_656
 
 /// What `mergePatients` moves from the loser to the survivor: (table, column, also set
 /// `preferred = 0`). Tables missing at HQ are skipped.
-const MOVES: &[(&str, &str, bool)] = &[
+pub const MOVES: &[(&str, &str, bool)] = &[
     ("visit", "patient_id", false),
     ("encounter", "patient_id", false),
     ("obs", "person_id", false),
@@ -387,31 +387,15 @@ impl Applier {
     /// The key of a row in uuid space: its uuid, the uuid of the row whose key it shares, or
     /// its key columns through their references.
     fn row_key(&self, tm: &TableModel, ev: &ChangeEvent, origin_refs: &serde_json::Map<String, J>) -> Result<String, String> {
-        if tm.has_uuid || tm.shared_parent.is_some() {
-            return match ev.uuid.as_deref() {
-                Some(u) if !u.is_empty() => Ok(u.to_string()),
-                _ => Err(format!("{} change without a uuid", tm.name)),
-            };
-        }
-        let row = ev.after.as_ref().or(ev.before.as_ref()).or(ev.key.as_ref());
-        let mut parts = Vec::new();
-        let int_pk = tm.int_pk().filter(|c| tm.fk(c).is_none()).is_some();
-        for col in &tm.pk {
-            // A reference by uuid where the site resolved one; a natural key (role names,
-            // privilege names) as it is.
-            let by_ref = tm.fk(col).and_then(|_| origin_refs.get(col).or_else(|| ev.refs.get(col))).filter(|v| v.is_string());
-            let v = by_ref
-                .or_else(|| ev.key.as_ref().and_then(|k| k.get(col)))
-                .or_else(|| row.and_then(|r| r.get(col)))
-                .cloned()
-                .unwrap_or(J::Null);
-            if v.is_null() {
-                return Err(format!("{}: key column `{col}` is missing", tm.name));
-            }
-            parts.push(format!("{col}={}", json_text(&v)));
-        }
-        let key = if int_pk { format!("{}:{}", ev.site, parts.join("|")) } else { parts.join("|") };
-        Ok(if key.len() > 255 { format!("h:{:016x}", { let mut h = 0xcbf2_9ce4_8422_2325; fnv(&mut h, key.as_bytes()); h }) } else { key })
+        let fk_columns: Vec<&str> = tm.pk.iter().filter(|c| tm.fk(c).is_some()).map(String::as_str).collect();
+        let shape = KeyShape {
+            table: &tm.name,
+            by_uuid: tm.has_uuid || tm.shared_parent.is_some(),
+            pk: &tm.pk,
+            fk_columns: &fk_columns,
+            site_local: tm.int_pk().filter(|c| tm.fk(c).is_none()).is_some(),
+        };
+        row_key(&shape, ev, origin_refs)
     }
 
     /// Content hash of a row in uuid space: references by uuid, site-local ids left out.
@@ -579,6 +563,8 @@ impl Applier {
                     self.merge(conn, &loser, rec).await?;
                     out.merges += 1;
                 }
+                // The Parquet sink's concern: HQ has no date partitions to finalise.
+                HqEvent::Watermark { .. } => {}
                 HqEvent::IdentityReview { person, reason, site, .. } => {
                     tracing::warn!(person = %person, site = %site, reason = %reason, "identity review: an identifier of a merged person was voided or deleted; HQ keeps the merge");
                 }

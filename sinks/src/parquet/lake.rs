@@ -1,0 +1,435 @@
+//! The lake on disk, and its manifest: a small transaction log that says which files exist and
+//! which Kafka offsets they cover.
+//!
+//! ```text
+//! <lake>/_schema.json                       table model (from HQ's information_schema)
+//! <lake>/_manifest/<seq>.json               one commit: files, offsets, watermark
+//! <lake>/_manifest/<seq>.checkpoint.json    the whole state up to <seq> (older entries deleted)
+//! <lake>/_tmp/                              files being written (removed on start)
+//! <lake>/changes/<table>/site=<s>/date=<d>/part-<seq>-<n>.parquet
+//! <lake>/changes/<table>/site=<s>/date=<d>/_COMPLETE
+//! <lake>/_snapshots/<id>/…                  current state and views, see `compact`
+//! <lake>/current -> _snapshots/<id>/current, <lake>/views -> _snapshots/<id>/views
+//! ```
+//!
+//! A commit: the data files are written under `_tmp/` and fsynced; the manifest entry that names
+//! them (with their final paths and the offsets after them) is written, fsynced and renamed
+//! into `_manifest/`: that rename is the commit. The files are then renamed into place. A crash
+//! before the entry's rename leaves only temp files (deleted on start, their records read
+//! again); a crash after it is rolled forward on start. So a final-named file is always a
+//! committed one, and each record is in exactly one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::SinkError;
+
+/// Entries between two checkpoints.
+const CHECKPOINT_EVERY: u64 = 256;
+
+/// `(table, site, date)`.
+pub type PartKey = (String, String, String);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    /// The manifest entry that committed it.
+    pub seq: u64,
+    /// Relative to the lake.
+    pub path: String,
+    pub table: String,
+    pub site: String,
+    pub date: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub first_offset: i64,
+    pub last_offset: i64,
+    /// Written into a date partition that was already complete.
+    #[serde(default)]
+    pub late: bool,
+}
+
+/// One commit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    pub seq: u64,
+    pub files: Vec<FileEntry>,
+    /// Temp path → final path (relative), for roll-forward.
+    pub renames: Vec<(String, String)>,
+    /// Kafka partition → next offset to read.
+    pub offsets: BTreeMap<i32, i64>,
+    /// The global watermark seen up to these offsets (ms).
+    pub watermark: Option<i64>,
+    /// Date partitions this commit finalised (watermark passed their end).
+    pub completed: Vec<PartKey>,
+    pub committed_at_ms: i64,
+}
+
+/// A finalised date partition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Completion {
+    pub watermark_ms: i64,
+    /// 1 when completed; bumped by every late file that lands after.
+    pub revision: u32,
+}
+
+/// What the manifest says, folded.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct State {
+    pub seq: u64,
+    pub offsets: BTreeMap<i32, i64>,
+    pub watermark: Option<i64>,
+    pub files: Vec<FileEntry>,
+    /// Partitions that hold at least one file.
+    pub partitions: BTreeSet<PartKey>,
+    pub complete: BTreeMap<PartKey, Completion>,
+}
+
+impl State {
+    fn apply(&mut self, e: &Entry) {
+        self.seq = e.seq;
+        for (p, o) in &e.offsets {
+            self.offsets.insert(*p, *o);
+        }
+        if e.watermark.is_some() {
+            self.watermark = e.watermark;
+        }
+        for f in &e.files {
+            let key = (f.table.clone(), f.site.clone(), f.date.clone());
+            if f.late {
+                if let Some(c) = self.complete.get_mut(&key) {
+                    c.revision += 1;
+                    c.watermark_ms = self.watermark.unwrap_or(c.watermark_ms);
+                }
+            }
+            self.partitions.insert(key);
+            self.files.push(f.clone());
+        }
+        for k in &e.completed {
+            self.complete.entry(k.clone()).or_insert(Completion { watermark_ms: e.watermark.unwrap_or(0), revision: 1 });
+        }
+    }
+
+    /// The partitions the watermark `wm` has passed the end of and that are not final yet
+    /// (including those `extra` adds).
+    pub fn newly_complete(&self, wm: i64, extra: &BTreeSet<PartKey>) -> Vec<PartKey> {
+        self.partitions
+            .iter()
+            .chain(extra.iter())
+            .filter(|k| !self.complete.contains_key(*k) && date_end_ms(&k.2).is_some_and(|end| end <= wm))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+}
+
+/// The end (exclusive) of a `YYYY-MM-DD` partition, ms.
+pub fn date_end_ms(date: &str) -> Option<i64> {
+    omrs_core::arrow_map::parse_date_days(date).map(|d| (d as i64 + 1) * 86_400_000)
+}
+
+/// `YYYY-MM-DD` of an event time (UTC).
+pub fn date_of(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d").to_string()).unwrap_or_else(|| "1970-01-01".into())
+}
+
+pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SinkError {
+    let c = context.into();
+    move |e| SinkError::io(c, e)
+}
+
+/// fsyncs a directory, so that a rename in it is durable.
+pub fn sync_dir(dir: &Path) -> Result<(), SinkError> {
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io(format!("fsync {}", dir.display())))
+}
+
+/// Writes `bytes` to `path` atomically: a temp file in `tmp_dir`, fsync, rename, fsync the dir.
+pub fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
+    let tmp = tmp_dir.join(format!("{}.{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), uuid::Uuid::new_v4().simple()));
+    let mut f = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io(format!("writing {}", tmp.display())))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io(format!("renaming {} into place", path.display())))?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// The lake directory.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    pub root: PathBuf,
+}
+
+impl Lake {
+    pub fn new(root: impl Into<PathBuf>) -> Lake {
+        Lake { root: root.into() }
+    }
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("_tmp")
+    }
+    pub fn manifest_dir(&self) -> PathBuf {
+        self.root.join("_manifest")
+    }
+    pub fn schema_path(&self) -> PathBuf {
+        self.root.join("_schema.json")
+    }
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("_snapshots")
+    }
+    pub fn partition_dir(&self, table: &str, site: &str, date: &str) -> PathBuf {
+        self.root.join("changes").join(table).join(format!("site={site}")).join(format!("date={date}"))
+    }
+
+    /// Creates the layout, reads the manifest, rolls the last commits forward and removes what
+    /// an interrupted commit left in `_tmp/`.
+    pub fn open(&self) -> Result<State, SinkError> {
+        for d in [self.root.clone(), self.tmp(), self.manifest_dir(), self.root.join("changes"), self.snapshots()] {
+            std::fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
+        }
+        let (state, entries) = self.read_manifest()?;
+        // Roll forward: a committed file still under its temp name is renamed into place.
+        let mut rolled = 0;
+        for e in &entries {
+            for (tmp, fin) in &e.renames {
+                let (t, f) = (self.root.join(tmp), self.root.join(fin));
+                if !f.exists() {
+                    if t.exists() {
+                        if let Some(parent) = f.parent() {
+                            std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+                        }
+                        std::fs::rename(&t, &f).map_err(io(format!("rolling {} forward", f.display())))?;
+                        rolled += 1;
+                    } else {
+                        return Err(SinkError::Lake(format!(
+                            "the manifest (entry {}) names {} but neither it nor its temp file exists: the lake was changed by hand",
+                            e.seq,
+                            f.display()
+                        )));
+                    }
+                }
+            }
+        }
+        if rolled > 0 {
+            tracing::info!(files = rolled, "rolled committed files forward into place");
+        }
+        // Everything left in _tmp/ belongs to no commit.
+        let mut removed = 0;
+        if let Ok(rd) = std::fs::read_dir(self.tmp()) {
+            for ent in rd.flatten() {
+                let p = ent.path();
+                let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                r.map_err(io(format!("removing {}", p.display())))?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(files = removed, "removed temp files of an interrupted commit");
+        }
+        // Markers are derived from the manifest; rewrite those of the last entries.
+        for e in &entries {
+            let mut keys: BTreeSet<PartKey> = e.completed.iter().cloned().collect();
+            keys.extend(e.files.iter().filter(|f| f.late).map(|f| (f.table.clone(), f.site.clone(), f.date.clone())));
+            self.write_markers(&state, &keys)?;
+        }
+        Ok(state)
+    }
+
+    /// The folded state, and the entries after the last checkpoint.
+    pub fn read_manifest(&self) -> Result<(State, Vec<Entry>), SinkError> {
+        let dir = self.manifest_dir();
+        let mut checkpoints: Vec<u64> = Vec::new();
+        let mut seqs: Vec<u64> = Vec::new();
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((State::default(), Vec::new())),
+            Err(e) => return Err(SinkError::io(format!("reading {}", dir.display()), e)),
+        };
+        for ent in rd.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_suffix(".checkpoint.json").and_then(|n| n.parse().ok()) {
+                checkpoints.push(n);
+            } else if let Some(n) = name.strip_suffix(".json").and_then(|n| n.parse().ok()) {
+                seqs.push(n);
+            }
+        }
+        let mut state = match checkpoints.iter().max() {
+            Some(c) => {
+                let p = dir.join(format!("{c:020}.checkpoint.json"));
+                let b = std::fs::read(&p).map_err(io(format!("reading {}", p.display())))?;
+                serde_json::from_slice::<State>(&b).map_err(|e| SinkError::Lake(format!("{}: {e}", p.display())))?
+            }
+            None => State::default(),
+        };
+        seqs.sort_unstable();
+        let mut entries = Vec::new();
+        let from = state.seq;
+        for s in seqs.into_iter().filter(|s| *s > from) {
+            let p = dir.join(format!("{s:020}.json"));
+            let b = std::fs::read(&p).map_err(io(format!("reading {}", p.display())))?;
+            let e: Entry = serde_json::from_slice(&b).map_err(|e| SinkError::Lake(format!("{}: {e}", p.display())))?;
+            state.apply(&e);
+            entries.push(e);
+        }
+        Ok((state, entries))
+    }
+
+    /// Commits `entry` (its files are fsynced under `_tmp/`), then moves its files into place
+    /// and writes the markers it changes. `state` is updated.
+    pub fn commit(&self, state: &mut State, entry: Entry) -> Result<(), SinkError> {
+        let bytes = serde_json::to_vec_pretty(&entry).map_err(|e| SinkError::Lake(format!("encoding the manifest entry: {e}")))?;
+        let path = self.manifest_dir().join(format!("{:020}.json", entry.seq));
+        write_atomic(&self.tmp(), &path, &bytes)?;
+        failpoint("lake:after-manifest");
+        let mut dirs = BTreeSet::new();
+        for (i, (tmp, fin)) in entry.renames.iter().enumerate() {
+            let f = self.root.join(fin);
+            let parent = f.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
+            std::fs::create_dir_all(&parent).map_err(io(format!("creating {}", parent.display())))?;
+            std::fs::rename(self.root.join(tmp), &f).map_err(io(format!("renaming {} into place", f.display())))?;
+            dirs.insert(parent);
+            if i == 0 {
+                failpoint("lake:after-first-rename");
+            }
+        }
+        for d in &dirs {
+            sync_dir(d)?;
+        }
+        state.apply(&entry);
+        let mut keys: BTreeSet<PartKey> = entry.completed.iter().cloned().collect();
+        keys.extend(entry.files.iter().filter(|f| f.late).map(|f| (f.table.clone(), f.site.clone(), f.date.clone())));
+        self.write_markers(state, &keys)?;
+        if entry.seq % CHECKPOINT_EVERY == 0 {
+            self.checkpoint(state)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the whole state as a checkpoint and deletes the entries it covers.
+    fn checkpoint(&self, state: &State) -> Result<(), SinkError> {
+        let bytes = serde_json::to_vec(state).map_err(|e| SinkError::Lake(format!("encoding a checkpoint: {e}")))?;
+        let dir = self.manifest_dir();
+        write_atomic(&self.tmp(), &dir.join(format!("{:020}.checkpoint.json", state.seq)), &bytes)?;
+        for ent in std::fs::read_dir(&dir).map_err(io(format!("reading {}", dir.display())))?.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let old = name
+                .strip_suffix(".checkpoint.json")
+                .or_else(|| name.strip_suffix(".json"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n < state.seq || (n == state.seq && !name.contains("checkpoint")));
+            if old {
+                let _ = std::fs::remove_file(ent.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// `_COMPLETE` in each finalised partition of `keys`: the watermark that finalised it, its
+    /// revision (bumped by late files) and its files.
+    pub fn write_markers(&self, state: &State, keys: &BTreeSet<PartKey>) -> Result<(), SinkError> {
+        for k in keys {
+            let Some(c) = state.complete.get(k) else { continue };
+            let files: Vec<&FileEntry> = state.files.iter().filter(|f| f.table == k.0 && f.site == k.1 && f.date == k.2).collect();
+            let marker = serde_json::json!({
+                "table": k.0, "site": k.1, "date": k.2,
+                "final": true,
+                "watermark_ms": c.watermark_ms,
+                "watermark": chrono::DateTime::from_timestamp_millis(c.watermark_ms).map(|t| t.to_rfc3339()),
+                "revision": c.revision,
+                "files": files.iter().map(|f| f.path.rsplit('/').next().unwrap_or("")).collect::<Vec<_>>(),
+                "late_files": files.iter().filter(|f| f.late).count(),
+                "rows": files.iter().map(|f| f.rows).sum::<u64>(),
+            });
+            let dir = self.partition_dir(&k.0, &k.1, &k.2);
+            std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+            let bytes = serde_json::to_vec_pretty(&marker).unwrap_or_default();
+            write_atomic(&self.tmp(), &dir.join("_COMPLETE"), &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// Test hook: with `OMRS_FAILPOINT=<name>` the process kills itself with SIGKILL at that point
+/// (the tests use it to crash the sink at exact places of a commit or a compaction).
+pub fn failpoint(name: &str) {
+    if std::env::var("OMRS_FAILPOINT").is_ok_and(|v| v == name) {
+        tracing::warn!(failpoint = name, "failpoint reached: killing this process");
+        let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+        // SIGKILL is not deliverable late; if `kill` is missing, abort (no cleanup either).
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64, lake: &Lake, table: &str) -> Entry {
+        let tmp = format!("_tmp/{seq}.parquet");
+        std::fs::write(lake.root.join(&tmp), b"x").unwrap();
+        let fin = format!("changes/{table}/site=a/date=2024-01-01/part-{seq:010}-000.parquet");
+        Entry {
+            seq,
+            files: vec![FileEntry { seq, path: fin.clone(), table: table.into(), site: "a".into(), date: "2024-01-01".into(), rows: 1, bytes: 1, first_offset: seq as i64, last_offset: seq as i64, late: false }],
+            renames: vec![(tmp, fin)],
+            offsets: [(0, seq as i64 + 1)].into(),
+            watermark: None,
+            completed: vec![],
+            committed_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn commit_recover_and_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let mut st = lake.open().unwrap();
+        for s in 1..=3 {
+            let e = entry(s, &lake, "obs");
+            lake.commit(&mut st, e).unwrap();
+        }
+        // An interrupted commit: a temp file with no entry, and an entry whose file was not
+        // renamed yet.
+        std::fs::write(lake.tmp().join("orphan.parquet"), b"x").unwrap();
+        let e = entry(4, &lake, "obs");
+        let bytes = serde_json::to_vec(&e).unwrap();
+        std::fs::write(lake.manifest_dir().join(format!("{:020}.json", 4)), bytes).unwrap();
+        let st = lake.open().unwrap();
+        assert_eq!(st.seq, 4);
+        assert_eq!(st.offsets[&0], 5);
+        assert!(lake.root.join(&e.files[0].path).exists(), "rolled forward");
+        assert_eq!(std::fs::read_dir(lake.tmp()).unwrap().count(), 0, "temp files removed");
+        assert_eq!(st.files.len(), 4);
+    }
+
+    #[test]
+    fn completion_and_late_files_bump_the_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let mut st = lake.open().unwrap();
+        lake.commit(&mut st, entry(1, &lake, "obs")).unwrap();
+        let wm = date_end_ms("2024-01-01").unwrap() + 5;
+        let done = st.newly_complete(wm, &BTreeSet::new());
+        assert_eq!(done.len(), 1);
+        let mut e = entry(2, &lake, "person");
+        e.files.clear();
+        e.renames.clear();
+        e.watermark = Some(wm);
+        e.completed = done;
+        lake.commit(&mut st, e).unwrap();
+        let marker = lake.partition_dir("obs", "a", "2024-01-01").join("_COMPLETE");
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&marker).unwrap()).unwrap();
+        assert_eq!(m["revision"], 1);
+        let mut late = entry(3, &lake, "obs");
+        late.files[0].late = true;
+        lake.commit(&mut st, late).unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&marker).unwrap()).unwrap();
+        assert_eq!(m["revision"], 2);
+        assert_eq!(m["late_files"], 1);
+        assert_eq!(m["files"].as_array().unwrap().len(), 2);
+    }
+}

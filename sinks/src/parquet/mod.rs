@@ -1,0 +1,527 @@
+//! `omrs-stream sink parquet`: the analytics lake.
+//!
+//! Delivery guarantee: **exactly once** into the lake's change history. Records of
+//! `omrs.hq.changes` are buffered per (table, site, event date) and written as zstd Parquet
+//! files under `_tmp/`, fsynced, then committed by one manifest entry that names the files and
+//! the Kafka offsets after them ([`lake`]); on start the sink rolls the last commit forward,
+//! deletes uncommitted temp files and seeks to the manifest's offsets (never to a group's).
+//! Dead letters go to `omrs.dlq` before the entry commits: at least once, never lost.
+//!
+//! The current state (`current/<table>`) and the flattened views (`views/<name>`) are rebuilt
+//! by [`compact`] from the previous snapshot plus the files committed since, and published by
+//! an atomic symlink swap: readers see the old snapshot or the new one, never a mix.
+//!
+//! Failure behaviour: the broker away or the disk refusing writes (full, read-only) is
+//! transient: the open file set is dropped and the sink retries from the last commit with
+//! backoff; the process does not exit. A record that cannot be typed goes to the DLQ with the
+//! column and the value named, and the rest of its batch is written.
+
+pub mod compact;
+pub mod lake;
+pub mod schema;
+pub mod write;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use omrs_core::config::Config;
+use omrs_core::dlq::DeadRecord;
+use omrs_core::hq::HqEvent;
+use omrs_core::kafka::client_config;
+use omrs_core::metrics::metrics;
+use omrs_core::topics::TopicNames;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::SinkError;
+use lake::{date_of, failpoint, Entry, FileEntry, Lake, PartKey, State};
+use schema::{convert, LakeRow, LakeSchemaFile, LakeTable};
+
+/// The dataset of merge events, next to the tables' change history.
+pub const MERGE_TABLE: &str = "omrs_merge";
+
+/// `omrs-stream sink parquet`: write omrs.hq.changes to the Parquet lake.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ParquetSinkArgs {
+    /// Exit 0 once everything that was on omrs.hq.changes at start is committed, after one
+    /// compaction (batch runs, tests).
+    #[arg(long)]
+    pub until_idle: bool,
+    /// Only rebuild current/ and the views from what the manifest has committed, then exit.
+    /// Safe while a sink runs: compactions take a lock.
+    #[arg(long, conflicts_with = "until_idle")]
+    pub compact: bool,
+    /// Do not compact on the schedule (sinks.parquet.compact_interval_s) while running.
+    #[arg(long)]
+    pub no_compact: bool,
+    /// The lake directory, instead of sinks.parquet.path.
+    #[arg(long)]
+    pub lake: Option<std::path::PathBuf>,
+    /// Serve /metrics on this port (0: any free port) instead of metrics.listen's.
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// No progress line on the terminal.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The lake's tables: `<lake>/_schema.json`, or HQ's `information_schema` the first time
+/// (scrubbed columns left out), saved for every later start and for readers.
+pub async fn load_tables(cfg: &Config, lake: &Lake) -> Result<HashMap<String, Arc<LakeTable>>, SinkError> {
+    let file = match LakeSchemaFile::load(&lake.schema_path())? {
+        Some(f) => f,
+        None => {
+            let d = &cfg.hq.database;
+            let opts = mysql_async::OptsBuilder::default()
+                .ip_or_hostname(d.host.clone())
+                .tcp_port(d.port)
+                .user(Some(d.user.clone()))
+                .pass(Some(d.password.clone()))
+                .db_name(Some(d.database.clone()))
+                .prefer_socket(false);
+            let mut conn = mysql_async::Conn::new(opts).await.map_err(|e| match &e {
+                mysql_async::Error::Server(s) if s.code == 1049 => SinkError::Schema(format!(
+                    "the lake takes its table model from HQ, and the HQ database `{}` does not exist: create it with `omrs-stream sink hq-mysql --init`",
+                    d.database
+                )),
+                _ => SinkError::db(format!("reading the table model from {}", d.redacted_url()), e),
+            })?;
+            let model = omrs_ingest::model::Model::load(&mut conn, &d.database, &[], &[])
+                .await
+                .map_err(|e| SinkError::Schema(format!("reading the table model from HQ: {e}")))?;
+            let _ = conn.disconnect().await;
+            let mut f = LakeSchemaFile::from_model(&model, format!("hq:{}", d.database));
+            for (name, t) in f.tables.iter_mut() {
+                t.columns.retain(|c| !cfg.ingest.scrub.iter().any(|s| s == &format!("{name}.{}", c.name)));
+            }
+            if f.tables.is_empty() {
+                return Err(SinkError::Schema(format!("HQ database `{}` has no tables: run `omrs-stream sink hq-mysql --init`", d.database)));
+            }
+            let bytes = serde_json::to_vec_pretty(&f).map_err(|e| SinkError::Lake(format!("encoding the schema: {e}")))?;
+            std::fs::create_dir_all(lake.tmp()).map_err(lake::io(format!("creating {}", lake.tmp().display())))?;
+            lake::write_atomic(&lake.tmp(), &lake.schema_path(), &bytes)?;
+            tracing::info!(tables = f.tables.len(), source = %f.source, "lake schema saved to _schema.json");
+            f
+        }
+    };
+    Ok(file.tables.into_values().map(|d| (d.name.clone(), Arc::new(LakeTable::new(d)))).collect())
+}
+
+pub fn merge_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("_event_time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new("_site", DataType::Utf8, false),
+        Field::new("_kafka_partition", DataType::Int32, false),
+        Field::new("_kafka_offset", DataType::Int64, false),
+        Field::new("winner", DataType::Utf8, false),
+        Field::new("loser", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("evidence", DataType::Utf8, true),
+    ]))
+}
+
+struct MergeRow {
+    ts_ms: i64,
+    site: String,
+    partition: i32,
+    offset: i64,
+    winner: String,
+    loser: String,
+    reason: String,
+    evidence: String,
+}
+
+fn merge_batch(rows: Vec<MergeRow>) -> Result<RecordBatch, SinkError> {
+    let n = rows.len();
+    let (mut ts, mut site, mut kp, mut ko) =
+        (TimestampMicrosecondBuilder::with_capacity(n), StringBuilder::new(), Int32Builder::with_capacity(n), Int64Builder::with_capacity(n));
+    let (mut w, mut l, mut r, mut e) = (StringBuilder::new(), StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
+    for m in rows {
+        ts.append_value(m.ts_ms * 1000);
+        site.append_value(&m.site);
+        kp.append_value(m.partition);
+        ko.append_value(m.offset);
+        w.append_value(&m.winner);
+        l.append_value(&m.loser);
+        r.append_value(&m.reason);
+        e.append_value(&m.evidence);
+    }
+    let arrays: Vec<ArrayRef> = vec![
+        Arc::new(ts.finish().with_timezone("UTC")),
+        Arc::new(site.finish()),
+        Arc::new(kp.finish()),
+        Arc::new(ko.finish()),
+        Arc::new(w.finish()),
+        Arc::new(l.finish()),
+        Arc::new(r.finish()),
+        Arc::new(e.finish()),
+    ];
+    RecordBatch::try_new(merge_schema(), arrays).map_err(|e| SinkError::Lake(format!("building the merge batch: {e}")))
+}
+
+struct Dead {
+    partition: i32,
+    offset: i64,
+    kind: &'static str,
+    reason: String,
+    payload: Vec<u8>,
+}
+
+/// What is buffered for the next commit.
+#[derive(Default)]
+struct Buffer {
+    parts: HashMap<PartKey, Vec<LakeRow>>,
+    merges: BTreeMap<(String, String), Vec<MergeRow>>,
+    dead: Vec<Dead>,
+    next: BTreeMap<i32, i64>,
+    watermark: Option<i64>,
+    bytes: usize,
+    records: u64,
+    first_at: Option<Instant>,
+}
+
+/// Runs the sink (or `--compact`).
+pub async fn run(cfg: &Config, args: &ParquetSinkArgs) -> Result<(), SinkError> {
+    let lake = Lake::new(args.lake.clone().unwrap_or_else(|| cfg.sinks.parquet.path.clone()));
+    if args.compact {
+        let state = lake.open()?;
+        let tables = load_tables(cfg, &lake).await?;
+        let report = compact::compact(&lake, &state, &tables, "on_demand").await?;
+        tracing::info!(snapshot = report.id, tables_rebuilt = report.rebuilt, seconds = report.seconds, "compaction done");
+        return Ok(());
+    }
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match run_once(cfg, args, &lake).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                let kind = match &e {
+                    SinkError::Io { .. } => "disk",
+                    _ => "kafka",
+                };
+                metrics().sink_errors.with_label_values(&["parquet", kind]).inc();
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "transient error; retrying from the last commit");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(), SinkError> {
+    let pq = &cfg.sinks.parquet;
+    let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
+    let topic = names.hq_changes();
+    let dlq_topic = names.dlq();
+    let mut state = lake.open()?;
+    let tables = load_tables(cfg, lake).await?;
+    let priorities: HashMap<String, i32> = cfg.sites.iter().map(|s| (s.name.clone(), s.priority)).collect();
+
+    let consumer: StreamConsumer = client_config(&cfg.kafka)
+        .set("group.id", format!("{}omrs-sink-parquet", cfg.kafka.topic_prefix))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false")
+        .set("fetch.max.bytes", "52428800")
+        .set("queued.max.messages.kbytes", "131072")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .map_err(|e| SinkError::kafka("creating the consumer", e))?;
+    let producer: FutureProducer = client_config(&cfg.kafka)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .map_err(|e| SinkError::kafka("creating the dead-letter producer", e))?;
+    let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading metadata", e))?;
+    let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    if partitions.is_empty() {
+        return Err(SinkError::Kafka {
+            context: format!("topic {topic}"),
+            message: "does not exist: create the topics first with `omrs-stream topics apply`".into(),
+            transient: false,
+        });
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        let off = state.offsets.get(p).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning);
+        tpl.add_partition_offset(&topic, *p, off).map_err(|e| SinkError::kafka("assigning", e))?;
+    }
+    consumer.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
+    tracing::info!(topic = %topic, lake = %lake.root.display(), offsets = ?state.offsets, seq = state.seq, "parquet sink started");
+
+    let mut targets: HashMap<i32, i64> = HashMap::new();
+    for p in &partitions {
+        let (_, high) = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading end offsets", e))?;
+        targets.insert(*p, high);
+    }
+    let bar = (!args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(indicatif::ProgressStyle::with_template("{spinner} parquet {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    });
+    let roll_every = Duration::from_millis(pq.roll_interval_ms);
+    let compact_every = (pq.compact_interval_s > 0 && !args.no_compact).then(|| Duration::from_secs(pq.compact_interval_s));
+    let mut last_compact = Instant::now();
+    let mut buf = Buffer::default();
+    let mut total_rows: u64 = 0;
+    let mut last_lag = Instant::now() - Duration::from_secs(10);
+
+    loop {
+        // Read until the file set is due.
+        let due = buf.first_at.map(|t| t + roll_every).unwrap_or_else(|| Instant::now() + roll_every);
+        let mut at_end = false;
+        loop {
+            if buf.bytes >= pq.roll_max_bytes {
+                break;
+            }
+            let left = due.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(left.min(Duration::from_millis(200)), consumer.recv()).await {
+                Err(_) => {
+                    if args.until_idle && reached(&consumer, &topic, &targets, &buf, &state) {
+                        at_end = true;
+                        break;
+                    }
+                }
+                Ok(Err(e)) => return Err(SinkError::kafka("consuming", e)),
+                Ok(Ok(m)) => {
+                    let (p, o) = (m.partition(), m.offset());
+                    buf.next.insert(p, o + 1);
+                    buf.records += 1;
+                    buf.first_at.get_or_insert_with(Instant::now);
+                    take(&mut buf, &tables, &priorities, p, o, m.payload().unwrap_or(&[]));
+                }
+            }
+        }
+        if buf.records > 0 {
+            let rows = commit(lake, &mut state, &mut buf, &tables, pq.row_group_rows, &producer, &dlq_topic, &topic).await?;
+            total_rows += rows;
+        }
+        if last_lag.elapsed() > Duration::from_secs(5) || at_end {
+            let mut lag = 0;
+            for p in &partitions {
+                if let Ok((_, high)) = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(5)) {
+                    lag += (high - state.offsets.get(p).copied().unwrap_or(0)).max(0);
+                }
+            }
+            metrics().lake_manifest_lag.set(lag);
+            last_lag = Instant::now();
+        }
+        if let Some(b) = &bar {
+            b.set_message(format!("{total_rows} rows committed, manifest entry {}", state.seq));
+        }
+        if let Some(every) = compact_every {
+            if last_compact.elapsed() >= every && compact::needs(lake, &state) {
+                compact::compact(lake, &state, &tables, "schedule").await?;
+                last_compact = Instant::now();
+            }
+        }
+        if at_end {
+            if compact::needs(lake, &state) {
+                compact::compact(lake, &state, &tables, "until_idle").await?;
+            }
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            tracing::info!(rows = total_rows, seq = state.seq, "omrs.hq.changes committed to its end at start; done");
+            return Ok(());
+        }
+    }
+}
+
+/// `--until-idle`: every partition is read up to its end offset at start.
+fn reached(consumer: &StreamConsumer, topic: &str, targets: &HashMap<i32, i64>, buf: &Buffer, state: &State) -> bool {
+    let pos = consumer.position().ok();
+    targets.iter().all(|(p, high)| {
+        let at = pos.as_ref().and_then(|tp| tp.find_partition(topic, *p)).and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None });
+        *high == 0
+            || at.is_some_and(|o| o >= *high)
+            || buf.next.get(p).is_some_and(|o| *o >= *high)
+            || state.offsets.get(p).is_some_and(|o| *o >= *high)
+    })
+}
+
+/// Buffers one record (or its dead letter).
+fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, priorities: &HashMap<String, i32>, p: i32, o: i64, payload: &[u8]) {
+    let dead = |kind: &'static str, reason: String| Dead { partition: p, offset: o, kind, reason, payload: payload.to_vec() };
+    let ev: HqEvent = match serde_json::from_slice(payload) {
+        Ok(e) => e,
+        Err(e) => {
+            buf.dead.push(dead("invalid_record", format!("not an omrs.hq.changes record: {e}")));
+            return;
+        }
+    };
+    match ev {
+        HqEvent::Change { late, person, origin_refs, event } => {
+            if let Err(e) = event.validate() {
+                buf.dead.push(dead("invalid_event", e.to_string()));
+                return;
+            }
+            if event.op == omrs_core::envelope::Op::Heartbeat {
+                return;
+            }
+            let name = event.table.clone().unwrap_or_default();
+            let Some(t) = tables.get(&name) else {
+                buf.dead.push(dead("unknown_table", format!("table `{name}` is not in the lake schema (_schema.json, read from HQ)")));
+                return;
+            };
+            let prio = priorities.get(&event.site).copied().unwrap_or(0);
+            match convert(t, &event, late, person, &origin_refs, prio, p, o) {
+                Ok(row) => {
+                    buf.bytes += row.approx_bytes();
+                    let key = (name, row.site.clone(), date_of(row.event_ms));
+                    buf.parts.entry(key).or_default().push(row);
+                }
+                Err(reason) => buf.dead.push(dead("bad_value", reason)),
+            }
+        }
+        HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
+            buf.bytes += 300;
+            buf.merges.entry((site.clone(), date_of(ts_ms))).or_default().push(MergeRow {
+                ts_ms,
+                site,
+                partition: p,
+                offset: o,
+                winner,
+                loser,
+                reason,
+                evidence: evidence.to_string(),
+            });
+        }
+        HqEvent::Watermark { ts_ms } => {
+            buf.watermark = Some(buf.watermark.map_or(ts_ms, |w| w.max(ts_ms)));
+        }
+        HqEvent::IdentityReview { person, reason, site, .. } => {
+            tracing::debug!(person = %person, site = %site, reason = %reason, "identity review (not part of the lake)");
+        }
+    }
+}
+
+/// Writes the buffered file set and commits it with its offsets. Returns the rows written.
+#[allow(clippy::too_many_arguments)]
+async fn commit(
+    lake: &Lake,
+    state: &mut State,
+    buf: &mut Buffer,
+    tables: &HashMap<String, Arc<LakeTable>>,
+    row_group_rows: usize,
+    producer: &FutureProducer,
+    dlq_topic: &str,
+    topic: &str,
+) -> Result<u64, SinkError> {
+    let started = Instant::now();
+    let b = std::mem::take(buf);
+    let seq = state.seq + 1;
+    let mut files = Vec::new();
+    let mut renames = Vec::new();
+    let mut rows_by_table: BTreeMap<String, u64> = BTreeMap::new();
+    let mut parts: Vec<(PartKey, Vec<LakeRow>)> = b.parts.into_iter().collect();
+    parts.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut n = 0usize;
+    let mut new_keys = BTreeSet::new();
+    for (key, rows) in parts {
+        let Some(t) = tables.get(&key.0) else { continue };
+        let (first, last) = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
+        let count = rows.len() as u64;
+        let batch = write::rows_to_batch(t, rows)?;
+        let tmp = format!("_tmp/{seq:010}-{n:04}.parquet");
+        let bytes = write::write_file(&lake.root.join(&tmp), &t.schema, &[batch], row_group_rows)?;
+        let fin = format!("changes/{}/site={}/date={}/part-{seq:010}-{n:04}.parquet", key.0, key.1, key.2);
+        *rows_by_table.entry(key.0.clone()).or_default() += count;
+        files.push(FileEntry {
+            seq,
+            path: fin.clone(),
+            table: key.0.clone(),
+            site: key.1.clone(),
+            date: key.2.clone(),
+            rows: count,
+            bytes,
+            first_offset: first,
+            last_offset: last,
+            late: state.complete.contains_key(&key),
+        });
+        renames.push((tmp, fin));
+        new_keys.insert(key);
+        n += 1;
+    }
+    for ((site, date), rows) in b.merges {
+        let (first, last) = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
+        let count = rows.len() as u64;
+        let batch = merge_batch(rows)?;
+        let tmp = format!("_tmp/{seq:010}-{n:04}.parquet");
+        let bytes = write::write_file(&lake.root.join(&tmp), &merge_schema(), &[batch], row_group_rows)?;
+        let fin = format!("changes/{MERGE_TABLE}/site={site}/date={date}/part-{seq:010}-{n:04}.parquet");
+        let key = (MERGE_TABLE.to_string(), site, date);
+        files.push(FileEntry {
+            seq,
+            path: fin.clone(),
+            table: MERGE_TABLE.into(),
+            site: key.1.clone(),
+            date: key.2.clone(),
+            rows: count,
+            bytes,
+            first_offset: first,
+            last_offset: last,
+            late: state.complete.contains_key(&key),
+        });
+        renames.push((tmp, fin));
+        new_keys.insert(key);
+        n += 1;
+    }
+    failpoint("lake:after-data-tmp");
+    // Dead letters are durable in Kafka before the commit: never lost.
+    for d in &b.dead {
+        tracing::warn!(offset = d.offset, kind = d.kind, reason = %d.reason, "record dead-lettered");
+        let payload = DeadRecord { stage: "parquet", kind: Some(d.kind), reason: &d.reason, topic, partition: d.partition, offset: d.offset, payload: &d.payload }
+            .to_json(now_ms());
+        let key = format!("{topic}:{}:{}", d.partition, d.offset);
+        producer
+            .send(FutureRecord::to(dlq_topic).key(&key).payload(&payload), Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| SinkError::kafka("producing a dead letter", e))?;
+        metrics().dead_lettered.with_label_values(&["parquet", d.kind]).inc();
+    }
+    if !b.dead.is_empty() {
+        producer.flush(Duration::from_secs(30)).map_err(|e| SinkError::kafka("flushing dead letters", e))?;
+    }
+    let watermark = match (b.watermark, state.watermark) {
+        (Some(a), Some(s)) => Some(a.max(s)),
+        (a, s) => a.or(s),
+    };
+    let completed = match watermark {
+        Some(w) => state.newly_complete(w, &new_keys),
+        None => Vec::new(),
+    };
+    let late_files = files.iter().filter(|f| f.late).count();
+    let total: u64 = files.iter().map(|f| f.rows).sum();
+    let bytes_total: u64 = files.iter().map(|f| f.bytes).sum();
+    let nfiles = files.len();
+    let entry = Entry { seq, files, renames, offsets: b.next, watermark, completed, committed_at_ms: now_ms() };
+    lake.commit(state, entry)?;
+    let m = metrics();
+    for (t, k) in rows_by_table {
+        m.lake_rows_written.with_label_values(&[&t]).inc_by(k);
+    }
+    m.lake_files_written.with_label_values(&["changes"]).inc_by(nfiles as u64);
+    m.lake_bytes_written.with_label_values(&["changes"]).inc_by(bytes_total);
+    m.lake_late_files.inc_by(late_files as u64);
+    m.batch_latency.with_label_values(&["parquet"]).observe(started.elapsed().as_secs_f64());
+    if let Some(w) = watermark {
+        m.global_watermark.set(w);
+    }
+    tracing::debug!(seq, files = nfiles, rows = total, late_files, "file set committed");
+    Ok(total)
+}

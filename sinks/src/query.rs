@@ -1,0 +1,233 @@
+//! `omrs-stream query "SQL"`: DataFusion over the lake. Read only; it never blocks the sink.
+//!
+//! Tables:
+//! - `changes.<table>`: every committed change of an OpenMRS table, with the hive partitions
+//!   `site` and `date` (and `changes.omrs_merge`, the merge events);
+//! - `current.<table>`: the latest version of each row, as of the published snapshot (the
+//!   symlink is resolved once, so one query reads one snapshot);
+//! - `patients`, `encounters_flat`, `obs_flat`: the flattened views of the same snapshot;
+//! - `lake_partitions`: every date partition, its files, and whether it is final.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BooleanArray, Int64Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::ListingOptions;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::parquet::lake::Lake;
+use crate::SinkError;
+
+/// `omrs-stream query`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueryArgs {
+    /// The SQL statement (DataFusion's dialect, close to PostgreSQL's).
+    #[arg(required_unless_present = "tables")]
+    pub sql: Option<String>,
+    /// List every table and its columns, then exit.
+    #[arg(long)]
+    pub tables: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// The lake directory, instead of sinks.parquet.path.
+    #[arg(long)]
+    pub lake: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Csv,
+    /// A JSON array of row objects.
+    Json,
+}
+
+fn df_err(e: datafusion::error::DataFusionError) -> SinkError {
+    SinkError::Query(e.to_string())
+}
+
+/// Registers the Parquet files under `dir` as `name` (`site`/`date` hive partitions when
+/// `hive`).
+pub async fn register_dir(ctx: &SessionContext, name: &str, dir: &Path, hive: bool) -> Result<(), SinkError> {
+    let mut opts = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    if hive {
+        opts = opts.with_table_partition_cols(vec![("site".to_string(), DataType::Utf8), ("date".to_string(), DataType::Utf8)]);
+    }
+    let path = format!("{}/", dir.display());
+    ctx.register_listing_table(name, path, opts, None, None).await.map_err(|e| SinkError::Query(format!("registering {name}: {e}")))
+}
+
+fn subdirs(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| !n.starts_with('.') && !n.starts_with('_'))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn has_parquet(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map(|rd| rd.flatten().any(|e| if e.path().is_dir() { has_parquet(&e.path()) } else { e.path().extension().is_some_and(|x| x == "parquet") })).unwrap_or(false)
+}
+
+/// A session with every table of the lake registered.
+pub async fn context(lake_root: &Path) -> Result<SessionContext, SinkError> {
+    if !lake_root.join("_manifest").is_dir() {
+        return Err(SinkError::Query(format!(
+            "{} is not an omrs-stream lake (no _manifest/): run `omrs-stream sink parquet` first, or pass --lake",
+            lake_root.display()
+        )));
+    }
+    // Strings as Utf8 (not Utf8View): the types users see in --tables and in their tools.
+    let config = SessionConfig::new().with_information_schema(true).set_bool("datafusion.execution.parquet.schema_force_view_types", false);
+    let ctx = SessionContext::new_with_config(config);
+    let catalog = ctx.catalog("datafusion").ok_or_else(|| SinkError::Query("no default catalog".into()))?;
+    for schema in ["changes", "current"] {
+        catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new())).map_err(df_err)?;
+    }
+    let changes = lake_root.join("changes");
+    for t in subdirs(&changes) {
+        if has_parquet(&changes.join(&t)) {
+            register_dir(&ctx, &format!("changes.{t}"), &changes.join(&t), true).await?;
+        }
+    }
+    // One snapshot for the whole query: the links are resolved now.
+    if let Ok(cur) = std::fs::canonicalize(lake_root.join("current")) {
+        for t in subdirs(&cur) {
+            register_dir(&ctx, &format!("current.{t}"), &cur.join(&t), false).await?;
+        }
+    }
+    if let Ok(views) = std::fs::canonicalize(lake_root.join("views")) {
+        for v in subdirs(&views) {
+            register_dir(&ctx, &v, &views.join(&v), false).await?;
+        }
+    }
+    let lake = Lake::new(lake_root);
+    if let Ok((state, _)) = lake.read_manifest() {
+        let keys: Vec<_> = state.partitions.iter().collect();
+        let files = |k: &crate::parquet::lake::PartKey| state.files.iter().filter(|f| f.table == k.0 && f.site == k.1 && f.date == k.2).count() as i64;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(keys.iter().map(|k| k.0.as_str()))),
+            Arc::new(StringArray::from_iter_values(keys.iter().map(|k| k.1.as_str()))),
+            Arc::new(StringArray::from_iter_values(keys.iter().map(|k| k.2.as_str()))),
+            Arc::new(Int64Array::from_iter_values(keys.iter().map(|k| files(k)))),
+            Arc::new(BooleanArray::from_iter(keys.iter().map(|k| Some(state.complete.contains_key(*k))))),
+            Arc::new(Int64Array::from_iter(keys.iter().map(|k| state.complete.get(*k).map(|c| c.watermark_ms)))),
+            Arc::new(Int64Array::from_iter(keys.iter().map(|k| state.complete.get(*k).map(|c| c.revision as i64)))),
+        ];
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("table_name", DataType::Utf8, false),
+            Field::new("site", DataType::Utf8, false),
+            Field::new("date", DataType::Utf8, false),
+            Field::new("files", DataType::Int64, false),
+            Field::new("final", DataType::Boolean, true),
+            Field::new("watermark_ms", DataType::Int64, true),
+            Field::new("revision", DataType::Int64, true),
+        ]));
+        let batch = RecordBatch::try_new(schema, cols).map_err(|e| SinkError::Query(e.to_string()))?;
+        ctx.register_batch("lake_partitions", batch).map_err(df_err)?;
+    }
+    Ok(ctx)
+}
+
+/// Every registered table, `schema.table` (or bare for the default schema), sorted.
+pub async fn table_names(ctx: &SessionContext) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(cat) = ctx.catalog("datafusion") {
+        for s in cat.schema_names() {
+            if s == "information_schema" {
+                continue;
+            }
+            if let Some(schema) = cat.schema(&s) {
+                for t in schema.table_names() {
+                    out.push(if s == "public" { t } else { format!("{s}.{t}") });
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Runs one statement.
+pub async fn sql(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, SinkError> {
+    let df = ctx.sql(sql).await.map_err(df_err)?;
+    df.collect().await.map_err(df_err)
+}
+
+/// Renders batches in `format`.
+pub fn render(batches: &[RecordBatch], format: Format) -> Result<String, SinkError> {
+    let err = |e: arrow::error::ArrowError| SinkError::Query(format!("rendering the result: {e}"));
+    Ok(match format {
+        Format::Table => arrow::util::pretty::pretty_format_batches(batches).map_err(err)?.to_string(),
+        Format::Csv => {
+            let mut buf = Vec::new();
+            {
+                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut buf);
+                for b in batches {
+                    w.write(b).map_err(err)?;
+                }
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+        Format::Json => {
+            let mut buf = Vec::new();
+            {
+                let mut w = arrow::json::ArrayWriter::new(&mut buf);
+                for b in batches {
+                    w.write(b).map_err(err)?;
+                }
+                w.finish().map_err(err)?;
+            }
+            if buf.is_empty() {
+                "[]".to_string()
+            } else {
+                String::from_utf8_lossy(&buf).into_owned()
+            }
+        }
+    })
+}
+
+/// `query --tables`: every table with its columns and types.
+pub async fn describe(ctx: &SessionContext) -> Result<String, SinkError> {
+    let mut out = String::new();
+    for name in table_names(ctx).await {
+        let df = ctx.table(name.as_str()).await.map_err(df_err)?;
+        out.push_str(&name);
+        out.push('\n');
+        for f in df.schema().fields() {
+            out.push_str(&format!("  {:<32} {}\n", f.name(), f.data_type()));
+        }
+    }
+    Ok(out)
+}
+
+/// `omrs-stream query`: the output, or the error with the list of tables.
+pub async fn run(lake_root: &Path, args: &QueryArgs) -> Result<String, SinkError> {
+    let ctx = context(lake_root).await?;
+    if args.tables {
+        return describe(&ctx).await;
+    }
+    let statement = args.sql.as_deref().unwrap_or_default();
+    match sql(&ctx, statement).await {
+        Ok(batches) => render(&batches, args.format),
+        Err(e) => {
+            let names = table_names(&ctx).await;
+            Err(SinkError::Query(format!(
+                "{e}\n\nTables ({}; `omrs-stream query --tables` shows their columns):\n  {}",
+                names.len(),
+                names.join("\n  ")
+            )))
+        }
+    }
+}
