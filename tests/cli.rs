@@ -32,8 +32,6 @@ fn help_lists_every_subcommand() {
 fn unbuilt_subcommands_say_so_and_exit_2() {
     for args in [
         vec!["demo"],
-        vec!["sink", "parquet"],
-        vec!["query", "select 1"],
         vec!["verify"],
     ] {
         let out = bin().args(&args).output().unwrap();
@@ -42,6 +40,15 @@ fn unbuilt_subcommands_say_so_and_exit_2() {
         assert!(err.contains("not built yet"), "{args:?}: {err}");
         assert!(out.stdout.is_empty(), "{args:?} printed output");
     }
+}
+
+#[test]
+fn query_outside_a_lake_says_where_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin().args(["query", "--lake"]).arg(dir.path()).arg("SELECT 1").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not an omrs-stream lake") && err.contains(&dir.path().display().to_string()), "{err}");
 }
 
 #[test]

@@ -7,202 +7,14 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 
+use common::hq::*;
 use common::*;
 use mysql_async::prelude::Queryable;
-use mysql_async::Conn;
 
-const HQ_PORT: u16 = 3310;
 const LOC_UUID_SQL: &str = "SELECT uuid FROM location WHERE retired = 0 ORDER BY location_id LIMIT 1";
-
-struct Pipeline {
-    dir: tempfile::TempDir,
-    prefix: String,
-    database: String,
-}
-
-impl Pipeline {
-    fn config(&self, hq_db: &str, tweaks: &[(&str, &str)]) -> PathBuf {
-        let mut text = std::fs::read_to_string(root().join("omrs-stream.toml"))
-            .unwrap()
-            .replace("[kafka]\n", &format!("[kafka]\ntopic_prefix = \"{}\"\n", self.prefix))
-            .replace("database = \"openmrs\"\n", &format!("database = \"{}\"\n", self.database))
-            .replace("database = \"openmrs_hq\"\n", &format!("database = \"{hq_db}\"\n"))
-            .replace("idle_timeout_s = 180", "idle_timeout_s = 5")
-            .replace("user = \"hq\"", "user = \"omrs\"")
-            .replace("${OMRS_HQ_PASSWORD:-hq}", "omrs");
-        for (from, to) in tweaks {
-            assert!(text.contains(from), "tweak `{from}` does not apply");
-            text = text.replacen(from, to, 1);
-        }
-        let path = self.dir.path().join(format!("{hq_db}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    fn run(&self, config: &Path, args: &[&str]) -> std::process::Output {
-        let out = bin().arg("--config").arg(config).args(args).env("RUST_LOG", "warn").output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        out
-    }
-
-    fn sink(&self, config: &Path, extra: &[&str]) -> Child {
-        bin()
-            .arg("--config")
-            .arg(config)
-            .args(["sink", "hq-mysql", "--metrics-port", "0", "--quiet"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join("sink.log")).unwrap())
-            .spawn()
-            .unwrap()
-    }
-
-    /// Ingest agents started in `order` (together, or each to completion), caught up.
-    fn ingest(&self, config: &Path, order: &[&str], concurrent: bool) {
-        let mut agents = Vec::new();
-        for site in order {
-            let child = bin()
-                .arg("--config")
-                .arg(config)
-                .args(["ingest", "--site", site, "--until-caught-up", "--quiet", "--metrics-port", "0"])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            // (stderr is read by wait_with_output below)
-            if concurrent {
-                agents.push(child);
-            } else {
-                let out = child.wait_with_output().unwrap();
-                assert!(out.status.success(), "ingest {site}: {}", String::from_utf8_lossy(&out.stderr));
-            }
-        }
-        for a in agents {
-            let out = a.wait_with_output().unwrap();
-            assert!(out.status.success(), "ingest: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-}
-
-async fn hq(db: &str) -> Conn {
-    admin(HQ_PORT, Some(db)).await
-}
-
-async fn count(c: &mut Conn, sql: &str) -> i64 {
-    c.query_first::<i64, _>(sql).await.unwrap().unwrap_or(0)
-}
-
-/// The HQ database in uuid space: every OpenMRS table's rows, with HQ's own integer ids left out
-/// and every reference replaced by the uuid of the row it points to; sorted.
-async fn dump(db: &str) -> BTreeMap<String, Vec<String>> {
-    let mut c = hq(db).await;
-    let cols: Vec<(String, String, String)> = c
-        .exec(
-            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name NOT LIKE 'omrs\\_sync\\_%' ORDER BY table_name, ordinal_position",
-            (db,),
-        )
-        .await
-        .unwrap();
-    let keys: Vec<(String, String, String, Option<String>, Option<String>)> = c
-        .exec(
-            "SELECT table_name, column_name, constraint_name, referenced_table_name, referenced_column_name FROM information_schema.key_column_usage WHERE table_schema = ?",
-            (db,),
-        )
-        .await
-        .unwrap();
-    let mut pk: HashMap<String, Vec<String>> = HashMap::new();
-    let mut fks: HashMap<(String, String), String> = HashMap::new();
-    for (t, col, cons, rt, _) in &keys {
-        if cons == "PRIMARY" {
-            pk.entry(t.clone()).or_default().push(col.clone());
-        } else if let Some(rt) = rt {
-            fks.insert((t.clone(), col.clone()), rt.clone());
-        }
-    }
-    let mut by_table: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (t, col, _) in &cols {
-        by_table.entry(t.clone()).or_default().push(col.clone());
-    }
-    // id → uuid per table (shared-key tables through their parent).
-    let mut uuid_of: HashMap<String, HashMap<String, String>> = HashMap::new();
-    for (t, cs) in &by_table {
-        let Some(p) = pk.get(t).filter(|p| p.len() == 1) else { continue };
-        if cs.iter().any(|c| c == "uuid") {
-            let rows: Vec<(String, Option<String>)> = c.query(format!("SELECT CAST(`{}` AS CHAR), uuid FROM `{t}`", p[0])).await.unwrap();
-            uuid_of.insert(t.clone(), rows.into_iter().filter_map(|(i, u)| Some((i, u?))).collect());
-        }
-    }
-    for (t, _) in &by_table {
-        let Some(p) = pk.get(t).filter(|p| p.len() == 1) else { continue };
-        if uuid_of.contains_key(t) {
-            continue;
-        }
-        if let Some(parent) = fks.get(&(t.clone(), p[0].clone())) {
-            if let Some(m) = uuid_of.get(parent).cloned() {
-                uuid_of.insert(t.clone(), m);
-            }
-        }
-    }
-    let merged = regex_lite_merged();
-    let mut out = BTreeMap::new();
-    for (t, cs) in &by_table {
-        let p = pk.get(t).cloned().unwrap_or_default();
-        let select = cs.iter().map(|c| format!("CAST(`{c}` AS CHAR)")).collect::<Vec<_>>().join(",");
-        let rows: Vec<mysql_async::Row> = c.query(format!("SELECT {select} FROM `{t}`")).await.unwrap();
-        let person_uuids = uuid_of.get("person").cloned().unwrap_or_default();
-        let mut lines = Vec::new();
-        for r in rows {
-            let mut fields = Vec::new();
-            for (i, col) in cs.iter().enumerate() {
-                let v: Option<String> = r.get(i).unwrap_or(None);
-                let own_id = p.len() == 1 && p[0] == *col && uuid_of.contains_key(t);
-                if own_id {
-                    continue;
-                }
-                let v = match (fks.get(&(t.clone(), col.clone())), &v) {
-                    (Some(rt), Some(id)) => uuid_of.get(rt).and_then(|m| m.get(id)).cloned().unwrap_or_else(|| format!("#{id}")),
-                    _ => v.unwrap_or_else(|| "NULL".into()),
-                };
-                let v = merged(&v, &person_uuids);
-                fields.push(format!("{col}={v}"));
-            }
-            lines.push(fields.join("|"));
-        }
-        lines.sort();
-        out.insert(t.clone(), lines);
-    }
-    out
-}
-
-/// "Merged with patient #12" names HQ's id: map it to the person's uuid.
-fn regex_lite_merged() -> impl Fn(&str, &HashMap<String, String>) -> String {
-    |v: &str, persons: &HashMap<String, String>| {
-        if let Some(id) = v.strip_prefix("Merged with patient #") {
-            if let Some(u) = persons.get(id) {
-                return format!("Merged with patient {u}");
-            }
-        }
-        v.to_string()
-    }
-}
-
-fn assert_same(a: &BTreeMap<String, Vec<String>>, b: &BTreeMap<String, Vec<String>>, what: &str) {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: tables differ");
-    for (t, rows) in a {
-        let other = &b[t];
-        if rows != other {
-            let only_a: Vec<_> = rows.iter().filter(|r| !other.contains(r)).take(3).collect();
-            let only_b: Vec<_> = other.iter().filter(|r| !rows.contains(r)).take(3).collect();
-            panic!("{what}: table {t} differs ({} vs {} rows)\n  only in first: {only_a:#?}\n  only in second: {only_b:#?}", rows.len(), other.len());
-        }
-    }
-}
 
 async fn offsets(db: &str) -> i64 {
     let mut c = hq(db).await;
@@ -312,7 +124,7 @@ async fn hq_sink_consolidates_three_sites_exactly_once() {
     let logged = count(&mut c, &format!("SELECT COUNT(*) FROM omrs_sync_conflict WHERE tbl = 'location' AND row_key = '{loc}' AND loser_site = 'site-b' AND winner_site = 'site-a'")).await;
     assert_eq!(logged, 1, "conflict logged");
     assert_eq!(count(&mut c, "SELECT COUNT(*) FROM omrs_sync_pending").await, 0, "nothing left pending");
-    let reference = dump(&hq1).await;
+    let reference = hq_dump(&hq1).await;
     let end = offsets(&hq1).await;
     assert!(end > 1000, "offsets stored: {end}");
 
@@ -331,14 +143,14 @@ async fn hq_sink_consolidates_three_sites_exactly_once() {
         eprintln!("kill {} at offset >= {target}", i + 1);
     }
     p.run(&cfg2, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
-    assert_same(&reference, &dump(&hq2).await, "after 3 SIGKILLs");
+    assert_same(&reference, &hq_dump(&hq2).await, "after 3 SIGKILLs");
 
     // Other batch sizes and restart points.
     let hq3 = unique("openmrs_hq_b");
     let cfg3 = p.config(&hq3, &[("batch_max_rows = 5000", "batch_max_rows = 37")]);
     p.run(&cfg3, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump_path())]);
     p.run(&cfg3, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
-    assert_same(&reference, &dump(&hq3).await, "batches of 37");
+    assert_same(&reference, &hq_dump(&hq3).await, "batches of 37");
 
     // The second pipeline read the same site changes: its agents catch up one after another
     // in reverse order, and its transform is SIGKILLed midway and restarted.
@@ -358,7 +170,7 @@ async fn hq_sink_consolidates_three_sites_exactly_once() {
     p2.run(&cfg4, &["transform", "--until-idle", "--metrics-port", "0"]);
     p2.run(&cfg4, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump_path())]);
     p2.run(&cfg4, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet", "--batch-rows", "1000"]);
-    assert_same(&reference, &dump(&hq4).await, "sites read in another order, transform restarted");
+    assert_same(&reference, &hq_dump(&hq4).await, "sites read in another order, transform restarted");
 
     // Clean up.
     let mut admin_hq = admin(HQ_PORT, None).await;

@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests of the binary against the real services of scripts/dev-up.
 #![allow(dead_code)]
 
+pub mod hq;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

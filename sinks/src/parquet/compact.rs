@@ -72,9 +72,12 @@ pub fn published(lake: &Lake) -> Option<SnapshotInfo> {
 }
 
 /// Files were committed since the published snapshot.
+/// Files were committed since the published snapshot, or a compaction died between its two
+/// pointer swaps (`views` still names the previous snapshot).
 pub fn needs(lake: &Lake, state: &State) -> bool {
     let seq = published(lake).map(|s| s.manifest_seq).unwrap_or(0);
-    state.seq > seq && state.files.iter().any(|f| f.seq > seq)
+    let snap = |name: &str| std::fs::read_link(lake.root.join(name)).ok().and_then(|t| t.parent().map(Path::to_path_buf));
+    (state.seq > seq && state.files.iter().any(|f| f.seq > seq)) || snap("current") != snap("views")
 }
 
 fn pq_err(context: String) -> impl FnOnce(parquet::errors::ParquetError) -> SinkError {

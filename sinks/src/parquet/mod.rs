@@ -56,7 +56,8 @@ pub struct ParquetSinkArgs {
     /// Safe while a sink runs: compactions take a lock.
     #[arg(long, conflicts_with = "until_idle")]
     pub compact: bool,
-    /// Do not compact on the schedule (sinks.parquet.compact_interval_s) while running.
+    /// Do not compact (neither on the schedule of sinks.parquet.compact_interval_s nor at the
+    /// end of --until-idle); `--compact` does it later.
     #[arg(long)]
     pub no_compact: bool,
     /// The lake directory, instead of sinks.parquet.path.
@@ -330,7 +331,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
             }
         }
         if at_end {
-            if compact::needs(lake, &state) {
+            if !args.no_compact && compact::needs(lake, &state) {
                 compact::compact(lake, &state, &tables, "until_idle").await?;
             }
             if let Some(b) = &bar {

@@ -1,0 +1,388 @@
+//! The Parquet lake end to end on real services, after the same kind of simulator run as the HQ
+//! sink's test (three sites, 150 people, cross-site duplicates, updates, voids, deletes, site
+//! merges, a cross-site conflict), plus a custom module table (`omrs_probe`, at the sites and
+//! at HQ) that carries a DECIMAL, a DATETIME(6), a boolean, a NULL and a non-ASCII name.
+//!
+//! - `current.<table>` equals the HQ table in uuid space for the core tables (rows and values);
+//! - the probe's values round-trip site → Parquet → `query` exactly, with their Arrow types;
+//! - SIGKILLs of the sink during writes (at each step of a commit, and at random) and during
+//!   compaction (before, between and after the pointer swaps) leave `changes.*` with the same
+//!   records as an uninterrupted run, no duplicates, and `current.*` still equal to HQ;
+//! - a site that was offline lands in an already-complete date partition: an extra file appears
+//!   and the `_COMPLETE` marker's revision moves;
+//! - `omrs-stream query` answers encounters per site per month and the latest weight per patient
+//!   as HQ's SQL does;
+//! - DuckDB and pyarrow (Python) read `current/` and `views/obs_flat` without our binary.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::hq::*;
+use common::*;
+use mysql_async::prelude::Queryable;
+use serde_json::Value as J;
+
+const WEIGHT: &str = "5089AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+const CORE: &[&str] = &["person", "patient", "person_name", "person_address", "patient_identifier", "visit", "encounter", "encounter_provider", "obs", "location"];
+const PROBE_DDL: &str = "CREATE TABLE omrs_probe (
+    probe_id INT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    amount DECIMAL(12,4) NULL,
+    measured_at DATETIME(6) NULL,
+    flag TINYINT(1) NOT NULL DEFAULT 0,
+    label VARCHAR(100) NULL,
+    note TEXT NULL,
+    uuid CHAR(38) NOT NULL UNIQUE)";
+
+type Rows = Vec<serde_json::Map<String, J>>;
+
+fn query_out(cfg: &Path, lake: &Path, format: &str, sql: &str) -> String {
+    let out = bin().arg("--config").arg(cfg).args(["query", "--lake"]).arg(lake).args(["--format", format, sql]).output().unwrap();
+    assert!(out.status.success(), "query {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn query(cfg: &Path, lake: &Path, sql: &str) -> Rows {
+    serde_json::from_str(&query_out(cfg, lake, "json", sql)).unwrap()
+}
+
+fn text(v: Option<&J>) -> String {
+    match v {
+        None | Some(J::Null) => "NULL".into(),
+        Some(J::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// The lake's current tables as lines in the HQ dump's form (see `common::hq::dump`): every
+/// HQ column but the table's own id, references by uuid, values normalised.
+async fn lake_dump(cfg: &Path, lake: &Path, db: &str, tables: &[&str]) -> BTreeMap<String, Vec<String>> {
+    let mut c = hq(db).await;
+    let mut out = BTreeMap::new();
+    for t in tables {
+        let (cols, own, fks) = layout(&mut c, db, t).await;
+        let rows = query(cfg, lake, &format!("SELECT * FROM current.{t}"));
+        let mut lines: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                cols.iter()
+                    .filter(|c| Some(*c) != own.as_ref())
+                    .map(|col| {
+                        let v = if fks.contains(col) { text(r.get(&format!("{col}_uuid"))) } else { text(r.get(col)) };
+                        format!("{col}={}", norm(&v))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect();
+        lines.sort();
+        out.insert(t.to_string(), lines);
+    }
+    out
+}
+
+/// The manifest's committed offset of partition 0 (entries and checkpoints).
+fn committed(lake: &Path) -> i64 {
+    let mut best = 0;
+    if let Ok(rd) = std::fs::read_dir(lake.join("_manifest")) {
+        for e in rd.flatten() {
+            if let Ok(v) = serde_json::from_slice::<J>(&std::fs::read(e.path()).unwrap_or_default()) {
+                best = best.max(v["offsets"]["0"].as_i64().unwrap_or(0));
+            }
+        }
+    }
+    best
+}
+
+/// Per change table: (rows, distinct offsets, sum of offsets).
+fn change_counts(cfg: &Path, lake: &Path) -> BTreeMap<String, (i64, i64, i64)> {
+    let tables: Vec<String> = std::fs::read_dir(lake.join("changes")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let sql = tables
+        .iter()
+        .map(|t| format!("SELECT '{t}' AS t, COUNT(*) AS n, COUNT(DISTINCT _kafka_offset) AS d, SUM(_kafka_offset) AS s FROM changes.{t}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    query(cfg, lake, &sql)
+        .into_iter()
+        .map(|r| (text(r.get("t")), (r["n"].as_i64().unwrap(), r["d"].as_i64().unwrap(), r["s"].as_i64().unwrap_or(0))))
+        .collect()
+}
+
+fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "parquet")).collect()).unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn python() -> String {
+    std::env::var("OMRS_PYTHON").unwrap_or_else(|_| {
+        let venv = "/var/cache/omrs-stream/venv/bin/python";
+        if Path::new(venv).exists() { venv.into() } else { "python3".into() }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lake_is_exact_typed_and_equal_to_hq() {
+    let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tlk")), database: unique("lks") };
+    let hq_db = unique("openmrs_hq_l");
+    let lake_a = p.dir.path().join("lake-a");
+    let lake_b = p.dir.path().join("lake-b");
+    let tweaks = |lake: &Path| -> Vec<(String, String)> {
+        vec![
+            ("${OMRS_LAKE:-/var/lib/omrs-stream/lake}".into(), path_str(lake)),
+            ("roll_max_bytes = 134217728".into(), "roll_max_bytes = 2097152".into()),
+            ("roll_interval_ms = 10000".into(), "roll_interval_ms = 300".into()),
+            ("compact_interval_s = 60".into(), "compact_interval_s = 2".into()),
+        ]
+    };
+    let ta = tweaks(&lake_a);
+    let tb = tweaks(&lake_b);
+    let as_refs = |t: &[(String, String)]| t.iter().map(|(a, b)| (a.clone(), b.clone())).collect::<Vec<_>>();
+    let (ta, tb) = (as_refs(&ta), as_refs(&tb));
+    let cfg_b = {
+        let path = p.config(&hq_db, &tb.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect::<Vec<_>>());
+        let renamed = p.dir.path().join("b.toml");
+        std::fs::rename(&path, &renamed).unwrap();
+        renamed
+    };
+    let cfg_a = p.config(&hq_db, &ta.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect::<Vec<_>>());
+    p.run(&cfg_a, &["topics", "apply"]);
+    let cfg = omrs_core::config::Config::load(&cfg_a).unwrap();
+
+    // The sites, a custom module table at site-a (and HQ below), the workload.
+    let args = omrs_simulate::SimulateArgs {
+        patients: 150,
+        dup_fraction: 0.2,
+        seed: 11,
+        burst: true,
+        manifest: p.dir.path().join("manifest.json"),
+        database: Some(p.database.clone()),
+        dump: dump(),
+        quiet: true,
+        ..Default::default()
+    };
+    omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { provision_only: true, ..args.clone() }).await.unwrap();
+    let mut a = admin(3311, Some(&p.database)).await;
+    a.query_drop(PROBE_DDL).await.unwrap();
+    a.query_drop(
+        "INSERT INTO omrs_probe (amount, measured_at, flag, label, note, uuid) VALUES
+           (12345.6789, '2024-03-05 10:11:12.345678', 1, 'Zoë Ñúñez 李小龍', NULL, 'probe-0001-0000-0000-000000000001'),
+           (-0.0001, '1999-12-31 23:59:59.000001', 0, 'plain', 'a note', 'probe-0002-0000-0000-000000000002')",
+    )
+    .await
+    .unwrap();
+    omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { no_provision: true, ..args.clone() }).await.unwrap();
+    // A conflict (the same location edited at two sites) and deletes.
+    let loc: String = a.query_first("SELECT uuid FROM location WHERE retired = 0 ORDER BY location_id LIMIT 1").await.unwrap().unwrap();
+    a.exec_drop("UPDATE location SET description = 'edited at site-a', date_changed = '2031-01-02 00:00:00' WHERE uuid = ?", (&loc,)).await.unwrap();
+    let mut b = admin(3312, Some(&p.database)).await;
+    b.exec_drop("UPDATE location SET description = 'edited at site-b', date_changed = '2031-01-01 00:00:00' WHERE uuid = ?", (&loc,)).await.unwrap();
+    for port in [3311, 3312] {
+        let mut c = admin(port, Some(&p.database)).await;
+        c.query_drop("DELETE FROM obs WHERE obs_id = (SELECT * FROM (SELECT MAX(obs_id) FROM obs WHERE obs_group_id IS NULL AND obs_id NOT IN (SELECT obs_group_id FROM obs WHERE obs_group_id IS NOT NULL)) x)").await.unwrap();
+    }
+    p.ingest(&cfg_a, &["site-a", "site-b", "site-c"], true);
+    p.run(&cfg_a, &["transform", "--until-idle", "--metrics-port", "0"]);
+    p.run(&cfg_a, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
+    let mut h = hq(&hq_db).await;
+    h.query_drop(PROBE_DDL).await.unwrap();
+    p.run(&cfg_a, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
+
+    // Lake A: one uninterrupted run.
+    p.run(&cfg_a, &["sink", "parquet", "--until-idle", "--metrics-port", "0", "--quiet"]);
+    let reference = hq_dump(&hq_db).await;
+    let hq_core: BTreeMap<String, Vec<String>> = CORE.iter().map(|t| (t.to_string(), reference[*t].clone())).collect();
+    assert!(hq_core["obs"].len() > 1000, "{} obs", hq_core["obs"].len());
+    assert_same(&hq_core, &lake_dump(&cfg_a, &lake_a, &hq_db, CORE).await, "lake A current vs HQ");
+    let counts_a = change_counts(&cfg_a, &lake_a);
+    for (t, (n, d, _)) in &counts_a {
+        assert_eq!(n, d, "changes.{t}: {n} rows but {d} distinct offsets");
+    }
+
+    // Type fidelity: the probe's values, as written at the site.
+    let csv = query_out(&cfg_a, &lake_a, "csv", "SELECT amount, measured_at, flag, label, note FROM current.omrs_probe ORDER BY uuid");
+    assert_eq!(
+        csv.trim(),
+        "amount,measured_at,flag,label,note\n12345.6789,2024-03-05T10:11:12.345678,true,Zoë Ñúñez 李小龍,\n-0.0001,1999-12-31T23:59:59.000001,false,plain,a note",
+        "probe values"
+    );
+    let null_note = query(&cfg_a, &lake_a, "SELECT note IS NULL AS n FROM current.omrs_probe WHERE uuid LIKE 'probe-0001%'");
+    assert_eq!(null_note[0]["n"], J::Bool(true), "NULL stays NULL (not an empty string)");
+    let tables = bin().arg("--config").arg(&cfg_a).args(["query", "--lake"]).arg(&lake_a).arg("--tables").output().unwrap();
+    let tables = String::from_utf8_lossy(&tables.stdout).to_string();
+    let probe = tables.split("\ncurrent.omrs_probe\n").nth(1).expect("current.omrs_probe listed").split("\n\n").next().unwrap().to_string();
+    for (col, ty) in [("amount", "Decimal128(12, 4)"), ("measured_at", "Timestamp(µs)"), ("flag", "Boolean"), ("label", "Utf8"), ("probe_id", "Int32")] {
+        let line = probe.lines().find(|l| l.trim_start().starts_with(&format!("{col} "))).unwrap_or_else(|| panic!("{col} in {probe}"));
+        assert!(line.contains(ty), "{col}: {line}");
+    }
+
+    // Lake B: the same records, with the sink killed at each step of a commit, at random
+    // points, and during compaction.
+    let log = p.dir.path().join("parquet-b.log");
+    let run_b = |args: &[&str], failpoint: Option<&str>| {
+        let mut c = bin();
+        c.arg("--config").arg(&cfg_b).args(["sink", "parquet", "--metrics-port", "0", "--quiet"]).args(args).env("RUST_LOG", "warn");
+        if let Some(f) = failpoint {
+            c.env("OMRS_FAILPOINT", f);
+        }
+        c.stdout(Stdio::null()).stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap()).status().unwrap()
+    };
+    let end = committed(&lake_a);
+    let mut kills = 0;
+    for f in ["lake:after-data-tmp", "lake:after-manifest", "lake:after-first-rename"] {
+        let before = committed(&lake_b);
+        let st = run_b(&["--until-idle", "--no-compact"], Some(f));
+        assert!(!st.success(), "the sink should have died at {f}");
+        kills += 1;
+        let after = committed(&lake_b);
+        if f == "lake:after-data-tmp" {
+            assert_eq!(after, before, "nothing committed before the manifest entry");
+            assert!(std::fs::read_dir(lake_b.join("_tmp")).unwrap().count() > 0, "temp files left by the crash");
+        } else {
+            assert!(after > before, "{f}: the entry committed");
+        }
+    }
+    for frac in [0.3, 0.6] {
+        let mut child = bin()
+            .arg("--config")
+            .arg(&cfg_b)
+            .args(["sink", "parquet", "--metrics-port", "0", "--quiet"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let target = (end as f64 * frac) as i64;
+        wait_for(180, &format!("lake B past offset {target}"), || (committed(&lake_b) >= target).then_some(()));
+        kill9(&mut child);
+        kills += 1;
+    }
+    assert!(run_b(&["--until-idle", "--no-compact"], None).success(), "a clean drain");
+    assert_eq!(committed(&lake_b), end, "everything committed before the compactions");
+    for f in ["compact:before-swap", "compact:after-tables", "compact:between-swaps"] {
+        assert!(!run_b(&["--compact"], Some(f)).success(), "killed at {f}");
+        kills += 1;
+        // Readers still get a consistent snapshot: current and views name one snapshot or the
+        // views lag by one, never a half-written directory.
+        let cur = std::fs::read_link(lake_b.join("current")).ok();
+        if let Some(cur) = cur {
+            assert!(lake_b.join(&cur).parent().unwrap().join("snapshot.json").exists(), "current points at a complete snapshot");
+        }
+    }
+    assert!(run_b(&["--compact"], None).success(), "compaction after the kills:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(run_b(&["--until-idle"], None).success(), "a clean finish");
+    assert!(kills >= 7, "{kills} kills");
+    assert_eq!(std::fs::read_dir(lake_b.join("_tmp")).unwrap().count(), 0, "no temp files left");
+    assert_eq!(change_counts(&cfg_b, &lake_b), counts_a, "changes.* after the kills equal the uninterrupted run");
+    assert_same(&hq_core, &lake_dump(&cfg_b, &lake_b, &hq_db, CORE).await, "lake B current vs HQ");
+    let views_b = std::fs::read_link(lake_b.join("views")).unwrap();
+    let cur_b = std::fs::read_link(lake_b.join("current")).unwrap();
+    assert_eq!(views_b.parent(), cur_b.parent(), "current and views name the same snapshot");
+
+    // Bad SQL: DataFusion's message and the tables, exit 1.
+    let bad = bin().arg("--config").arg(&cfg_a).args(["query", "--lake"]).arg(&lake_a).arg("SELECT * FROM current.nope").output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("nope") && err.contains("not found") && err.contains("current.obs") && err.contains("obs_flat"), "{err}");
+
+    // encounters per site per month, and the latest weight per patient, against HQ.
+    let lake_enc: BTreeSet<(String, String, i64)> = query(
+        &cfg_a,
+        &lake_a,
+        "SELECT site, to_char(date_trunc('month', encounter_datetime), '%Y-%m') AS month, COUNT(*) AS n FROM encounters_flat GROUP BY 1, 2",
+    )
+    .into_iter()
+    .map(|r| (text(r.get("site")), text(r.get("month")), r["n"].as_i64().unwrap()))
+    .collect();
+    let hq_enc: Vec<(String, String, i64)> = h
+        .query(
+            "SELECT v.site, DATE_FORMAT(e.encounter_datetime, '%Y-%m'), COUNT(*) FROM encounter e
+             JOIN omrs_sync_row_version v ON v.tbl = 'encounter' AND v.row_key = e.uuid
+             WHERE e.voided = 0 GROUP BY 1, 2",
+        )
+        .await
+        .unwrap();
+    assert!(lake_enc.len() > 3, "{lake_enc:?}");
+    assert_eq!(lake_enc, hq_enc.into_iter().collect::<BTreeSet<_>>(), "encounters per site per month");
+    let lake_w: HashMap<String, String> = query(
+        &cfg_a,
+        &lake_a,
+        &format!(
+            "SELECT patient_uuid, value_numeric FROM (SELECT patient_uuid, value_numeric,
+               ROW_NUMBER() OVER (PARTITION BY patient_uuid ORDER BY obs_datetime DESC, obs_uuid DESC) AS rn
+               FROM obs_flat WHERE concept_uuid = '{WEIGHT}') w WHERE rn = 1"
+        ),
+    )
+    .into_iter()
+    .map(|r| (text(r.get("patient_uuid")), norm(&text(r.get("value_numeric")))))
+    .collect();
+    let hq_w: Vec<(String, String)> = h
+        .query(format!(
+            "SELECT uuid, CAST(value_numeric AS CHAR) FROM (SELECT p.uuid, o.value_numeric,
+               ROW_NUMBER() OVER (PARTITION BY p.uuid ORDER BY o.obs_datetime DESC, o.uuid DESC) AS rn
+               FROM obs o JOIN person p ON p.person_id = o.person_id JOIN concept c ON c.concept_id = o.concept_id
+               WHERE o.voided = 0 AND c.uuid = '{WEIGHT}') w WHERE rn = 1"
+        ))
+        .await
+        .unwrap();
+    let hq_w: HashMap<String, String> = hq_w.into_iter().map(|(u, v)| (u, norm(&v))).collect();
+    assert!(hq_w.len() > 20, "{} patients with a weight", hq_w.len());
+    assert_eq!(lake_w, hq_w, "latest weight per patient");
+
+    // Without our binary: DuckDB and pyarrow read current/ and views/obs_flat.
+    let n_obs = query(&cfg_a, &lake_a, "SELECT COUNT(*) AS n FROM current.obs")[0]["n"].as_i64().unwrap();
+    let n_flat = query(&cfg_a, &lake_a, "SELECT COUNT(*) AS n FROM obs_flat")[0]["n"].as_i64().unwrap();
+    let py = std::process::Command::new(python())
+        .arg(root().join("tests/lake_check.py"))
+        .arg(&lake_a)
+        .arg(n_obs.to_string())
+        .arg(n_flat.to_string())
+        .arg(WEIGHT)
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "python check: {}{}", String::from_utf8_lossy(&py.stdout), String::from_utf8_lossy(&py.stderr));
+
+    // A site that was offline for days lands in an already-complete date partition.
+    let mut c3 = admin(3313, Some(&p.database)).await;
+    c3.query_drop(PROBE_DDL).await.unwrap();
+    // (A session's timestamp stays where SET put it: reset it before each use.)
+    let three_days_ago = "SET timestamp = DEFAULT; SET timestamp = UNIX_TIMESTAMP() - 3 * 86400";
+    c3.query_drop(three_days_ago).await.unwrap();
+    c3.query_drop("INSERT INTO omrs_probe (amount, label, uuid) VALUES (1.5, 'before the outage', 'probe-0003-0000-0000-000000000003')").await.unwrap();
+    p.ingest(&cfg_a, &["site-c"], false);
+    p.run(&cfg_a, &["transform", "--until-idle", "--metrics-port", "0"]);
+    p.run(&cfg_a, &["sink", "parquet", "--until-idle", "--metrics-port", "0", "--quiet"]);
+    let date = chrono::Utc::now().date_naive() - chrono::Duration::days(3);
+    let part = lake_a.join("changes/omrs_probe/site=site-c").join(format!("date={date}"));
+    let marker = |part: &Path| -> J { serde_json::from_slice(&std::fs::read(part.join("_COMPLETE")).unwrap_or_default()).unwrap_or(J::Null) };
+    assert_eq!(parquet_files(&part).len(), 1, "one file in {}", part.display());
+    let m1 = marker(&part);
+    assert_eq!(m1["revision"], 1, "complete: {m1}");
+    // The clinic goes offline: its agent is not running while it writes more rows dated that
+    // day; then it comes back.
+    c3.query_drop(three_days_ago).await.unwrap();
+    c3.query_drop("INSERT INTO omrs_probe (amount, label, uuid) VALUES (2.5, 'written offline', 'probe-0004-0000-0000-000000000004')").await.unwrap();
+    p.ingest(&cfg_a, &["site-c"], false);
+    p.run(&cfg_a, &["transform", "--until-idle", "--metrics-port", "0"]);
+    p.run(&cfg_a, &["sink", "parquet", "--until-idle", "--metrics-port", "0", "--quiet"]);
+    assert_eq!(parquet_files(&part).len(), 2, "an extra file for the late data");
+    let m2 = marker(&part);
+    assert_eq!(m2["revision"], 2, "the marker moved: {m2}");
+    assert_eq!(m2["late_files"], 1, "{m2}");
+    assert!(m2["watermark_ms"].as_i64() >= m1["watermark_ms"].as_i64(), "{m1} → {m2}");
+    let late = query(&cfg_a, &lake_a, &format!("SELECT label FROM changes.omrs_probe WHERE site = 'site-c' AND date = '{date}' ORDER BY label"));
+    assert_eq!(late.len(), 2, "{late:?}");
+    let parts = query(&cfg_a, &lake_a, &format!("SELECT final, revision, files FROM lake_partitions WHERE table_name = 'omrs_probe' AND site = 'site-c' AND date = '{date}'"));
+    assert_eq!(parts[0]["final"], J::Bool(true));
+    assert_eq!(parts[0]["revision"], 2);
+
+    // Clean up.
+    let mut admin_hq = admin(HQ_PORT, None).await;
+    admin_hq.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
+    for port in [3311, 3312, 3313] {
+        let mut c = admin(port, None).await;
+        c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
+    }
+}
