@@ -268,6 +268,7 @@ fn publish(table: &str, raw: &RecordBatch, merges: &Merges, loser_created: &Hash
         let (mut v_out, mut r_out, mut d_out, mut by_out) =
             (BooleanBuilder::with_capacity(n), StringBuilder::new(), TimestampMicrosecondBuilder::with_capacity(n), StringBuilder::new());
         let mut by_id_null = vec![false; n];
+        #[allow(clippy::needless_range_loop)] // i indexes six arrays at once
         for i in 0..n {
             let k = keys.value(i);
             let cur_by = by.as_ref().and_then(|a| (!a.is_null(i)).then(|| a.value(i).to_string()));
@@ -401,7 +402,7 @@ pub async fn compact(lake: &Lake, state: &State, tables: &HashMap<String, Arc<La
                 batches.extend(read_file(&lake.root.join(f))?);
             }
             let w = winners(&t.schema, &batches)?;
-            write::write_file(&raw_path, &t.schema, &[w.clone()], row_group)?;
+            write::write_file(&raw_path, &t.schema, std::slice::from_ref(&w), row_group)?;
             w
         } else {
             let p = prev_raw.clone().ok_or_else(|| SinkError::Lake(format!("snapshot lacks _raw/{name}.parquet")))?;
@@ -428,7 +429,7 @@ pub async fn compact(lake: &Lake, state: &State, tables: &HashMap<String, Arc<La
         }
         let out = publish(name, &raw, &merges, &loser_created)?;
         std::fs::create_dir_all(cur_path.parent().unwrap_or(&dir)).map_err(io(format!("creating {}", cur_path.display())))?;
-        let bytes = write::write_file(&cur_path, &t.schema, &[out.clone()], row_group)?;
+        let bytes = write::write_file(&cur_path, &t.schema, std::slice::from_ref(&out), row_group)?;
         metrics().lake_files_written.with_label_values(&["current"]).inc();
         metrics().lake_bytes_written.with_label_values(&["current"]).inc_by(bytes);
         info.tables.insert(name.clone(), out.num_rows() as u64);

@@ -303,7 +303,7 @@ impl Lake {
         let mut keys: BTreeSet<PartKey> = entry.completed.iter().cloned().collect();
         keys.extend(entry.files.iter().filter(|f| f.late).map(|f| (f.table.clone(), f.site.clone(), f.date.clone())));
         self.write_markers(state, &keys)?;
-        if entry.seq % CHECKPOINT_EVERY == 0 {
+        if entry.seq.is_multiple_of(CHECKPOINT_EVERY) {
             self.checkpoint(state)?;
         }
         Ok(())
