@@ -107,6 +107,16 @@ pub async fn context(lake_root: &Path) -> Result<SessionContext, SinkError> {
             register_dir(&ctx, &format!("current.{t}"), &cur.join(&t), false).await?;
         }
     }
+    // Tables of the schema with no rows yet read as empty, not "not found".
+    if let Ok(Some(schema)) = crate::parquet::schema::LakeSchemaFile::load(&lake_root.join("_schema.json")) {
+        let current = catalog.schema("current").ok_or_else(|| SinkError::Query("no current schema".into()))?;
+        for (name, def) in schema.tables {
+            if !current.table_exist(&name) {
+                let t = crate::parquet::schema::LakeTable::new(def);
+                ctx.register_batch(format!("current.{name}").as_str(), RecordBatch::new_empty(t.schema.clone())).map_err(df_err)?;
+            }
+        }
+    }
     if let Ok(views) = std::fs::canonicalize(lake_root.join("views")) {
         for v in subdirs(&views) {
             register_dir(&ctx, &v, &views.join(&v), false).await?;

@@ -442,6 +442,12 @@ pub async fn compact(lake: &Lake, state: &State, tables: &HashMap<String, Arc<La
     for name in info.tables.keys() {
         crate::query::register_dir(&ctx, name, &dir.join("current").join(name), false).await?;
     }
+    // A table with no rows yet reads as empty (a view's LEFT JOIN to it yields nulls).
+    for (name, t) in tables {
+        if !info.tables.contains_key(name) {
+            ctx.register_batch(name.as_str(), RecordBatch::new_empty(t.schema.clone())).map_err(|e| SinkError::Lake(format!("{name}: {e}")))?;
+        }
+    }
     let pairs = merges.pairs();
     let mm = RecordBatch::try_new(
         Arc::new(arrow::datatypes::Schema::new(vec![
@@ -475,7 +481,7 @@ pub async fn compact(lake: &Lake, state: &State, tables: &HashMap<String, Arc<La
                 metrics().lake_files_written.with_label_values(&["views"]).inc();
                 info.views.insert(view.to_string(), batches.iter().map(|b| b.num_rows() as u64).sum());
             }
-            Err(e) => tracing::warn!(view, error = %e, "view not built (a table it reads is missing from the lake)"),
+            Err(e) => return Err(SinkError::Lake(format!("building view {view}: {e}"))),
         }
     }
     std::fs::create_dir_all(dir.join("views")).map_err(io("creating views"))?;
