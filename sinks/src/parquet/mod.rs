@@ -190,6 +190,44 @@ struct Buffer {
     first_at: Option<Instant>,
 }
 
+impl Buffer {
+    /// Adds a chunk read after this buffer's records.
+    fn absorb(&mut self, c: Buffer) {
+        for (k, rows) in c.parts {
+            self.parts.entry(k).or_default().extend(rows);
+        }
+        for (k, rows) in c.merges {
+            self.merges.entry(k).or_default().extend(rows);
+        }
+        self.dead.extend(c.dead);
+        self.next.extend(c.next);
+        self.watermark = match (self.watermark, c.watermark) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.bytes += c.bytes;
+        self.records += c.records;
+        if self.first_at.is_none() {
+            self.first_at = c.first_at;
+        }
+    }
+}
+
+/// A chunk from the reader task; `at_end`: `--until-idle` has read the topic's end at start.
+struct Chunk {
+    buf: Buffer,
+    at_end: bool,
+}
+
+/// Stops the reader task when the sink's loop ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs the sink (or `--compact`).
 pub async fn run(cfg: &Config, args: &ParquetSinkArgs) -> Result<(), SinkError> {
     let lake = Lake::new(args.lake.clone().unwrap_or_else(|| cfg.sinks.parquet.path.clone()));
@@ -278,32 +316,68 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
     let mut total_rows: u64 = 0;
     let mut last_lag = Instant::now() - Duration::from_secs(10);
 
+    // The reader task consumes, parses and types records while the main loop encodes and
+    // commits the previous file set.
+    let consumer = Arc::new(consumer);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Chunk, SinkError>>(8);
+    let _reader = AbortOnDrop(tokio::spawn({
+        let consumer = consumer.clone();
+        let topic = topic.clone();
+        let tables = tables.clone();
+        let until_idle = args.until_idle;
+        let mut next = state.offsets.clone();
+        async move {
+            loop {
+                let mut chunk = Buffer::default();
+                let deadline = Instant::now() + Duration::from_millis(50);
+                while chunk.records < 20_000 {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match tokio::time::timeout(left, consumer.recv()).await {
+                        Err(_) => break,
+                        Ok(Err(e)) => {
+                            let _ = tx.send(Err(SinkError::kafka("consuming", e))).await;
+                            return;
+                        }
+                        Ok(Ok(m)) => {
+                            let (p, o) = (m.partition(), m.offset());
+                            chunk.next.insert(p, o + 1);
+                            next.insert(p, o + 1);
+                            chunk.records += 1;
+                            chunk.first_at.get_or_insert_with(Instant::now);
+                            take(&mut chunk, &tables, &priorities, p, o, m.payload().unwrap_or(&[]));
+                        }
+                    }
+                }
+                let at_end = until_idle && chunk.records == 0 && reached(&consumer, &topic, &targets, &next);
+                if tx.send(Ok(Chunk { buf: chunk, at_end })).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }));
+
     loop {
-        // Read until the file set is due.
+        // Gather until the file set is due.
         let due = buf.first_at.map(|t| t + roll_every).unwrap_or_else(|| Instant::now() + roll_every);
         let mut at_end = false;
-        loop {
-            if buf.bytes >= pq.roll_max_bytes {
-                break;
-            }
+        while buf.bytes < pq.roll_max_bytes {
             let left = due.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            match tokio::time::timeout(left.min(Duration::from_millis(200)), consumer.recv()).await {
-                Err(_) => {
-                    if args.until_idle && reached(&consumer, &topic, &targets, &buf, &state) {
+            match tokio::time::timeout(left, rx.recv()).await {
+                Err(_) => break,
+                Ok(None) => return Err(SinkError::Kafka { context: "reading omrs.hq.changes".into(), message: "the reader task stopped".into(), transient: true }),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(chunk))) => {
+                    buf.absorb(chunk.buf);
+                    if chunk.at_end {
                         at_end = true;
                         break;
                     }
-                }
-                Ok(Err(e)) => return Err(SinkError::kafka("consuming", e)),
-                Ok(Ok(m)) => {
-                    let (p, o) = (m.partition(), m.offset());
-                    buf.next.insert(p, o + 1);
-                    buf.records += 1;
-                    buf.first_at.get_or_insert_with(Instant::now);
-                    take(&mut buf, &tables, &priorities, p, o, m.payload().unwrap_or(&[]));
                 }
             }
         }
@@ -344,21 +418,36 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
 }
 
 /// `--until-idle`: every partition is read up to its end offset at start.
-fn reached(consumer: &StreamConsumer, topic: &str, targets: &HashMap<i32, i64>, buf: &Buffer, state: &State) -> bool {
+fn reached(consumer: &StreamConsumer, topic: &str, targets: &HashMap<i32, i64>, next: &BTreeMap<i32, i64>) -> bool {
     let pos = consumer.position().ok();
     targets.iter().all(|(p, high)| {
         let at = pos.as_ref().and_then(|tp| tp.find_partition(topic, *p)).and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None });
-        *high == 0
-            || at.is_some_and(|o| o >= *high)
-            || buf.next.get(p).is_some_and(|o| *o >= *high)
-            || state.offsets.get(p).is_some_and(|o| *o >= *high)
+        *high == 0 || at.is_some_and(|o| o >= *high) || next.get(p).is_some_and(|o| *o >= *high)
     })
+}
+
+/// The body of a `{"type":"change",…}` record.
+#[derive(serde::Deserialize)]
+struct ChangeBody {
+    late: bool,
+    #[serde(default)]
+    person: Option<String>,
+    #[serde(default)]
+    origin_refs: serde_json::Map<String, serde_json::Value>,
+    event: omrs_core::envelope::ChangeEvent,
 }
 
 /// Buffers one record (or its dead letter).
 fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, priorities: &HashMap<String, i32>, p: i32, o: i64, payload: &[u8]) {
     let dead = |kind: &'static str, reason: String| Dead { partition: p, offset: o, kind, reason, payload: payload.to_vec() };
-    let ev: HqEvent = match serde_json::from_slice(payload) {
+    // Changes (nearly every record) are read straight into their struct: the tagged enum would
+    // buffer each record once more before reading it.
+    let parsed = if payload.starts_with(br#"{"type":"change","#) {
+        serde_json::from_slice::<ChangeBody>(payload).map(|b| HqEvent::Change { late: b.late, person: b.person, origin_refs: b.origin_refs, event: b.event })
+    } else {
+        serde_json::from_slice::<HqEvent>(payload)
+    };
+    let ev: HqEvent = match parsed {
         Ok(e) => e,
         Err(e) => {
             buf.dead.push(dead("invalid_record", format!("not an omrs.hq.changes record: {e}")));
@@ -429,18 +518,50 @@ async fn commit(
     let mut files = Vec::new();
     let mut renames = Vec::new();
     let mut rows_by_table: BTreeMap<String, u64> = BTreeMap::new();
-    let mut parts: Vec<(PartKey, Vec<LakeRow>)> = b.parts.into_iter().collect();
+    let mut parts: Vec<(PartKey, Vec<LakeRow>)> = b.parts.into_iter().filter(|(k, _)| tables.contains_key(&k.0)).collect();
     parts.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut n = 0usize;
     let mut new_keys = BTreeSet::new();
-    for (key, rows) in parts {
-        let Some(t) = tables.get(&key.0) else { continue };
+    // Encoding and compressing is most of a commit's work: two threads take the partitions,
+    // largest first.
+    let jobs: Vec<(usize, PartKey, Vec<LakeRow>)> = parts.into_iter().enumerate().map(|(n, (k, rows))| (n, k, rows)).collect();
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|i| std::cmp::Reverse(jobs[*i].2.len()));
+    let queue = std::sync::Mutex::new(order.into_iter().map(|i| jobs[i].0).collect::<Vec<_>>());
+    let slots: Vec<std::sync::Mutex<Option<(PartKey, Vec<LakeRow>)>>> = jobs.into_iter().map(|(_, k, r)| std::sync::Mutex::new(Some((k, r)))).collect();
+    let encode = |n: usize| -> Result<(usize, PartKey, u64, i64, i64, u64), SinkError> {
+        let Some((key, rows)) = slots[n].lock().ok().and_then(|mut s| s.take()) else {
+            return Err(SinkError::Lake("a partition was encoded twice".into()));
+        };
+        let t = &tables[&key.0];
         let (first, last) = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
         let count = rows.len() as u64;
         let batch = write::rows_to_batch(t, rows)?;
-        let tmp = format!("_tmp/{seq:010}-{n:04}.parquet");
-        let bytes = write::write_file(&lake.root.join(&tmp), &t.schema, &[batch], row_group_rows)?;
-        let fin = format!("changes/{}/site={}/date={}/part-{seq:010}-{n:04}.parquet", key.0, key.1, key.2);
+        let tmp = lake.root.join(format!("_tmp/{seq:010}-{n:04}.parquet"));
+        let bytes = write::write_file(&tmp, &t.schema, &[batch], row_group_rows)?;
+        Ok((n, key, count, first, last, bytes))
+    };
+    let results: Vec<Result<(usize, PartKey, u64, i64, i64, u64), SinkError>> = tokio::task::block_in_place(|| {
+        std::thread::scope(|sc| {
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    sc.spawn(|| {
+                        let mut out = Vec::new();
+                        while let Some(n) = queue.lock().ok().and_then(|mut q| if q.is_empty() { None } else { Some(q.remove(0)) }) {
+                            out.push(encode(n));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|_| vec![Err(SinkError::Lake("an encoder thread panicked".into()))])).collect()
+        })
+    });
+    let mut encoded = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    encoded.sort_by_key(|e| e.0);
+    let mut n = encoded.len();
+    for (i, key, count, first, last, bytes) in encoded {
+        let tmp = format!("_tmp/{seq:010}-{i:04}.parquet");
+        let fin = format!("changes/{}/site={}/date={}/part-{seq:010}-{i:04}.parquet", key.0, key.1, key.2);
         *rows_by_table.entry(key.0.clone()).or_default() += count;
         files.push(FileEntry {
             seq,
@@ -456,7 +577,6 @@ async fn commit(
         });
         renames.push((tmp, fin));
         new_keys.insert(key);
-        n += 1;
     }
     for ((site, date), rows) in b.merges {
         let (first, last) = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
