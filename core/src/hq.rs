@@ -95,20 +95,26 @@ impl RowVersion {
     /// The version of a site change; `priority` is the site's configured priority.
     pub fn of(ev: &ChangeEvent, priority: i32) -> RowVersion {
         let row = if ev.op == Op::Delete { None } else { ev.after.as_ref() };
-        let change_ms = row
-            .and_then(|r| {
-                ["date_changed", "date_created"]
-                    .iter()
-                    .find_map(|c| r.get(*c).and_then(J::as_str).and_then(parse_datetime_ms))
-            })
-            .unwrap_or(ev.source.ts_ms);
-        RowVersion {
-            change_ms,
-            priority,
-            site: ev.site.clone(),
-            commit_ms: ev.source.ts_ms,
-            position: format!("{}:{:020}:{:010}", ev.source.file, ev.source.pos, ev.source.row),
-        }
+        let col = |c: &str| row.and_then(|r| r.get(c)).and_then(J::as_str);
+        let s = &ev.source;
+        RowVersion::from_parts(col("date_changed"), col("date_created"), priority, &ev.site, s.ts_ms, &s.file, s.pos, s.row)
+    }
+
+    /// [`RowVersion::of`] from its parts: the row's `date_changed` and `date_created` (None for
+    /// a delete), the site, and the source position.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        date_changed: Option<&str>,
+        date_created: Option<&str>,
+        priority: i32,
+        site: &str,
+        ts_ms: i64,
+        file: &str,
+        pos: u64,
+        row: u32,
+    ) -> RowVersion {
+        let change_ms = date_changed.and_then(parse_datetime_ms).or_else(|| date_created.and_then(parse_datetime_ms)).unwrap_or(ts_ms);
+        RowVersion { change_ms, priority, site: site.to_string(), commit_ms: ts_ms, position: format!("{file}:{pos:020}:{row:010}") }
     }
 }
 

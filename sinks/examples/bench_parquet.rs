@@ -68,6 +68,10 @@ async fn main() {
     cfg.hq.database.user = "omrs".into();
     cfg.hq.database.password = "omrs".into();
     cfg.sinks.parquet.path = lake.clone();
+    // BENCH_ROLL_BYTES overrides sinks.parquet.roll_max_bytes, to compare file-set sizes.
+    if let Some(b) = std::env::var("BENCH_ROLL_BYTES").ok().and_then(|v| v.parse().ok()) {
+        cfg.sinks.parquet.roll_max_bytes = b;
+    }
     let topics = TopicsFile::load(&root.join("topics.toml")).expect("topics.toml").resolve(&cfg.site_names(), &prefix);
     omrs_core::topics::apply(&cfg.kafka, &topics).await.expect("topics apply");
     let init = omrs_sinks::hq_mysql::HqSinkArgs { init: true, force: true, dump, until_idle: false, metrics_port: None, batch_rows: None, quiet: true };

@@ -133,7 +133,19 @@ pub fn date_end_ms(date: &str) -> Option<i64> {
 
 /// `YYYY-MM-DD` of an event time (UTC).
 pub fn date_of(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d").to_string()).unwrap_or_else(|| "1970-01-01".into())
+    thread_local! {
+        // The last day asked for: consecutive events are nearly always on the same day.
+        static LAST: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
+    let day = ms.div_euclid(86_400_000);
+    LAST.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.0 != day {
+            let d = chrono::DateTime::from_timestamp_millis(day * 86_400_000).map(|t| t.date_naive());
+            *l = (day, d.map(|d| d.format("%Y-%m-%d").to_string()).unwrap_or_else(|| "1970-01-01".into()));
+        }
+        l.1.clone()
+    })
 }
 
 pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SinkError {

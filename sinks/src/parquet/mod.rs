@@ -17,6 +17,7 @@
 //! column and the value named, and the rest of its batch is written.
 
 pub mod compact;
+pub mod fast;
 pub mod lake;
 pub mod schema;
 pub mod write;
@@ -440,7 +441,20 @@ struct ChangeBody {
 /// Buffers one record (or its dead letter).
 fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, priorities: &HashMap<String, i32>, p: i32, o: i64, payload: &[u8]) {
     let dead = |kind: &'static str, reason: String| Dead { partition: p, offset: o, kind, reason, payload: payload.to_vec() };
-    // Changes (nearly every record) are read straight into their struct: the tagged enum would
+    match fast::decode(payload, tables, priorities, p, o) {
+        Some(Ok((t, row))) => {
+            buf.bytes += row.approx_bytes();
+            let key = (t.def.name.clone(), row.site.clone(), date_of(row.event_ms));
+            buf.parts.entry(key).or_default().push(row);
+            return;
+        }
+        Some(Err(reason)) => {
+            buf.dead.push(dead("bad_value", reason));
+            return;
+        }
+        None => {}
+    }
+    // The general path. Changes are read straight into their struct: the tagged enum would
     // buffer each record once more before reading it.
     let parsed = if payload.starts_with(br#"{"type":"change","#) {
         serde_json::from_slice::<ChangeBody>(payload).map(|b| HqEvent::Change { late: b.late, person: b.person, origin_refs: b.origin_refs, event: b.event })

@@ -68,6 +68,7 @@ pub enum Cell {
 }
 
 /// A table of the lake, ready to convert events.
+#[derive(Debug)]
 pub struct LakeTable {
     pub def: LakeTableDef,
     /// The change-history schema: meta columns, then each column (and `<fk>_uuid` after an FK).
@@ -127,6 +128,7 @@ impl LakeTable {
 
 /// One change, converted: meta values and the row's cells (`<fk>_uuid` cells included), in
 /// schema order after the meta columns.
+#[derive(Debug)]
 pub struct LakeRow {
     pub op: Op,
     pub event_ms: i64,
