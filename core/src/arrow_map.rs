@@ -19,6 +19,7 @@
 //! not fit its column's type is an error naming the column and the value.
 
 use arrow_schema::{DataType, TimeUnit};
+use chrono::Datelike;
 
 /// The Arrow type of a MySQL column, from its `column_type`.
 pub fn arrow_type(column_type: &str) -> DataType {
@@ -61,9 +62,15 @@ pub fn arrow_type(column_type: &str) -> DataType {
 
 /// `YYYY-MM-DD` → days since the epoch; `None` for a zero or invalid date.
 pub fn parse_date_days(s: &str) -> Option<i32> {
-    let d = chrono::NaiveDate::parse_from_str(s.get(..10)?, "%Y-%m-%d").ok()?;
-    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
-    i32::try_from((d - epoch).num_days()).ok()
+    let b = s.as_bytes();
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |acc, c| c.is_ascii_digit().then(|| acc * 10 + (c - b'0') as u32))
+    };
+    let d = chrono::NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+    Some(d.num_days_from_ce() - 719_163)
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.ffffff]` (or a bare date) → µs since the epoch, wall time.

@@ -113,9 +113,14 @@ impl RowVersion {
         pos: u64,
         row: u32,
     ) -> RowVersion {
-        let change_ms = date_changed.and_then(parse_datetime_ms).or_else(|| date_created.and_then(parse_datetime_ms)).unwrap_or(ts_ms);
+        let change_ms = change_ms(date_changed, date_created, ts_ms);
         RowVersion { change_ms, priority, site: site.to_string(), commit_ms: ts_ms, position: format!("{file}:{pos:020}:{row:010}") }
     }
+}
+
+/// The change time of a row version: `date_changed`, else `date_created`, else the commit time.
+pub fn change_ms(date_changed: Option<&str>, date_created: Option<&str>, ts_ms: i64) -> i64 {
+    date_changed.and_then(parse_datetime_ms).or_else(|| date_created.and_then(parse_datetime_ms)).unwrap_or(ts_ms)
 }
 
 /// How a table's rows are keyed in uuid space (DESIGN.md, "The change event"): by their uuid

@@ -15,12 +15,13 @@ use std::sync::Arc;
 use arrow::datatypes::DataType;
 use omrs_core::arrow_map::{is_zero_date, parse_datetime_us};
 use omrs_core::envelope::Op;
-use omrs_core::hq::RowVersion;
+use omrs_core::hq::change_ms;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::schema::{cell, Cell, LakeRow, LakeTable};
+use super::schema::{cell, Cell, LakeTable};
+use super::write::Meta;
 
 /// A JSON object as borrowed (key, raw value) pairs, in order.
 struct Pairs<'a>(Vec<(&'a str, &'a RawValue)>);
@@ -106,7 +107,7 @@ fn text(raw: &RawValue) -> Option<Cow<'_, str>> {
 
 /// One raw value as a cell of type `t`: the common cases from the text, the rest through
 /// [`cell`] (the same rules either way).
-fn raw_cell(raw: &RawValue, t: &DataType) -> Result<Cell, String> {
+fn raw_cell<'a>(raw: &'a RawValue, t: &DataType) -> Result<Cell<'a>, String> {
     let s = raw.get();
     if s == "null" {
         return Ok(Cell::Null);
@@ -118,7 +119,7 @@ fn raw_cell(raw: &RawValue, t: &DataType) -> Result<Cell, String> {
             DataType::Int32 => i32::try_from(*i).is_ok(),
             _ => true,
         }).map(Cell::Int),
-        DataType::Utf8 if s.starts_with('"') => text(raw).map(|t| Cell::Str(t.into_owned())),
+        DataType::Utf8 if s.starts_with('"') => text(raw).map(Cell::Str),
         DataType::Boolean => match s {
             "0" | "false" => Some(Cell::Bool(false)),
             "1" | "true" => Some(Cell::Bool(true)),
@@ -137,7 +138,8 @@ fn raw_cell(raw: &RawValue, t: &DataType) -> Result<Cell, String> {
     }
 }
 
-/// Decodes one `omrs.hq.changes` record on the fast path. `None`: take the general path.
+/// Decodes one `omrs.hq.changes` record on the fast path and hands the row to `out` (its
+/// table, meta fields and cells, borrowed from `payload`). `None`: take the general path.
 /// `Some(Err)`: a value does not fit its column (the reason names both).
 pub fn decode(
     payload: &[u8],
@@ -145,7 +147,8 @@ pub fn decode(
     priorities: &HashMap<String, i32>,
     partition: i32,
     offset: i64,
-) -> Option<Result<(Arc<LakeTable>, LakeRow), String>> {
+    out: impl FnOnce(&Arc<LakeTable>, &Meta<'_>, &[Cell<'_>]),
+) -> Option<Result<(), String>> {
     if !payload.starts_with(br#"{"type":"change","#) {
         return None;
     }
@@ -161,7 +164,7 @@ pub fn decode(
         (Op::Delete, true, false, false) => ev.before.as_ref()?,
         _ => return None,
     };
-    let mut cells = Vec::with_capacity(table.schema.fields().len());
+    let mut cells: Vec<Cell<'_>> = Vec::with_capacity(table.schema.fields().len());
     let mut cursor = 0;
     for (c, t) in table.def.columns.iter().zip(&table.types) {
         // Images are in table order: the next pair is nearly always the column.
@@ -182,7 +185,7 @@ pub fn decode(
         cells.push(cell);
         if c.references.is_some() {
             cells.push(match ev.refs.as_ref().and_then(|r| r.get(&c.name)).and_then(text) {
-                Some(u) => Cell::Str(u.into_owned()),
+                Some(u) => Cell::Str(u),
                 None => Cell::Null,
             });
         }
@@ -190,24 +193,24 @@ pub fn decode(
     let dates = |col: &str| if ev.op == Op::Delete { None } else { ev.after.as_ref().and_then(|a| a.get(col)).and_then(text) };
     let (changed, created) = (dates("date_changed"), dates("date_created"));
     let s = &ev.source;
-    let version = RowVersion::from_parts(changed.as_deref(), created.as_deref(), priorities.get(ev.site.as_ref()).copied().unwrap_or(0), &ev.site, s.ts_ms, &s.file, s.pos, s.row);
-    Some(Ok((
-        table.clone(),
-        LakeRow {
-            op: ev.op,
-            event_ms: s.ts_ms,
-            site: ev.site.to_string(),
-            uuid: Some(uuid.to_string()),
-            person: rc.person.as_deref().map(str::to_string),
-            late: rc.late,
-            row_key: uuid.to_string(),
-            version,
-            rewritten: !rc.origin_refs.is_empty(),
-            partition,
-            offset,
-            cells,
-        },
-    )))
+    let position = format!("{}:{:020}:{:010}", s.file, s.pos, s.row);
+    let meta = Meta {
+        op: ev.op.as_str(),
+        event_ms: s.ts_ms,
+        site: &ev.site,
+        uuid: Some(uuid),
+        person: rc.person.as_deref(),
+        late: rc.late,
+        row_key: uuid,
+        change_ms: change_ms(changed.as_deref(), created.as_deref(), s.ts_ms),
+        priority: priorities.get(ev.site.as_ref()).copied().unwrap_or(0),
+        position: &position,
+        rewritten: !rc.origin_refs.is_empty(),
+        partition,
+        offset,
+    };
+    out(table, &meta, &cells);
+    Some(Ok(()))
 }
 
 #[cfg(test)]
@@ -243,17 +246,24 @@ mod tests {
         let tables: HashMap<String, Arc<LakeTable>> = [("obs".to_string(), t.clone())].into();
         let prio: HashMap<String, i32> = [("site-a".to_string(), 3)].into();
         let payload = br#"{"type":"change","late":true,"person":"p-1","origin_refs":{"person_id":"p-0"},"event":{"op":"u","site":"site-a","table":"obs","key":{"obs_id":7},"uuid":"o-7","before":{"obs_id":7},"after":{"obs_id":7,"person_id":3,"value_text":"caf\u00e9 \"x\"","value_numeric":70.5,"amount":"-12.3400","voided":1,"date_created":"2024-01-02 03:04:05","date_changed":"2024-01-03 00:00:00.000001","uuid":"o-7"},"refs":{"person_id":"p-1"},"source":{"server_id":11,"file":"binlog.000002","pos":99,"row":1,"ts_ms":1700000000000},"ts_ms":1700000000001}}"#;
-        let (_, fast) = decode(payload, &tables, &prio, 0, 5).unwrap().unwrap();
+        let mut fast = None;
+        decode(payload, &tables, &prio, 0, 5, |_, m, cells| {
+            fast = Some((m.row_key.to_string(), m.uuid.map(str::to_string), m.person.map(str::to_string), m.late, m.rewritten, m.change_ms, m.position.to_string(), cells.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>()))
+        })
+        .unwrap()
+        .unwrap();
+        let fast = fast.unwrap();
         let ev: HqEvent = serde_json::from_slice(payload).unwrap();
         let HqEvent::Change { late, person, origin_refs, event } = ev else { panic!() };
         let slow = convert(&t, &event, late, person, &origin_refs, 3, 0, 5).unwrap();
-        assert_eq!(fast.cells, slow.cells);
-        assert_eq!(fast.version, slow.version);
-        assert_eq!((fast.row_key, fast.uuid, fast.person, fast.late, fast.rewritten), (slow.row_key, slow.uuid, slow.person, slow.late, slow.rewritten));
-        assert_eq!(fast.cells[4], Cell::Str("café \"x\"".into()));
+        let slow_cells: Vec<String> = slow.cells.iter().map(|c| format!("{c:?}")).collect();
+        assert_eq!(fast.7, slow_cells);
+        assert_eq!((fast.5, fast.6.as_str()), (slow.version.change_ms, slow.version.position.as_str()));
+        assert_eq!((fast.0, fast.1, fast.2, fast.3, fast.4), (slow.row_key, slow.uuid, slow.person, slow.late, slow.rewritten));
+        assert_eq!(slow.cells[4], Cell::Str("café \"x\"".into()));
         // A value that does not fit is named; another record type takes the general path.
         let bad = String::from_utf8_lossy(payload).replace(r#""amount":"-12.3400""#, r#""amount":"1.23456""#);
-        assert!(decode(bad.as_bytes(), &tables, &prio, 0, 5).unwrap().unwrap_err().contains("obs.amount"));
-        assert!(decode(br#"{"type":"watermark","ts_ms":5}"#, &tables, &prio, 0, 5).is_none());
+        assert!(decode(bad.as_bytes(), &tables, &prio, 0, 5, |_, _, _| {}).unwrap().unwrap_err().contains("obs.amount"));
+        assert!(decode(br#"{"type":"watermark","ts_ms":5}"#, &tables, &prio, 0, 5, |_, _, _| {}).is_none());
     }
 }

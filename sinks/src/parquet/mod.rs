@@ -41,7 +41,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::SinkError;
 use lake::{date_of, failpoint, Entry, FileEntry, Lake, PartKey, State};
-use schema::{convert, LakeRow, LakeSchemaFile, LakeTable};
+use schema::{convert, LakeSchemaFile, LakeTable};
+use write::PartBuf;
 
 /// The dataset of merge events, next to the tables' change history.
 pub const MERGE_TABLE: &str = "omrs_merge";
@@ -178,10 +179,13 @@ struct Dead {
     payload: Vec<u8>,
 }
 
-/// What is buffered for the next commit.
+/// What is buffered for the next commit: one column builder set per (table, site, date).
 #[derive(Default)]
 struct Buffer {
-    parts: HashMap<PartKey, Vec<LakeRow>>,
+    parts: Vec<(PartKey, PartBuf)>,
+    index: HashMap<PartKey, usize>,
+    /// The partition of the last row and its day: consecutive rows nearly always share it.
+    last: Option<(usize, i64)>,
     merges: BTreeMap<(String, String), Vec<MergeRow>>,
     dead: Vec<Dead>,
     next: BTreeMap<i32, i64>,
@@ -192,29 +196,30 @@ struct Buffer {
 }
 
 impl Buffer {
-    /// Adds a chunk read after this buffer's records.
-    fn absorb(&mut self, c: Buffer) {
-        for (k, rows) in c.parts {
-            self.parts.entry(k).or_default().extend(rows);
+    /// The partition buffer of `table`, `site` and the day of `event_ms`.
+    fn part(&mut self, table: &Arc<LakeTable>, site: &str, event_ms: i64) -> &mut PartBuf {
+        let day = event_ms.div_euclid(86_400_000);
+        if let Some((i, d)) = self.last {
+            let (k, _) = &self.parts[i];
+            if d == day && k.0 == table.def.name && k.1 == site {
+                return &mut self.parts[i].1;
+            }
         }
-        for (k, rows) in c.merges {
-            self.merges.entry(k).or_default().extend(rows);
-        }
-        self.dead.extend(c.dead);
-        self.next.extend(c.next);
-        self.watermark = match (self.watermark, c.watermark) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
+        let key = (table.def.name.clone(), site.to_string(), date_of(event_ms));
+        let i = match self.index.get(&key) {
+            Some(i) => *i,
+            None => {
+                self.parts.push((key.clone(), PartBuf::new(table.clone())));
+                self.index.insert(key, self.parts.len() - 1);
+                self.parts.len() - 1
+            }
         };
-        self.bytes += c.bytes;
-        self.records += c.records;
-        if self.first_at.is_none() {
-            self.first_at = c.first_at;
-        }
+        self.last = Some((i, day));
+        &mut self.parts[i].1
     }
 }
 
-/// A chunk from the reader task; `at_end`: `--until-idle` has read the topic's end at start.
+/// A file set from the reader task; `at_end`: `--until-idle` has read the topic's end at start.
 struct Chunk {
     buf: Buffer,
     at_end: bool,
@@ -273,8 +278,12 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false")
         .set("fetch.max.bytes", "52428800")
-        .set("queued.max.messages.kbytes", "131072")
-        .set("fetch.wait.max.ms", "50")
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("queued.max.messages.kbytes", "65536")
+        // librdkafka backs off fetching for a whole second (by default) once its queue is
+        // full: keep it short, the reader drains the queue in milliseconds.
+        .set("fetch.queue.backoff.ms", "10")
+        .set("fetch.wait.max.ms", "20")
         .create()
         .map_err(|e| SinkError::kafka("creating the consumer", e))?;
     let producer: FutureProducer = client_config(&cfg.kafka)
@@ -313,78 +322,86 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
     let roll_every = Duration::from_millis(pq.roll_interval_ms);
     let compact_every = (pq.compact_interval_s > 0 && !args.no_compact).then(|| Duration::from_secs(pq.compact_interval_s));
     let mut last_compact = Instant::now();
-    let mut buf = Buffer::default();
     let mut total_rows: u64 = 0;
     let mut last_lag = Instant::now() - Duration::from_secs(10);
 
-    // The reader task consumes, parses and types records while the main loop encodes and
-    // commits the previous file set.
+    // The reader task consumes, parses and types records into the column builders of the next
+    // file set, while the main loop encodes and commits the previous one.
     let consumer = Arc::new(consumer);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Chunk, SinkError>>(8);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Chunk, SinkError>>(1);
     let _reader = AbortOnDrop(tokio::spawn({
         let consumer = consumer.clone();
         let topic = topic.clone();
         let tables = tables.clone();
         let until_idle = args.until_idle;
+        let roll_max = pq.roll_max_bytes;
         let mut next = state.offsets.clone();
         async move {
+            let (mut send_wait, mut take_time) = (Duration::ZERO, Duration::ZERO);
             loop {
-                let mut chunk = Buffer::default();
-                let deadline = Instant::now() + Duration::from_millis(50);
-                while chunk.records < 20_000 {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
+                let mut buf = Buffer::default();
+                let mut at_end = false;
+                while buf.bytes < roll_max {
+                    let wait = match buf.first_at {
+                        Some(t) => (t + roll_every).saturating_duration_since(Instant::now()),
+                        None => Duration::from_millis(200),
+                    };
+                    if wait.is_zero() {
                         break;
                     }
-                    match tokio::time::timeout(left, consumer.recv()).await {
-                        Err(_) => break,
+                    match tokio::time::timeout(wait.min(Duration::from_millis(200)), consumer.recv()).await {
+                        Err(_) => {
+                            if until_idle && reached(&consumer, &topic, &targets, &next) {
+                                at_end = true;
+                                break;
+                            }
+                        }
                         Ok(Err(e)) => {
                             let _ = tx.send(Err(SinkError::kafka("consuming", e))).await;
                             return;
                         }
                         Ok(Ok(m)) => {
                             let (p, o) = (m.partition(), m.offset());
-                            chunk.next.insert(p, o + 1);
+                            buf.next.insert(p, o + 1);
                             next.insert(p, o + 1);
-                            chunk.records += 1;
-                            chunk.first_at.get_or_insert_with(Instant::now);
-                            take(&mut chunk, &tables, &priorities, p, o, m.payload().unwrap_or(&[]));
+                            buf.records += 1;
+                            buf.first_at.get_or_insert_with(Instant::now);
+                            let t_take = Instant::now();
+                            take(&mut buf, &tables, &priorities, p, o, m.payload().unwrap_or(&[]));
+                            take_time += t_take.elapsed();
                         }
                     }
                 }
-                let at_end = until_idle && chunk.records == 0 && reached(&consumer, &topic, &targets, &next);
-                if tx.send(Ok(Chunk { buf: chunk, at_end })).await.is_err() {
+                let t_send = Instant::now();
+                let sent = tx.send(Ok(Chunk { buf, at_end })).await.is_err();
+                send_wait += t_send.elapsed();
+                if at_end {
+                    tracing::debug!(waited_for_writer_ms = send_wait.as_millis() as u64, decoding_ms = take_time.as_millis() as u64, "reader done");
+                }
+                if sent || at_end {
                     return;
                 }
             }
         }
     }));
 
+    let (mut recv_wait, mut commit_time) = (Duration::ZERO, Duration::ZERO);
     loop {
-        // Gather until the file set is due.
-        let due = buf.first_at.map(|t| t + roll_every).unwrap_or_else(|| Instant::now() + roll_every);
-        let mut at_end = false;
-        while buf.bytes < pq.roll_max_bytes {
-            let left = due.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
+        let t_recv = Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
+        recv_wait += t_recv.elapsed();
+        let (chunk, at_end) = match got {
+            Err(_) => (None, false),
+            Ok(None) => return Err(SinkError::Kafka { context: "reading omrs.hq.changes".into(), message: "the reader task stopped".into(), transient: true }),
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(Some(Ok(c))) => (Some(c.buf), c.at_end),
+        };
+        if let Some(mut buf) = chunk {
+            if buf.records > 0 {
+                let t_commit = Instant::now();
+                total_rows += commit(lake, &mut state, &mut buf, pq.row_group_rows, &producer, &dlq_topic, &topic).await?;
+                commit_time += t_commit.elapsed();
             }
-            match tokio::time::timeout(left, rx.recv()).await {
-                Err(_) => break,
-                Ok(None) => return Err(SinkError::Kafka { context: "reading omrs.hq.changes".into(), message: "the reader task stopped".into(), transient: true }),
-                Ok(Some(Err(e))) => return Err(e),
-                Ok(Some(Ok(chunk))) => {
-                    buf.absorb(chunk.buf);
-                    if chunk.at_end {
-                        at_end = true;
-                        break;
-                    }
-                }
-            }
-        }
-        if buf.records > 0 {
-            let rows = commit(lake, &mut state, &mut buf, &tables, pq.row_group_rows, &producer, &dlq_topic, &topic).await?;
-            total_rows += rows;
         }
         if last_lag.elapsed() > Duration::from_secs(5) || at_end {
             let mut lag = 0;
@@ -413,6 +430,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
                 b.finish_and_clear();
             }
             tracing::info!(rows = total_rows, seq = state.seq, "omrs.hq.changes committed to its end at start; done");
+            tracing::debug!(waited_for_reader_ms = recv_wait.as_millis() as u64, committing_ms = commit_time.as_millis() as u64, "writer done");
             return Ok(());
         }
     }
@@ -441,11 +459,11 @@ struct ChangeBody {
 /// Buffers one record (or its dead letter).
 fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, priorities: &HashMap<String, i32>, p: i32, o: i64, payload: &[u8]) {
     let dead = |kind: &'static str, reason: String| Dead { partition: p, offset: o, kind, reason, payload: payload.to_vec() };
-    match fast::decode(payload, tables, priorities, p, o) {
-        Some(Ok((t, row))) => {
-            buf.bytes += row.approx_bytes();
-            let key = (t.def.name.clone(), row.site.clone(), date_of(row.event_ms));
-            buf.parts.entry(key).or_default().push(row);
+    let bytes = payload.len();
+    let fast = fast::decode(payload, tables, priorities, p, o, |t, m, cells| buf.part(t, m.site, m.event_ms).push(m, cells));
+    match fast {
+        Some(Ok(())) => {
+            buf.bytes += bytes;
             return;
         }
         Some(Err(reason)) => {
@@ -485,9 +503,8 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, priorities: 
             let prio = priorities.get(&event.site).copied().unwrap_or(0);
             match convert(t, &event, late, person, &origin_refs, prio, p, o) {
                 Ok(row) => {
-                    buf.bytes += row.approx_bytes();
-                    let key = (name, row.site.clone(), date_of(row.event_ms));
-                    buf.parts.entry(key).or_default().push(row);
+                    buf.bytes += bytes;
+                    buf.part(t, &row.site, row.event_ms).push_row(&row);
                 }
                 Err(reason) => buf.dead.push(dead("bad_value", reason)),
             }
@@ -520,7 +537,6 @@ async fn commit(
     lake: &Lake,
     state: &mut State,
     buf: &mut Buffer,
-    tables: &HashMap<String, Arc<LakeTable>>,
     row_group_rows: usize,
     producer: &FutureProducer,
     dlq_topic: &str,
@@ -532,26 +548,24 @@ async fn commit(
     let mut files = Vec::new();
     let mut renames = Vec::new();
     let mut rows_by_table: BTreeMap<String, u64> = BTreeMap::new();
-    let mut parts: Vec<(PartKey, Vec<LakeRow>)> = b.parts.into_iter().filter(|(k, _)| tables.contains_key(&k.0)).collect();
+    let mut parts: Vec<(PartKey, PartBuf)> = b.parts.into_iter().filter(|(_, pb)| pb.rows > 0).collect();
     parts.sort_by(|a, b| a.0.cmp(&b.0));
     let mut new_keys = BTreeSet::new();
     // Encoding and compressing is most of a commit's work: two threads take the partitions,
     // largest first.
-    let jobs: Vec<(usize, PartKey, Vec<LakeRow>)> = parts.into_iter().enumerate().map(|(n, (k, rows))| (n, k, rows)).collect();
-    let mut order: Vec<usize> = (0..jobs.len()).collect();
-    order.sort_by_key(|i| std::cmp::Reverse(jobs[*i].2.len()));
-    let queue = std::sync::Mutex::new(order.into_iter().map(|i| jobs[i].0).collect::<Vec<_>>());
-    let slots: Vec<std::sync::Mutex<Option<(PartKey, Vec<LakeRow>)>>> = jobs.into_iter().map(|(_, k, r)| std::sync::Mutex::new(Some((k, r)))).collect();
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by_key(|i| std::cmp::Reverse(parts[*i].1.rows));
+    let queue = std::sync::Mutex::new(order);
+    let slots: Vec<std::sync::Mutex<Option<(PartKey, PartBuf)>>> = parts.into_iter().map(|kp| std::sync::Mutex::new(Some(kp))).collect();
     let encode = |n: usize| -> Result<(usize, PartKey, u64, i64, i64, u64), SinkError> {
-        let Some((key, rows)) = slots[n].lock().ok().and_then(|mut s| s.take()) else {
+        let Some((key, pb)) = slots[n].lock().ok().and_then(|mut s| s.take()) else {
             return Err(SinkError::Lake("a partition was encoded twice".into()));
         };
-        let t = &tables[&key.0];
-        let (first, last) = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
-        let count = rows.len() as u64;
-        let batch = write::rows_to_batch(t, rows)?;
+        let (first, last, count) = (pb.first_offset, pb.last_offset, pb.rows);
+        let schema = pb.table.schema.clone();
+        let batch = pb.finish()?;
         let tmp = lake.root.join(format!("_tmp/{seq:010}-{n:04}.parquet"));
-        let bytes = write::write_file(&tmp, &t.schema, &[batch], row_group_rows)?;
+        let bytes = write::write_file(&tmp, &schema, &[batch], row_group_rows)?;
         Ok((n, key, count, first, last, bytes))
     };
     let results: Vec<Result<(usize, PartKey, u64, i64, i64, u64), SinkError>> = tokio::task::block_in_place(|| {

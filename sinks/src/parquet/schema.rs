@@ -52,9 +52,9 @@ pub struct LakeSchemaFile {
     pub tables: BTreeMap<String, LakeTableDef>,
 }
 
-/// One typed cell of a row.
+/// One typed cell of a row (text and bytes borrowed from the record when they can be).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Cell {
+pub enum Cell<'a> {
     Null,
     Bool(bool),
     Int(i64),
@@ -63,8 +63,8 @@ pub enum Cell {
     Decimal(i128),
     /// µs (timestamps, times) or days (dates), by the column's type.
     Temporal(i64),
-    Str(String),
-    Bin(Vec<u8>),
+    Str(std::borrow::Cow<'a, str>),
+    Bin(std::borrow::Cow<'a, [u8]>),
 }
 
 /// A table of the lake, ready to convert events.
@@ -141,23 +141,7 @@ pub struct LakeRow {
     pub rewritten: bool,
     pub partition: i32,
     pub offset: i64,
-    pub cells: Vec<Cell>,
-}
-
-impl LakeRow {
-    /// An approximation of the row's memory, for rolling files by size.
-    pub fn approx_bytes(&self) -> usize {
-        160 + self.row_key.len()
-            + self
-                .cells
-                .iter()
-                .map(|c| match c {
-                    Cell::Str(s) => 24 + s.len(),
-                    Cell::Bin(b) => 24 + b.len(),
-                    _ => 24,
-                })
-                .sum::<usize>()
-    }
+    pub cells: Vec<Cell<'static>>,
 }
 
 /// Converts one change: the after image (the before image of a delete), each value typed by
@@ -183,7 +167,7 @@ pub fn convert(
         cells.push(cell);
         if c.references.is_some() {
             cells.push(match ev.refs.get(&c.name) {
-                Some(J::String(u)) => Cell::Str(u.clone()),
+                Some(J::String(u)) => Cell::Str(u.clone().into()),
                 _ => Cell::Null,
             });
         }
@@ -214,7 +198,7 @@ fn short(v: &J) -> String {
 }
 
 /// One envelope value as a cell of Arrow type `t`.
-pub fn cell(v: &J, t: &DataType) -> Result<Cell, String> {
+pub fn cell(v: &J, t: &DataType) -> Result<Cell<'static>, String> {
     if v.is_null() {
         return Ok(Cell::Null);
     }
@@ -292,14 +276,14 @@ pub fn cell(v: &J, t: &DataType) -> Result<Cell, String> {
         },
         DataType::Binary => match v.as_str() {
             Some(s) => match base64::engine::general_purpose::STANDARD.decode(s) {
-                Ok(b) => Cell::Bin(b),
+                Ok(b) => Cell::Bin(b.into()),
                 Err(_) => return bad("base64 bytes"),
             },
             None => return bad("base64 bytes"),
         },
         _ => match v {
-            J::String(s) => Cell::Str(s.clone()),
-            other => Cell::Str(other.to_string()),
+            J::String(s) => Cell::Str(s.clone().into()),
+            other => Cell::Str(other.to_string().into()),
         },
     })
 }
