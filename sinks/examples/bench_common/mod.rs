@@ -85,6 +85,7 @@ pub async fn meta(c: &mut Conn) -> Meta {
     Meta { user, location, concept, enc_type, visit_type }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Produces `patients` patients' events from `site` to `topic`; returns the events sent.
 pub async fn prefill(producer: &FutureProducer, topic: &str, site: &str, meta: &Meta, patients: u64, first: u64, seq: &mut u64, ts: i64) -> u64 {
     let mut rows = 0;

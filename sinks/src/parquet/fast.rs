@@ -193,23 +193,31 @@ pub fn decode(
     let dates = |col: &str| if ev.op == Op::Delete { None } else { ev.after.as_ref().and_then(|a| a.get(col)).and_then(text) };
     let (changed, created) = (dates("date_changed"), dates("date_created"));
     let s = &ev.source;
-    let position = format!("{}:{:020}:{:010}", s.file, s.pos, s.row);
-    let meta = Meta {
-        op: ev.op.as_str(),
-        event_ms: s.ts_ms,
-        site: &ev.site,
-        uuid: Some(uuid),
-        person: rc.person.as_deref(),
-        late: rc.late,
-        row_key: uuid,
-        change_ms: change_ms(changed.as_deref(), created.as_deref(), s.ts_ms),
-        priority: priorities.get(ev.site.as_ref()).copied().unwrap_or(0),
-        position: &position,
-        rewritten: !rc.origin_refs.is_empty(),
-        partition,
-        offset,
-    };
-    out(table, &meta, &cells);
+    thread_local! {
+        static POSITION: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    POSITION.with(|pos| {
+        use std::fmt::Write;
+        let mut position = pos.borrow_mut();
+        position.clear();
+        let _ = write!(position, "{}:{:020}:{:010}", s.file, s.pos, s.row);
+        let meta = Meta {
+            op: ev.op.as_str(),
+            event_ms: s.ts_ms,
+            site: &ev.site,
+            uuid: Some(uuid),
+            person: rc.person.as_deref(),
+            late: rc.late,
+            row_key: uuid,
+            change_ms: change_ms(changed.as_deref(), created.as_deref(), s.ts_ms),
+            priority: priorities.get(ev.site.as_ref()).copied().unwrap_or(0),
+            position: &position,
+            rewritten: !rc.origin_refs.is_empty(),
+            partition,
+            offset,
+        };
+        out(table, &meta, &cells);
+    });
     Some(Ok(()))
 }
 

@@ -219,6 +219,34 @@ impl Buffer {
     }
 }
 
+impl Buffer {
+    /// Adds a decoder's rows to the file set.
+    fn absorb(&mut self, o: Buffer) {
+        self.parts.extend(o.parts);
+        for (k, rows) in o.merges {
+            self.merges.entry(k).or_default().extend(rows);
+        }
+        self.dead.extend(o.dead);
+        self.watermark = match (self.watermark, o.watermark) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// An encoded partition file: (index, partition, rows, first offset, last offset, bytes).
+type Encoded = (usize, PartKey, u64, i64, i64, u64);
+
+/// Records per batch handed to a decoder.
+const BATCH: usize = 1024;
+
+/// What the reader hands a decoder thread.
+enum Work {
+    Batch(Vec<(i32, i64, Vec<u8>)>),
+    /// Hand over the rows decoded so far.
+    Roll,
+}
+
 /// A file set from the reader task; `at_end`: `--until-idle` has read the topic's end at start.
 struct Chunk {
     buf: Buffer,
@@ -329,56 +357,114 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
     // file set, while the main loop encodes and commits the previous one.
     let consumer = Arc::new(consumer);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Chunk, SinkError>>(1);
+    // Decoding is spread over two threads, each with its own column builders; at a roll both
+    // hand theirs over and the file set holds a file per decoder per partition.
+    const DECODERS: usize = 2;
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Buffer>(DECODERS);
+    let mut work_txs = Vec::with_capacity(DECODERS);
+    for _ in 0..DECODERS {
+        let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Work>(8);
+        let (tables, priorities, done_tx) = (tables.clone(), priorities.clone(), done_tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut buf = Buffer::default();
+            while let Some(w) = wrx.blocking_recv() {
+                match w {
+                    Work::Batch(records) => {
+                        for (p, o, payload) in records {
+                            take(&mut buf, &tables, &priorities, p, o, &payload);
+                        }
+                    }
+                    Work::Roll => {
+                        if done_tx.blocking_send(std::mem::take(&mut buf)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        work_txs.push(wtx);
+    }
+    drop(done_tx);
     let _reader = AbortOnDrop(tokio::spawn({
         let consumer = consumer.clone();
         let topic = topic.clone();
-        let tables = tables.clone();
         let until_idle = args.until_idle;
         let roll_max = pq.roll_max_bytes;
         let mut next = state.offsets.clone();
         async move {
-            let (mut send_wait, mut take_time) = (Duration::ZERO, Duration::ZERO);
+            let mut turn = 0usize;
+            let mut batch: Vec<(i32, i64, Vec<u8>)> = Vec::with_capacity(BATCH);
             loop {
-                let mut buf = Buffer::default();
+                let mut set = Buffer::default();
                 let mut at_end = false;
-                while buf.bytes < roll_max {
-                    let wait = match buf.first_at {
-                        Some(t) => (t + roll_every).saturating_duration_since(Instant::now()),
-                        None => Duration::from_millis(200),
-                    };
-                    if wait.is_zero() {
-                        break;
-                    }
-                    match tokio::time::timeout(wait.min(Duration::from_millis(200)), consumer.recv()).await {
-                        Err(_) => {
-                            if until_idle && reached(&consumer, &topic, &targets, &next) {
+                // One timer for the whole file set (not one per record): it ticks every 200 ms
+                // to roll by time and, when nothing came since the last tick, to look for the end.
+                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                let mut seen_since_tick = false;
+                while set.bytes < roll_max {
+                    tokio::select! {
+                        biased;
+                        m = consumer.recv() => match m {
+                            Err(e) => {
+                                let _ = tx.send(Err(SinkError::kafka("consuming", e))).await;
+                                return;
+                            }
+                            Ok(m) => {
+                                seen_since_tick = true;
+                                let (p, o) = (m.partition(), m.offset());
+                                set.next.insert(p, o + 1);
+                                next.insert(p, o + 1);
+                                set.records += 1;
+                                set.first_at.get_or_insert_with(Instant::now);
+                                let payload = m.payload().unwrap_or(&[]).to_vec();
+                                set.bytes += payload.len();
+                                batch.push((p, o, payload));
+                                if batch.len() >= BATCH {
+                                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                                    if work_txs[turn % DECODERS].send(Work::Batch(full)).await.is_err() {
+                                        return;
+                                    }
+                                    turn += 1;
+                                    // A steady stream keeps recv() ready and the tick unpolled.
+                                    if set.first_at.is_some_and(|t| t.elapsed() >= roll_every) {
+                                        break;
+                                    }
+                                }
+                            }
+                        },
+                        _ = tick.tick() => {
+                            if set.first_at.is_some_and(|t| t.elapsed() >= roll_every) {
+                                break;
+                            }
+                            if !seen_since_tick && until_idle && reached(&consumer, &topic, &targets, &next) {
                                 at_end = true;
                                 break;
                             }
-                        }
-                        Ok(Err(e)) => {
-                            let _ = tx.send(Err(SinkError::kafka("consuming", e))).await;
-                            return;
-                        }
-                        Ok(Ok(m)) => {
-                            let (p, o) = (m.partition(), m.offset());
-                            buf.next.insert(p, o + 1);
-                            next.insert(p, o + 1);
-                            buf.records += 1;
-                            buf.first_at.get_or_insert_with(Instant::now);
-                            let t_take = Instant::now();
-                            take(&mut buf, &tables, &priorities, p, o, m.payload().unwrap_or(&[]));
-                            take_time += t_take.elapsed();
+                            seen_since_tick = false;
                         }
                     }
                 }
-                let t_send = Instant::now();
-                let sent = tx.send(Ok(Chunk { buf, at_end })).await.is_err();
-                send_wait += t_send.elapsed();
-                if at_end {
-                    tracing::debug!(waited_for_writer_ms = send_wait.as_millis() as u64, decoding_ms = take_time.as_millis() as u64, "reader done");
+                if !batch.is_empty() {
+                    let rest = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                    if work_txs[turn % DECODERS].send(Work::Batch(rest)).await.is_err() {
+                        return;
+                    }
+                    turn += 1;
                 }
-                if sent || at_end {
+                for w in &work_txs {
+                    if w.send(Work::Roll).await.is_err() {
+                        return;
+                    }
+                }
+                for _ in 0..DECODERS {
+                    match done_rx.recv().await {
+                        Some(b) => set.absorb(b),
+                        None => return,
+                    }
+                }
+                if tx.send(Ok(Chunk { buf: set, at_end })).await.is_err() || at_end {
                     return;
                 }
             }
@@ -557,7 +643,7 @@ async fn commit(
     order.sort_by_key(|i| std::cmp::Reverse(parts[*i].1.rows));
     let queue = std::sync::Mutex::new(order);
     let slots: Vec<std::sync::Mutex<Option<(PartKey, PartBuf)>>> = parts.into_iter().map(|kp| std::sync::Mutex::new(Some(kp))).collect();
-    let encode = |n: usize| -> Result<(usize, PartKey, u64, i64, i64, u64), SinkError> {
+    let encode = |n: usize| -> Result<Encoded, SinkError> {
         let Some((key, pb)) = slots[n].lock().ok().and_then(|mut s| s.take()) else {
             return Err(SinkError::Lake("a partition was encoded twice".into()));
         };
@@ -568,7 +654,7 @@ async fn commit(
         let bytes = write::write_file(&tmp, &schema, &[batch], row_group_rows)?;
         Ok((n, key, count, first, last, bytes))
     };
-    let results: Vec<Result<(usize, PartKey, u64, i64, i64, u64), SinkError>> = tokio::task::block_in_place(|| {
+    let results: Vec<Result<Encoded, SinkError>> = tokio::task::block_in_place(|| {
         std::thread::scope(|sc| {
             let workers: Vec<_> = (0..2)
                 .map(|_| {
