@@ -344,6 +344,21 @@ async fn lake_is_exact_typed_and_equal_to_hq() {
         .unwrap();
     assert!(py.status.success(), "python check: {}{}", String::from_utf8_lossy(&py.stdout), String::from_utf8_lossy(&py.stderr));
 
+    // verify: everything reconciles; then a row removed behind HQ's back is reported.
+    let manifest_path = p.dir.path().join("manifest.json");
+    let v = bin().arg("--config").arg(&cfg_a).args(["verify", "--json", "--lake"]).arg(&lake_a).arg("--manifest").arg(&manifest_path).output().unwrap();
+    let report: J = serde_json::from_slice(&v.stdout).unwrap_or(J::Null);
+    assert!(v.status.success() && report["ok"] == J::Bool(true), "verify: {}\n{}", String::from_utf8_lossy(&v.stderr), serde_json::to_string_pretty(&report).unwrap_or_default());
+    assert!(report["tables"].as_array().is_some_and(|t| t.len() > 50), "uuid tables compared");
+    assert!(report["lake"].as_array().is_some_and(|t| t.len() > 20), "lake tables compared");
+    assert_eq!(report["manifest"]["wrong"], 0);
+    let gone: String = h.query_first("SELECT uuid FROM obs WHERE obs_group_id IS NULL AND obs_id NOT IN (SELECT obs_group_id FROM obs WHERE obs_group_id IS NOT NULL) ORDER BY obs_id LIMIT 1").await.unwrap().unwrap();
+    h.exec_drop("DELETE FROM obs WHERE uuid = ?", (&gone,)).await.unwrap();
+    let v = bin().arg("--config").arg(&cfg_a).args(["verify", "--lake"]).arg(&lake_a).output().unwrap();
+    let text = String::from_utf8_lossy(&v.stdout);
+    assert_eq!(v.status.code(), Some(1), "{text}");
+    assert!(text.contains("verify: DISCREPANCIES") && text.contains(&gone) && text.contains("obs: 1 site rows missing at HQ"), "{text}");
+
     // A site that was offline for days lands in an already-complete date partition.
     let mut c3 = admin(3313, Some(&p.database)).await;
     c3.query_drop(PROBE_DDL).await.unwrap();

@@ -5,10 +5,12 @@
 //! - [`parquet`]: the analytics lake. Delivery guarantee: exactly once — files are committed
 //!   by a manifest entry that names them and the offsets they cover (write, fsync, rename).
 //! - [`query`]: DataFusion SQL over the lake (read only).
+//! - [`verify`]: the reconciliation of sites, HQ and the lake (read only).
 
 pub mod hq_mysql;
 pub mod parquet;
 pub mod query;
+pub mod verify;
 
 /// Errors of the sinks. Transient ones (the database or the broker unreachable, a deadlock) are
 /// retried from the last committed batch; definite ones stop the process with the reason.
@@ -61,6 +63,17 @@ impl SinkError {
             _ => false,
         }
     }
+}
+
+/// Connection options for a configured database (TCP, not the socket).
+pub fn mysql_opts(d: &omrs_core::config::DatabaseConfig) -> mysql_async::OptsBuilder {
+    mysql_async::OptsBuilder::default()
+        .ip_or_hostname(d.host.clone())
+        .tcp_port(d.port)
+        .user(Some(d.user.clone()))
+        .pass(Some(d.password.clone()))
+        .db_name(Some(d.database.clone()))
+        .prefer_socket(false)
 }
 
 /// MySQL errors that a retry of the whole transaction can fix.

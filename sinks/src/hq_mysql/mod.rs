@@ -61,14 +61,7 @@ pub struct HqSinkArgs {
 
 fn hq_opts(cfg: &Config, with_db: bool) -> OptsBuilder {
     let d = &cfg.hq.database;
-    OptsBuilder::default()
-        .ip_or_hostname(d.host.clone())
-        .tcp_port(d.port)
-        .user(Some(d.user.clone()))
-        .pass(Some(d.password.clone()))
-        .db_name(with_db.then(|| d.database.clone()))
-        .prefer_socket(false)
-        .stmt_cache_size(256)
+    crate::mysql_opts(d).db_name(with_db.then(|| d.database.clone())).stmt_cache_size(256)
 }
 
 async fn connect(cfg: &Config, with_db: bool) -> Result<Conn, SinkError> {

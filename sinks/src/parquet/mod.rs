@@ -84,13 +84,7 @@ pub async fn load_tables(cfg: &Config, lake: &Lake) -> Result<HashMap<String, Ar
         Some(f) => f,
         None => {
             let d = &cfg.hq.database;
-            let opts = mysql_async::OptsBuilder::default()
-                .ip_or_hostname(d.host.clone())
-                .tcp_port(d.port)
-                .user(Some(d.user.clone()))
-                .pass(Some(d.password.clone()))
-                .db_name(Some(d.database.clone()))
-                .prefer_socket(false);
+            let opts = crate::mysql_opts(d);
             let mut conn = mysql_async::Conn::new(opts).await.map_err(|e| match &e {
                 mysql_async::Error::Server(s) if s.code == 1049 => SinkError::Schema(format!(
                     "the lake takes its table model from HQ, and the HQ database `{}` does not exist: create it with `omrs-stream sink hq-mysql --init`",

@@ -1,0 +1,414 @@
+//! `omrs-stream verify`: the reconciliation report an operator runs in production. Read only.
+//!
+//! One pass per table and server, set-based: the uuids of every uuid-keyed table at each site
+//! and at HQ, compared in memory; FK orphans and identity duplicates as one SQL statement each
+//! at HQ; the lake's current tables against HQ's; the lag of each stage from the offsets it
+//! stored. With `--manifest` (the simulator's ground truth), every human must be exactly one
+//! unvoided patient at HQ. Exit code 1 on any discrepancy.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+use omrs_core::config::{Config, DatabaseConfig};
+use omrs_core::kafka::client_config;
+use omrs_core::topics::TopicNames;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::Serialize;
+
+use crate::SinkError;
+
+/// `omrs-stream verify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyArgs {
+    /// The simulator's manifest (`simulate --manifest`): also check identity against it.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// The report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// The lake, instead of sinks.parquet.path.
+    #[arg(long)]
+    pub lake: Option<PathBuf>,
+    /// Do not compare the lake.
+    #[arg(long)]
+    pub no_lake: bool,
+    /// Sample uuids listed per discrepancy.
+    #[arg(long, default_value_t = 5)]
+    pub samples: usize,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct TableCheck {
+    pub table: String,
+    pub hq_rows: usize,
+    pub site_rows: BTreeMap<String, usize>,
+    /// Site rows not at HQ, by site.
+    pub missing: BTreeMap<String, usize>,
+    /// HQ rows no site holds (and HQ did not write itself).
+    pub extra: usize,
+    pub sample_missing: Vec<String>,
+    pub sample_extra: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Orphans {
+    pub table: String,
+    pub column: String,
+    pub references: String,
+    pub rows: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Duplicate {
+    pub identifier_type: String,
+    pub identifier: String,
+    pub patients: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LakeCheck {
+    pub table: String,
+    pub hq_rows: usize,
+    pub lake_rows: usize,
+    pub missing: usize,
+    pub extra: usize,
+    pub sample: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Lag {
+    pub stage: String,
+    pub topic: String,
+    /// Messages behind the topic's end; None when the stage has stored no position.
+    pub messages: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct ManifestCheck {
+    pub humans: usize,
+    /// Humans without exactly one unvoided HQ patient among their records.
+    pub wrong: usize,
+    pub sample: Vec<String>,
+    pub expected_active_patients: Option<u64>,
+    pub active_patients: i64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Report {
+    pub ok: bool,
+    pub tables: Vec<TableCheck>,
+    pub orphans: Vec<Orphans>,
+    pub identity_duplicates: Vec<Duplicate>,
+    pub lake: Vec<LakeCheck>,
+    pub lake_checked: bool,
+    pub lag: Vec<Lag>,
+    pub manifest: Option<ManifestCheck>,
+    pub problems: Vec<String>,
+}
+
+async fn connect(d: &DatabaseConfig, what: &str) -> Result<Conn, SinkError> {
+    let opts = crate::mysql_opts(d);
+    Conn::new(opts).await.map_err(|e| SinkError::db(format!("connecting to {what} ({})", d.redacted_url()), e))
+}
+
+fn q(id: &str) -> String {
+    format!("`{}`", id.replace('`', "``"))
+}
+
+/// Tables with a `uuid` column in `db`.
+async fn uuid_tables(c: &mut Conn, db: &str) -> Result<Vec<String>, SinkError> {
+    c.exec(
+        "SELECT c.table_name FROM information_schema.columns c JOIN information_schema.tables t
+           ON t.table_schema = c.table_schema AND t.table_name = c.table_name AND t.table_type = 'BASE TABLE'
+         WHERE c.table_schema = ? AND c.column_name = 'uuid' AND c.table_name NOT LIKE 'omrs\\_%' ORDER BY 1",
+        (db,),
+    )
+    .await
+    .map_err(|e| SinkError::db("reading information_schema", e))
+}
+
+async fn uuids(c: &mut Conn, table: &str, what: &str) -> Result<HashSet<String>, SinkError> {
+    let v: Vec<Option<String>> = c.query(format!("SELECT uuid FROM {}", q(table))).await.map_err(|e| SinkError::db(format!("reading {what}.{table}"), e))?;
+    Ok(v.into_iter().flatten().collect())
+}
+
+/// Runs every check.
+pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
+    let mut r = Report::default();
+    let hq_db = &cfg.hq.database.database;
+    let mut hq = connect(&cfg.hq.database, "HQ").await?;
+    let mut sites = Vec::new();
+    for s in &cfg.sites {
+        sites.push((s.name.clone(), connect(&s.database, &format!("site {}", s.name)).await?));
+    }
+
+    // 1. Every live site row is at HQ; nothing at HQ is unexplained.
+    let hq_written: HashSet<String> = hq
+        .query::<Option<String>, _>("SELECT merge_log_uuid FROM omrs_sync_merge WHERE merge_log_uuid IS NOT NULL")
+        .await
+        .map_err(|e| SinkError::db("reading omrs_sync_merge", e))?
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut hq_sets: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut site_tables: HashMap<String, HashSet<String>> = HashMap::new();
+    for ((name, c), s) in sites.iter_mut().zip(&cfg.sites) {
+        site_tables.insert(name.clone(), uuid_tables(c, &s.database.database).await?.into_iter().collect());
+    }
+    for table in uuid_tables(&mut hq, hq_db).await? {
+        let at_hq = uuids(&mut hq, &table, "HQ").await?;
+        let mut check = TableCheck { table: table.clone(), hq_rows: at_hq.len(), ..Default::default() };
+        let mut union: HashSet<String> = HashSet::new();
+        for (name, c) in sites.iter_mut() {
+            if !site_tables.get(name.as_str()).is_some_and(|t| t.contains(&table)) {
+                continue;
+            }
+            let set = uuids(c, &table, name).await?;
+            let missing: Vec<&String> = set.iter().filter(|u| !at_hq.contains(*u)).collect();
+            if !missing.is_empty() {
+                check.missing.insert(name.clone(), missing.len());
+                check.sample_missing.extend(missing.iter().take(args.samples).map(|u| format!("{name}:{u}")));
+            }
+            check.site_rows.insert(name.clone(), set.len());
+            union.extend(set);
+        }
+        let extra: Vec<&String> = at_hq.iter().filter(|u| !union.contains(*u) && !hq_written.contains(*u)).collect();
+        check.extra = extra.len();
+        check.sample_extra = extra.iter().take(args.samples).map(|u| u.to_string()).collect();
+        if !check.missing.is_empty() || check.extra > 0 {
+            r.problems.push(format!(
+                "{table}: {} site rows missing at HQ ({:?}), {} HQ rows no site holds",
+                check.missing.values().sum::<usize>(),
+                check.missing,
+                check.extra
+            ));
+        }
+        hq_sets.insert(table, at_hq);
+        r.tables.push(check);
+    }
+
+    // 2. No FK orphans at HQ.
+    let fks: Vec<(String, String, String, String)> = hq
+        .exec(
+            "SELECT table_name, column_name, referenced_table_name, referenced_column_name FROM information_schema.key_column_usage
+             WHERE table_schema = ? AND referenced_table_name IS NOT NULL AND table_name NOT LIKE 'omrs\\_%'",
+            (hq_db,),
+        )
+        .await
+        .map_err(|e| SinkError::db("reading the foreign keys", e))?;
+    for (t, col, rt, rc) in fks {
+        let n: Option<i64> = hq
+            .query_first(format!(
+                "SELECT COUNT(*) FROM {} c LEFT JOIN {} p ON c.{} = p.{} WHERE c.{} IS NOT NULL AND p.{} IS NULL",
+                q(&t),
+                q(&rt),
+                q(&col),
+                q(&rc),
+                q(&col),
+                q(&rc)
+            ))
+            .await
+            .map_err(|e| SinkError::db(format!("counting orphans of {t}.{col}"), e))?;
+        if let Some(n) = n.filter(|n| *n > 0) {
+            r.problems.push(format!("{t}.{col}: {n} rows reference a missing {rt}"));
+            r.orphans.push(Orphans { table: t, column: col, references: rt, rows: n });
+        }
+    }
+
+    // 3. No two unvoided HQ patients share a configured identifier (normalised as the
+    // transform normalises it).
+    for rule in &cfg.identity.identifiers {
+        let rows: Vec<(String, String)> = hq
+            .exec(
+                "SELECT pi.identifier, p.uuid FROM patient_identifier pi
+                 JOIN patient_identifier_type t ON t.patient_identifier_type_id = pi.identifier_type
+                 JOIN patient pa ON pa.patient_id = pi.patient_id AND pa.voided = 0
+                 JOIN person p ON p.person_id = pi.patient_id
+                 WHERE pi.voided = 0 AND t.uuid = ?",
+                (rule.identifier_type_uuid.as_str(),),
+            )
+            .await
+            .map_err(|e| SinkError::db("reading identifiers", e))?;
+        let mut by: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for (value, person) in rows {
+            by.entry(rule.normalize(&value)).or_default().insert(person);
+        }
+        for (identifier, persons) in by.into_iter().filter(|(_, p)| p.len() > 1) {
+            r.problems.push(format!("identifier {identifier} ({}) is on {} unvoided patients", rule.identifier_type_uuid, persons.len()));
+            r.identity_duplicates.push(Duplicate { identifier_type: rule.identifier_type_uuid.clone(), identifier, patients: persons.into_iter().collect() });
+        }
+    }
+
+    // 4. The lake's current tables equal HQ in uuid space.
+    let lake_root = args.lake.clone().unwrap_or_else(|| cfg.sinks.parquet.path.clone());
+    if !args.no_lake {
+        let ctx = crate::query::context(&lake_root).await?;
+        r.lake_checked = true;
+        for t in crate::query::table_names(&ctx).await.iter().filter_map(|n| n.strip_prefix("current.")) {
+            let Some(at_hq) = hq_sets.get(t) else { continue };
+            let batches = crate::query::sql(&ctx, &format!("SELECT _row_key FROM current.{t}")).await?;
+            let mut lake: HashSet<String> = HashSet::new();
+            for b in &batches {
+                let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).map_err(|e| SinkError::Query(format!("current.{t}._row_key: {e}")))?;
+                if let Some(a) = col.as_any().downcast_ref::<arrow::array::StringArray>() {
+                    lake.extend(a.iter().flatten().map(str::to_string));
+                }
+            }
+            let missing: Vec<&String> = at_hq.iter().filter(|u| !lake.contains(*u) && !hq_written.contains(*u)).collect();
+            let extra: Vec<&String> = lake.iter().filter(|u| !at_hq.contains(*u)).collect();
+            if !missing.is_empty() || !extra.is_empty() {
+                r.problems.push(format!("lake current.{t}: {} HQ rows missing, {} rows HQ does not hold", missing.len(), extra.len()));
+            }
+            r.lake.push(LakeCheck {
+                table: t.to_string(),
+                hq_rows: at_hq.len(),
+                lake_rows: lake.len(),
+                missing: missing.len(),
+                extra: extra.len(),
+                sample: missing.iter().chain(extra.iter()).take(args.samples).map(|u| u.to_string()).collect(),
+            });
+        }
+    }
+
+    // 5. Lag of every stage, from the positions they stored. The topics are transactional:
+    // their end offset counts commit markers, so a stage is behind only if a record can be read
+    // after its position.
+    let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
+    let hq_topic = names.hq_changes();
+    let behind = |topic: &str, stored: Option<i64>| -> Result<Option<i64>, SinkError> {
+        let Some(stored) = stored else { return Ok(None) };
+        let reader: BaseConsumer = client_config(&cfg.kafka)
+            .set("group.id", format!("{}omrs-verify", cfg.kafka.topic_prefix))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(|e| SinkError::kafka("creating a consumer", e))?;
+        let (_, end) = reader.fetch_watermarks(topic, 0, Duration::from_secs(10)).map_err(|e| SinkError::kafka(format!("reading the end of {topic}"), e))?;
+        if end <= stored {
+            return Ok(Some(0));
+        }
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(stored)).map_err(|e| SinkError::kafka("assigning", e))?;
+        reader.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            match reader.poll(Duration::from_millis(200)) {
+                Some(Ok(_)) => return Ok(Some(end - stored)),
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(Some(0)),
+                Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}"), e)),
+                None => {}
+            }
+        }
+        Ok(Some(end - stored))
+    };
+    let hq_stored: Option<i64> = hq
+        .exec_first("SELECT next_offset FROM omrs_sync_offsets WHERE topic = ? AND kafka_partition = 0", (hq_topic.as_str(),))
+        .await
+        .map_err(|e| SinkError::db("reading omrs_sync_offsets", e))?;
+    r.lag.push(Lag { stage: "hq_mysql".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(hq_stored.unwrap_or(0)))? });
+    if !args.no_lake {
+        let lake = crate::parquet::lake::Lake::new(&lake_root);
+        let stored = lake.read_manifest().ok().and_then(|(s, _)| s.offsets.get(&0).copied());
+        r.lag.push(Lag { stage: "parquet".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(stored.unwrap_or(0)))? });
+    }
+    let group: BaseConsumer = client_config(&cfg.kafka)
+        .set("group.id", format!("{}omrs-transform", cfg.kafka.topic_prefix))
+        .create()
+        .map_err(|e| SinkError::kafka("creating a consumer", e))?;
+    for s in &cfg.sites {
+        let topic = names.cdc(&s.name);
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&topic, 0);
+        let committed = group
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .ok()
+            .and_then(|t| t.find_partition(&topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
+        r.lag.push(Lag { stage: "transform".into(), topic: topic.clone(), messages: behind(&topic, committed)? });
+    }
+    for l in &r.lag {
+        if l.messages.is_some_and(|m| m > 0) {
+            r.problems.push(format!("{} is {} messages behind on {}", l.stage, l.messages.unwrap_or(0), l.topic));
+        }
+    }
+
+    // 6. The simulator's ground truth.
+    if let Some(path) = &args.manifest {
+        let text = std::fs::read(path).map_err(|e| SinkError::io(format!("reading {}", path.display()), e))?;
+        let m: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SinkError::Usage(format!("{}: not a simulator manifest ({e})", path.display())))?;
+        let mut check = ManifestCheck { expected_active_patients: m["expected_hq"]["active_patients"].as_u64(), ..Default::default() };
+        let voided: HashMap<String, i64> = hq
+            .query::<(String, i64), _>("SELECT uuid, voided FROM person")
+            .await
+            .map_err(|e| SinkError::db("reading person", e))?
+            .into_iter()
+            .collect();
+        for h in m["humans"].as_array().into_iter().flatten() {
+            check.humans += 1;
+            let records: Vec<&str> = h["records"].as_array().into_iter().flatten().filter_map(|r| r["person_uuid"].as_str()).collect();
+            let alive = records.iter().filter(|u| voided.get(**u) == Some(&0)).count();
+            let absent = records.iter().filter(|u| !voided.contains_key(**u)).count();
+            if alive != 1 || absent > 0 {
+                check.wrong += 1;
+                if check.sample.len() < args.samples {
+                    check.sample.push(format!("{}: {alive} unvoided, {absent} absent of {records:?}", h["national_id"].as_str().unwrap_or("?")));
+                }
+            }
+        }
+        check.active_patients = hq.query_first("SELECT COUNT(*) FROM patient WHERE voided = 0").await.map_err(|e| SinkError::db("counting patients", e))?.unwrap_or(0);
+        if check.wrong > 0 {
+            r.problems.push(format!("{} of {} humans are not exactly one unvoided patient at HQ", check.wrong, check.humans));
+        }
+        if check.expected_active_patients.is_some_and(|e| e as i64 != check.active_patients) {
+            r.problems.push(format!("{} active patients at HQ, the manifest expects {:?}", check.active_patients, check.expected_active_patients));
+        }
+        r.manifest = Some(check);
+    }
+    r.ok = r.problems.is_empty();
+    Ok(r)
+}
+
+/// The report for a terminal.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let rows: usize = r.tables.iter().map(|t| t.hq_rows).sum();
+    out.push_str(&format!("sites → HQ: {} uuid tables, {rows} HQ rows\n", r.tables.len()));
+    for t in r.tables.iter().filter(|t| !t.missing.is_empty() || t.extra > 0) {
+        out.push_str(&format!("  {}: missing {:?}, extra {}; e.g. {:?} {:?}\n", t.table, t.missing, t.extra, t.sample_missing, t.sample_extra));
+    }
+    out.push_str(&format!("FK orphans at HQ: {}\n", r.orphans.iter().map(|o| o.rows).sum::<i64>()));
+    for o in &r.orphans {
+        out.push_str(&format!("  {}.{} → {}: {}\n", o.table, o.column, o.references, o.rows));
+    }
+    out.push_str(&format!("identifiers shared by unvoided patients: {}\n", r.identity_duplicates.len()));
+    for d in r.identity_duplicates.iter().take(10) {
+        out.push_str(&format!("  {} ({}): {:?}\n", d.identifier, d.identifier_type, d.patients));
+    }
+    if r.lake_checked {
+        let bad: Vec<&LakeCheck> = r.lake.iter().filter(|l| l.missing + l.extra > 0).collect();
+        out.push_str(&format!("lake current vs HQ: {} tables compared, {} differ\n", r.lake.len(), bad.len()));
+        for l in bad {
+            out.push_str(&format!("  current.{}: {} vs HQ {} (missing {}, extra {}), e.g. {:?}\n", l.table, l.lake_rows, l.hq_rows, l.missing, l.extra, l.sample));
+        }
+    }
+    for l in &r.lag {
+        out.push_str(&format!("lag {} on {}: {}\n", l.stage, l.topic, l.messages.map(|m| m.to_string()).unwrap_or_else(|| "no position stored".into())));
+    }
+    if let Some(m) = &r.manifest {
+        out.push_str(&format!(
+            "manifest: {} humans, {} wrong; {} active patients (expected {:?})\n",
+            m.humans, m.wrong, m.active_patients, m.expected_active_patients
+        ));
+        for s in &m.sample {
+            out.push_str(&format!("  {s}\n"));
+        }
+    }
+    out.push_str(if r.ok { "verify: OK\n" } else { "verify: DISCREPANCIES\n" });
+    for p in &r.problems {
+        out.push_str(&format!("  - {p}\n"));
+    }
+    out
+}
