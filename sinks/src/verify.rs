@@ -284,7 +284,7 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
             .set("group.id", format!("{}omrs-verify", cfg.kafka.topic_prefix))
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
+            .set("enable.partition.eof", "false")
             .create()
             .map_err(|e| SinkError::kafka("creating a consumer", e))?;
         let (_, end) = reader.fetch_watermarks(topic, 0, Duration::from_secs(10)).map_err(|e| SinkError::kafka(format!("reading the end of {topic}"), e))?;
@@ -298,9 +298,17 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
         while std::time::Instant::now() < deadline {
             match reader.poll(Duration::from_millis(200)) {
                 Some(Ok(_)) => return Ok(Some(end - stored)),
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(Some(0)),
                 Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}"), e)),
-                None => {}
+                // Nothing to read: the consumer has stepped over the commit markers to the end.
+                None => {
+                    let at = reader
+                        .position()
+                        .ok()
+                        .and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
+                    if at.is_some_and(|o| o >= end) {
+                        return Ok(Some(0));
+                    }
+                }
             }
         }
         Ok(Some(end - stored))
