@@ -352,7 +352,8 @@ async fn lake_is_exact_typed_and_equal_to_hq() {
     assert!(report["tables"].as_array().is_some_and(|t| t.len() > 50), "uuid tables compared");
     assert!(report["lake"].as_array().is_some_and(|t| t.len() > 20), "lake tables compared");
     assert_eq!(report["manifest"]["wrong"], 0);
-    let gone: String = h.query_first("SELECT uuid FROM obs WHERE obs_group_id IS NULL AND obs_id NOT IN (SELECT obs_group_id FROM obs WHERE obs_group_id IS NOT NULL) ORDER BY obs_id LIMIT 1").await.unwrap().unwrap();
+    let gone: String = h.query_first("SELECT uuid FROM obs WHERE obs_group_id IS NULL AND obs_id NOT IN (SELECT obs_group_id FROM obs WHERE obs_group_id IS NOT NULL)
+           AND obs_id NOT IN (SELECT previous_version FROM obs WHERE previous_version IS NOT NULL) ORDER BY obs_id DESC LIMIT 1").await.unwrap().unwrap();
     h.exec_drop("DELETE FROM obs WHERE uuid = ?", (&gone,)).await.unwrap();
     let v = bin().arg("--config").arg(&cfg_a).args(["verify", "--lake"]).arg(&lake_a).output().unwrap();
     let text = String::from_utf8_lossy(&v.stdout);
