@@ -152,17 +152,7 @@ async fn lake_is_exact_typed_and_equal_to_hq() {
     let cfg = omrs_core::config::Config::load(&cfg_a).unwrap();
 
     // The sites, a custom module table at site-a (and HQ below), the workload.
-    let args = omrs_simulate::SimulateArgs {
-        patients: 150,
-        dup_fraction: 0.2,
-        seed: 11,
-        burst: true,
-        manifest: p.dir.path().join("manifest.json"),
-        database: Some(p.database.clone()),
-        dump: dump(),
-        quiet: true,
-        ..Default::default()
-    };
+    let args = workload(&p, 150, 11);
     omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { provision_only: true, ..args.clone() }).await.unwrap();
     let mut a = admin(3311, Some(&p.database)).await;
     a.query_drop(PROBE_DDL).await.unwrap();

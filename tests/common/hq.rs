@@ -242,3 +242,19 @@ pub async fn layout(c: &mut Conn, db: &str, table: &str) -> (Vec<String>, Option
     let own = (pk.len() == 1 && (has_uuid || fks.contains(pk[0]))).then(|| pk[0].clone());
     (cols, own, fks)
 }
+
+/// The sink tests' simulator workload: `patients` people, 20 % of them at several sites, in the
+/// pipeline's own site databases, with the ground truth in `<dir>/manifest.json`.
+pub fn workload(p: &Pipeline, patients: usize, seed: u64) -> omrs_simulate::SimulateArgs {
+    omrs_simulate::SimulateArgs {
+        patients,
+        dup_fraction: 0.2,
+        seed,
+        burst: true,
+        manifest: p.dir.path().join("manifest.json"),
+        database: Some(p.database.clone()),
+        dump: dump(),
+        quiet: true,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,127 @@
+//! Every long-running process serves `/metrics` and `/health`, and the documented metric names
+//! are there and move: three ingest agents, the transform, the HQ sink and the Parquet sink run
+//! as they do in production (not in batch mode) over a small simulator workload, and each one's
+//! endpoint is scraped until its counters are above zero.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+
+use common::hq::*;
+use common::*;
+use mysql_async::prelude::Queryable;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// The sum of every sample of `name` (any labels) whose label set contains `filter`.
+fn total(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+struct Kill(Vec<Child>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            kill9(c);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_serves_metrics_that_move() {
+    let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tms")), database: unique("mss") };
+    let hq_db = unique("openmrs_hq_m");
+    let lake = p.dir.path().join("lake");
+    let cfg_path = p.config(
+        &hq_db,
+        &[
+            ("${OMRS_LAKE:-/var/lib/omrs-stream/lake}", &path_str(&lake)),
+            ("roll_interval_ms = 10000", "roll_interval_ms = 300"),
+        ],
+    );
+    p.run(&cfg_path, &["topics", "apply"]);
+    let cfg = omrs_core::config::Config::load(&cfg_path).unwrap();
+    let args = workload(&p, 30, 5);
+    omrs_simulate::run(&cfg, &args).await.unwrap();
+    p.run(&cfg_path, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
+
+    let spawn = |args: &[&str], port: u16| -> Child {
+        bin()
+            .arg("--config")
+            .arg(&cfg_path)
+            .args(args)
+            .args(["--metrics-port", &port.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut procs = Kill(Vec::new());
+    let mut ports = Vec::new();
+    for site in ["site-a", "site-b", "site-c"] {
+        let port = free_port();
+        procs.0.push(spawn(&["ingest", "--site", site, "--quiet"], port));
+        ports.push((format!("ingest {site}"), port, "omrs_stream_events_out_total", "stage=\"ingest\""));
+    }
+    let port = free_port();
+    procs.0.push(spawn(&["transform"], port));
+    ports.push(("transform".into(), port, "omrs_stream_events_out_total", "stage=\"transform\""));
+    let port = free_port();
+    procs.0.push(spawn(&["sink", "hq-mysql", "--quiet"], port));
+    ports.push(("hq-mysql".into(), port, "omrs_stream_hq_rows_applied_total", ""));
+    let port = free_port();
+    procs.0.push(spawn(&["sink", "parquet", "--quiet"], port));
+    ports.push(("parquet".into(), port, "omrs_stream_lake_rows_written_total", ""));
+
+    for (what, port, name, filter) in &ports {
+        let text = wait_for(180, &format!("{what}: {name}{{{filter}}} above zero on :{port}"), || {
+            let t = get(*port, "/metrics")?;
+            (total(&t, name, filter) > 0.0).then_some(t)
+        });
+        assert!(get(*port, "/health").is_some_and(|h| h.starts_with("HTTP/1.0 200") || h.starts_with("HTTP/1.1 200")), "{what}: /health");
+        assert!(total(&text, "omrs_stream_up", "") >= 1.0, "{what}: omrs_stream_up");
+        match what.as_str() {
+            "transform" => {
+                assert!(total(&text, "omrs_stream_events_in_total", "stage=\"transform\"") > 0.0, "transform events in");
+                assert!(text.contains("omrs_stream_global_watermark_ms"), "transform watermark");
+                assert!(text.contains("omrs_stream_site_idle"), "idle sites");
+            }
+            "hq-mysql" => {
+                assert!(text.contains("omrs_stream_hq_end_to_end_latency_seconds_bucket"), "HQ latency histogram");
+                assert!(text.contains("omrs_stream_parked_rows"), "HQ pending rows");
+            }
+            "parquet" => {
+                assert!(total(&text, "omrs_stream_lake_files_written_total", "dataset=\"changes\"") > 0.0, "lake files");
+                assert!(total(&text, "omrs_stream_lake_bytes_written_total", "") > 0.0, "lake bytes");
+                assert!(text.contains("omrs_stream_lake_manifest_lag_messages"), "manifest lag");
+            }
+            _ => assert!(text.contains("omrs_stream_ingest_binlog_position") || text.contains("omrs_stream_snapshot_rows_total"), "{what}: ingest position"),
+        }
+    }
+    drop(procs);
+
+    let mut admin_hq = admin(HQ_PORT, None).await;
+    admin_hq.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
+    for port in [3311, 3312, 3313] {
+        let mut c = admin(port, None).await;
+        c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
+    }
+}
