@@ -8,6 +8,7 @@
 //! - [`verify`]: the reconciliation of sites, HQ and the lake (read only).
 
 pub mod hq_mysql;
+pub mod kafka;
 pub mod parquet;
 pub mod query;
 pub mod verify;

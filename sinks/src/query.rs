@@ -125,7 +125,11 @@ pub async fn context(lake_root: &Path) -> Result<SessionContext, SinkError> {
     let lake = Lake::new(lake_root);
     if let Ok((state, _)) = lake.read_manifest() {
         let keys: Vec<_> = state.partitions.iter().collect();
-        let files = |k: &crate::parquet::lake::PartKey| state.files.iter().filter(|f| f.table == k.0 && f.site == k.1 && f.date == k.2).count() as i64;
+        let mut counts: std::collections::HashMap<(&str, &str, &str), i64> = std::collections::HashMap::new();
+        for f in &state.files {
+            *counts.entry((f.table.as_str(), f.site.as_str(), f.date.as_str())).or_default() += 1;
+        }
+        let files = |k: &crate::parquet::lake::PartKey| counts.get(&(k.0.as_str(), k.1.as_str(), k.2.as_str())).copied().unwrap_or(0);
         let cols: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(keys.iter().map(|k| k.0.as_str()))),
             Arc::new(StringArray::from_iter_values(keys.iter().map(|k| k.1.as_str()))),

@@ -68,15 +68,7 @@ impl Record {
     }
 }
 
-/// A record that cannot be applied, and why.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub partition: i32,
-    pub offset: i64,
-    pub kind: &'static str,
-    pub reason: String,
-    pub payload: Vec<u8>,
-}
+pub use crate::kafka::DeadLetter;
 
 /// What a committed batch did, for metrics and logs.
 #[derive(Default, Debug)]

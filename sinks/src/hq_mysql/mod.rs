@@ -21,16 +21,13 @@ use std::time::{Duration, Instant};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 use omrs_core::config::Config;
-use omrs_core::dlq::DeadRecord;
-use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::consumer::Consumer;
+use rdkafka::{Message, Offset};
 
 use crate::SinkError;
-use apply::{Applier, DeadLetter, Record};
+use apply::{Applier, Record};
 
 /// `omrs-stream sink hq-mysql`: apply omrs.hq.changes to the HQ OpenMRS database.
 #[derive(Debug, Clone, clap::Args)]
@@ -86,15 +83,6 @@ struct Batch {
     at_end: bool,
 }
 
-/// Stops the reader task when the sink's loop ends, however it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -131,11 +119,6 @@ pub async fn run(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     }
 }
 
-fn dlq_record(d: &DeadLetter, topic: &str) -> Vec<u8> {
-    DeadRecord { stage: "hq_mysql", kind: Some(d.kind), reason: &d.reason, topic, partition: d.partition, offset: d.offset, payload: &d.payload }
-        .to_json(now_ms())
-}
-
 async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let topic = names.hq_changes();
@@ -149,42 +132,16 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         .await?
         .with_max_pending(sink_cfg.max_pending_rows);
 
-    let consumer: StreamConsumer = client_config(&cfg.kafka)
-        .set("group.id", format!("{}omrs-sink-hq-mysql", cfg.kafka.topic_prefix))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false")
-        .set("fetch.max.bytes", "52428800")
-        .set("queued.max.messages.kbytes", "65536")
-        .create()
-        .map_err(|e| SinkError::kafka("creating the consumer", e))?;
-    let producer: FutureProducer = client_config(&cfg.kafka)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .map_err(|e| SinkError::kafka("creating the dead-letter producer", e))?;
+    let consumer = crate::kafka::consumer(cfg, "hq-mysql")?;
+    let producer = crate::kafka::dlq_producer(cfg)?;
 
-    // Seek to the offsets stored in HQ (semantics 1), not to a group's.
-    let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading metadata", e))?;
-    let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    if partitions.is_empty() {
-        return Err(SinkError::Kafka {
-            context: format!("topic {topic}"),
-            message: "does not exist: create the topics first with `omrs-stream topics apply`".into(),
-            transient: false,
-        });
-    }
     let stored: Vec<(i32, i64)> = conn
         .exec("SELECT kafka_partition, next_offset FROM omrs_sync_offsets WHERE topic = ?", (topic.as_str(),))
         .await
         .map_err(|e| SinkError::db("reading omrs_sync_offsets", e))?;
     let stored: HashMap<i32, i64> = stored.into_iter().collect();
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        let off = stored.get(p).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning);
-        tpl.add_partition_offset(&topic, *p, off).map_err(|e| SinkError::kafka("assigning", e))?;
-    }
-    consumer.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
+    // Seek to the offsets stored in HQ (semantics 1), not to a group's.
+    let partitions = crate::kafka::assign_at(&consumer, &topic, &stored)?;
     tracing::info!(topic = %topic, offsets = ?stored, pending = applier.pending_len(), "HQ sink started");
 
     let mut targets: HashMap<i32, i64> = HashMap::new();
@@ -202,7 +159,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     });
     // The reader task consumes and parses the next batch while this one is being written.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, SinkError>>(2);
-    let reader = AbortOnDrop(tokio::spawn({
+    let reader = crate::kafka::AbortOnDrop(tokio::spawn({
         let topic = topic.clone();
         let batch_max = Duration::from_millis(sink_cfg.batch_max_ms);
         let until_idle = args.until_idle;
@@ -275,19 +232,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
                 }
             }
             // Dead letters are durable in Kafka before the batch commits: never lost.
-            for d in &outcome.dead {
-                tracing::warn!(offset = d.offset, kind = d.kind, reason = %d.reason, "record dead-lettered");
-                let payload = dlq_record(d, &topic);
-                let key = format!("{topic}:{}:{}", d.partition, d.offset);
-                producer
-                    .send(FutureRecord::to(&dlq_topic).key(&key).payload(&payload), Duration::from_secs(30))
-                    .await
-                    .map_err(|(e, _)| SinkError::kafka("producing a dead letter", e))?;
-                metrics().dead_lettered.with_label_values(&["hq_mysql", d.kind]).inc();
-            }
-            if !outcome.dead.is_empty() {
-                producer.flush(Duration::from_secs(30)).map_err(|e| SinkError::kafka("flushing dead letters", e))?;
-            }
+            crate::kafka::send_dead_letters(&producer, &dlq_topic, "hq_mysql", &topic, &outcome.dead).await?;
             conn.query_drop("COMMIT").await.map_err(|e| SinkError::db("committing", e))?;
             let committed = now_ms();
             let m = metrics();

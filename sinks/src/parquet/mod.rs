@@ -30,15 +30,14 @@ use arrow::array::{ArrayRef, Int32Builder, Int64Builder, StringBuilder, Timestam
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use omrs_core::config::Config;
-use omrs_core::dlq::DeadRecord;
 use omrs_core::hq::HqEvent;
-use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Message, Offset};
 
+use crate::kafka::DeadLetter;
 use crate::SinkError;
 use lake::{date_of, failpoint, Entry, FileEntry, Lake, PartKey, State};
 use schema::{convert, LakeSchemaFile, LakeTable};
@@ -165,14 +164,6 @@ fn merge_batch(rows: Vec<MergeRow>) -> Result<RecordBatch, SinkError> {
     RecordBatch::try_new(merge_schema(), arrays).map_err(|e| SinkError::Lake(format!("building the merge batch: {e}")))
 }
 
-struct Dead {
-    partition: i32,
-    offset: i64,
-    kind: &'static str,
-    reason: String,
-    payload: Vec<u8>,
-}
-
 /// What is buffered for the next commit: one column builder set per (table, site, date).
 #[derive(Default)]
 struct Buffer {
@@ -181,7 +172,7 @@ struct Buffer {
     /// The partition of the last row and its day: consecutive rows nearly always share it.
     last: Option<(usize, i64)>,
     merges: BTreeMap<(String, String), Vec<MergeRow>>,
-    dead: Vec<Dead>,
+    dead: Vec<DeadLetter>,
     next: BTreeMap<i32, i64>,
     watermark: Option<i64>,
     bytes: usize,
@@ -211,9 +202,7 @@ impl Buffer {
         self.last = Some((i, day));
         &mut self.parts[i].1
     }
-}
 
-impl Buffer {
     /// Adds a decoder's rows to the file set.
     fn absorb(&mut self, o: Buffer) {
         self.parts.extend(o.parts);
@@ -245,15 +234,6 @@ enum Work {
 struct Chunk {
     buf: Buffer,
     at_end: bool,
-}
-
-/// Stops the reader task when the sink's loop ends, however it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Runs the sink (or `--compact`).
@@ -294,40 +274,11 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
     let tables = load_tables(cfg, lake).await?;
     let priorities: HashMap<String, i32> = cfg.sites.iter().map(|s| (s.name.clone(), s.priority)).collect();
 
-    let consumer: StreamConsumer = client_config(&cfg.kafka)
-        .set("group.id", format!("{}omrs-sink-parquet", cfg.kafka.topic_prefix))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false")
-        .set("fetch.max.bytes", "52428800")
-        .set("max.partition.fetch.bytes", "16777216")
-        .set("queued.max.messages.kbytes", "65536")
-        // librdkafka backs off fetching for a whole second (by default) once its queue is
-        // full: keep it short, the reader drains the queue in milliseconds.
-        .set("fetch.queue.backoff.ms", "10")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .map_err(|e| SinkError::kafka("creating the consumer", e))?;
-    let producer: FutureProducer = client_config(&cfg.kafka)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .map_err(|e| SinkError::kafka("creating the dead-letter producer", e))?;
-    let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading metadata", e))?;
-    let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    if partitions.is_empty() {
-        return Err(SinkError::Kafka {
-            context: format!("topic {topic}"),
-            message: "does not exist: create the topics first with `omrs-stream topics apply`".into(),
-            transient: false,
-        });
-    }
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        let off = state.offsets.get(p).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning);
-        tpl.add_partition_offset(&topic, *p, off).map_err(|e| SinkError::kafka("assigning", e))?;
-    }
-    consumer.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
+    let consumer = crate::kafka::consumer(cfg, "parquet")?;
+    let producer = crate::kafka::dlq_producer(cfg)?;
+    // Seek to the offsets the manifest holds (semantics 1), not to a group's.
+    let stored: HashMap<i32, i64> = state.offsets.iter().map(|(p, o)| (*p, *o)).collect();
+    let partitions = crate::kafka::assign_at(&consumer, &topic, &stored)?;
     tracing::info!(topic = %topic, lake = %lake.root.display(), offsets = ?state.offsets, seq = state.seq, "parquet sink started");
 
     let mut targets: HashMap<i32, i64> = HashMap::new();
@@ -379,7 +330,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
         work_txs.push(wtx);
     }
     drop(done_tx);
-    let _reader = AbortOnDrop(tokio::spawn({
+    let _reader = crate::kafka::AbortOnDrop(tokio::spawn({
         let consumer = consumer.clone();
         let topic = topic.clone();
         let until_idle = args.until_idle;
@@ -538,14 +489,10 @@ struct ChangeBody {
 
 /// Buffers one record (or its dead letter).
 fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, priorities: &HashMap<String, i32>, p: i32, o: i64, payload: &[u8]) {
-    let dead = |kind: &'static str, reason: String| Dead { partition: p, offset: o, kind, reason, payload: payload.to_vec() };
-    let bytes = payload.len();
+    let dead = |kind: &'static str, reason: String| DeadLetter { partition: p, offset: o, kind, reason, payload: payload.to_vec() };
     let fast = fast::decode(payload, tables, priorities, p, o, |t, m, cells| buf.part(t, m.site, m.event_ms).push(m, cells));
     match fast {
-        Some(Ok(())) => {
-            buf.bytes += bytes;
-            return;
-        }
+        Some(Ok(())) => return,
         Some(Err(reason)) => {
             buf.dead.push(dead("bad_value", reason));
             return;
@@ -582,15 +529,11 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, priorities: 
             };
             let prio = priorities.get(&event.site).copied().unwrap_or(0);
             match convert(t, &event, late, person, &origin_refs, prio, p, o) {
-                Ok(row) => {
-                    buf.bytes += bytes;
-                    buf.part(t, &row.site, row.event_ms).push_row(&row);
-                }
+                Ok(row) => buf.part(t, &row.site, row.event_ms).push_row(&row),
                 Err(reason) => buf.dead.push(dead("bad_value", reason)),
             }
         }
         HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
-            buf.bytes += 300;
             buf.merges.entry((site.clone(), date_of(ts_ms))).or_default().push(MergeRow {
                 ts_ms,
                 site,
@@ -666,66 +609,38 @@ async fn commit(
     });
     let mut encoded = results.into_iter().collect::<Result<Vec<_>, _>>()?;
     encoded.sort_by_key(|e| e.0);
-    let mut n = encoded.len();
-    for (i, key, count, first, last, bytes) in encoded {
-        let tmp = format!("_tmp/{seq:010}-{i:04}.parquet");
-        let fin = format!("changes/{}/site={}/date={}/part-{seq:010}-{i:04}.parquet", key.0, key.1, key.2);
-        *rows_by_table.entry(key.0.clone()).or_default() += count;
+    let mut add = |key: PartKey, n: usize, rows: u64, first_offset: i64, last_offset: i64, bytes: u64| {
+        let fin = format!("changes/{}/site={}/date={}/part-{seq:010}-{n:04}.parquet", key.0, key.1, key.2);
         files.push(FileEntry {
             seq,
             path: fin.clone(),
             table: key.0.clone(),
             site: key.1.clone(),
             date: key.2.clone(),
-            rows: count,
+            rows,
             bytes,
-            first_offset: first,
-            last_offset: last,
+            first_offset,
+            last_offset,
             late: state.complete.contains_key(&key),
         });
-        renames.push((tmp, fin));
+        renames.push((format!("_tmp/{seq:010}-{n:04}.parquet"), fin));
         new_keys.insert(key);
+    };
+    let mut n = encoded.len();
+    for (i, key, count, first, last, bytes) in encoded {
+        *rows_by_table.entry(key.0.clone()).or_default() += count;
+        add(key, i, count, first, last, bytes);
     }
     for ((site, date), rows) in b.merges {
         let (first, last) = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
         let count = rows.len() as u64;
         let batch = merge_batch(rows)?;
-        let tmp = format!("_tmp/{seq:010}-{n:04}.parquet");
-        let bytes = write::write_file(&lake.root.join(&tmp), &merge_schema(), &[batch], row_group_rows)?;
-        let fin = format!("changes/{MERGE_TABLE}/site={site}/date={date}/part-{seq:010}-{n:04}.parquet");
-        let key = (MERGE_TABLE.to_string(), site, date);
-        files.push(FileEntry {
-            seq,
-            path: fin.clone(),
-            table: MERGE_TABLE.into(),
-            site: key.1.clone(),
-            date: key.2.clone(),
-            rows: count,
-            bytes,
-            first_offset: first,
-            last_offset: last,
-            late: state.complete.contains_key(&key),
-        });
-        renames.push((tmp, fin));
-        new_keys.insert(key);
+        let bytes = write::write_file(&lake.root.join(format!("_tmp/{seq:010}-{n:04}.parquet")), &merge_schema(), &[batch], row_group_rows)?;
+        add((MERGE_TABLE.to_string(), site, date), n, count, first, last, bytes);
         n += 1;
     }
     failpoint("lake:after-data-tmp");
-    // Dead letters are durable in Kafka before the commit: never lost.
-    for d in &b.dead {
-        tracing::warn!(offset = d.offset, kind = d.kind, reason = %d.reason, "record dead-lettered");
-        let payload = DeadRecord { stage: "parquet", kind: Some(d.kind), reason: &d.reason, topic, partition: d.partition, offset: d.offset, payload: &d.payload }
-            .to_json(now_ms());
-        let key = format!("{topic}:{}:{}", d.partition, d.offset);
-        producer
-            .send(FutureRecord::to(dlq_topic).key(&key).payload(&payload), Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| SinkError::kafka("producing a dead letter", e))?;
-        metrics().dead_lettered.with_label_values(&["parquet", d.kind]).inc();
-    }
-    if !b.dead.is_empty() {
-        producer.flush(Duration::from_secs(30)).map_err(|e| SinkError::kafka("flushing dead letters", e))?;
-    }
+    crate::kafka::send_dead_letters(producer, dlq_topic, "parquet", topic, &b.dead).await?;
     let watermark = match (b.watermark, state.watermark) {
         (Some(a), Some(s)) => Some(a.max(s)),
         (a, s) => a.or(s),

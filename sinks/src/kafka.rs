@@ -1,0 +1,103 @@
+//! The Kafka side that both sinks share: the `omrs.hq.changes` consumer (assigned at the
+//! offsets the sink stored itself, never a group's), the dead-letter producer, and how a batch's
+//! dead letters are made durable before the batch commits.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use omrs_core::config::Config;
+use omrs_core::dlq::DeadRecord;
+use omrs_core::kafka::client_config;
+use omrs_core::metrics::metrics;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::SinkError;
+
+/// A record a sink could not process: it goes to `omrs.dlq` with the reason.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub partition: i32,
+    pub offset: i64,
+    pub kind: &'static str,
+    pub reason: String,
+    pub payload: Vec<u8>,
+}
+
+/// Stops a task when the sink's loop ends, however it ends.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A read-committed consumer of `omrs.hq.changes` for the sink `name`; offsets are not
+/// committed to Kafka (each sink stores its own, with what it wrote).
+pub fn consumer(cfg: &Config, name: &str) -> Result<StreamConsumer, SinkError> {
+    client_config(&cfg.kafka)
+        .set("group.id", format!("{}omrs-sink-{name}", cfg.kafka.topic_prefix))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false")
+        .set("fetch.max.bytes", "52428800")
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("queued.max.messages.kbytes", "65536")
+        // librdkafka backs off fetching for a whole second (by default) once its queue is
+        // full: keep it short, the sinks drain the queue in milliseconds.
+        .set("fetch.queue.backoff.ms", "10")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .map_err(|e| SinkError::kafka("creating the consumer", e))
+}
+
+pub fn dlq_producer(cfg: &Config) -> Result<FutureProducer, SinkError> {
+    client_config(&cfg.kafka)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .map_err(|e| SinkError::kafka("creating the dead-letter producer", e))
+}
+
+/// Assigns every partition of `topic` at the offset in `stored` (the beginning where none is
+/// stored). Returns the partitions; a missing topic is a definite error with the fix.
+pub fn assign_at(consumer: &StreamConsumer, topic: &str, stored: &HashMap<i32, i64>) -> Result<Vec<i32>, SinkError> {
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading metadata", e))?;
+    let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    if partitions.is_empty() {
+        return Err(SinkError::Kafka {
+            context: format!("topic {topic}"),
+            message: "does not exist: create the topics first with `omrs-stream topics apply`".into(),
+            transient: false,
+        });
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        let off = stored.get(p).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning);
+        tpl.add_partition_offset(topic, *p, off).map_err(|e| SinkError::kafka("assigning", e))?;
+    }
+    consumer.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
+    Ok(partitions)
+}
+
+/// Produces the dead letters of a batch read from `topic` and waits until the broker has them,
+/// so that they are durable before the batch commits (at least once: never lost).
+pub async fn send_dead_letters(producer: &FutureProducer, dlq_topic: &str, stage: &str, topic: &str, dead: &[DeadLetter]) -> Result<(), SinkError> {
+    for d in dead {
+        tracing::warn!(offset = d.offset, kind = d.kind, reason = %d.reason, "record dead-lettered");
+        let payload = DeadRecord { stage, kind: Some(d.kind), reason: &d.reason, topic, partition: d.partition, offset: d.offset, payload: &d.payload }
+            .to_json(chrono::Utc::now().timestamp_millis());
+        let key = format!("{topic}:{}:{}", d.partition, d.offset);
+        producer
+            .send(FutureRecord::to(dlq_topic).key(&key).payload(&payload), Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| SinkError::kafka("producing a dead letter", e))?;
+        metrics().dead_lettered.with_label_values(&[stage, d.kind]).inc();
+    }
+    if !dead.is_empty() {
+        producer.flush(Duration::from_secs(30)).map_err(|e| SinkError::kafka("flushing dead letters", e))?;
+    }
+    Ok(())
+}
