@@ -1,5 +1,5 @@
-//! The `omrs-stream` binary: help, honest "not built yet" exits, config errors before any
-//! connection, and `topics apply|check` exit codes against the real broker.
+//! The `omrs-stream` binary: help, argument and config errors before any connection, and
+//! `topics apply|check` exit codes against the real broker.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,15 +29,24 @@ fn help_lists_every_subcommand() {
 }
 
 #[test]
-fn unbuilt_subcommands_say_so_and_exit_2() {
-    {
-        let args = vec!["demo"];
-        let out = bin().args(&args).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
+fn demo_refuses_bad_arguments_before_starting_anything() {
+    let state = tempfile::tempdir().unwrap();
+    for (args, why) in [
+        (vec!["--offline", "site-x:5:20"], "not one of the demo's sites"),
+        (vec!["--offline", "site-b:5:2"], "idle timeout"),
+        (vec!["--offline", "site-b:500:20"], "not inside"),
+        (vec!["--dup-fraction", "1.5"], "between 0 and 1"),
+        (vec!["--dump", "/nonexistent/dump.sql.gz"], "/nonexistent/dump.sql.gz"),
+    ] {
+        let out = bin().arg("demo").arg("--state-dir").arg(state.path()).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("not built yet"), "{args:?}: {err}");
-        assert!(out.stdout.is_empty(), "{args:?} printed output");
+        assert!(err.contains(why), "{args:?}: {err}");
     }
+    // Nothing was started: no run directory was made.
+    assert_eq!(std::fs::read_dir(state.path()).unwrap().count(), 0);
+    let out = bin().args(["demo", "--sites", "27"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap rejects --sites 27");
 }
 
 #[test]

@@ -273,9 +273,57 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
         }
     }
 
-    // 5. Lag of every stage, from the positions they stored. The topics are transactional:
-    // their end offset counts commit markers, so a stage is behind only if a record can be read
-    // after its position.
+    // 5. Lag of every stage, from the positions they stored.
+    r.lag = stage_lags(cfg, &mut hq, (!args.no_lake).then_some(lake_root.as_path())).await?;
+    for l in &r.lag {
+        if l.messages.is_some_and(|m| m > 0) {
+            r.problems.push(format!("{} is {} messages behind on {}", l.stage, l.messages.unwrap_or(0), l.topic));
+        }
+    }
+
+    // 6. The simulator's ground truth.
+    if let Some(path) = &args.manifest {
+        let text = std::fs::read(path).map_err(|e| SinkError::io(format!("reading {}", path.display()), e))?;
+        let m: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SinkError::Usage(format!("{}: not a simulator manifest ({e})", path.display())))?;
+        let mut check = ManifestCheck { expected_active_patients: m["expected_hq"]["active_patients"].as_u64(), ..Default::default() };
+        let voided: HashMap<String, i64> = hq
+            .query::<(String, i64), _>("SELECT uuid, voided FROM person")
+            .await
+            .map_err(|e| SinkError::db("reading person", e))?
+            .into_iter()
+            .collect();
+        for h in m["humans"].as_array().into_iter().flatten() {
+            check.humans += 1;
+            let records: Vec<&str> = h["records"].as_array().into_iter().flatten().filter_map(|r| r["person_uuid"].as_str()).collect();
+            let alive = records.iter().filter(|u| voided.get(**u) == Some(&0)).count();
+            let absent = records.iter().filter(|u| !voided.contains_key(**u)).count();
+            if alive != 1 || absent > 0 {
+                check.wrong += 1;
+                if check.sample.len() < args.samples {
+                    check.sample.push(format!("{}: {alive} unvoided, {absent} absent of {records:?}", h["national_id"].as_str().unwrap_or("?")));
+                }
+            }
+        }
+        check.active_patients = hq.query_first("SELECT COUNT(*) FROM patient WHERE voided = 0").await.map_err(|e| SinkError::db("counting patients", e))?.unwrap_or(0);
+        if check.wrong > 0 {
+            r.problems.push(format!("{} of {} humans are not exactly one unvoided patient at HQ", check.wrong, check.humans));
+        }
+        if check.expected_active_patients.is_some_and(|e| e as i64 != check.active_patients) {
+            r.problems.push(format!("{} active patients at HQ, the manifest expects {:?}", check.active_patients, check.expected_active_patients));
+        }
+        r.manifest = Some(check);
+    }
+    r.ok = r.problems.is_empty();
+    Ok(r)
+}
+
+/// The lag of every stage, in records that can still be read after the position it stored:
+/// the HQ sink (`omrs_sync_offsets`), the Parquet sink (its manifest, when `lake` is given) and
+/// the transform (its consumer group) on each site topic. The topics are transactional: their
+/// end offset counts commit markers, so a stage is behind only if a record can be read after
+/// its position. `None`: the stage has stored no position yet.
+pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Path>) -> Result<Vec<Lag>, SinkError> {
+    let mut lags = Vec::new();
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let hq_topic = names.hq_changes();
     let behind = |topic: &str, stored: Option<i64>| -> Result<Option<i64>, SinkError> {
@@ -317,11 +365,11 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
         .exec_first("SELECT next_offset FROM omrs_sync_offsets WHERE topic = ? AND kafka_partition = 0", (hq_topic.as_str(),))
         .await
         .map_err(|e| SinkError::db("reading omrs_sync_offsets", e))?;
-    r.lag.push(Lag { stage: "hq_mysql".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(hq_stored.unwrap_or(0)))? });
-    if !args.no_lake {
-        let lake = crate::parquet::lake::Lake::new(&lake_root);
+    lags.push(Lag { stage: "hq_mysql".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(hq_stored.unwrap_or(0)))? });
+    if let Some(lake_root) = lake {
+        let lake = crate::parquet::lake::Lake::new(lake_root);
         let stored = lake.read_manifest().ok().and_then(|(s, _)| s.offsets.get(&0).copied());
-        r.lag.push(Lag { stage: "parquet".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(stored.unwrap_or(0)))? });
+        lags.push(Lag { stage: "parquet".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(stored.unwrap_or(0)))? });
     }
     let group: BaseConsumer = client_config(&cfg.kafka)
         .set("group.id", format!("{}omrs-transform", cfg.kafka.topic_prefix))
@@ -335,48 +383,9 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
             .committed_offsets(tpl, Duration::from_secs(10))
             .ok()
             .and_then(|t| t.find_partition(&topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
-        r.lag.push(Lag { stage: "transform".into(), topic: topic.clone(), messages: behind(&topic, committed)? });
+        lags.push(Lag { stage: "transform".into(), topic: topic.clone(), messages: behind(&topic, committed)? });
     }
-    for l in &r.lag {
-        if l.messages.is_some_and(|m| m > 0) {
-            r.problems.push(format!("{} is {} messages behind on {}", l.stage, l.messages.unwrap_or(0), l.topic));
-        }
-    }
-
-    // 6. The simulator's ground truth.
-    if let Some(path) = &args.manifest {
-        let text = std::fs::read(path).map_err(|e| SinkError::io(format!("reading {}", path.display()), e))?;
-        let m: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SinkError::Usage(format!("{}: not a simulator manifest ({e})", path.display())))?;
-        let mut check = ManifestCheck { expected_active_patients: m["expected_hq"]["active_patients"].as_u64(), ..Default::default() };
-        let voided: HashMap<String, i64> = hq
-            .query::<(String, i64), _>("SELECT uuid, voided FROM person")
-            .await
-            .map_err(|e| SinkError::db("reading person", e))?
-            .into_iter()
-            .collect();
-        for h in m["humans"].as_array().into_iter().flatten() {
-            check.humans += 1;
-            let records: Vec<&str> = h["records"].as_array().into_iter().flatten().filter_map(|r| r["person_uuid"].as_str()).collect();
-            let alive = records.iter().filter(|u| voided.get(**u) == Some(&0)).count();
-            let absent = records.iter().filter(|u| !voided.contains_key(**u)).count();
-            if alive != 1 || absent > 0 {
-                check.wrong += 1;
-                if check.sample.len() < args.samples {
-                    check.sample.push(format!("{}: {alive} unvoided, {absent} absent of {records:?}", h["national_id"].as_str().unwrap_or("?")));
-                }
-            }
-        }
-        check.active_patients = hq.query_first("SELECT COUNT(*) FROM patient WHERE voided = 0").await.map_err(|e| SinkError::db("counting patients", e))?.unwrap_or(0);
-        if check.wrong > 0 {
-            r.problems.push(format!("{} of {} humans are not exactly one unvoided patient at HQ", check.wrong, check.humans));
-        }
-        if check.expected_active_patients.is_some_and(|e| e as i64 != check.active_patients) {
-            r.problems.push(format!("{} active patients at HQ, the manifest expects {:?}", check.active_patients, check.expected_active_patients));
-        }
-        r.manifest = Some(check);
-    }
-    r.ok = r.problems.is_empty();
-    Ok(r)
+    Ok(lags)
 }
 
 /// The report for a terminal.

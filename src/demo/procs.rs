@@ -1,0 +1,153 @@
+//! The demo's child processes: each stage is this same binary, run as in production with the
+//! demo's config, its own metrics port and its log in `<run>/logs/<name>.log`.
+//!
+//! Stopping is SIGTERM, then SIGKILL after a grace period. Every stage is exactly once under any
+//! kill, so this only saves restart work. Children run in their own process group: a Ctrl-C at
+//! the terminal reaches the demo alone, which stops them in order. Dropping [`Procs`] (an
+//! error, or Ctrl-C) stops whatever is still running.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+pub struct Proc {
+    pub name: String,
+    pub port: Option<u16>,
+    child: tokio::process::Child,
+}
+
+pub struct Procs {
+    exe: PathBuf,
+    config: PathBuf,
+    topics: PathBuf,
+    pub logs: PathBuf,
+    pub running: Vec<Proc>,
+}
+
+/// The last `n` lines of a log, for error messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn signal(pid: Option<u32>, sig: i32) {
+    if let Some(pid) = pid {
+        // SAFETY: kill(2) with a pid we spawned and have not reaped; no memory is shared.
+        unsafe {
+            libc::kill(pid as i32, sig);
+        }
+    }
+}
+
+impl Procs {
+    pub fn new(exe: PathBuf, config: PathBuf, topics: PathBuf, logs: PathBuf) -> Procs {
+        Procs { exe, config, topics, logs, running: Vec::new() }
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.logs.join(format!("{name}.log"))
+    }
+
+    fn command(&self, name: &str, args: &[String]) -> anyhow::Result<tokio::process::Command> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))
+            .with_context(|| format!("opening {}", self.log_path(name).display()))?;
+        let err = log.try_clone().context("duplicating a log file handle")?;
+        let mut c = tokio::process::Command::new(&self.exe);
+        c.arg("--config")
+            .arg(&self.config)
+            .arg("--topics")
+            .arg(&self.topics)
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .process_group(0)
+            .kill_on_drop(true);
+        Ok(c)
+    }
+
+    /// Starts a long-running stage.
+    pub fn spawn(&mut self, name: &str, args: &[String], port: Option<u16>) -> anyhow::Result<()> {
+        let child = self.command(name, args)?.spawn().with_context(|| format!("starting {name} ({})", self.exe.display()))?;
+        tracing::debug!(process = name, pid = child.id(), "started");
+        self.running.push(Proc { name: name.to_string(), port, child });
+        Ok(())
+    }
+
+    /// Runs a stage to its end (e.g. `sink hq-mysql --init`); an exit other than 0 is an error
+    /// that quotes the end of its log.
+    pub async fn run_to_end(&self, name: &str, args: &[String]) -> anyhow::Result<()> {
+        let mut child = self.command(name, args)?.spawn().with_context(|| format!("starting {name}"))?;
+        let status = child.wait().await.with_context(|| format!("waiting for {name}"))?;
+        if !status.success() {
+            bail!("{name} exited with {status}; the end of {}:\n{}", self.log_path(name).display(), tail(&self.log_path(name), 15));
+        }
+        Ok(())
+    }
+
+    /// An error naming the first stage that exited on its own, with the end of its log.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.running {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let log = self.logs.join(format!("{}.log", p.name));
+                bail!("{} exited unexpectedly with {status}; the end of {}:\n{}", p.name, log.display(), tail(&log, 15));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops one stage: SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop(&mut self, name: &str, grace: Duration) {
+        let Some(i) = self.running.iter().position(|p| p.name == name) else { return };
+        let mut p = self.running.remove(i);
+        signal(p.child.id(), libc::SIGTERM);
+        if tokio::time::timeout(grace, p.child.wait()).await.is_err() {
+            tracing::warn!(process = name, "did not stop on SIGTERM; killing it");
+            let _ = p.child.kill().await;
+        }
+    }
+
+    /// Stops every stage whose name starts with `prefix`, all at once.
+    pub async fn stop_all(&mut self, prefix: &str, grace: Duration) {
+        let (stop, keep): (Vec<Proc>, Vec<Proc>) = std::mem::take(&mut self.running).into_iter().partition(|p| p.name.starts_with(prefix));
+        self.running = keep;
+        for p in &stop {
+            signal(p.child.id(), libc::SIGTERM);
+        }
+        for mut p in stop {
+            if tokio::time::timeout(grace, p.child.wait()).await.is_err() {
+                let _ = p.child.kill().await;
+            }
+        }
+    }
+
+    pub fn port(&self, name: &str) -> Option<u16> {
+        self.running.iter().find(|p| p.name == name).and_then(|p| p.port)
+    }
+}
+
+impl Drop for Procs {
+    /// SIGTERM to everything still running, a short grace, then SIGKILL (by kill_on_drop).
+    fn drop(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        for p in &self.running {
+            signal(p.child.id(), libc::SIGTERM);
+        }
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until && self.running.iter_mut().any(|p| matches!(p.child.try_wait(), Ok(None))) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for p in &mut self.running {
+            let _ = p.child.start_kill();
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The demo's summary: per site, identity, conflicts, pending, dead letters, throughput,
+//! end-to-end latency, two queries over the lake, verify, and where everything is.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use mysql_async::prelude::Queryable;
+use omrs_core::config::Config;
+use omrs_core::metrics as m;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::Serialize;
+
+use super::prom::{self, Sample};
+use super::fmt_n;
+
+/// What the run collected on its way, for [`build`].
+pub struct Facts {
+    pub run_id: String,
+    pub run_dir: PathBuf,
+    pub config: PathBuf,
+    pub logs: PathBuf,
+    pub lake: PathBuf,
+    pub manifest: PathBuf,
+    pub prefix: String,
+    pub sites: Vec<String>,
+    pub windows: Vec<(String, f64, f64)>,
+    pub backlog: bool,
+    pub sim_rows: u64,
+    pub pipeline_secs: f64,
+    pub total_secs: f64,
+    pub drained: bool,
+    pub problems: Vec<String>,
+    pub max_delay_ms: BTreeMap<String, i64>,
+    pub transform: Vec<Sample>,
+    pub hq: Vec<Sample>,
+    pub parquet: Vec<Sample>,
+    pub lags: Vec<omrs_sinks::verify::Lag>,
+    pub endpoints: Vec<(String, String)>,
+    /// The HQ sink's latency histogram when the live workload started (empty in backlog mode):
+    /// the summary's latency is of what came after.
+    pub latency_base: Vec<Sample>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SiteSummary {
+    pub name: String,
+    pub url: String,
+    /// Row changes the clinic wrote during the workload.
+    pub rows_written: u64,
+    /// Change events (snapshot and binlog) in omrs.cdc.<site>, as the transform read them to
+    /// the end of the topic.
+    pub events_captured: u64,
+    /// Events released after the global watermark had passed them (the site was away).
+    pub late_events: u64,
+    /// The largest distance from now to this site's watermark seen during the run.
+    pub max_watermark_delay_s: f64,
+    /// Messages of omrs.cdc.<site> the transform had not consumed at the end.
+    pub final_lag_messages: Option<i64>,
+    pub offline_windows: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueryResult {
+    pub title: String,
+    pub sql: String,
+    pub output: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub ok: bool,
+    pub run_id: String,
+    pub mode: String,
+    pub sites: Vec<SiteSummary>,
+    pub row_changes_written: u64,
+    pub events_captured: u64,
+    pub hq_changes: u64,
+    pub identity_merges: u64,
+    pub hq_merges_logged: i64,
+    pub conflicts: i64,
+    pub pending: i64,
+    pub dead_letters: u64,
+    pub hq_active_patients: i64,
+    pub hq_rows_applied: u64,
+    pub lake_rows_written: u64,
+    /// Seconds from starting the pipeline to the end of the drain.
+    pub pipeline_seconds: f64,
+    /// Change events captured per second of pipeline time.
+    pub throughput_events_per_s: f64,
+    pub e2e_latency_p50_s: Option<f64>,
+    pub e2e_latency_p99_s: Option<f64>,
+    pub e2e_latency_observations: u64,
+    pub drained: bool,
+    pub verify_ok: bool,
+    pub problems: Vec<String>,
+    pub queries: Vec<QueryResult>,
+    pub hq_url: String,
+    pub lake: PathBuf,
+    pub run_dir: PathBuf,
+    pub config: PathBuf,
+    pub logs: PathBuf,
+    pub manifest: PathBuf,
+    pub topic_prefix: String,
+    pub metrics_endpoints: BTreeMap<String, String>,
+    pub total_seconds: f64,
+    #[serde(skip)]
+    pub verify_text: String,
+}
+
+/// Records readable in `topic` (read_committed), counted by reading them.
+fn count_records(cfg: &Config, topic: &str) -> anyhow::Result<u64> {
+    let c: BaseConsumer = omrs_core::kafka::client_config(&cfg.kafka)
+        .set("group.id", format!("{}omrs-demo-count", cfg.kafka.topic_prefix))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .context("creating a Kafka consumer")?;
+    let (low, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(10)).with_context(|| format!("reading the end of {topic}"))?;
+    if high <= low {
+        return Ok(0);
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).context("assigning")?;
+    c.assign(&tpl).context("assigning")?;
+    let mut n = 0u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(_)) => n += 1,
+            Some(Err(e)) => return Err(e).with_context(|| format!("reading {topic}")),
+            None => {
+                let at = c.position().ok().and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
+                if at.is_some_and(|o| o >= high) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(n)
+}
+
+const QUERIES: [(&str, &str); 2] = [
+    (
+        "encounters per site and month (encounters_flat)",
+        "SELECT site, to_char(date_trunc('month', encounter_datetime), '%Y-%m') AS month, COUNT(*) AS encounters FROM encounters_flat GROUP BY 1, 2 ORDER BY 1, 2 LIMIT 12",
+    ),
+    (
+        "latest weight of 5 patients (obs_flat)",
+        "SELECT patient_uuid, value_numeric AS kg, obs_datetime FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY patient_uuid ORDER BY obs_datetime DESC) AS rn FROM obs_flat WHERE concept_uuid = '5089AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA') w WHERE rn = 1 ORDER BY patient_uuid LIMIT 5",
+    ),
+];
+
+pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: omrs_sinks::verify::Report) -> anyhow::Result<Summary> {
+    let manifest: omrs_simulate::manifest::Manifest =
+        serde_json::from_slice(&std::fs::read(&f.manifest).with_context(|| format!("reading {}", f.manifest.display()))?).context("the run's manifest")?;
+    let names = omrs_core::topics::TopicNames::new(f.prefix.clone());
+    let t = &f.transform;
+    let transformed = prom::by_label(t, m::EVENTS_IN, "site", |s| s.label("op") != Some("heartbeat"));
+    let late = prom::by_label(t, m::LATE_EVENTS, "site", |_| true);
+    let mut sites = Vec::new();
+    for (i, name) in f.sites.iter().enumerate() {
+        let sm = manifest.sites.iter().find(|s| &s.name == name);
+        sites.push(SiteSummary {
+            name: name.clone(),
+            url: cfg.sites.get(i).map(|s| s.database.redacted_url()).unwrap_or_default(),
+            rows_written: sm.map(|s| s.row_changes).unwrap_or(0),
+            events_captured: transformed.get(name).copied().unwrap_or(0.0) as u64,
+            late_events: late.get(name).copied().unwrap_or(0.0) as u64,
+            max_watermark_delay_s: f.max_delay_ms.get(name).copied().unwrap_or(0) as f64 / 1000.0,
+            final_lag_messages: f.lags.iter().find(|l| l.stage == "transform" && l.topic == names.cdc(name)).and_then(|l| l.messages),
+            offline_windows: f.windows.iter().filter(|w| &w.0 == name).map(|w| format!("from {:.0} s for {:.0} s", w.1, w.2)).collect(),
+        });
+    }
+    let q1 = |sql: &'static str| sql;
+    let count = |v: Option<i64>| v.unwrap_or(0);
+    let conflicts = count(hq.query_first(q1("SELECT COUNT(*) FROM omrs_sync_conflict")).await.context("counting conflicts")?);
+    let pending = count(hq.query_first(q1("SELECT COUNT(*) FROM omrs_sync_pending")).await.context("counting pending rows")?);
+    let merges_logged = count(hq.query_first(q1("SELECT COUNT(*) FROM omrs_sync_merge")).await.context("counting merges")?);
+    let active = count(hq.query_first(q1("SELECT COUNT(*) FROM patient WHERE voided = 0")).await.context("counting patients")?);
+    let dead_letters = count_records(cfg, &names.dlq())?;
+    let mut queries = Vec::new();
+    for (title, sql) in QUERIES {
+        let args = omrs_sinks::query::QueryArgs { sql: Some(sql.to_string()), tables: false, format: omrs_sinks::query::Format::Table, lake: None };
+        let output = match omrs_sinks::query::run(&f.lake, &args).await {
+            Ok(o) => o.trim_end().to_string(),
+            Err(e) => format!("(query failed: {e})"),
+        };
+        queries.push(QueryResult { title: title.to_string(), sql: sql.to_string(), output });
+    }
+    let captured: f64 = transformed.values().sum();
+    let latency = prom::minus(&f.hq, &f.latency_base);
+    let e2e_count = prom::sum(&latency, &format!("{}_count", m::HQ_E2E_LATENCY), &[]) as u64;
+    let mut problems = f.problems;
+    problems.extend(verify.problems.iter().cloned());
+    let verify_ok = verify.ok && f.drained;
+    Ok(Summary {
+        ok: verify_ok,
+        run_id: f.run_id,
+        mode: if f.backlog { "backlog (cold replay)".into() } else { "live".into() },
+        sites,
+        row_changes_written: f.sim_rows,
+        events_captured: captured as u64,
+        hq_changes: prom::sum(t, m::EVENTS_OUT, &[("stage", "transform")]) as u64,
+        identity_merges: prom::sum(t, m::MERGES, &[]) as u64,
+        hq_merges_logged: merges_logged,
+        conflicts,
+        pending,
+        dead_letters,
+        hq_active_patients: active,
+        hq_rows_applied: prom::sum(&f.hq, m::HQ_ROWS_APPLIED, &[]) as u64,
+        lake_rows_written: prom::sum(&f.parquet, m::LAKE_ROWS_WRITTEN, &[]) as u64,
+        pipeline_seconds: f.pipeline_secs,
+        throughput_events_per_s: captured / f.pipeline_secs.max(0.001),
+        e2e_latency_p50_s: prom::quantile(&latency, m::HQ_E2E_LATENCY, 0.5),
+        e2e_latency_p99_s: prom::quantile(&latency, m::HQ_E2E_LATENCY, 0.99),
+        e2e_latency_observations: e2e_count,
+        drained: f.drained,
+        verify_ok,
+        problems,
+        queries,
+        hq_url: cfg.hq.database.redacted_url(),
+        lake: f.lake,
+        run_dir: f.run_dir,
+        config: f.config,
+        logs: f.logs,
+        manifest: f.manifest,
+        topic_prefix: f.prefix,
+        metrics_endpoints: f.endpoints.into_iter().collect(),
+        total_seconds: f.total_secs,
+        verify_text: omrs_sinks::verify::render(&verify),
+    })
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "-".into())
+}
+
+/// The summary for a terminal.
+pub fn render(s: &Summary) -> String {
+    let mut o = String::new();
+    o.push_str(&format!("\n== omrs-stream demo {} ({}): {}\n", s.run_id, s.mode, if s.ok { "VERIFIED" } else { "FAILED" }));
+    o.push_str("\nsites\n");
+    o.push_str(&format!(
+        "  {:<8} {:>12} {:>12} {:>8} {:>14} {:>10}  {}\n",
+        "site", "rows written", "captured", "late", "max wm delay", "final lag", "offline"
+    ));
+    for x in &s.sites {
+        o.push_str(&format!(
+            "  {:<8} {:>12} {:>12} {:>8} {:>12.1} s {:>10}  {}\n",
+            x.name,
+            fmt_n(x.rows_written as f64),
+            fmt_n(x.events_captured as f64),
+            fmt_n(x.late_events as f64),
+            x.max_watermark_delay_s,
+            x.final_lag_messages.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+            x.offline_windows.join(", ")
+        ));
+    }
+    o.push_str("\npipeline\n");
+    o.push_str(&format!("  events captured       {} ({} row changes written during the workload; the rest is the snapshot)\n", fmt_n(s.events_captured as f64), fmt_n(s.row_changes_written as f64)));
+    o.push_str(&format!("  throughput            {:.0} events/s over {:.1} s of pipeline time\n", s.throughput_events_per_s, s.pipeline_seconds));
+    o.push_str(&format!("  end-to-end latency    p50 {} · p99 {} (site commit → HQ commit, {} rows{})\n", secs(s.e2e_latency_p50_s), secs(s.e2e_latency_p99_s), fmt_n(s.e2e_latency_observations as f64), if s.mode == "live" { " of the live workload" } else { "" }));
+    o.push_str(&format!("  identity merges       {} (HQ merge log: {})\n", s.identity_merges, s.hq_merges_logged));
+    o.push_str(&format!("  conflicts             {}\n", s.conflicts));
+    o.push_str(&format!("  pending at HQ         {}\n", s.pending));
+    o.push_str(&format!("  dead letters          {}\n", s.dead_letters));
+    o.push_str(&format!("  HQ                    {} active patients, {} rows applied\n", fmt_n(s.hq_active_patients as f64), fmt_n(s.hq_rows_applied as f64)));
+    o.push_str(&format!("  lake                  {} rows written\n", fmt_n(s.lake_rows_written as f64)));
+    for q in &s.queries {
+        o.push_str(&format!("\nquery: {}\n  omrs-stream query --lake {} \"{}\"\n", q.title, s.lake.display(), q.sql));
+        for line in q.output.lines() {
+            o.push_str(&format!("  {line}\n"));
+        }
+    }
+    o.push_str("\nverify\n");
+    for line in s.verify_text.lines() {
+        o.push_str(&format!("  {line}\n"));
+    }
+    o.push_str("\nwhere\n");
+    o.push_str(&format!("  HQ database    {}\n", s.hq_url));
+    o.push_str(&format!("  lake           {}\n", s.lake.display()));
+    o.push_str(&format!("  config         {}\n", s.config.display()));
+    o.push_str(&format!("  logs           {}\n", s.logs.display()));
+    o.push_str(&format!("  manifest       {}\n", s.manifest.display()));
+    o.push_str(&format!("  topics         {}omrs.*\n", s.topic_prefix));
+    o.push_str("  metrics (while the demo runs; Prometheus scrape config in deploy/prometheus/)\n");
+    for (name, url) in &s.metrics_endpoints {
+        o.push_str(&format!("    {name:<14} {url}\n"));
+    }
+    if !s.problems.is_empty() {
+        o.push_str("\nproblems\n");
+        for p in &s.problems {
+            o.push_str(&format!("  - {p}\n"));
+        }
+    }
+    o.push_str(&format!("\n{} in {:.0} s\n", if s.ok { "demo verified" } else { "demo FAILED verification" }, s.total_seconds));
+    o
+}
