@@ -389,10 +389,15 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
             site_merges.push(SiteMergeManifest { site: g.name.clone(), winner_uuid: m.winner_uuid.clone(), loser_uuid: m.loser_uuid.clone() });
         }
     }
-    let mut humans_out: Vec<HumanManifest> = by_human
-        .into_iter()
-        .map(|(h, records)| HumanManifest { national_id: humans[h].national_id.clone(), records })
-        .collect();
+    // One entry per identity HQ can establish: a real human's records that share a National ID
+    // or are joined by a site merge. A record whose National ID had not been entered when the
+    // run ended (a late identifier cut off by --duration) cannot be matched, and stands alone.
+    let mut humans_out: Vec<HumanManifest> = Vec::new();
+    for (h, records) in by_human {
+        for group in resolvable_groups(records) {
+            humans_out.push(HumanManifest { national_id: humans[h].national_id.clone(), records: group });
+        }
+    }
     // Patients that were there before the run (the demo patients) are one human each.
     humans_out.extend(existing.into_iter().map(|r| HumanManifest { national_id: None, records: vec![r] }));
     let hq_merges: u64 = humans_out
@@ -440,6 +445,44 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
         "simulation done"
     );
     Ok(manifest)
+}
+
+/// The records of one human split into the groups HQ can tell are one person: records with a
+/// National ID (all the same human's) join each other, and a site merge joins its loser to its
+/// winner. Order within a group is kept.
+fn resolvable_groups(records: Vec<RecordManifest>) -> Vec<Vec<RecordManifest>> {
+    let n = records.len();
+    let mut parent: Vec<usize> = (0..n).collect();
+    fn find(p: &mut [usize], mut i: usize) -> usize {
+        while p[i] != i {
+            p[i] = p[p[i]];
+            i = p[i];
+        }
+        i
+    }
+    let with_nid: Vec<usize> = (0..n).filter(|&i| records[i].national_id_raw.is_some()).collect();
+    for w in with_nid.windows(2) {
+        let (a, b) = (find(&mut parent, w[0]), find(&mut parent, w[1]));
+        parent[a] = b;
+    }
+    for i in 0..n {
+        if let Some(winner) = &records[i].merged_into {
+            if let Some(j) = records.iter().position(|r| &r.person_uuid == winner) {
+                let (a, b) = (find(&mut parent, i), find(&mut parent, j));
+                parent[a] = b;
+            }
+        }
+    }
+    let mut groups: BTreeMap<usize, Vec<RecordManifest>> = BTreeMap::new();
+    let mut order: Vec<usize> = Vec::new();
+    for (i, r) in records.into_iter().enumerate() {
+        let root = find(&mut parent, i);
+        if !groups.contains_key(&root) {
+            order.push(root);
+        }
+        groups.entry(root).or_default().push(r);
+    }
+    order.into_iter().filter_map(|k| groups.remove(&k)).collect()
 }
 
 /// One site's loop: generate transactions, pace them, send them.
@@ -540,4 +583,34 @@ async fn drive(
     }
     let _ = conn.disconnect().await;
     Ok((gen, sent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(uuid: &str, nid: Option<&str>, merged_into: Option<&str>) -> RecordManifest {
+        RecordManifest {
+            site: "site-a".into(),
+            person_uuid: uuid.into(),
+            kind: "cross_site".into(),
+            national_id_raw: nid.map(str::to_string),
+            national_id_at_registration: nid.is_some(),
+            merged_into: merged_into.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_record_without_its_national_id_stands_alone() {
+        let g = resolvable_groups(vec![rec("a", None, None), rec("b", Some("NID-1"), None), rec("c", Some("NID 1"), None)]);
+        let uuids: Vec<Vec<&str>> = g.iter().map(|g| g.iter().map(|r| r.person_uuid.as_str()).collect()).collect();
+        assert_eq!(uuids, vec![vec!["a"], vec!["b", "c"]]);
+    }
+
+    #[test]
+    fn a_site_merge_joins_records_without_national_id() {
+        let g = resolvable_groups(vec![rec("a", None, None), rec("b", None, Some("a")), rec("c", None, None)]);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].len(), 2);
+    }
 }

@@ -18,7 +18,9 @@ pub struct Manifest {
     /// Seconds spent writing (after provisioning), until the last site finished.
     pub write_seconds: f64,
     pub sites: Vec<SiteManifest>,
-    /// One entry per real human, with every site record that is that human.
+    /// One entry per identity HQ can establish: the site records of one real human that share
+    /// a National ID or are joined by a site merge. A record whose National ID was not yet entered
+    /// when the run ended stands alone (it is the same human, but nothing says so yet).
     pub humans: Vec<HumanManifest>,
     pub site_merges: Vec<SiteMergeManifest>,
     pub offline: Vec<OfflineWindow>,
