@@ -170,6 +170,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(p) => p.clone(),
                 None => Config::load(&cli.config)?.sinks.parquet.path,
             };
+            if let Some(addr) = &args.serve {
+                omrs_sinks::query::serve(&lake, addr).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
             match omrs_sinks::query::run(&lake, args).await {
                 Ok(out) => {
                     println!("{}", out.trim_end());

@@ -334,6 +334,54 @@ async fn lake_is_exact_typed_and_equal_to_hq() {
         .unwrap();
     assert!(py.status.success(), "python check: {}{}", String::from_utf8_lossy(&py.stdout), String::from_utf8_lossy(&py.stderr));
 
+    // BI access: `query --serve` over the PostgreSQL wire protocol, read with psql; the two
+    // example queries give what `query` gives.
+    let pg_port = 15433 + (std::process::id() % 1000) as u16;
+    let mut server = bin()
+        .arg("--config")
+        .arg(&cfg_a)
+        .args(["query", "--lake"])
+        .arg(&lake_a)
+        .args(["--serve", &format!("127.0.0.1:{pg_port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(60, "query --serve to accept connections", || std::net::TcpStream::connect(("127.0.0.1", pg_port)).ok().map(|_| ()));
+    let psql = |sql: &str| -> Vec<String> {
+        let out = std::process::Command::new("psql")
+            .arg(format!("host=127.0.0.1 port={pg_port} user=analyst dbname=datafusion sslmode=disable"))
+            .args(["-X", "-A", "-t", "-F", ",", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut rows: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
+        rows.sort();
+        rows
+    };
+    let csv = |sql: &str| -> Vec<String> {
+        let out = bin().arg("--config").arg(&cfg_a).args(["query", "--format", "csv", "--lake"]).arg(&lake_a).arg(sql).output().unwrap();
+        assert!(out.status.success(), "query {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut rows: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().skip(1).filter(|l| !l.is_empty()).map(str::to_string).collect();
+        rows.sort();
+        rows
+    };
+    let per_site = "SELECT site, COUNT(*) AS encounters FROM encounters_flat GROUP BY site ORDER BY site";
+    let over_pg = psql(per_site);
+    assert_eq!(over_pg.len(), 3, "{over_pg:?}");
+    assert_eq!(over_pg, csv(per_site), "encounters per site over psql");
+    let latest = format!(
+        "SELECT patient_uuid, CAST(value_numeric AS VARCHAR) AS kg FROM (SELECT patient_uuid, value_numeric,
+           ROW_NUMBER() OVER (PARTITION BY patient_uuid ORDER BY obs_datetime DESC, obs_uuid DESC) AS rn
+           FROM obs_flat WHERE concept_uuid = '{WEIGHT}') w WHERE rn = 1"
+    );
+    let over_pg = psql(&latest);
+    assert_eq!(over_pg.len(), hq_w.len(), "latest weights over psql");
+    assert_eq!(over_pg, csv(&latest), "latest weight per patient over psql");
+    let schemas = psql("SELECT DISTINCT table_schema FROM information_schema.tables ORDER BY 1");
+    assert!(schemas.contains(&"changes".to_string()) && schemas.contains(&"current".to_string()), "{schemas:?}");
+    kill9(&mut server);
+
     // verify: everything reconciles; then a row removed behind HQ's back is reported.
     let manifest_path = p.dir.path().join("manifest.json");
     let v = bin().arg("--config").arg(&cfg_a).args(["verify", "--json", "--lake"]).arg(&lake_a).arg("--manifest").arg(&manifest_path).output().unwrap();

@@ -7,6 +7,11 @@
 //!   symlink is resolved once, so one query reads one snapshot);
 //! - `patients`, `encounters_flat`, `obs_flat`: the flattened views of the same snapshot;
 //! - `lake_partitions`: every date partition, its files, and whether it is final.
+//!
+//! `--serve ADDR` answers the same tables over the PostgreSQL wire protocol
+//! (datafusion-postgres), for psql, Grafana, Metabase or Superset. It follows the lake: when the
+//! sink publishes a new snapshot or commits new files, the served tables are swapped for the
+//! new ones, so each query still reads one snapshot.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +31,7 @@ use crate::SinkError;
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueryArgs {
     /// The SQL statement (DataFusion's dialect, close to PostgreSQL's).
-    #[arg(required_unless_present = "tables")]
+    #[arg(required_unless_present_any = ["tables", "serve"])]
     pub sql: Option<String>,
     /// List every table and its columns, then exit.
     #[arg(long)]
@@ -37,6 +42,10 @@ pub struct QueryArgs {
     /// The lake directory, instead of sinks.parquet.path.
     #[arg(long)]
     pub lake: Option<PathBuf>,
+    /// Serve the tables over the PostgreSQL wire protocol on HOST:PORT until stopped
+    /// (`psql -h HOST -p PORT -c "SELECT …"`; any user name, no password).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["sql", "tables"])]
+    pub serve: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -224,6 +233,63 @@ pub async fn describe(ctx: &SessionContext) -> Result<String, SinkError> {
         }
     }
     Ok(out)
+}
+
+/// What identifies the lake's published state: the snapshot `current` points at and the
+/// newest manifest entry.
+fn lake_stamp(lake_root: &Path) -> (Option<PathBuf>, Option<u64>) {
+    let snapshot = std::fs::canonicalize(lake_root.join("current")).ok();
+    let seq = Lake::new(lake_root).read_manifest().ok().map(|(state, _)| state.seq);
+    (snapshot, seq)
+}
+
+/// `omrs-stream query --serve HOST:PORT`: the lake over the PostgreSQL wire protocol, until the
+/// process is stopped. Every 2 s it looks for a new snapshot or manifest entry, and swaps the
+/// served schemas (`changes`, `current`, and the default one with the views) for new ones.
+pub async fn serve(lake_root: &Path, addr: &str) -> Result<(), SinkError> {
+    let bad = || SinkError::Usage(format!("--serve {addr}: expected HOST:PORT, e.g. 127.0.0.1:5433"));
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let ctx = Arc::new(context(lake_root).await?);
+    datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog(&ctx, "datafusion", datafusion_pg_catalog_provider())
+        .map_err(|e| SinkError::Query(format!("setting up pg_catalog: {e}")))?;
+    let refresh = {
+        let ctx = ctx.clone();
+        let lake_root = lake_root.to_path_buf();
+        tokio::spawn(async move {
+            let mut stamp = lake_stamp(&lake_root);
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                let now = lake_stamp(&lake_root);
+                if now == stamp {
+                    continue;
+                }
+                match context(&lake_root).await {
+                    Ok(fresh) => {
+                        if let (Some(served), Some(new)) = (ctx.catalog("datafusion"), fresh.catalog("datafusion")) {
+                            for name in new.schema_names() {
+                                if let Some(schema) = new.schema(&name) {
+                                    let _ = served.register_schema(&name, schema);
+                                }
+                            }
+                        }
+                        tracing::info!(snapshot = ?now.0, manifest_seq = ?now.1, "serving the lake's new state");
+                        stamp = now;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the lake's new state failed; still serving the previous one"),
+                }
+            }
+        })
+    };
+    let _refresh = crate::kafka::AbortOnDrop(refresh);
+    let opts = datafusion_postgres::ServerOptions::new().with_host(host.to_string()).with_port(port);
+    tracing::info!(addr, lake = %lake_root.display(), "serving the lake over the PostgreSQL wire protocol");
+    eprintln!("serving {} on postgresql://{addr} (psql -h {host} -p {port}); Ctrl-C stops", lake_root.display());
+    datafusion_postgres::serve(ctx, &opts).await.map_err(|e| SinkError::io(format!("serving on {addr}"), e))
+}
+
+fn datafusion_pg_catalog_provider() -> datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider {
+    datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider
 }
 
 /// `omrs-stream query`: the output, or the error with the list of tables.

@@ -182,7 +182,7 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
     let dead_letters = count_records(cfg, &names.dlq())?;
     let mut queries = Vec::new();
     for (title, sql) in QUERIES {
-        let args = omrs_sinks::query::QueryArgs { sql: Some(sql.to_string()), tables: false, format: omrs_sinks::query::Format::Table, lake: None };
+        let args = omrs_sinks::query::QueryArgs { sql: Some(sql.to_string()), tables: false, format: omrs_sinks::query::Format::Table, lake: None, serve: None };
         let output = match omrs_sinks::query::run(&f.lake, &args).await {
             Ok(o) => o.trim_end().to_string(),
             Err(e) => format!("(query failed: {e})"),

@@ -206,6 +206,17 @@ impl Engine {
             self.advance(now_ms, out);
             return;
         }
+        if ev.op == Op::Read {
+            // A snapshot row states the site's content as of its snapshot: every row of it
+            // carries the same time, so ordering it by time would hold the whole snapshot in
+            // memory until the site's binlog moves past it (a national cold start is millions of
+            // rows). Its order carries no information: the sinks pick winners by the conflict
+            // rule, not by arrival, and identity does not depend on order (semantics 4). So it is
+            // emitted at once, never late; only binlog events are merged in event-time order.
+            self.emit(ev, false, out);
+            self.advance(now_ms, out);
+            return;
+        }
         if time < self.global_wm {
             // Late: older than what has already been released. Emitted at once.
             match self.late_events.get_mut(&*ev.site) {
@@ -456,5 +467,33 @@ mod tests {
         // site-b's ts 5 after its 10 takes the effective time 10; site-a's 20 comes last.
         assert_eq!(order, ["location:site-a-4", "location:site-b-2", "location:site-b-3", "location:site-c-1", "location:site-c-6", "location:site-a-5"]);
         assert!(e.pending_offsets().is_empty());
+    }
+
+    /// Snapshot rows pass straight through (a snapshot is millions of rows with one time);
+    /// binlog events still wait for the watermark.
+    #[test]
+    fn snapshot_rows_are_not_held_for_the_watermark() {
+        let cfg = EngineConfig { out_of_orderness_ms: 2000, idle_timeout_ms: 1_000_000, max_buffered: 100, identifiers: vec![] };
+        let mut e = Engine::new(cfg);
+        for s in ["site-a", "site-b"] {
+            e.expect_site(s, 0);
+        }
+        let site: Arc<str> = Arc::from("site-a");
+        let topic: Arc<str> = Arc::from("omrs.cdc.site-a");
+        let mut out = Vec::new();
+        for id in 1..=3 {
+            let json = format!(
+                r#"{{"op":"r","site":"site-a","table":"location","key":{{"location_id":{id}}},"uuid":"s-{id}","after":{{"location_id":{id}}},"source":{{"server_id":1,"file":"f","pos":4,"ts_ms":10000,"snapshot":true}},"ts_ms":0}}"#
+            );
+            let ev = InEvent::decode(json.as_bytes(), &site, &topic).unwrap();
+            out.extend(e.push(ev, Origin { topic: topic.clone(), partition: 0, offset: id }, 1));
+        }
+        let (live, o) = ev("site-a", 9, 10500);
+        out.extend(e.push(live, o, 1));
+        let keys: Vec<String> = out.iter().map(|o| o.key()).collect();
+        assert_eq!(keys, ["location:s-1", "location:s-2", "location:s-3"], "snapshot rows out at once, the binlog event waits");
+        assert!(out.iter().all(|o| matches!(o, Out::Change { late: false, .. })));
+        assert_eq!(e.buffered().0, 1);
+        assert_eq!(e.pending_offsets().len(), 1, "only the binlog event holds its offset back");
     }
 }
