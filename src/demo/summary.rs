@@ -261,7 +261,11 @@ pub fn render(s: &Summary) -> String {
     o.push_str("\npipeline\n");
     o.push_str(&format!("  events captured       {} ({} row changes written during the workload; the rest is the snapshot)\n", fmt_n(s.events_captured as f64), fmt_n(s.row_changes_written as f64)));
     o.push_str(&format!("  throughput            {:.0} events/s over {:.1} s of pipeline time\n", s.throughput_events_per_s, s.pipeline_seconds));
-    o.push_str(&format!("  end-to-end latency    p50 {} · p99 {} (site commit → HQ commit, {} rows{})\n", secs(s.e2e_latency_p50_s), secs(s.e2e_latency_p99_s), fmt_n(s.e2e_latency_observations as f64), if s.mode == "live" { " of the live workload" } else { "" }));
+    if s.mode == "live" {
+        o.push_str(&format!("  end-to-end latency    p50 {} · p99 {} (site commit → HQ commit, {} rows of the live workload)\n", secs(s.e2e_latency_p50_s), secs(s.e2e_latency_p99_s), fmt_n(s.e2e_latency_observations as f64)));
+    } else {
+        o.push_str("  end-to-end latency    not meaningful for a backlog (every row waited for the pipeline to start)\n");
+    }
     o.push_str(&format!("  identity merges       {} (HQ merge log: {})\n", s.identity_merges, s.hq_merges_logged));
     o.push_str(&format!("  conflicts             {}\n", s.conflicts));
     o.push_str(&format!("  pending at HQ         {}\n", s.pending));
