@@ -610,16 +610,33 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         drained = false;
         problems.push(format!("the pipeline did not drain within {} s (sites behind: {late_sites:?})", args.drain_timeout));
     }
+    let endpoints: Vec<(String, String)> = procs
+        .running
+        .iter()
+        .filter(|p| !p.name.starts_with("ingest-"))
+        .filter_map(|p| p.port.map(|port| (p.name.clone(), format!("http://127.0.0.1:{port}/metrics"))))
+        .chain(sites.iter().enumerate().map(|(i, s)| (format!("ingest-{s}"), format!("http://127.0.0.1:{}/metrics", args.metrics_port + 3 + i as u16))))
+        .collect();
+    // The stages stop in pipeline order, each once its input is consumed to the end, so nothing
+    // new reaches a topic after its reader was found at the end of it: the agents; the
+    // transform, at the end of the site topics (its last counts scraped first); then the sinks,
+    // at the end of omrs.hq.changes with nothing pending at HQ.
     procs.stop_all("ingest-", Duration::from_secs(10)).await;
     let mut hq_conn = mysql_async::Conn::new(omrs_sinks::mysql_opts(&cfg.hq.database)).await.context("connecting to HQ")?;
     let mut lags = Vec::new();
+    let mut transform_running = true;
     while drained {
         procs.check()?;
         lags = omrs_sinks::verify::stage_lags(&cfg, &mut hq_conn, Some(&lake)).await?;
         let pending: i64 = hq_conn.query_first("SELECT COUNT(*) FROM omrs_sync_pending").await.context("counting pending rows at HQ")?.unwrap_or(0);
         board.scrape(&procs, &sites, &windows).await;
+        if transform_running && lags.iter().filter(|l| l.stage == "transform").all(|l| l.messages == Some(0)) {
+            procs.stop("transform", Duration::from_secs(15)).await;
+            transform_running = false;
+            continue;
+        }
         let busy: Vec<String> = lags.iter().filter(|l| l.messages != Some(0)).map(|l| format!("{} {}", l.stage, l.messages.map(|m| m.to_string()).unwrap_or("-".into()))).collect();
-        if busy.is_empty() && pending == 0 {
+        if !transform_running && busy.is_empty() && pending == 0 {
             break;
         }
         if Instant::now() >= deadline {
@@ -632,12 +649,6 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     }
     let pipeline_secs = t_pipeline.elapsed().as_secs_f64();
     board.scrape(&procs, &sites, &windows).await;
-    let endpoints: Vec<(String, String)> = procs
-        .running
-        .iter()
-        .filter_map(|p| p.port.map(|port| (p.name.clone(), format!("http://127.0.0.1:{port}/metrics"))))
-        .chain(sites.iter().enumerate().map(|(i, s)| (format!("ingest-{s}"), format!("http://127.0.0.1:{}/metrics", args.metrics_port + 3 + i as u16))))
-        .collect();
     procs.stop_all("", Duration::from_secs(15)).await;
     progress.step(format!("drained in {:.1} s after the workload{}", (now_ms() - t_end_ms) as f64 / 1000.0, if drained { "" } else { " (NOT complete)" }));
 
