@@ -17,10 +17,6 @@ fn verify(config: &Path, lake: &Path) -> (i32, J) {
     (out.status.code().unwrap_or(-1), report)
 }
 
-fn python() -> String {
-    let venv = "/var/cache/omrs-stream/venv/bin/python";
-    if Path::new(venv).exists() { venv.into() } else { "python3".into() }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_verifies_and_verify_catches_tampering() {

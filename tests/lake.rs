@@ -116,12 +116,6 @@ fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn python() -> String {
-    std::env::var("OMRS_PYTHON").unwrap_or_else(|_| {
-        let venv = "/var/cache/omrs-stream/venv/bin/python";
-        if Path::new(venv).exists() { venv.into() } else { "python3".into() }
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lake_is_exact_typed_and_equal_to_hq() {

@@ -251,7 +251,7 @@ pub async fn serve(lake_root: &Path, addr: &str) -> Result<(), SinkError> {
     let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
     let ctx = Arc::new(context(lake_root).await?);
-    datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog(&ctx, "datafusion", datafusion_pg_catalog_provider())
+    datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog(&ctx, "datafusion", datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider)
         .map_err(|e| SinkError::Query(format!("setting up pg_catalog: {e}")))?;
     let refresh = {
         let ctx = ctx.clone();
@@ -286,10 +286,6 @@ pub async fn serve(lake_root: &Path, addr: &str) -> Result<(), SinkError> {
     tracing::info!(addr, lake = %lake_root.display(), "serving the lake over the PostgreSQL wire protocol");
     eprintln!("serving {} on postgresql://{addr} (psql -h {host} -p {port}); Ctrl-C stops", lake_root.display());
     datafusion_postgres::serve(ctx, &opts).await.map_err(|e| SinkError::io(format!("serving on {addr}"), e))
-}
-
-fn datafusion_pg_catalog_provider() -> datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider {
-    datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider
 }
 
 /// `omrs-stream query`: the output, or the error with the list of tables.

@@ -482,9 +482,8 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     let mut sim_rows = 0u64;
     let mut t_end_ms = 0;
     let start_agents_etc = |procs: &mut Procs| -> anyhow::Result<()> {
-        for (i, site) in sites.iter().enumerate() {
-            let port = args.metrics_port + 3 + i as u16;
-            procs.spawn(&format!("ingest-{site}"), &["ingest".into(), "--site".into(), site.clone(), "--quiet".into(), "--metrics-port".into(), port.to_string()], Some(port))?;
+        for site in &sites {
+            start_agent(procs, &sites, site, args.metrics_port)?;
         }
         procs.spawn("transform", &["transform".into(), "--metrics-port".into(), args.metrics_port.to_string()], Some(args.metrics_port))?;
         let p = args.metrics_port + 1;
@@ -508,6 +507,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     }
 
     // 5. The pipeline.
+    let mut hq_conn = mysql_async::Conn::new(omrs_sinks::mysql_opts(&cfg.hq.database)).await.context("connecting to HQ")?;
     let t_pipeline = Instant::now();
     start_agents_etc(&mut procs)?;
     progress.step(format!(
@@ -526,7 +526,6 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
             bail!("the snapshots did not come through within {} s (sites behind: {late_sites:?}); see the logs in {}", args.drain_timeout, logs.display());
         }
         // The HQ sink through the snapshot too, so the latency figures start from live changes.
-        let mut hq_conn = mysql_async::Conn::new(omrs_sinks::mysql_opts(&cfg.hq.database)).await.context("connecting to HQ")?;
         loop {
             procs.check()?;
             let lags = omrs_sinks::verify::stage_lags(&cfg, &mut hq_conn, None).await?;
@@ -560,7 +559,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
                     w.state = WindowState::Down;
                     progress.step(format!("{} offline: its ingest agent is stopped for {:.0} s while the clinic keeps writing", w.site, w.secs));
                 } else if w.state == WindowState::Down && elapsed >= w.start + w.secs {
-                    restart_agent(&mut procs, &sites, &w.site, args.metrics_port)?;
+                    start_agent(&mut procs, &sites, &w.site, args.metrics_port)?;
                     w.state = WindowState::Over;
                     progress.step(format!("{} back online: its agent reads the backlog", w.site));
                 }
@@ -593,7 +592,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         // A window that outlasted the workload ends now, so the drain has every site.
         for w in windows.iter_mut().filter(|w| w.state != WindowState::Over) {
             if w.state == WindowState::Down {
-                restart_agent(&mut procs, &sites, &w.site, args.metrics_port)?;
+                start_agent(&mut procs, &sites, &w.site, args.metrics_port)?;
                 progress.step(format!("{} back online at the end of the workload", w.site));
             }
             w.state = WindowState::Over;
@@ -622,7 +621,6 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     // transform, at the end of the site topics (its last counts scraped first); then the sinks,
     // at the end of omrs.hq.changes with nothing pending at HQ.
     procs.stop_all("ingest-", Duration::from_secs(10)).await;
-    let mut hq_conn = mysql_async::Conn::new(omrs_sinks::mysql_opts(&cfg.hq.database)).await.context("connecting to HQ")?;
     let mut lags = Vec::new();
     let mut transform_running = true;
     while drained {
@@ -736,7 +734,8 @@ async fn until_released(
     }
 }
 
-fn restart_agent(procs: &mut Procs, sites: &[String], site: &str, base: u16) -> anyhow::Result<()> {
+/// Starts (or restarts) one site's agent on its metrics port.
+fn start_agent(procs: &mut Procs, sites: &[String], site: &str, base: u16) -> anyhow::Result<()> {
     let i = sites.iter().position(|s| s == site).unwrap_or(0);
     let port = base + 3 + i as u16;
     procs.spawn(&format!("ingest-{site}"), &["ingest".into(), "--site".into(), site.to_string(), "--quiet".into(), "--metrics-port".into(), port.to_string()], Some(port))

@@ -173,12 +173,11 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
             offline_windows: f.windows.iter().filter(|w| &w.0 == name).map(|w| format!("from {:.0} s for {:.0} s", w.1, w.2)).collect(),
         });
     }
-    let q1 = |sql: &'static str| sql;
     let count = |v: Option<i64>| v.unwrap_or(0);
-    let conflicts = count(hq.query_first(q1("SELECT COUNT(*) FROM omrs_sync_conflict")).await.context("counting conflicts")?);
-    let pending = count(hq.query_first(q1("SELECT COUNT(*) FROM omrs_sync_pending")).await.context("counting pending rows")?);
-    let merges_logged = count(hq.query_first(q1("SELECT COUNT(*) FROM omrs_sync_merge")).await.context("counting merges")?);
-    let active = count(hq.query_first(q1("SELECT COUNT(*) FROM patient WHERE voided = 0")).await.context("counting patients")?);
+    let conflicts = count(hq.query_first("SELECT COUNT(*) FROM omrs_sync_conflict").await.context("counting conflicts")?);
+    let pending = count(hq.query_first("SELECT COUNT(*) FROM omrs_sync_pending").await.context("counting pending rows")?);
+    let merges_logged = count(hq.query_first("SELECT COUNT(*) FROM omrs_sync_merge").await.context("counting merges")?);
+    let active = count(hq.query_first("SELECT COUNT(*) FROM patient WHERE voided = 0").await.context("counting patients")?);
     let dead_letters = count_records(cfg, &names.dlq())?;
     let mut queries = Vec::new();
     for (title, sql) in QUERIES {

@@ -29,6 +29,14 @@ pub fn dump() -> PathBuf {
         .unwrap_or_else(|_| root().join("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz"))
 }
 
+/// The tests' Python (scripts/python-env's venv: DuckDB, pyarrow).
+pub fn python() -> String {
+    std::env::var("OMRS_PYTHON").unwrap_or_else(|_| {
+        let venv = "/var/cache/omrs-stream/venv/bin/python";
+        if Path::new(venv).exists() { venv.into() } else { "python3".into() }
+    })
+}
+
 pub fn unique(tag: &str) -> String {
     let n = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros();
     format!("{tag}_{}_{}", std::process::id(), n % 1_000_000_000)
