@@ -81,6 +81,8 @@ async fn demo_verifies_and_verify_catches_tampering() {
     assert_eq!(code, 0, "{r}");
     let mut hq = admin(3310, Some(&hq_db)).await;
 
+    aggregates_match_sql_over_hq_and_the_lake(&mut hq, &config, &lake, &s).await;
+
     // 1. A row deleted at HQ by hand.
     let (obs_id, obs_uuid): (i64, String) = hq
         .query_first("SELECT obs_id, uuid FROM obs o WHERE NOT EXISTS (SELECT 1 FROM obs c WHERE c.obs_group_id = o.obs_id OR c.previous_version = o.obs_id) ORDER BY obs_id LIMIT 1")
@@ -179,6 +181,93 @@ async fn demo_verifies_and_verify_catches_tampering() {
     for port in [3311, 3312, 3313] {
         admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{site_db}`")).await.unwrap();
     }
+}
+
+/// One aggregate window: (site, window start in epoch seconds, dim).
+type WinKey = (String, i64, String);
+
+/// `FROM_UNIXTIME(…)` of the demo's 10 s window of a DATETIME column (session time zone UTC).
+fn win(col: &str) -> String {
+    format!("UNIX_TIMESTAMP(FROM_UNIXTIME(FLOOR(UNIX_TIMESTAMP({col}) / 10) * 10))")
+}
+
+async fn rows(hq: &mut mysql_async::Conn, sql: String) -> std::collections::BTreeMap<WinKey, i64> {
+    let r: Vec<(String, i64, String, i64)> = hq.query(sql.as_str()).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    r.into_iter().map(|(s, w, d, v)| ((s, w, d), v)).collect()
+}
+
+/// Issue #9: every aggregate window at HQ (`omrs_dash_*`) equals a plain SQL recomputation over
+/// HQ's OpenMRS tables; the lake's `aggregates.*` equal HQ's, version for version; the windows
+/// the watermark passed are final; and site-b's late events corrected windows already final.
+async fn aggregates_match_sql_over_hq_and_the_lake(hq: &mut mysql_async::Conn, config: &Path, lake: &Path, summary: &J) {
+    hq.query_drop("SET time_zone = '+00:00'").await.unwrap();
+    let rv = |t: &str, a: &str| format!("JOIN omrs_sync_row_version v ON v.tbl = '{t}' AND v.row_key = {a}.uuid");
+    let recompute = [
+        (
+            "daily_registrations",
+            format!("SELECT v.site, {w}, '', COUNT(*) FROM patient p JOIN person pe ON pe.person_id = p.patient_id {rv} GROUP BY 1, 2, 3", w = win("p.date_created"), rv = rv("patient", "pe")),
+        ),
+        (
+            "hourly_encounters",
+            format!(
+                "SELECT v.site, {w}, et.uuid, COUNT(*) FROM encounter e JOIN encounter_type et ON et.encounter_type_id = e.encounter_type {rv} WHERE e.voided = 0 GROUP BY 1, 2, 3",
+                w = win("e.date_created"),
+                rv = rv("encounter", "e")
+            ),
+        ),
+        (
+            "monthly_active_patients",
+            format!("SELECT v.site, {w}, '', COUNT(DISTINCT e.patient_id) FROM encounter e {rv} WHERE e.voided = 0 GROUP BY 1, 2, 3", w = win("e.date_created"), rv = rv("encounter", "e")),
+        ),
+        (
+            "daily_obs_by_class",
+            format!(
+                "SELECT v.site, {w}, cc.uuid, COUNT(*) FROM obs o JOIN concept c ON c.concept_id = o.concept_id JOIN concept_class cc ON cc.concept_class_id = c.class_id {rv} WHERE o.voided = 0 GROUP BY 1, 2, 3",
+                w = win("o.date_created"),
+                rv = rv("obs", "o")
+            ),
+        ),
+    ];
+    let mut corrected_b = 0;
+    for (name, sql) in recompute {
+        let def = omrs_core::hq::AGGREGATES.iter().find(|a| a.name == name).unwrap();
+        let dim = def.dim_column.unwrap_or("''");
+        let dash: Vec<(String, i64, String, i64, i64, i64, i64, i64)> = hq
+            .query(format!(
+                "SELECT site, UNIX_TIMESTAMP(window_start), {dim}, value, is_final, revision, UNIX_TIMESTAMP(window_end) * 1000, watermark_ms FROM {}",
+                def.hq_table
+            ))
+            .await
+            .unwrap();
+        assert!(!dash.is_empty(), "{} is empty", def.hq_table);
+        let at_hq: std::collections::BTreeMap<WinKey, i64> = dash.iter().filter(|r| r.3 != 0).map(|r| ((r.0.clone(), r.1, r.2.clone()), r.3)).collect();
+        let expected = rows(hq, sql).await;
+        assert_eq!(at_hq, expected, "{name}: omrs_dash vs SQL over HQ");
+        // Every window the watermark passed is final.
+        let wm = dash.iter().map(|r| r.7).max().unwrap();
+        for r in &dash {
+            assert!(r.6 > wm || (r.4 == 1 && r.5 >= 1), "{name}: window {r:?} ended before the watermark {wm} but is not final");
+            assert!(r.4 == 1 || r.5 == 0, "{name}: a provisional window has no revision: {r:?}");
+        }
+        corrected_b += dash.iter().filter(|r| r.0 == "site-b" && r.5 >= 2).count();
+        // The lake's latest versions are HQ's rows.
+        let q = format!(
+            "SELECT site, CAST(to_unixtime(window_start) AS BIGINT) AS w, {dim} AS dim, value, CAST(is_final AS INT) AS f, revision FROM aggregates.{name} ORDER BY 1, 2, 3"
+        );
+        let out = bin().arg("--config").arg(config).args(["query", "--format", "json", "--lake"]).arg(lake).arg(&q).output().unwrap();
+        assert!(out.status.success(), "{q}: {}", String::from_utf8_lossy(&out.stderr));
+        let lake_rows: Vec<J> = serde_json::from_slice(&out.stdout).unwrap();
+        let in_lake: std::collections::BTreeMap<WinKey, (i64, i64, i64)> = lake_rows
+            .iter()
+            .map(|r| ((r["site"].as_str().unwrap().to_string(), r["w"].as_i64().unwrap(), r["dim"].as_str().unwrap().to_string()), (r["value"].as_i64().unwrap(), r["f"].as_i64().unwrap(), r["revision"].as_i64().unwrap())))
+            .collect();
+        let hq_all: std::collections::BTreeMap<WinKey, (i64, i64, i64)> = dash.iter().map(|r| ((r.0.clone(), r.1, r.2.clone()), (r.3, r.4, r.5))).collect();
+        assert_eq!(in_lake, hq_all, "{name}: lake aggregates.{name} vs HQ {}", def.hq_table);
+    }
+    assert!(corrected_b > 0, "site-b's late events corrected no final window");
+    let aggs = summary["aggregates"].as_array().unwrap();
+    assert_eq!(aggs.len(), 4);
+    assert!(aggs.iter().any(|a| a["corrected_windows"].as_i64().unwrap() > 0), "{aggs:?}");
 }
 
 /// Ctrl-C (SIGINT) while the stages run: the demo stops every child and exits 130.

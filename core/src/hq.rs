@@ -39,6 +39,27 @@ pub enum HqEvent {
     /// The transform's global watermark: every later record that is not `late` is at or after
     /// it. The Parquet sink finalises date partitions with it.
     Watermark { ts_ms: i64 },
+    /// One version of a dashboard aggregate window (see [`AGGREGATES`]): provisional while the
+    /// global watermark is before `window_end`, final after it; a change to a final window is a
+    /// correction, a new final version with the next `revision`.
+    Aggregate {
+        /// One of [`AGGREGATES`]' names.
+        name: String,
+        site: String,
+        window_start_ms: i64,
+        window_end_ms: i64,
+        /// The grouping value besides site and window (an encounter type or concept class
+        /// uuid), empty when the aggregate has none.
+        #[serde(default)]
+        dim: String,
+        value: i64,
+        #[serde(rename = "final")]
+        is_final: bool,
+        /// 0 while provisional; 1 for the first final version, then one more per correction.
+        revision: u32,
+        /// The global watermark when this version was emitted.
+        watermark_ms: i64,
+    },
     /// A voided or deleted identifier of a merged person: never unmerged automatically.
     IdentityReview {
         person: String,
@@ -59,11 +80,46 @@ impl HqEvent {
             HqEvent::Change { event, .. } => format!("{}:{}", event.table.as_deref().unwrap_or(""), event.uuid.as_deref().unwrap_or("")),
             HqEvent::Merge { loser, .. } => format!("merge:{loser}"),
             HqEvent::IdentityReview { person, .. } => format!("review:{person}"),
+            HqEvent::Aggregate { name, site, window_start_ms, dim, .. } => format!("agg:{name}:{site}:{window_start_ms}:{dim}"),
             HqEvent::Watermark { .. } => "watermark".to_string(),
         }
     }
 }
 
+
+/// A dashboard aggregate: its name (the lake folder `aggregates/<name>/`), its HQ table, and
+/// the column its `dim` is stored in (None: grouped by site and window only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AggregateDef {
+    pub name: &'static str,
+    pub hq_table: &'static str,
+    pub dim_column: Option<&'static str>,
+    /// What `value` counts, for `--help`, docs and column comments.
+    pub counts: &'static str,
+}
+
+/// The four aggregates of issue #9, in the order of `AggregatesConfig::windows`.
+pub const AGGREGATES: [AggregateDef; 4] = [
+    AggregateDef { name: "daily_registrations", hq_table: "omrs_dash_daily_registrations", dim_column: None, counts: "patients registered (patient rows created)" },
+    AggregateDef {
+        name: "hourly_encounters",
+        hq_table: "omrs_dash_hourly_encounters",
+        dim_column: Some("encounter_type_uuid"),
+        counts: "unvoided encounters created, per encounter type",
+    },
+    AggregateDef {
+        name: "monthly_active_patients",
+        hq_table: "omrs_dash_monthly_active_patients",
+        dim_column: None,
+        counts: "distinct patients with at least one unvoided encounter",
+    },
+    AggregateDef {
+        name: "daily_obs_by_class",
+        hq_table: "omrs_dash_daily_obs_by_class",
+        dim_column: Some("concept_class_uuid"),
+        counts: "unvoided obs created, per concept class",
+    },
+];
 
 /// The version of one row change, for last-writer-wins across sites.
 ///

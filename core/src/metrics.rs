@@ -56,6 +56,9 @@ pub const LAKE_BYTES_WRITTEN: &str = "omrs_stream_lake_bytes_written_total";
 pub const LAKE_COMPACTION_SECONDS: &str = "omrs_stream_lake_compaction_seconds";
 pub const LAKE_MANIFEST_LAG: &str = "omrs_stream_lake_manifest_lag_messages";
 pub const LAKE_LATE_FILES: &str = "omrs_stream_lake_late_files_total";
+pub const AGGREGATE_VERSIONS: &str = "omrs_stream_aggregate_versions_total";
+pub const AGGREGATE_OPEN_WINDOWS: &str = "omrs_stream_aggregate_open_windows";
+pub const AGGREGATE_UNATTRIBUTED: &str = "omrs_stream_aggregate_unattributed_total";
 
 /// Handles to every metric; registered once in one registry.
 pub struct Metrics {
@@ -121,6 +124,13 @@ pub struct Metrics {
     pub lake_manifest_lag: IntGauge,
     /// Files written into date partitions that were already complete (late data).
     pub lake_late_files: IntCounter,
+    /// Aggregate window versions emitted, by aggregate and kind (`provisional`, `final`,
+    /// `correction`).
+    pub aggregate_versions: IntCounterVec,
+    /// Aggregate windows the global watermark has not passed yet.
+    pub aggregate_open_windows: IntGauge,
+    /// Rows an aggregate could not attribute (a grouping value with no known uuid), by aggregate.
+    pub aggregate_unattributed: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -193,6 +203,9 @@ impl Metrics {
                 r.register(Box::new(c.clone())).expect("metric registered once");
                 c
             },
+            aggregate_versions: counter_vec(&r, AGGREGATE_VERSIONS, "Aggregate window versions emitted", &["aggregate", "kind"]),
+            aggregate_open_windows: gauge(&r, AGGREGATE_OPEN_WINDOWS, "Aggregate windows not final yet"),
+            aggregate_unattributed: counter_vec(&r, AGGREGATE_UNATTRIBUTED, "Rows counted under `unknown` for want of a grouping uuid", &["aggregate"]),
             hq_rows_applied: counter_vec(&r, HQ_ROWS_APPLIED, "Rows written to the HQ database", &["table", "op"]),
             hq_pending_oldest_age: gauge(&r, HQ_PENDING_OLDEST_AGE, "Age of the oldest row waiting at the HQ sink for its parent"),
             hq_e2e_latency: {

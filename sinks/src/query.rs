@@ -6,7 +6,9 @@
 //! - `current.<table>`: the latest version of each row, as of the published snapshot (the
 //!   symlink is resolved once, so one query reads one snapshot);
 //! - `patients`, `encounters_flat`, `obs_flat`: the flattened views of the same snapshot;
-//! - `lake_partitions`: every date partition, its files, and whether it is final.
+//! - `lake_partitions`: every date partition, its files, and whether it is final;
+//! - `aggregates.<name>`: the dashboard aggregates, the latest version of each window
+//!   (`is_final`, `revision`), and `aggregates.<name>_history`, every version emitted.
 //!
 //! `--serve ADDR` answers the same tables over the PostgreSQL wire protocol
 //! (datafusion-postgres), for psql, Grafana, Metabase or Superset. It follows the lake: when the
@@ -101,7 +103,7 @@ pub async fn context(lake_root: &Path) -> Result<SessionContext, SinkError> {
     let config = SessionConfig::new().with_information_schema(true).set_bool("datafusion.execution.parquet.schema_force_view_types", false);
     let ctx = SessionContext::new_with_config(config);
     let catalog = ctx.catalog("datafusion").ok_or_else(|| SinkError::Query("no default catalog".into()))?;
-    for schema in ["changes", "current"] {
+    for schema in ["changes", "current", "aggregates"] {
         catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new())).map_err(df_err)?;
     }
     let changes = lake_root.join("changes");
@@ -130,6 +132,18 @@ pub async fn context(lake_root: &Path) -> Result<SessionContext, SinkError> {
         for v in subdirs(&views) {
             register_dir(&ctx, &v, &views.join(&v), false).await?;
         }
+    }
+    for def in omrs_core::hq::AGGREGATES.iter() {
+        use crate::parquet::aggregates;
+        let dir = lake_root.join(aggregates::DIR).join(def.name);
+        let history = format!("aggregates.{}_history", def.name);
+        if has_parquet(&dir) {
+            register_dir(&ctx, &history, &dir, false).await?;
+        } else {
+            ctx.register_batch(history.as_str(), RecordBatch::new_empty(aggregates::schema(def))).map_err(df_err)?;
+        }
+        let latest = ctx.sql(&aggregates::latest_sql(def)).await.map_err(df_err)?.into_view();
+        ctx.register_table(format!("aggregates.{}", def.name).as_str(), latest).map_err(df_err)?;
     }
     let lake = Lake::new(lake_root);
     if let Ok((state, _)) = lake.read_manifest() {

@@ -88,6 +88,11 @@ pub struct DemoArgs {
     /// No progress line (a log line every few seconds instead).
     #[arg(long)]
     pub quiet: bool,
+    /// Width in seconds of every dashboard aggregate window in this demo, so that windows close
+    /// (final), and late events correct them, while you watch. 0 keeps the production windows
+    /// (daily registrations, hourly encounters, monthly active patients, daily obs).
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub agg_window: u32,
 }
 
 /// SITE:START:SECS, checked against the simulated sites.
@@ -194,6 +199,7 @@ out_of_orderness_ms = 2000
 idle_timeout_s = {IDLE_TIMEOUT_S}
 max_buffered_events = 200000
 
+{aggregates}
 [sinks.hq_mysql]
 fk_wait_timeout_s = 600
 max_pending_rows = 100000
@@ -208,6 +214,14 @@ compact_interval_s = 30
 row_group_rows = 131072
 "#,
         hq = args.hq_database,
+        aggregates = if args.agg_window == 0 {
+            String::new()
+        } else {
+            let w = args.agg_window;
+            format!(
+                "[aggregates]\nregistrations_window = \"{w}s\"\nencounters_window = \"{w}s\"\nactive_patients_window = \"{w}s\"\nobs_window = \"{w}s\"\nprovisional_interval_ms = 1000\n"
+            )
+        },
         nid = omrs_simulate::NATIONAL_ID_TYPE_UUID,
         lake = lake.display(),
     ));
@@ -399,6 +413,9 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     }
     if args.rate <= 0.0 || args.duration <= 0.0 {
         bail!("--rate and --duration must be positive");
+    }
+    if args.agg_window != 0 && 86_400 % args.agg_window != 0 {
+        bail!("--agg-window {}: the width must divide a day (10, 15, 30, 60, …), or be 0 for the production windows", args.agg_window);
     }
     let mut windows: Vec<Window> = args.offline.iter().map(|o| parse_window(o, &sites, args.duration)).collect::<Result<_, _>>()?;
     if !args.dump.is_file() {

@@ -69,6 +69,17 @@ pub struct QueryResult {
 }
 
 #[derive(Debug, Serialize)]
+pub struct AggSummary {
+    pub name: String,
+    pub hq_table: String,
+    pub windows: i64,
+    pub final_windows: i64,
+    /// Windows corrected after they were final (revision above 1).
+    pub corrected_windows: i64,
+    pub max_revision: i64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct Summary {
     pub ok: bool,
     pub run_id: String,
@@ -83,6 +94,8 @@ pub struct Summary {
     pub pending: i64,
     pub dead_letters: u64,
     pub hq_active_patients: i64,
+    /// The dashboard aggregates at HQ (`omrs_dash_*`), per aggregate.
+    pub aggregates: Vec<AggSummary>,
     pub hq_rows_applied: u64,
     pub lake_rows_written: u64,
     /// Seconds from starting the pipeline to the end of the drain.
@@ -179,6 +192,22 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
     let merges_logged = count(hq.query_first("SELECT COUNT(*) FROM omrs_sync_merge").await.context("counting merges")?);
     let active = count(hq.query_first("SELECT COUNT(*) FROM patient WHERE voided = 0").await.context("counting patients")?);
     let dead_letters = count_records(cfg, &names.dlq())?;
+    let mut aggregates = Vec::new();
+    for def in omrs_core::hq::AGGREGATES.iter() {
+        let row: Option<(i64, Option<i64>, Option<i64>, Option<i64>)> = hq
+            .query_first(format!("SELECT COUNT(*), SUM(is_final), SUM(revision > 1), MAX(revision) FROM {}", def.hq_table))
+            .await
+            .with_context(|| format!("reading {}", def.hq_table))?;
+        let (windows, fin, corrected, max_rev) = row.unwrap_or((0, None, None, None));
+        aggregates.push(AggSummary {
+            name: def.name.to_string(),
+            hq_table: def.hq_table.to_string(),
+            windows,
+            final_windows: fin.unwrap_or(0),
+            corrected_windows: corrected.unwrap_or(0),
+            max_revision: max_rev.unwrap_or(0),
+        });
+    }
     let mut queries = Vec::new();
     for (title, sql) in QUERIES {
         let args = omrs_sinks::query::QueryArgs { sql: Some(sql.to_string()), tables: false, format: omrs_sinks::query::Format::Table, lake: None, serve: None };
@@ -208,6 +237,7 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         pending,
         dead_letters,
         hq_active_patients: active,
+        aggregates,
         hq_rows_applied: prom::sum(&f.hq, m::HQ_ROWS_APPLIED, &[]) as u64,
         lake_rows_written: prom::sum(&f.parquet, m::LAKE_ROWS_WRITTEN, &[]) as u64,
         pipeline_seconds: f.pipeline_secs,
@@ -271,6 +301,13 @@ pub fn render(s: &Summary) -> String {
     o.push_str(&format!("  dead letters          {}\n", s.dead_letters));
     o.push_str(&format!("  HQ                    {} active patients, {} rows applied\n", fmt_n(s.hq_active_patients as f64), fmt_n(s.hq_rows_applied as f64)));
     o.push_str(&format!("  lake                  {} rows written\n", fmt_n(s.lake_rows_written as f64)));
+    o.push_str("  aggregates (HQ omrs_dash_*, lake aggregates.*)\n");
+    for a in &s.aggregates {
+        o.push_str(&format!(
+            "    {:<24} {} windows, {} final, {} corrected after final (highest revision {})\n",
+            a.name, a.windows, a.final_windows, a.corrected_windows, a.max_revision
+        ));
+    }
     for q in &s.queries {
         o.push_str(&format!("\nquery: {}\n  omrs-stream query --lake {} \"{}\"\n", q.title, s.lake.display(), q.sql));
         for line in q.output.lines() {

@@ -98,7 +98,7 @@ pub async fn hq_dump(db: &str) -> BTreeMap<String, Vec<String>> {
     let mut c = hq(db).await;
     let cols: Vec<(String, String, String)> = c
         .exec(
-            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name NOT LIKE 'omrs\\_sync\\_%' ORDER BY table_name, ordinal_position",
+            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name NOT LIKE 'omrs\\_sync\\_%' AND table_name NOT LIKE 'omrs\\_dash\\_%' ORDER BY table_name, ordinal_position",
             (db,),
         )
         .await

@@ -6,6 +6,7 @@
 //! only up to what has been *emitted*: an event still buffered for the ordered merge is
 //! re-read after a crash, never lost. State is restored from the changelog before consuming.
 //!
+//! - [`aggregate`]: the dashboard aggregates, tumbling windows finalised by the watermark.
 //! - [`engine`]: watermarks, ordered merge, late data, identity (no Kafka).
 //! - [`event`]: input events held with raw row images, and the output records written from them.
 //! - [`identity`]: the union-find over person records.
@@ -14,6 +15,7 @@
 //! Runs as a single instance (one consumer in its group); a second one is fenced by the shared
 //! `transactional.id`.
 
+pub mod aggregate;
 pub mod engine;
 pub mod event;
 pub mod identity;
@@ -28,6 +30,8 @@ pub enum TransformError {
     Kafka { context: String, message: String },
     #[error("state changelog: {0}")]
     State(String),
+    #[error("config: {0}")]
+    Config(String),
 }
 
 impl TransformError {

@@ -17,6 +17,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use crate::aggregate::{AggFact, Aggregator};
 use crate::engine::{Engine, EngineConfig, Fact, HqEvent, Origin, Out};
 use crate::event::InEvent;
 use crate::{TransformArgs, TransformError};
@@ -53,15 +54,40 @@ pub async fn run(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErro
     }
 }
 
-/// Reads the compacted changelog to its end (read_committed) and replays it into the engine.
-fn restore(cfg: &Config, topic: &str, engine: &mut Engine) -> Result<usize, TransformError> {
+/// A record of the state changelog: an engine fact or an aggregate fact.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum AnyFact {
+    Engine(Fact),
+    Agg(AggFact),
+}
+
+/// The aggregator `[aggregates]` asks for (None when disabled).
+pub fn aggregator(cfg: &Config) -> Result<Option<Aggregator>, TransformError> {
+    if !cfg.aggregates.enabled {
+        return Ok(None);
+    }
+    let windows = cfg.aggregates.windows().map_err(|(k, m)| TransformError::Config(format!("{k}: {m}")))?;
+    Ok(Some(Aggregator::new(windows, cfg.aggregates.provisional_interval_ms)))
+}
+
+/// Reads the compacted changelog to its end (read_committed) and replays it into the engine
+/// and the aggregator.
+fn restore(cfg: &Config, topic: &str, engine: &mut Engine, agg: &mut Option<Aggregator>) -> Result<usize, TransformError> {
     let mut facts: BTreeMap<String, Fact> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
+    let mut agg_facts: BTreeMap<String, AggFact> = BTreeMap::new();
     omrs_core::kafka::read_to_end(&cfg.kafka, topic, |_, payload, _| {
-        let f: Fact = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-        let k = f.key();
-        if facts.insert(k.clone(), f).is_none() {
-            order.push(k);
+        match serde_json::from_slice::<AnyFact>(payload).map_err(|e| format!("a state fact that is neither an engine nor an aggregate fact: {e}"))? {
+            AnyFact::Engine(f) => {
+                let k = f.key();
+                if facts.insert(k.clone(), f).is_none() {
+                    order.push(k);
+                }
+            }
+            AnyFact::Agg(f) => {
+                agg_facts.insert(f.key(), f);
+            }
         }
         Ok(())
     })
@@ -85,6 +111,12 @@ fn restore(cfg: &Config, topic: &str, engine: &mut Engine) -> Result<usize, Tran
     }
     for f in rest {
         engine.restore(f);
+    }
+    let n = n + agg_facts.len();
+    if let Some(a) = agg.as_mut() {
+        for f in agg_facts.into_values() {
+            a.restore(f);
+        }
     }
     Ok(n)
 }
@@ -196,7 +228,8 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
     producer.init_transactions(TXN_TIMEOUT).map_err(|e| TransformError::kafka("initialising transactions", e))?;
 
     let mut engine = Engine::new(engine_config(cfg));
-    let restored = restore(cfg, &state_topic, &mut engine)?;
+    let mut agg = aggregator(cfg)?;
+    let restored = restore(cfg, &state_topic, &mut engine, &mut agg)?;
     let now = now_ms();
     for s in engine.sites.values_mut() {
         s.last_seen = now;
@@ -357,6 +390,17 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             }
         }
 
+        // Aggregates: the windows this batch changed, and those the watermark closed.
+        let mut agg_facts: Vec<AggFact> = Vec::new();
+        if let Some(a) = agg.as_mut() {
+            for o in &outputs {
+                a.on_output(o);
+            }
+            let (versions, f) = a.flush(engine.global_watermark(), now_ms(), finished);
+            outputs.extend(versions.into_iter().map(|v| Out::Hq(Box::new(v))));
+            agg_facts = f;
+        }
+
         // The global watermark, after the events it releases, at most once a second (and at the
         // end of a batch run).
         let gwm = engine.global_watermark();
@@ -383,7 +427,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         if !outputs.is_empty() || !new_committed.is_empty() {
             facts.extend(engine.watermark_facts());
         }
-        if !outputs.is_empty() || !dead.is_empty() || !facts.is_empty() || !new_committed.is_empty() {
+        if !outputs.is_empty() || !dead.is_empty() || !facts.is_empty() || !agg_facts.is_empty() || !new_committed.is_empty() {
             // The previous transaction's commit ran while this batch was read and transformed.
             let t = Instant::now();
             if let Some(h) = inflight.take() {
@@ -399,6 +443,9 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                 enqueue(&producer, &out_topic, &key, &buf).await?;
             }
             for f in &facts {
+                enqueue(&producer, &state_topic, &f.key(), &serde_json::to_vec(f).unwrap_or_default()).await?;
+            }
+            for f in &agg_facts {
                 enqueue(&producer, &state_topic, &f.key(), &serde_json::to_vec(f).unwrap_or_default()).await?;
             }
             for (origin, reason, payload) in &dead {
@@ -439,8 +486,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                     Out::Hq(h) => match **h {
                         HqEvent::Merge { .. } => m.merges.inc(),
                         HqEvent::IdentityReview { .. } => m.identity_reviews.inc(),
-                        HqEvent::Watermark { .. } => {}
-                        HqEvent::Change { .. } => {}
+                        HqEvent::Watermark { .. } | HqEvent::Aggregate { .. } | HqEvent::Change { .. } => {}
                     },
                 }
             }

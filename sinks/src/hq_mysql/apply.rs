@@ -80,6 +80,62 @@ pub struct Outcome {
     pub parked: u64,
     /// (site, source commit ms) of every applied change, for the end-to-end latency.
     pub commits: Vec<(String, i64)>,
+    /// Aggregate window versions upserted into `omrs_dash_*`.
+    pub aggregates: u64,
+}
+
+/// One aggregate window version, as upserted.
+#[derive(Debug, Clone)]
+struct AggRow {
+    site: String,
+    start_ms: i64,
+    end_ms: i64,
+    dim: String,
+    value: i64,
+    is_final: bool,
+    revision: u32,
+    watermark_ms: i64,
+}
+
+/// `ms` as a DATETIME literal value (UTC).
+fn datetime(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "1970-01-01 00:00:00".into())
+}
+
+/// Upserts the batch's aggregate versions (the latest per window wins: records are in order).
+async fn upsert_aggregates(conn: &mut Conn, by_name: BTreeMap<String, BTreeMap<(String, i64, String), AggRow>>) -> Result<u64, SinkError> {
+    let mut n = 0;
+    for (name, rows) in by_name {
+        let Some(def) = omrs_core::hq::AGGREGATES.iter().find(|a| a.name == name) else { continue };
+        let rows: Vec<AggRow> = rows.into_values().collect();
+        for chunk in rows.chunks(500) {
+            let dim_col = def.dim_column.map(|c| format!("{c}, ")).unwrap_or_default();
+            let per_row = if def.dim_column.is_some() { "(?, ?, ?, ?, ?, ?, ?, ?, NOW(3))" } else { "(?, ?, ?, ?, ?, ?, ?, NOW(3))" };
+            let sql = format!(
+                "INSERT INTO {t} (site, window_start, window_end, {dim_col}value, is_final, revision, watermark_ms, updated_at) VALUES {vals} \
+                 ON DUPLICATE KEY UPDATE window_end = VALUES(window_end), value = VALUES(value), is_final = VALUES(is_final), \
+                 revision = VALUES(revision), watermark_ms = VALUES(watermark_ms), updated_at = VALUES(updated_at)",
+                t = def.hq_table,
+                vals = vec![per_row; chunk.len()].join(", "),
+            );
+            let mut params: Vec<mysql_async::Value> = Vec::with_capacity(chunk.len() * 8);
+            for r in chunk {
+                params.push(r.site.clone().into());
+                params.push(datetime(r.start_ms).into());
+                params.push(datetime(r.end_ms).into());
+                if def.dim_column.is_some() {
+                    params.push(r.dim.clone().into());
+                }
+                params.push(r.value.into());
+                params.push((r.is_final as i64).into());
+                params.push((r.revision as i64).into());
+                params.push(r.watermark_ms.into());
+            }
+            conn.exec_drop(sql, params).await.map_err(db("upserting dashboard aggregates"))?;
+            n += chunk.len() as u64;
+        }
+    }
+    Ok(n)
 }
 
 #[derive(Debug, Clone)]
@@ -528,6 +584,7 @@ impl Applier {
     pub async fn apply(&mut self, conn: &mut Conn, records: Vec<Record>) -> Result<Outcome, SinkError> {
         let mut out = Outcome::default();
         let mut segment: Vec<Work> = Vec::new();
+        let mut aggregates: BTreeMap<String, BTreeMap<(String, i64, String), AggRow>> = BTreeMap::new();
         for rec in records {
             let payload = std::sync::Arc::new(rec.payload);
             let ev: HqEvent = match rec.decoded {
@@ -557,12 +614,17 @@ impl Applier {
                 }
                 // The Parquet sink's concern: HQ has no date partitions to finalise.
                 HqEvent::Watermark { .. } => {}
+                HqEvent::Aggregate { name, site, window_start_ms, window_end_ms, dim, value, is_final, revision, watermark_ms } => {
+                    let row = AggRow { site: site.clone(), start_ms: window_start_ms, end_ms: window_end_ms, dim: dim.clone(), value, is_final, revision, watermark_ms };
+                    aggregates.entry(name).or_default().insert((site, window_start_ms, dim), row);
+                }
                 HqEvent::IdentityReview { person, reason, site, .. } => {
                     tracing::warn!(person = %person, site = %site, reason = %reason, "identity review: an identifier of a merged person was voided or deleted; HQ keeps the merge");
                 }
             }
         }
         self.flush(conn, segment, &mut out).await?;
+        out.aggregates = upsert_aggregates(conn, aggregates).await?;
         self.retry_merges(conn).await?;
         self.expire_pending(conn, &mut out).await?;
         Ok(out)

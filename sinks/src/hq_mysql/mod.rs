@@ -127,6 +127,8 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let batch_rows = args.batch_rows.unwrap_or(sink_cfg.batch_max_rows).max(1);
 
     let mut conn = connect(cfg, true).await?;
+    // An HQ made by an older version lacks the newer bookkeeping or dashboard tables.
+    schema::ensure_bookkeeping(&mut conn).await?;
     let priorities: HashMap<String, i32> = cfg.sites.iter().map(|s| (s.name.clone(), s.priority)).collect();
     let mut applier = Applier::load(&mut conn, &cfg.hq.database.database, priorities, sink_cfg.fk_wait_timeout_s as i64 * 1000)
         .await?

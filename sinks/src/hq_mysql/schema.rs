@@ -77,10 +77,41 @@ pub const BOOKKEEPING: &[&str] = &[
      ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
 ];
 
-/// Creates the bookkeeping tables if they are missing.
+/// The dashboard tables (`omrs_dash_*`, issue #9): one row per aggregate window, upserted by
+/// window key in the sink's transaction. `is_final` and `revision` say whether the watermark
+/// has passed the window and how many final versions it has had (corrections bump it).
+pub fn dash_ddl() -> Vec<String> {
+    omrs_core::hq::AGGREGATES
+        .iter()
+        .map(|a| {
+            let dim = a.dim_column.map(|c| format!("{c} VARCHAR(64) NOT NULL, ")).unwrap_or_default();
+            let pk_dim = a.dim_column.map(|c| format!(", {c}")).unwrap_or_default();
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    site VARCHAR(64) NOT NULL,
+                    window_start DATETIME NOT NULL,
+                    window_end DATETIME NOT NULL,
+                    {dim}value BIGINT NOT NULL COMMENT '{counts}',
+                    is_final TINYINT NOT NULL,
+                    revision INT NOT NULL,
+                    watermark_ms BIGINT NOT NULL,
+                    updated_at DATETIME(3) NOT NULL,
+                    PRIMARY KEY (site, window_start{pk_dim})
+                 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+                t = a.hq_table,
+                counts = a.counts,
+            )
+        })
+        .collect()
+}
+
+/// Creates the bookkeeping and dashboard tables if they are missing.
 pub async fn ensure_bookkeeping(conn: &mut Conn) -> Result<(), SinkError> {
     for ddl in BOOKKEEPING {
         conn.query_drop(*ddl).await.map_err(|e| SinkError::db("creating the omrs_sync_ tables", e))?;
+    }
+    for ddl in dash_ddl() {
+        conn.query_drop(ddl).await.map_err(|e| SinkError::db("creating the omrs_dash_ tables", e))?;
     }
     Ok(())
 }

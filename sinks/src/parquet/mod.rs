@@ -16,6 +16,7 @@
 //! backoff; the process does not exit. A record that cannot be typed goes to the DLQ with the
 //! column and the value named, and the rest of its batch is written.
 
+pub mod aggregates;
 pub mod compact;
 pub mod fast;
 pub mod lake;
@@ -96,6 +97,8 @@ pub async fn load_tables(cfg: &Config, lake: &Lake) -> Result<HashMap<String, Ar
                 .map_err(|e| SinkError::Schema(format!("reading the table model from HQ: {e}")))?;
             let _ = conn.disconnect().await;
             let mut f = LakeSchemaFile::from_model(&model, format!("hq:{}", d.database));
+            // The sink's bookkeeping and the dashboard tables are HQ's, not OpenMRS data.
+            f.tables.retain(|name, _| !name.starts_with("omrs_sync_") && !name.starts_with("omrs_dash_"));
             for (name, t) in f.tables.iter_mut() {
                 t.columns.retain(|c| !cfg.ingest.scrub.iter().any(|s| s == &format!("{name}.{}", c.name)));
             }
@@ -172,6 +175,8 @@ struct Buffer {
     /// The partition of the last row and its day: consecutive rows nearly always share it.
     last: Option<(usize, i64)>,
     merges: BTreeMap<(String, String), Vec<MergeRow>>,
+    /// Aggregate versions by aggregate name.
+    aggs: BTreeMap<String, Vec<aggregates::AggVersion>>,
     dead: Vec<DeadLetter>,
     next: BTreeMap<i32, i64>,
     watermark: Option<i64>,
@@ -208,6 +213,9 @@ impl Buffer {
         self.parts.extend(o.parts);
         for (k, rows) in o.merges {
             self.merges.entry(k).or_default().extend(rows);
+        }
+        for (k, rows) in o.aggs {
+            self.aggs.entry(k).or_default().extend(rows);
         }
         self.dead.extend(o.dead);
         self.watermark = match (self.watermark, o.watermark) {
@@ -551,6 +559,24 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, priorities: 
         HqEvent::IdentityReview { person, reason, site, .. } => {
             tracing::debug!(person = %person, site = %site, reason = %reason, "identity review (not part of the lake)");
         }
+        HqEvent::Aggregate { name, site, window_start_ms, window_end_ms, dim, value, is_final, revision, watermark_ms } => {
+            if !omrs_core::hq::AGGREGATES.iter().any(|a| a.name == name) {
+                buf.dead.push(dead("unknown_aggregate", format!("aggregate `{name}` is not one this sink knows")));
+                return;
+            }
+            buf.aggs.entry(name).or_default().push(aggregates::AggVersion {
+                site,
+                start_ms: window_start_ms,
+                end_ms: window_end_ms,
+                dim,
+                value,
+                is_final,
+                revision,
+                watermark_ms,
+                partition: p,
+                offset: o,
+            });
+        }
     }
 }
 
@@ -637,6 +663,28 @@ async fn commit(
         let batch = merge_batch(rows)?;
         let bytes = write::write_file(&lake.root.join(format!("_tmp/{seq:010}-{n:04}.parquet")), &merge_schema(), &[batch], row_group_rows)?;
         add((MERGE_TABLE.to_string(), site, date), n, count, first, last, bytes);
+        n += 1;
+    }
+    for (name, rows) in b.aggs {
+        let Some(def) = omrs_core::hq::AGGREGATES.iter().find(|a| a.name == name) else { continue };
+        let (first, last) = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
+        let batch = aggregates::batch(def, &rows)?;
+        let bytes = write::write_file(&lake.root.join(format!("_tmp/{seq:010}-{n:04}.parquet")), &aggregates::schema(def), &[batch], row_group_rows)?;
+        let fin = format!("{}/{name}/part-{seq:010}-{n:04}.parquet", aggregates::DIR);
+        // Not a date partition: no site or date, never "complete".
+        files.push(FileEntry {
+            seq,
+            path: fin.clone(),
+            table: format!("{}.{name}", aggregates::DIR),
+            site: String::new(),
+            date: String::new(),
+            rows: rows.len() as u64,
+            bytes,
+            first_offset: first,
+            last_offset: last,
+            late: false,
+        });
+        renames.push((format!("_tmp/{seq:010}-{n:04}.parquet"), fin));
         n += 1;
     }
     failpoint("lake:after-data-tmp");
