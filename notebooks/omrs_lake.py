@@ -3,6 +3,8 @@
 - `current."<table>"`: the current state of every table (HQ's content, in uuid space).
 - `changes."<table>"`: the change history, with `site` and `date` from the hive partitions.
 - `patients`, `encounters_flat`, `obs_flat`: the flattened views.
+- `aggregates."<name>"`: the streaming dashboard aggregates, latest version per window, and
+  `aggregates."<name>_history"`: every version (provisional, final, corrections).
 
 The `current` and `views` symlinks are resolved once, so every query of a session reads one
 snapshot even while the sink publishes a new one.
@@ -51,7 +53,26 @@ def connect(lake):
     views = os.path.realpath(os.path.join(lake, "views"))
     for d in sorted(glob.glob(os.path.join(views, "*", ""))):
         _view(con, os.path.basename(d.rstrip("/")), d, "*.parquet")
+    con.execute("CREATE SCHEMA IF NOT EXISTS aggregates")
+    for d in sorted(glob.glob(os.path.join(lake, "aggregates", "*", ""))):
+        name = os.path.basename(d.rstrip("/"))
+        if _view(con, f'aggregates."{name}_history"', d, "*.parquet"):
+            # The latest version of each window (the same rule as `omrs-stream query`).
+            con.execute(
+                f'CREATE OR REPLACE VIEW aggregates."{name}" AS SELECT * EXCLUDE (_rn) FROM ('
+                f'SELECT * EXCLUDE (_kafka_partition, _kafka_offset), ROW_NUMBER() OVER ('
+                f'PARTITION BY site, window_start{_dim(con, name)} '
+                f'ORDER BY _kafka_partition DESC, _kafka_offset DESC) AS _rn '
+                f'FROM aggregates."{name}_history") WHERE _rn = 1'
+            )
     return con
+
+
+def _dim(con, name):
+    """The grouping column of an aggregate besides site and window, as `, col` (or '')."""
+    cols = [r[0] for r in con.sql(f'DESCRIBE aggregates."{name}_history"').fetchall()]
+    dims = [c for c in cols if c.endswith("_uuid")]
+    return f", {dims[0]}" if dims else ""
 
 
 def last_commit(lake):

@@ -90,6 +90,9 @@ fn render(o: &HqEvent) -> String {
         HqEvent::Merge { winner, loser, reason, site, .. } => format!("MERGE winner={winner} loser={loser} reason={reason} at={site}"),
         HqEvent::IdentityReview { person, site, evidence, .. } => format!("REVIEW person={person} at={site} value={}", evidence["value"].as_str().unwrap_or("")),
         HqEvent::Watermark { ts_ms } => format!("WATERMARK {ts_ms}"),
+        HqEvent::Aggregate { name, site, window_start_ms, dim, value, is_final, revision, .. } => {
+            format!("AGGREGATE {name} {site} {window_start_ms} {dim} value={value} final={is_final} revision={revision}")
+        }
     }
 }
 
