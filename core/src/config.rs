@@ -968,6 +968,26 @@ fn expand(s: &str) -> std::result::Result<String, String> {
     Ok(out)
 }
 
+/// The fuzz target `config` (fuzz/) and its regression test: any text loads and validates as
+/// `omrs-stream.toml` / `topics.toml`, or is refused with an error naming the file. Err names a
+/// refusal that does not.
+pub fn check_config_text(text: &str) -> std::result::Result<(), String> {
+    match Config::parse(text, Path::new("fuzz.toml")) {
+        Ok(cfg) => {
+            let _ = cfg.aggregates.windows();
+            let _ = cfg.metrics.addr();
+        }
+        Err(e) if !e.to_string().contains("fuzz.toml") => return Err(format!("an error that does not name the file: {e}")),
+        Err(_) => {}
+    }
+    if let Err(e) = TopicsFile::parse(text, Path::new("topics.toml")) {
+        if !e.to_string().contains("topics.toml") {
+            return Err(format!("an error that does not name the file: {e}"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

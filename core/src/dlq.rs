@@ -16,22 +16,76 @@ pub struct DeadRecord<'a> {
     pub payload: &'a [u8],
 }
 
+/// The most payload bytes a dead letter carries; a larger payload is cut (the whole record stays
+/// in its source topic, at `topic`/`partition`/`offset`, which keep it forever). The dead-letter
+/// topic's records must stay under the broker's default 1 MiB.
+pub const MAX_PAYLOAD: usize = 128 * 1024;
+/// The most reason bytes a dead letter carries.
+pub const MAX_REASON: usize = 4096;
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 impl DeadRecord<'_> {
-    /// The record's JSON: the payload as text when it is UTF-8, and always as base64.
+    /// The record's JSON: the payload as text when it is UTF-8, and always as base64; a payload
+    /// over [`MAX_PAYLOAD`] is cut, with `payload_truncated` and the full `payload_bytes`.
     pub fn to_json(&self, ts_ms: i64) -> Vec<u8> {
+        let truncated = self.payload.len() > MAX_PAYLOAD;
+        let payload = &self.payload[..self.payload.len().min(MAX_PAYLOAD)];
+        let text = match std::str::from_utf8(payload) {
+            Ok(t) => Some(t),
+            // A cut inside a character: the text up to it.
+            Err(e) if truncated && e.error_len().is_none() => std::str::from_utf8(&payload[..e.valid_up_to()]).ok(),
+            Err(_) => None,
+        };
         let mut v = serde_json::json!({
             "stage": self.stage,
-            "reason": self.reason,
+            "reason": cut(self.reason, MAX_REASON),
             "topic": self.topic,
             "partition": self.partition,
             "offset": self.offset,
-            "payload_base64": base64::engine::general_purpose::STANDARD.encode(self.payload),
-            "payload_text": std::str::from_utf8(self.payload).ok(),
+            "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload),
+            "payload_text": text,
+            "payload_bytes": self.payload.len(),
             "ts_ms": ts_ms,
         });
+        if truncated {
+            v["payload_truncated"] = serde_json::Value::Bool(true);
+        }
         if let Some(kind) = self.kind {
             v["kind"] = serde_json::Value::String(kind.to_string());
         }
         serde_json::to_vec(&v).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_payload_is_cut_and_says_so() {
+        let big = "é".repeat(MAX_PAYLOAD); // two bytes each: twice the limit
+        let reason = "r".repeat(10_000);
+        let d = DeadRecord { stage: "transform", kind: None, reason: &reason, topic: "t", partition: 0, offset: 7, payload: big.as_bytes() };
+        let v: serde_json::Value = serde_json::from_slice(&d.to_json(1)).unwrap();
+        assert_eq!(v["payload_truncated"], true);
+        assert_eq!(v["payload_bytes"], big.len());
+        assert_eq!(v["payload_text"].as_str().unwrap().len(), MAX_PAYLOAD);
+        assert_eq!(v["reason"].as_str().unwrap().len(), MAX_REASON);
+        assert!(d.to_json(1).len() < 512 * 1024);
+        let small = DeadRecord { stage: "transform", kind: None, reason: "bad", topic: "t", partition: 0, offset: 7, payload: b"{x" };
+        let v: serde_json::Value = serde_json::from_slice(&small.to_json(1)).unwrap();
+        assert!(v.get("payload_truncated").is_none());
+        assert_eq!(v["payload_text"], "{x");
     }
 }

@@ -4,6 +4,13 @@
 //! idempotent (a second run reports everything unchanged). `check` changes nothing and lists
 //! every difference between `topics.toml` and the broker.
 
+/// The largest record the change topics take (`max.message.bytes` of `omrs.cdc.*` and
+/// `omrs.hq.changes` in topics.toml); producers that write them set `message.max.bytes` to it.
+pub const MAX_RECORD_BYTES: usize = 8_388_608;
+/// The largest site change the transform passes on: room is left for what it adds (the
+/// `change` wrapper, the canonical person, rewritten refs). A larger one is dead-lettered.
+pub const MAX_CHANGE_BYTES: usize = MAX_RECORD_BYTES - 65_536;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 

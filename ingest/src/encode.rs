@@ -531,6 +531,58 @@ fn write_value(out: &mut Vec<u8>, value: &BinlogValue<'_>, c: &ColPlan, scratch:
     }
 }
 
+/// The fuzz target `binlog_value` (fuzz/): one binlog value of a column type, metadata and
+/// charset named by the first bytes, decoded from the rest as a rows event holds it, then
+/// written by the direct writer and by `binlog_value_typed` + serde_json. Err when they
+/// disagree or the output is not JSON; undecodable bytes are Ok (the agent reports those as
+/// a decoding error naming the table and position).
+pub fn check_binlog_value(data: &[u8]) -> Result<(), String> {
+    use ColumnType::*;
+    const TYPES: [ColumnType; 24] = [
+        MYSQL_TYPE_TINY, MYSQL_TYPE_SHORT, MYSQL_TYPE_INT24, MYSQL_TYPE_LONG, MYSQL_TYPE_LONGLONG, MYSQL_TYPE_FLOAT,
+        MYSQL_TYPE_DOUBLE, MYSQL_TYPE_NEWDECIMAL, MYSQL_TYPE_DATE, MYSQL_TYPE_DATETIME, MYSQL_TYPE_DATETIME2, MYSQL_TYPE_TIME,
+        MYSQL_TYPE_TIME2, MYSQL_TYPE_TIMESTAMP, MYSQL_TYPE_TIMESTAMP2, MYSQL_TYPE_YEAR, MYSQL_TYPE_VARCHAR, MYSQL_TYPE_STRING,
+        MYSQL_TYPE_VAR_STRING, MYSQL_TYPE_BLOB, MYSQL_TYPE_BIT, MYSQL_TYPE_ENUM, MYSQL_TYPE_SET, MYSQL_TYPE_JSON,
+    ];
+    const CHARSETS: [u16; 4] = [BINARY, 33, 45, 8];
+    if data.len() < 4 {
+        return Ok(());
+    }
+    let ty = TYPES[data[0] as usize % TYPES.len()];
+    let unsigned = data[1] & 1 == 1;
+    let charset = CHARSETS[(data[1] as usize >> 1) % CHARSETS.len()];
+    let meta: Box<[u8]> = Box::new([data[2], data[3]]);
+    let labels: Vec<String> = vec!["a".into(), "b\"c".into()];
+    let c = ColPlan {
+        ty,
+        meta,
+        unsigned,
+        charset,
+        key: json_key("c"),
+        scrub: false,
+        enums: (data[1] & 0x80 != 0).then(|| {
+            labels
+                .iter()
+                .map(|s| {
+                    let mut v = Vec::new();
+                    json_str(&mut v, s);
+                    v.into_boxed_slice()
+                })
+                .collect()
+        }),
+    };
+    let mut buf = ParseBuf(&data[4..]);
+    let Ok(value) = buf.parse::<BinlogValue<'_>>((c.ty, &c.meta, c.unsigned, false)) else { return Ok(()) };
+    let mut got = Vec::new();
+    write_value(&mut got, &value, &c, &mut String::new());
+    let want = serde_json::to_vec(&binlog_value_typed(&value, ty, charset, c.enums.as_ref().map(|_| &labels))).map_err(|e| format!("serde_json: {e}"))?;
+    if got != want {
+        return Err(format!("{ty:?}: the direct writer wrote {} where serde_json wrote {}", String::from_utf8_lossy(&got), String::from_utf8_lossy(&want)));
+    }
+    serde_json::from_slice::<serde_json::Value>(&got).map_err(|e| format!("{ty:?}: not JSON ({e}): {}", String::from_utf8_lossy(&got)))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

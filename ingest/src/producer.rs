@@ -168,6 +168,7 @@ impl TxProducer {
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576")
             .set("compression.type", "lz4")
+            // Under omrs_core::topics::MAX_CHANGE_BYTES, so every event it sends passes the transform.
             .set("message.max.bytes", "8000000")
             .create()
             .map_err(|e| IngestError::kafka("creating the transactional producer", e))?;

@@ -445,3 +445,27 @@ mod tests {
         }
     }
 }
+
+/// The fuzz target `envelope` (fuzz/) and its regression test: a site-topic record as the
+/// transform decodes it, the same bytes as a `ChangeEvent` and as an `omrs.hq.changes`
+/// record. Err names a broken promise: what the transform accepts, it writes back as JSON
+/// that parses; an `HqEvent` serialises to a record that parses to the same key.
+pub fn check_envelope(data: &[u8]) -> Result<(), String> {
+    let site: Arc<str> = Arc::from("site-a");
+    if let Ok(ev) = InEvent::decode(data, &site, "omrs.cdc.site-a") {
+        let mut out = Vec::new();
+        ev.write_json(&mut out);
+        serde_json::from_slice::<J>(&out).map_err(|e| format!("the transform wrote a record that is not JSON ({e}): {}", String::from_utf8_lossy(&out)))?;
+        let _ = ev.to_change_event();
+    }
+    if let Ok(ev) = serde_json::from_slice::<ChangeEvent>(data) {
+        let _ = ev.validate();
+    }
+    if let Ok(h) = serde_json::from_slice::<HqEvent>(data) {
+        let again: HqEvent = serde_json::from_slice(&h.to_json()).map_err(|e| format!("an HqEvent serialised to a record that does not parse: {e}"))?;
+        if again.key() != h.key() {
+            return Err(format!("an HqEvent changed key on a round trip: {} → {}", h.key(), again.key()));
+        }
+    }
+    Ok(())
+}

@@ -11,7 +11,7 @@ use omrs_core::config::Config;
 use omrs_core::dlq::DeadRecord;
 use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
-use omrs_core::topics::TopicNames;
+use omrs_core::topics::{TopicNames, MAX_CHANGE_BYTES, MAX_RECORD_BYTES};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -222,6 +222,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
         .set("compression.type", "lz4")
+        .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
         .create()
         .map(Arc::new)
         .map_err(|e| TransformError::kafka("creating the producer", e))?;
@@ -352,7 +353,17 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             // Decode from the borrowed record; the event keeps one copy of its bytes, and a dead
             // letter its own.
             let payload = msg.payload().unwrap_or(&[]);
-            let decoded = InEvent::decode(payload, &site, &origin.topic).map_err(|reason| (reason, payload.to_vec()));
+            let decoded = if payload.len() > MAX_CHANGE_BYTES {
+                Err((
+                    format!(
+                        "record too large: {} bytes, over the {MAX_CHANGE_BYTES} bytes a change may have to fit omrs.hq.changes ({MAX_RECORD_BYTES} bytes)",
+                        payload.len()
+                    ),
+                    payload.to_vec(),
+                ))
+            } else {
+                InEvent::decode(payload, &site, &origin.topic).map_err(|reason| (reason, payload.to_vec()))
+            };
             drop(msg);
             match decoded {
                 Err((reason, payload)) => dead.push((origin, reason, payload)),
