@@ -128,11 +128,11 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
     }
 
     // The pipeline, as long-running processes.
-    let mut procs = vec![
+    let mut procs = Procs(vec![
         ("transform", spawn(&config, &["transform", "--metrics-port", "0"], &dir.path().join("transform.log"))),
         ("hq-mysql", spawn(&config, &["sink", "hq-mysql", "--metrics-port", "0", "--quiet"], &dir.path().join("hq.log"))),
         ("parquet", spawn(&config, &["sink", "parquet", "--metrics-port", "0", "--quiet"], &dir.path().join("parquet.log"))),
-    ];
+    ]);
     let logs = || {
         ["transform.log", "hq.log", "parquet.log"]
             .iter()
@@ -178,7 +178,7 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
     let at_hq_sql = format!("SELECT uuid FROM location WHERE uuid IN ({in_list}) UNION ALL SELECT uuid FROM person WHERE uuid IN ({in_list})");
     let missing = std::cell::RefCell::new(String::new());
     let found = wait_for_or(240, "every bad case dead-lettered and every good one at HQ", || format!("{}\n{}", missing.borrow(), logs()), || {
-        for (name, p) in procs.iter_mut() {
+        for (name, p) in procs.0.iter_mut() {
             assert!(p.try_wait().unwrap().is_none(), "{name} exited\n{}", logs());
         }
         let dlq: Vec<J> = read_json(&dlq_topic);
@@ -242,7 +242,7 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
         *last.borrow_mut() = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
         (out.status.success() && text.lines().nth(1).and_then(|l| l.trim().parse::<usize>().ok()) == Some(good.len())).then_some(())
     });
-    for (name, p) in procs.iter_mut() {
+    for (name, p) in procs.0.iter_mut() {
         assert!(p.try_wait().unwrap().is_none(), "{name} exited\n{}", logs());
         kill9(p);
     }
@@ -258,6 +258,17 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
     }
     drop(hq);
     admin(3310, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
+}
+
+/// The pipeline's processes, killed when dropped: a failing run leaves nothing running.
+struct Procs(Vec<(&'static str, Child)>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in self.0.iter_mut() {
+            kill9(c);
+        }
+    }
 }
 
 /// The config's lake path replaced by `lake`.

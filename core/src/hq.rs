@@ -123,9 +123,9 @@ pub const AGGREGATES: [AggregateDef; 4] = [
 
 /// The version of one row change, for last-writer-wins across sites.
 ///
-/// Ordered by, in turn: the change time (`date_changed`, else `date_created`, else the commit
-/// time), the site's configured priority, the site name, then the site commit time and binlog
-/// position (so that, within one site, the later change always wins).
+/// Across sites, ordered by, in turn: the change time (`date_changed`, else `date_created`, else
+/// the commit time), the site's configured priority, the site name, then the site commit time
+/// and binlog position. Within one site, by the binlog position (see [`compare`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RowVersion {
     pub change_ms: i64,
@@ -137,7 +137,16 @@ pub struct RowVersion {
 }
 
 /// The one comparison of semantics 6: `Greater` means `a` wins over `b`.
+///
+/// Two versions from the same site are ordered by the site's binlog alone (position, then
+/// commit time): within a site, the later change always wins, even when its row times say
+/// otherwise. (A delete's change time is its commit second, a snapshot row's commit time is the
+/// snapshot's clock in ms: a row inserted, snapshotted and deleted within one second compared
+/// the delete as older and HQ kept the row. Found by the SIGKILL chaos run.)
 pub fn compare(a: &RowVersion, b: &RowVersion) -> Ordering {
+    if a.site == b.site {
+        return a.position.cmp(&b.position).then(a.commit_ms.cmp(&b.commit_ms));
+    }
     a.change_ms
         .cmp(&b.change_ms)
         .then(a.priority.cmp(&b.priority))
@@ -273,6 +282,24 @@ mod tests {
         assert_eq!(compare(&v(1, 1, "site-a", 0), &v(1, 1, "site-b", 0)), Ordering::Greater);
         assert_eq!(compare(&v(1, 1, "site-a", 5), &v(1, 1, "site-a", 4)), Ordering::Greater);
         assert_eq!(compare(&v(1, 1, "site-a", 5), &v(1, 1, "site-a", 5)), Ordering::Equal);
+        // The same site: the binlog (position, then commit) decides, not the row's times.
+        assert_eq!(compare(&v(1, 1, "site-a", 5), &v(2, 1, "site-a", 4)), Ordering::Greater);
+    }
+
+    #[test]
+    fn within_a_site_the_binlog_decides() {
+        // A snapshot row (read at 49312836, clock in ms) and the delete that followed it in the
+        // same second (commit second, no row time): the delete is the later change.
+        let snap = RowVersion::from_parts(None, Some("2026-11-26 18:14:18"), 2, "site-b", 1_795_716_858_806, "binlog.000043", 49_312_836, 8167);
+        let delete = RowVersion::from_parts(None, None, 2, "site-b", 1_795_716_858_000, "binlog.000043", 49_345_533, 0);
+        assert_eq!(compare(&delete, &snap), Ordering::Greater);
+        // An update whose date_changed went back (an app-server clock) still wins at its site.
+        let first = RowVersion::from_parts(Some("2026-11-26 18:00:00"), None, 1, "site-a", 1_000, "binlog.000001", 100, 0);
+        let later = RowVersion::from_parts(Some("2026-11-26 17:00:00"), None, 1, "site-a", 2_000, "binlog.000001", 200, 0);
+        assert_eq!(compare(&later, &first), Ordering::Greater);
+        // Across sites the change time still decides.
+        let other = RowVersion::from_parts(Some("2026-11-26 17:30:00"), None, 9, "site-b", 3_000, "binlog.000009", 1, 0);
+        assert_eq!(compare(&first, &other), Ordering::Greater);
     }
 
     #[test]
