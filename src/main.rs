@@ -63,6 +63,12 @@ enum Command {
     Verify(omrs_sinks::verify::VerifyArgs),
     /// Generate a multi-site OpenMRS workload on the real schema, with a ground-truth manifest.
     Simulate(omrs_simulate::SimulateArgs),
+    /// The dead-letter topic: `list` what is there and why; `replay` records back into the
+    /// topic they came from once the cause is fixed (a late parent, a missing table…).
+    Dlq {
+        #[command(subcommand)]
+        action: omrs_sinks::dlq::DlqCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -184,6 +190,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(1))
                 }
             }
+        }
+        Command::Dlq { action } => {
+            let cfg = Config::load(&cli.config)?;
+            match action {
+                omrs_sinks::dlq::DlqCommand::List(f) => {
+                    let dead = omrs_sinks::dlq::read(&cfg, f)?;
+                    print!("{}", omrs_sinks::dlq::render(&dead, f.json));
+                }
+                omrs_sinks::dlq::DlqCommand::Replay { filter, dry_run } => {
+                    let dead = omrs_sinks::dlq::read(&cfg, filter)?;
+                    let (n, skipped) = omrs_sinks::dlq::replay(&cfg, &dead, *dry_run).await?;
+                    for s in &skipped {
+                        eprintln!("skipped: {s}");
+                    }
+                    println!("{} {n} of {} dead letters", if *dry_run { "would replay" } else { "replayed" }, dead.len());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Verify(args) => {
             let cfg = Config::load(&cli.config)?;

@@ -11,18 +11,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::hq::*;
+use common::pipeline::*;
 use common::*;
 use mysql_async::prelude::Queryable;
-use serde_json::Value as J;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// xorshift64*: the kill schedule, reproducible from CHAOS_SEED.
 struct Rng(u64);
@@ -40,52 +34,6 @@ impl Rng {
     fn secs(&mut self, lo: f64, hi: f64) -> Duration {
         Duration::from_secs_f64(lo + (hi - lo) * (self.next() % 10_000) as f64 / 10_000.0)
     }
-}
-
-/// One long-running pipeline process, restartable.
-struct Proc {
-    name: String,
-    args: Vec<String>,
-    child: Child,
-    starts: u32,
-}
-
-impl Drop for Proc {
-    /// A failing run leaves nothing running.
-    fn drop(&mut self) {
-        kill9(&mut self.child);
-    }
-}
-
-fn start(config: &Path, args: &[String], log: &Path) -> Child {
-    bin()
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-fn verify(config: &Path, manifest: &Path, lake: &Path) -> (i32, J) {
-    let out = bin().arg("--config").arg(config).args(["verify", "--json", "--manifest"]).arg(manifest).arg("--lake").arg(lake).output().unwrap();
-    let report: J = serde_json::from_slice(&out.stdout).unwrap_or(J::Null);
-    (out.status.code().unwrap_or(-1), report)
-}
-
-/// Rows missing at HQ and in the lake (lost), and HQ rows no site holds plus duplicate
-/// identities (doubled), from a verify report.
-fn lost_and_doubled(r: &J) -> (u64, u64) {
-    let sum = |v: &J| v.as_object().map(|m| m.values().filter_map(J::as_u64).sum::<u64>()).unwrap_or(0);
-    let tables = r["tables"].as_array().cloned().unwrap_or_default();
-    let lake = r["lake"].as_array().cloned().unwrap_or_default();
-    let lost = tables.iter().map(|t| sum(&t["missing"])).sum::<u64>() + lake.iter().filter_map(|t| t["missing"].as_u64()).sum::<u64>();
-    let doubled = tables.iter().filter_map(|t| t["extra"].as_u64()).sum::<u64>()
-        + lake.iter().filter_map(|t| t["extra"].as_u64()).sum::<u64>()
-        + r["identity_duplicates"].as_array().map(|a| a.len() as u64).unwrap_or(0);
-    (lost, doubled)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,22 +80,7 @@ async fn sigkill_chaos_loses_and_doubles_nothing() {
     // The chaos pipeline: every stage a long-running process.
     p.run(&cfg_chaos, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
     let log = |name: &str| p.dir.path().join(format!("{name}.log"));
-    let specs: Vec<(String, Vec<&str>)> = vec![
-        ("ingest-site-a".into(), vec!["ingest", "--site", "site-a", "--quiet"]),
-        ("ingest-site-b".into(), vec!["ingest", "--site", "site-b", "--quiet"]),
-        ("ingest-site-c".into(), vec!["ingest", "--site", "site-c", "--quiet"]),
-        ("transform".into(), vec!["transform"]),
-        ("sink-hq-mysql".into(), vec!["sink", "hq-mysql", "--quiet"]),
-        ("sink-parquet".into(), vec!["sink", "parquet", "--quiet"]),
-    ];
-    let mut procs: Vec<Proc> = specs
-        .into_iter()
-        .map(|(name, a)| {
-            let args: Vec<String> = a.iter().map(|s| s.to_string()).chain(["--metrics-port".to_string(), "0".to_string()]).collect();
-            let child = start(&cfg_chaos, &args, &log(&name));
-            Proc { name, args, child, starts: 1 }
-        })
-        .collect();
+    let mut procs = start_all(&cfg_chaos, p.dir.path());
 
     // The workload, while processes die.
     let workload = tokio::spawn({
@@ -193,34 +126,7 @@ async fn sigkill_chaos_loses_and_doubles_nothing() {
     eprintln!("chaos: workload done ({} row changes in {:.0} s); {kills} kills: {}", manifest.row_changes, t0.elapsed().as_secs_f64(), kill_log.join(", "));
 
     // Drain: verify (sites vs HQ vs lake, identities vs the manifest) until it passes.
-    let deadline = Instant::now() + Duration::from_secs(env_or("CHAOS_DRAIN_SECS", 600));
-    let report = loop {
-        for pr in procs.iter_mut() {
-            if let Some(status) = pr.child.try_wait().unwrap() {
-                panic!("{} exited by itself ({status}) while draining; its log:\n{}", pr.name, std::fs::read_to_string(log(&pr.name)).unwrap_or_default());
-            }
-        }
-        let (code, r) = verify(&cfg_chaos, &manifest_path, &lake);
-        if code == 0 {
-            break r;
-        }
-        if Instant::now() >= deadline {
-            let keep = std::env::temp_dir().join(format!("chaos-logs-{}", std::process::id()));
-            let _ = std::fs::create_dir_all(&keep);
-            for pr in &procs {
-                let _ = std::fs::copy(log(&pr.name), keep.join(format!("{}.log", pr.name)));
-            }
-            let _ = std::fs::copy(&manifest_path, keep.join("manifest.json"));
-            let _ = std::fs::copy(&cfg_chaos, keep.join("omrs-stream.toml"));
-            panic!(
-                "verify did not pass after the drain (logs, config and manifest kept in {}; kills: {}):\n{}",
-                keep.display(),
-                kill_log.join(", "),
-                serde_json::to_string_pretty(&r).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    };
+    let report = drain_until_verified(&cfg_chaos, &manifest_path, &lake, &mut procs, p.dir.path(), env_or("CHAOS_DRAIN_SECS", 600), &format!("the chaos run (kills: {})", kill_log.join(", "))).await;
     let (lost, doubled) = lost_and_doubled(&report);
     for pr in procs.iter_mut() {
         kill9(&mut pr.child);

@@ -153,6 +153,31 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
     // The offsets are stored with the rows: everything consumed.
     assert_eq!(count("SELECT MAX(next_offset) FROM omrs_sync_offsets".into()), 10);
 
+    // `dlq list` shows what is there and why; once the missing patient arrives, `dlq replay`
+    // puts the timed-out encounter back into omrs.hq.changes, and it lands.
+    let dlq_cli = |args: &[&str]| {
+        let out = bin().arg("--config").arg(&config).arg("dlq").args(args).env("RUST_LOG", "warn").output().unwrap();
+        assert!(out.status.success(), "dlq {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let listed = dlq_cli(&["list"]);
+    assert!(listed.contains("row_rejected") && listed.contains("fk_wait_timeout") && listed.contains("invalid_record"), "{listed}");
+    let timed_out: Vec<J> = dlq_cli(&["list", "--kind", "fk_wait_timeout", "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(timed_out.len(), 1, "{timed_out:?}");
+    assert_eq!(timed_out[0]["offset"], 8);
+    produce(&topic, vec![person(p3, 11), patient(p3, 12)]).await;
+    drain();
+    assert!(dlq_cli(&["replay", "--kind", "fk_wait_timeout", "--dry-run"]).contains("would replay 1 of 1"));
+    assert_eq!(count(format!("SELECT COUNT(*) FROM encounter WHERE uuid = '{e3}'")), 0, "a dry run replays nothing");
+    assert!(dlq_cli(&["replay", "--kind", "fk_wait_timeout"]).contains("replayed 1 of 1"));
+    drain();
+    assert_eq!(
+        count(format!("SELECT COUNT(*) FROM encounter e JOIN person x ON x.person_id = e.patient_id WHERE e.uuid = '{e3}' AND x.uuid = '{p3}'")),
+        1,
+        "the replayed encounter is at HQ with its patient"
+    );
+    assert_eq!(count("SELECT MAX(next_offset) FROM omrs_sync_offsets".into()), 13);
+
     // HQ down while the sink runs: it retries with back-off, does not exit, and applies what
     // arrived once HQ is back.
     let p4 = "11111111-0000-4000-8000-000000000004";
@@ -177,7 +202,7 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
     }
     let _restart = Restart(deploy.clone());
     assert!(std::process::Command::new(deploy.join("mariadb-down")).arg("hq").status().unwrap().success());
-    produce(&topic, vec![person(p4, 10)]).await;
+    produce(&topic, vec![person(p4, 13)]).await;
     let sink_log = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_for_or(60, "the sink to report HQ unavailable", || format!("its log:\n{}", sink_log()), || {
         sink_log().contains("retrying from the last committed batch").then_some(())
@@ -188,7 +213,7 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
         let n = count(format!("SELECT COUNT(*) FROM person WHERE uuid = '{p4}'"));
         (n == 1).then_some(())
     });
-    assert_eq!(count("SELECT MAX(next_offset) FROM omrs_sync_offsets".into()), 11);
+    assert_eq!(count("SELECT MAX(next_offset) FROM omrs_sync_offsets".into()), 14);
     kill9(&mut sink);
 
     let mut a = admin(3310, None).await;

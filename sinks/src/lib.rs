@@ -7,6 +7,7 @@
 //! - [`query`]: DataFusion SQL over the lake (read only).
 //! - [`verify`]: the reconciliation of sites, HQ and the lake (read only).
 
+pub mod dlq;
 pub mod hq_mysql;
 pub mod kafka;
 pub mod parquet;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod hq;
+pub mod pipeline;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,91 @@
+//! Service fault (issue #10): the Kafka broker is SIGKILLed in the middle of a live workload and
+//! started again 15 s later, while every stage runs. No stage may exit; after the drain,
+//! `verify --manifest` (sites vs HQ vs lake, identities, lags) passes: nothing lost or doubled.
+//! Its own test binary: the broker is shared, and cargo runs test binaries one at a time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::hq::*;
+use common::pipeline::*;
+use common::*;
+use mysql_async::prelude::Queryable;
+
+fn broker_pid() -> Option<i32> {
+    let state = std::env::var("OMRS_STATE").unwrap_or_else(|_| "/var/lib/omrs-stream".into());
+    std::fs::read_to_string(format!("{state}/kafka/kafka.pid")).ok()?.trim().parse().ok()
+}
+
+/// Starts the broker again even if the test fails midway.
+struct BrokerBack;
+
+impl Drop for BrokerBack {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(root().join("deploy/kafka/kafka-up")).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sigkill_mid_stream_loses_and_doubles_nothing() {
+    let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tbroker")), database: unique("brk") };
+    let lake = p.dir.path().join("lake");
+    let lake_line = format!("path = \"{}\"", lake.display());
+    let hq_db = unique("openmrs_hq_brk");
+    let cfg_path = p.config(
+        &hq_db,
+        &[
+            ("path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"", &lake_line),
+            ("roll_interval_ms = 10000", "roll_interval_ms = 1000"),
+            ("compact_interval_s = 60", "compact_interval_s = 5"),
+        ],
+    );
+    p.run(&cfg_path, &["topics", "apply"]);
+    let cfg = omrs_core::config::Config::load(&cfg_path).unwrap();
+    let manifest_path = p.dir.path().join("manifest.json");
+    let args = omrs_simulate::SimulateArgs {
+        patients: 250,
+        dup_fraction: 0.2,
+        seed: 5,
+        rate: Some(500.0),
+        burst: false,
+        manifest: manifest_path.clone(),
+        database: Some(p.database.clone()),
+        dump: dump(),
+        quiet: true,
+        ..Default::default()
+    };
+    omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { provision_only: true, ..args.clone() }).await.unwrap();
+    p.run(&cfg_path, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
+    let mut procs = start_all(&cfg_path, p.dir.path());
+    let workload = tokio::spawn({
+        let cfg = cfg.clone();
+        let args = omrs_simulate::SimulateArgs { no_provision: true, ..args.clone() };
+        async move { omrs_simulate::run(&cfg, &args).await }
+    });
+
+    // Mid-stream: SIGKILL the broker, keep the clinics writing, start it again.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let _back = BrokerBack;
+    let pid = broker_pid().expect("the broker's pid file (scripts/dev-up starts it)");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "killing the broker (pid {pid})");
+    eprintln!("broker (pid {pid}) SIGKILLed");
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_alive(&mut procs, p.dir.path(), "while the broker was down");
+    let up = std::process::Command::new(root().join("deploy/kafka/kafka-up")).status().unwrap();
+    assert!(up.success(), "kafka-up");
+    eprintln!("broker back");
+
+    let manifest = workload.await.unwrap().unwrap();
+    let report = drain_until_verified(&cfg_path, &manifest_path, &lake, &mut procs, p.dir.path(), 420, "a broker SIGKILL").await;
+    let (lost, doubled) = lost_and_doubled(&report);
+    eprintln!("broker fault: {} row changes, lost={lost} duplicated={doubled}", manifest.row_changes);
+    assert_eq!((lost, doubled), (0, 0));
+    drop(procs);
+
+    let mut a = admin(HQ_PORT, None).await;
+    a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
+    for port in [3311, 3312, 3313] {
+        admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
+    }
+}

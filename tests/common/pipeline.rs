@@ -1,0 +1,114 @@
+//! A whole pipeline as long-running, restartable processes (three agents, the transform, both
+//! sinks) over a simulator workload, for the chaos and service-fault tests, and how to judge it
+//! afterwards (`verify --manifest`, HQ in uuid space against an uninterrupted reference).
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+
+use serde_json::Value as J;
+
+use super::*;
+
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// One long-running pipeline process, restartable.
+pub struct Proc {
+    pub name: String,
+    pub args: Vec<String>,
+    pub child: Child,
+    pub starts: u32,
+}
+
+impl Drop for Proc {
+    /// A failing run leaves nothing running.
+    fn drop(&mut self) {
+        kill9(&mut self.child);
+    }
+}
+
+pub fn start(config: &Path, args: &[String], log: &Path) -> Child {
+    bin()
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+pub fn verify(config: &Path, manifest: &Path, lake: &Path) -> (i32, J) {
+    let out = bin().arg("--config").arg(config).args(["verify", "--json", "--manifest"]).arg(manifest).arg("--lake").arg(lake).output().unwrap();
+    let report: J = serde_json::from_slice(&out.stdout).unwrap_or(J::Null);
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// Rows missing at HQ and in the lake (lost), and HQ rows no site holds plus duplicate
+/// identities (doubled), from a verify report.
+pub fn lost_and_doubled(r: &J) -> (u64, u64) {
+    let sum = |v: &J| v.as_object().map(|m| m.values().filter_map(J::as_u64).sum::<u64>()).unwrap_or(0);
+    let tables = r["tables"].as_array().cloned().unwrap_or_default();
+    let lake = r["lake"].as_array().cloned().unwrap_or_default();
+    let lost = tables.iter().map(|t| sum(&t["missing"])).sum::<u64>() + lake.iter().filter_map(|t| t["missing"].as_u64()).sum::<u64>();
+    let doubled = tables.iter().filter_map(|t| t["extra"].as_u64()).sum::<u64>()
+        + lake.iter().filter_map(|t| t["extra"].as_u64()).sum::<u64>()
+        + r["identity_duplicates"].as_array().map(|a| a.len() as u64).unwrap_or(0);
+    (lost, doubled)
+}
+
+
+/// The six processes of a pipeline on `config`, started; logs in `dir/<name>.log`.
+pub fn start_all(config: &Path, dir: &Path) -> Vec<Proc> {
+    let specs: Vec<(&str, Vec<&str>)> = vec![
+        ("ingest-site-a", vec!["ingest", "--site", "site-a", "--quiet"]),
+        ("ingest-site-b", vec!["ingest", "--site", "site-b", "--quiet"]),
+        ("ingest-site-c", vec!["ingest", "--site", "site-c", "--quiet"]),
+        ("transform", vec!["transform"]),
+        ("sink-hq-mysql", vec!["sink", "hq-mysql", "--quiet"]),
+        ("sink-parquet", vec!["sink", "parquet", "--quiet"]),
+    ];
+    specs
+        .into_iter()
+        .map(|(name, a)| {
+            let args: Vec<String> = a.iter().map(|s| s.to_string()).chain(["--metrics-port".to_string(), "0".to_string()]).collect();
+            let child = start(config, &args, &dir.join(format!("{name}.log")));
+            Proc { name: name.to_string(), args, child, starts: 1 }
+        })
+        .collect()
+}
+
+/// Panics, naming the process and showing its log, if one exited by itself.
+pub fn assert_alive(procs: &mut [Proc], dir: &Path, when: &str) {
+    for pr in procs.iter_mut() {
+        if let Some(status) = pr.child.try_wait().unwrap() {
+            panic!("{} exited by itself ({status}) {when}; its log:\n{}", pr.name, std::fs::read_to_string(dir.join(format!("{}.log", pr.name))).unwrap_or_default());
+        }
+    }
+}
+
+/// Polls verify until it passes; on timeout, keeps the logs, config and manifest in a directory
+/// of the system's temp dir and panics with the report.
+pub async fn drain_until_verified(config: &Path, manifest: &Path, lake: &Path, procs: &mut [Proc], dir: &Path, secs: u64, what: &str) -> J {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        assert_alive(procs, dir, "while draining");
+        let (code, r) = verify(config, manifest, lake);
+        if code == 0 {
+            return r;
+        }
+        if std::time::Instant::now() >= deadline {
+            let keep = std::env::temp_dir().join(format!("omrs-test-logs-{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&keep);
+            for pr in procs.iter() {
+                let _ = std::fs::copy(dir.join(format!("{}.log", pr.name)), keep.join(format!("{}.log", pr.name)));
+            }
+            let _ = std::fs::copy(manifest, keep.join("manifest.json"));
+            let _ = std::fs::copy(config, keep.join("omrs-stream.toml"));
+            panic!("verify did not pass after {what} (logs, config and manifest kept in {}):\n{}", keep.display(), serde_json::to_string_pretty(&r).unwrap_or_default());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    }
+}
