@@ -16,6 +16,7 @@ use omrs_core::config::{Config, DatabaseConfig};
 use omrs_core::kafka::client_config;
 use omrs_core::topics::TopicNames;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Message;
 use serde::Serialize;
 
 use crate::SinkError;
@@ -326,7 +327,10 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
     let mut lags = Vec::new();
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let hq_topic = names.hq_changes();
-    let behind = |topic: &str, stored: Option<i64>| -> Result<Option<i64>, SinkError> {
+    // `heartbeats`: the topic is a site topic, whose heartbeats carry no data. A running
+    // transform holds a quiet site's last heartbeats (the watermark has not passed them yet),
+    // so only changes count as behind there.
+    let behind = |topic: &str, stored: Option<i64>, heartbeats: bool| -> Result<Option<i64>, SinkError> {
         let Some(stored) = stored else { return Ok(None) };
         let reader: BaseConsumer = client_config(&cfg.kafka)
             .set("group.id", format!("{}omrs-verify", cfg.kafka.topic_prefix))
@@ -343,8 +347,17 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
         tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(stored)).map_err(|e| SinkError::kafka("assigning", e))?;
         reader.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut changes = 0;
         while std::time::Instant::now() < deadline {
             match reader.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) if heartbeats && m.payload().is_some_and(|p| p.starts_with(br#"{"op":"h""#)) => {
+                    if m.offset() + 1 >= end {
+                        return Ok(Some(changes));
+                    }
+                }
+                Some(Ok(_)) if heartbeats => {
+                    changes += 1;
+                }
                 Some(Ok(_)) => return Ok(Some(end - stored)),
                 Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}"), e)),
                 // Nothing to read: the consumer has stepped over the commit markers to the end.
@@ -354,7 +367,7 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
                         .ok()
                         .and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
                     if at.is_some_and(|o| o >= end) {
-                        return Ok(Some(0));
+                        return Ok(Some(changes));
                     }
                 }
             }
@@ -365,11 +378,11 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
         .exec_first("SELECT next_offset FROM omrs_sync_offsets WHERE topic = ? AND kafka_partition = 0", (hq_topic.as_str(),))
         .await
         .map_err(|e| SinkError::db("reading omrs_sync_offsets", e))?;
-    lags.push(Lag { stage: "hq_mysql".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(hq_stored.unwrap_or(0)))? });
+    lags.push(Lag { stage: "hq_mysql".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(hq_stored.unwrap_or(0)), false)? });
     if let Some(lake_root) = lake {
         let lake = crate::parquet::lake::Lake::new(lake_root);
         let stored = lake.read_manifest().ok().and_then(|(s, _)| s.offsets.get(&0).copied());
-        lags.push(Lag { stage: "parquet".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(stored.unwrap_or(0)))? });
+        lags.push(Lag { stage: "parquet".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(stored.unwrap_or(0)), false)? });
     }
     let group: BaseConsumer = client_config(&cfg.kafka)
         .set("group.id", format!("{}omrs-transform", cfg.kafka.topic_prefix))
@@ -383,7 +396,7 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
             .committed_offsets(tpl, Duration::from_secs(10))
             .ok()
             .and_then(|t| t.find_partition(&topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
-        lags.push(Lag { stage: "transform".into(), topic: topic.clone(), messages: behind(&topic, committed)? });
+        lags.push(Lag { stage: "transform".into(), topic: topic.clone(), messages: behind(&topic, committed, true)? });
     }
     Ok(lags)
 }
