@@ -77,7 +77,7 @@ async fn broker_sigkill_mid_stream_loses_and_doubles_nothing() {
     eprintln!("broker back");
 
     let manifest = workload.await.unwrap().unwrap();
-    let report = drain_until_verified(&cfg_path, &manifest_path, &lake, &mut procs, p.dir.path(), 420, "a broker SIGKILL").await;
+    let report = drain_until_verified(&cfg_path, Some(&manifest_path), &lake, &mut procs, p.dir.path(), 420, "a broker SIGKILL").await;
     let (lost, doubled) = lost_and_doubled(&report);
     eprintln!("broker fault: {} row changes, lost={lost} duplicated={doubled}", manifest.row_changes);
     assert_eq!((lost, doubled), (0, 0));

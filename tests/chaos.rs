@@ -126,7 +126,7 @@ async fn sigkill_chaos_loses_and_doubles_nothing() {
     eprintln!("chaos: workload done ({} row changes in {:.0} s); {kills} kills: {}", manifest.row_changes, t0.elapsed().as_secs_f64(), kill_log.join(", "));
 
     // Drain: verify (sites vs HQ vs lake, identities vs the manifest) until it passes.
-    let report = drain_until_verified(&cfg_chaos, &manifest_path, &lake, &mut procs, p.dir.path(), env_or("CHAOS_DRAIN_SECS", 600), &format!("the chaos run (kills: {})", kill_log.join(", "))).await;
+    let report = drain_until_verified(&cfg_chaos, Some(&manifest_path), &lake, &mut procs, p.dir.path(), env_or("CHAOS_DRAIN_SECS", 600), &format!("the chaos run (kills: {})", kill_log.join(", "))).await;
     let (lost, doubled) = lost_and_doubled(&report);
     for pr in procs.iter_mut() {
         kill9(&mut pr.child);

@@ -327,9 +327,10 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
     let mut lags = Vec::new();
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let hq_topic = names.hq_changes();
-    // `heartbeats`: the topic is a site topic, whose heartbeats carry no data. A running
-    // transform holds a quiet site's last heartbeats (the watermark has not passed them yet),
-    // so only changes count as behind there.
+    // Records that carry no data do not count: a site topic's heartbeats (`heartbeats`; a
+    // running transform holds a quiet site's last ones until the watermark passes them), and
+    // omrs.hq.changes' watermark records (written every second while sites heartbeat). So a
+    // live pipeline that has applied everything reads 0 behind.
     let behind = |topic: &str, stored: Option<i64>, heartbeats: bool| -> Result<Option<i64>, SinkError> {
         let Some(stored) = stored else { return Ok(None) };
         let reader: BaseConsumer = client_config(&cfg.kafka)
@@ -350,15 +351,14 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
         let mut changes = 0;
         while std::time::Instant::now() < deadline {
             match reader.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) if heartbeats && m.payload().is_some_and(|p| p.starts_with(br#"{"op":"h""#)) => {
+                Some(Ok(m)) if m.payload().is_some_and(|p| if heartbeats { p.starts_with(br#"{"op":"h""#) } else { p.starts_with(br#"{"type":"watermark""#) }) => {
                     if m.offset() + 1 >= end {
                         return Ok(Some(changes));
                     }
                 }
-                Some(Ok(_)) if heartbeats => {
+                Some(Ok(_)) => {
                     changes += 1;
                 }
-                Some(Ok(_)) => return Ok(Some(end - stored)),
                 Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}"), e)),
                 // Nothing to read: the consumer has stepped over the commit markers to the end.
                 None => {

@@ -40,8 +40,14 @@ pub fn start(config: &Path, args: &[String], log: &Path) -> Child {
         .unwrap()
 }
 
-pub fn verify(config: &Path, manifest: &Path, lake: &Path) -> (i32, J) {
-    let out = bin().arg("--config").arg(config).args(["verify", "--json", "--manifest"]).arg(manifest).arg("--lake").arg(lake).output().unwrap();
+/// `verify --json --lake`, with `--manifest` when given.
+pub fn verify(config: &Path, manifest: Option<&Path>, lake: &Path) -> (i32, J) {
+    let mut cmd = bin();
+    cmd.arg("--config").arg(config).args(["verify", "--json"]);
+    if let Some(m) = manifest {
+        cmd.arg("--manifest").arg(m);
+    }
+    let out = cmd.arg("--lake").arg(lake).output().unwrap();
     let report: J = serde_json::from_slice(&out.stdout).unwrap_or(J::Null);
     (out.status.code().unwrap_or(-1), report)
 }
@@ -91,7 +97,7 @@ pub fn assert_alive(procs: &mut [Proc], dir: &Path, when: &str) {
 
 /// Polls verify until it passes; on timeout, keeps the logs, config and manifest in a directory
 /// of the system's temp dir and panics with the report.
-pub async fn drain_until_verified(config: &Path, manifest: &Path, lake: &Path, procs: &mut [Proc], dir: &Path, secs: u64, what: &str) -> J {
+pub async fn drain_until_verified(config: &Path, manifest: Option<&Path>, lake: &Path, procs: &mut [Proc], dir: &Path, secs: u64, what: &str) -> J {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
         assert_alive(procs, dir, "while draining");
@@ -105,7 +111,9 @@ pub async fn drain_until_verified(config: &Path, manifest: &Path, lake: &Path, p
             for pr in procs.iter() {
                 let _ = std::fs::copy(dir.join(format!("{}.log", pr.name)), keep.join(format!("{}.log", pr.name)));
             }
-            let _ = std::fs::copy(manifest, keep.join("manifest.json"));
+            if let Some(m) = manifest {
+                let _ = std::fs::copy(m, keep.join("manifest.json"));
+            }
             let _ = std::fs::copy(config, keep.join("omrs-stream.toml"));
             panic!("verify did not pass after {what} (logs, config and manifest kept in {}):\n{}", keep.display(), serde_json::to_string_pretty(&r).unwrap_or_default());
         }

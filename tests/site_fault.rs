@@ -1,0 +1,87 @@
+//! Service fault (issue #10): one clinic's MariaDB is stopped for 60 s while the whole pipeline
+//! runs, then started again. Its agent must retry, not exit (nor may any other stage), and pick
+//! up where its checkpoint was; the clinic's later changes must arrive too. After the drain,
+//! `verify` (sites vs HQ vs lake, every stage's lag) passes: nothing lost or doubled. (The
+//! second workload's manifest knows only its own people, so identities are checked against the
+//! first one, before the outage.)
+//! Its own test binary: the site server is shared, and cargo runs test binaries one at a time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::hq::*;
+use common::pipeline::*;
+use common::*;
+use mysql_async::prelude::Queryable;
+
+/// Starts site-b's server again even if the test fails midway.
+struct SiteBack;
+
+impl Drop for SiteBack {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(root().join("deploy/mariadb/mariadb-up")).arg("site-b").status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_database_down_for_60_s_loses_and_doubles_nothing() {
+    let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tsite")), database: unique("sdown") };
+    let lake = p.dir.path().join("lake");
+    let lake_line = format!("path = \"{}\"", lake.display());
+    let hq_db = unique("openmrs_hq_sdown");
+    let cfg_path = p.config(
+        &hq_db,
+        &[
+            ("path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"", &lake_line),
+            ("roll_interval_ms = 10000", "roll_interval_ms = 1000"),
+            ("compact_interval_s = 60", "compact_interval_s = 5"),
+        ],
+    );
+    p.run(&cfg_path, &["topics", "apply"]);
+    let cfg = omrs_core::config::Config::load(&cfg_path).unwrap();
+    let manifest_path = p.dir.path().join("manifest.json");
+    let first = omrs_simulate::SimulateArgs {
+        patients: 120,
+        dup_fraction: 0.2,
+        seed: 8,
+        burst: true,
+        manifest: manifest_path.clone(),
+        database: Some(p.database.clone()),
+        dump: dump(),
+        quiet: true,
+        ..Default::default()
+    };
+    let manifest1 = omrs_simulate::run(&cfg, &first).await.unwrap();
+    p.run(&cfg_path, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
+    let mut procs = start_all(&cfg_path, p.dir.path());
+    // The first workload through, then site-b goes away for 60 s.
+    drain_until_verified(&cfg_path, Some(&manifest_path), &lake, &mut procs, p.dir.path(), 300, "the first workload").await;
+    let deploy = root().join("deploy/mariadb");
+    let _back = SiteBack;
+    assert!(std::process::Command::new(deploy.join("mariadb-down")).arg("site-b").status().unwrap().success());
+    eprintln!("site-b's MariaDB stopped");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_alive(&mut procs, p.dir.path(), "while site-b's MariaDB was down");
+    let agent_log = std::fs::read_to_string(p.dir.path().join("ingest-site-b.log")).unwrap_or_default();
+    assert!(agent_log.contains("transient error"), "site-b's agent said nothing of the outage:\n{agent_log}");
+    assert!(std::process::Command::new(deploy.join("mariadb-up")).arg("site-b").status().unwrap().success());
+    eprintln!("site-b's MariaDB back");
+
+    // More clinic work everywhere, site-b included, after the outage.
+    let second = omrs_simulate::SimulateArgs { patients: 60, seed: 9, no_provision: true, manifest: p.dir.path().join("manifest2.json"), ..first.clone() };
+    let manifest2 = omrs_simulate::run(&cfg, &second).await.unwrap();
+    let b_rows = manifest2.sites.iter().find(|s| s.name == "site-b").map(|s| s.row_changes).unwrap_or(0);
+    assert!(b_rows > 0, "the second workload wrote at site-b");
+    let report = drain_until_verified(&cfg_path, None, &lake, &mut procs, p.dir.path(), 300, "site-b's outage").await;
+    let (lost, doubled) = lost_and_doubled(&report);
+    eprintln!("site fault: {} row changes before the outage, {} after, lost={lost} duplicated={doubled}", manifest1.row_changes, manifest2.row_changes);
+    assert_eq!((lost, doubled), (0, 0));
+    drop(procs);
+
+    let mut a = admin(HQ_PORT, None).await;
+    a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
+    for port in [3311, 3312, 3313] {
+        admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
+    }
+}
