@@ -29,33 +29,8 @@ impl Drop for BrokerBack {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_sigkill_mid_stream_loses_and_doubles_nothing() {
     let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tbroker")), database: unique("brk") };
-    let lake = p.dir.path().join("lake");
-    let lake_line = format!("path = \"{}\"", lake.display());
     let hq_db = unique("openmrs_hq_brk");
-    let cfg_path = p.config(
-        &hq_db,
-        &[
-            ("path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"", &lake_line),
-            ("roll_interval_ms = 10000", "roll_interval_ms = 1000"),
-            ("compact_interval_s = 60", "compact_interval_s = 5"),
-        ],
-    );
-    p.run(&cfg_path, &["topics", "apply"]);
-    let cfg = omrs_core::config::Config::load(&cfg_path).unwrap();
-    let manifest_path = p.dir.path().join("manifest.json");
-    let args = omrs_simulate::SimulateArgs {
-        patients: 250,
-        dup_fraction: 0.2,
-        seed: 5,
-        rate: Some(500.0),
-        burst: false,
-        manifest: manifest_path.clone(),
-        database: Some(p.database.clone()),
-        dump: dump(),
-        quiet: true,
-        ..Default::default()
-    };
-    omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { provision_only: true, ..args.clone() }).await.unwrap();
+    let Live { config: cfg_path, cfg, lake, manifest: manifest_path, args } = live(&p, &hq_db, 250, 5, Some(500.0)).await;
     p.run(&cfg_path, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
     let mut procs = start_all(&cfg_path, p.dir.path());
     let workload = tokio::spawn({

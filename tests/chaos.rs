@@ -44,31 +44,8 @@ async fn sigkill_chaos_loses_and_doubles_nothing() {
     let seed: u64 = env_or("CHAOS_SEED", 11);
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tchaos")), database: unique("chaos") };
-    let lake = p.dir.path().join("lake");
-    let lake_line = format!("path = \"{}\"", lake.display());
     let hq_chaos = unique("openmrs_hq_chaos");
-    let tweaks: [(&str, &str); 3] = [
-        ("path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"", &lake_line),
-        ("roll_interval_ms = 10000", "roll_interval_ms = 1000"),
-        ("compact_interval_s = 60", "compact_interval_s = 5"),
-    ];
-    let cfg_chaos = p.config(&hq_chaos, &tweaks);
-    p.run(&cfg_chaos, &["topics", "apply"]);
-    let cfg = omrs_core::config::Config::load(&cfg_chaos).unwrap();
-    let manifest_path = p.dir.path().join("manifest.json");
-    let args = omrs_simulate::SimulateArgs {
-        patients,
-        dup_fraction: 0.2,
-        seed,
-        rate: Some(rate),
-        burst: false,
-        manifest: manifest_path.clone(),
-        database: Some(p.database.clone()),
-        dump: dump(),
-        quiet: true,
-        ..Default::default()
-    };
-    omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { provision_only: true, ..args.clone() }).await.unwrap();
+    let Live { config: cfg_chaos, cfg, lake, manifest: manifest_path, args } = live(&p, &hq_chaos, patients, seed, Some(rate)).await;
 
     // The reference pipeline snapshots the sites now and reads the workload later, untouched.
     let p_ref = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tchref")), database: p.database.clone() };

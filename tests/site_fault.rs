@@ -27,32 +27,9 @@ impl Drop for SiteBack {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_database_down_for_60_s_loses_and_doubles_nothing() {
     let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tsite")), database: unique("sdown") };
-    let lake = p.dir.path().join("lake");
-    let lake_line = format!("path = \"{}\"", lake.display());
     let hq_db = unique("openmrs_hq_sdown");
-    let cfg_path = p.config(
-        &hq_db,
-        &[
-            ("path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"", &lake_line),
-            ("roll_interval_ms = 10000", "roll_interval_ms = 1000"),
-            ("compact_interval_s = 60", "compact_interval_s = 5"),
-        ],
-    );
-    p.run(&cfg_path, &["topics", "apply"]);
-    let cfg = omrs_core::config::Config::load(&cfg_path).unwrap();
-    let manifest_path = p.dir.path().join("manifest.json");
-    let first = omrs_simulate::SimulateArgs {
-        patients: 120,
-        dup_fraction: 0.2,
-        seed: 8,
-        burst: true,
-        manifest: manifest_path.clone(),
-        database: Some(p.database.clone()),
-        dump: dump(),
-        quiet: true,
-        ..Default::default()
-    };
-    let manifest1 = omrs_simulate::run(&cfg, &first).await.unwrap();
+    let Live { config: cfg_path, cfg, lake, manifest: manifest_path, args: first } = live(&p, &hq_db, 120, 8, None).await;
+    let manifest1 = omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { no_provision: true, ..first.clone() }).await.unwrap();
     p.run(&cfg_path, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
     let mut procs = start_all(&cfg_path, p.dir.path());
     // The first workload through, then site-b goes away for 60 s.

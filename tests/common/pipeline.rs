@@ -2,7 +2,7 @@
 //! sinks) over a simulator workload, for the chaos and service-fault tests, and how to judge it
 //! afterwards (`verify --manifest`, HQ in uuid space against an uninterrupted reference).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
 use serde_json::Value as J;
@@ -119,4 +119,45 @@ pub async fn drain_until_verified(config: &Path, manifest: Option<&Path>, lake: 
         }
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     }
+}
+
+/// A live pipeline's setup: its config (its own lake under the test dir, 1 s rolls, 5 s
+/// compactions), its topics, and the simulator's arguments (20 % duplicates, at `rate` row
+/// changes/s, or as fast as the sites take them), with the sites provisioned.
+pub struct Live {
+    pub config: PathBuf,
+    pub cfg: omrs_core::config::Config,
+    pub lake: PathBuf,
+    pub manifest: PathBuf,
+    pub args: omrs_simulate::SimulateArgs,
+}
+
+pub async fn live(p: &hq::Pipeline, hq_db: &str, patients: usize, seed: u64, rate: Option<f64>) -> Live {
+    let lake = p.dir.path().join("lake");
+    let lake_line = format!("path = \"{}\"", lake.display());
+    let config = p.config(
+        hq_db,
+        &[
+            ("path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"", &lake_line),
+            ("roll_interval_ms = 10000", "roll_interval_ms = 1000"),
+            ("compact_interval_s = 60", "compact_interval_s = 5"),
+        ],
+    );
+    p.run(&config, &["topics", "apply"]);
+    let cfg = omrs_core::config::Config::load(&config).unwrap();
+    let manifest = p.dir.path().join("manifest.json");
+    let args = omrs_simulate::SimulateArgs {
+        patients,
+        dup_fraction: 0.2,
+        seed,
+        rate,
+        burst: rate.is_none(),
+        manifest: manifest.clone(),
+        database: Some(p.database.clone()),
+        dump: dump(),
+        quiet: true,
+        ..Default::default()
+    };
+    omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { provision_only: true, ..args.clone() }).await.unwrap();
+    Live { config, cfg, lake, manifest, args }
 }
