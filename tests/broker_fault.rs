@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::hq::*;
 use common::pipeline::*;
 use common::*;
-use mysql_async::prelude::Queryable;
 
 fn broker_pid() -> Option<i32> {
     let state = std::env::var("OMRS_STATE").unwrap_or_else(|_| "/var/lib/omrs-stream".into());
@@ -39,8 +38,13 @@ async fn broker_sigkill_mid_stream_loses_and_doubles_nothing() {
         async move { omrs_simulate::run(&cfg, &args).await }
     });
 
-    // Mid-stream: SIGKILL the broker, keep the clinics writing, start it again.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // SIGKILL the broker mid-stream, keep the clinics writing for the outage, start it again.
+    // Mid-stream means: HQ has applied part of the live workload, and the clinics still write.
+    let base = hq_offset(&hq_db).await;
+    wait_for(120, "HQ to apply part of the live workload", || {
+        let n = futures_block(hq_offset(&hq_db));
+        (n > base + 2_000 && !workload.is_finished()).then_some(())
+    });
     let _back = BrokerBack;
     let pid = broker_pid().expect("the broker's pid file (scripts/dev-up starts it)");
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "killing the broker (pid {pid})");
@@ -58,9 +62,9 @@ async fn broker_sigkill_mid_stream_loses_and_doubles_nothing() {
     assert_eq!((lost, doubled), (0, 0));
     drop(procs);
 
-    let mut a = admin(HQ_PORT, None).await;
-    a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
-    for port in [3311, 3312, 3313] {
-        admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
-    }
+    drop_databases(&[&hq_db], &p.database).await;
+}
+
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }

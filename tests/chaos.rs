@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use common::hq::*;
 use common::pipeline::*;
 use common::*;
-use mysql_async::prelude::Queryable;
 
 /// xorshift64*: the kill schedule, reproducible from CHAOS_SEED.
 struct Rng(u64);
@@ -128,11 +127,5 @@ async fn sigkill_chaos_loses_and_doubles_nothing() {
     assert_eq!((lost, doubled), (0, 0));
 
     // Clean up.
-    let mut admin_hq = admin(HQ_PORT, None).await;
-    for db in [&hq_chaos, &hq_ref] {
-        admin_hq.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await.unwrap();
-    }
-    for port in [3311, 3312, 3313] {
-        admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
-    }
+    drop_databases(&[&hq_chaos, &hq_ref], &p.database).await;
 }

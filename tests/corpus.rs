@@ -12,11 +12,10 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
+use common::pipeline::*;
 use common::*;
 use mysql_async::prelude::Queryable;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -51,18 +50,6 @@ fn load_cases() -> Vec<Case> {
     v
 }
 
-fn spawn(config: &Path, args: &[&str], log: &Path) -> Child {
-    bin()
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
-
 /// The `key` object of a record that parses, compact: how a dead letter of a later stage
 /// (whose payload is the transform's output) is traced back to its case.
 fn key_marker(payload: &[u8]) -> Option<String> {
@@ -74,21 +61,20 @@ fn key_marker(payload: &[u8]) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_land() {
-    let prefix = format!("{}.", unique("tcorp"));
+    let p = hq::Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tcorp")), database: unique("corpus") };
+    let (prefix, dir) = (p.prefix.clone(), &p.dir);
     let hq_db = unique("openmrs_hq_c");
-    let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
-    let text = std::fs::read_to_string(root().join("omrs-stream.toml"))
-        .unwrap()
-        .replace("[kafka]\n", &format!("[kafka]\ntopic_prefix = \"{prefix}\"\n"))
-        .replace("database = \"openmrs_hq\"\n", &format!("database = \"{hq_db}\"\n"))
-        .replace("user = \"hq\"", "user = \"omrs\"")
-        .replace("${OMRS_HQ_PASSWORD:-hq}", "omrs")
-        .replace("idle_timeout_s = 180", "idle_timeout_s = 2")
-        .replace("fk_wait_timeout_s = 600", "fk_wait_timeout_s = 2");
-    let text = regex_lite_path(&text, &lake);
-    let config = dir.path().join("omrs-stream.toml");
-    std::fs::write(&config, text).unwrap();
+    let lake_line = format!("path = \"{}\"", lake.display());
+    let config = p.config(
+        &hq_db,
+        &[
+            ("idle_timeout_s = 5", "idle_timeout_s = 2"),
+            ("fk_wait_timeout_s = 600", "fk_wait_timeout_s = 2"),
+            ("path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"", &lake_line),
+            ("roll_interval_ms = 10000", "roll_interval_ms = 500"),
+        ],
+    );
     let run = |args: &[&str]| {
         let out = bin().arg("--config").arg(&config).args(args).env("RUST_LOG", "warn").output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -128,13 +114,16 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
     }
 
     // The pipeline, as long-running processes.
-    let mut procs = Procs(vec![
-        ("transform", spawn(&config, &["transform", "--metrics-port", "0"], &dir.path().join("transform.log"))),
-        ("hq-mysql", spawn(&config, &["sink", "hq-mysql", "--metrics-port", "0", "--quiet"], &dir.path().join("hq.log"))),
-        ("parquet", spawn(&config, &["sink", "parquet", "--metrics-port", "0", "--quiet"], &dir.path().join("parquet.log"))),
-    ]);
+    let mut procs: Vec<Proc> = [("transform", &["transform"][..]), ("sink-hq-mysql", &["sink", "hq-mysql", "--quiet"]), ("sink-parquet", &["sink", "parquet", "--quiet"])]
+        .into_iter()
+        .map(|(name, a)| {
+            let args: Vec<String> = a.iter().map(|s| s.to_string()).chain(["--metrics-port".into(), "0".into()]).collect();
+            let child = start(&config, &args, &dir.path().join(format!("{name}.log")));
+            Proc { name: name.to_string(), args, child, starts: 1 }
+        })
+        .collect();
     let logs = || {
-        ["transform.log", "hq.log", "parquet.log"]
+        ["transform.log", "sink-hq-mysql.log", "sink-parquet.log"]
             .iter()
             .map(|f| {
                 let text = std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
@@ -178,8 +167,8 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
     let at_hq_sql = format!("SELECT uuid FROM location WHERE uuid IN ({in_list}) UNION ALL SELECT uuid FROM person WHERE uuid IN ({in_list})");
     let missing = std::cell::RefCell::new(String::new());
     let found = wait_for_or(240, "every bad case dead-lettered and every good one at HQ", || format!("{}\n{}", missing.borrow(), logs()), || {
-        for (name, p) in procs.0.iter_mut() {
-            assert!(p.try_wait().unwrap().is_none(), "{name} exited\n{}", logs());
+        for pr in procs.iter_mut() {
+            assert!(pr.child.try_wait().unwrap().is_none(), "{} exited\n{}", pr.name, logs());
         }
         let dlq: Vec<J> = read_json(&dlq_topic);
         let found = match_dlq(&dlq);
@@ -242,10 +231,10 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
         *last.borrow_mut() = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
         (out.status.success() && text.lines().nth(1).and_then(|l| l.trim().parse::<usize>().ok()) == Some(good.len())).then_some(())
     });
-    for (name, p) in procs.0.iter_mut() {
-        assert!(p.try_wait().unwrap().is_none(), "{name} exited\n{}", logs());
-        kill9(p);
+    for pr in procs.iter_mut() {
+        assert!(pr.child.try_wait().unwrap().is_none(), "{} exited\n{}", pr.name, logs());
     }
+    drop(procs);
 
     let total = cases.len();
     let n_good = cases.iter().filter(|c| c.expect == "applied").count();
@@ -258,37 +247,6 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
     }
     drop(hq);
     admin(3310, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
-}
-
-/// The pipeline's processes, killed when dropped: a failing run leaves nothing running.
-struct Procs(Vec<(&'static str, Child)>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, c) in self.0.iter_mut() {
-            kill9(c);
-        }
-    }
-}
-
-/// The config's lake path replaced by `lake`.
-fn regex_lite_path(text: &str, lake: &Path) -> String {
-    let mut out = String::new();
-    let mut in_parquet = false;
-    for line in text.lines() {
-        if line.starts_with('[') {
-            in_parquet = line.trim() == "[sinks.parquet]";
-        }
-        if in_parquet && line.trim_start().starts_with("path") {
-            out.push_str(&format!("path = \"{}\"\n", lake.display()));
-        } else if in_parquet && line.trim_start().starts_with("roll_interval_ms") {
-            out.push_str("roll_interval_ms = 500\n");
-        } else {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {

@@ -13,7 +13,6 @@ use std::time::Duration;
 use common::hq::*;
 use common::pipeline::*;
 use common::*;
-use mysql_async::prelude::Queryable;
 
 /// Starts site-b's server again even if the test fails midway.
 struct SiteBack;
@@ -56,9 +55,5 @@ async fn a_site_database_down_for_60_s_loses_and_doubles_nothing() {
     assert_eq!((lost, doubled), (0, 0));
     drop(procs);
 
-    let mut a = admin(HQ_PORT, None).await;
-    a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
-    for port in [3311, 3312, 3313] {
-        admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
-    }
+    drop_databases(&[&hq_db], &p.database).await;
 }

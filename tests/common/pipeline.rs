@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
+use mysql_async::prelude::Queryable;
 use serde_json::Value as J;
 
 use super::*;
@@ -160,4 +161,21 @@ pub async fn live(p: &hq::Pipeline, hq_db: &str, patients: usize, seed: u64, rat
     };
     omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { provision_only: true, ..args.clone() }).await.unwrap();
     Live { config, cfg, lake, manifest, args }
+}
+
+/// Drops the HQ databases and the pipeline's site database at every site.
+pub async fn drop_databases(hq_dbs: &[&str], site_db: &str) {
+    let mut a = admin(hq::HQ_PORT, None).await;
+    for db in hq_dbs {
+        a.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await.unwrap();
+    }
+    for port in [3311, 3312, 3313] {
+        admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{site_db}`")).await.unwrap();
+    }
+}
+
+/// The HQ sink's stored offset (0 before its first batch).
+pub async fn hq_offset(hq_db: &str) -> i64 {
+    let mut c = hq::hq(hq_db).await;
+    c.query_first::<Option<i64>, _>("SELECT MAX(next_offset) FROM omrs_sync_offsets").await.unwrap().flatten().unwrap_or(0)
 }

@@ -278,8 +278,8 @@ impl Aggregator {
             }
         }
         let fallback = ev.source.ts_ms;
-        let new: Vec<Contribution> = after.as_ref().map(|img| self.contributions(table, img, ev, true, person, fallback)).unwrap_or_default();
-        let old: Vec<Contribution> = before.as_ref().map(|img| self.contributions(table, img, ev, ev.op == Op::Delete, person, fallback)).unwrap_or_default();
+        let new: Vec<Contribution> = after.as_ref().map(|img| self.contributions(table, img, ev, &site, true, person, fallback)).unwrap_or_default();
+        let old: Vec<Contribution> = before.as_ref().map(|img| self.contributions(table, img, ev, &site, ev.op == Op::Delete, person, fallback)).unwrap_or_default();
         for c in &old {
             // A change of person alone is a merge, which re-keys memberships itself.
             let same = new.iter().any(|n| n.a == c.a && n.start == c.start && n.dim == c.dim && (n.person == c.person || c.a == ACTIVE));
@@ -296,12 +296,13 @@ impl Aggregator {
     }
 
     /// What `img` (a row of `table`) counts in. `own_refs`: the event's refs describe this image.
-    fn contributions(&self, table: &str, img: &Img<'_>, ev: &InEvent, own_refs: bool, person: Option<&str>, fallback_ms: i64) -> Vec<Contribution> {
+    #[allow(clippy::too_many_arguments)]
+    fn contributions(&self, table: &str, img: &Img<'_>, ev: &InEvent, site: &Arc<str>, own_refs: bool, person: Option<&str>, fallback_ms: i64) -> Vec<Contribution> {
         let at = img.date_created.as_deref().and_then(parse_datetime_ms).unwrap_or(fallback_ms);
         let win = |a: u8| self.windows_spec[a as usize].window(at);
         let dim_of = |col: &'static str, v: &Option<J>| -> Option<String> {
             let by_ref = if own_refs { ev.refs.get(col).and_then(J::as_str).map(str::to_string) } else { None };
-            by_ref.or_else(|| int(v).and_then(|id| self.local.get(&(Arc::from(&*ev.site), col, id)).cloned()))
+            by_ref.or_else(|| int(v).and_then(|id| self.local.get(&(site.clone(), col, id)).cloned()))
         };
         let mut out = Vec::new();
         match table {
