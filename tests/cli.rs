@@ -108,7 +108,7 @@ fn topics_apply_then_check_exit_codes() {
     assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stderr));
 
     // Leave the dev broker as we found it.
-    let names: Vec<String> = ["omrs.cdc.site-a", "omrs.cdc.site-b", "omrs.cdc.site-c", "omrs.hq.changes", "omrs.transform.state", "omrs.dlq", "omrs.ingest.offsets"]
+    let names: Vec<String> = ["omrs.cdc.site-a", "omrs.cdc.site-b", "omrs.cdc.site-c", "omrs.hq.changes", "omrs.transform.state", "omrs.dlq", "omrs.ingest.offsets.site-a", "omrs.ingest.offsets.site-b", "omrs.ingest.offsets.site-c"]
         .iter()
         .map(|t| format!("{prefix}{t}"))
         .collect();

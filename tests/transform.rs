@@ -145,7 +145,7 @@ fn expected_ids(input: &BTreeMap<String, Vec<ChangeEvent>>) -> Vec<Id> {
 async fn cleanup(prefix: &str) {
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
-    let names: Vec<String> = ["omrs.cdc.site-a", "omrs.cdc.site-b", "omrs.cdc.site-c", "omrs.cdc.site-d", "omrs.hq.changes", "omrs.transform.state", "omrs.dlq", "omrs.ingest.offsets"]
+    let names: Vec<String> = ["omrs.cdc.site-a", "omrs.cdc.site-b", "omrs.cdc.site-c", "omrs.cdc.site-d", "omrs.hq.changes", "omrs.transform.state", "omrs.dlq", "omrs.ingest.offsets.site-a", "omrs.ingest.offsets.site-b", "omrs.ingest.offsets.site-c", "omrs.ingest.offsets.site-d"]
         .iter()
         .map(|t| format!("{prefix}{t}"))
         .collect();

@@ -40,7 +40,10 @@ pub struct Config {
 }
 
 /// Kafka connection. Every librdkafka setting not named here goes in `properties`.
-#[derive(Debug, Clone, Deserialize)]
+///
+/// Secrets come from the environment (`${NAME}`) or from a file (`sasl_password_file`), never
+/// from the file's own text in production; `Debug` prints them as `<redacted>`.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     #[serde(default = "default_bootstrap")]
@@ -58,6 +61,9 @@ pub struct KafkaConfig {
     pub sasl_username: Option<String>,
     #[serde(default)]
     pub sasl_password: Option<String>,
+    /// A file holding the SASL password (trailing newline ignored); read at load time.
+    #[serde(default)]
+    pub sasl_password_file: Option<PathBuf>,
     #[serde(default)]
     pub ssl_ca_location: Option<String>,
     #[serde(default)]
@@ -84,6 +90,7 @@ impl Default for KafkaConfig {
             sasl_mechanism: None,
             sasl_username: None,
             sasl_password: None,
+            sasl_password_file: None,
             ssl_ca_location: None,
             ssl_certificate_location: None,
             ssl_key_location: None,
@@ -134,8 +141,8 @@ pub struct SiteConfig {
     pub priority: i32,
 }
 
-/// A MySQL/MariaDB database.
-#[derive(Debug, Clone, Deserialize)]
+/// A MySQL/MariaDB database. `Debug` prints the password as `<redacted>`.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     #[serde(default = "default_host")]
@@ -144,8 +151,88 @@ pub struct DatabaseConfig {
     pub user: String,
     #[serde(default)]
     pub password: String,
+    /// A file holding the password (trailing newline ignored); read at load time.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// Schema name, e.g. `openmrs`.
     pub database: String,
+    /// TLS to the server. Absent: plain TCP.
+    #[serde(default)]
+    pub tls: Option<DbTlsConfig>,
+}
+
+/// TLS to a MySQL/MariaDB server (`[sites.database.tls]`, `[hq.database.tls]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbTlsConfig {
+    /// PEM file of the CA that signed the server's certificate. Absent: the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Check that the certificate names `host` (default true). Turn off only for servers
+    /// reached by an address their certificate does not list.
+    #[serde(default = "default_true")]
+    pub verify_identity: bool,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("password_file", &self.password_file)
+            .field("database", &self.database)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
+        let props: BTreeMap<&String, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| (k, if k.contains("password") || k.contains("secret") || k.contains("jaas") { "<redacted>" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &hidden(&self.sasl_password))
+            .field("sasl_password_file", &self.sasl_password_file)
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("ssl_certificate_location", &self.ssl_certificate_location)
+            .field("ssl_key_location", &self.ssl_key_location)
+            .field("ssl_key_password", &hidden(&self.ssl_key_password))
+            .field("properties", &props)
+            .finish()
+    }
+}
+
+/// Reads a secret file: the whole file, one trailing newline (`\n` or `\r\n`) removed.
+fn read_secret_file(path: &Path, key: &str, file: &Path) -> Result<String> {
+    use std::io::Read;
+    let fail = |message: String| CoreError::Config { file: file.to_path_buf(), key: key.to_string(), message };
+    if !path.is_file() {
+        return Err(fail(format!("the secret file `{}` does not exist or is not a regular file", path.display())));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
+        .map_err(|e| fail(format!("cannot read the secret file `{}`: {e}", path.display())))?;
+    let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+    if text.is_empty() {
+        return Err(CoreError::Config {
+            file: file.to_path_buf(),
+            key: key.to_string(),
+            message: format!("the secret file `{}` is empty", path.display()),
+        });
+    }
+    Ok(text.to_string())
 }
 
 fn default_host() -> String {
@@ -163,6 +250,27 @@ impl DatabaseConfig {
             self.port,
             self.database
         )
+    }
+
+    /// Connection options (TCP, not the socket), with TLS when `tls` is set.
+    pub fn opts(&self) -> mysql_async::OptsBuilder {
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname(self.host.clone())
+            .tcp_port(self.port)
+            .user(Some(self.user.clone()))
+            .pass(Some(self.password.clone()))
+            .db_name(Some(self.database.clone()))
+            .prefer_socket(false);
+        match &self.tls {
+            None => opts,
+            Some(tls) => {
+                let mut ssl = mysql_async::SslOpts::default().with_danger_skip_domain_validation(!tls.verify_identity);
+                if let Some(ca) = &tls.ca_file {
+                    ssl = ssl.with_root_certs(vec![ca.clone().into()]);
+                }
+                opts.ssl_opts(Some(ssl))
+            }
+        }
     }
 
     /// The same URL without the password, for logs and manifests.
@@ -567,9 +675,38 @@ impl Config {
 
     /// As [`Config::load`], from text; `file` is used in error messages.
     pub fn parse(text: &str, file: &Path) -> Result<Config> {
-        let cfg: Config = parse_toml(text, file)?;
+        let mut cfg: Config = parse_toml(text, file)?;
+        cfg.read_secret_files(file)?;
         cfg.validate(file)?;
         Ok(cfg)
+    }
+
+    /// Replaces every `*_password_file` by the password it holds. Naming both a password and
+    /// a password file is an error: which one wins would be a guess.
+    fn read_secret_files(&mut self, file: &Path) -> Result<()> {
+        let both = |key: &str| CoreError::Config {
+            file: file.to_path_buf(),
+            key: key.to_string(),
+            message: "set the password or the password file, not both".into(),
+        };
+        if let Some(path) = self.kafka.sasl_password_file.clone() {
+            if self.kafka.sasl_password.is_some() {
+                return Err(both("kafka.sasl_password_file"));
+            }
+            self.kafka.sasl_password = Some(read_secret_file(&path, "kafka.sasl_password_file", file)?);
+        }
+        let mut dbs: Vec<(String, &mut DatabaseConfig)> =
+            self.sites.iter_mut().enumerate().map(|(i, s)| (format!("sites[{i}].database"), &mut s.database)).collect();
+        dbs.push(("hq.database".into(), &mut self.hq.database));
+        for (key, db) in dbs {
+            if let Some(path) = db.password_file.clone() {
+                if !db.password.is_empty() {
+                    return Err(both(&format!("{key}.password_file")));
+                }
+                db.password = read_secret_file(&path, &format!("{key}.password_file"), file)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn site(&self, name: &str) -> Option<&SiteConfig> {
@@ -730,6 +867,11 @@ fn validate_db(db: &DatabaseConfig, key: &str, file: &Path) -> Result<()> {
     }
     if db.user.trim().is_empty() {
         return Err(err("user", "is empty".into()));
+    }
+    if let Some(ca) = db.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
+        if !ca.is_file() {
+            return Err(err("tls.ca_file", format!("`{}` is not a readable file", ca.display())));
+        }
     }
     if db.database.trim().is_empty()
         || !db.database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -1020,9 +1162,12 @@ mod tests {
             port: 1,
             user: "u".into(),
             password: "p@ss:/".into(),
+            password_file: None,
             database: "d".into(),
+            tls: None,
         };
         assert_eq!(db.url(), "mysql://u:p%40ss%3A%2F@h:1/d");
         assert!(!db.redacted_url().contains("ss"));
+        assert!(!format!("{db:?}").contains("p@ss"), "Debug must not print the password");
     }
 }

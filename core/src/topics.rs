@@ -51,7 +51,13 @@ impl TopicNames {
     pub fn dlq(&self) -> String {
         format!("{}omrs.dlq", self.prefix)
     }
-    pub fn ingest_offsets(&self) -> String {
+    /// One site agent's checkpoints. One topic per site, so that a site's Kafka credentials
+    /// can write its own checkpoints and nobody else's (docs/ARCHITECTURE.md, "Security").
+    pub fn ingest_offsets(&self, site: &str) -> String {
+        format!("{}omrs.ingest.offsets.{site}", self.prefix)
+    }
+    /// The shared checkpoint topic of releases before per-site ones; read once, on upgrade.
+    pub fn legacy_ingest_offsets(&self) -> String {
         format!("{}omrs.ingest.offsets", self.prefix)
     }
 }

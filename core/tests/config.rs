@@ -35,7 +35,8 @@ fn the_shipped_default_describes_the_dev_services() {
         "omrs.hq.changes",
         "omrs.transform.state",
         "omrs.dlq",
-        "omrs.ingest.offsets",
+        "omrs.ingest.offsets.site-a",
+        "omrs.ingest.offsets.site-c",
     ] {
         assert!(names.contains(&want.to_string()), "{want} missing from {names:?}");
     }
@@ -128,4 +129,39 @@ fn topics_file_errors_are_named() {
     let text = "[[topics]]\nname = \"omrs.dlq\"\npartitions = 1\nreplication_factor = 1\nretention = 1\n";
     let err = TopicsFile::parse(text, Path::new("topics.toml")).unwrap_err().to_string();
     assert!(err.ends_with("topics[0].retention: unknown field `retention`, expected one of `name`, `description`, `partitions`, `replication_factor`, `config`"), "{err}");
+}
+
+#[test]
+fn secrets_come_from_files_and_are_never_printed() {
+    let dir = std::env::temp_dir().join(format!("omrs-config-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hq_pw = dir.join("hq.password");
+    let kafka_pw = dir.join("kafka.password");
+    std::fs::write(&hq_pw, "s3cret-hq\n").unwrap();
+    std::fs::write(&kafka_pw, "s3cret-kafka\r\n").unwrap();
+    let text = default_text()
+        .replacen("password = \"${OMRS_HQ_PASSWORD:-hq}\"", &format!("password_file = \"{}\"", hq_pw.display()), 1)
+        .replacen("[kafka]\n", &format!("[kafka]\nsasl_password_file = \"{}\"\n", kafka_pw.display()), 1);
+    let cfg = Config::parse(&text, Path::new("t.toml")).unwrap();
+    assert_eq!(cfg.hq.database.password, "s3cret-hq");
+    assert_eq!(cfg.kafka.sasl_password.as_deref(), Some("s3cret-kafka"));
+    let printed = format!("{cfg:?}");
+    assert!(!printed.contains("s3cret"), "Debug printed a secret: {printed}");
+
+    // Both a password and a password file: which one wins would be a guess.
+    let both = default_text().replacen(
+        "password = \"${OMRS_HQ_PASSWORD:-hq}\"",
+        &format!("password = \"x\"\npassword_file = \"{}\"", hq_pw.display()),
+        1,
+    );
+    assert!(err_of(&both).contains("hq.database.password_file: set the password or the password file, not both"), "{}", err_of(&both));
+    // A missing file is named with its key, before anything connects.
+    let missing = default_text().replacen("password = \"${OMRS_HQ_PASSWORD:-hq}\"", "password_file = \"/nonexistent/hq.password\"", 1);
+    let err = err_of(&missing);
+    assert!(err.contains("hq.database.password_file") && err.contains("/nonexistent/hq.password"), "{err}");
+    // So is a TLS CA file that is not there.
+    let tls = default_text().replacen("database = \"openmrs_hq\"\n", "database = \"openmrs_hq\"\n[hq.database.tls]\nca_file = \"/nonexistent/ca.pem\"\n", 1);
+    let err = err_of(&tls);
+    assert!(err.contains("hq.database.tls.ca_file") && err.contains("is not a readable file"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,5 +1,5 @@
 //! The agent's checkpoint: where it is in the snapshot or the binlog. It lives in the compacted
-//! `omrs.ingest.offsets` topic, keyed by site, and is written in the same Kafka transaction as
+//! `omrs.ingest.offsets.<site>` topic (one per site; key = site), and is written in the same Kafka transaction as
 //! the events it covers, so the topic and the checkpoint never disagree.
 
 use omrs_core::config::KafkaConfig;
@@ -66,6 +66,25 @@ pub enum Checkpoint {
 impl Checkpoint {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The checkpoint an agent of an older release left in the shared `omrs.ingest.offsets` topic,
+/// read once when the site's own topic has none. A topic that is missing, or that these
+/// credentials may not read (a deployment with per-site ACLs never had one), means none: the
+/// agent then snapshots, which HQ and the lake absorb (rows are versioned upserts).
+pub fn read_legacy(kafka: &KafkaConfig, topic: &str, site: &str) -> Option<Checkpoint> {
+    match read(kafka, topic, site) {
+        Ok(found) => {
+            if found.is_some() {
+                tracing::info!(site, topic, "resuming from the checkpoint in the shared topic of an older release");
+            }
+            found
+        }
+        Err(e) => {
+            tracing::debug!(site, topic, error = %e, "no readable legacy checkpoint topic");
+            None
+        }
     }
 }
 

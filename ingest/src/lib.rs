@@ -2,7 +2,7 @@
 //!
 //! Delivery guarantee: **exactly once** from the site's binlog into `omrs.cdc.<site>`. Every
 //! Kafka transaction holds whole site transactions (or, for a very large one, a run of its rows)
-//! plus the checkpoint that follows them, in `omrs.ingest.offsets`; on restart the agent resumes
+//! plus the checkpoint that follows them, in `omrs.ingest.offsets.<site>`; on restart the agent resumes
 //! from the last committed checkpoint, and `transactional.id` (derived from the site) fences a
 //! zombie. The initial snapshot is consistent without a global lock and resumes mid-table.
 //!
@@ -141,13 +141,7 @@ pub struct Agent {
 }
 
 pub fn site_opts(site: &SiteConfig) -> OptsBuilder {
-    OptsBuilder::default()
-        .ip_or_hostname(site.database.host.clone())
-        .tcp_port(site.database.port)
-        .user(Some(site.database.user.clone()))
-        .pass(Some(site.database.password.clone()))
-        .db_name(Some(site.database.database.clone()))
-        .prefer_socket(false)
+    site.database.opts()
 }
 
 pub async fn connect(site: &SiteConfig) -> Result<Conn, IngestError> {
@@ -227,9 +221,16 @@ async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot
     }
     let t_model = t0.elapsed();
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
-    let producer = TxProducer::new(&cfg.kafka, &site.name, names.cdc(&site.name), names.ingest_offsets())?;
+    let producer = TxProducer::new(&cfg.kafka, &site.name, names.cdc(&site.name), names.ingest_offsets(&site.name))?;
     let t_producer = t0.elapsed();
-    let saved = if resnapshot { None } else { checkpoint::read(&cfg.kafka, &names.ingest_offsets(), &site.name)? };
+    let saved = if resnapshot {
+        None
+    } else {
+        match checkpoint::read(&cfg.kafka, &names.ingest_offsets(&site.name), &site.name)? {
+            Some(cp) => Some(cp),
+            None => checkpoint::read_legacy(&cfg.kafka, &names.legacy_ingest_offsets(), &site.name),
+        }
+    };
     tracing::debug!(site = %site.name, model_ms = t_model.as_millis() as u64, producer_ms = t_producer.as_millis() as u64, checkpoint_ms = t0.elapsed().as_millis() as u64, "agent started");
     let tuning = Tuning {
         chunk_rows: cfg.ingest.snapshot_chunk_rows,

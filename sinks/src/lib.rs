@@ -67,15 +67,9 @@ impl SinkError {
     }
 }
 
-/// Connection options for a configured database (TCP, not the socket).
+/// Connection options for a configured database (TCP, not the socket; TLS when configured).
 pub fn mysql_opts(d: &omrs_core::config::DatabaseConfig) -> mysql_async::OptsBuilder {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname(d.host.clone())
-        .tcp_port(d.port)
-        .user(Some(d.user.clone()))
-        .pass(Some(d.password.clone()))
-        .db_name(Some(d.database.clone()))
-        .prefer_socket(false)
+    d.opts()
 }
 
 /// MySQL errors that a retry of the whole transaction can fix.

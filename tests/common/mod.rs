@@ -120,7 +120,7 @@ impl Env {
         c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.database)).await.unwrap();
         let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
             rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
-        let names: Vec<String> = ["omrs.cdc.site-a", "omrs.cdc.site-b", "omrs.cdc.site-c", "omrs.hq.changes", "omrs.transform.state", "omrs.dlq", "omrs.ingest.offsets"]
+        let names: Vec<String> = ["omrs.cdc.site-a", "omrs.cdc.site-b", "omrs.cdc.site-c", "omrs.hq.changes", "omrs.transform.state", "omrs.dlq", "omrs.ingest.offsets.site-a", "omrs.ingest.offsets.site-b", "omrs.ingest.offsets.site-c"]
             .iter()
             .map(|t| format!("{}{t}", self.prefix))
             .collect();

@@ -30,11 +30,17 @@ impl Drop for Proc {
 }
 
 pub fn start(config: &Path, args: &[String], log: &Path) -> Child {
+    start_env(config, args, log, &[])
+}
+
+/// As [`start`], with extra environment variables (they win over `RUST_LOG=warn`).
+pub fn start_env(config: &Path, args: &[String], log: &Path, env: &[(String, String)]) -> Child {
     bin()
         .arg("--config")
         .arg(config)
         .args(args)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::null())
         .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
         .spawn()
