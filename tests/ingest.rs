@@ -310,3 +310,30 @@ async fn alter_table_mid_stream_is_picked_up() {
     kill9(&mut agent);
     env.drop().await;
 }
+
+/// A row whose change event would exceed a site event's limit (a 9 MB LONGTEXT) does not stop
+/// the site's stream: it goes as a stand-in without its images, with its size, which the
+/// transform dead-letters naming the row; the rows after it arrive as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_too_large_for_an_event_goes_as_a_stand_in_and_the_stream_goes_on() {
+    let env = Env::new("oversize", "site-a", &[]).await;
+    env.catch_up();
+    let mut db = env.db().await;
+    let big_uuid = "0b5e5a1e-0000-4000-8000-00000000b161";
+    let small_uuid = "0b5e5a1e-0000-4000-8000-0000000005aa";
+    db.query_drop(format!("INSERT INTO clob_datatype_storage (uuid, value) VALUES ('{big_uuid}', REPEAT('x', 9000000))")).await.unwrap();
+    db.query_drop(format!("INSERT INTO clob_datatype_storage (uuid, value) VALUES ('{small_uuid}', 'small')")).await.unwrap();
+    let out = env.catch_up();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("row change too large for a site event"), "the agent did not say so:\n{log}");
+    let events = env.events();
+    let big = events.iter().find(|e| e.uuid.as_deref() == Some(big_uuid)).expect("the big row's stand-in is on the site topic");
+    assert_eq!(big.op, Op::Create);
+    assert!(big.oversize.is_some_and(|n| n > 9_000_000), "its size: {:?}", big.oversize);
+    assert!(big.after.is_none() && big.before.is_none() && big.refs.is_empty(), "a stand-in carries no row images");
+    let reason = big.validate().unwrap_err().to_string();
+    assert!(reason.contains("row too large") && reason.contains(big_uuid) && reason.contains("clob_datatype_storage"), "{reason}");
+    let small = events.iter().find(|e| e.uuid.as_deref() == Some(small_uuid)).expect("the row after the big one arrived");
+    assert_eq!(small.after.as_ref().unwrap()["value"], serde_json::json!("small"));
+    env.drop().await;
+}

@@ -99,7 +99,17 @@ pub struct ChangeEvent {
     pub source: Source,
     /// When the event was produced (processing time), ms since the epoch.
     pub ts_ms: i64,
+    /// Set by the agent on a row change whose event would have been larger than a site event
+    /// may be ([`MAX_SITE_EVENT_BYTES`]): the event's size. Such an event carries no row images
+    /// and no refs; the transform dead-letters it with its site, table, key and position, and
+    /// the site's stream goes on (an addition to DESIGN.md's envelope: docs/ARCHITECTURE.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oversize: Option<u64>,
 }
+
+/// The largest change event an agent produces: under the transform's limit for a change that
+/// must still fit `omrs.hq.changes` once wrapped (`omrs_core::topics::MAX_CHANGE_BYTES`).
+pub const MAX_SITE_EVENT_BYTES: usize = 8_000_000;
 
 impl ChangeEvent {
     /// A heartbeat for a quiet site at a binlog position.
@@ -115,7 +125,14 @@ impl ChangeEvent {
             refs: serde_json::Map::new(),
             source,
             ts_ms,
+            oversize: None,
         }
+    }
+
+    /// The stand-in for a row change too large to send: everything but the images and refs,
+    /// with the size it would have had.
+    pub fn oversize_stub(&self, bytes: usize) -> ChangeEvent {
+        ChangeEvent { before: None, after: None, refs: serde_json::Map::new(), oversize: Some(bytes as u64), ..self.clone() }
     }
 
     /// Parses and validates one record value.
@@ -161,6 +178,15 @@ impl ChangeEvent {
         }
         if self.key.as_ref().is_none_or(|k| k.is_empty()) {
             return bad("`key` is missing or empty");
+        }
+        if let Some(bytes) = self.oversize {
+            let key = serde_json::to_string(&self.key).unwrap_or_default();
+            return bad(&format!(
+                "row too large: its change event was {bytes} bytes, over the {MAX_SITE_EVENT_BYTES} bytes a site event may have, so the agent sent it without its row images; the row is still at the site (key {key}{}, binlog {}:{})",
+                self.uuid.as_deref().map(|u| format!(", uuid {u}")).unwrap_or_default(),
+                self.source.file,
+                self.source.pos
+            ));
         }
         match (self.op, self.before.is_some(), self.after.is_some()) {
             (Op::Create | Op::Read, false, true) => {}

@@ -40,6 +40,7 @@ pub const SITE_CLOCK_SKEW: &str = "omrs_stream_site_clock_skew_seconds";
 pub const INGEST_POSITION: &str = "omrs_stream_ingest_binlog_position";
 pub const INGEST_BINLOG_MARGIN: &str = "omrs_stream_ingest_binlog_margin_files";
 pub const INGEST_RETRIES: &str = "omrs_stream_ingest_retries_total";
+pub const INGEST_OVERSIZE: &str = "omrs_stream_ingest_oversize_events_total";
 pub const KAFKA_TRANSACTIONS: &str = "omrs_stream_kafka_transactions_total";
 pub const HEARTBEATS: &str = "omrs_stream_heartbeats_total";
 pub const REF_CACHE_ENTRIES: &str = "omrs_stream_ingest_ref_cache_entries";
@@ -97,6 +98,8 @@ pub struct Metrics {
     pub ingest_binlog_margin: IntGaugeVec,
     /// Restarts of the agent's loop after a transient error (site or Kafka unreachable).
     pub ingest_retries: IntCounterVec,
+    /// Row changes too large for a site event, sent without their images (then dead-lettered).
+    pub ingest_oversize: IntCounterVec,
     pub kafka_transactions: IntCounterVec,
     pub heartbeats: IntCounterVec,
     /// Rows whose id → uuid the agent keeps for FK resolution.
@@ -193,6 +196,7 @@ impl Metrics {
             ingest_position: gauge_vec(&r, INGEST_POSITION, "Committed binlog position within its file", &["site", "file"]),
             ingest_binlog_margin: gauge_vec(&r, INGEST_BINLOG_MARGIN, "Binlog files retained behind the agent's position", &["site"]),
             ingest_retries: counter_vec(&r, INGEST_RETRIES, "Agent restarts after a transient error", &["site", "reason"]),
+            ingest_oversize: counter_vec(&r, INGEST_OVERSIZE, "Row changes too large for a site event, sent without their row images and dead-lettered by the transform", &["site"]),
             kafka_transactions: counter_vec(&r, KAFKA_TRANSACTIONS, "Kafka transactions committed", &["stage", "site"]),
             heartbeats: counter_vec(&r, HEARTBEATS, "Heartbeats sent by a quiet site", &["site"]),
             ref_cache_entries: gauge_vec(&r, REF_CACHE_ENTRIES, "Rows tracked for FK to uuid resolution", &["site"]),

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use omrs_core::config::KafkaConfig;
-use omrs_core::envelope::{ChangeEvent, Op};
+use omrs_core::envelope::{ChangeEvent, Op, MAX_SITE_EVENT_BYTES};
 use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -169,7 +169,7 @@ impl TxProducer {
             .set("queue.buffering.max.kbytes", "1048576")
             .set("compression.type", "lz4")
             // Under omrs_core::topics::MAX_CHANGE_BYTES, so every event it sends passes the transform.
-            .set("message.max.bytes", "8000000")
+            .set("message.max.bytes", MAX_SITE_EVENT_BYTES.to_string())
             .create()
             .map_err(|e| IngestError::kafka("creating the transactional producer", e))?;
         // init_transactions needs a connection to a known broker; called before there is one,
@@ -288,7 +288,15 @@ impl Worker {
             *counts.entry((r.table.clone(), r.op)).or_default() += 1;
         }
         for (key, payload) in events.records() {
-            if let Err(e) = self.enqueue(&self.topic, key, payload).await {
+            let sent = if payload.len() + key.len() + OVERHEAD > MAX_SITE_EVENT_BYTES {
+                match oversize_stub(&self.site, payload) {
+                    Ok(stub) => self.enqueue(&self.topic, key, &stub).await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                self.enqueue(&self.topic, key, payload).await
+            };
+            if let Err(e) = sent {
                 return Err(self.abort(e));
             }
         }
@@ -358,6 +366,19 @@ impl Worker {
             }
         }
     }
+}
+
+/// Room for the record's framing within the producer's `message.max.bytes`.
+const OVERHEAD: usize = 1024;
+
+/// A row change too large for a site event goes as its stand-in (no images, and its size), which
+/// the transform dead-letters naming the row: the site's stream goes on, and nothing is dropped
+/// without a trace.
+fn oversize_stub(site: &str, payload: &[u8]) -> Result<Vec<u8>, IngestError> {
+    let ev = ChangeEvent::from_json(payload).map_err(|e| IngestError::Usage(format!("an oversize event of site {site} that does not read back: {e}")))?;
+    tracing::warn!(site, table = ev.table.as_deref().unwrap_or(""), uuid = ev.uuid.as_deref().unwrap_or(""), bytes = payload.len(), limit = MAX_SITE_EVENT_BYTES, "row change too large for a site event: sending it without its row images (it will be dead-lettered, naming the row)");
+    metrics().ingest_oversize.with_label_values(&[site]).inc();
+    Ok(ev.oversize_stub(payload.len()).to_json())
 }
 
 /// `table:pk1,pk2`, or `~heartbeat`.

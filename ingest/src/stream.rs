@@ -101,6 +101,7 @@ pub async fn make_event(
         refs,
         source,
         ts_ms: now_ms(),
+        oversize: None,
     })
 }
 

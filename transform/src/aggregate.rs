@@ -111,9 +111,67 @@ struct Img<'a> {
     concept_id: Option<J>,
 }
 
+static DATE_CREATED: std::sync::LazyLock<memchr::memmem::Finder<'static>> = std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"date_created\":"));
+static VOIDED: std::sync::LazyLock<memchr::memmem::Finder<'static>> = std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"voided\":"));
+static ENCOUNTER_TYPE: std::sync::LazyLock<memchr::memmem::Finder<'static>> = std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"encounter_type\":"));
+static CONCEPT_ID: std::sync::LazyLock<memchr::memmem::Finder<'static>> = std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"concept_id\":"));
+
+/// The value after a top-level `"key":` of a compact JSON object: its raw bytes, up to the next
+/// `,` or `}` (a string: up to its closing quote, without escapes). Inside a JSON string every
+/// `"` is escaped, so `"key":` right after `{` or `,` is a key, never string content. None
+/// when the key is absent or its value is not a plain scalar.
+fn scan_value<'a>(raw: &'a [u8], key: &memchr::memmem::Finder<'_>) -> Option<&'a [u8]> {
+    let mut from = 0;
+    while let Some(at) = key.find(&raw[from..]) {
+        let at = from + at;
+        from = at + key.needle().len();
+        if at == 0 || !matches!(raw[at - 1], b'{' | b',') {
+            continue;
+        }
+        let rest = &raw[from..];
+        let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
+        return if rest.first() == Some(&b'"') {
+            let end = memchr::memchr2(b'"', b'\\', &rest[1..])?;
+            (rest[1 + end] == b'"').then(|| &rest[..end + 2])
+        } else {
+            let end = rest.iter().position(|b| matches!(b, b',' | b'}'))?;
+            Some(rest[..end].trim_ascii_end())
+        };
+    }
+    None
+}
+
 impl Img<'_> {
+    /// The four columns, read straight from the image's bytes (the aggregates see every obs, and
+    /// a full parse of each cost the transform a fifth of its throughput). An image without a
+    /// plainly readable `date_created` (every aggregated table has one) is parsed in full.
     fn parse(raw: Option<&[u8]>) -> Option<Img<'_>> {
-        raw.and_then(|r| serde_json::from_slice::<Img>(r).ok())
+        let r = raw?;
+        Img::scan(r).or_else(|| serde_json::from_slice::<Img>(r).ok())
+    }
+
+    fn scan(r: &[u8]) -> Option<Img<'_>> {
+        let date = scan_value(r, &DATE_CREATED)?;
+        let date_created = match date {
+            b"null" => None,
+            d if d.len() >= 2 && d[0] == b'"' => Some(Cow::Borrowed(std::str::from_utf8(&d[1..d.len() - 1]).ok()?)),
+            _ => return None,
+        };
+        let scalar = |v: Option<&[u8]>| -> Option<J> {
+            match v? {
+                b"null" => None,
+                b"true" => Some(J::Bool(true)),
+                b"false" => Some(J::Bool(false)),
+                s if s.first() == Some(&b'"') => std::str::from_utf8(&s[1..s.len() - 1]).ok().map(|t| J::String(t.to_string())),
+                n => std::str::from_utf8(n).ok().and_then(|t| t.parse::<i64>().ok()).map(J::from),
+            }
+        };
+        Some(Img {
+            date_created,
+            voided: scalar(scan_value(r, &VOIDED)),
+            encounter_type: scalar(scan_value(r, &ENCOUNTER_TYPE)),
+            concept_id: scalar(scan_value(r, &CONCEPT_ID)),
+        })
     }
 
     fn voided(&self) -> bool {
@@ -486,6 +544,37 @@ mod tests {
     use crate::engine::Origin;
 
     const ET: &str = "et-uuid-1";
+
+    #[test]
+    fn the_byte_scan_reads_what_a_full_parse_reads() {
+        let images: &[&str] = &[
+            r#"{"obs_id":1,"concept_id":5089,"date_created":"2024-03-01 10:00:00","voided":0,"value_text":null}"#,
+            r#"{"encounter_id":7,"encounter_type":2,"voided":1,"date_created":"2024-03-01 10:00:00"}"#,
+            r#"{"encounter_id":7,"encounter_type":null,"voided":true,"date_created":"2024-03-01 10:00:00"}"#,
+            // Key-like text inside a string value is content, not a key.
+            r#"{"obs_id":2,"value_text":"x\",\"voided\":1,\"concept_id\":9","concept_id":5090,"voided":0,"date_created":"2024-03-02 00:00:00"}"#,
+            r#"{"obs_id":3,"value_text":"{\"concept_id\":1}","date_created":"2024-03-02 00:00:00","concept_id":11}"#,
+            // Spaces, a missing voided, a null date, a string voided.
+            r#"{"patient_id": 4, "date_created": "2024-03-03 00:00:00", "voided": 0}"#,
+            r#"{"patient_id":4,"date_created":null}"#,
+            r#"{"encounter_id":8,"encounter_type":"3","voided":"1","date_created":"2024-03-03 01:00:00"}"#,
+            // Escapes in the date, and keys with spaces before the colon: the full parse.
+            r#"{"obs_id":5,"date_created":"2024-03-04\u0020 00:00:00","concept_id":1}"#,
+            r#"{"obs_id":6, "date_created" : "2024-03-05 00:00:00", "voided" : 1}"#,
+            r#"{"obs_id":7,"concept_id":12,"voided":0}"#,
+        ];
+        for img in images {
+            let full: Img = serde_json::from_slice(img.as_bytes()).unwrap();
+            let got = Img::parse(Some(img.as_bytes())).unwrap();
+            assert_eq!(got.date_created.as_deref(), full.date_created.as_deref(), "{img}");
+            assert_eq!(got.voided(), full.voided(), "{img}");
+            assert_eq!(int(&got.encounter_type), int(&full.encounter_type), "{img}");
+            assert_eq!(int(&got.concept_id), int(&full.concept_id), "{img}");
+        }
+        // The common case takes the scan, not the full parse.
+        assert!(Img::scan(images[0].as_bytes()).is_some());
+        assert!(Img::scan(images[8].as_bytes()).is_none(), "an escaped date goes to the full parse");
+    }
 
     fn spec() -> [WindowSpec; 4] {
         [WindowSpec::Fixed(10_000); 4]

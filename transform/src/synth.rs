@@ -35,6 +35,7 @@ pub fn input(sites: usize, people: usize, obs_per_person: usize, dup_every: usiz
             refs,
             source: Source { server_id: 1, gtid: None, file: "binlog.000001".into(), pos: evs.len() as u64 + 1, row: 0, ts_ms: ts, snapshot: false },
             ts_ms: ts,
+            oversize: None,
         });
     };
     for h in 0..people {

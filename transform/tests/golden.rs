@@ -62,6 +62,7 @@ fn event(line: &J, offset: i64) -> Vec<u8> {
             refs: obj(line.get("refs")).unwrap_or_default(),
             source,
             ts_ms: 0,
+            oversize: None,
         }
     };
     ev.to_json()

@@ -1,0 +1,68 @@
+//! Service fault (issue #10): HQ's MariaDB is stopped for 60 s while the whole pipeline runs and
+//! a live workload keeps coming. The HQ sink must retry, not exit (nor may any other stage: the
+//! lake goes on meanwhile), and apply everything once HQ is back. After the drain, `verify
+//! --manifest --lake` (sites vs HQ vs lake, every stage's lag) passes: nothing lost or doubled.
+//! Its own test binary: the HQ server is shared, and cargo runs test binaries one at a time.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::hq::*;
+use common::pipeline::*;
+use common::*;
+
+/// Starts HQ's server again even if the test fails midway.
+struct HqBack;
+
+impl Drop for HqBack {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(root().join("deploy/mariadb/mariadb-up")).arg("hq").status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hq_down_for_60_s_under_a_live_workload_loses_and_doubles_nothing() {
+    let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("thq")), database: unique("hqdown") };
+    let hq_db = unique("openmrs_hq_hqdown");
+    let Live { config: cfg_path, cfg, lake, manifest: manifest_path, args } = live(&p, &hq_db, 150, 14, Some(150.0)).await;
+    p.run(&cfg_path, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
+    let mut procs = start_all(&cfg_path, p.dir.path());
+    let workload = {
+        let cfg = cfg.clone();
+        let args = omrs_simulate::SimulateArgs { no_provision: true, ..args.clone() };
+        tokio::spawn(async move { omrs_simulate::run(&cfg, &args).await })
+    };
+    // HQ goes away once it has applied part of the workload.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while hq_offset(&hq_db).await < 2 {
+        assert_alive(&mut procs, p.dir.path(), "before the fault");
+        assert!(Instant::now() < deadline, "HQ applied nothing in 180 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let deploy = root().join("deploy/mariadb");
+    let _back = HqBack;
+    assert!(std::process::Command::new(deploy.join("mariadb-down")).arg("hq").status().unwrap().success());
+    eprintln!("HQ's MariaDB stopped");
+    let down_since = Instant::now();
+    let lake_before = std::fs::read_dir(lake.join("_manifest")).map(|d| d.count()).unwrap_or(0);
+    while down_since.elapsed() < Duration::from_secs(60) {
+        assert_alive(&mut procs, p.dir.path(), "while HQ's MariaDB was down");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let sink_log = std::fs::read_to_string(p.dir.path().join("sink-hq-mysql.log")).unwrap_or_default();
+    assert!(sink_log.contains("retrying from the last committed batch"), "the HQ sink said nothing of the outage:\n{sink_log}");
+    // The lake is not held up by HQ: it committed while HQ was down.
+    let lake_during = std::fs::read_dir(lake.join("_manifest")).map(|d| d.count()).unwrap_or(0);
+    assert!(lake_during > lake_before, "the lake committed nothing while HQ was down ({lake_before} → {lake_during} manifest entries)");
+    assert!(std::process::Command::new(deploy.join("mariadb-up")).arg("hq").status().unwrap().success());
+    eprintln!("HQ's MariaDB back");
+
+    let manifest = workload.await.unwrap().unwrap();
+    let report = drain_until_verified(&cfg_path, Some(&manifest_path), &lake, &mut procs, p.dir.path(), 300, "HQ's outage").await;
+    let (lost, doubled) = lost_and_doubled(&report);
+    eprintln!("HQ fault: {} row changes, lost={lost} duplicated={doubled}", manifest.row_changes);
+    assert_eq!((lost, doubled), (0, 0));
+    drop(procs);
+    drop_databases(&[&hq_db], &p.database).await;
+}
