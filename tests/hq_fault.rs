@@ -12,27 +12,13 @@ use common::hq::*;
 use common::pipeline::*;
 use common::*;
 
-/// Starts HQ's server again even if the test fails midway.
-struct HqBack;
-
-impl Drop for HqBack {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(root().join("deploy/mariadb/mariadb-up")).arg("hq").status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hq_down_for_60_s_under_a_live_workload_loses_and_doubles_nothing() {
     let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("thq")), database: unique("hqdown") };
     let hq_db = unique("openmrs_hq_hqdown");
-    let Live { config: cfg_path, cfg, lake, manifest: manifest_path, args } = live(&p, &hq_db, 150, 14, Some(150.0)).await;
-    p.run(&cfg_path, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
-    let mut procs = start_all(&cfg_path, p.dir.path());
-    let workload = {
-        let cfg = cfg.clone();
-        let args = omrs_simulate::SimulateArgs { no_provision: true, ..args.clone() };
-        tokio::spawn(async move { omrs_simulate::run(&cfg, &args).await })
-    };
+    let l = live(&p, &hq_db, 150, 14, Some(150.0)).await;
+    let (mut procs, workload) = start_with_workload(&p, &l);
+    let Live { config: cfg_path, lake, manifest: manifest_path, .. } = l;
     // HQ goes away once it has applied part of the workload.
     let deadline = Instant::now() + Duration::from_secs(180);
     while hq_offset(&hq_db).await < 2 {
@@ -41,7 +27,7 @@ async fn hq_down_for_60_s_under_a_live_workload_loses_and_doubles_nothing() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let deploy = root().join("deploy/mariadb");
-    let _back = HqBack;
+    let _back = ServiceBack("hq");
     assert!(std::process::Command::new(deploy.join("mariadb-down")).arg("hq").status().unwrap().success());
     eprintln!("HQ's MariaDB stopped");
     let down_since = Instant::now();

@@ -45,17 +45,11 @@ async fn a_read_only_lake_disk_makes_the_sink_retry_and_loses_nothing() {
     let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tlake")), database: unique("lkro") };
     let hq_db = unique("openmrs_hq_lkro");
     let mount = LakeMount::new(&p.dir.path().join("lake"));
-    let Live { config: cfg_path, cfg, lake, manifest: manifest_path, args } = live(&p, &hq_db, 150, 12, Some(250.0)).await;
-    assert_eq!(lake, mount.0);
-    p.run(&cfg_path, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
-    let mut procs = start_all(&cfg_path, p.dir.path());
-
+    let l = live(&p, &hq_db, 150, 12, Some(250.0)).await;
+    assert_eq!(l.lake, mount.0);
     // The live workload runs while the disk goes read-only and comes back.
-    let workload = {
-        let cfg = cfg.clone();
-        let args = omrs_simulate::SimulateArgs { no_provision: true, ..args.clone() };
-        tokio::spawn(async move { omrs_simulate::run(&cfg, &args).await })
-    };
+    let (mut procs, workload) = start_with_workload(&p, &l);
+    let Live { config: cfg_path, lake, manifest: manifest_path, .. } = l;
     // Wait for the lake to have taken part of it (a committed manifest entry).
     let deadline = Instant::now() + Duration::from_secs(180);
     while !lake.join("_manifest").is_dir() || std::fs::read_dir(lake.join("_manifest")).map(|d| d.count()).unwrap_or(0) < 2 {

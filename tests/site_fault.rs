@@ -14,15 +14,6 @@ use common::hq::*;
 use common::pipeline::*;
 use common::*;
 
-/// Starts site-b's server again even if the test fails midway.
-struct SiteBack;
-
-impl Drop for SiteBack {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(root().join("deploy/mariadb/mariadb-up")).arg("site-b").status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_database_down_for_60_s_loses_and_doubles_nothing() {
     let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tsite")), database: unique("sdown") };
@@ -34,7 +25,7 @@ async fn a_site_database_down_for_60_s_loses_and_doubles_nothing() {
     // The first workload through, then site-b goes away for 60 s.
     drain_until_verified(&cfg_path, Some(&manifest_path), &lake, &mut procs, p.dir.path(), 300, "the first workload").await;
     let deploy = root().join("deploy/mariadb");
-    let _back = SiteBack;
+    let _back = ServiceBack("site-b");
     assert!(std::process::Command::new(deploy.join("mariadb-down")).arg("site-b").status().unwrap().success());
     eprintln!("site-b's MariaDB stopped");
     tokio::time::sleep(Duration::from_secs(60)).await;

@@ -185,3 +185,21 @@ pub async fn hq_offset(hq_db: &str) -> i64 {
     let mut c = hq::hq(hq_db).await;
     c.query_first::<Option<i64>, _>("SELECT MAX(next_offset) FROM omrs_sync_offsets").await.unwrap().flatten().unwrap_or(0)
 }
+
+/// HQ initialised, the six stages started, and the live workload of `l` running in a task.
+pub fn start_with_workload(p: &hq::Pipeline, l: &Live) -> (Vec<Proc>, tokio::task::JoinHandle<Result<omrs_simulate::manifest::Manifest, omrs_simulate::SimError>>) {
+    p.run(&l.config, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
+    let procs = start_all(&l.config, p.dir.path());
+    let cfg = l.cfg.clone();
+    let args = omrs_simulate::SimulateArgs { no_provision: true, ..l.args.clone() };
+    (procs, tokio::spawn(async move { omrs_simulate::run(&cfg, &args).await }))
+}
+
+/// Starts a service of `deploy/mariadb` again when dropped, even if the test fails midway.
+pub struct ServiceBack(pub &'static str);
+
+impl Drop for ServiceBack {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(root().join("deploy/mariadb/mariadb-up")).arg(self.0).status();
+    }
+}
