@@ -25,6 +25,10 @@ fn config(prefix: &str, sites: usize) -> Config {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cfg = Config::load(&root.join("omrs-stream.toml")).unwrap();
     cfg.kafka.topic_prefix = prefix.into();
+    // BENCH_AGGREGATES=0: the same run without the dashboard aggregates, to see their cost.
+    if std::env::var("BENCH_AGGREGATES").is_ok_and(|v| v == "0") {
+        cfg.aggregates.enabled = false;
+    }
     let template = cfg.sites[0].clone();
     cfg.sites = (0..sites)
         .map(|i| {
