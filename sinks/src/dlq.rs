@@ -113,21 +113,29 @@ pub fn render(dead: &[Dead], json: bool) -> String {
     s
 }
 
-/// Reads the record at (topic, partition, offset), whole.
-fn fetch(cfg: &Config, topic: &str, partition: i32, offset: i64) -> Result<Option<Vec<u8>>, SinkError> {
-    let c: BaseConsumer = client_config(&cfg.kafka)
+/// The one reader a replay fetches its source records with.
+fn reader(cfg: &Config) -> Result<BaseConsumer, SinkError> {
+    client_config(&cfg.kafka)
         .set("group.id", format!("{}omrs-dlq-replay", cfg.kafka.topic_prefix))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .create()
-        .map_err(|e| SinkError::kafka("creating a reader", e))?;
+        .map_err(|e| SinkError::kafka("creating a reader", e))
+}
+
+/// Reads the record at (topic, partition, offset), whole.
+fn fetch(c: &BaseConsumer, topic: &str, partition: i32, offset: i64) -> Result<Option<Vec<u8>>, SinkError> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).map_err(|e| SinkError::kafka("assigning", e))?;
     c.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while std::time::Instant::now() < deadline {
         match c.poll(Duration::from_millis(300)) {
-            Some(Ok(m)) if m.offset() == offset => return Ok(Some(m.payload().unwrap_or(&[]).to_vec())),
+            Some(Ok(m)) if m.offset() == offset && m.topic() == topic && m.partition() == partition => {
+                return Ok(Some(m.payload().unwrap_or(&[]).to_vec()))
+            }
+            // Fetched for an earlier assignment: not this record's answer.
+            Some(Ok(m)) if m.topic() != topic || m.partition() != partition || m.offset() < offset => {}
             // The record is gone (retention) or was a transaction marker: the next one is later.
             Some(Ok(_)) => return Ok(None),
             Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}@{offset}"), e)),
@@ -144,6 +152,7 @@ pub async fn replay(cfg: &Config, dead: &[Dead], dry_run: bool) -> Result<(usize
         .set("enable.idempotence", "true")
         .create()
         .map_err(|e| SinkError::kafka("creating the producer", e))?;
+    let source = reader(cfg)?;
     let mut done = 0;
     let mut skipped = Vec::new();
     for d in dead {
@@ -157,7 +166,7 @@ pub async fn replay(cfg: &Config, dead: &[Dead], dry_run: bool) -> Result<(usize
             skipped.push(format!("dead letter {}: it names no source topic", d.dlq_offset));
             continue;
         }
-        let Some(payload) = fetch(cfg, &topic, partition, offset)? else {
+        let Some(payload) = fetch(&source, &topic, partition, offset)? else {
             skipped.push(format!("dead letter {}: {topic}@{offset} is no longer in its topic", d.dlq_offset));
             continue;
         };

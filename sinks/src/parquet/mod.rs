@@ -658,7 +658,8 @@ async fn commit(
         add(key, i, count, first, last, bytes);
     }
     for ((site, date), rows) in b.merges {
-        let (first, last) = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
+        // The decoder threads hand rows over out of order: the range, not the ends.
+        let (first, last) = (rows.iter().map(|r| r.offset).min().unwrap_or(0), rows.iter().map(|r| r.offset).max().unwrap_or(0));
         let count = rows.len() as u64;
         let batch = merge_batch(rows)?;
         let bytes = write::write_file(&lake.root.join(format!("_tmp/{seq:010}-{n:04}.parquet")), &merge_schema(), &[batch], row_group_rows)?;
