@@ -98,6 +98,12 @@ async fn every_process_serves_metrics_that_move() {
         });
         assert!(get(*port, "/health").is_some_and(|h| h.starts_with("HTTP/1.0 200") || h.starts_with("HTTP/1.1 200")), "{what}: /health");
         assert!(total(&text, "omrs_stream_up", "") >= 1.0, "{what}: omrs_stream_up");
+        // Every consuming stage reports its lag per partition, from librdkafka's statistics.
+        if let Some(stage) = [("transform", "transform"), ("hq-mysql", "hq_mysql"), ("parquet", "parquet")].iter().find(|(w, _)| w == what).map(|(_, s)| *s) {
+            wait_for(60, &format!("{what}: omrs_stream_consumer_lag_messages{{stage=\"{stage}\"}}"), || {
+                get(*port, "/metrics").filter(|t| t.contains(&format!("omrs_stream_consumer_lag_messages{{partition=\"0\",stage=\"{stage}\""))).map(|_| ())
+            });
+        }
         match what.as_str() {
             "transform" => {
                 assert!(total(&text, "omrs_stream_events_in_total", "stage=\"transform\"") > 0.0, "transform events in");

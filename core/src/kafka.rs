@@ -37,6 +37,40 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     cc
 }
 
+/// A consumer context that publishes how far a stage's consumer is behind, per partition, as
+/// `omrs_stream_consumer_lag_messages{stage,topic,partition}`: the partition's last stable offset
+/// (read_committed) minus the next offset the stage will be handed, from librdkafka's
+/// statistics every [`LAG_STATS_INTERVAL_MS`] (set `statistics.interval.ms` to it).
+pub struct LagContext {
+    stage: &'static str,
+}
+
+/// How often librdkafka reports the statistics the lag gauge is read from.
+pub const LAG_STATS_INTERVAL_MS: &str = "5000";
+
+impl LagContext {
+    pub fn new(stage: &'static str) -> Self {
+        LagContext { stage }
+    }
+}
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's "internal UA" partition and unknown offsets.
+                if *partition < 0 || p.app_offset < 0 || p.ls_offset < 0 {
+                    continue;
+                }
+                let lag = (p.ls_offset - p.app_offset).max(0);
+                crate::metrics::metrics().consumer_lag.with_label_values(&[self.stage, topic.as_str(), &partition.to_string()]).set(lag);
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}
+
 /// Reads partition 0 of `topic` from the beginning to its current end, read_committed, calling
 /// `f(key, payload, offset)` for each record. A missing topic is a definite error that says to
 /// run `topics apply`; `f` returning Err stops the read with that message.

@@ -9,7 +9,11 @@ use omrs_core::config::Config;
 use omrs_core::dlq::DeadRecord;
 use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
+use omrs_core::kafka::LagContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+
+/// The sinks' consumer of `omrs.hq.changes`, publishing its lag.
+pub type SinkConsumer = StreamConsumer<LagContext>;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -36,8 +40,9 @@ impl Drop for AbortOnDrop {
 
 /// A read-committed consumer of `omrs.hq.changes` for the sink `name`; offsets are not
 /// committed to Kafka (each sink stores its own, with what it wrote).
-pub fn consumer(cfg: &Config, name: &str) -> Result<StreamConsumer, SinkError> {
+pub fn consumer(cfg: &Config, name: &'static str) -> Result<SinkConsumer, SinkError> {
     client_config(&cfg.kafka)
+        .set("statistics.interval.ms", omrs_core::kafka::LAG_STATS_INTERVAL_MS)
         .set("group.id", format!("{}omrs-sink-{name}", cfg.kafka.topic_prefix))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
@@ -49,7 +54,7 @@ pub fn consumer(cfg: &Config, name: &str) -> Result<StreamConsumer, SinkError> {
         // full: keep it short, the sinks drain the queue in milliseconds.
         .set("fetch.queue.backoff.ms", "10")
         .set("fetch.wait.max.ms", "20")
-        .create()
+        .create_with_context(LagContext::new(if name == "hq-mysql" { "hq_mysql" } else { name }))
         .map_err(|e| SinkError::kafka("creating the consumer", e))
 }
 
@@ -63,7 +68,7 @@ pub fn dlq_producer(cfg: &Config) -> Result<FutureProducer, SinkError> {
 
 /// Assigns every partition of `topic` at the offset in `stored` (the beginning where none is
 /// stored). Returns the partitions; a missing topic is a definite error with the fix.
-pub fn assign_at(consumer: &StreamConsumer, topic: &str, stored: &HashMap<i32, i64>) -> Result<Vec<i32>, SinkError> {
+pub fn assign_at(consumer: &SinkConsumer, topic: &str, stored: &HashMap<i32, i64>) -> Result<Vec<i32>, SinkError> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading metadata", e))?;
     let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
     if partitions.is_empty() {

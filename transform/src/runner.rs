@@ -12,6 +12,7 @@ use omrs_core::dlq::DeadRecord;
 use omrs_core::kafka::client_config;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::{TopicNames, MAX_CHANGE_BYTES, MAX_RECORD_BYTES};
+use omrs_core::kafka::LagContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -240,7 +241,8 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
     }
     tracing::info!(facts = restored, identities = engine.identity.len(), "state restored");
 
-    let consumer: StreamConsumer = client_config(&cfg.kafka)
+    let consumer: StreamConsumer<LagContext> = client_config(&cfg.kafka)
+        .set("statistics.interval.ms", omrs_core::kafka::LAG_STATS_INTERVAL_MS)
         .set("group.id", format!("{}omrs-transform", cfg.kafka.topic_prefix))
         // Static membership: a restarted transform takes its place at once instead of waiting
         // for the killed one's session to time out.
@@ -261,7 +263,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         // A partition resumed after back-pressure is fetched within this time, instead of
         // waiting for a fetch that long-polls the partitions already at their end (default 500).
         .set("fetch.wait.max.ms", "20")
-        .create()
+        .create_with_context(LagContext::new("transform"))
         .map_err(|e| TransformError::kafka("creating the consumer", e))?;
     consumer.subscribe(&[&names.cdc_pattern()]).map_err(|e| TransformError::kafka("subscribing to the site topics", e))?;
 

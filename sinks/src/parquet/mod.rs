@@ -34,7 +34,7 @@ use omrs_core::config::Config;
 use omrs_core::hq::HqEvent;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset};
 
@@ -476,7 +476,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
 }
 
 /// `--until-idle`: every partition is read up to its end offset at start.
-fn reached(consumer: &StreamConsumer, topic: &str, targets: &HashMap<i32, i64>, next: &BTreeMap<i32, i64>) -> bool {
+fn reached(consumer: &crate::kafka::SinkConsumer, topic: &str, targets: &HashMap<i32, i64>, next: &BTreeMap<i32, i64>) -> bool {
     let pos = consumer.position().ok();
     targets.iter().all(|(p, high)| {
         let at = pos.as_ref().and_then(|tp| tp.find_partition(topic, *p)).and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None });
