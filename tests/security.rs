@@ -93,6 +93,21 @@ fn consume_as(cfg: &omrs_core::config::KafkaConfig, group: &str, topic: &str) ->
     Err(None)
 }
 
+/// Logs in as `cfg`'s user (a metadata request); the refusal librdkafka reports, if any.
+fn login(cfg: &omrs_core::config::KafkaConfig) -> Result<(), String> {
+    let probe: BaseConsumer<Errors> = omrs_core::kafka::client_config(cfg).create_with_context(Errors::default()).unwrap();
+    if probe.fetch_metadata(None, Duration::from_secs(20)).is_ok() {
+        return Ok(());
+    }
+    // Error callbacks are served by poll.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while probe.context().0.lock().unwrap().is_empty() && Instant::now() < deadline {
+        let _ = probe.poll(Duration::from_millis(200));
+    }
+    let errors = probe.context().0.lock().unwrap().clone();
+    Err(errors.iter().find(|(code, _)| *code == Some(RDKafkaErrorCode::Authentication)).map(|(_, r)| r.clone()).unwrap_or_else(|| format!("no authentication error reported: {errors:?}")))
+}
+
 /// Every record of every topic of the run, as the operator (plaintext, local listener).
 fn all_topic_bytes(prefix: &str) -> Vec<(String, Vec<u8>)> {
     let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").set("group.id", "omrs-security-scan").set("isolation.level", "read_uncommitted").create().unwrap();
@@ -195,16 +210,31 @@ async fn the_pipeline_runs_over_sasl_ssl_and_tls_with_per_stage_acls_and_leaks_n
     let sink = kafka_user(&secrets, &user("hq-sink"), None);
     assert_eq!(produce_as(&sink, &t("omrs.hq.changes")).await, Some(RDKafkaErrorCode::TopicAuthorizationFailed), "the HQ sink wrote omrs.hq.changes");
     let wrong = kafka_user(&secrets, &user("agent-site-a"), Some("not-the-password"));
-    let probe: BaseConsumer<Errors> = omrs_core::kafka::client_config(&wrong).create_with_context(Errors::default()).unwrap();
-    assert!(probe.fetch_metadata(None, Duration::from_secs(20)).is_err(), "a wrong password was accepted");
-    // Error callbacks are served by poll.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while probe.context().0.lock().unwrap().is_empty() && Instant::now() < deadline {
-        let _ = probe.poll(Duration::from_millis(200));
+    let refused = login(&wrong).expect_err("a wrong password was accepted");
+    assert!(refused.contains("SASL authentication error"), "a wrong password was not refused as such: {refused}");
+
+    // Key rotation (OPERATIONS.md): a new password for site-a's agent; the old one is refused
+    // from then on, the new one (in the user's file, where the agent reads it) logs in.
+    let old_pw = std::fs::read_to_string(secrets.join(format!("{}.password", user("agent-site-a")))).unwrap();
+    let out = std::process::Command::new(root().join("deploy/kafka/kafka-security"))
+        .args(["rotate", "--user", &user("agent-site-a"), "--secrets"])
+        .arg(&secrets)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kafka-security rotate: {}", String::from_utf8_lossy(&out.stderr));
+    let new_pw = std::fs::read_to_string(secrets.join(format!("{}.password", user("agent-site-a")))).unwrap();
+    assert_ne!(old_pw, new_pw, "rotate wrote no new password");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let old_refused = login(&kafka_user(&secrets, &user("agent-site-a"), Some(old_pw.trim()))).is_err();
+        let new_works = login(&kafka_user(&secrets, &user("agent-site-a"), None)).is_ok();
+        if old_refused && new_works {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after rotate: old password refused {old_refused}, new one works {new_works}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let refused = probe.context().0.lock().unwrap().clone();
-    assert!(refused.iter().any(|(code, reason)| *code == Some(RDKafkaErrorCode::Authentication) && reason.contains("SASL authentication error")), "a wrong password was not refused as such: {refused:?}");
-    eprintln!("ACLs: site-a refused on site-b's topic and omrs.hq.changes; wrong password refused ({refused:?})");
+    eprintln!("ACLs: site-a refused on site-b's topic and omrs.hq.changes; wrong password refused ({refused}); rotation works");
 
     // 3. Database users that require TLS, with passwords in files.
     let db_user = unique("tls").replace('_', "");
