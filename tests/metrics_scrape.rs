@@ -119,7 +119,17 @@ async fn every_process_serves_metrics_that_move() {
                 assert!(total(&text, "omrs_stream_lake_bytes_written_total", "") > 0.0, "lake bytes");
                 assert!(text.contains("omrs_stream_lake_manifest_lag_messages"), "manifest lag");
             }
-            _ => assert!(text.contains("omrs_stream_ingest_binlog_position") || text.contains("omrs_stream_snapshot_rows_total"), "{what}: ingest position"),
+            _ => {
+                assert!(text.contains("omrs_stream_ingest_binlog_position") || text.contains("omrs_stream_snapshot_rows_total"), "{what}: ingest position");
+                // The dev servers keep 14 days of binlogs (deploy/mariadb: expire_logs_days=14).
+                let site = what.trim_start_matches("ingest ");
+                let retention = wait_for(120, &format!("{what}: omrs_stream_ingest_binlog_retention_seconds"), || {
+                    let t = get(*port, "/metrics")?;
+                    let v = total(&t, "omrs_stream_ingest_binlog_retention_seconds", &format!("site=\"{site}\""));
+                    (v > 0.0).then_some(v)
+                });
+                assert_eq!(retention, 14.0 * 86400.0, "{what}: binlog retention");
+            }
         }
     }
     drop(procs);

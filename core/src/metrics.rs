@@ -40,6 +40,7 @@ pub const SITE_CLOCK_SKEW: &str = "omrs_stream_site_clock_skew_seconds";
 pub const INGEST_POSITION: &str = "omrs_stream_ingest_binlog_position";
 pub const INGEST_BINLOG_MARGIN: &str = "omrs_stream_ingest_binlog_margin_files";
 pub const INGEST_RETRIES: &str = "omrs_stream_ingest_retries_total";
+pub const INGEST_BINLOG_RETENTION: &str = "omrs_stream_ingest_binlog_retention_seconds";
 pub const INGEST_OVERSIZE: &str = "omrs_stream_ingest_oversize_events_total";
 pub const KAFKA_TRANSACTIONS: &str = "omrs_stream_kafka_transactions_total";
 pub const HEARTBEATS: &str = "omrs_stream_heartbeats_total";
@@ -100,6 +101,8 @@ pub struct Metrics {
     pub ingest_retries: IntCounterVec,
     /// Row changes too large for a site event, sent without their images (then dead-lettered).
     pub ingest_oversize: IntCounterVec,
+    /// The site server's binlog retention (0: never purged), read when streaming starts.
+    pub ingest_binlog_retention: IntGaugeVec,
     pub kafka_transactions: IntCounterVec,
     pub heartbeats: IntCounterVec,
     /// Rows whose id → uuid the agent keeps for FK resolution.
@@ -196,6 +199,7 @@ impl Metrics {
             ingest_position: gauge_vec(&r, INGEST_POSITION, "Committed binlog position within its file", &["site", "file"]),
             ingest_binlog_margin: gauge_vec(&r, INGEST_BINLOG_MARGIN, "Binlog files retained behind the agent's position", &["site"]),
             ingest_retries: counter_vec(&r, INGEST_RETRIES, "Agent restarts after a transient error", &["site", "reason"]),
+            ingest_binlog_retention: gauge_vec(&r, INGEST_BINLOG_RETENTION, "The site server's binlog retention in seconds (binlog_expire_logs_seconds or expire_logs_days; 0 = never purged)", &["site"]),
             ingest_oversize: counter_vec(&r, INGEST_OVERSIZE, "Row changes too large for a site event, sent without their row images and dead-lettered by the transform", &["site"]),
             kafka_transactions: counter_vec(&r, KAFKA_TRANSACTIONS, "Kafka transactions committed", &["stage", "site"]),
             heartbeats: counter_vec(&r, HEARTBEATS, "Heartbeats sent by a quiet site", &["site"]),

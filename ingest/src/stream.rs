@@ -158,6 +158,19 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
         )));
     };
     metrics().ingest_binlog_margin.with_label_values(&[&site]).set(idx as i64);
+    // The server's binlog retention, for alerts against the longest expected outage
+    // (OPERATIONS.md, "Binlog retention"): binlog_expire_logs_seconds where the server has it
+    // (MariaDB 10.6+, MySQL 8), else expire_logs_days.
+    let retention: Option<f64> = match conn.query_first::<f64, _>("SELECT @@binlog_expire_logs_seconds").await {
+        Ok(v) => v,
+        Err(_) => conn.query_first::<f64, _>("SELECT @@expire_logs_days * 86400").await.ok().flatten(),
+    };
+    if let Some(secs) = retention {
+        metrics().ingest_binlog_retention.with_label_values(&[&site]).set(secs as i64);
+        if secs == 0.0 {
+            tracing::info!(site = %site, "the site server never purges its binlogs (retention 0)");
+        }
+    }
     if idx == 0 && files.len() > 1 {
         tracing::warn!(site = %site, file = %position.file, "the agent's binlog file is the oldest the server retains: the next purge loses changes it has not read");
     }
@@ -227,6 +240,7 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
     let mut batch_end: Option<Position> = None;
     let mut batch_since = Instant::now();
     let mut last_emit = Instant::now();
+    let mut last_margin = Instant::now();
 
     loop {
         // Caught up?
@@ -281,6 +295,10 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
                     heartbeat(agent, &pos, &segs).await?;
                     committed = pos;
                     last_emit = Instant::now();
+                }
+                if !in_txn && last_margin.elapsed() >= MARGIN_REFRESH {
+                    refresh_margin(agent, &cur_file).await;
+                    last_margin = Instant::now();
                 }
                 continue;
             }
@@ -559,6 +577,22 @@ async fn flush(agent: &mut Agent, batch: &mut Batch, cp: &Checkpoint, committed:
         metrics().ingest_position.with_label_values(&[site, &position.file]).set(position.pos as i64);
     }
     Ok(())
+}
+
+/// How often a streaming agent re-reads how many binlog files the server keeps behind it.
+const MARGIN_REFRESH: Duration = Duration::from_secs(60);
+
+/// Sets `omrs_stream_ingest_binlog_margin_files` from `SHOW BINARY LOGS` while streaming. A
+/// failure only logs: the stream itself will report a lost site.
+async fn refresh_margin(agent: &mut Agent, file: &str) {
+    match agent.query.query::<mysql_async::Row, _>("SHOW BINARY LOGS").await {
+        Ok(rows) => {
+            if let Some(idx) = rows.iter().position(|r| r.get::<String, _>(0).as_deref() == Some(file)) {
+                metrics().ingest_binlog_margin.with_label_values(&[&agent.site.name]).set(idx as i64);
+            }
+        }
+        Err(e) => tracing::debug!(site = %agent.site.name, error = %e, "could not list the binlogs for the margin"),
+    }
 }
 
 async fn heartbeat(agent: &mut Agent, pos: &Position, segs: &Segments) -> Result<(), IngestError> {
