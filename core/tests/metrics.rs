@@ -39,3 +39,29 @@ fn every_metric_name_has_the_project_prefix() {
         assert!(name.starts_with("omrs_stream_"), "{name}");
     }
 }
+
+/// The shipped alerting rules name only metrics that exist, and both Prometheus configs load them.
+#[test]
+fn the_alert_rules_name_real_metrics() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let declared: std::collections::HashSet<String> = include_str!("../src/metrics.rs")
+        .lines()
+        .filter(|l| l.trim_start().starts_with("pub const ") && l.contains(": &str = \"omrs_stream_"))
+        .filter_map(|l| l.split('"').nth(1).map(str::to_string))
+        .collect();
+    assert!(declared.len() > 30, "read the metric names: {declared:?}");
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml")).unwrap();
+    let mut named = 0;
+    for (at, _) in rules.match_indices("omrs_stream_") {
+        let name: String = rules[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let base = ["_bucket", "_sum", "_count"].iter().fold(name.clone(), |n, s| n.strip_suffix(s).map(str::to_string).unwrap_or(n));
+        assert!(declared.contains(&base), "alerts.yml names `{name}`, which core/src/metrics.rs does not declare");
+        named += 1;
+    }
+    assert!(named >= 10, "alerts.yml names {named} metrics");
+    assert_eq!(rules.matches("- alert:").count(), rules.matches("expr:").count(), "every rule has an expr");
+    for cfg in ["prometheus.yml", "prometheus.local.yml"] {
+        let text = std::fs::read_to_string(root.join("deploy/prometheus").join(cfg)).unwrap();
+        assert!(text.contains("rule_files:\n  - alerts.yml"), "{cfg} does not load alerts.yml");
+    }
+}
