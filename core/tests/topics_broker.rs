@@ -107,9 +107,19 @@ async fn check_names_each_mismatch_and_apply_fixes_what_it_can() {
     let CoreError::TopicMismatch(lines) = &err else { panic!("{err}") };
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].starts_with(&format!("{dlq}: partitions 3 (want 1)")), "{lines:?}");
-    let err = topics::check(&k, &want).await.unwrap_err();
-    let CoreError::TopicMismatch(lines) = &err else { panic!("{err}") };
-    assert_eq!(lines, &vec![format!("{dlq}: partitions 3 (want 1)")]);
+    // The broker applies config changes to its metadata asynchronously: poll until check sees
+    // them, with a deadline.
+    let want_lines = vec![format!("{dlq}: partitions 3 (want 1)")];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let err = topics::check(&k, &want).await.unwrap_err();
+        let CoreError::TopicMismatch(lines) = &err else { panic!("{err}") };
+        if *lines == want_lines {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "after apply, check still says {lines:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     cleanup(&k, &want).await;
 }
 
