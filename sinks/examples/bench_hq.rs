@@ -6,7 +6,9 @@
 //! 3. The sink applies the topic to its end: rows/s.
 //! 4. Raw: the same number of obs-shaped rows through 1000-row multi-row prepared INSERTs into a
 //!    copy of `obs` on the same server — the ceiling.
-//! 5. Latency: events produced at a steady 2,000/s for 20 s, with the site commit time set to
+//! 5. CPU seconds of this process, HQ's mariadbd and the broker during the sink run and the raw
+//!    INSERTs (from /proc), to see which side bounds the rate.
+//! 6. Latency: events produced at a steady 2,000/s for 20 s, with the site commit time set to
 //!    the produce time; p50/p99 site commit → HQ commit from the sink's histogram.
 //!
 //! Prints `BENCH <name> <value> <unit>` lines last.
@@ -78,9 +80,17 @@ async fn main() {
     // BENCH_BATCH_ROWS overrides sinks.hq_mysql.batch_max_rows, to compare batch sizes.
     let batch_rows = std::env::var("BENCH_BATCH_ROWS").ok().and_then(|v| v.parse().ok());
     let args = omrs_sinks::hq_mysql::HqSinkArgs { init: false, force: false, dump: Default::default(), until_idle: true, metrics_port: None, batch_rows, quiet: true };
+    let cpu0 = cpu_now();
     let t0 = Instant::now();
     omrs_sinks::hq_mysql::run(&cfg, &args).await.expect("sink");
     let secs = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_now();
+    eprintln!(
+        "CPU during the sink run: this process {:.2} s, HQ mariadbd {:.2} s, Kafka {:.2} s",
+        cpu1.0 - cpu0.0,
+        cpu1.1 - cpu0.1,
+        cpu1.2 - cpu0.2
+    );
     let obs: i64 = c.query_first(one("SELECT COUNT(*) FROM obs")).await.unwrap().unwrap();
     assert!(obs as u64 >= patients * 24, "only {obs} obs at HQ");
     let sink_rate = rows as f64 / secs;
@@ -93,6 +103,7 @@ async fn main() {
     let sql = format!("INSERT INTO bench_obs_raw ({}) VALUES {}", cols.join(","), vec![format!("({})", vec!["?"; cols.len()].join(",")); per].join(","));
     let stmt = c.prep(sql).await.unwrap();
     let t0 = Instant::now();
+    let cpu1 = cpu_now();
     let mut written = 0u64;
     let mut id = 1i64;
     c.query_drop("START TRANSACTION").await.unwrap();
@@ -109,6 +120,8 @@ async fn main() {
         }
     }
     c.query_drop("COMMIT").await.unwrap();
+    let cpu2 = cpu_now();
+    eprintln!("CPU during the raw INSERTs: this process {:.2} s, HQ mariadbd {:.2} s", cpu2.0 - cpu1.0, cpu2.1 - cpu1.1);
     let raw_rate = written as f64 / t0.elapsed().as_secs_f64();
     c.query_drop("DROP TABLE bench_obs_raw").await.unwrap();
     eprintln!("raw multi-row INSERT: {raw_rate:.0} rows/s");
@@ -170,4 +183,32 @@ async fn main() {
     println!("BENCH hq_sink_vs_raw_ratio {:.2} ratio", sink_rate / raw_rate);
     println!("BENCH hq_latency_p50_at_2000_eps {p50:.3} s");
     println!("BENCH hq_latency_p99_at_2000_eps {p99:.3} s");
+}
+
+/// CPU seconds (user + system) used so far by process `pid` ("self" for this one), from
+/// /proc; 0 when it cannot be read.
+fn cpu_of(pid: &str) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+/// The pid of the first process whose command line matches `pattern` (the dev services'
+/// layout: `scripts/dev-up`), or "0".
+fn pid_of(pattern: &str) -> String {
+    std::process::Command::new("pgrep")
+        .arg("-f")
+        .arg(pattern)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "0".into())
+}
+
+/// CPU seconds of (this process, HQ's mariadbd, the Kafka broker).
+fn cpu_now() -> (f64, f64, f64) {
+    (cpu_of("self"), cpu_of(&pid_of("mariadb/hq/my.cnf")), cpu_of(&pid_of("kafka.Kafka")))
 }

@@ -60,10 +60,31 @@ pub struct Record {
     pub decoded: Result<HqEvent, String>,
 }
 
+/// The body of a `change` record, parsed straight from the bytes. `HqEvent` is an internally
+/// tagged enum, which serde can only parse by buffering the whole record first; a change (nearly
+/// every record) whose tag comes first, as every writer of the topic puts it, skips that.
+#[derive(serde::Deserialize)]
+struct ChangeRecord {
+    #[serde(rename = "type")]
+    _kind: serde::de::IgnoredAny,
+    late: bool,
+    #[serde(default)]
+    person: Option<String>,
+    #[serde(default)]
+    origin_refs: serde_json::Map<String, J>,
+    event: ChangeEvent,
+}
+
 impl Record {
     /// Parses the payload. Runs on the reader task, while the previous batch is being written.
     pub fn decode(partition: i32, offset: i64, payload: Vec<u8>) -> Record {
-        let decoded = serde_json::from_slice::<HqEvent>(&payload).map_err(|e| format!("not an omrs.hq.changes record: {e}"));
+        let decoded = if payload.starts_with(b"{\"type\":\"change\",") {
+            serde_json::from_slice::<ChangeRecord>(&payload)
+                .map(|c| HqEvent::Change { late: c.late, person: c.person, origin_refs: c.origin_refs, event: c.event })
+        } else {
+            serde_json::from_slice::<HqEvent>(&payload)
+        };
+        let decoded = decoded.map_err(|e| format!("not an omrs.hq.changes record: {e}"));
         Record { partition, offset, payload, decoded }
     }
 }
@@ -84,6 +105,10 @@ pub struct Outcome {
     pub aggregates: u64,
 }
 
+/// A batch's aggregate window versions: aggregate name → (site, window start, dimension) → the
+/// latest version.
+type Aggregates = BTreeMap<String, BTreeMap<(String, i64, String), AggRow>>;
+
 /// One aggregate window version, as upserted.
 #[derive(Debug, Clone)]
 struct AggRow {
@@ -103,7 +128,7 @@ fn datetime(ms: i64) -> String {
 }
 
 /// Upserts the batch's aggregate versions (the latest per window wins: records are in order).
-async fn upsert_aggregates(conn: &mut Conn, by_name: BTreeMap<String, BTreeMap<(String, i64, String), AggRow>>) -> Result<u64, SinkError> {
+async fn upsert_aggregates(conn: &mut Conn, by_name: Aggregates) -> Result<u64, SinkError> {
     let mut n = 0;
     for (name, rows) in by_name {
         let Some(def) = omrs_core::hq::AGGREGATES.iter().find(|a| a.name == name) else { continue };
@@ -208,6 +233,264 @@ struct Staged {
     /// Where each staged write came from, by index.
     receipts: Vec<Receipt>,
     ops: Vec<(String, &'static str)>,
+    /// Pending-store changes written with this unit: rows parked, and rows woken or expired.
+    pending_insert: Vec<(i64, PendingEntry)>,
+    pending_delete: Vec<i64>,
+}
+
+/// A batch planned while the previous one was being written (see [`Applier::plan_batch`]): the
+/// units to write in order, the dashboard aggregates, and what planning already decided (dead
+/// letters, parked rows).
+pub struct PlannedBatch {
+    units: Vec<Staged>,
+    aggregates: Aggregates,
+    pub out: Outcome,
+    /// [`Applier::written`] with this once the batch has committed.
+    pub generation: u64,
+}
+
+impl PlannedBatch {
+    /// Writes the batch inside an open transaction; returns the keys of rows HQ rejected, whose
+    /// cached id and version the applier must forget ([`Applier::forget`]).
+    pub async fn write(self, writer: &Writer, conn: &mut Conn) -> Result<(Outcome, Vec<(String, String)>), SinkError> {
+        let mut out = self.out;
+        let mut failed = Vec::new();
+        for unit in self.units {
+            failed.extend(writer.execute(conn, unit, &mut out).await?);
+        }
+        out.aggregates = upsert_aggregates(conn, self.aggregates).await?;
+        Ok((out, failed))
+    }
+}
+
+/// What writing needs of HQ's table model: staged units are written by this, on the writing
+/// connection, while the [`Applier`] plans the next batch.
+pub struct Writer {
+    tables: BTreeMap<String, std::sync::Arc<TableModel>>,
+    order: Vec<String>,
+    max_rows_per_statement: usize,
+}
+
+impl Writer {
+    /// Writes what is staged: upserts parents first, then deletes children first, versions and
+    /// conflicts. A statement that fails definitely is retried row by row; the rows that still
+    /// fail are dead-lettered and their versions are not written.
+    async fn execute(&self, conn: &mut Conn, mut staged: Staged, out: &mut Outcome) -> Result<Vec<(String, String)>, SinkError> {
+        let mut failed: HashSet<usize> = HashSet::new();
+        // Conflicts that overwrite: read the values that are about to be overwritten.
+        for c in staged.conflicts.iter_mut() {
+            if matches!(c.get(7), Some(Value::Int(1))) {
+                let (Some(Value::Bytes(t)), Some(Value::Bytes(k))) = (c.first(), c.get(1)) else { continue };
+                let table = String::from_utf8_lossy(t).to_string();
+                let key = String::from_utf8_lossy(k).to_string();
+                if let Some(tm) = self.tables.get(&table) {
+                    if tm.has_uuid {
+                        let row: Option<mysql_async::Row> =
+                            conn.exec_first(format!("SELECT * FROM {} WHERE uuid = ?", q(&table)), (key.as_str(),)).await.map_err(db("reading an overwritten row"))?;
+                        if let Some(r) = row {
+                            let mut m = serde_json::Map::new();
+                            for (i, col) in r.columns_ref().iter().enumerate() {
+                                let v: Option<Value> = r.as_ref(i).cloned();
+                                m.insert(col.name_str().to_string(), J::String(v.map(|v| v.as_sql(true)).unwrap_or_default()));
+                            }
+                            c[6] = Value::from(J::Object(m).to_string());
+                        }
+                    }
+                }
+            }
+        }
+
+        let t_exec = std::time::Instant::now();
+        let order = &self.order;
+        for table in order {
+            let Some(rows) = staged.upserts.remove(table) else { continue };
+            let rows: Vec<StagedRow> = rows.into_iter().flatten().collect();
+            // Group by column list (rows of one table normally share it).
+            let mut groups: Vec<(Vec<String>, Vec<StagedRow>)> = Vec::new();
+            for r in rows {
+                match groups.iter_mut().find(|(c, _)| *c == r.cols) {
+                    Some((_, g)) => g.push(r),
+                    None => groups.push((r.cols.clone(), vec![r])),
+                }
+            }
+            for (cols, rows) in groups {
+                let tm = self.tables.get(table);
+                let pk: Vec<String> = tm.map(|t| t.pk.clone()).unwrap_or_default();
+                let per = (60_000 / cols.len().max(1)).clamp(1, self.max_rows_per_statement);
+                for chunk in stable_chunks(&rows, per) {
+                    if let Err(e) = self.upsert(conn, table, &cols, &pk, chunk.iter()).await {
+                        if is_transient_db(&e) {
+                            return Err(SinkError::db(format!("writing {table}"), e));
+                        }
+                        // Row by row: only the bad rows fail.
+                        for r in chunk {
+                            if let Err(e) = self.upsert(conn, table, &cols, &pk, std::iter::once(r)).await {
+                                if is_transient_db(&e) {
+                                    return Err(SinkError::db(format!("writing {table}"), e));
+                                }
+                                failed.insert(r.work);
+                                let w = &staged.receipts[r.work];
+                                omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "row_rejected"]).inc();
+                                out.dead.push(DeadLetter {
+                                    partition: w.partition,
+                                    offset: w.offset,
+                                    kind: "row_rejected",
+                                    reason: format!("HQ rejected the {table} row: {e}"),
+                                    payload: w.payload.to_vec(),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Deletes, children first.
+        let pos: HashMap<&str, usize> = order.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        staged.deletes.sort_by_key(|(t, _, _)| std::cmp::Reverse(pos.get(t.as_str()).copied().unwrap_or(0)));
+        for (table, pk, wi) in &staged.deletes {
+            let cond = pk.iter().map(|(c, _)| format!("{} = ?", q(c))).collect::<Vec<_>>().join(" AND ");
+            let params: Vec<Value> = pk.iter().map(|(_, v)| v.clone()).collect();
+            if let Err(e) = conn.exec_drop(format!("DELETE FROM {} WHERE {cond}", q(table)), params).await {
+                if is_transient_db(&e) {
+                    return Err(SinkError::db(format!("deleting from {table}"), e));
+                }
+                failed.insert(*wi);
+                let w = &staged.receipts[*wi];
+                out.dead.push(DeadLetter {
+                    partition: w.partition,
+                    offset: w.offset,
+                    kind: "row_rejected",
+                    reason: format!("HQ refused to delete the {table} row: {e}"),
+                    payload: w.payload.to_vec(),
+                });
+            }
+        }
+        let t_rows = t_exec.elapsed();
+        // Versions of what was written.
+        let versions: Vec<_> = staged.versions.iter().filter(|v| !failed.contains(&v.4)).collect();
+        for chunk in stable_chunks(&versions, 500) {
+            let marks = vec!["(?,?,?,?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
+            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
+            for (table, key, s, origin, wi) in chunk {
+                let deleted = staged.deletes.iter().any(|(_, _, w)| w == wi);
+                params.extend([
+                    Value::from(table.as_str()),
+                    Value::from(key.as_str()),
+                    s.hq_id.map(Value::from).unwrap_or(Value::NULL),
+                    Value::from(s.version.change_ms),
+                    Value::from(s.version.priority),
+                    Value::from(s.version.site.as_str()),
+                    Value::from(s.version.commit_ms),
+                    Value::from(s.version.position.as_str()),
+                    origin.as_deref().map(Value::from).unwrap_or(Value::NULL),
+                    Value::from(s.hash),
+                    Value::from(deleted as i64),
+                ]);
+            }
+            conn.exec_drop(
+                format!(
+                    "INSERT INTO omrs_sync_row_version (tbl, row_key, hq_id, change_ms, priority, site, commit_ms, position, origin_key, content_hash, deleted)
+                     VALUES {marks} ON DUPLICATE KEY UPDATE hq_id = COALESCE(VALUES(hq_id), hq_id), change_ms = VALUES(change_ms), priority = VALUES(priority),
+                     site = VALUES(site), commit_ms = VALUES(commit_ms), position = VALUES(position), origin_key = COALESCE(VALUES(origin_key), origin_key),
+                     content_hash = VALUES(content_hash), deleted = VALUES(deleted)"
+                ),
+                params,
+            )
+            .await
+            .map_err(db("writing row versions"))?;
+        }
+        if !staged.receipts.is_empty() {
+            tracing::debug!(rows_ms = t_rows.as_millis() as u64, versions_ms = (t_exec.elapsed() - t_rows).as_millis() as u64, "rows written");
+        }
+        // A failed row's cached id and version are gone with it (the applier forgets them).
+        let forget: Vec<(String, String)> =
+            staged.versions.iter().filter(|v| failed.contains(&v.4)).map(|(t, k, _, _, _)| (t.clone(), k.clone())).collect();
+        // Pending store changes, in the same transaction.
+        for chunk in staged.pending_delete.chunks(1000) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            conn.exec_drop(format!("DELETE FROM omrs_sync_pending WHERE pending_id IN ({marks})"), chunk.to_vec())
+                .await
+                .map_err(db("clearing woken pending rows"))?;
+        }
+        for chunk in staged.pending_insert.chunks(200) {
+            let marks = vec!["(?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
+            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
+            for (id, p) in chunk {
+                params.extend([
+                    Value::from(*id),
+                    Value::from(p.tbl.as_str()),
+                    Value::from(p.row_key.as_str()),
+                    Value::from(p.waits.0.as_str()),
+                    Value::from(p.waits.1.as_str()),
+                    Value::from(p.first_seen_ms),
+                    Value::from(p.offset),
+                    Value::from(p.event.as_str()),
+                ]);
+            }
+            conn.exec_drop(
+                format!(
+                    "INSERT INTO omrs_sync_pending (pending_id, tbl, row_key, waits_for_table, waits_for_key, first_seen_ms, source_offset, event) VALUES {marks}"
+                ),
+                params,
+            )
+            .await
+            .map_err(db("parking rows"))?;
+        }
+        for chunk in staged.conflicts.chunks(200) {
+            let marks = vec!["(?,?,?,?,?,?,?,?,NOW(3))"; chunk.len()].join(",");
+            let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
+            conn.exec_drop(
+                format!(
+                    "INSERT INTO omrs_sync_conflict (tbl, row_key, winner_site, winner_version, loser_site, loser_version, loser_values, overwritten, detected_at) VALUES {marks}"
+                ),
+                params,
+            )
+            .await
+            .map_err(db("logging conflicts"))?;
+        }
+        for c in &staged.conflicts {
+            if matches!(c.get(7), Some(Value::Int(1))) {
+                if let Some(Value::Bytes(t)) = c.first() {
+                    *out.conflicts.entry(String::from_utf8_lossy(t).to_string()).or_default() += 1;
+                }
+            }
+        }
+        for (i, r) in staged.receipts.iter().enumerate() {
+            if !failed.contains(&i) {
+                out.commits.push((r.site.clone(), r.commit_ms));
+            }
+        }
+        for (table, op) in staged.ops {
+            *out.applied.entry((table, op)).or_default() += 1;
+        }
+        Ok(forget)
+    }
+
+    async fn upsert<'r>(
+        &self,
+        conn: &mut Conn,
+        table: &str,
+        cols: &[String],
+        pk: &[String],
+        rows: impl Iterator<Item = &'r StagedRow> + Clone,
+    ) -> Result<(), mysql_async::Error> {
+        let n = rows.clone().count();
+        if n == 0 {
+            return Ok(());
+        }
+        let one = format!("({})", vec!["?"; cols.len()].join(","));
+        let updates: Vec<String> = cols.iter().filter(|c| !pk.contains(c)).map(|c| format!("{0} = VALUES({0})", q(c))).collect();
+        let update = if updates.is_empty() { format!("{0} = {0}", q(&cols[0])) } else { updates.join(", ") };
+        let sql = format!(
+            "INSERT INTO {} ({}) VALUES {} ON DUPLICATE KEY UPDATE {update}",
+            q(table),
+            cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(","),
+            vec![one; n].join(",")
+        );
+        let params: Vec<Value> = rows.flat_map(|r| r.vals.iter().cloned()).collect();
+        conn.exec_drop(sql, params).await
+    }
+
 }
 
 /// What the sink needs to know of one HQ column, worked out once per table.
@@ -228,6 +511,12 @@ pub struct Applier {
     absent: HashSet<(String, String)>,
     /// Rows deleted at HQ (their version is kept): the only rows absent at HQ that have one.
     tombstones: HashSet<(String, String)>,
+    /// Rows deleted by staged writes that may not have committed yet, with the generation of
+    /// the batch that deletes them: a read of HQ that still finds one does not bring it back
+    /// into the id cache.
+    deleting: HashMap<(String, String), u64>,
+    /// Counts planned batches ([`Applier::written`]).
+    generation: u64,
     versions: LruCache<(String, String), Option<Stored>>,
     next_id: HashMap<String, i64>,
     merges: HashMap<String, MergeRec>,
@@ -241,6 +530,30 @@ pub struct Applier {
     warned: HashSet<(String, String)>,
     kinds: HashMap<String, HashMap<String, ColKind>>,
     pub max_rows_per_statement: usize,
+}
+
+/// Splits `items` into chunks whose sizes repeat from batch to batch: `max` as often as it fits,
+/// then powers of two. Every distinct size is its own prepared statement (the connection caches
+/// them by text), so the last, partial chunk of a batch does not make the server parse a new
+/// multi-row statement and send a parameter definition per placeholder.
+fn stable_chunks<T>(items: &[T], max: usize) -> Vec<&[T]> {
+    let max = max.max(1);
+    let mut out = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let n = if rest.len() >= max { max } else { 1usize << (usize::BITS - 1 - rest.len().leading_zeros()) };
+        let (head, tail) = rest.split_at(n);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
+
+/// The number of placeholders of an `IN (…)` list for `n` keys: the next power of two (up to
+/// `max`), so that lookups reuse a few prepared statements. The list is padded by repeating a
+/// key, which does not change the result.
+fn padded_len(n: usize, max: usize) -> usize {
+    n.next_power_of_two().min(max).max(n)
 }
 
 fn db(context: &str) -> impl FnOnce(mysql_async::Error) -> SinkError + '_ {
@@ -279,6 +592,11 @@ fn json_text(v: &J) -> String {
         J::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+enum Intake {
+    Work(Box<Work>),
+    Merge(String, MergeRec),
 }
 
 enum Plan {
@@ -328,6 +646,8 @@ impl Applier {
             ids: LruCache::new(NonZeroUsize::new(500_000).unwrap_or(NonZeroUsize::MIN)),
             absent: HashSet::new(),
             tombstones: HashSet::new(),
+            deleting: HashMap::new(),
+            generation: 0,
             versions: LruCache::new(NonZeroUsize::new(500_000).unwrap_or(NonZeroUsize::MIN)),
             next_id: HashMap::new(),
             merges,
@@ -480,7 +800,8 @@ impl Applier {
             }
             let Some(pk) = tm.int_pk().map(str::to_string) else { continue };
             for chunk in keys.chunks(1000) {
-                let marks = vec!["?"; chunk.len()].join(",");
+                let width = padded_len(chunk.len(), 1000);
+                let marks = vec!["?"; width].join(",");
                 let sql = if tm.has_uuid {
                     format!("SELECT uuid, {} FROM {} WHERE uuid IN ({marks})", q(&pk), q(&table))
                 } else if let Some(parent) = tm.shared_parent.as_deref().and_then(|p| self.model.table(p)).filter(|p| p.has_uuid) {
@@ -496,12 +817,16 @@ impl Applier {
                 } else {
                     continue;
                 };
-                let params: Vec<Value> = chunk.iter().map(|k| Value::from(k.as_str())).collect();
+                let params: Vec<Value> = chunk.iter().chain(std::iter::repeat_n(&chunk[0], width - chunk.len())).map(|k| Value::from(k.as_str())).collect();
                 let rows: Vec<(String, i64)> = conn.exec(sql, params).await.map_err(db("looking up HQ ids"))?;
                 let mut found = HashSet::with_capacity(rows.len());
                 for (u, id) in rows {
-                    found.insert(u.clone());
-                    self.ids.put((table.clone(), u), id);
+                    let key = (table.clone(), u);
+                    if self.deleting.contains_key(&key) {
+                        continue;
+                    }
+                    found.insert(key.1.clone());
+                    self.ids.put(key, id);
                 }
                 for k in chunk {
                     if !found.contains(k) {
@@ -532,13 +857,14 @@ impl Applier {
         for (table, keys) in wanted {
             let keys: Vec<String> = keys.into_iter().filter(|k| !self.versions.contains(&(table.clone(), k.clone()))).collect();
             for chunk in keys.chunks(1000) {
-                let marks = vec!["?"; chunk.len()].join(",");
+                let width = padded_len(chunk.len(), 1000);
+                let marks = vec!["?"; width].join(",");
                 let sql = format!(
                     "SELECT row_key, hq_id, change_ms, priority, site, commit_ms, position, content_hash
                      FROM omrs_sync_row_version WHERE tbl = ? AND row_key IN ({marks})"
                 );
                 let mut params: Vec<Value> = vec![Value::from(table.as_str())];
-                params.extend(chunk.iter().map(|k| Value::from(k.as_str())));
+                params.extend(chunk.iter().chain(std::iter::repeat_n(&chunk[0], width - chunk.len())).map(|k| Value::from(k.as_str())));
                 let rows: Vec<mysql_async::Row> = conn.exec(sql, params).await.map_err(db("reading row versions"))?;
                 let mut found = HashSet::new();
                 for r in rows {
@@ -580,54 +906,138 @@ impl Applier {
         Ok(id)
     }
 
-    /// Applies one batch inside an open transaction. Returns what it did; the caller commits.
+    /// One input record: a change to stage, a merge, or nothing left to do at HQ (dead letters
+    /// and aggregates are collected on the way).
+    fn intake(&self, rec: Record, out: &mut Outcome, aggregates: &mut Aggregates) -> Option<Intake> {
+        let payload = std::sync::Arc::new(rec.payload);
+        let ev: HqEvent = match rec.decoded {
+            Ok(e) => e,
+            Err(reason) => {
+                out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: "invalid_record", reason, payload: payload.to_vec() });
+                return None;
+            }
+        };
+        match ev {
+            HqEvent::Change { late, origin_refs, event, .. } => {
+                if let Err(e) = event.validate() {
+                    out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: "invalid_event", reason: e.to_string(), payload: payload.to_vec() });
+                    return None;
+                }
+                if event.op == Op::Heartbeat {
+                    return None;
+                }
+                let w = Work { partition: rec.partition, offset: rec.offset, first_seen_ms: now_ms(), late, origin_refs, event, payload, key: Err(String::new()) };
+                Some(Intake::Work(Box::new(self.keyed(w))))
+            }
+            HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
+                Some(Intake::Merge(loser, MergeRec { winner, ts_ms, reason, applied: false, evidence: evidence.to_string(), site }))
+            }
+            // The Parquet sink's concern: HQ has no date partitions to finalise.
+            HqEvent::Watermark { .. } => None,
+            HqEvent::Aggregate { name, site, window_start_ms, window_end_ms, dim, value, is_final, revision, watermark_ms } => {
+                let row = AggRow { site: site.clone(), start_ms: window_start_ms, end_ms: window_end_ms, dim: dim.clone(), value, is_final, revision, watermark_ms };
+                aggregates.entry(name).or_default().insert((site, window_start_ms, dim), row);
+                None
+            }
+            HqEvent::IdentityReview { person, reason, site, .. } => {
+                tracing::warn!(person = %person, site = %site, reason = %reason, "identity review: an identifier of a merged person was voided or deleted; HQ keeps the merge");
+                None
+            }
+        }
+    }
+
+    /// Applies one batch inside an open transaction, planning and writing on the same
+    /// connection. Returns what it did; the caller commits. Batches with merges go this way
+    /// ([`Applier::needs_sync`]).
     pub async fn apply(&mut self, conn: &mut Conn, records: Vec<Record>) -> Result<Outcome, SinkError> {
+        self.generation += 1;
         let mut out = Outcome::default();
         let mut segment: Vec<Work> = Vec::new();
-        let mut aggregates: BTreeMap<String, BTreeMap<(String, i64, String), AggRow>> = BTreeMap::new();
+        let mut aggregates: Aggregates = BTreeMap::new();
         for rec in records {
-            let payload = std::sync::Arc::new(rec.payload);
-            let ev: HqEvent = match rec.decoded {
-                Ok(e) => e,
-                Err(reason) => {
-                    out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: "invalid_record", reason, payload: payload.to_vec() });
-                    continue;
-                }
-            };
-            match ev {
-                HqEvent::Change { late, origin_refs, event, .. } => {
-                    if let Err(e) = event.validate() {
-                        out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: "invalid_event", reason: e.to_string(), payload: payload.to_vec() });
-                        continue;
-                    }
-                    if event.op == Op::Heartbeat {
-                        continue;
-                    }
-                    let w = Work { partition: rec.partition, offset: rec.offset, first_seen_ms: now_ms(), late, origin_refs, event, payload, key: Err(String::new()) };
-                    segment.push(self.keyed(w));
-                }
-                HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
+            match self.intake(rec, &mut out, &mut aggregates) {
+                Some(Intake::Work(w)) => segment.push(*w),
+                Some(Intake::Merge(loser, rec)) => {
                     self.flush(conn, std::mem::take(&mut segment), &mut out).await?;
-                    let rec = MergeRec { winner, ts_ms, reason, applied: false, evidence: evidence.to_string(), site };
                     self.merge(conn, &loser, rec).await?;
                     out.merges += 1;
                 }
-                // The Parquet sink's concern: HQ has no date partitions to finalise.
-                HqEvent::Watermark { .. } => {}
-                HqEvent::Aggregate { name, site, window_start_ms, window_end_ms, dim, value, is_final, revision, watermark_ms } => {
-                    let row = AggRow { site: site.clone(), start_ms: window_start_ms, end_ms: window_end_ms, dim: dim.clone(), value, is_final, revision, watermark_ms };
-                    aggregates.entry(name).or_default().insert((site, window_start_ms, dim), row);
-                }
-                HqEvent::IdentityReview { person, reason, site, .. } => {
-                    tracing::warn!(person = %person, site = %site, reason = %reason, "identity review: an identifier of a merged person was voided or deleted; HQ keeps the merge");
-                }
+                None => {}
             }
         }
         self.flush(conn, segment, &mut out).await?;
         out.aggregates = upsert_aggregates(conn, aggregates).await?;
         self.retry_merges(conn).await?;
-        self.expire_pending(conn, &mut out).await?;
+        let expired = self.expire_pending(&mut out);
+        let failed = self.writer().execute(conn, expired, &mut out).await?;
+        self.forget(&failed);
         Ok(out)
+    }
+
+    /// True when `records` must be applied by [`Applier::apply`] on the writing connection,
+    /// after the batch before it has committed: a merge (it reads and moves rows), a merge
+    /// still waiting for its persons, or a change of a merged person (its void date and
+    /// reason are read from HQ). Every other batch can be planned while the previous one is
+    /// being written ([`Applier::plan_batch`]).
+    pub fn needs_sync(&self, records: &[Record]) -> bool {
+        if self.merges.values().any(|m| !m.applied) {
+            return true;
+        }
+        records.iter().any(|r| match &r.decoded {
+            Ok(HqEvent::Merge { .. }) => true,
+            Ok(HqEvent::Change { event, origin_refs, .. }) if matches!(event.table.as_deref(), Some("person" | "patient")) && !self.merges.is_empty() => {
+                match event.table.as_deref().and_then(|t| self.model.table(t)) {
+                    Some(tm) => self.row_key(tm, event, origin_refs).map(|k| self.survivor_of(&k).is_some()).unwrap_or(false),
+                    None => false,
+                }
+            }
+            _ => false,
+        })
+    }
+
+    /// Plans a batch without merges ([`Applier::needs_sync`] is false) while the batch before
+    /// it may still be being written on another connection. `conn` reads only what is
+    /// committed; what the batch in flight changed is known from the caches, and the rows it
+    /// deletes are marked (`deleting`) so that a read does not bring them back.
+    pub async fn plan_batch(&mut self, conn: &mut Conn, records: Vec<Record>) -> Result<PlannedBatch, SinkError> {
+        self.generation += 1;
+        let mut out = Outcome::default();
+        let mut segment: Vec<Work> = Vec::new();
+        let mut aggregates: Aggregates = BTreeMap::new();
+        for rec in records {
+            match self.intake(rec, &mut out, &mut aggregates) {
+                Some(Intake::Work(w)) => segment.push(*w),
+                Some(Intake::Merge(..)) => return Err(SinkError::Schema("internal: a merge in a batch planned ahead; needs_sync should have sent it to apply".into())),
+                None => {}
+            }
+        }
+        let mut units = self.plan_segment(conn, segment, &mut out).await?;
+        units.push(self.expire_pending(&mut out));
+        Ok(PlannedBatch { units, aggregates, out, generation: self.generation })
+    }
+
+    /// The writer of this applier's staged units.
+    pub fn writer(&self) -> Writer {
+        Writer { tables: self.model.tables.clone(), order: self.model.order.clone(), max_rows_per_statement: self.max_rows_per_statement }
+    }
+
+    /// Forgets the cached id and version of rows HQ rejected.
+    pub fn forget(&mut self, failed: &[(String, String)]) {
+        for key in failed {
+            self.versions.pop(key);
+            self.ids.pop(key);
+        }
+    }
+
+    /// The batch of `generation` (and every one before it) has committed: the rows it deleted
+    /// are gone from HQ for every reader now.
+    pub fn written(&mut self, generation: u64) {
+        self.deleting.retain(|_, g| *g > generation);
+    }
+
+    /// The generation of the batch planned last.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Re-applies merges whose persons were not both at HQ yet.
@@ -641,12 +1051,14 @@ impl Applier {
     }
 
     /// Rows that waited longer than the FK timeout go to the dead-letter topic.
-    async fn expire_pending(&mut self, conn: &mut Conn, out: &mut Outcome) -> Result<(), SinkError> {
+    /// Returns the unit that deletes them from the pending store.
+    fn expire_pending(&mut self, out: &mut Outcome) -> Staged {
         let cutoff = now_ms() - self.fk_wait_ms;
         let expired: Vec<i64> = self.pending.iter().filter(|(_, p)| p.first_seen_ms < cutoff).map(|(id, _)| *id).collect();
+        let mut unit = Staged::default();
         for id in expired {
             if let Some(p) = self.take_pending(id) {
-                conn.exec_drop("DELETE FROM omrs_sync_pending WHERE pending_id = ?", (id,)).await.map_err(db("expiring a pending row"))?;
+                unit.pending_delete.push(id);
                 out.dead.push(DeadLetter {
                     partition: p.partition,
                     offset: p.offset,
@@ -663,14 +1075,27 @@ impl Applier {
                 });
             }
         }
-        Ok(())
+        unit
     }
 
     /// Stages and writes a run of changes (no merge inside), then retries the pending rows
     /// their parents woke up.
     async fn flush(&mut self, conn: &mut Conn, works: Vec<Work>, out: &mut Outcome) -> Result<(), SinkError> {
+        let writer = self.writer();
+        for unit in self.plan_segment(conn, works, out).await? {
+            let failed = writer.execute(conn, unit, out).await?;
+            self.forget(&failed);
+        }
+        Ok(())
+    }
+
+    /// Stages a run of changes (no merge inside), with the pending rows their parents woke up:
+    /// the units to write, in order. Reads HQ through `conn` (ids and versions), and through the
+    /// caches for what earlier staged writes did.
+    async fn plan_segment(&mut self, conn: &mut Conn, works: Vec<Work>, out: &mut Outcome) -> Result<Vec<Staged>, SinkError> {
+        let mut units: Vec<Staged> = Vec::new();
         if works.is_empty() {
-            return Ok(());
+            return Ok(units);
         }
         // Bulk lookups first: the rows' own ids and versions, and every referenced uuid.
         self.absent.clear();
@@ -721,7 +1146,7 @@ impl Applier {
             if let Some(id) = from_pending {
                 done_pending.push(id);
             }
-            match self.plan(conn, &w, &mut staged, out).await? {
+            match self.plan(conn, &w, &mut staged, &mut units, out).await? {
                 Plan::Done => {
                     // Rows parked behind this one (its children, or its own later changes) wake.
                     let woken = match (w.event.table.clone(), &w.key) {
@@ -773,56 +1198,25 @@ impl Applier {
                 }
             }
         }
-        let t_plan = t0.elapsed() - t_ids - t_versions;
-        self.execute(conn, staged, out).await?;
         tracing::debug!(
             ids_ms = t_ids.as_millis() as u64,
             versions_ms = t_versions.as_millis() as u64,
-            plan_ms = t_plan.as_millis() as u64,
-            write_ms = (t0.elapsed() - t_ids - t_versions - t_plan).as_millis() as u64,
-            "flush"
+            plan_ms = (t0.elapsed() - t_ids - t_versions).as_millis() as u64,
+            "planned"
         );
-        // Pending store changes, in the same transaction. A row parked and woken within this
-        // flush never reaches the table.
+        // Pending store changes, written with the last unit. A row parked and woken within this
+        // segment never reaches the table.
         let done: HashSet<i64> = done_pending.iter().copied().collect();
         let fresh: HashSet<i64> = new_pending.iter().map(|(id, _)| *id).collect();
-        let woken: Vec<i64> = done_pending.into_iter().filter(|id| !fresh.contains(id)).collect();
+        staged.pending_delete = done_pending.into_iter().filter(|id| !fresh.contains(id)).collect();
         new_pending.retain(|(id, _)| !done.contains(id));
-        for chunk in woken.chunks(1000) {
-            let marks = vec!["?"; chunk.len()].join(",");
-            conn.exec_drop(format!("DELETE FROM omrs_sync_pending WHERE pending_id IN ({marks})"), chunk.to_vec())
-                .await
-                .map_err(db("clearing woken pending rows"))?;
-        }
-        for chunk in new_pending.chunks(200) {
-            let marks = vec!["(?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
-            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
-            for (id, p) in chunk {
-                params.extend([
-                    Value::from(*id),
-                    Value::from(p.tbl.as_str()),
-                    Value::from(p.row_key.as_str()),
-                    Value::from(p.waits.0.as_str()),
-                    Value::from(p.waits.1.as_str()),
-                    Value::from(p.first_seen_ms),
-                    Value::from(p.offset),
-                    Value::from(p.event.as_str()),
-                ]);
-            }
-            conn.exec_drop(
-                format!(
-                    "INSERT INTO omrs_sync_pending (pending_id, tbl, row_key, waits_for_table, waits_for_key, first_seen_ms, source_offset, event) VALUES {marks}"
-                ),
-                params,
-            )
-            .await
-            .map_err(db("parking rows"))?;
-        }
-        Ok(())
+        staged.pending_insert = new_pending;
+        units.push(staged);
+        Ok(units)
     }
 
     /// Decides what one change does at HQ and stages it.
-    async fn plan(&mut self, conn: &mut Conn, w: &Work, staged: &mut Staged, out: &mut Outcome) -> Result<Plan, SinkError> {
+    async fn plan(&mut self, conn: &mut Conn, w: &Work, staged: &mut Staged, units: &mut Vec<Staged>, out: &mut Outcome) -> Result<Plan, SinkError> {
         let ev = &w.event;
         let Some(table) = ev.table.clone() else { return Ok(Plan::Dead("invalid_event", "change without a table".into())) };
         let Some(tm) = self.table(&table) else {
@@ -921,6 +1315,7 @@ impl Applier {
             }
             self.ids.pop(&(table.clone(), row_key.clone()));
             self.tombstones.insert((table.clone(), row_key.clone()));
+            self.deleting.insert((table.clone(), row_key.clone()), self.generation);
             self.stage_version(staged, wi, &table, &row_key, version, hash, own_id, None, overwritten.cloned(), ev);
             return Ok(Plan::Done);
         }
@@ -954,9 +1349,8 @@ impl Applier {
         self.force_merge_values(conn, &table, &row_key, w, &mut cols, &mut vals).await?;
 
         if staged.deleted_keys.contains(&(table.clone(), pk_text.clone())) {
-            // Deleted earlier in this flush and written again: write out what is staged first.
-            let s = std::mem::take(staged);
-            self.execute(conn, s, out).await?;
+            // Deleted earlier in this flush and written again: what is staged is written first.
+            units.push(std::mem::take(staged));
         }
         let wi = Self::receipt(staged, w);
         let rows = staged.upserts.entry(table.clone()).or_default();
@@ -1158,195 +1552,6 @@ impl Applier {
         })
     }
 
-    /// Writes what is staged: upserts parents first, then deletes children first, versions and
-    /// conflicts. A statement that fails definitely is retried row by row; the rows that still
-    /// fail are dead-lettered and their versions are not written.
-    async fn execute(&mut self, conn: &mut Conn, mut staged: Staged, out: &mut Outcome) -> Result<(), SinkError> {
-        let mut failed: HashSet<usize> = HashSet::new();
-        // Conflicts that overwrite: read the values that are about to be overwritten.
-        for c in staged.conflicts.iter_mut() {
-            if matches!(c.get(7), Some(Value::Int(1))) {
-                let (Some(Value::Bytes(t)), Some(Value::Bytes(k))) = (c.first(), c.get(1)) else { continue };
-                let table = String::from_utf8_lossy(t).to_string();
-                let key = String::from_utf8_lossy(k).to_string();
-                if let Some(tm) = self.table(&table) {
-                    if tm.has_uuid {
-                        let row: Option<mysql_async::Row> =
-                            conn.exec_first(format!("SELECT * FROM {} WHERE uuid = ?", q(&table)), (key.as_str(),)).await.map_err(db("reading an overwritten row"))?;
-                        if let Some(r) = row {
-                            let mut m = serde_json::Map::new();
-                            for (i, col) in r.columns_ref().iter().enumerate() {
-                                let v: Option<Value> = r.as_ref(i).cloned();
-                                m.insert(col.name_str().to_string(), J::String(v.map(|v| v.as_sql(true)).unwrap_or_default()));
-                            }
-                            c[6] = Value::from(J::Object(m).to_string());
-                        }
-                    }
-                }
-            }
-        }
-
-        let t_exec = std::time::Instant::now();
-        let order: Vec<String> = self.model.order.clone();
-        for table in &order {
-            let Some(rows) = staged.upserts.remove(table) else { continue };
-            let rows: Vec<StagedRow> = rows.into_iter().flatten().collect();
-            // Group by column list (rows of one table normally share it).
-            let mut groups: Vec<(Vec<String>, Vec<StagedRow>)> = Vec::new();
-            for r in rows {
-                match groups.iter_mut().find(|(c, _)| *c == r.cols) {
-                    Some((_, g)) => g.push(r),
-                    None => groups.push((r.cols.clone(), vec![r])),
-                }
-            }
-            for (cols, rows) in groups {
-                let tm = self.table(table);
-                let pk: Vec<String> = tm.map(|t| t.pk.clone()).unwrap_or_default();
-                let per = (60_000 / cols.len().max(1)).clamp(1, self.max_rows_per_statement);
-                for chunk in rows.chunks(per) {
-                    if let Err(e) = self.upsert(conn, table, &cols, &pk, chunk.iter()).await {
-                        if is_transient_db(&e) {
-                            return Err(SinkError::db(format!("writing {table}"), e));
-                        }
-                        // Row by row: only the bad rows fail.
-                        for r in chunk {
-                            if let Err(e) = self.upsert(conn, table, &cols, &pk, std::iter::once(r)).await {
-                                if is_transient_db(&e) {
-                                    return Err(SinkError::db(format!("writing {table}"), e));
-                                }
-                                failed.insert(r.work);
-                                let w = &staged.receipts[r.work];
-                                omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "row_rejected"]).inc();
-                                out.dead.push(DeadLetter {
-                                    partition: w.partition,
-                                    offset: w.offset,
-                                    kind: "row_rejected",
-                                    reason: format!("HQ rejected the {table} row: {e}"),
-                                    payload: w.payload.to_vec(),
-                                });
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // Deletes, children first.
-        let pos: HashMap<&str, usize> = order.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
-        staged.deletes.sort_by_key(|(t, _, _)| std::cmp::Reverse(pos.get(t.as_str()).copied().unwrap_or(0)));
-        for (table, pk, wi) in &staged.deletes {
-            let cond = pk.iter().map(|(c, _)| format!("{} = ?", q(c))).collect::<Vec<_>>().join(" AND ");
-            let params: Vec<Value> = pk.iter().map(|(_, v)| v.clone()).collect();
-            if let Err(e) = conn.exec_drop(format!("DELETE FROM {} WHERE {cond}", q(table)), params).await {
-                if is_transient_db(&e) {
-                    return Err(SinkError::db(format!("deleting from {table}"), e));
-                }
-                failed.insert(*wi);
-                let w = &staged.receipts[*wi];
-                out.dead.push(DeadLetter {
-                    partition: w.partition,
-                    offset: w.offset,
-                    kind: "row_rejected",
-                    reason: format!("HQ refused to delete the {table} row: {e}"),
-                    payload: w.payload.to_vec(),
-                });
-            }
-        }
-        tracing::debug!(rows_ms = t_exec.elapsed().as_millis() as u64, "rows written");
-        // Versions of what was written.
-        let versions: Vec<_> = staged.versions.iter().filter(|v| !failed.contains(&v.4)).collect();
-        for chunk in versions.chunks(500) {
-            let marks = vec!["(?,?,?,?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
-            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
-            for (table, key, s, origin, wi) in chunk {
-                let deleted = staged.deletes.iter().any(|(_, _, w)| w == wi);
-                params.extend([
-                    Value::from(table.as_str()),
-                    Value::from(key.as_str()),
-                    s.hq_id.map(Value::from).unwrap_or(Value::NULL),
-                    Value::from(s.version.change_ms),
-                    Value::from(s.version.priority),
-                    Value::from(s.version.site.as_str()),
-                    Value::from(s.version.commit_ms),
-                    Value::from(s.version.position.as_str()),
-                    origin.as_deref().map(Value::from).unwrap_or(Value::NULL),
-                    Value::from(s.hash),
-                    Value::from(deleted as i64),
-                ]);
-            }
-            conn.exec_drop(
-                format!(
-                    "INSERT INTO omrs_sync_row_version (tbl, row_key, hq_id, change_ms, priority, site, commit_ms, position, origin_key, content_hash, deleted)
-                     VALUES {marks} ON DUPLICATE KEY UPDATE hq_id = COALESCE(VALUES(hq_id), hq_id), change_ms = VALUES(change_ms), priority = VALUES(priority),
-                     site = VALUES(site), commit_ms = VALUES(commit_ms), position = VALUES(position), origin_key = COALESCE(VALUES(origin_key), origin_key),
-                     content_hash = VALUES(content_hash), deleted = VALUES(deleted)"
-                ),
-                params,
-            )
-            .await
-            .map_err(db("writing row versions"))?;
-        }
-        // A failed row's cached id and version are gone with it.
-        for (table, key, _, _, wi) in &staged.versions {
-            if failed.contains(wi) {
-                self.versions.pop(&(table.clone(), key.clone()));
-                self.ids.pop(&(table.clone(), key.clone()));
-            }
-        }
-        for chunk in staged.conflicts.chunks(200) {
-            let marks = vec!["(?,?,?,?,?,?,?,?,NOW(3))"; chunk.len()].join(",");
-            let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
-            conn.exec_drop(
-                format!(
-                    "INSERT INTO omrs_sync_conflict (tbl, row_key, winner_site, winner_version, loser_site, loser_version, loser_values, overwritten, detected_at) VALUES {marks}"
-                ),
-                params,
-            )
-            .await
-            .map_err(db("logging conflicts"))?;
-        }
-        for c in &staged.conflicts {
-            if matches!(c.get(7), Some(Value::Int(1))) {
-                if let Some(Value::Bytes(t)) = c.first() {
-                    *out.conflicts.entry(String::from_utf8_lossy(t).to_string()).or_default() += 1;
-                }
-            }
-        }
-        for (i, r) in staged.receipts.iter().enumerate() {
-            if !failed.contains(&i) {
-                out.commits.push((r.site.clone(), r.commit_ms));
-            }
-        }
-        for (table, op) in staged.ops {
-            *out.applied.entry((table, op)).or_default() += 1;
-        }
-        Ok(())
-    }
-
-    async fn upsert<'r>(
-        &self,
-        conn: &mut Conn,
-        table: &str,
-        cols: &[String],
-        pk: &[String],
-        rows: impl Iterator<Item = &'r StagedRow> + Clone,
-    ) -> Result<(), mysql_async::Error> {
-        let n = rows.clone().count();
-        if n == 0 {
-            return Ok(());
-        }
-        let one = format!("({})", vec!["?"; cols.len()].join(","));
-        let updates: Vec<String> = cols.iter().filter(|c| !pk.contains(c)).map(|c| format!("{0} = VALUES({0})", q(c))).collect();
-        let update = if updates.is_empty() { format!("{0} = {0}", q(&cols[0])) } else { updates.join(", ") };
-        let sql = format!(
-            "INSERT INTO {} ({}) VALUES {} ON DUPLICATE KEY UPDATE {update}",
-            q(table),
-            cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(","),
-            vec![one; n].join(",")
-        );
-        let params: Vec<Value> = rows.flat_map(|r| r.vals.iter().cloned()).collect();
-        conn.exec_drop(sql, params).await
-    }
-
     /// `mergePatients`, in the batch's transaction: the loser's clinical rows move to the
     /// survivor (identifiers, names and addresses too, as non-preferred: a move keeps their
     /// uuids, so a later edit at the site lands on the same row, whatever the order), the loser
@@ -1460,5 +1665,51 @@ impl Applier {
         }
         self.merges.insert(loser.to_string(), rec);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::{padded_len, stable_chunks};
+
+    #[test]
+    fn stable_chunks_cover_everything_in_order_with_few_sizes() {
+        for n in [0usize, 1, 2, 3, 7, 999, 1000, 1001, 4321, 5000] {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks = stable_chunks(&items, 1000);
+            let flat: Vec<usize> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            assert_eq!(flat, items, "n = {n}");
+            for c in &chunks {
+                assert!(c.len() == 1000 || c.len().is_power_of_two(), "n = {n}: chunk of {}", c.len());
+            }
+        }
+        assert_eq!(stable_chunks(&[0u8; 4321], 1000).iter().map(|c| c.len()).collect::<Vec<_>>(), vec![1000, 1000, 1000, 1000, 256, 64, 1]);
+        assert_eq!(padded_len(5, 1000), 8);
+        assert_eq!(padded_len(600, 1000), 1000);
+        assert_eq!(padded_len(1000, 1000), 1000);
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::Record;
+    use omrs_core::hq::HqEvent;
+
+    #[test]
+    fn the_change_fast_path_parses_what_the_enum_parses() {
+        let records: &[&str] = &[
+            r#"{"type":"change","late":false,"event":{"op":"c","site":"site-a","table":"obs","key":{"obs_id":7},"uuid":"u-1","after":{"obs_id":7,"value_text":"a \"quoted\" é"},"refs":{"person_id":"p-1"},"source":{"server_id":11,"file":"binlog.000001","pos":4,"row":0,"ts_ms":5,"snapshot":false},"ts_ms":5}}"#,
+            r#"{"type":"change","late":true,"person":"p-2","origin_refs":{"person_id":"p-9"},"event":{"op":"u","site":"site-b","table":"person_name","key":{"person_name_id":3},"uuid":"u-2","before":{"person_name_id":3},"after":{"person_name_id":3},"refs":{},"source":{"server_id":12,"file":"binlog.000002","pos":9,"row":1,"ts_ms":6,"snapshot":false},"ts_ms":6}}"#,
+            r#"{"type":"watermark","ts_ms":12}"#,
+        ];
+        for r in records {
+            let fast = Record::decode(0, 0, r.as_bytes().to_vec()).decoded.expect("decodes");
+            let slow: HqEvent = serde_json::from_str(r).expect("enum decodes");
+            assert_eq!(fast, slow, "{r}");
+        }
+        // A change missing a required field is still refused, with the field named.
+        let bad = Record::decode(0, 0, br#"{"type":"change","event":{}}"#.to_vec()).decoded.expect_err("refused");
+        assert!(bad.contains("not an omrs.hq.changes record"), "{bad}");
+        assert!(Record::decode(0, 0, b"{\"type\":\"change\",".to_vec()).decoded.is_err());
     }
 }

@@ -10,6 +10,14 @@
 //! retries it with backoff, from the last committed offsets; the process does not exit. A
 //! definite error of one row (a constraint violation that is not a missing parent, data too
 //! long) dead-letters that row and the rest of the batch commits.
+//!
+//! Pipelining: a batch without merges is planned (keys, versions, uuid → id lookups on a second,
+//! read-committed connection) while the batch before it is written and committed by a task of
+//! its own on the writing connection. What the batch in flight changed is known from the
+//! applier's caches, and the rows it deletes are marked so that a read cannot bring them back.
+//! A batch with a merge, a merge still waiting for its persons, or a change of a merged person
+//! waits for the batch in flight and is planned and written on the writing connection, as
+//! merges read and move committed rows. Transactions still commit one at a time, in order.
 
 pub mod apply;
 pub mod schema;
@@ -58,7 +66,7 @@ pub struct HqSinkArgs {
 
 fn hq_opts(cfg: &Config, with_db: bool) -> OptsBuilder {
     let d = &cfg.hq.database;
-    crate::mysql_opts(d).db_name(with_db.then(|| d.database.clone())).stmt_cache_size(256)
+    crate::mysql_opts(d).db_name(with_db.then(|| d.database.clone())).stmt_cache_size(1024)
 }
 
 async fn connect(cfg: &Config, with_db: bool) -> Result<Conn, SinkError> {
@@ -204,54 +212,79 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     }));
     let mut total_applied: u64 = 0;
     let mut last_bytes_total = Instant::now();
+    let writer = std::sync::Arc::new(applier.writer());
+    // Batches without merges are planned on this connection (ids, versions: committed reads)
+    // while the batch before is written on `conn` by a task of its own.
+    let mut read_conn = connect(cfg, true).await?;
+    let mut idle_conn: Option<Conn> = Some(conn);
+    let mut inflight: Option<InFlight> = None;
 
     loop {
         let Some(batch) = rx.recv().await else {
+            finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await.ok();
             return Err(SinkError::Kafka { context: "reading omrs.hq.changes".into(), message: "the reader task stopped".into(), transient: true });
         };
-        let Batch { records, next: stored_now, at_end } = batch?;
-        let started = Instant::now();
-        let n = records.len();
-
-        if n > 0 || applier.pending_len() > 0 {
-            conn.query_drop("START TRANSACTION").await.map_err(|e| SinkError::db("beginning a transaction", e))?;
-            let outcome = match applier.apply(&mut conn, records).await {
-                Ok(o) => o,
-                Err(e) => {
-                    let _ = conn.query_drop("ROLLBACK").await;
-                    return Err(e);
+        let step = async {
+            let Batch { records, next: stored_now, at_end } = batch?;
+            let started = Instant::now();
+            let n = records.len();
+            let offsets = (n > 0).then_some(stored_now);
+            if n > 0 || applier.pending_len() > 0 {
+                if applier.needs_sync(&records) {
+                    // A merge reads and moves committed rows: the batch before commits first,
+                    // then this one is planned and written on the writing connection.
+                    finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;
+                    let mut conn = idle_conn.take().ok_or_else(|| SinkError::Schema("internal: no writing connection".into()))?;
+                    conn.query_drop("START TRANSACTION").await.map_err(|e| SinkError::db("beginning a transaction", e))?;
+                    let outcome = match applier.apply(&mut conn, records).await {
+                        Ok(o) => o,
+                        Err(e) => {
+                            let _ = conn.query_drop("ROLLBACK").await;
+                            return Err(e);
+                        }
+                    };
+                    let committed = commit(&mut conn, &topic, offsets.as_ref(), &producer, &dlq_topic, &outcome).await?;
+                    applier.written(applier.generation());
+                    record(&outcome, started, committed, &mut total_applied);
+                    idle_conn = Some(conn);
+                } else {
+                    let planned = applier.plan_batch(&mut read_conn, records).await?;
+                    finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;
+                    let conn = idle_conn.take().ok_or_else(|| SinkError::Schema("internal: no writing connection".into()))?;
+                    let generation = planned.generation;
+                    let (writer, producer, topic, dlq_topic) = (writer.clone(), producer.clone(), topic.clone(), dlq_topic.clone());
+                    let task = tokio::spawn(async move {
+                        let mut conn = conn;
+                        let t0 = Instant::now();
+                        conn.query_drop("START TRANSACTION").await.map_err(|e| SinkError::db("beginning a transaction", e))?;
+                        let (outcome, failed) = match planned.write(&writer, &mut conn).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                let _ = conn.query_drop("ROLLBACK").await;
+                                return Err(e);
+                            }
+                        };
+                        let t_write = t0.elapsed();
+                        let committed = commit(&mut conn, &topic, offsets.as_ref(), &producer, &dlq_topic, &outcome).await?;
+                        tracing::debug!(write_ms = t_write.as_millis() as u64, commit_ms = (t0.elapsed() - t_write).as_millis() as u64, "batch written");
+                        Ok(Written { conn, outcome, failed, committed })
+                    });
+                    inflight = Some(InFlight { task, generation, started });
                 }
-            };
-            if n > 0 {
-                for (p, o) in &stored_now {
-                    conn.exec_drop(
-                        "INSERT INTO omrs_sync_offsets (topic, kafka_partition, next_offset, updated_at) VALUES (?, ?, ?, NOW(3))
-                         ON DUPLICATE KEY UPDATE next_offset = VALUES(next_offset), updated_at = VALUES(updated_at)",
-                        (topic.as_str(), *p, *o),
-                    )
-                    .await
-                    .map_err(|e| SinkError::db("storing offsets", e))?;
-                }
             }
-            // Dead letters are durable in Kafka before the batch commits: never lost.
-            crate::kafka::send_dead_letters(&producer, &dlq_topic, "hq_mysql", &topic, &outcome.dead).await?;
-            conn.query_drop("COMMIT").await.map_err(|e| SinkError::db("committing", e))?;
-            let committed = now_ms();
-            let m = metrics();
-            m.batch_latency.with_label_values(&["hq_mysql"]).observe(started.elapsed().as_secs_f64());
-            for ((table, op), k) in &outcome.applied {
-                m.hq_rows_applied.with_label_values(&[table.as_str(), op]).inc_by(*k);
-                total_applied += k;
+            Ok::<bool, SinkError>(at_end)
+        };
+        let at_end = match step.await {
+            Ok(at_end) => at_end,
+            Err(e) => {
+                // Whatever was in flight commits or rolls back before the restart reads the
+                // stored offsets.
+                finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await.ok();
+                return Err(e);
             }
-            for (table, k) in &outcome.conflicts {
-                m.conflicts.with_label_values(&["hq_mysql", table]).inc_by(*k);
-            }
-            for _ in 0..outcome.merges {
-                m.merges.inc();
-            }
-            for (site, ts) in &outcome.commits {
-                m.hq_e2e_latency.with_label_values(&[site]).observe(((committed - ts).max(0)) as f64 / 1000.0);
-            }
+        };
+        if at_end {
+            finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;
         }
         let m = metrics();
         m.parked_rows.set(applier.pending_len() as i64);
@@ -270,5 +303,78 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
             drop(reader);
             return Ok(());
         }
+    }
+}
+
+/// A planned batch being written and committed by a task of its own.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<Written, SinkError>>,
+    generation: u64,
+    started: Instant,
+}
+
+struct Written {
+    conn: Conn,
+    outcome: apply::Outcome,
+    failed: Vec<(String, String)>,
+    committed: i64,
+}
+
+/// Waits for the batch in flight, if any: its connection comes back for the next one, and the
+/// applier learns which of its rows HQ rejected.
+async fn finish(inflight: &mut Option<InFlight>, idle: &mut Option<Conn>, applier: &mut Applier, total_applied: &mut u64) -> Result<(), SinkError> {
+    let Some(f) = inflight.take() else { return Ok(()) };
+    let written = f
+        .task
+        .await
+        .map_err(|e| SinkError::Unavailable(format!("the HQ writing task stopped: {e}")))??;
+    applier.forget(&written.failed);
+    applier.written(f.generation);
+    record(&written.outcome, f.started, written.committed, total_applied);
+    *idle = Some(written.conn);
+    Ok(())
+}
+
+/// Ends a batch's transaction: the consumed offsets with its rows (semantics 1), its dead
+/// letters durable in Kafka before the commit (never lost), then COMMIT. Returns the commit
+/// time.
+async fn commit(
+    conn: &mut Conn,
+    topic: &str,
+    offsets: Option<&HashMap<i32, i64>>,
+    producer: &rdkafka::producer::FutureProducer,
+    dlq_topic: &str,
+    outcome: &apply::Outcome,
+) -> Result<i64, SinkError> {
+    for (p, o) in offsets.into_iter().flatten() {
+        conn.exec_drop(
+            "INSERT INTO omrs_sync_offsets (topic, kafka_partition, next_offset, updated_at) VALUES (?, ?, ?, NOW(3))
+             ON DUPLICATE KEY UPDATE next_offset = VALUES(next_offset), updated_at = VALUES(updated_at)",
+            (topic, *p, *o),
+        )
+        .await
+        .map_err(|e| SinkError::db("storing offsets", e))?;
+    }
+    crate::kafka::send_dead_letters(producer, dlq_topic, "hq_mysql", topic, &outcome.dead).await?;
+    conn.query_drop("COMMIT").await.map_err(|e| SinkError::db("committing", e))?;
+    Ok(now_ms())
+}
+
+/// Metrics of a committed batch.
+fn record(outcome: &apply::Outcome, started: Instant, committed: i64, total_applied: &mut u64) {
+    let m = metrics();
+    m.batch_latency.with_label_values(&["hq_mysql"]).observe(started.elapsed().as_secs_f64());
+    for ((table, op), k) in &outcome.applied {
+        m.hq_rows_applied.with_label_values(&[table.as_str(), op]).inc_by(*k);
+        *total_applied += k;
+    }
+    for (table, k) in &outcome.conflicts {
+        m.conflicts.with_label_values(&["hq_mysql", table]).inc_by(*k);
+    }
+    for _ in 0..outcome.merges {
+        m.merges.inc();
+    }
+    for (site, ts) in &outcome.commits {
+        m.hq_e2e_latency.with_label_values(&[site]).observe(((committed - ts).max(0)) as f64 / 1000.0);
     }
 }
