@@ -28,9 +28,20 @@ impl LakeMount {
         LakeMount(dir.to_path_buf())
     }
 
+    /// Remounts with `mode`. Linux refuses a read-only remount while a file on the disk is open
+    /// for writing ("mount point is busy"), which the live sink does for a moment per file: retry
+    /// until the disk is between two writes, with a deadline.
     fn remount(&self, mode: &str) {
-        let out = Command::new("mount").args(["-o", &format!("remount,{mode}")]).arg(&self.0).output().unwrap();
-        assert!(out.status.success(), "remount {mode}: {}", String::from_utf8_lossy(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("mount").args(["-o", &format!("remount,{mode}")]).arg(&self.0).output().unwrap();
+            if out.status.success() {
+                return;
+            }
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(err.contains("busy") && Instant::now() < deadline, "remount {mode}: {err}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
