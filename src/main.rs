@@ -262,6 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    omrs_core::runtime::disable_transparent_huge_pages();
     let cli = Cli::parse();
     // The demo draws its own progress; the stages it runs log to their files.
     let default_filter = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };

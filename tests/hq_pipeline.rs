@@ -26,15 +26,23 @@ fn obj(v: J) -> Map<String, J> {
 }
 
 fn record(offset: i64, op: Op, table: &str, uuid: &str, row: J, refs: J) -> Record {
+    record_from("site-a", offset, op, table, uuid, row, refs)
+}
+
+fn record_from(site: &str, offset: i64, op: Op, table: &str, uuid: &str, row: J, refs: J) -> Record {
     let key = obj(json!({ format!("{table}_id"): row.get(format!("{table}_id")).cloned().unwrap_or(J::Null) }));
-    let (before, after) = if op == Op::Delete { (Some(obj(row)), None) } else { (None, Some(obj(row))) };
+    let (before, after) = match op {
+        Op::Delete => (Some(obj(row)), None),
+        Op::Update => (Some(obj(row.clone())), Some(obj(row))),
+        _ => (None, Some(obj(row))),
+    };
     let ev = HqEvent::Change {
         late: false,
         person: None,
         origin_refs: Map::new(),
         event: ChangeEvent {
             op,
-            site: "site-a".into(),
+            site: site.into(),
             table: Some(table.into()),
             key: Some(key),
             uuid: Some(uuid.into()),
@@ -138,6 +146,93 @@ async fn a_batch_planned_before_a_delete_commits_does_not_use_the_deleted_row() 
         "the obs waits in the pending store for its encounter"
     );
     assert_eq!(count(&mut read, &format!("SELECT deleted FROM omrs_sync_row_version WHERE tbl = 'encounter' AND row_key = '{e}'")).await, 1);
+
+    drop(read);
+    drop(write);
+    let _ = init.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await;
+}
+
+/// The first version of a row the sink creates is stored in its batch's version pack, not as a
+/// row of its own. After a restart (a new applier, empty caches) it must still be found, by the
+/// row's HQ id: an older change from another site loses to it and is logged as a conflict; a
+/// newer one wins and gets a version row, which then takes precedence. The view
+/// `omrs_sync_row_version` shows one row per HQ row either way. HQ's foreign-key checks are
+/// off for the upserts by default, but a delete is still checked: a person with a name at HQ
+/// cannot be deleted from under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
+    let db = unique("openmrs_hq_pack");
+    let mut init = admin(3310, None).await;
+    omrs_sinks::hq_mysql::schema::init(&mut init, &db, &dump(), true).await.expect("HQ --init");
+    let mut write = session(&db).await;
+    let mut read = session(&db).await;
+    let user: String = write.query_first("SELECT uuid FROM users ORDER BY user_id LIMIT 1").await.unwrap().unwrap();
+    let (p, n) = ("55555555-0000-4000-8000-000000000001", "55555555-0000-4000-8000-000000000002");
+    let person = json!({"person_id": 900, "gender": "F", "dead": 0, "creator": 1, "date_created": "2026-11-27 10:00:00", "voided": 0, "uuid": p});
+    let name = |given: &str, changed: Option<&str>| {
+        json!({"person_name_id": 5, "preferred": 1, "person_id": 900, "given_name": given, "family_name": "Okello", "creator": 1,
+               "date_created": "2026-11-27 10:00:00", "date_changed": changed, "voided": 0, "uuid": n})
+    };
+    let name_refs = json!({"person_id": p, "creator": user});
+
+    // Batch 1: a new person and name, committed. Their versions are packed.
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let writer = applier.writer();
+    let batch1 = vec![
+        record(1, Op::Create, "person", p, person.clone(), json!({"creator": user})),
+        record(2, Op::Create, "person_name", n, name("Amina", None), name_refs.clone()),
+    ];
+    let planned = applier.plan_batch(&mut read, batch1).await.expect("plan batch 1");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    assert_eq!(count(&mut read, "SELECT COUNT(*) FROM omrs_sync_version WHERE tbl IN ('person', 'person_name')").await, 0, "first versions are not rows of their own");
+    let person_id = count(&mut read, &format!("SELECT person_id FROM person WHERE uuid = '{p}'")).await;
+    assert_eq!(
+        count(&mut read, &format!("SELECT COUNT(*) FROM omrs_sync_version_pack WHERE tbl = 'person' AND first_id <= {person_id} AND last_id >= {person_id} AND entries LIKE '%{p}%'")).await,
+        1
+    );
+    assert_eq!(
+        count(&mut read, &format!("SELECT COUNT(*) FROM omrs_sync_row_version WHERE tbl = 'person' AND row_key = '{p}' AND site = 'site-a' AND hq_id = {person_id} AND deleted = 0")).await,
+        1,
+        "the view shows the packed version with its provenance"
+    );
+
+    // A restart: a new applier knows nothing but what HQ holds.
+    drop(applier);
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier after restart");
+    let writer = applier.writer();
+    // Site b changed the name at 09:00, before site a created it: it loses.
+    let older = vec![record_from("site-b", 3, Op::Update, "person_name", n, name("Older", Some("2026-11-27 09:00:00")), name_refs.clone())];
+    let planned = applier.plan_batch(&mut read, older).await.expect("plan the older change");
+    let out = write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    assert_eq!(out.conflicts.get("person_name"), Some(&1), "the older change is a conflict that lost");
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM person_name WHERE uuid = '{n}' AND given_name = 'Amina'")).await, 1, "the packed version held");
+    assert_eq!(
+        count(&mut read, &format!("SELECT COUNT(*) FROM omrs_sync_conflict WHERE tbl = 'person_name' AND row_key = '{n}' AND loser_site = 'site-b' AND winner_site = 'site-a'")).await,
+        1
+    );
+    // Site b changes it again at 11:00: it wins, and its version is a row that outranks the pack.
+    let newer = vec![record_from("site-b", 4, Op::Update, "person_name", n, name("Newer", Some("2026-11-27 11:00:00")), name_refs.clone())];
+    let planned = applier.plan_batch(&mut read, newer).await.expect("plan the newer change");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM person_name WHERE uuid = '{n}' AND given_name = 'Newer'")).await, 1);
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM omrs_sync_version WHERE tbl = 'person_name' AND row_key = '{n}' AND site = 'site-b'")).await, 1);
+    assert_eq!(
+        count(&mut read, &format!("SELECT COUNT(*) FROM omrs_sync_row_version WHERE tbl = 'person_name' AND row_key = '{n}'")).await,
+        1,
+        "the view shows the version row, not the pack entry it replaced"
+    );
+
+    // Deleting the person while its name is at HQ: HQ refuses, and the delete is dead-lettered.
+    let delete = vec![record(5, Op::Delete, "person", p, person, json!({"creator": user}))];
+    let planned = applier.plan_batch(&mut read, delete).await.expect("plan the delete");
+    write.query_drop("START TRANSACTION").await.unwrap();
+    let (out, failed) = planned.write(&writer, &mut write).await.expect("write the delete");
+    write.query_drop("COMMIT").await.unwrap();
+    applier.forget(&failed);
+    assert_eq!(out.dead.len(), 1, "{:?}", out.dead.iter().map(|d| &d.reason).collect::<Vec<_>>());
+    assert!(out.dead[0].reason.contains("refused to delete the person row"), "{}", out.dead[0].reason);
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM person WHERE uuid = '{p}'")).await, 1);
+    assert_eq!(count(&mut write, "SELECT @@SESSION.foreign_key_checks").await, 1, "the writing session checks foreign keys again after the upserts");
 
     drop(read);
     drop(write);

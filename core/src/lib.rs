@@ -11,6 +11,7 @@
 //! - [`topics`]: `omrs-stream topics apply|check` against the broker's admin API.
 //! - [`metrics`]: every `omrs_stream_*` metric name, and the `/metrics` + `/health` endpoint.
 //! - [`error`]: the crate's one error enum, split into transient and definite errors.
+//! - [`runtime`]: process-wide settings (transparent huge pages off).
 
 pub mod arrow_map;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod hq;
 pub mod kafka;
 pub mod metrics;
 pub mod openmrs;
+pub mod runtime;
 pub mod topics;
 
 pub use error::{CoreError, Result};

@@ -45,6 +45,7 @@ fn quantile(buckets: &[(f64, u64)], count: u64, q: f64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    omrs_core::runtime::disable_transparent_huge_pages();
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))).with_writer(std::io::stderr).init();
     let patients: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(4000);
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");

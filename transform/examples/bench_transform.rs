@@ -42,6 +42,7 @@ fn config(prefix: &str, sites: usize) -> Config {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    omrs_core::runtime::disable_transparent_huge_pages();
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("");
     let prefix = args.get(2).cloned().unwrap_or_else(|| "bench.".into());

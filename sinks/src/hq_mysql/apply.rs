@@ -51,6 +51,48 @@ pub const MOVES: &[(&str, &str, bool)] = &[
     ("person_address", "person_id", true),
 ];
 
+/// At most this many rows' first versions go into one `omrs_sync_version_pack` row (about
+/// 150 bytes each: a pack stays well under the server's max_allowed_packet).
+const MAX_PACK: usize = 4096;
+
+/// One `omrs_sync_version_pack` row, read back: HQ id → (row key, version).
+struct Pack {
+    table: String,
+    first_id: i64,
+    last_id: i64,
+    entries: HashMap<i64, (String, Stored)>,
+}
+
+/// The `omrs_sync_version_pack` rows of `packed` (first versions, see [`StagedVersion`]):
+/// (table, first HQ id, last HQ id, JSON entries), at most [`MAX_PACK`] entries each.
+fn version_packs(packed: &[&StagedVersion]) -> Vec<(String, i64, i64, String)> {
+    let mut by_table: BTreeMap<&str, Vec<&StagedVersion>> = BTreeMap::new();
+    for v in packed {
+        by_table.entry(v.table.as_str()).or_default().push(v);
+    }
+    let mut out = Vec::new();
+    for (table, mut entries) in by_table {
+        entries.sort_by_key(|v| v.stored.hq_id);
+        for chunk in entries.chunks(MAX_PACK) {
+            let (Some(first), Some(last)) = (chunk.first().and_then(|v| v.stored.hq_id), chunk.last().and_then(|v| v.stored.hq_id)) else { continue };
+            let mut json: Vec<u8> = Vec::with_capacity(chunk.len() * 160);
+            json.push(b'[');
+            for (i, v) in chunk.iter().enumerate() {
+                if i > 0 {
+                    json.push(b',');
+                }
+                let s = &v.stored;
+                let entry = (s.hq_id, &v.key, s.version.change_ms, s.version.priority, &s.version.site, s.version.commit_ms, &s.version.position, &v.origin, s.hash);
+                // Serializing plain values into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut json, &entry);
+            }
+            json.push(b']');
+            out.push((table.to_string(), first, last, String::from_utf8(json).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())));
+        }
+    }
+    out
+}
+
 /// One input record of the batch.
 pub struct Record {
     pub partition: i32,
@@ -215,6 +257,17 @@ struct Receipt {
     payload: std::sync::Arc<Vec<u8>>,
 }
 
+/// A version to store with a staged write: in `omrs_sync_version`, or, for the first version
+/// of a row the sink just created, in its batch's pack (`omrs_sync_version_pack`).
+struct StagedVersion {
+    table: String,
+    key: String,
+    stored: Stored,
+    origin: Option<String>,
+    work: usize,
+    packed: bool,
+}
+
 struct StagedRow {
     cols: Vec<String>,
     vals: Vec<Value>,
@@ -228,7 +281,7 @@ struct Staged {
     index: HashMap<(String, String), usize>,
     deletes: Vec<(String, Vec<(String, Value)>, usize)>,
     deleted_keys: HashSet<(String, String)>,
-    versions: Vec<(String, String, Stored, Option<String>, usize)>,
+    versions: Vec<StagedVersion>,
     conflicts: Vec<Vec<Value>>,
     /// Where each staged write came from, by index.
     receipts: Vec<Receipt>,
@@ -236,6 +289,9 @@ struct Staged {
     /// Pending-store changes written with this unit: rows parked, and rows woken or expired.
     pending_insert: Vec<(i64, PendingEntry)>,
     pending_delete: Vec<i64>,
+    /// The version packs of `versions`, built ahead by [`Applier::plan_batch`] (off the write
+    /// path); valid while every staged row is written.
+    packs: Option<Vec<(String, i64, i64, String)>>,
 }
 
 /// A batch planned while the previous one was being written (see [`Applier::plan_batch`]): the
@@ -269,6 +325,10 @@ pub struct Writer {
     tables: BTreeMap<String, std::sync::Arc<TableModel>>,
     order: Vec<String>,
     max_rows_per_statement: usize,
+    /// Tables whose upserts HQ need not check the foreign keys of: every foreign key of the
+    /// table is resolved by the sink from a uuid to the id of a row at HQ (or staged before it).
+    /// Empty with `sinks.hq_mysql.server_fk_checks`.
+    unchecked: HashSet<String>,
 }
 
 impl Writer {
@@ -302,9 +362,20 @@ impl Writer {
 
         let t_exec = std::time::Instant::now();
         let order = &self.order;
+        // HQ checks foreign keys only where the sink has not resolved them itself (see
+        // `Writer::unchecked`). Deletes below are always checked.
+        let mut checking = true;
         for table in order {
             let Some(rows) = staged.upserts.remove(table) else { continue };
             let rows: Vec<StagedRow> = rows.into_iter().flatten().collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let check = !self.unchecked.contains(table);
+            if check != checking {
+                conn.query_drop(format!("SET SESSION foreign_key_checks = {}", check as u8)).await.map_err(db("setting foreign-key checks"))?;
+                checking = check;
+            }
             // Group by column list (rows of one table normally share it).
             let mut groups: Vec<(Vec<String>, Vec<StagedRow>)> = Vec::new();
             for r in rows {
@@ -313,6 +384,8 @@ impl Writer {
                     None => groups.push((r.cols.clone(), vec![r])),
                 }
             }
+            let t_table = std::time::Instant::now();
+            let n_rows: usize = groups.iter().map(|g| g.1.len()).sum();
             for (cols, rows) in groups {
                 let tm = self.tables.get(table);
                 let pk: Vec<String> = tm.map(|t| t.pk.clone()).unwrap_or_default();
@@ -343,6 +416,10 @@ impl Writer {
                     }
                 }
             }
+            tracing::debug!(table = %table, rows = n_rows, ms = t_table.elapsed().as_secs_f64() * 1000.0, "table written");
+        }
+        if !checking {
+            conn.query_drop("SET SESSION foreign_key_checks = 1").await.map_err(db("turning foreign-key checks back on"))?;
         }
         // Deletes, children first.
         let pos: HashMap<&str, usize> = order.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
@@ -366,30 +443,32 @@ impl Writer {
             }
         }
         let t_rows = t_exec.elapsed();
-        // Versions of what was written.
-        let versions: Vec<_> = staged.versions.iter().filter(|v| !failed.contains(&v.4)).collect();
-        for chunk in stable_chunks(&versions, 500) {
+        // Versions of what was written: first versions packed per table, the rest one row each.
+        let (packed, single): (Vec<&StagedVersion>, Vec<&StagedVersion>) =
+            staged.versions.iter().filter(|v| !failed.contains(&v.work)).partition(|v| v.packed);
+        for chunk in stable_chunks(&single, 500) {
             let marks = vec!["(?,?,?,?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
             let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
-            for (table, key, s, origin, wi) in chunk {
-                let deleted = staged.deletes.iter().any(|(_, _, w)| w == wi);
+            for v in chunk {
+                let s = &v.stored;
+                let deleted = staged.deletes.iter().any(|(_, _, w)| *w == v.work);
                 params.extend([
-                    Value::from(table.as_str()),
-                    Value::from(key.as_str()),
+                    Value::from(v.table.as_str()),
+                    Value::from(v.key.as_str()),
                     s.hq_id.map(Value::from).unwrap_or(Value::NULL),
                     Value::from(s.version.change_ms),
                     Value::from(s.version.priority),
                     Value::from(s.version.site.as_str()),
                     Value::from(s.version.commit_ms),
                     Value::from(s.version.position.as_str()),
-                    origin.as_deref().map(Value::from).unwrap_or(Value::NULL),
+                    v.origin.as_deref().map(Value::from).unwrap_or(Value::NULL),
                     Value::from(s.hash),
                     Value::from(deleted as i64),
                 ]);
             }
             conn.exec_drop(
                 format!(
-                    "INSERT INTO omrs_sync_row_version (tbl, row_key, hq_id, change_ms, priority, site, commit_ms, position, origin_key, content_hash, deleted)
+                    "INSERT INTO omrs_sync_version (tbl, row_key, hq_id, change_ms, priority, site, commit_ms, position, origin_key, content_hash, deleted)
                      VALUES {marks} ON DUPLICATE KEY UPDATE hq_id = COALESCE(VALUES(hq_id), hq_id), change_ms = VALUES(change_ms), priority = VALUES(priority),
                      site = VALUES(site), commit_ms = VALUES(commit_ms), position = VALUES(position), origin_key = COALESCE(VALUES(origin_key), origin_key),
                      content_hash = VALUES(content_hash), deleted = VALUES(deleted)"
@@ -399,12 +478,22 @@ impl Writer {
             .await
             .map_err(db("writing row versions"))?;
         }
+        // Built while planning; built again here only if HQ rejected one of the rows.
+        let packs = match staged.packs.take() {
+            Some(p) if failed.is_empty() => p,
+            _ => version_packs(&packed),
+        };
+        for (table, first, last, entries) in packs {
+            conn.exec_drop("INSERT INTO omrs_sync_version_pack (tbl, first_id, last_id, entries) VALUES (?, ?, ?, ?)", (table, first, last, entries))
+                .await
+                .map_err(db("writing a version pack"))?;
+        }
         if !staged.receipts.is_empty() {
             tracing::debug!(rows_ms = t_rows.as_millis() as u64, versions_ms = (t_exec.elapsed() - t_rows).as_millis() as u64, "rows written");
         }
         // A failed row's cached id and version are gone with it (the applier forgets them).
         let forget: Vec<(String, String)> =
-            staged.versions.iter().filter(|v| failed.contains(&v.4)).map(|(t, k, _, _, _)| (t.clone(), k.clone())).collect();
+            staged.versions.iter().filter(|v| failed.contains(&v.work)).map(|v| (v.table.clone(), v.key.clone())).collect();
         // Pending store changes, in the same transaction.
         for chunk in staged.pending_delete.chunks(1000) {
             let marks = vec!["?"; chunk.len()].join(",");
@@ -518,6 +607,8 @@ pub struct Applier {
     /// Counts planned batches ([`Applier::written`]).
     generation: u64,
     versions: LruCache<(String, String), Option<Stored>>,
+    /// Version packs read back lately, by pack id.
+    packs: LruCache<i64, std::sync::Arc<Pack>>,
     next_id: HashMap<String, i64>,
     merges: HashMap<String, MergeRec>,
     pending: BTreeMap<i64, PendingEntry>,
@@ -530,6 +621,7 @@ pub struct Applier {
     warned: HashSet<(String, String)>,
     kinds: HashMap<String, HashMap<String, ColKind>>,
     pub max_rows_per_statement: usize,
+    fk_checks: bool,
 }
 
 /// Splits `items` into chunks whose sizes repeat from batch to batch: `max` as often as it fits,
@@ -649,6 +741,7 @@ impl Applier {
             deleting: HashMap::new(),
             generation: 0,
             versions: LruCache::new(NonZeroUsize::new(500_000).unwrap_or(NonZeroUsize::MIN)),
+            packs: LruCache::new(NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN)),
             next_id: HashMap::new(),
             merges,
             pending: BTreeMap::new(),
@@ -661,6 +754,7 @@ impl Applier {
             warned: HashSet::new(),
             kinds: HashMap::new(),
             max_rows_per_statement: 1000,
+            fk_checks: false,
         };
         for (name, t) in &a.model.tables {
             let mut m = HashMap::new();
@@ -673,7 +767,7 @@ impl Applier {
             a.kinds.insert(name.clone(), m);
         }
         let dead: Vec<(String, String)> =
-            conn.query("SELECT tbl, row_key FROM omrs_sync_row_version WHERE deleted = 1").await.map_err(db("reading tombstones"))?;
+            conn.query("SELECT tbl, row_key FROM omrs_sync_version WHERE deleted = 1").await.map_err(db("reading tombstones"))?;
         a.tombstones.extend(dead);
         let rows: Vec<(i64, String, String, String, String, i64, i64, i32, String)> = conn
             .query(
@@ -692,6 +786,12 @@ impl Applier {
     /// Bounds the pending store (`sinks.hq_mysql.max_pending_rows`).
     pub fn with_max_pending(mut self, n: usize) -> Self {
         self.max_pending = n.max(1);
+        self
+    }
+
+    /// HQ checks the foreign keys of the upserts as well (`sinks.hq_mysql.server_fk_checks`).
+    pub fn with_server_fk_checks(mut self, on: bool) -> Self {
+        self.fk_checks = on;
         self
     }
 
@@ -861,7 +961,7 @@ impl Applier {
                 let marks = vec!["?"; width].join(",");
                 let sql = format!(
                     "SELECT row_key, hq_id, change_ms, priority, site, commit_ms, position, content_hash
-                     FROM omrs_sync_row_version WHERE tbl = ? AND row_key IN ({marks})"
+                     FROM omrs_sync_version WHERE tbl = ? AND row_key IN ({marks})"
                 );
                 let mut params: Vec<Value> = vec![Value::from(table.as_str())];
                 params.extend(chunk.iter().chain(std::iter::repeat_n(&chunk[0], width - chunk.len())).map(|k| Value::from(k.as_str())));
@@ -884,14 +984,70 @@ impl Applier {
                     let version = RowVersion { change_ms, priority, site, commit_ms, position };
                     self.versions.put((table.clone(), key), Some(Stored { version, hash, hq_id }));
                 }
+                let mut misses = Vec::new();
                 for k in chunk {
                     if !found.contains(k) {
                         self.versions.put((table.clone(), k.clone()), None);
+                        if let Some(id) = self.ids.peek(&(table.clone(), k.clone())) {
+                            misses.push((k.clone(), *id));
+                        }
                     }
+                }
+                if self.model.table(&table).is_some_and(|t| t.has_uuid) {
+                    self.packed_versions(conn, &table, misses).await?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Versions of rows at HQ that `omrs_sync_version` does not hold: their first version, in
+    /// the pack of the batch that created them, found by the row's HQ id.
+    async fn packed_versions(&mut self, conn: &mut Conn, table: &str, misses: Vec<(String, i64)>) -> Result<(), SinkError> {
+        for (key, id) in misses {
+            let mut found = self.pack_entry(table, id, &key);
+            if found.is_none() {
+                let candidates: Vec<(i64, i64)> = conn
+                    .exec("SELECT pack_id, last_id FROM omrs_sync_version_pack WHERE tbl = ? AND first_id <= ? ORDER BY first_id DESC LIMIT 4", (table, id))
+                    .await
+                    .map_err(db("finding version packs"))?;
+                for (pack_id, last_id) in candidates {
+                    if last_id < id || self.packs.contains(&pack_id) {
+                        continue;
+                    }
+                    let row: Option<(i64, i64, String)> = conn
+                        .exec_first("SELECT first_id, last_id, entries FROM omrs_sync_version_pack WHERE pack_id = ?", (pack_id,))
+                        .await
+                        .map_err(db("reading a version pack"))?;
+                    let Some((first_id, last_id, entries)) = row else { continue };
+                    let parsed: Vec<(i64, String, i64, i32, String, i64, String, Option<String>, u64)> = serde_json::from_str(&entries)
+                        .map_err(|e| SinkError::Schema(format!("omrs_sync_version_pack row {pack_id} ({table}) is not a version pack: {e}")))?;
+                    let entries = parsed
+                        .into_iter()
+                        .map(|(hq_id, key, change_ms, priority, site, commit_ms, position, _origin, hash)| {
+                            let version = RowVersion { change_ms, priority, site, commit_ms, position };
+                            (hq_id, (key, Stored { version, hash, hq_id: Some(hq_id) }))
+                        })
+                        .collect();
+                    self.packs.put(pack_id, std::sync::Arc::new(Pack { table: table.to_string(), first_id, last_id, entries }));
+                }
+                found = self.pack_entry(table, id, &key);
+            }
+            if let Some(stored) = found {
+                self.versions.put((table.to_string(), key), Some(stored));
+            }
+        }
+        Ok(())
+    }
+
+    /// The version of row `key` with HQ id `id` in a cached pack (the newest pack if several).
+    fn pack_entry(&self, table: &str, id: i64, key: &str) -> Option<Stored> {
+        self.packs
+            .iter()
+            .filter(|(_, p)| p.table == table && p.first_id <= id && id <= p.last_id)
+            .filter_map(|(pack_id, p)| p.entries.get(&id).filter(|(k, _)| k == key).map(|(_, s)| (*pack_id, s)))
+            .max_by_key(|(pack_id, _)| *pack_id)
+            .map(|(_, s)| s.clone())
     }
 
     async fn allocate(&mut self, conn: &mut Conn, table: &str, pk: &str) -> Result<i64, SinkError> {
@@ -1013,12 +1169,33 @@ impl Applier {
         }
         let mut units = self.plan_segment(conn, segment, &mut out).await?;
         units.push(self.expire_pending(&mut out));
+        for unit in units.iter_mut() {
+            let packed: Vec<&StagedVersion> = unit.versions.iter().filter(|v| v.packed).collect();
+            unit.packs = Some(version_packs(&packed));
+        }
         Ok(PlannedBatch { units, aggregates, out, generation: self.generation })
     }
 
     /// The writer of this applier's staged units.
     pub fn writer(&self) -> Writer {
-        Writer { tables: self.model.tables.clone(), order: self.model.order.clone(), max_rows_per_statement: self.max_rows_per_statement }
+        Writer {
+            tables: self.model.tables.clone(),
+            order: self.model.order.clone(),
+            max_rows_per_statement: self.max_rows_per_statement,
+            unchecked: if self.fk_checks {
+                HashSet::new()
+            } else {
+                self.model
+                    .tables
+                    .iter()
+                    .filter(|(name, t)| {
+                        let kinds = self.kinds.get(*name);
+                        t.columns.iter().all(|c| t.fk(&c.name).is_none() || kinds.and_then(|k| k.get(&c.name)).is_some_and(|k| k.fk_to_int))
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            },
+        }
     }
 
     /// Forgets the cached id and version of rows HQ rejected.
@@ -1264,6 +1441,8 @@ impl Applier {
         let int_pk = tm.int_pk().map(str::to_string);
         let mut pk_vals: Vec<(String, Value)> = Vec::new();
         let mut own_id: Option<i64> = None;
+        // The sink gave the row its HQ id just now: a uuid-keyed row new to HQ.
+        let mut allocated = false;
         let row = if ev.op == Op::Delete { ev.before.as_ref() } else { ev.after.as_ref() };
         let Some(row) = row else { return Ok(Plan::Dead("invalid_event", format!("{table} {row_key}: no row image"))) };
         if let (Some(pk), Some(parent)) = (int_pk.as_deref(), tm.shared_parent.as_deref()) {
@@ -1284,7 +1463,10 @@ impl Applier {
             let id = match known {
                 Some(id) => Some(id),
                 None if ev.op == Op::Delete => None,
-                None => Some(self.allocate(conn, &table, pk).await?),
+                None => {
+                    allocated = true;
+                    Some(self.allocate(conn, &table, pk).await?)
+                }
             };
             if let Some(id) = id {
                 pk_vals.push((pk.to_string(), Value::from(id)));
@@ -1316,7 +1498,7 @@ impl Applier {
             self.ids.pop(&(table.clone(), row_key.clone()));
             self.tombstones.insert((table.clone(), row_key.clone()));
             self.deleting.insert((table.clone(), row_key.clone()), self.generation);
-            self.stage_version(staged, wi, &table, &row_key, version, hash, own_id, None, overwritten.cloned(), ev);
+            self.stage_version(staged, wi, &table, &row_key, (version, hash, own_id), None, overwritten.cloned(), ev, false);
             return Ok(Plan::Done);
         }
 
@@ -1368,7 +1550,10 @@ impl Applier {
             self.ids.put((table.clone(), row_key.clone()), id);
         }
         let origin_key = ev.key.as_ref().map(|k| serde_json::to_string(k).unwrap_or_default());
-        self.stage_version(staged, wi, &table, &row_key, version, hash, own_id, origin_key, overwritten.cloned(), ev);
+        // A first version is packed with its batch's when HQ can find it again by the row's id:
+        // the row has a uuid and the id is the one the sink just gave it.
+        let packed = allocated && tm.has_uuid && stored.is_none();
+        self.stage_version(staged, wi, &table, &row_key, (version, hash, own_id), origin_key, overwritten.cloned(), ev, packed);
         Ok(Plan::Done)
     }
 
@@ -1390,19 +1575,18 @@ impl Applier {
         wi: usize,
         table: &str,
         row_key: &str,
-        version: RowVersion,
-        hash: u64,
-        hq_id: Option<i64>,
+        (version, hash, hq_id): (RowVersion, u64, Option<i64>),
         origin_key: Option<String>,
         overwritten: Option<Stored>,
         ev: &ChangeEvent,
+        packed: bool,
     ) {
         if let Some(s) = overwritten {
             staged.conflicts.push(self.conflict_row(table, row_key, &version, &s.version, ev, true));
         }
         let stored = Stored { version, hash, hq_id };
         self.versions.put((table.to_string(), row_key.to_string()), Some(stored.clone()));
-        staged.versions.push((table.to_string(), row_key.to_string(), stored, origin_key, wi));
+        staged.versions.push(StagedVersion { table: table.to_string(), key: row_key.to_string(), stored, origin: origin_key, work: wi, packed });
     }
 
     fn conflict_row(&self, table: &str, row_key: &str, winner: &RowVersion, loser: &RowVersion, ev: &ChangeEvent, overwritten: bool) -> Vec<Value> {

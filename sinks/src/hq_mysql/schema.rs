@@ -21,8 +21,10 @@ pub const BOOKKEEPING: &[&str] = &[
         PRIMARY KEY (topic, kafka_partition)
      ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     // One version per HQ row (semantics 6), which is also its provenance: the site and the
-    // site-local key it came from, and the HQ id it was given.
-    "CREATE TABLE IF NOT EXISTS omrs_sync_row_version (
+    // site-local key it came from, and the HQ id it was given. A row the sink created keeps its
+    // first version in a pack (below) until it changes again; every later version, every
+    // delete (a tombstone) and every row without an HQ id of its own is here.
+    "CREATE TABLE IF NOT EXISTS omrs_sync_version (
         tbl VARCHAR(64) NOT NULL,
         row_key VARCHAR(255) NOT NULL,
         hq_id BIGINT NULL,
@@ -36,6 +38,37 @@ pub const BOOKKEEPING: &[&str] = &[
         deleted TINYINT NOT NULL DEFAULT 0,
         PRIMARY KEY (tbl, row_key)
      ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // First versions of the rows one batch created in one table, packed into one JSON array
+    // (`[hq_id, row_key, change_ms, priority, site, commit_ms, position, origin_key,
+    // content_hash]` per row, by HQ id): one row per batch and table instead of one per row.
+    // A pack covers the HQ ids first_id..=last_id; an entry counts only while
+    // omrs_sync_version has no row for its key.
+    "CREATE TABLE IF NOT EXISTS omrs_sync_version_pack (
+        pack_id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        tbl VARCHAR(64) NOT NULL,
+        first_id BIGINT NOT NULL,
+        last_id BIGINT NOT NULL,
+        entries LONGTEXT NOT NULL,
+        KEY (tbl, first_id)
+     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // The version and provenance of every HQ row, one row each, whichever table holds it: what
+    // to query for "which site did this row come from".
+    "CREATE OR REPLACE VIEW omrs_sync_row_version AS
+        SELECT tbl, row_key, hq_id, change_ms, priority, site, commit_ms, position, origin_key, content_hash, deleted
+        FROM omrs_sync_version
+     UNION ALL
+        SELECT p.tbl, j.row_key, j.hq_id, j.change_ms, j.priority, j.site, j.commit_ms, j.position, j.origin_key, j.content_hash, 0
+        FROM omrs_sync_version_pack p, JSON_TABLE(p.entries, '$[*]' COLUMNS (
+            hq_id BIGINT PATH '$[0]',
+            row_key VARCHAR(255) CHARACTER SET utf8mb4 PATH '$[1]',
+            change_ms BIGINT PATH '$[2]',
+            priority INT PATH '$[3]',
+            site VARCHAR(64) CHARACTER SET utf8mb4 PATH '$[4]',
+            commit_ms BIGINT PATH '$[5]',
+            position VARCHAR(128) CHARACTER SET utf8mb4 PATH '$[6]',
+            origin_key VARCHAR(255) CHARACTER SET utf8mb4 PATH '$[7]',
+            content_hash BIGINT UNSIGNED PATH '$[8]')) j
+        WHERE NOT EXISTS (SELECT 1 FROM omrs_sync_version v WHERE v.tbl = p.tbl AND v.row_key = j.row_key)",
     // Every losing change (semantics 6).
     "CREATE TABLE IF NOT EXISTS omrs_sync_conflict (
         conflict_id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
@@ -107,6 +140,18 @@ pub fn dash_ddl() -> Vec<String> {
 
 /// Creates the bookkeeping and dashboard tables if they are missing.
 pub async fn ensure_bookkeeping(conn: &mut Conn) -> Result<(), SinkError> {
+    // HQ databases made before version packs kept every version in the table that is now the
+    // view: it becomes omrs_sync_version, rows and all.
+    let old: Option<String> = conn
+        .query_first("SELECT table_type FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'omrs_sync_row_version'")
+        .await
+        .map_err(|e| SinkError::db("reading information_schema", e))?;
+    if old.as_deref() == Some("BASE TABLE") {
+        tracing::info!("moving omrs_sync_row_version to omrs_sync_version (a view over versions and version packs takes its name)");
+        conn.query_drop("RENAME TABLE omrs_sync_row_version TO omrs_sync_version")
+            .await
+            .map_err(|e| SinkError::db("renaming omrs_sync_row_version to omrs_sync_version", e))?;
+    }
     for ddl in BOOKKEEPING {
         conn.query_drop(*ddl).await.map_err(|e| SinkError::db("creating the omrs_sync_ tables", e))?;
     }
