@@ -187,7 +187,7 @@ async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
     assert_eq!(count(&mut read, "SELECT COUNT(*) FROM omrs_sync_version WHERE tbl IN ('person', 'person_name')").await, 0, "first versions are not rows of their own");
     let person_id = count(&mut read, &format!("SELECT person_id FROM person WHERE uuid = '{p}'")).await;
     assert_eq!(
-        count(&mut read, &format!("SELECT COUNT(*) FROM omrs_sync_version_pack WHERE tbl = 'person' AND first_id <= {person_id} AND last_id >= {person_id} AND entries LIKE '%{p}%'")).await,
+        count(&mut read, &format!("SELECT COUNT(*) FROM omrs_sync_version_pack WHERE tbl = 'person' AND first_id <= {person_id} AND last_id >= {person_id} AND UNCOMPRESS(entries) LIKE '%{p}%'")).await,
         1
     );
     assert_eq!(

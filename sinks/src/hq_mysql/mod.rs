@@ -137,12 +137,6 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let mut conn = connect(cfg, true).await?;
     // An HQ made by an older version lacks the newer bookkeeping or dashboard tables.
     schema::ensure_bookkeeping(&mut conn).await?;
-    let priorities: HashMap<String, i32> = cfg.sites.iter().map(|s| (s.name.clone(), s.priority)).collect();
-    let mut applier = Applier::load(&mut conn, &cfg.hq.database.database, priorities, sink_cfg.fk_wait_timeout_s as i64 * 1000)
-        .await?
-        .with_max_pending(sink_cfg.max_pending_rows)
-        .with_server_fk_checks(sink_cfg.server_fk_checks);
-
     let consumer = crate::kafka::consumer(cfg, "hq-mysql")?;
     let producer = crate::kafka::dlq_producer(cfg)?;
 
@@ -153,7 +147,6 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let stored: HashMap<i32, i64> = stored.into_iter().collect();
     // Seek to the offsets stored in HQ (semantics 1), not to a group's.
     let partitions = crate::kafka::assign_at(&consumer, &topic, &stored)?;
-    tracing::info!(topic = %topic, offsets = ?stored, pending = applier.pending_len(), "HQ sink started");
 
     let mut targets: HashMap<i32, i64> = HashMap::new();
     if args.until_idle {
@@ -205,12 +198,20 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
                             .and_then(|tp| tp.find_partition(&topic, *p).and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None }));
                         *high == 0 || pos.is_some_and(|o| o >= *high) || next.get(p).is_some_and(|o| *o >= *high)
                     });
+                tracing::debug!(records = records.len(), "batch read");
                 if tx.send(Ok(Batch { records, next: next.clone(), at_end })).await.is_err() {
                     return;
                 }
             }
         }
     }));
+    // The reader fetches the first batch while HQ's table model and the sink's state load.
+    let priorities: HashMap<String, i32> = cfg.sites.iter().map(|s| (s.name.clone(), s.priority)).collect();
+    let mut applier = Applier::load(&mut conn, &cfg.hq.database.database, priorities, sink_cfg.fk_wait_timeout_s as i64 * 1000)
+        .await?
+        .with_max_pending(sink_cfg.max_pending_rows)
+        .with_server_fk_checks(sink_cfg.server_fk_checks);
+    tracing::info!(topic = %topic, offsets = ?stored, pending = applier.pending_len(), "HQ sink started");
     let mut total_applied: u64 = 0;
     let mut last_bytes_total = Instant::now();
     let writer = std::sync::Arc::new(applier.writer());

@@ -40,15 +40,18 @@ pub const BOOKKEEPING: &[&str] = &[
      ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     // First versions of the rows one batch created in one table, packed into one JSON array
     // (`[hq_id, row_key, change_ms, priority, site, commit_ms, position, origin_key,
-    // content_hash]` per row, by HQ id): one row per batch and table instead of one per row.
+    // content_hash]` per row, by HQ id) in the format of COMPRESS(): one row per batch and
+    // table instead of one per row.
     // A pack covers the HQ ids first_id..=last_id; an entry counts only while
-    // omrs_sync_version has no row for its key.
+    // omrs_sync_version has no row for its key. A pack is written ahead of its batch
+    // (committed = 0) and marked committed in the batch's transaction.
     "CREATE TABLE IF NOT EXISTS omrs_sync_version_pack (
         pack_id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
         tbl VARCHAR(64) NOT NULL,
         first_id BIGINT NOT NULL,
         last_id BIGINT NOT NULL,
-        entries LONGTEXT NOT NULL,
+        entries LONGBLOB NOT NULL,
+        committed TINYINT NOT NULL DEFAULT 1,
         KEY (tbl, first_id)
      ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     // The version and provenance of every HQ row, one row each, whichever table holds it: what
@@ -58,7 +61,7 @@ pub const BOOKKEEPING: &[&str] = &[
         FROM omrs_sync_version
      UNION ALL
         SELECT p.tbl, j.row_key, j.hq_id, j.change_ms, j.priority, j.site, j.commit_ms, j.position, j.origin_key, j.content_hash, 0
-        FROM omrs_sync_version_pack p, JSON_TABLE(p.entries, '$[*]' COLUMNS (
+        FROM omrs_sync_version_pack p, JSON_TABLE(CONVERT(UNCOMPRESS(p.entries) USING utf8mb4), '$[*]' COLUMNS (
             hq_id BIGINT PATH '$[0]',
             row_key VARCHAR(255) CHARACTER SET utf8mb4 PATH '$[1]',
             change_ms BIGINT PATH '$[2]',
@@ -68,7 +71,7 @@ pub const BOOKKEEPING: &[&str] = &[
             position VARCHAR(128) CHARACTER SET utf8mb4 PATH '$[6]',
             origin_key VARCHAR(255) CHARACTER SET utf8mb4 PATH '$[7]',
             content_hash BIGINT UNSIGNED PATH '$[8]')) j
-        WHERE NOT EXISTS (SELECT 1 FROM omrs_sync_version v WHERE v.tbl = p.tbl AND v.row_key = j.row_key)",
+        WHERE p.committed = 1 AND NOT EXISTS (SELECT 1 FROM omrs_sync_version v WHERE v.tbl = p.tbl AND v.row_key = j.row_key)",
     // Every losing change (semantics 6).
     "CREATE TABLE IF NOT EXISTS omrs_sync_conflict (
         conflict_id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
