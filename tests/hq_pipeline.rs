@@ -238,3 +238,35 @@ async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
     drop(write);
     let _ = init.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await;
 }
+
+/// An HQ made before version packs kept every version in a table named
+/// `omrs_sync_row_version`. At start the sink renames it to `omrs_sync_version`, rows and all,
+/// and the view takes its name: the old versions still count and still show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hq_from_before_version_packs_keeps_its_versions() {
+    let db = unique("openmrs_hq_mig");
+    let mut init = admin(3310, None).await;
+    omrs_sinks::hq_mysql::schema::init(&mut init, &db, &dump(), true).await.expect("HQ --init");
+    let mut c = session(&db).await;
+    // The layout before packs: the versions table under the view's name, no packs.
+    c.query_drop("DROP VIEW omrs_sync_row_version; RENAME TABLE omrs_sync_version TO omrs_sync_row_version; DROP TABLE omrs_sync_version_pack").await.unwrap();
+    c.query_drop("INSERT INTO omrs_sync_row_version VALUES ('obs', 'old-obs-uuid', 5, 1, 0, 'site-a', 1, 'binlog.000001:4', NULL, 7, 0)").await.unwrap();
+    c.query_drop("INSERT INTO omrs_sync_row_version VALUES ('obs', 'gone-obs-uuid', NULL, 2, 0, 'site-b', 2, 'binlog.000001:5', NULL, 0, 1)").await.unwrap();
+
+    omrs_sinks::hq_mysql::schema::ensure_bookkeeping(&mut c).await.expect("bookkeeping over the old layout");
+    let kind = |t: &str| format!("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{db}' AND table_name = '{t}' AND table_type = ");
+    assert_eq!(count(&mut c, &format!("{}'VIEW'", kind("omrs_sync_row_version"))).await, 1);
+    assert_eq!(count(&mut c, &format!("{}'BASE TABLE'", kind("omrs_sync_version"))).await, 1);
+    assert_eq!(count(&mut c, &format!("{}'BASE TABLE'", kind("omrs_sync_version_pack"))).await, 1);
+    assert_eq!(count(&mut c, "SELECT COUNT(*) FROM omrs_sync_row_version WHERE row_key = 'old-obs-uuid' AND site = 'site-a' AND hq_id = 5").await, 1);
+    // The sink starts on it (it reads its tombstones from omrs_sync_version).
+    let applier = Applier::load(&mut c, &db, HashMap::new(), 600_000).await.expect("applier on the migrated HQ");
+    drop(applier);
+    assert_eq!(count(&mut c, "SELECT COUNT(*) FROM omrs_sync_version WHERE deleted = 1").await, 1);
+    // A second start changes nothing.
+    omrs_sinks::hq_mysql::schema::ensure_bookkeeping(&mut c).await.expect("bookkeeping again");
+    assert_eq!(count(&mut c, "SELECT COUNT(*) FROM omrs_sync_row_version").await, 2);
+
+    drop(c);
+    let _ = init.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await;
+}

@@ -9,7 +9,7 @@ CREATE DATABASE IF NOT EXISTS `openmrs_hq` DEFAULT CHARACTER SET utf8 COLLATE ut
 -- The HQ sink: writer on the HQ databases (openmrs_hq, and openmrs_hq_* for tests/verify).
 CREATE USER IF NOT EXISTS 'hq'@'%' IDENTIFIED BY 'hq';
 GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX, DROP, REFERENCES,
-      CREATE TEMPORARY TABLES, LOCK TABLES
+      CREATE TEMPORARY TABLES, LOCK TABLES, CREATE VIEW, SHOW VIEW
   ON `openmrs\_hq%`.* TO 'hq'@'%';
 
 -- Dev admin used by the simulator and the tests.
