@@ -57,6 +57,19 @@ fn record_from(site: &str, offset: i64, op: Op, table: &str, uuid: &str, row: J,
     Record::decode(0, offset, ev.to_json())
 }
 
+/// A fresh HQ database (`--init` from the demo dump): its name, and the admin connection that
+/// made it (for [`drop_hq`]).
+async fn fresh_hq(prefix: &str) -> (String, Conn) {
+    let db = unique(prefix);
+    let mut init = admin(3310, None).await;
+    omrs_sinks::hq_mysql::schema::init(&mut init, &db, &dump(), true).await.expect("HQ --init");
+    (db, init)
+}
+
+async fn drop_hq(mut init: Conn, db: &str) {
+    let _ = init.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await;
+}
+
 async fn session(db: &str) -> Conn {
     let mut c = admin(3310, Some(db)).await;
     c.query_drop("SET time_zone = '+00:00', SESSION sql_mode = 'STRICT_TRANS_TABLES,NO_AUTO_VALUE_ON_ZERO'; SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
@@ -83,9 +96,7 @@ async fn count(c: &mut Conn, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_planned_before_a_delete_commits_does_not_use_the_deleted_row() {
-    let db = unique("openmrs_hq_pipe");
-    let mut init = admin(3310, None).await;
-    omrs_sinks::hq_mysql::schema::init(&mut init, &db, &dump(), true).await.expect("HQ --init");
+    let (db, init) = fresh_hq("openmrs_hq_pipe").await;
     let mut write = session(&db).await;
     let mut read = session(&db).await;
     let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
@@ -149,7 +160,7 @@ async fn a_batch_planned_before_a_delete_commits_does_not_use_the_deleted_row() 
 
     drop(read);
     drop(write);
-    let _ = init.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await;
+    drop_hq(init, &db).await;
 }
 
 /// The first version of a row the sink creates is stored in its batch's version pack, not as a
@@ -161,9 +172,7 @@ async fn a_batch_planned_before_a_delete_commits_does_not_use_the_deleted_row() 
 /// cannot be deleted from under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
-    let db = unique("openmrs_hq_pack");
-    let mut init = admin(3310, None).await;
-    omrs_sinks::hq_mysql::schema::init(&mut init, &db, &dump(), true).await.expect("HQ --init");
+    let (db, init) = fresh_hq("openmrs_hq_pack").await;
     let mut write = session(&db).await;
     let mut read = session(&db).await;
     let user: String = write.query_first("SELECT uuid FROM users ORDER BY user_id LIMIT 1").await.unwrap().unwrap();
@@ -236,7 +245,7 @@ async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
 
     drop(read);
     drop(write);
-    let _ = init.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await;
+    drop_hq(init, &db).await;
 }
 
 /// An HQ made before version packs kept every version in a table named
@@ -244,9 +253,7 @@ async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
 /// and the view takes its name: the old versions still count and still show.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_hq_from_before_version_packs_keeps_its_versions() {
-    let db = unique("openmrs_hq_mig");
-    let mut init = admin(3310, None).await;
-    omrs_sinks::hq_mysql::schema::init(&mut init, &db, &dump(), true).await.expect("HQ --init");
+    let (db, init) = fresh_hq("openmrs_hq_mig").await;
     let mut c = session(&db).await;
     // The layout before packs: the versions table under the view's name, no packs.
     c.query_drop("DROP VIEW omrs_sync_row_version; RENAME TABLE omrs_sync_version TO omrs_sync_row_version; DROP TABLE omrs_sync_version_pack").await.unwrap();
@@ -268,5 +275,5 @@ async fn an_hq_from_before_version_packs_keeps_its_versions() {
     assert_eq!(count(&mut c, "SELECT COUNT(*) FROM omrs_sync_row_version").await, 2);
 
     drop(c);
-    let _ = init.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await;
+    drop_hq(init, &db).await;
 }

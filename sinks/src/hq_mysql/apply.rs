@@ -511,29 +511,17 @@ impl Writer {
             .await
             .map_err(db("writing row versions"))?;
         }
-        match staged.packs_ahead.take() {
-            // Stored ahead: they count once this transaction commits.
-            Some(ids) if failed.is_empty() => {
-                if !ids.is_empty() {
-                    let marks = vec!["?"; ids.len()].join(",");
-                    conn.exec_drop(format!("UPDATE omrs_sync_version_pack SET committed = 1 WHERE pack_id IN ({marks})"), ids)
-                        .await
-                        .map_err(db("marking version packs committed"))?;
-                }
-            }
-            // HQ rejected a row: its entry goes, so the packs are written again without it.
-            Some(ids) => {
-                if !ids.is_empty() {
-                    let marks = vec!["?"; ids.len()].join(",");
-                    conn.exec_drop(format!("DELETE FROM omrs_sync_version_pack WHERE pack_id IN ({marks})"), ids)
-                        .await
-                        .map_err(db("replacing version packs"))?;
-                }
-                store_packs(conn, version_packs(&packed), true).await?;
-            }
-            None => {
-                store_packs(conn, version_packs(&packed), true).await?;
-            }
+        // Packs stored ahead count once this transaction commits. If HQ rejected a row, its
+        // entry must go: those packs are dropped and written again here, as are packs not
+        // stored ahead (the batches applied on this connection).
+        let ahead = staged.packs_ahead.take();
+        if let Some(ids) = ahead.as_ref().filter(|ids| !ids.is_empty()) {
+            let sql = if failed.is_empty() { "UPDATE omrs_sync_version_pack SET committed = 1" } else { "DELETE FROM omrs_sync_version_pack" };
+            let marks = vec!["?"; ids.len()].join(",");
+            conn.exec_drop(format!("{sql} WHERE pack_id IN ({marks})"), ids.clone()).await.map_err(db("committing version packs"))?;
+        }
+        if ahead.is_none() || !failed.is_empty() {
+            store_packs(conn, version_packs(&packed), true).await?;
         }
         if !staged.receipts.is_empty() {
             tracing::debug!(rows_ms = t_rows.as_millis() as u64, versions_ms = (t_exec.elapsed() - t_rows).as_millis() as u64, "rows written");
@@ -671,6 +659,9 @@ pub struct Applier {
     kinds: HashMap<String, HashMap<String, ColKind>>,
     pub max_rows_per_statement: usize,
     fk_checks: bool,
+    /// Tables whose every foreign key the sink resolves from a uuid to an HQ id (worked out
+    /// with `kinds`): HQ need not check them again ([`Writer::unchecked`]).
+    resolved_fks: HashSet<String>,
 }
 
 /// The step of [`stable_chunks`]' sizes below the maximum.
@@ -738,7 +729,6 @@ fn is_binary_type(t: &str) -> bool {
     let t = t.to_ascii_lowercase();
     t.contains("blob") || t.contains("binary")
 }
-
 
 enum Intake {
     Work(Box<Work>),
@@ -809,14 +799,20 @@ impl Applier {
             kinds: HashMap::new(),
             max_rows_per_statement: 1000,
             fk_checks: false,
+            resolved_fks: HashSet::new(),
         };
         for (name, t) in &a.model.tables {
             let mut m = HashMap::new();
+            let mut resolved = true;
             for c in &t.columns {
                 let fk_to_int = t
                     .fk(&c.name)
                     .is_some_and(|fk| a.model.table(&fk.ref_table).and_then(|rt| rt.int_pk().map(|p| p == fk.ref_column)).unwrap_or(false));
+                resolved &= fk_to_int || t.fk(&c.name).is_none();
                 m.insert(c.name.clone(), ColKind { fk_to_int, binary: is_binary_type(&c.column_type), int: is_int_type(&c.column_type) });
+            }
+            if resolved {
+                a.resolved_fks.insert(name.clone());
             }
             a.kinds.insert(name.clone(), m);
         }
@@ -1052,16 +1048,18 @@ impl Applier {
                     let version = RowVersion { change_ms, priority, site, commit_ms, position };
                     self.versions.put((table.clone(), key), Some(Stored { version, hash, hq_id }));
                 }
+                // Packs hold first versions of uuid-keyed rows only, found by the row's HQ id.
+                let packed = self.model.table(&table).is_some_and(|t| t.has_uuid);
                 let mut misses = Vec::new();
                 for k in chunk {
                     if !found.contains(k) {
                         self.versions.put((table.clone(), k.clone()), None);
-                        if let Some(id) = self.ids.peek(&(table.clone(), k.clone())) {
+                        if let Some(id) = self.ids.peek(&(table.clone(), k.clone())).filter(|_| packed) {
                             misses.push((k.clone(), *id));
                         }
                     }
                 }
-                if self.model.table(&table).is_some_and(|t| t.has_uuid) {
+                if !misses.is_empty() {
                     self.packed_versions(conn, &table, misses).await?;
                 }
             }
@@ -1259,19 +1257,7 @@ impl Applier {
             tables: self.model.tables.clone(),
             order: self.model.order.clone(),
             max_rows_per_statement: self.max_rows_per_statement,
-            unchecked: if self.fk_checks {
-                HashSet::new()
-            } else {
-                self.model
-                    .tables
-                    .iter()
-                    .filter(|(name, t)| {
-                        let kinds = self.kinds.get(*name);
-                        t.columns.iter().all(|c| t.fk(&c.name).is_none() || kinds.and_then(|k| k.get(&c.name)).is_some_and(|k| k.fk_to_int))
-                    })
-                    .map(|(name, _)| name.clone())
-                    .collect()
-            },
+            unchecked: if self.fk_checks { HashSet::new() } else { self.resolved_fks.clone() },
         }
     }
 
