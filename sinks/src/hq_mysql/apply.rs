@@ -19,7 +19,7 @@ use base64::Engine as _;
 use lru::LruCache;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
-use omrs_core::envelope::{ChangeEvent, Op, Row};
+use omrs_core::envelope::{ChangeEvent, Op};
 use omrs_core::hq::{compare, row_key, HqEvent, KeyShape, RowVersion};
 use omrs_ingest::model::{is_int_type, Model, TableModel};
 use serde_json::Value as J;
@@ -236,6 +236,77 @@ struct Stored {
     hq_id: Option<i64>,
 }
 
+/// (table, row key): the key of the caches and sets that follow rows.
+type TKey = (String, String);
+
+/// A (table, row key) looked up without building a [`TKey`]: it hashes and compares the same
+/// (a derived `Hash` hashes the fields in order, as a tuple does).
+#[derive(Hash)]
+struct Tk<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<TKey> for Tk<'_> {
+    fn equivalent(&self, k: &TKey) -> bool {
+        self.0 == k.0 && self.1 == k.1
+    }
+}
+
+/// A bounded cache by (table, row key), looked up without allocating: two generations, the
+/// current one and the one before it. An entry read from the older generation moves to the
+/// current one; when the current one is full it becomes the older one and the older one is
+/// dropped. It holds between `cap / 2` and `cap` entries, the most recently used of them.
+struct Cache<V> {
+    cur: hashbrown::HashMap<TKey, V>,
+    old: hashbrown::HashMap<TKey, V>,
+    half: usize,
+}
+
+impl<V> Cache<V> {
+    fn new(cap: usize) -> Self {
+        Cache { cur: hashbrown::HashMap::new(), old: hashbrown::HashMap::new(), half: (cap / 2).max(1) }
+    }
+
+    fn get(&mut self, table: &str, key: &str) -> Option<&V> {
+        let q = Tk(table, key);
+        if !self.cur.contains_key(&q) {
+            let (k, v) = self.old.remove_entry(&q)?;
+            self.put(k, v);
+        }
+        self.cur.get(&q)
+    }
+
+    fn peek(&self, table: &str, key: &str) -> Option<&V> {
+        let q = Tk(table, key);
+        self.cur.get(&q).or_else(|| self.old.get(&q))
+    }
+
+    fn contains(&self, table: &str, key: &str) -> bool {
+        self.peek(table, key).is_some()
+    }
+
+    fn put(&mut self, k: TKey, v: V) {
+        self.old.remove(&k);
+        if self.cur.len() >= self.half && !self.cur.contains_key(&k) {
+            self.old = std::mem::take(&mut self.cur);
+        }
+        self.cur.insert(k, v);
+    }
+
+    /// [`Cache::put`], building the key only when the entry is not in the current generation.
+    fn put_ref(&mut self, table: &str, key: &str, v: V) {
+        match self.cur.get_mut(&Tk(table, key)) {
+            Some(slot) => *slot = v,
+            None => self.put((table.to_string(), key.to_string()), v),
+        }
+    }
+
+    fn pop(&mut self, table: &str, key: &str) -> Option<V> {
+        let q = Tk(table, key);
+        let a = self.cur.remove(&q);
+        let b = self.old.remove(&q);
+        a.or(b)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct MergeRec {
     winner: String,
@@ -293,7 +364,8 @@ struct StagedVersion {
 }
 
 struct StagedRow {
-    cols: Vec<String>,
+    /// Shared by the rows of a table that have the same columns ([`Applier::col_list`]).
+    cols: std::sync::Arc<[String]>,
     vals: Vec<Value>,
     work: usize,
     /// A row new to HQ, with the id the sink has just given it: a plain INSERT.
@@ -407,9 +479,9 @@ impl Writer {
             }
             // Group by column list (rows of one table normally share it).
             // New rows (plain INSERT) apart from the rest (upserts).
-            let mut groups: Vec<((bool, Vec<String>), Vec<StagedRow>)> = Vec::new();
+            let mut groups: Vec<((bool, std::sync::Arc<[String]>), Vec<StagedRow>)> = Vec::new();
             for r in rows {
-                match groups.iter_mut().find(|((i, c), _)| *i == r.insert && *c == r.cols) {
+                match groups.iter_mut().find(|((i, c), _)| *i == r.insert && (std::sync::Arc::ptr_eq(c, &r.cols) || *c == r.cols)) {
                     Some((_, g)) => g.push(r),
                     None => groups.push(((r.insert, r.cols.clone()), vec![r])),
                 }
@@ -620,43 +692,71 @@ impl Writer {
 }
 
 /// What the sink needs to know of one HQ column, worked out once per table.
-#[derive(Debug, Clone, Copy, Default)]
-struct ColKind {
+#[derive(Debug, Clone, Default)]
+struct ColInfo {
+    name: String,
+    /// The foreign key from this column, if any.
+    fk: Option<omrs_ingest::model::Fk>,
     /// A reference to a table whose key is one integer column (mapped uuid → HQ id).
     fk_to_int: bool,
     binary: bool,
     int: bool,
+    /// Part of the primary key.
+    pk: bool,
+}
+
+/// One HQ table's columns as the sink plans rows with them, worked out once at load: a row's
+/// column is found with one hash lookup (not by scanning the table's foreign keys).
+#[derive(Debug, Default)]
+struct Columns {
+    index: hashbrown::HashMap<String, usize>,
+    info: Vec<ColInfo>,
+    /// [`TableModel::int_pk`].
+    int_pk: Option<String>,
+}
+
+impl Columns {
+    fn get(&self, col: &str) -> Option<&ColInfo> {
+        self.index.get(col).map(|&i| &self.info[i])
+    }
+
+    fn fk(&self, col: &str) -> Option<&omrs_ingest::model::Fk> {
+        self.get(col).and_then(|c| c.fk.as_ref())
+    }
 }
 
 /// HQ's state as the sink sees it: table model, id and version caches, merges, pending rows.
 pub struct Applier {
     pub model: Model,
     priorities: HashMap<String, i32>,
-    ids: LruCache<(String, String), i64>,
+    ids: Cache<i64>,
     /// Keys the current flush's bulk lookup found absent at HQ: no point query for them.
-    absent: HashSet<(String, String)>,
+    absent: hashbrown::HashSet<TKey>,
     /// Rows deleted at HQ (their version is kept): the only rows absent at HQ that have one.
-    tombstones: HashSet<(String, String)>,
+    tombstones: hashbrown::HashSet<TKey>,
     /// Rows deleted by staged writes that may not have committed yet, with the generation of
     /// the batch that deletes them: a read of HQ that still finds one does not bring it back
     /// into the id cache.
-    deleting: HashMap<(String, String), u64>,
+    deleting: hashbrown::HashMap<TKey, u64>,
     /// Counts planned batches ([`Applier::written`]).
     generation: u64,
-    versions: LruCache<(String, String), Option<Stored>>,
+    versions: Cache<Option<Stored>>,
     /// Version packs read back lately, by pack id.
     packs: LruCache<i64, std::sync::Arc<Pack>>,
     next_id: HashMap<String, i64>,
     merges: HashMap<String, MergeRec>,
     pending: BTreeMap<i64, PendingEntry>,
-    waits: HashMap<(String, String), Vec<i64>>,
-    pending_rows: HashMap<(String, String), usize>,
+    waits: hashbrown::HashMap<TKey, Vec<i64>>,
+    pending_rows: hashbrown::HashMap<TKey, usize>,
     next_pending_id: i64,
     daemon_user: i64,
     fk_wait_ms: i64,
     max_pending: usize,
     warned: HashSet<(String, String)>,
-    kinds: HashMap<String, HashMap<String, ColKind>>,
+    columns: HashMap<String, std::sync::Arc<Columns>>,
+    /// The column list of the row staged last, per table: the next row of the table shares it
+    /// when its columns are the same (they nearly always are), instead of a list of its own.
+    col_lists: HashMap<String, std::sync::Arc<[String]>>,
     pub max_rows_per_statement: usize,
     fk_checks: bool,
     /// Tables whose every foreign key the sink resolves from a uuid to an HQ id (worked out
@@ -779,42 +879,51 @@ impl Applier {
         let mut a = Applier {
             model,
             priorities,
-            ids: LruCache::new(NonZeroUsize::new(500_000).unwrap_or(NonZeroUsize::MIN)),
-            absent: HashSet::new(),
-            tombstones: HashSet::new(),
-            deleting: HashMap::new(),
+            ids: Cache::new(500_000),
+            absent: hashbrown::HashSet::new(),
+            tombstones: hashbrown::HashSet::new(),
+            deleting: hashbrown::HashMap::new(),
             generation: 0,
-            versions: LruCache::new(NonZeroUsize::new(500_000).unwrap_or(NonZeroUsize::MIN)),
+            versions: Cache::new(500_000),
             packs: LruCache::new(NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN)),
             next_id: HashMap::new(),
             merges,
             pending: BTreeMap::new(),
-            waits: HashMap::new(),
-            pending_rows: HashMap::new(),
+            waits: hashbrown::HashMap::new(),
+            pending_rows: hashbrown::HashMap::new(),
             next_pending_id: 1,
             daemon_user,
             fk_wait_ms,
             max_pending: usize::MAX,
             warned: HashSet::new(),
-            kinds: HashMap::new(),
+            columns: HashMap::new(),
+            col_lists: HashMap::new(),
             max_rows_per_statement: 1000,
             fk_checks: false,
             resolved_fks: HashSet::new(),
         };
         for (name, t) in &a.model.tables {
-            let mut m = HashMap::new();
+            let mut m = Columns { int_pk: t.int_pk().map(str::to_string), ..Columns::default() };
             let mut resolved = true;
             for c in &t.columns {
-                let fk_to_int = t
-                    .fk(&c.name)
-                    .is_some_and(|fk| a.model.table(&fk.ref_table).and_then(|rt| rt.int_pk().map(|p| p == fk.ref_column)).unwrap_or(false));
-                resolved &= fk_to_int || t.fk(&c.name).is_none();
-                m.insert(c.name.clone(), ColKind { fk_to_int, binary: is_binary_type(&c.column_type), int: is_int_type(&c.column_type) });
+                let fk = t.fk(&c.name).cloned();
+                let fk_to_int =
+                    fk.as_ref().is_some_and(|fk| a.model.table(&fk.ref_table).and_then(|rt| rt.int_pk().map(|p| p == fk.ref_column)).unwrap_or(false));
+                resolved &= fk_to_int || fk.is_none();
+                m.index.insert(c.name.clone(), m.info.len());
+                m.info.push(ColInfo {
+                    name: c.name.clone(),
+                    fk,
+                    fk_to_int,
+                    binary: is_binary_type(&c.column_type),
+                    int: is_int_type(&c.column_type),
+                    pk: t.pk.contains(&c.name),
+                });
             }
             if resolved {
                 a.resolved_fks.insert(name.clone());
             }
-            a.kinds.insert(name.clone(), m);
+            a.columns.insert(name.clone(), std::sync::Arc::new(m));
         }
         let dead: Vec<(String, String)> =
             conn.query("SELECT tbl, row_key FROM omrs_sync_version WHERE deleted = 1").await.map_err(db("reading tombstones"))?;
@@ -869,7 +978,7 @@ impl Applier {
                 self.waits.remove(&p.waits);
             }
         }
-        let k = (p.tbl.clone(), p.row_key.clone());
+        let k = Tk(&p.tbl, &p.row_key);
         if let Some(n) = self.pending_rows.get_mut(&k) {
             *n -= 1;
             if *n == 0 {
@@ -919,7 +1028,7 @@ impl Applier {
     }
 
     /// Content hash of a row in uuid space: references by uuid, site-local ids left out.
-    fn content_hash(tm: &TableModel, ev: &ChangeEvent) -> u64 {
+    fn content_hash(tm: &TableModel, cm: &Columns, ev: &ChangeEvent) -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         if ev.op == Op::Delete {
             return 0;
@@ -936,14 +1045,16 @@ impl Applier {
                 fnv(h, &buf);
             }
         };
+        let by_uuid = tm.has_uuid || tm.shared_parent.is_some();
         if let Some(after) = &ev.after {
             for (col, v) in after {
-                if tm.pk.iter().any(|p| p == col) && (tm.has_uuid || tm.shared_parent.is_some()) {
+                let info = cm.get(col);
+                if by_uuid && info.is_some_and(|c| c.pk) {
                     continue;
                 }
                 fnv(&mut h, col.as_bytes());
                 fnv(&mut h, b"=");
-                if tm.fk(col).is_some() {
+                if info.is_some_and(|c| c.fk.is_some()) {
                     text(&mut h, ev.refs.get(col).unwrap_or(&J::Null));
                 } else {
                     text(&mut h, v);
@@ -958,7 +1069,7 @@ impl Applier {
     async fn prefetch_ids(&mut self, conn: &mut Conn, wanted: HashMap<String, HashSet<String>>) -> Result<(), SinkError> {
         for (table, keys) in wanted {
             let Some(tm) = self.table(&table) else { continue };
-            let keys: Vec<String> = keys.into_iter().filter(|k| !self.ids.contains(&(table.clone(), k.clone()))).collect();
+            let keys: Vec<String> = keys.into_iter().filter(|k| !self.ids.contains(&table, k)).collect();
             if keys.is_empty() {
                 continue;
             }
@@ -985,12 +1096,11 @@ impl Applier {
                 let rows: Vec<(String, i64)> = conn.exec(sql, params).await.map_err(db("looking up HQ ids"))?;
                 let mut found = HashSet::with_capacity(rows.len());
                 for (u, id) in rows {
-                    let key = (table.clone(), u);
-                    if self.deleting.contains_key(&key) {
+                    if self.deleting.contains_key(&Tk(&table, &u)) {
                         continue;
                     }
-                    found.insert(key.1.clone());
-                    self.ids.put(key, id);
+                    self.ids.put((table.clone(), u.clone()), id);
+                    found.insert(u);
                 }
                 for k in chunk {
                     if !found.contains(k) {
@@ -1004,22 +1114,21 @@ impl Applier {
 
     /// The HQ id of the row of `table` that `uuid` stands for, if it is at HQ.
     async fn lookup_id(&mut self, conn: &mut Conn, table: &str, uuid: &str) -> Result<Option<i64>, SinkError> {
-        let key = (table.to_string(), uuid.to_string());
-        if let Some(id) = self.ids.get(&key) {
+        if let Some(id) = self.ids.get(table, uuid) {
             return Ok(Some(*id));
         }
-        if self.absent.contains(&key) {
+        if self.absent.contains(&Tk(table, uuid)) {
             return Ok(None);
         }
         let mut want = HashMap::new();
         want.insert(table.to_string(), HashSet::from([uuid.to_string()]));
         self.prefetch_ids(conn, want).await?;
-        Ok(self.ids.get(&(table.to_string(), uuid.to_string())).copied())
+        Ok(self.ids.get(table, uuid).copied())
     }
 
     async fn prefetch_versions(&mut self, conn: &mut Conn, wanted: HashMap<String, HashSet<String>>) -> Result<(), SinkError> {
         for (table, keys) in wanted {
-            let keys: Vec<String> = keys.into_iter().filter(|k| !self.versions.contains(&(table.clone(), k.clone()))).collect();
+            let keys: Vec<String> = keys.into_iter().filter(|k| !self.versions.contains(&table, k)).collect();
             for chunk in keys.chunks(1000) {
                 let width = padded_len(chunk.len(), 1000);
                 let marks = vec!["?"; width].join(",");
@@ -1054,7 +1163,7 @@ impl Applier {
                 for k in chunk {
                     if !found.contains(k) {
                         self.versions.put((table.clone(), k.clone()), None);
-                        if let Some(id) = self.ids.peek(&(table.clone(), k.clone())).filter(|_| packed) {
+                        if let Some(id) = self.ids.peek(&table, k).filter(|_| packed) {
                             misses.push((k.clone(), *id));
                         }
                     }
@@ -1263,9 +1372,9 @@ impl Applier {
 
     /// Forgets the cached id and version of rows HQ rejected.
     pub fn forget(&mut self, failed: &[(String, String)]) {
-        for key in failed {
-            self.versions.pop(key);
-            self.ids.pop(key);
+        for (t, k) in failed {
+            self.versions.pop(t, k);
+            self.ids.pop(t, k);
         }
     }
 
@@ -1343,7 +1452,7 @@ impl Applier {
         let mut want_versions: HashMap<String, HashSet<String>> = HashMap::new();
         for w in &works {
             let Some(table) = w.event.table.as_deref() else { continue };
-            let Some(tm) = self.model.table(table) else { continue };
+            let (Some(tm), Some(cm)) = (self.model.table(table), self.columns.get(table)) else { continue };
             if let Ok(k) = &w.key {
                 if tm.has_uuid || tm.shared_parent.is_some() {
                     want_ids.entry(table.to_string()).or_default().insert(k.clone());
@@ -1351,7 +1460,7 @@ impl Applier {
                 want_versions.entry(table.to_string()).or_default().insert(k.clone());
             }
             for (col, v) in w.event.refs.iter().chain(w.origin_refs.iter()) {
-                if let (Some(fk), Some(u)) = (tm.fk(col), v.as_str()) {
+                if let (Some(fk), Some(u)) = (cm.fk(col), v.as_str()) {
                     want_ids.entry(fk.ref_table.clone()).or_default().insert(u.to_string());
                 }
             }
@@ -1367,10 +1476,10 @@ impl Applier {
                 continue;
             }
             keys.retain(|k| {
-                let key = (table.clone(), k.clone());
+                let key = Tk(table, k);
                 let new = self.absent.contains(&key) && !self.tombstones.contains(&key);
                 if new {
-                    self.versions.put(key, None);
+                    self.versions.put((table.clone(), k.clone()), None);
                 }
                 !new
             });
@@ -1390,7 +1499,7 @@ impl Applier {
                 Plan::Done => {
                     // Rows parked behind this one (its children, or its own later changes) wake.
                     let woken = match (w.event.table.clone(), &w.key) {
-                        (Some(table), Ok(k)) => self.waits.get(&(table, k.clone())).cloned().unwrap_or_default(),
+                        (Some(table), Ok(k)) => self.waits.get(&Tk(&table, k)).cloned().unwrap_or_default(),
                         _ => Vec::new(),
                     };
                     for id in woken {
@@ -1459,7 +1568,7 @@ impl Applier {
     async fn plan(&mut self, conn: &mut Conn, w: &Work, staged: &mut Staged, units: &mut Vec<Staged>, out: &mut Outcome) -> Result<Plan, SinkError> {
         let ev = &w.event;
         let Some(table) = ev.table.clone() else { return Ok(Plan::Dead("invalid_event", "change without a table".into())) };
-        let Some(tm) = self.table(&table) else {
+        let (Some(tm), Some(cm)) = (self.table(&table), self.columns.get(&table).cloned()) else {
             return Ok(Plan::Dead("unknown_table", format!("table `{table}` does not exist at HQ")));
         };
         let row_key = match &w.key {
@@ -1467,18 +1576,18 @@ impl Applier {
             Err(reason) => return Ok(Plan::Dead("missing_key", reason.clone())),
         };
         // Later changes of a parked row queue behind it.
-        if self.pending_rows.contains_key(&(table.clone(), row_key.clone())) {
+        if self.pending_rows.contains_key(&Tk(&table, &row_key)) {
             return Ok(Plan::Park(table, row_key));
         }
         let version = RowVersion::of(ev, self.priorities.get(&ev.site).copied().unwrap_or(0));
-        let hash = Self::content_hash(&tm, ev);
-        let stored = match self.versions.get(&(table.clone(), row_key.clone())) {
+        let hash = Self::content_hash(&tm, &cm, ev);
+        let stored = match self.versions.get(&table, &row_key) {
             Some(s) => s.clone(),
             None => {
                 let mut want = HashMap::new();
                 want.insert(table.clone(), HashSet::from([row_key.clone()]));
                 self.prefetch_versions(conn, want).await?;
-                self.versions.get(&(table.clone(), row_key.clone())).cloned().flatten()
+                self.versions.get(&table, &row_key).cloned().flatten()
             }
         };
         let mut overwritten: Option<&Stored> = None;
@@ -1501,7 +1610,7 @@ impl Applier {
         }
 
         // The primary key at HQ.
-        let int_pk = tm.int_pk().map(str::to_string);
+        let int_pk = cm.int_pk.clone();
         let mut pk_vals: Vec<(String, Value)> = Vec::new();
         let mut own_id: Option<i64> = None;
         // The sink gave the row its HQ id just now: a uuid-keyed row new to HQ.
@@ -1517,7 +1626,7 @@ impl Applier {
                 None if ev.op == Op::Delete => own_id = None,
                 None => return Ok(Plan::Park(parent.to_string(), row_key)),
             }
-        } else if let (Some(pk), true) = (int_pk.as_deref(), tm.has_uuid || tm.fk(int_pk.as_deref().unwrap_or("")).is_none()) {
+        } else if let (Some(pk), true) = (int_pk.as_deref(), tm.has_uuid || cm.fk(int_pk.as_deref().unwrap_or("")).is_none()) {
             let known = if tm.has_uuid {
                 self.lookup_id(conn, &table, &row_key).await?
             } else {
@@ -1537,7 +1646,8 @@ impl Applier {
             own_id = id;
         } else {
             for col in &tm.pk {
-                let v = match self.column_value(conn, &tm, col, row, ev, &w.origin_refs).await? {
+                let info = cm.get(col).cloned().unwrap_or_else(|| ColInfo { name: col.clone(), ..ColInfo::default() });
+                let v = match self.column_value(conn, &tm, &info, row.get(col).unwrap_or(&J::Null), ev, &w.origin_refs).await? {
                     Ok(v) => v,
                     Err(p) => return Ok(p),
                 };
@@ -1558,40 +1668,50 @@ impl Applier {
                 staged.deleted_keys.insert((table.clone(), pk_text));
                 staged.ops.push((table.clone(), "d"));
             }
-            self.ids.pop(&(table.clone(), row_key.clone()));
+            self.ids.pop(&table, &row_key);
             self.tombstones.insert((table.clone(), row_key.clone()));
             self.deleting.insert((table.clone(), row_key.clone()), self.generation);
             self.stage_version(staged, wi, &table, &row_key, (version, hash, own_id), None, overwritten.cloned(), ev, false);
             return Ok(Plan::Done);
         }
 
-        // Every other column: references mapped to HQ ids, merged persons kept voided.
-        let mut cols: Vec<String> = pk_vals.iter().map(|(c, _)| c.clone()).collect();
-        let mut vals: Vec<Value> = pk_vals.into_iter().map(|(_, v)| v).collect();
-        for (col, _) in row {
-            if cols.iter().any(|c| c == col) {
-                continue;
-            }
-            if !self.kinds.get(&table).is_some_and(|k| k.contains_key(col)) {
+        // Every other column: references mapped to HQ ids, merged persons kept voided. The
+        // names are borrowed from the table's column info; the list is shared below.
+        let npk = pk_vals.len();
+        let mut cols: Vec<&str> = Vec::with_capacity(row.len() + 2);
+        let mut vals: Vec<Value> = Vec::with_capacity(row.len() + 2);
+        for (c, v) in pk_vals {
+            cols.push(cm.get(&c).map(|i| i.name.as_str()).unwrap_or_else(|| tm.pk.iter().find(|p| **p == c).map(String::as_str).unwrap_or("")));
+            vals.push(v);
+        }
+        let mut has_uuid_col = false;
+        for (col, raw) in row {
+            let Some(info) = cm.get(col) else {
                 if self.warned.insert((table.clone(), col.clone())) {
                     tracing::warn!(table = %table, column = %col, site = %ev.site, "column does not exist at HQ; its values are not applied");
                     omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "unknown_column"]).inc();
                 }
                 continue;
+            };
+            // A row image's columns are distinct: only a key column can be there already.
+            if info.pk && cols[..npk].contains(&info.name.as_str()) {
+                continue;
             }
-            let v = match self.column_value(conn, &tm, col, row, ev, &w.origin_refs).await? {
+            let v = match self.column_value(conn, &tm, info, raw, ev, &w.origin_refs).await? {
                 Ok(v) => v,
                 Err(p) => return Ok(p),
             };
-            cols.push(col.clone());
+            has_uuid_col |= info.name == "uuid";
+            cols.push(info.name.as_str());
             vals.push(v);
         }
-        if tm.has_uuid && !cols.iter().any(|c| c == "uuid") {
+        if tm.has_uuid && !has_uuid_col && !cols[..npk].contains(&"uuid") {
             // The envelope's uuid is the row's: a row image without the column still keeps it.
-            cols.push("uuid".into());
+            cols.push("uuid");
             vals.push(Value::from(row_key.as_str()));
         }
         self.force_merge_values(conn, &table, &row_key, w, &mut cols, &mut vals).await?;
+        let cols = self.col_list(&table, &cols);
 
         if staged.deleted_keys.contains(&(table.clone(), pk_text.clone())) {
             // Deleted earlier in this flush and written again: what is staged is written first.
@@ -1607,10 +1727,12 @@ impl Applier {
             }
         }
         staged.ops.push((table.clone(), ev.op.as_str()));
-        self.tombstones.remove(&(table.clone(), row_key.clone()));
+        if !self.tombstones.is_empty() {
+            self.tombstones.remove(&Tk(&table, &row_key));
+        }
         if let Some(id) = own_id {
-            self.absent.remove(&(table.clone(), row_key.clone()));
-            self.ids.put((table.clone(), row_key.clone()), id);
+            self.absent.remove(&Tk(&table, &row_key));
+            self.ids.put_ref(&table, &row_key, id);
         }
         let origin_key = ev.key.as_ref().map(|k| serde_json::to_string(k).unwrap_or_default());
         // A first version is packed with its batch's when HQ can find it again by the row's id:
@@ -1618,6 +1740,18 @@ impl Applier {
         let packed = allocated && tm.has_uuid && stored.is_none();
         self.stage_version(staged, wi, &table, &row_key, (version, hash, own_id), origin_key, overwritten.cloned(), ev, packed);
         Ok(Plan::Done)
+    }
+
+    /// `cols` as a shared list: the one the table's previous row used when it is the same.
+    fn col_list(&mut self, table: &str, cols: &[&str]) -> std::sync::Arc<[String]> {
+        if let Some(last) = self.col_lists.get(table) {
+            if last.len() == cols.len() && last.iter().zip(cols).all(|(a, b)| a == b) {
+                return last.clone();
+            }
+        }
+        let list: std::sync::Arc<[String]> = cols.iter().map(|c| c.to_string()).collect();
+        self.col_lists.insert(table.to_string(), list.clone());
+        list
     }
 
     fn receipt(staged: &mut Staged, w: &Work) -> usize {
@@ -1648,7 +1782,7 @@ impl Applier {
             staged.conflicts.push(self.conflict_row(table, row_key, &version, &s.version, ev, true));
         }
         let stored = Stored { version, hash, hq_id };
-        self.versions.put((table.to_string(), row_key.to_string()), Some(stored.clone()));
+        self.versions.put_ref(table, row_key, Some(stored.clone()));
         staged.versions.push(StagedVersion { table: table.to_string(), key: row_key.to_string(), stored, origin: origin_key, work: wi, packed });
     }
 
@@ -1674,15 +1808,14 @@ impl Applier {
         &mut self,
         conn: &mut Conn,
         tm: &TableModel,
-        col: &str,
-        row: &Row,
+        info: &ColInfo,
+        raw: &J,
         ev: &ChangeEvent,
         origin_refs: &serde_json::Map<String, J>,
     ) -> Result<Result<Value, Plan>, SinkError> {
-        let raw = row.get(col).unwrap_or(&J::Null);
-        if let Some(fk) = tm.fk(col) {
-            let target_int = self.kinds.get(&tm.name).and_then(|k| k.get(col)).is_some_and(|k| k.fk_to_int);
-            if target_int {
+        let col = info.name.as_str();
+        if let Some(fk) = &info.fk {
+            if info.fk_to_int {
                 if raw.is_null() {
                     return Ok(Ok(Value::NULL));
                 }
@@ -1698,7 +1831,7 @@ impl Applier {
                     Some(id) => Ok(Value::from(id)),
                     None if fk.ref_table == tm.name && ev.uuid.as_deref() == Some(uuid) => {
                         // A row pointing at itself (a user created by itself).
-                        match self.ids.get(&(tm.name.clone(), uuid.to_string())) {
+                        match self.ids.get(&tm.name, uuid) {
                             Some(id) => Ok(Value::from(*id)),
                             None => Err(Plan::Park(fk.ref_table.clone(), uuid.to_string())),
                         }
@@ -1707,7 +1840,7 @@ impl Applier {
                 });
             }
         }
-        let kind = self.kinds.get(&tm.name).and_then(|k| k.get(col)).copied().unwrap_or_default();
+        let kind = info;
         Ok(Ok(match raw {
             J::Null => Value::NULL,
             J::Bool(b) => Value::from(*b as i64),
@@ -1732,18 +1865,26 @@ impl Applier {
 
     /// A merged person stays voided whatever its site says later, and the rows moved to a
     /// survivor stay non-preferred (semantics 4: the same result in any order).
-    async fn force_merge_values(&mut self, conn: &mut Conn, table: &str, row_key: &str, w: &Work, cols: &mut Vec<String>, vals: &mut Vec<Value>) -> Result<(), SinkError> {
-        let set = |cols: &mut Vec<String>, vals: &mut Vec<Value>, c: &str, v: Value| match cols.iter().position(|x| x == c) {
+    async fn force_merge_values<'c>(
+        &mut self,
+        conn: &mut Conn,
+        table: &str,
+        row_key: &str,
+        w: &Work,
+        cols: &mut Vec<&'c str>,
+        vals: &mut Vec<Value>,
+    ) -> Result<(), SinkError> {
+        let set = |cols: &mut Vec<&'c str>, vals: &mut Vec<Value>, c: &'static str, v: Value| match cols.iter().position(|x| *x == c) {
             Some(i) => vals[i] = v,
             None => {
-                cols.push(c.to_string());
+                cols.push(c);
                 vals.push(v);
             }
         };
         match table {
             "person" | "patient" => {
                 if let Some(survivor) = self.survivor_of(row_key) {
-                    let own = cols.iter().position(|c| c == "date_created").map(|i| vals[i].clone()).filter(|_| table == "person");
+                    let own = cols.iter().position(|c| *c == "date_created").map(|i| vals[i].clone()).filter(|_| table == "person");
                     let when = match own {
                         Some(v) => v,
                         None => Value::from(self.merge_time(conn, row_key).await?),
@@ -1774,8 +1915,8 @@ impl Applier {
     }
 
     /// The row is voided by a merge ("Merged with patient #…").
-    fn merge_voided(cols: &[String], vals: &[Value]) -> bool {
-        let get = |c: &str| cols.iter().position(|x| x == c).map(|i| &vals[i]);
+    fn merge_voided(cols: &[&str], vals: &[Value]) -> bool {
+        let get = |c: &str| cols.iter().position(|x| *x == c).map(|i| &vals[i]);
         let voided = matches!(get("voided"), Some(Value::Int(1)) | Some(Value::UInt(1)));
         let merged = matches!(get("void_reason"), Some(Value::Bytes(b)) if b.starts_with(b"Merged with patient"));
         voided && merged
