@@ -134,9 +134,12 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let sink_cfg = &cfg.sinks.hq_mysql;
     let batch_rows = args.batch_rows.unwrap_or(sink_cfg.batch_max_rows).max(1);
 
+    let t_start = Instant::now();
     let mut conn = connect(cfg, true).await?;
+    tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: connected");
     // An HQ made by an older version lacks the newer bookkeeping or dashboard tables.
     schema::ensure_bookkeeping(&mut conn).await?;
+    tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: bookkeeping ensured");
     let consumer = crate::kafka::consumer(cfg, "hq-mysql")?;
     let producer = crate::kafka::dlq_producer(cfg)?;
 
@@ -147,6 +150,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let stored: HashMap<i32, i64> = stored.into_iter().collect();
     // Seek to the offsets stored in HQ (semantics 1), not to a group's.
     let partitions = crate::kafka::assign_at(&consumer, &topic, &stored)?;
+    tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: assigned");
 
     let mut targets: HashMap<i32, i64> = HashMap::new();
     if args.until_idle {
@@ -155,6 +159,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
             targets.insert(*p, high);
         }
     }
+    tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: watermarks");
     let bar = (!args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(indicatif::ProgressStyle::with_template("{spinner} hq-mysql {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
@@ -169,10 +174,14 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         let until_idle = args.until_idle;
         let mut next = stored.clone();
         async move {
+            // The first batches after a start are smaller, doubling up to `batch_rows`: HQ
+            // starts writing while the next batch is read and planned, instead of waiting for
+            // a whole batch to be read and planned first.
+            let mut limit = (batch_rows / 16).max(1);
             loop {
                 let deadline = Instant::now() + batch_max;
                 let mut records: Vec<Record> = Vec::new();
-                while records.len() < batch_rows {
+                while records.len() < limit {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;
@@ -199,6 +208,9 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
                         *high == 0 || pos.is_some_and(|o| o >= *high) || next.get(p).is_some_and(|o| *o >= *high)
                     });
                 tracing::debug!(records = records.len(), "batch read");
+                if !records.is_empty() {
+                    limit = (limit * 2).min(batch_rows);
+                }
                 if tx.send(Ok(Batch { records, next: next.clone(), at_end })).await.is_err() {
                     return;
                 }
@@ -211,6 +223,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         .await?
         .with_max_pending(sink_cfg.max_pending_rows)
         .with_server_fk_checks(sink_cfg.server_fk_checks);
+    tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: loaded");
     tracing::info!(topic = %topic, offsets = ?stored, pending = applier.pending_len(), "HQ sink started");
     let mut total_applied: u64 = 0;
     let mut last_bytes_total = Instant::now();
