@@ -248,6 +248,54 @@ async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
     drop_hq(init, &db).await;
 }
 
+/// A new row leaves its NULLs out of its INSERT where the column's default is NULL. Where the
+/// default is something else (`person.gender` defaults to ''), the NULL is sent: the row at HQ
+/// is the site's either way. An update of the row later sets every column again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nulls_of_a_new_row_stay_null_whatever_the_column_default() {
+    let (db, init) = fresh_hq("openmrs_hq_nulls").await;
+    let mut write = session(&db).await;
+    let mut read = session(&db).await;
+    let user: String = write.query_first("SELECT uuid FROM users ORDER BY user_id LIMIT 1").await.unwrap().unwrap();
+    let default: Option<String> = read
+        .exec_first("SELECT column_default FROM information_schema.columns WHERE table_schema = ? AND table_name = 'person' AND column_name = 'gender'", (db.as_str(),))
+        .await
+        .unwrap();
+    assert_eq!(default.as_deref(), Some("''"), "person.gender defaults to '' in the OpenMRS schema");
+    let (p, n) = ("66666666-0000-4000-8000-000000000001", "66666666-0000-4000-8000-000000000002");
+    let person = |gender: J, changed: Option<&str>| {
+        json!({"person_id": 901, "gender": gender, "birthdate": null, "dead": 0, "creator": 1, "date_created": "2026-11-27 10:00:00",
+               "date_changed": changed, "voided": 0, "uuid": p})
+    };
+    let name = json!({"person_name_id": 6, "preferred": 1, "person_id": 901, "given_name": "Amina", "middle_name": null, "family_name": "Okello",
+                      "creator": 1, "date_created": "2026-11-27 10:00:00", "voided": 0, "uuid": n});
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let writer = applier.writer();
+    let batch = vec![
+        record(1, Op::Create, "person", p, person(J::Null, None), json!({"creator": user})),
+        record(2, Op::Create, "person_name", n, name, json!({"person_id": p, "creator": user})),
+    ];
+    let planned = applier.plan_batch(&mut read, batch).await.expect("plan");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    let nulls = |table: &str, col: &str, uuid: &str| format!("SELECT COUNT(*) FROM {table} WHERE uuid = '{uuid}' AND {col} IS NULL");
+    assert_eq!(count(&mut read, &nulls("person", "gender", p)).await, 1, "a NULL where the default is '' is sent, not left to the default");
+    assert_eq!(count(&mut read, &nulls("person", "birthdate", p)).await, 1);
+    assert_eq!(count(&mut read, &nulls("person_name", "middle_name", n)).await, 1);
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM person_name WHERE uuid = '{n}' AND given_name = 'Amina' AND family_name = 'Okello'")).await, 1);
+
+    // An update sets the gender, then another sets it back to NULL: both reach HQ.
+    let planned = applier.plan_batch(&mut read, vec![record(3, Op::Update, "person", p, person(json!("F"), Some("2026-11-27 11:00:00")), json!({"creator": user}))]).await.expect("plan");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM person WHERE uuid = '{p}' AND gender = 'F'")).await, 1);
+    let planned = applier.plan_batch(&mut read, vec![record(4, Op::Update, "person", p, person(J::Null, Some("2026-11-27 12:00:00")), json!({"creator": user}))]).await.expect("plan");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    assert_eq!(count(&mut read, &nulls("person", "gender", p)).await, 1, "an update's NULL is written");
+
+    drop(read);
+    drop(write);
+    drop_hq(init, &db).await;
+}
+
 /// An HQ made before version packs kept every version in a table named
 /// `omrs_sync_row_version`. At start the sink renames it to `omrs_sync_version`, rows and all,
 /// and the view takes its name: the old versions still count and still show.

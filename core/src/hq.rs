@@ -179,7 +179,34 @@ impl RowVersion {
         row: u32,
     ) -> RowVersion {
         let change_ms = change_ms(date_changed, date_created, ts_ms);
-        RowVersion { change_ms, priority, site: site.to_string(), commit_ms: ts_ms, position: format!("{file}:{pos:020}:{row:010}") }
+        // `{file}:{pos:020}:{row:010}`, written without the formatting machinery (one per row).
+        let mut position = String::with_capacity(file.len() + 32);
+        position.push_str(file);
+        position.push(':');
+        push_zero_padded(&mut position, pos, 20);
+        position.push(':');
+        push_zero_padded(&mut position, u64::from(row), 10);
+        RowVersion { change_ms, priority, site: site.to_string(), commit_ms: ts_ms, position }
+    }
+}
+
+/// Appends `n` in decimal, left-padded with zeros to `width` digits (as `{n:0width$}`).
+fn push_zero_padded(s: &mut String, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for _ in (digits.len() - i)..width {
+        s.push('0');
+    }
+    for &d in &digits[i..] {
+        s.push(d as char);
     }
 }
 
@@ -273,6 +300,14 @@ mod tests {
 
     fn v(change_ms: i64, priority: i32, site: &str, commit_ms: i64) -> RowVersion {
         RowVersion { change_ms, priority, site: site.into(), commit_ms, position: String::new() }
+    }
+
+    #[test]
+    fn positions_are_written_as_the_format_string_writes_them() {
+        for (file, pos, row) in [("mysql-bin.000001", 0u64, 0u32), ("b.000123", 4, 17), ("f", u64::MAX, u32::MAX), ("", 1234567890123, 99)] {
+            let v = RowVersion::from_parts(None, None, 0, "s", 0, file, pos, row);
+            assert_eq!(v.position, format!("{file}:{pos:020}:{row:010}"));
+        }
     }
 
     #[test]

@@ -703,6 +703,8 @@ struct ColInfo {
     int: bool,
     /// Part of the primary key.
     pk: bool,
+    /// Nullable, with NULL as its default: a new row's NULL need not be sent.
+    null_default: bool,
 }
 
 /// One HQ table's columns as the sink plans rows with them, worked out once at load: a row's
@@ -754,9 +756,10 @@ pub struct Applier {
     max_pending: usize,
     warned: HashSet<(String, String)>,
     columns: HashMap<String, std::sync::Arc<Columns>>,
-    /// The column list of the row staged last, per table: the next row of the table shares it
-    /// when its columns are the same (they nearly always are), instead of a list of its own.
-    col_lists: HashMap<String, std::sync::Arc<[String]>>,
+    /// The column lists of the rows staged lately, per table (a few: new rows leave out their
+    /// NULLs, so a table's rows have a few lists): a row shares the list that has its columns
+    /// instead of a list of its own.
+    col_lists: HashMap<String, Vec<std::sync::Arc<[String]>>>,
     pub max_rows_per_statement: usize,
     fk_checks: bool,
     /// Tables whose every foreign key the sink resolves from a uuid to an HQ id (worked out
@@ -902,6 +905,17 @@ impl Applier {
             fk_checks: false,
             resolved_fks: HashSet::new(),
         };
+        // Columns whose default is NULL: a new row leaves its NULLs in them out of the INSERT
+        // (fewer values for HQ to take in; the row is the same).
+        let null_default: Vec<(String, String)> = conn
+            .exec(
+                "SELECT table_name, column_name FROM information_schema.columns
+                 WHERE table_schema = ? AND is_nullable = 'YES' AND (column_default IS NULL OR column_default = 'NULL')",
+                (database,),
+            )
+            .await
+            .map_err(db("reading information_schema.columns"))?;
+        let null_default: HashSet<(String, String)> = null_default.into_iter().collect();
         for (name, t) in &a.model.tables {
             let mut m = Columns { int_pk: t.int_pk().map(str::to_string), ..Columns::default() };
             let mut resolved = true;
@@ -918,6 +932,7 @@ impl Applier {
                     binary: is_binary_type(&c.column_type),
                     int: is_int_type(&c.column_type),
                     pk: t.pk.contains(&c.name),
+                    null_default: null_default.contains(&(name.clone(), c.name.clone())),
                 });
             }
             if resolved {
@@ -1066,10 +1081,10 @@ impl Applier {
     }
 
     /// Fills the id cache for (table, uuid) pairs in bulk.
-    async fn prefetch_ids(&mut self, conn: &mut Conn, wanted: HashMap<String, HashSet<String>>) -> Result<(), SinkError> {
+    async fn prefetch_ids(&mut self, conn: &mut Conn, wanted: HashMap<String, HashSet<&str>>) -> Result<(), SinkError> {
         for (table, keys) in wanted {
             let Some(tm) = self.table(&table) else { continue };
-            let keys: Vec<String> = keys.into_iter().filter(|k| !self.ids.contains(&table, k)).collect();
+            let keys: Vec<&str> = keys.into_iter().filter(|k| !self.ids.contains(&table, k)).collect();
             if keys.is_empty() {
                 continue;
             }
@@ -1092,7 +1107,7 @@ impl Applier {
                 } else {
                     continue;
                 };
-                let params: Vec<Value> = chunk.iter().chain(std::iter::repeat_n(&chunk[0], width - chunk.len())).map(|k| Value::from(k.as_str())).collect();
+                let params: Vec<Value> = chunk.iter().chain(std::iter::repeat_n(&chunk[0], width - chunk.len())).map(|k| Value::from(*k)).collect();
                 let rows: Vec<(String, i64)> = conn.exec(sql, params).await.map_err(db("looking up HQ ids"))?;
                 let mut found = HashSet::with_capacity(rows.len());
                 for (u, id) in rows {
@@ -1103,13 +1118,22 @@ impl Applier {
                     found.insert(u);
                 }
                 for k in chunk {
-                    if !found.contains(k) {
-                        self.absent.insert((table.clone(), k.clone()));
+                    if !found.contains(*k) {
+                        self.absent.insert((table.clone(), k.to_string()));
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// A row that this flush's bulk lookup found absent at HQ, and that HQ never deleted: it has
+    /// no version (only a deleted row has one without being at HQ), so none is looked up.
+    fn known_new(&self, table: &str, key: &str) -> bool {
+        let q = Tk(table, key);
+        self.absent.contains(&q)
+            && !self.tombstones.contains(&q)
+            && self.model.table(table).is_some_and(|t| t.has_uuid || t.shared_parent.is_some())
     }
 
     /// The HQ id of the row of `table` that `uuid` stands for, if it is at HQ.
@@ -1121,14 +1145,14 @@ impl Applier {
             return Ok(None);
         }
         let mut want = HashMap::new();
-        want.insert(table.to_string(), HashSet::from([uuid.to_string()]));
+        want.insert(table.to_string(), HashSet::from([uuid]));
         self.prefetch_ids(conn, want).await?;
         Ok(self.ids.get(table, uuid).copied())
     }
 
-    async fn prefetch_versions(&mut self, conn: &mut Conn, wanted: HashMap<String, HashSet<String>>) -> Result<(), SinkError> {
+    async fn prefetch_versions(&mut self, conn: &mut Conn, wanted: HashMap<String, HashSet<&str>>) -> Result<(), SinkError> {
         for (table, keys) in wanted {
-            let keys: Vec<String> = keys.into_iter().filter(|k| !self.versions.contains(&table, k)).collect();
+            let keys: Vec<&str> = keys.into_iter().filter(|k| !self.versions.contains(&table, k)).collect();
             for chunk in keys.chunks(1000) {
                 let width = padded_len(chunk.len(), 1000);
                 let marks = vec!["?"; width].join(",");
@@ -1137,7 +1161,7 @@ impl Applier {
                      FROM omrs_sync_version WHERE tbl = ? AND row_key IN ({marks})"
                 );
                 let mut params: Vec<Value> = vec![Value::from(table.as_str())];
-                params.extend(chunk.iter().chain(std::iter::repeat_n(&chunk[0], width - chunk.len())).map(|k| Value::from(k.as_str())));
+                params.extend(chunk.iter().chain(std::iter::repeat_n(&chunk[0], width - chunk.len())).map(|k| Value::from(*k)));
                 let rows: Vec<mysql_async::Row> = conn.exec(sql, params).await.map_err(db("reading row versions"))?;
                 let mut found = HashSet::new();
                 for r in rows {
@@ -1161,10 +1185,10 @@ impl Applier {
                 let packed = self.model.table(&table).is_some_and(|t| t.has_uuid);
                 let mut misses = Vec::new();
                 for k in chunk {
-                    if !found.contains(k) {
-                        self.versions.put((table.clone(), k.clone()), None);
+                    if !found.contains(*k) {
+                        self.versions.put((table.clone(), k.to_string()), None);
                         if let Some(id) = self.ids.peek(&table, k).filter(|_| packed) {
-                            misses.push((k.clone(), *id));
+                            misses.push((k.to_string(), *id));
                         }
                     }
                 }
@@ -1448,20 +1472,31 @@ impl Applier {
         }
         // Bulk lookups first: the rows' own ids and versions, and every referenced uuid.
         self.absent.clear();
-        let mut want_ids: HashMap<String, HashSet<String>> = HashMap::new();
-        let mut want_versions: HashMap<String, HashSet<String>> = HashMap::new();
+        // (The keys are borrowed from the batch; a table's name is copied once.)
+        fn want<'k>(m: &mut HashMap<String, HashSet<&'k str>>, table: &str, key: &'k str) {
+            match m.get_mut(table) {
+                Some(s) => {
+                    s.insert(key);
+                }
+                None => {
+                    m.insert(table.to_string(), HashSet::from([key]));
+                }
+            }
+        }
+        let mut want_ids: HashMap<String, HashSet<&str>> = HashMap::new();
+        let mut want_versions: HashMap<String, HashSet<&str>> = HashMap::new();
         for w in &works {
             let Some(table) = w.event.table.as_deref() else { continue };
             let (Some(tm), Some(cm)) = (self.model.table(table), self.columns.get(table)) else { continue };
             if let Ok(k) = &w.key {
                 if tm.has_uuid || tm.shared_parent.is_some() {
-                    want_ids.entry(table.to_string()).or_default().insert(k.clone());
+                    want(&mut want_ids, table, k);
                 }
-                want_versions.entry(table.to_string()).or_default().insert(k.clone());
+                want(&mut want_versions, table, k);
             }
             for (col, v) in w.event.refs.iter().chain(w.origin_refs.iter()) {
                 if let (Some(fk), Some(u)) = (cm.fk(col), v.as_str()) {
-                    want_ids.entry(fk.ref_table.clone()).or_default().insert(u.to_string());
+                    want(&mut want_ids, &fk.ref_table, u);
                 }
             }
         }
@@ -1475,14 +1510,8 @@ impl Applier {
             if !keyed_by_uuid {
                 continue;
             }
-            keys.retain(|k| {
-                let key = Tk(table, k);
-                let new = self.absent.contains(&key) && !self.tombstones.contains(&key);
-                if new {
-                    self.versions.put((table.clone(), k.clone()), None);
-                }
-                !new
-            });
+            // `plan` knows these have no version (`Applier::known_new`).
+            keys.retain(|k| !self.known_new(table, k));
         }
         self.prefetch_versions(conn, want_versions).await?;
         let t_versions = t0.elapsed() - t_ids;
@@ -1581,11 +1610,13 @@ impl Applier {
         }
         let version = RowVersion::of(ev, self.priorities.get(&ev.site).copied().unwrap_or(0));
         let hash = Self::content_hash(&tm, &cm, ev);
-        let stored = match self.versions.get(&table, &row_key) {
-            Some(s) => s.clone(),
+        let cached = self.versions.get(&table, &row_key).cloned();
+        let stored = match cached {
+            Some(s) => s,
+            None if self.known_new(&table, &row_key) => None,
             None => {
                 let mut want = HashMap::new();
-                want.insert(table.clone(), HashSet::from([row_key.clone()]));
+                want.insert(table.clone(), HashSet::from([row_key.as_str()]));
                 self.prefetch_versions(conn, want).await?;
                 self.versions.get(&table, &row_key).cloned().flatten()
             }
@@ -1701,6 +1732,10 @@ impl Applier {
                 Ok(v) => v,
                 Err(p) => return Ok(p),
             };
+            if allocated && info.null_default && v == Value::NULL {
+                // A new row's NULL in a column whose default is NULL: left out of its INSERT.
+                continue;
+            }
             has_uuid_col |= info.name == "uuid";
             cols.push(info.name.as_str());
             vals.push(v);
@@ -1744,13 +1779,18 @@ impl Applier {
 
     /// `cols` as a shared list: the one the table's previous row used when it is the same.
     fn col_list(&mut self, table: &str, cols: &[&str]) -> std::sync::Arc<[String]> {
-        if let Some(last) = self.col_lists.get(table) {
-            if last.len() == cols.len() && last.iter().zip(cols).all(|(a, b)| a == b) {
-                return last.clone();
+        let same = |l: &std::sync::Arc<[String]>| l.len() == cols.len() && l.iter().zip(cols).all(|(a, b)| a == b);
+        if let Some(lists) = self.col_lists.get_mut(table) {
+            if let Some(i) = lists.iter().position(same) {
+                // Most recently used first.
+                lists[..=i].rotate_right(1);
+                return lists[0].clone();
             }
         }
         let list: std::sync::Arc<[String]> = cols.iter().map(|c| c.to_string()).collect();
-        self.col_lists.insert(table.to_string(), list.clone());
+        let lists = self.col_lists.entry(table.to_string()).or_default();
+        lists.insert(0, list.clone());
+        lists.truncate(8);
         list
     }
 
