@@ -2097,6 +2097,43 @@ impl Applier {
 }
 
 #[cfg(test)]
+mod cache_tests {
+    use super::{Cache, Tk};
+
+    #[test]
+    fn borrowed_keys_find_owned_ones() {
+        let mut set: hashbrown::HashSet<(String, String)> = hashbrown::HashSet::new();
+        set.insert(("obs".into(), "a-uuid".into()));
+        assert!(set.contains(&Tk("obs", "a-uuid")));
+        assert!(!set.contains(&Tk("obs", "b-uuid")));
+        // The parts are not run together: ("ab", "c") is not ("a", "bc").
+        set.insert(("ab".into(), "c".into()));
+        assert!(!set.contains(&Tk("a", "bc")));
+    }
+
+    #[test]
+    fn the_cache_keeps_the_most_recently_used_half_to_all_of_its_capacity() {
+        let mut c: Cache<i64> = Cache::new(4);
+        c.put(("t".into(), "1".into()), 1);
+        c.put(("t".into(), "2".into()), 2);
+        // The current generation is full (2): it becomes the older one.
+        c.put(("t".into(), "3".into()), 3);
+        assert_eq!(c.peek("t", "1"), Some(&1));
+        // Read from the older generation: it moves to the current one and survives the next turn.
+        assert_eq!(c.get("t", "1"), Some(&1));
+        c.put(("t".into(), "4".into()), 4);
+        c.put(("t".into(), "5".into()), 5);
+        assert_eq!(c.peek("t", "1"), Some(&1));
+        assert_eq!(c.peek("t", "2"), None, "the least recently used entry is gone");
+        assert!(c.contains("t", "5"));
+        c.put_ref("t", "5", 50);
+        assert_eq!(c.get("t", "5"), Some(&50));
+        assert_eq!(c.pop("t", "5"), Some(50));
+        assert_eq!(c.get("t", "5"), None);
+    }
+}
+
+#[cfg(test)]
 mod chunk_tests {
     use super::{padded_len, stable_chunks, CHUNK_STEP};
 
