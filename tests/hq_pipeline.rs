@@ -70,6 +70,32 @@ async fn drop_hq(mut init: Conn, db: &str) {
     let _ = init.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await;
 }
 
+/// A fresh HQ ([`fresh_hq`]) with a writing and a reading session, and the uuid of its first
+/// user; [`Hq::close`] drops it.
+struct Hq {
+    db: String,
+    init: Conn,
+    write: Conn,
+    read: Conn,
+    user: String,
+}
+
+impl Hq {
+    async fn fresh(prefix: &str) -> Hq {
+        let (db, init) = fresh_hq(prefix).await;
+        let mut write = session(&db).await;
+        let read = session(&db).await;
+        let user: String = write.query_first("SELECT uuid FROM users ORDER BY user_id LIMIT 1").await.unwrap().unwrap();
+        Hq { db, init, write, read, user }
+    }
+
+    /// Closes the sessions, then drops the database.
+    async fn close(init: Conn, db: &str, sessions: [Conn; 2]) {
+        drop(sessions);
+        drop_hq(init, db).await;
+    }
+}
+
 async fn session(db: &str) -> Conn {
     let mut c = admin(3310, Some(db)).await;
     c.query_drop("SET time_zone = '+00:00', SESSION sql_mode = 'STRICT_TRANS_TABLES,NO_AUTO_VALUE_ON_ZERO'; SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
@@ -96,13 +122,10 @@ async fn count(c: &mut Conn, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_planned_before_a_delete_commits_does_not_use_the_deleted_row() {
-    let (db, init) = fresh_hq("openmrs_hq_pipe").await;
-    let mut write = session(&db).await;
-    let mut read = session(&db).await;
+    let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_pipe").await;
     let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
     let writer: Writer = applier.writer();
 
-    let user: String = write.query_first("SELECT uuid FROM users ORDER BY user_id LIMIT 1").await.unwrap().unwrap();
     let location: String = write.query_first("SELECT uuid FROM location ORDER BY location_id LIMIT 1").await.unwrap().unwrap();
     let etype: String = write.query_first("SELECT uuid FROM encounter_type ORDER BY encounter_type_id LIMIT 1").await.unwrap().unwrap();
     let concept: String = write.query_first("SELECT uuid FROM concept ORDER BY concept_id LIMIT 1").await.unwrap().unwrap();
@@ -158,9 +181,7 @@ async fn a_batch_planned_before_a_delete_commits_does_not_use_the_deleted_row() 
     );
     assert_eq!(count(&mut read, &format!("SELECT deleted FROM omrs_sync_row_version WHERE tbl = 'encounter' AND row_key = '{e}'")).await, 1);
 
-    drop(read);
-    drop(write);
-    drop_hq(init, &db).await;
+    Hq::close(init, &db, [read, write]).await;
 }
 
 /// The first version of a row the sink creates is stored in its batch's version pack, not as a
@@ -172,10 +193,7 @@ async fn a_batch_planned_before_a_delete_commits_does_not_use_the_deleted_row() 
 /// cannot be deleted from under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
-    let (db, init) = fresh_hq("openmrs_hq_pack").await;
-    let mut write = session(&db).await;
-    let mut read = session(&db).await;
-    let user: String = write.query_first("SELECT uuid FROM users ORDER BY user_id LIMIT 1").await.unwrap().unwrap();
+    let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_pack").await;
     let (p, n) = ("55555555-0000-4000-8000-000000000001", "55555555-0000-4000-8000-000000000002");
     let person = json!({"person_id": 900, "gender": "F", "dead": 0, "creator": 1, "date_created": "2026-11-27 10:00:00", "voided": 0, "uuid": p});
     let name = |given: &str, changed: Option<&str>| {
@@ -243,9 +261,7 @@ async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
     assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM person WHERE uuid = '{p}'")).await, 1);
     assert_eq!(count(&mut write, "SELECT @@SESSION.foreign_key_checks").await, 1, "the writing session checks foreign keys again after the upserts");
 
-    drop(read);
-    drop(write);
-    drop_hq(init, &db).await;
+    Hq::close(init, &db, [read, write]).await;
 }
 
 /// A new row leaves its NULLs out of its INSERT where the column's default is NULL. Where the
@@ -253,10 +269,7 @@ async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
 /// is the site's either way. An update of the row later sets every column again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nulls_of_a_new_row_stay_null_whatever_the_column_default() {
-    let (db, init) = fresh_hq("openmrs_hq_nulls").await;
-    let mut write = session(&db).await;
-    let mut read = session(&db).await;
-    let user: String = write.query_first("SELECT uuid FROM users ORDER BY user_id LIMIT 1").await.unwrap().unwrap();
+    let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_nulls").await;
     let default: Option<String> = read
         .exec_first("SELECT column_default FROM information_schema.columns WHERE table_schema = ? AND table_name = 'person' AND column_name = 'gender'", (db.as_str(),))
         .await
@@ -291,9 +304,7 @@ async fn nulls_of_a_new_row_stay_null_whatever_the_column_default() {
     write_and_commit(&mut applier, &writer, &mut write, planned).await;
     assert_eq!(count(&mut read, &nulls("person", "gender", p)).await, 1, "an update's NULL is written");
 
-    drop(read);
-    drop(write);
-    drop_hq(init, &db).await;
+    Hq::close(init, &db, [read, write]).await;
 }
 
 /// An HQ made before version packs kept every version in a table named

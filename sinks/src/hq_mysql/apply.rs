@@ -763,7 +763,7 @@ pub struct Applier {
     pub max_rows_per_statement: usize,
     fk_checks: bool,
     /// Tables whose every foreign key the sink resolves from a uuid to an HQ id (worked out
-    /// with `kinds`): HQ need not check them again ([`Writer::unchecked`]).
+    /// with `columns`): HQ need not check them again ([`Writer::unchecked`]).
     resolved_fks: HashSet<String>,
 }
 
@@ -1128,12 +1128,11 @@ impl Applier {
     }
 
     /// A row that this flush's bulk lookup found absent at HQ, and that HQ never deleted: it has
-    /// no version (only a deleted row has one without being at HQ), so none is looked up.
+    /// no version (only a deleted row has one without being at HQ), so none is looked up. (The
+    /// bulk lookup is by uuid: only rows keyed by one are ever `absent`.)
     fn known_new(&self, table: &str, key: &str) -> bool {
         let q = Tk(table, key);
-        self.absent.contains(&q)
-            && !self.tombstones.contains(&q)
-            && self.model.table(table).is_some_and(|t| t.has_uuid || t.shared_parent.is_some())
+        self.absent.contains(&q) && !self.tombstones.contains(&q)
     }
 
     /// The HQ id of the row of `table` that `uuid` stands for, if it is at HQ.
@@ -1505,12 +1504,8 @@ impl Applier {
         let t_ids = t0.elapsed();
         // A row that is not at HQ has a version only if HQ deleted it: skip the lookup for the
         // rest (most rows of a batch are new).
+        // `plan` knows these have no version (`Applier::known_new`).
         for (table, keys) in want_versions.iter_mut() {
-            let keyed_by_uuid = self.model.table(table).is_some_and(|t| t.has_uuid || t.shared_parent.is_some());
-            if !keyed_by_uuid {
-                continue;
-            }
-            // `plan` knows these have no version (`Applier::known_new`).
             keys.retain(|k| !self.known_new(table, k));
         }
         self.prefetch_versions(conn, want_versions).await?;
@@ -1712,7 +1707,8 @@ impl Applier {
         let mut cols: Vec<&str> = Vec::with_capacity(row.len() + 2);
         let mut vals: Vec<Value> = Vec::with_capacity(row.len() + 2);
         for (c, v) in pk_vals {
-            cols.push(cm.get(&c).map(|i| i.name.as_str()).unwrap_or_else(|| tm.pk.iter().find(|p| **p == c).map(String::as_str).unwrap_or("")));
+            // A key column's name, borrowed from the table's key.
+            cols.push(tm.pk.iter().find(|p| **p == c).map_or("", String::as_str));
             vals.push(v);
         }
         let mut has_uuid_col = false;
@@ -1777,7 +1773,7 @@ impl Applier {
         Ok(Plan::Done)
     }
 
-    /// `cols` as a shared list: the one the table's previous row used when it is the same.
+    /// `cols` as a shared list: one of the table's recent lists when it has the same columns.
     fn col_list(&mut self, table: &str, cols: &[&str]) -> std::sync::Arc<[String]> {
         let same = |l: &std::sync::Arc<[String]>| l.len() == cols.len() && l.iter().zip(cols).all(|(a, b)| a == b);
         if let Some(lists) = self.col_lists.get_mut(table) {
@@ -1880,7 +1876,6 @@ impl Applier {
                 });
             }
         }
-        let kind = info;
         Ok(Ok(match raw {
             J::Null => Value::NULL,
             J::Bool(b) => Value::from(*b as i64),
@@ -1893,11 +1888,11 @@ impl Applier {
                     Value::from(n.as_f64().unwrap_or(0.0))
                 }
             }
-            J::String(s) if kind.binary => match base64::engine::general_purpose::STANDARD.decode(s) {
+            J::String(s) if info.binary => match base64::engine::general_purpose::STANDARD.decode(s) {
                 Ok(b) => Value::Bytes(b),
                 Err(e) => return Ok(Err(Plan::Dead("bad_value", format!("{}.{col}: not base64 ({e})", tm.name)))),
             },
-            J::String(s) if kind.int && s.is_empty() => Value::NULL,
+            J::String(s) if info.int && s.is_empty() => Value::NULL,
             J::String(s) => Value::from(s.as_str()),
             other => Value::from(other.to_string()),
         }))
