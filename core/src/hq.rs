@@ -7,12 +7,12 @@ use std::cmp::Ordering;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
-use crate::envelope::{ChangeEvent, Op};
+use crate::envelope::{ChangeEvent, Op, Row, RowImage};
 
-/// One record of `omrs.hq.changes`.
+/// One record of `omrs.hq.changes`. `R` holds the row images of a change ([`ChangeEvent`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum HqEvent {
+#[serde(tag = "type", rename_all = "snake_case", bound(serialize = "R: Serialize + RowImage", deserialize = "R: Deserialize<'de> + RowImage"))]
+pub enum HqEvent<R = Row> {
     /// A site change, in uuid space, with person references pointing at the survivor.
     Change {
         /// Older than the global watermark when it arrived (an offline site catching up).
@@ -24,7 +24,7 @@ pub enum HqEvent {
         #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
         origin_refs: serde_json::Map<String, J>,
         /// The site event, with `refs` canonicalised.
-        event: ChangeEvent,
+        event: ChangeEvent<R>,
     },
     /// Two person records are one human; `loser` is merged into `winner` the OpenMRS way.
     Merge {
@@ -70,7 +70,7 @@ pub enum HqEvent {
     },
 }
 
-impl HqEvent {
+impl<R: Serialize + RowImage> HqEvent<R> {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
@@ -158,7 +158,7 @@ pub fn compare(a: &RowVersion, b: &RowVersion) -> Ordering {
 
 impl RowVersion {
     /// The version of a site change; `priority` is the site's configured priority.
-    pub fn of(ev: &ChangeEvent, priority: i32) -> RowVersion {
+    pub fn of<R: RowImage>(ev: &ChangeEvent<R>, priority: i32) -> RowVersion {
         let row = if ev.op == Op::Delete { None } else { ev.after.as_ref() };
         let col = |c: &str| row.and_then(|r| r.get(c)).and_then(J::as_str);
         let s = &ev.source;
@@ -232,7 +232,7 @@ pub struct KeyShape<'a> {
 /// The key of a row in uuid space, the same in every sink: its uuid, the uuid of the row whose
 /// key it shares, or its key columns through their references (`origin_refs` first, so that
 /// a row rewritten to a survivor keeps its own key). Keys over 255 bytes are hashed.
-pub fn row_key(shape: &KeyShape<'_>, ev: &ChangeEvent, origin_refs: &serde_json::Map<String, J>) -> Result<String, String> {
+pub fn row_key<R: RowImage>(shape: &KeyShape<'_>, ev: &ChangeEvent<R>, origin_refs: &serde_json::Map<String, J>) -> Result<String, String> {
     if shape.by_uuid {
         return match ev.uuid.as_deref() {
             Some(u) if !u.is_empty() => Ok(u.to_string()),

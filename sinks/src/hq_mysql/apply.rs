@@ -19,12 +19,17 @@ use base64::Engine as _;
 use lru::LruCache;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
-use omrs_core::envelope::{ChangeEvent, Op};
-use omrs_core::hq::{compare, row_key, HqEvent, KeyShape, RowVersion};
+use omrs_core::envelope::{FlatRow, Op};
+use omrs_core::hq::{compare, row_key, KeyShape, RowVersion};
 use omrs_ingest::model::{is_int_type, Model, TableModel};
 use serde_json::Value as J;
 
 use crate::{is_transient_db, SinkError};
+
+/// A change as the sink reads it: row images as [`FlatRow`]s (the same JSON as everywhere).
+type ChangeEvent = omrs_core::envelope::ChangeEvent<FlatRow>;
+/// A record of `omrs.hq.changes` as the sink reads it.
+pub type HqEvent = omrs_core::hq::HqEvent<FlatRow>;
 
 /// The OpenMRS daemon user: HQ's own merges are done in its name.
 pub const DAEMON_USER_UUID: &str = "A4F30A1B-5EB9-11DF-A648-37A07F9C90FB";
@@ -376,20 +381,52 @@ struct StagedRow {
 struct Staged {
     /// table → rows, in stream order; `index` finds a row by its primary-key text.
     upserts: HashMap<String, Vec<Option<StagedRow>>>,
-    index: HashMap<(String, String), usize>,
+    index: hashbrown::HashMap<TKey, usize>,
     deletes: Vec<(String, Vec<(String, Value)>, usize)>,
-    deleted_keys: HashSet<(String, String)>,
+    deleted_keys: hashbrown::HashSet<TKey>,
     versions: Vec<StagedVersion>,
     conflicts: Vec<Vec<Value>>,
     /// Where each staged write came from, by index.
     receipts: Vec<Receipt>,
-    ops: Vec<(String, &'static str)>,
+    /// (table, op, count) in stream order, a run of the same table and op counted once.
+    ops: Vec<(String, &'static str, u64)>,
     /// Pending-store changes written with this unit: rows parked, and rows woken or expired.
     pending_insert: Vec<(i64, PendingEntry)>,
     pending_delete: Vec<i64>,
     /// The version packs of `versions`, stored ahead by [`Applier::plan_batch`] (off the write
     /// path) and not yet marked committed: their pack ids. None: not stored yet.
     packs_ahead: Option<Vec<i64>>,
+}
+
+impl Staged {
+    /// One more row written of `table` by `op`.
+    fn count_op(&mut self, table: &str, op: &'static str) {
+        match self.ops.last_mut() {
+            Some((t, o, n)) if *o == op && t == table => *n += 1,
+            _ => self.ops.push((table.to_string(), op, 1)),
+        }
+    }
+}
+
+/// A row's primary key at HQ as text, to find it again among a batch's staged rows:
+/// `col=value` per key column, joined by `|` (a value in its `Debug` form, which tells an
+/// integer from a string).
+fn pk_text(pk: &[(String, Value)]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(24);
+    for (i, (c, v)) in pk.iter().enumerate() {
+        if i > 0 {
+            s.push('|');
+        }
+        s.push_str(c);
+        s.push('=');
+        // Writing into a String cannot fail.
+        let _ = match v {
+            Value::Int(n) => write!(s, "Int({n})"),
+            other => write!(s, "{other:?}"),
+        };
+    }
+    s
 }
 
 /// A batch planned while the previous one was being written (see [`Applier::plan_batch`]): the
@@ -656,8 +693,8 @@ impl Writer {
                 out.commits.push((r.site.clone(), r.commit_ms));
             }
         }
-        for (table, op) in std::mem::take(&mut staged.ops) {
-            *out.applied.entry((table, op)).or_default() += 1;
+        for (table, op, n) in std::mem::take(&mut staged.ops) {
+            *out.applied.entry((table, op)).or_default() += n;
         }
         tokio::task::spawn_blocking(move || drop((written, staged)));
         Ok(forget)
@@ -1312,7 +1349,7 @@ impl Applier {
     pub async fn apply(&mut self, conn: &mut Conn, records: Vec<Record>) -> Result<Outcome, SinkError> {
         self.generation += 1;
         let mut out = Outcome::default();
-        let mut segment: Vec<Work> = Vec::new();
+        let mut segment: Vec<Work> = Vec::with_capacity(records.len());
         let mut aggregates: Aggregates = BTreeMap::new();
         for rec in records {
             match self.intake(rec, &mut out, &mut aggregates) {
@@ -1362,7 +1399,7 @@ impl Applier {
     pub async fn plan_batch(&mut self, conn: &mut Conn, records: Vec<Record>) -> Result<PlannedBatch, SinkError> {
         self.generation += 1;
         let mut out = Outcome::default();
-        let mut segment: Vec<Work> = Vec::new();
+        let mut segment: Vec<Work> = Vec::with_capacity(records.len());
         let mut aggregates: Aggregates = BTreeMap::new();
         for rec in records {
             match self.intake(rec, &mut out, &mut aggregates) {
@@ -1493,7 +1530,7 @@ impl Applier {
                 }
                 want(&mut want_versions, table, k);
             }
-            for (col, v) in w.event.refs.iter().chain(w.origin_refs.iter()) {
+            for (col, v) in w.event.refs.iter().chain(w.origin_refs.iter().map(|(k, v)| (k.as_str(), v))) {
                 if let (Some(fk), Some(u)) = (cm.fk(col), v.as_str()) {
                     want(&mut want_ids, &fk.ref_table, u);
                 }
@@ -1512,6 +1549,8 @@ impl Applier {
         let t_versions = t0.elapsed() - t_ids;
 
         let mut staged = Staged::default();
+        staged.versions.reserve(works.len());
+        staged.receipts.reserve(works.len());
         let mut queue: VecDeque<(Work, Option<i64>)> = works.into_iter().map(|w| (w, None)).collect();
         let mut new_pending: Vec<(i64, PendingEntry)> = Vec::new();
         let mut done_pending: Vec<i64> = Vec::new();
@@ -1680,19 +1719,19 @@ impl Applier {
                 pk_vals.push((col.clone(), v));
             }
         }
-        let pk_text = pk_vals.iter().map(|(c, v)| format!("{c}={v:?}")).collect::<Vec<_>>().join("|");
+        let pk_text = pk_text(&pk_vals);
 
         if ev.op == Op::Delete {
             let wi = Self::receipt(staged, w);
             if !pk_vals.is_empty() && pk_vals.len() == tm.pk.len() {
-                if let Some(i) = staged.index.remove(&(table.clone(), pk_text.clone())) {
+                if let Some(i) = staged.index.remove(&Tk(&table, &pk_text)) {
                     if let Some(rows) = staged.upserts.get_mut(&table) {
                         rows[i] = None;
                     }
                 }
                 staged.deletes.push((table.clone(), pk_vals, wi));
                 staged.deleted_keys.insert((table.clone(), pk_text));
-                staged.ops.push((table.clone(), "d"));
+                staged.count_op(&table, "d");
             }
             self.ids.pop(&table, &row_key);
             self.tombstones.insert((table.clone(), row_key.clone()));
@@ -1714,7 +1753,7 @@ impl Applier {
         let mut has_uuid_col = false;
         for (col, raw) in row {
             let Some(info) = cm.get(col) else {
-                if self.warned.insert((table.clone(), col.clone())) {
+                if self.warned.insert((table.clone(), col.to_string())) {
                     tracing::warn!(table = %table, column = %col, site = %ev.site, "column does not exist at HQ; its values are not applied");
                     omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "unknown_column"]).inc();
                 }
@@ -1744,20 +1783,20 @@ impl Applier {
         self.force_merge_values(conn, &table, &row_key, w, &mut cols, &mut vals).await?;
         let cols = self.col_list(&table, &cols);
 
-        if staged.deleted_keys.contains(&(table.clone(), pk_text.clone())) {
+        if staged.deleted_keys.contains(&Tk(&table, &pk_text)) {
             // Deleted earlier in this flush and written again: what is staged is written first.
             units.push(std::mem::take(staged));
         }
         let wi = Self::receipt(staged, w);
         let rows = staged.upserts.entry(table.clone()).or_default();
-        match staged.index.get(&(table.clone(), pk_text.clone())) {
+        match staged.index.get(&Tk(&table, &pk_text)) {
             Some(&i) => rows[i] = Some(StagedRow { cols, vals, work: wi, insert: allocated }),
             None => {
                 staged.index.insert((table.clone(), pk_text), rows.len());
                 rows.push(Some(StagedRow { cols, vals, work: wi, insert: allocated }));
             }
         }
-        staged.ops.push((table.clone(), ev.op.as_str()));
+        staged.count_op(&table, ev.op.as_str());
         if !self.tombstones.is_empty() {
             self.tombstones.remove(&Tk(&table, &row_key));
         }
@@ -2130,7 +2169,24 @@ mod cache_tests {
 
 #[cfg(test)]
 mod chunk_tests {
-    use super::{padded_len, stable_chunks, CHUNK_STEP};
+    use super::{padded_len, pk_text, stable_chunks, CHUNK_STEP};
+
+    #[test]
+    fn key_texts_are_what_the_debug_format_gives() {
+        use mysql_async::Value;
+        let keys: Vec<Vec<(String, Value)>> = vec![
+            vec![("obs_id".into(), Value::from(123))],
+            vec![("obs_id".into(), Value::from(-7))],
+            vec![("user_id".into(), Value::from(3)), ("role".into(), Value::from("System Developer"))],
+            vec![("x".into(), Value::NULL), ("y".into(), Value::from(1.5))],
+        ];
+        for k in keys {
+            let slow = k.iter().map(|(c, v)| format!("{c}={v:?}")).collect::<Vec<_>>().join("|");
+            assert_eq!(pk_text(&k), slow);
+        }
+        // An integer key and a string key with the same digits stay apart.
+        assert_ne!(pk_text(&[("id".into(), Value::from(1))]), pk_text(&[("id".into(), Value::from("1"))]));
+    }
 
     #[test]
     fn stable_chunks_cover_everything_in_order_with_few_sizes() {
@@ -2154,8 +2210,7 @@ mod chunk_tests {
 
 #[cfg(test)]
 mod decode_tests {
-    use super::Record;
-    use omrs_core::hq::HqEvent;
+    use super::{HqEvent, Record};
 
     #[test]
     fn the_change_fast_path_parses_what_the_enum_parses() {
@@ -2168,6 +2223,9 @@ mod decode_tests {
             let fast = Record::decode(0, 0, r.as_bytes().to_vec()).decoded.expect("decodes");
             let slow: HqEvent = serde_json::from_str(r).expect("enum decodes");
             assert_eq!(fast, slow, "{r}");
+            // Flat row images mean what JSON maps mean: the same JSON back.
+            let maps: omrs_core::hq::HqEvent = serde_json::from_str(r).expect("decodes with maps");
+            assert_eq!(serde_json::to_value(&fast).expect("serializes"), serde_json::to_value(&maps).expect("serializes"), "{r}");
         }
         // A change missing a required field is still refused, with the field named.
         let bad = Record::decode(0, 0, br#"{"type":"change","event":{}}"#.to_vec()).decoded.expect_err("refused");

@@ -180,7 +180,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
             let mut limit = (batch_rows / 16).max(1);
             loop {
                 let deadline = Instant::now() + batch_max;
-                let mut records: Vec<Record> = Vec::new();
+                let mut records: Vec<Record> = Vec::with_capacity(limit);
                 while records.len() < limit {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {

@@ -1,0 +1,106 @@
+//! Benchmark of the HQ sink's decoding of `omrs.hq.changes` records (no services needed):
+//! the bench's obs-heavy mix (`bench_common::patient`, 30 records per patient), and the same
+//! mix with every column of a site's full row image (obs: 30 columns, the rest NULL).
+//!
+//! Each set is decoded by the sink (`Record::decode`: row images as `FlatRow`s) and, for
+//! comparison, the way the sink did before (the same fast path for `change` records, with row
+//! images as `serde_json` maps, as every other stage reads them). Best of 5 passes, in one
+//! thread. Prints `BENCH <name> <value> <unit>`.
+//!
+//!   usage: cargo run --release -p omrs-sinks --example bench_hq_decode [PATIENTS]
+
+use std::time::Instant;
+
+use omrs_sinks::hq_mysql::apply::Record;
+use serde_json::Value as J;
+
+mod bench_common;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The columns of OpenMRS 2.x `obs`, in table order: a site's binlog row image carries each.
+const OBS_COLUMNS: &[&str] = &[
+    "obs_id", "person_id", "concept_id", "encounter_id", "order_id", "obs_datetime", "location_id", "obs_group_id", "accession_number",
+    "value_group_id", "value_coded", "value_coded_name_id", "value_drug", "value_datetime", "value_numeric", "value_modifier", "value_text",
+    "value_complex", "comments", "creator", "date_created", "voided", "voided_by", "date_voided", "void_reason", "uuid", "previous_version",
+    "form_namespace_and_path", "status", "interpretation",
+];
+
+/// A `change` record with row images as JSON maps.
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct MapsChange {
+    #[serde(rename = "type")]
+    kind: serde::de::IgnoredAny,
+    late: bool,
+    #[serde(default)]
+    person: Option<String>,
+    #[serde(default)]
+    origin_refs: serde_json::Map<String, J>,
+    event: omrs_core::envelope::ChangeEvent,
+}
+
+/// Best of 5 passes: (µs per record, records per second).
+fn time(payloads: &[Vec<u8>], decode: impl Fn(&[u8]) -> bool) -> (f64, f64) {
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let mut ok = 0usize;
+        for p in payloads {
+            ok += decode(p) as usize;
+        }
+        assert_eq!(ok, payloads.len(), "every record decodes");
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    (best * 1e6 / payloads.len() as f64, payloads.len() as f64 / best)
+}
+
+fn main() {
+    let patients: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let meta = bench_common::Meta {
+        user: uuid::Uuid::new_v4().to_string(),
+        location: uuid::Uuid::new_v4().to_string(),
+        concept: (0..12).map(|_| uuid::Uuid::new_v4().to_string()).collect(),
+        enc_type: uuid::Uuid::new_v4().to_string(),
+        visit_type: uuid::Uuid::new_v4().to_string(),
+    };
+    let mut seq = 0;
+    let events: Vec<_> = (0..patients).flat_map(|i| bench_common::patient("site-a", &meta, i + 1, &mut seq, 1_790_000_000_000)).collect();
+    let bench: Vec<Vec<u8>> = events.iter().map(|e| e.to_json()).collect();
+    // The same events with a full obs row image, as a site's binlog gives it.
+    let full: Vec<Vec<u8>> = events
+        .into_iter()
+        .map(|mut e| {
+            if let omrs_core::hq::HqEvent::Change { event, .. } = &mut e {
+                if event.table.as_deref() == Some("obs") {
+                    if let Some(after) = &event.after {
+                        let mut row = serde_json::Map::new();
+                        for c in OBS_COLUMNS {
+                            row.insert(c.to_string(), after.get(*c).cloned().unwrap_or(J::Null));
+                        }
+                        event.after = Some(row);
+                    }
+                }
+            }
+            e.to_json()
+        })
+        .collect();
+
+    let mut lines = Vec::new();
+    for (name, set) in [("bench_mix", &bench), ("full_obs_images", &full)] {
+        let bytes: usize = set.iter().map(Vec::len).sum();
+        let (maps_us, _) = time(set, |p| serde_json::from_slice::<MapsChange>(&p.to_vec()).is_ok());
+        let (flat_us, flat_rate) = time(set, |p| Record::decode(0, 0, p.to_vec()).decoded.is_ok());
+        eprintln!(
+            "{name}: {} records, {} bytes each on average; JSON maps {maps_us:.2} µs/record, the sink's decode {flat_us:.2} µs/record ({flat_rate:.0} records/s, with the payload copy)",
+            set.len(),
+            bytes / set.len()
+        );
+        lines.push(format!("BENCH hq_decode_{name}_maps_us {maps_us:.2} us"));
+        lines.push(format!("BENCH hq_decode_{name}_sink_us {flat_us:.2} us"));
+    }
+    for l in lines {
+        println!("{l}");
+    }
+}
