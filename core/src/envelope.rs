@@ -55,9 +55,6 @@ impl RowImage for Row {
 pub struct FlatRow(Vec<(Cow<'static, str>, J)>);
 
 impl FlatRow {
-    pub fn new() -> Self {
-        FlatRow(Vec::new())
-    }
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -67,13 +64,6 @@ impl FlatRow {
     /// The value of a column.
     pub fn get(&self, col: &str) -> Option<&J> {
         self.0.iter().find(|(k, _)| k == col).map(|(_, v)| v)
-    }
-    /// Sets a column: in its place when it is there, else last (as [`Row`]'s `insert`).
-    pub fn insert(&mut self, col: &str, v: J) {
-        match self.0.iter_mut().find(|(k, _)| k == col) {
-            Some(e) => e.1 = v,
-            None => self.0.push((column_name(col), v)),
-        }
     }
     /// The columns and their values, in order.
     pub fn iter(&self) -> FlatIter<'_> {
