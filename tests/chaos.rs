@@ -103,7 +103,7 @@ async fn sigkill_chaos_loses_and_doubles_nothing() {
 
     // Drain: verify (sites vs HQ vs lake, identities vs the manifest) until it passes.
     let report = drain_until_verified(&cfg_chaos, Some(&manifest_path), &lake, &mut procs, p.dir.path(), env_or("CHAOS_DRAIN_SECS", 600), &format!("the chaos run (kills: {})", kill_log.join(", "))).await;
-    let (lost, doubled) = lost_and_doubled(&report);
+    assert_eq!(report["ok"], true);
     for pr in procs.iter_mut() {
         kill9(&mut pr.child);
     }
@@ -116,6 +116,7 @@ async fn sigkill_chaos_loses_and_doubles_nothing() {
     let a = hq_dump(&hq_chaos).await;
     let b = hq_dump(&hq_ref).await;
     let hq_equal = a == b;
+    let (lost, doubled) = lost_and_doubled_vs(&b, &a);
     let restarts: u32 = procs.iter().map(|p| p.starts - 1).sum();
     assert_eq!(restarts, kills);
     println!("CHAOS kills={kills} lost={lost} duplicated={doubled} hq_equal={hq_equal} row_changes={} seed={seed}", manifest.row_changes);

@@ -384,6 +384,13 @@ async fn lake_is_exact_typed_and_equal_to_hq() {
     assert!(report["tables"].as_array().is_some_and(|t| t.len() > 50), "uuid tables compared");
     assert!(report["lake"].as_array().is_some_and(|t| t.len() > 20), "lake tables compared");
     assert_eq!(report["manifest"]["wrong"], 0);
+    // Values were compared, not only keys: every obs, the conflict's location, every person.
+    let compared = |what: &str, t: &str| report[what].as_array().and_then(|a| a.iter().find(|v| v["table"] == t)).map(|v| v["compared"].as_u64().unwrap_or(0)).unwrap_or(0);
+    let hq_obs = count(&mut h, "SELECT COUNT(*) FROM obs").await as u64;
+    assert_eq!(compared("values", "obs"), hq_obs, "every HQ obs compared with its site row");
+    assert_eq!(compared("lake_values", "obs"), hq_obs, "every lake obs compared with HQ's");
+    assert!(compared("values", "person") > 150 && compared("values", "location") > 0, "{}", report["values"]);
+    assert_eq!(report["lake_history_duplicates"], J::Array(vec![]));
     let gone: String = h.query_first("SELECT uuid FROM obs WHERE obs_group_id IS NULL AND obs_id NOT IN (SELECT obs_group_id FROM obs WHERE obs_group_id IS NOT NULL)
            AND obs_id NOT IN (SELECT previous_version FROM obs WHERE previous_version IS NOT NULL) ORDER BY obs_id DESC LIMIT 1").await.unwrap().unwrap();
     h.exec_drop("DELETE FROM obs WHERE uuid = ?", (&gone,)).await.unwrap();
@@ -426,6 +433,8 @@ async fn lake_is_exact_typed_and_equal_to_hq() {
     assert_eq!(parts[0]["final"], J::Bool(true));
     assert_eq!(parts[0]["revision"], 2);
 
+    value_faults_are_reported(&cfg_a, &lake_a, &mut h).await;
+
     // Clean up.
     let mut admin_hq = admin(HQ_PORT, None).await;
     admin_hq.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
@@ -433,4 +442,88 @@ async fn lake_is_exact_typed_and_equal_to_hq() {
         let mut c = admin(port, None).await;
         c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
     }
+}
+
+/// `verify` reports, each by table, key and column: a corrupted HQ value, an obs moved to
+/// another person at HQ, a lake value that differs from HQ, and a repeated lake history row.
+async fn value_faults_are_reported(cfg: &Path, lake: &Path, h: &mut mysql_async::Conn) {
+    let verify = || -> J {
+        let v = bin().arg("--config").arg(cfg).args(["verify", "--json", "--lake"]).arg(lake).output().unwrap();
+        assert_eq!(v.status.code(), Some(1), "{}", String::from_utf8_lossy(&v.stderr));
+        serde_json::from_slice(&v.stdout).unwrap()
+    };
+    let diffs = |r: &J, what: &str, table: &str| -> Vec<(String, String)> {
+        r[what]
+            .as_array()
+            .and_then(|a| a.iter().find(|v| v["table"] == table))
+            .map(|v| v["examples"].as_array().unwrap().iter().map(|e| (text(e.get("key")), text(e.get("column")))).collect())
+            .unwrap_or_default()
+    };
+    // Nothing differs by value before the faults.
+    let before = verify();
+    for what in ["values", "lake_values"] {
+        assert!(before[what].as_array().unwrap().iter().all(|t| t["differing"] == 0), "{what}: {}", before[what]);
+    }
+    // 1. An HQ value changed behind the sink's back: HQ differs from the site and from the lake.
+    let (bumped, moved): (String, String) = {
+        let v: Vec<String> = h.query("SELECT uuid FROM obs WHERE value_numeric IS NOT NULL AND voided = 0 ORDER BY uuid LIMIT 2").await.unwrap();
+        (v[0].clone(), v[1].clone())
+    };
+    h.exec_drop("UPDATE obs SET value_numeric = value_numeric + 1 WHERE uuid = ?", (&bumped,)).await.unwrap();
+    // 2. An obs moved to another person at HQ.
+    h.exec_drop("UPDATE obs SET person_id = (SELECT MIN(person_id) FROM person WHERE person_id <> obs.person_id AND person_id IN (SELECT patient_id FROM patient)) WHERE uuid = ?", (&moved,))
+        .await
+        .unwrap();
+    let r = verify();
+    let at_hq = diffs(&r, "values", "obs");
+    assert!(at_hq.contains(&(bumped.clone(), "value_numeric".into())) && at_hq.contains(&(moved.clone(), "person_id".into())), "{at_hq:?}");
+    let in_lake = diffs(&r, "lake_values", "obs");
+    assert!(in_lake.contains(&(bumped.clone(), "value_numeric".into())) && in_lake.contains(&(moved.clone(), "person_id".into())), "{in_lake:?}");
+    let text_report = String::from_utf8_lossy(&bin().arg("--config").arg(cfg).args(["verify", "--lake"]).arg(lake).output().unwrap().stdout).into_owned();
+    assert!(text_report.contains(&format!("{bumped} value_numeric")) && text_report.contains("obs: 2 of "), "{text_report}");
+    // 3. A lake value that differs from HQ: one location's description rewritten in current/.
+    let dir = std::fs::canonicalize(lake.join("current/location")).unwrap();
+    let file = parquet_files(&dir).into_iter().next().expect("a current/location file");
+    let loc = rewrite_first_description(&file, "changed in the lake");
+    // 4. A change-history file written twice.
+    let part = std::fs::read_dir(lake.join("changes/location")).unwrap().flatten().next().unwrap().path();
+    let part = std::fs::read_dir(&part).unwrap().flatten().map(|e| e.path()).find(|p| p.is_dir()).unwrap();
+    let src = parquet_files(&part).into_iter().next().unwrap();
+    std::fs::copy(&src, part.join("zz-repeated.parquet")).unwrap();
+    let r = verify();
+    let in_lake = diffs(&r, "lake_values", "location");
+    assert!(in_lake.contains(&(loc.clone(), "description".into())), "{in_lake:?}");
+    assert!(diffs(&r, "values", "location").iter().all(|(k, _)| *k != loc), "HQ still equals the sites");
+    let dups = r["lake_history_duplicates"].as_array().unwrap();
+    assert!(dups.iter().any(|d| d["table"] == "location" && d["by"] == "site+position" && d["rows"].as_i64() > Some(0)), "{dups:?}");
+    assert!(dups.iter().any(|d| d["table"] == "location" && d["by"] == "kafka_offset"), "{dups:?}");
+    std::fs::remove_file(part.join("zz-repeated.parquet")).unwrap();
+}
+
+/// Rewrites the `description` of the first row of a Parquet file in place; returns its `_row_key`.
+fn rewrite_first_description(file: &Path, to: &str) -> String {
+    use arrow::array::{Array, ArrayRef, StringArray};
+    use std::sync::Arc;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap()).unwrap().build().unwrap();
+    let batches: Vec<arrow::record_batch::RecordBatch> = reader.map(|b| b.unwrap()).collect();
+    let schema = batches[0].schema();
+    let di = schema.index_of("description").unwrap();
+    let ki = schema.index_of("_row_key").unwrap();
+    let key = batches[0].column(ki).as_any().downcast_ref::<StringArray>().unwrap().value(0).to_string();
+    let mut out = Vec::new();
+    for (n, b) in batches.iter().enumerate() {
+        let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+        if n == 0 {
+            let d = b.column(di).as_any().downcast_ref::<StringArray>().unwrap();
+            let v: StringArray = (0..d.len()).map(|i| if i == 0 { Some(to) } else if d.is_null(i) { None } else { Some(d.value(i)) }).collect();
+            cols[di] = Arc::new(v);
+        }
+        out.push(arrow::record_batch::RecordBatch::try_new(schema.clone(), cols).unwrap());
+    }
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(file).unwrap(), schema.clone(), None).unwrap();
+    for b in &out {
+        w.write(b).unwrap();
+    }
+    w.close().unwrap();
+    key
 }

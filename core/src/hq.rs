@@ -311,13 +311,24 @@ mod tests {
     }
 
     #[test]
-    fn later_change_then_priority_then_site_then_commit() {
+    fn across_sites_later_change_then_priority_then_lower_site_name() {
+        // The later change wins, whatever the priorities and commit times.
         assert_eq!(compare(&v(2, 0, "site-b", 0), &v(1, 9, "site-a", 9)), Ordering::Greater);
-        assert_eq!(compare(&v(1, 2, "site-b", 0), &v(1, 1, "site-a", 0)), Ordering::Greater);
-        assert_eq!(compare(&v(1, 1, "site-a", 0), &v(1, 1, "site-b", 0)), Ordering::Greater);
+        assert_eq!(compare(&v(1, 9, "site-a", 9), &v(2, 0, "site-b", 0)), Ordering::Less);
+        // Two sites, the same change time: the higher priority wins, whatever the commit times.
+        assert_eq!(compare(&v(1, 2, "site-b", 0), &v(1, 1, "site-a", 99)), Ordering::Greater);
+        assert_eq!(compare(&v(1, 1, "site-a", 99), &v(1, 2, "site-b", 0)), Ordering::Less);
+        // Two sites, the same change time and priority: the lower site name wins, whatever the
+        // commit times and positions (so the site id is the last word across sites).
+        let a = RowVersion { position: "binlog.000001:00000000000000000004:0000000000".into(), ..v(1, 1, "site-a", 0) };
+        let b = RowVersion { position: "binlog.000009:00000000000000000999:0000000000".into(), ..v(1, 1, "site-b", 99) };
+        assert_eq!(compare(&a, &b), Ordering::Greater);
+        assert_eq!(compare(&b, &a), Ordering::Less);
+        // Never equal across sites: two sites' changes are never "the same change".
+        assert_ne!(compare(&v(1, 1, "site-a", 5), &v(1, 1, "site-b", 5)), Ordering::Equal);
+        // The same site: the binlog (position, then commit) decides, not the row's times.
         assert_eq!(compare(&v(1, 1, "site-a", 5), &v(1, 1, "site-a", 4)), Ordering::Greater);
         assert_eq!(compare(&v(1, 1, "site-a", 5), &v(1, 1, "site-a", 5)), Ordering::Equal);
-        // The same site: the binlog (position, then commit) decides, not the row's times.
         assert_eq!(compare(&v(1, 1, "site-a", 5), &v(2, 1, "site-a", 4)), Ordering::Greater);
     }
 

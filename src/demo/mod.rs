@@ -673,7 +673,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     progress.set("verifying sites against HQ against the lake".into());
     let verify = omrs_sinks::verify::run(
         &cfg,
-        &omrs_sinks::verify::VerifyArgs { manifest: Some(manifest_path.clone()), json: false, lake: Some(lake.clone()), no_lake: false, samples: 5 },
+        &omrs_sinks::verify::VerifyArgs { manifest: Some(manifest_path.clone()), json: false, lake: Some(lake.clone()), no_lake: false, no_values: false, samples: 5 },
     )
     .await
     .context("verify")?;

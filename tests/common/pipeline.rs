@@ -203,3 +203,70 @@ impl Drop for ServiceBack {
         let _ = std::process::Command::new(root().join("deploy/mariadb/mariadb-up")).arg(self.0).status();
     }
 }
+
+/// An uninterrupted pipeline over the same site changes as a faulted one, to compare with it
+/// value for value: it snapshots the sites when started (before the workload, so that it sees
+/// every later change through the binlogs as the faulted one does) and runs every stage to the
+/// end, one after another, when finished.
+pub struct Reference {
+    pub p: hq::Pipeline,
+    pub config: PathBuf,
+    pub hq_db: String,
+}
+
+impl Reference {
+    pub fn start(site_db: &str) -> Reference {
+        let p = hq::Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tref")), database: site_db.to_string() };
+        let hq_db = unique("openmrs_hq_ref");
+        let config = p.config(&hq_db, &[]);
+        p.run(&config, &["topics", "apply"]);
+        p.ingest(&config, &["site-a", "site-b", "site-c"], true);
+        Reference { p, config, hq_db }
+    }
+
+    /// The reference HQ in uuid space, once every site change is through.
+    pub async fn finish(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.p.ingest(&self.config, &["site-a", "site-b", "site-c"], true);
+        self.p.run(&self.config, &["transform", "--until-idle", "--metrics-port", "0"]);
+        self.p.run(&self.config, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
+        self.p.run(&self.config, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
+        hq::hq_dump(&self.hq_db).await
+    }
+}
+
+/// Rows of the reference HQ that `got` lacks (lost), and rows of `got` the reference lacks
+/// (doubled or wrong), over every table, as multisets of rows in uuid space: a row whose value
+/// differs counts once in each.
+pub fn lost_and_doubled_vs(reference: &std::collections::BTreeMap<String, Vec<String>>, got: &std::collections::BTreeMap<String, Vec<String>>) -> (u64, u64) {
+    let mut lost = 0u64;
+    let mut doubled = 0u64;
+    let empty = Vec::new();
+    let tables: std::collections::BTreeSet<&String> = reference.keys().chain(got.keys()).collect();
+    for t in tables {
+        let mut counts: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for r in reference.get(t).unwrap_or(&empty) {
+            *counts.entry(r.as_str()).or_default() += 1;
+        }
+        for r in got.get(t).unwrap_or(&empty) {
+            *counts.entry(r.as_str()).or_default() -= 1;
+        }
+        lost += counts.values().filter(|c| **c > 0).map(|c| *c as u64).sum::<u64>();
+        doubled += counts.values().filter(|c| **c < 0).map(|c| c.unsigned_abs()).sum::<u64>();
+    }
+    (lost, doubled)
+}
+
+/// Compares a faulted run's HQ with its reference: prints the figures, panics with the rows that
+/// differ, drops the reference's HQ database.
+pub async fn assert_as_reference(reference: &Reference, hq_db: &str, what: &str) -> (u64, u64) {
+    let want = reference.finish().await;
+    let got = hq::hq_dump(hq_db).await;
+    let (lost, doubled) = lost_and_doubled_vs(&want, &got);
+    eprintln!("{what}: against the uninterrupted reference, lost={lost} doubled={doubled}");
+    if (lost, doubled) != (0, 0) {
+        hq::assert_same(&want, &got, &format!("HQ after {what} vs the uninterrupted reference"));
+    }
+    let mut a = admin(hq::HQ_PORT, None).await;
+    a.query_drop(format!("DROP DATABASE IF EXISTS `{}`", reference.hq_db)).await.unwrap();
+    (lost, doubled)
+}

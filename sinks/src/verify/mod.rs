@@ -1,10 +1,20 @@
 //! `omrs-stream verify`: the reconciliation report an operator runs in production. Read only.
 //!
-//! One pass per table and server, set-based: the uuids of every uuid-keyed table at each site
-//! and at HQ, compared in memory; FK orphans and identity duplicates as one SQL statement each
-//! at HQ; the lake's current tables against HQ's; the lag of each stage from the offsets it
-//! stored. With `--manifest` (the simulator's ground truth), every human must be exactly one
-//! unvoided patient at HQ. Exit code 1 on any discrepancy.
+//! Presence, one pass per table and server, set-based: the uuids of every uuid-keyed table at
+//! each site and at HQ, compared in memory; FK orphans and identity duplicates as one SQL
+//! statement each at HQ; the lake's current keys against HQ's; the lag of each stage from the
+//! offsets it stored. Values (`values.rs`): every HQ row against the row the conflict rule and
+//! the merges say should win, column by column in uuid space; the lake's current tables
+//! against HQ value for value, and its change history for repeated rows (`lake.rs`). With
+//! `--manifest` (the simulator's ground truth), every human must be exactly one unvoided
+//! patient at HQ. Exit code 1 on any discrepancy.
+
+mod lake;
+mod space;
+mod values;
+
+pub use lake::HistoryDuplicates;
+pub use values::{TableValues, ValueDiff};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -39,6 +49,9 @@ pub struct VerifyArgs {
     /// Sample uuids listed per discrepancy.
     #[arg(long, default_value_t = 5)]
     pub samples: usize,
+    /// Check presence only: do not compare values (faster on a large HQ).
+    #[arg(long)]
+    pub no_values: bool,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -107,6 +120,16 @@ pub struct Report {
     pub lake_checked: bool,
     pub lag: Vec<Lag>,
     pub manifest: Option<ManifestCheck>,
+    /// Per table: HQ rows compared with the sites' winners, value for value.
+    pub values: Vec<TableValues>,
+    /// Per table: the lake's current rows compared with HQ's, value for value.
+    pub lake_values: Vec<TableValues>,
+    /// Repeated rows in the lake's change history.
+    pub lake_history_duplicates: Vec<HistoryDuplicates>,
+    /// Merged persons whose chain of survivors never ends (a loop).
+    pub merge_loops: Vec<String>,
+    /// Time the value checks took.
+    pub values_ms: u64,
     pub problems: Vec<String>,
 }
 
@@ -274,7 +297,14 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
         }
     }
 
-    // 5. Lag of every stage, from the positions they stored.
+    // 5. Values: HQ against the sites' winners, the lake against HQ, the lake's history.
+    if !args.no_values {
+        let started = std::time::Instant::now();
+        value_checks(cfg, args, &lake_root, &hq_written, &mut r).await?;
+        r.values_ms = started.elapsed().as_millis() as u64;
+    }
+
+    // 6. Lag of every stage, from the positions they stored.
     r.lag = stage_lags(cfg, &mut hq, (!args.no_lake).then_some(lake_root.as_path())).await?;
     for l in &r.lag {
         if l.messages.is_some_and(|m| m > 0) {
@@ -282,7 +312,7 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
         }
     }
 
-    // 6. The simulator's ground truth.
+    // 7. The simulator's ground truth.
     if let Some(path) = &args.manifest {
         let text = std::fs::read(path).map_err(|e| SinkError::io(format!("reading {}", path.display()), e))?;
         let m: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SinkError::Usage(format!("{}: not a simulator manifest ({e})", path.display())))?;
@@ -316,6 +346,39 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
     }
     r.ok = r.problems.is_empty();
     Ok(r)
+}
+
+/// The value checks (see `values.rs` and `lake.rs`), on connections of their own.
+async fn value_checks(cfg: &Config, args: &VerifyArgs, lake_root: &std::path::Path, hq_written: &HashSet<String>, r: &mut Report) -> Result<(), SinkError> {
+    let hq = connect(&cfg.hq.database, "HQ").await?;
+    let mut sites = Vec::new();
+    for s in &cfg.sites {
+        sites.push(connect(&s.database, &format!("site {}", s.name)).await?);
+    }
+    let (tables, merges) = values::run(cfg, hq, sites, hq_written, args.samples).await?;
+    for t in tables.iter().filter(|t| t.differing > 0) {
+        r.problems.push(format!("{}: {} of {} HQ rows differ from the rows that should have won", t.table, t.differing, t.compared));
+    }
+    r.values = tables;
+    if !merges.loops.is_empty() {
+        r.problems.push(format!("{} merged persons have no survivor (their merge chain loops), e.g. {:?}", merges.loops.len(), &merges.loops[..merges.loops.len().min(args.samples)]));
+        r.merge_loops = merges.loops.clone();
+    }
+    if args.no_lake {
+        return Ok(());
+    }
+    let ctx = crate::query::context(lake_root).await?;
+    let mut hq = connect(&cfg.hq.database, "HQ").await?;
+    let scrub: HashSet<String> = cfg.ingest.scrub.iter().cloned().collect();
+    r.lake_values = lake::current_values(&ctx, &mut hq, &cfg.hq.database.database, &scrub, &merges, args.samples).await?;
+    for t in r.lake_values.iter().filter(|t| t.differing > 0) {
+        r.problems.push(format!("lake current.{}: {} of {} rows differ from HQ", t.table, t.differing, t.compared));
+    }
+    r.lake_history_duplicates = lake::history_duplicates(&ctx, args.samples).await?;
+    for d in &r.lake_history_duplicates {
+        r.problems.push(format!("lake changes.{}: {} repeated rows (same {})", d.table, d.rows, d.by));
+    }
+    Ok(())
 }
 
 /// The lag of every stage, in records that can still be read after the position it stored:
@@ -424,6 +487,21 @@ pub fn render(r: &Report) -> String {
             out.push_str(&format!("  current.{}: {} vs HQ {} (missing {}, extra {}), e.g. {:?}\n", l.table, l.lake_rows, l.hq_rows, l.missing, l.extra, l.sample));
         }
     }
+    if !r.values.is_empty() {
+        render_values(&mut out, "values at HQ vs the sites' winners", "", &r.values);
+    }
+    if !r.lake_values.is_empty() {
+        render_values(&mut out, "values in the lake's current tables vs HQ", "current.", &r.lake_values);
+    }
+    if r.lake_checked && !r.values.is_empty() {
+        out.push_str(&format!("repeated rows in the lake's change history: {}\n", r.lake_history_duplicates.iter().map(|d| d.rows).sum::<i64>()));
+        for d in &r.lake_history_duplicates {
+            out.push_str(&format!("  changes.{} ({}): {}, e.g. {:?}\n", d.table, d.by, d.rows, d.sample));
+        }
+    }
+    if !r.merge_loops.is_empty() {
+        out.push_str(&format!("merges without a survivor (loops): {}, e.g. {:?}\n", r.merge_loops.len(), &r.merge_loops[..r.merge_loops.len().min(5)]));
+    }
     for l in &r.lag {
         out.push_str(&format!("lag {} on {}: {}\n", l.stage, l.topic, l.messages.map(|m| m.to_string()).unwrap_or_else(|| "no position stored".into())));
     }
@@ -441,4 +519,25 @@ pub fn render(r: &Report) -> String {
         out.push_str(&format!("  - {p}\n"));
     }
     out
+}
+
+fn render_values(out: &mut String, title: &str, prefix: &str, tables: &[TableValues]) {
+    let compared: usize = tables.iter().map(|t| t.compared).sum();
+    let differing: usize = tables.iter().map(|t| t.differing).sum();
+    out.push_str(&format!("{title}: {} tables, {compared} rows compared, {differing} differ\n", tables.len()));
+    for t in tables.iter().filter(|t| t.differing > 0 || t.undecided > 0) {
+        out.push_str(&format!("  {prefix}{}: {} compared, {} equal, {} differ, {} undecided\n", t.table, t.compared, t.equal, t.differing, t.undecided));
+        for e in &t.examples {
+            let v = |v: &Option<String>| v.clone().unwrap_or_else(|| "NULL".into());
+            out.push_str(&format!("    {} {}:", e.key, e.column));
+            if let Some(s) = &e.site {
+                out.push_str(&format!(" site {s};"));
+            }
+            out.push_str(&format!(" HQ {}", v(&e.hq)));
+            if e.site.is_none() {
+                out.push_str(&format!("; lake {}", v(&e.lake)));
+            }
+            out.push('\n');
+        }
+    }
 }
