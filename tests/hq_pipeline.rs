@@ -336,3 +336,63 @@ async fn an_hq_from_before_version_packs_keeps_its_versions() {
     drop(c);
     drop_hq(init, &db).await;
 }
+
+/// Issue #22, hole 1: a survivor change. W was merged into S while W's registration date was
+/// unknown; then W turns out to be the earlier registration, and the transform names W the
+/// survivor (`survivor_change`). Before the fix, HQ chained W's own merge to itself (W → W),
+/// voided W on its next change, and left the human with no unvoided patient. Now W's merge is
+/// withdrawn: W is alive, S is voided in W's favour, and no merge names a person as its own
+/// survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_change_leaves_exactly_the_new_survivor_alive() {
+    let Hq { db, init, mut write, read, user } = Hq::fresh("openmrs_hq_surv").await;
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let (s, w) = ("66666666-0000-4000-8000-000000000001", "66666666-0000-4000-8000-000000000002");
+    let person = |id: i64, uuid: &str, created: &str| json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": created, "voided": 0, "uuid": uuid});
+    let patient = |id: i64, created: &str, changed: Option<&str>| json!({"patient_id": id, "creator": 1, "date_created": created, "date_changed": changed, "voided": 0, "allergy_status": "Unknown"});
+    let merge = |offset: i64, winner: &str, loser: &str, reason: &str| {
+        let ev: HqEvent = HqEvent::Merge { winner: winner.into(), loser: loser.into(), reason: reason.into(), evidence: json!({}), site: "site-a".into(), ts_ms: 1_790_000_000_000 + offset };
+        Record::decode(0, offset, ev.to_json())
+    };
+    // Both registered; W merged into S (W's date not known to the transform yet).
+    apply_batch(&mut applier, &mut write, vec![
+        record(1, Op::Create, "person", s, person(901, s, "2026-05-01 09:00:00"), json!({"creator": user})),
+        record(2, Op::Create, "patient", s, patient(901, "2026-05-01 09:00:00", None), json!({"patient_id": s, "creator": user})),
+        record_from("site-b", 3, Op::Create, "person", w, person(902, w, "2026-01-01 09:00:00"), json!({"creator": user})),
+        record_from("site-b", 4, Op::Create, "patient", w, patient(902, "2026-01-01 09:00:00", None), json!({"patient_id": w, "creator": user})),
+        merge(5, s, w, "identifier"),
+    ])
+    .await;
+    // W is earlier: the survivor changes.
+    apply_batch(&mut applier, &mut write, vec![merge(6, w, s, "survivor_change")]).await;
+    // A later change of W's patient row, in a batch of its own.
+    apply_batch(&mut applier, &mut write, vec![record_from("site-b", 7, Op::Update, "patient", w, patient(902, "2026-01-01 09:00:00", Some("2026-06-01 09:00:00")), json!({"patient_id": w, "creator": user}))]).await;
+    // And a restart: the merges read back from HQ must say the same.
+    drop(applier);
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier after restart");
+    let person_changed = json!({"person_id": 902, "gender": "F", "dead": 0, "creator": 1, "date_created": "2026-01-01 09:00:00", "date_changed": "2026-06-02 09:00:00", "voided": 0, "uuid": w});
+    apply_batch(&mut applier, &mut write, vec![record_from("site-b", 8, Op::Update, "person", w, person_changed, json!({"creator": user}))]).await;
+
+    let voided = |t: &str, u: &str| format!("SELECT x.voided FROM {t} x JOIN person p ON p.person_id = x.{}_id WHERE p.uuid = '{u}'", t);
+    assert_eq!(count(&mut write, &voided("person", w)).await, 0, "the new survivor's person is alive");
+    assert_eq!(count(&mut write, &voided("patient", w)).await, 0, "the new survivor's patient is alive");
+    assert_eq!(count(&mut write, &voided("person", s)).await, 1, "the old survivor's person is voided");
+    assert_eq!(count(&mut write, &voided("patient", s)).await, 1, "the old survivor's patient is voided");
+    let w_id = count(&mut write, &format!("SELECT person_id FROM person WHERE uuid = '{w}'")).await;
+    let reason: String = write.query_first(format!("SELECT void_reason FROM person WHERE uuid = '{s}'")).await.unwrap().unwrap();
+    assert_eq!(reason, format!("Merged with patient #{w_id}"));
+    assert_eq!(count(&mut write, "SELECT COUNT(*) FROM omrs_sync_merge WHERE loser_uuid = winner_uuid").await, 0, "no merge names a person its own survivor");
+    assert_eq!(count(&mut write, &format!("SELECT COUNT(*) FROM omrs_sync_merge WHERE loser_uuid = '{w}'")).await, 0, "the survivor is nobody's loser");
+    assert_eq!(count(&mut write, &format!("SELECT COUNT(*) FROM omrs_sync_merge WHERE loser_uuid = '{s}' AND winner_uuid = '{w}'")).await, 1);
+    assert_eq!(count(&mut write, &format!("SELECT COUNT(*) FROM person_merge_log WHERE loser_person_id = {w_id}")).await, 0, "W's withdrawn merge has no log");
+    assert_eq!(count(&mut write, &format!("SELECT COUNT(*) FROM person_merge_log WHERE winner_person_id = {w_id}")).await, 1);
+    Hq::close(init, &db, [read, write]).await;
+}
+
+/// Applies one batch in one transaction (the sink's unpipelined path), with no dead letters.
+async fn apply_batch(applier: &mut Applier, write: &mut Conn, records: Vec<Record>) {
+    write.query_drop("START TRANSACTION").await.unwrap();
+    let out = applier.apply(write, records).await.expect("apply");
+    write.query_drop("COMMIT").await.unwrap();
+    assert!(out.dead.is_empty(), "{:?}", out.dead.iter().map(|d| &d.reason).collect::<Vec<_>>());
+}

@@ -1044,7 +1044,8 @@ impl Applier {
         self.model.table(name).cloned()
     }
 
-    /// The loser's final survivor, following merges transitively.
+    /// The loser's final survivor, following merges transitively (None for a survivor, even
+    /// one whose chain would lead back to itself).
     fn survivor_of(&self, uuid: &str) -> Option<String> {
         let mut cur = self.merges.get(uuid)?.winner.clone();
         for _ in 0..64 {
@@ -1053,7 +1054,7 @@ impl Applier {
                 _ => break,
             }
         }
-        Some(cur)
+        (cur != uuid).then_some(cur)
     }
 
     /// `w` with its key worked out (see [`Work::key`]).
@@ -2024,6 +2025,16 @@ impl Applier {
     async fn merge(&mut self, conn: &mut Conn, loser: &str, mut rec: MergeRec) -> Result<(), SinkError> {
         if loser == rec.winner {
             return Ok(());
+        }
+        // The survivor of a component is never a loser. A survivor change names an earlier loser
+        // of this component as the new survivor: its own merge is withdrawn (its merge log goes,
+        // it is un-voided below), instead of being chained to itself, which voided everyone.
+        if let Some(old) = self.merges.remove(&rec.winner) {
+            conn.exec_drop("DELETE FROM omrs_sync_merge WHERE loser_uuid = ?", (rec.winner.as_str(),)).await.map_err(db("withdrawing the survivor's merge"))?;
+            if old.reason != "site_merge" {
+                let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, rec.winner.as_bytes()).to_string();
+                conn.exec_drop("DELETE FROM person_merge_log WHERE uuid = ?", (u.as_str(),)).await.map_err(db("withdrawing the survivor's merge log"))?;
+            }
         }
         // Earlier losers of the loser now belong to the new survivor.
         let chained: Vec<String> = self.merges.iter().filter(|(_, m)| m.winner == loser).map(|(l, _)| l.clone()).collect();

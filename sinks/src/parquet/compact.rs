@@ -33,7 +33,7 @@ use omrs_core::metrics::metrics;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::lake::{failpoint, io, sync_dir, write_atomic, Lake, State};
+use super::lake::{failpoint, io, sync_dir, write_atomic, Lake, LakeLock, State};
 use super::schema::LakeTable;
 use super::{write, MERGE_TABLE};
 use crate::SinkError;
@@ -165,12 +165,19 @@ impl Merges {
                 }
             }
         }
+        Ok(Merges::from_rows(rows))
+    }
+
+    /// The merges of (partition, offset, winner, loser) rows, in stream order.
+    fn from_rows(mut rows: Vec<(i32, i64, String, String)>) -> Merges {
         rows.sort();
         let mut m = Merges::default();
         for (_, _, winner, loser) in rows {
             if winner == loser {
                 continue;
             }
+            // A survivor change: the new survivor is no longer anyone's loser.
+            m.winner.remove(&winner);
             for w in m.winner.values_mut() {
                 if *w == loser {
                     *w = winner.clone();
@@ -178,7 +185,7 @@ impl Merges {
             }
             m.winner.insert(loser, winner);
         }
-        Ok(m)
+        m
     }
 
     pub fn survivor_of(&self, uuid: &str) -> Option<&str> {
@@ -189,7 +196,7 @@ impl Merges {
                 _ => break,
             }
         }
-        Some(cur)
+        (cur != uuid).then_some(cur.as_str())
     }
 
     pub fn is_winner(&self, uuid: &str) -> bool {
@@ -328,12 +335,10 @@ fn swap_link(root: &Path, name: &str, target: &Path) -> Result<(), SinkError> {
     sync_dir(root)
 }
 
-/// Builds and publishes a new snapshot from `state`.
-pub async fn compact(lake: &Lake, state: &State, tables: &HashMap<String, Arc<LakeTable>>, trigger: &str) -> Result<Report, SinkError> {
+/// Builds and publishes a new snapshot from `state`. `_writer` is the lake's writer lock (the
+/// running sink's, or `--compact`'s): one compaction at a time, and none next to another writer.
+pub async fn compact(lake: &Lake, _writer: &LakeLock, state: &State, tables: &HashMap<String, Arc<LakeTable>>, trigger: &str) -> Result<Report, SinkError> {
     let started = Instant::now();
-    let lock_path = lake.root.join("_compact.lock");
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(format!("opening {}", lock_path.display())))?;
-    lock.lock().map_err(io("locking the lake for compaction"))?;
 
     let prev = published(lake);
     let prev_seq = prev.as_ref().map(|p| p.manifest_seq).unwrap_or(0);
@@ -495,7 +500,6 @@ pub async fn compact(lake: &Lake, state: &State, tables: &HashMap<String, Arc<La
     let seconds = started.elapsed().as_secs_f64();
     metrics().lake_compaction_seconds.with_label_values(&[trigger]).observe(seconds);
     tracing::info!(snapshot = id, manifest_seq = state.seq, rebuilt, merges = merges.len(), seconds, "current state and views published");
-    drop(lock);
     Ok(Report { id, rebuilt, seconds })
 }
 
@@ -578,3 +582,22 @@ pub const VIEWS: &[(&str, &str)] = &[
         WHERE o.voided = false",
     ),
 ];
+
+#[cfg(test)]
+mod merge_tests {
+    use super::Merges;
+
+    #[test]
+    fn a_survivor_change_leaves_the_new_survivor_alive_and_no_loop() {
+        // W merged into S while W's registration date was unknown; then W turns out earlier.
+        let m = Merges::from_rows(vec![(0, 1, "S".into(), "W".into()), (0, 2, "W".into(), "S".into())]);
+        assert_eq!(m.survivor_of("W"), None, "the survivor is nobody's loser");
+        assert_eq!(m.survivor_of("S"), Some("W"));
+        assert!(m.is_winner("W") && !m.is_winner("S"));
+        // Through a chain: W lost to X, then X to S; then W becomes the survivor.
+        let m = Merges::from_rows(vec![(0, 1, "X".into(), "W".into()), (0, 2, "S".into(), "X".into()), (0, 3, "W".into(), "S".into())]);
+        assert_eq!(m.survivor_of("W"), None);
+        assert_eq!(m.survivor_of("X"), Some("W"));
+        assert_eq!(m.survivor_of("S"), Some("W"));
+    }
+}

@@ -6,6 +6,7 @@
 //! <lake>/_manifest/<seq>.json               one commit: files, offsets, watermark
 //! <lake>/_manifest/<seq>.checkpoint.json    the whole state up to <seq> (older entries deleted)
 //! <lake>/_tmp/                              files being written (removed on start)
+//! <lake>/_writer.lock                       flock held by the one process writing the lake
 //! <lake>/changes/<table>/site=<s>/date=<d>/part-<seq>-<n>.parquet
 //! <lake>/changes/<table>/site=<s>/date=<d>/_COMPLETE
 //! <lake>/_snapshots/<id>/…                  current state and views, see `compact`
@@ -18,6 +19,16 @@
 //! before the entry's rename leaves only temp files (deleted on start, their records read
 //! again); a crash after it is rolled forward on start. So a final-named file is always a
 //! committed one, and each record is in exactly one.
+//!
+//! Durability: before the entry's rename, `_tmp/` is fsynced (the files' names, not only their
+//! bytes) and so is the parent of every directory created for the final paths; after the
+//! renames, the directories they went into. A power loss therefore never leaves a committed
+//! entry naming a file that is under neither of its names.
+//!
+//! One writer: whatever changes the lake (the sink for its whole life, `--compact` for its
+//! run) first takes [`LakeLock`], an exclusive `flock` on `_writer.lock`. [`Lake::open`], which
+//! deletes what `_tmp/` holds, and `compact` need it, so a second process can never delete the
+//! running sink's fsynced but not yet committed files.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -158,6 +169,31 @@ pub fn sync_dir(dir: &Path) -> Result<(), SinkError> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io(format!("fsync {}", dir.display())))
 }
 
+/// Creates `dir` and its missing parents durably: the parent of each directory it creates is
+/// fsynced, so that a file renamed into `dir` (and fsynced there) survives a power loss.
+pub fn create_dir_durable(dir: &Path) -> Result<(), SinkError> {
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while !d.as_os_str().is_empty() && !d.exists() {
+        missing.push(d);
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    for m in missing.iter().rev() {
+        match m.parent() {
+            Some(p) if !p.as_os_str().is_empty() => sync_dir(p)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` atomically: a temp file in `tmp_dir`, fsync, rename, fsync the dir.
 pub fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
     let tmp = tmp_dir.join(format!("{}.{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), uuid::Uuid::new_v4().simple()));
@@ -175,6 +211,35 @@ pub fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), Sin
 #[derive(Debug, Clone)]
 pub struct Lake {
     pub root: PathBuf,
+}
+
+/// Who takes the lake's writer lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// `sink parquet`, for its whole life (its scheduled compactions included).
+    Sink,
+    /// `sink parquet --compact`, for its run.
+    Compaction,
+}
+
+impl Writer {
+    fn role(self) -> &'static str {
+        match self {
+            Writer::Sink => "sink parquet",
+            Writer::Compaction => "sink parquet --compact",
+        }
+    }
+}
+
+/// The lake's writer lock: an exclusive `flock` on `<lake>/_writer.lock`, held by the one
+/// process that may change the lake, released when it is dropped. The kernel releases it too
+/// when the process ends however it ends (SIGKILL, a crash), so there is never a stale lock to
+/// clean up. The pid, role and start written into the file only name the holder in the error
+/// of a process that finds the lock taken.
+#[derive(Debug)]
+pub struct LakeLock {
+    root: PathBuf,
+    _file: std::fs::File,
 }
 
 impl Lake {
@@ -196,25 +261,84 @@ impl Lake {
     pub fn partition_dir(&self, table: &str, site: &str, date: &str) -> PathBuf {
         self.root.join("changes").join(table).join(format!("site={site}")).join(format!("date={date}"))
     }
+    pub fn lock_path(&self) -> PathBuf {
+        self.root.join("_writer.lock")
+    }
+
+    /// Takes the lake's writer lock, or fails at once, naming the lake and the holder, when
+    /// another process holds it.
+    pub fn lock(&self, who: Writer) -> Result<LakeLock, SinkError> {
+        create_dir_durable(&self.root)?;
+        let path = self.lock_path();
+        // Held read-only: a file open for writing for the sink's whole life would keep the lake's
+        // file system from being remounted read-only (flock needs no write access).
+        let file = match std::fs::File::open(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io(format!("creating {}", path.display())))?;
+                std::fs::File::open(&path)
+            }
+            other => other,
+        }
+        .map_err(io(format!("opening {}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(SinkError::Lake(self.busy(who, holder.trim())));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(SinkError::io(format!("locking {}", path.display()), e)),
+        }
+        let note = format!(
+            "pid {}, {}, since {}\n",
+            std::process::id(),
+            who.role(),
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+        // Only a name for the error of whoever finds the lock taken: the flock is the lock.
+        let _ = std::fs::write(&path, note);
+        tracing::debug!(lake = %self.root.display(), role = who.role(), "lake writer lock taken");
+        Ok(LakeLock { root: self.root.clone(), _file: file })
+    }
+
+    /// The error of `who` finding the lock held by `holder` (the lock file's text).
+    fn busy(&self, who: Writer, holder: &str) -> String {
+        let compaction = holder.contains(Writer::Compaction.role());
+        let what = if compaction { "a compaction (`sink parquet --compact`) is running there" } else { "a Parquet sink is running there" };
+        let advice = match (who, compaction) {
+            (Writer::Compaction, false) => {
+                "Stop it first, or leave compaction to it: a running sink compacts the lake itself every sinks.parquet.compact_interval_s and at the end of --until-idle."
+            }
+            (Writer::Compaction, true) => "Wait for it to finish.",
+            (Writer::Sink, false) => "A lake has one writer: stop that sink first, or give this one its own lake (--lake or sinks.parquet.path).",
+            (Writer::Sink, true) => "Start the sink once the compaction has finished.",
+        };
+        let holder = if holder.is_empty() { String::new() } else { format!("{holder}; ") };
+        format!("{} is in use: {what} ({holder}it holds {}). {advice}", self.root.display(), self.lock_path().display())
+    }
 
     /// Creates the layout, reads the manifest, rolls the last commits forward and removes what
-    /// an interrupted commit left in `_tmp/`.
-    pub fn open(&self) -> Result<State, SinkError> {
+    /// an interrupted commit left in `_tmp/` (hence the writer lock: while a sink runs, `_tmp/`
+    /// holds its fsynced files of the commit in progress).
+    pub fn open(&self, lock: &LakeLock) -> Result<State, SinkError> {
+        if lock.root != self.root {
+            return Err(SinkError::Lake(format!("opening {} with the writer lock of {}", self.root.display(), lock.root.display())));
+        }
         for d in [self.root.clone(), self.tmp(), self.manifest_dir(), self.root.join("changes"), self.snapshots()] {
-            std::fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
+            create_dir_durable(&d)?;
         }
         let (state, entries) = self.read_manifest()?;
         // Roll forward: a committed file still under its temp name is renamed into place.
         let mut rolled = 0;
+        let mut dirs = BTreeSet::new();
         for e in &entries {
             for (tmp, fin) in &e.renames {
                 let (t, f) = (self.root.join(tmp), self.root.join(fin));
                 if !f.exists() {
                     if t.exists() {
-                        if let Some(parent) = f.parent() {
-                            std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
-                        }
+                        let parent = f.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
+                        create_dir_durable(&parent)?;
                         std::fs::rename(&t, &f).map_err(io(format!("rolling {} forward", f.display())))?;
+                        dirs.insert(parent);
                         rolled += 1;
                     } else {
                         return Err(SinkError::Lake(format!(
@@ -225,6 +349,9 @@ impl Lake {
                     }
                 }
             }
+        }
+        for d in &dirs {
+            sync_dir(d)?;
         }
         if rolled > 0 {
             tracing::info!(files = rolled, "rolled committed files forward into place");
@@ -295,15 +422,22 @@ impl Lake {
     pub fn commit(&self, state: &mut State, entry: Entry) -> Result<(), SinkError> {
         let bytes = serde_json::to_vec_pretty(&entry).map_err(|e| SinkError::Lake(format!("encoding the manifest entry: {e}")))?;
         let path = self.manifest_dir().join(format!("{:020}.json", entry.seq));
+        // Before the entry exists, what it names must survive a power loss: the files' names in
+        // `_tmp/` (their bytes were fsynced when written) and the directories they go into.
+        let mut dirs = BTreeSet::new();
+        for (_, fin) in &entry.renames {
+            let f = self.root.join(fin);
+            dirs.insert(f.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone()));
+        }
+        for d in &dirs {
+            create_dir_durable(d)?;
+        }
+        sync_dir(&self.tmp())?;
         write_atomic(&self.tmp(), &path, &bytes)?;
         failpoint("lake:after-manifest");
-        let mut dirs = BTreeSet::new();
         for (i, (tmp, fin)) in entry.renames.iter().enumerate() {
             let f = self.root.join(fin);
-            let parent = f.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
-            std::fs::create_dir_all(&parent).map_err(io(format!("creating {}", parent.display())))?;
             std::fs::rename(self.root.join(tmp), &f).map_err(io(format!("renaming {} into place", f.display())))?;
-            dirs.insert(parent);
             if i == 0 {
                 failpoint("lake:after-first-rename");
             }
@@ -366,9 +500,21 @@ impl Lake {
 }
 
 /// Test hook: with `OMRS_FAILPOINT=<name>` the process kills itself with SIGKILL at that point
-/// (the tests use it to crash the sink at exact places of a commit or a compaction).
+/// (the tests use it to crash the sink at exact places of a commit or a compaction). With
+/// `OMRS_FAILPOINT_GATE=<file>` as well it pauses there instead, for as long as that file
+/// exists (the tests use it to act on the lake while the sink is in the middle of a commit).
 pub fn failpoint(name: &str) {
     if std::env::var("OMRS_FAILPOINT").is_ok_and(|v| v == name) {
+        if let Some(gate) = std::env::var_os("OMRS_FAILPOINT_GATE").map(PathBuf::from) {
+            if gate.exists() {
+                tracing::warn!(failpoint = name, gate = %gate.display(), "failpoint reached: paused while the gate file exists");
+                while gate.exists() {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                tracing::warn!(failpoint = name, "failpoint gate removed: going on");
+            }
+            return;
+        }
         tracing::warn!(failpoint = name, "failpoint reached: killing this process");
         let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
         // SIGKILL is not deliverable late; if `kill` is missing, abort (no cleanup either).
@@ -399,7 +545,8 @@ mod tests {
     fn commit_recover_and_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::new(dir.path());
-        let mut st = lake.open().unwrap();
+        let lock = lake.lock(Writer::Sink).unwrap();
+        let mut st = lake.open(&lock).unwrap();
         for s in 1..=3 {
             let e = entry(s, &lake, "obs");
             lake.commit(&mut st, e).unwrap();
@@ -410,7 +557,7 @@ mod tests {
         let e = entry(4, &lake, "obs");
         let bytes = serde_json::to_vec(&e).unwrap();
         std::fs::write(lake.manifest_dir().join(format!("{:020}.json", 4)), bytes).unwrap();
-        let st = lake.open().unwrap();
+        let st = lake.open(&lock).unwrap();
         assert_eq!(st.seq, 4);
         assert_eq!(st.offsets[&0], 5);
         assert!(lake.root.join(&e.files[0].path).exists(), "rolled forward");
@@ -418,11 +565,70 @@ mod tests {
         assert_eq!(st.files.len(), 4);
     }
 
+    /// Issue 22 §4.4: a second writer (`--compact` next to a running sink) is refused at once,
+    /// naming the lake and the running sink, and the sink's uncommitted files stay; the lock
+    /// goes with its holder.
+    #[test]
+    fn a_second_writer_is_refused_and_the_sinks_temp_files_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path().join("lake"));
+        let sink = lake.lock(Writer::Sink).unwrap();
+        let mut st = lake.open(&sink).unwrap();
+        lake.commit(&mut st, entry(1, &lake, "obs")).unwrap();
+        // The sink's next file set, written and fsynced, not committed yet.
+        let pending = entry(2, &lake, "obs");
+        let tmp = lake.root.join(&pending.renames[0].0);
+        // Another process's view of the lake: its own `Lake`, its own open file description.
+        let other = Lake::new(dir.path().join("lake"));
+        let err = other.lock(Writer::Compaction).unwrap_err().to_string();
+        let root = lake.root.display().to_string();
+        assert!(err.contains(&format!("{root} is in use: a Parquet sink is running there")), "{err}");
+        assert!(err.contains(&format!("pid {}, sink parquet, since ", std::process::id())), "{err}");
+        assert!(err.contains("Stop it first") && err.contains("compact_interval_s"), "{err}");
+        let err = other.lock(Writer::Sink).unwrap_err().to_string();
+        assert!(err.contains("is in use: a Parquet sink is running there") && err.contains("one writer"), "{err}");
+        assert!(tmp.exists(), "the sink's uncommitted file is still in _tmp/");
+        // The sink commits it as if nobody had come by.
+        lake.commit(&mut st, pending).unwrap();
+        assert_eq!(st.seq, 2);
+        drop(sink);
+        // Released with its holder: the compaction gets it, and sees both entries.
+        let compaction = other.lock(Writer::Compaction).unwrap();
+        let st = other.open(&compaction).unwrap();
+        assert_eq!((st.seq, st.files.len()), (2, 2));
+        // ... and a sink that comes now is told a compaction runs.
+        let err = lake.lock(Writer::Sink).unwrap_err().to_string();
+        assert!(err.contains("a compaction (`sink parquet --compact`) is running there") && err.contains("once the compaction has finished"), "{err}");
+        // A lock is for its own lake only.
+        let elsewhere = Lake::new(dir.path().join("elsewhere"));
+        assert!(elsewhere.open(&compaction).is_err());
+    }
+
+    /// What a commit names is durable before the commit: new partition directories exist
+    /// (created with their parents fsynced) and the files are in place after it.
+    #[test]
+    fn commit_creates_the_partition_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let lock = lake.lock(Writer::Sink).unwrap();
+        let mut st = lake.open(&lock).unwrap();
+        let e = entry(1, &lake, "encounter");
+        let fin = lake.root.join(&e.files[0].path);
+        assert!(!fin.parent().unwrap().exists());
+        lake.commit(&mut st, e).unwrap();
+        assert!(fin.is_file());
+        assert_eq!(std::fs::read_dir(lake.tmp()).unwrap().count(), 0);
+        create_dir_durable(&lake.root.join("a/b/c")).unwrap();
+        assert!(lake.root.join("a/b/c").is_dir());
+        create_dir_durable(&lake.root.join("a/b/c")).unwrap();
+    }
+
     #[test]
     fn completion_and_late_files_bump_the_marker() {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::new(dir.path());
-        let mut st = lake.open().unwrap();
+        let lock = lake.lock(Writer::Sink).unwrap();
+        let mut st = lake.open(&lock).unwrap();
         lake.commit(&mut st, entry(1, &lake, "obs")).unwrap();
         let wm = date_end_ms("2024-01-01").unwrap() + 5;
         let done = st.newly_complete(wm, &BTreeSet::new());

@@ -5,6 +5,9 @@
 //! files under `_tmp/`, fsynced, then committed by one manifest entry that names the files and
 //! the Kafka offsets after them ([`lake`]); on start the sink rolls the last commit forward,
 //! deletes uncommitted temp files and seeks to the manifest's offsets (never to a group's).
+//! The sink holds the lake's writer lock ([`lake::LakeLock`]) for its whole life; `--compact`
+//! takes it too, so it is refused while a sink runs on the lake instead of deleting that sink's
+//! uncommitted temp files.
 //! Dead letters go to `omrs.dlq` before the entry commits: at least once, never lost.
 //!
 //! The current state (`current/<table>`) and the flattened views (`views/<name>`) are rebuilt
@@ -40,7 +43,7 @@ use rdkafka::{Message, Offset};
 
 use crate::kafka::DeadLetter;
 use crate::SinkError;
-use lake::{date_of, failpoint, Entry, FileEntry, Lake, PartKey, State};
+use lake::{date_of, failpoint, Entry, FileEntry, Lake, LakeLock, PartKey, State, Writer};
 use schema::{convert, LakeSchemaFile, LakeTable};
 use write::PartBuf;
 
@@ -55,7 +58,8 @@ pub struct ParquetSinkArgs {
     #[arg(long)]
     pub until_idle: bool,
     /// Only rebuild current/ and the views from what the manifest has committed, then exit.
-    /// Safe while a sink runs: compactions take a lock.
+    /// Refused while a sink runs on the lake (it holds the lake's writer lock, and compacts on
+    /// its own every sinks.parquet.compact_interval_s).
     #[arg(long, conflicts_with = "until_idle")]
     pub compact: bool,
     /// Do not compact (neither on the schedule of sinks.parquet.compact_interval_s nor at the
@@ -248,15 +252,18 @@ struct Chunk {
 pub async fn run(cfg: &Config, args: &ParquetSinkArgs) -> Result<(), SinkError> {
     let lake = Lake::new(args.lake.clone().unwrap_or_else(|| cfg.sinks.parquet.path.clone()));
     if args.compact {
-        let state = lake.open()?;
+        let lock = lake.lock(Writer::Compaction)?;
+        let state = lake.open(&lock)?;
         let tables = load_tables(cfg, &lake).await?;
-        let report = compact::compact(&lake, &state, &tables, "on_demand").await?;
+        let report = compact::compact(&lake, &lock, &state, &tables, "on_demand").await?;
         tracing::info!(snapshot = report.id, tables_rebuilt = report.rebuilt, seconds = report.seconds, "compaction done");
         return Ok(());
     }
+    // Held until the sink exits (the kernel drops it if the process dies), across retries.
+    let lock = lake.lock(Writer::Sink)?;
     let mut backoff = Duration::from_millis(500);
     loop {
-        match run_once(cfg, args, &lake).await {
+        match run_once(cfg, args, &lake, &lock).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
                 let kind = match &e {
@@ -273,12 +280,12 @@ pub async fn run(cfg: &Config, args: &ParquetSinkArgs) -> Result<(), SinkError> 
     }
 }
 
-async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(), SinkError> {
+async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &LakeLock) -> Result<(), SinkError> {
     let pq = &cfg.sinks.parquet;
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let topic = names.hq_changes();
     let dlq_topic = names.dlq();
-    let mut state = lake.open()?;
+    let mut state = lake.open(lock)?;
     let tables = load_tables(cfg, lake).await?;
     let priorities: HashMap<String, i32> = cfg.sites.iter().map(|s| (s.name.clone(), s.priority)).collect();
 
@@ -457,13 +464,13 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake) -> Result<(
         }
         if let Some(every) = compact_every {
             if last_compact.elapsed() >= every && compact::needs(lake, &state) {
-                compact::compact(lake, &state, &tables, "schedule").await?;
+                compact::compact(lake, lock, &state, &tables, "schedule").await?;
                 last_compact = Instant::now();
             }
         }
         if at_end {
             if !args.no_compact && compact::needs(lake, &state) {
-                compact::compact(lake, &state, &tables, "until_idle").await?;
+                compact::compact(lake, lock, &state, &tables, "until_idle").await?;
             }
             if let Some(b) = &bar {
                 b.finish_and_clear();
