@@ -81,6 +81,11 @@ pub struct SimulateArgs {
     /// Seed: the same seed gives the same logical rows (uuids, identifiers, values).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Adversarial identity mode, at this rate (0 to 1): National IDs pasted with Unicode
+    /// dashes, full-width forms and invisible spaces; people with another's name, sex and
+    /// birthdate; National IDs one digit apart from another person's.
+    #[arg(long, default_value_t = 0.0)]
+    pub adversarial: f64,
     /// Steady row changes per second across all sites.
     #[arg(long, conflicts_with = "burst")]
     pub rate: Option<f64>,
@@ -137,6 +142,7 @@ impl Default for SimulateArgs {
             patients: 300,
             dup_fraction: 0.2,
             seed: 1,
+            adversarial: 0.0,
             rate: None,
             burst: false,
             duration: None,
@@ -213,6 +219,9 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
     if !(0.0..=1.0).contains(&args.dup_fraction) {
         return Err(SimError::Usage(format!("--dup-fraction {} must be between 0 and 1", args.dup_fraction)));
     }
+    if !(0.0..=1.0).contains(&args.adversarial) {
+        return Err(SimError::Usage(format!("--adversarial {} must be between 0 and 1", args.adversarial)));
+    }
     if let Some(r) = args.rate {
         if r <= 0.0 {
             return Err(SimError::Usage(format!("--rate {r} must be positive")));
@@ -268,7 +277,7 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
         databases.push(db);
     }
 
-    let plan = if args.provision_only { Plan::new(args.seed, args.sites, 0, 0.0) } else { Plan::new(args.seed, args.sites, args.patients, args.dup_fraction) };
+    let plan = if args.provision_only { Plan::new(args.seed, args.sites, 0, 0.0) } else { Plan::with_adversarial(args.seed, args.sites, args.patients, args.dup_fraction, args.adversarial) };
     let humans = Arc::new(plan.humans);
     let ongoing = args.duration.is_some();
     let progress = Arc::new(Progress { rows: AtomicU64::new(0), registered: AtomicU64::new(0) });

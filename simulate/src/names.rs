@@ -76,6 +76,33 @@ pub fn noisy_national_id<R: Rng>(rng: &mut R, canonical: &str) -> String {
     }
 }
 
+/// The National ID as pasted from somewhere else (a message, a spreadsheet, a phone): the same
+/// number with Unicode dashes or a minus sign, full-width forms, no-break or zero-width spaces,
+/// lower case. The clerk sees the same number; the bytes differ.
+pub fn pasted_national_id<R: Rng>(rng: &mut R, canonical: &str) -> String {
+    let digits = &canonical[3..];
+    let full_width = |s: &str| s.chars().map(|c| if ('!'..='~').contains(&c) { char::from_u32(c as u32 + 0xFEE0).unwrap_or(c) } else { c }).collect::<String>();
+    match rng.gen_range(0..7) {
+        0 => format!("NID\u{2010}{digits}"),
+        1 => format!("NID\u{2013}{}\u{2014}{}", &digits[0..4], &digits[4..]),
+        2 => format!("nid\u{2212}{digits}"),
+        3 => full_width(canonical),
+        4 => format!("{}\u{FF0D}{}", full_width("nid"), full_width(digits)),
+        5 => format!("\u{00A0}NID\u{00A0}{digits}\u{202F}"),
+        _ => format!("NID\u{200B}{}\u{200D}{}\u{FEFF}", &digits[0..5], &digits[5..]),
+    }
+}
+
+/// `canonical` with one of its last three digits changed: another person's number that a
+/// careless match would take for this one.
+pub fn one_digit_apart<R: Rng>(rng: &mut R, canonical: &str) -> String {
+    let mut chars: Vec<char> = canonical.chars().collect();
+    let i = rng.gen_range(chars.len().saturating_sub(3).max(3)..chars.len());
+    let d = chars[i].to_digit(10).unwrap_or(0);
+    chars[i] = char::from_digit((d + rng.gen_range(1..10)) % 10, 10).unwrap_or('0');
+    chars.into_iter().collect()
+}
+
 pub fn note<R: Rng>(rng: &mut R) -> String {
     let n = rng.gen_range(6..16);
     let mut words: Vec<&str> = Vec::with_capacity(n);

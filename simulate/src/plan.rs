@@ -1,6 +1,13 @@
 //! The population plan: who exists, where each person is registered, and how their National ID
-//! becomes known. It is a pure function of (seed, sites, patients, dup fraction), so the same
-//! seed gives the same people, identifiers and uuids.
+//! becomes known. It is a pure function of (seed, sites, patients, dup fraction, adversarial
+//! rate), so the same seed gives the same people, identifiers and uuids.
+//!
+//! The adversarial identity mode (`adversarial` > 0, its own random stream, so a plan without it
+//! is unchanged) does to identity what real clinics do, each at that rate: a National ID pasted
+//! with Unicode dashes, full-width forms, no-break or zero-width spaces (the same person); a
+//! person with the same name, sex and birthdate as another but a different National ID (two
+//! people); a National ID one digit apart from another person's (two people). The truth stays
+//! the plan's own: each human's canonical number, never a normaliser's output.
 
 use chrono::NaiveDate;
 use rand::seq::SliceRandom;
@@ -69,9 +76,28 @@ pub fn seed_for(seed: u64, stream: u64) -> ChaCha8Rng {
     rng
 }
 
+/// The adversarial choices of one plan (see the module header).
+struct Adversary {
+    rng: ChaCha8Rng,
+    rate: f64,
+}
+
+impl Adversary {
+    fn roll(&mut self) -> bool {
+        self.rate > 0.0 && self.rng.gen_bool(self.rate.clamp(0.0, 1.0))
+    }
+}
+
 impl Plan {
     pub fn new(seed: u64, sites: usize, patients: usize, dup_fraction: f64) -> Plan {
+        Plan::with_adversarial(seed, sites, patients, dup_fraction, 0.0)
+    }
+
+    /// [`Plan::new`] with the adversarial identity mode at `adversarial` (0 to 1).
+    pub fn with_adversarial(seed: u64, sites: usize, patients: usize, dup_fraction: f64, adversarial: f64) -> Plan {
         let mut rng = seed_for(seed, 0);
+        let mut adv = Adversary { rng: seed_for(seed, 7), rate: adversarial };
+        let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut humans = Vec::with_capacity(patients);
         let mut per_site: Vec<Vec<PlannedReg>> = vec![Vec::new(); sites];
         let mut local_dups: Vec<(usize, usize)> = Vec::new();
@@ -86,12 +112,25 @@ impl Plan {
             let birthdate = NaiveDate::from_ymd_opt(1940, 1, 1)
                 .and_then(|d| d.checked_add_days(chrono::Days::new(rng.gen_range(0..30_000))))
                 .unwrap_or_default();
+            // A near miss: another person with the previous one's name, sex and birthdate.
+            let twin = humans.last().filter(|_| adv.roll()).map(|p: &Human| (p.gender == "F", p.given.clone(), p.family.clone(), p.birthdate));
+            let (female, given, family, birthdate) = twin.unwrap_or((female, given, family, birthdate));
             let home = rng.gen_range(0..sites);
             let dup = sites >= 2 && rng.gen_bool(dup_fraction.clamp(0.0, 1.0));
             let has_nid = dup || rng.gen_bool(NID_COVERAGE);
             // Unique by construction: idx in the high digits, noise in the low ones.
-            let national_id = has_nid
+            let mut national_id = has_nid
                 .then(|| format!("NID{:09}", 100_000_000 + idx as u64 * 1000 + rng.gen_range(0..1000)));
+            // A near miss: one digit apart from the previous person's number (its last three
+            // digits, so it stays in the previous person's range and is nobody else's).
+            if national_id.is_some() && adv.roll() {
+                if let Some(prev) = humans.last().and_then(|p: &Human| p.national_id.clone()) {
+                    let near = names::one_digit_apart(&mut adv.rng, &prev);
+                    if !taken.contains(&near) {
+                        national_id = Some(near);
+                    }
+                }
+            }
 
             let mut at = vec![home];
             if dup {
@@ -104,7 +143,10 @@ impl Plan {
                 let nid = match &national_id {
                     None => NidMode::None,
                     Some(n) => {
-                        let raw = names::noisy_national_id(&mut rng, n);
+                        let mut raw = names::noisy_national_id(&mut rng, n);
+                        if adv.roll() {
+                            raw = names::pasted_national_id(&mut adv.rng, n);
+                        }
                         if i > 0 && rng.gen_bool(LATE_NID) {
                             NidMode::Late(raw)
                         } else {
@@ -118,6 +160,7 @@ impl Plan {
             if rng.gen_bool(LOCAL_DUP) {
                 local_dups.push((home, idx));
             }
+            taken.extend(national_id.clone());
             humans.push(Human {
                 idx,
                 national_id,
@@ -154,6 +197,30 @@ mod tests {
         };
         assert_eq!(key(&a), key(&b));
         assert_ne!(key(&a), key(&Plan::new(43, 3, 500, 0.2)));
+    }
+
+    #[test]
+    fn the_adversarial_mode_makes_near_misses_and_pasted_ids_and_changes_nothing_else() {
+        let plain = Plan::new(5, 3, 1000, 0.2);
+        assert_eq!(
+            plain.per_site.iter().flatten().map(|r| format!("{}{:?}{:?}", r.human, r.kind, r.nid)).collect::<Vec<_>>(),
+            Plan::with_adversarial(5, 3, 1000, 0.2, 0.0).per_site.iter().flatten().map(|r| format!("{}{:?}{:?}", r.human, r.kind, r.nid)).collect::<Vec<_>>(),
+            "rate 0 is the plain plan"
+        );
+        let p = Plan::with_adversarial(5, 3, 1000, 0.2, 0.3);
+        // Numbers stay unique: every human is one identity.
+        let ids: Vec<&String> = p.humans.iter().filter_map(|h| h.national_id.as_ref()).collect();
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        let one_apart = p.humans.windows(2).filter(|w| match (&w[0].national_id, &w[1].national_id) {
+            (Some(a), Some(b)) => a.len() == b.len() && a.chars().zip(b.chars()).filter(|(x, y)| x != y).count() == 1,
+            _ => false,
+        });
+        assert!(one_apart.count() > 30);
+        let twins = p.humans.windows(2).filter(|w| (&w[0].given, &w[0].family, w[0].birthdate, w[0].gender) == (&w[1].given, &w[1].family, w[1].birthdate, w[1].gender)).count();
+        assert!(twins > 100, "{twins}");
+        let pasted = p.per_site.iter().flatten().filter(|r| matches!(&r.nid, NidMode::AtRegistration(s) | NidMode::Late(s) if !s.is_ascii())).count();
+        assert!(pasted > 50, "{pasted}");
     }
 
     #[test]

@@ -40,6 +40,11 @@ pub struct DemoArgs {
     /// Fraction of people registered at two or more sites with the same National ID.
     #[arg(long, default_value_t = 0.2)]
     pub dup_fraction: f64,
+    /// The simulator's adversarial identity mode, at this rate: National IDs pasted with
+    /// Unicode dashes, full-width forms and invisible spaces; near misses (another person's
+    /// name and birthdate, a National ID one digit apart) that must not merge.
+    #[arg(long, default_value_t = 0.05)]
+    pub adversarial: f64,
     /// Seed of the workload: the same seed gives the same people and values.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -187,7 +192,7 @@ database = "{hq}"
 [[identity.identifiers]]
 name = "National ID"
 identifier_type_uuid = "{nid}"
-normalize = ["trim", "strip_separators", "upper"]
+normalize = ["fold", "trim", "strip_separators", "upper"]
 
 [ingest]
 scrub = ["users.password", "users.salt", "users.secret_question", "users.secret_answer"]
@@ -411,6 +416,9 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     if !(0.0..=1.0).contains(&args.dup_fraction) {
         bail!("--dup-fraction {} must be between 0 and 1", args.dup_fraction);
     }
+    if !(0.0..=1.0).contains(&args.adversarial) {
+        bail!("--adversarial {} must be between 0 and 1", args.adversarial);
+    }
     if args.rate <= 0.0 || args.duration <= 0.0 {
         bail!("--rate and --duration must be positive");
     }
@@ -480,6 +488,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         patients: args.patients,
         dup_fraction: args.dup_fraction,
         seed: args.seed,
+        adversarial: args.adversarial,
         manifest: manifest_path.clone(),
         database: Some(args.site_database.clone()),
         dump: dump.clone(),
