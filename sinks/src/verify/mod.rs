@@ -489,6 +489,7 @@ pub fn render(r: &Report) -> String {
     }
     if !r.values.is_empty() {
         render_values(&mut out, "values at HQ vs the sites' winners", "", &r.values);
+        out.push_str(&format!("(values compared in {:.1} s)\n", r.values_ms as f64 / 1000.0));
     }
     if !r.lake_values.is_empty() {
         render_values(&mut out, "values in the lake's current tables vs HQ", "current.", &r.lake_values);
