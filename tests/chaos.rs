@@ -104,6 +104,9 @@ async fn sigkill_chaos_loses_and_doubles_nothing() {
     // Drain: verify (sites vs HQ vs lake, identities vs the manifest) until it passes.
     let report = drain_until_verified(&cfg_chaos, Some(&manifest_path), &lake, &mut procs, p.dir.path(), env_or("CHAOS_DRAIN_SECS", 600), &format!("the chaos run (kills: {})", kill_log.join(", "))).await;
     assert_eq!(report["ok"], true);
+    let compared: u64 = report["values"].as_array().map(|a| a.iter().filter_map(|t| t["compared"].as_u64()).sum()).unwrap_or(0);
+    let lake_compared: u64 = report["lake_values"].as_array().map(|a| a.iter().filter_map(|t| t["compared"].as_u64()).sum()).unwrap_or(0);
+    eprintln!("BENCH verify_values_ms {} ms ({compared} HQ rows and {lake_compared} lake rows compared by value)", report["values_ms"]);
     for pr in procs.iter_mut() {
         kill9(&mut pr.child);
     }
