@@ -11,8 +11,13 @@
 //! Identity is applied at *emission*, in output order, so the identity state always matches
 //! exactly what has been emitted (which makes "commit offsets up to what was emitted" a correct
 //! crash-recovery rule).
+//!
+//! A record emitted at once (a snapshot row, a late event) or dead-lettered while an earlier
+//! offset of its partition is still buffered lies past the committed offset. Those offsets are
+//! kept as ranges per partition and written as a fact ([`Fact::Emitted`]) with the emission, so
+//! that after a restart the re-read records are skipped instead of emitted a second time.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use omrs_core::config::IdentifierRule;
@@ -32,6 +37,9 @@ pub struct Origin {
 }
 
 pub use omrs_core::hq::HqEvent;
+
+/// A (topic, partition).
+type Partition = (Arc<str>, i32);
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -75,6 +83,9 @@ pub enum Fact {
     Identifier { type_idx: u16, value: String, person: String },
     Link { a: String, b: String },
     Watermark { site: String, max_ts: i64 },
+    /// Offset ranges (inclusive) of a partition that were handled (emitted or dead-lettered)
+    /// past its committed offset. Empty once the committed offset has passed them.
+    Emitted { topic: String, partition: i32, ranges: Vec<(i64, i64)> },
 }
 
 impl Fact {
@@ -85,6 +96,7 @@ impl Fact {
             Fact::Identifier { type_idx, value, .. } => format!("i:{type_idx}:{value}"),
             Fact::Link { a, b } => format!("l:{a}:{b}"),
             Fact::Watermark { site, .. } => format!("w:{site}"),
+            Fact::Emitted { topic, partition, .. } => format!("e:{topic}:{partition}"),
         }
     }
 }
@@ -99,6 +111,12 @@ pub struct Engine {
     /// Offsets still buffered, per (topic, partition), in arrival order. A site's events are
     /// released in arrival order, so the front is always the first one not yet emitted.
     buffered_offsets: BTreeMap<(Arc<str>, i32), VecDeque<i64>>,
+    /// Per (topic, partition): ascending, disjoint offset ranges (inclusive) handled past the
+    /// commit point, i.e. while an earlier offset of the partition was buffered. A record read
+    /// again in one of them is skipped. Only partitions with ranges are present.
+    ahead: BTreeMap<Partition, Vec<(i64, i64)>>,
+    /// Partitions whose ranges changed since the last `take_facts`.
+    ahead_changed: BTreeSet<Partition>,
     buffered_bytes: usize,
     pub identity: Identity,
     global_wm: i64,
@@ -117,6 +135,8 @@ impl Engine {
             queues: Vec::new(),
             buffered_events: 0,
             buffered_offsets: BTreeMap::new(),
+            ahead: BTreeMap::new(),
+            ahead_changed: BTreeSet::new(),
             buffered_bytes: 0,
             identity: Identity::default(),
             global_wm: i64::MIN,
@@ -175,11 +195,84 @@ impl Engine {
                 let s = self.sites.entry(site).or_default();
                 s.max_ts = s.max_ts.max(max_ts);
             }
+            Fact::Emitted { topic, partition, ranges } => {
+                let key = (Arc::from(topic), partition);
+                if ranges.is_empty() {
+                    self.ahead.remove(&key);
+                } else {
+                    tracing::info!(topic = %key.0, partition, ranges = ranges.len(), "offsets emitted past the commit point: skipped when read again");
+                    self.ahead.insert(key, ranges);
+                }
+            }
         }
     }
 
+    /// The facts produced since the last call, with the emitted-ahead ranges of every partition
+    /// whose ranges changed (an empty list once they are all committed).
     pub fn take_facts(&mut self) -> Vec<Fact> {
-        std::mem::take(&mut self.facts)
+        let mut facts = std::mem::take(&mut self.facts);
+        for key in std::mem::take(&mut self.ahead_changed) {
+            let ranges = self.ahead.get(&key).cloned().unwrap_or_default();
+            facts.push(Fact::Emitted { topic: key.0.to_string(), partition: key.1, ranges });
+        }
+        facts
+    }
+
+    /// Whether the record at `origin` was already handled: emitted or dead-lettered past the
+    /// commit point before a restart. The runner skips it (and does not dead-letter it again).
+    pub fn already_handled(&self, origin: &Origin) -> bool {
+        if self.ahead.is_empty() {
+            return false;
+        }
+        self.ahead
+            .get(&(origin.topic.clone(), origin.partition))
+            .is_some_and(|r| r.iter().any(|&(a, b)| a <= origin.offset && origin.offset <= b))
+    }
+
+    /// The runner dead-lettered the record at `origin` (it never reaches the engine): past the
+    /// commit point, it is remembered like an emitted record, so it is not dead-lettered again.
+    pub fn dead_lettered(&mut self, origin: &Origin) {
+        self.handled_at_once(origin);
+    }
+
+    /// The runner commits `next` as the partition's offset, in the transaction of the facts
+    /// taken next: the ranges below it can never be read again.
+    pub fn committing(&mut self, topic: &str, partition: i32, next: i64) {
+        let Some((key, ranges)) = self.ahead.iter_mut().find(|((t, p), _)| **t == *topic && *p == partition) else { return };
+        let before = ranges.len();
+        ranges.retain(|&(_, b)| b >= next);
+        if ranges.len() != before {
+            let key = key.clone();
+            if ranges.is_empty() {
+                self.ahead.remove(&key);
+            }
+            self.ahead_changed.insert(key);
+        }
+    }
+
+    /// A record handled at once (emitted or dead-lettered) rather than buffered. When an earlier
+    /// offset of its partition is still buffered, the commit stops there, so the record's offset
+    /// joins the partition's emitted-ahead ranges. It extends the last range when no offset in
+    /// between is buffered (offsets in between that were never delivered, such as transaction
+    /// markers, or were handled, may be skipped safely); a snapshot is one range.
+    fn handled_at_once(&mut self, origin: &Origin) {
+        let key = (origin.topic.clone(), origin.partition);
+        let Some(buffered) = self.buffered_offsets.get(&key) else { return };
+        let (Some(&first), Some(&last)) = (buffered.front(), buffered.back()) else { return };
+        if first >= origin.offset {
+            return;
+        }
+        let o = origin.offset;
+        let ranges = self.ahead.entry(key.clone()).or_default();
+        // Usually past every range; below one only when ranges restored after a restart lie
+        // ahead of what is read again. Every buffered offset is below `o`, the newest read.
+        let i = ranges.partition_point(|&(a, _)| a <= o);
+        match i.checked_sub(1).map(|j| &mut ranges[j]) {
+            Some(prev) if prev.1 >= o => return,
+            Some(prev) if last < prev.1 => prev.1 = o,
+            _ => ranges.insert(i, (o, o)),
+        }
+        self.ahead_changed.insert(key);
     }
 
     /// Takes one input event. Returns what can be emitted now.
@@ -191,6 +284,11 @@ impl Engine {
 
     /// [`Engine::push`], appending to `out`.
     pub fn push_into(&mut self, ev: InEvent, origin: Origin, now_ms: i64, out: &mut Vec<Out>) {
+        if self.already_handled(&origin) {
+            // Emitted before a restart, past the committed offset: its effects on the site's
+            // time, identity and aggregates were committed with it.
+            return;
+        }
         let st = match self.sites.get_mut(&*ev.site) {
             Some(st) => st,
             None => self.sites.entry(ev.site.to_string()).or_default(),
@@ -213,6 +311,7 @@ impl Engine {
             // rows). Its order carries no information: the sinks pick winners by the conflict
             // rule, not by arrival, and identity does not depend on order (semantics 4). So it is
             // emitted at once, never late; only binlog events are merged in event-time order.
+            self.handled_at_once(&origin);
             self.emit(ev, false, out);
             self.advance(now_ms, out);
             return;
@@ -225,6 +324,7 @@ impl Engine {
                     self.late_events.insert(ev.site.to_string(), 1);
                 }
             }
+            self.handled_at_once(&origin);
             self.emit(ev, true, out);
             self.advance(now_ms, out);
             return;
@@ -495,5 +595,151 @@ mod tests {
         assert!(out.iter().all(|o| matches!(o, Out::Change { late: false, .. })));
         assert_eq!(e.buffered().0, 1);
         assert_eq!(e.pending_offsets().len(), 1, "only the binlog event holds its offset back");
+    }
+
+    /// A snapshot row of site-a at `offset` (a patient, so that it counts in the aggregates).
+    fn snapshot_row(offset: i64) -> (InEvent, Origin) {
+        let json = format!(
+            r#"{{"op":"r","site":"site-a","table":"patient","key":{{"patient_id":{offset}}},"uuid":"p-{offset}","after":{{"patient_id":{offset},"date_created":"2024-03-01 10:00:00","voided":0}},"source":{{"server_id":1,"file":"f","pos":4,"ts_ms":20000,"snapshot":true}},"ts_ms":0}}"#
+        );
+        let site: Arc<str> = Arc::from("site-a");
+        let topic: Arc<str> = Arc::from("omrs.cdc.site-a");
+        (InEvent::decode(json.as_bytes(), &site, &topic).unwrap(), Origin { topic, partition: 0, offset })
+    }
+
+    /// Site-a's binlog event at offset 0, then its snapshot rows at 1..=3 (a resnapshot).
+    fn resnapshot_input() -> Vec<(InEvent, Origin)> {
+        let mut v = vec![ev("site-a", 0, 10_000)];
+        v.extend((1..=3).map(snapshot_row));
+        v
+    }
+
+    fn two_sites() -> Engine {
+        let cfg = EngineConfig { out_of_orderness_ms: 0, idle_timeout_ms: 1_000_000_000, max_buffered: 100, identifiers: vec![] };
+        let mut e = Engine::new(cfg);
+        for s in ["site-a", "site-b"] {
+            e.expect_site(s, 0);
+        }
+        e
+    }
+
+    fn keys(out: &[Out]) -> Vec<String> {
+        out.iter().map(|o| o.key()).collect()
+    }
+
+    /// Issue #22, hole 3: snapshot rows emitted while an earlier binlog event of their partition
+    /// is still buffered lie past the committed offset. After a restart they are read again, and
+    /// must not be emitted (nor counted) a second time.
+    #[test]
+    fn snapshot_rows_emitted_past_the_commit_point_are_not_emitted_again_after_a_restart() {
+        use crate::aggregate::{AggFact, Aggregator};
+        use omrs_core::config::WindowSpec;
+        let spec = [WindowSpec::Fixed(86_400_000); 4];
+        let registrations = |a: &Aggregator| a.snapshot().into_iter().filter(|(k, _)| k.0 == "daily_registrations").map(|(_, v)| v.0).sum::<i64>();
+
+        // Site-b is silent and not yet idle: it holds the watermark, so site-a's binlog event
+        // waits while its snapshot rows pass straight through.
+        let mut e = two_sites();
+        let mut agg = Aggregator::new(spec, 1);
+        let mut out = Vec::new();
+        for (ev, o) in resnapshot_input() {
+            out.extend(e.push(ev, o, 1));
+        }
+        assert_eq!(keys(&out), ["patient:p-1", "patient:p-2", "patient:p-3"]);
+        assert_eq!(e.pending_offsets(), BTreeMap::from([(("omrs.cdc.site-a".to_string(), 0), 0)]), "the commit stops at the buffered binlog event");
+        for o in &out {
+            agg.on_output(o);
+        }
+        let (_, agg_facts) = agg.flush(e.global_watermark(), 1, false);
+        assert_eq!(registrations(&agg), 3);
+        // The batch's transaction, as the runner writes it.
+        let mut facts = e.take_facts();
+        facts.extend(e.watermark_facts());
+
+        // A crash; the restarted transform restores the state and reads from offset 0 again.
+        let mut e2 = two_sites();
+        for f in facts {
+            e2.restore(f);
+        }
+        let mut agg2 = Aggregator::new(spec, 1);
+        let mut latest: BTreeMap<String, AggFact> = BTreeMap::new();
+        for f in agg_facts {
+            latest.insert(f.key(), f);
+        }
+        for f in latest.into_values() {
+            agg2.restore(f);
+        }
+        let mut again = Vec::new();
+        for (ev, o) in resnapshot_input() {
+            again.extend(e2.push(ev, o, 2));
+        }
+        assert_eq!(keys(&again), Vec::<String>::new(), "rows 1..=3 were emitted before the crash");
+        assert_eq!(e2.pending_offsets(), BTreeMap::from([(("omrs.cdc.site-a".to_string(), 0), 0)]));
+        // The binlog event was never emitted: it is, once, when site-b's watermark lets it go.
+        again.extend(e2.drain());
+        assert_eq!(keys(&again), ["location:site-a-0"]);
+        for o in &again {
+            agg2.on_output(o);
+        }
+        agg2.flush(e2.global_watermark(), 3, true);
+        assert_eq!(registrations(&agg2), 3, "the snapshot rows are counted once");
+    }
+
+    /// The ranges: one per run of records handled at once, split where a buffered record lies
+    /// between (it must be read again), across offsets never delivered (transaction markers),
+    /// with dead letters; written as a fact when they change, dropped once committed past.
+    #[test]
+    fn emitted_ahead_ranges_split_at_buffered_offsets_and_go_once_committed() {
+        let topic: Arc<str> = Arc::from("omrs.cdc.site-a");
+        let at = |offset: i64| Origin { topic: topic.clone(), partition: 0, offset };
+        let ranges = |facts: Vec<Fact>| -> Vec<Vec<(i64, i64)>> {
+            facts.into_iter().filter_map(|f| if let Fact::Emitted { ranges, .. } = f { Some(ranges) } else { None }).collect()
+        };
+        let mut e = two_sites();
+        // 0: binlog (waits); 1, 2, 4: snapshot rows (3 is a transaction marker); 5: binlog
+        // (waits); 6: a dead letter; 7: a snapshot row.
+        let mut out = e.push(ev("site-a", 0, 10_000).0, at(0), 1);
+        for o in [1, 2, 4] {
+            out.extend(e.push(snapshot_row(o).0, at(o), 1));
+        }
+        out.extend(e.push(ev("site-a", 5, 10_000).0, at(5), 1));
+        e.dead_lettered(&at(6));
+        out.extend(e.push(snapshot_row(7).0, at(7), 1));
+        assert_eq!(keys(&out), ["patient:p-1", "patient:p-2", "patient:p-4", "patient:p-7"]);
+        let facts = e.take_facts();
+        assert_eq!(facts.iter().map(Fact::key).collect::<Vec<_>>(), ["e:omrs.cdc.site-a:0"]);
+        assert_eq!(ranges(facts.clone()), [vec![(1, 4), (6, 7)]]);
+        assert!(e.take_facts().is_empty(), "written once, until they change");
+
+        let mut e2 = two_sites();
+        for f in facts {
+            e2.restore(f);
+        }
+        let handled: Vec<i64> = (0..=8).filter(|&o| e2.already_handled(&at(o))).collect();
+        assert_eq!(handled, [1, 2, 3, 4, 6, 7], "the buffered binlog events 0 and 5 are read again");
+        let mut again = e2.push(ev("site-a", 0, 10_000).0, at(0), 2);
+        for o in [1, 2, 4] {
+            again.extend(e2.push(snapshot_row(o).0, at(o), 2));
+        }
+        again.extend(e2.push(ev("site-a", 5, 10_000).0, at(5), 2));
+        again.extend(e2.push(snapshot_row(7).0, at(7), 2));
+        // A row the first run never read joins the last range.
+        again.extend(e2.push(snapshot_row(8).0, at(8), 2));
+        assert_eq!(keys(&again), ["patient:p-8"]);
+        assert_eq!(ranges(e2.take_facts()), [vec![(1, 4), (6, 8)]]);
+
+        // Offset 0 released: the commit moves to 5 and the first range can never be read again.
+        e2.committing("omrs.cdc.site-a", 0, 5);
+        assert_eq!(ranges(e2.take_facts()), [vec![(6, 8)]]);
+        e2.committing("omrs.cdc.site-a", 0, 5);
+        assert!(e2.take_facts().is_empty());
+        e2.committing("omrs.cdc.site-a", 0, 9);
+        let facts = e2.take_facts();
+        assert_eq!(ranges(facts.clone()), [Vec::<(i64, i64)>::new()], "an empty list replaces the ranges in the compacted changelog");
+        let mut e3 = two_sites();
+        for f in facts {
+            e3.restore(f);
+        }
+        assert!((0..=8).all(|o| !e3.already_handled(&at(o))));
     }
 }

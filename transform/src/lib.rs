@@ -4,7 +4,9 @@
 //! in Kafka transactions: the output events, the state changelog facts
 //! (`omrs.transform.state`) and the consumer offsets commit together. Offsets are committed
 //! only up to what has been *emitted*: an event still buffered for the ordered merge is
-//! re-read after a crash, never lost. State is restored from the changelog before consuming.
+//! re-read after a crash, never lost. A record handled at once past that offset (a snapshot row
+//! while a binlog event waits) is recorded as an offset range in the changelog, and skipped when
+//! read again. State is restored from the changelog before consuming.
 //!
 //! - [`aggregate`]: the dashboard aggregates, tumbling windows finalised by the watermark.
 //! - [`engine`]: watermarks, ordered merge, late data, identity (no Kafka).

@@ -352,6 +352,10 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                 Some(e) => e.2 = origin.offset,
                 None => batch_last.push((origin.topic.clone(), origin.partition, origin.offset)),
             }
+            if engine.already_handled(&origin) {
+                // Emitted or dead-lettered past the committed offset before a restart.
+                continue;
+            }
             // Decode from the borrowed record; the event keeps one copy of its bytes, and a dead
             // letter its own.
             let payload = msg.payload().unwrap_or(&[]);
@@ -368,7 +372,10 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             };
             drop(msg);
             match decoded {
-                Err((reason, payload)) => dead.push((origin, reason, payload)),
+                Err((reason, payload)) => {
+                    engine.dead_lettered(&origin);
+                    dead.push((origin, reason, payload));
+                }
                 Ok(ev) => {
                     in_counts.bump(&ev.site, ev.table_str(), ev.op.as_str());
                     engine.push_into(ev, origin, now, &mut outputs);
@@ -422,7 +429,9 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             wm_out = gwm;
         }
 
-        // Offsets: up to what was emitted.
+        // Offsets: up to what was emitted. Records handled past that point (snapshot rows
+        // emitted while a binlog event waits) are kept as ranges in the engine's facts, so that
+        // a restart skips them; the ranges below the new offsets are dropped.
         let pending = engine.pending_offsets();
         let mut tpl = TopicPartitionList::new();
         let mut new_committed = Vec::new();
@@ -435,6 +444,9 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                 let _ = tpl.add_partition_offset(topic, *part, Offset::Offset(next));
                 new_committed.push(((topic.clone(), *part), next));
             }
+        }
+        for ((topic, part), next) in &new_committed {
+            engine.committing(topic, *part, *next);
         }
         let mut facts = engine.take_facts();
         if !outputs.is_empty() || !new_committed.is_empty() {
