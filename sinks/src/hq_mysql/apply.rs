@@ -24,6 +24,7 @@ use omrs_core::hq::{compare, row_key, KeyShape, RowVersion};
 use omrs_ingest::model::{is_int_type, Model, TableModel};
 use serde_json::Value as J;
 
+use super::rejected::{Carry, Missing, Rejected, Tracker, Why};
 use crate::{is_transient_db, SinkError};
 
 /// A change as the sink reads it: row images as [`FlatRow`]s (the same JSON as everywhere).
@@ -235,10 +236,10 @@ async fn upsert_aggregates(conn: &mut Conn, by_name: Aggregates) -> Result<u64, 
 }
 
 #[derive(Debug, Clone)]
-struct Stored {
-    version: RowVersion,
+pub(super) struct Stored {
+    pub(super) version: RowVersion,
     hash: u64,
-    hq_id: Option<i64>,
+    pub(super) hq_id: Option<i64>,
 }
 
 /// (table, row key): the key of the caches and sets that follow rows.
@@ -323,14 +324,15 @@ struct MergeRec {
 }
 
 #[derive(Debug, Clone)]
-struct PendingEntry {
-    tbl: String,
-    row_key: String,
-    waits: (String, String),
-    first_seen_ms: i64,
-    offset: i64,
-    partition: i32,
-    event: String,
+pub(super) struct PendingEntry {
+    pub(super) tbl: String,
+    pub(super) row_key: String,
+    pub(super) waits: (String, String),
+    pub(super) first_seen_ms: i64,
+    pub(super) offset: i64,
+    pub(super) partition: i32,
+    /// The change record, as JSON.
+    pub(super) event: String,
 }
 
 /// One change to process: from the input, or woken from the pending store.
@@ -348,33 +350,35 @@ struct Work {
     key: Result<String, String>,
 }
 
-/// Where a staged write came from: for its dead letter and its latency.
-struct Receipt {
-    partition: i32,
-    offset: i64,
+/// Where a staged write came from: for its dead letter, its latency, and its pending-store
+/// entry should the writer park it.
+pub(super) struct Receipt {
+    pub(super) partition: i32,
+    pub(super) offset: i64,
     site: String,
     commit_ms: i64,
-    payload: std::sync::Arc<Vec<u8>>,
+    pub(super) first_seen_ms: i64,
+    pub(super) payload: std::sync::Arc<Vec<u8>>,
 }
 
 /// A version to store with a staged write: in `omrs_sync_version`, or, for the first version
 /// of a row the sink just created, in its batch's pack (`omrs_sync_version_pack`).
-struct StagedVersion {
-    table: String,
-    key: String,
-    stored: Stored,
+pub(super) struct StagedVersion {
+    pub(super) table: String,
+    pub(super) key: String,
+    pub(super) stored: Stored,
     origin: Option<String>,
-    work: usize,
+    pub(super) work: usize,
     packed: bool,
 }
 
-struct StagedRow {
+pub(super) struct StagedRow {
     /// Shared by the rows of a table that have the same columns ([`Applier::col_list`]).
-    cols: std::sync::Arc<[String]>,
-    vals: Vec<Value>,
-    work: usize,
+    pub(super) cols: std::sync::Arc<[String]>,
+    pub(super) vals: Vec<Value>,
+    pub(super) work: usize,
     /// A row new to HQ, with the id the sink has just given it: a plain INSERT.
-    insert: bool,
+    pub(super) insert: bool,
 }
 
 #[derive(Default)]
@@ -441,37 +445,45 @@ pub struct PlannedBatch {
 }
 
 impl PlannedBatch {
-    /// Writes the batch inside an open transaction; returns the keys of rows HQ rejected, whose
-    /// cached id and version the applier must forget ([`Applier::forget`]).
-    pub async fn write(self, writer: &Writer, conn: &mut Conn) -> Result<(Outcome, Vec<(String, String)>), SinkError> {
+    /// Writes the batch inside an open transaction; returns the rows HQ did not write, whose
+    /// cached ids and versions the applier must forget, and the rows parked for them
+    /// ([`Applier::forget`]). Rows staged against a row that an earlier batch did not write,
+    /// learnt of after this batch was planned, wait for it ([`super::rejected`]).
+    pub async fn write(self, writer: &Writer, conn: &mut Conn) -> Result<(Outcome, Rejected), SinkError> {
         let mut out = self.out;
-        let mut failed = Vec::new();
+        let mut missing = writer.carry.for_batch(self.generation);
+        let mut rejected = Rejected::default();
         for unit in self.units {
-            failed.extend(writer.execute(conn, unit, &mut out).await?);
+            rejected.extend(writer.execute(conn, unit, &mut out, &mut missing).await?);
         }
         out.aggregates = upsert_aggregates(conn, self.aggregates).await?;
-        Ok((out, failed))
+        Ok((out, rejected))
     }
 }
 
 /// What writing needs of HQ's table model: staged units are written by this, on the writing
 /// connection, while the [`Applier`] plans the next batch.
 pub struct Writer {
-    tables: BTreeMap<String, std::sync::Arc<TableModel>>,
+    pub(super) tables: BTreeMap<String, std::sync::Arc<TableModel>>,
     order: Vec<String>,
     max_rows_per_statement: usize,
     /// Tables whose upserts HQ need not check the foreign keys of: every foreign key of the
     /// table is resolved by the sink from a uuid to the id of a row at HQ (or staged before it).
     /// Empty with `sinks.hq_mysql.server_fk_checks`.
     unchecked: HashSet<String>,
+    /// What earlier batches did not write, shared with the applier ([`super::rejected`]).
+    carry: Carry,
+    /// The next `omrs_sync_pending` id, shared with the applier: the writer parks rows too.
+    pub(super) pending_ids: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Writer {
     /// Writes what is staged: upserts parents first, then deletes children first, versions and
     /// conflicts. A statement that fails definitely is retried row by row; the rows that still
-    /// fail are dead-lettered and their versions are not written.
-    async fn execute(&self, conn: &mut Conn, mut staged: Staged, out: &mut Outcome) -> Result<Vec<(String, String)>, SinkError> {
-        let mut failed: HashSet<usize> = HashSet::new();
+    /// fail are dead-lettered and their versions are not written. A row staged against a row
+    /// that is not at HQ (in `missing`, or rejected here) is parked instead of written, and
+    /// joins `missing` itself ([`super::rejected`]). Returns the rows not written.
+    async fn execute(&self, conn: &mut Conn, mut staged: Staged, out: &mut Outcome, missing: &mut Missing) -> Result<Rejected, SinkError> {
         // Conflicts that overwrite: read the values that are about to be overwritten.
         for c in staged.conflicts.iter_mut() {
             if matches!(c.get(7), Some(Value::Int(1))) {
@@ -496,6 +508,7 @@ impl Writer {
         }
 
         let t_exec = std::time::Instant::now();
+        let mut tracker = Tracker::new(missing, &staged.versions, &staged.receipts);
         let order = &self.order;
         // HQ checks foreign keys only where the sink has not resolved them itself (see
         // `Writer::unchecked`). Deletes below are always checked.
@@ -532,26 +545,38 @@ impl Writer {
                 let pk: Option<Vec<String>> = (!insert).then(|| tm.map(|t| t.pk.clone()).unwrap_or_default());
                 let per = (60_000 / cols.len().max(1)).clamp(1, self.max_rows_per_statement);
                 for chunk in stable_chunks(&rows, per) {
-                    if let Err(e) = self.upsert(conn, table, &cols, pk.as_deref(), chunk.iter()).await {
-                        if is_transient_db(&e) {
-                            return Err(SinkError::db(format!("writing {table}"), e));
+                    // A row staged against a row HQ does not hold waits for it instead.
+                    let mut go: Vec<&StagedRow> = Vec::with_capacity(chunk.len());
+                    for r in chunk {
+                        if !self.held(conn, table, r, &mut tracker, out).await? {
+                            go.push(r);
                         }
-                        // Row by row: only the bad rows fail.
-                        for r in chunk {
-                            if let Err(e) = self.upsert(conn, table, &cols, pk.as_deref(), std::iter::once(r)).await {
-                                if is_transient_db(&e) {
-                                    return Err(SinkError::db(format!("writing {table}"), e));
+                    }
+                    match self.upsert(conn, table, &cols, pk.as_deref(), go.iter().copied()).await {
+                        Ok(()) => go.iter().for_each(|r| tracker.landed(r.work)),
+                        Err(e) if is_transient_db(&e) => return Err(SinkError::db(format!("writing {table}"), e)),
+                        // Row by row: only the bad rows fail, and the rows staged against them wait.
+                        Err(_) => {
+                            for r in go {
+                                if self.held(conn, table, r, &mut tracker, out).await? {
+                                    continue;
                                 }
-                                failed.insert(r.work);
-                                let w = &staged.receipts[r.work];
-                                omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "row_rejected"]).inc();
-                                out.dead.push(DeadLetter {
-                                    partition: w.partition,
-                                    offset: w.offset,
-                                    kind: "row_rejected",
-                                    reason: format!("HQ rejected the {table} row: {e}"),
-                                    payload: w.payload.to_vec(),
-                                });
+                                match self.upsert(conn, table, &cols, pk.as_deref(), std::iter::once(r)).await {
+                                    Ok(()) => tracker.landed(r.work),
+                                    Err(e) if is_transient_db(&e) => return Err(SinkError::db(format!("writing {table}"), e)),
+                                    Err(e) => {
+                                        self.rejected(conn, table, r, &mut tracker).await?;
+                                        let w = &staged.receipts[r.work];
+                                        omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "row_rejected"]).inc();
+                                        out.dead.push(DeadLetter {
+                                            partition: w.partition,
+                                            offset: w.offset,
+                                            kind: "row_rejected",
+                                            reason: format!("HQ rejected the {table} row: {e}"),
+                                            payload: w.payload.to_vec(),
+                                        });
+                                    }
+                                }
                             }
                         }
                     }
@@ -573,7 +598,7 @@ impl Writer {
                 if is_transient_db(&e) {
                     return Err(SinkError::db(format!("deleting from {table}"), e));
                 }
-                failed.insert(*wi);
+                tracker.not_written(*wi, Why::Refused);
                 let w = &staged.receipts[*wi];
                 out.dead.push(DeadLetter {
                     partition: w.partition,
@@ -586,8 +611,15 @@ impl Writer {
         }
         let t_rows = t_exec.elapsed();
         // Versions of what was written: first versions packed per table, the rest one row each.
-        let (packed, single): (Vec<&StagedVersion>, Vec<&StagedVersion>) =
-            staged.versions.iter().filter(|v| !failed.contains(&v.work)).partition(|v| v.packed);
+        // Not the versions of a row HQ did not write, including those of its earlier changes in
+        // this unit (their staged write was replaced by the failed one).
+        let failed = &tracker.failed;
+        let unwritten: HashSet<(&str, &str)> = tracker.rejected.rows.iter().map(|u| (u.table.as_str(), u.key.as_str())).collect();
+        let (packed, single): (Vec<&StagedVersion>, Vec<&StagedVersion>) = staged
+            .versions
+            .iter()
+            .filter(|v| !failed.contains(&v.work) && (unwritten.is_empty() || !unwritten.contains(&(v.table.as_str(), v.key.as_str()))))
+            .partition(|v| v.packed);
         for chunk in stable_chunks(&single, 500) {
             let marks = vec!["(?,?,?,?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
             let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
@@ -635,9 +667,10 @@ impl Writer {
         if !staged.receipts.is_empty() {
             tracing::debug!(rows_ms = t_rows.as_millis() as u64, versions_ms = (t_exec.elapsed() - t_rows).as_millis() as u64, "rows written");
         }
-        // A failed row's cached id and version are gone with it (the applier forgets them).
-        let forget: Vec<(String, String)> =
-            staged.versions.iter().filter(|v| failed.contains(&v.work)).map(|v| (v.table.clone(), v.key.clone())).collect();
+        // A failed row's cached id and version are gone with it (the applier forgets them), and
+        // the rows parked here are parked in the same transaction.
+        let Tracker { failed, rejected, .. } = tracker;
+        staged.pending_insert.extend(rejected.parked.iter().cloned());
         // Pending store changes, in the same transaction.
         for chunk in staged.pending_delete.chunks(1000) {
             let marks = vec!["?"; chunk.len()].join(",");
@@ -697,7 +730,7 @@ impl Writer {
             *out.applied.entry((table, op)).or_default() += n;
         }
         tokio::task::spawn_blocking(move || drop((written, staged)));
-        Ok(forget)
+        Ok(rejected)
     }
 
     async fn upsert<'r>(
@@ -787,7 +820,14 @@ pub struct Applier {
     pending: BTreeMap<i64, PendingEntry>,
     waits: hashbrown::HashMap<TKey, Vec<i64>>,
     pending_rows: hashbrown::HashMap<TKey, usize>,
-    next_pending_id: i64,
+    /// The next `omrs_sync_pending` id, shared with the writers ([`Writer::pending_ids`]).
+    pending_ids: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Rows a writer parked for a row that a later batch has staged since: the next plan
+    /// wakes them.
+    ready: Vec<i64>,
+    /// What batches did not write, for the writes of batches planned before the applier
+    /// learnt of it ([`super::rejected`]).
+    carry: Carry,
     daemon_user: i64,
     fk_wait_ms: i64,
     max_pending: usize,
@@ -855,7 +895,7 @@ fn fnv(h: &mut u64, bytes: &[u8]) {
     }
 }
 
-fn q(id: &str) -> String {
+pub(super) fn q(id: &str) -> String {
     format!("`{}`", id.replace('`', "``"))
 }
 
@@ -931,7 +971,9 @@ impl Applier {
             pending: BTreeMap::new(),
             waits: hashbrown::HashMap::new(),
             pending_rows: hashbrown::HashMap::new(),
-            next_pending_id: 1,
+            pending_ids: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1)),
+            ready: Vec::new(),
+            carry: Carry::default(),
             daemon_user,
             fk_wait_ms,
             max_pending: usize::MAX,
@@ -991,7 +1033,7 @@ impl Applier {
             .map_err(db("reading omrs_sync_pending"))?;
         for (id, tbl, row_key, wt, wk, first_seen_ms, offset, partition, event) in rows {
             a.add_pending(id, PendingEntry { tbl, row_key, waits: (wt, wk), first_seen_ms, offset, partition, event });
-            a.next_pending_id = a.next_pending_id.max(id + 1);
+            a.pending_ids.fetch_max(id + 1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(a)
     }
@@ -1352,22 +1394,24 @@ impl Applier {
         let mut out = Outcome::default();
         let mut segment: Vec<Work> = Vec::with_capacity(records.len());
         let mut aggregates: Aggregates = BTreeMap::new();
+        // What this batch did not write: later rows of it must not reference it.
+        let mut missing = Missing::default();
         for rec in records {
             match self.intake(rec, &mut out, &mut aggregates) {
                 Some(Intake::Work(w)) => segment.push(*w),
                 Some(Intake::Merge(loser, rec)) => {
-                    self.flush(conn, std::mem::take(&mut segment), &mut out).await?;
+                    self.flush(conn, std::mem::take(&mut segment), &mut out, &mut missing).await?;
                     self.merge(conn, &loser, rec).await?;
                     out.merges += 1;
                 }
                 None => {}
             }
         }
-        self.flush(conn, segment, &mut out).await?;
+        self.flush(conn, segment, &mut out, &mut missing).await?;
         out.aggregates = upsert_aggregates(conn, aggregates).await?;
         self.retry_merges(conn).await?;
         let expired = self.expire_pending(&mut out);
-        let failed = self.writer().execute(conn, expired, &mut out).await?;
+        let failed = self.writer().execute(conn, expired, &mut out, &mut missing).await?;
         self.forget(&failed);
         Ok(out)
     }
@@ -1428,21 +1472,41 @@ impl Applier {
             order: self.model.order.clone(),
             max_rows_per_statement: self.max_rows_per_statement,
             unchecked: if self.fk_checks { HashSet::new() } else { self.resolved_fks.clone() },
+            carry: self.carry.clone(),
+            pending_ids: self.pending_ids.clone(),
         }
     }
 
-    /// Forgets the cached id and version of rows HQ rejected.
-    pub fn forget(&mut self, failed: &[(String, String)]) {
-        for (t, k) in failed {
-            self.versions.pop(t, k);
-            self.ids.pop(t, k);
+    /// Learns what a written batch did not write ([`PlannedBatch::write`]): forgets the cached
+    /// id and version of each such row, unless a batch planned since has staged the row again
+    /// (its version is cached now, and its write decides); takes in the rows the writer parked,
+    /// and wakes at the next plan those whose row has been staged since; and carries what HQ
+    /// does not hold into the writes of the batches planned before now.
+    pub fn forget(&mut self, rejected: &Rejected) {
+        for u in &rejected.rows {
+            let restaged = matches!(self.versions.peek(&u.table, &u.key), Some(Some(s)) if s.version != u.version);
+            if restaged {
+                continue;
+            }
+            self.versions.pop(&u.table, &u.key);
+            if u.hq_id.is_none() || self.ids.peek(&u.table, &u.key) == u.hq_id.as_ref() {
+                self.ids.pop(&u.table, &u.key);
+            }
         }
+        for (id, p) in &rejected.parked {
+            if self.ids.peek(&p.waits.0, &p.waits.1).is_some() {
+                self.ready.push(*id);
+            }
+            self.add_pending(*id, p.clone());
+        }
+        self.carry.push(self.generation, rejected.missing());
     }
 
     /// The batch of `generation` (and every one before it) has committed: the rows it deleted
     /// are gone from HQ for every reader now.
     pub fn written(&mut self, generation: u64) {
         self.deleting.retain(|_, g| *g > generation);
+        self.carry.written(generation);
     }
 
     /// The generation of the batch planned last.
@@ -1490,10 +1554,10 @@ impl Applier {
 
     /// Stages and writes a run of changes (no merge inside), then retries the pending rows
     /// their parents woke up.
-    async fn flush(&mut self, conn: &mut Conn, works: Vec<Work>, out: &mut Outcome) -> Result<(), SinkError> {
+    async fn flush(&mut self, conn: &mut Conn, works: Vec<Work>, out: &mut Outcome, missing: &mut Missing) -> Result<(), SinkError> {
         let writer = self.writer();
         for unit in self.plan_segment(conn, works, out).await? {
-            let failed = writer.execute(conn, unit, out).await?;
+            let failed = writer.execute(conn, unit, out, missing).await?;
             self.forget(&failed);
         }
         Ok(())
@@ -1504,7 +1568,7 @@ impl Applier {
     /// caches for what earlier staged writes did.
     async fn plan_segment(&mut self, conn: &mut Conn, works: Vec<Work>, out: &mut Outcome) -> Result<Vec<Staged>, SinkError> {
         let mut units: Vec<Staged> = Vec::new();
-        if works.is_empty() {
+        if works.is_empty() && self.ready.is_empty() {
             return Ok(units);
         }
         // Bulk lookups first: the rows' own ids and versions, and every referenced uuid.
@@ -1552,7 +1616,14 @@ impl Applier {
         let mut staged = Staged::default();
         staged.versions.reserve(works.len());
         staged.receipts.reserve(works.len());
-        let mut queue: VecDeque<(Work, Option<i64>)> = works.into_iter().map(|w| (w, None)).collect();
+        // Rows a writer parked whose row has been staged since come first: they are older.
+        let mut queue: VecDeque<(Work, Option<i64>)> = VecDeque::with_capacity(works.len());
+        for id in std::mem::take(&mut self.ready) {
+            if let Some(w) = self.take_pending(id).and_then(|p| self.woken(p)) {
+                queue.push_back((w, Some(id)));
+            }
+        }
+        queue.extend(works.into_iter().map(|w| (w, None)));
         let mut new_pending: Vec<(i64, PendingEntry)> = Vec::new();
         let mut done_pending: Vec<i64> = Vec::new();
         while let Some((w, from_pending)) = queue.pop_front() {
@@ -1567,11 +1638,8 @@ impl Applier {
                         _ => Vec::new(),
                     };
                     for id in woken {
-                        let Some(p) = self.take_pending(id) else { continue };
-                        if let Ok(HqEvent::Change { late, origin_refs, event, .. }) = serde_json::from_str::<HqEvent>(&p.event) {
-                            let payload = std::sync::Arc::new(p.event.into_bytes());
-                            let w = Work { partition: p.partition, offset: p.offset, first_seen_ms: p.first_seen_ms, late, origin_refs, event, payload, key: Err(String::new()) };
-                            queue.push_back((self.keyed(w), Some(id)));
+                        if let Some(w) = self.take_pending(id).and_then(|p| self.woken(p)) {
+                            queue.push_back((w, Some(id)));
                         }
                     }
                 }
@@ -1591,8 +1659,7 @@ impl Applier {
                     let table = w.event.table.clone().unwrap_or_default();
                     let row_key = w.key.clone().unwrap_or_default();
                     let event = HqEvent::Change { late: w.late, person: None, origin_refs: w.origin_refs.clone(), event: w.event.clone() };
-                    let id = self.next_pending_id;
-                    self.next_pending_id += 1;
+                    let id = self.pending_ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let p = PendingEntry {
                         tbl: table,
                         row_key,
@@ -1626,6 +1693,21 @@ impl Applier {
         staged.pending_insert = new_pending;
         units.push(staged);
         Ok(units)
+    }
+
+    /// A parked change, woken.
+    fn woken(&self, p: PendingEntry) -> Option<Work> {
+        match serde_json::from_str::<HqEvent>(&p.event) {
+            Ok(HqEvent::Change { late, origin_refs, event, .. }) => {
+                let payload = std::sync::Arc::new(p.event.into_bytes());
+                let w = Work { partition: p.partition, offset: p.offset, first_seen_ms: p.first_seen_ms, late, origin_refs, event, payload, key: Err(String::new()) };
+                Some(self.keyed(w))
+            }
+            other => {
+                tracing::warn!(table = %p.tbl, key = %p.row_key, offset = p.offset, error = ?other.err(), "a parked row is not a change record; dropped");
+                None
+            }
+        }
     }
 
     /// Decides what one change does at HQ and stages it.
@@ -1836,6 +1918,7 @@ impl Applier {
             offset: w.offset,
             site: w.event.site.clone(),
             commit_ms: w.event.source.ts_ms,
+            first_seen_ms: w.first_seen_ms,
             payload: w.payload.clone(),
         });
         staged.receipts.len() - 1
