@@ -397,6 +397,15 @@ async fn apply_batch(applier: &mut Applier, write: &mut Conn, records: Vec<Recor
     assert!(out.dead.is_empty(), "{:?}", out.dead.iter().map(|d| &d.reason).collect::<Vec<_>>());
 }
 
+/// `rec` with the references the transform rewrote to a survivor (`origin_refs`).
+fn with_origin(rec: Record, origin: J) -> Record {
+    let ev = match serde_json::from_slice::<HqEvent>(&rec.payload) {
+        Ok(HqEvent::Change { late, person, event, .. }) => HqEvent::Change { late, person, origin_refs: obj(origin), event },
+        other => panic!("not a change: {other:?}"),
+    };
+    Record::decode(rec.partition, rec.offset, ev.to_json())
+}
+
 /// Names (person_name) whose person is not at HQ: orphans.
 const ORPHAN_NAMES: &str = "SELECT COUNT(*) FROM person_name n LEFT JOIN person p ON p.person_id = n.person_id WHERE p.person_id IS NULL";
 const ORPHAN_PATIENTS: &str = "SELECT COUNT(*) FROM patient x LEFT JOIN person p ON p.person_id = x.patient_id WHERE p.person_id IS NULL";
@@ -534,6 +543,103 @@ async fn a_child_planned_before_its_parent_is_rejected_waits_for_it() {
     assert!(person_id > 0);
     assert_eq!(count(&mut read, &format!("SELECT person_id FROM person_name WHERE uuid = '{n}'")).await, person_id, "the name landed on its person");
     assert_eq!(count(&mut read, "SELECT COUNT(*) FROM omrs_sync_pending").await, 0);
+
+    Hq::close(init, &db, [read, write]).await;
+}
+
+/// Issue #22, hole D. An obs of person L waits in the pending store for its encounter; while
+/// it waits, L is merged into W. When the encounter arrives (already pointing at W), the obs
+/// wakes: it must land on the survivor W, as the lake maps it, not on the voided loser L.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_woken_after_a_merge_lands_on_the_survivor() {
+    let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_wake").await;
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let writer = applier.writer();
+    let location: String = write.query_first("SELECT uuid FROM location ORDER BY location_id LIMIT 1").await.unwrap().unwrap();
+    let etype: String = write.query_first("SELECT uuid FROM encounter_type ORDER BY encounter_type_id LIMIT 1").await.unwrap().unwrap();
+    let concept: String = write.query_first("SELECT uuid FROM concept ORDER BY concept_id LIMIT 1").await.unwrap().unwrap();
+    let (l, w, e, o) = (
+        "99999999-0000-4000-8000-000000000001",
+        "99999999-0000-4000-8000-000000000002",
+        "99999999-0000-4000-8000-000000000003",
+        "99999999-0000-4000-8000-000000000004",
+    );
+    let now = "2026-11-27 10:00:00";
+    let person = |id: i64, uuid: &str, created: &str| json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": created, "voided": 0, "uuid": uuid});
+    let patient = |id: i64, created: &str| json!({"patient_id": id, "creator": 1, "date_created": created, "voided": 0, "allergy_status": "Unknown"});
+
+    // Batch 1: L and W, and an obs of L whose encounter has not arrived: the obs waits.
+    let batch1 = vec![
+        record(1, Op::Create, "person", l, person(901, l, "2026-05-01 09:00:00"), json!({"creator": user})),
+        record(2, Op::Create, "patient", l, patient(901, "2026-05-01 09:00:00"), json!({"patient_id": l, "creator": user})),
+        record(3, Op::Create, "person", w, person(902, w, "2026-01-01 09:00:00"), json!({"creator": user})),
+        record(4, Op::Create, "patient", w, patient(902, "2026-01-01 09:00:00"), json!({"patient_id": w, "creator": user})),
+        record(
+            5,
+            Op::Create,
+            "obs",
+            o,
+            json!({"obs_id": 70, "person_id": 901, "concept_id": 1, "encounter_id": 7, "obs_datetime": now, "location_id": 1, "value_numeric": 37.5, "creator": 1, "date_created": now, "voided": 0, "uuid": o}),
+            json!({"person_id": l, "concept_id": concept, "encounter_id": e, "location_id": location, "creator": user}),
+        ),
+    ];
+    let planned = applier.plan_batch(&mut read, batch1).await.expect("plan batch 1");
+    assert_eq!(planned.out.parked, 1, "the obs waits for its encounter");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+
+    // Batch 2: L is merged into W.
+    let merge: HqEvent = HqEvent::Merge { winner: w.into(), loser: l.into(), reason: "identifier".into(), evidence: json!({}), site: "site-a".into(), ts_ms: 1_790_000_000_006 };
+    let batch2 = vec![Record::decode(0, 6, merge.to_json())];
+    assert!(applier.needs_sync(&batch2));
+    apply_batch(&mut applier, &mut write, batch2).await;
+
+    // Batch 3: the encounter, already pointing at the survivor. The obs wakes.
+    let encounter = json!({"encounter_id": 7, "encounter_type": 1, "patient_id": 901, "location_id": 1, "encounter_datetime": now, "creator": 1, "date_created": now, "voided": 0, "uuid": e});
+    let batch3 = vec![with_origin(
+        record(7, Op::Create, "encounter", e, encounter, json!({"encounter_type": etype, "patient_id": w, "location_id": location, "creator": user})),
+        json!({"patient_id": l}),
+    )];
+    assert!(!applier.needs_sync(&batch3));
+    let planned = applier.plan_batch(&mut read, batch3).await.expect("plan batch 3");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+
+    let w_id = count(&mut read, &format!("SELECT person_id FROM person WHERE uuid = '{w}'")).await;
+    assert_eq!(count(&mut read, &format!("SELECT patient_id FROM encounter WHERE uuid = '{e}'")).await, w_id);
+    assert_eq!(count(&mut read, &format!("SELECT person_id FROM obs WHERE uuid = '{o}'")).await, w_id, "the woken obs is the survivor's");
+    assert_eq!(count(&mut read, "SELECT COUNT(*) FROM omrs_sync_pending").await, 0);
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM obs WHERE person_id = (SELECT person_id FROM person WHERE uuid = '{l}')")).await, 0, "nothing is left on the loser");
+
+    Hq::close(init, &db, [read, write]).await;
+}
+
+/// The first of a row's parked changes, woken, is applied, and the later changes queued behind
+/// it follow. (It used to be parked again behind them, and they all waited for each other until
+/// the FK timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_rows_later_changes_follow_it_when_it_wakes() {
+    let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_queue").await;
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let writer = applier.writer();
+    let (p, n) = ("aaaaaaaa-0000-4000-8000-000000000001", "aaaaaaaa-0000-4000-8000-000000000002");
+    let name = |given: &str, changed: Option<&str>| {
+        json!({"person_name_id": 5, "preferred": 1, "person_id": 900, "given_name": given, "family_name": "Okello", "creator": 1,
+               "date_created": "2026-11-27 10:00:00", "date_changed": changed, "voided": 0, "uuid": n})
+    };
+    let refs = json!({"person_id": p, "creator": user});
+    // The name waits for its person; a later change of it queues behind it.
+    for (offset, op, given, changed) in [(1, Op::Create, "Amina", None), (2, Op::Update, "Aminah", Some("2026-11-27 11:00:00"))] {
+        let planned = applier.plan_batch(&mut read, vec![record(offset, op, "person_name", n, name(given, changed), refs.clone())]).await.expect("plan");
+        assert_eq!(planned.out.parked, 1);
+        write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    }
+    assert_eq!(applier.pending_len(), 2);
+    // The person arrives: both changes of the name are applied, in order.
+    let person = json!({"person_id": 900, "gender": "F", "dead": 0, "creator": 1, "date_created": "2026-11-27 10:00:00", "voided": 0, "uuid": p});
+    let planned = applier.plan_batch(&mut read, vec![record(3, Op::Create, "person", p, person, json!({"creator": user}))]).await.expect("plan");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM person_name WHERE uuid = '{n}' AND given_name = 'Aminah'")).await, 1, "the later change holds");
+    assert_eq!(count(&mut read, "SELECT COUNT(*) FROM omrs_sync_pending").await, 0);
+    assert_eq!(applier.pending_len(), 0);
 
     Hq::close(init, &db, [read, write]).await;
 }

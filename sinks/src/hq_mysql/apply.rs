@@ -24,6 +24,7 @@ use omrs_core::hq::{compare, row_key, KeyShape, RowVersion};
 use omrs_ingest::model::{is_int_type, Model, TableModel};
 use serde_json::Value as J;
 
+use super::canonical::canonicalise;
 use super::rejected::{Carry, Missing, Rejected, Tracker, Why};
 use crate::{is_transient_db, SinkError};
 
@@ -348,6 +349,8 @@ struct Work {
     /// The row's key in uuid space ([`Applier::row_key`]), worked out once by
     /// [`Applier::keyed`]; Err says why there is none.
     key: Result<String, String>,
+    /// Woken from the pending store: the first of its row's parked changes.
+    woken: bool,
 }
 
 /// Where a staged write came from: for its dead letter, its latency, and its pending-store
@@ -1099,8 +1102,12 @@ impl Applier {
         (cur != uuid).then_some(cur)
     }
 
-    /// `w` with its key worked out (see [`Work::key`]).
+    /// `w` with its references pointing at merge survivors ([`canonicalise`]) and its key
+    /// worked out (see [`Work::key`]).
     fn keyed(&self, mut w: Work) -> Work {
+        if !self.merges.is_empty() {
+            canonicalise(w.event.table.as_deref(), &mut w.event.refs, &mut w.origin_refs, |u| self.survivor_of(u));
+        }
         w.key = match w.event.table.as_deref().and_then(|t| self.model.table(t)) {
             Some(tm) => self.row_key(tm, &w.event, &w.origin_refs),
             None => Err(format!("table `{}` does not exist at HQ", w.event.table.as_deref().unwrap_or(""))),
@@ -1366,7 +1373,7 @@ impl Applier {
                 if event.op == Op::Heartbeat {
                     return None;
                 }
-                let w = Work { partition: rec.partition, offset: rec.offset, first_seen_ms: now_ms(), late, origin_refs, event, payload, key: Err(String::new()) };
+                let w = Work { partition: rec.partition, offset: rec.offset, first_seen_ms: now_ms(), late, origin_refs, event, payload, key: Err(String::new()), woken: false };
                 Some(Intake::Work(Box::new(self.keyed(w))))
             }
             HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
@@ -1695,12 +1702,13 @@ impl Applier {
         Ok(units)
     }
 
-    /// A parked change, woken.
+    /// A parked change, woken: its references point at the survivors of the merges applied
+    /// while it waited ([`Applier::keyed`]).
     fn woken(&self, p: PendingEntry) -> Option<Work> {
         match serde_json::from_str::<HqEvent>(&p.event) {
             Ok(HqEvent::Change { late, origin_refs, event, .. }) => {
                 let payload = std::sync::Arc::new(p.event.into_bytes());
-                let w = Work { partition: p.partition, offset: p.offset, first_seen_ms: p.first_seen_ms, late, origin_refs, event, payload, key: Err(String::new()) };
+                let w = Work { partition: p.partition, offset: p.offset, first_seen_ms: p.first_seen_ms, late, origin_refs, event, payload, key: Err(String::new()), woken: true };
                 Some(self.keyed(w))
             }
             other => {
@@ -1721,8 +1729,10 @@ impl Applier {
             Ok(k) => k.clone(),
             Err(reason) => return Ok(Plan::Dead("missing_key", reason.clone())),
         };
-        // Later changes of a parked row queue behind it.
-        if self.pending_rows.contains_key(&Tk(&table, &row_key)) {
+        // Later changes of a parked row queue behind it. A woken row is the first of its row's
+        // parked changes: the ones behind it wait for it to be done (re-parking it behind them
+        // would leave them all waiting for each other).
+        if !w.woken && self.pending_rows.contains_key(&Tk(&table, &row_key)) {
             return Ok(Plan::Park(table, row_key));
         }
         let version = RowVersion::of(ev, self.priorities.get(&ev.site).copied().unwrap_or(0));

@@ -22,6 +22,7 @@
 //! merges read and move committed rows. Transactions still commit one at a time, in order.
 
 pub mod apply;
+mod canonical;
 pub mod rejected;
 pub mod schema;
 
