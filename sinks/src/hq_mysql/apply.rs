@@ -487,28 +487,7 @@ impl Writer {
     /// that is not at HQ (in `missing`, or rejected here) is parked instead of written, and
     /// joins `missing` itself ([`super::rejected`]). Returns the rows not written.
     async fn execute(&self, conn: &mut Conn, mut staged: Staged, out: &mut Outcome, missing: &mut Missing) -> Result<Rejected, SinkError> {
-        // Conflicts that overwrite: read the values that are about to be overwritten.
-        for c in staged.conflicts.iter_mut() {
-            if matches!(c.get(7), Some(Value::Int(1))) {
-                let (Some(Value::Bytes(t)), Some(Value::Bytes(k))) = (c.first(), c.get(1)) else { continue };
-                let table = String::from_utf8_lossy(t).to_string();
-                let key = String::from_utf8_lossy(k).to_string();
-                if let Some(tm) = self.tables.get(&table) {
-                    if tm.has_uuid {
-                        let row: Option<mysql_async::Row> =
-                            conn.exec_first(format!("SELECT * FROM {} WHERE uuid = ?", q(&table)), (key.as_str(),)).await.map_err(db("reading an overwritten row"))?;
-                        if let Some(r) = row {
-                            let mut m = serde_json::Map::new();
-                            for (i, col) in r.columns_ref().iter().enumerate() {
-                                let v: Option<Value> = r.as_ref(i).cloned();
-                                m.insert(col.name_str().to_string(), J::String(v.map(|v| v.as_sql(true)).unwrap_or_default()));
-                            }
-                            c[6] = Value::from(J::Object(m).to_string());
-                        }
-                    }
-                }
-            }
-        }
+        self.read_overwritten(conn, &mut staged.conflicts).await?;
 
         let t_exec = std::time::Instant::now();
         let mut tracker = Tracker::new(missing, &staged.versions, &staged.receipts);
@@ -548,41 +527,7 @@ impl Writer {
                 let pk: Option<Vec<String>> = (!insert).then(|| tm.map(|t| t.pk.clone()).unwrap_or_default());
                 let per = (60_000 / cols.len().max(1)).clamp(1, self.max_rows_per_statement);
                 for chunk in stable_chunks(&rows, per) {
-                    // A row staged against a row HQ does not hold waits for it instead.
-                    let mut go: Vec<&StagedRow> = Vec::with_capacity(chunk.len());
-                    for r in chunk {
-                        if !self.held(conn, table, r, &mut tracker, out).await? {
-                            go.push(r);
-                        }
-                    }
-                    match self.upsert(conn, table, &cols, pk.as_deref(), go.iter().copied()).await {
-                        Ok(()) => go.iter().for_each(|r| tracker.landed(r.work)),
-                        Err(e) if is_transient_db(&e) => return Err(SinkError::db(format!("writing {table}"), e)),
-                        // Row by row: only the bad rows fail, and the rows staged against them wait.
-                        Err(_) => {
-                            for r in go {
-                                if self.held(conn, table, r, &mut tracker, out).await? {
-                                    continue;
-                                }
-                                match self.upsert(conn, table, &cols, pk.as_deref(), std::iter::once(r)).await {
-                                    Ok(()) => tracker.landed(r.work),
-                                    Err(e) if is_transient_db(&e) => return Err(SinkError::db(format!("writing {table}"), e)),
-                                    Err(e) => {
-                                        self.rejected(conn, table, r, &mut tracker).await?;
-                                        let w = &staged.receipts[r.work];
-                                        omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "row_rejected"]).inc();
-                                        out.dead.push(DeadLetter {
-                                            partition: w.partition,
-                                            offset: w.offset,
-                                            kind: "row_rejected",
-                                            reason: format!("HQ rejected the {table} row: {e}"),
-                                            payload: w.payload.to_vec(),
-                                        });
-                                    }
-                                }
-                            }
-                        }
-                    }
+                    self.write_chunk(conn, (table, &cols, pk.as_deref()), chunk, &mut tracker, out).await?;
                 }
                 written.push(rows);
             }
@@ -623,38 +568,7 @@ impl Writer {
             .iter()
             .filter(|v| !failed.contains(&v.work) && (unwritten.is_empty() || !unwritten.contains(&(v.table.as_str(), v.key.as_str()))))
             .partition(|v| v.packed);
-        for chunk in stable_chunks(&single, 500) {
-            let marks = vec!["(?,?,?,?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
-            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
-            for v in chunk {
-                let s = &v.stored;
-                let deleted = staged.deletes.iter().any(|(_, _, w)| *w == v.work);
-                params.extend([
-                    Value::from(v.table.as_str()),
-                    Value::from(v.key.as_str()),
-                    s.hq_id.map(Value::from).unwrap_or(Value::NULL),
-                    Value::from(s.version.change_ms),
-                    Value::from(s.version.priority),
-                    Value::from(s.version.site.as_str()),
-                    Value::from(s.version.commit_ms),
-                    Value::from(s.version.position.as_str()),
-                    v.origin.as_deref().map(Value::from).unwrap_or(Value::NULL),
-                    Value::from(s.hash),
-                    Value::from(deleted as i64),
-                ]);
-            }
-            conn.exec_drop(
-                format!(
-                    "INSERT INTO omrs_sync_version (tbl, row_key, hq_id, change_ms, priority, site, commit_ms, position, origin_key, content_hash, deleted)
-                     VALUES {marks} ON DUPLICATE KEY UPDATE hq_id = COALESCE(VALUES(hq_id), hq_id), change_ms = VALUES(change_ms), priority = VALUES(priority),
-                     site = VALUES(site), commit_ms = VALUES(commit_ms), position = VALUES(position), origin_key = COALESCE(VALUES(origin_key), origin_key),
-                     content_hash = VALUES(content_hash), deleted = VALUES(deleted)"
-                ),
-                params,
-            )
-            .await
-            .map_err(db("writing row versions"))?;
-        }
+        write_version_rows(conn, &single, &staged.deletes).await?;
         // Packs stored ahead count once this transaction commits. If HQ rejected a row, its
         // entry must go: those packs are dropped and written again here, as are packs not
         // stored ahead (the batches applied on this connection).
@@ -675,36 +589,7 @@ impl Writer {
         let Tracker { failed, rejected, .. } = tracker;
         staged.pending_insert.extend(rejected.parked.iter().cloned());
         // Pending store changes, in the same transaction.
-        for chunk in staged.pending_delete.chunks(1000) {
-            let marks = vec!["?"; chunk.len()].join(",");
-            conn.exec_drop(format!("DELETE FROM omrs_sync_pending WHERE pending_id IN ({marks})"), chunk.to_vec())
-                .await
-                .map_err(db("clearing woken pending rows"))?;
-        }
-        for chunk in staged.pending_insert.chunks(200) {
-            let marks = vec!["(?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
-            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
-            for (id, p) in chunk {
-                params.extend([
-                    Value::from(*id),
-                    Value::from(p.tbl.as_str()),
-                    Value::from(p.row_key.as_str()),
-                    Value::from(p.waits.0.as_str()),
-                    Value::from(p.waits.1.as_str()),
-                    Value::from(p.first_seen_ms),
-                    Value::from(p.offset),
-                    Value::from(p.event.as_str()),
-                ]);
-            }
-            conn.exec_drop(
-                format!(
-                    "INSERT INTO omrs_sync_pending (pending_id, tbl, row_key, waits_for_table, waits_for_key, first_seen_ms, source_offset, event) VALUES {marks}"
-                ),
-                params,
-            )
-            .await
-            .map_err(db("parking rows"))?;
-        }
+        write_pending(conn, &staged.pending_delete, &staged.pending_insert).await?;
         for chunk in staged.conflicts.chunks(200) {
             let marks = vec!["(?,?,?,?,?,?,?,?,NOW(3))"; chunk.len()].join(",");
             let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
@@ -736,7 +621,33 @@ impl Writer {
         Ok(rejected)
     }
 
-    async fn upsert<'r>(
+    /// Conflicts that overwrite: reads the values that are about to be overwritten.
+    async fn read_overwritten(&self, conn: &mut Conn, conflicts: &mut [Vec<Value>]) -> Result<(), SinkError> {
+        for c in conflicts.iter_mut() {
+            if matches!(c.get(7), Some(Value::Int(1))) {
+                let (Some(Value::Bytes(t)), Some(Value::Bytes(k))) = (c.first(), c.get(1)) else { continue };
+                let table = String::from_utf8_lossy(t).to_string();
+                let key = String::from_utf8_lossy(k).to_string();
+                if let Some(tm) = self.tables.get(&table) {
+                    if tm.has_uuid {
+                        let row: Option<mysql_async::Row> =
+                            conn.exec_first(format!("SELECT * FROM {} WHERE uuid = ?", q(&table)), (key.as_str(),)).await.map_err(db("reading an overwritten row"))?;
+                        if let Some(r) = row {
+                            let mut m = serde_json::Map::new();
+                            for (i, col) in r.columns_ref().iter().enumerate() {
+                                let v: Option<Value> = r.as_ref(i).cloned();
+                                m.insert(col.name_str().to_string(), J::String(v.map(|v| v.as_sql(true)).unwrap_or_default()));
+                            }
+                            c[6] = Value::from(J::Object(m).to_string());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn upsert<'r>(
         &self,
         conn: &mut Conn,
         table: &str,
@@ -762,6 +673,78 @@ impl Writer {
         conn.exec_drop(sql, params).await
     }
 
+}
+
+/// Stores versions one row each in `omrs_sync_version` (a delete's as a tombstone).
+async fn write_version_rows(conn: &mut Conn, single: &[&StagedVersion], deletes: &[(String, Vec<(String, Value)>, usize)]) -> Result<(), SinkError> {
+    for chunk in stable_chunks(single, 500) {
+        let marks = vec!["(?,?,?,?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
+        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
+        for v in chunk {
+            let s = &v.stored;
+            let deleted = deletes.iter().any(|(_, _, w)| *w == v.work);
+            params.extend([
+                Value::from(v.table.as_str()),
+                Value::from(v.key.as_str()),
+                s.hq_id.map(Value::from).unwrap_or(Value::NULL),
+                Value::from(s.version.change_ms),
+                Value::from(s.version.priority),
+                Value::from(s.version.site.as_str()),
+                Value::from(s.version.commit_ms),
+                Value::from(s.version.position.as_str()),
+                v.origin.as_deref().map(Value::from).unwrap_or(Value::NULL),
+                Value::from(s.hash),
+                Value::from(deleted as i64),
+            ]);
+        }
+        conn.exec_drop(
+            format!(
+                "INSERT INTO omrs_sync_version (tbl, row_key, hq_id, change_ms, priority, site, commit_ms, position, origin_key, content_hash, deleted)
+                 VALUES {marks} ON DUPLICATE KEY UPDATE hq_id = COALESCE(VALUES(hq_id), hq_id), change_ms = VALUES(change_ms), priority = VALUES(priority),
+                 site = VALUES(site), commit_ms = VALUES(commit_ms), position = VALUES(position), origin_key = COALESCE(VALUES(origin_key), origin_key),
+                 content_hash = VALUES(content_hash), deleted = VALUES(deleted)"
+            ),
+            params,
+        )
+        .await
+        .map_err(db("writing row versions"))?;
+    }
+    Ok(())
+}
+
+/// Pending store changes: rows woken or expired leave `omrs_sync_pending`, rows parked join it.
+async fn write_pending(conn: &mut Conn, delete: &[i64], insert: &[(i64, PendingEntry)]) -> Result<(), SinkError> {
+    for chunk in delete.chunks(1000) {
+        let marks = vec!["?"; chunk.len()].join(",");
+        conn.exec_drop(format!("DELETE FROM omrs_sync_pending WHERE pending_id IN ({marks})"), chunk.to_vec())
+            .await
+            .map_err(db("clearing woken pending rows"))?;
+    }
+    for chunk in insert.chunks(200) {
+        let marks = vec!["(?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
+        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
+        for (id, p) in chunk {
+            params.extend([
+                Value::from(*id),
+                Value::from(p.tbl.as_str()),
+                Value::from(p.row_key.as_str()),
+                Value::from(p.waits.0.as_str()),
+                Value::from(p.waits.1.as_str()),
+                Value::from(p.first_seen_ms),
+                Value::from(p.offset),
+                Value::from(p.event.as_str()),
+            ]);
+        }
+        conn.exec_drop(
+            format!(
+                "INSERT INTO omrs_sync_pending (pending_id, tbl, row_key, waits_for_table, waits_for_key, first_seen_ms, source_offset, event) VALUES {marks}"
+            ),
+            params,
+        )
+        .await
+        .map_err(db("parking rows"))?;
+    }
+    Ok(())
 }
 
 /// What the sink needs to know of one HQ column, worked out once per table.

@@ -22,8 +22,8 @@ use mysql_async::{Conn, Value};
 use omrs_core::hq::RowVersion;
 use omrs_ingest::model::TableModel;
 
-use super::apply::{q, Outcome, PendingEntry, Receipt, StagedRow, StagedVersion, Writer};
-use crate::SinkError;
+use super::apply::{q, DeadLetter, Outcome, PendingEntry, Receipt, StagedRow, StagedVersion, Writer};
+use crate::{is_transient_db, SinkError};
 
 /// Why a row of a batch was not written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +244,55 @@ impl<'a> Tracker<'a> {
 }
 
 impl Writer {
+    /// Writes one chunk of a table's rows that share a column list (`pk`: the key of an upsert,
+    /// None for new rows). A row staged against a row HQ does not hold is parked instead. A
+    /// statement that fails definitely is retried row by row: only the bad rows are rejected
+    /// (dead-lettered), and the rows staged against them wait.
+    pub(super) async fn write_chunk(
+        &self,
+        conn: &mut Conn,
+        (table, cols, pk): (&str, &[String], Option<&[String]>),
+        chunk: &[StagedRow],
+        t: &mut Tracker<'_>,
+        out: &mut Outcome,
+    ) -> Result<(), SinkError> {
+        let mut go: Vec<&StagedRow> = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            if !self.held(conn, table, r, t, out).await? {
+                go.push(r);
+            }
+        }
+        match self.upsert(conn, table, cols, pk, go.iter().copied()).await {
+            Ok(()) => go.iter().for_each(|r| t.landed(r.work)),
+            Err(e) if is_transient_db(&e) => return Err(SinkError::db(format!("writing {table}"), e)),
+            Err(_) => {
+                for r in go {
+                    if self.held(conn, table, r, t, out).await? {
+                        continue;
+                    }
+                    match self.upsert(conn, table, cols, pk, std::iter::once(r)).await {
+                        Ok(()) => t.landed(r.work),
+                        Err(e) if is_transient_db(&e) => return Err(SinkError::db(format!("writing {table}"), e)),
+                        Err(e) => {
+                            self.rejected(conn, table, r, t).await?;
+                            let Some(w) = t.receipts.get(r.work) else { continue };
+                            omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "row_rejected"]).inc();
+                            tracing::warn!(table = %table, offset = w.offset, error = %e, "HQ rejected a row; dead-lettered");
+                            out.dead.push(DeadLetter {
+                                partition: w.partition,
+                                offset: w.offset,
+                                kind: "row_rejected",
+                                reason: format!("HQ rejected the {table} row: {e}"),
+                                payload: w.payload.to_vec(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Parks the row instead of writing it when it must wait ([`Missing::waits_for`]). True
     /// if it did.
     pub(super) async fn held(&self, conn: &mut Conn, table: &str, row: &StagedRow, t: &mut Tracker<'_>, out: &mut Outcome) -> Result<bool, SinkError> {
