@@ -396,3 +396,250 @@ async fn apply_batch(applier: &mut Applier, write: &mut Conn, records: Vec<Recor
     write.query_drop("COMMIT").await.unwrap();
     assert!(out.dead.is_empty(), "{:?}", out.dead.iter().map(|d| &d.reason).collect::<Vec<_>>());
 }
+
+/// `rec` with the references the transform rewrote to a survivor (`origin_refs`).
+fn with_origin(rec: Record, origin: J) -> Record {
+    let ev = match serde_json::from_slice::<HqEvent>(&rec.payload) {
+        Ok(HqEvent::Change { late, person, event, .. }) => HqEvent::Change { late, person, origin_refs: obj(origin), event },
+        other => panic!("not a change: {other:?}"),
+    };
+    Record::decode(rec.partition, rec.offset, ev.to_json())
+}
+
+/// Names (person_name) whose person is not at HQ: orphans.
+const ORPHAN_NAMES: &str = "SELECT COUNT(*) FROM person_name n LEFT JOIN person p ON p.person_id = n.person_id WHERE p.person_id IS NULL";
+const ORPHAN_PATIENTS: &str = "SELECT COUNT(*) FROM patient x LEFT JOIN person p ON p.person_id = x.patient_id WHERE p.person_id IS NULL";
+const ORPHAN_ENCOUNTERS: &str = "SELECT COUNT(*) FROM encounter x LEFT JOIN patient p ON p.patient_id = x.patient_id WHERE p.patient_id IS NULL";
+
+/// Issue #22, hole C, in one batch. HQ rejects a new person (its gender is longer than the
+/// column: error 1406 under STRICT_TRANS_TABLES) and dead-letters it. Its name, staged in the
+/// same batch against the id the person was just given, was inserted all the same (HQ's
+/// foreign-key checks are off for the upserts): an orphan. Now the name and the patient wait in
+/// the pending store for the person, and the patient's encounter for the patient, as if the
+/// person had never arrived; the person's corrected change, planned while the first batch was
+/// still being written, lets them land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_parent_leaves_no_orphan_and_its_child_waits_for_it() {
+    let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_rej").await;
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let writer = applier.writer();
+    let location: String = write.query_first("SELECT uuid FROM location ORDER BY location_id LIMIT 1").await.unwrap().unwrap();
+    let etype: String = write.query_first("SELECT uuid FROM encounter_type ORDER BY encounter_type_id LIMIT 1").await.unwrap().unwrap();
+    let (p, n, e) = ("77777777-0000-4000-8000-000000000001", "77777777-0000-4000-8000-000000000002", "77777777-0000-4000-8000-000000000003");
+    let now = "2026-11-27 10:00:00";
+    let person = |gender: &str, changed: Option<&str>| {
+        json!({"person_id": 900, "gender": gender, "dead": 0, "creator": 1, "date_created": "2026-11-27 10:00:00", "date_changed": changed, "voided": 0, "uuid": p})
+    };
+    let name = json!({"person_name_id": 5, "preferred": 1, "person_id": 900, "given_name": "Amina", "family_name": "Okello", "creator": 1,
+                      "date_created": "2026-11-27 10:00:00", "voided": 0, "uuid": n});
+
+    // Batch 1: the person HQ rejects, its name, and as a patient an encounter. Written, not
+    // committed yet.
+    let batch1 = vec![
+        record(1, Op::Create, "person", p, person(&"X".repeat(60), None), json!({"creator": user})),
+        record(2, Op::Create, "person_name", n, name, json!({"person_id": p, "creator": user})),
+        record(4, Op::Create, "patient", p, json!({"patient_id": 900, "creator": 1, "date_created": now, "voided": 0, "allergy_status": "Unknown"}), json!({"patient_id": p, "creator": user})),
+        record(
+            5,
+            Op::Create,
+            "encounter",
+            e,
+            json!({"encounter_id": 7, "encounter_type": 1, "patient_id": 900, "location_id": 1, "encounter_datetime": now, "creator": 1, "date_created": now, "voided": 0, "uuid": e}),
+            json!({"encounter_type": etype, "patient_id": p, "location_id": location, "creator": user}),
+        ),
+    ];
+    let planned = applier.plan_batch(&mut read, batch1).await.expect("plan batch 1");
+    let generation1 = planned.generation;
+    write.query_drop("START TRANSACTION").await.unwrap();
+    let (out, failed) = planned.write(&writer, &mut write).await.expect("write batch 1");
+    // Batch 2, planned meanwhile: site a corrects the person.
+    let batch2 = vec![record(3, Op::Update, "person", p, person("F", Some("2026-11-27 11:00:00")), json!({"creator": user}))];
+    let planned2 = applier.plan_batch(&mut read, batch2).await.expect("plan batch 2");
+    write.query_drop("COMMIT").await.unwrap();
+    applier.forget(&failed);
+    applier.written(generation1);
+
+    assert_eq!(out.dead.len(), 1, "{:?}", out.dead.iter().map(|d| &d.reason).collect::<Vec<_>>());
+    assert!(out.dead[0].reason.contains("rejected the person row"), "{}", out.dead[0].reason);
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM person WHERE uuid = '{p}'")).await, 0);
+    assert_eq!(count(&mut read, ORPHAN_NAMES).await, 0, "no name without its person at HQ");
+    assert_eq!(count(&mut read, ORPHAN_PATIENTS).await, 0, "no patient without its person at HQ");
+    assert_eq!(count(&mut read, ORPHAN_ENCOUNTERS).await, 0, "no encounter without its patient at HQ");
+    let waiting = |tbl: &str, key: &str, wt: &str| {
+        format!("SELECT COUNT(*) FROM omrs_sync_pending WHERE tbl = '{tbl}' AND row_key = '{key}' AND waits_for_table = '{wt}' AND waits_for_key = '{p}'")
+    };
+    assert_eq!(count(&mut read, &waiting("person_name", n, "person")).await, 1, "the name waits for its person");
+    assert_eq!(count(&mut read, &waiting("patient", p, "person")).await, 1, "the patient waits for its person");
+    assert_eq!(count(&mut read, &waiting("encounter", e, "patient")).await, 1, "the encounter waits for its patient");
+    assert_eq!(out.parked, 3);
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM omrs_sync_row_version WHERE row_key IN ('{p}', '{n}', '{e}')")).await, 0, "no version of a row HQ does not hold");
+
+    // Batch 2 writes the corrected person; the next batch (nothing read, rows pending) wakes
+    // the name.
+    write_and_commit(&mut applier, &writer, &mut write, planned2).await;
+    let planned = applier.plan_batch(&mut read, Vec::new()).await.expect("plan batch 3");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    let person_id = count(&mut read, &format!("SELECT person_id FROM person WHERE uuid = '{p}' AND gender = 'F'")).await;
+    assert!(person_id > 0, "the corrected person is at HQ");
+    assert_eq!(count(&mut read, &format!("SELECT person_id FROM person_name WHERE uuid = '{n}'")).await, person_id, "the name landed on its person");
+    assert_eq!(count(&mut read, &format!("SELECT patient_id FROM encounter WHERE uuid = '{e}'")).await, person_id, "the encounter landed on its patient");
+    assert_eq!(count(&mut read, ORPHAN_NAMES).await, 0);
+    assert_eq!(count(&mut read, ORPHAN_PATIENTS).await, 0);
+    assert_eq!(count(&mut read, ORPHAN_ENCOUNTERS).await, 0);
+    assert_eq!(count(&mut read, "SELECT COUNT(*) FROM omrs_sync_pending").await, 0);
+    assert_eq!(applier.pending_len(), 0);
+
+    Hq::close(init, &db, [read, write]).await;
+}
+
+/// Issue #22, hole C, across batches. Batch 2 is planned while batch 1 is written, so it
+/// stages the name of batch 1's new person against the id the person was given, known only
+/// from the applier's cache. HQ then rejects the person: batch 2's write must not insert the
+/// name against that id. The name waits for the person, and lands once the person does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_planned_before_its_parent_is_rejected_waits_for_it() {
+    let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_rej2").await;
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let writer = applier.writer();
+    let (p, n) = ("88888888-0000-4000-8000-000000000001", "88888888-0000-4000-8000-000000000002");
+    let person = |gender: &str, changed: Option<&str>| {
+        json!({"person_id": 900, "gender": gender, "dead": 0, "creator": 1, "date_created": "2026-11-27 10:00:00", "date_changed": changed, "voided": 0, "uuid": p})
+    };
+    let name = json!({"person_name_id": 5, "preferred": 1, "person_id": 900, "given_name": "Amina", "family_name": "Okello", "creator": 1,
+                      "date_created": "2026-11-27 10:00:00", "voided": 0, "uuid": n});
+
+    let planned1 = applier.plan_batch(&mut read, vec![record(1, Op::Create, "person", p, person(&"X".repeat(60), None), json!({"creator": user}))]).await.expect("plan batch 1");
+    let generation1 = planned1.generation;
+    let planned2 = applier
+        .plan_batch(&mut read, vec![record(2, Op::Create, "person_name", n, name, json!({"person_id": p, "creator": user}))])
+        .await
+        .expect("plan batch 2");
+    assert_eq!(planned2.out.parked, 0, "planned against the person's id, which only the cache knows");
+
+    write.query_drop("START TRANSACTION").await.unwrap();
+    let (out, failed) = planned1.write(&writer, &mut write).await.expect("write batch 1");
+    write.query_drop("COMMIT").await.unwrap();
+    applier.forget(&failed);
+    applier.written(generation1);
+    assert_eq!(out.dead.len(), 1, "HQ rejects the person");
+    write_and_commit(&mut applier, &writer, &mut write, planned2).await;
+
+    assert_eq!(count(&mut read, ORPHAN_NAMES).await, 0, "no name without its person at HQ");
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM person_name WHERE uuid = '{n}'")).await, 0);
+    assert_eq!(
+        count(&mut read, &format!("SELECT COUNT(*) FROM omrs_sync_pending WHERE tbl = 'person_name' AND row_key = '{n}' AND waits_for_table = 'person' AND waits_for_key = '{p}'")).await,
+        1,
+        "the name waits for its person"
+    );
+    assert_eq!(applier.pending_len(), 1);
+
+    // The corrected person arrives: the name lands with it.
+    let planned = applier
+        .plan_batch(&mut read, vec![record(3, Op::Update, "person", p, person("F", Some("2026-11-27 11:00:00")), json!({"creator": user}))])
+        .await
+        .expect("plan batch 3");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    let person_id = count(&mut read, &format!("SELECT person_id FROM person WHERE uuid = '{p}'")).await;
+    assert!(person_id > 0);
+    assert_eq!(count(&mut read, &format!("SELECT person_id FROM person_name WHERE uuid = '{n}'")).await, person_id, "the name landed on its person");
+    assert_eq!(count(&mut read, "SELECT COUNT(*) FROM omrs_sync_pending").await, 0);
+
+    Hq::close(init, &db, [read, write]).await;
+}
+
+/// Issue #22, hole D. An obs of person L waits in the pending store for its encounter; while
+/// it waits, L is merged into W. When the encounter arrives (already pointing at W), the obs
+/// wakes: it must land on the survivor W, as the lake maps it, not on the voided loser L.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_woken_after_a_merge_lands_on_the_survivor() {
+    let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_wake").await;
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let writer = applier.writer();
+    let location: String = write.query_first("SELECT uuid FROM location ORDER BY location_id LIMIT 1").await.unwrap().unwrap();
+    let etype: String = write.query_first("SELECT uuid FROM encounter_type ORDER BY encounter_type_id LIMIT 1").await.unwrap().unwrap();
+    let concept: String = write.query_first("SELECT uuid FROM concept ORDER BY concept_id LIMIT 1").await.unwrap().unwrap();
+    let (l, w, e, o) = (
+        "99999999-0000-4000-8000-000000000001",
+        "99999999-0000-4000-8000-000000000002",
+        "99999999-0000-4000-8000-000000000003",
+        "99999999-0000-4000-8000-000000000004",
+    );
+    let now = "2026-11-27 10:00:00";
+    let person = |id: i64, uuid: &str, created: &str| json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": created, "voided": 0, "uuid": uuid});
+    let patient = |id: i64, created: &str| json!({"patient_id": id, "creator": 1, "date_created": created, "voided": 0, "allergy_status": "Unknown"});
+
+    // Batch 1: L and W, and an obs of L whose encounter has not arrived: the obs waits.
+    let batch1 = vec![
+        record(1, Op::Create, "person", l, person(901, l, "2026-05-01 09:00:00"), json!({"creator": user})),
+        record(2, Op::Create, "patient", l, patient(901, "2026-05-01 09:00:00"), json!({"patient_id": l, "creator": user})),
+        record(3, Op::Create, "person", w, person(902, w, "2026-01-01 09:00:00"), json!({"creator": user})),
+        record(4, Op::Create, "patient", w, patient(902, "2026-01-01 09:00:00"), json!({"patient_id": w, "creator": user})),
+        record(
+            5,
+            Op::Create,
+            "obs",
+            o,
+            json!({"obs_id": 70, "person_id": 901, "concept_id": 1, "encounter_id": 7, "obs_datetime": now, "location_id": 1, "value_numeric": 37.5, "creator": 1, "date_created": now, "voided": 0, "uuid": o}),
+            json!({"person_id": l, "concept_id": concept, "encounter_id": e, "location_id": location, "creator": user}),
+        ),
+    ];
+    let planned = applier.plan_batch(&mut read, batch1).await.expect("plan batch 1");
+    assert_eq!(planned.out.parked, 1, "the obs waits for its encounter");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+
+    // Batch 2: L is merged into W.
+    let merge: HqEvent = HqEvent::Merge { winner: w.into(), loser: l.into(), reason: "identifier".into(), evidence: json!({}), site: "site-a".into(), ts_ms: 1_790_000_000_006 };
+    let batch2 = vec![Record::decode(0, 6, merge.to_json())];
+    assert!(applier.needs_sync(&batch2));
+    apply_batch(&mut applier, &mut write, batch2).await;
+
+    // Batch 3: the encounter, already pointing at the survivor. The obs wakes.
+    let encounter = json!({"encounter_id": 7, "encounter_type": 1, "patient_id": 901, "location_id": 1, "encounter_datetime": now, "creator": 1, "date_created": now, "voided": 0, "uuid": e});
+    let batch3 = vec![with_origin(
+        record(7, Op::Create, "encounter", e, encounter, json!({"encounter_type": etype, "patient_id": w, "location_id": location, "creator": user})),
+        json!({"patient_id": l}),
+    )];
+    assert!(!applier.needs_sync(&batch3));
+    let planned = applier.plan_batch(&mut read, batch3).await.expect("plan batch 3");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+
+    let w_id = count(&mut read, &format!("SELECT person_id FROM person WHERE uuid = '{w}'")).await;
+    assert_eq!(count(&mut read, &format!("SELECT patient_id FROM encounter WHERE uuid = '{e}'")).await, w_id);
+    assert_eq!(count(&mut read, &format!("SELECT person_id FROM obs WHERE uuid = '{o}'")).await, w_id, "the woken obs is the survivor's");
+    assert_eq!(count(&mut read, "SELECT COUNT(*) FROM omrs_sync_pending").await, 0);
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM obs WHERE person_id = (SELECT person_id FROM person WHERE uuid = '{l}')")).await, 0, "nothing is left on the loser");
+
+    Hq::close(init, &db, [read, write]).await;
+}
+
+/// The first of a row's parked changes, woken, is applied, and the later changes queued behind
+/// it follow. (It used to be parked again behind them, and they all waited for each other until
+/// the FK timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_rows_later_changes_follow_it_when_it_wakes() {
+    let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_queue").await;
+    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let writer = applier.writer();
+    let (p, n) = ("aaaaaaaa-0000-4000-8000-000000000001", "aaaaaaaa-0000-4000-8000-000000000002");
+    let name = |given: &str, changed: Option<&str>| {
+        json!({"person_name_id": 5, "preferred": 1, "person_id": 900, "given_name": given, "family_name": "Okello", "creator": 1,
+               "date_created": "2026-11-27 10:00:00", "date_changed": changed, "voided": 0, "uuid": n})
+    };
+    let refs = json!({"person_id": p, "creator": user});
+    // The name waits for its person; a later change of it queues behind it.
+    for (offset, op, given, changed) in [(1, Op::Create, "Amina", None), (2, Op::Update, "Aminah", Some("2026-11-27 11:00:00"))] {
+        let planned = applier.plan_batch(&mut read, vec![record(offset, op, "person_name", n, name(given, changed), refs.clone())]).await.expect("plan");
+        assert_eq!(planned.out.parked, 1);
+        write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    }
+    assert_eq!(applier.pending_len(), 2);
+    // The person arrives: both changes of the name are applied, in order.
+    let person = json!({"person_id": 900, "gender": "F", "dead": 0, "creator": 1, "date_created": "2026-11-27 10:00:00", "voided": 0, "uuid": p});
+    let planned = applier.plan_batch(&mut read, vec![record(3, Op::Create, "person", p, person, json!({"creator": user}))]).await.expect("plan");
+    write_and_commit(&mut applier, &writer, &mut write, planned).await;
+    assert_eq!(count(&mut read, &format!("SELECT COUNT(*) FROM person_name WHERE uuid = '{n}' AND given_name = 'Aminah'")).await, 1, "the later change holds");
+    assert_eq!(count(&mut read, "SELECT COUNT(*) FROM omrs_sync_pending").await, 0);
+    assert_eq!(applier.pending_len(), 0);
+
+    Hq::close(init, &db, [read, write]).await;
+}

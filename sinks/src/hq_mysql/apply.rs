@@ -24,6 +24,8 @@ use omrs_core::hq::{compare, row_key, KeyShape, RowVersion};
 use omrs_ingest::model::{is_int_type, Model, TableModel};
 use serde_json::Value as J;
 
+use super::canonical::canonicalise;
+use super::rejected::{Carry, Missing, Rejected, Tracker, Why};
 use crate::{is_transient_db, SinkError};
 
 /// A change as the sink reads it: row images as [`FlatRow`]s (the same JSON as everywhere).
@@ -235,10 +237,10 @@ async fn upsert_aggregates(conn: &mut Conn, by_name: Aggregates) -> Result<u64, 
 }
 
 #[derive(Debug, Clone)]
-struct Stored {
-    version: RowVersion,
+pub(super) struct Stored {
+    pub(super) version: RowVersion,
     hash: u64,
-    hq_id: Option<i64>,
+    pub(super) hq_id: Option<i64>,
 }
 
 /// (table, row key): the key of the caches and sets that follow rows.
@@ -323,14 +325,15 @@ struct MergeRec {
 }
 
 #[derive(Debug, Clone)]
-struct PendingEntry {
-    tbl: String,
-    row_key: String,
-    waits: (String, String),
-    first_seen_ms: i64,
-    offset: i64,
-    partition: i32,
-    event: String,
+pub(super) struct PendingEntry {
+    pub(super) tbl: String,
+    pub(super) row_key: String,
+    pub(super) waits: (String, String),
+    pub(super) first_seen_ms: i64,
+    pub(super) offset: i64,
+    pub(super) partition: i32,
+    /// The change record, as JSON.
+    pub(super) event: String,
 }
 
 /// One change to process: from the input, or woken from the pending store.
@@ -346,35 +349,39 @@ struct Work {
     /// The row's key in uuid space ([`Applier::row_key`]), worked out once by
     /// [`Applier::keyed`]; Err says why there is none.
     key: Result<String, String>,
+    /// Woken from the pending store: the first of its row's parked changes.
+    woken: bool,
 }
 
-/// Where a staged write came from: for its dead letter and its latency.
-struct Receipt {
-    partition: i32,
-    offset: i64,
+/// Where a staged write came from: for its dead letter, its latency, and its pending-store
+/// entry should the writer park it.
+pub(super) struct Receipt {
+    pub(super) partition: i32,
+    pub(super) offset: i64,
     site: String,
     commit_ms: i64,
-    payload: std::sync::Arc<Vec<u8>>,
+    pub(super) first_seen_ms: i64,
+    pub(super) payload: std::sync::Arc<Vec<u8>>,
 }
 
 /// A version to store with a staged write: in `omrs_sync_version`, or, for the first version
 /// of a row the sink just created, in its batch's pack (`omrs_sync_version_pack`).
-struct StagedVersion {
-    table: String,
-    key: String,
-    stored: Stored,
+pub(super) struct StagedVersion {
+    pub(super) table: String,
+    pub(super) key: String,
+    pub(super) stored: Stored,
     origin: Option<String>,
-    work: usize,
+    pub(super) work: usize,
     packed: bool,
 }
 
-struct StagedRow {
+pub(super) struct StagedRow {
     /// Shared by the rows of a table that have the same columns ([`Applier::col_list`]).
-    cols: std::sync::Arc<[String]>,
-    vals: Vec<Value>,
-    work: usize,
+    pub(super) cols: std::sync::Arc<[String]>,
+    pub(super) vals: Vec<Value>,
+    pub(super) work: usize,
     /// A row new to HQ, with the id the sink has just given it: a plain INSERT.
-    insert: bool,
+    pub(super) insert: bool,
 }
 
 #[derive(Default)]
@@ -441,61 +448,49 @@ pub struct PlannedBatch {
 }
 
 impl PlannedBatch {
-    /// Writes the batch inside an open transaction; returns the keys of rows HQ rejected, whose
-    /// cached id and version the applier must forget ([`Applier::forget`]).
-    pub async fn write(self, writer: &Writer, conn: &mut Conn) -> Result<(Outcome, Vec<(String, String)>), SinkError> {
+    /// Writes the batch inside an open transaction; returns the rows HQ did not write, whose
+    /// cached ids and versions the applier must forget, and the rows parked for them
+    /// ([`Applier::forget`]). Rows staged against a row that an earlier batch did not write,
+    /// learnt of after this batch was planned, wait for it ([`super::rejected`]).
+    pub async fn write(self, writer: &Writer, conn: &mut Conn) -> Result<(Outcome, Rejected), SinkError> {
         let mut out = self.out;
-        let mut failed = Vec::new();
+        let mut missing = writer.carry.for_batch(self.generation);
+        let mut rejected = Rejected::default();
         for unit in self.units {
-            failed.extend(writer.execute(conn, unit, &mut out).await?);
+            rejected.extend(writer.execute(conn, unit, &mut out, &mut missing).await?);
         }
         out.aggregates = upsert_aggregates(conn, self.aggregates).await?;
-        Ok((out, failed))
+        Ok((out, rejected))
     }
 }
 
 /// What writing needs of HQ's table model: staged units are written by this, on the writing
 /// connection, while the [`Applier`] plans the next batch.
 pub struct Writer {
-    tables: BTreeMap<String, std::sync::Arc<TableModel>>,
+    pub(super) tables: BTreeMap<String, std::sync::Arc<TableModel>>,
     order: Vec<String>,
     max_rows_per_statement: usize,
     /// Tables whose upserts HQ need not check the foreign keys of: every foreign key of the
     /// table is resolved by the sink from a uuid to the id of a row at HQ (or staged before it).
     /// Empty with `sinks.hq_mysql.server_fk_checks`.
     unchecked: HashSet<String>,
+    /// What earlier batches did not write, shared with the applier ([`super::rejected`]).
+    carry: Carry,
+    /// The next `omrs_sync_pending` id, shared with the applier: the writer parks rows too.
+    pub(super) pending_ids: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Writer {
     /// Writes what is staged: upserts parents first, then deletes children first, versions and
     /// conflicts. A statement that fails definitely is retried row by row; the rows that still
-    /// fail are dead-lettered and their versions are not written.
-    async fn execute(&self, conn: &mut Conn, mut staged: Staged, out: &mut Outcome) -> Result<Vec<(String, String)>, SinkError> {
-        let mut failed: HashSet<usize> = HashSet::new();
-        // Conflicts that overwrite: read the values that are about to be overwritten.
-        for c in staged.conflicts.iter_mut() {
-            if matches!(c.get(7), Some(Value::Int(1))) {
-                let (Some(Value::Bytes(t)), Some(Value::Bytes(k))) = (c.first(), c.get(1)) else { continue };
-                let table = String::from_utf8_lossy(t).to_string();
-                let key = String::from_utf8_lossy(k).to_string();
-                if let Some(tm) = self.tables.get(&table) {
-                    if tm.has_uuid {
-                        let row: Option<mysql_async::Row> =
-                            conn.exec_first(format!("SELECT * FROM {} WHERE uuid = ?", q(&table)), (key.as_str(),)).await.map_err(db("reading an overwritten row"))?;
-                        if let Some(r) = row {
-                            let mut m = serde_json::Map::new();
-                            for (i, col) in r.columns_ref().iter().enumerate() {
-                                let v: Option<Value> = r.as_ref(i).cloned();
-                                m.insert(col.name_str().to_string(), J::String(v.map(|v| v.as_sql(true)).unwrap_or_default()));
-                            }
-                            c[6] = Value::from(J::Object(m).to_string());
-                        }
-                    }
-                }
-            }
-        }
+    /// fail are dead-lettered and their versions are not written. A row staged against a row
+    /// that is not at HQ (in `missing`, or rejected here) is parked instead of written, and
+    /// joins `missing` itself ([`super::rejected`]). Returns the rows not written.
+    async fn execute(&self, conn: &mut Conn, mut staged: Staged, out: &mut Outcome, missing: &mut Missing) -> Result<Rejected, SinkError> {
+        self.read_overwritten(conn, &mut staged.conflicts).await?;
 
         let t_exec = std::time::Instant::now();
+        let mut tracker = Tracker::new(missing, &staged.versions, &staged.receipts);
         let order = &self.order;
         // HQ checks foreign keys only where the sink has not resolved them itself (see
         // `Writer::unchecked`). Deletes below are always checked.
@@ -532,29 +527,7 @@ impl Writer {
                 let pk: Option<Vec<String>> = (!insert).then(|| tm.map(|t| t.pk.clone()).unwrap_or_default());
                 let per = (60_000 / cols.len().max(1)).clamp(1, self.max_rows_per_statement);
                 for chunk in stable_chunks(&rows, per) {
-                    if let Err(e) = self.upsert(conn, table, &cols, pk.as_deref(), chunk.iter()).await {
-                        if is_transient_db(&e) {
-                            return Err(SinkError::db(format!("writing {table}"), e));
-                        }
-                        // Row by row: only the bad rows fail.
-                        for r in chunk {
-                            if let Err(e) = self.upsert(conn, table, &cols, pk.as_deref(), std::iter::once(r)).await {
-                                if is_transient_db(&e) {
-                                    return Err(SinkError::db(format!("writing {table}"), e));
-                                }
-                                failed.insert(r.work);
-                                let w = &staged.receipts[r.work];
-                                omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "row_rejected"]).inc();
-                                out.dead.push(DeadLetter {
-                                    partition: w.partition,
-                                    offset: w.offset,
-                                    kind: "row_rejected",
-                                    reason: format!("HQ rejected the {table} row: {e}"),
-                                    payload: w.payload.to_vec(),
-                                });
-                            }
-                        }
-                    }
+                    self.write_chunk(conn, (table, &cols, pk.as_deref()), chunk, &mut tracker, out).await?;
                 }
                 written.push(rows);
             }
@@ -573,7 +546,7 @@ impl Writer {
                 if is_transient_db(&e) {
                     return Err(SinkError::db(format!("deleting from {table}"), e));
                 }
-                failed.insert(*wi);
+                tracker.not_written(*wi, Why::Refused);
                 let w = &staged.receipts[*wi];
                 out.dead.push(DeadLetter {
                     partition: w.partition,
@@ -586,40 +559,16 @@ impl Writer {
         }
         let t_rows = t_exec.elapsed();
         // Versions of what was written: first versions packed per table, the rest one row each.
-        let (packed, single): (Vec<&StagedVersion>, Vec<&StagedVersion>) =
-            staged.versions.iter().filter(|v| !failed.contains(&v.work)).partition(|v| v.packed);
-        for chunk in stable_chunks(&single, 500) {
-            let marks = vec!["(?,?,?,?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
-            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
-            for v in chunk {
-                let s = &v.stored;
-                let deleted = staged.deletes.iter().any(|(_, _, w)| *w == v.work);
-                params.extend([
-                    Value::from(v.table.as_str()),
-                    Value::from(v.key.as_str()),
-                    s.hq_id.map(Value::from).unwrap_or(Value::NULL),
-                    Value::from(s.version.change_ms),
-                    Value::from(s.version.priority),
-                    Value::from(s.version.site.as_str()),
-                    Value::from(s.version.commit_ms),
-                    Value::from(s.version.position.as_str()),
-                    v.origin.as_deref().map(Value::from).unwrap_or(Value::NULL),
-                    Value::from(s.hash),
-                    Value::from(deleted as i64),
-                ]);
-            }
-            conn.exec_drop(
-                format!(
-                    "INSERT INTO omrs_sync_version (tbl, row_key, hq_id, change_ms, priority, site, commit_ms, position, origin_key, content_hash, deleted)
-                     VALUES {marks} ON DUPLICATE KEY UPDATE hq_id = COALESCE(VALUES(hq_id), hq_id), change_ms = VALUES(change_ms), priority = VALUES(priority),
-                     site = VALUES(site), commit_ms = VALUES(commit_ms), position = VALUES(position), origin_key = COALESCE(VALUES(origin_key), origin_key),
-                     content_hash = VALUES(content_hash), deleted = VALUES(deleted)"
-                ),
-                params,
-            )
-            .await
-            .map_err(db("writing row versions"))?;
-        }
+        // Not the versions of a row HQ did not write, including those of its earlier changes in
+        // this unit (their staged write was replaced by the failed one).
+        let failed = &tracker.failed;
+        let unwritten: HashSet<(&str, &str)> = tracker.rejected.rows.iter().map(|u| (u.table.as_str(), u.key.as_str())).collect();
+        let (packed, single): (Vec<&StagedVersion>, Vec<&StagedVersion>) = staged
+            .versions
+            .iter()
+            .filter(|v| !failed.contains(&v.work) && (unwritten.is_empty() || !unwritten.contains(&(v.table.as_str(), v.key.as_str()))))
+            .partition(|v| v.packed);
+        write_version_rows(conn, &single, &staged.deletes).await?;
         // Packs stored ahead count once this transaction commits. If HQ rejected a row, its
         // entry must go: those packs are dropped and written again here, as are packs not
         // stored ahead (the batches applied on this connection).
@@ -635,40 +584,12 @@ impl Writer {
         if !staged.receipts.is_empty() {
             tracing::debug!(rows_ms = t_rows.as_millis() as u64, versions_ms = (t_exec.elapsed() - t_rows).as_millis() as u64, "rows written");
         }
-        // A failed row's cached id and version are gone with it (the applier forgets them).
-        let forget: Vec<(String, String)> =
-            staged.versions.iter().filter(|v| failed.contains(&v.work)).map(|v| (v.table.clone(), v.key.clone())).collect();
+        // A failed row's cached id and version are gone with it (the applier forgets them), and
+        // the rows parked here are parked in the same transaction.
+        let Tracker { failed, rejected, .. } = tracker;
+        staged.pending_insert.extend(rejected.parked.iter().cloned());
         // Pending store changes, in the same transaction.
-        for chunk in staged.pending_delete.chunks(1000) {
-            let marks = vec!["?"; chunk.len()].join(",");
-            conn.exec_drop(format!("DELETE FROM omrs_sync_pending WHERE pending_id IN ({marks})"), chunk.to_vec())
-                .await
-                .map_err(db("clearing woken pending rows"))?;
-        }
-        for chunk in staged.pending_insert.chunks(200) {
-            let marks = vec!["(?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
-            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
-            for (id, p) in chunk {
-                params.extend([
-                    Value::from(*id),
-                    Value::from(p.tbl.as_str()),
-                    Value::from(p.row_key.as_str()),
-                    Value::from(p.waits.0.as_str()),
-                    Value::from(p.waits.1.as_str()),
-                    Value::from(p.first_seen_ms),
-                    Value::from(p.offset),
-                    Value::from(p.event.as_str()),
-                ]);
-            }
-            conn.exec_drop(
-                format!(
-                    "INSERT INTO omrs_sync_pending (pending_id, tbl, row_key, waits_for_table, waits_for_key, first_seen_ms, source_offset, event) VALUES {marks}"
-                ),
-                params,
-            )
-            .await
-            .map_err(db("parking rows"))?;
-        }
+        write_pending(conn, &staged.pending_delete, &staged.pending_insert).await?;
         for chunk in staged.conflicts.chunks(200) {
             let marks = vec!["(?,?,?,?,?,?,?,?,NOW(3))"; chunk.len()].join(",");
             let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
@@ -697,10 +618,36 @@ impl Writer {
             *out.applied.entry((table, op)).or_default() += n;
         }
         tokio::task::spawn_blocking(move || drop((written, staged)));
-        Ok(forget)
+        Ok(rejected)
     }
 
-    async fn upsert<'r>(
+    /// Conflicts that overwrite: reads the values that are about to be overwritten.
+    async fn read_overwritten(&self, conn: &mut Conn, conflicts: &mut [Vec<Value>]) -> Result<(), SinkError> {
+        for c in conflicts.iter_mut() {
+            if matches!(c.get(7), Some(Value::Int(1))) {
+                let (Some(Value::Bytes(t)), Some(Value::Bytes(k))) = (c.first(), c.get(1)) else { continue };
+                let table = String::from_utf8_lossy(t).to_string();
+                let key = String::from_utf8_lossy(k).to_string();
+                if let Some(tm) = self.tables.get(&table) {
+                    if tm.has_uuid {
+                        let row: Option<mysql_async::Row> =
+                            conn.exec_first(format!("SELECT * FROM {} WHERE uuid = ?", q(&table)), (key.as_str(),)).await.map_err(db("reading an overwritten row"))?;
+                        if let Some(r) = row {
+                            let mut m = serde_json::Map::new();
+                            for (i, col) in r.columns_ref().iter().enumerate() {
+                                let v: Option<Value> = r.as_ref(i).cloned();
+                                m.insert(col.name_str().to_string(), J::String(v.map(|v| v.as_sql(true)).unwrap_or_default()));
+                            }
+                            c[6] = Value::from(J::Object(m).to_string());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn upsert<'r>(
         &self,
         conn: &mut Conn,
         table: &str,
@@ -726,6 +673,78 @@ impl Writer {
         conn.exec_drop(sql, params).await
     }
 
+}
+
+/// Stores versions one row each in `omrs_sync_version` (a delete's as a tombstone).
+async fn write_version_rows(conn: &mut Conn, single: &[&StagedVersion], deletes: &[(String, Vec<(String, Value)>, usize)]) -> Result<(), SinkError> {
+    for chunk in stable_chunks(single, 500) {
+        let marks = vec!["(?,?,?,?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
+        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
+        for v in chunk {
+            let s = &v.stored;
+            let deleted = deletes.iter().any(|(_, _, w)| *w == v.work);
+            params.extend([
+                Value::from(v.table.as_str()),
+                Value::from(v.key.as_str()),
+                s.hq_id.map(Value::from).unwrap_or(Value::NULL),
+                Value::from(s.version.change_ms),
+                Value::from(s.version.priority),
+                Value::from(s.version.site.as_str()),
+                Value::from(s.version.commit_ms),
+                Value::from(s.version.position.as_str()),
+                v.origin.as_deref().map(Value::from).unwrap_or(Value::NULL),
+                Value::from(s.hash),
+                Value::from(deleted as i64),
+            ]);
+        }
+        conn.exec_drop(
+            format!(
+                "INSERT INTO omrs_sync_version (tbl, row_key, hq_id, change_ms, priority, site, commit_ms, position, origin_key, content_hash, deleted)
+                 VALUES {marks} ON DUPLICATE KEY UPDATE hq_id = COALESCE(VALUES(hq_id), hq_id), change_ms = VALUES(change_ms), priority = VALUES(priority),
+                 site = VALUES(site), commit_ms = VALUES(commit_ms), position = VALUES(position), origin_key = COALESCE(VALUES(origin_key), origin_key),
+                 content_hash = VALUES(content_hash), deleted = VALUES(deleted)"
+            ),
+            params,
+        )
+        .await
+        .map_err(db("writing row versions"))?;
+    }
+    Ok(())
+}
+
+/// Pending store changes: rows woken or expired leave `omrs_sync_pending`, rows parked join it.
+async fn write_pending(conn: &mut Conn, delete: &[i64], insert: &[(i64, PendingEntry)]) -> Result<(), SinkError> {
+    for chunk in delete.chunks(1000) {
+        let marks = vec!["?"; chunk.len()].join(",");
+        conn.exec_drop(format!("DELETE FROM omrs_sync_pending WHERE pending_id IN ({marks})"), chunk.to_vec())
+            .await
+            .map_err(db("clearing woken pending rows"))?;
+    }
+    for chunk in insert.chunks(200) {
+        let marks = vec!["(?,?,?,?,?,?,?,?)"; chunk.len()].join(",");
+        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
+        for (id, p) in chunk {
+            params.extend([
+                Value::from(*id),
+                Value::from(p.tbl.as_str()),
+                Value::from(p.row_key.as_str()),
+                Value::from(p.waits.0.as_str()),
+                Value::from(p.waits.1.as_str()),
+                Value::from(p.first_seen_ms),
+                Value::from(p.offset),
+                Value::from(p.event.as_str()),
+            ]);
+        }
+        conn.exec_drop(
+            format!(
+                "INSERT INTO omrs_sync_pending (pending_id, tbl, row_key, waits_for_table, waits_for_key, first_seen_ms, source_offset, event) VALUES {marks}"
+            ),
+            params,
+        )
+        .await
+        .map_err(db("parking rows"))?;
+    }
+    Ok(())
 }
 
 /// What the sink needs to know of one HQ column, worked out once per table.
@@ -787,7 +806,14 @@ pub struct Applier {
     pending: BTreeMap<i64, PendingEntry>,
     waits: hashbrown::HashMap<TKey, Vec<i64>>,
     pending_rows: hashbrown::HashMap<TKey, usize>,
-    next_pending_id: i64,
+    /// The next `omrs_sync_pending` id, shared with the writers ([`Writer::pending_ids`]).
+    pending_ids: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Rows a writer parked for a row that a later batch has staged since: the next plan
+    /// wakes them.
+    ready: Vec<i64>,
+    /// What batches did not write, for the writes of batches planned before the applier
+    /// learnt of it ([`super::rejected`]).
+    carry: Carry,
     daemon_user: i64,
     fk_wait_ms: i64,
     max_pending: usize,
@@ -855,7 +881,7 @@ fn fnv(h: &mut u64, bytes: &[u8]) {
     }
 }
 
-fn q(id: &str) -> String {
+pub(super) fn q(id: &str) -> String {
     format!("`{}`", id.replace('`', "``"))
 }
 
@@ -931,7 +957,9 @@ impl Applier {
             pending: BTreeMap::new(),
             waits: hashbrown::HashMap::new(),
             pending_rows: hashbrown::HashMap::new(),
-            next_pending_id: 1,
+            pending_ids: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1)),
+            ready: Vec::new(),
+            carry: Carry::default(),
             daemon_user,
             fk_wait_ms,
             max_pending: usize::MAX,
@@ -991,7 +1019,7 @@ impl Applier {
             .map_err(db("reading omrs_sync_pending"))?;
         for (id, tbl, row_key, wt, wk, first_seen_ms, offset, partition, event) in rows {
             a.add_pending(id, PendingEntry { tbl, row_key, waits: (wt, wk), first_seen_ms, offset, partition, event });
-            a.next_pending_id = a.next_pending_id.max(id + 1);
+            a.pending_ids.fetch_max(id + 1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(a)
     }
@@ -1057,8 +1085,12 @@ impl Applier {
         (cur != uuid).then_some(cur)
     }
 
-    /// `w` with its key worked out (see [`Work::key`]).
+    /// `w` with its references pointing at merge survivors ([`canonicalise`]) and its key
+    /// worked out (see [`Work::key`]).
     fn keyed(&self, mut w: Work) -> Work {
+        if !self.merges.is_empty() {
+            canonicalise(w.event.table.as_deref(), &mut w.event.refs, &mut w.origin_refs, |u| self.survivor_of(u));
+        }
         w.key = match w.event.table.as_deref().and_then(|t| self.model.table(t)) {
             Some(tm) => self.row_key(tm, &w.event, &w.origin_refs),
             None => Err(format!("table `{}` does not exist at HQ", w.event.table.as_deref().unwrap_or(""))),
@@ -1324,7 +1356,7 @@ impl Applier {
                 if event.op == Op::Heartbeat {
                     return None;
                 }
-                let w = Work { partition: rec.partition, offset: rec.offset, first_seen_ms: now_ms(), late, origin_refs, event, payload, key: Err(String::new()) };
+                let w = Work { partition: rec.partition, offset: rec.offset, first_seen_ms: now_ms(), late, origin_refs, event, payload, key: Err(String::new()), woken: false };
                 Some(Intake::Work(Box::new(self.keyed(w))))
             }
             HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
@@ -1352,22 +1384,24 @@ impl Applier {
         let mut out = Outcome::default();
         let mut segment: Vec<Work> = Vec::with_capacity(records.len());
         let mut aggregates: Aggregates = BTreeMap::new();
+        // What this batch did not write: later rows of it must not reference it.
+        let mut missing = Missing::default();
         for rec in records {
             match self.intake(rec, &mut out, &mut aggregates) {
                 Some(Intake::Work(w)) => segment.push(*w),
                 Some(Intake::Merge(loser, rec)) => {
-                    self.flush(conn, std::mem::take(&mut segment), &mut out).await?;
+                    self.flush(conn, std::mem::take(&mut segment), &mut out, &mut missing).await?;
                     self.merge(conn, &loser, rec).await?;
                     out.merges += 1;
                 }
                 None => {}
             }
         }
-        self.flush(conn, segment, &mut out).await?;
+        self.flush(conn, segment, &mut out, &mut missing).await?;
         out.aggregates = upsert_aggregates(conn, aggregates).await?;
         self.retry_merges(conn).await?;
         let expired = self.expire_pending(&mut out);
-        let failed = self.writer().execute(conn, expired, &mut out).await?;
+        let failed = self.writer().execute(conn, expired, &mut out, &mut missing).await?;
         self.forget(&failed);
         Ok(out)
     }
@@ -1428,21 +1462,41 @@ impl Applier {
             order: self.model.order.clone(),
             max_rows_per_statement: self.max_rows_per_statement,
             unchecked: if self.fk_checks { HashSet::new() } else { self.resolved_fks.clone() },
+            carry: self.carry.clone(),
+            pending_ids: self.pending_ids.clone(),
         }
     }
 
-    /// Forgets the cached id and version of rows HQ rejected.
-    pub fn forget(&mut self, failed: &[(String, String)]) {
-        for (t, k) in failed {
-            self.versions.pop(t, k);
-            self.ids.pop(t, k);
+    /// Learns what a written batch did not write ([`PlannedBatch::write`]): forgets the cached
+    /// id and version of each such row, unless a batch planned since has staged the row again
+    /// (its version is cached now, and its write decides); takes in the rows the writer parked,
+    /// and wakes at the next plan those whose row has been staged since; and carries what HQ
+    /// does not hold into the writes of the batches planned before now.
+    pub fn forget(&mut self, rejected: &Rejected) {
+        for u in &rejected.rows {
+            let restaged = matches!(self.versions.peek(&u.table, &u.key), Some(Some(s)) if s.version != u.version);
+            if restaged {
+                continue;
+            }
+            self.versions.pop(&u.table, &u.key);
+            if u.hq_id.is_none() || self.ids.peek(&u.table, &u.key) == u.hq_id.as_ref() {
+                self.ids.pop(&u.table, &u.key);
+            }
         }
+        for (id, p) in &rejected.parked {
+            if self.ids.peek(&p.waits.0, &p.waits.1).is_some() {
+                self.ready.push(*id);
+            }
+            self.add_pending(*id, p.clone());
+        }
+        self.carry.push(self.generation, rejected.missing());
     }
 
     /// The batch of `generation` (and every one before it) has committed: the rows it deleted
     /// are gone from HQ for every reader now.
     pub fn written(&mut self, generation: u64) {
         self.deleting.retain(|_, g| *g > generation);
+        self.carry.written(generation);
     }
 
     /// The generation of the batch planned last.
@@ -1490,10 +1544,10 @@ impl Applier {
 
     /// Stages and writes a run of changes (no merge inside), then retries the pending rows
     /// their parents woke up.
-    async fn flush(&mut self, conn: &mut Conn, works: Vec<Work>, out: &mut Outcome) -> Result<(), SinkError> {
+    async fn flush(&mut self, conn: &mut Conn, works: Vec<Work>, out: &mut Outcome, missing: &mut Missing) -> Result<(), SinkError> {
         let writer = self.writer();
         for unit in self.plan_segment(conn, works, out).await? {
-            let failed = writer.execute(conn, unit, out).await?;
+            let failed = writer.execute(conn, unit, out, missing).await?;
             self.forget(&failed);
         }
         Ok(())
@@ -1504,7 +1558,7 @@ impl Applier {
     /// caches for what earlier staged writes did.
     async fn plan_segment(&mut self, conn: &mut Conn, works: Vec<Work>, out: &mut Outcome) -> Result<Vec<Staged>, SinkError> {
         let mut units: Vec<Staged> = Vec::new();
-        if works.is_empty() {
+        if works.is_empty() && self.ready.is_empty() {
             return Ok(units);
         }
         // Bulk lookups first: the rows' own ids and versions, and every referenced uuid.
@@ -1552,7 +1606,14 @@ impl Applier {
         let mut staged = Staged::default();
         staged.versions.reserve(works.len());
         staged.receipts.reserve(works.len());
-        let mut queue: VecDeque<(Work, Option<i64>)> = works.into_iter().map(|w| (w, None)).collect();
+        // Rows a writer parked whose row has been staged since come first: they are older.
+        let mut queue: VecDeque<(Work, Option<i64>)> = VecDeque::with_capacity(works.len());
+        for id in std::mem::take(&mut self.ready) {
+            if let Some(w) = self.take_pending(id).and_then(|p| self.woken(p)) {
+                queue.push_back((w, Some(id)));
+            }
+        }
+        queue.extend(works.into_iter().map(|w| (w, None)));
         let mut new_pending: Vec<(i64, PendingEntry)> = Vec::new();
         let mut done_pending: Vec<i64> = Vec::new();
         while let Some((w, from_pending)) = queue.pop_front() {
@@ -1567,11 +1628,8 @@ impl Applier {
                         _ => Vec::new(),
                     };
                     for id in woken {
-                        let Some(p) = self.take_pending(id) else { continue };
-                        if let Ok(HqEvent::Change { late, origin_refs, event, .. }) = serde_json::from_str::<HqEvent>(&p.event) {
-                            let payload = std::sync::Arc::new(p.event.into_bytes());
-                            let w = Work { partition: p.partition, offset: p.offset, first_seen_ms: p.first_seen_ms, late, origin_refs, event, payload, key: Err(String::new()) };
-                            queue.push_back((self.keyed(w), Some(id)));
+                        if let Some(w) = self.take_pending(id).and_then(|p| self.woken(p)) {
+                            queue.push_back((w, Some(id)));
                         }
                     }
                 }
@@ -1591,8 +1649,7 @@ impl Applier {
                     let table = w.event.table.clone().unwrap_or_default();
                     let row_key = w.key.clone().unwrap_or_default();
                     let event = HqEvent::Change { late: w.late, person: None, origin_refs: w.origin_refs.clone(), event: w.event.clone() };
-                    let id = self.next_pending_id;
-                    self.next_pending_id += 1;
+                    let id = self.pending_ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let p = PendingEntry {
                         tbl: table,
                         row_key,
@@ -1628,6 +1685,22 @@ impl Applier {
         Ok(units)
     }
 
+    /// A parked change, woken: its references point at the survivors of the merges applied
+    /// while it waited ([`Applier::keyed`]).
+    fn woken(&self, p: PendingEntry) -> Option<Work> {
+        match serde_json::from_str::<HqEvent>(&p.event) {
+            Ok(HqEvent::Change { late, origin_refs, event, .. }) => {
+                let payload = std::sync::Arc::new(p.event.into_bytes());
+                let w = Work { partition: p.partition, offset: p.offset, first_seen_ms: p.first_seen_ms, late, origin_refs, event, payload, key: Err(String::new()), woken: true };
+                Some(self.keyed(w))
+            }
+            other => {
+                tracing::warn!(table = %p.tbl, key = %p.row_key, offset = p.offset, error = ?other.err(), "a parked row is not a change record; dropped");
+                None
+            }
+        }
+    }
+
     /// Decides what one change does at HQ and stages it.
     async fn plan(&mut self, conn: &mut Conn, w: &Work, staged: &mut Staged, units: &mut Vec<Staged>, out: &mut Outcome) -> Result<Plan, SinkError> {
         let ev = &w.event;
@@ -1639,8 +1712,10 @@ impl Applier {
             Ok(k) => k.clone(),
             Err(reason) => return Ok(Plan::Dead("missing_key", reason.clone())),
         };
-        // Later changes of a parked row queue behind it.
-        if self.pending_rows.contains_key(&Tk(&table, &row_key)) {
+        // Later changes of a parked row queue behind it. A woken row is the first of its row's
+        // parked changes: the ones behind it wait for it to be done (re-parking it behind them
+        // would leave them all waiting for each other).
+        if !w.woken && self.pending_rows.contains_key(&Tk(&table, &row_key)) {
             return Ok(Plan::Park(table, row_key));
         }
         let version = RowVersion::of(ev, self.priorities.get(&ev.site).copied().unwrap_or(0));
@@ -1836,6 +1911,7 @@ impl Applier {
             offset: w.offset,
             site: w.event.site.clone(),
             commit_ms: w.event.source.ts_ms,
+            first_seen_ms: w.first_seen_ms,
             payload: w.payload.clone(),
         });
         staged.receipts.len() - 1

@@ -9,7 +9,9 @@
 //! Failure behaviour: HQ unreachable, a deadlock or a lock wait timeout rolls the batch back and
 //! retries it with backoff, from the last committed offsets; the process does not exit. A
 //! definite error of one row (a constraint violation that is not a missing parent, data too
-//! long) dead-letters that row and the rest of the batch commits.
+//! long) dead-letters that row and the rest of the batch commits; the rows staged against it,
+//! in this batch or the next (planned before the rejection was known), wait for it in
+//! `omrs_sync_pending` instead of being written as orphans ([`rejected`]).
 //!
 //! Pipelining: a batch without merges is planned (keys, versions, uuid → id lookups on a second,
 //! read-committed connection) while the batch before it is written and committed by a task of
@@ -20,6 +22,8 @@
 //! merges read and move committed rows. Transactions still commit one at a time, in order.
 
 pub mod apply;
+mod canonical;
+pub mod rejected;
 pub mod schema;
 
 use std::collections::HashMap;
@@ -331,12 +335,13 @@ struct InFlight {
 struct Written {
     conn: Conn,
     outcome: apply::Outcome,
-    failed: Vec<(String, String)>,
+    failed: rejected::Rejected,
     committed: i64,
 }
 
 /// Waits for the batch in flight, if any: its connection comes back for the next one, and the
-/// applier learns which of its rows HQ rejected.
+/// applier learns which of its rows HQ did not write (rejected, or parked for a rejected row),
+/// before the next batch's write starts: that write must not reference them either.
 async fn finish(inflight: &mut Option<InFlight>, idle: &mut Option<Conn>, applier: &mut Applier, total_applied: &mut u64) -> Result<(), SinkError> {
     let Some(f) = inflight.take() else { return Ok(()) };
     let written = f
