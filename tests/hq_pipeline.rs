@@ -643,3 +643,64 @@ async fn a_parked_rows_later_changes_follow_it_when_it_wakes() {
 
     Hq::close(init, &db, [read, write]).await;
 }
+
+/// The chaos run's finding (issue #22 §0): which of a human's merges reaches HQ as `site_merge`
+/// and which as `identifier` depends on the order the evidence arrives in (the site's merge of
+/// a local duplicate D into B, and B's National ID shared with W at another site). HQ used to log
+/// its own merge only for the non-site ones, so a restarted pipeline logged D where an
+/// uninterrupted one logged B. Now HQ logs every loser that no site's log names, whatever the
+/// order: the same `person_merge_log` rows in uuid space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_logs_do_not_depend_on_the_order_merges_arrive_in() {
+    let (w, b, d, site_log) = ("77777777-0000-4000-8000-00000000000a", "77777777-0000-4000-8000-00000000000b", "77777777-0000-4000-8000-00000000000d", "77777777-0000-4000-8000-0000000000f1");
+    let merge = |offset: i64, winner: &str, loser: &str, reason: &str| {
+        let ev: HqEvent = HqEvent::Merge { winner: winner.into(), loser: loser.into(), reason: reason.into(), evidence: json!({}), site: "site-b".into(), ts_ms: 1_790_000_000_000 + offset };
+        Record::decode(0, offset, ev.to_json())
+    };
+    let mut logs = Vec::new();
+    for order in ["identifier first", "site merge first"] {
+        let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_mlog").await;
+        let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+        let person = |id: i64, uuid: &str, created: &str| json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": created, "voided": 0, "uuid": uuid});
+        let patient = |id: i64, created: &str| json!({"patient_id": id, "creator": 1, "date_created": created, "voided": 0, "allergy_status": "Unknown"});
+        let mut people = Vec::new();
+        for (i, (site, uuid, id, created)) in [("site-c", w, 901, "2026-05-01 09:00:00"), ("site-b", b, 902, "2026-05-01 09:00:01"), ("site-b", d, 903, "2026-05-01 09:00:01")].into_iter().enumerate() {
+            people.push(record_from(site, 1 + 2 * i as i64, Op::Create, "person", uuid, person(id, uuid, created), json!({"creator": user})));
+            people.push(record_from(site, 2 + 2 * i as i64, Op::Create, "patient", uuid, patient(id, created), json!({"patient_id": uuid, "creator": user})));
+        }
+        apply_batch(&mut applier, &mut write, people).await;
+        let site_log_row = record_from(
+            "site-b",
+            20,
+            Op::Create,
+            "person_merge_log",
+            site_log,
+            json!({"person_merge_log_id": 35, "winner_person_id": 902, "loser_person_id": 903, "creator": 1, "date_created": "2026-05-01 09:00:02", "merged_data": "{}", "uuid": site_log, "voided": 0}),
+            json!({"winner_person_id": b, "loser_person_id": d, "creator": user}),
+        );
+        if order == "identifier first" {
+            apply_batch(&mut applier, &mut write, vec![merge(10, w, b, "identifier")]).await;
+            apply_batch(&mut applier, &mut write, vec![merge(11, w, d, "site_merge"), site_log_row]).await;
+        } else {
+            // D sorts before B (same registration time): HQ's rule makes D the survivor of the
+            // site's pair, then W the survivor of all three.
+            apply_batch(&mut applier, &mut write, vec![merge(10, d, b, "site_merge"), site_log_row]).await;
+            apply_batch(&mut applier, &mut write, vec![merge(11, w, d, "identifier")]).await;
+        }
+        let rows: Vec<(String, String, String)> = read
+            .query(
+                "SELECT pw.uuid, pl.uuid, IF(m.merged_data LIKE '%omrs-stream%', 'hq', 'site') FROM person_merge_log m
+                   JOIN person pw ON pw.person_id = m.winner_person_id JOIN person pl ON pl.person_id = m.loser_person_id ORDER BY 2, 1",
+            )
+            .await
+            .unwrap();
+        assert_eq!(count(&mut read, "SELECT COUNT(*) FROM person p JOIN patient pa ON pa.patient_id = p.person_id WHERE p.voided = 0 AND pa.voided = 0 AND p.person_id IN (SELECT person_id FROM person WHERE uuid LIKE '77777777%')").await, 1, "{order}: one unvoided patient");
+        logs.push((order, rows));
+        drop(applier);
+        Hq::close(init, &db, [read, write]).await;
+    }
+    let want = vec![(w.to_string(), b.to_string(), "hq".to_string()), (b.to_string(), d.to_string(), "site".to_string())];
+    for (order, rows) in &logs {
+        assert_eq!(rows, &want, "{order}: HQ logs B's merge into W, the site logs D's into B");
+    }
+}

@@ -201,6 +201,19 @@ fn datetime(ms: i64) -> String {
 }
 
 /// Upserts the batch's aggregate versions (the latest per window wins: records are in order).
+/// HQ's own `person_merge_log` rows whose loser a site's own log also names go: a site's merge
+/// is logged by the site (semantics 4: the same rows whichever of the two arrived first).
+/// HQ's rows are the ones `omrs_sync_merge` names; HQ writes at most one per loser.
+async fn drop_covered_merge_logs(conn: &mut Conn) -> Result<(), SinkError> {
+    conn.query_drop(
+        "DELETE h FROM person_merge_log h
+           JOIN omrs_sync_merge m ON m.merge_log_uuid = h.uuid
+           JOIN person_merge_log s ON s.loser_person_id = h.loser_person_id AND s.uuid <> h.uuid",
+    )
+    .await
+    .map_err(db("dropping HQ's merge logs that a site's log covers"))
+}
+
 async fn upsert_aggregates(conn: &mut Conn, by_name: Aggregates) -> Result<u64, SinkError> {
     let mut n = 0;
     for (name, rows) in by_name {
@@ -456,10 +469,14 @@ impl PlannedBatch {
         let mut out = self.out;
         let mut missing = writer.carry.for_batch(self.generation);
         let mut rejected = Rejected::default();
+        let merge_logs = self.units.iter().any(|u| u.upserts.contains_key("person_merge_log"));
         for unit in self.units {
             rejected.extend(writer.execute(conn, unit, &mut out, &mut missing).await?);
         }
         out.aggregates = upsert_aggregates(conn, self.aggregates).await?;
+        if merge_logs {
+            drop_covered_merge_logs(conn).await?;
+        }
         Ok((out, rejected))
     }
 }
@@ -1399,6 +1416,7 @@ impl Applier {
         }
         self.flush(conn, segment, &mut out, &mut missing).await?;
         out.aggregates = upsert_aggregates(conn, aggregates).await?;
+        drop_covered_merge_logs(conn).await?;
         self.retry_merges(conn).await?;
         let expired = self.expire_pending(&mut out);
         let failed = self.writer().execute(conn, expired, &mut out, &mut missing).await?;
@@ -2105,12 +2123,10 @@ impl Applier {
         // The survivor of a component is never a loser. A survivor change names an earlier loser
         // of this component as the new survivor: its own merge is withdrawn (its merge log goes,
         // it is un-voided below), instead of being chained to itself, which voided everyone.
-        if let Some(old) = self.merges.remove(&rec.winner) {
+        if self.merges.remove(&rec.winner).is_some() {
             conn.exec_drop("DELETE FROM omrs_sync_merge WHERE loser_uuid = ?", (rec.winner.as_str(),)).await.map_err(db("withdrawing the survivor's merge"))?;
-            if old.reason != "site_merge" {
-                let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, rec.winner.as_bytes()).to_string();
-                conn.exec_drop("DELETE FROM person_merge_log WHERE uuid = ?", (u.as_str(),)).await.map_err(db("withdrawing the survivor's merge log"))?;
-            }
+            let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, rec.winner.as_bytes()).to_string();
+            conn.exec_drop("DELETE FROM person_merge_log WHERE uuid = ?", (u.as_str(),)).await.map_err(db("withdrawing the survivor's merge log"))?;
         }
         // Earlier losers of the loser now belong to the new survivor.
         let chained: Vec<String> = self.merges.iter().filter(|(_, m)| m.winner == loser).map(|(l, _)| l.clone()).collect();
@@ -2153,8 +2169,16 @@ impl Applier {
                 .await
                 .map_err(|e| SinkError::db(format!("voiding the merged {table}"), e))?;
             }
-            if rec.reason != "site_merge" {
-                let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, loser.as_bytes()).to_string();
+            // HQ logs a merge of its own unless a site's log names the same loser (whatever the
+            // reason of this record: which records reach HQ as `site_merge` and which as
+            // `identifier` depends on the order the evidence arrived in; the site's log that
+            // lands later removes HQ's, see `drop_covered_merge_logs`).
+            let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, loser.as_bytes()).to_string();
+            let site_logged: Option<i64> = conn
+                .exec_first("SELECT COUNT(*) FROM person_merge_log WHERE loser_person_id = ? AND uuid <> ?", (l, u.as_str()))
+                .await
+                .map_err(db("reading the sites' merge logs"))?;
+            if site_logged.unwrap_or(0) == 0 {
                 let id = self.allocate(conn, "person_merge_log", "person_merge_log_id").await?;
                 // Only what does not depend on the order the evidence arrived in: the reason and
                 // evidence of this merge are in omrs_sync_merge.

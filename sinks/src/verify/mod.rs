@@ -128,6 +128,10 @@ pub struct Report {
     pub lake_history_duplicates: Vec<HistoryDuplicates>,
     /// Merged persons whose chain of survivors never ends (a loop).
     pub merge_loops: Vec<String>,
+    /// HQ's own `person_merge_log` rows for a loser that a site's log also names (the site logs
+    /// its own merges), and applied HQ merges whose loser no log names.
+    pub merge_logs_doubled: i64,
+    pub merge_logs_missing: i64,
     /// Time the value checks took.
     pub values_ms: u64,
     pub problems: Vec<String>,
@@ -354,6 +358,30 @@ async fn value_checks(cfg: &Config, args: &VerifyArgs, lake_root: &std::path::Pa
     let mut sites = Vec::new();
     for s in &cfg.sites {
         sites.push(connect(&s.database, &format!("site {}", s.name)).await?);
+    }
+    let mut hq_logs = connect(&cfg.hq.database, "HQ").await?;
+    r.merge_logs_doubled = hq_logs
+        .query_first::<i64, _>(
+            "SELECT COUNT(*) FROM person_merge_log h JOIN omrs_sync_merge m ON m.merge_log_uuid = h.uuid
+               JOIN person_merge_log s ON s.loser_person_id = h.loser_person_id AND s.uuid <> h.uuid",
+        )
+        .await
+        .map_err(|e| SinkError::db("reading person_merge_log", e))?
+        .unwrap_or(0);
+    r.merge_logs_missing = hq_logs
+        .query_first::<i64, _>(
+            "SELECT COUNT(*) FROM omrs_sync_merge m JOIN person p ON p.uuid = m.loser_uuid
+             WHERE m.applied = 1 AND NOT EXISTS (SELECT 1 FROM person_merge_log l WHERE l.loser_person_id = p.person_id)",
+        )
+        .await
+        .map_err(|e| SinkError::db("reading person_merge_log", e))?
+        .unwrap_or(0);
+    drop(hq_logs);
+    if r.merge_logs_doubled + r.merge_logs_missing > 0 {
+        r.problems.push(format!(
+            "person_merge_log: {} of HQ's own rows log a merge a site logs too, {} merged persons have no log",
+            r.merge_logs_doubled, r.merge_logs_missing
+        ));
     }
     let (tables, merges) = values::run(cfg, hq, sites, hq_written, args.samples).await?;
     for t in tables.iter().filter(|t| t.differing > 0) {
