@@ -145,6 +145,32 @@ async fn hq_sink_consolidates_three_sites_exactly_once() {
     p.run(&cfg2, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
     assert_same(&reference, &hq_dump(&hq2).await, "after 3 SIGKILLs");
 
+    // Kills timed inside the pipelined commit (issue #22 §0): while batch n+1 is planned (its
+    // version packs stored ahead) and batch n is written but not committed.
+    let hq5 = unique("openmrs_hq_f");
+    let cfg5 = p.config(&hq5, &[("batch_max_rows = 5000", "batch_max_rows = 300")]);
+    p.run(&cfg5, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump_path())]);
+    for (point, skip) in [("hq:planned-during-write", "2"), ("hq:written-uncommitted", "3"), ("hq:planned-during-write", "5"), ("hq:written-uncommitted", "1")] {
+        let before = offsets(&hq5).await;
+        let mut child = bin()
+            .arg("--config")
+            .arg(&cfg5)
+            .args(["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"])
+            .env("RUST_LOG", "warn")
+            .env("OMRS_FAILPOINT", point)
+            .env("OMRS_FAILPOINT_SKIP", skip)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let status = wait_for(120, &format!("the sink to reach {point} (skip {skip})"), || child.try_wait().unwrap());
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "the sink died at {point} (skip {skip}), not otherwise: {status}");
+        eprintln!("killed at {point} after {skip} passes; offsets {before} -> {}", offsets(&hq5).await);
+    }
+    p.run(&cfg5, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
+    assert_same(&reference, &hq_dump(&hq5).await, "after kills inside the write/plan overlap");
+
     // Other batch sizes and restart points.
     let hq3 = unique("openmrs_hq_b");
     let cfg3 = p.config(&hq3, &[("batch_max_rows = 5000", "batch_max_rows = 37")]);
@@ -174,7 +200,7 @@ async fn hq_sink_consolidates_three_sites_exactly_once() {
 
     // Clean up.
     let mut admin_hq = admin(HQ_PORT, None).await;
-    for db in [&hq1, &hq2, &hq3, &hq4] {
+    for db in [&hq1, &hq2, &hq3, &hq4, &hq5] {
         admin_hq.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await.unwrap();
     }
     for port in [3311, 3312, 3313] {

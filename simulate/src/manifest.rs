@@ -46,6 +46,11 @@ pub struct HumanManifest {
     /// Canonical (normalised) National ID, if the person has one.
     pub national_id: Option<String>,
     pub records: Vec<RecordManifest>,
+    /// The record HQ keeps alive (DESIGN.md semantics 5): the earliest `person.date_created`
+    /// as the simulator's sites stored it, then the smallest uuid. Absent in manifests of
+    /// format 1 written before it existed.
+    #[serde(default)]
+    pub survivor_uuid: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,6 +8,7 @@
 //! - [`verify`]: the reconciliation of sites, HQ and the lake (read only).
 
 pub mod dlq;
+pub mod failpoint;
 pub mod hq_mysql;
 pub mod kafka;
 pub mod parquet;

@@ -268,6 +268,10 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
                     idle_conn = Some(conn);
                 } else {
                     let planned = applier.plan_batch(&mut read_conn, records).await?;
+                    if inflight.is_some() {
+                        // Batch n+1 planned (its version packs stored ahead) while n is written.
+                        crate::failpoint::failpoint("hq:planned-during-write");
+                    }
                     finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;
                     let conn = idle_conn.take().ok_or_else(|| SinkError::Schema("internal: no writing connection".into()))?;
                     let generation = planned.generation;
@@ -284,6 +288,8 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
                             }
                         };
                         let t_write = t0.elapsed();
+                        // Batch n written, not committed; n+1 may be being planned.
+                        crate::failpoint::failpoint("hq:written-uncommitted");
                         let committed = commit(&mut conn, &topic, offsets.as_ref(), &producer, &dlq_topic, &outcome).await?;
                         tracing::debug!(write_ms = t_write.as_millis() as u64, commit_ms = (t0.elapsed() - t_write).as_millis() as u64, "batch written");
                         Ok(Written { conn, outcome, failed, committed })

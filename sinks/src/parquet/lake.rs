@@ -499,28 +499,7 @@ impl Lake {
     }
 }
 
-/// Test hook: with `OMRS_FAILPOINT=<name>` the process kills itself with SIGKILL at that point
-/// (the tests use it to crash the sink at exact places of a commit or a compaction). With
-/// `OMRS_FAILPOINT_GATE=<file>` as well it pauses there instead, for as long as that file
-/// exists (the tests use it to act on the lake while the sink is in the middle of a commit).
-pub fn failpoint(name: &str) {
-    if std::env::var("OMRS_FAILPOINT").is_ok_and(|v| v == name) {
-        if let Some(gate) = std::env::var_os("OMRS_FAILPOINT_GATE").map(PathBuf::from) {
-            if gate.exists() {
-                tracing::warn!(failpoint = name, gate = %gate.display(), "failpoint reached: paused while the gate file exists");
-                while gate.exists() {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                tracing::warn!(failpoint = name, "failpoint gate removed: going on");
-            }
-            return;
-        }
-        tracing::warn!(failpoint = name, "failpoint reached: killing this process");
-        let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
-        // SIGKILL is not deliverable late; if `kill` is missing, abort (no cleanup either).
-        std::process::abort();
-    }
-}
+pub use crate::failpoint::failpoint;
 
 #[cfg(test)]
 mod tests {

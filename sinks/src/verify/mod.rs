@@ -105,6 +105,8 @@ pub struct ManifestCheck {
     pub humans: usize,
     /// Humans without exactly one unvoided HQ patient among their records.
     pub wrong: usize,
+    /// Humans whose one unvoided record is not the survivor the manifest names.
+    pub wrong_survivor: usize,
     pub sample: Vec<String>,
     pub expected_active_patients: Option<u64>,
     pub active_patients: i64,
@@ -337,11 +339,22 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
                 if check.sample.len() < args.samples {
                     check.sample.push(format!("{}: {alive} unvoided, {absent} absent of {records:?}", h["national_id"].as_str().unwrap_or("?")));
                 }
+            } else if let Some(want) = h["survivor_uuid"].as_str() {
+                if voided.get(want) != Some(&0) {
+                    check.wrong_survivor += 1;
+                    if check.sample.len() < args.samples {
+                        let kept = records.iter().find(|u| voided.get(**u) == Some(&0)).copied().unwrap_or("?");
+                        check.sample.push(format!("{}: HQ kept {kept}, the survivor is {want}", h["national_id"].as_str().unwrap_or("?")));
+                    }
+                }
             }
         }
         check.active_patients = hq.query_first("SELECT COUNT(*) FROM patient WHERE voided = 0").await.map_err(|e| SinkError::db("counting patients", e))?.unwrap_or(0);
         if check.wrong > 0 {
             r.problems.push(format!("{} of {} humans are not exactly one unvoided patient at HQ", check.wrong, check.humans));
+        }
+        if check.wrong_survivor > 0 {
+            r.problems.push(format!("{} of {} humans kept another record than their survivor at HQ", check.wrong_survivor, check.humans));
         }
         if check.expected_active_patients.is_some_and(|e| e as i64 != check.active_patients) {
             r.problems.push(format!("{} active patients at HQ, the manifest expects {:?}", check.active_patients, check.expected_active_patients));
@@ -536,8 +549,8 @@ pub fn render(r: &Report) -> String {
     }
     if let Some(m) = &r.manifest {
         out.push_str(&format!(
-            "manifest: {} humans, {} wrong; {} active patients (expected {:?})\n",
-            m.humans, m.wrong, m.active_patients, m.expected_active_patients
+            "manifest: {} humans, {} wrong, {} with another survivor; {} active patients (expected {:?})\n",
+            m.humans, m.wrong, m.wrong_survivor, m.active_patients, m.expected_active_patients
         ));
         for s in &m.sample {
             out.push_str(&format!("  {s}\n"));
