@@ -59,20 +59,6 @@ pub fn verify(config: &Path, manifest: Option<&Path>, lake: &Path) -> (i32, J) {
     (out.status.code().unwrap_or(-1), report)
 }
 
-/// Rows missing at HQ and in the lake (lost), and HQ rows no site holds plus duplicate
-/// identities (doubled), from a verify report.
-pub fn lost_and_doubled(r: &J) -> (u64, u64) {
-    let sum = |v: &J| v.as_object().map(|m| m.values().filter_map(J::as_u64).sum::<u64>()).unwrap_or(0);
-    let tables = r["tables"].as_array().cloned().unwrap_or_default();
-    let lake = r["lake"].as_array().cloned().unwrap_or_default();
-    let lost = tables.iter().map(|t| sum(&t["missing"])).sum::<u64>() + lake.iter().filter_map(|t| t["missing"].as_u64()).sum::<u64>();
-    let doubled = tables.iter().filter_map(|t| t["extra"].as_u64()).sum::<u64>()
-        + lake.iter().filter_map(|t| t["extra"].as_u64()).sum::<u64>()
-        + r["identity_duplicates"].as_array().map(|a| a.len() as u64).unwrap_or(0);
-    (lost, doubled)
-}
-
-
 /// The six processes of a pipeline on `config`, started; logs in `dir/<name>.log`.
 pub fn start_all(config: &Path, dir: &Path) -> Vec<Proc> {
     let specs: Vec<(&str, Vec<&str>)> = vec![
