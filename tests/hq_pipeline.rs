@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 
 use common::*;
 use mysql_async::prelude::Queryable;
@@ -123,7 +122,7 @@ async fn count(c: &mut Conn, sql: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_planned_before_a_delete_commits_does_not_use_the_deleted_row() {
     let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_pipe").await;
-    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
     let writer: Writer = applier.writer();
 
     let location: String = write.query_first("SELECT uuid FROM location ORDER BY location_id LIMIT 1").await.unwrap().unwrap();
@@ -203,7 +202,7 @@ async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
     let name_refs = json!({"person_id": p, "creator": user});
 
     // Batch 1: a new person and name, committed. Their versions are packed.
-    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
     let writer = applier.writer();
     let batch1 = vec![
         record(1, Op::Create, "person", p, person.clone(), json!({"creator": user})),
@@ -225,7 +224,7 @@ async fn packed_first_versions_hold_after_a_restart_and_deletes_stay_checked() {
 
     // A restart: a new applier knows nothing but what HQ holds.
     drop(applier);
-    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier after restart");
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier after restart");
     let writer = applier.writer();
     // Site b changed the name at 09:00, before site a created it: it loses.
     let older = vec![record_from("site-b", 3, Op::Update, "person_name", n, name("Older", Some("2026-11-27 09:00:00")), name_refs.clone())];
@@ -282,7 +281,7 @@ async fn nulls_of_a_new_row_stay_null_whatever_the_column_default() {
     };
     let name = json!({"person_name_id": 6, "preferred": 1, "person_id": 901, "given_name": "Amina", "middle_name": null, "family_name": "Okello",
                       "creator": 1, "date_created": "2026-11-27 10:00:00", "voided": 0, "uuid": n});
-    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
     let writer = applier.writer();
     let batch = vec![
         record(1, Op::Create, "person", p, person(J::Null, None), json!({"creator": user})),
@@ -326,7 +325,7 @@ async fn an_hq_from_before_version_packs_keeps_its_versions() {
     assert_eq!(count(&mut c, &format!("{}'BASE TABLE'", kind("omrs_sync_version_pack"))).await, 1);
     assert_eq!(count(&mut c, "SELECT COUNT(*) FROM omrs_sync_row_version WHERE row_key = 'old-obs-uuid' AND site = 'site-a' AND hq_id = 5").await, 1);
     // The sink starts on it (it reads its tombstones from omrs_sync_version).
-    let applier = Applier::load(&mut c, &db, HashMap::new(), 600_000).await.expect("applier on the migrated HQ");
+    let applier = Applier::load(&mut c, &db, Default::default(), 600_000).await.expect("applier on the migrated HQ");
     drop(applier);
     assert_eq!(count(&mut c, "SELECT COUNT(*) FROM omrs_sync_version WHERE deleted = 1").await, 1);
     // A second start changes nothing.
@@ -346,7 +345,7 @@ async fn an_hq_from_before_version_packs_keeps_its_versions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_survivor_change_leaves_exactly_the_new_survivor_alive() {
     let Hq { db, init, mut write, read, user } = Hq::fresh("openmrs_hq_surv").await;
-    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
     let (s, w) = ("66666666-0000-4000-8000-000000000001", "66666666-0000-4000-8000-000000000002");
     let person = |id: i64, uuid: &str, created: &str| json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": created, "voided": 0, "uuid": uuid});
     let patient = |id: i64, created: &str, changed: Option<&str>| json!({"patient_id": id, "creator": 1, "date_created": created, "date_changed": changed, "voided": 0, "allergy_status": "Unknown"});
@@ -369,7 +368,7 @@ async fn a_survivor_change_leaves_exactly_the_new_survivor_alive() {
     apply_batch(&mut applier, &mut write, vec![record_from("site-b", 7, Op::Update, "patient", w, patient(902, "2026-01-01 09:00:00", Some("2026-06-01 09:00:00")), json!({"patient_id": w, "creator": user}))]).await;
     // And a restart: the merges read back from HQ must say the same.
     drop(applier);
-    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier after restart");
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier after restart");
     let person_changed = json!({"person_id": 902, "gender": "F", "dead": 0, "creator": 1, "date_created": "2026-01-01 09:00:00", "date_changed": "2026-06-02 09:00:00", "voided": 0, "uuid": w});
     apply_batch(&mut applier, &mut write, vec![record_from("site-b", 8, Op::Update, "person", w, person_changed, json!({"creator": user}))]).await;
 
@@ -421,7 +420,7 @@ const ORPHAN_ENCOUNTERS: &str = "SELECT COUNT(*) FROM encounter x LEFT JOIN pati
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_parent_leaves_no_orphan_and_its_child_waits_for_it() {
     let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_rej").await;
-    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
     let writer = applier.writer();
     let location: String = write.query_first("SELECT uuid FROM location ORDER BY location_id LIMIT 1").await.unwrap().unwrap();
     let etype: String = write.query_first("SELECT uuid FROM encounter_type ORDER BY encounter_type_id LIMIT 1").await.unwrap().unwrap();
@@ -499,7 +498,7 @@ async fn a_rejected_parent_leaves_no_orphan_and_its_child_waits_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_planned_before_its_parent_is_rejected_waits_for_it() {
     let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_rej2").await;
-    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
     let writer = applier.writer();
     let (p, n) = ("88888888-0000-4000-8000-000000000001", "88888888-0000-4000-8000-000000000002");
     let person = |gender: &str, changed: Option<&str>| {
@@ -553,7 +552,7 @@ async fn a_child_planned_before_its_parent_is_rejected_waits_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_woken_after_a_merge_lands_on_the_survivor() {
     let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_wake").await;
-    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
     let writer = applier.writer();
     let location: String = write.query_first("SELECT uuid FROM location ORDER BY location_id LIMIT 1").await.unwrap().unwrap();
     let etype: String = write.query_first("SELECT uuid FROM encounter_type ORDER BY encounter_type_id LIMIT 1").await.unwrap().unwrap();
@@ -618,7 +617,7 @@ async fn a_row_woken_after_a_merge_lands_on_the_survivor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_rows_later_changes_follow_it_when_it_wakes() {
     let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_queue").await;
-    let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
     let writer = applier.writer();
     let (p, n) = ("aaaaaaaa-0000-4000-8000-000000000001", "aaaaaaaa-0000-4000-8000-000000000002");
     let name = |given: &str, changed: Option<&str>| {
@@ -660,7 +659,7 @@ async fn merge_logs_do_not_depend_on_the_order_merges_arrive_in() {
     let mut logs = Vec::new();
     for order in ["identifier first", "site merge first"] {
         let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_mlog").await;
-        let mut applier = Applier::load(&mut write, &db, HashMap::new(), 600_000).await.expect("applier");
+        let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
         let person = |id: i64, uuid: &str, created: &str| json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": created, "voided": 0, "uuid": uuid});
         let patient = |id: i64, created: &str| json!({"patient_id": id, "creator": 1, "date_created": created, "voided": 0, "allergy_status": "Unknown"});
         let mut people = Vec::new();

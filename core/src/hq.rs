@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
 use crate::envelope::{ChangeEvent, Op, Row, RowImage};
+use crate::zone::{SiteRule, Zone};
 
 /// One record of `omrs.hq.changes`. `R` holds the row images of a change ([`ChangeEvent`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,12 +158,25 @@ pub fn compare(a: &RowVersion, b: &RowVersion) -> Ordering {
 }
 
 impl RowVersion {
-    /// The version of a site change; `priority` is the site's configured priority.
-    pub fn of<R: RowImage>(ev: &ChangeEvent<R>, priority: i32) -> RowVersion {
-        let row = if ev.op == Op::Delete { None } else { ev.after.as_ref() };
+    /// The version of a site change; `rule` is the site's priority and time zone.
+    pub fn of<R: RowImage>(ev: &ChangeEvent<R>, rule: &SiteRule) -> RowVersion {
+        let row = if ev.op == Op::Delete {
+            None
+        } else {
+            ev.after.as_ref()
+        };
         let col = |c: &str| row.and_then(|r| r.get(c)).and_then(J::as_str);
         let s = &ev.source;
-        RowVersion::from_parts(col("date_changed"), col("date_created"), priority, &ev.site, s.ts_ms, &s.file, s.pos, s.row)
+        RowVersion::from_parts(
+            col("date_changed"),
+            col("date_created"),
+            rule,
+            &ev.site,
+            s.ts_ms,
+            &s.file,
+            s.pos,
+            s.row,
+        )
     }
 
     /// [`RowVersion::of`] from its parts: the row's `date_changed` and `date_created` (None for
@@ -171,14 +185,17 @@ impl RowVersion {
     pub fn from_parts(
         date_changed: Option<&str>,
         date_created: Option<&str>,
-        priority: i32,
+        rule: &SiteRule,
         site: &str,
         ts_ms: i64,
         file: &str,
         pos: u64,
         row: u32,
     ) -> RowVersion {
-        let change_ms = change_ms(date_changed, date_created, ts_ms);
+        let (change_ms, priority) = (
+            change_ms(&rule.zone, date_changed, date_created, ts_ms),
+            rule.priority,
+        );
         // `{file}:{pos:020}:{row:010}`, written without the formatting machinery (one per row).
         let mut position = String::with_capacity(file.len() + 32);
         position.push_str(file);
@@ -210,9 +227,19 @@ fn push_zero_padded(s: &mut String, mut n: u64, width: usize) {
     }
 }
 
-/// The change time of a row version: `date_changed`, else `date_created`, else the commit time.
-pub fn change_ms(date_changed: Option<&str>, date_created: Option<&str>, ts_ms: i64) -> i64 {
-    date_changed.and_then(parse_datetime_ms).or_else(|| date_created.and_then(parse_datetime_ms)).unwrap_or(ts_ms)
+/// The change time of a row version in UTC: `date_changed`, else `date_created` (local times of
+/// the site's `zone`), else the commit time (UTC already).
+pub fn change_ms(
+    zone: &Zone,
+    date_changed: Option<&str>,
+    date_created: Option<&str>,
+    ts_ms: i64,
+) -> i64 {
+    date_changed
+        .and_then(parse_datetime)
+        .or_else(|| date_created.and_then(parse_datetime))
+        .map(|t| zone.utc_ms(t))
+        .unwrap_or(ts_ms)
 }
 
 /// How a table's rows are keyed in uuid space (DESIGN.md, "The change event"): by their uuid
@@ -278,6 +305,11 @@ pub fn row_key<R: RowImage>(shape: &KeyShape<'_>, ev: &ChangeEvent<R>, origin_re
 
 /// `YYYY-MM-DD HH:MM:SS[.ffffff]` (the envelope's DATETIME form, site time taken as UTC) → ms.
 pub fn parse_datetime_ms(s: &str) -> Option<i64> {
+    parse_datetime(s).map(|t| t.and_utc().timestamp_millis())
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff]` (the envelope's DATETIME form) → a wall time.
+pub fn parse_datetime(s: &str) -> Option<chrono::NaiveDateTime> {
     let b = s.as_bytes();
     if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
         return None;
@@ -290,13 +322,19 @@ pub fn parse_datetime_ms(s: &str) -> Option<i64> {
         let digits: String = frac.chars().take(6).collect();
         micros = digits.parse::<u32>().ok()? * 10u32.pow(6 - digits.len() as u32);
     }
-    let t = date.and_hms_micro_opt(num(11..13)?, num(14..16)?, num(17..19)?, micros)?;
-    Some(t.and_utc().timestamp_millis())
+    date.and_hms_micro_opt(num(11..13)?, num(14..16)?, num(17..19)?, micros)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn p(priority: i32) -> SiteRule {
+        SiteRule {
+            priority,
+            zone: Zone::default(),
+        }
+    }
 
     fn v(change_ms: i64, priority: i32, site: &str, commit_ms: i64) -> RowVersion {
         RowVersion { change_ms, priority, site: site.into(), commit_ms, position: String::new() }
@@ -304,8 +342,14 @@ mod tests {
 
     #[test]
     fn positions_are_written_as_the_format_string_writes_them() {
-        for (file, pos, row) in [("mysql-bin.000001", 0u64, 0u32), ("b.000123", 4, 17), ("f", u64::MAX, u32::MAX), ("", 1234567890123, 99)] {
-            let v = RowVersion::from_parts(None, None, 0, "s", 0, file, pos, row);
+        for (file, pos, row) in [
+            ("mysql-bin.000001", 0u64, 0u32),
+            ("b.000123", 4, 17),
+            ("f", u64::MAX, u32::MAX),
+            ("", 1234567890123, 99),
+        ] {
+            let v =
+                RowVersion::from_parts(None, None, &SiteRule::default(), "s", 0, file, pos, row);
             assert_eq!(v.position, format!("{file}:{pos:020}:{row:010}"));
         }
     }
@@ -336,16 +380,108 @@ mod tests {
     fn within_a_site_the_binlog_decides() {
         // A snapshot row (read at 49312836, clock in ms) and the delete that followed it in the
         // same second (commit second, no row time): the delete is the later change.
-        let snap = RowVersion::from_parts(None, Some("2026-11-26 18:14:18"), 2, "site-b", 1_795_716_858_806, "binlog.000043", 49_312_836, 8167);
-        let delete = RowVersion::from_parts(None, None, 2, "site-b", 1_795_716_858_000, "binlog.000043", 49_345_533, 0);
+        let snap = RowVersion::from_parts(
+            None,
+            Some("2026-11-26 18:14:18"),
+            &p(2),
+            "site-b",
+            1_795_716_858_806,
+            "binlog.000043",
+            49_312_836,
+            8167,
+        );
+        let delete = RowVersion::from_parts(
+            None,
+            None,
+            &p(2),
+            "site-b",
+            1_795_716_858_000,
+            "binlog.000043",
+            49_345_533,
+            0,
+        );
         assert_eq!(compare(&delete, &snap), Ordering::Greater);
         // An update whose date_changed went back (an app-server clock) still wins at its site.
-        let first = RowVersion::from_parts(Some("2026-11-26 18:00:00"), None, 1, "site-a", 1_000, "binlog.000001", 100, 0);
-        let later = RowVersion::from_parts(Some("2026-11-26 17:00:00"), None, 1, "site-a", 2_000, "binlog.000001", 200, 0);
+        let first = RowVersion::from_parts(
+            Some("2026-11-26 18:00:00"),
+            None,
+            &p(1),
+            "site-a",
+            1_000,
+            "binlog.000001",
+            100,
+            0,
+        );
+        let later = RowVersion::from_parts(
+            Some("2026-11-26 17:00:00"),
+            None,
+            &p(1),
+            "site-a",
+            2_000,
+            "binlog.000001",
+            200,
+            0,
+        );
         assert_eq!(compare(&later, &first), Ordering::Greater);
         // Across sites the change time still decides.
-        let other = RowVersion::from_parts(Some("2026-11-26 17:30:00"), None, 9, "site-b", 3_000, "binlog.000009", 1, 0);
+        let other = RowVersion::from_parts(
+            Some("2026-11-26 17:30:00"),
+            None,
+            &p(9),
+            "site-b",
+            3_000,
+            "binlog.000009",
+            1,
+            0,
+        );
         assert_eq!(compare(&first, &other), Ordering::Greater);
+    }
+
+    #[test]
+    fn across_sites_change_times_are_compared_in_utc() {
+        // 18:00 in Nairobi (UTC+3) is 15:00 UTC: older than 17:00 at a UTC site, whatever the
+        // wall clocks say; and 10:00 in Lima (UTC-5) is 15:00 UTC, a tie that priority breaks.
+        let nairobi = SiteRule {
+            priority: 0,
+            zone: Zone::parse("Africa/Nairobi").unwrap(),
+        };
+        let lima = SiteRule {
+            priority: 1,
+            zone: Zone::parse("-05:00").unwrap(),
+        };
+        let ke = RowVersion::from_parts(
+            Some("2026-11-26 18:00:00"),
+            None,
+            &nairobi,
+            "site-a",
+            9_000,
+            "b.1",
+            1,
+            0,
+        );
+        let utc = RowVersion::from_parts(
+            Some("2026-11-26 17:00:00"),
+            None,
+            &p(0),
+            "site-b",
+            1_000,
+            "b.1",
+            1,
+            0,
+        );
+        let pe = RowVersion::from_parts(
+            None,
+            Some("2026-11-26 10:00:00"),
+            &lima,
+            "site-c",
+            1_000,
+            "b.1",
+            1,
+            0,
+        );
+        assert_eq!(compare(&utc, &ke), Ordering::Greater);
+        assert_eq!(ke.change_ms, pe.change_ms);
+        assert_eq!(compare(&pe, &ke), Ordering::Greater);
     }
 
     #[test]

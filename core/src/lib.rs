@@ -12,6 +12,7 @@
 //! - [`metrics`]: every `omrs_stream_*` metric name, and the `/metrics` + `/health` endpoint.
 //! - [`error`]: the crate's one error enum, split into transient and definite errors.
 //! - [`runtime`]: process-wide settings (transparent huge pages off).
+//! - [`zone`]: site time zones, and the per-site rules (priority, zone) of the conflict rule.
 
 pub mod arrow_map;
 pub mod config;
@@ -24,5 +25,6 @@ pub mod metrics;
 pub mod openmrs;
 pub mod runtime;
 pub mod topics;
+pub mod zone;
 
 pub use error::{CoreError, Result};

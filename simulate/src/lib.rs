@@ -86,6 +86,17 @@ pub struct SimulateArgs {
     /// birthdate; National IDs one digit apart from another person's.
     #[arg(long, default_value_t = 0.0)]
     pub adversarial: f64,
+    /// Clock trouble: the second site's clock runs 10 minutes behind, the third's jumps a day
+    /// ahead for a stretch of its work and back (its NOW(), so its DATETIMEs and binlog times).
+    /// Each site also writes in the `time_zone` its config gives it.
+    #[arg(long)]
+    pub clock_trouble: bool,
+    /// With --adversarial: registration dates fixed after the fact at the same rate (backdated
+    /// to a paper register's date, sometimes before 1970, sometimes put back), which changes the
+    /// survivor of merged people. Off by default: HQ does not yet restore the `preferred` flags
+    /// and the merge void date of a record that becomes the survivor again (issue #22).
+    #[arg(long)]
+    pub date_fixes: bool,
     /// Steady row changes per second across all sites.
     #[arg(long, conflicts_with = "burst")]
     pub rate: Option<f64>,
@@ -143,6 +154,8 @@ impl Default for SimulateArgs {
             dup_fraction: 0.2,
             seed: 1,
             adversarial: 0.0,
+            clock_trouble: false,
+            date_fixes: false,
             rate: None,
             burst: false,
             duration: None,
@@ -195,19 +208,32 @@ fn opts(db: &DatabaseConfig, args: &SimulateArgs, database: Option<&str>) -> Opt
         .prefer_socket(false)
 }
 
-/// `person.date_created` of every person at every site, as the sites stored it (second
-/// precision, the servers' own clocks): the simulator's own reading of what it wrote.
-async fn registration_times(args: &SimulateArgs, sites: &[SiteConfig], databases: &[String]) -> Result<HashMap<String, String>, SimError> {
+/// A connection to a site that writes in the site's time zone (its config's `time_zone`).
+async fn site_conn(site: &SiteConfig, args: &SimulateArgs) -> Result<Conn, SimError> {
+    let db = |context: String| move |source| SimError::Db { site: site.name.clone(), context, source };
+    let mut conn = Conn::new(opts(&site.database, args, None)).await.map_err(db(format!("connecting to {}", site.database.redacted_url())))?;
+    let zone = site.zone();
+    if !zone.is_utc() {
+        conn.query_drop(format!("SET time_zone = '{}'", zone.offset_now())).await.map_err(db("setting the site's time zone".into()))?;
+    }
+    Ok(conn)
+}
+
+/// `person.date_created` of every person at every site in seconds since the epoch: the site's
+/// local DATETIME less the offset its server reports for the site's time zone (the simulator's
+/// own reading of what it wrote, never the pipeline's conversion).
+async fn registration_times(args: &SimulateArgs, sites: &[SiteConfig], databases: &[String]) -> Result<HashMap<String, i64>, SimError> {
     let mut out = HashMap::new();
     for (site, db) in sites.iter().zip(databases) {
-        let mut conn = Conn::new(opts(&site.database, args, None))
-            .await
-            .map_err(|source| SimError::Db { site: site.name.clone(), context: format!("connecting to {}", site.database.redacted_url()), source })?;
-        let rows: Vec<(String, Option<String>)> = conn
-            .query(format!("SELECT uuid, DATE_FORMAT(date_created, '%Y-%m-%d %H:%i:%s') FROM `{db}`.person"))
+        let mut conn = site_conn(site, args).await?;
+        let rows: Vec<(String, Option<i64>)> = conn
+            .query(format!(
+                "SELECT uuid, TIMESTAMPDIFF(SECOND, '1970-01-01 00:00:00', date_created) - TIME_TO_SEC(TIMEDIFF(NOW(), UTC_TIMESTAMP())) FROM `{db}`.person"
+            ))
             .await
             .map_err(|source| SimError::Db { site: site.name.clone(), context: "reading registration times".into(), source })?;
         out.extend(rows.into_iter().filter_map(|(u, c)| Some((u, c?))));
+        let _ = conn.disconnect().await;
     }
     Ok(out)
 }
@@ -270,9 +296,7 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
         let database = args.database.clone().unwrap_or_else(|| site.database.database.clone());
         let keep_demo = demo_site == Some(i);
         async move {
-            let mut conn = Conn::new(opts(&site.database, args, None))
-                .await
-                .map_err(|source| SimError::Db { site: site.name.clone(), context: format!("connecting to {}", site.database.redacted_url()), source })?;
+            let mut conn = site_conn(site, args).await?;
             if provision {
                 tracing::info!(site = %site.name, database = %database, demo_patients = keep_demo, "provisioning from the OpenMRS demo dump");
                 provision::provision(&mut conn, &site.name, &database, &args.dump, keep_demo).await?;
@@ -294,7 +318,13 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
         databases.push(db);
     }
 
-    let plan = if args.provision_only { Plan::new(args.seed, args.sites, 0, 0.0) } else { Plan::with_adversarial(args.seed, args.sites, args.patients, args.dup_fraction, args.adversarial) };
+    let plan = if args.provision_only {
+        Plan::new(args.seed, args.sites, 0, 0.0)
+    } else if args.date_fixes {
+        Plan::with_date_fixes(args.seed, args.sites, args.patients, args.dup_fraction, args.adversarial)
+    } else {
+        Plan::with_adversarial(args.seed, args.sites, args.patients, args.dup_fraction, args.adversarial)
+    };
     let humans = Arc::new(plan.humans);
     let ongoing = args.duration.is_some();
     let progress = Arc::new(Progress { rows: AtomicU64::new(0), registered: AtomicU64::new(0) });
@@ -315,7 +345,14 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
     let mut tasks = Vec::new();
     for (i, ((conn, start), regs)) in conns.into_iter().zip(starts.iter()).zip(plan.per_site).enumerate() {
         let rng = plan::seed_for(args.seed, 1 + i as u64);
-        let gen = SiteGen::new(&names[i], i, rng, start, if args.provision_only { Vec::new() } else { regs });
+        let mut gen = SiteGen::new(&names[i], i, rng, start, if args.provision_only { Vec::new() } else { regs });
+        if args.clock_trouble {
+            gen.clock_trouble = match i {
+                1 => site::ClockTrouble::Behind(600),
+                2 => site::ClockTrouble::JumpsADay,
+                _ => site::ClockTrouble::None,
+            };
+        }
         let humans = humans.clone();
         let progress = progress.clone();
         let batch = args.batch.max(1);
@@ -404,6 +441,8 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
                 .into(),
                 national_id_raw: p.national_id_raw.clone(),
                 national_id_at_registration: p.nid_at_registration,
+                national_ids: p.nids_held.clone(),
+                fixes: p.fixes.iter().map(|f| f.to_string()).collect(),
                 merged_into: merged.get(p.uuid.as_str()).map(|w| w.to_string()),
             };
             match p.human {
@@ -420,7 +459,7 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
     // run ended (a late identifier cut off by --duration) cannot be matched, and stands alone.
     let created = registration_times(args, &sites, &databases).await?;
     let survivor = |records: &[RecordManifest]| -> Option<String> {
-        records.iter().map(|r| (created.get(&r.person_uuid), r.person_uuid.as_str())).min().map(|(_, u)| u.to_string())
+        records.iter().map(|r| (created.get(&r.person_uuid).copied().unwrap_or(i64::MAX), r.person_uuid.as_str())).min().map(|(_, u)| u.to_string())
     };
     let mut humans_out: Vec<HumanManifest> = Vec::new();
     for (h, records) in by_human {
@@ -476,9 +515,10 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
     Ok(manifest)
 }
 
-/// The records of one human split into the groups HQ can tell are one person: records with a
-/// National ID (all the same human's) join each other, and a site merge joins its loser to its
-/// winner. Order within a group is kept.
+/// The records of one human split into the groups HQ can tell are one person: records that held
+/// the same National ID at any time join each other (a misprinted card's number and the real
+/// one are both the human's), and a site merge joins its loser to its winner. Order within a
+/// group is kept.
 fn resolvable_groups(records: Vec<RecordManifest>) -> Vec<Vec<RecordManifest>> {
     let n = records.len();
     let mut parent: Vec<usize> = (0..n).collect();
@@ -489,9 +529,21 @@ fn resolvable_groups(records: Vec<RecordManifest>) -> Vec<Vec<RecordManifest>> {
         }
         i
     }
-    let with_nid: Vec<usize> = (0..n).filter(|&i| records[i].national_id_raw.is_some()).collect();
-    for w in with_nid.windows(2) {
-        let (a, b) = (find(&mut parent, w[0]), find(&mut parent, w[1]));
+    // Records that held the same number at any time (HQ's identifier index does not forget).
+    let mut holder: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut links = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        for nid in &r.national_ids {
+            match holder.get(nid.as_str()) {
+                Some(&j) => links.push((i, j)),
+                None => {
+                    holder.insert(nid, i);
+                }
+            }
+        }
+    }
+    for (i, j) in links {
+        let (a, b) = (find(&mut parent, i), find(&mut parent, j));
         parent[a] = b;
     }
     for i in 0..n {
@@ -625,15 +677,32 @@ mod tests {
             kind: "cross_site".into(),
             national_id_raw: nid.map(str::to_string),
             national_id_at_registration: nid.is_some(),
+            national_ids: nid.map(|n| n.chars().filter(char::is_ascii_digit).collect()).into_iter().collect(),
+            fixes: Vec::new(),
             merged_into: merged_into.map(str::to_string),
         }
+    }
+
+    fn uuids(g: &[Vec<RecordManifest>]) -> Vec<Vec<&str>> {
+        g.iter().map(|g| g.iter().map(|r| r.person_uuid.as_str()).collect()).collect()
     }
 
     #[test]
     fn a_record_without_its_national_id_stands_alone() {
         let g = resolvable_groups(vec![rec("a", None, None), rec("b", Some("NID-1"), None), rec("c", Some("NID 1"), None)]);
-        let uuids: Vec<Vec<&str>> = g.iter().map(|g| g.iter().map(|r| r.person_uuid.as_str()).collect()).collect();
-        assert_eq!(uuids, vec![vec!["a"], vec!["b", "c"]]);
+        assert_eq!(uuids(&g), vec![vec!["a"], vec!["b", "c"]]);
+    }
+
+    #[test]
+    fn a_misprint_and_its_correction_join_through_the_record_that_held_both() {
+        // a: the misprint 2 only; b: 2 corrected to 1; c: 1 only; d: 3, nobody else's.
+        let mut b = rec("b", Some("2"), None);
+        b.national_ids.push("1".into());
+        let g = resolvable_groups(vec![rec("a", Some("2"), None), b, rec("c", Some("1"), None), rec("d", Some("3"), None)]);
+        assert_eq!(uuids(&g), vec![vec!["a", "b", "c"], vec!["d"]]);
+        // Without b, the misprint and the real number are two people as far as HQ can tell.
+        let g = resolvable_groups(vec![rec("a", Some("2"), None), rec("c", Some("1"), None)]);
+        assert_eq!(g.len(), 2);
     }
 
     #[test]

@@ -64,6 +64,17 @@ pub struct RecordManifest {
     pub national_id_raw: Option<String>,
     /// False when the National ID was added by a later update (identity known late).
     pub national_id_at_registration: bool,
+    /// Every National ID this record has held, in the simulator's canonical form (a misprinted
+    /// number and its correction both count: HQ joins on any number a record ever held, when
+    /// its agents were there to see it; a snapshot taken after a correction only shows the
+    /// corrected number, so the manifest assumes the agents ran before the work was done).
+    #[serde(default)]
+    pub national_ids: Vec<String>,
+    /// Corrections made to this record after registration, in order: `identifier_updated`,
+    /// `identifier_voided_and_replaced`, `identifier_deleted_and_replaced`,
+    /// `date_created_backdated`, `date_created_restored`.
+    #[serde(default)]
+    pub fixes: Vec<String>,
     /// Voided by a site-side merge into this person uuid.
     pub merged_into: Option<String>,
 }

@@ -6,8 +6,13 @@
 //! is unchanged) does to identity what real clinics do, each at that rate: a National ID pasted
 //! with Unicode dashes, full-width forms, no-break or zero-width spaces (the same person); a
 //! person with the same name, sex and birthdate as another but a different National ID (two
-//! people); a National ID one digit apart from another person's (two people). The truth stays
-//! the plan's own: each human's canonical number, never a normaliser's output.
+//! people); a National ID one digit apart from another person's (two people); a card misprinted
+//! with a wrong number, typed at every site the person visits and corrected at some of them
+//! later (an UPDATE of the value, a void and a new identifier, or a delete and a new one), often
+//! after HQ has already joined the person's records on the wrong number; a registration date
+//! fixed after the fact (a paper register's date, sometimes before 1970, sometimes put back
+//! again), which changes the survivor of a merged person. The truth stays the plan's own: each
+//! human's canonical numbers, never a normaliser's output.
 
 use chrono::NaiveDate;
 use rand::seq::SliceRandom;
@@ -26,6 +31,9 @@ pub struct Human {
     pub given: String,
     pub family: String,
     pub birthdate: NaiveDate,
+    /// A wrong number printed on the person's card (adversarial mode): typed instead of the
+    /// real one, and corrected at some sites. Nobody else's number.
+    pub misprint: Option<String>,
 }
 
 /// How a registration learns the National ID.
@@ -53,6 +61,41 @@ pub struct PlannedReg {
     pub human: usize,
     pub kind: RegKind,
     pub nid: NidMode,
+    /// The canonical number `nid` stands for (the human's, or the card's misprint).
+    pub nid_canonical: Option<String>,
+    /// How the clerk corrects a misprinted number at this site, if they do.
+    pub correction: Option<Correction>,
+    /// A later fix of the registration date (adversarial mode).
+    pub date_fix: Option<DateFix>,
+}
+
+/// How a clerk replaces a wrong National ID with the right one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CorrectionKind {
+    /// `UPDATE patient_identifier SET identifier = …` (the edit form).
+    Update,
+    /// Void the wrong identifier, add the right one.
+    VoidAndAdd,
+    /// Delete the wrong identifier (a purge), add the right one.
+    DeleteAndAdd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Correction {
+    pub kind: CorrectionKind,
+    /// The right number as typed this time.
+    pub raw: String,
+    /// Its canonical form (the plan's own).
+    pub canonical: String,
+}
+
+/// A registration date set by hand after the fact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DateFix {
+    /// The date from the paper register.
+    pub to: chrono::NaiveDateTime,
+    /// Whether a supervisor later puts the date back to when the record was entered.
+    pub undone: bool,
 }
 
 pub struct Plan {
@@ -69,6 +112,10 @@ const THREE_SITE: f64 = 0.25;
 const LATE_NID: f64 = 0.35;
 /// Fraction of people registered twice at their home site and merged there.
 const LOCAL_DUP: f64 = 0.04;
+/// Fraction of a misprinted card's registrations whose number is later corrected.
+const MISPRINT_CORRECTED: f64 = 0.7;
+/// Fraction of registration-date fixes put back later.
+const DATE_FIX_UNDONE: f64 = 0.3;
 
 pub fn seed_for(seed: u64, stream: u64) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -93,8 +140,17 @@ impl Plan {
         Plan::with_adversarial(seed, sites, patients, dup_fraction, 0.0)
     }
 
+    /// [`Plan::with_adversarial`], plus registration dates fixed after the fact at the same rate.
+    pub fn with_date_fixes(seed: u64, sites: usize, patients: usize, dup_fraction: f64, adversarial: f64) -> Plan {
+        Plan::build(seed, sites, patients, dup_fraction, adversarial, true)
+    }
+
     /// [`Plan::new`] with the adversarial identity mode at `adversarial` (0 to 1).
     pub fn with_adversarial(seed: u64, sites: usize, patients: usize, dup_fraction: f64, adversarial: f64) -> Plan {
+        Plan::build(seed, sites, patients, dup_fraction, adversarial, false)
+    }
+
+    fn build(seed: u64, sites: usize, patients: usize, dup_fraction: f64, adversarial: f64, date_fixes: bool) -> Plan {
         let mut rng = seed_for(seed, 0);
         let mut adv = Adversary { rng: seed_for(seed, 7), rate: adversarial };
         let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -132,6 +188,9 @@ impl Plan {
                 }
             }
 
+            // A misprinted card: a number one digit off, nobody's, typed wherever the person goes.
+            let misprint = national_id.as_ref().filter(|_| adv.roll()).map(|n| names::one_digit_apart(&mut adv.rng, n)).filter(|m| !taken.contains(m));
+
             let mut at = vec![home];
             if dup {
                 let copies = if sites >= 3 && rng.gen_bool(THREE_SITE) { 2 } else { 1 };
@@ -140,27 +199,36 @@ impl Plan {
                 at.extend(others.into_iter().take(copies));
             }
             for (i, &site) in at.iter().enumerate() {
-                let nid = match &national_id {
-                    None => NidMode::None,
-                    Some(n) => {
-                        let mut raw = names::noisy_national_id(&mut rng, n);
-                        if adv.roll() {
-                            raw = names::pasted_national_id(&mut adv.rng, n);
-                        }
-                        if i > 0 && rng.gen_bool(LATE_NID) {
-                            NidMode::Late(raw)
-                        } else {
-                            NidMode::AtRegistration(raw)
-                        }
+                let (mut nid, mut nid_canonical, mut correction) = (NidMode::None, None, None);
+                if let Some(n) = &national_id {
+                    let mut raw = names::noisy_national_id(&mut rng, n);
+                    if adv.roll() {
+                        raw = names::pasted_national_id(&mut adv.rng, n);
                     }
-                };
+                    nid_canonical = Some(n.clone());
+                    if let Some(m) = &misprint {
+                        if adv.rng.gen_bool(MISPRINT_CORRECTED) {
+                            let kind = [CorrectionKind::Update, CorrectionKind::VoidAndAdd, CorrectionKind::DeleteAndAdd][adv.rng.gen_range(0..3)];
+                            correction = Some(Correction { kind, raw: raw.clone(), canonical: n.clone() });
+                        }
+                        raw = names::noisy_national_id(&mut adv.rng, m);
+                        nid_canonical = Some(m.clone());
+                    }
+                    nid = if i > 0 && rng.gen_bool(LATE_NID) { NidMode::Late(raw) } else { NidMode::AtRegistration(raw) };
+                }
+                let date_fix = (date_fixes && adv.roll()).then(|| {
+                    let day = NaiveDate::from_ymd_opt(1965, 1, 1).and_then(|d| d.checked_add_days(chrono::Days::new(adv.rng.gen_range(0..21_500))));
+                    let to = day.and_then(|d| d.and_hms_opt(adv.rng.gen_range(7..18), adv.rng.gen_range(0..60), 0)).unwrap_or_default();
+                    DateFix { to, undone: adv.rng.gen_bool(DATE_FIX_UNDONE) }
+                });
                 let kind = if i == 0 { RegKind::Primary } else { RegKind::CrossSite };
-                per_site[site].push(PlannedReg { human: idx, kind, nid });
+                per_site[site].push(PlannedReg { human: idx, kind, nid, nid_canonical, correction, date_fix });
             }
             if rng.gen_bool(LOCAL_DUP) {
                 local_dups.push((home, idx));
             }
             taken.extend(national_id.clone());
+            taken.extend(misprint.clone());
             humans.push(Human {
                 idx,
                 national_id,
@@ -168,6 +236,7 @@ impl Plan {
                 given,
                 family,
                 birthdate,
+                misprint,
             });
         }
         // A local duplicate is registered again a little after the first registration.
@@ -175,7 +244,7 @@ impl Plan {
             let list = &mut per_site[site];
             let Some(first) = list.iter().position(|r| r.human == human) else { continue };
             let at = (first + 1 + rng.gen_range(0..8)).min(list.len());
-            list.insert(at, PlannedReg { human, kind: RegKind::LocalDup, nid: NidMode::None });
+            list.insert(at, PlannedReg { human, kind: RegKind::LocalDup, nid: NidMode::None, nid_canonical: None, correction: None, date_fix: None });
         }
         Plan { humans, per_site }
     }
@@ -207,7 +276,7 @@ mod tests {
             Plan::with_adversarial(5, 3, 1000, 0.2, 0.0).per_site.iter().flatten().map(|r| format!("{}{:?}{:?}", r.human, r.kind, r.nid)).collect::<Vec<_>>(),
             "rate 0 is the plain plan"
         );
-        let p = Plan::with_adversarial(5, 3, 1000, 0.2, 0.3);
+        let p = Plan::with_date_fixes(5, 3, 1000, 0.2, 0.3);
         // Numbers stay unique: every human is one identity.
         let ids: Vec<&String> = p.humans.iter().filter_map(|h| h.national_id.as_ref()).collect();
         let unique: std::collections::HashSet<_> = ids.iter().collect();
@@ -221,6 +290,22 @@ mod tests {
         assert!(twins > 100, "{twins}");
         let pasted = p.per_site.iter().flatten().filter(|r| matches!(&r.nid, NidMode::AtRegistration(s) | NidMode::Late(s) if !s.is_ascii())).count();
         assert!(pasted > 50, "{pasted}");
+        // Misprinted cards: nobody's number, typed at the person's sites, corrected at most.
+        let misprints: Vec<&Human> = p.humans.iter().filter(|h| h.misprint.is_some()).collect();
+        assert!(misprints.len() > 50, "{}", misprints.len());
+        for h in &misprints {
+            assert!(!unique.contains(&h.misprint.as_ref().unwrap()), "a misprint is nobody's number");
+        }
+        let regs: Vec<&PlannedReg> = p.per_site.iter().flatten().filter(|r| p.humans[r.human].misprint.is_some() && r.nid != NidMode::None).collect();
+        assert!(regs.iter().all(|r| r.nid_canonical == p.humans[r.human].misprint));
+        let corrected: Vec<&Correction> = regs.iter().filter_map(|r| r.correction.as_ref()).collect();
+        assert!(corrected.len() > regs.len() / 2, "{} of {}", corrected.len(), regs.len());
+        for kind in [CorrectionKind::Update, CorrectionKind::VoidAndAdd, CorrectionKind::DeleteAndAdd] {
+            assert!(corrected.iter().filter(|c| c.kind == kind).count() > 5, "{kind:?}");
+        }
+        let fixes: Vec<&DateFix> = p.per_site.iter().flatten().filter_map(|r| r.date_fix.as_ref()).collect();
+        assert!(fixes.iter().any(|f| f.to.and_utc().timestamp() < 0), "some registration dates before 1970");
+        assert!(fixes.iter().filter(|f| f.undone).count() > 10);
     }
 
     #[test]

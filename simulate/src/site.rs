@@ -16,7 +16,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::names;
-use crate::plan::{Human, NidMode, PlannedReg, RegKind};
+use crate::plan::{Correction, CorrectionKind, Human, NidMode, PlannedReg, RegKind};
 use crate::provision::{Coded, ExistingPatient, Meta, SiteStart};
 use crate::sql::{date, dt, io, q, qo, Insert};
 
@@ -89,6 +89,15 @@ pub struct PatientState {
     /// The National ID as typed at this site, once it is known here.
     pub national_id_raw: Option<String>,
     pub nid_at_registration: bool,
+    /// Canonical National IDs this record has ever held here (the plan's, never normalised).
+    pub nids_held: Vec<String>,
+    /// The National ID row and what it stands for, while it may still be corrected.
+    nid_row: Option<i64>,
+    /// What a National ID added later stands for.
+    late_canonical: Option<String>,
+    correction: Option<Correction>,
+    /// Identifier corrections and date fixes done here, for the manifest.
+    pub fixes: Vec<&'static str>,
     encounters: Vec<EncState>,
     visits: u64,
     obs_total: u64,
@@ -118,6 +127,8 @@ pub struct SiteGen {
     action_no: u64,
     pending_nid: Vec<(u64, usize, String)>,
     pending_merge: Vec<(u64, usize, usize)>,
+    /// Corrections and date fixes due: (action number, patient, fix).
+    pending_fix: Vec<(u64, usize, Fix)>,
     /// First registration of each human at this site (winner of a later local merge).
     first_reg: BTreeMap<usize, usize>,
     clock: NaiveDateTime,
@@ -125,6 +136,18 @@ pub struct SiteGen {
     pub deltas: BTreeMap<&'static str, i64>,
     pub merges: Vec<SiteMerge>,
     pub registered: u64,
+    pub clock_trouble: ClockTrouble,
+    planned_regs: u64,
+}
+
+/// What is wrong with a site server's clock (its NOW(), so its DATETIMEs and binlog times).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockTrouble {
+    None,
+    /// Runs this many seconds behind.
+    Behind(i64),
+    /// Jumps a day ahead from 30 % to 50 % of the site's registrations, then back.
+    JumpsADay,
 }
 
 /// Non-registration actions per registration in plan mode.
@@ -135,6 +158,7 @@ impl SiteGen {
         let patients: Vec<PatientState> = start.existing.iter().map(existing_state).collect();
         let live = (0..patients.len()).collect();
         let budget = regs.len() as u64 * ACTIONS_PER_PATIENT;
+        let regs_len = regs.len() as u64;
         SiteGen {
             name: name.to_string(),
             code: (b'A' + (index % 26) as u8) as char,
@@ -148,6 +172,7 @@ impl SiteGen {
             action_no: 0,
             pending_nid: Vec::new(),
             pending_merge: Vec::new(),
+            pending_fix: Vec::new(),
             first_reg: BTreeMap::new(),
             clock: chrono::NaiveDate::from_ymd_opt(2024, 1, 8)
                 .and_then(|d| d.and_hms_opt(8, 0, 0))
@@ -155,6 +180,8 @@ impl SiteGen {
             deltas: BTreeMap::new(),
             merges: Vec::new(),
             registered: 0,
+            clock_trouble: ClockTrouble::None,
+            planned_regs: regs_len,
         }
     }
 
@@ -187,6 +214,10 @@ impl SiteGen {
         if let Some(i) = self.pending_nid.iter().position(|(due, _, _)| *due <= now || drain) {
             let (_, p, raw) = self.pending_nid.remove(i);
             return Some(self.commit(|g, tx| g.add_national_id(tx, p, &raw)));
+        }
+        if let Some(i) = self.pending_fix.iter().position(|(due, _, _)| *due <= now || drain) {
+            let (_, p, fix) = self.pending_fix.remove(i);
+            return Some(self.commit(|g, tx| g.fix(tx, p, fix)));
         }
         let remaining_regs = self.regs.len() as u64;
         let other_possible = !self.live.is_empty() && (self.budget > 0 || (ongoing && remaining_regs == 0));
@@ -224,8 +255,28 @@ impl SiteGen {
         }))
     }
 
+    /// Seconds the site's clock is off by, now.
+    fn clock_shift(&self) -> i64 {
+        match self.clock_trouble {
+            ClockTrouble::None => 0,
+            ClockTrouble::Behind(s) => -s,
+            ClockTrouble::JumpsADay => {
+                let done = self.registered * 10;
+                if done >= self.planned_regs * 3 && done < self.planned_regs * 5 { 86_400 } else { 0 }
+            }
+        }
+    }
+
     fn commit(&mut self, f: impl FnOnce(&mut Self, &mut Tx)) -> Tx {
         let mut tx = Tx::new();
+        if self.clock_trouble != ClockTrouble::None {
+            // The session clock stands in for the server's: NOW() and the binlog follow it.
+            let set = match self.clock_shift() {
+                0 => "SET timestamp = DEFAULT;".to_string(),
+                s => format!("SET timestamp = UNIX_TIMESTAMP(SYSDATE(6)) + {s};"),
+            };
+            tx.sql.insert_str(0, &set);
+        }
         f(self, &mut tx);
         for (table, op, n) in &tx.changes {
             match op {
@@ -296,11 +347,13 @@ impl SiteGen {
         let u = self.uuid();
         ins.row(&[pid.to_string(), person_id.to_string(), q(&openmrs_id), self.meta.openmrs_id_type.to_string(), "1".into(), location.to_string(), user.to_string(), "NOW()".into(), "0".into(), q(&u)]);
         let mut nid_raw = None;
+        let mut nid_row = None;
         if let NidMode::AtRegistration(raw) = &reg.nid {
             let pid = self.id("patient_identifier");
             let u = self.uuid();
             ins.row(&[pid.to_string(), person_id.to_string(), q(raw), self.meta.national_id_type.to_string(), "0".into(), location.to_string(), user.to_string(), "NOW()".into(), "0".into(), q(&u)]);
             nid_raw = Some(raw.clone());
+            nid_row = Some(pid);
         }
         tx.insert("patient_identifier", ins);
 
@@ -316,6 +369,11 @@ impl SiteGen {
             openmrs_id: Some(openmrs_id),
             national_id_raw: nid_raw.clone(),
             nid_at_registration: nid_raw.is_some(),
+            nids_held: if nid_raw.is_some() { reg.nid_canonical.iter().cloned().collect() } else { Vec::new() },
+            nid_row,
+            late_canonical: None,
+            correction: reg.correction.clone(),
+            fixes: Vec::new(),
             encounters: Vec::new(),
             visits: 0,
             obs_total: 0,
@@ -327,6 +385,15 @@ impl SiteGen {
         if let NidMode::Late(raw) = &reg.nid {
             let due = now + self.rng.gen_range(3..40);
             self.pending_nid.push((due, idx, raw.clone()));
+            self.patients[idx].late_canonical = reg.nid_canonical.clone();
+        } else if reg.correction.is_some() {
+            self.schedule_correction(idx);
+        }
+        if let Some(d) = &reg.date_fix {
+            self.pending_fix.push((now + self.rng.gen_range(10..60), idx, Fix::Date(d.to)));
+            if d.undone {
+                self.pending_fix.push((now + self.rng.gen_range(60..120), idx, Fix::DateBack));
+            }
         }
         match reg.kind {
             RegKind::LocalDup => {
@@ -355,6 +422,84 @@ impl SiteGen {
         // OpenMRS saves the patient too, which stamps it as changed.
         tx.update("patient", &format!("UPDATE patient SET changed_by = {}, date_changed = NOW() WHERE patient_id = {person_id}", self.meta.user_id), 1);
         self.patients[p].national_id_raw = Some(raw.to_string());
+        self.patients[p].nid_row = Some(id);
+        if let Some(c) = self.patients[p].late_canonical.take() {
+            self.patients[p].nids_held.push(c);
+        }
+        if self.patients[p].correction.is_some() {
+            self.schedule_correction(p);
+        }
+    }
+
+    /// A misprinted number is corrected a while after it was entered: long enough that the
+    /// person's other sites have often registered the same misprint, and HQ has joined them on it.
+    fn schedule_correction(&mut self, p: usize) {
+        if let Some(c) = self.patients[p].correction.take() {
+            let due = self.action_no + self.rng.gen_range(10..60);
+            self.pending_fix.push((due, p, Fix::Identifier(c)));
+        }
+    }
+
+    fn fix(&mut self, tx: &mut Tx, p: usize, fix: Fix) {
+        let user = self.meta.user_id;
+        let person_id = self.patients[p].person_id;
+        match fix {
+            Fix::Identifier(c) => {
+                let Some(row) = self.patients[p].nid_row else { return };
+                let new_row = match c.kind {
+                    CorrectionKind::Update => {
+                        tx.update(
+                            "patient_identifier",
+                            &format!("UPDATE patient_identifier SET identifier = {}, changed_by = {user}, date_changed = NOW() WHERE patient_identifier_id = {row}", q(&c.raw)),
+                            1,
+                        );
+                        row
+                    }
+                    CorrectionKind::VoidAndAdd | CorrectionKind::DeleteAndAdd => {
+                        if c.kind == CorrectionKind::VoidAndAdd {
+                            let void = format!("UPDATE patient_identifier SET voided = 1, voided_by = {user}, date_voided = NOW(), void_reason = 'Entered in error: misprinted card' WHERE patient_identifier_id = {row}");
+                            tx.update("patient_identifier", &void, 1);
+                        } else {
+                            tx.stmt(&format!("DELETE FROM patient_identifier WHERE patient_identifier_id = {row}"), 1);
+                            tx.change("patient_identifier", 'd', 1);
+                        }
+                        let id = self.id("patient_identifier");
+                        let u = self.uuid();
+                        let location = *self.meta.locations.choose(&mut self.rng).unwrap_or(&1);
+                        let mut ins = Insert::new(
+                            "patient_identifier",
+                            &["patient_identifier_id", "patient_id", "identifier", "identifier_type", "preferred", "location_id", "creator", "date_created", "voided", "uuid"],
+                        );
+                        ins.row(&[id.to_string(), person_id.to_string(), q(&c.raw), self.meta.national_id_type.to_string(), "0".into(), location.to_string(), user.to_string(), "NOW()".into(), "0".into(), q(&u)]);
+                        tx.insert("patient_identifier", ins);
+                        id
+                    }
+                };
+                let st = &mut self.patients[p];
+                st.nid_row = Some(new_row);
+                st.national_id_raw = Some(c.raw);
+                st.nids_held.push(c.canonical);
+                st.fixes.push(match c.kind {
+                    CorrectionKind::Update => "identifier_updated",
+                    CorrectionKind::VoidAndAdd => "identifier_voided_and_replaced",
+                    CorrectionKind::DeleteAndAdd => "identifier_deleted_and_replaced",
+                });
+            }
+            // A data fix: no date_changed, as an administrator's SQL leaves it.
+            Fix::Date(to) => {
+                tx.update("person", &format!("UPDATE person SET date_created = {} WHERE person_id = {person_id}", dt(to)), 1);
+                self.patients[p].fixes.push("date_created_backdated");
+            }
+            // Back to when the record was entered (the patient row was created with it).
+            Fix::DateBack => {
+                tx.update(
+                    "person",
+                    &format!("UPDATE person p JOIN patient pa ON pa.patient_id = p.person_id SET p.date_created = pa.date_created WHERE p.person_id = {person_id}"),
+                    1,
+                );
+                self.patients[p].fixes.push("date_created_restored");
+            }
+        }
     }
 
     fn obs_row(&mut self, ins: &mut Insert, o: ObsRow) -> i64 {
@@ -655,6 +800,14 @@ impl SiteGen {
     }
 }
 
+/// A correction made some time after the fact.
+#[derive(Debug, Clone)]
+enum Fix {
+    Identifier(Correction),
+    Date(NaiveDateTime),
+    DateBack,
+}
+
 struct ObsRow {
     person: i64,
     concept: i64,
@@ -699,6 +852,11 @@ fn existing_state(e: &ExistingPatient) -> PatientState {
         openmrs_id: None,
         national_id_raw: None,
         nid_at_registration: false,
+        nids_held: Vec::new(),
+        nid_row: None,
+        late_canonical: None,
+        correction: None,
+        fixes: Vec::new(),
         encounters: Vec::new(),
         visits: 0,
         obs_total: 0,

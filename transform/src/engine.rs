@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use omrs_core::config::IdentifierRule;
 use omrs_core::envelope::Op;
+use omrs_core::zone::SiteRules;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
@@ -47,6 +48,8 @@ pub struct EngineConfig {
     pub idle_timeout_ms: i64,
     pub max_buffered: usize,
     pub identifiers: Vec<IdentifierRule>,
+    /// Each site's time zone: registration times are compared in UTC.
+    pub sites: SiteRules,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -438,6 +441,17 @@ impl Engine {
         out.push(Out::Hq(Box::new(HqEvent::Merge { winner: m.winner, loser: m.loser, reason: reason.into(), evidence, site: site.into(), ts_ms: ts })));
     }
 
+    /// A site's local DATETIME as a UTC one (kept in that form in the identity facts).
+    fn in_utc(&self, site: &str, local: &str) -> String {
+        let zone = self.cfg.sites.get(site).zone;
+        match omrs_core::hq::parse_datetime(local) {
+            Some(t) if !zone.is_utc() => chrono::DateTime::from_timestamp_millis(zone.utc_ms(t))
+                .map(|u| u.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_else(|| local.to_string()),
+            _ => local.to_string(),
+        }
+    }
+
     /// Applies identity, canonicalises person references and emits.
     fn emit(&mut self, mut ev: InEvent, late: bool, out: &mut Vec<Out>) {
         let ts = ev.source.ts_ms;
@@ -450,9 +464,17 @@ impl Engine {
                 if let Some(uuid) = ev.uuid.clone() {
                     // The few identity rows are parsed in full; every other row stays raw.
                     let row = row_map(ev.after_raw().or(ev.before_raw()));
-                    let created = row.as_ref().and_then(|r| r.get("date_created")).and_then(J::as_str).map(str::to_string);
+                    let created = row
+                        .as_ref()
+                        .and_then(|r| r.get("date_created"))
+                        .and_then(J::as_str)
+                        .map(|c| self.in_utc(&ev.site, c));
                     if let Some(m) = self.identity.person(&uuid, created.as_deref()) {
-                        pending_merges.push((m, "survivor_change", serde_json::json!({"earlier_record": uuid})));
+                        pending_merges.push((
+                            m,
+                            "survivor_change",
+                            serde_json::json!({"record": uuid, "date_created": created}),
+                        ));
                     }
                     self.facts.push(Fact::Person { uuid, created });
                 }
@@ -551,7 +573,13 @@ mod tests {
     /// Release order is (effective time, site name, arrival), as with a single ordered heap.
     #[test]
     fn ties_go_by_site_name_then_arrival_and_a_site_never_goes_back() {
-        let cfg = EngineConfig { out_of_orderness_ms: 0, idle_timeout_ms: 1_000_000, max_buffered: 100, identifiers: vec![] };
+        let cfg = EngineConfig {
+            out_of_orderness_ms: 0,
+            idle_timeout_ms: 1_000_000,
+            max_buffered: 100,
+            identifiers: vec![],
+            sites: Default::default(),
+        };
         let mut e = Engine::new(cfg);
         for s in ["site-a", "site-b", "site-c"] {
             e.expect_site(s, 0);
@@ -573,7 +601,13 @@ mod tests {
     /// binlog events still wait for the watermark.
     #[test]
     fn snapshot_rows_are_not_held_for_the_watermark() {
-        let cfg = EngineConfig { out_of_orderness_ms: 2000, idle_timeout_ms: 1_000_000, max_buffered: 100, identifiers: vec![] };
+        let cfg = EngineConfig {
+            out_of_orderness_ms: 2000,
+            idle_timeout_ms: 1_000_000,
+            max_buffered: 100,
+            identifiers: vec![],
+            sites: Default::default(),
+        };
         let mut e = Engine::new(cfg);
         for s in ["site-a", "site-b"] {
             e.expect_site(s, 0);
@@ -615,7 +649,13 @@ mod tests {
     }
 
     fn two_sites() -> Engine {
-        let cfg = EngineConfig { out_of_orderness_ms: 0, idle_timeout_ms: 1_000_000_000, max_buffered: 100, identifiers: vec![] };
+        let cfg = EngineConfig {
+            out_of_orderness_ms: 0,
+            idle_timeout_ms: 1_000_000_000,
+            max_buffered: 100,
+            identifiers: vec![],
+            sites: Default::default(),
+        };
         let mut e = Engine::new(cfg);
         for s in ["site-a", "site-b"] {
             e.expect_site(s, 0);

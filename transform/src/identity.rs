@@ -32,6 +32,8 @@ struct Rec {
     /// `date_created` in seconds since the epoch; `UNKNOWN` when not (yet) known.
     created: i64,
     parent: u32,
+    /// The next member of the component, in a ring (so a component can be walked).
+    next: u32,
     /// At a root: the survivor record of the component.
     survivor: u32,
     size: u32,
@@ -77,7 +79,14 @@ impl Identity {
             return i;
         }
         let i = self.recs.len() as u32;
-        self.recs.push(Rec { uuid: uuid.into(), created: UNKNOWN, parent: i, survivor: i, size: 1 });
+        self.recs.push(Rec {
+            uuid: uuid.into(),
+            created: UNKNOWN,
+            parent: i,
+            next: i,
+            survivor: i,
+            size: 1,
+        });
         let (recs, hasher) = (&self.recs, &self.hasher);
         let h = hasher.hash_one(uuid);
         self.by_uuid.insert_unique(h, i, |&j| hasher.hash_one(&*recs[j as usize].uuid));
@@ -100,8 +109,10 @@ impl Identity {
         (ra.created, &ra.uuid) < (rb.created, &rb.uuid)
     }
 
-    /// Registers a person record (and its creation time). Returns a merge when the record's
-    /// earlier creation time makes it the new survivor of its component.
+    /// Registers a person record (and its creation time). Returns a merge when the new
+    /// creation time changes the survivor of its component: an earlier one makes this record
+    /// the survivor; a later one on the survivor (a registration date fixed forward) hands it
+    /// to the next earliest member.
     pub fn person(&mut self, uuid: &str, created: Option<&str>) -> Option<Merged> {
         let i = self.rec(uuid);
         if let Some(c) = created.map(parse_created).filter(|&c| c != UNKNOWN) {
@@ -112,11 +123,33 @@ impl Identity {
         }
         let root = self.find(i);
         let old = self.recs[root as usize].survivor;
-        if old != i && self.better(i, old) {
-            self.recs[root as usize].survivor = i;
-            return Some(Merged { winner: uuid.to_string(), loser: self.recs[old as usize].uuid.to_string() });
+        let new = if old == i {
+            self.best_member(i)
+        } else if self.better(i, old) {
+            i
+        } else {
+            old
+        };
+        if new == old {
+            return None;
         }
-        None
+        self.recs[root as usize].survivor = new;
+        Some(Merged {
+            winner: self.recs[new as usize].uuid.to_string(),
+            loser: self.recs[old as usize].uuid.to_string(),
+        })
+    }
+
+    /// The best member of `i`'s component, walking its ring.
+    fn best_member(&self, i: u32) -> u32 {
+        let (mut best, mut j) = (i, self.recs[i as usize].next);
+        while j != i {
+            if self.better(j, best) {
+                best = j;
+            }
+            j = self.recs[j as usize].next;
+        }
+        best
     }
 
     /// The canonical (survivor) uuid for a person uuid; the uuid itself when unknown.
@@ -152,6 +185,10 @@ impl Identity {
         let (winner, loser) = if self.better(sa, sb) { (sa, sb) } else { (sb, sa) };
         let (big, small) = if self.recs[ra as usize].size >= self.recs[rb as usize].size { (ra, rb) } else { (rb, ra) };
         self.recs[small as usize].parent = big;
+        // Splicing two rings into one: swap the successors of one member of each.
+        let (na, nb) = (self.recs[ra as usize].next, self.recs[rb as usize].next);
+        self.recs[ra as usize].next = nb;
+        self.recs[rb as usize].next = na;
         self.recs[big as usize].size += self.recs[small as usize].size;
         self.recs[big as usize].survivor = winner;
         Some(Merged { winner: self.recs[winner as usize].uuid.to_string(), loser: self.recs[loser as usize].uuid.to_string() })
@@ -222,5 +259,52 @@ mod tests {
         assert_eq!(id.union("y", "w"), Some(Merged { winner: "w".into(), loser: "x".into() }));
         assert_eq!(id.canonical("y"), "w");
         assert_eq!(id.union("x", "w"), None);
+    }
+
+    #[test]
+    fn a_survivor_whose_date_is_fixed_forward_hands_over_to_the_next_earliest() {
+        let mut id = Identity::default();
+        for (u, c) in [
+            ("p", "2021-03-01 00:00:00"),
+            ("q", "2021-01-01 00:00:00"),
+            ("r", "2021-02-01 00:00:00"),
+            ("s", "2020-01-01 00:00:00"),
+        ] {
+            id.person(u, Some(c));
+        }
+        id.union("p", "q");
+        id.union("r", "p");
+        assert_eq!(id.canonical("r"), "q");
+        // Backdated before 1970 (a paper register), then put back.
+        assert_eq!(
+            id.person("p", Some("1966-05-04 10:00:00")),
+            Some(Merged {
+                winner: "p".into(),
+                loser: "q".into()
+            })
+        );
+        assert_eq!(
+            id.person("p", Some("2021-03-01 00:00:00")),
+            Some(Merged {
+                winner: "q".into(),
+                loser: "p".into()
+            })
+        );
+        assert_eq!(
+            id.person("q", Some("2021-04-01 00:00:00")),
+            Some(Merged {
+                winner: "r".into(),
+                loser: "q".into()
+            })
+        );
+        assert_eq!(
+            id.person("q", Some("2021-05-01 00:00:00")),
+            None,
+            "a later date on a non-survivor changes nothing"
+        );
+        for u in ["p", "q", "r"] {
+            assert_eq!(id.canonical(u), "r");
+        }
+        assert_eq!(id.canonical("s"), "s", "another component is not walked");
     }
 }

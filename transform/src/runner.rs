@@ -35,6 +35,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         idle_timeout_ms: cfg.transform.idle_timeout_s as i64 * 1000,
         max_buffered: cfg.transform.max_buffered_events,
         identifiers: cfg.identity.identifiers.clone(),
+        sites: omrs_core::zone::SiteRules::of(cfg),
     }
 }
 

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use omrs_core::config::{IdentifierRule, Normalize};
 use omrs_core::envelope::{ChangeEvent, Op, Row, Source};
+use omrs_core::zone::{SiteRule, SiteRules, Zone};
 use omrs_transform::engine::{Engine, EngineConfig, HqEvent, Origin, Out};
 use omrs_transform::runner::decode;
 use serde_json::Value as J;
@@ -23,7 +24,19 @@ fn config() -> EngineConfig {
         name: None,
         normalize: vec![Normalize::Trim, Normalize::StripSeparators, Normalize::Upper],
     };
-    EngineConfig { out_of_orderness_ms: 1_000, idle_timeout_ms: 10_000, max_buffered: 1_000, identifiers: vec![rule("NID"), rule("PASSPORT")] }
+    // `site-ke` writes its DATETIMEs in Nairobi time (UTC+3); every other site in UTC.
+    let ke = SiteRule {
+        priority: 0,
+        zone: Zone::parse("Africa/Nairobi").expect("a zone"),
+    };
+    let sites = SiteRules::new([("site-ke".to_string(), ke)]);
+    EngineConfig {
+        out_of_orderness_ms: 1_000,
+        idle_timeout_ms: 10_000,
+        max_buffered: 1_000,
+        identifiers: vec![rule("NID"), rule("PASSPORT")],
+        sites,
+    }
 }
 
 fn obj(v: Option<&J>) -> Option<Row> {
@@ -180,6 +193,16 @@ fn identity_three_sites_and_a_chain_over_two_identifier_types() {
 #[test]
 fn identity_survivor_changes_when_an_earlier_record_arrives() {
     run("identity_survivor_change");
+}
+
+#[test]
+fn identity_survivor_follows_registration_date_fixes_both_ways() {
+    run("identity_survivor_date_fixed");
+}
+
+#[test]
+fn identity_survivor_is_the_earliest_registration_in_utc_across_time_zones() {
+    run("identity_survivor_time_zones");
 }
 
 #[test]

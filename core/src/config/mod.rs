@@ -146,6 +146,10 @@ pub struct SiteConfig {
     /// Conflict tie-break: higher wins when change times are equal (DESIGN.md semantics 6).
     #[serde(default)]
     pub priority: i32,
+    /// The site server's time zone, in which OpenMRS writes its DATETIMEs: `UTC` (the
+    /// default), an offset such as `+03:00`, or an IANA name such as `Africa/Nairobi`.
+    #[serde(default)]
+    pub time_zone: Option<String>,
 }
 
 /// A MySQL/MariaDB database. `Debug` prints the password as `<redacted>`.
@@ -481,6 +485,9 @@ impl Config {
                 ));
             }
             validate_db(&site.database, &format!("sites[{i}].database"), file)?;
+            if let Some(z) = &site.time_zone {
+                crate::zone::Zone::parse(z).map_err(|m| err(format!("sites[{i}].time_zone"), m))?;
+            }
         }
         validate_db(&self.hq.database, "hq.database", file)?;
 

@@ -21,6 +21,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
 use omrs_core::envelope::{FlatRow, Op};
 use omrs_core::hq::{compare, row_key, KeyShape, RowVersion};
+use omrs_core::zone::SiteRules;
 use omrs_ingest::model::{is_int_type, Model, TableModel};
 use serde_json::Value as J;
 
@@ -803,7 +804,7 @@ impl Columns {
 /// HQ's state as the sink sees it: table model, id and version caches, merges, pending rows.
 pub struct Applier {
     pub model: Model,
-    priorities: HashMap<String, i32>,
+    rules: SiteRules,
     ids: Cache<i64>,
     /// Keys the current flush's bulk lookup found absent at HQ: no point query for them.
     absent: hashbrown::HashSet<TKey>,
@@ -928,7 +929,7 @@ enum Plan {
 
 impl Applier {
     /// Loads the model, the daemon user, merges and pending rows from HQ.
-    pub async fn load(conn: &mut Conn, database: &str, priorities: HashMap<String, i32>, fk_wait_ms: i64) -> Result<Applier, SinkError> {
+    pub async fn load(conn: &mut Conn, database: &str, rules: SiteRules, fk_wait_ms: i64) -> Result<Applier, SinkError> {
         let model = Model::load(conn, database, &[], &[])
             .await
             .map_err(|e| {
@@ -961,7 +962,7 @@ impl Applier {
         }
         let mut a = Applier {
             model,
-            priorities,
+            rules,
             ids: Cache::new(500_000),
             absent: hashbrown::HashSet::new(),
             tombstones: hashbrown::HashSet::new(),
@@ -1736,7 +1737,7 @@ impl Applier {
         if !w.woken && self.pending_rows.contains_key(&Tk(&table, &row_key)) {
             return Ok(Plan::Park(table, row_key));
         }
-        let version = RowVersion::of(ev, self.priorities.get(&ev.site).copied().unwrap_or(0));
+        let version = RowVersion::of(ev, self.rules.get(&ev.site));
         let hash = Self::content_hash(&tm, &cm, ev);
         let cached = self.versions.get(&table, &row_key).cloned();
         let stored = match cached {

@@ -222,8 +222,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         }
     }));
     // The reader fetches the first batch while HQ's table model and the sink's state load.
-    let priorities: HashMap<String, i32> = cfg.sites.iter().map(|s| (s.name.clone(), s.priority)).collect();
-    let mut applier = Applier::load(&mut conn, &cfg.hq.database.database, priorities, sink_cfg.fk_wait_timeout_s as i64 * 1000)
+    let mut applier = Applier::load(&mut conn, &cfg.hq.database.database, omrs_core::zone::SiteRules::of(cfg), sink_cfg.fk_wait_timeout_s as i64 * 1000)
         .await?
         .with_max_pending(sink_cfg.max_pending_rows)
         .with_server_fk_checks(sink_cfg.server_fk_checks);

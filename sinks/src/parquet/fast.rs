@@ -16,6 +16,7 @@ use arrow::datatypes::DataType;
 use omrs_core::arrow_map::{is_zero_date, parse_datetime_us};
 use omrs_core::envelope::Op;
 use omrs_core::hq::change_ms;
+use omrs_core::zone::SiteRules;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -144,7 +145,7 @@ fn raw_cell<'a>(raw: &'a RawValue, t: &DataType) -> Result<Cell<'a>, String> {
 pub fn decode(
     payload: &[u8],
     tables: &HashMap<String, Arc<LakeTable>>,
-    priorities: &HashMap<String, i32>,
+    rules: &SiteRules,
     partition: i32,
     offset: i64,
     out: impl FnOnce(&Arc<LakeTable>, &Meta<'_>, &[Cell<'_>]),
@@ -209,8 +210,13 @@ pub fn decode(
             person: rc.person.as_deref(),
             late: rc.late,
             row_key: uuid,
-            change_ms: change_ms(changed.as_deref(), created.as_deref(), s.ts_ms),
-            priority: priorities.get(ev.site.as_ref()).copied().unwrap_or(0),
+            change_ms: change_ms(
+                &rules.get(&ev.site).zone,
+                changed.as_deref(),
+                created.as_deref(),
+                s.ts_ms,
+            ),
+            priority: rules.get(&ev.site).priority,
             position: &position,
             rewritten: !rc.origin_refs.is_empty(),
             partition,
@@ -252,7 +258,7 @@ mod tests {
     fn the_fast_path_types_every_value_as_the_general_path_does() {
         let t = table();
         let tables: HashMap<String, Arc<LakeTable>> = [("obs".to_string(), t.clone())].into();
-        let prio: HashMap<String, i32> = [("site-a".to_string(), 3)].into();
+        let prio = SiteRules::new([("site-a".to_string(), omrs_core::zone::SiteRule { priority: 3, ..Default::default() })]);
         let payload = br#"{"type":"change","late":true,"person":"p-1","origin_refs":{"person_id":"p-0"},"event":{"op":"u","site":"site-a","table":"obs","key":{"obs_id":7},"uuid":"o-7","before":{"obs_id":7},"after":{"obs_id":7,"person_id":3,"value_text":"caf\u00e9 \"x\"","value_numeric":70.5,"amount":"-12.3400","voided":1,"date_created":"2024-01-02 03:04:05","date_changed":"2024-01-03 00:00:00.000001","uuid":"o-7"},"refs":{"person_id":"p-1"},"source":{"server_id":11,"file":"binlog.000002","pos":99,"row":1,"ts_ms":1700000000000},"ts_ms":1700000000001}}"#;
         let mut fast = None;
         decode(payload, &tables, &prio, 0, 5, |_, m, cells| {
@@ -263,7 +269,7 @@ mod tests {
         let fast = fast.unwrap();
         let ev: HqEvent = serde_json::from_slice(payload).unwrap();
         let HqEvent::Change { late, person, origin_refs, event } = ev else { panic!() };
-        let slow = convert(&t, &event, late, person, &origin_refs, 3, 0, 5).unwrap();
+        let slow = convert(&t, &event, late, person, &origin_refs, prio.get("site-a"), 0, 5).unwrap();
         let slow_cells: Vec<String> = slow.cells.iter().map(|c| format!("{c:?}")).collect();
         assert_eq!(fast.7, slow_cells);
         assert_eq!((fast.5, fast.6.as_str()), (slow.version.change_ms, slow.version.position.as_str()));

@@ -37,6 +37,7 @@ use omrs_core::config::Config;
 use omrs_core::hq::HqEvent;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
+use omrs_core::zone::SiteRules;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset};
@@ -287,7 +288,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
     let dlq_topic = names.dlq();
     let mut state = lake.open(lock)?;
     let tables = load_tables(cfg, lake).await?;
-    let priorities: HashMap<String, i32> = cfg.sites.iter().map(|s| (s.name.clone(), s.priority)).collect();
+    let rules = SiteRules::of(cfg);
 
     let consumer = crate::kafka::consumer(cfg, "parquet")?;
     let producer = crate::kafka::dlq_producer(cfg)?;
@@ -324,14 +325,14 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
     let mut work_txs = Vec::with_capacity(DECODERS);
     for _ in 0..DECODERS {
         let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Work>(8);
-        let (tables, priorities, done_tx) = (tables.clone(), priorities.clone(), done_tx.clone());
+        let (tables, rules, done_tx) = (tables.clone(), rules.clone(), done_tx.clone());
         tokio::task::spawn_blocking(move || {
             let mut buf = Buffer::default();
             while let Some(w) = wrx.blocking_recv() {
                 match w {
                     Work::Batch(records) => {
                         for (p, o, payload) in records {
-                            take(&mut buf, &tables, &priorities, p, o, &payload);
+                            take(&mut buf, &tables, &rules, p, o, &payload);
                         }
                     }
                     Work::Roll => {
@@ -503,9 +504,9 @@ struct ChangeBody {
 }
 
 /// Buffers one record (or its dead letter).
-fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, priorities: &HashMap<String, i32>, p: i32, o: i64, payload: &[u8]) {
+fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &SiteRules, p: i32, o: i64, payload: &[u8]) {
     let dead = |kind: &'static str, reason: String| DeadLetter { partition: p, offset: o, kind, reason, payload: payload.to_vec() };
-    let fast = fast::decode(payload, tables, priorities, p, o, |t, m, cells| buf.part(t, m.site, m.event_ms).push(m, cells));
+    let fast = fast::decode(payload, tables, rules, p, o, |t, m, cells| buf.part(t, m.site, m.event_ms).push(m, cells));
     match fast {
         Some(Ok(())) => return,
         Some(Err(reason)) => {
@@ -542,8 +543,7 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, priorities: 
                 buf.dead.push(dead("unknown_table", format!("table `{name}` is not in the lake schema (_schema.json, read from HQ)")));
                 return;
             };
-            let prio = priorities.get(&event.site).copied().unwrap_or(0);
-            match convert(t, &event, late, person, &origin_refs, prio, p, o) {
+            match convert(t, &event, late, person, &origin_refs, rules.get(&event.site), p, o) {
                 Ok(row) => buf.part(t, &row.site, row.event_ms).push_row(&row),
                 Err(reason) => buf.dead.push(dead("bad_value", reason)),
             }

@@ -12,6 +12,7 @@ use base64::Engine;
 use omrs_core::arrow_map::{arrow_type, is_zero_date, parse_date_days, parse_datetime_us, parse_decimal, parse_time_us};
 use omrs_core::envelope::{ChangeEvent, Op};
 use omrs_core::hq::{row_key, KeyShape, RowVersion};
+use omrs_core::zone::SiteRule;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
@@ -153,7 +154,7 @@ pub fn convert(
     late: bool,
     person: Option<String>,
     origin_refs: &serde_json::Map<String, J>,
-    priority: i32,
+    rule: &SiteRule,
     partition: i32,
     offset: i64,
 ) -> Result<LakeRow, String> {
@@ -180,7 +181,7 @@ pub fn convert(
         person,
         late,
         row_key,
-        version: RowVersion::of(ev, priority),
+        version: RowVersion::of(ev, rule),
         rewritten: !origin_refs.is_empty(),
         partition,
         offset,

@@ -18,7 +18,8 @@ use std::collections::{HashMap, HashSet};
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use omrs_core::config::Config;
-use omrs_core::hq::{change_ms, compare, RowVersion};
+use omrs_core::hq::{compare, parse_datetime, RowVersion};
+use omrs_core::zone::SiteRule;
 use serde::Serialize;
 
 use super::space::{key_cmp, DbModel, Pager, Select};
@@ -187,15 +188,33 @@ impl<'a> TableRules<'a> {
     }
 
     /// The winner among the (mapped) candidates; None when they differ and cannot be ordered.
-    fn winner<'r>(&self, cands: &'r [Candidate], sites: &[(String, i32)]) -> Option<&'r Candidate> {
+    fn winner<'r>(
+        &self,
+        cands: &'r [Candidate],
+        sites: &[(String, SiteRule)],
+    ) -> Option<&'r Candidate> {
         let first = cands.first()?;
         if cands.iter().all(|c| c.1 == first.1) {
             return Some(first);
         }
         let version = |c: &Candidate| -> Option<RowVersion> {
             let get = |i: Option<usize>| i.and_then(|i| c.1[i].as_deref());
-            let ms = change_ms(get(self.date_changed), get(self.date_created), i64::MIN);
-            (ms != i64::MIN).then(|| RowVersion::from_parts(get(self.date_changed), get(self.date_created), sites[c.0].1, &sites[c.0].0, 0, "", 0, 0))
+            let dated = get(self.date_changed)
+                .and_then(parse_datetime)
+                .or_else(|| get(self.date_created).and_then(parse_datetime))
+                .is_some();
+            dated.then(|| {
+                RowVersion::from_parts(
+                    get(self.date_changed),
+                    get(self.date_created),
+                    &sites[c.0].1,
+                    &sites[c.0].0,
+                    0,
+                    "",
+                    0,
+                    0,
+                )
+            })
         };
         let mut best: Option<(&Candidate, RowVersion)> = None;
         for c in cands {
@@ -213,7 +232,7 @@ pub async fn compare_table(
     rules: &TableRules<'_>,
     sels: Vec<Option<Select>>,
     conns: &mut [Conn],
-    sites: &[(String, i32)],
+    sites: &[(String, SiteRule)],
     merges: &Merges,
     skip: &HashSet<String>,
     samples: usize,
@@ -305,7 +324,19 @@ pub async fn run(cfg: &Config, hq: Conn, sites: Vec<Conn>, skip: &HashSet<String
     }
     let merges = Merges::load(&mut conns[hq_at]).await?;
     let scrub: HashSet<String> = cfg.ingest.scrub.iter().cloned().collect();
-    let sites: Vec<(String, i32)> = cfg.sites.iter().map(|s| (s.name.clone(), s.priority)).collect();
+    let sites: Vec<(String, SiteRule)> = cfg
+        .sites
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                SiteRule {
+                    priority: s.priority,
+                    zone: s.zone(),
+                },
+            )
+        })
+        .collect();
     let mut tables: Vec<String> = models[hq_at]
         .tables()
         .filter(|t| !t.starts_with("omrs_") && !cfg.ingest.exclude.contains(t) && (cfg.ingest.include.is_empty() || cfg.ingest.include.contains(t)))
@@ -352,10 +383,27 @@ mod tests {
     fn the_later_change_wins_then_priority_then_the_lower_site_name() {
         let cols: Vec<String> = ["name", "date_created", "date_changed"].iter().map(|s| s.to_string()).collect();
         let r = rules_for("location", &cols);
-        let sites = vec![("site-a".to_string(), 0), ("site-b".to_string(), 0), ("site-c".to_string(), 5)];
-        let a = (0, vec![s("A"), s("2026-01-01 00:00:00"), s("2026-02-01 00:00:00")]);
-        let b = (1, vec![s("B"), s("2026-01-01 00:00:00"), s("2026-03-01 00:00:00")]);
-        assert_eq!(r.winner(&[a.clone(), b.clone()], &sites).map(|w| w.0), Some(1));
+        let rule = |priority| SiteRule {
+            priority,
+            ..SiteRule::default()
+        };
+        let sites = vec![
+            ("site-a".to_string(), rule(0)),
+            ("site-b".to_string(), rule(0)),
+            ("site-c".to_string(), rule(5)),
+        ];
+        let a = (
+            0,
+            vec![s("A"), s("2026-01-01 00:00:00"), s("2026-02-01 00:00:00")],
+        );
+        let b = (
+            1,
+            vec![s("B"), s("2026-01-01 00:00:00"), s("2026-03-01 00:00:00")],
+        );
+        assert_eq!(
+            r.winner(&[a.clone(), b.clone()], &sites).map(|w| w.0),
+            Some(1)
+        );
         // Same change time: the higher priority, else the lower site name.
         let b_tie = (1, vec![s("B"), s("2026-01-01 00:00:00"), s("2026-02-01 00:00:00")]);
         assert_eq!(r.winner(&[b_tie.clone(), a.clone()], &sites).map(|w| w.0), Some(0));
