@@ -388,6 +388,67 @@ async fn a_survivor_change_leaves_exactly_the_new_survivor_alive() {
     Hq::close(init, &db, [read, write]).await;
 }
 
+/// Issue #22, registration dates fixed after the fact: the survivor changes to an earlier loser
+/// and back. A name handed back to its own person is preferred again, as at its site (before,
+/// every move left it non-preferred for good); one written to the survivor by the transform
+/// while its person was merged away (`origin_refs`) too. A voided person and patient are dated
+/// at their own registration (before, the patient took the person's, read when the merge was
+/// applied, and kept it when the person's date was fixed later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_that_changes_back_and_forth_hands_names_back_as_they_were() {
+    let Hq { db, init, mut write, read, user } = Hq::fresh("openmrs_hq_flip").await;
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
+    let (s, w) = ("77777777-0000-4000-8000-000000000001", "77777777-0000-4000-8000-000000000002");
+    let (name_s, name_w, name_w2) = ("77777777-0000-4000-8000-0000000000a1", "77777777-0000-4000-8000-0000000000a2", "77777777-0000-4000-8000-0000000000a3");
+    let person = |id: i64, uuid: &str, created: &str| json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": created, "voided": 0, "uuid": uuid});
+    let patient = |id: i64, created: &str| json!({"patient_id": id, "creator": 1, "date_created": created, "voided": 0, "allergy_status": "Unknown"});
+    let name = |id: i64, person: i64, uuid: &str, preferred: i64| json!({"person_name_id": id, "preferred": preferred, "person_id": person, "given_name": "Amina", "family_name": "Otieno", "creator": 1, "date_created": "2026-01-01 09:00:00", "voided": 0, "uuid": uuid});
+    let merge = |offset: i64, winner: &str, loser: &str, reason: &str| {
+        let ev: HqEvent = HqEvent::Merge { winner: winner.into(), loser: loser.into(), reason: reason.into(), evidence: json!({}), site: "site-a".into(), ts_ms: 1_790_000_000_000 + offset };
+        Record::decode(0, offset, ev.to_json())
+    };
+    apply_batch(&mut applier, &mut write, vec![
+        record(1, Op::Create, "person", s, person(911, s, "2026-05-01 09:00:00"), json!({"creator": user})),
+        record(2, Op::Create, "patient", s, patient(911, "2026-05-01 09:00:00"), json!({"patient_id": s, "creator": user})),
+        record(3, Op::Create, "person_name", name_s, name(11, 911, name_s, 1), json!({"person_id": s, "creator": user})),
+        record_from("site-b", 4, Op::Create, "person", w, person(912, w, "2026-06-01 09:00:00"), json!({"creator": user})),
+        // The patient row keeps the registration the person had before a clerk fixed it.
+        record_from("site-b", 5, Op::Create, "patient", w, patient(912, "2026-06-01 09:00:00"), json!({"patient_id": w, "creator": user})),
+        record_from("site-b", 6, Op::Create, "person_name", name_w, name(21, 912, name_w, 1), json!({"person_id": w, "creator": user})),
+        merge(7, s, w, "identifier"),
+    ])
+    .await;
+    // While W is merged away, W's site adds a name: the transform points it at S.
+    let late_name = record_from("site-b", 8, Op::Create, "person_name", name_w2, name(22, 912, name_w2, 1), json!({"person_id": s, "creator": user}));
+    apply_batch(&mut applier, &mut write, vec![with_origin(late_name, json!({"person_id": w}))]).await;
+    let preferred = |u: &str| format!("SELECT n.preferred * 10 + (p.uuid = '{s}') FROM person_name n JOIN person p ON p.person_id = n.person_id WHERE n.uuid = '{u}'");
+    assert_eq!(count(&mut write, &preferred(name_w)).await, 1, "W's name moved to S, not preferred");
+    assert_eq!(count(&mut write, &preferred(name_w2)).await, 1, "W's late name written to S, not preferred");
+
+    // W's registration is backdated: W survives, and its names are its own again.
+    let backdated = json!({"person_id": 912, "gender": "F", "dead": 0, "creator": 1, "date_created": "1966-05-04 10:00:00", "voided": 0, "uuid": w});
+    apply_batch(&mut applier, &mut write, vec![merge(9, w, s, "survivor_change"), record_from("site-b", 10, Op::Update, "person", w, backdated, json!({"creator": user}))]).await;
+    assert_eq!(count(&mut write, &preferred(name_w)).await, 10, "W's name back with W, preferred as at its site");
+    assert_eq!(count(&mut write, &preferred(name_w2)).await, 10);
+    assert_eq!(count(&mut write, &preferred(name_s)).await, 0, "S's name with W, not preferred");
+
+    // Put back: S survives again (after a restart, from what HQ stored).
+    drop(applier);
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier after restart");
+    let restored = json!({"person_id": 912, "gender": "F", "dead": 0, "creator": 1, "date_created": "2026-06-01 09:00:00", "voided": 0, "uuid": w});
+    apply_batch(&mut applier, &mut write, vec![merge(11, s, w, "survivor_change"), record_from("site-b", 12, Op::Update, "person", w, restored, json!({"creator": user}))]).await;
+    assert_eq!(count(&mut write, &preferred(name_s)).await, 11, "S's name back with S, preferred");
+    assert_eq!(count(&mut write, &preferred(name_w)).await, 1);
+    assert_eq!(count(&mut write, &preferred(name_w2)).await, 1);
+    let voided_at = |t: &str| format!("SELECT CAST(x.date_voided AS CHAR) FROM {t} x JOIN person p ON p.person_id = x.{t}_id WHERE p.uuid = '{w}' AND x.voided = 1");
+    for t in ["person", "patient"] {
+        let at: Option<String> = write.query_first(voided_at(t)).await.unwrap();
+        assert_eq!(at.as_deref(), Some("2026-06-01 09:00:00"), "{t} of W voided, dated at its own registration");
+    }
+    assert_eq!(count(&mut write, &format!("SELECT COUNT(*) FROM person p JOIN patient x ON x.patient_id = p.person_id WHERE p.voided = 0 AND x.voided = 0 AND p.uuid IN ('{s}', '{w}')")).await, 1);
+    Hq::close(init, &db, [read, write]).await;
+}
+
 /// Applies one batch in one transaction (the sink's unpipelined path), with no dead letters.
 async fn apply_batch(applier: &mut Applier, write: &mut Conn, records: Vec<Record>) {
     write.query_drop("START TRANSACTION").await.unwrap();

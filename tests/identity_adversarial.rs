@@ -1,13 +1,13 @@
 //! The simulator's adversarial identity mode at a high rate (issue #22 §3), through the whole
-//! pipeline on real services: National IDs pasted with Unicode dashes, full-width forms and
-//! invisible spaces must still join a person's registrations; people with another's name, sex
-//! and birthdate, and National IDs one digit apart from another's, must stay apart; misprinted
-//! numbers corrected by update, void-and-add or delete-and-add after HQ joined records on them;
-//! (registration dates fixed after the fact, `--date-fixes`, are not in it yet: see issue #22's
-//! open items). The sites run in three time zones (UTC, Nairobi, UTC-5), one clock 10 minutes behind, one that
-//! jumps a day ahead and back. Judged by `verify --manifest --lake` (presence, values, and every
-//! human exactly one unvoided patient, the survivor the simulator expects, by its own truth),
-//! and by what HQ holds.
+//! pipeline on real services, five sites: National IDs pasted with Unicode dashes, full-width
+//! forms and invisible spaces must still join a person's registrations; people with another's
+//! name, sex and birthdate, and National IDs one digit apart from another's, must stay apart;
+//! misprinted numbers corrected by update, void-and-add or delete-and-add after HQ joined
+//! records on them; registration dates fixed back (before 1970 too) and put back again, which
+//! moves the survivor back and forth. The sites run in five time zones (UTC, Nairobi, UTC-5,
+//! Lima, UTC+5:30), one clock 10 minutes behind, one that jumps a day ahead and back. Judged by
+//! `verify --manifest --lake` (presence, values, and every human exactly one unvoided patient,
+//! the survivor the simulator expects, by its own truth), and by what HQ holds.
 
 mod common;
 
@@ -16,59 +16,46 @@ use common::*;
 use mysql_async::prelude::Queryable;
 use serde_json::Value as J;
 
+const SITES: [&str; 5] = ["site-a", "site-b", "site-c", "site-d", "site-e"];
+const PORTS: [u16; 5] = [3311, 3312, 3313, 3314, 3315];
+
+/// Two more sites (started by `scripts/dev-up … site-d site-e`), in their own time zones.
+fn extra_sites(database: &str) -> String {
+    [("site-d", 3314, "America/Lima"), ("site-e", 3315, "+05:30")]
+        .iter()
+        .map(|(name, port, zone)| {
+            format!(
+                "[[sites]]\nname = \"{name}\"\ntime_zone = \"{zone}\"\n[sites.database]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"cdc\"\npassword = \"cdc\"\ndatabase = \"{database}\"\n\n"
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pasted_ids_join_and_near_misses_stay_apart() {
+async fn five_sites_of_adversarial_identity_consolidate_by_the_simulators_truth() {
     let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tadv")), database: unique("adv") };
     let hq_db = unique("openmrs_hq_adv");
     let lake = p.dir.path().join("lake");
     let lake_line = format!("path = \"{}\"", lake.display());
+    let more = format!("{}[hq.database]\n", extra_sites(&p.database));
     let cfg_path = p.config(
         &hq_db,
         &[
-            (
-                "path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"",
-                &lake_line,
-            ),
-            (
-                "name = \"site-b\"\n",
-                "name = \"site-b\"\ntime_zone = \"Africa/Nairobi\"\n",
-            ),
-            (
-                "name = \"site-c\"\n",
-                "name = \"site-c\"\ntime_zone = \"-05:00\"\n",
-            ),
+            ("path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"", &lake_line),
+            ("name = \"site-b\"\n", "name = \"site-b\"\ntime_zone = \"Africa/Nairobi\"\n"),
+            ("name = \"site-c\"\n", "name = \"site-c\"\ntime_zone = \"-05:00\"\n"),
+            ("[hq.database]\n", &more),
         ],
     );
     p.run(&cfg_path, &["topics", "apply"]);
     let cfg = omrs_core::config::Config::load(&cfg_path).unwrap();
-    let args = omrs_simulate::SimulateArgs {
-        adversarial: 0.5,
-        dup_fraction: 0.4,
-        clock_trouble: true,
-        ..workload(&p, 200, 23)
-    };
+    let args = omrs_simulate::SimulateArgs { sites: 5, adversarial: 0.5, dup_fraction: 0.4, clock_trouble: true, ..workload(&p, 250, 23) };
     // The agents are there before the clinics' work (as deployed): they see every correction
     // as it happens, not only the corrected state a later snapshot would show.
-    omrs_simulate::run(
-        &cfg,
-        &omrs_simulate::SimulateArgs {
-            provision_only: true,
-            ..args.clone()
-        },
-    )
-    .await
-    .unwrap();
-    p.ingest(&cfg_path, &["site-a", "site-b", "site-c"], true);
-    let manifest = omrs_simulate::run(
-        &cfg,
-        &omrs_simulate::SimulateArgs {
-            no_provision: true,
-            ..args.clone()
-        },
-    )
-    .await
-    .unwrap();
-    p.ingest(&cfg_path, &["site-a", "site-b", "site-c"], true);
+    omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { provision_only: true, ..args.clone() }).await.unwrap();
+    p.ingest(&cfg_path, &SITES, true);
+    let manifest = omrs_simulate::run(&cfg, &omrs_simulate::SimulateArgs { no_provision: true, ..args.clone() }).await.unwrap();
+    p.ingest(&cfg_path, &SITES, true);
     p.run(&cfg_path, &["transform", "--until-idle", "--metrics-port", "0"]);
     p.run(&cfg_path, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
     p.run(&cfg_path, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
@@ -78,63 +65,23 @@ async fn pasted_ids_join_and_near_misses_stay_apart() {
     // sites, numbers one digit apart, and (at HQ) different people sharing name and birthdate.
     let pasted = manifest.humans.iter().flat_map(|h| &h.records).filter(|r| r.national_id_raw.as_deref().is_some_and(|s| !s.is_ascii())).count();
     assert!(pasted >= 20, "{pasted} pasted identifiers");
-    let ids: Vec<&String> = manifest
-        .humans
-        .iter()
-        .filter_map(|h| h.national_id.as_ref())
-        .collect();
-    let one_apart = ids
-        .windows(2)
-        .filter(|w| {
-            w[0].len() == w[1].len()
-                && w[0]
-                    .chars()
-                    .zip(w[1].chars())
-                    .filter(|(a, b)| a != b)
-                    .count()
-                    == 1
-        })
-        .count();
-    assert!(
-        one_apart >= 10,
-        "{one_apart} identifier pairs one digit apart"
-    );
-    // Misprints corrected each of the three ways, some while another of the person's records
-    // still held the misprint (HQ had joined them on it).
+    let ids: Vec<&String> = manifest.humans.iter().filter_map(|h| h.national_id.as_ref()).collect();
+    let one_apart = ids.windows(2).filter(|w| w[0].len() == w[1].len() && w[0].chars().zip(w[1].chars()).filter(|(a, b)| a != b).count() == 1).count();
+    assert!(one_apart >= 10, "{one_apart} identifier pairs one digit apart");
+    // Misprints corrected each of the three ways; registration dates fixed both ways.
     let records: Vec<_> = manifest.humans.iter().flat_map(|h| &h.records).collect();
-    for fix in [
-        "identifier_updated",
-        "identifier_voided_and_replaced",
-        "identifier_deleted_and_replaced",
-    ] {
-        let n = records
-            .iter()
-            .filter(|r| r.fixes.iter().any(|f| f == fix))
-            .count();
+    for fix in ["identifier_updated", "identifier_voided_and_replaced", "identifier_deleted_and_replaced", "date_created_backdated", "date_created_restored"] {
+        let n = records.iter().filter(|r| r.fixes.iter().any(|f| f == fix)).count();
         assert!(n >= 2, "{n} records with {fix}");
     }
+    // Some people were joined on a misprint that one of their sites then corrected (another
+    // record still holds only the misprint, the corrected one holds both).
     let joined_on_misprint = manifest
         .humans
         .iter()
-        .filter(|h| {
-            let corrected = h
-                .records
-                .iter()
-                .filter(|r| r.fixes.iter().any(|f| f.starts_with("identifier_")))
-                .count();
-            corrected >= 1
-                && h.records.iter().any(|r| {
-                    r.national_ids.len() == 1
-                        && h.records.iter().any(|c| {
-                            c.national_ids.len() == 2 && c.national_ids[0] == r.national_ids[0]
-                        })
-                })
-        })
+        .filter(|h| h.records.iter().any(|r| r.national_ids.len() == 1 && h.records.iter().any(|c| c.national_ids.len() == 2 && c.national_ids[0] == r.national_ids[0])))
         .count();
-    assert!(
-        joined_on_misprint >= 2,
-        "{joined_on_misprint} people joined on a misprint that one site then corrected"
-    );
+    assert!(joined_on_misprint >= 2, "{joined_on_misprint} people joined on a misprint that one site then corrected");
     let mut h = hq(&hq_db).await;
     let twins: i64 = count(
         &mut h,
@@ -144,19 +91,23 @@ async fn pasted_ids_join_and_near_misses_stay_apart() {
     )
     .await;
     assert!(twins >= 10, "{twins} groups of unvoided patients sharing name, sex and birthdate");
+    let pre_epoch: i64 = count(&mut h, "SELECT COUNT(*) FROM person WHERE date_created < '1970-01-01'").await;
+    assert!(pre_epoch >= 1, "{pre_epoch} people registered before 1970");
 
-    // Every human exactly one unvoided patient; values and the lake consistent.
+    // Every human exactly one unvoided patient, the expected survivor; values and the lake
+    // consistent.
     let manifest_path = p.dir.path().join("manifest.json");
     let v = bin().arg("--config").arg(&cfg_path).args(["verify", "--json", "--lake"]).arg(&lake).arg("--manifest").arg(&manifest_path).output().unwrap();
     let report: J = serde_json::from_slice(&v.stdout).unwrap_or(J::Null);
     assert!(v.status.success() && report["ok"] == J::Bool(true), "verify: {}\n{}", String::from_utf8_lossy(&v.stderr), serde_json::to_string_pretty(&report).unwrap_or_default());
     assert_eq!(report["manifest"]["wrong"], 0);
+    assert_eq!(report["manifest"]["wrong_survivor"], 0);
     assert_eq!(report["manifest"]["humans"].as_u64(), Some(manifest.humans.len() as u64));
     assert_eq!(report["manifest"]["active_patients"].as_u64(), Some(manifest.expected_hq.active_patients));
 
     let mut a = admin(HQ_PORT, None).await;
     a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
-    for port in [3311, 3312, 3313] {
+    for port in PORTS {
         admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
     }
 }

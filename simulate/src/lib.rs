@@ -83,7 +83,9 @@ pub struct SimulateArgs {
     pub seed: u64,
     /// Adversarial identity mode, at this rate (0 to 1): National IDs pasted with Unicode
     /// dashes, full-width forms and invisible spaces; people with another's name, sex and
-    /// birthdate; National IDs one digit apart from another person's.
+    /// birthdate; National IDs one digit apart from another person's; misprinted cards
+    /// corrected later (update, void and add, delete and add); registration dates fixed after
+    /// the fact (backdated, before 1970 too, sometimes put back).
     #[arg(long, default_value_t = 0.0)]
     pub adversarial: f64,
     /// Clock trouble: the second site's clock runs 10 minutes behind, the third's jumps a day
@@ -91,12 +93,6 @@ pub struct SimulateArgs {
     /// Each site also writes in the `time_zone` its config gives it.
     #[arg(long)]
     pub clock_trouble: bool,
-    /// With --adversarial: registration dates fixed after the fact at the same rate (backdated
-    /// to a paper register's date, sometimes before 1970, sometimes put back), which changes the
-    /// survivor of merged people. Off by default: HQ does not yet restore the `preferred` flags
-    /// and the merge void date of a record that becomes the survivor again (issue #22).
-    #[arg(long)]
-    pub date_fixes: bool,
     /// Steady row changes per second across all sites.
     #[arg(long, conflicts_with = "burst")]
     pub rate: Option<f64>,
@@ -155,7 +151,6 @@ impl Default for SimulateArgs {
             seed: 1,
             adversarial: 0.0,
             clock_trouble: false,
-            date_fixes: false,
             rate: None,
             burst: false,
             duration: None,
@@ -320,8 +315,6 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
 
     let plan = if args.provision_only {
         Plan::new(args.seed, args.sites, 0, 0.0)
-    } else if args.date_fixes {
-        Plan::with_date_fixes(args.seed, args.sites, args.patients, args.dup_fraction, args.adversarial)
     } else {
         Plan::with_adversarial(args.seed, args.sites, args.patients, args.dup_fraction, args.adversarial)
     };

@@ -140,17 +140,9 @@ impl Plan {
         Plan::with_adversarial(seed, sites, patients, dup_fraction, 0.0)
     }
 
-    /// [`Plan::with_adversarial`], plus registration dates fixed after the fact at the same rate.
-    pub fn with_date_fixes(seed: u64, sites: usize, patients: usize, dup_fraction: f64, adversarial: f64) -> Plan {
-        Plan::build(seed, sites, patients, dup_fraction, adversarial, true)
-    }
 
     /// [`Plan::new`] with the adversarial identity mode at `adversarial` (0 to 1).
     pub fn with_adversarial(seed: u64, sites: usize, patients: usize, dup_fraction: f64, adversarial: f64) -> Plan {
-        Plan::build(seed, sites, patients, dup_fraction, adversarial, false)
-    }
-
-    fn build(seed: u64, sites: usize, patients: usize, dup_fraction: f64, adversarial: f64, date_fixes: bool) -> Plan {
         let mut rng = seed_for(seed, 0);
         let mut adv = Adversary { rng: seed_for(seed, 7), rate: adversarial };
         let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -216,7 +208,7 @@ impl Plan {
                     }
                     nid = if i > 0 && rng.gen_bool(LATE_NID) { NidMode::Late(raw) } else { NidMode::AtRegistration(raw) };
                 }
-                let date_fix = (date_fixes && adv.roll()).then(|| {
+                let date_fix = adv.roll().then(|| {
                     let day = NaiveDate::from_ymd_opt(1965, 1, 1).and_then(|d| d.checked_add_days(chrono::Days::new(adv.rng.gen_range(0..21_500))));
                     let to = day.and_then(|d| d.and_hms_opt(adv.rng.gen_range(7..18), adv.rng.gen_range(0..60), 0)).unwrap_or_default();
                     DateFix { to, undone: adv.rng.gen_bool(DATE_FIX_UNDONE) }
@@ -276,7 +268,7 @@ mod tests {
             Plan::with_adversarial(5, 3, 1000, 0.2, 0.0).per_site.iter().flatten().map(|r| format!("{}{:?}{:?}", r.human, r.kind, r.nid)).collect::<Vec<_>>(),
             "rate 0 is the plain plan"
         );
-        let p = Plan::with_date_fixes(5, 3, 1000, 0.2, 0.3);
+        let p = Plan::with_adversarial(5, 3, 1000, 0.2, 0.3);
         // Numbers stay unique: every human is one identity.
         let ids: Vec<&String> = p.humans.iter().filter_map(|h| h.national_id.as_ref()).collect();
         let unique: std::collections::HashSet<_> = ids.iter().collect();

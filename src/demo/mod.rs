@@ -42,7 +42,8 @@ pub struct DemoArgs {
     pub dup_fraction: f64,
     /// The simulator's adversarial identity mode, at this rate: National IDs pasted with
     /// Unicode dashes, full-width forms and invisible spaces; near misses (another person's
-    /// name and birthdate, a National ID one digit apart) that must not merge.
+    /// name and birthdate, a National ID one digit apart) that must not merge; misprinted
+    /// cards corrected later; registration dates fixed after the fact.
     #[arg(long, default_value_t = 0.05)]
     pub adversarial: f64,
     /// Seed of the workload: the same seed gives the same people and values.

@@ -417,6 +417,9 @@ struct Staged {
     /// The version packs of `versions`, stored ahead by [`Applier::plan_batch`] (off the write
     /// path) and not yet marked committed: their pack ids. None: not stored yet.
     packs_ahead: Option<Vec<i64>>,
+    /// Rows written to a person that is not their own: (table, HQ id, own person uuid, own
+    /// `preferred`, work index), kept in `omrs_sync_moved`.
+    moved: Vec<(String, i64, String, Value, usize)>,
 }
 
 impl Staged {
@@ -587,6 +590,8 @@ impl Writer {
             .filter(|v| !failed.contains(&v.work) && (unwritten.is_empty() || !unwritten.contains(&(v.table.as_str(), v.key.as_str()))))
             .partition(|v| v.packed);
         write_version_rows(conn, &single, &staged.deletes).await?;
+        let moved: Vec<_> = staged.moved.iter().filter(|m| !failed.contains(&m.4)).collect();
+        write_moved_rows(conn, &moved).await?;
         // Packs stored ahead count once this transaction commits. If HQ rejected a row, its
         // entry must go: those packs are dropped and written again here, as are packs not
         // stored ahead (the batches applied on this connection).
@@ -726,6 +731,21 @@ async fn write_version_rows(conn: &mut Conn, single: &[&StagedVersion], deletes:
         )
         .await
         .map_err(db("writing row versions"))?;
+    }
+    Ok(())
+}
+
+/// Remembers whose the rows written to another person are (`omrs_sync_moved`).
+async fn write_moved_rows(conn: &mut Conn, moved: &[&(String, i64, String, Value, usize)]) -> Result<(), SinkError> {
+    for chunk in moved.chunks(500) {
+        let marks = vec!["(?,?,?,?)"; chunk.len()].join(",");
+        let params: Vec<Value> = chunk.iter().flat_map(|(t, id, p, pref, _)| [Value::from(t.as_str()), Value::from(*id), Value::from(p.as_str()), pref.clone()]).collect();
+        conn.exec_drop(
+            format!("INSERT INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) VALUES {marks} ON DUPLICATE KEY UPDATE person_uuid = VALUES(person_uuid), preferred = VALUES(preferred)"),
+            params,
+        )
+        .await
+        .map_err(db("remembering where rows written to a survivor belong"))?;
     }
     Ok(())
 }
@@ -1875,7 +1895,7 @@ impl Applier {
             cols.push("uuid");
             vals.push(Value::from(row_key.as_str()));
         }
-        self.force_merge_values(conn, &table, &row_key, w, &mut cols, &mut vals).await?;
+        let owner = self.force_merge_values(conn, &table, &row_key, w, &mut cols, &mut vals).await?;
         let cols = self.col_list(&table, &cols);
 
         if staged.deleted_keys.contains(&Tk(&table, &pk_text)) {
@@ -1883,6 +1903,9 @@ impl Applier {
             units.push(std::mem::take(staged));
         }
         let wi = Self::receipt(staged, w);
+        if let (Some((person, preferred)), Some(id)) = (owner, own_id) {
+            staged.moved.push((table.clone(), id, person, preferred, wi));
+        }
         let rows = staged.upserts.entry(table.clone()).or_default();
         match staged.index.get(&Tk(&table, &pk_text)) {
             Some(&i) => rows[i] = Some(StagedRow { cols, vals, work: wi, insert: allocated }),
@@ -2034,7 +2057,8 @@ impl Applier {
     }
 
     /// A merged person stays voided whatever its site says later, and the rows moved to a
-    /// survivor stay non-preferred (semantics 4: the same result in any order).
+    /// survivor stay non-preferred (semantics 4: the same result in any order). Returns, for a
+    /// row written to a person not its own, that person and the row's own `preferred`.
     async fn force_merge_values<'c>(
         &mut self,
         conn: &mut Conn,
@@ -2043,7 +2067,7 @@ impl Applier {
         w: &Work,
         cols: &mut Vec<&'c str>,
         vals: &mut Vec<Value>,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Option<(String, Value)>, SinkError> {
         let set = |cols: &mut Vec<&'c str>, vals: &mut Vec<Value>, c: &'static str, v: Value| match cols.iter().position(|x| *x == c) {
             Some(i) => vals[i] = v,
             None => {
@@ -2054,7 +2078,7 @@ impl Applier {
         match table {
             "person" | "patient" => {
                 if let Some(survivor) = self.survivor_of(row_key) {
-                    let own = cols.iter().position(|c| *c == "date_created").map(|i| vals[i].clone()).filter(|_| table == "person");
+                    let own = cols.iter().position(|c| *c == "date_created").map(|i| vals[i].clone());
                     let when = match own {
                         Some(v) => v,
                         None => Value::from(self.merge_time(conn, row_key).await?),
@@ -2075,13 +2099,15 @@ impl Applier {
             }
             "patient_identifier" | "person_name" | "person_address" => {
                 let col = if table == "patient_identifier" { "patient_id" } else { "person_id" };
-                if w.origin_refs.contains_key(col) {
+                if let Some(J::String(own)) = w.origin_refs.get(col) {
+                    let preferred = cols.iter().position(|c| *c == "preferred").map_or(Value::NULL, |i| vals[i].clone());
                     set(cols, vals, "preferred", Value::from(0));
+                    return Ok(Some((own.clone(), preferred)));
                 }
             }
             _ => {}
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The row is voided by a merge ("Merged with patient #…").
@@ -2092,7 +2118,8 @@ impl Applier {
         voided && merged
     }
 
-    /// When a merge is dated at HQ: the loser's registration (`person.date_created`). A
+    /// When a merge is dated at HQ: the voided row's own registration (`date_created`, read
+    /// from the row being written; this reads the person's when the image lacks it). A
     /// duplicate is a duplicate from its creation; and unlike the time HQ learned of it, this
     /// does not depend on the order in which the sites were read (semantics 4).
     async fn merge_time(&mut self, conn: &mut Conn, loser: &str) -> Result<String, SinkError> {
@@ -2145,13 +2172,34 @@ impl Applier {
                 if !tm.columns.iter().any(|c| c.name == *col) {
                     continue;
                 }
-                let extra = if *preferred && tm.columns.iter().any(|c| c.name == "preferred") { ", preferred = 0" } else { "" };
-                conn.exec_drop(format!("UPDATE {} SET {} = ?{extra} WHERE {} = ?", q(table), q(col), q(col)), (w, l))
+                if *preferred && tm.columns.iter().any(|c| c.name == "preferred") && tm.pk.len() == 1 {
+                    // Non-preferred once moved, unless it goes back to the person it came from
+                    // (a survivor change hands the component to an earlier loser): its owner
+                    // and own flag are remembered the first time it leaves its person.
+                    let pk = q(&tm.pk[0]);
+                    conn.exec_drop(
+                        format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, ?, preferred FROM {} WHERE {} = ?", q(table), q(col)),
+                        (*table, loser, l),
+                    )
+                    .await
+                    .map_err(|e| SinkError::db(format!("remembering where the moved {table} rows belong"), e))?;
+                    conn.exec_drop(
+                        format!(
+                            "UPDATE {t} r LEFT JOIN omrs_sync_moved m ON m.tbl = ? AND m.hq_id = r.{pk} SET r.{c} = ?, r.preferred = IF(m.person_uuid <=> ?, m.preferred, 0) WHERE r.{c} = ?",
+                            t = q(table),
+                            c = q(col)
+                        ),
+                        (*table, w, rec.winner.as_str(), l),
+                    )
+                    .await
+                    .map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))?;
+                    continue;
+                }
+                conn.exec_drop(format!("UPDATE {} SET {} = ? WHERE {} = ?", q(table), q(col), q(col)), (w, l))
                     .await
                     .map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))?;
             }
             let reason = format!("Merged with patient #{w}");
-            let when = self.merge_time(conn, loser).await?;
             // A survivor that its site had merged away (the site chose the other record) is
             // alive at HQ.
             for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
@@ -2164,8 +2212,9 @@ impl Applier {
             }
             for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
                 conn.exec_drop(
-                    format!("UPDATE {table} SET voided = 1, voided_by = ?, date_voided = ?, void_reason = ? WHERE {col} = ?"),
-                    (self.daemon_user, when.as_str(), reason.as_str(), l),
+                    // Dated at the row's own registration: the same whenever HQ learns of it.
+                    format!("UPDATE {table} SET voided = 1, voided_by = ?, date_voided = date_created, void_reason = ? WHERE {col} = ?"),
+                    (self.daemon_user, reason.as_str(), l),
                 )
                 .await
                 .map_err(|e| SinkError::db(format!("voiding the merged {table}"), e))?;
@@ -2180,6 +2229,7 @@ impl Applier {
                 .await
                 .map_err(db("reading the sites' merge logs"))?;
             if site_logged.unwrap_or(0) == 0 {
+                let when = self.merge_time(conn, loser).await?;
                 let id = self.allocate(conn, "person_merge_log", "person_merge_log_id").await?;
                 // Only what does not depend on the order the evidence arrived in: the reason and
                 // evidence of this merge are in omrs_sync_merge.

@@ -111,6 +111,16 @@ pub const BOOKKEEPING: &[&str] = &[
         applied_at DATETIME(3) NULL,
         KEY (winner_uuid)
      ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // Identifiers, names and addresses that left their own person (moved by a merge, or written
+    // to a survivor by the transform): whose they are and their own `preferred` flag, so that
+    // one handed back to its person by a survivor change is preferred again as at its site.
+    "CREATE TABLE IF NOT EXISTS omrs_sync_moved (
+        tbl VARCHAR(64) NOT NULL,
+        hq_id BIGINT NOT NULL,
+        person_uuid CHAR(38) NOT NULL,
+        preferred TINYINT NULL,
+        PRIMARY KEY (tbl, hq_id)
+     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
 ];
 
 /// The dashboard tables (`omrs_dash_*`, issue #9): one row per aggregate window, upserted by

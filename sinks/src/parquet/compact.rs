@@ -227,7 +227,7 @@ fn replace(batch: &RecordBatch, name: &str, arr: ArrayRef) -> Result<RecordBatch
 }
 
 /// The published rows of a table: its raw state without deletes, with the merges applied.
-fn publish(table: &str, raw: &RecordBatch, merges: &Merges, loser_created: &HashMap<String, i64>) -> Result<RecordBatch, SinkError> {
+fn publish(table: &str, raw: &RecordBatch, merges: &Merges) -> Result<RecordBatch, SinkError> {
     let ops = str_col(raw, "_op")?;
     let keep: BooleanArray = ops.iter().map(|o| Some(o != Some("d"))).collect();
     let mut b = filter_record_batch(raw, &keep).map_err(arrow_err("dropping deletes".into()))?;
@@ -254,10 +254,9 @@ fn publish(table: &str, raw: &RecordBatch, merges: &Merges, loser_created: &Hash
         b = replace(&b, &name, Arc::new(out.finish()))?;
     }
     if MOVES.iter().any(|(t, _, pref)| *t == table && *pref) {
-        if let (Ok(pref), Some(rew)) = (b.column_by_name("preferred").map(|c| c.as_boolean().clone()).ok_or(()), b.column_by_name("_rewritten").map(|c| c.as_boolean().clone())) {
-            let out: BooleanArray = (0..n)
-                .map(|i| if moved[i] || rew.value(i) { Some(false) } else if pref.is_null(i) { None } else { Some(pref.value(i)) })
-                .collect();
+        // The row's person is its own (`schema::keeps_own_person`): moved means merged away.
+        if let Some(pref) = b.column_by_name("preferred").map(|c| c.as_boolean().clone()) {
+            let out: BooleanArray = (0..n).map(|i| if moved[i] { Some(false) } else if pref.is_null(i) { None } else { Some(pref.value(i)) }).collect();
             b = replace(&b, "preferred", Arc::new(out))?;
         }
     }
@@ -271,6 +270,8 @@ fn publish(table: &str, raw: &RecordBatch, merges: &Merges, loser_created: &Hash
             return Ok(b);
         };
         let by = str_col(&b, "voided_by_uuid").ok().cloned();
+        // A merged row is dated at its own registration.
+        let created = b.column_by_name("date_created").and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>().cloned());
         let by_id = b.column_by_name("voided_by").cloned();
         let (mut v_out, mut r_out, mut d_out, mut by_out) =
             (BooleanBuilder::with_capacity(n), StringBuilder::new(), TimestampMicrosecondBuilder::with_capacity(n), StringBuilder::new());
@@ -282,7 +283,7 @@ fn publish(table: &str, raw: &RecordBatch, merges: &Merges, loser_created: &Hash
             if let Some(s) = merges.survivor_of(k) {
                 v_out.append_value(true);
                 r_out.append_value(format!("Merged with patient {s}"));
-                let when = loser_created.get(k).copied().map(|us| us - us.rem_euclid(1_000_000));
+                let when = created.as_ref().filter(|c| !c.is_null(i)).map(|c| c.value(i)).map(|us| us - us.rem_euclid(1_000_000));
                 d_out.append_option(when);
                 by_out.append_value(DAEMON_USER_UUID);
                 by_id_null[i] = true;
@@ -372,10 +373,9 @@ pub async fn compact(lake: &Lake, _writer: &LakeLock, state: &State, tables: &Ha
     let merge_tables: HashSet<&str> = MOVES.iter().map(|(t, _, _)| *t).chain(["person", "patient"]).collect();
     let row_group = 128 * 1024;
 
-    // Tables in dependency-free order; person first (its registrations date the merges).
+    // Tables in name order (each is published from its own rows and the merges).
     let mut names: Vec<&String> = tables.keys().collect();
     names.sort_by_key(|n| (n.as_str() != "person", n.as_str()));
-    let mut loser_created: HashMap<String, i64> = HashMap::new();
     let mut info = SnapshotInfo { id, manifest_seq: state.seq, created_at_ms: chrono::Utc::now().timestamp_millis(), tables: BTreeMap::new(), views: BTreeMap::new(), merges: merges.len() as u64 };
     let mut rebuilt = 0;
     for name in names {
@@ -388,9 +388,8 @@ pub async fn compact(lake: &Lake, _writer: &LakeLock, state: &State, tables: &Ha
         if fresh.is_none() && prev_raw.is_none() {
             continue;
         }
-        let needs_person = name == "person" && !merges.is_empty();
         let republish = merges_changed && merge_tables.contains(name.as_str());
-        if fresh.is_none() && !republish && !needs_person {
+        if fresh.is_none() && !republish {
             if let (Some(r), Some(c)) = (&prev_raw, &prev_cur) {
                 link_or_copy(r, &raw_path)?;
                 link_or_copy(c, &cur_path)?;
@@ -414,17 +413,6 @@ pub async fn compact(lake: &Lake, _writer: &LakeLock, state: &State, tables: &Ha
             link_or_copy(&p, &raw_path)?;
             concat_batches(&t.schema, &read_file(&p)?).map_err(arrow_err(format!("reading _raw/{name}")))?
         };
-        if name == "person" {
-            if let (Ok(keys), Some(created)) =
-                (str_col(&raw, "_row_key"), raw.column_by_name("date_created").and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>()))
-            {
-                for i in 0..raw.num_rows() {
-                    if !created.is_null(i) && merges.survivor_of(keys.value(i)).is_some() {
-                        loser_created.insert(keys.value(i).to_string(), created.value(i));
-                    }
-                }
-            }
-        }
         if fresh.is_none() && !republish {
             if let Some(c) = &prev_cur {
                 link_or_copy(c, &cur_path)?;
@@ -432,7 +420,7 @@ pub async fn compact(lake: &Lake, _writer: &LakeLock, state: &State, tables: &Ha
                 continue;
             }
         }
-        let out = publish(name, &raw, &merges, &loser_created)?;
+        let out = publish(name, &raw, &merges)?;
         std::fs::create_dir_all(cur_path.parent().unwrap_or(&dir)).map_err(io(format!("creating {}", cur_path.display())))?;
         let bytes = write::write_file(&cur_path, &t.schema, std::slice::from_ref(&out), row_group)?;
         metrics().lake_files_written.with_label_values(&["current"]).inc();

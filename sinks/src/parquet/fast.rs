@@ -21,7 +21,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::schema::{cell, Cell, LakeTable};
+use super::schema::{cell, keeps_own_person, Cell, LakeTable};
 use super::write::Meta;
 
 /// A JSON object as borrowed (key, raw value) pairs, in order.
@@ -185,7 +185,8 @@ pub fn decode(
         };
         cells.push(cell);
         if c.references.is_some() {
-            cells.push(match ev.refs.as_ref().and_then(|r| r.get(&c.name)).and_then(text) {
+            let own = keeps_own_person(&table.def.name, &c.name).then(|| rc.origin_refs.get(&c.name).and_then(|v| v.as_str()).map(Cow::Borrowed)).flatten();
+            cells.push(match own.or_else(|| ev.refs.as_ref().and_then(|r| r.get(&c.name)).and_then(text)) {
                 Some(u) => Cell::Str(u),
                 None => Cell::Null,
             });

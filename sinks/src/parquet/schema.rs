@@ -145,6 +145,13 @@ pub struct LakeRow {
     pub cells: Vec<Cell<'static>>,
 }
 
+/// An identifier, name or address keeps the person it was written for (the site's) in its
+/// `<column>_uuid`, not the survivor the transform pointed it at: the current view maps it
+/// through the merges, and a survivor change that hands the person back finds it its own.
+pub fn keeps_own_person(table: &str, column: &str) -> bool {
+    crate::hq_mysql::apply::MOVES.iter().any(|(t, c, preferred)| *preferred && *t == table && *c == column)
+}
+
 /// Converts one change: the after image (the before image of a delete), each value typed by
 /// its column. An error names the table, the column and the value.
 #[allow(clippy::too_many_arguments)]
@@ -167,7 +174,8 @@ pub fn convert(
         let cell = cell(v, t).map_err(|why| format!("{}.{}: {why}", table.def.name, c.name))?;
         cells.push(cell);
         if c.references.is_some() {
-            cells.push(match ev.refs.get(&c.name) {
+            let own = keeps_own_person(&table.def.name, &c.name).then(|| origin_refs.get(&c.name)).flatten();
+            cells.push(match own.or_else(|| ev.refs.get(&c.name)) {
                 Some(J::String(u)) => Cell::Str(u.clone().into()),
                 _ => Cell::Null,
             });

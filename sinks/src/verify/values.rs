@@ -77,8 +77,6 @@ pub struct Merges {
     pub survivors: HashSet<String>,
     /// Losers whose chain does not end (a loop, e.g. a survivor merged into itself).
     pub loops: Vec<String>,
-    /// HQ's `person.date_created` of each loser (the date its merge is dated at).
-    pub loser_created: HashMap<String, Option<String>>,
     /// HQ person id → uuid, for the ids named by "Merged with patient #<id>".
     pub hq_person: HashMap<String, String>,
 }
@@ -110,9 +108,6 @@ impl Merges {
             }
         }
         m.loops.sort();
-        let created: Vec<(String, Option<String>)> =
-            hq.query("SELECT uuid, CAST(date_created AS CHAR) FROM person").await.map_err(|e| SinkError::db("reading person.date_created at HQ", e))?;
-        m.loser_created = created.into_iter().filter(|(u, _)| direct.contains_key(u)).collect();
         let ids: Vec<(String, String)> = hq
             .query(
                 "SELECT CAST(p.person_id AS CHAR), p.uuid FROM person p WHERE p.person_id IN (
@@ -175,7 +170,8 @@ impl<'a> TableRules<'a> {
             if let Some(s) = m.survivor.get(key) {
                 row[voided] = Some("1".into());
                 row[by] = Some(DAEMON_USER.into());
-                row[date] = m.loser_created.get(key).cloned().flatten();
+                // Dated at the row's own registration.
+                row[date] = self.date_created.and_then(|i| row[i].clone());
                 row[reason] = Some(format!("Merged with patient {s}"));
             } else if m.survivors.contains(key) && row[voided].as_deref() == Some("1") && row[reason].as_deref().is_some_and(|r| r.starts_with("Merged with patient")) {
                 row[voided] = Some("0".into());
