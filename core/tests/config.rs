@@ -69,6 +69,19 @@ fn a_missing_site_database_is_named() {
 }
 
 #[test]
+fn a_site_time_zone_is_read_and_a_wrong_one_named() {
+    let text = default_text().replacen("priority = 2\n", "priority = 2\ntime_zone = \"Africa/Nairobi\"\n", 1);
+    let cfg = Config::parse(&text, Path::new("test.toml")).unwrap();
+    assert_eq!(cfg.site("site-b").unwrap().zone(), omrs_core::zone::Zone::parse("Africa/Nairobi").unwrap());
+    assert!(cfg.site("site-a").unwrap().zone().is_utc(), "no time_zone: UTC");
+    let text = default_text().replacen("priority = 2\n", "priority = 2\ntime_zone = \"+3\"\n", 1);
+    assert!(Config::parse(&text, Path::new("test.toml")).unwrap().site("site-b").unwrap().zone().offset_now() == "+03:00");
+    let text = default_text().replacen("priority = 2\n", "priority = 2\ntime_zone = \"Nairobi\"\n", 1);
+    let err = err_of(&text);
+    assert!(err.contains("test.toml: sites[1].time_zone: `Nairobi` is neither an offset like +03:00 nor a known IANA time zone"), "{err}");
+}
+
+#[test]
 fn a_bad_port_is_named() {
     let text = default_text().replacen("port = 3313", "port = 99999", 1);
     let err = err_of(&text);
