@@ -93,6 +93,12 @@ fn has_parquet(dir: &Path) -> bool {
 
 /// A session with every table of the lake registered.
 pub async fn context(lake_root: &Path) -> Result<SessionContext, SinkError> {
+    context_within(lake_root, None).await
+}
+
+/// [`context`], its queries held to `memory` bytes: a sort larger than that spills to the
+/// temporary directory instead of growing (verify reads whole tables in key order).
+pub async fn context_within(lake_root: &Path, memory: Option<usize>) -> Result<SessionContext, SinkError> {
     if !lake_root.join("_manifest").is_dir() {
         return Err(SinkError::Query(format!(
             "{} is not an omrs-stream lake (no _manifest/): run `omrs-stream sink parquet` first, or pass --lake",
@@ -101,7 +107,13 @@ pub async fn context(lake_root: &Path) -> Result<SessionContext, SinkError> {
     }
     // Strings as Utf8 (not Utf8View): the types users see in --tables and in their tools.
     let config = SessionConfig::new().with_information_schema(true).set_bool("datafusion.execution.parquet.schema_force_view_types", false);
-    let ctx = SessionContext::new_with_config(config);
+    let ctx = match memory {
+        Some(bytes) => {
+            let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new().with_memory_limit(bytes, 1.0).build_arc().map_err(df_err)?;
+            SessionContext::new_with_config_rt(config, runtime)
+        }
+        None => SessionContext::new_with_config(config),
+    };
     let catalog = ctx.catalog("datafusion").ok_or_else(|| SinkError::Query("no default catalog".into()))?;
     for schema in ["changes", "current", "aggregates"] {
         catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new())).map_err(df_err)?;

@@ -3,18 +3,22 @@
 //! normalised across the MySQL → Arrow map), and the change history holds each site change
 //! once (no two rows with the same site and binlog position, nor the same Kafka offset).
 //!
-//! A lake table is read whole (one table at a time); HQ is read in key order.
+//! Both sides are read in key order and merged: HQ in pages, a lake table as a stream of
+//! batches sorted by DataFusion (which spills past the session's memory limit).
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Ordering;
+use std::collections::{HashSet, VecDeque};
 
 use arrow::array::{Array, ArrayRef, BinaryArray, LargeBinaryArray, StringArray};
 use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
+use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
+use futures::StreamExt;
 use mysql_async::Conn;
 use serde::Serialize;
 
-use super::space::{norm, DbModel, Pager};
+use super::space::{key_cmp, norm, DbModel, KeyedRow, Pager};
 use super::values::{compared_columns, Merges, TableValues, ValueDiff};
 use crate::SinkError;
 
@@ -43,27 +47,76 @@ fn as_text(a: &ArrayRef, what: &str) -> Result<Vec<Option<String>>, SinkError> {
     }
 }
 
-/// One lake table, keyed by `_row_key` (lower case), with the named columns as text.
-fn rows_by_key(batches: &[RecordBatch], cols: &[String], table: &str) -> Result<HashMap<String, Vec<Option<String>>>, SinkError> {
-    let mut out = HashMap::new();
-    for b in batches {
-        let schema = b.schema();
-        let Ok(ki) = schema.index_of("_row_key") else { return Ok(out) };
-        let keys = as_text(b.column(ki), &format!("current.{table}._row_key"))?;
-        let values: Vec<Option<Vec<Option<String>>>> = cols
-            .iter()
-            .map(|c| schema.index_of(c).ok().map(|i| as_text(b.column(i), &format!("current.{table}.{c}"))).transpose())
-            .collect::<Result<_, _>>()?;
-        for (r, k) in keys.into_iter().enumerate() {
-            let Some(k) = k else { continue };
+/// A batch's rows as (`_row_key` in lower case, the named columns as text), in batch order.
+fn keyed_rows(b: &RecordBatch, cols: &[String], table: &str) -> Result<Vec<KeyedRow>, SinkError> {
+    let schema = b.schema();
+    let Ok(ki) = schema.index_of("_row_key") else { return Ok(Vec::new()) };
+    let keys = as_text(b.column(ki), &format!("current.{table}._row_key"))?;
+    let values: Vec<Option<Vec<Option<String>>>> =
+        cols.iter().map(|c| schema.index_of(c).ok().map(|i| as_text(b.column(i), &format!("current.{table}.{c}"))).transpose()).collect::<Result<_, _>>()?;
+    Ok(keys
+        .into_iter()
+        .enumerate()
+        .filter_map(|(r, k)| {
             let row = values.iter().map(|v| v.as_ref().map(|v| v[r].clone()).unwrap_or(Some("\u{0}absent".into()))).collect();
-            out.insert(k.to_ascii_lowercase(), row);
-        }
-    }
-    Ok(out)
+            Some((k?.to_ascii_lowercase(), row))
+        })
+        .collect())
 }
 
-/// Every `current.<table>` of the lake that HQ has, compared with HQ value for value.
+/// A lake table read as a stream in the servers' key order (`space::key_cmp`: bytes in lower
+/// case), one batch at a time: memory holds a batch, and DataFusion's sort spills past the
+/// session's limit.
+struct LakeRows {
+    stream: SendableRecordBatchStream,
+    buf: VecDeque<KeyedRow>,
+    cols: Vec<String>,
+    table: String,
+    /// The last key read, to refuse an order the merge cannot follow.
+    last: String,
+}
+
+impl LakeRows {
+    async fn open(ctx: &SessionContext, table: &str, cols: Vec<String>) -> Result<LakeRows, SinkError> {
+        let q = |e: datafusion::error::DataFusionError| SinkError::Query(format!("reading current.{table} in key order: {e}"));
+        let df = ctx.sql(&format!("SELECT * FROM current.{table} ORDER BY lower(_row_key)")).await.map_err(q)?;
+        let stream = df.execute_stream().await.map_err(q)?;
+        Ok(LakeRows { stream, buf: VecDeque::new(), cols, table: table.to_string(), last: String::new() })
+    }
+
+    /// The next row at or after `key`: rows before it (HQ does not have them; presence is the
+    /// other check's) are passed over. None when the lake has no row `key`.
+    async fn take(&mut self, key: &str) -> Result<Option<Vec<Option<String>>>, SinkError> {
+        loop {
+            while self.buf.is_empty() {
+                match self.stream.next().await {
+                    Some(b) => {
+                        let b = b.map_err(|e| SinkError::Query(format!("reading current.{}: {e}", self.table)))?;
+                        for (k, row) in keyed_rows(&b, &self.cols, &self.table)? {
+                            if key_cmp(&k, &self.last) == Ordering::Less {
+                                return Err(SinkError::Query(format!("current.{}: key {k} came after {} (an order verify cannot merge)", self.table, self.last)));
+                            }
+                            self.last.clone_from(&k);
+                            self.buf.push_back((k, row));
+                        }
+                    }
+                    None => return Ok(None),
+                }
+            }
+            let Some((k, _)) = self.buf.front() else { return Ok(None) };
+            match key_cmp(k, key) {
+                Ordering::Less => {
+                    self.buf.pop_front();
+                }
+                Ordering::Equal => return Ok(self.buf.pop_front().map(|(_, row)| row)),
+                Ordering::Greater => return Ok(None),
+            }
+        }
+    }
+}
+
+/// Every `current.<table>` of the lake that HQ has, compared with HQ value for value: both read
+/// in key order and merged, so neither side is held whole.
 pub async fn current_values(ctx: &SessionContext, hq: &mut Conn, hq_db: &str, scrub: &HashSet<String>, merges: &Merges, samples: usize) -> Result<Vec<TableValues>, SinkError> {
     let model = DbModel::load(hq, hq_db, "HQ").await?;
     let names = crate::query::table_names(ctx).await;
@@ -75,15 +128,14 @@ pub async fn current_values(ctx: &SessionContext, hq: &mut Conn, hq_db: &str, sc
         let cols = compared_columns(&model, t, scrub);
         let Some(sel) = model.select(t, &cols) else { continue };
         let lake_cols: Vec<String> = cols.iter().map(|c| if model.references(t, c).is_some() { format!("{c}_uuid") } else { c.clone() }).collect();
-        let batches = crate::query::sql(ctx, &format!("SELECT * FROM current.{t}")).await?;
-        let mut lake = rows_by_key(&batches, &lake_cols, t)?;
+        let mut lake = LakeRows::open(ctx, t, lake_cols).await?;
         let voids = matches!(t, "person" | "patient").then(|| cols.iter().position(|c| c == "void_reason")).flatten();
         let mut check = TableValues { table: t.to_string(), ..Default::default() };
         let mut pager = Pager::new(sel, "HQ");
         while pager.peek(hq).await?.is_some() {
             let Some((key, mut row)) = pager.pop() else { break };
             // Presence is the other check's.
-            let Some(lrow) = lake.remove(&key.to_ascii_lowercase()) else { continue };
+            let Some(lrow) = lake.take(&key.to_ascii_lowercase()).await? else { continue };
             if let Some(i) = voids {
                 row[i] = merges.hq_reason(row[i].take());
             }

@@ -31,6 +31,10 @@ use serde::Serialize;
 
 use crate::SinkError;
 
+/// Memory for sorting one lake table into key order; a larger table spills to the temporary
+/// directory.
+const LAKE_SORT_MEMORY: usize = 512 << 20;
+
 /// `omrs-stream verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct VerifyArgs {
@@ -408,7 +412,8 @@ async fn value_checks(cfg: &Config, args: &VerifyArgs, lake_root: &std::path::Pa
     if args.no_lake {
         return Ok(());
     }
-    let ctx = crate::query::context(lake_root).await?;
+    // Sorting a large table for the merge spills to disk past this much memory.
+    let ctx = crate::query::context_within(lake_root, Some(LAKE_SORT_MEMORY)).await?;
     let mut hq = connect(&cfg.hq.database, "HQ").await?;
     let scrub: HashSet<String> = cfg.ingest.scrub.iter().cloned().collect();
     r.lake_values = lake::current_values(&ctx, &mut hq, &cfg.hq.database.database, &scrub, &merges, args.samples).await?;
