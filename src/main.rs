@@ -120,6 +120,10 @@ async fn serve_metrics(cfg: &Config, port: Option<u16>, stage: &str) -> anyhow::
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(cli.command, Command::Ingest(_) | Command::Transform(_) | Command::Sink { .. }) {
+        // A stage stops cleanly on SIGTERM or SIGINT: it finishes the open batch and exits 0.
+        omrs_core::stop::install();
+    }
     match &cli.command {
         Command::Demo(args) => {
             let run = demo::run(args, &cli.topics);

@@ -38,6 +38,13 @@ pub enum CoreError {
     /// Topics on the broker do not match `topics.toml`.
     #[error("{} topic mismatch(es):\n  {}", .0.len(), .0.join("\n  "))]
     TopicMismatch(Vec<String>),
+    /// A database (a site's or HQ's) refused or failed a statement.
+    #[error("{context}: {source}")]
+    Db {
+        context: String,
+        #[source]
+        source: mysql_async::Error,
+    },
     /// The metrics endpoint could not bind or serve.
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
@@ -53,11 +60,17 @@ impl CoreError {
         match self {
             CoreError::Kafka { transient, .. } => *transient,
             CoreError::Metrics { .. } => true,
+            CoreError::Db { source, .. } => is_transient_db(source),
             CoreError::ConfigRead { .. }
             | CoreError::Config { .. }
             | CoreError::Envelope(_)
             | CoreError::TopicMismatch(_) => false,
         }
+    }
+
+    /// A database error, with what was being done.
+    pub fn db(context: impl Into<String>, source: mysql_async::Error) -> Self {
+        CoreError::Db { context: context.into(), source }
     }
 
     pub(crate) fn kafka(context: impl Into<String>, err: rdkafka::error::KafkaError) -> Self {
@@ -77,5 +90,17 @@ impl CoreError {
             None => true,
         };
         CoreError::Kafka { context: context.into(), message: err.to_string(), transient }
+    }
+}
+
+/// True when a MariaDB/MySQL error may go away on a retry: the connection broke, or the server
+/// reported a deadlock, a lock wait timeout, a shutdown or too many connections.
+pub fn is_transient_db(e: &mysql_async::Error) -> bool {
+    match e {
+        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => true,
+        // 1213 deadlock, 1205 lock wait timeout, 2006/2013 gone away, 1927 connection killed,
+        // 1053 server shutdown, 1040 too many connections.
+        mysql_async::Error::Server(s) => matches!(s.code, 1213 | 1205 | 2006 | 2013 | 1927 | 1053 | 1040),
+        _ => false,
     }
 }

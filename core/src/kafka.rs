@@ -45,6 +45,41 @@ pub struct LagContext {
     stage: &'static str,
 }
 
+/// The settings every transactional producer of change records shares (the site agents and
+/// the transform): its `transactional.id`, large batches with a short linger, lz4, and the
+/// largest record it may send. A stage adds its own on top.
+pub fn transactional_producer(cfg: &KafkaConfig, transactional_id: String, max_message_bytes: usize) -> ClientConfig {
+    let mut c = client_config(cfg);
+    c.set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", "60000")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "lz4")
+        .set("message.max.bytes", max_message_bytes.to_string());
+    c
+}
+
+/// The settings every consumer of the pipeline's topics shares (the transform and the sinks):
+/// read committed records only, offsets stored by the stage itself with what it writes, lag
+/// statistics, and a drained prefetch queue refilled at once (librdkafka otherwise backs off
+/// for a second after a full queue, and the stages drain theirs in milliseconds). A stage adds
+/// its own on top.
+pub fn read_committed_consumer(cfg: &KafkaConfig, group_id: String) -> ClientConfig {
+    let mut c = client_config(cfg);
+    c.set("statistics.interval.ms", LAG_STATS_INTERVAL_MS)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false")
+        .set("fetch.max.bytes", "52428800")
+        .set("fetch.queue.backoff.ms", "10")
+        // A partition resumed after back-pressure is fetched within this time, instead of
+        // waiting for a fetch that long-polls the partitions already at their end (default 500).
+        .set("fetch.wait.max.ms", "20");
+    c
+}
+
 /// How often librdkafka reports the statistics the lag gauge is read from.
 pub const LAG_STATS_INTERVAL_MS: &str = "5000";
 

@@ -4,12 +4,36 @@
 //! way: a fresh database, the dump loaded statement by statement, and, unless asked to keep
 //! them, the demo patients removed so that only shared metadata (concepts, locations, encounter
 //! types, users and providers with their persons) remains.
+//!
+//! Also here: what OpenMRS's own patient merge (`PatientService.mergePatients`) does, which HQ
+//! and the lake both follow when they merge one person's records from several sites.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
+
+/// The OpenMRS daemon user: HQ's own merges are done in its name.
+pub const DAEMON_USER_UUID: &str = "A4F30A1B-5EB9-11DF-A648-37A07F9C90FB";
+
+/// What `mergePatients` moves from the loser to the survivor: (table, column, also set
+/// `preferred = 0`). Tables missing at HQ are skipped.
+pub const MOVES: &[(&str, &str, bool)] = &[
+    ("visit", "patient_id", false),
+    ("encounter", "patient_id", false),
+    ("obs", "person_id", false),
+    ("orders", "patient_id", false),
+    ("patient_program", "patient_id", false),
+    ("conditions", "patient_id", false),
+    ("allergy", "patient_id", false),
+    ("relationship", "person_a", false),
+    ("relationship", "person_b", false),
+    ("person_attribute", "person_id", false),
+    ("patient_identifier", "patient_id", true),
+    ("person_name", "person_id", true),
+    ("person_address", "person_id", true),
+];
 
 /// Why loading the dump failed.
 #[derive(Debug, thiserror::Error)]

@@ -60,6 +60,46 @@ impl TopicNames {
     pub fn legacy_ingest_offsets(&self) -> String {
         format!("{}omrs.ingest.offsets", self.prefix)
     }
+    /// What every site topic's name starts with.
+    pub fn cdc_prefix(&self) -> String {
+        format!("{}omrs.cdc.", self.prefix)
+    }
+
+    // Consumer groups and transactional ids: every stage's, named once here (the ACLs of
+    // deploy/kafka/security/KafkaSecurity.java grants them by these names).
+
+    /// The `transactional.id` of one site's agent: a restarted agent fences its predecessor.
+    pub fn ingest_transactional_id(&self, site: &str) -> String {
+        format!("{}omrs-ingest-{site}", self.prefix)
+    }
+    /// The transform's consumer group (its offsets are committed in its transactions).
+    pub fn transform_group(&self) -> String {
+        format!("{}omrs-transform", self.prefix)
+    }
+    /// The transform's `transactional.id` (the same name as its group).
+    pub fn transform_transactional_id(&self) -> String {
+        self.transform_group()
+    }
+    /// The transform's static group membership (`group.instance.id`).
+    pub fn transform_instance(&self) -> String {
+        format!("{}omrs-transform-1", self.prefix)
+    }
+    /// A sink's consumer group (`hq-mysql`, `parquet`); sinks store their offsets themselves.
+    pub fn sink_group(&self, sink: &str) -> String {
+        format!("{}omrs-sink-{sink}", self.prefix)
+    }
+    /// `omrs-stream verify`'s reads of the topics.
+    pub fn verify_group(&self) -> String {
+        format!("{}omrs-verify", self.prefix)
+    }
+    /// `omrs-stream dlq replay`.
+    pub fn dlq_replay_group(&self) -> String {
+        format!("{}omrs-dlq-replay", self.prefix)
+    }
+    /// The demo's count of what went through.
+    pub fn demo_count_group(&self) -> String {
+        format!("{}omrs-demo-count", self.prefix)
+    }
 }
 
 /// What `apply` did, topic by topic.

@@ -191,7 +191,7 @@ async fn each_rows_event(
 async fn check_encode(port: u16, database: &str, from: (&str, u64), to: (&str, u64)) {
     use omrs_ingest::convert::binlog_value;
     let mut q = Conn::new(admin(port, Some(database))).await.unwrap();
-    let model = omrs_ingest::model::Model::load(&mut q, database, &[], &[]).await.unwrap();
+    let model = omrs_core::model::Model::load(&mut q, database, &[], &[]).await.unwrap();
     let mut resolver = omrs_ingest::refs::Resolver::new(16);
     let mut enc = omrs_ingest::encode::RowEncoder::default();
     let mut rows_checked = 0u64;

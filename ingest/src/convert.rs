@@ -17,7 +17,7 @@ use mysql_common::packets::Column;
 use mysql_common::value::Value;
 use serde_json::Value as J;
 
-use crate::model::TableModel;
+use omrs_core::model::TableModel;
 
 /// Charset id 63 is `binary`.
 pub(crate) const BINARY: u16 = 63;

@@ -24,9 +24,9 @@ use mysql_common::constants::ColumnType;
 use mysql_common::io::ParseBuf;
 use mysql_common::value::Value;
 use omrs_core::envelope::Op;
+use omrs_core::model::{Model, TableModel};
 
 use crate::convert::{binlog_value_typed, float32, is_latin1, BINARY};
-use crate::model::{Model, TableModel};
 use crate::refs::{Resolver, Target};
 use crate::IngestError;
 

@@ -6,7 +6,6 @@
 //! from the last committed checkpoint, and `transactional.id` (derived from the site) fences a
 //! zombie. The initial snapshot is consistent without a global lock and resumes mid-table.
 //!
-//! - [`model`]: the table model from `information_schema`.
 //! - [`snapshot`]: chunked consistent snapshot (`op:"r"`).
 //! - [`stream`]: binlog tailing with mysql_async, heartbeats, DDL refresh.
 //! - [`refs`]: FK → uuid.
@@ -17,7 +16,6 @@
 pub mod checkpoint;
 pub mod convert;
 pub mod encode;
-pub mod model;
 pub mod producer;
 pub mod refs;
 pub mod snapshot;
@@ -29,10 +27,11 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 use omrs_core::config::{Config, SiteConfig};
 use omrs_core::metrics::metrics;
+use omrs_core::model::Model;
 use omrs_core::topics::TopicNames;
 
 use crate::checkpoint::Checkpoint;
-use crate::model::Model;
+use omrs_core::clock::retry_transient;
 use crate::producer::TxProducer;
 use crate::refs::Resolver;
 
@@ -61,6 +60,18 @@ pub enum IngestError {
     Usage(String),
     #[error("binlog: {0}")]
     Binlog(String),
+}
+
+impl From<omrs_core::CoreError> for IngestError {
+    /// Core's errors reach the agent from the table model (a database error at the site) and
+    /// from Kafka setup.
+    fn from(e: omrs_core::CoreError) -> Self {
+        match e {
+            omrs_core::CoreError::Db { context, source } => IngestError::Site { context, source },
+            omrs_core::CoreError::Kafka { context, message, .. } => IngestError::Kafka { context, message },
+            other => IngestError::Usage(other.to_string()),
+        }
+    }
 }
 
 impl IngestError {
@@ -193,22 +204,18 @@ pub async fn run(cfg: &Config, args: &IngestArgs) -> Result<(), IngestError> {
         .site(&args.site)
         .ok_or_else(|| IngestError::Usage(format!("site `{}` is not in the config (sites: {})", args.site, cfg.site_names().join(", "))))?
         .clone();
-    let mut resnapshot = args.resnapshot;
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        match run_once(cfg, &site, args, resnapshot).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() => {
-                metrics().ingest_retries.with_label_values(&[&site.name, e.reason()]).inc();
-                tracing::warn!(site = %site.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "transient error; resuming from the last committed checkpoint");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                // A resnapshot that already committed progress continues from it.
-                resnapshot = false;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let resnapshot = std::cell::Cell::new(args.resnapshot);
+    retry_transient(
+        || run_once(cfg, &site, args, resnapshot.get()),
+        IngestError::is_transient,
+        |e, wait| {
+            metrics().ingest_retries.with_label_values(&[&site.name, e.reason()]).inc();
+            tracing::warn!(site = %site.name, error = %e, retry_in_ms = wait.as_millis() as u64, "transient error; resuming from the last committed checkpoint");
+            // A resnapshot that already committed progress continues from it.
+            resnapshot.set(false);
+        },
+    )
+    .await
 }
 
 async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot: bool) -> Result<(), IngestError> {
@@ -254,12 +261,14 @@ async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot
         quiet: args.quiet,
     };
     let streaming = match saved {
-        Some(cp @ Checkpoint::Streaming { .. }) => cp,
+        Some(cp @ Checkpoint::Streaming { .. }) => Some(cp),
         Some(Checkpoint::Snapshot { tables, segments, next_table, after_key, rows }) => {
             tracing::info!(site = %site.name, next_table, ?after_key, "resuming the snapshot");
             snapshot::run(&mut agent, Some((tables, segments, next_table, after_key, rows))).await?
         }
         None => snapshot::run(&mut agent, None).await?,
     };
+    // None: stopped during the snapshot (SIGTERM), with what was read committed.
+    let Some(streaming) = streaming else { return Ok(()) };
     stream::run(&mut agent, streaming, args.until_caught_up).await
 }

@@ -21,8 +21,9 @@ use std::time::Duration;
 
 use omrs_core::config::KafkaConfig;
 use omrs_core::envelope::{ChangeEvent, Op, MAX_SITE_EVENT_BYTES};
-use omrs_core::kafka::client_config;
+use omrs_core::kafka::transactional_producer;
 use omrs_core::metrics::metrics;
+use omrs_core::topics::TopicNames;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::{mpsc, oneshot};
@@ -158,18 +159,12 @@ struct Worker {
 
 impl TxProducer {
     pub fn new(kafka: &KafkaConfig, site: &str, topic: String, offsets_topic: String) -> Result<Self, IngestError> {
-        let producer: FutureProducer = client_config(kafka)
-            .set("transactional.id", format!("{}omrs-ingest-{site}", kafka.topic_prefix))
-            .set("transaction.timeout.ms", "60000")
+        let tx_id = TopicNames::new(kafka.topic_prefix.clone()).ingest_transactional_id(site);
+        // Under omrs_core::topics::MAX_CHANGE_BYTES, so every event it sends passes the transform.
+        let producer: FutureProducer = transactional_producer(kafka, tx_id, MAX_SITE_EVENT_BYTES)
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
             .set("retry.backoff.ms", "10")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576")
-            .set("compression.type", "lz4")
-            // Under omrs_core::topics::MAX_CHANGE_BYTES, so every event it sends passes the transform.
-            .set("message.max.bytes", MAX_SITE_EVENT_BYTES.to_string())
             .create()
             .map_err(|e| IngestError::kafka("creating the transactional producer", e))?;
         // init_transactions needs a connection to a known broker; called before there is one,

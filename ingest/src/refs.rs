@@ -13,7 +13,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use serde_json::Value as J;
 
-use crate::model::Model;
+use omrs_core::model::Model;
 use crate::IngestError;
 
 /// The table whose uuid column answers a lookup (see [`Resolver::target`]).

@@ -23,7 +23,7 @@ use crate::{connect, Agent, IngestError};
 
 type Resume = (Vec<String>, Vec<Segment>, usize, Option<i64>, u64);
 
-pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint, IngestError> {
+pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Checkpoint>, IngestError> {
     let (tables, mut segments, next_table, mut after_key, mut rows_done) = match resume {
         Some(r) => r,
         None => (agent.model.order.clone(), Vec::new(), 0, None, 0),
@@ -145,6 +145,20 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
             if let Some(pb) = &bar {
                 pb.set_position(rows_done);
             }
+            if omrs_core::stop::requested() {
+                // Stopped between chunks: what was read is committed with its checkpoint, and
+                // the snapshot resumes from there at the next start.
+                if let Some(cp) = pending_cp.take().filter(|_| !pending.is_empty()) {
+                    agent.producer.send(std::mem::take(&mut pending).into(), cp).await?;
+                }
+                agent.producer.wait().await?;
+                let _ = snap.query_drop("COMMIT").await;
+                if let Some(pb) = &bar {
+                    pb.finish_and_clear();
+                }
+                tracing::info!(site = %site, rows = rows_done, table = %name, "stopped during the snapshot; it resumes from its checkpoint");
+                return Ok(None);
+            }
             if table_done {
                 after_key = None;
                 metrics().snapshot_tables_done.with_label_values(&[&site]).set(ti as i64 + 1);
@@ -165,5 +179,5 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Checkpoint
     agent.producer.send(Default::default(), cp.clone()).await?;
     agent.producer.wait().await?;
     tracing::info!(site = %site, rows = rows_done, "snapshot done; streaming");
-    Ok(cp)
+    Ok(Some(cp))
 }

@@ -39,20 +39,17 @@ use mysql_async::prelude::Queryable;
 use mysql_async::BinlogStreamRequest;
 use mysql_common::binlog::events::{EventData, QueryEvent, RotateEvent, RowsEventData};
 use mysql_common::io::ParseBuf;
+use omrs_core::clock::now_ms;
 use omrs_core::envelope::{ChangeEvent, Op, Row, Source};
 use omrs_core::metrics::metrics;
+use omrs_core::model::{Model, TableModel};
 use serde_json::Value as J;
 
 use crate::checkpoint::{Checkpoint, Position, Segment};
 use crate::convert::scrubbed;
 use crate::encode::{push_ref, source_parts, RowEncoder, TablePlan};
 use crate::producer::{Batch, STREAM_BYTES};
-use crate::model::{Model, TableModel};
 use crate::{connect, Agent, IngestError};
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
 
 /// Builds one change event: key, uuid, refs; learns the row's uuid for later references.
 pub async fn make_event(
@@ -243,6 +240,18 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
     let mut last_margin = Instant::now();
 
     loop {
+        if omrs_core::stop::requested() {
+            // Stopped: every whole site transaction read is committed with its position; the
+            // one being read (if any) is read again from there at the next start.
+            if sent + done > 0 {
+                let cp = streaming_cp(batch_end.as_ref().unwrap_or(&committed), &segs);
+                let _partial = batch.split_off(done, agent.producer.batch());
+                flush(agent, &mut batch, &cp, &mut committed, &site).await?;
+            }
+            agent.producer.wait().await?;
+            tracing::info!(site = %site, file = %committed.file, pos = committed.pos, "stopped; every whole transaction read is committed");
+            return Ok(());
+        }
         // Caught up?
         if until_caught_up && !in_txn && sent + done == 0 {
             if let Some((tf, tp)) = &target {
@@ -623,15 +632,6 @@ fn strip_rotate_name(raw: &str) -> Option<String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rotate_names_lose_their_checksum_bytes() {
-        assert_eq!(super::strip_rotate_name("binlog.000002\u{fffd}.\u{fffd}7").as_deref(), Some("binlog.000002"));
-        assert_eq!(super::strip_rotate_name("mysql-bin.000123").as_deref(), Some("mysql-bin.000123"));
-        assert_eq!(super::strip_rotate_name("garbage"), None);
-    }
-}
 
 fn uuid_hex(b: &[u8; 16]) -> String {
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
@@ -641,4 +641,14 @@ fn uuid_hex(b: &[u8; 16]) -> String {
 fn rand_u32() -> u32 {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     (t as u32) ^ ((t >> 32) as u32) ^ std::process::id().wrapping_mul(2654435761)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rotate_names_lose_their_checksum_bytes() {
+        assert_eq!(super::strip_rotate_name("binlog.000002\u{fffd}.\u{fffd}7").as_deref(), Some("binlog.000002"));
+        assert_eq!(super::strip_rotate_name("mysql-bin.000123").as_deref(), Some("mysql-bin.000123"));
+        assert_eq!(super::strip_rotate_name("garbage"), None);
+    }
 }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
+use omrs_core::clock::now_ms;
 use omrs_core::config::{Config, DatabaseConfig, SiteConfig};
 use omrs_core::metrics::metrics;
 
@@ -231,10 +232,6 @@ async fn registration_times(args: &SimulateArgs, sites: &[SiteConfig], databases
         let _ = conn.disconnect().await;
     }
     Ok(out)
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 struct Progress {

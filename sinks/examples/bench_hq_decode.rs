@@ -90,7 +90,7 @@ fn main() {
     let mut lines = Vec::new();
     for (name, set) in [("bench_mix", &bench), ("full_obs_images", &full)] {
         let bytes: usize = set.iter().map(Vec::len).sum();
-        let (maps_us, _) = time(set, |p| serde_json::from_slice::<MapsChange>(&p.to_vec()).is_ok());
+        let (maps_us, _) = time(set, |p| serde_json::from_slice::<MapsChange>(p).is_ok());
         let (flat_us, flat_rate) = time(set, |p| Record::decode(0, 0, p.to_vec()).decoded.is_ok());
         eprintln!(
             "{name}: {} records, {} bytes each on average; JSON maps {maps_us:.2} µs/record, the sink's decode {flat_us:.2} µs/record ({flat_rate:.0} records/s, with the payload copy)",

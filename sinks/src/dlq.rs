@@ -116,7 +116,7 @@ pub fn render(dead: &[Dead], json: bool) -> String {
 /// The one reader a replay fetches its source records with.
 fn reader(cfg: &Config) -> Result<BaseConsumer, SinkError> {
     client_config(&cfg.kafka)
-        .set("group.id", format!("{}omrs-dlq-replay", cfg.kafka.topic_prefix))
+        .set("group.id", TopicNames::new(cfg.kafka.topic_prefix.clone()).dlq_replay_group())
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .create()

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use omrs_core::config::Config;
 use omrs_core::dlq::DeadRecord;
-use omrs_core::kafka::client_config;
+use omrs_core::kafka::{client_config, read_committed_consumer};
 use omrs_core::metrics::metrics;
 use omrs_core::kafka::LagContext;
+use omrs_core::topics::TopicNames;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 
 /// The sinks' consumer of `omrs.hq.changes`, publishing its lag.
@@ -41,19 +42,9 @@ impl Drop for AbortOnDrop {
 /// A read-committed consumer of `omrs.hq.changes` for the sink `name`; offsets are not
 /// committed to Kafka (each sink stores its own, with what it wrote).
 pub fn consumer(cfg: &Config, name: &'static str) -> Result<SinkConsumer, SinkError> {
-    client_config(&cfg.kafka)
-        .set("statistics.interval.ms", omrs_core::kafka::LAG_STATS_INTERVAL_MS)
-        .set("group.id", format!("{}omrs-sink-{name}", cfg.kafka.topic_prefix))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false")
-        .set("fetch.max.bytes", "52428800")
+    read_committed_consumer(&cfg.kafka, TopicNames::new(cfg.kafka.topic_prefix.clone()).sink_group(name))
         .set("max.partition.fetch.bytes", "16777216")
         .set("queued.max.messages.kbytes", "65536")
-        // librdkafka backs off fetching for a whole second (by default) once its queue is
-        // full: keep it short, the sinks drain the queue in milliseconds.
-        .set("fetch.queue.backoff.ms", "10")
-        .set("fetch.wait.max.ms", "20")
         .create_with_context(LagContext::new(if name == "hq-mysql" { "hq_mysql" } else { name }))
         .map_err(|e| SinkError::kafka("creating the consumer", e))
 }
@@ -105,4 +96,14 @@ pub async fn send_dead_letters(producer: &FutureProducer, dlq_topic: &str, stage
         producer.flush(Duration::from_secs(30)).map_err(|e| SinkError::kafka("flushing dead letters", e))?;
     }
     Ok(())
+}
+
+/// The end offset of each of `partitions` of `topic` now (for `--until-idle`).
+pub fn end_offsets(consumer: &SinkConsumer, topic: &str, partitions: &[i32]) -> Result<HashMap<i32, i64>, SinkError> {
+    let mut ends = HashMap::new();
+    for p in partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading end offsets", e))?;
+        ends.insert(*p, high);
+    }
+    Ok(ends)
 }

@@ -73,13 +73,16 @@ pub fn mysql_opts(d: &omrs_core::config::DatabaseConfig) -> mysql_async::OptsBui
     d.opts()
 }
 
-/// MySQL errors that a retry of the whole transaction can fix.
-pub fn is_transient_db(e: &mysql_async::Error) -> bool {
-    match e {
-        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => true,
-        // 1213 deadlock, 1205 lock wait timeout, 2006/2013 gone away, 1927 connection killed,
-        // 1053 server shutdown, 1040 too many connections.
-        mysql_async::Error::Server(s) => matches!(s.code, 1213 | 1205 | 2006 | 2013 | 1927 | 1053 | 1040),
-        _ => false,
-    }
+/// A sink's progress line on a terminal (none with `--quiet` or when stderr is a file).
+pub(crate) fn spinner(sink: &str, quiet: bool) -> Option<indicatif::ProgressBar> {
+    (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        let template = format!("{{spinner}} {sink} {{msg}}");
+        b.set_style(indicatif::ProgressStyle::with_template(&template).unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
+        b.enable_steady_tick(std::time::Duration::from_millis(200));
+        b
+    })
 }
+
+/// MySQL errors that a retry of the whole transaction can fix.
+pub use omrs_core::error::is_transient_db;

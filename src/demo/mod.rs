@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use mysql_async::prelude::Queryable;
+use omrs_core::clock::now_ms;
 use omrs_core::config::{Config, TopicsFile};
 use omrs_core::metrics as m;
 
@@ -243,10 +244,6 @@ fn find_dev_up() -> Option<PathBuf> {
         }
     }
     candidates.into_iter().find(|p| p.is_file())
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 /// A counter read from a process that may restart: its total across restarts.

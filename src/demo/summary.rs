@@ -9,6 +9,7 @@ use anyhow::Context;
 use mysql_async::prelude::Queryable;
 use omrs_core::config::Config;
 use omrs_core::metrics as m;
+use omrs_core::topics::TopicNames;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 
@@ -125,7 +126,7 @@ pub struct Summary {
 /// Records readable in `topic` (read_committed), counted by reading them.
 fn count_records(cfg: &Config, topic: &str) -> anyhow::Result<u64> {
     let c: BaseConsumer = omrs_core::kafka::client_config(&cfg.kafka)
-        .set("group.id", format!("{}omrs-demo-count", cfg.kafka.topic_prefix))
+        .set("group.id", TopicNames::new(cfg.kafka.topic_prefix.clone()).demo_count_group())
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .create()

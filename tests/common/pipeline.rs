@@ -61,6 +61,11 @@ pub fn verify(config: &Path, manifest: Option<&Path>, lake: &Path) -> (i32, J) {
 
 /// The six processes of a pipeline on `config`, started; logs in `dir/<name>.log`.
 pub fn start_all(config: &Path, dir: &Path) -> Vec<Proc> {
+    start_all_env(config, dir, &[])
+}
+
+/// As [`start_all`], with extra environment variables for every process.
+pub fn start_all_env(config: &Path, dir: &Path, env: &[(String, String)]) -> Vec<Proc> {
     let specs: Vec<(&str, Vec<&str>)> = vec![
         ("ingest-site-a", vec!["ingest", "--site", "site-a", "--quiet"]),
         ("ingest-site-b", vec!["ingest", "--site", "site-b", "--quiet"]),
@@ -73,7 +78,7 @@ pub fn start_all(config: &Path, dir: &Path) -> Vec<Proc> {
         .into_iter()
         .map(|(name, a)| {
             let args: Vec<String> = a.iter().map(|s| s.to_string()).chain(["--metrics-port".to_string(), "0".to_string()]).collect();
-            let child = start(config, &args, &dir.join(format!("{name}.log")));
+            let child = start_env(config, &args, &dir.join(format!("{name}.log")), env);
             Proc { name: name.to_string(), args, child, starts: 1 }
         })
         .collect()
@@ -174,8 +179,17 @@ pub async fn hq_offset(hq_db: &str) -> i64 {
 
 /// HQ initialised, the six stages started, and the live workload of `l` running in a task.
 pub fn start_with_workload(p: &hq::Pipeline, l: &Live) -> (Vec<Proc>, tokio::task::JoinHandle<Result<omrs_simulate::manifest::Manifest, omrs_simulate::SimError>>) {
+    start_with_workload_env(p, l, &[])
+}
+
+/// As [`start_with_workload`], with extra environment variables for every process.
+pub fn start_with_workload_env(
+    p: &hq::Pipeline,
+    l: &Live,
+    env: &[(String, String)],
+) -> (Vec<Proc>, tokio::task::JoinHandle<Result<omrs_simulate::manifest::Manifest, omrs_simulate::SimError>>) {
     p.run(&l.config, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
-    let procs = start_all(&l.config, p.dir.path());
+    let procs = start_all_env(&l.config, p.dir.path(), env);
     let cfg = l.cfg.clone();
     let args = omrs_simulate::SimulateArgs { no_provision: true, ..l.args.clone() };
     (procs, tokio::spawn(async move { omrs_simulate::run(&cfg, &args).await }))

@@ -7,9 +7,10 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use omrs_core::clock::{now_ms, retry_transient};
 use omrs_core::config::Config;
 use omrs_core::dlq::DeadRecord;
-use omrs_core::kafka::client_config;
+use omrs_core::kafka::{read_committed_consumer, transactional_producer};
 use omrs_core::metrics::metrics;
 use omrs_core::topics::{TopicNames, MAX_CHANGE_BYTES, MAX_RECORD_BYTES};
 use omrs_core::kafka::LagContext;
@@ -25,10 +26,6 @@ use crate::{TransformArgs, TransformError};
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 pub fn engine_config(cfg: &Config) -> EngineConfig {
     EngineConfig {
         out_of_orderness_ms: cfg.transform.out_of_orderness_ms as i64,
@@ -42,18 +39,12 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
 /// Runs until `--until-idle` is satisfied, or forever; transient errors restart from the last
 /// committed transaction.
 pub async fn run(cfg: &Config, args: &TransformArgs) -> Result<(), TransformError> {
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        match run_once(cfg, args).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "transient error; restarting from the last committed transaction");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    retry_transient(
+        || run_once(cfg, args),
+        TransformError::is_transient,
+        |e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "transient error; restarting from the last committed transaction"),
+    )
+    .await
 }
 
 /// A record of the state changelog: an engine fact or an aggregate fact.
@@ -215,16 +206,9 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
     let out_topic = names.hq_changes();
     let state_topic = names.transform_state();
     let dlq_topic = names.dlq();
-    let cdc_prefix = format!("{}omrs.cdc.", cfg.kafka.topic_prefix);
+    let cdc_prefix = names.cdc_prefix();
 
-    let producer: TxProducer = client_config(&cfg.kafka)
-        .set("transactional.id", format!("{}omrs-transform", cfg.kafka.topic_prefix))
-        .set("transaction.timeout.ms", "60000")
-        .set("linger.ms", "5")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .set("compression.type", "lz4")
-        .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
+    let producer: TxProducer = transactional_producer(&cfg.kafka, names.transform_transactional_id(), MAX_RECORD_BYTES)
         .create()
         .map(Arc::new)
         .map_err(|e| TransformError::kafka("creating the producer", e))?;
@@ -242,28 +226,16 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
     }
     tracing::info!(facts = restored, identities = engine.identity.len(), "state restored");
 
-    let consumer: StreamConsumer<LagContext> = client_config(&cfg.kafka)
-        .set("statistics.interval.ms", omrs_core::kafka::LAG_STATS_INTERVAL_MS)
-        .set("group.id", format!("{}omrs-transform", cfg.kafka.topic_prefix))
+    let consumer: StreamConsumer<LagContext> = read_committed_consumer(&cfg.kafka, names.transform_group())
         // Static membership: a restarted transform takes its place at once instead of waiting
         // for the killed one's session to time out.
-        .set("group.instance.id", format!("{}omrs-transform-1", cfg.kafka.topic_prefix))
+        .set("group.instance.id", names.transform_instance())
         .set("session.timeout.ms", "10000")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
         .set("topic.metadata.refresh.interval.ms", "2000")
-        .set("enable.partition.eof", "false")
-        .set("fetch.max.bytes", "52428800")
         // Prefetch per partition; the default (64 MiB each) dominated memory with many sites.
         // 4 MiB keeps up now that a drained queue is refilled at once (fetch.queue.backoff.ms).
         .set("queued.max.messages.kbytes", "4096")
-        // Refill a drained prefetch queue at once: the default backoff (1 s) after a full queue
-        // left the loop waiting for data about half of the time.
-        .set("fetch.queue.backoff.ms", "10")
-        // A partition resumed after back-pressure is fetched within this time, instead of
-        // waiting for a fetch that long-polls the partitions already at their end (default 500).
-        .set("fetch.wait.max.ms", "20")
         .create_with_context(LagContext::new("transform"))
         .map_err(|e| TransformError::kafka("creating the consumer", e))?;
     consumer.subscribe(&[&names.cdc_pattern()]).map_err(|e| TransformError::kafka("subscribing to the site topics", e))?;
@@ -312,6 +284,15 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
     // The last global watermark written to omrs.hq.changes (for the Parquet sink's partitions).
     let mut wm_out = i64::MIN;
     loop {
+        if omrs_core::stop::requested() {
+            // Stopped: the transaction in flight commits; events the engine still buffers are
+            // read again from the committed offsets at the next start.
+            if let Some(h) = inflight.take() {
+                await_commit(h).await?;
+            }
+            tracing::info!(merges = engine.merges, batches = prof.batches, "stopped; every transaction begun is committed");
+            return Ok(());
+        }
         let started = Instant::now();
         prof.batches += 1;
         let mut outputs: Vec<Out> = Vec::with_capacity(4096);

@@ -784,14 +784,12 @@ fn clean_message(msg: &str) -> String {
 
 fn substitute_env(value: &mut toml::Value, path: &mut String, file: &Path) -> Result<()> {
     match value {
-        toml::Value::String(s) => {
-            if s.contains('$') {
-                *s = expand(s).map_err(|var| CoreError::Config {
-                    file: file.to_path_buf(),
-                    key: path.clone(),
-                    message: format!("environment variable `{var}` is not set (and `${{{var}:-default}}` gives no default)"),
-                })?;
-            }
+        toml::Value::String(s) if s.contains('$') => {
+            *s = expand(s).map_err(|var| CoreError::Config {
+                file: file.to_path_buf(),
+                key: path.clone(),
+                message: format!("environment variable `{var}` is not set (and `${{{var}:-default}}` gives no default)"),
+            })?;
         }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -824,9 +822,9 @@ fn expand(s: &str) -> std::result::Result<String, String> {
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let after = &rest[i..];
-        if after.starts_with("$${") {
+        if let Some(escaped) = after.strip_prefix("$${") {
             out.push_str("${");
-            rest = &after[3..];
+            rest = escaped;
         } else if let Some(body) = after.strip_prefix("${") {
             let Some(end) = body.find('}') else {
                 out.push_str(after);

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
+use omrs_core::clock::{now_ms, retry_transient};
 use omrs_core::config::Config;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
@@ -95,10 +96,6 @@ struct Batch {
     at_end: bool,
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 /// Runs the sink (or `--init`).
 pub async fn run(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     if args.init {
@@ -111,24 +108,20 @@ pub async fn run(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         }
         return Ok(());
     }
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        match run_once(cfg, args).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() => {
-                let kind = match &e {
-                    SinkError::Db { source: mysql_async::Error::Server(s), .. } if s.code == 1213 => "deadlock",
-                    SinkError::Db { .. } => "hq_unavailable",
-                    _ => "kafka",
-                };
-                metrics().sink_errors.with_label_values(&["hq_mysql", kind]).inc();
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "transient error; retrying from the last committed batch");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    retry_transient(
+        || run_once(cfg, args),
+        SinkError::is_transient,
+        |e, wait| {
+            let kind = match e {
+                SinkError::Db { source: mysql_async::Error::Server(s), .. } if s.code == 1213 => "deadlock",
+                SinkError::Db { .. } => "hq_unavailable",
+                _ => "kafka",
+            };
+            metrics().sink_errors.with_label_values(&["hq_mysql", kind]).inc();
+            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "transient error; retrying from the last committed batch");
+        },
+    )
+    .await
 }
 
 async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
@@ -156,71 +149,12 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let partitions = crate::kafka::assign_at(&consumer, &topic, &stored)?;
     tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: assigned");
 
-    let mut targets: HashMap<i32, i64> = HashMap::new();
-    if args.until_idle {
-        for p in &partitions {
-            let (_, high) = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading end offsets", e))?;
-            targets.insert(*p, high);
-        }
-    }
+    let targets = if args.until_idle { crate::kafka::end_offsets(&consumer, &topic, &partitions)? } else { HashMap::new() };
     tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: watermarks");
-    let bar = (!args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let b = indicatif::ProgressBar::new_spinner();
-        b.set_style(indicatif::ProgressStyle::with_template("{spinner} hq-mysql {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
-        b.enable_steady_tick(Duration::from_millis(200));
-        b
-    });
+    let bar = crate::spinner("hq-mysql", args.quiet);
     // The reader task consumes and parses the next batch while this one is being written.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, SinkError>>(2);
-    let reader = crate::kafka::AbortOnDrop(tokio::spawn({
-        let topic = topic.clone();
-        let batch_max = Duration::from_millis(sink_cfg.batch_max_ms);
-        let until_idle = args.until_idle;
-        let mut next = stored.clone();
-        async move {
-            // The first batches after a start are smaller, doubling up to `batch_rows`: HQ
-            // starts writing while the next batch is read and planned, instead of waiting for
-            // a whole batch to be read and planned first.
-            let mut limit = (batch_rows / 16).max(1);
-            loop {
-                let deadline = Instant::now() + batch_max;
-                let mut records: Vec<Record> = Vec::with_capacity(limit);
-                while records.len() < limit {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    match tokio::time::timeout(left, consumer.recv()).await {
-                        Err(_) => break,
-                        Ok(Err(e)) => {
-                            let _ = tx.send(Err(SinkError::kafka("consuming", e))).await;
-                            return;
-                        }
-                        Ok(Ok(m)) => {
-                            next.insert(m.partition(), m.offset() + 1);
-                            records.push(Record::decode(m.partition(), m.offset(), m.payload().unwrap_or(&[]).to_vec()));
-                        }
-                    }
-                }
-                let at_end = until_idle
-                    && records.is_empty()
-                    && targets.iter().all(|(p, high)| {
-                        let pos = consumer
-                            .position()
-                            .ok()
-                            .and_then(|tp| tp.find_partition(&topic, *p).and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None }));
-                        *high == 0 || pos.is_some_and(|o| o >= *high) || next.get(p).is_some_and(|o| *o >= *high)
-                    });
-                tracing::debug!(records = records.len(), "batch read");
-                if !records.is_empty() {
-                    limit = (limit * 2).min(batch_rows);
-                }
-                if tx.send(Ok(Batch { records, next: next.clone(), at_end })).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }));
+    let reader = spawn_reader(consumer, topic.clone(), stored.clone(), targets, Reading { batch_rows, batch_max: Duration::from_millis(sink_cfg.batch_max_ms), until_idle: args.until_idle }, tx);
     // The reader fetches the first batch while HQ's table model and the sink's state load.
     let mut applier = Applier::load(&mut conn, &cfg.hq.database.database, omrs_core::zone::SiteRules::of(cfg), sink_cfg.fk_wait_timeout_s as i64 * 1000)
         .await?
@@ -238,7 +172,19 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let mut inflight: Option<InFlight> = None;
 
     loop {
-        let Some(batch) = rx.recv().await else {
+        let received = tokio::select! {
+            b = rx.recv() => Some(b),
+            _ = omrs_core::stop::wait() => None,
+        };
+        let Some(received) = received else {
+            // Stopped: the batch in flight commits; what was read after it is read again from
+            // the stored offsets at the next start.
+            finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;
+            tracing::info!(rows = total_applied, pending = applier.pending_len(), "stopped; every batch begun is committed");
+            drop(reader);
+            return Ok(());
+        };
+        let Some(batch) = received else {
             finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await.ok();
             return Err(SinkError::Kafka { context: "reading omrs.hq.changes".into(), message: "the reader task stopped".into(), transient: true });
         };
@@ -328,6 +274,73 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
             return Ok(());
         }
     }
+}
+
+/// How the reader task batches records.
+struct Reading {
+    /// At most this many records a batch (`sinks.hq_mysql.batch_max_rows`, `--batch-rows`).
+    batch_rows: usize,
+    /// A batch closes this long after it opened (`batch_max_ms`).
+    batch_max: Duration,
+    /// `--until-idle`: a batch says when every partition is read to `targets`.
+    until_idle: bool,
+}
+
+/// The reader task: consumes `topic` from `stored` and parses each record, batch by batch, into
+/// `tx`, while the batch before is planned and written.
+fn spawn_reader(
+    consumer: crate::kafka::SinkConsumer,
+    topic: String,
+    stored: HashMap<i32, i64>,
+    targets: HashMap<i32, i64>,
+    r: Reading,
+    tx: tokio::sync::mpsc::Sender<Result<Batch, SinkError>>,
+) -> crate::kafka::AbortOnDrop {
+    let Reading { batch_rows, batch_max, until_idle } = r;
+    let mut next = stored;
+    crate::kafka::AbortOnDrop(tokio::spawn(async move {
+    // The first batches after a start are smaller, doubling up to `batch_rows`: HQ
+    // starts writing while the next batch is read and planned, instead of waiting for
+    // a whole batch to be read and planned first.
+    let mut limit = (batch_rows / 16).max(1);
+    loop {
+        let deadline = Instant::now() + batch_max;
+        let mut records: Vec<Record> = Vec::with_capacity(limit);
+        while records.len() < limit {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(left, consumer.recv()).await {
+                Err(_) => break,
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(SinkError::kafka("consuming", e))).await;
+                    return;
+                }
+                Ok(Ok(m)) => {
+                    next.insert(m.partition(), m.offset() + 1);
+                    records.push(Record::decode(m.partition(), m.offset(), m.payload().unwrap_or(&[]).to_vec()));
+                }
+            }
+        }
+        let at_end = until_idle
+            && records.is_empty()
+            && targets.iter().all(|(p, high)| {
+                let pos = consumer
+                    .position()
+                    .ok()
+                    .and_then(|tp| tp.find_partition(&topic, *p).and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None }));
+                *high == 0 || pos.is_some_and(|o| o >= *high) || next.get(p).is_some_and(|o| *o >= *high)
+            });
+        tracing::debug!(records = records.len(), "batch read");
+        if !records.is_empty() {
+            limit = (limit * 2).min(batch_rows);
+        }
+        if tx.send(Ok(Batch { records, next: next.clone(), at_end })).await.is_err() {
+            return;
+        }
+    }
+    }))
 }
 
 /// A planned batch being written and committed by a task of its own.

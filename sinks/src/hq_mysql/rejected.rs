@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
 use omrs_core::hq::RowVersion;
-use omrs_ingest::model::TableModel;
+use omrs_core::model::TableModel;
 
 use super::apply::{q, DeadLetter, Outcome, PendingEntry, Receipt, StagedRow, StagedVersion, Writer};
 use crate::{is_transient_db, SinkError};
@@ -351,7 +351,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use omrs_ingest::model::{ColumnInfo, Fk};
+    use omrs_core::model::{ColumnInfo, Fk};
 
     fn table(name: &str, pk: &str, fks: &[(&str, &str, &str)]) -> Arc<TableModel> {
         let mut columns = vec![ColumnInfo { name: pk.into(), column_type: "int(11)".into() }];

@@ -30,6 +30,8 @@ use arrow::record_batch::RecordBatch;
 use datafusion::prelude::SessionContext;
 use omrs_core::hq::{compare, RowVersion};
 use omrs_core::metrics::metrics;
+// Merges are done in the daemon user's name, moving what `mergePatients` moves (as at HQ).
+use omrs_core::openmrs::{DAEMON_USER_UUID, MOVES};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -37,12 +39,6 @@ use super::lake::{failpoint, io, sync_dir, write_atomic, Lake, LakeLock, State};
 use super::schema::LakeTable;
 use super::{write, MERGE_TABLE};
 use crate::SinkError;
-
-/// The OpenMRS daemon user: merges are done in its name (as at HQ).
-const DAEMON_USER_UUID: &str = crate::hq_mysql::apply::DAEMON_USER_UUID;
-
-/// What `mergePatients` moves to the survivor: (table, column, also non-preferred).
-const MOVES: &[(&str, &str, bool)] = crate::hq_mysql::apply::MOVES;
 
 /// `_snapshots/<id>/snapshot.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{ArrayRef, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
+use omrs_core::clock::{now_ms, retry_transient};
 use omrs_core::config::Config;
 use omrs_core::hq::HqEvent;
 use omrs_core::metrics::metrics;
@@ -78,10 +79,6 @@ pub struct ParquetSinkArgs {
     pub quiet: bool,
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 /// The lake's tables: `<lake>/_schema.json`, or HQ's `information_schema` the first time
 /// (scrubbed columns left out), saved for every later start and for readers.
 pub async fn load_tables(cfg: &Config, lake: &Lake) -> Result<HashMap<String, Arc<LakeTable>>, SinkError> {
@@ -97,7 +94,7 @@ pub async fn load_tables(cfg: &Config, lake: &Lake) -> Result<HashMap<String, Ar
                 )),
                 _ => SinkError::db(format!("reading the table model from {}", d.redacted_url()), e),
             })?;
-            let model = omrs_ingest::model::Model::load(&mut conn, &d.database, &[], &[])
+            let model = omrs_core::model::Model::load(&mut conn, &d.database, &[], &[])
                 .await
                 .map_err(|e| SinkError::Schema(format!("reading the table model from HQ: {e}")))?;
             let _ = conn.disconnect().await;
@@ -262,23 +259,19 @@ pub async fn run(cfg: &Config, args: &ParquetSinkArgs) -> Result<(), SinkError> 
     }
     // Held until the sink exits (the kernel drops it if the process dies), across retries.
     let lock = lake.lock(Writer::Sink)?;
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        match run_once(cfg, args, &lake, &lock).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() => {
-                let kind = match &e {
-                    SinkError::Io { .. } => "disk",
-                    _ => "kafka",
-                };
-                metrics().sink_errors.with_label_values(&["parquet", kind]).inc();
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "transient error; retrying from the last commit");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    retry_transient(
+        || run_once(cfg, args, &lake, &lock),
+        SinkError::is_transient,
+        |e, wait| {
+            let kind = match e {
+                SinkError::Io { .. } => "disk",
+                _ => "kafka",
+            };
+            metrics().sink_errors.with_label_values(&["parquet", kind]).inc();
+            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "transient error; retrying from the last commit");
+        },
+    )
+    .await
 }
 
 async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &LakeLock) -> Result<(), SinkError> {
@@ -297,17 +290,8 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
     let partitions = crate::kafka::assign_at(&consumer, &topic, &stored)?;
     tracing::info!(topic = %topic, lake = %lake.root.display(), offsets = ?state.offsets, seq = state.seq, "parquet sink started");
 
-    let mut targets: HashMap<i32, i64> = HashMap::new();
-    for p in &partitions {
-        let (_, high) = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading end offsets", e))?;
-        targets.insert(*p, high);
-    }
-    let bar = (!args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let b = indicatif::ProgressBar::new_spinner();
-        b.set_style(indicatif::ProgressStyle::with_template("{spinner} parquet {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
-        b.enable_steady_tick(Duration::from_millis(200));
-        b
-    });
+    let targets = crate::kafka::end_offsets(&consumer, &topic, &partitions)?;
+    let bar = crate::spinner("parquet", args.quiet);
     let roll_every = Duration::from_millis(pq.roll_interval_ms);
     let compact_every = (pq.compact_interval_s > 0 && !args.no_compact).then(|| Duration::from_secs(pq.compact_interval_s));
     let mut last_compact = Instant::now();
@@ -318,124 +302,23 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
     // file set, while the main loop encodes and commits the previous one.
     let consumer = Arc::new(consumer);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Chunk, SinkError>>(1);
-    // Decoding is spread over two threads, each with its own column builders; at a roll both
-    // hand theirs over and the file set holds a file per decoder per partition.
-    const DECODERS: usize = 2;
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Buffer>(DECODERS);
-    let mut work_txs = Vec::with_capacity(DECODERS);
-    for _ in 0..DECODERS {
-        let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Work>(8);
-        let (tables, rules, done_tx) = (tables.clone(), rules.clone(), done_tx.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut buf = Buffer::default();
-            while let Some(w) = wrx.blocking_recv() {
-                match w {
-                    Work::Batch(records) => {
-                        for (p, o, payload) in records {
-                            take(&mut buf, &tables, &rules, p, o, &payload);
-                        }
-                    }
-                    Work::Roll => {
-                        if done_tx.blocking_send(std::mem::take(&mut buf)).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        work_txs.push(wtx);
-    }
-    drop(done_tx);
-    let _reader = crate::kafka::AbortOnDrop(tokio::spawn({
-        let consumer = consumer.clone();
-        let topic = topic.clone();
-        let until_idle = args.until_idle;
-        let roll_max = pq.roll_max_bytes;
-        let mut next = state.offsets.clone();
-        async move {
-            let mut turn = 0usize;
-            let mut batch: Vec<(i32, i64, Vec<u8>)> = Vec::with_capacity(BATCH);
-            loop {
-                let mut set = Buffer::default();
-                let mut at_end = false;
-                // One timer for the whole file set (not one per record): it ticks every 200 ms
-                // to roll by time and, when nothing came since the last tick, to look for the end.
-                let mut tick = tokio::time::interval(Duration::from_millis(200));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await;
-                let mut seen_since_tick = false;
-                while set.bytes < roll_max {
-                    tokio::select! {
-                        biased;
-                        m = consumer.recv() => match m {
-                            Err(e) => {
-                                let _ = tx.send(Err(SinkError::kafka("consuming", e))).await;
-                                return;
-                            }
-                            Ok(m) => {
-                                seen_since_tick = true;
-                                let (p, o) = (m.partition(), m.offset());
-                                set.next.insert(p, o + 1);
-                                next.insert(p, o + 1);
-                                set.records += 1;
-                                set.first_at.get_or_insert_with(Instant::now);
-                                let payload = m.payload().unwrap_or(&[]).to_vec();
-                                set.bytes += payload.len();
-                                batch.push((p, o, payload));
-                                if batch.len() >= BATCH {
-                                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                                    if work_txs[turn % DECODERS].send(Work::Batch(full)).await.is_err() {
-                                        return;
-                                    }
-                                    turn += 1;
-                                    // A steady stream keeps recv() ready and the tick unpolled.
-                                    if set.first_at.is_some_and(|t| t.elapsed() >= roll_every) {
-                                        break;
-                                    }
-                                }
-                            }
-                        },
-                        _ = tick.tick() => {
-                            if set.first_at.is_some_and(|t| t.elapsed() >= roll_every) {
-                                break;
-                            }
-                            if !seen_since_tick && until_idle && reached(&consumer, &topic, &targets, &next) {
-                                at_end = true;
-                                break;
-                            }
-                            seen_since_tick = false;
-                        }
-                    }
-                }
-                if !batch.is_empty() {
-                    let rest = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                    if work_txs[turn % DECODERS].send(Work::Batch(rest)).await.is_err() {
-                        return;
-                    }
-                    turn += 1;
-                }
-                for w in &work_txs {
-                    if w.send(Work::Roll).await.is_err() {
-                        return;
-                    }
-                }
-                for _ in 0..DECODERS {
-                    match done_rx.recv().await {
-                        Some(b) => set.absorb(b),
-                        None => return,
-                    }
-                }
-                if tx.send(Ok(Chunk { buf: set, at_end })).await.is_err() || at_end {
-                    return;
-                }
-            }
-        }
-    }));
+    let (work_txs, done_rx) = spawn_decoders(&tables, &rules);
+    let reading = Reading { until_idle: args.until_idle, roll_max: pq.roll_max_bytes, roll_every, targets };
+    let _reader = spawn_reader(consumer.clone(), topic.clone(), state.offsets.clone(), reading, (work_txs, done_rx), tx);
 
     let (mut recv_wait, mut commit_time) = (Duration::ZERO, Duration::ZERO);
     loop {
+        if omrs_core::stop::requested() {
+            // Every file set received is committed; what the reader holds beyond it is read
+            // again from the manifest's offsets at the next start, and its temp files go.
+            tracing::info!(rows = total_rows, seq = state.seq, "stopped; every file set begun is committed");
+            return Ok(());
+        }
         let t_recv = Instant::now();
-        let got = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
+        let got = tokio::select! {
+            g = tokio::time::timeout(Duration::from_secs(1), rx.recv()) => g,
+            _ = omrs_core::stop::wait() => continue,
+        };
         recv_wait += t_recv.elapsed();
         let (chunk, at_end) = match got {
             Err(_) => (None, false),
@@ -481,6 +364,143 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
             return Ok(());
         }
     }
+}
+
+/// Decoding is spread over this many threads, each with its own column builders; at a roll each
+/// hands its builders over and the file set holds a file per decoder per partition.
+const DECODERS: usize = 2;
+
+/// The decoder threads: each takes batches of records ([`Work::Batch`]) into its column
+/// builders and hands them over at a [`Work::Roll`]. Returns their inboxes and where the
+/// builders come back.
+fn spawn_decoders(tables: &HashMap<String, Arc<LakeTable>>, rules: &SiteRules) -> (Vec<tokio::sync::mpsc::Sender<Work>>, tokio::sync::mpsc::Receiver<Buffer>) {
+    let (done_tx, done_rx) = tokio::sync::mpsc::channel::<Buffer>(DECODERS);
+    let mut work_txs = Vec::with_capacity(DECODERS);
+    for _ in 0..DECODERS {
+        let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Work>(8);
+        let (tables, rules, done_tx) = (tables.clone(), rules.clone(), done_tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut buf = Buffer::default();
+            while let Some(w) = wrx.blocking_recv() {
+                match w {
+                    Work::Batch(records) => {
+                        for (p, o, payload) in records {
+                            take(&mut buf, &tables, &rules, p, o, &payload);
+                        }
+                    }
+                    Work::Roll => {
+                        if done_tx.blocking_send(std::mem::take(&mut buf)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        work_txs.push(wtx);
+    }
+    (work_txs, done_rx)
+}
+
+/// How the reader rolls file sets.
+struct Reading {
+    until_idle: bool,
+    /// A file set closes at this many bytes of records (`roll_max_bytes`)...
+    roll_max: usize,
+    /// ... or this long after its first record (`roll_interval_ms`).
+    roll_every: Duration,
+    /// `--until-idle`: the end offsets at start.
+    targets: HashMap<i32, i64>,
+}
+
+/// The reader task: consumes from `next`, hands records to the decoders in batches, and at each
+/// roll gathers their builders into one file set for the main loop (`tx`).
+fn spawn_reader(
+    consumer: Arc<crate::kafka::SinkConsumer>,
+    topic: String,
+    mut next: BTreeMap<i32, i64>,
+    r: Reading,
+    (work_txs, mut done_rx): (Vec<tokio::sync::mpsc::Sender<Work>>, tokio::sync::mpsc::Receiver<Buffer>),
+    tx: tokio::sync::mpsc::Sender<Result<Chunk, SinkError>>,
+) -> crate::kafka::AbortOnDrop {
+    let Reading { until_idle, roll_max, roll_every, targets } = r;
+    crate::kafka::AbortOnDrop(tokio::spawn(async move {
+    let mut turn = 0usize;
+    let mut batch: Vec<(i32, i64, Vec<u8>)> = Vec::with_capacity(BATCH);
+    loop {
+        let mut set = Buffer::default();
+        let mut at_end = false;
+        // One timer for the whole file set (not one per record): it ticks every 200 ms
+        // to roll by time and, when nothing came since the last tick, to look for the end.
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut seen_since_tick = false;
+        while set.bytes < roll_max {
+            tokio::select! {
+                biased;
+                m = consumer.recv() => match m {
+                    Err(e) => {
+                        let _ = tx.send(Err(SinkError::kafka("consuming", e))).await;
+                        return;
+                    }
+                    Ok(m) => {
+                        seen_since_tick = true;
+                        let (p, o) = (m.partition(), m.offset());
+                        set.next.insert(p, o + 1);
+                        next.insert(p, o + 1);
+                        set.records += 1;
+                        set.first_at.get_or_insert_with(Instant::now);
+                        let payload = m.payload().unwrap_or(&[]).to_vec();
+                        set.bytes += payload.len();
+                        batch.push((p, o, payload));
+                        if batch.len() >= BATCH {
+                            let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                            if work_txs[turn % DECODERS].send(Work::Batch(full)).await.is_err() {
+                                return;
+                            }
+                            turn += 1;
+                            // A steady stream keeps recv() ready and the tick unpolled.
+                            if set.first_at.is_some_and(|t| t.elapsed() >= roll_every) {
+                                break;
+                            }
+                        }
+                    }
+                },
+                _ = tick.tick() => {
+                    if set.first_at.is_some_and(|t| t.elapsed() >= roll_every) {
+                        break;
+                    }
+                    if !seen_since_tick && until_idle && reached(&consumer, &topic, &targets, &next) {
+                        at_end = true;
+                        break;
+                    }
+                    seen_since_tick = false;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let rest = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+            if work_txs[turn % DECODERS].send(Work::Batch(rest)).await.is_err() {
+                return;
+            }
+            turn += 1;
+        }
+        for w in &work_txs {
+            if w.send(Work::Roll).await.is_err() {
+                return;
+            }
+        }
+        for _ in 0..DECODERS {
+            match done_rx.recv().await {
+                Some(b) => set.absorb(b),
+                None => return,
+            }
+        }
+        if tx.send(Ok(Chunk { buf: set, at_end })).await.is_err() || at_end {
+            return;
+        }
+    }
+    }))
 }
 
 /// `--until-idle`: every partition is read up to its end offset at start.

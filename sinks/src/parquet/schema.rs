@@ -149,7 +149,7 @@ pub struct LakeRow {
 /// `<column>_uuid`, not the survivor the transform pointed it at: the current view maps it
 /// through the merges, and a survivor change that hands the person back finds it its own.
 pub fn keeps_own_person(table: &str, column: &str) -> bool {
-    crate::hq_mysql::apply::MOVES.iter().any(|(t, c, preferred)| *preferred && *t == table && *c == column)
+    omrs_core::openmrs::MOVES.iter().any(|(t, c, preferred)| *preferred && *t == table && *c == column)
 }
 
 /// Converts one change: the after image (the before image of a delete), each value typed by
@@ -299,7 +299,7 @@ pub fn cell(v: &J, t: &DataType) -> Result<Cell<'static>, String> {
 
 impl LakeSchemaFile {
     /// From the table model read from a database's `information_schema`.
-    pub fn from_model(model: &omrs_ingest::model::Model, source: String) -> LakeSchemaFile {
+    pub fn from_model(model: &omrs_core::model::Model, source: String) -> LakeSchemaFile {
         let tables = model
             .tables
             .iter()

@@ -225,56 +225,10 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
     }
 
     // 2. No FK orphans at HQ.
-    let fks: Vec<(String, String, String, String)> = hq
-        .exec(
-            "SELECT table_name, column_name, referenced_table_name, referenced_column_name FROM information_schema.key_column_usage
-             WHERE table_schema = ? AND referenced_table_name IS NOT NULL AND table_name NOT LIKE 'omrs\\_%'",
-            (hq_db,),
-        )
-        .await
-        .map_err(|e| SinkError::db("reading the foreign keys", e))?;
-    for (t, col, rt, rc) in fks {
-        let n: Option<i64> = hq
-            .query_first(format!(
-                "SELECT COUNT(*) FROM {} c LEFT JOIN {} p ON c.{} = p.{} WHERE c.{} IS NOT NULL AND p.{} IS NULL",
-                q(&t),
-                q(&rt),
-                q(&col),
-                q(&rc),
-                q(&col),
-                q(&rc)
-            ))
-            .await
-            .map_err(|e| SinkError::db(format!("counting orphans of {t}.{col}"), e))?;
-        if let Some(n) = n.filter(|n| *n > 0) {
-            r.problems.push(format!("{t}.{col}: {n} rows reference a missing {rt}"));
-            r.orphans.push(Orphans { table: t, column: col, references: rt, rows: n });
-        }
-    }
+    check_orphans(&mut hq, hq_db, &mut r).await?;
 
-    // 3. No two unvoided HQ patients share a configured identifier (normalised as the
-    // transform normalises it).
-    for rule in &cfg.identity.identifiers {
-        let rows: Vec<(String, String)> = hq
-            .exec(
-                "SELECT pi.identifier, p.uuid FROM patient_identifier pi
-                 JOIN patient_identifier_type t ON t.patient_identifier_type_id = pi.identifier_type
-                 JOIN patient pa ON pa.patient_id = pi.patient_id AND pa.voided = 0
-                 JOIN person p ON p.person_id = pi.patient_id
-                 WHERE pi.voided = 0 AND t.uuid = ?",
-                (rule.identifier_type_uuid.as_str(),),
-            )
-            .await
-            .map_err(|e| SinkError::db("reading identifiers", e))?;
-        let mut by: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
-        for (value, person) in rows {
-            by.entry(rule.normalize(&value)).or_default().insert(person);
-        }
-        for (identifier, persons) in by.into_iter().filter(|(_, p)| p.len() > 1) {
-            r.problems.push(format!("identifier {identifier} ({}) is on {} unvoided patients", rule.identifier_type_uuid, persons.len()));
-            r.identity_duplicates.push(Duplicate { identifier_type: rule.identifier_type_uuid.clone(), identifier, patients: persons.into_iter().collect() });
-        }
-    }
+    // 3. No two unvoided HQ patients share a configured identifier.
+    check_identifiers(cfg, &mut hq, &mut r).await?;
 
     // 4. The lake's current tables equal HQ in uuid space.
     let lake_root = args.lake.clone().unwrap_or_else(|| cfg.sinks.parquet.path.clone());
@@ -324,49 +278,112 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
 
     // 7. The simulator's ground truth.
     if let Some(path) = &args.manifest {
-        let text = std::fs::read(path).map_err(|e| SinkError::io(format!("reading {}", path.display()), e))?;
-        let m: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SinkError::Usage(format!("{}: not a simulator manifest ({e})", path.display())))?;
-        let mut check = ManifestCheck { expected_active_patients: m["expected_hq"]["active_patients"].as_u64(), ..Default::default() };
-        let voided: HashMap<String, i64> = hq
-            .query::<(String, i64), _>("SELECT uuid, voided FROM person")
-            .await
-            .map_err(|e| SinkError::db("reading person", e))?
-            .into_iter()
-            .collect();
-        for h in m["humans"].as_array().into_iter().flatten() {
-            check.humans += 1;
-            let records: Vec<&str> = h["records"].as_array().into_iter().flatten().filter_map(|r| r["person_uuid"].as_str()).collect();
-            let alive = records.iter().filter(|u| voided.get(**u) == Some(&0)).count();
-            let absent = records.iter().filter(|u| !voided.contains_key(**u)).count();
-            if alive != 1 || absent > 0 {
-                check.wrong += 1;
-                if check.sample.len() < args.samples {
-                    check.sample.push(format!("{}: {alive} unvoided, {absent} absent of {records:?}", h["national_id"].as_str().unwrap_or("?")));
-                }
-            } else if let Some(want) = h["survivor_uuid"].as_str() {
-                if voided.get(want) != Some(&0) {
-                    check.wrong_survivor += 1;
-                    if check.sample.len() < args.samples {
-                        let kept = records.iter().find(|u| voided.get(**u) == Some(&0)).copied().unwrap_or("?");
-                        check.sample.push(format!("{}: HQ kept {kept}, the survivor is {want}", h["national_id"].as_str().unwrap_or("?")));
-                    }
-                }
-            }
-        }
-        check.active_patients = hq.query_first("SELECT COUNT(*) FROM patient WHERE voided = 0").await.map_err(|e| SinkError::db("counting patients", e))?.unwrap_or(0);
-        if check.wrong > 0 {
-            r.problems.push(format!("{} of {} humans are not exactly one unvoided patient at HQ", check.wrong, check.humans));
-        }
-        if check.wrong_survivor > 0 {
-            r.problems.push(format!("{} of {} humans kept another record than their survivor at HQ", check.wrong_survivor, check.humans));
-        }
-        if check.expected_active_patients.is_some_and(|e| e as i64 != check.active_patients) {
-            r.problems.push(format!("{} active patients at HQ, the manifest expects {:?}", check.active_patients, check.expected_active_patients));
-        }
-        r.manifest = Some(check);
+        r.manifest = Some(check_manifest(&mut hq, path, args.samples, &mut r).await?);
     }
     r.ok = r.problems.is_empty();
     Ok(r)
+}
+
+/// No HQ row references a row HQ lacks.
+async fn check_orphans(hq: &mut Conn, hq_db: &str, r: &mut Report) -> Result<(), SinkError> {
+    let fks: Vec<(String, String, String, String)> = hq
+        .exec(
+            "SELECT table_name, column_name, referenced_table_name, referenced_column_name FROM information_schema.key_column_usage
+             WHERE table_schema = ? AND referenced_table_name IS NOT NULL AND table_name NOT LIKE 'omrs\\_%'",
+            (hq_db,),
+        )
+        .await
+        .map_err(|e| SinkError::db("reading the foreign keys", e))?;
+    for (t, col, rt, rc) in fks {
+        let n: Option<i64> = hq
+            .query_first(format!(
+                "SELECT COUNT(*) FROM {} c LEFT JOIN {} p ON c.{} = p.{} WHERE c.{} IS NOT NULL AND p.{} IS NULL",
+                q(&t),
+                q(&rt),
+                q(&col),
+                q(&rc),
+                q(&col),
+                q(&rc)
+            ))
+            .await
+            .map_err(|e| SinkError::db(format!("counting orphans of {t}.{col}"), e))?;
+        if let Some(n) = n.filter(|n| *n > 0) {
+            r.problems.push(format!("{t}.{col}: {n} rows reference a missing {rt}"));
+            r.orphans.push(Orphans { table: t, column: col, references: rt, rows: n });
+        }
+    }
+    Ok(())
+}
+
+/// No two unvoided HQ patients share a configured identifier (normalised as the transform
+/// normalises it).
+async fn check_identifiers(cfg: &Config, hq: &mut Conn, r: &mut Report) -> Result<(), SinkError> {
+    for rule in &cfg.identity.identifiers {
+        let rows: Vec<(String, String)> = hq
+            .exec(
+                "SELECT pi.identifier, p.uuid FROM patient_identifier pi
+                 JOIN patient_identifier_type t ON t.patient_identifier_type_id = pi.identifier_type
+                 JOIN patient pa ON pa.patient_id = pi.patient_id AND pa.voided = 0
+                 JOIN person p ON p.person_id = pi.patient_id
+                 WHERE pi.voided = 0 AND t.uuid = ?",
+                (rule.identifier_type_uuid.as_str(),),
+            )
+            .await
+            .map_err(|e| SinkError::db("reading identifiers", e))?;
+        let mut by: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for (value, person) in rows {
+            by.entry(rule.normalize(&value)).or_default().insert(person);
+        }
+        for (identifier, persons) in by.into_iter().filter(|(_, p)| p.len() > 1) {
+            r.problems.push(format!("identifier {identifier} ({}) is on {} unvoided patients", rule.identifier_type_uuid, persons.len()));
+            r.identity_duplicates.push(Duplicate { identifier_type: rule.identifier_type_uuid.clone(), identifier, patients: persons.into_iter().collect() });
+        }
+    }
+    Ok(())
+}
+
+/// The simulator's ground truth: each human is exactly one unvoided patient at HQ, its survivor.
+async fn check_manifest(hq: &mut Conn, path: &std::path::Path, samples: usize, r: &mut Report) -> Result<ManifestCheck, SinkError> {
+    let text = std::fs::read(path).map_err(|e| SinkError::io(format!("reading {}", path.display()), e))?;
+    let m: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SinkError::Usage(format!("{}: not a simulator manifest ({e})", path.display())))?;
+    let mut check = ManifestCheck { expected_active_patients: m["expected_hq"]["active_patients"].as_u64(), ..Default::default() };
+    let voided: HashMap<String, i64> = hq
+        .query::<(String, i64), _>("SELECT uuid, voided FROM person")
+        .await
+        .map_err(|e| SinkError::db("reading person", e))?
+        .into_iter()
+        .collect();
+    for h in m["humans"].as_array().into_iter().flatten() {
+        check.humans += 1;
+        let records: Vec<&str> = h["records"].as_array().into_iter().flatten().filter_map(|r| r["person_uuid"].as_str()).collect();
+        let alive = records.iter().filter(|u| voided.get(**u) == Some(&0)).count();
+        let absent = records.iter().filter(|u| !voided.contains_key(**u)).count();
+        if alive != 1 || absent > 0 {
+            check.wrong += 1;
+            if check.sample.len() < samples {
+                check.sample.push(format!("{}: {alive} unvoided, {absent} absent of {records:?}", h["national_id"].as_str().unwrap_or("?")));
+            }
+        } else if let Some(want) = h["survivor_uuid"].as_str() {
+            if voided.get(want) != Some(&0) {
+                check.wrong_survivor += 1;
+                if check.sample.len() < samples {
+                    let kept = records.iter().find(|u| voided.get(**u) == Some(&0)).copied().unwrap_or("?");
+                    check.sample.push(format!("{}: HQ kept {kept}, the survivor is {want}", h["national_id"].as_str().unwrap_or("?")));
+                }
+            }
+        }
+    }
+    check.active_patients = hq.query_first("SELECT COUNT(*) FROM patient WHERE voided = 0").await.map_err(|e| SinkError::db("counting patients", e))?.unwrap_or(0);
+    if check.wrong > 0 {
+        r.problems.push(format!("{} of {} humans are not exactly one unvoided patient at HQ", check.wrong, check.humans));
+    }
+    if check.wrong_survivor > 0 {
+        r.problems.push(format!("{} of {} humans kept another record than their survivor at HQ", check.wrong_survivor, check.humans));
+    }
+    if check.expected_active_patients.is_some_and(|e| e as i64 != check.active_patients) {
+        r.problems.push(format!("{} active patients at HQ, the manifest expects {:?}", check.active_patients, check.expected_active_patients));
+    }
+    Ok(check)
 }
 
 /// The value checks (see `values.rs` and `lake.rs`), on connections of their own.
@@ -443,7 +460,7 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
     let behind = |topic: &str, stored: Option<i64>, heartbeats: bool| -> Result<Option<i64>, SinkError> {
         let Some(stored) = stored else { return Ok(None) };
         let reader: BaseConsumer = client_config(&cfg.kafka)
-            .set("group.id", format!("{}omrs-verify", cfg.kafka.topic_prefix))
+            .set("group.id", TopicNames::new(cfg.kafka.topic_prefix.clone()).verify_group())
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "false")
@@ -494,7 +511,7 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
         lags.push(Lag { stage: "parquet".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(stored.unwrap_or(0)), false)? });
     }
     let group: BaseConsumer = client_config(&cfg.kafka)
-        .set("group.id", format!("{}omrs-transform", cfg.kafka.topic_prefix))
+        .set("group.id", TopicNames::new(cfg.kafka.topic_prefix.clone()).transform_group())
         .create()
         .map_err(|e| SinkError::kafka("creating a consumer", e))?;
     for s in &cfg.sites {

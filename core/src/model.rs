@@ -1,6 +1,10 @@
-//! The table model, read from the site's own `information_schema` at start (and again after
-//! DDL): primary keys, the uuid column, foreign keys, tables that share their key with a parent
-//! (`patient` → `person`), column types, and the FK-dependency order used by the snapshot.
+//! The table model of an OpenMRS database, read from its own `information_schema` (a site's by
+//! its agent at start and after DDL, HQ's by its sink): primary keys, the uuid column, foreign
+//! keys, tables that share their key with a parent (`patient` → `person`), column types, and
+//! the FK-dependency order (parents first) used by the snapshot and by HQ's writes.
+
+// Rows read from SQL come back as tuples named by their SELECT.
+#![allow(clippy::type_complexity)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -8,7 +12,7 @@ use std::sync::Arc;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
-use crate::IngestError;
+use crate::CoreError;
 
 #[derive(Debug, Clone)]
 pub struct Fk {
@@ -66,7 +70,7 @@ impl Model {
     }
 
     /// Reads the model of `database`, keeping the captured tables (include/exclude).
-    pub async fn load(conn: &mut Conn, database: &str, include: &[String], exclude: &[String]) -> Result<Model, IngestError> {
+    pub async fn load(conn: &mut Conn, database: &str, include: &[String], exclude: &[String]) -> Result<Model, CoreError> {
         let db = database.replace('\'', "''");
         let cols: Vec<(String, String, String)> = conn
             .query(format!(
@@ -74,13 +78,13 @@ impl Model {
                  WHERE table_schema = '{db}' ORDER BY table_name, ordinal_position"
             ))
             .await
-            .map_err(|e| IngestError::site("reading information_schema.columns", e))?;
+            .map_err(|e| CoreError::db("reading information_schema.columns", e))?;
         let base: BTreeSet<String> = conn
             .query::<String, _>(format!(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = '{db}' AND table_type = 'BASE TABLE'"
             ))
             .await
-            .map_err(|e| IngestError::site("reading information_schema.tables", e))?
+            .map_err(|e| CoreError::db("reading information_schema.tables", e))?
             .into_iter()
             .collect();
         let keys: Vec<(String, String, String, Option<String>, Option<String>)> = conn
@@ -90,7 +94,7 @@ impl Model {
                  ORDER BY table_name, constraint_name, ordinal_position"
             ))
             .await
-            .map_err(|e| IngestError::site("reading information_schema.key_column_usage", e))?;
+            .map_err(|e| CoreError::db("reading information_schema.key_column_usage", e))?;
 
         let mut tables: BTreeMap<String, TableModel> = BTreeMap::new();
         for (table, column, column_type) in cols {

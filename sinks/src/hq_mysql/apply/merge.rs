@@ -1,0 +1,315 @@
+//! What OpenMRS `mergePatients` does, done at HQ: merges recorded, rows moved to the survivor,
+//! the loser voided and logged, survivor changes followed; and what keeps a merged person
+//! merged when its site writes it again.
+
+use std::collections::HashMap;
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Value};
+use omrs_core::openmrs::MOVES;
+use serde_json::Value as J;
+
+use super::sql::{datetime, db, q};
+use super::{Applier, Work};
+use crate::SinkError;
+
+/// Namespace of the uuids HQ makes for its own `person_merge_log` rows (a function of the loser,
+/// so that every run writes the same row).
+pub(super) const MERGE_LOG_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6f6d_7273_2d73_7472_6561_6d2d_6d65_7267);
+
+#[derive(Debug, Clone)]
+pub(super) struct MergeRec {
+    pub(super) winner: String,
+    pub(super) ts_ms: i64,
+    pub(super) reason: String,
+    pub(super) applied: bool,
+    pub(super) evidence: String,
+    pub(super) site: String,
+}
+
+/// HQ's own `person_merge_log` rows whose loser a site's own log also names go: a site's merge
+/// is logged by the site (semantics 4: the same rows whichever of the two arrived first).
+/// HQ's rows are the ones `omrs_sync_merge` names; HQ writes at most one per loser.
+/// The merges HQ knows of (`omrs_sync_merge`), by loser.
+pub(super) async fn load(conn: &mut Conn) -> Result<HashMap<String, MergeRec>, SinkError> {
+    let rows: Vec<(String, String, i64, String, i64, Option<String>, String)> = conn
+        .query("SELECT loser_uuid, winner_uuid, ts_ms, reason, applied, evidence, site FROM omrs_sync_merge")
+        .await
+        .map_err(db("reading omrs_sync_merge"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(loser, winner, ts_ms, reason, applied, evidence, site)| {
+            (loser, MergeRec { winner, ts_ms, reason, applied: applied == 1, evidence: evidence.unwrap_or_default(), site })
+        })
+        .collect())
+}
+
+pub(super) async fn drop_covered_merge_logs(conn: &mut Conn) -> Result<(), SinkError> {
+    conn.query_drop(
+        "DELETE h FROM person_merge_log h
+           JOIN omrs_sync_merge m ON m.merge_log_uuid = h.uuid
+           JOIN person_merge_log s ON s.loser_person_id = h.loser_person_id AND s.uuid <> h.uuid",
+    )
+    .await
+    .map_err(db("dropping HQ's merge logs that a site's log covers"))
+}
+
+impl Applier {
+    /// The loser's final survivor, following merges transitively (None for a survivor, even
+    /// one whose chain would lead back to itself).
+    pub(super) fn survivor_of(&self, uuid: &str) -> Option<String> {
+        let mut cur = self.merges.get(uuid)?.winner.clone();
+        for _ in 0..64 {
+            match self.merges.get(&cur) {
+                Some(m) if m.winner != cur => cur = m.winner.clone(),
+                _ => break,
+            }
+        }
+        (cur != uuid).then_some(cur)
+    }
+
+    /// Re-applies merges whose persons were not both at HQ yet.
+    pub(super) async fn retry_merges(&mut self, conn: &mut Conn) -> Result<(), SinkError> {
+        let waiting: Vec<(String, MergeRec)> =
+            self.merges.iter().filter(|(_, m)| !m.applied).map(|(l, m)| (l.clone(), m.clone())).collect();
+        for (loser, rec) in waiting {
+            self.merge(conn, &loser, rec).await?;
+        }
+        Ok(())
+    }
+
+    /// A merged person stays voided whatever its site says later, and the rows moved to a
+    /// survivor stay non-preferred (semantics 4: the same result in any order). Returns, for a
+    /// row written to a person not its own, that person and the row's own `preferred`.
+    pub(super) async fn force_merge_values<'c>(
+        &mut self,
+        conn: &mut Conn,
+        table: &str,
+        row_key: &str,
+        w: &Work,
+        cols: &mut Vec<&'c str>,
+        vals: &mut Vec<Value>,
+    ) -> Result<Option<(String, Value)>, SinkError> {
+        let set = |cols: &mut Vec<&'c str>, vals: &mut Vec<Value>, c: &'static str, v: Value| match cols.iter().position(|x| *x == c) {
+            Some(i) => vals[i] = v,
+            None => {
+                cols.push(c);
+                vals.push(v);
+            }
+        };
+        match table {
+            "person" | "patient" => {
+                if let Some(survivor) = self.survivor_of(row_key) {
+                    let own = cols.iter().position(|c| *c == "date_created").map(|i| vals[i].clone());
+                    let when = match own {
+                        Some(v) => v,
+                        None => Value::from(self.merge_time(conn, row_key).await?),
+                    };
+                    let reason = self.void_reason(conn, &survivor).await?;
+                    set(cols, vals, "voided", Value::from(1));
+                    set(cols, vals, "voided_by", Value::from(self.daemon_user));
+                    set(cols, vals, "date_voided", when);
+                    set(cols, vals, "void_reason", Value::from(reason));
+                } else if Self::merge_voided(cols, vals) && self.merges.values().any(|m| m.winner == row_key) {
+                    // The site voided this person by merging it into another one, but HQ's rule
+                    // (earliest registration, then uuid) made it the survivor: it stays alive.
+                    set(cols, vals, "voided", Value::from(0));
+                    set(cols, vals, "voided_by", Value::NULL);
+                    set(cols, vals, "date_voided", Value::NULL);
+                    set(cols, vals, "void_reason", Value::NULL);
+                }
+            }
+            "patient_identifier" | "person_name" | "person_address" => {
+                let col = if table == "patient_identifier" { "patient_id" } else { "person_id" };
+                if let Some(J::String(own)) = w.origin_refs.get(col) {
+                    let preferred = cols.iter().position(|c| *c == "preferred").map_or(Value::NULL, |i| vals[i].clone());
+                    set(cols, vals, "preferred", Value::from(0));
+                    return Ok(Some((own.clone(), preferred)));
+                }
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// The row is voided by a merge ("Merged with patient #…").
+    pub(super) fn merge_voided(cols: &[&str], vals: &[Value]) -> bool {
+        let get = |c: &str| cols.iter().position(|x| *x == c).map(|i| &vals[i]);
+        let voided = matches!(get("voided"), Some(Value::Int(1)) | Some(Value::UInt(1)));
+        let merged = matches!(get("void_reason"), Some(Value::Bytes(b)) if b.starts_with(b"Merged with patient"));
+        voided && merged
+    }
+
+    /// When a merge is dated at HQ: the voided row's own registration (`date_created`, read
+    /// from the row being written; this reads the person's when the image lacks it). A
+    /// duplicate is a duplicate from its creation; and unlike the time HQ learned of it, this
+    /// does not depend on the order in which the sites were read (semantics 4).
+    pub(super) async fn merge_time(&mut self, conn: &mut Conn, loser: &str) -> Result<String, SinkError> {
+        let t: Option<Option<String>> = conn
+            .exec_first("SELECT DATE_FORMAT(date_created, '%Y-%m-%d %H:%i:%s') FROM person WHERE uuid = ?", (loser,))
+            .await
+            .map_err(db("reading the merged person"))?;
+        Ok(t.flatten().unwrap_or_else(|| datetime(self.merges.get(loser).map(|m| m.ts_ms).unwrap_or(0))))
+    }
+
+    pub(super) async fn void_reason(&mut self, conn: &mut Conn, survivor: &str) -> Result<String, SinkError> {
+        Ok(match self.lookup_id(conn, "person", survivor).await? {
+            Some(id) => format!("Merged with patient #{id}"),
+            None => format!("Merged with patient {survivor}"),
+        })
+    }
+
+    /// `mergePatients`, in the batch's transaction: the loser's clinical rows move to the
+    /// survivor (identifiers, names and addresses too, as non-preferred: a move keeps their
+    /// uuids, so a later edit at the site lands on the same row, whatever the order), the loser
+    /// patient and person are voided "Merged with patient #<id>", and a `person_merge_log` row
+    /// is written (a site's own merge brings its own). Earlier losers of the loser follow it to
+    /// the new survivor. If either person is not at HQ yet, the merge is remembered and applied
+    /// when both are; rows that arrive later are already canonical.
+    pub(super) async fn merge(&mut self, conn: &mut Conn, loser: &str, mut rec: MergeRec) -> Result<(), SinkError> {
+        if loser == rec.winner {
+            return Ok(());
+        }
+        // The survivor of a component is never a loser. A survivor change names an earlier loser
+        // of this component as the new survivor: its own merge is withdrawn (its merge log goes,
+        // it is un-voided below), instead of being chained to itself, which voided everyone.
+        if self.merges.remove(&rec.winner).is_some() {
+            conn.exec_drop("DELETE FROM omrs_sync_merge WHERE loser_uuid = ?", (rec.winner.as_str(),)).await.map_err(db("withdrawing the survivor's merge"))?;
+            let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, rec.winner.as_bytes()).to_string();
+            conn.exec_drop("DELETE FROM person_merge_log WHERE uuid = ?", (u.as_str(),)).await.map_err(db("withdrawing the survivor's merge log"))?;
+        }
+        // Earlier losers of the loser now belong to the new survivor.
+        let chained: Vec<String> = self.merges.iter().filter(|(_, m)| m.winner == loser).map(|(l, _)| l.clone()).collect();
+        for l in &chained {
+            if let Some(m) = self.merges.get_mut(l) {
+                m.winner = rec.winner.clone();
+            }
+        }
+        let w = self.lookup_id(conn, "person", &rec.winner).await?;
+        let l = self.lookup_id(conn, "person", loser).await?;
+        let mut log_uuid: Option<String> = None;
+        if let (Some(w), Some(l)) = (w, l) {
+            for (table, col, preferred) in MOVES {
+                let Some(tm) = self.model.table(table) else { continue };
+                if !tm.columns.iter().any(|c| c.name == *col) {
+                    continue;
+                }
+                if *preferred && tm.columns.iter().any(|c| c.name == "preferred") && tm.pk.len() == 1 {
+                    // Non-preferred once moved, unless it goes back to the person it came from
+                    // (a survivor change hands the component to an earlier loser): its owner
+                    // and own flag are remembered the first time it leaves its person.
+                    let pk = q(&tm.pk[0]);
+                    conn.exec_drop(
+                        format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, ?, preferred FROM {} WHERE {} = ?", q(table), q(col)),
+                        (*table, loser, l),
+                    )
+                    .await
+                    .map_err(|e| SinkError::db(format!("remembering where the moved {table} rows belong"), e))?;
+                    conn.exec_drop(
+                        format!(
+                            "UPDATE {t} r LEFT JOIN omrs_sync_moved m ON m.tbl = ? AND m.hq_id = r.{pk} SET r.{c} = ?, r.preferred = IF(m.person_uuid <=> ?, m.preferred, 0) WHERE r.{c} = ?",
+                            t = q(table),
+                            c = q(col)
+                        ),
+                        (*table, w, rec.winner.as_str(), l),
+                    )
+                    .await
+                    .map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))?;
+                    continue;
+                }
+                conn.exec_drop(format!("UPDATE {} SET {} = ? WHERE {} = ?", q(table), q(col), q(col)), (w, l))
+                    .await
+                    .map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))?;
+            }
+            let reason = format!("Merged with patient #{w}");
+            // A survivor that its site had merged away (the site chose the other record) is
+            // alive at HQ.
+            for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+                conn.exec_drop(
+                    format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} = ? AND voided = 1 AND void_reason LIKE 'Merged with patient%'"),
+                    (w,),
+                )
+                .await
+                .map_err(|e| SinkError::db(format!("keeping the surviving {table}"), e))?;
+            }
+            for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+                conn.exec_drop(
+                    // Dated at the row's own registration: the same whenever HQ learns of it.
+                    format!("UPDATE {table} SET voided = 1, voided_by = ?, date_voided = date_created, void_reason = ? WHERE {col} = ?"),
+                    (self.daemon_user, reason.as_str(), l),
+                )
+                .await
+                .map_err(|e| SinkError::db(format!("voiding the merged {table}"), e))?;
+            }
+            // HQ logs a merge of its own unless a site's log names the same loser (whatever the
+            // reason of this record: which records reach HQ as `site_merge` and which as
+            // `identifier` depends on the order the evidence arrived in; the site's log that
+            // lands later removes HQ's, see `drop_covered_merge_logs`).
+            let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, loser.as_bytes()).to_string();
+            let site_logged: Option<i64> = conn
+                .exec_first("SELECT COUNT(*) FROM person_merge_log WHERE loser_person_id = ? AND uuid <> ?", (l, u.as_str()))
+                .await
+                .map_err(db("reading the sites' merge logs"))?;
+            if site_logged.unwrap_or(0) == 0 {
+                let when = self.merge_time(conn, loser).await?;
+                let id = self.allocate(conn, "person_merge_log", "person_merge_log_id").await?;
+                // Only what does not depend on the order the evidence arrived in: the reason and
+                // evidence of this merge are in omrs_sync_merge.
+                let data = serde_json::json!({"loser": loser, "merged_by": "omrs-stream", "details": "omrs_sync_merge"});
+                conn.exec_drop(
+                    "INSERT INTO person_merge_log (person_merge_log_id, winner_person_id, loser_person_id, creator, date_created, merged_data, uuid, voided)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, 0)
+                     ON DUPLICATE KEY UPDATE winner_person_id = VALUES(winner_person_id)",
+                    (id, w, l, self.daemon_user, when.as_str(), data.to_string(), u.as_str()),
+                )
+                .await
+                .map_err(db("writing person_merge_log"))?;
+                log_uuid = Some(u);
+            }
+            // Earlier losers: their merge log and void reason name the new survivor.
+            for cl in &chained {
+                if let Some(cid) = self.lookup_id(conn, "person", cl).await? {
+                    for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+                        conn.exec_drop(format!("UPDATE {table} SET void_reason = ? WHERE {col} = ? AND voided = 1"), (reason.as_str(), cid))
+                            .await
+                            .map_err(db("renaming a chained merge"))?;
+                    }
+                    let cu = uuid::Uuid::new_v5(&MERGE_LOG_NS, cl.as_bytes()).to_string();
+                    conn.exec_drop("UPDATE person_merge_log SET winner_person_id = ? WHERE uuid = ?", (w, cu.as_str()))
+                        .await
+                        .map_err(db("renaming a chained merge"))?;
+                }
+            }
+            rec.applied = true;
+        }
+        conn.exec_drop(
+            "INSERT INTO omrs_sync_merge (loser_uuid, winner_uuid, reason, evidence, site, ts_ms, applied, merge_log_uuid, applied_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, IF(? = 1, NOW(3), NULL))
+             ON DUPLICATE KEY UPDATE winner_uuid = VALUES(winner_uuid), applied = VALUES(applied),
+               merge_log_uuid = COALESCE(VALUES(merge_log_uuid), merge_log_uuid), applied_at = COALESCE(applied_at, VALUES(applied_at))",
+            (
+                loser,
+                rec.winner.as_str(),
+                rec.reason.as_str(),
+                rec.evidence.as_str(),
+                rec.site.as_str(),
+                rec.ts_ms,
+                rec.applied as i64,
+                log_uuid.as_deref(),
+                rec.applied as i64,
+            ),
+        )
+        .await
+        .map_err(db("recording the merge"))?;
+        if !chained.is_empty() {
+            let marks = vec!["?"; chained.len()].join(",");
+            let mut params: Vec<Value> = vec![Value::from(rec.winner.as_str())];
+            params.extend(chained.iter().map(|c| Value::from(c.as_str())));
+            conn.exec_drop(format!("UPDATE omrs_sync_merge SET winner_uuid = ? WHERE loser_uuid IN ({marks})"), params)
+                .await
+                .map_err(db("following a survivor change"))?;
+        }
+        self.merges.insert(loser.to_string(), rec);
+        Ok(())
+    }
+}
