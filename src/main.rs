@@ -29,8 +29,18 @@ struct Cli {
     /// Every Kafka topic: partitions, replication, retention, compaction.
     #[arg(long, global = true, default_value = "topics.toml", env = "OMRS_TOPICS")]
     topics: PathBuf,
+    /// Log lines as text, or as one JSON object per line (for a log shipper: Loki, Elastic,
+    /// CloudWatch). Logs go to stderr; the level is set with RUST_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value = "text", env = "OMRS_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -116,7 +126,7 @@ fn resolved_topics(cli: &Cli) -> anyhow::Result<(Config, Vec<omrs_core::config::
 async fn serve_metrics(cfg: &Config, port: Option<u16>, stage: &str) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let addr = cfg.metrics.addr()?;
     let listen = port.map(|p| std::net::SocketAddr::new(addr.ip(), p)).unwrap_or(addr);
-    Ok(omrs_core::metrics::serve(listen, stage).await?)
+    Ok(omrs_core::endpoint::serve(listen, stage).await?)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -270,15 +280,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo draws its own progress; the stages it runs log to their files.
     let default_filter = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
         // Colour only on a terminal; log files and pipes get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        // One JSON object a line: timestamp, level, target, message and the structured fields.
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -142,3 +142,56 @@ fn hq_sink_refuses_an_uninitialised_database_with_the_fix() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not exist") && err.contains("sink hq-mysql --init"), "{err}");
 }
+
+/// `--log-format json` writes one JSON object a line, and a stage that cannot reach its site
+/// keeps retrying (with `/health` not ready) until SIGTERM, which it obeys at once with exit 0.
+#[test]
+fn json_logs_and_a_clean_stop_while_retrying() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("omrs-stream.toml")).unwrap().replacen("port = 3311", "port = 1", 1);
+    let cfg = dir.path().join("omrs-stream.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let log = dir.path().join("ingest.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--log-format", "json", "ingest", "--site", "site-a", "--quiet", "--metrics-port", &port.to_string()])
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("transient error") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no retry logged within 30 s:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    for line in lines.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+    let retry: serde_json::Value = lines.lines().filter_map(|l| serde_json::from_str(l).ok()).find(|v: &serde_json::Value| v["message"].as_str().is_some_and(|m| m.contains("transient error"))).unwrap();
+    assert_eq!(retry["level"], "WARN");
+    assert_eq!(retry["site"], "site-a", "structured fields are fields: {retry}");
+    // Not ready while it retries.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /health HTTP/1.0\r\n\r\n").unwrap();
+    let mut health = String::new();
+    std::io::Read::read_to_string(&mut s, &mut health).unwrap();
+    assert!(health.contains(" 503 ") && health.contains("not ready: retrying after a transient error"), "{health}");
+
+    let stopped_at = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(stopped_at.elapsed() < std::time::Duration::from_secs(10), "still retrying 10 s after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+}

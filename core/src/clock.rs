@@ -22,9 +22,10 @@ pub fn restart_backoff() -> ExponentialBuilder {
 
 /// Runs a stage's `attempt` until it returns `Ok`, or an error that `transient` says a retry
 /// cannot fix, waiting [`restart_backoff`] between attempts; `on_retry` hears of each transient
-/// error and the wait before the next attempt (to log it and count it). A stop asked for
+/// error and the wait before the next attempt (to log it and count it); `/health` says the
+/// stage is not ready until it calls [`crate::endpoint::ready`] again. A stop asked for
 /// ([`crate::stop`]) cuts the wait short and ends the retries with `Ok`.
-pub async fn retry_transient<E, Fut>(
+pub async fn retry_transient<E: std::fmt::Display, Fut>(
     attempt: impl FnMut() -> Fut,
     transient: impl FnMut(&E) -> bool,
     on_retry: impl FnMut(&E, Duration),
@@ -35,7 +36,7 @@ where
     retry_with(restart_backoff(), attempt, transient, on_retry).await
 }
 
-async fn retry_with<E, Fut>(
+async fn retry_with<E: std::fmt::Display, Fut>(
     backoff: impl BackoffBuilder,
     mut attempt: impl FnMut() -> Fut,
     mut transient: impl FnMut(&E) -> bool,
@@ -60,7 +61,12 @@ where
             _ = crate::stop::wait() => {}
         }
     };
-    run.retry(backoff).sleep(sleep).when(|e| transient(e)).notify(on_retry).await
+    let mut on_retry = on_retry;
+    let notify = |e: &E, wait: Duration| {
+        crate::endpoint::not_ready(format!("retrying after a transient error: {e}"));
+        on_retry(e, wait)
+    };
+    run.retry(backoff).sleep(sleep).when(|e| transient(e)).notify(notify).await
 }
 
 #[cfg(test)]

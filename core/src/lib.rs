@@ -11,7 +11,8 @@
 //! - [`model`]: the table model of an OpenMRS database, from its `information_schema`.
 //! - [`kafka`]: librdkafka client settings, including TLS/SASL passthrough.
 //! - [`topics`]: `omrs-stream topics apply|check` against the broker's admin API.
-//! - [`metrics`]: every `omrs_stream_*` metric name, and the `/metrics` + `/health` endpoint.
+//! - [`metrics`]: every `omrs_stream_*` metric name.
+//! - [`endpoint`]: `/metrics` and `/health` (readiness: connected and not stuck), over axum.
 //! - [`error`]: the crate's one error enum, split into transient and definite errors.
 //! - [`runtime`]: process-wide settings (transparent huge pages off).
 //! - [`clock`]: the wall clock in milliseconds, and retries with capped, jittered backoff.
@@ -22,6 +23,7 @@ pub mod arrow_map;
 pub mod clock;
 pub mod config;
 pub mod dlq;
+pub mod endpoint;
 pub mod envelope;
 pub mod error;
 pub mod hq;

@@ -1,20 +1,16 @@
-//! Every Prometheus metric of omrs-stream, by name, in one place, and the HTTP endpoint that
-//! serves them (`GET /metrics`, `GET /health`).
+//! Every Prometheus metric of omrs-stream, by name, in one place ([`crate::endpoint`] serves
+//! them). Besides the `omrs_stream_*` metrics, the registry holds the standard `process_*`
+//! metrics of the process (CPU, memory, open files).
 //!
 //! Names follow `omrs_stream_<stage>_<what>_<unit>`. Stages register nothing themselves: they
 //! use the handles of [`metrics()`].
 
-use std::net::SocketAddr;
 use std::sync::LazyLock;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
-use crate::error::{CoreError, Result};
 
 pub const EVENTS_IN: &str = "omrs_stream_events_in_total";
 pub const EVENTS_OUT: &str = "omrs_stream_events_out_total";
@@ -35,6 +31,7 @@ pub const SNAPSHOT_ROWS: &str = "omrs_stream_snapshot_rows_total";
 pub const SNAPSHOT_TABLES_DONE: &str = "omrs_stream_snapshot_tables_done";
 pub const SIMULATED_ROWS: &str = "omrs_stream_simulate_rows_total";
 pub const UP: &str = "omrs_stream_up";
+pub const BUILD_INFO: &str = "omrs_stream_build_info";
 pub const UNRESOLVED_REFS: &str = "omrs_stream_unresolved_refs_total";
 pub const SITE_CLOCK_SKEW: &str = "omrs_stream_site_clock_skew_seconds";
 pub const INGEST_POSITION: &str = "omrs_stream_ingest_binlog_position";
@@ -88,6 +85,8 @@ pub struct Metrics {
     pub snapshot_tables_done: IntGaugeVec,
     pub simulated_rows: IntCounterVec,
     pub up: IntGaugeVec,
+    /// 1, labelled with the version and stage of the running build.
+    pub build_info: IntGaugeVec,
     /// Foreign keys sent as null because the referenced row has no uuid.
     pub unresolved_refs: IntCounterVec,
     /// Site clock minus this host's clock, seconds (from heartbeats).
@@ -160,6 +159,9 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 impl Metrics {
     fn new() -> Metrics {
         let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        // Registered once, on a fresh registry: cannot clash.
+        let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         let merges = IntCounter::new(MERGES, "Cross-site patient merges performed").expect("static");
         r.register(Box::new(merges.clone())).expect("metric registered once");
         let batch_latency = HistogramVec::new(
@@ -190,6 +192,7 @@ impl Metrics {
             snapshot_tables_done: gauge_vec(&r, SNAPSHOT_TABLES_DONE, "Tables whose snapshot is complete", &["site"]),
             simulated_rows: counter_vec(&r, SIMULATED_ROWS, "Row changes written by the simulator", &["site", "table", "op"]),
             up: gauge_vec(&r, UP, "1 while the process runs", &["stage"]),
+            build_info: gauge_vec(&r, BUILD_INFO, "1; the labels name the running build", &["version", "stage"]),
             unresolved_refs: counter_vec(&r, UNRESOLVED_REFS, "Foreign keys that could not be resolved to a uuid (sent as null)", &["site", "table"]),
             site_clock_skew: {
                 let m = prometheus::GaugeVec::new(Opts::new(SITE_CLOCK_SKEW, "Site clock minus the agent host's clock, seconds"), &["site"]).expect("static metric definition");
@@ -266,49 +269,4 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// The process-wide metric handles.
 pub fn metrics() -> &'static Metrics {
     &METRICS
-}
-
-/// Serves `/metrics` and `/health` on `addr` until the task is dropped. Returns the bound
-/// address (useful with port 0).
-pub async fn serve(addr: SocketAddr, stage: &str) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| CoreError::Metrics { addr: addr.to_string(), source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| CoreError::Metrics { addr: addr.to_string(), source })?;
-    metrics().up.with_label_values(&[stage]).set(1);
-    tracing::info!(addr = %bound, "serving /metrics and /health");
-    let handle = tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut n = 0;
-                while n < buf.len() {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf[..n]);
-                let path = head.split_whitespace().nth(1).unwrap_or("");
-                let (status, ctype, body) = match path {
-                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics().render()),
-                    "/health" => ("200 OK", "text/plain", "ok\n".to_string()),
-                    _ => ("404 Not Found", "text/plain", "try /metrics or /health\n".to_string()),
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
-        }
-    });
-    Ok((bound, handle))
 }

@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-use omrs_core::metrics::{self, metrics};
+use omrs_core::endpoint;
+use omrs_core::metrics::metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
     let mut out = String::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await.unwrap().unwrap();
     out
@@ -17,7 +18,7 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
 async fn metrics_and_health_are_served() {
     metrics().events_in.with_label_values(&["test", "site-a", "obs", "c"]).inc_by(3);
     metrics().global_watermark.set(1234);
-    let (addr, _h) = metrics::serve("127.0.0.1:0".parse().unwrap(), "test").await.unwrap();
+    let (addr, _h) = endpoint::serve("127.0.0.1:0".parse().unwrap(), "test").await.unwrap();
     let body = get(addr, "/metrics").await;
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(
@@ -26,9 +27,27 @@ async fn metrics_and_health_are_served() {
     );
     assert!(body.contains("omrs_stream_global_watermark_ms 1234"), "{body}");
     assert!(body.contains(r#"omrs_stream_up{stage="test"} 1"#), "{body}");
+    let build = format!(r#"omrs_stream_build_info{{stage="test",version="{}"}} 1"#, env!("CARGO_PKG_VERSION"));
+    assert!(body.contains(&build), "{build} in {body}");
+    for process in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"] {
+        assert!(body.contains(&format!("\n{process} ")), "{process} in {body}");
+    }
+
+    // Readiness: not before the stage says so, not while it retries, and not once stuck.
+    let health = get(addr, "/health").await;
+    assert!(health.starts_with("HTTP/1.1 503") && health.ends_with("starting\n"), "{health}");
+    endpoint::ready();
     let health = get(addr, "/health").await;
     assert!(health.starts_with("HTTP/1.1 200 OK") && health.ends_with("ok\n"), "{health}");
+    endpoint::not_ready("retrying after a transient error: HQ is away");
+    let health = get(addr, "/health").await;
+    assert!(health.starts_with("HTTP/1.1 503") && health.ends_with("not ready: retrying after a transient error: HQ is away\n"), "{health}");
+    endpoint::ready();
+    assert!(endpoint::health().0);
     assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    // A request head larger than the old hand-written server took (4 KiB) is served.
+    let long = format!("/health?{}", "x".repeat(8000));
+    assert!(get(addr, &long).await.starts_with("HTTP/1.1 200 OK"));
 }
 
 #[test]
@@ -36,7 +55,8 @@ fn every_metric_name_has_the_project_prefix() {
     let text = metrics().render();
     for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
         let name = line.split_whitespace().nth(2).unwrap();
-        assert!(name.starts_with("omrs_stream_"), "{name}");
+        // Besides ours, only the standard process metrics.
+        assert!(name.starts_with("omrs_stream_") || name.starts_with("process_"), "{name}");
     }
 }
 

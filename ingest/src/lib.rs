@@ -239,6 +239,7 @@ async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot
         }
     };
     tracing::debug!(site = %site.name, model_ms = t_model.as_millis() as u64, producer_ms = t_producer.as_millis() as u64, checkpoint_ms = t0.elapsed().as_millis() as u64, "agent started");
+    omrs_core::endpoint::ready();
     let tuning = Tuning {
         chunk_rows: cfg.ingest.snapshot_chunk_rows,
         heartbeat: Duration::from_millis(cfg.ingest.heartbeat_interval_ms.max(50)),

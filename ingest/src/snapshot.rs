@@ -145,6 +145,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
             if let Some(pb) = &bar {
                 pb.set_position(rows_done);
             }
+            omrs_core::endpoint::beat();
             if omrs_core::stop::requested() {
                 // Stopped between chunks: what was read is committed with its checkpoint, and
                 // the snapshot resumes from there at the next start.

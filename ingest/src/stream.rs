@@ -290,6 +290,8 @@ pub async fn run(agent: &mut Agent, cp: Checkpoint, until_caught_up: bool) -> Re
         };
         let event = match next {
             Err(_) => {
+                // Idle (or a batch's age reached): the loop turns.
+                omrs_core::endpoint::beat();
                 if sent + done > 0 {
                     let cp = streaming_cp(batch_end.as_ref().unwrap_or(&committed), &segs);
                     batch_end = None;
@@ -576,6 +578,7 @@ fn streaming_cp(pos: &Position, segs: &Segments) -> Checkpoint {
 }
 
 async fn flush(agent: &mut Agent, batch: &mut Batch, cp: &Checkpoint, committed: &mut Position, site: &str) -> Result<(), IngestError> {
+    omrs_core::endpoint::beat();
     let started = Instant::now();
     let full = std::mem::replace(batch, agent.producer.batch());
     agent.producer.send(full, cp.clone()).await?;

@@ -239,6 +239,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         .create_with_context(LagContext::new("transform"))
         .map_err(|e| TransformError::kafka("creating the consumer", e))?;
     consumer.subscribe(&[&names.cdc_pattern()]).map_err(|e| TransformError::kafka("subscribing to the site topics", e))?;
+    omrs_core::endpoint::ready();
 
     // End offsets at start, for --until-idle.
     let mut targets: Option<HashMap<(String, i32), i64>> = None;
@@ -293,6 +294,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             tracing::info!(merges = engine.merges, batches = prof.batches, "stopped; every transaction begun is committed");
             return Ok(());
         }
+        omrs_core::endpoint::beat();
         let started = Instant::now();
         prof.batches += 1;
         let mut outputs: Vec<Out> = Vec::with_capacity(4096);

@@ -162,6 +162,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         .with_server_fk_checks(sink_cfg.server_fk_checks);
     tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: loaded");
     tracing::info!(topic = %topic, offsets = ?stored, pending = applier.pending_len(), "HQ sink started");
+    omrs_core::endpoint::ready();
     let mut total_applied: u64 = 0;
     let mut last_bytes_total = Instant::now();
     let writer = std::sync::Arc::new(applier.writer());
@@ -256,6 +257,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         if at_end {
             finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;
         }
+        omrs_core::endpoint::beat();
         let m = metrics();
         m.parked_rows.set(applier.pending_len() as i64);
         m.hq_pending_oldest_age.set(applier.oldest_pending_ms().map(|t| (now_ms() - t) / 1000).unwrap_or(0));

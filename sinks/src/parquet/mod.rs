@@ -289,6 +289,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
     let stored: HashMap<i32, i64> = state.offsets.iter().map(|(p, o)| (*p, *o)).collect();
     let partitions = crate::kafka::assign_at(&consumer, &topic, &stored)?;
     tracing::info!(topic = %topic, lake = %lake.root.display(), offsets = ?state.offsets, seq = state.seq, "parquet sink started");
+    omrs_core::endpoint::ready();
 
     let targets = crate::kafka::end_offsets(&consumer, &topic, &partitions)?;
     let bar = crate::spinner("parquet", args.quiet);
@@ -314,6 +315,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
             tracing::info!(rows = total_rows, seq = state.seq, "stopped; every file set begun is committed");
             return Ok(());
         }
+        omrs_core::endpoint::beat();
         let t_recv = Instant::now();
         let got = tokio::select! {
             g = tokio::time::timeout(Duration::from_secs(1), rx.recv()) => g,
