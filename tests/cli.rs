@@ -7,12 +7,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_omrs-stream"));
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c.current_dir(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()));
     c
 }
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()))
 }
 
 #[test]

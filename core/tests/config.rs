@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use omrs_core::config::{Config, TopicsFile};
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("..")
 }
 
 fn default_text() -> String {

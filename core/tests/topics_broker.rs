@@ -25,7 +25,7 @@ fn unique_prefix(tag: &str) -> String {
 }
 
 fn declared(prefix: &str) -> Vec<ResolvedTopic> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("..");
     let cfg = Config::load(&root.join("omrs-stream.toml")).unwrap();
     TopicsFile::load(&root.join("topics.toml")).unwrap().resolve(&cfg.site_names(), prefix)
 }

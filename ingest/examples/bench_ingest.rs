@@ -54,7 +54,7 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let patients: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(6000);
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("..");
     let dump = std::env::var("OMRS_DEMO_DUMP")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| root.join("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz"));

@@ -82,7 +82,7 @@ async fn main() {
     omrs_core::runtime::disable_transparent_huge_pages();
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))).with_writer(std::io::stderr).init();
     let patients: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(4000);
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("..");
     let dump = omrs_core::openmrs::default_dump();
     let dump = if dump.is_absolute() { dump } else { root.join(dump) };
     let prefix = format!("bench.{}.", std::process::id());

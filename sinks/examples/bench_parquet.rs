@@ -55,7 +55,7 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let patients: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(41_667);
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("..");
     let dump = omrs_core::openmrs::default_dump();
     let dump = if dump.is_absolute() { dump } else { root.join(dump) };
     let prefix = format!("benchpq.{}.", std::process::id());

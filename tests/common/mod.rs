@@ -14,8 +14,12 @@ use mysql_async::{Conn, OptsBuilder};
 use omrs_core::config::Config;
 use omrs_core::envelope::ChangeEvent;
 
+/// The repository root, read at run time (cargo sets `CARGO_MANIFEST_DIR` for tests and
+/// examples). Clones at different paths share one `CARGO_TARGET_DIR`, and cargo reuses a test
+/// binary that another clone built: a path fixed at compile time would point into that clone
+/// (gone once CI is done with it). Every test and example finds its files this way.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()))
 }
 
 pub fn bin() -> Command {

@@ -22,7 +22,7 @@ fn status_kib(field: &str) -> u64 {
 }
 
 fn config(prefix: &str, sites: usize) -> Config {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("..");
     let mut cfg = Config::load(&root.join("omrs-stream.toml")).unwrap();
     cfg.kafka.topic_prefix = prefix.into();
     // BENCH_AGGREGATES=0: the same run without the dashboard aggregates, to see their cost.
@@ -48,7 +48,7 @@ async fn main() {
     let prefix = args.get(2).cloned().unwrap_or_else(|| "bench.".into());
     let sites: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10);
     let cfg = config(&prefix, sites);
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("..");
     match mode {
         "fill" => {
             let people: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(50_000);

@@ -9,7 +9,7 @@ use omrs_core::config::{Config, SiteConfig};
 use omrs_simulate::SimulateArgs;
 
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("..")
 }
 
 pub fn config() -> Config {
