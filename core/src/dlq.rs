@@ -3,12 +3,56 @@
 
 use base64::Engine as _;
 
+/// What kind of trouble put a record on `omrs.dlq`: the dead letter's `kind`, which
+/// `omrs-stream dlq list --kind` filters on and `omrs_stream_dead_lettered_total` counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadKind {
+    /// Not a record of its topic at all (not JSON, or not its shape).
+    InvalidRecord,
+    /// A change event that breaks the envelope contract (a field missing or of the wrong type).
+    InvalidEvent,
+    /// Larger than the topic it would go to may carry.
+    TooLarge,
+    /// A change of a table the sink does not hold.
+    UnknownTable,
+    /// An aggregate the sink does not know.
+    UnknownAggregate,
+    /// A change whose row key cannot be worked out.
+    MissingKey,
+    /// A value that cannot be stored in its column.
+    BadValue,
+    /// HQ refused the row.
+    RowRejected,
+    /// The row it references did not reach HQ in time (`fk_wait_timeout_s`).
+    FkWaitTimeout,
+    /// It had to wait for a row, and the pending store was full (`max_pending_rows`).
+    PendingFull,
+}
+
+impl DeadKind {
+    /// The name written in the dead letter and used as the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadKind::InvalidRecord => "invalid_record",
+            DeadKind::InvalidEvent => "invalid_event",
+            DeadKind::TooLarge => "too_large",
+            DeadKind::UnknownTable => "unknown_table",
+            DeadKind::UnknownAggregate => "unknown_aggregate",
+            DeadKind::MissingKey => "missing_key",
+            DeadKind::BadValue => "bad_value",
+            DeadKind::RowRejected => "row_rejected",
+            DeadKind::FkWaitTimeout => "fk_wait_timeout",
+            DeadKind::PendingFull => "pending_full",
+        }
+    }
+}
+
 /// Where a dead record came from, and why it is dead.
 pub struct DeadRecord<'a> {
     /// `transform`, `hq_mysql`, …
     pub stage: &'a str,
-    /// A short machine-readable class (`row_rejected`, `fk_wait_timeout`, …), when the stage has one.
-    pub kind: Option<&'a str>,
+    /// What kind of trouble it is.
+    pub kind: DeadKind,
     pub reason: &'a str,
     pub topic: &'a str,
     pub partition: i32,
@@ -61,9 +105,7 @@ impl DeadRecord<'_> {
         if truncated {
             v["payload_truncated"] = serde_json::Value::Bool(true);
         }
-        if let Some(kind) = self.kind {
-            v["kind"] = serde_json::Value::String(kind.to_string());
-        }
+        v["kind"] = serde_json::Value::String(self.kind.as_str().to_string());
         serde_json::to_vec(&v).unwrap_or_default()
     }
 }
@@ -76,16 +118,26 @@ mod tests {
     fn a_huge_payload_is_cut_and_says_so() {
         let big = "é".repeat(MAX_PAYLOAD); // two bytes each: twice the limit
         let reason = "r".repeat(10_000);
-        let d = DeadRecord { stage: "transform", kind: None, reason: &reason, topic: "t", partition: 0, offset: 7, payload: big.as_bytes() };
+        let d = DeadRecord { stage: "transform", kind: DeadKind::InvalidEvent, reason: &reason, topic: "t", partition: 0, offset: 7, payload: big.as_bytes() };
         let v: serde_json::Value = serde_json::from_slice(&d.to_json(1)).unwrap();
         assert_eq!(v["payload_truncated"], true);
         assert_eq!(v["payload_bytes"], big.len());
         assert_eq!(v["payload_text"].as_str().unwrap().len(), MAX_PAYLOAD);
         assert_eq!(v["reason"].as_str().unwrap().len(), MAX_REASON);
         assert!(d.to_json(1).len() < 512 * 1024);
-        let small = DeadRecord { stage: "transform", kind: None, reason: "bad", topic: "t", partition: 0, offset: 7, payload: b"{x" };
+        let small = DeadRecord { stage: "transform", kind: DeadKind::InvalidEvent, reason: "bad", topic: "t", partition: 0, offset: 7, payload: b"{x" };
         let v: serde_json::Value = serde_json::from_slice(&small.to_json(1)).unwrap();
         assert!(v.get("payload_truncated").is_none());
         assert_eq!(v["payload_text"], "{x");
+        assert_eq!(v["kind"], "invalid_event");
+    }
+
+    #[test]
+    fn every_kind_has_its_own_name() {
+        use DeadKind::*;
+        let all = [InvalidRecord, InvalidEvent, TooLarge, UnknownTable, UnknownAggregate, MissingKey, BadValue, RowRejected, FkWaitTimeout, PendingFull];
+        let names: std::collections::HashSet<&str> = all.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), all.len());
+        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_')), "{names:?}");
     }
 }

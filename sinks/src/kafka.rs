@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use omrs_core::config::Config;
-use omrs_core::dlq::DeadRecord;
+use omrs_core::dlq::{DeadKind, DeadRecord};
 use omrs_core::kafka::{client_config, read_committed_consumer};
 use omrs_core::metrics::metrics;
 use omrs_core::kafka::LagContext;
@@ -25,7 +25,7 @@ use crate::SinkError;
 pub struct DeadLetter {
     pub partition: i32,
     pub offset: i64,
-    pub kind: &'static str,
+    pub kind: DeadKind,
     pub reason: String,
     pub payload: Vec<u8>,
 }
@@ -82,15 +82,15 @@ pub fn assign_at(consumer: &SinkConsumer, topic: &str, stored: &HashMap<i32, i64
 /// so that they are durable before the batch commits (at least once: never lost).
 pub async fn send_dead_letters(producer: &FutureProducer, dlq_topic: &str, stage: &str, topic: &str, dead: &[DeadLetter]) -> Result<(), SinkError> {
     for d in dead {
-        tracing::warn!(offset = d.offset, kind = d.kind, reason = %d.reason, "record dead-lettered");
-        let payload = DeadRecord { stage, kind: Some(d.kind), reason: &d.reason, topic, partition: d.partition, offset: d.offset, payload: &d.payload }
+        tracing::warn!(offset = d.offset, kind = d.kind.as_str(), reason = %d.reason, "record dead-lettered");
+        let payload = DeadRecord { stage, kind: d.kind, reason: &d.reason, topic, partition: d.partition, offset: d.offset, payload: &d.payload }
             .to_json(chrono::Utc::now().timestamp_millis());
         let key = format!("{topic}:{}:{}", d.partition, d.offset);
         producer
             .send(FutureRecord::to(dlq_topic).key(&key).payload(&payload), Duration::from_secs(30))
             .await
             .map_err(|(e, _)| SinkError::kafka("producing a dead letter", e))?;
-        metrics().dead_lettered.with_label_values(&[stage, d.kind]).inc();
+        metrics().dead_lettered.with_label_values(&[stage, d.kind.as_str()]).inc();
     }
     if !dead.is_empty() {
         producer.flush(Duration::from_secs(30)).map_err(|e| SinkError::kafka("flushing dead letters", e))?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use omrs_core::clock::{now_ms, retry_transient};
 use omrs_core::config::Config;
-use omrs_core::dlq::DeadRecord;
+use omrs_core::dlq::{DeadKind, DeadRecord};
 use omrs_core::kafka::{read_committed_consumer, transactional_producer};
 use omrs_core::metrics::metrics;
 use omrs_core::topics::{TopicNames, MAX_CHANGE_BYTES, MAX_RECORD_BYTES};
@@ -165,8 +165,8 @@ impl Counts {
     }
 }
 
-fn dlq_record(reason: &str, origin: &Origin, payload: &[u8]) -> Vec<u8> {
-    DeadRecord { stage: "transform", kind: None, reason, topic: &origin.topic, partition: origin.partition, offset: origin.offset, payload }.to_json(now_ms())
+fn dlq_record(kind: DeadKind, reason: &str, origin: &Origin, payload: &[u8]) -> Vec<u8> {
+    DeadRecord { stage: "transform", kind, reason, topic: &origin.topic, partition: origin.partition, offset: origin.offset, payload }.to_json(now_ms())
 }
 
 /// Time spent per phase of the loop, logged when a batch run ends.
@@ -298,7 +298,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         let started = Instant::now();
         prof.batches += 1;
         let mut outputs: Vec<Out> = Vec::with_capacity(4096);
-        let mut dead: Vec<(Origin, String, Vec<u8>)> = Vec::new();
+        let mut dead: Vec<(Origin, DeadKind, String, Vec<u8>)> = Vec::new();
         let deadline = Instant::now() + Duration::from_millis(100);
         let mut n = 0;
         let mut now = now_ms();
@@ -345,6 +345,7 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             let payload = msg.payload().unwrap_or(&[]);
             let decoded = if payload.len() > MAX_CHANGE_BYTES {
                 Err((
+                    DeadKind::TooLarge,
                     format!(
                         "record too large: {} bytes, over the {MAX_CHANGE_BYTES} bytes a change may have to fit omrs.hq.changes ({MAX_RECORD_BYTES} bytes)",
                         payload.len()
@@ -352,13 +353,13 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
                     payload.to_vec(),
                 ))
             } else {
-                InEvent::decode(payload, &site, &origin.topic).map_err(|reason| (reason, payload.to_vec()))
+                InEvent::decode(payload, &site, &origin.topic).map_err(|reason| (DeadKind::InvalidEvent, reason, payload.to_vec()))
             };
             drop(msg);
             match decoded {
-                Err((reason, payload)) => {
+                Err((kind, reason, payload)) => {
                     engine.dead_lettered(&origin);
-                    dead.push((origin, reason, payload));
+                    dead.push((origin, kind, reason, payload));
                 }
                 Ok(ev) => {
                     in_counts.bump(&ev.site, ev.table_str(), ev.op.as_str());
@@ -457,9 +458,9 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             for f in &agg_facts {
                 enqueue(&producer, &state_topic, &f.key(), &serde_json::to_vec(f).unwrap_or_default()).await?;
             }
-            for (origin, reason, payload) in &dead {
-                tracing::warn!(topic = %origin.topic, offset = origin.offset, reason = %reason, "record dead-lettered");
-                enqueue(&producer, &dlq_topic, &format!("{}:{}", origin.topic, origin.offset), &dlq_record(reason, origin, payload)).await?;
+            for (origin, kind, reason, payload) in &dead {
+                tracing::warn!(topic = %origin.topic, offset = origin.offset, kind = kind.as_str(), reason = %reason, "record dead-lettered");
+                enqueue(&producer, &dlq_topic, &format!("{}:{}", origin.topic, origin.offset), &dlq_record(*kind, reason, origin, payload)).await?;
             }
             let cgm = if new_committed.is_empty() {
                 None
@@ -503,9 +504,8 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
             for (site, n) in late_counts {
                 m.late_events.with_label_values(&[site]).inc_by(n);
             }
-            for (_, reason, _) in &dead {
-                let kind = reason.split(':').next().unwrap_or("invalid").chars().take(40).collect::<String>();
-                m.dead_lettered.with_label_values(&["transform", &kind]).inc();
+            for (_, kind, _, _) in &dead {
+                m.dead_lettered.with_label_values(&["transform", kind.as_str()]).inc();
             }
         }
 

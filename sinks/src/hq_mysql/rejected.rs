@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
+use omrs_core::dlq::DeadKind;
 use omrs_core::hq::RowVersion;
 use omrs_core::model::TableModel;
 
@@ -281,7 +282,7 @@ impl Writer {
                             out.dead.push(DeadLetter {
                                 partition: w.partition,
                                 offset: w.offset,
-                                kind: "row_rejected",
+                                kind: DeadKind::RowRejected,
                                 reason: format!("HQ rejected the {table} row: {e}"),
                                 payload: w.payload.to_vec(),
                             });

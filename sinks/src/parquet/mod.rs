@@ -35,6 +35,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use omrs_core::clock::{now_ms, retry_transient};
 use omrs_core::config::Config;
+use omrs_core::dlq::DeadKind;
 use omrs_core::hq::HqEvent;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
@@ -527,12 +528,12 @@ struct ChangeBody {
 
 /// Buffers one record (or its dead letter).
 fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &SiteRules, p: i32, o: i64, payload: &[u8]) {
-    let dead = |kind: &'static str, reason: String| DeadLetter { partition: p, offset: o, kind, reason, payload: payload.to_vec() };
+    let dead = |kind: DeadKind, reason: String| DeadLetter { partition: p, offset: o, kind, reason, payload: payload.to_vec() };
     let fast = fast::decode(payload, tables, rules, p, o, |t, m, cells| buf.part(t, m.site, m.event_ms).push(m, cells));
     match fast {
         Some(Ok(())) => return,
         Some(Err(reason)) => {
-            buf.dead.push(dead("bad_value", reason));
+            buf.dead.push(dead(DeadKind::BadValue, reason));
             return;
         }
         None => {}
@@ -547,14 +548,14 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &Site
     let ev: HqEvent = match parsed {
         Ok(e) => e,
         Err(e) => {
-            buf.dead.push(dead("invalid_record", format!("not an omrs.hq.changes record: {e}")));
+            buf.dead.push(dead(DeadKind::InvalidRecord, format!("not an omrs.hq.changes record: {e}")));
             return;
         }
     };
     match ev {
         HqEvent::Change { late, person, origin_refs, event } => {
             if let Err(e) = event.validate() {
-                buf.dead.push(dead("invalid_event", e.to_string()));
+                buf.dead.push(dead(DeadKind::InvalidEvent, e.to_string()));
                 return;
             }
             if event.op == omrs_core::envelope::Op::Heartbeat {
@@ -562,12 +563,12 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &Site
             }
             let name = event.table.clone().unwrap_or_default();
             let Some(t) = tables.get(&name) else {
-                buf.dead.push(dead("unknown_table", format!("table `{name}` is not in the lake schema (_schema.json, read from HQ)")));
+                buf.dead.push(dead(DeadKind::UnknownTable, format!("table `{name}` is not in the lake schema (_schema.json, read from HQ)")));
                 return;
             };
             match convert(t, &event, late, person, &origin_refs, rules.get(&event.site), p, o) {
                 Ok(row) => buf.part(t, &row.site, row.event_ms).push_row(&row),
-                Err(reason) => buf.dead.push(dead("bad_value", reason)),
+                Err(reason) => buf.dead.push(dead(DeadKind::BadValue, reason)),
             }
         }
         HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
@@ -590,7 +591,7 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &Site
         }
         HqEvent::Aggregate { name, site, window_start_ms, window_end_ms, dim, value, is_final, revision, watermark_ms } => {
             if !omrs_core::hq::AGGREGATES.iter().any(|a| a.name == name) {
-                buf.dead.push(dead("unknown_aggregate", format!("aggregate `{name}` is not one this sink knows")));
+                buf.dead.push(dead(DeadKind::UnknownAggregate, format!("aggregate `{name}` is not one this sink knows")));
                 return;
             }
             buf.aggs.entry(name).or_default().push(aggregates::AggVersion {

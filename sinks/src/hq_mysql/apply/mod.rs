@@ -31,6 +31,7 @@ use lru::LruCache;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use omrs_core::clock::now_ms;
+use omrs_core::dlq::DeadKind;
 use omrs_core::envelope::{FlatRow, Op};
 use omrs_core::hq::{row_key, KeyShape};
 use omrs_core::model::{Model, TableModel};
@@ -153,7 +154,7 @@ enum Plan {
     Done,
     /// Waits for (table, key).
     Park(String, String),
-    Dead(&'static str, String),
+    Dead(DeadKind, String),
 }
 
 impl Applier {
@@ -280,14 +281,14 @@ impl Applier {
         let ev: HqEvent = match rec.decoded {
             Ok(e) => e,
             Err(reason) => {
-                out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: "invalid_record", reason, payload: payload.to_vec() });
+                out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: DeadKind::InvalidRecord, reason, payload: payload.to_vec() });
                 return None;
             }
         };
         match ev {
             HqEvent::Change { late, origin_refs, event, .. } => {
                 if let Err(e) = event.validate() {
-                    out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: "invalid_event", reason: e.to_string(), payload: payload.to_vec() });
+                    out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: DeadKind::InvalidEvent, reason: e.to_string(), payload: payload.to_vec() });
                     return None;
                 }
                 if event.op == Op::Heartbeat {
@@ -454,7 +455,7 @@ impl Applier {
                 out.dead.push(DeadLetter {
                     partition: p.partition,
                     offset: p.offset,
-                    kind: "fk_wait_timeout",
+                    kind: DeadKind::FkWaitTimeout,
                     reason: format!(
                         "{} {}: referenced {} {} did not reach HQ within {} s",
                         p.tbl,
@@ -568,7 +569,7 @@ impl Applier {
                     out.dead.push(DeadLetter {
                         partition: w.partition,
                         offset: w.offset,
-                        kind: "pending_full",
+                        kind: DeadKind::PendingFull,
                         reason: format!("waits for {wt} {wk}, and the pending store holds its maximum of {} rows (sinks.hq_mysql.max_pending_rows)", self.max_pending),
                         payload: w.payload.to_vec(),
                     });

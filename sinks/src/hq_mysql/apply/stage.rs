@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use mysql_async::{Conn, Value};
+use omrs_core::dlq::DeadKind;
 use omrs_core::envelope::{FlatRow, Op};
 use omrs_core::hq::{compare, RowVersion};
 use omrs_core::model::TableModel;
@@ -178,13 +179,13 @@ impl Applier {
     /// Decides what one change does at HQ and stages it.
     pub(super) async fn plan(&mut self, conn: &mut Conn, w: &Work, staged: &mut Staged, units: &mut Vec<Staged>, out: &mut Outcome) -> Result<Plan, SinkError> {
         let ev = &w.event;
-        let Some(table) = ev.table.clone() else { return Ok(Plan::Dead("invalid_event", "change without a table".into())) };
+        let Some(table) = ev.table.clone() else { return Ok(Plan::Dead(DeadKind::InvalidEvent, "change without a table".into())) };
         let (Some(tm), Some(cm)) = (self.table(&table), self.columns.get(&table).cloned()) else {
-            return Ok(Plan::Dead("unknown_table", format!("table `{table}` does not exist at HQ")));
+            return Ok(Plan::Dead(DeadKind::UnknownTable, format!("table `{table}` does not exist at HQ")));
         };
         let row_key = match &w.key {
             Ok(k) => k.clone(),
-            Err(reason) => return Ok(Plan::Dead("missing_key", reason.clone())),
+            Err(reason) => return Ok(Plan::Dead(DeadKind::MissingKey, reason.clone())),
         };
         // Later changes of a parked row queue behind it. A woken row is the first of its row's
         // parked changes: the ones behind it wait for it to be done (re-parking it behind them
@@ -228,7 +229,7 @@ impl Applier {
         let stored_id = stored.as_ref().and_then(|s| s.hq_id);
         let c = Change { w, tm, cm, table, row_key, version, hash, overwritten: overwritten.cloned(), first };
         let row = if ev.op == Op::Delete { ev.before.as_ref() } else { ev.after.as_ref() };
-        let Some(row) = row else { return Ok(Plan::Dead("invalid_event", format!("{} {}: no row image", c.table, c.row_key))) };
+        let Some(row) = row else { return Ok(Plan::Dead(DeadKind::InvalidEvent, format!("{} {}: no row image", c.table, c.row_key))) };
         let key = match self.hq_key(conn, &c, row, stored_id).await? {
             Ok(k) => k,
             Err(p) => return Ok(p),
@@ -502,7 +503,7 @@ impl Applier {
             }
             J::String(s) if info.binary => match base64::engine::general_purpose::STANDARD.decode(s) {
                 Ok(b) => Value::Bytes(b),
-                Err(e) => return Ok(Err(Plan::Dead("bad_value", format!("{}.{col}: not base64 ({e})", tm.name)))),
+                Err(e) => return Ok(Err(Plan::Dead(DeadKind::BadValue, format!("{}.{col}: not base64 ({e})", tm.name)))),
             },
             J::String(s) if info.int && s.is_empty() => Value::NULL,
             J::String(s) => Value::from(s.as_str()),

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
+use omrs_core::dlq::DeadKind;
 use omrs_core::model::TableModel;
 use serde_json::Value as J;
 
@@ -136,7 +137,7 @@ impl Writer {
                 out.dead.push(DeadLetter {
                     partition: w.partition,
                     offset: w.offset,
-                    kind: "row_rejected",
+                    kind: DeadKind::RowRejected,
                     reason: format!("HQ refused to delete the {table} row: {e}"),
                     payload: w.payload.to_vec(),
                 });
