@@ -1,4 +1,5 @@
-//! The real OpenMRS schema and metadata, from the demo dump in `../shared/openmrs-demo/`.
+//! The real OpenMRS schema and metadata, from the OpenMRS demo dump (`scripts/fetch-demo-dump`
+//! puts it in place: a local copy, or the pinned file from github.com/openmrs/openmrs-standalone).
 //!
 //! Sites (through the simulator) and HQ (`omrs-stream sink hq-mysql --init`) are created the same
 //! way: a fresh database, the dump loaded statement by statement, and, unless asked to keep
@@ -56,11 +57,30 @@ fn db(context: &'static str) -> impl FnOnce(mysql_async::Error) -> DumpError {
     move |source| DumpError::Db { context, source }
 }
 
-/// The demo dump's default path, relative to the repository root, or `$OMRS_DEMO_DUMP`.
+/// The demo dump's file name.
+pub const DUMP_NAME: &str = "openmrs-standalone-demo-db-2.6.0.sql.gz";
+
+/// Where the demo dump is looked for, the first that exists: `$OMRS_DEMO_DUMP`; where
+/// `scripts/fetch-demo-dump` puts it (`$OMRS_STATE/openmrs-demo/`, `OMRS_STATE` being
+/// `/var/lib/omrs-stream` by default); `../shared/openmrs-demo/` (a development checkout). When
+/// none exists, the fetch script's place (and [`missing_dump`] says how to fill it).
 pub fn default_dump() -> PathBuf {
-    std::env::var("OMRS_DEMO_DUMP")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz"))
+    if let Ok(p) = std::env::var("OMRS_DEMO_DUMP") {
+        return PathBuf::from(p);
+    }
+    let state = std::env::var("OMRS_STATE").unwrap_or_else(|_| "/var/lib/omrs-stream".into());
+    let fetched = Path::new(&state).join("openmrs-demo").join(DUMP_NAME);
+    let shared = Path::new("../shared/openmrs-demo").join(DUMP_NAME);
+    [fetched.clone(), shared].into_iter().find(|p| p.is_file()).unwrap_or(fetched)
+}
+
+/// What to do about a demo dump that is not at `path`.
+pub fn missing_dump(path: &Path) -> String {
+    format!(
+        "the OpenMRS demo dump {} is not there: run scripts/fetch-demo-dump (it downloads the pinned file from \
+         github.com/openmrs/openmrs-standalone, or copies a local one), or pass --dump PATH or set OMRS_DEMO_DUMP",
+        path.display()
+    )
 }
 
 /// Drops and recreates `database`, loads the dump into it, and strips the demo patients unless

@@ -124,7 +124,7 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub provision_only: bool,
     /// The OpenMRS demo dump (gzip SQL).
-    #[arg(long, default_value = "../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz", env = "OMRS_DEMO_DUMP")]
+    #[arg(long, env = "OMRS_DEMO_DUMP", default_value_os_t = omrs_core::openmrs::default_dump())]
     pub dump: PathBuf,
     /// The site that gets the 100 demo patients; "none" for no demo patients.
     #[arg(long, default_value = "first")]
@@ -161,7 +161,7 @@ impl Default for SimulateArgs {
             database: None,
             no_provision: false,
             provision_only: false,
-            dump: PathBuf::from("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz"),
+            dump: omrs_core::openmrs::default_dump(),
             demo_site: "first".into(),
             admin_user: "omrs".into(),
             admin_password: "omrs".into(),
@@ -274,10 +274,7 @@ pub async fn run(cfg: &Config, args: &SimulateArgs) -> Result<Manifest, SimError
     };
     let provision = !args.no_provision;
     if provision && !args.dump.is_file() {
-        return Err(SimError::Dump {
-            path: args.dump.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not found (set --dump or OMRS_DEMO_DUMP)"),
-        });
+        return Err(SimError::Usage(omrs_core::openmrs::missing_dump(&args.dump)));
     }
 
     // Provision and read each site's starting state, all sites at once.

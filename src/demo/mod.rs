@@ -90,7 +90,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 600)]
     pub drain_timeout: u64,
     /// The OpenMRS demo dump (gzip SQL) the sites and HQ are created from.
-    #[arg(long, default_value = "../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz", env = "OMRS_DEMO_DUMP")]
+    #[arg(long, env = "OMRS_DEMO_DUMP", default_value_os_t = omrs_core::openmrs::default_dump())]
     pub dump: PathBuf,
     /// No progress line (a log line every few seconds instead).
     #[arg(long)]
@@ -235,15 +235,32 @@ row_group_rows = 131072
     t
 }
 
-/// scripts/dev-up, from the working directory or from the checkout the binary was built in.
-fn find_dev_up() -> Option<PathBuf> {
-    let mut candidates = vec![PathBuf::from("scripts/dev-up")];
+/// `scripts/<name>`, from the working directory or from the checkout the binary was built in.
+fn find_script(name: &str) -> Option<PathBuf> {
+    let mut candidates = vec![Path::new("scripts").join(name)];
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1) {
-            candidates.push(dir.join("scripts/dev-up"));
+            candidates.push(dir.join("scripts").join(name));
         }
     }
     candidates.into_iter().find(|p| p.is_file())
+}
+
+fn find_dev_up() -> Option<PathBuf> {
+    find_script("dev-up")
+}
+
+/// The demo dump is not at `missing`: `scripts/fetch-demo-dump` puts it in place (a local copy,
+/// or the pinned download) and says where.
+fn fetch_dump(missing: &Path) -> anyhow::Result<PathBuf> {
+    let Some(script) = find_script("fetch-demo-dump") else { bail!("{}", omrs_core::openmrs::missing_dump(missing)) };
+    eprintln!("omrs-stream demo: the OpenMRS demo dump is not at {}; fetching it ({})", missing.display(), script.display());
+    let out = std::process::Command::new(&script).arg("--quiet").stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {}", script.display()))?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !out.status.success() || !path.is_file() {
+        bail!("{}", omrs_core::openmrs::missing_dump(missing));
+    }
+    Ok(path)
 }
 
 /// A counter read from a process that may restart: its total across restarts.
@@ -424,10 +441,8 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         bail!("--agg-window {}: the width must divide a day (10, 15, 30, 60, …), or be 0 for the production windows", args.agg_window);
     }
     let mut windows: Vec<Window> = args.offline.iter().map(|o| parse_window(o, &sites, args.duration)).collect::<Result<_, _>>()?;
-    if !args.dump.is_file() {
-        bail!("the OpenMRS demo dump {} is not there (set --dump or OMRS_DEMO_DUMP)", args.dump.display());
-    }
-    let dump = std::fs::canonicalize(&args.dump).with_context(|| format!("resolving {}", args.dump.display()))?;
+    let dump = if args.dump.is_file() { args.dump.clone() } else { fetch_dump(&args.dump)? };
+    let dump = std::fs::canonicalize(&dump).with_context(|| format!("resolving {}", dump.display()))?;
     let topics_file = std::fs::canonicalize(topics_file).with_context(|| format!("the topics file {} (run the demo from the omrs-stream checkout, or pass --topics)", topics_file.display()))?;
     let exe = std::env::current_exe().context("finding this binary")?;
     let state_root = args.state_dir.clone().unwrap_or_else(|| {

@@ -28,10 +28,9 @@ pub fn bin() -> Command {
     c
 }
 
+/// The OpenMRS demo dump (scripts/test puts it in place and sets `OMRS_DEMO_DUMP`).
 pub fn dump() -> PathBuf {
-    std::env::var("OMRS_DEMO_DUMP")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz"))
+    omrs_core::openmrs::default_dump()
 }
 
 /// The tests' Python (scripts/python-env's venv: DuckDB, pyarrow).

@@ -16,11 +16,9 @@ pub fn config() -> Config {
     Config::load(&root().join("omrs-stream.toml")).expect("the shipped omrs-stream.toml loads")
 }
 
+/// The OpenMRS demo dump (scripts/test puts it in place and sets `OMRS_DEMO_DUMP`).
 pub fn dump() -> PathBuf {
-    if let Ok(p) = std::env::var("OMRS_DEMO_DUMP") {
-        return PathBuf::from(p);
-    }
-    root().join("../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz")
+    omrs_core::openmrs::default_dump()
 }
 
 /// Arguments as the CLI would parse them, for an isolated database name.

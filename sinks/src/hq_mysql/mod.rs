@@ -53,7 +53,7 @@ pub struct HqSinkArgs {
     #[arg(long, requires = "init")]
     pub force: bool,
     /// The OpenMRS dump that --init loads.
-    #[arg(long, env = "OMRS_DEMO_DUMP", default_value = "../shared/openmrs-demo/openmrs-standalone-demo-db-2.6.0.sql.gz")]
+    #[arg(long, env = "OMRS_DEMO_DUMP", default_value_os_t = omrs_core::openmrs::default_dump())]
     pub dump: PathBuf,
     /// Exit 0 once everything that was on omrs.hq.changes at start is applied (batch runs, tests).
     #[arg(long)]

@@ -195,10 +195,7 @@ pub async fn init(conn: &mut Conn, database: &str, dump: &Path, force: bool) -> 
         return Ok(false);
     }
     if !dump.exists() {
-        return Err(SinkError::Usage(format!(
-            "the OpenMRS demo dump {} does not exist: pass --dump PATH or set OMRS_DEMO_DUMP",
-            dump.display()
-        )));
+        return Err(SinkError::Usage(omrs_core::openmrs::missing_dump(dump)));
     }
     omrs_core::openmrs::load_dump(conn, database, dump, false).await.map_err(|e| match e {
         omrs_core::openmrs::DumpError::Db { context, source } => SinkError::db(context, source),
