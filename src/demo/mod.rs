@@ -441,7 +441,14 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         bail!("--agg-window {}: the width must divide a day (10, 15, 30, 60, …), or be 0 for the production windows", args.agg_window);
     }
     let mut windows: Vec<Window> = args.offline.iter().map(|o| parse_window(o, &sites, args.duration)).collect::<Result<_, _>>()?;
-    let dump = if args.dump.is_file() { args.dump.clone() } else { fetch_dump(&args.dump)? };
+    // Only the default place is filled by fetching: a dump named by --dump or OMRS_DEMO_DUMP that
+    // is not there is a mistake to report.
+    let default_place = std::env::var_os("OMRS_DEMO_DUMP").is_none() && args.dump == omrs_core::openmrs::default_dump();
+    let dump = match (args.dump.is_file(), default_place) {
+        (true, _) => args.dump.clone(),
+        (false, true) => fetch_dump(&args.dump)?,
+        (false, false) => bail!("{}", omrs_core::openmrs::missing_dump(&args.dump)),
+    };
     let dump = std::fs::canonicalize(&dump).with_context(|| format!("resolving {}", dump.display()))?;
     let topics_file = std::fs::canonicalize(topics_file).with_context(|| format!("the topics file {} (run the demo from the omrs-stream checkout, or pass --topics)", topics_file.display()))?;
     let exe = std::env::current_exe().context("finding this binary")?;
