@@ -18,6 +18,42 @@ pub struct Pipeline {
     pub database: String,
 }
 
+impl Drop for Pipeline {
+    /// The test's topics go with it, whatever the outcome: the runs' topics are never read
+    /// again (the logs stay in `dir` when a test keeps them), and thousands of test partitions
+    /// had filled the broker's disk.
+    fn drop(&mut self) {
+        delete_topics_with_prefix(&self.prefix);
+    }
+}
+
+/// Deletes every topic whose name starts with `prefix` (a test's own, never empty).
+pub fn delete_topics_with_prefix(prefix: &str) {
+    if prefix.is_empty() {
+        return;
+    }
+    let prefix = prefix.to_string();
+    // On a thread of its own: a Drop may run inside the test's runtime.
+    let _ = std::thread::spawn(move || {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let mut cfg = rdkafka::ClientConfig::new();
+        cfg.set("bootstrap.servers", "127.0.0.1:9092");
+        let Ok(consumer) = cfg.create::<BaseConsumer>() else { return };
+        let Ok(md) = consumer.fetch_metadata(None, std::time::Duration::from_secs(10)) else { return };
+        let names: Vec<String> = md.topics().iter().map(|t| t.name().to_string()).filter(|n| n.starts_with(&prefix)).collect();
+        if names.is_empty() {
+            return;
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let Ok(admin) = cfg.create::<AdminClient<DefaultClientContext>>() else { return };
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        let _ = rt.block_on(admin.delete_topics(&refs, &AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)))));
+    })
+    .join();
+}
+
 impl Pipeline {
     pub fn config(&self, hq_db: &str, tweaks: &[(&str, &str)]) -> PathBuf {
         let mut text = std::fs::read_to_string(root().join("omrs-stream.toml"))
