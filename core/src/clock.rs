@@ -40,7 +40,7 @@ async fn retry_with<E: std::fmt::Display, Fut>(
     backoff: impl BackoffBuilder,
     mut attempt: impl FnMut() -> Fut,
     mut transient: impl FnMut(&E) -> bool,
-    on_retry: impl FnMut(&E, Duration),
+    mut on_retry: impl FnMut(&E, Duration),
 ) -> Result<(), E>
 where
     Fut: std::future::Future<Output = Result<(), E>>,
@@ -61,7 +61,6 @@ where
             _ = crate::stop::wait() => {}
         }
     };
-    let mut on_retry = on_retry;
     let notify = |e: &E, wait: Duration| {
         crate::endpoint::not_ready(format!("retrying after a transient error: {e}"));
         on_retry(e, wait)
