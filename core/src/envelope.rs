@@ -12,189 +12,10 @@
 //! watermark when the site is quiet. [`ChangeEvent::validate`] enforces the per-op shape, so a
 //! consumer can dead-letter a malformed record with a precise reason.
 
-use std::borrow::Cow;
-use std::collections::HashSet;
-use std::sync::Mutex;
-
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
-use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
-use serde_json::Value as J;
 
 use crate::error::{CoreError, Result};
-
-/// A row image: column name → value, in table column order.
-pub type Row = serde_json::Map<String, serde_json::Value>;
-
-/// What a reader of a row image needs from it, whatever holds it: [`Row`] (a JSON map) or
-/// [`FlatRow`] (pairs in order). [`ChangeEvent`] is generic over it.
-pub trait RowImage: Default {
-    /// The value of a column.
-    fn get(&self, col: &str) -> Option<&J>;
-    /// No columns.
-    fn is_empty(&self) -> bool;
-}
-
-impl RowImage for Row {
-    fn get(&self, col: &str) -> Option<&J> {
-        serde_json::Map::get(self, col)
-    }
-    fn is_empty(&self) -> bool {
-        serde_json::Map::is_empty(self)
-    }
-}
-
-/// A row image as (column, value) pairs in the order they came, with the same JSON form and
-/// the same meaning as [`Row`] (a repeated column keeps its first place and its last value).
-///
-/// It is for a reader that decodes many events and looks at each column once or twice: the
-/// HQ sink. Decoding builds no hash map per image, and a column name is a `&'static str`
-/// shared by every image ([`column_name`]) instead of a `String` per image. A lookup by name
-/// is a scan, which for an OpenMRS row (at most a few dozen columns) is as fast as hashing.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct FlatRow(Vec<(Cow<'static, str>, J)>);
-
-impl FlatRow {
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-    /// The value of a column.
-    pub fn get(&self, col: &str) -> Option<&J> {
-        self.0.iter().find(|(k, _)| k == col).map(|(_, v)| v)
-    }
-    /// The columns and their values, in order.
-    pub fn iter(&self) -> FlatIter<'_> {
-        self.0.iter().map(|(k, v)| (k.as_ref(), v))
-    }
-}
-
-/// The iterator of [`FlatRow::iter`].
-pub type FlatIter<'a> = std::iter::Map<std::slice::Iter<'a, (Cow<'static, str>, J)>, fn(&'a (Cow<'static, str>, J)) -> (&'a str, &'a J)>;
-
-impl<'a> IntoIterator for &'a FlatRow {
-    type Item = (&'a str, &'a J);
-    type IntoIter = FlatIter<'a>;
-    fn into_iter(self) -> FlatIter<'a> {
-        self.iter()
-    }
-}
-
-impl RowImage for FlatRow {
-    fn get(&self, col: &str) -> Option<&J> {
-        FlatRow::get(self, col)
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl From<&Row> for FlatRow {
-    fn from(r: &Row) -> Self {
-        FlatRow(r.iter().map(|(k, v)| (column_name(k), v.clone())).collect())
-    }
-}
-
-impl Serialize for FlatRow {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            m.serialize_entry(k.as_ref(), v)?;
-        }
-        m.end()
-    }
-}
-
-impl<'de> Deserialize<'de> for FlatRow {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct Image;
-        impl<'de> Visitor<'de> for Image {
-            type Value = FlatRow;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a row image (a JSON object)")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<FlatRow, A::Error> {
-                let mut pairs: Vec<(Cow<'static, str>, J)> = Vec::with_capacity(m.size_hint().unwrap_or(16));
-                while let Some(k) = m.next_key_seed(Name)? {
-                    let v: J = m.next_value()?;
-                    match pairs.iter_mut().find(|(c, _)| *c == k) {
-                        Some(e) => e.1 = v,
-                        None => pairs.push((k, v)),
-                    }
-                }
-                Ok(FlatRow(pairs))
-            }
-        }
-        d.deserialize_map(Image)
-    }
-}
-
-/// A column name read straight into [`column_name`], without a `String` in between.
-struct Name;
-
-impl<'de> DeserializeSeed<'de> for Name {
-    type Value = Cow<'static, str>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Cow<'static, str>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a column name")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<Self::Value, E> {
-                Ok(column_name(s))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-/// At most this many distinct column names are shared; past it (a schema cannot have that many,
-/// so only bad input gets there) each image has its own copy.
-const MAX_SHARED_NAMES: usize = 20_000;
-/// Names longer than this are never shared (MariaDB's limit is 64 characters).
-const MAX_SHARED_NAME_LEN: usize = 128;
-
-static SHARED_NAMES: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
-
-thread_local! {
-    static LOCAL_NAMES: std::cell::RefCell<hashbrown::HashSet<&'static str>> = std::cell::RefCell::new(hashbrown::HashSet::new());
-}
-
-/// A column name shared by every row image: the same `&'static str` for the same name, from a
-/// per-thread set in front of a process-wide one. The names are kept for the life of the
-/// process: a schema's column names are a small, fixed set (a few thousand for OpenMRS), and
-/// [`MAX_SHARED_NAMES`] bounds them against bad input.
-pub fn column_name(s: &str) -> Cow<'static, str> {
-    if s.len() > MAX_SHARED_NAME_LEN {
-        return Cow::Owned(s.to_string());
-    }
-    if let Some(name) = LOCAL_NAMES.with(|l| l.borrow().get(s).copied()) {
-        return Cow::Borrowed(name);
-    }
-    let shared = {
-        let mut g = SHARED_NAMES.lock().unwrap_or_else(|p| p.into_inner());
-        let set = g.get_or_insert_with(HashSet::new);
-        match set.get(s) {
-            Some(name) => Some(*name),
-            None if set.len() < MAX_SHARED_NAMES => {
-                let name: &'static str = Box::leak(s.to_string().into_boxed_str());
-                set.insert(name);
-                Some(name)
-            }
-            None => None,
-        }
-    };
-    match shared {
-        Some(name) => {
-            LOCAL_NAMES.with(|l| l.borrow_mut().insert(name));
-            Cow::Borrowed(name)
-        }
-        None => Cow::Owned(s.to_string()),
-    }
-}
+pub use crate::image::{column_name, FlatIter, FlatRow, Image, RawImage, RawPairs, Row, RowImage};
 
 /// What happened to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -251,10 +72,10 @@ pub struct Source {
     pub snapshot: bool,
 }
 
-/// One row change (or heartbeat) from one site. `R` holds its row images: [`Row`] for every
-/// stage but the HQ sink, which reads them as [`FlatRow`]s (the same JSON).
+/// One row change (or heartbeat) from one site. `R` holds its row images (see [`Image`]):
+/// the one decoder of a site record, whatever form a stage reads the images in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, bound(serialize = "R: Serialize + RowImage", deserialize = "R: Deserialize<'de> + RowImage"))]
+#[serde(deny_unknown_fields, bound(serialize = "R: Serialize + Image", deserialize = "R: Deserialize<'de> + Image"))]
 pub struct ChangeEvent<R = Row> {
     pub op: Op,
     pub site: String,
@@ -272,7 +93,7 @@ pub struct ChangeEvent<R = Row> {
     pub after: Option<R>,
     /// Every foreign-key column resolved to the uuid of the row it points to (null when the
     /// column is null).
-    #[serde(default, skip_serializing_if = "RowImage::is_empty")]
+    #[serde(default, skip_serializing_if = "Image::is_empty")]
     pub refs: R,
     pub source: Source,
     /// When the event was produced (processing time), ms since the epoch.
@@ -328,7 +149,7 @@ impl ChangeEvent {
 
 }
 
-impl<R: RowImage + Serialize> ChangeEvent<R> {
+impl<R: Image + Serialize> ChangeEvent<R> {
     /// The event time: the commit time at the site.
     pub fn event_time_ms(&self) -> i64 {
         self.source.ts_ms
@@ -357,7 +178,7 @@ impl<R: RowImage + Serialize> ChangeEvent<R> {
             None | Some("") => return bad("`table` is missing"),
             Some(_) => {}
         }
-        if self.key.as_ref().is_none_or(RowImage::is_empty) {
+        if self.key.as_ref().is_none_or(Image::is_empty) {
             return bad("`key` is missing or empty");
         }
         if let Some(bytes) = self.oversize {
@@ -388,6 +209,8 @@ impl<R: RowImage + Serialize> ChangeEvent<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value as J;
+    use std::borrow::Cow;
 
     fn src() -> Source {
         Source {

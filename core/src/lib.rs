@@ -27,6 +27,7 @@ pub mod endpoint;
 pub mod envelope;
 pub mod error;
 pub mod hq;
+pub mod image;
 pub mod kafka;
 pub mod metrics;
 pub mod model;

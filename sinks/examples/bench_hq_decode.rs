@@ -2,10 +2,10 @@
 //! the bench's obs-heavy mix (`bench_common::patient`, 30 records per patient), and the same
 //! mix with every column of a site's full row image (obs: 30 columns, the rest NULL).
 //!
-//! Each set is decoded by the sink (`Record::decode`: row images as `FlatRow`s) and, for
-//! comparison, the way the sink did before (the same fast path for `change` records, with row
-//! images as `serde_json` maps, as every other stage reads them). Best of 5 passes, in one
-//! thread. Prints `BENCH <name> <value> <unit>`.
+//! Each set is decoded by core's one decoder of the topic (`HqEvent<R>`) with the row images
+//! in each form a reader picks: the HQ sink's (`Record::decode`: `FlatRow`s, with the payload
+//! copy), the Parquet sink's (`RawPairs` borrowed from the record), and `serde_json` maps (the
+//! general paths and tools). Best of 5 passes, in one thread. Prints `BENCH <name> <value> <unit>`.
 //!
 //!   usage: cargo run --release -p omrs-sinks --example bench_hq_decode [PATIENTS]
 
@@ -26,20 +26,6 @@ const OBS_COLUMNS: &[&str] = &[
     "value_complex", "comments", "creator", "date_created", "voided", "voided_by", "date_voided", "void_reason", "uuid", "previous_version",
     "form_namespace_and_path", "status", "interpretation",
 ];
-
-/// A `change` record with row images as JSON maps.
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
-struct MapsChange {
-    #[serde(rename = "type")]
-    kind: serde::de::IgnoredAny,
-    late: bool,
-    #[serde(default)]
-    person: Option<String>,
-    #[serde(default)]
-    origin_refs: serde_json::Map<String, J>,
-    event: omrs_core::envelope::ChangeEvent,
-}
 
 /// Best of 5 passes: (µs per record, records per second).
 fn time(payloads: &[Vec<u8>], decode: impl Fn(&[u8]) -> bool) -> (f64, f64) {
@@ -90,15 +76,17 @@ fn main() {
     let mut lines = Vec::new();
     for (name, set) in [("bench_mix", &bench), ("full_obs_images", &full)] {
         let bytes: usize = set.iter().map(Vec::len).sum();
-        let (maps_us, _) = time(set, |p| serde_json::from_slice::<MapsChange>(p).is_ok());
+        let (maps_us, _) = time(set, |p| serde_json::from_slice::<omrs_core::hq::HqEvent>(p).is_ok());
+        let (pairs_us, _) = time(set, |p| serde_json::from_slice::<omrs_core::hq::HqEvent<omrs_core::envelope::RawPairs<'_>>>(p).is_ok());
         let (flat_us, flat_rate) = time(set, |p| Record::decode(0, 0, p.to_vec()).decoded.is_ok());
         eprintln!(
-            "{name}: {} records, {} bytes each on average; JSON maps {maps_us:.2} µs/record, the sink's decode {flat_us:.2} µs/record ({flat_rate:.0} records/s, with the payload copy)",
+            "{name}: {} records, {} bytes each on average; JSON maps {maps_us:.2} µs/record, raw pairs (the lake's) {pairs_us:.2} µs/record, the HQ sink's decode {flat_us:.2} µs/record ({flat_rate:.0} records/s, with the payload copy)",
             set.len(),
             bytes / set.len()
         );
         lines.push(format!("BENCH hq_decode_{name}_maps_us {maps_us:.2} us"));
         lines.push(format!("BENCH hq_decode_{name}_sink_us {flat_us:.2} us"));
+        lines.push(format!("BENCH hq_decode_{name}_raw_pairs_us {pairs_us:.2} us"));
     }
     for l in lines {
         println!("{l}");

@@ -10,15 +10,14 @@
 //! Delivery guarantee: this module only parses and writes; exactly once is the runner's
 //! transaction (see the crate docs).
 
-use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use omrs_core::envelope::{ChangeEvent, Op, Source};
+use omrs_core::envelope::{ChangeEvent, FlatRow, Image, Op, RawImage, RawPairs, Source};
+use omrs_core::error::CoreError;
 use omrs_core::hq::HqEvent;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::value::RawValue;
 use serde_json::Value as J;
 
 /// An event's `refs`: column → uuid (or null), in record order. A few entries, so a vector.
@@ -67,29 +66,6 @@ impl Serialize for Refs {
         }
         m.end()
     }
-}
-
-/// The record as read: the fields the engine needs, decoded; row images borrowed.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Wire<'a> {
-    op: Op,
-    #[serde(borrow)]
-    site: Cow<'a, str>,
-    #[serde(default, borrow)]
-    table: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    key: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    uuid: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    before: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    after: Option<&'a RawValue>,
-    #[serde(default)]
-    refs: Refs,
-    source: Source,
-    ts_ms: i64,
 }
 
 /// A byte range of [`InEvent::raw`].
@@ -146,104 +122,57 @@ impl Parts {
     }
 }
 
-/// Is a raw JSON value an object (with at least one member when `non_empty`)?
-fn is_object(v: &RawValue, non_empty: bool) -> bool {
-    let s = v.get().as_bytes();
-    s.first() == Some(&b'{') && (!non_empty || s[1..].iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'}'))
-}
-
 impl InEvent {
-    /// Parses and validates one record from site `site`'s topic. Err is the dead-letter reason,
-    /// the same as [`ChangeEvent::from_json`] gives.
+    /// Parses and validates one record from site `site`'s topic (core's decoder, row images
+    /// kept as raw JSON). Err is the dead-letter reason, as [`ChangeEvent::from_json`] gives it.
     pub fn decode(payload: &[u8], site: &Arc<str>, topic: &str) -> Result<InEvent, String> {
-        let ev = match Self::fast(payload, site) {
-            Some(ev) => ev,
-            // Not a plain valid event: the full parser has the precise reason (or accepts a
-            // form the fast path does not, which is then taken from its canonical JSON).
-            None => {
-                let full = ChangeEvent::from_json(payload).map_err(|e| e.to_string())?;
-                if full.site != **site {
-                    return Err(format!("unknown site `{}` on topic {topic} (expected `{site}`)", full.site));
-                }
-                Self::fast(&full.to_json(), site).ok_or_else(|| "invalid change event: not re-readable".to_string())?
-            }
-        };
-        if *ev.site != **site {
-            return Err(format!("unknown site `{}` on topic {topic} (expected `{site}`)", ev.site));
+        let p = Self::parse(payload, site).map_err(|e| e.to_string())?;
+        if *p.site != **site {
+            return Err(format!("unknown site `{}` on topic {topic} (expected `{site}`)", p.site));
         }
-        Ok(ev)
-    }
-
-    /// The single-pass parse; None when the record is invalid in any way.
-    fn fast(payload: &[u8], site: &Arc<str>) -> Option<InEvent> {
-        Self::parse(payload, site).map(|p| p.into_event(payload.into()))
+        Ok(p.into_event(payload.into()))
     }
 
     /// Parses a record into owned fields and the spans of its row images.
-    fn parse(payload: &[u8], site: &Arc<str>) -> Option<Parts> {
-        let w: Wire = serde_json::from_slice(payload).ok()?;
-        // The checks of ChangeEvent::validate.
-        if w.site.is_empty() {
-            return None;
-        }
-        let site = if *w.site == **site { site.clone() } else { Arc::from(&*w.site) };
-        let base = payload.as_ptr() as usize;
-        let span = |v: &RawValue| -> Span {
-            let s = v.get();
-            let start = (s.as_ptr() as usize).wrapping_sub(base) as u32;
-            (start, start + s.len() as u32)
-        };
+    fn parse(payload: &[u8], site: &Arc<str>) -> Result<Parts, CoreError> {
+        let w: ChangeEvent<RawImage<'_>> = serde_json::from_slice(payload).map_err(|e| CoreError::Envelope(e.to_string()))?;
+        w.validate()?;
+        let site = if w.site == **site { site.clone() } else { Arc::from(w.site.as_str()) };
         if w.op == Op::Heartbeat {
-            if w.table.is_some() || w.before.is_some() || w.after.is_some() {
-                return None;
-            }
             // A heartbeat is never emitted: anything else it carries is not kept.
-            return Some(Parts { op: w.op, site, table: None, uuid: None, refs: Refs::default(), source: w.source, ts_ms: w.ts_ms, key: None, before: None, after: None });
-        }
-        match w.table.as_deref() {
-            None | Some("") => return None,
-            Some(_) => {}
-        }
-        if !w.key.is_some_and(|k| is_object(k, true)) {
-            return None;
-        }
-        if w.before.is_some_and(|r| !is_object(r, false)) || w.after.is_some_and(|r| !is_object(r, false)) {
-            return None;
-        }
-        let ok = matches!(
-            (w.op, w.before.is_some(), w.after.is_some()),
-            (Op::Create | Op::Read, false, true) | (Op::Update, true, true) | (Op::Delete, true, false)
-        );
-        if !ok || (w.op == Op::Read) != w.source.snapshot {
-            return None;
+            return Ok(Parts { op: w.op, site, table: None, uuid: None, refs: Refs::default(), source: w.source, ts_ms: w.ts_ms, key: None, before: None, after: None });
         }
         // Row images are kept raw, and a raw value's strings are not decoded: an escape that
         // decodes to nothing (a lone surrogate, `\udc00`) would pass here and fail every
-        // reader downstream. Records with `\u` escapes (rare) get their images decoded in full;
-        // on failure the full parser names the problem. (Found by the `envelope` fuzz target.)
+        // reader downstream. Records with `\u` escapes (rare) get their images decoded in full.
+        // (Found by the `envelope` fuzz target.)
         if payload.windows(2).any(|x| x == b"\\u") {
             for r in [w.key, w.before, w.after].into_iter().flatten() {
-                serde_json::from_str::<J>(r.get()).ok()?;
+                serde_json::from_str::<J>(r.json()).map_err(|e| CoreError::Envelope(e.to_string()))?;
             }
         }
-        // Borrowed values always lie within the record; checked all the same.
-        let (key, before, after) = (w.key.map(span), w.before.map(span), w.after.map(span));
-        for (a, b) in [key, before, after].into_iter().flatten() {
-            if a as usize > payload.len() || b as usize > payload.len() {
-                return None;
+        let refs: Refs = if w.refs.is_empty() { Refs::default() } else { serde_json::from_str(w.refs.json()).map_err(|e| CoreError::Envelope(format!("`refs`: {e}")))? };
+        let base = payload.as_ptr() as usize;
+        // Borrowed values lie within the record; checked all the same.
+        let span = |v: RawImage<'_>| -> Result<Span, CoreError> {
+            let s = v.json();
+            let start = (s.as_ptr() as usize).wrapping_sub(base);
+            match start.checked_add(s.len()) {
+                Some(end) if end <= payload.len() => Ok((start as u32, end as u32)),
+                _ => Err(CoreError::Envelope("a row image outside its record".into())),
             }
-        }
-        Some(Parts {
+        };
+        Ok(Parts {
             op: w.op,
             site,
-            table: w.table.map(|t| t.into()),
-            uuid: w.uuid.map(Cow::into_owned),
-            refs: w.refs,
+            table: w.table.map(String::into_boxed_str),
+            uuid: w.uuid,
+            refs,
             source: w.source,
             ts_ms: w.ts_ms,
-            key,
-            before,
-            after,
+            key: w.key.map(span).transpose()?,
+            before: w.before.map(span).transpose()?,
+            after: w.after.map(span).transpose()?,
         })
     }
 
@@ -470,7 +399,20 @@ pub fn check_envelope(data: &[u8]) -> Result<(), String> {
     if let Ok(ev) = serde_json::from_slice::<ChangeEvent>(data) {
         let _ = ev.validate();
     }
-    if let Ok(h) = serde_json::from_slice::<HqEvent>(data) {
+    // Core's one decoder of `omrs.hq.changes` reads the same record whichever image form a
+    // sink asks for.
+    let maps = serde_json::from_slice::<HqEvent>(data);
+    let flat = serde_json::from_slice::<HqEvent<FlatRow>>(data);
+    if maps.is_ok() != flat.is_ok() {
+        return Err(format!("an omrs.hq.changes record read with maps and flat rows differently: {:?} / {:?}", maps.as_ref().err(), flat.as_ref().err()));
+    }
+    if let (Ok(m), Ok(f), Ok(r)) = (&maps, &flat, serde_json::from_slice::<HqEvent<RawPairs<'_>>>(data)) {
+        let v = serde_json::to_value(m).ok();
+        if serde_json::to_value(f).ok() != v || serde_json::to_value(&r).ok() != v {
+            return Err("an omrs.hq.changes record means different things in different image forms".into());
+        }
+    }
+    if let Ok(h) = maps {
         let again: HqEvent = serde_json::from_slice(&h.to_json()).map_err(|e| format!("an HqEvent serialised to a record that does not parse: {e}"))?;
         if again.key() != h.key() {
             return Err(format!("an HqEvent changed key on a round trip: {} → {}", h.key(), again.key()));

@@ -1,9 +1,9 @@
-//! The Parquet sink's fast decoder: a `change` record of a table keyed by uuid, read without
-//! building a JSON tree. Row images are borrowed as (column, raw JSON) pairs in table order,
-//! and each value is typed from its raw text.
+//! The Parquet sink's fast path: a `change` record of a table keyed by uuid, read by core's
+//! decoder with row images as [`RawPairs`] (column and raw JSON borrowed from the record, in
+//! table order), each value typed from its raw text, without building a JSON tree.
 //!
-//! Anything unusual (another record type, a table keyed by its columns, an escaped column name,
-//! an envelope of the wrong shape) returns `None`, and the caller takes the general path
+//! Anything unusual (another record type, a table keyed by its columns, an envelope of the
+//! wrong shape) returns `None`, and the caller takes the general path
 //! ([`super::schema::convert`] over `HqEvent`), which also names what is wrong for the DLQ.
 //! The lake test compares the result of both paths with HQ, and the unit test below compares
 //! them field by field.
@@ -14,86 +14,13 @@ use std::sync::Arc;
 
 use arrow::datatypes::DataType;
 use omrs_core::arrow_map::{is_zero_date, parse_datetime_us};
-use omrs_core::envelope::Op;
-use omrs_core::hq::change_ms;
+use omrs_core::envelope::{Op, RawPairs};
+use omrs_core::hq::{change_ms, HqEvent};
 use omrs_core::zone::SiteRules;
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::schema::{cell, keeps_own_person, Cell, LakeTable};
 use super::write::Meta;
-
-/// A JSON object as borrowed (key, raw value) pairs, in order.
-struct Pairs<'a>(Vec<(&'a str, &'a RawValue)>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Pairs<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Pairs<'a>, A::Error> {
-                let mut v = Vec::with_capacity(m.size_hint().unwrap_or(24));
-                while let Some((k, val)) = m.next_entry::<&'de str, &'de RawValue>()? {
-                    v.push((k, val));
-                }
-                Ok(Pairs(v))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
-    }
-}
-
-impl<'a> Pairs<'a> {
-    fn get(&self, key: &str) -> Option<&'a RawValue> {
-        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
-    }
-}
-
-#[derive(Deserialize)]
-struct RawChange<'a> {
-    late: bool,
-    #[serde(default, borrow)]
-    person: Option<Cow<'a, str>>,
-    #[serde(default)]
-    origin_refs: serde_json::Map<String, serde_json::Value>,
-    #[serde(borrow)]
-    event: RawEvent<'a>,
-}
-
-#[derive(Deserialize)]
-struct RawEvent<'a> {
-    op: Op,
-    #[serde(borrow)]
-    site: Cow<'a, str>,
-    #[serde(default, borrow)]
-    table: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    uuid: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    before: Option<Pairs<'a>>,
-    #[serde(default, borrow)]
-    after: Option<Pairs<'a>>,
-    #[serde(default, borrow)]
-    refs: Option<Pairs<'a>>,
-    #[serde(borrow)]
-    source: RawSource<'a>,
-}
-
-#[derive(Deserialize)]
-struct RawSource<'a> {
-    #[serde(borrow)]
-    file: Cow<'a, str>,
-    pos: u64,
-    #[serde(default)]
-    row: u32,
-    ts_ms: i64,
-    #[serde(default)]
-    snapshot: bool,
-}
 
 /// The text of a JSON string without its quotes, unescaped only when it has escapes.
 fn text(raw: &RawValue) -> Option<Cow<'_, str>> {
@@ -150,11 +77,9 @@ pub fn decode(
     offset: i64,
     out: impl FnOnce(&Arc<LakeTable>, &Meta<'_>, &[Cell<'_>]),
 ) -> Option<Result<(), String>> {
-    if !payload.starts_with(br#"{"type":"change","#) {
+    let HqEvent::Change { late, person, origin_refs, event: ev } = serde_json::from_slice::<HqEvent<RawPairs<'_>>>(payload).ok()? else {
         return None;
-    }
-    let rc: RawChange<'_> = serde_json::from_slice(payload).ok()?;
-    let ev = &rc.event;
+    };
     let table = tables.get(ev.table.as_deref()?)?;
     if !(table.def.has_uuid || table.def.shared_parent.is_some()) {
         return None;
@@ -169,10 +94,10 @@ pub fn decode(
     let mut cursor = 0;
     for (c, t) in table.def.columns.iter().zip(&table.types) {
         // Images are in table order: the next pair is nearly always the column.
-        let raw = match image.0.get(cursor) {
-            Some((k, v)) if *k == c.name => {
+        let raw = match image.at(cursor) {
+            Some((k, v)) if k == c.name => {
                 cursor += 1;
-                Some(*v)
+                Some(v)
             }
             _ => image.get(&c.name),
         };
@@ -185,8 +110,8 @@ pub fn decode(
         };
         cells.push(cell);
         if c.references.is_some() {
-            let own = keeps_own_person(&table.def.name, &c.name).then(|| rc.origin_refs.get(&c.name).and_then(|v| v.as_str()).map(Cow::Borrowed)).flatten();
-            cells.push(match own.or_else(|| ev.refs.as_ref().and_then(|r| r.get(&c.name)).and_then(text)) {
+            let own = keeps_own_person(&table.def.name, &c.name).then(|| origin_refs.get(&c.name).and_then(|v| v.as_str()).map(Cow::Borrowed)).flatten();
+            cells.push(match own.or_else(|| ev.refs.get(&c.name).and_then(text)) {
                 Some(u) => Cell::Str(u),
                 None => Cell::Null,
             });
@@ -208,8 +133,8 @@ pub fn decode(
             event_ms: s.ts_ms,
             site: &ev.site,
             uuid: Some(uuid),
-            person: rc.person.as_deref(),
-            late: rc.late,
+            person: person.as_deref(),
+            late,
             row_key: uuid,
             change_ms: change_ms(
                 &rules.get(&ev.site).zone,
@@ -219,7 +144,7 @@ pub fn decode(
             ),
             priority: rules.get(&ev.site).priority,
             position: &position,
-            rewritten: !rc.origin_refs.is_empty(),
+            rewritten: !origin_refs.is_empty(),
             partition,
             offset,
         };

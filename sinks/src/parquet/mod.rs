@@ -515,17 +515,6 @@ fn reached(consumer: &crate::kafka::SinkConsumer, topic: &str, targets: &HashMap
     })
 }
 
-/// The body of a `{"type":"change",…}` record.
-#[derive(serde::Deserialize)]
-struct ChangeBody {
-    late: bool,
-    #[serde(default)]
-    person: Option<String>,
-    #[serde(default)]
-    origin_refs: serde_json::Map<String, serde_json::Value>,
-    event: omrs_core::envelope::ChangeEvent,
-}
-
 /// Buffers one record (or its dead letter).
 fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &SiteRules, p: i32, o: i64, payload: &[u8]) {
     let dead = |kind: DeadKind, reason: String| DeadLetter { partition: p, offset: o, kind, reason, payload: payload.to_vec() };
@@ -538,13 +527,8 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &Site
         }
         None => {}
     }
-    // The general path. Changes are read straight into their struct: the tagged enum would
-    // buffer each record once more before reading it.
-    let parsed = if payload.starts_with(br#"{"type":"change","#) {
-        serde_json::from_slice::<ChangeBody>(payload).map(|b| HqEvent::Change { late: b.late, person: b.person, origin_refs: b.origin_refs, event: b.event })
-    } else {
-        serde_json::from_slice::<HqEvent>(payload)
-    };
+    // The general path: core's decoder, row images as maps.
+    let parsed = serde_json::from_slice::<HqEvent>(payload);
     let ev: HqEvent = match parsed {
         Ok(e) => e,
         Err(e) => {

@@ -477,7 +477,7 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
         let mut changes = 0;
         while std::time::Instant::now() < deadline {
             match reader.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) if m.payload().is_some_and(|p| if heartbeats { p.starts_with(br#"{"op":"h""#) } else { p.starts_with(br#"{"type":"watermark""#) }) => {
+                Some(Ok(m)) if m.payload().is_some_and(|p| is_marker(p, heartbeats)) => {
                     if m.offset() + 1 >= end {
                         return Ok(Some(changes));
                     }
@@ -603,5 +603,17 @@ fn render_values(out: &mut String, title: &str, prefix: &str, tables: &[TableVal
             }
             out.push('\n');
         }
+    }
+}
+
+/// Is a record a site heartbeat (`heartbeats`) or a transform watermark? Read with core's
+/// decoders, images left unread.
+fn is_marker(payload: &[u8], heartbeats: bool) -> bool {
+    use omrs_core::envelope::{ChangeEvent, Op, RawImage};
+    use omrs_core::hq::HqEvent;
+    if heartbeats {
+        serde_json::from_slice::<ChangeEvent<RawImage<'_>>>(payload).is_ok_and(|e| e.op == Op::Heartbeat)
+    } else {
+        matches!(serde_json::from_slice::<HqEvent<RawImage<'_>>>(payload), Ok(HqEvent::Watermark { .. }))
     }
 }

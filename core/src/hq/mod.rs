@@ -7,12 +7,17 @@ use std::cmp::Ordering;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
-use crate::envelope::{ChangeEvent, Op, Row, RowImage};
+use crate::envelope::{ChangeEvent, Image, Op, Row, RowImage};
+
+mod decode;
 use crate::zone::{SiteRule, Zone};
 
 /// One record of `omrs.hq.changes`. `R` holds the row images of a change ([`ChangeEvent`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", bound(serialize = "R: Serialize + RowImage", deserialize = "R: Deserialize<'de> + RowImage"))]
+///
+/// Written with its `type` tag first; read in one pass whatever the field order, without
+/// serde's buffering of internally tagged enums (`decode.rs`): the one decoder of the topic.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", bound(serialize = "R: Serialize + Image"))]
 pub enum HqEvent<R = Row> {
     /// A site change, in uuid space, with person references pointing at the survivor.
     Change {
@@ -71,7 +76,7 @@ pub enum HqEvent<R = Row> {
     },
 }
 
-impl<R: Serialize + RowImage> HqEvent<R> {
+impl<R: Serialize + Image> HqEvent<R> {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
