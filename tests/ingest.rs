@@ -1,6 +1,6 @@
 //! The ingest agent end to end against real MariaDB (the OpenMRS demo dump) and real Kafka:
 //! snapshot counts and scrubbing, streaming in commit order with refs, exactly once across
-//! SIGKILLs, heartbeats, and DDL mid-stream.
+//! SIGKILLs (also inside a site transaction committed in parts), heartbeats, and DDL mid-stream.
 
 mod common;
 
@@ -335,5 +335,62 @@ async fn a_row_too_large_for_an_event_goes_as_a_stand_in_and_the_stream_goes_on(
     assert!(reason.contains("row too large") && reason.contains(big_uuid) && reason.contains("clob_datatype_storage"), "{reason}");
     let small = events.iter().find(|e| e.uuid.as_deref() == Some(small_uuid)).expect("the row after the big one arrived");
     assert_eq!(small.after.as_ref().unwrap()["value"], serde_json::json!("small"));
+    env.drop().await;
+}
+
+/// The latest committed checkpoint of the env's agent, as JSON.
+fn last_checkpoint(env: &Env) -> Option<serde_json::Value> {
+    read_json::<serde_json::Value>(&format!("{}omrs.ingest.offsets.{}", env.prefix, env.site)).pop()
+}
+
+fn skip_rows(cp: &serde_json::Value) -> u64 {
+    cp.get("skip_rows").and_then(|v| v.as_u64()).unwrap_or(0)
+}
+
+/// A site transaction larger than `ingest.max_txn_events` is committed to Kafka in parts, each
+/// with a checkpoint inside the transaction (`skip_rows`); SIGKILLed between two parts, the
+/// agent resumes inside it, and every row change is on the topic once, with its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_site_transaction_is_committed_in_parts_and_a_kill_inside_it_loses_and_doubles_nothing() {
+    let env = Env::new("split", "site-a", &[("max_txn_events = 50000", "max_txn_events = 400")]).await;
+    env.catch_up();
+    let mut c = env.db().await;
+    let n: i64 = c.query_first("SELECT COUNT(*) FROM obs").await.unwrap().unwrap();
+    assert!(n > 5_000, "the demo dump has {n} obs");
+    let mut resumed_inside = 0;
+    for round in 0..3 {
+        let mut agent = env.agent(&[]);
+        // Two full-table UPDATEs in one site transaction: 2 × n row changes.
+        let (a, b) = (format!("split{round}-a-"), format!("split{round}-b-"));
+        c.query_drop(format!("BEGIN; UPDATE obs SET comments = CONCAT('{a}', obs_id); UPDATE obs SET comments = CONCAT('{b}', obs_id); COMMIT")).await.unwrap();
+        // Killed as soon as a checkpoint inside the transaction is committed.
+        wait_for(120, "a checkpoint inside the site transaction", || {
+            if let Ok(Some(status)) = agent.try_wait() {
+                panic!("agent exited early: {status}");
+            }
+            last_checkpoint(&env).filter(|cp| skip_rows(cp) > 0)
+        });
+        kill9(&mut agent);
+        if last_checkpoint(&env).is_some_and(|cp| skip_rows(&cp) > 0) {
+            resumed_inside += 1;
+        }
+        env.catch_up();
+        let events = env.events();
+        for prefix in [&a, &b] {
+            let mut seen = HashSet::new();
+            for e in events.iter().filter(|e| e.table.as_deref() == Some("obs") && e.op == Op::Update) {
+                let after = e.after.as_ref().unwrap();
+                let Some(text) = after.get("comments").and_then(|v| v.as_str()).filter(|t| t.starts_with(prefix.as_str())) else { continue };
+                let id = after["obs_id"].as_i64().unwrap();
+                assert_eq!(text, format!("{prefix}{id}"), "obs {id}");
+                assert!(seen.insert(id), "obs {id}'s `{prefix}` change is on the topic twice");
+            }
+            assert_eq!(seen.len() as i64, n, "every obs row's `{prefix}` change, once");
+        }
+        if resumed_inside > 0 {
+            break;
+        }
+    }
+    assert!(resumed_inside > 0, "no kill landed inside the site transaction in 3 rounds");
     env.drop().await;
 }

@@ -245,7 +245,7 @@ async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot
         heartbeat: Duration::from_millis(cfg.ingest.heartbeat_interval_ms.max(50)),
         batch_events: 20_000,
         batch_age: Duration::from_millis(200),
-        max_txn_events: 50_000,
+        max_txn_events: cfg.ingest.max_txn_events,
         ref_cache: 2_000_000,
     };
     let mut agent = Agent {

@@ -325,6 +325,15 @@ pub struct IngestConfig {
     pub snapshot_chunk_rows: u32,
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u64,
+    /// A site transaction with more captured rows than this is committed to Kafka in parts
+    /// (each with a checkpoint inside the transaction), so one huge UPDATE cannot exceed what a
+    /// Kafka transaction should hold.
+    #[serde(default = "default_max_txn_events")]
+    pub max_txn_events: usize,
+}
+
+fn default_max_txn_events() -> usize {
+    50_000
 }
 
 fn default_exclude() -> Vec<String> {
@@ -368,6 +377,7 @@ impl Default for IngestConfig {
             scrub: default_scrub(),
             snapshot_chunk_rows: default_chunk_rows(),
             heartbeat_interval_ms: default_heartbeat_ms(),
+            max_txn_events: default_max_txn_events(),
         }
     }
 }
@@ -567,6 +577,9 @@ impl Config {
         }
         if self.ingest.snapshot_chunk_rows == 0 {
             return Err(err("ingest.snapshot_chunk_rows".into(), "must be at least 1".into()));
+        }
+        if self.ingest.max_txn_events == 0 {
+            return Err(err("ingest.max_txn_events".into(), "must be at least 1".into()));
         }
         if self.transform.idle_timeout_s == 0 {
             return Err(err("transform.idle_timeout_s".into(), "must be at least 1".into()));

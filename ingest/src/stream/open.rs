@@ -1,0 +1,101 @@
+//! Opening the binlog stream at a checkpoint: the server's identity, whether the checkpoint's
+//! file is still retained (and the margin and retention metrics), the binlog end for
+//! `--until-caught-up`, and the request by GTID or by file and position.
+//!
+//! Reads only; the stream's delivery guarantee is the module's (`super`).
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{BinlogStream, BinlogStreamRequest};
+use omrs_core::metrics::metrics;
+
+use crate::checkpoint::Position;
+use crate::{connect, Agent, IngestError};
+
+/// An open binlog stream and how it was positioned.
+pub(super) struct Opened {
+    pub stream: BinlogStream,
+    /// The GTID it resumes after, when it resumes by GTID.
+    pub by_gtid: Option<String>,
+    /// The binlog end when it opened.
+    pub target: Option<(String, u64)>,
+}
+
+pub(super) async fn open(agent: &mut Agent, position: &Position, skip_rows: u64) -> Result<Opened, IngestError> {
+    let site = agent.site.name.clone();
+    let mut conn = connect(&agent.site).await?;
+    let server_id: u32 = conn.query_first("SELECT @@server_id").await.map_err(|e| IngestError::site("reading server_id", e))?.unwrap_or(0);
+    agent.server_id = server_id;
+    check_retained(&mut conn, &site, position).await?;
+    let target: Option<(String, u64)> = {
+        let row: Option<mysql_async::Row> = conn.query_first("SHOW MASTER STATUS").await.map_err(|e| IngestError::site("reading the binlog end", e))?;
+        row.and_then(|r| Some((r.get::<String, _>(0)?, r.get::<u64, _>(1)?)))
+    };
+    conn.query_drop("SET @mariadb_slave_capability = 4").await.map_err(|e| IngestError::site("announcing GTID capability", e))?;
+    // A replica id unique to this connection, so concurrent agents on one server do not kick
+    // each other off.
+    let replica_id = 1_000_000_000u32 + (rand_u32() % 1_000_000_000);
+    // Resume by GTID where the server has GTIDs (it survives a fail-over to a replica whose file
+    // names differ), else by file and position. A split transaction resumes at its start by
+    // position, since it must be re-read from its first row.
+    let server_gtids: String = conn
+        .query_first::<Option<String>, _>("SELECT @@GLOBAL.gtid_binlog_pos")
+        .await
+        .map_err(|e| IngestError::site("reading gtid_binlog_pos", e))?
+        .flatten()
+        .unwrap_or_default();
+    let by_gtid = match (&position.gtid, skip_rows) {
+        (Some(g), 0) if !server_gtids.is_empty() && g.split('-').count() == 3 && g.chars().all(|c| c.is_ascii_digit() || c == '-') => Some(g.clone()),
+        _ => None,
+    };
+    let file_bytes = position.file.clone().into_bytes();
+    let req = match &by_gtid {
+        Some(gtid) => {
+            conn.query_drop(format!("SET @slave_connect_state = '{gtid}'; SET @slave_gtid_strict_mode = 0; SET @slave_gtid_ignore_duplicates = 0"))
+                .await
+                .map_err(|e| IngestError::site("setting the GTID to resume from", e))?;
+            BinlogStreamRequest::new(replica_id).with_filename(b"").with_pos(4)
+        }
+        None => BinlogStreamRequest::new(replica_id).with_filename(&file_bytes).with_pos(position.pos),
+    };
+    let stream = conn.get_binlog_stream(req).await.map_err(|e| IngestError::site("requesting the binlog", e))?;
+    tracing::info!(site = %site, file = %position.file, pos = position.pos, gtid = ?by_gtid, skip_rows, "streaming the binlog");
+    Ok(Opened { stream, by_gtid, target })
+}
+
+/// The checkpoint's file must still be on the server; sets the margin and retention metrics.
+async fn check_retained(conn: &mut mysql_async::Conn, site: &str, position: &Position) -> Result<(), IngestError> {
+    let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await.map_err(|e| IngestError::site("listing binary logs", e))?;
+    let files: Vec<String> = logs.iter().filter_map(|r| r.get::<String, _>(0)).collect();
+    let Some(idx) = files.iter().position(|f| *f == position.file) else {
+        return Err(IngestError::Purged(format!(
+            "site {site}: binlog file {} (position {}) is no longer on the server (oldest retained: {}); it was purged while the agent was behind. \
+             Run `omrs-stream ingest --site {site} --resnapshot` to take a fresh snapshot and resume, and raise expire_logs_days / binlog_expire_logs_seconds.",
+            position.file,
+            position.pos,
+            files.first().map(String::as_str).unwrap_or("none")
+        )));
+    };
+    metrics().ingest_binlog_margin.with_label_values(&[site]).set(idx as i64);
+    // The server's binlog retention, for alerts against the longest expected outage
+    // (OPERATIONS.md, "Binlog retention"): binlog_expire_logs_seconds where the server has it
+    // (MariaDB 10.6+, MySQL 8), else expire_logs_days.
+    let retention: Option<f64> = match conn.query_first::<f64, _>("SELECT @@binlog_expire_logs_seconds").await {
+        Ok(v) => v,
+        Err(_) => conn.query_first::<f64, _>("SELECT @@expire_logs_days * 86400").await.ok().flatten(),
+    };
+    if let Some(secs) = retention {
+        metrics().ingest_binlog_retention.with_label_values(&[site]).set(secs as i64);
+        if secs == 0.0 {
+            tracing::info!(site = %site, "the site server never purges its binlogs (retention 0)");
+        }
+    }
+    if idx == 0 && files.len() > 1 {
+        tracing::warn!(site = %site, file = %position.file, "the agent's binlog file is the oldest the server retains: the next purge loses changes it has not read");
+    }
+    Ok(())
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (t as u32) ^ ((t >> 32) as u32) ^ std::process::id().wrapping_mul(2654435761)
+}
