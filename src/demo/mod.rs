@@ -14,6 +14,7 @@
 
 mod procs;
 pub mod prom;
+mod steps;
 mod summary;
 
 use std::collections::BTreeMap;
@@ -21,12 +22,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mysql_async::prelude::Queryable;
 use omrs_core::clock::now_ms;
-use omrs_core::config::{Config, TopicsFile};
 use omrs_core::metrics as m;
 
 use procs::Procs;
+pub use steps::run;
 pub use summary::{render, Summary};
 
 /// `omrs-stream demo`.
@@ -424,318 +424,6 @@ impl<T> Drop for Task<T> {
     }
 }
 
-/// Runs the demo. `topics` is the topics file (topics.toml).
-pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary> {
-    // Everything that can be wrong with the arguments, before anything starts.
-    let sites = site_names(args.sites);
-    if !(0.0..=1.0).contains(&args.dup_fraction) {
-        bail!("--dup-fraction {} must be between 0 and 1", args.dup_fraction);
-    }
-    if !(0.0..=1.0).contains(&args.adversarial) {
-        bail!("--adversarial {} must be between 0 and 1", args.adversarial);
-    }
-    if args.rate <= 0.0 || args.duration <= 0.0 {
-        bail!("--rate and --duration must be positive");
-    }
-    if args.agg_window != 0 && 86_400 % args.agg_window != 0 {
-        bail!("--agg-window {}: the width must divide a day (10, 15, 30, 60, …), or be 0 for the production windows", args.agg_window);
-    }
-    let mut windows: Vec<Window> = args.offline.iter().map(|o| parse_window(o, &sites, args.duration)).collect::<Result<_, _>>()?;
-    // Only the default place is filled by fetching: a dump named by --dump or OMRS_DEMO_DUMP that
-    // is not there is a mistake to report.
-    let default_place = std::env::var_os("OMRS_DEMO_DUMP").is_none() && args.dump == omrs_core::openmrs::default_dump();
-    let dump = match (args.dump.is_file(), default_place) {
-        (true, _) => args.dump.clone(),
-        (false, true) => fetch_dump(&args.dump)?,
-        (false, false) => bail!("{}", omrs_core::openmrs::missing_dump(&args.dump)),
-    };
-    let dump = std::fs::canonicalize(&dump).with_context(|| format!("resolving {}", dump.display()))?;
-    let topics_file = std::fs::canonicalize(topics_file).with_context(|| format!("the topics file {} (run the demo from the omrs-stream checkout, or pass --topics)", topics_file.display()))?;
-    let exe = std::env::current_exe().context("finding this binary")?;
-    let state_root = args.state_dir.clone().unwrap_or_else(|| {
-        PathBuf::from(std::env::var("OMRS_STATE").unwrap_or_else(|_| "/var/lib/omrs-stream".into())).join("demo")
-    });
-    let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
-    let run_dir = state_root.join(&run_id);
-    let logs = run_dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let run_dir = std::fs::canonicalize(&run_dir).context("resolving the run directory")?;
-    let logs = run_dir.join("logs");
-    let latest = state_root.join("latest");
-    let _ = std::fs::remove_file(&latest);
-    let _ = std::os::unix::fs::symlink(&run_id, &latest);
-    let lake = run_dir.join("lake");
-    let prefix = format!("demo-{run_id}.");
-    let config_path = run_dir.join("omrs-stream.toml");
-    std::fs::write(&config_path, config_text(args, &prefix, &lake, args.metrics_port)).with_context(|| format!("writing {}", config_path.display()))?;
-    let cfg = Config::load(&config_path).context("the demo's generated config")?;
-    let manifest_path = run_dir.join("manifest.json");
-    let t0 = Instant::now();
-    let mut progress = Progress::new(args.quiet);
-    progress.step(format!("run {run_id}: {} sites, {} people, {:.0} % duplicates, seed {}; everything in {}", args.sites, args.patients, args.dup_fraction * 100.0, args.seed, run_dir.display()));
-
-    // 1. Services.
-    if !args.no_services {
-        let script = find_dev_up().context("scripts/dev-up not found: run the demo from the omrs-stream checkout, or start Kafka and MariaDB yourself and pass --no-services")?;
-        progress.set(format!("starting Kafka and MariaDB (hq, {}) with {}", sites.join(", "), script.display()));
-        let log = std::fs::File::create(logs.join("services.log")).context("creating services.log")?;
-        let status = tokio::process::Command::new(&script)
-            .arg("hq")
-            .args(&sites)
-            .stdout(log.try_clone().context("log handle")?)
-            .stderr(log)
-            .status()
-            .await
-            .with_context(|| format!("running {}", script.display()))?;
-        if !status.success() {
-            bail!("{} failed ({status}); the end of {}:\n{}", script.display(), logs.join("services.log").display(), procs::tail(&logs.join("services.log"), 15));
-        }
-        progress.step("services up: Kafka 127.0.0.1:9092, MariaDB hq 3310 and one server per site");
-    }
-
-    // 2. Topics.
-    progress.set("creating topics".into());
-    let tf = TopicsFile::load(&topics_file)?;
-    let want = tf.resolve(&cfg.site_names(), &cfg.kafka.topic_prefix);
-    let report = omrs_core::topics::apply(&cfg.kafka, &want).await.context("creating the demo's topics")?;
-    progress.step(format!("topics: {} created with prefix {prefix}", report.created.len()));
-
-    // 3. Sites and HQ, side by side.
-    progress.set(format!("provisioning {} sites from the OpenMRS demo dump and creating HQ {}", sites.len(), args.hq_database));
-    let mut procs = Procs::new(exe, config_path.clone(), topics_file.clone(), logs.clone());
-    let sim = omrs_simulate::SimulateArgs {
-        sites: sites.len(),
-        patients: args.patients,
-        dup_fraction: args.dup_fraction,
-        seed: args.seed,
-        adversarial: args.adversarial,
-        manifest: manifest_path.clone(),
-        database: Some(args.site_database.clone()),
-        dump: dump.clone(),
-        quiet: true,
-        ..Default::default()
-    };
-    let provision_args = omrs_simulate::SimulateArgs { provision_only: true, ..sim.clone() };
-    let provision = omrs_simulate::run(&cfg, &provision_args);
-    let init_args: Vec<String> = vec!["sink".into(), "hq-mysql".into(), "--init".into(), "--force".into(), "--dump".into(), dump.display().to_string()];
-    let init = procs.run_to_end("sink-hq-mysql-init", &init_args);
-    let (p, i) = tokio::join!(provision, init);
-    p.context("provisioning the sites")?;
-    i.context("creating the HQ database")?;
-    progress.step(format!("sites provisioned ({}); HQ {} created", sites.iter().map(|s| format!("{s}/{}", args.site_database)).collect::<Vec<_>>().join(", "), args.hq_database));
-
-    // 4. The workload first, in backlog mode.
-    let mut sim_rows = 0u64;
-    let mut t_end_ms = 0;
-    let start_agents_etc = |procs: &mut Procs| -> anyhow::Result<()> {
-        for site in &sites {
-            start_agent(procs, &sites, site, args.metrics_port)?;
-        }
-        procs.spawn("transform", &["transform".into(), "--metrics-port".into(), args.metrics_port.to_string()], Some(args.metrics_port))?;
-        let p = args.metrics_port + 1;
-        procs.spawn("sink-hq-mysql", &["sink".into(), "hq-mysql".into(), "--quiet".into(), "--metrics-port".into(), p.to_string()], Some(p))?;
-        let p = args.metrics_port + 2;
-        procs.spawn("sink-parquet", &["sink".into(), "parquet".into(), "--quiet".into(), "--metrics-port".into(), p.to_string()], Some(p))?;
-        Ok(())
-    };
-    let mut board = Board::default();
-    if args.backlog {
-        progress.set(format!("writing the backlog: {} people at {} sites, as fast as they take it (pipeline stopped)", args.patients, sites.len()));
-        let sim_task = Task(tokio::spawn({
-            let cfg = cfg.clone();
-            let sim = omrs_simulate::SimulateArgs { no_provision: true, burst: true, ..sim.clone() };
-            async move { omrs_simulate::run(&cfg, &sim).await }
-        }));
-        let manifest = wait_sim(sim_task, &mut progress).await?;
-        sim_rows = manifest.row_changes;
-        t_end_ms = now_ms();
-        progress.step(format!("backlog written: {} row changes in {:.1} s", fmt_n(sim_rows as f64), manifest.write_seconds));
-    }
-
-    // 5. The pipeline.
-    let mut hq_conn = mysql_async::Conn::new(omrs_sinks::mysql_opts(&cfg.hq.database)).await.context("connecting to HQ")?;
-    let t_pipeline = Instant::now();
-    start_agents_etc(&mut procs)?;
-    progress.step(format!(
-        "pipeline started: {} ingest agents, transform, HQ MySQL sink, Parquet sink (logs in {})",
-        sites.len(),
-        logs.display()
-    ));
-
-    // 6. The live workload, with offline windows, once every site's snapshot is through (so the
-    // latency figures are those of live changes).
-    let mut latency_base: Vec<prom::Sample> = Vec::new();
-    if !args.backlog {
-        let since = now_ms();
-        let deadline = Instant::now() + Duration::from_secs(args.drain_timeout);
-        if let Err(late_sites) = until_released(&mut procs, &mut board, &sites, &windows, since, deadline, &mut progress, "snapshots").await? {
-            bail!("the snapshots did not come through within {} s (sites behind: {late_sites:?}); see the logs in {}", args.drain_timeout, logs.display());
-        }
-        // The HQ sink through the snapshot too, so the latency figures start from live changes.
-        loop {
-            procs.check()?;
-            let lags = omrs_sinks::verify::stage_lags(&cfg, &mut hq_conn, None).await?;
-            if lags.iter().any(|l| l.stage == "hq_mysql" && l.messages == Some(0)) || Instant::now() >= deadline {
-                break;
-            }
-            board.scrape(&procs, &sites, &windows).await;
-            progress.set(format!("snapshots: {} · waiting for the HQ sink", board.line()));
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        board.scrape(&procs, &sites, &windows).await;
-        latency_base = board.hq.clone();
-        progress.step(format!("snapshots through: {} events captured; the live workload starts ({:.0} row changes/s for {:.0} s)", fmt_n(board.captured()), args.rate, args.duration));
-        let sim_task = Task(tokio::spawn({
-            let cfg = cfg.clone();
-            let sim = omrs_simulate::SimulateArgs { no_provision: true, rate: Some(args.rate), duration: Some(args.duration), offline: args.offline.clone(), ..sim.clone() };
-            async move { omrs_simulate::run(&cfg, &sim).await }
-        }));
-        let t_work = Instant::now();
-        let mut sim_task = Some(sim_task);
-        loop {
-            procs.check()?;
-            let elapsed = t_work.elapsed().as_secs_f64();
-            if windows.iter().any(|w| w.state == WindowState::Ahead && elapsed >= w.start) {
-                // The agents' last counts before one of them stops.
-                board.scrape(&procs, &sites, &windows).await;
-            }
-            for w in windows.iter_mut() {
-                if w.state == WindowState::Ahead && elapsed >= w.start {
-                    procs.stop(&format!("ingest-{}", w.site), Duration::from_secs(10)).await;
-                    w.state = WindowState::Down;
-                    progress.step(format!("{} offline: its ingest agent is stopped for {:.0} s while the clinic keeps writing", w.site, w.secs));
-                } else if w.state == WindowState::Down && elapsed >= w.start + w.secs {
-                    start_agent(&mut procs, &sites, &w.site, args.metrics_port)?;
-                    w.state = WindowState::Over;
-                    progress.step(format!("{} back online: its agent reads the backlog", w.site));
-                }
-            }
-            if sim_task.as_ref().is_some_and(|t| t.0.is_finished()) {
-                let t = sim_task.take().context("simulator task")?;
-                let manifest = wait_sim(t, &mut progress).await?;
-                sim_rows = manifest.row_changes;
-                t_end_ms = now_ms();
-                break;
-            }
-            board.scrape(&procs, &sites, &windows).await;
-            let offline: Vec<String> = windows
-                .iter()
-                .filter(|w| w.state == WindowState::Down)
-                .map(|w| format!("{} OFFLINE {:.0} s left", w.site, (w.start + w.secs - elapsed).max(0.0)))
-                .collect();
-            let written = prom::sum(&prom::parse(&m::metrics().render()), m::SIMULATED_ROWS, &[]);
-            progress.set(format!(
-                "live {:.0}/{:.0} s · clinics wrote {} · {}{}{}",
-                elapsed.min(args.duration),
-                args.duration,
-                fmt_n(written),
-                board.line(),
-                if offline.is_empty() { "" } else { " · " },
-                offline.join(", ")
-            ));
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        // A window that outlasted the workload ends now, so the drain has every site.
-        for w in windows.iter_mut().filter(|w| w.state != WindowState::Over) {
-            if w.state == WindowState::Down {
-                start_agent(&mut procs, &sites, &w.site, args.metrics_port)?;
-                progress.step(format!("{} back online at the end of the workload", w.site));
-            }
-            w.state = WindowState::Over;
-        }
-        progress.step(format!("workload done: {} row changes at {} sites", fmt_n(sim_rows as f64), sites.len()));
-    }
-
-    // 7. Drain: every site caught up past the end of the workload and released by the
-    // transform; then the agents stop and the rest flows out.
-    let deadline = Instant::now() + Duration::from_secs(args.drain_timeout);
-    let mut drained = true;
-    let mut problems: Vec<String> = Vec::new();
-    if let Err(late_sites) = until_released(&mut procs, &mut board, &sites, &windows, t_end_ms, deadline, &mut progress, "draining").await? {
-        drained = false;
-        problems.push(format!("the pipeline did not drain within {} s (sites behind: {late_sites:?})", args.drain_timeout));
-    }
-    let endpoints: Vec<(String, String)> = procs
-        .running
-        .iter()
-        .filter(|p| !p.name.starts_with("ingest-"))
-        .filter_map(|p| p.port.map(|port| (p.name.clone(), format!("http://127.0.0.1:{port}/metrics"))))
-        .chain(sites.iter().enumerate().map(|(i, s)| (format!("ingest-{s}"), format!("http://127.0.0.1:{}/metrics", args.metrics_port + 3 + i as u16))))
-        .collect();
-    // The stages stop in pipeline order, each once its input is consumed to the end, so nothing
-    // new reaches a topic after its reader was found at the end of it: the agents; the
-    // transform, at the end of the site topics (its last counts scraped first); then the sinks,
-    // at the end of omrs.hq.changes with nothing pending at HQ.
-    procs.stop_all("ingest-", Duration::from_secs(10)).await;
-    let mut lags = Vec::new();
-    let mut transform_running = true;
-    while drained {
-        procs.check()?;
-        lags = omrs_sinks::verify::stage_lags(&cfg, &mut hq_conn, Some(&lake)).await?;
-        let pending: i64 = hq_conn.query_first("SELECT COUNT(*) FROM omrs_sync_pending").await.context("counting pending rows at HQ")?.unwrap_or(0);
-        board.scrape(&procs, &sites, &windows).await;
-        if transform_running && lags.iter().filter(|l| l.stage == "transform").all(|l| l.messages == Some(0)) {
-            procs.stop("transform", Duration::from_secs(15)).await;
-            transform_running = false;
-            continue;
-        }
-        let busy: Vec<String> = lags.iter().filter(|l| l.messages != Some(0)).map(|l| format!("{} {}", l.stage, l.messages.map(|m| m.to_string()).unwrap_or("-".into()))).collect();
-        if !transform_running && busy.is_empty() && pending == 0 {
-            break;
-        }
-        if Instant::now() >= deadline {
-            drained = false;
-            problems.push(format!("the sinks did not drain within {} s ({} pending at HQ; behind: {busy:?})", args.drain_timeout, pending));
-            break;
-        }
-        progress.set(format!("draining the sinks: {} · behind: {} · {pending} pending at HQ", board.line(), busy.join(", ")));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let pipeline_secs = t_pipeline.elapsed().as_secs_f64();
-    board.scrape(&procs, &sites, &windows).await;
-    procs.stop_all("", Duration::from_secs(15)).await;
-    progress.step(format!("drained in {:.1} s after the workload{}", (now_ms() - t_end_ms) as f64 / 1000.0, if drained { "" } else { " (NOT complete)" }));
-
-    // 8. Compaction and verify.
-    progress.set("compacting the lake (current tables and views)".into());
-    procs.run_to_end("sink-parquet-compact", &["sink".into(), "parquet".into(), "--compact".into()]).await?;
-    progress.set("verifying sites against HQ against the lake".into());
-    let verify = omrs_sinks::verify::run(
-        &cfg,
-        &omrs_sinks::verify::VerifyArgs { manifest: Some(manifest_path.clone()), json: false, lake: Some(lake.clone()), no_lake: false, no_values: false, samples: 5 },
-    )
-    .await
-    .context("verify")?;
-    progress.finish();
-
-    // 9. The summary.
-    let facts = summary::Facts {
-        run_id,
-        run_dir,
-        config: config_path,
-        logs,
-        lake,
-        manifest: manifest_path,
-        prefix,
-        sites: sites.clone(),
-        windows: windows.iter().map(|w| (w.site.clone(), w.start, w.secs)).collect(),
-        backlog: args.backlog,
-        sim_rows,
-        pipeline_secs,
-        total_secs: t0.elapsed().as_secs_f64(),
-        drained,
-        problems,
-        max_delay_ms: board.max_delay_ms.clone(),
-        transform: board.transform.clone(),
-        hq: board.hq.clone(),
-        parquet: board.parquet.clone(),
-        lags,
-        endpoints,
-        latency_base,
-    };
-    summary::build(&cfg, facts, &mut hq_conn, verify).await
-}
-
 /// Sites not yet caught up past `t_ms` (site watermark behind it, or idle), and whether the
 /// transform's global watermark has passed it (every event up to `t_ms` released).
 fn behind(board: &Board, sites: &[String], t_ms: i64) -> (Vec<String>, bool) {
@@ -803,6 +491,7 @@ async fn wait_sim(task: Task<Result<omrs_simulate::manifest::Manifest, omrs_simu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use omrs_core::config::Config;
 
     #[test]
     fn windows_are_checked() {

@@ -1,0 +1,438 @@
+//! The demo's steps, in order (see the module docs of `super`): [`Demo::prepare`] (arguments,
+//! the dump, the run directory and config), services, topics, sites and HQ, the backlog or the
+//! live workload with its offline windows, the drain, compaction and verify.
+//!
+//! Delivery guarantee: none of its own (see `super`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use mysql_async::prelude::Queryable;
+use omrs_core::clock::now_ms;
+use omrs_core::config::{Config, TopicsFile};
+use omrs_core::metrics as m;
+
+use super::procs::{self, Procs};
+use super::{fetch_dump, find_dev_up, fmt_n, parse_window, prom, site_names, start_agent, summary, until_released, wait_sim, Board, DemoArgs, Progress, Summary, Task, Window, WindowState};
+
+/// Runs the demo. `topics` is the topics file (topics.toml).
+pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary> {
+    let t0 = Instant::now();
+    let mut d = Demo::prepare(args, topics_file)?;
+    d.services().await?;
+    d.topics().await?;
+    d.sites_and_hq().await?;
+    let mut work = Work::default();
+    if args.backlog {
+        work = d.backlog().await?;
+    }
+    let mut hq_conn = mysql_async::Conn::new(omrs_sinks::mysql_opts(&d.cfg.hq.database)).await.context("connecting to HQ")?;
+    let t_pipeline = Instant::now();
+    d.start_pipeline()?;
+    let mut latency_base: Vec<prom::Sample> = Vec::new();
+    if !args.backlog {
+        latency_base = d.through_snapshots(&mut hq_conn).await?;
+        work = d.live().await?;
+    }
+    let drain = d.drain(&mut hq_conn, work.t_end_ms).await?;
+    let pipeline_secs = t_pipeline.elapsed().as_secs_f64();
+    d.board.scrape(&d.procs, &d.sites, &d.windows).await;
+    d.procs.stop_all("", Duration::from_secs(15)).await;
+    d.progress.step(format!("drained in {:.1} s after the workload{}", (now_ms() - work.t_end_ms) as f64 / 1000.0, if drain.drained { "" } else { " (NOT complete)" }));
+
+    // Compaction and verify.
+    d.progress.set("compacting the lake (current tables and views)".into());
+    d.procs.run_to_end("sink-parquet-compact", &["sink".into(), "parquet".into(), "--compact".into()]).await?;
+    d.progress.set("verifying sites against HQ against the lake".into());
+    let verify = omrs_sinks::verify::run(
+        &d.cfg,
+        &omrs_sinks::verify::VerifyArgs { manifest: Some(d.paths.manifest.clone()), json: false, lake: Some(d.paths.lake.clone()), no_lake: false, no_values: false, samples: 5 },
+    )
+    .await
+    .context("verify")?;
+    d.progress.finish();
+
+    let p = d.paths;
+    let facts = summary::Facts {
+        run_id: p.run_id,
+        run_dir: p.run_dir,
+        config: p.config,
+        logs: p.logs,
+        lake: p.lake,
+        manifest: p.manifest,
+        prefix: p.prefix,
+        sites: d.sites.clone(),
+        windows: d.windows.iter().map(|w| (w.site.clone(), w.start, w.secs)).collect(),
+        backlog: args.backlog,
+        sim_rows: work.sim_rows,
+        pipeline_secs,
+        total_secs: t0.elapsed().as_secs_f64(),
+        drained: drain.drained,
+        problems: drain.problems,
+        max_delay_ms: d.board.max_delay_ms.clone(),
+        transform: d.board.transform.clone(),
+        hq: d.board.hq.clone(),
+        parquet: d.board.parquet.clone(),
+        lags: drain.lags,
+        endpoints: drain.endpoints,
+        latency_base,
+    };
+    summary::build(&d.cfg, facts, &mut hq_conn, verify).await
+}
+
+/// Where a run keeps its things.
+struct Paths {
+    run_id: String,
+    run_dir: PathBuf,
+    logs: PathBuf,
+    lake: PathBuf,
+    config: PathBuf,
+    manifest: PathBuf,
+    prefix: String,
+}
+
+/// What the workload wrote, and when it ended.
+#[derive(Default)]
+struct Work {
+    sim_rows: u64,
+    t_end_ms: i64,
+}
+
+/// How the drain went.
+struct Drain {
+    drained: bool,
+    problems: Vec<String>,
+    lags: Vec<omrs_sinks::verify::Lag>,
+    endpoints: Vec<(String, String)>,
+}
+
+/// A demo run between its steps.
+struct Demo<'a> {
+    args: &'a DemoArgs,
+    sites: Vec<String>,
+    windows: Vec<Window>,
+    cfg: Config,
+    dump: PathBuf,
+    topics_file: PathBuf,
+    paths: Paths,
+    procs: Procs,
+    progress: Progress,
+    board: Board,
+    /// The simulator's arguments every step starts from.
+    sim: omrs_simulate::SimulateArgs,
+}
+
+impl<'a> Demo<'a> {
+    /// Everything that can be wrong with the arguments, before anything starts; then the dump,
+    /// the run directory and its config.
+    fn prepare(args: &'a DemoArgs, topics_file: &Path) -> anyhow::Result<Demo<'a>> {
+        let sites = site_names(args.sites);
+        if !(0.0..=1.0).contains(&args.dup_fraction) {
+            bail!("--dup-fraction {} must be between 0 and 1", args.dup_fraction);
+        }
+        if !(0.0..=1.0).contains(&args.adversarial) {
+            bail!("--adversarial {} must be between 0 and 1", args.adversarial);
+        }
+        if args.rate <= 0.0 || args.duration <= 0.0 {
+            bail!("--rate and --duration must be positive");
+        }
+        if args.agg_window != 0 && 86_400 % args.agg_window != 0 {
+            bail!("--agg-window {}: the width must divide a day (10, 15, 30, 60, …), or be 0 for the production windows", args.agg_window);
+        }
+        let windows: Vec<Window> = args.offline.iter().map(|o| parse_window(o, &sites, args.duration)).collect::<Result<_, _>>()?;
+        // Only the default place is filled by fetching: a dump named by --dump or
+        // OMRS_DEMO_DUMP that is not there is a mistake to report.
+        let default_place = std::env::var_os("OMRS_DEMO_DUMP").is_none() && args.dump == omrs_core::openmrs::default_dump();
+        let dump = match (args.dump.is_file(), default_place) {
+            (true, _) => args.dump.clone(),
+            (false, true) => fetch_dump(&args.dump)?,
+            (false, false) => bail!("{}", omrs_core::openmrs::missing_dump(&args.dump)),
+        };
+        let dump = std::fs::canonicalize(&dump).with_context(|| format!("resolving {}", dump.display()))?;
+        let topics_file = std::fs::canonicalize(topics_file).with_context(|| format!("the topics file {} (run the demo from the omrs-stream checkout, or pass --topics)", topics_file.display()))?;
+        let exe = std::env::current_exe().context("finding this binary")?;
+        let paths = Self::run_dir(args)?;
+        std::fs::write(&paths.config, super::config_text(args, &paths.prefix, &paths.lake, args.metrics_port)).with_context(|| format!("writing {}", paths.config.display()))?;
+        let cfg = Config::load(&paths.config).context("the demo's generated config")?;
+        let mut progress = Progress::new(args.quiet);
+        progress.step(format!(
+            "run {}: {} sites, {} people, {:.0} % duplicates, seed {}; everything in {}",
+            paths.run_id,
+            args.sites,
+            args.patients,
+            args.dup_fraction * 100.0,
+            args.seed,
+            paths.run_dir.display()
+        ));
+        let procs = Procs::new(exe, paths.config.clone(), topics_file.clone(), paths.logs.clone());
+        let sim = omrs_simulate::SimulateArgs {
+            sites: sites.len(),
+            patients: args.patients,
+            dup_fraction: args.dup_fraction,
+            seed: args.seed,
+            adversarial: args.adversarial,
+            manifest: paths.manifest.clone(),
+            database: Some(args.site_database.clone()),
+            dump: dump.clone(),
+            quiet: true,
+            ..Default::default()
+        };
+        Ok(Demo { args, sites, windows, cfg, dump, topics_file, paths, procs, progress, board: Board::default(), sim })
+    }
+
+    /// A new run directory under the state root (`latest` points at it), with its logs.
+    fn run_dir(args: &DemoArgs) -> anyhow::Result<Paths> {
+        let state_root = args.state_dir.clone().unwrap_or_else(|| PathBuf::from(std::env::var("OMRS_STATE").unwrap_or_else(|_| "/var/lib/omrs-stream".into())).join("demo"));
+        let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
+        let run_dir = state_root.join(&run_id);
+        let logs = run_dir.join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        let run_dir = std::fs::canonicalize(&run_dir).context("resolving the run directory")?;
+        let latest = state_root.join("latest");
+        let _ = std::fs::remove_file(&latest);
+        let _ = std::os::unix::fs::symlink(&run_id, &latest);
+        Ok(Paths {
+            logs: run_dir.join("logs"),
+            lake: run_dir.join("lake"),
+            config: run_dir.join("omrs-stream.toml"),
+            manifest: run_dir.join("manifest.json"),
+            prefix: format!("demo-{run_id}."),
+            run_id,
+            run_dir,
+        })
+    }
+
+    /// Kafka and MariaDB (hq and one server per site), by scripts/dev-up.
+    async fn services(&mut self) -> anyhow::Result<()> {
+        if self.args.no_services {
+            return Ok(());
+        }
+        let script = find_dev_up().context("scripts/dev-up not found: run the demo from the omrs-stream checkout, or start Kafka and MariaDB yourself and pass --no-services")?;
+        self.progress.set(format!("starting Kafka and MariaDB (hq, {}) with {}", self.sites.join(", "), script.display()));
+        let log_path = self.paths.logs.join("services.log");
+        let log = std::fs::File::create(&log_path).context("creating services.log")?;
+        let status = tokio::process::Command::new(&script)
+            .arg("hq")
+            .args(&self.sites)
+            .stdout(log.try_clone().context("log handle")?)
+            .stderr(log)
+            .status()
+            .await
+            .with_context(|| format!("running {}", script.display()))?;
+        if !status.success() {
+            bail!("{} failed ({status}); the end of {}:\n{}", script.display(), log_path.display(), procs::tail(&log_path, 15));
+        }
+        self.progress.step("services up: Kafka 127.0.0.1:9092, MariaDB hq 3310 and one server per site");
+        Ok(())
+    }
+
+    async fn topics(&mut self) -> anyhow::Result<()> {
+        self.progress.set("creating topics".into());
+        let tf = TopicsFile::load(&self.topics_file)?;
+        let want = tf.resolve(&self.cfg.site_names(), &self.cfg.kafka.topic_prefix);
+        let report = omrs_core::topics::apply(&self.cfg.kafka, &want).await.context("creating the demo's topics")?;
+        self.progress.step(format!("topics: {} created with prefix {}", report.created.len(), self.paths.prefix));
+        Ok(())
+    }
+
+    /// The sites provisioned from the dump and HQ created, side by side.
+    async fn sites_and_hq(&mut self) -> anyhow::Result<()> {
+        let args = self.args;
+        self.progress.set(format!("provisioning {} sites from the OpenMRS demo dump and creating HQ {}", self.sites.len(), args.hq_database));
+        let provision_args = omrs_simulate::SimulateArgs { provision_only: true, ..self.sim.clone() };
+        let provision = omrs_simulate::run(&self.cfg, &provision_args);
+        let init_args: Vec<String> = vec!["sink".into(), "hq-mysql".into(), "--init".into(), "--force".into(), "--dump".into(), self.dump.display().to_string()];
+        let init = self.procs.run_to_end("sink-hq-mysql-init", &init_args);
+        let (p, i) = tokio::join!(provision, init);
+        p.context("provisioning the sites")?;
+        i.context("creating the HQ database")?;
+        let at: Vec<String> = self.sites.iter().map(|s| format!("{s}/{}", args.site_database)).collect();
+        self.progress.step(format!("sites provisioned ({}); HQ {} created", at.join(", "), args.hq_database));
+        Ok(())
+    }
+
+    /// `--backlog`: the whole workload written first, as fast as the sites take it.
+    async fn backlog(&mut self) -> anyhow::Result<Work> {
+        self.progress.set(format!("writing the backlog: {} people at {} sites, as fast as they take it (pipeline stopped)", self.args.patients, self.sites.len()));
+        let sim_task = Task(tokio::spawn({
+            let cfg = self.cfg.clone();
+            let sim = omrs_simulate::SimulateArgs { no_provision: true, burst: true, ..self.sim.clone() };
+            async move { omrs_simulate::run(&cfg, &sim).await }
+        }));
+        let manifest = wait_sim(sim_task, &mut self.progress).await?;
+        self.progress.step(format!("backlog written: {} row changes in {:.1} s", fmt_n(manifest.row_changes as f64), manifest.write_seconds));
+        Ok(Work { sim_rows: manifest.row_changes, t_end_ms: now_ms() })
+    }
+
+    /// The agents, the transform and both sinks, each on its metrics port.
+    fn start_pipeline(&mut self) -> anyhow::Result<()> {
+        let port = self.args.metrics_port;
+        for site in &self.sites {
+            start_agent(&mut self.procs, &self.sites, site, port)?;
+        }
+        self.procs.spawn("transform", &["transform".into(), "--metrics-port".into(), port.to_string()], Some(port))?;
+        let p = port + 1;
+        self.procs.spawn("sink-hq-mysql", &["sink".into(), "hq-mysql".into(), "--quiet".into(), "--metrics-port".into(), p.to_string()], Some(p))?;
+        let p = port + 2;
+        self.procs.spawn("sink-parquet", &["sink".into(), "parquet".into(), "--quiet".into(), "--metrics-port".into(), p.to_string()], Some(p))?;
+        self.progress.step(format!(
+            "pipeline started: {} ingest agents, transform, HQ MySQL sink, Parquet sink (logs in {})",
+            self.sites.len(),
+            self.paths.logs.display()
+        ));
+        Ok(())
+    }
+
+    /// Waits for every site's snapshot to come through the transform and the HQ sink, so the
+    /// latency figures are those of live changes. Returns the HQ sink's samples then.
+    async fn through_snapshots(&mut self, hq_conn: &mut mysql_async::Conn) -> anyhow::Result<Vec<prom::Sample>> {
+        let since = now_ms();
+        let deadline = Instant::now() + Duration::from_secs(self.args.drain_timeout);
+        if let Err(late_sites) = until_released(&mut self.procs, &mut self.board, &self.sites, &self.windows, since, deadline, &mut self.progress, "snapshots").await? {
+            bail!("the snapshots did not come through within {} s (sites behind: {late_sites:?}); see the logs in {}", self.args.drain_timeout, self.paths.logs.display());
+        }
+        loop {
+            self.procs.check()?;
+            let lags = omrs_sinks::verify::stage_lags(&self.cfg, hq_conn, None).await?;
+            if lags.iter().any(|l| l.stage == "hq_mysql" && l.messages == Some(0)) || Instant::now() >= deadline {
+                break;
+            }
+            self.board.scrape(&self.procs, &self.sites, &self.windows).await;
+            self.progress.set(format!("snapshots: {} · waiting for the HQ sink", self.board.line()));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.board.scrape(&self.procs, &self.sites, &self.windows).await;
+        self.progress.step(format!(
+            "snapshots through: {} events captured; the live workload starts ({:.0} row changes/s for {:.0} s)",
+            fmt_n(self.board.captured()),
+            self.args.rate,
+            self.args.duration
+        ));
+        Ok(self.board.hq.clone())
+    }
+
+    /// The live workload at `--rate` for `--duration`, with the offline windows: a site's agent
+    /// really stopped, then started again on its backlog.
+    async fn live(&mut self) -> anyhow::Result<Work> {
+        let args = self.args;
+        let sim_task = Task(tokio::spawn({
+            let cfg = self.cfg.clone();
+            let sim = omrs_simulate::SimulateArgs { no_provision: true, rate: Some(args.rate), duration: Some(args.duration), offline: args.offline.clone(), ..self.sim.clone() };
+            async move { omrs_simulate::run(&cfg, &sim).await }
+        }));
+        let t_work = Instant::now();
+        let work = loop {
+            self.procs.check()?;
+            let elapsed = t_work.elapsed().as_secs_f64();
+            self.windows_at(elapsed).await?;
+            if sim_task.0.is_finished() {
+                let manifest = wait_sim(sim_task, &mut self.progress).await?;
+                break Work { sim_rows: manifest.row_changes, t_end_ms: now_ms() };
+            }
+            self.board.scrape(&self.procs, &self.sites, &self.windows).await;
+            let offline: Vec<String> = self
+                .windows
+                .iter()
+                .filter(|w| w.state == WindowState::Down)
+                .map(|w| format!("{} OFFLINE {:.0} s left", w.site, (w.start + w.secs - elapsed).max(0.0)))
+                .collect();
+            let written = prom::sum(&prom::parse(&m::metrics().render()), m::SIMULATED_ROWS, &[]);
+            self.progress.set(format!(
+                "live {:.0}/{:.0} s · clinics wrote {} · {}{}{}",
+                elapsed.min(args.duration),
+                args.duration,
+                fmt_n(written),
+                self.board.line(),
+                if offline.is_empty() { "" } else { " · " },
+                offline.join(", ")
+            ));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        // A window that outlasted the workload ends now, so the drain has every site.
+        for w in self.windows.iter_mut().filter(|w| w.state != WindowState::Over) {
+            if w.state == WindowState::Down {
+                start_agent(&mut self.procs, &self.sites, &w.site, args.metrics_port)?;
+                self.progress.step(format!("{} back online at the end of the workload", w.site));
+            }
+            w.state = WindowState::Over;
+        }
+        self.progress.step(format!("workload done: {} row changes at {} sites", fmt_n(work.sim_rows as f64), self.sites.len()));
+        Ok(work)
+    }
+
+    /// Opens and closes the offline windows due `elapsed` seconds into the workload.
+    async fn windows_at(&mut self, elapsed: f64) -> anyhow::Result<()> {
+        if self.windows.iter().any(|w| w.state == WindowState::Ahead && elapsed >= w.start) {
+            // The agents' last counts before one of them stops.
+            self.board.scrape(&self.procs, &self.sites, &self.windows).await;
+        }
+        for w in self.windows.iter_mut() {
+            if w.state == WindowState::Ahead && elapsed >= w.start {
+                self.procs.stop(&format!("ingest-{}", w.site), Duration::from_secs(10)).await;
+                w.state = WindowState::Down;
+                self.progress.step(format!("{} offline: its ingest agent is stopped for {:.0} s while the clinic keeps writing", w.site, w.secs));
+            } else if w.state == WindowState::Down && elapsed >= w.start + w.secs {
+                start_agent(&mut self.procs, &self.sites, &w.site, self.args.metrics_port)?;
+                w.state = WindowState::Over;
+                self.progress.step(format!("{} back online: its agent reads the backlog", w.site));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drain: every site caught up past the end of the workload and released by the
+    /// transform; then the stages stop in pipeline order, each once its input is consumed to
+    /// the end, so nothing new reaches a topic after its reader was found at the end of it: the
+    /// agents; the transform, at the end of the site topics (its last counts scraped first);
+    /// then the sinks, at the end of omrs.hq.changes with nothing pending at HQ.
+    async fn drain(&mut self, hq_conn: &mut mysql_async::Conn, t_end_ms: i64) -> anyhow::Result<Drain> {
+        let timeout = self.args.drain_timeout;
+        let deadline = Instant::now() + Duration::from_secs(timeout);
+        let mut drained = true;
+        let mut problems: Vec<String> = Vec::new();
+        if let Err(late_sites) = until_released(&mut self.procs, &mut self.board, &self.sites, &self.windows, t_end_ms, deadline, &mut self.progress, "draining").await? {
+            drained = false;
+            problems.push(format!("the pipeline did not drain within {timeout} s (sites behind: {late_sites:?})"));
+        }
+        let endpoints = self.endpoints();
+        self.procs.stop_all("ingest-", Duration::from_secs(10)).await;
+        let mut lags = Vec::new();
+        let mut transform_running = true;
+        while drained {
+            self.procs.check()?;
+            lags = omrs_sinks::verify::stage_lags(&self.cfg, hq_conn, Some(&self.paths.lake)).await?;
+            let pending: i64 = hq_conn.query_first("SELECT COUNT(*) FROM omrs_sync_pending").await.context("counting pending rows at HQ")?.unwrap_or(0);
+            self.board.scrape(&self.procs, &self.sites, &self.windows).await;
+            if transform_running && lags.iter().filter(|l| l.stage == "transform").all(|l| l.messages == Some(0)) {
+                self.procs.stop("transform", Duration::from_secs(15)).await;
+                transform_running = false;
+                continue;
+            }
+            let busy: Vec<String> = lags.iter().filter(|l| l.messages != Some(0)).map(|l| format!("{} {}", l.stage, l.messages.map(|m| m.to_string()).unwrap_or("-".into()))).collect();
+            if !transform_running && busy.is_empty() && pending == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                drained = false;
+                problems.push(format!("the sinks did not drain within {timeout} s ({pending} pending at HQ; behind: {busy:?})"));
+                break;
+            }
+            self.progress.set(format!("draining the sinks: {} · behind: {} · {pending} pending at HQ", self.board.line(), busy.join(", ")));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(Drain { drained, problems, lags, endpoints })
+    }
+
+    /// Every stage's metrics endpoint, for the summary.
+    fn endpoints(&self) -> Vec<(String, String)> {
+        let port = self.args.metrics_port;
+        self.procs
+            .running
+            .iter()
+            .filter(|p| !p.name.starts_with("ingest-"))
+            .filter_map(|p| p.port.map(|port| (p.name.clone(), format!("http://127.0.0.1:{port}/metrics"))))
+            .chain(self.sites.iter().enumerate().map(|(i, s)| (format!("ingest-{s}"), format!("http://127.0.0.1:{}/metrics", port + 3 + i as u16))))
+            .collect()
+    }
+}
