@@ -13,7 +13,8 @@
 //! the row read already contains it.
 
 use mysql_async::prelude::Queryable;
-use omrs_core::envelope::{Op, Row, Source};
+use omrs_core::envelope::{ChangeEvent, Op, Row, Source};
+use omrs_core::model::TableModel;
 use omrs_core::metrics::metrics;
 use serde_json::Value as J;
 
@@ -31,59 +32,13 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
     let site = agent.site.name.clone();
     let db = agent.model.database.clone();
 
-    let mut snap = connect(&agent.site).await?;
-    snap.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .await
-        .map_err(|e| IngestError::site("setting the snapshot isolation level", e))?;
-    snap.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
-        .await
-        .map_err(|e| IngestError::site("starting the consistent snapshot", e))?;
-    let status: Vec<(String, String)> = snap
-        .query("SHOW SESSION STATUS LIKE 'binlog_snapshot_%'")
-        .await
-        .map_err(|e| IngestError::site("reading the snapshot's binlog position", e))?;
-    let get = |k: &str| status.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
-    let position = match (get("binlog_snapshot_file"), get("binlog_snapshot_position")) {
-        (Some(file), Some(pos)) if !file.is_empty() => Position { file, pos: pos.parse().unwrap_or(4), gtid: None },
-        _ => {
-            return Err(IngestError::Refused(
-                "the server does not report binlog_snapshot_file/binlog_snapshot_position (MariaDB only); a consistent snapshot without a global lock is not possible here".into(),
-            ))
-        }
-    };
-    let ts_ms: i64 = snap
-        .query_first::<f64, _>("SELECT UNIX_TIMESTAMP(NOW(3)) * 1000")
-        .await
-        .map_err(|e| IngestError::site("reading the site clock", e))?
-        .unwrap_or(0.0) as i64;
-    let server_id: u32 = snap
-        .query_first("SELECT @@server_id")
-        .await
-        .map_err(|e| IngestError::site("reading server_id", e))?
-        .unwrap_or(0);
-    agent.server_id = server_id;
+    let (mut snap, position, ts_ms) = open_view(agent).await?;
     segments.push(Segment { table_idx: next_table, after_key, position: position.clone() });
     tracing::info!(site = %site, file = %position.file, pos = position.pos, tables = tables.len(), from_table = next_table, "snapshot started");
 
-    // Progress: an estimate of the rows left.
-    let estimate: u64 = snap
-        .query_first::<Option<u64>, _>(format!("SELECT SUM(table_rows) FROM information_schema.tables WHERE table_schema = '{}'", db.replace('\'', "''")))
-        .await
-        .ok()
-        .flatten()
-        .flatten()
-        .unwrap_or(0);
-    let bar = (!agent.quiet).then(|| {
-        let pb = indicatif::ProgressBar::new(estimate.max(rows_done));
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("snapshot {spinner} [{bar:30}] {pos}/~{len} rows  {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb.set_position(rows_done);
-        pb
-    });
+    let bar = progress_bar(&mut snap, &db, agent.quiet, rows_done).await;
 
-    let mut pending: Vec<omrs_core::envelope::ChangeEvent> = Vec::new();
+    let mut pending: Vec<ChangeEvent> = Vec::new();
     let mut pending_cp: Option<Checkpoint> = None;
     for (ti, name) in tables.iter().enumerate().skip(next_table) {
         let Some(table) = agent.model.table(name).cloned() else {
@@ -105,28 +60,8 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
             };
             let rows: Vec<mysql_async::Row> = snap.query(sql).await.map_err(|e| IngestError::site(&format!("reading {name}"), e))?;
             let n = rows.len();
-            let mut last_key = after_key;
-            for r in rows {
-                let mut image = Row::new();
-                for (i, col) in r.columns_ref().iter().enumerate() {
-                    let v = r.as_ref(i).map(|v| text_value(v, col)).unwrap_or(J::Null);
-                    image.insert(col.name_str().into_owned(), v);
-                }
-                if let Some(pk) = &int_pk {
-                    last_key = image.get(pk).and_then(J::as_i64);
-                }
-                let source = Source {
-                    server_id,
-                    gtid: None,
-                    file: position.file.clone(),
-                    pos: position.pos,
-                    row: (rows_done % u32::MAX as u64) as u32,
-                    ts_ms,
-                    snapshot: true,
-                };
-                rows_done += 1;
-                pending.push(crate::stream::make_event(agent, &table, Op::Read, None, Some(image), source).await?);
-            }
+            let at = Source { server_id: agent.server_id, gtid: None, file: position.file.clone(), pos: position.pos, row: 0, ts_ms, snapshot: true };
+            let last_key = read_rows(agent, &table, (int_pk.as_deref(), after_key), rows, &at, &mut rows_done, &mut pending).await?;
             let table_done = int_pk.is_none() || n < agent.tuning.chunk_rows as usize;
             let cp = if table_done {
                 Checkpoint::Snapshot { tables: tables.clone(), segments: segments.clone(), next_table: ti + 1, after_key: None, rows: rows_done }
@@ -181,4 +116,90 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
     agent.producer.wait().await?;
     tracing::info!(site = %site, rows = rows_done, "snapshot done; streaming");
     Ok(Some(cp))
+}
+
+/// A connection holding a consistent snapshot view, the binlog position that view corresponds
+/// to, and the site clock then. Sets the agent's `server_id`.
+async fn open_view(agent: &mut Agent) -> Result<(mysql_async::Conn, Position, i64), IngestError> {
+    let mut snap = connect(&agent.site).await?;
+    snap.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .map_err(|e| IngestError::site("setting the snapshot isolation level", e))?;
+    snap.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+        .await
+        .map_err(|e| IngestError::site("starting the consistent snapshot", e))?;
+    let status: Vec<(String, String)> = snap
+        .query("SHOW SESSION STATUS LIKE 'binlog_snapshot_%'")
+        .await
+        .map_err(|e| IngestError::site("reading the snapshot's binlog position", e))?;
+    let get = |k: &str| status.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
+    let position = match (get("binlog_snapshot_file"), get("binlog_snapshot_position")) {
+        (Some(file), Some(pos)) if !file.is_empty() => Position { file, pos: pos.parse().unwrap_or(4), gtid: None },
+        _ => {
+            return Err(IngestError::Refused(
+                "the server does not report binlog_snapshot_file/binlog_snapshot_position (MariaDB only); a consistent snapshot without a global lock is not possible here".into(),
+            ))
+        }
+    };
+    let ts_ms: i64 = snap
+        .query_first::<f64, _>("SELECT UNIX_TIMESTAMP(NOW(3)) * 1000")
+        .await
+        .map_err(|e| IngestError::site("reading the site clock", e))?
+        .unwrap_or(0.0) as i64;
+    let server_id: u32 = snap
+        .query_first("SELECT @@server_id")
+        .await
+        .map_err(|e| IngestError::site("reading server_id", e))?
+        .unwrap_or(0);
+    agent.server_id = server_id;
+    Ok((snap, position, ts_ms))
+}
+
+/// The progress bar (unless quiet), its length an estimate of the rows left.
+async fn progress_bar(snap: &mut mysql_async::Conn, db: &str, quiet: bool, rows_done: u64) -> Option<indicatif::ProgressBar> {
+    // Progress: an estimate of the rows left.
+    let estimate: u64 = snap
+        .query_first::<Option<u64>, _>(format!("SELECT SUM(table_rows) FROM information_schema.tables WHERE table_schema = '{}'", db.replace('\'', "''")))
+        .await
+        .ok()
+        .flatten()
+        .flatten()
+        .unwrap_or(0);
+    (!quiet).then(|| {
+        let pb = indicatif::ProgressBar::new(estimate.max(rows_done));
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("snapshot {spinner} [{bar:30}] {pos}/~{len} rows  {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_position(rows_done);
+        pb
+    })
+}
+
+/// One chunk's rows as `op:"r"` events into `pending`, numbered from `rows_done` at the
+/// snapshot's position `at`. Returns the last integer key read (`after_key` when there are no rows).
+async fn read_rows(
+    agent: &mut Agent,
+    table: &TableModel,
+    (int_pk, after_key): (Option<&str>, Option<i64>),
+    rows: Vec<mysql_async::Row>,
+    at: &Source,
+    rows_done: &mut u64,
+    pending: &mut Vec<ChangeEvent>,
+) -> Result<Option<i64>, IngestError> {
+    let mut last_key = after_key;
+    for r in rows {
+        let mut image = Row::new();
+        for (i, col) in r.columns_ref().iter().enumerate() {
+            let v = r.as_ref(i).map(|v| text_value(v, col)).unwrap_or(J::Null);
+            image.insert(col.name_str().into_owned(), v);
+        }
+        if let Some(pk) = int_pk {
+            last_key = image.get(pk).and_then(J::as_i64);
+        }
+        let source = Source { row: (*rows_done % u32::MAX as u64) as u32, ..at.clone() };
+        *rows_done += 1;
+        pending.push(crate::stream::make_event(agent, table, Op::Read, None, Some(image), source).await?);
+    }
+    Ok(last_key)
 }
