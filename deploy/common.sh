@@ -41,3 +41,11 @@ one_at_a_time() {
   exec 9>"$OMRS_STATE/.$1.lock"
   flock 9
 }
+
+# The Kafka jar directory of deploy/kafka/pom.xml: one per pom, so a changed pom resolves its
+# jars afresh (kafka-up fills it; kafka-security uses it).
+kafka_jars() {
+  local pom="$1" version
+  version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")
+  echo "$OMRS_STATE/kafka/jars-$version-$(sha256sum "$pom" | cut -c1-12)"
+}
