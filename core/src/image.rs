@@ -339,3 +339,27 @@ impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
         d.deserialize_str(V(std::marker::PhantomData))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_form_keeps_a_repeated_column_at_its_first_place_with_its_last_value() {
+        // 300 columns, some repeated out of order, and an escaped name that repeats another.
+        let mut parts: Vec<String> = (0..300).map(|i| format!("\"c{i}\":{i}")).collect();
+        parts.extend((0..300).rev().step_by(7).map(|i| format!("\"c{i}\":\"again {i}\"")));
+        parts.push(r#""c\u0031":"escaped""#.to_string());
+        let json = format!("{{{}}}", parts.join(","));
+        let map: Row = serde_json::from_str(&json).expect("a map");
+        let flat: FlatRow = serde_json::from_str(&json).expect("flat");
+        let pairs: RawPairs<'_> = serde_json::from_str(&json).expect("pairs");
+        let want = serde_json::to_string(&map).expect("serialises");
+        assert_eq!(serde_json::to_string(&flat).ok().as_deref(), Some(want.as_str()));
+        assert_eq!(serde_json::to_string(&pairs).ok().as_deref(), Some(want.as_str()));
+        assert_eq!((flat.len(), pairs.len()), (300, 300));
+        assert_eq!(pairs.get("c292").map(RawValue::get), Some(r#""again 292""#));
+        assert_eq!(pairs.get("c1").map(RawValue::get), Some(r#""escaped""#));
+        assert_eq!(pairs.at(2).map(|(k, v)| (k, v.get())), Some(("c2", "2")));
+    }
+}
