@@ -27,6 +27,85 @@ const OBS_COLUMNS: &[&str] = &[
     "form_namespace_and_path", "status", "interpretation",
 ];
 
+/// The Parquet sink's own decoder before stop 32 (`parquet/fast.rs` at `8e0b9a0`), kept here
+/// only as the baseline of the lake's form: every string borrowed, `key` and the envelope's
+/// other fields skipped, no check for repeated columns, and a `change` record only.
+mod old_lake {
+    use std::borrow::Cow;
+
+    use omrs_core::envelope::Op;
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    use serde::Deserialize;
+    use serde_json::value::RawValue;
+
+    pub struct Pairs<'a>(#[allow(dead_code)] pub Vec<(&'a str, &'a RawValue)>);
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<'a>(std::marker::PhantomData<&'a ()>);
+            impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+                type Value = Pairs<'a>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Pairs<'a>, A::Error> {
+                    let mut v = Vec::with_capacity(m.size_hint().unwrap_or(24));
+                    while let Some((k, val)) = m.next_entry::<&'de str, &'de RawValue>()? {
+                        v.push((k, val));
+                    }
+                    Ok(Pairs(v))
+                }
+            }
+            d.deserialize_map(V(std::marker::PhantomData))
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    pub struct RawChange<'a> {
+        late: bool,
+        #[serde(default, borrow)]
+        person: Option<Cow<'a, str>>,
+        #[serde(default)]
+        origin_refs: serde_json::Map<String, serde_json::Value>,
+        #[serde(borrow)]
+        event: RawEvent<'a>,
+    }
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct RawEvent<'a> {
+        op: Op,
+        #[serde(borrow)]
+        site: Cow<'a, str>,
+        #[serde(default, borrow)]
+        table: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        uuid: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        before: Option<Pairs<'a>>,
+        #[serde(default, borrow)]
+        after: Option<Pairs<'a>>,
+        #[serde(default, borrow)]
+        refs: Option<Pairs<'a>>,
+        #[serde(borrow)]
+        source: RawSource<'a>,
+    }
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct RawSource<'a> {
+        #[serde(borrow)]
+        file: Cow<'a, str>,
+        pos: u64,
+        #[serde(default)]
+        row: u32,
+        ts_ms: i64,
+        #[serde(default)]
+        snapshot: bool,
+    }
+}
+
 /// Best of 5 passes: (µs per record, records per second).
 fn time(payloads: &[Vec<u8>], decode: impl Fn(&[u8]) -> bool) -> (f64, f64) {
     let mut best = f64::INFINITY;
@@ -78,15 +157,17 @@ fn main() {
         let bytes: usize = set.iter().map(Vec::len).sum();
         let (maps_us, _) = time(set, |p| serde_json::from_slice::<omrs_core::hq::HqEvent>(p).is_ok());
         let (pairs_us, _) = time(set, |p| serde_json::from_slice::<omrs_core::hq::HqEvent<omrs_core::envelope::RawPairs<'_>>>(p).is_ok());
+        let (old_lake_us, _) = time(set, |p| !p.starts_with(br#"{"type":"change","#) || serde_json::from_slice::<old_lake::RawChange<'_>>(p).is_ok());
         let (flat_us, flat_rate) = time(set, |p| Record::decode(0, 0, p.to_vec()).decoded.is_ok());
         eprintln!(
-            "{name}: {} records, {} bytes each on average; JSON maps {maps_us:.2} µs/record, raw pairs (the lake's) {pairs_us:.2} µs/record, the HQ sink's decode {flat_us:.2} µs/record ({flat_rate:.0} records/s, with the payload copy)",
+            "{name}: {} records, {} bytes each on average; JSON maps {maps_us:.2} µs/record, raw pairs (the lake's) {pairs_us:.2} µs/record (its own decoder before stop 32: {old_lake_us:.2}), the HQ sink's decode {flat_us:.2} µs/record ({flat_rate:.0} records/s, with the payload copy)",
             set.len(),
             bytes / set.len()
         );
         lines.push(format!("BENCH hq_decode_{name}_maps_us {maps_us:.2} us"));
         lines.push(format!("BENCH hq_decode_{name}_sink_us {flat_us:.2} us"));
         lines.push(format!("BENCH hq_decode_{name}_raw_pairs_us {pairs_us:.2} us"));
+        lines.push(format!("BENCH hq_decode_{name}_old_lake_us {old_lake_us:.2} us"));
     }
     for l in lines {
         println!("{l}");
