@@ -157,7 +157,6 @@ async fn open_view(agent: &mut Agent) -> Result<(mysql_async::Conn, Position, i6
 
 /// The progress bar (unless quiet), its length an estimate of the rows left.
 async fn progress_bar(snap: &mut mysql_async::Conn, db: &str, quiet: bool, rows_done: u64) -> Option<indicatif::ProgressBar> {
-    // Progress: an estimate of the rows left.
     let estimate: u64 = snap
         .query_first::<Option<u64>, _>(format!("SELECT SUM(table_rows) FROM information_schema.tables WHERE table_schema = '{}'", db.replace('\'', "''")))
         .await
