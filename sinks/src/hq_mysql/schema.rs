@@ -109,7 +109,8 @@ pub const BOOKKEEPING: &[&str] = &[
         applied TINYINT NOT NULL,
         merge_log_uuid CHAR(38) NULL,
         applied_at DATETIME(3) NULL,
-        KEY (winner_uuid)
+        KEY (winner_uuid),
+        KEY (merge_log_uuid)
      ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     // Identifiers, names and addresses that left their own person (moved by a merge, or written
     // to a survivor by the transform): whose they are and their own `preferred` flag, so that
@@ -170,6 +171,18 @@ pub async fn ensure_bookkeeping(conn: &mut Conn) -> Result<(), SinkError> {
     }
     for ddl in dash_ddl() {
         conn.query_drop(ddl).await.map_err(|e| SinkError::db("creating the omrs_dash_ tables", e))?;
+    }
+    // HQ databases made before it lack the index that finds HQ's own merge logs (a lookup per
+    // site merge log written; without it, a scan of omrs_sync_merge per row).
+    let indexed: Option<i64> = conn
+        .query_first("SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() AND table_name = 'omrs_sync_merge' AND column_name = 'merge_log_uuid'")
+        .await
+        .map_err(|e| SinkError::db("reading information_schema", e))?;
+    if indexed == Some(0) {
+        tracing::info!("indexing omrs_sync_merge.merge_log_uuid");
+        conn.query_drop("ALTER TABLE omrs_sync_merge ADD KEY merge_log_uuid (merge_log_uuid)")
+            .await
+            .map_err(|e| SinkError::db("indexing omrs_sync_merge.merge_log_uuid", e))?;
     }
     Ok(())
 }

@@ -45,7 +45,7 @@ use crate::SinkError;
 use aggregate::{upsert_aggregates, AggRow, Aggregates};
 use cache::{Cache, TKey};
 use columns::Columns;
-use merge::{drop_covered_merge_logs, MergeRec};
+use merge::MergeRec;
 use pending::PendingStore;
 pub(crate) use pending::PendingEntry;
 pub use record::Record;
@@ -337,7 +337,6 @@ impl Applier {
         }
         self.flush(conn, segment, &mut out, &mut missing).await?;
         out.aggregates = upsert_aggregates(conn, aggregates).await?;
-        drop_covered_merge_logs(conn).await?;
         self.retry_merges(conn).await?;
         let expired = self.expire_pending(&mut out);
         let failed = self.writer().execute(conn, expired, &mut out, &mut missing).await?;

@@ -10,7 +10,7 @@ use omrs_core::model::TableModel;
 use serde_json::Value as J;
 
 use super::aggregate::{upsert_aggregates, Aggregates};
-use super::merge::drop_covered_merge_logs;
+use super::merge::{drop_covered_merge_logs, merge_log_losers};
 use super::pending::write_pending;
 use crate::hq_mysql::rejected::{Carry, Missing, Rejected, Tracker, Why};
 use super::sql::{db, q, stable_chunks};
@@ -38,14 +38,10 @@ impl PlannedBatch {
         let mut out = self.out;
         let mut missing = writer.carry.for_batch(self.generation);
         let mut rejected = Rejected::default();
-        let merge_logs = self.units.iter().any(|u| u.upserts.contains_key("person_merge_log"));
         for unit in self.units {
             rejected.extend(writer.execute(conn, unit, &mut out, &mut missing).await?);
         }
         out.aggregates = upsert_aggregates(conn, self.aggregates).await?;
-        if merge_logs {
-            drop_covered_merge_logs(conn).await?;
-        }
         Ok((out, rejected))
     }
 }
@@ -84,11 +80,15 @@ impl Writer {
         // Written rows are freed after the batch, on a blocking thread: freeing thousands of
         // small values here would keep HQ's connection idle.
         let mut written: Vec<Vec<StagedRow>> = Vec::new();
+        let mut merge_logged = Vec::new();
         for table in order {
             let Some(rows) = staged.upserts.remove(table) else { continue };
             let rows: Vec<StagedRow> = rows.into_iter().flatten().collect();
             if rows.is_empty() {
                 continue;
+            }
+            if table == "person_merge_log" {
+                merge_logged = merge_log_losers(&rows);
             }
             let check = !self.unchecked.contains(table);
             if check != checking {
@@ -122,6 +122,7 @@ impl Writer {
         if !checking {
             conn.query_drop("SET SESSION foreign_key_checks = 1").await.map_err(db("turning foreign-key checks back on"))?;
         }
+        drop_covered_merge_logs(conn, &merge_logged).await?;
         // Deletes, children first.
         let pos: HashMap<&str, usize> = order.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
         staged.deletes.sort_by_key(|(t, _, _)| std::cmp::Reverse(pos.get(t.as_str()).copied().unwrap_or(0)));
