@@ -57,7 +57,7 @@ enum Command {
     },
     /// Run one site's agent: consistent snapshot, then binlog CDC into omrs.cdc.<site>, exactly once.
     Ingest(omrs_ingest::IngestArgs),
-    /// Merge every site stream into omrs.hq.changes: watermarks, ordered merge, identity, exactly once.
+    /// Merge every site stream into omrs.hq.changes: each event on arrival, identity, watermarks, exactly once.
     Transform(omrs_transform::TransformArgs),
     /// Run a sink that consumes omrs.hq.changes.
     Sink {

@@ -25,8 +25,8 @@ pub const CONFLICTS: &str = "omrs_stream_conflicts_total";
 pub const PARKED_ROWS: &str = "omrs_stream_parked_rows";
 pub const DEAD_LETTERED: &str = "omrs_stream_dead_lettered_total";
 pub const BATCH_LATENCY: &str = "omrs_stream_batch_latency_seconds";
-pub const BUFFERED_EVENTS: &str = "omrs_stream_buffered_events";
-pub const BUFFERED_BYTES: &str = "omrs_stream_buffered_bytes";
+pub const SITE_CLOCK_AHEAD: &str = "omrs_stream_site_clock_ahead_ms";
+pub const CLOCK_CAPPED: &str = "omrs_stream_clock_capped_events_total";
 pub const SNAPSHOT_ROWS: &str = "omrs_stream_snapshot_rows_total";
 pub const SNAPSHOT_TABLES_DONE: &str = "omrs_stream_snapshot_tables_done";
 pub const SIMULATED_ROWS: &str = "omrs_stream_simulate_rows_total";
@@ -79,8 +79,10 @@ pub struct Metrics {
     pub parked_rows: IntGauge,
     pub dead_lettered: IntCounterVec,
     pub batch_latency: HistogramVec,
-    pub buffered_events: IntGauge,
-    pub buffered_bytes: IntGauge,
+    /// How far a site's latest event time is ahead of the transform's clock (0 when behind).
+    pub site_clock_ahead: IntGaugeVec,
+    /// Events whose time the transform capped at its clock plus `max_clock_ahead_s`.
+    pub clock_capped: IntCounterVec,
     pub snapshot_rows: IntCounterVec,
     pub snapshot_tables_done: IntGaugeVec,
     pub simulated_rows: IntCounterVec,
@@ -186,8 +188,8 @@ impl Metrics {
             parked_rows: gauge(&r, PARKED_ROWS, "Rows waiting at the HQ sink for a referenced row"),
             dead_lettered: counter_vec(&r, DEAD_LETTERED, "Records sent to the dead-letter topic", &["stage", "reason"]),
             batch_latency,
-            buffered_events: gauge(&r, BUFFERED_EVENTS, "Events buffered for the ordered merge"),
-            buffered_bytes: gauge(&r, BUFFERED_BYTES, "Bytes buffered for the ordered merge"),
+            site_clock_ahead: gauge_vec(&r, SITE_CLOCK_AHEAD, "Site's latest event time minus the transform's clock, ms (0 when behind)", &["site"]),
+            clock_capped: counter_vec(&r, CLOCK_CAPPED, "Events whose time was capped: the site's clock ran ahead of the transform's by more than max_clock_ahead_s", &["site"]),
             snapshot_rows: counter_vec(&r, SNAPSHOT_ROWS, "Rows read by the initial snapshot", &["site", "table"]),
             snapshot_tables_done: gauge_vec(&r, SNAPSHOT_TABLES_DONE, "Tables whose snapshot is complete", &["site"]),
             simulated_rows: counter_vec(&r, SIMULATED_ROWS, "Row changes written by the simulator", &["site", "table", "op"]),

@@ -204,7 +204,7 @@ heartbeat_interval_ms = 1000
 [transform]
 out_of_orderness_ms = 2000
 idle_timeout_s = {IDLE_TIMEOUT_S}
-max_buffered_events = 200000
+max_clock_ahead_s = 300
 
 {aggregates}
 [sinks.hq_mysql]

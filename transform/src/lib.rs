@@ -2,14 +2,14 @@
 //!
 //! Delivery guarantee: **exactly once**. Consume (read_committed) → transform → produce runs
 //! in Kafka transactions: the output events, the state changelog facts
-//! (`omrs.transform.state`) and the consumer offsets commit together. Offsets are committed
-//! only up to what has been *emitted*: an event still buffered for the ordered merge is
-//! re-read after a crash, never lost. A record handled at once past that offset (a snapshot row
-//! while a binlog event waits) is recorded as an offset range in the changelog, and skipped when
-//! read again. State is restored from the changelog before consuming.
+//! (`omrs.transform.state`) and the consumer offsets commit together. Every event read is
+//! emitted (or dead-lettered) in the transaction of its batch, so the offsets committed are
+//! those after every record read; a crash re-reads what no transaction committed. Offset ranges
+//! that an earlier, buffering version emitted past its offsets are restored from the changelog
+//! and skipped when read again. State is restored from the changelog before consuming.
 //!
 //! - [`aggregate`]: the dashboard aggregates, tumbling windows finalised by the watermark.
-//! - [`engine`]: watermarks, ordered merge, late data, identity (no Kafka).
+//! - [`engine`]: emit on arrival, watermarks, late data, identity (no Kafka).
 //! - [`event`]: input events held with raw row images, and the output records written from them.
 //! - [`identity`]: the union-find over person records.
 //! - [`runner`]: the Kafka loop.

@@ -391,9 +391,15 @@ pub struct TransformConfig {
     /// A site with no event or heartbeat for this long stops holding the global watermark back.
     #[serde(default = "default_idle")]
     pub idle_timeout_s: u64,
-    /// Upper bound of events buffered for the ordered merge.
-    #[serde(default = "default_buffer")]
-    pub max_buffered_events: usize,
+    /// How far ahead of the transform's clock a site's event times may carry its watermark: a
+    /// clinic clock that jumps forward is capped here, so it cannot finalise windows and
+    /// partitions early or make other sites' events late.
+    #[serde(default = "default_clock_ahead")]
+    pub max_clock_ahead_s: u64,
+    /// No longer used: the transform buffers nothing since it emits on arrival (issue #24).
+    /// Accepted so that older configs still load; a warning says it is ignored.
+    #[serde(default)]
+    pub max_buffered_events: Option<usize>,
 }
 
 fn default_ooo() -> u64 {
@@ -402,8 +408,8 @@ fn default_ooo() -> u64 {
 fn default_idle() -> u64 {
     180
 }
-fn default_buffer() -> usize {
-    200_000
+fn default_clock_ahead() -> u64 {
+    300
 }
 
 impl Default for TransformConfig {
@@ -411,7 +417,8 @@ impl Default for TransformConfig {
         TransformConfig {
             out_of_orderness_ms: default_ooo(),
             idle_timeout_s: default_idle(),
-            max_buffered_events: default_buffer(),
+            max_clock_ahead_s: default_clock_ahead(),
+            max_buffered_events: None,
         }
     }
 }
@@ -583,9 +590,6 @@ impl Config {
         }
         if self.transform.idle_timeout_s == 0 {
             return Err(err("transform.idle_timeout_s".into(), "must be at least 1".into()));
-        }
-        if self.transform.max_buffered_events == 0 {
-            return Err(err("transform.max_buffered_events".into(), "must be at least 1".into()));
         }
         if let Err((key, message)) = self.aggregates.windows() {
             return Err(err(key, message));
@@ -819,6 +823,18 @@ pub fn check_config_text(text: &str) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `transform.max_buffered_events` went with the ordered merge (issue #24); a config that
+    /// still sets it loads, and the new setting has its default.
+    #[test]
+    fn an_older_config_with_max_buffered_events_still_loads() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../omrs-stream.toml");
+        let text = std::fs::read_to_string(&root).expect("the repository's config");
+        let old = text.replace("max_clock_ahead_s = 300", "max_buffered_events = 200000");
+        assert_ne!(old, text);
+        let cfg = Config::parse(&old, &root).expect("loads");
+        assert_eq!((cfg.transform.max_buffered_events, cfg.transform.max_clock_ahead_s), (Some(200_000), 300));
+    }
 
     #[test]
     fn password_is_encoded_in_url_and_hidden_in_redacted() {

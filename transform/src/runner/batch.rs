@@ -1,12 +1,14 @@
 //! The transform's loop, one phase per method: [`Runner::read_batch`] (consume, decode, the
-//! engine), [`Runner::aggregates_and_watermark`], [`Runner::commit`] (one Kafka transaction:
-//! outputs, state facts, dead letters and the consumer offsets) and [`Runner::back_pressure`].
+//! engine), [`Runner::aggregates_and_watermark`] and [`Runner::commit`] (one Kafka
+//! transaction: outputs, state facts, dead letters and the consumer offsets).
 //!
-//! Delivery guarantee: exactly once. A batch's outputs, its changelog facts, its dead letters
-//! and the offsets up to what it emitted commit in one transaction; a restart resumes from the
-//! last committed one, and the engine's facts make it skip what was emitted past the offsets.
+//! Delivery guarantee: exactly once. The engine emits every event it reads, so a batch's
+//! outputs, its changelog facts, its dead letters and the offsets after every record it read
+//! commit in one transaction; a restart resumes from the last committed one. Back-pressure is
+//! the loop itself: a batch is read only once the one before it is produced, with one commit in
+//! flight.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,8 +44,7 @@ pub(super) struct Batch {
 }
 
 /// The loop's state between batches.
-pub(super) struct Runner<'a> {
-    cfg: &'a Config,
+pub(super) struct Runner {
     out_topic: String,
     state_topic: String,
     dlq_topic: String,
@@ -56,7 +57,6 @@ pub(super) struct Runner<'a> {
     targets: Option<HashMap<TopicPart, i64>>,
     consumed: HashMap<TopicPart, i64>,
     committed: HashMap<TopicPart, i64>,
-    paused: HashSet<TopicPart>,
     inflight: Option<tokio::task::JoinHandle<Result<(), TransformError>>>,
     in_counts: Counts,
     out_counts: Counts,
@@ -71,10 +71,10 @@ pub(super) struct Runner<'a> {
     wm_out: i64,
 }
 
-impl<'a> Runner<'a> {
+impl Runner {
     /// The producer (transactions initialised, fencing an older instance), the engine restored
     /// from the changelog, and the consumer subscribed to every site topic.
-    pub(super) async fn open(cfg: &'a Config, args: &TransformArgs) -> Result<Runner<'a>, TransformError> {
+    pub(super) async fn open(cfg: &Config, args: &TransformArgs) -> Result<Runner, TransformError> {
         let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
         let producer: TxProducer = transactional_producer(&cfg.kafka, names.transform_transactional_id(), MAX_RECORD_BYTES)
             .create()
@@ -82,6 +82,9 @@ impl<'a> Runner<'a> {
             .map_err(|e| TransformError::kafka("creating the producer", e))?;
         producer.init_transactions(TXN_TIMEOUT).map_err(|e| TransformError::kafka("initialising transactions", e))?;
 
+        if let Some(n) = cfg.transform.max_buffered_events {
+            tracing::warn!(max_buffered_events = n, "transform.max_buffered_events is no longer used: the transform emits every event on arrival and buffers none (remove it from the config)");
+        }
         let mut engine = Engine::new(engine_config(cfg));
         let mut agg = aggregator(cfg)?;
         let restored = restore(cfg, &names.transform_state(), &mut engine, &mut agg)?;
@@ -112,7 +115,6 @@ impl<'a> Runner<'a> {
         let cdc_prefix = names.cdc_prefix();
         let targets = if args.until_idle { Some(end_offsets(&consumer, &cdc_prefix)?) } else { None };
         Ok(Runner {
-            cfg,
             out_topic: names.hq_changes(),
             state_topic: names.transform_state(),
             dlq_topic: names.dlq(),
@@ -124,7 +126,6 @@ impl<'a> Runner<'a> {
             targets,
             consumed: HashMap::new(),
             committed: HashMap::new(),
-            paused: HashSet::new(),
             inflight: None,
             in_counts: Counts::default(),
             out_counts: Counts::default(),
@@ -137,8 +138,7 @@ impl<'a> Runner<'a> {
         })
     }
 
-    /// Stopped: the transaction in flight commits; events the engine still buffers are read
-    /// again from the committed offsets at the next start.
+    /// Stopped: the transaction in flight commits; the next start reads on from its offsets.
     pub(super) async fn stop(mut self) -> Result<(), TransformError> {
         if let Some(h) = self.inflight.take() {
             await_commit(h).await?;
@@ -157,7 +157,6 @@ impl<'a> Runner<'a> {
             merges = self.engine.merges,
             identities = self.engine.identity.len(),
             batches = p.batches,
-            pauses = p.pauses,
             read_ms = p.read.as_millis() as u64,
             commit_wait_ms = p.commit_wait.as_millis() as u64,
             produce_ms = p.produce.as_millis() as u64,
@@ -195,7 +194,7 @@ impl<'a> Runner<'a> {
                 None => self.batch_last.push((origin.topic.clone(), origin.partition, origin.offset)),
             }
             if self.engine.already_handled(&origin) {
-                // Emitted or dead-lettered past the committed offset before a restart.
+                // Emitted or dead-lettered past the committed offset by an earlier version.
                 continue;
             }
             // Decode from the borrowed record; the event keeps one copy of its bytes, and a
@@ -204,7 +203,6 @@ impl<'a> Runner<'a> {
             drop(msg);
             match decoded {
                 Err((kind, reason, payload)) => {
-                    self.engine.dead_lettered(&origin);
                     b.dead.push((origin, kind, reason, payload));
                 }
                 Ok(ev) => {
@@ -214,7 +212,7 @@ impl<'a> Runner<'a> {
             }
         }
         self.prof.read += started.elapsed();
-        b.outputs.extend(self.engine.tick(now_ms()));
+        self.engine.tick(now_ms());
         self.in_counts.flush(|site, table, op, n| metrics().events_in.with_label_values(&["transform", site, table, op]).inc_by(n));
         for (t, p, o) in self.batch_last.drain(..) {
             self.consumed.insert((t.to_string(), p), o);
@@ -222,9 +220,8 @@ impl<'a> Runner<'a> {
         Ok(b)
     }
 
-    /// Batch mode: every site topic read to its end seen at start, and this batch read nothing;
-    /// the engine's buffer is drained into the batch.
-    pub(super) fn finished(&mut self, b: &mut Batch) -> bool {
+    /// Batch mode: every site topic read to its end seen at start, and this batch read nothing.
+    pub(super) fn finished(&mut self, b: &Batch) -> bool {
         let Some(t) = &self.targets else { return false };
         // Positions, not the last offsets seen: a transactional topic ends with a commit marker
         // that the consumer skips but that counts in the end offset.
@@ -235,11 +232,7 @@ impl<'a> Runner<'a> {
         let all = t.iter().all(|((topic, part), high)| {
             *high == 0 || at(topic, *part).is_some_and(|o| o >= *high) || self.consumed.get(&(topic.clone(), *part)).is_some_and(|o| o + 1 >= *high)
         });
-        if !all || b.n != 0 {
-            return false;
-        }
-        b.outputs.extend(self.engine.drain());
-        true
+        all && b.n == 0
     }
 
     /// Aggregates: the windows this batch changed, and those the watermark closed; then the
@@ -263,18 +256,13 @@ impl<'a> Runner<'a> {
         agg_facts
     }
 
-    /// Offsets: up to what was emitted. Records handled past that point (snapshot rows emitted
-    /// while a binlog event waits) are kept as ranges in the engine's facts, so that a restart
-    /// skips them; the ranges below the new offsets are dropped.
+    /// Offsets: after the last record read of each partition (every one was emitted or
+    /// dead-lettered). Ranges an earlier version emitted past its offsets go once passed.
     fn offsets(&mut self) -> (TopicPartitionList, Vec<(TopicPart, i64)>) {
-        let pending = self.engine.pending_offsets();
         let mut tpl = TopicPartitionList::new();
         let mut new_committed = Vec::new();
         for ((topic, part), last) in &self.consumed {
-            let next = match pending.get(&(topic.clone(), *part)) {
-                Some(&first_buffered) => first_buffered,
-                None => last + 1,
-            };
+            let next = last + 1;
             if self.committed.get(&(topic.clone(), *part)) != Some(&next) {
                 let _ = tpl.add_partition_offset(topic, *part, Offset::Offset(next));
                 new_committed.push(((topic.clone(), *part), next));
@@ -374,7 +362,7 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// Watermark, identity and buffer gauges.
+    /// Watermark, clock and identity gauges.
     pub(super) fn gauges(&self) {
         let m = metrics();
         let e = &self.engine;
@@ -385,62 +373,11 @@ impl<'a> Runner<'a> {
         }
         m.identity_records.set(e.identity.len() as i64);
         m.identity_bytes.set(e.identity.approx_bytes() as i64);
-        let (be, bb) = e.buffered();
-        m.buffered_events.set(be as i64);
-        m.buffered_bytes.set(bb as i64);
         for (site, st) in &e.sites {
             m.site_watermark.with_label_values(&[site]).set(st.max_ts);
             m.site_idle.with_label_values(&[site]).set(st.idle as i64);
+            m.site_clock_ahead.with_label_values(&[site]).set(st.clock_ahead_ms);
         }
-    }
-
-    /// Back-pressure: when the buffer is full, only the slowest active site keeps flowing;
-    /// below half, everything flows again. The slowest site is never left paused (it is the one
-    /// the watermark waits for), and paused sites are not idle, only unread.
-    pub(super) fn back_pressure(&mut self) -> Result<(), TransformError> {
-        let e = &self.engine;
-        let site_of = |t: &str| t.strip_prefix(&self.cdc_prefix).unwrap_or("").to_string();
-        let slowest = e.sites.iter().filter(|(_, s)| !s.idle).min_by_key(|(_, s)| s.max_ts).map(|(n, _)| n.clone());
-        let max = self.cfg.transform.max_buffered_events;
-        // Pausing drops a partition's prefetched records (they are fetched again on resume), so
-        // only the sites holding more than their share of the buffer are paused.
-        let active = e.sites.values().filter(|s| !s.idle).count().max(1);
-        let share = max / active;
-        let (be, _) = e.buffered();
-        let desired: HashSet<TopicPart> = if e.is_full() {
-            let over = |t: &str| {
-                let site = site_of(t);
-                Some(&site) != slowest.as_ref() && e.sites.get(&site).is_some_and(|s| s.buffered >= share)
-            };
-            self.consumed.keys().filter(|(t, _)| over(t)).chain(self.paused.iter()).filter(|(t, _)| Some(&site_of(t)) != slowest.as_ref()).cloned().collect()
-        } else if be < max / 2 {
-            HashSet::new()
-        } else {
-            self.paused.iter().filter(|(t, _)| Some(site_of(t)) != slowest).cloned().collect()
-        };
-        let mut to_pause = TopicPartitionList::new();
-        for (t, p) in desired.difference(&self.paused) {
-            let _ = to_pause.add_partition(t, *p);
-        }
-        let mut to_resume = TopicPartitionList::new();
-        for (t, p) in self.paused.difference(&desired) {
-            let _ = to_resume.add_partition(t, *p);
-        }
-        if to_pause.count() > 0 {
-            self.prof.pauses += 1;
-            tracing::debug!(buffered = be, "buffer full: pausing the sites that are ahead");
-            self.consumer.pause(&to_pause).map_err(|e| TransformError::kafka("pausing", e))?;
-        }
-        if to_resume.count() > 0 {
-            self.consumer.resume(&to_resume).map_err(|e| TransformError::kafka("resuming", e))?;
-        }
-        self.paused = desired;
-        let now = now_ms();
-        for (t, _) in &self.paused {
-            let site = site_of(t);
-            self.engine.touch(&site, now);
-        }
-        Ok(())
     }
 }
 

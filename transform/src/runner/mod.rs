@@ -31,7 +31,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
     EngineConfig {
         out_of_orderness_ms: cfg.transform.out_of_orderness_ms as i64,
         idle_timeout_ms: cfg.transform.idle_timeout_s as i64 * 1000,
-        max_buffered: cfg.transform.max_buffered_events,
+        max_clock_ahead_ms: cfg.transform.max_clock_ahead_s as i64 * 1000,
         identifiers: cfg.identity.identifiers.clone(),
         sites: omrs_core::zone::SiteRules::of(cfg),
     }
@@ -180,8 +180,6 @@ struct Phases {
     commit_wait: Duration,
     /// Writing the outputs, facts and dead letters into the transaction.
     produce: Duration,
-    /// Back-pressure pauses.
-    pauses: u64,
 }
 
 async fn await_commit(h: tokio::task::JoinHandle<Result<(), TransformError>>) -> Result<(), TransformError> {
@@ -212,11 +210,10 @@ async fn run_once(cfg: &Config, args: &TransformArgs) -> Result<(), TransformErr
         }
         omrs_core::endpoint::beat();
         let mut b = r.read_batch().await?;
-        let finished = r.finished(&mut b);
+        let finished = r.finished(&b);
         let agg_facts = r.aggregates_and_watermark(&mut b, finished);
         r.commit(b, agg_facts).await?;
         r.gauges();
-        r.back_pressure()?;
         if finished {
             return r.finish().await;
         }
