@@ -48,6 +48,7 @@ pub const IDENTITY_REVIEWS: &str = "omrs_stream_identity_reviews_total";
 pub const HQ_ROWS_APPLIED: &str = "omrs_stream_hq_rows_applied_total";
 pub const HQ_PENDING_OLDEST_AGE: &str = "omrs_stream_hq_pending_oldest_age_seconds";
 pub const HQ_E2E_LATENCY: &str = "omrs_stream_hq_end_to_end_latency_seconds";
+pub const LAKE_E2E_LATENCY: &str = "omrs_stream_lake_end_to_end_latency_seconds";
 pub const SINK_ERRORS: &str = "omrs_stream_sink_errors_total";
 pub const LAKE_ROWS_WRITTEN: &str = "omrs_stream_lake_rows_written_total";
 pub const LAKE_FILES_WRITTEN: &str = "omrs_stream_lake_files_written_total";
@@ -119,6 +120,8 @@ pub struct Metrics {
     pub hq_pending_oldest_age: IntGauge,
     /// Site commit → HQ commit, seconds.
     pub hq_e2e_latency: HistogramVec,
+    /// Site commit to the lake's commit of the file set holding the change (visible to queries).
+    pub lake_e2e_latency: HistogramVec,
     /// Sink errors by sink and kind (`transient`, `deadlock`, `row_rejected`, …).
     pub sink_errors: IntCounterVec,
     /// Rows committed to the lake's change history, by table.
@@ -150,6 +153,15 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
     r.register(Box::new(m.clone())).expect("metric registered once");
     m
+}
+
+/// Site commit → a sink's commit, per site: the buckets span sub-second live changes to the
+/// minutes an offline site's backlog waits.
+fn e2e_histogram(r: &Registry, name: &str, help: &str) -> HistogramVec {
+    let buckets = vec![0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0];
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["site"]).expect("static metric definition");
+    r.register(Box::new(h.clone())).expect("metric registered once");
+    h
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
@@ -221,17 +233,8 @@ impl Metrics {
             aggregate_unattributed: counter_vec(&r, AGGREGATE_UNATTRIBUTED, "Rows counted under `unknown` for want of a grouping uuid", &["aggregate"]),
             hq_rows_applied: counter_vec(&r, HQ_ROWS_APPLIED, "Rows written to the HQ database", &["table", "op"]),
             hq_pending_oldest_age: gauge(&r, HQ_PENDING_OLDEST_AGE, "Age of the oldest row waiting at the HQ sink for its parent"),
-            hq_e2e_latency: {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(HQ_E2E_LATENCY, "Site commit to HQ commit, seconds").buckets(vec![
-                        0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0,
-                    ]),
-                    &["site"],
-                )
-                .expect("static metric definition");
-                r.register(Box::new(h.clone())).expect("metric registered once");
-                h
-            },
+            hq_e2e_latency: e2e_histogram(&r, HQ_E2E_LATENCY, "Site commit to HQ commit, seconds"),
+            lake_e2e_latency: e2e_histogram(&r, LAKE_E2E_LATENCY, "Site commit to the lake's commit of the change, seconds"),
             sink_errors: counter_vec(&r, SINK_ERRORS, "Sink errors by kind", &["sink", "kind"]),
             lake_rows_written: counter_vec(&r, LAKE_ROWS_WRITTEN, "Rows committed to the lake's change history", &["table"]),
             lake_files_written: counter_vec(&r, LAKE_FILES_WRITTEN, "Parquet files committed to the lake", &["dataset"]),

@@ -16,3 +16,16 @@ pub fn disable_transparent_huge_pages() {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong);
     }
 }
+
+/// Lowers the calling thread's CPU priority to the least (nice 19), for background work that
+/// must not take CPU from the pipeline: the lake's compaction shares the host with HQ's
+/// database and the other stages. Harmless where the call is refused.
+pub fn lowest_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take and return plain integers and touch no memory. On
+    // Linux, PRIO_PROCESS with a thread id sets that thread's nice value only.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}

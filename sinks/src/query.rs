@@ -109,6 +109,10 @@ pub async fn context_within(lake_root: &Path, memory: Option<usize>) -> Result<S
     let config = SessionConfig::new().with_information_schema(true).set_bool("datafusion.execution.parquet.schema_force_view_types", false);
     let ctx = match memory {
         Some(bytes) => {
+            // One sort at a time, in batches of 2,048 rows: with a sorter per core sharing the
+            // pool, the final merge of a large table's spilled runs (one batch held per run)
+            // could not get memory and failed (`current.encounter` at 100 k patients, 512 MiB).
+            let config = config.with_target_partitions(1).with_batch_size(2048);
             let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new().with_memory_limit(bytes, 1.0).build_arc().map_err(df_err)?;
             SessionContext::new_with_config_rt(config, runtime)
         }

@@ -30,7 +30,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     let mut hq_conn = mysql_async::Conn::new(omrs_sinks::mysql_opts(&d.cfg.hq.database)).await.context("connecting to HQ")?;
     let t_pipeline = Instant::now();
     d.start_pipeline()?;
-    let mut latency_base: Vec<prom::Sample> = Vec::new();
+    let mut latency_base: (Vec<prom::Sample>, Vec<prom::Sample>) = Default::default();
     if !args.backlog {
         latency_base = d.through_snapshots(&mut hq_conn).await?;
         work = d.live().await?;
@@ -286,7 +286,7 @@ impl<'a> Demo<'a> {
 
     /// Waits for every site's snapshot to come through the transform and the HQ sink, so the
     /// latency figures are those of live changes. Returns the HQ sink's samples then.
-    async fn through_snapshots(&mut self, hq_conn: &mut mysql_async::Conn) -> anyhow::Result<Vec<prom::Sample>> {
+    async fn through_snapshots(&mut self, hq_conn: &mut mysql_async::Conn) -> anyhow::Result<(Vec<prom::Sample>, Vec<prom::Sample>)> {
         let since = now_ms();
         let deadline = Instant::now() + Duration::from_secs(self.args.drain_timeout);
         if let Err(late_sites) = until_released(&mut self.procs, &mut self.board, &self.sites, &self.windows, since, deadline, &mut self.progress, "snapshots").await? {
@@ -295,11 +295,12 @@ impl<'a> Demo<'a> {
         loop {
             self.procs.check()?;
             let lags = omrs_sinks::verify::stage_lags(&self.cfg, hq_conn, None).await?;
-            if lags.iter().any(|l| l.stage == "hq_mysql" && l.messages == Some(0)) || Instant::now() >= deadline {
+            let through = |stage: &str| lags.iter().all(|l| l.stage != stage || l.messages == Some(0));
+            if (through("hq_mysql") && through("parquet")) || Instant::now() >= deadline {
                 break;
             }
             self.board.scrape(&self.procs, &self.sites, &self.windows).await;
-            self.progress.set(format!("snapshots: {} · waiting for the HQ sink", self.board.line()));
+            self.progress.set(format!("snapshots: {} · waiting for the sinks", self.board.line()));
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         self.board.scrape(&self.procs, &self.sites, &self.windows).await;
@@ -309,7 +310,7 @@ impl<'a> Demo<'a> {
             self.args.rate,
             self.args.duration
         ));
-        Ok(self.board.hq.clone())
+        Ok((self.board.hq.clone(), self.board.parquet.clone()))
     }
 
     /// The live workload at `--rate` for `--duration`, with the offline windows: a site's agent

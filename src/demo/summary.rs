@@ -39,9 +39,9 @@ pub struct Facts {
     pub parquet: Vec<Sample>,
     pub lags: Vec<omrs_sinks::verify::Lag>,
     pub endpoints: Vec<(String, String)>,
-    /// The HQ sink's latency histogram when the live workload started (empty in backlog mode):
-    /// the summary's latency is of what came after.
-    pub latency_base: Vec<Sample>,
+    /// The HQ and Parquet sinks' samples when the live workload started (empty in backlog
+    /// mode): the summary's latencies are of what came after.
+    pub latency_base: (Vec<Sample>, Vec<Sample>),
 }
 
 #[derive(Debug, Serialize)]
@@ -106,6 +106,10 @@ pub struct Summary {
     pub e2e_latency_p50_s: Option<f64>,
     pub e2e_latency_p99_s: Option<f64>,
     pub e2e_latency_observations: u64,
+    /// Site commit → the lake's commit of the file set holding the change (queryable).
+    pub lake_latency_p50_s: Option<f64>,
+    pub lake_latency_p99_s: Option<f64>,
+    pub lake_latency_observations: u64,
     pub drained: bool,
     pub verify_ok: bool,
     pub problems: Vec<String>,
@@ -219,7 +223,8 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         queries.push(QueryResult { title: title.to_string(), sql: sql.to_string(), output });
     }
     let captured: f64 = transformed.values().sum();
-    let latency = prom::minus(&f.hq, &f.latency_base);
+    let latency = prom::minus(&f.hq, &f.latency_base.0);
+    let lake_latency = prom::minus(&f.parquet, &f.latency_base.1);
     let e2e_count = prom::sum(&latency, &format!("{}_count", m::HQ_E2E_LATENCY), &[]) as u64;
     let mut problems = f.problems;
     problems.extend(verify.problems.iter().cloned());
@@ -246,6 +251,9 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         e2e_latency_p50_s: prom::quantile(&latency, m::HQ_E2E_LATENCY, 0.5),
         e2e_latency_p99_s: prom::quantile(&latency, m::HQ_E2E_LATENCY, 0.99),
         e2e_latency_observations: e2e_count,
+        lake_latency_p50_s: prom::quantile(&lake_latency, m::LAKE_E2E_LATENCY, 0.5),
+        lake_latency_p99_s: prom::quantile(&lake_latency, m::LAKE_E2E_LATENCY, 0.99),
+        lake_latency_observations: prom::sum(&lake_latency, &format!("{}_count", m::LAKE_E2E_LATENCY), &[]) as u64,
         drained: f.drained,
         verify_ok,
         problems,
@@ -293,6 +301,7 @@ pub fn render(s: &Summary) -> String {
     o.push_str(&format!("  throughput            {:.0} events/s over {:.1} s of pipeline time\n", s.throughput_events_per_s, s.pipeline_seconds));
     if s.mode == "live" {
         o.push_str(&format!("  end-to-end latency    p50 {} · p99 {} (site commit → HQ commit, {} rows of the live workload)\n", secs(s.e2e_latency_p50_s), secs(s.e2e_latency_p99_s), fmt_n(s.e2e_latency_observations as f64)));
+        o.push_str(&format!("  to the lake           p50 {} · p99 {} (site commit → the lake's commit of the change, {} site transactions)\n", secs(s.lake_latency_p50_s), secs(s.lake_latency_p99_s), fmt_n(s.lake_latency_observations as f64)));
     } else {
         o.push_str("  end-to-end latency    not meaningful for a backlog (every row waited for the pipeline to start)\n");
     }

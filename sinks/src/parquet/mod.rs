@@ -186,11 +186,17 @@ struct Buffer {
     bytes: usize,
     records: u64,
     first_at: Option<Instant>,
+    /// (site, site commit time) of the rows, a run of rows with the same ones counted once:
+    /// observed into `omrs_stream_lake_end_to_end_latency_seconds` when the set commits.
+    commits: Vec<(String, i64)>,
 }
 
 impl Buffer {
     /// The partition buffer of `table`, `site` and the day of `event_ms`.
     fn part(&mut self, table: &Arc<LakeTable>, site: &str, event_ms: i64) -> &mut PartBuf {
+        if self.commits.last().is_none_or(|(s, t)| *t != event_ms || s != site) {
+            self.commits.push((site.to_string(), event_ms));
+        }
         let day = event_ms.div_euclid(86_400_000);
         if let Some((i, d)) = self.last {
             let (k, _) = &self.parts[i];
@@ -221,6 +227,7 @@ impl Buffer {
             self.aggs.entry(k).or_default().extend(rows);
         }
         self.dead.extend(o.dead);
+        self.commits.extend(o.commits);
         self.watermark = match (self.watermark, o.watermark) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -351,7 +358,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
         }
         if let Some(every) = compact_every {
             if last_compact.elapsed() >= every && compact::needs(lake, &state) {
-                compact::compact(lake, lock, &state, &tables, "schedule").await?;
+                compact::compact_in_background(lake, lock, &state, &tables, "schedule").await?;
                 last_compact = Instant::now();
             }
         }
@@ -726,6 +733,10 @@ async fn commit(
     m.lake_bytes_written.with_label_values(&["changes"]).inc_by(bytes_total);
     m.lake_late_files.inc_by(late_files as u64);
     m.batch_latency.with_label_values(&["parquet"]).observe(started.elapsed().as_secs_f64());
+    let committed = now_ms();
+    for (site, ts) in &b.commits {
+        m.lake_e2e_latency.with_label_values(&[site]).observe((committed - ts).max(0) as f64 / 1000.0);
+    }
     if let Some(w) = watermark {
         m.global_watermark.set(w);
     }

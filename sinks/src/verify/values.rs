@@ -110,9 +110,12 @@ impl Merges {
         m.loops.sort();
         let ids: Vec<(String, String)> = hq
             .query(
-                "SELECT CAST(p.person_id AS CHAR), p.uuid FROM person p WHERE p.person_id IN (
-                   SELECT CAST(SUBSTRING(void_reason, 22) AS UNSIGNED) FROM person WHERE void_reason LIKE 'Merged with patient #%'
-                   UNION SELECT CAST(SUBSTRING(void_reason, 22) AS UNSIGNED) FROM patient WHERE void_reason LIKE 'Merged with patient #%')",
+                // A derived table joined by key: as `IN (subquery)`, MariaDB ran the union once
+                // per person, which took hours at 100 k patients.
+                "SELECT CAST(p.person_id AS CHAR), p.uuid FROM (
+                   SELECT CAST(SUBSTRING(void_reason, 22) AS UNSIGNED) AS id FROM person WHERE void_reason LIKE 'Merged with patient #%'
+                   UNION SELECT CAST(SUBSTRING(void_reason, 22) AS UNSIGNED) FROM patient WHERE void_reason LIKE 'Merged with patient #%'
+                 ) ids JOIN person p ON p.person_id = ids.id",
             )
             .await
             .map_err(|e| SinkError::db("reading the persons named by merge void reasons", e))?;
