@@ -140,6 +140,12 @@ pub struct SimulateArgs {
     /// No progress bar (log lines instead).
     #[arg(long)]
     pub quiet: bool,
+    /// The pipeline will read this run's changes by a snapshot only (the agents start after the
+    /// run, on new sites: `demo --backlog`). A National ID corrected before the snapshot is then
+    /// never seen, so the manifest joins records on the numbers they hold at the end, not on
+    /// every number they ever held.
+    #[arg(long)]
+    pub snapshot_only: bool,
 }
 
 impl Default for SimulateArgs {
@@ -167,6 +173,7 @@ impl Default for SimulateArgs {
             admin_password: "omrs".into(),
             batch: 16,
             quiet: false,
+            snapshot_only: false,
         }
     }
 }
@@ -527,6 +534,7 @@ async fn humans_of(setup: &Setup, args: &SimulateArgs, run: &Ran<'_>) -> Result<
     };
     let mut humans_out: Vec<HumanManifest> = Vec::new();
     for (h, records) in by_human {
+        let records = if args.snapshot_only { records.into_iter().map(held_at_the_end).collect() } else { records };
         for group in resolvable_groups(records) {
             humans_out.push(HumanManifest { national_id: run.humans[h].national_id.clone(), survivor_uuid: survivor(&group), records: group });
         }
@@ -534,6 +542,15 @@ async fn humans_of(setup: &Setup, args: &SimulateArgs, run: &Ran<'_>) -> Result<
     // Patients that were there before the run (the demo patients) are one human each.
     humans_out.extend(existing.into_iter().map(|r| HumanManifest { national_id: None, survivor_uuid: Some(r.person_uuid.clone()), records: vec![r] }));
     Ok((humans_out, site_merges))
+}
+
+/// A record as a snapshot shows it: only the National ID it holds at the end (the last one it was
+/// given; a correction gives the new number last).
+fn held_at_the_end(mut r: RecordManifest) -> RecordManifest {
+    if r.national_ids.len() > 1 {
+        r.national_ids.drain(..r.national_ids.len() - 1);
+    }
+    r
 }
 
 /// The records of one human split into the groups HQ can tell are one person: records that held
@@ -724,6 +741,15 @@ mod tests {
         // Without b, the misprint and the real number are two people as far as HQ can tell.
         let g = resolvable_groups(vec![rec("a", Some("2"), None), rec("c", Some("1"), None)]);
         assert_eq!(g.len(), 2);
+    }
+
+    /// A snapshot never shows the misprint b held before its correction: a and b are two people.
+    #[test]
+    fn seen_by_a_snapshot_only_a_corrected_misprint_joins_nobody() {
+        let mut b = rec("b", Some("2"), None);
+        b.national_ids.push("1".into());
+        let g = resolvable_groups(vec![rec("a", Some("2"), None), held_at_the_end(b), rec("c", Some("1"), None)]);
+        assert_eq!(uuids(&g), vec![vec!["a"], vec!["b", "c"]]);
     }
 
     #[test]

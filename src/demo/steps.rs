@@ -257,7 +257,8 @@ impl<'a> Demo<'a> {
         self.progress.set(format!("writing the backlog: {} people at {} sites, as fast as they take it (pipeline stopped)", self.args.patients, self.sites.len()));
         let sim_task = Task(tokio::spawn({
             let cfg = self.cfg.clone();
-            let sim = omrs_simulate::SimulateArgs { no_provision: true, burst: true, ..self.sim.clone() };
+            // The agents start after it, on a snapshot: the manifest expects what that shows.
+            let sim = omrs_simulate::SimulateArgs { no_provision: true, burst: true, snapshot_only: true, ..self.sim.clone() };
             async move { omrs_simulate::run(&cfg, &sim).await }
         }));
         let manifest = wait_sim(sim_task, &mut self.progress).await?;
