@@ -54,7 +54,7 @@ pub struct EngineConfig {
     pub out_of_orderness_ms: i64,
     pub idle_timeout_ms: i64,
     /// How far ahead of processing time a site's effective time may go: a clock that jumps
-    /// forward is capped here (and counted in `clock_ahead`).
+    /// forward is capped here (and counted in [`Engine::clock_capped`]).
     pub max_clock_ahead_ms: i64,
     pub identifiers: Vec<IdentifierRule>,
     /// Each site's time zone: registration times are compared in UTC.
@@ -144,7 +144,7 @@ impl Engine {
     /// Declares a site (from the config): until it speaks or its idle timeout passes, it holds
     /// the global watermark back, so its first events are not mistaken for late ones.
     pub fn expect_site(&mut self, site: &str, now_ms: i64) {
-        self.sites.entry(site.to_string()).or_insert(SiteState { max_ts: i64::MIN / 2, last_seen: now_ms, idle: false, clock_ahead_ms: 0 });
+        self.sites.entry(site.to_string()).or_insert(SiteState { max_ts: i64::MIN / 2, last_seen: now_ms, ..Default::default() });
     }
 
     /// Restores a fact from the changelog (no output).

@@ -378,6 +378,11 @@ impl Runner {
             m.site_idle.with_label_values(&[site]).set(st.idle as i64);
             m.site_clock_ahead.with_label_values(&[site]).set(st.clock_ahead_ms);
         }
+        // The engine counts since this process started, as the counter does.
+        for (site, n) in &e.clock_capped {
+            let c = m.clock_capped.with_label_values(&[site]);
+            c.inc_by(n.saturating_sub(c.get()));
+        }
     }
 }
 
