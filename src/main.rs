@@ -79,6 +79,13 @@ enum Command {
         #[command(subcommand)]
         action: omrs_sinks::dlq::DlqCommand,
     },
+    /// Cross-site patient identity at HQ, for a data manager: `list` the review queue (every
+    /// merge, every identifier change HQ will not act on alone), `show` one person's records
+    /// per clinic and why they were joined.
+    Identity {
+        #[command(subcommand)]
+        action: omrs_sinks::identity::IdentityCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,6 +211,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(1))
                 }
             }
+        }
+        Command::Identity { action } => {
+            let cfg = Config::load(&cli.config)?;
+            match action {
+                omrs_sinks::identity::IdentityCommand::List(a) => {
+                    let l = omrs_sinks::identity::list(&cfg, a).await?;
+                    if a.json {
+                        println!("{}", serde_json::to_string_pretty(&l)?);
+                    } else {
+                        print!("{}", omrs_sinks::identity::render_list(&l));
+                    }
+                }
+                omrs_sinks::identity::IdentityCommand::Show(a) => {
+                    let c = omrs_sinks::identity::show(&cfg, a).await?;
+                    if a.json {
+                        println!("{}", serde_json::to_string_pretty(&c)?);
+                    } else {
+                        print!("{}", omrs_sinks::identity::render_show(&c));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { action } => {
             let cfg = Config::load(&cli.config)?;

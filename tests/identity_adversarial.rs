@@ -105,6 +105,67 @@ async fn five_sites_of_adversarial_identity_consolidate_by_the_simulators_truth(
     assert_eq!(report["manifest"]["humans"].as_u64(), Some(manifest.humans.len() as u64));
     assert_eq!(report["manifest"]["active_patients"].as_u64(), Some(manifest.expected_hq.active_patients));
 
+    // The lake holds the same review queue as HQ (verify compares them).
+    assert_eq!(report["lake_reviews"]["differing"], 0, "{}", report["lake_reviews"]);
+
+    // The review queue, by the simulator's truth (issue #23 §1). Every merge HQ made has its
+    // review (status merged). Every open review is about a record the simulator corrected,
+    // for the reason of that correction, on the number it corrected (its own canonical form,
+    // not the pipeline's normaliser's).
+    let merges = count(&mut h, "SELECT COUNT(*) FROM omrs_sync_identity_merge").await;
+    let unreviewed = count(&mut h, "SELECT COUNT(*) FROM omrs_sync_identity_merge m LEFT JOIN omrs_sync_identity_review r ON r.review_id = m.review_id WHERE r.review_id IS NULL OR r.status <> 'merged'").await;
+    assert!(merges >= 20 && unreviewed == 0, "{merges} merges, {unreviewed} without a review in status merged");
+    assert_eq!(report["lake_reviews"]["hq"].as_i64(), Some(count(&mut h, "SELECT COUNT(*) FROM omrs_sync_identity_review").await));
+    let by_uuid: std::collections::HashMap<&str, (&omrs_simulate::manifest::HumanManifest, &omrs_simulate::manifest::RecordManifest)> =
+        manifest.humans.iter().flat_map(|hm| hm.records.iter().map(move |r| (r.person_uuid.as_str(), (hm, r)))).collect();
+    let open: Vec<(String, String, String, String)> =
+        h.query("SELECT review_id, reason, records, evidence FROM omrs_sync_identity_review WHERE status = 'open' ORDER BY review_id").await.unwrap();
+    assert!(!open.is_empty(), "no open review, though records joined on a misprint were corrected");
+    for (id, reason, records, evidence) in &open {
+        let recs: Vec<String> = serde_json::from_str(records).unwrap();
+        let (_, r) = by_uuid[recs[0].as_str()];
+        let fix = match reason.as_str() {
+            "identifier_corrected" => "identifier_updated",
+            "identifier_voided" => "identifier_voided_and_replaced",
+            "identifier_deleted" => "identifier_deleted_and_replaced",
+            other => panic!("review {id}: reason {other}"),
+        };
+        assert!(r.fixes.iter().any(|f| f == fix), "review {id} ({reason}) about {} whose fixes are {:?}", r.person_uuid, r.fixes);
+        let ev: J = serde_json::from_str(evidence).unwrap();
+        assert_eq!(ev["value"].as_str(), r.national_ids.first().map(String::as_str), "review {id}: the misprinted number");
+        if reason == "identifier_corrected" {
+            assert_eq!(ev["new_value"].as_str(), r.national_ids.get(1).map(String::as_str), "review {id}: the corrected number");
+        }
+    }
+
+    // The data manager's commands on it: the list holds exactly the open reviews; `show` of one
+    // gives the human's records, every one, at their clinics.
+    let out = bin().arg("--config").arg(&cfg_path).args(["identity", "list", "--status", "open", "--limit", "10000", "--json"]).output().unwrap();
+    assert!(out.status.success(), "identity list: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: J = serde_json::from_slice(&out.stdout).unwrap();
+    let mut ids: Vec<&str> = listed["reviews"].as_array().unwrap().iter().map(|r| r["review_id"].as_str().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, open.iter().map(|o| o.0.as_str()).collect::<Vec<_>>());
+    assert_eq!(listed["counts"]["open"].as_i64(), Some(open.len() as i64));
+    let (id, _, records, _) = &open[0];
+    let first: Vec<String> = serde_json::from_str(records).unwrap();
+    let (human, _) = by_uuid[first[0].as_str()];
+    let out = bin().arg("--config").arg(&cfg_path).args(["identity", "show", id, "--json"]).output().unwrap();
+    assert!(out.status.success(), "identity show: {}", String::from_utf8_lossy(&out.stderr));
+    let shown: J = serde_json::from_slice(&out.stdout).unwrap();
+    let mut members: Vec<(String, String)> = shown["members"].as_array().unwrap().iter().map(|m| (m["uuid"].as_str().unwrap().to_string(), m["site"].as_str().unwrap_or("").to_string())).collect();
+    members.sort();
+    let mut truth: Vec<(String, String)> = human.records.iter().map(|r| (r.person_uuid.clone(), r.site.clone())).collect();
+    truth.sort();
+    assert_eq!(members, truth, "identity show {id}: the records of the human");
+    assert_eq!(shown["survivor"].as_str(), human.survivor_uuid.as_deref());
+    assert!(shown["reviews"].as_array().unwrap().iter().any(|r| r["review_id"] == J::String(id.clone())));
+    let text = bin().arg("--config").arg(&cfg_path).args(["identity", "show", &first[0]]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    for m in &truth {
+        assert!(text.contains(&m.0) && text.contains(&m.1), "identity show (text) lacks {m:?}:\n{text}");
+    }
+
     let mut a = admin(HQ_PORT, None).await;
     a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
     for port in PORTS {

@@ -45,6 +45,8 @@ pub const REF_CACHE_ENTRIES: &str = "omrs_stream_ingest_ref_cache_entries";
 pub const IDENTITY_RECORDS: &str = "omrs_stream_identity_records";
 pub const IDENTITY_BYTES: &str = "omrs_stream_identity_index_bytes";
 pub const IDENTITY_REVIEWS: &str = "omrs_stream_identity_reviews_total";
+pub const IDENTITY_REVIEWS_OPEN: &str = "omrs_stream_identity_reviews_open";
+pub const IDENTITY_REVIEW_OLDEST_AGE: &str = "omrs_stream_identity_review_oldest_open_age_seconds";
 pub const HQ_ROWS_APPLIED: &str = "omrs_stream_hq_rows_applied_total";
 pub const HQ_PENDING_OLDEST_AGE: &str = "omrs_stream_hq_pending_oldest_age_seconds";
 pub const HQ_E2E_LATENCY: &str = "omrs_stream_hq_end_to_end_latency_seconds";
@@ -114,7 +116,9 @@ pub struct Metrics {
     /// Approximate heap bytes of the identity index.
     pub identity_bytes: IntGauge,
     /// Identifiers voided on merged persons, left for a person to review.
-    pub identity_reviews: IntCounter,
+    pub identity_reviews: IntCounterVec,
+    pub identity_reviews_open: IntGaugeVec,
+    pub identity_review_oldest_age: IntGaugeVec,
     /// Rows written at HQ, by table and op (`c`, `u`, `d`, `r`).
     pub hq_rows_applied: IntCounterVec,
     pub hq_pending_oldest_age: IntGauge,
@@ -223,11 +227,9 @@ impl Metrics {
             ref_cache_entries: gauge_vec(&r, REF_CACHE_ENTRIES, "Rows tracked for FK to uuid resolution", &["site"]),
             identity_records: gauge(&r, IDENTITY_RECORDS, "Person records in the identity index"),
             identity_bytes: gauge(&r, IDENTITY_BYTES, "Approximate heap bytes of the identity index"),
-            identity_reviews: {
-                let c = IntCounter::new(IDENTITY_REVIEWS, "Identifiers voided on merged persons, emitted for review").expect("static");
-                r.register(Box::new(c.clone())).expect("metric registered once");
-                c
-            },
+            identity_reviews: counter_vec(&r, IDENTITY_REVIEWS, "Entries raised in the identity review queue (merges included, status merged)", &["reason", "status"]),
+            identity_reviews_open: gauge_vec(&r, IDENTITY_REVIEWS_OPEN, "Reviews at HQ waiting for a person (status open), per reason", &["reason"]),
+            identity_review_oldest_age: gauge_vec(&r, IDENTITY_REVIEW_OLDEST_AGE, "Age of the oldest open review at HQ, per reason (0: none)", &["reason"]),
             aggregate_versions: counter_vec(&r, AGGREGATE_VERSIONS, "Aggregate window versions emitted", &["aggregate", "kind"]),
             aggregate_open_windows: gauge(&r, AGGREGATE_OPEN_WINDOWS, "Aggregate windows not final yet"),
             aggregate_unattributed: counter_vec(&r, AGGREGATE_UNATTRIBUTED, "Rows counted under `unknown` for want of a grouping uuid", &["aggregate"]),

@@ -10,6 +10,7 @@
 pub mod dlq;
 pub mod failpoint;
 pub mod hq_mysql;
+pub mod identity;
 pub mod kafka;
 pub mod parquet;
 pub mod query;

@@ -119,7 +119,7 @@ pub async fn context_within(lake_root: &Path, memory: Option<usize>) -> Result<S
         None => SessionContext::new_with_config(config),
     };
     let catalog = ctx.catalog("datafusion").ok_or_else(|| SinkError::Query("no default catalog".into()))?;
-    for schema in ["changes", "current", "aggregates"] {
+    for schema in ["changes", "current", "aggregates", crate::parquet::reviews::DIR] {
         catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new())).map_err(df_err)?;
     }
     let changes = lake_root.join("changes");
@@ -160,6 +160,18 @@ pub async fn context_within(lake_root: &Path, memory: Option<usize>) -> Result<S
         }
         let latest = ctx.sql(&aggregates::latest_sql(def)).await.map_err(df_err)?.into_view();
         ctx.register_table(format!("aggregates.{}", def.name).as_str(), latest).map_err(df_err)?;
+    }
+    {
+        use crate::parquet::reviews;
+        let dir = lake_root.join(reviews::DIR).join(reviews::REVIEWS);
+        let history = format!("{}.{}_history", reviews::DIR, reviews::REVIEWS);
+        if has_parquet(&dir) {
+            register_dir(&ctx, &history, &dir, false).await?;
+        } else {
+            ctx.register_batch(history.as_str(), RecordBatch::new_empty(reviews::schema())).map_err(df_err)?;
+        }
+        let latest = ctx.sql(&reviews::latest_sql()).await.map_err(df_err)?.into_view();
+        ctx.register_table(format!("{}.{}", reviews::DIR, reviews::REVIEWS).as_str(), latest).map_err(df_err)?;
     }
     let lake = Lake::new(lake_root);
     if let Ok((state, _)) = lake.read_manifest() {

@@ -91,6 +91,9 @@ pub struct Summary {
     pub hq_changes: u64,
     pub identity_merges: u64,
     pub hq_merges_logged: i64,
+    /// Identity reviews at HQ waiting for a person (status open), and all of them.
+    pub reviews_open: i64,
+    pub reviews_total: i64,
     pub conflicts: i64,
     pub pending: i64,
     pub dead_letters: u64,
@@ -196,6 +199,8 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
     let pending = count(hq.query_first("SELECT COUNT(*) FROM omrs_sync_pending").await.context("counting pending rows")?);
     let merges_logged = count(hq.query_first("SELECT COUNT(*) FROM omrs_sync_merge").await.context("counting merges")?);
     let active = count(hq.query_first("SELECT COUNT(*) FROM patient WHERE voided = 0").await.context("counting patients")?);
+    let reviews_open = count(hq.query_first("SELECT COUNT(*) FROM omrs_sync_identity_review WHERE status = 'open'").await.context("counting open identity reviews")?);
+    let reviews_total = count(hq.query_first("SELECT COUNT(*) FROM omrs_sync_identity_review").await.context("counting identity reviews")?);
     let dead_letters = count_records(cfg, &names.dlq())?;
     let mut aggregates = Vec::new();
     for def in omrs_core::hq::AGGREGATES.iter() {
@@ -239,6 +244,8 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         hq_changes: prom::sum(t, m::EVENTS_OUT, &[("stage", "transform")]) as u64,
         identity_merges: prom::sum(t, m::MERGES, &[]) as u64,
         hq_merges_logged: merges_logged,
+        reviews_open,
+        reviews_total,
         conflicts,
         pending,
         dead_letters,
@@ -306,6 +313,12 @@ pub fn render(s: &Summary) -> String {
         o.push_str("  end-to-end latency    not meaningful for a backlog (every row waited for the pipeline to start)\n");
     }
     o.push_str(&format!("  identity merges       {} (HQ merge log: {})\n", s.identity_merges, s.hq_merges_logged));
+    o.push_str(&format!(
+        "  identity reviews      {} open of {} (list: omrs-stream --config {} identity list --status open)\n",
+        s.reviews_open,
+        s.reviews_total,
+        s.config.display()
+    ));
     o.push_str(&format!("  conflicts             {}\n", s.conflicts));
     o.push_str(&format!("  pending at HQ         {}\n", s.pending));
     o.push_str(&format!("  dead letters          {}\n", s.dead_letters));

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use omrs_core::config::IdentifierRule;
 use omrs_core::envelope::Op;
+use omrs_core::hq::review;
 use omrs_core::zone::SiteRules;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -297,9 +298,47 @@ impl Engine {
         self.cfg.identifiers.iter().enumerate().find(|(_, r)| r.identifier_type_uuid == type_uuid).map(|(i, r)| (i as u16, r))
     }
 
+    /// A merge, and its entry in the review queue (status `merged`: listed, explainable, and
+    /// open to a person's decision).
     fn merged(&mut self, m: Merged, reason: &str, evidence: J, site: &str, ts: i64, out: &mut Vec<Out>) {
         self.merges += 1;
+        let mut records: Vec<String> = ["records", "record", "site_winner", "site_loser"]
+            .iter()
+            .filter_map(|k| evidence.get(k))
+            .flat_map(|v| v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]))
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .chain([m.winner.clone(), m.loser.clone()])
+            .collect();
+        records.sort();
+        records.dedup();
+        let review = HqEvent::IdentityReview {
+            review_id: review::review_id(&["merge", &m.loser, &m.winner]),
+            reason: review::merge_reason(reason).into(),
+            status: review::MERGED.into(),
+            person: m.winner.clone(),
+            records,
+            evidence: evidence.clone(),
+            site: site.into(),
+            ts_ms: ts,
+        };
         out.push(Out::Hq(Box::new(HqEvent::Merge { winner: m.winner, loser: m.loser, reason: reason.into(), evidence, site: site.into(), ts_ms: ts })));
+        out.push(Out::Hq(Box::new(review)));
+    }
+
+    /// An identifier of a merged person stopped holding at its site: the merge stays (one
+    /// clerk's edit must not move clinical data back and forth), a person decides.
+    fn review_identifier(&mut self, f: Finding, site: &str, ts: i64, out: &mut Vec<Out>) {
+        self.reviews += 1;
+        out.push(Out::Hq(Box::new(HqEvent::IdentityReview {
+            review_id: review::review_id(&["identifier", f.reason, &f.record, &f.type_uuid, &f.value]),
+            reason: f.reason.into(),
+            status: review::OPEN.into(),
+            person: self.identity.canonical(&f.record),
+            records: vec![f.record],
+            evidence: f.evidence,
+            site: site.into(),
+            ts_ms: ts,
+        })));
     }
 
     /// A site's local DATETIME as a UTC one (kept in that form in the identity facts).
@@ -318,7 +357,7 @@ impl Engine {
         let ts = ev.source.ts_ms;
         let alive = ev.op != Op::Delete;
         let mut pending_merges: Vec<(Merged, &'static str, J)> = Vec::new();
-        let mut review: Option<(String, J)> = None;
+        let mut review: Option<Finding> = None;
 
         match ev.table_str() {
             "person" if alive => {
@@ -347,8 +386,22 @@ impl Engine {
                 let raw = row.as_ref().and_then(|r| r.get("identifier")).and_then(J::as_str).map(str::to_string);
                 if let (Some((ti, rule)), Some(person), Some(raw)) = (self.rule_of(&type_uuid), person, raw) {
                     let value = rule.normalize(&raw);
-                    let was_voided = row_map(ev.before_raw()).and_then(|r| r.get("voided").and_then(J::as_i64)).unwrap_or(0) == 1;
+                    let before = row_map(ev.before_raw());
+                    let was_voided = before.as_ref().and_then(|r| r.get("voided").and_then(J::as_i64)).unwrap_or(0) == 1;
                     let voided = row.as_ref().and_then(|r| r.get("voided")).and_then(J::as_i64).unwrap_or(0) == 1;
+                    // A value changed in place (X → Y) on a live identifier: X stops holding.
+                    let corrected_from = match (&before, ev.op) {
+                        (Some(b), Op::Update) if alive && !voided && !was_voided => {
+                            b.get("identifier").and_then(J::as_str).map(|old| rule.normalize(old)).filter(|old| !old.is_empty() && *old != value)
+                        }
+                        _ => None,
+                    };
+                    if let Some(old) = corrected_from {
+                        if self.identity.component_size(&person) > 1 {
+                            let evidence = serde_json::json!({"identifier_type": type_uuid, "value": old, "new_value": value, "record": person, "op": ev.op.as_str()});
+                            review = Some(Finding { reason: review::IDENTIFIER_CORRECTED, record: person.clone(), type_uuid: type_uuid.clone(), value: old, evidence });
+                        }
+                    }
                     if !value.is_empty() && alive && !voided {
                         if let Some(other) = self.identity.identifier(ti, &value, &person) {
                             if let Some(m) = self.identity.union(&person, &other) {
@@ -360,10 +413,9 @@ impl Engine {
                             self.facts.push(Fact::Identifier { type_idx: ti, value, person: person.clone() });
                         }
                     } else if (!alive || (voided && !was_voided)) && self.identity.component_size(&person) > 1 {
-                        review = Some((
-                            self.identity.canonical(&person),
-                            serde_json::json!({"identifier_type": type_uuid, "value": value, "record": person, "op": ev.op.as_str()}),
-                        ));
+                        let reason = if alive { review::IDENTIFIER_VOIDED } else { review::IDENTIFIER_DELETED };
+                        let evidence = serde_json::json!({"identifier_type": type_uuid, "value": value, "record": person, "op": ev.op.as_str()});
+                        review = Some(Finding { reason, record: person.clone(), type_uuid: type_uuid.clone(), value, evidence });
                     }
                 }
             }
@@ -384,9 +436,8 @@ impl Engine {
         for (m, reason, evidence) in pending_merges {
             self.merged(m, reason, evidence, &ev.site, ts, out);
         }
-        if let Some((person, evidence)) = review {
-            self.reviews += 1;
-            out.push(Out::Hq(Box::new(HqEvent::IdentityReview { person, reason: "identifier voided or deleted on a merged person".into(), evidence, site: ev.site.to_string(), ts_ms: ts })));
+        if let Some(f) = review {
+            self.review_identifier(f, &ev.site, ts, out);
         }
 
         let mut origin_refs = Vec::new();
@@ -411,6 +462,15 @@ impl Engine {
     pub fn watermark_facts(&self) -> Vec<Fact> {
         self.sites.iter().map(|(s, st)| Fact::Watermark { site: s.clone(), max_ts: st.max_ts }).collect()
     }
+}
+
+/// An identifier of a merged person that stopped holding at its site: what its review says.
+struct Finding {
+    reason: &'static str,
+    record: String,
+    type_uuid: String,
+    value: String,
+    evidence: J,
 }
 
 /// A raw row image as a map (only for the rows identity reads).

@@ -105,7 +105,9 @@ fn render(o: &HqEvent) -> String {
             s
         }
         HqEvent::Merge { winner, loser, reason, site, .. } => format!("MERGE winner={winner} loser={loser} reason={reason} at={site}"),
-        HqEvent::IdentityReview { person, site, evidence, .. } => format!("REVIEW person={person} at={site} value={}", evidence["value"].as_str().unwrap_or("")),
+        HqEvent::IdentityReview { reason, status, person, records, site, evidence, .. } => {
+            format!("REVIEW {reason} {status} person={person} records={} at={site} value={}", records.join(","), evidence["value"].as_str().unwrap_or(""))
+        }
         HqEvent::Watermark { ts_ms } => format!("WATERMARK {ts_ms}"),
         HqEvent::Aggregate { name, site, window_start_ms, dim, value, is_final, revision, .. } => {
             format!("AGGREGATE {name} {site} {window_start_ms} {dim} value={value} final={is_final} revision={revision}")
@@ -216,4 +218,9 @@ fn identity_site_merge_and_voided_identifier() {
 #[test]
 fn poison_records_go_to_the_dlq() {
     run("poison");
+}
+
+#[test]
+fn identity_a_corrected_or_deleted_identifier_of_a_merged_person_opens_a_review() {
+    run("identity_corrected_review");
 }

@@ -51,6 +51,9 @@ struct Fields<R> {
     is_final: Option<bool>,
     revision: Option<u32>,
     watermark_ms: Option<i64>,
+    review_id: Option<String>,
+    status: Option<String>,
+    records: Option<Vec<String>>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<J>, D::Error> {
@@ -99,13 +102,24 @@ impl<R: Image> Fields<R> {
                 revision: need(f.revision, "revision")?,
                 watermark_ms: need(f.watermark_ms, "watermark_ms")?,
             },
-            Kind::IdentityReview => HqEvent::IdentityReview {
-                person: need(f.person, "person")?,
-                reason: need(f.reason, "reason")?,
-                evidence: need(f.evidence, "evidence")?,
-                site: need(f.site, "site")?,
-                ts_ms: need(f.ts_ms, "ts_ms")?,
-            },
+            Kind::IdentityReview => {
+                let person = need(f.person, "person")?;
+                let reason = need(f.reason, "reason")?;
+                let evidence = need(f.evidence, "evidence")?;
+                // A record of a version before the review queue: an open review, keyed by
+                // what it says.
+                let review_id = f.review_id.unwrap_or_else(|| super::review::review_id(&["legacy", &person, &reason, &evidence.to_string()]));
+                HqEvent::IdentityReview {
+                    review_id,
+                    status: f.status.unwrap_or_else(|| super::review::OPEN.to_string()),
+                    records: f.records.unwrap_or_else(|| vec![person.clone()]),
+                    person,
+                    reason,
+                    evidence,
+                    site: need(f.site, "site")?,
+                    ts_ms: need(f.ts_ms, "ts_ms")?,
+                }
+            }
         })
     }
 }
@@ -133,6 +147,7 @@ mod tests {
             r#"{"type":"watermark","ts_ms":12}"#.to_string(),
             r#"{"type":"aggregate","name":"obs_per_day","site":"s","window_start_ms":0,"window_end_ms":86400000,"value":4,"final":true,"revision":1,"watermark_ms":9}"#.to_string(),
             r#"{"type":"identity_review","person":"p","reason":"identifier_voided","evidence":{"v":1},"site":"s","ts_ms":4}"#.to_string(),
+            r#"{"type":"identity_review","review_id":"r-1","reason":"identifier_link","status":"merged","person":"p","records":["p","q"],"evidence":{"v":1},"site":"s","ts_ms":4}"#.to_string(),
         ];
         for r in &records {
             let maps: HqEvent<Row> = serde_json::from_str(r).unwrap_or_else(|e| panic!("{r}: {e}"));

@@ -10,6 +10,7 @@ use serde_json::Value as J;
 use crate::envelope::{ChangeEvent, Image, Op, Row, RowImage};
 
 mod decode;
+pub mod review;
 use crate::zone::{SiteRule, Zone};
 
 /// One record of `omrs.hq.changes`. `R` holds the row images of a change ([`ChangeEvent`]).
@@ -66,10 +67,20 @@ pub enum HqEvent<R = Row> {
         /// The global watermark when this version was emitted.
         watermark_ms: i64,
     },
-    /// A voided or deleted identifier of a merged person: never unmerged automatically.
+    /// One entry of the identity review queue (see [`review`]): every merge (status
+    /// `merged`), every identity change HQ will not act on alone (status `open`), and every
+    /// near miss (status `suggested`). Keyed by `review_id`, a function of what it is about,
+    /// so that the same finding made twice is one entry.
     IdentityReview {
-        person: String,
+        review_id: String,
+        /// One of [`review::REASONS`].
         reason: String,
+        /// One of [`review::STATUSES`]; a sink keeps the status it holds (a decision wins).
+        status: String,
+        /// The survivor of the component when the review was raised.
+        person: String,
+        /// The person records the review is about (site person uuids).
+        records: Vec<String>,
         evidence: J,
         site: String,
         ts_ms: i64,
@@ -85,7 +96,7 @@ impl<R: Serialize + Image> HqEvent<R> {
         match self {
             HqEvent::Change { event, .. } => format!("{}:{}", event.table.as_deref().unwrap_or(""), event.uuid.as_deref().unwrap_or("")),
             HqEvent::Merge { loser, .. } => format!("merge:{loser}"),
-            HqEvent::IdentityReview { person, .. } => format!("review:{person}"),
+            HqEvent::IdentityReview { review_id, .. } => format!("review:{review_id}"),
             HqEvent::Aggregate { name, site, window_start_ms, dim, .. } => format!("agg:{name}:{site}:{window_start_ms}:{dim}"),
             HqEvent::Watermark { .. } => "watermark".to_string(),
         }

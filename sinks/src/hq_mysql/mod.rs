@@ -74,7 +74,7 @@ fn hq_opts(cfg: &Config, with_db: bool) -> OptsBuilder {
     crate::mysql_opts(d).db_name(with_db.then(|| d.database.clone())).stmt_cache_size(1024)
 }
 
-async fn connect(cfg: &Config, with_db: bool) -> Result<Conn, SinkError> {
+pub(crate) async fn connect(cfg: &Config, with_db: bool) -> Result<Conn, SinkError> {
     let mut c = Conn::new(hq_opts(cfg, with_db)).await.map_err(|e| match &e {
         mysql_async::Error::Server(s) if s.code == 1049 => SinkError::Schema(format!(
             "the HQ database `{}` does not exist: create it with `omrs-stream sink hq-mysql --init`",
@@ -171,6 +171,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let mut read_conn = connect(cfg, true).await?;
     let mut idle_conn: Option<Conn> = Some(conn);
     let mut inflight: Option<InFlight> = None;
+    let mut reviews_exported: Option<Instant> = None;
 
     loop {
         let received = tokio::select! {
@@ -261,6 +262,12 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         let m = metrics();
         m.parked_rows.set(applier.pending_len() as i64);
         m.hq_pending_oldest_age.set(applier.oldest_pending_ms().map(|t| (now_ms() - t) / 1000).unwrap_or(0));
+        if reviews_exported.is_none_or(|t| t.elapsed() >= Duration::from_secs(15)) {
+            if let Err(e) = apply::export_gauges(&mut read_conn).await {
+                tracing::warn!(error = %e, "could not count the open identity reviews");
+            }
+            reviews_exported = Some(Instant::now());
+        }
         if let Some(b) = &bar {
             if last_bytes_total.elapsed() > Duration::from_millis(200) {
                 b.set_message(format!("{total_applied} rows applied, {} pending", applier.pending_len()));

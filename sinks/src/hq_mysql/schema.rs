@@ -109,8 +109,29 @@ pub const BOOKKEEPING: &[&str] = &[
         applied TINYINT NOT NULL,
         merge_log_uuid CHAR(38) NULL,
         applied_at DATETIME(3) NULL,
+        review_id CHAR(36) NULL,
         KEY (winner_uuid),
         KEY (merge_log_uuid)
+     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // The identity review queue (omrs_core::hq::review): every merge (status `merged`),
+    // every identity change HQ will not act on alone (`open`), and what a person decided.
+    // `first_seen` is the site time of the event that raised it (UTC), `raised_at` HQ's.
+    "CREATE TABLE IF NOT EXISTS omrs_sync_identity_review (
+        review_id CHAR(36) NOT NULL PRIMARY KEY,
+        reason VARCHAR(32) NOT NULL,
+        status VARCHAR(16) NOT NULL,
+        person_uuid CHAR(38) NOT NULL,
+        records TEXT NOT NULL,
+        evidence TEXT NULL,
+        site VARCHAR(64) NOT NULL,
+        first_seen_ms BIGINT NOT NULL,
+        first_seen DATETIME(3) NOT NULL,
+        raised_at DATETIME(3) NOT NULL,
+        decided_at DATETIME(3) NULL,
+        decided_by VARCHAR(255) NULL,
+        note TEXT NULL,
+        KEY (status, reason),
+        KEY (person_uuid)
      ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     // Identifiers, names and addresses that left their own person (moved by a merge, or written
     // to a survivor by the transform): whose they are and their own `preferred` flag, so that
@@ -172,20 +193,35 @@ pub async fn ensure_bookkeeping(conn: &mut Conn) -> Result<(), SinkError> {
     for ddl in dash_ddl() {
         conn.query_drop(ddl).await.map_err(|e| SinkError::db("creating the omrs_dash_ tables", e))?;
     }
-    // HQ databases made before it lack the index that finds HQ's own merge logs (a lookup per
-    // site merge log written; without it, a scan of omrs_sync_merge per row).
-    let indexed: Option<i64> = conn
-        .query_first("SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() AND table_name = 'omrs_sync_merge' AND column_name = 'merge_log_uuid'")
-        .await
-        .map_err(|e| SinkError::db("reading information_schema", e))?;
-    if indexed == Some(0) {
-        tracing::info!("indexing omrs_sync_merge.merge_log_uuid");
-        conn.query_drop("ALTER TABLE omrs_sync_merge ADD KEY merge_log_uuid (merge_log_uuid)")
+    // HQ databases made before them lack the index that finds HQ's own merge logs (a lookup
+    // per site merge log written; without it, a scan of omrs_sync_merge per row) and the link
+    // from a merge to its review.
+    let added = [
+        ("statistics", "merge_log_uuid", "ADD KEY merge_log_uuid (merge_log_uuid)", "indexing omrs_sync_merge.merge_log_uuid"),
+        ("columns", "review_id", "ADD COLUMN review_id CHAR(36) NULL", "adding omrs_sync_merge.review_id (the identity review queue)"),
+    ];
+    for (view, column, alter, what) in added {
+        let present: Option<i64> = conn
+            .query_first(format!("SELECT COUNT(*) FROM information_schema.{view} WHERE table_schema = DATABASE() AND table_name = 'omrs_sync_merge' AND column_name = '{column}'"))
             .await
-            .map_err(|e| SinkError::db("indexing omrs_sync_merge.merge_log_uuid", e))?;
+            .map_err(|e| SinkError::db("reading information_schema", e))?;
+        if present == Some(0) {
+            tracing::info!("{what}");
+            conn.query_drop(format!("ALTER TABLE omrs_sync_merge {alter}")).await.map_err(|e| SinkError::db(what, e))?;
+        }
     }
+    conn.query_drop(IDENTITY_MERGE_VIEW).await.map_err(|e| SinkError::db("creating the omrs_sync_identity_merge view", e))?;
     Ok(())
 }
+
+/// Every merge HQ holds, one row per merged-away record: the survivor it now belongs to, the
+/// rule and evidence that linked them, the site that brought the evidence, when, and the
+/// status of its review (`merged` until a person confirms it).
+const IDENTITY_MERGE_VIEW: &str = "CREATE OR REPLACE VIEW omrs_sync_identity_merge AS
+    SELECT m.winner_uuid AS survivor_uuid, m.loser_uuid, m.reason AS rule, m.evidence, m.site,
+           m.ts_ms AS first_seen_ms, m.applied, m.applied_at, m.review_id,
+           COALESCE(r.status, 'merged') AS status
+      FROM omrs_sync_merge m LEFT JOIN omrs_sync_identity_review r ON r.review_id = m.review_id";
 
 /// True when `database` already holds an OpenMRS schema.
 pub async fn has_openmrs(conn: &mut Conn, database: &str) -> Result<bool, SinkError> {

@@ -23,6 +23,7 @@ pub mod aggregates;
 pub mod compact;
 pub mod fast;
 pub mod lake;
+pub mod reviews;
 pub mod schema;
 pub mod write;
 
@@ -180,6 +181,8 @@ struct Buffer {
     merges: BTreeMap<(String, String), Vec<MergeRow>>,
     /// Aggregate versions by aggregate name.
     aggs: BTreeMap<String, Vec<aggregates::AggVersion>>,
+    /// Identity review versions.
+    reviews: Vec<reviews::ReviewVersion>,
     dead: Vec<DeadLetter>,
     next: BTreeMap<i32, i64>,
     watermark: Option<i64>,
@@ -226,6 +229,7 @@ impl Buffer {
         for (k, rows) in o.aggs {
             self.aggs.entry(k).or_default().extend(rows);
         }
+        self.reviews.extend(o.reviews);
         self.dead.extend(o.dead);
         self.commits.extend(o.commits);
         self.watermark = match (self.watermark, o.watermark) {
@@ -577,8 +581,10 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &Site
         HqEvent::Watermark { ts_ms } => {
             buf.watermark = Some(buf.watermark.map_or(ts_ms, |w| w.max(ts_ms)));
         }
-        HqEvent::IdentityReview { person, reason, site, .. } => {
-            tracing::debug!(person = %person, site = %site, reason = %reason, "identity review (not part of the lake)");
+        HqEvent::IdentityReview { review_id, reason, status, person, records, evidence, site, ts_ms } => {
+            let records = serde_json::to_string(&records).unwrap_or_default();
+            let evidence = evidence.to_string();
+            buf.reviews.push(reviews::ReviewVersion { review_id, reason, status, person, records, evidence, site, ts_ms, partition: p, offset: o });
         }
         HqEvent::Aggregate { name, site, window_start_ms, window_end_ms, dim, value, is_final, revision, watermark_ms } => {
             if !omrs_core::hq::AGGREGATES.iter().any(|a| a.name == name) {
@@ -687,27 +693,28 @@ async fn commit(
         add((MERGE_TABLE.to_string(), site, date), n, count, first, last, bytes);
         n += 1;
     }
+    // Files outside the date partitions (no site or date, never "complete"): one per set.
+    let mut side_file = |table: String, batch: RecordBatch, schema: &SchemaRef, range: (i64, i64), n: usize| -> Result<(), SinkError> {
+        let tmp = format!("_tmp/{seq:010}-{n:04}.parquet");
+        let rows = batch.num_rows() as u64;
+        let bytes = write::write_file(&lake.root.join(&tmp), schema, &[batch], row_group_rows)?;
+        let fin = format!("{}/part-{seq:010}-{n:04}.parquet", table.replace('.', "/"));
+        files.push(FileEntry { seq, path: fin.clone(), table, site: String::new(), date: String::new(), rows, bytes, first_offset: range.0, last_offset: range.1, late: false });
+        renames.push((tmp, fin));
+        Ok(())
+    };
     for (name, rows) in b.aggs {
         let Some(def) = omrs_core::hq::AGGREGATES.iter().find(|a| a.name == name) else { continue };
-        let (first, last) = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
-        let batch = aggregates::batch(def, &rows)?;
-        let bytes = write::write_file(&lake.root.join(format!("_tmp/{seq:010}-{n:04}.parquet")), &aggregates::schema(def), &[batch], row_group_rows)?;
-        let fin = format!("{}/{name}/part-{seq:010}-{n:04}.parquet", aggregates::DIR);
-        // Not a date partition: no site or date, never "complete".
-        files.push(FileEntry {
-            seq,
-            path: fin.clone(),
-            table: format!("{}.{name}", aggregates::DIR),
-            site: String::new(),
-            date: String::new(),
-            rows: rows.len() as u64,
-            bytes,
-            first_offset: first,
-            last_offset: last,
-            late: false,
-        });
-        renames.push((format!("_tmp/{seq:010}-{n:04}.parquet"), fin));
+        let range = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
+        side_file(format!("{}.{name}", aggregates::DIR), aggregates::batch(def, &rows)?, &aggregates::schema(def), range, n)?;
         n += 1;
+    }
+    if !b.reviews.is_empty() {
+        let mut rows = b.reviews;
+        // Decoder threads hand rows over out of order.
+        rows.sort_by_key(|r| (r.partition, r.offset));
+        let range = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
+        side_file(format!("{}.{}", reviews::DIR, reviews::REVIEWS), reviews::batch(&rows)?, &reviews::schema(), range, n)?;
     }
     failpoint("lake:after-data-tmp");
     crate::kafka::send_dead_letters(producer, dlq_topic, "parquet", topic, &b.dead).await?;

@@ -186,3 +186,31 @@ pub async fn history_duplicates(ctx: &SessionContext, samples: usize) -> Result<
     }
     Ok(out)
 }
+
+/// The identity review queue at HQ against the lake's `identity.reviews`: the same reviews,
+/// each with the same status and reason.
+#[derive(Debug, Serialize, Default)]
+pub struct ReviewCheck {
+    pub hq: usize,
+    pub lake: usize,
+    /// Reviews one side lacks or holds differently: `id status reason` of HQ, then of the lake.
+    pub differing: usize,
+    pub sample: Vec<String>,
+}
+
+pub async fn reviews(ctx: &SessionContext, hq: &mut Conn, samples: usize) -> Result<ReviewCheck, SinkError> {
+    use mysql_async::prelude::Queryable;
+    let at_hq: Vec<(String, String, String)> = hq
+        .query("SELECT review_id, status, reason FROM omrs_sync_identity_review")
+        .await
+        .map_err(|e| SinkError::db("reading omrs_sync_identity_review", e))?;
+    let at_hq: HashSet<String> = at_hq.into_iter().map(|(i, s, r)| format!("{i} {s} {r}")).collect();
+    let batches = crate::query::sql(ctx, "SELECT CONCAT_WS(' ', review_id, status, reason) FROM identity.reviews").await?;
+    let mut in_lake = HashSet::new();
+    for b in &batches {
+        in_lake.extend(as_text(b.column(0), "review")?.into_iter().flatten());
+    }
+    let mut diff: Vec<String> = at_hq.symmetric_difference(&in_lake).map(|k| format!("{}: {k}", if at_hq.contains(k) { "HQ" } else { "lake" })).collect();
+    diff.sort();
+    Ok(ReviewCheck { hq: at_hq.len(), lake: in_lake.len(), differing: diff.len(), sample: diff.into_iter().take(samples).collect() })
+}

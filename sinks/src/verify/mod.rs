@@ -13,7 +13,7 @@ mod lake;
 mod space;
 mod values;
 
-pub use lake::HistoryDuplicates;
+pub use lake::{HistoryDuplicates, ReviewCheck};
 pub use values::{TableValues, ValueDiff};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -132,6 +132,8 @@ pub struct Report {
     pub lake_values: Vec<TableValues>,
     /// Repeated rows in the lake's change history.
     pub lake_history_duplicates: Vec<HistoryDuplicates>,
+    /// The identity review queue at HQ against the lake's.
+    pub lake_reviews: Option<lake::ReviewCheck>,
     /// Merged persons whose chain of survivors never ends (a loop).
     pub merge_loops: Vec<String>,
     /// HQ's own `person_merge_log` rows for a loser that a site's log also names (the site logs
@@ -437,6 +439,11 @@ async fn value_checks(cfg: &Config, args: &VerifyArgs, lake_root: &std::path::Pa
     for t in r.lake_values.iter().filter(|t| t.differing > 0) {
         r.problems.push(format!("lake current.{}: {} of {} rows differ from HQ", t.table, t.differing, t.compared));
     }
+    let reviews = lake::reviews(&ctx, &mut hq, args.samples).await?;
+    if reviews.differing > 0 {
+        r.problems.push(format!("identity reviews: {} differ between HQ ({}) and the lake ({}), e.g. {:?}", reviews.differing, reviews.hq, reviews.lake, reviews.sample));
+    }
+    r.lake_reviews = Some(reviews);
     r.lake_history_duplicates = lake::history_duplicates(&ctx, args.samples).await?;
     for d in &r.lake_history_duplicates {
         r.problems.push(format!("lake changes.{}: {} repeated rows (same {})", d.table, d.rows, d.by));
@@ -562,6 +569,9 @@ pub fn render(r: &Report) -> String {
         for d in &r.lake_history_duplicates {
             out.push_str(&format!("  changes.{} ({}): {}, e.g. {:?}\n", d.table, d.by, d.rows, d.sample));
         }
+    }
+    if let Some(c) = &r.lake_reviews {
+        out.push_str(&format!("identity reviews: {} at HQ, {} in the lake, {} differing\n", c.hq, c.lake, c.differing));
     }
     if !r.merge_loops.is_empty() {
         out.push_str(&format!("merges without a survivor (loops): {}, e.g. {:?}\n", r.merge_loops.len(), &r.merge_loops[..r.merge_loops.len().min(5)]));

@@ -346,9 +346,9 @@ impl Runner {
                         *late_counts.entry(&event.site).or_default() += 1;
                     }
                 }
-                Out::Hq(h) => match **h {
+                Out::Hq(h) => match &**h {
                     HqEvent::Merge { .. } => m.merges.inc(),
-                    HqEvent::IdentityReview { .. } => m.identity_reviews.inc(),
+                    HqEvent::IdentityReview { reason, status, .. } => m.identity_reviews.with_label_values(&[reason.as_str(), status.as_str()]).inc(),
                     HqEvent::Watermark { .. } | HqEvent::Aggregate { .. } | HqEvent::Change { .. } => {}
                 },
             }

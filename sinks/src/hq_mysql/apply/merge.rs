@@ -25,18 +25,20 @@ pub(super) struct MergeRec {
     pub(super) applied: bool,
     pub(super) evidence: String,
     pub(super) site: String,
+    /// The review queue's entry for this merge (None for merges stored before the queue).
+    pub(super) review_id: Option<String>,
 }
 
 /// The merges HQ knows of (`omrs_sync_merge`), by loser.
 pub(super) async fn load(conn: &mut Conn) -> Result<HashMap<String, MergeRec>, SinkError> {
-    let rows: Vec<(String, String, i64, String, i64, Option<String>, String)> = conn
-        .query("SELECT loser_uuid, winner_uuid, ts_ms, reason, applied, evidence, site FROM omrs_sync_merge")
+    let rows: Vec<(String, String, i64, String, i64, Option<String>, String, Option<String>)> = conn
+        .query("SELECT loser_uuid, winner_uuid, ts_ms, reason, applied, evidence, site, review_id FROM omrs_sync_merge")
         .await
         .map_err(db("reading omrs_sync_merge"))?;
     Ok(rows
         .into_iter()
-        .map(|(loser, winner, ts_ms, reason, applied, evidence, site)| {
-            (loser, MergeRec { winner, ts_ms, reason, applied: applied == 1, evidence: evidence.unwrap_or_default(), site })
+        .map(|(loser, winner, ts_ms, reason, applied, evidence, site, review_id)| {
+            (loser, MergeRec { winner, ts_ms, reason, applied: applied == 1, evidence: evidence.unwrap_or_default(), site, review_id })
         })
         .collect())
 }
@@ -304,21 +306,23 @@ impl Applier {
             rec.applied = true;
         }
         conn.exec_drop(
-            "INSERT INTO omrs_sync_merge (loser_uuid, winner_uuid, reason, evidence, site, ts_ms, applied, merge_log_uuid, applied_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, IF(? = 1, NOW(3), NULL))
+            "INSERT INTO omrs_sync_merge (loser_uuid, winner_uuid, reason, evidence, site, ts_ms, applied, merge_log_uuid, applied_at, review_id)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, IF(? = 1, NOW(3), NULL), ?)
              ON DUPLICATE KEY UPDATE winner_uuid = VALUES(winner_uuid), applied = VALUES(applied),
-               merge_log_uuid = COALESCE(VALUES(merge_log_uuid), merge_log_uuid), applied_at = COALESCE(applied_at, VALUES(applied_at))",
-            (
-                loser,
-                rec.winner.as_str(),
-                rec.reason.as_str(),
-                rec.evidence.as_str(),
-                rec.site.as_str(),
-                rec.ts_ms,
-                rec.applied as i64,
-                log_uuid.as_deref(),
-                rec.applied as i64,
-            ),
+               merge_log_uuid = COALESCE(VALUES(merge_log_uuid), merge_log_uuid), applied_at = COALESCE(applied_at, VALUES(applied_at)),
+               review_id = COALESCE(VALUES(review_id), review_id)",
+            vec![
+                Value::from(loser),
+                Value::from(rec.winner.as_str()),
+                Value::from(rec.reason.as_str()),
+                Value::from(rec.evidence.as_str()),
+                Value::from(rec.site.as_str()),
+                Value::from(rec.ts_ms),
+                Value::from(rec.applied as i64),
+                Value::from(log_uuid.as_deref()),
+                Value::from(rec.applied as i64),
+                Value::from(rec.review_id.as_deref()),
+            ],
         )
         .await
         .map_err(db("recording the merge"))?;

@@ -19,6 +19,7 @@ mod ids;
 mod merge;
 mod pending;
 mod record;
+mod review;
 mod sql;
 mod stage;
 mod versions;
@@ -47,6 +48,8 @@ use cache::{Cache, TKey};
 use columns::Columns;
 use merge::MergeRec;
 use pending::PendingStore;
+pub(crate) use review::export_gauges;
+use review::{upsert_reviews, ReviewRow};
 pub(crate) use pending::PendingEntry;
 pub use record::Record;
 use sql::db;
@@ -77,6 +80,8 @@ pub struct Outcome {
     pub commits: Vec<(String, i64)>,
     /// Aggregate window versions upserted into `omrs_dash_*`.
     pub aggregates: u64,
+    /// Identity reviews upserted into `omrs_sync_identity_review`.
+    pub reviews: u64,
 }
 
 
@@ -147,6 +152,7 @@ pub struct Applier {
 enum Intake {
     Work(Box<Work>),
     Merge(String, MergeRec),
+    Review(Box<ReviewRow>),
 }
 
 enum Plan {
@@ -298,7 +304,8 @@ impl Applier {
                 Some(Intake::Work(Box::new(self.keyed(w))))
             }
             HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
-                Some(Intake::Merge(loser, MergeRec { winner, ts_ms, reason, applied: false, evidence: evidence.to_string(), site }))
+                let review_id = omrs_core::hq::review::review_id(&["merge", &loser, &winner]);
+                Some(Intake::Merge(loser, MergeRec { winner, ts_ms, reason, applied: false, evidence: evidence.to_string(), site, review_id: Some(review_id) }))
             }
             // The Parquet sink's concern: HQ has no date partitions to finalise.
             HqEvent::Watermark { .. } => None,
@@ -307,9 +314,12 @@ impl Applier {
                 aggregates.entry(name).or_default().insert((site, window_start_ms, dim), row);
                 None
             }
-            HqEvent::IdentityReview { person, reason, site, .. } => {
-                tracing::warn!(person = %person, site = %site, reason = %reason, "identity review: an identifier of a merged person was voided or deleted; HQ keeps the merge");
-                None
+            HqEvent::IdentityReview { review_id, reason, status, person, records, evidence, site, ts_ms } => {
+                if status == omrs_core::hq::review::OPEN {
+                    tracing::warn!(review = %review_id, person = %person, site = %site, reason = %reason, "identity review opened: HQ keeps the merge until someone decides (omrs-stream identity list)");
+                }
+                let records = serde_json::to_string(&records).unwrap_or_default();
+                Some(Intake::Review(Box::new(ReviewRow { review_id, reason, status, person, records, evidence: evidence.to_string(), site, ts_ms })))
             }
         }
     }
@@ -324,6 +334,7 @@ impl Applier {
         let mut aggregates: Aggregates = BTreeMap::new();
         // What this batch did not write: later rows of it must not reference it.
         let mut missing = Missing::default();
+        let mut reviews: Vec<ReviewRow> = Vec::new();
         for rec in records {
             match self.intake(rec, &mut out, &mut aggregates) {
                 Some(Intake::Work(w)) => segment.push(*w),
@@ -332,11 +343,13 @@ impl Applier {
                     self.merge(conn, &loser, rec).await?;
                     out.merges += 1;
                 }
+                Some(Intake::Review(r)) => reviews.push(*r),
                 None => {}
             }
         }
         self.flush(conn, segment, &mut out, &mut missing).await?;
         out.aggregates = upsert_aggregates(conn, aggregates).await?;
+        out.reviews = upsert_reviews(conn, reviews).await?;
         self.retry_merges(conn).await?;
         let expired = self.expire_pending(&mut out);
         let failed = self.writer().execute(conn, expired, &mut out, &mut missing).await?;
@@ -345,7 +358,8 @@ impl Applier {
     }
 
     /// True when `records` must be applied by [`Applier::apply`] on the writing connection,
-    /// after the batch before it has committed: a merge (it reads and moves rows), a merge
+    /// after the batch before it has committed: a merge (it reads and moves rows) or a review
+    /// (they come with merges, and are rare), a merge
     /// still waiting for its persons, or a change of a merged person (its void date and
     /// reason are read from HQ). Every other batch can be planned while the previous one is
     /// being written ([`Applier::plan_batch`]).
@@ -354,7 +368,7 @@ impl Applier {
             return true;
         }
         records.iter().any(|r| match &r.decoded {
-            Ok(HqEvent::Merge { .. }) => true,
+            Ok(HqEvent::Merge { .. } | HqEvent::IdentityReview { .. }) => true,
             Ok(HqEvent::Change { event, origin_refs, .. }) if matches!(event.table.as_deref(), Some("person" | "patient")) && !self.merges.is_empty() => {
                 match event.table.as_deref().and_then(|t| self.model.table(t)) {
                     Some(tm) => self.row_key(tm, event, origin_refs).map(|k| self.survivor_of(&k).is_some()).unwrap_or(false),
@@ -377,7 +391,9 @@ impl Applier {
         for rec in records {
             match self.intake(rec, &mut out, &mut aggregates) {
                 Some(Intake::Work(w)) => segment.push(*w),
-                Some(Intake::Merge(..)) => return Err(SinkError::Schema("internal: a merge in a batch planned ahead; needs_sync should have sent it to apply".into())),
+                Some(Intake::Merge(..) | Intake::Review(_)) => {
+                    return Err(SinkError::Schema("internal: a merge or review in a batch planned ahead; needs_sync should have sent it to apply".into()))
+                }
                 None => {}
             }
         }

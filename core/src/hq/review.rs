@@ -1,0 +1,76 @@
+//! The identity review queue's vocabulary, shared by the transform that raises reviews, the
+//! sinks that store them and the `identity` command that lists them.
+//!
+//! A review is about person records; its id is a function of what it is about (a name-based
+//! uuid), so that the same finding raised again (a replay, a restart, the same correction read
+//! twice) is the same entry, whichever stage or run raised it.
+
+/// A merge the transform made: it needs nobody, but can be confirmed or (later) split.
+pub const MERGED: &str = "merged";
+/// Something HQ will not decide alone: a person should look.
+pub const OPEN: &str = "open";
+/// A possible duplicate nothing joined: a suggestion only.
+pub const SUGGESTED: &str = "suggested";
+/// A person looked and kept the merge.
+pub const CONFIRMED: &str = "confirmed";
+
+/// Every status, in the order the `identity` command shows them.
+pub const STATUSES: [&str; 4] = [OPEN, SUGGESTED, MERGED, CONFIRMED];
+
+/// Merged: two records held the same identifier.
+pub const IDENTIFIER_LINK: &str = "identifier_link";
+/// Merged: a site merged two of its own records (`person_merge_log`).
+pub const SITE_MERGE: &str = "site_merge";
+/// Merged: a registration date changed which record survives.
+pub const SURVIVOR_CHANGE: &str = "survivor_change";
+/// Open: an identifier of a merged person was voided at its site.
+pub const IDENTIFIER_VOIDED: &str = "identifier_voided";
+/// Open: an identifier of a merged person was deleted at its site.
+pub const IDENTIFIER_DELETED: &str = "identifier_deleted";
+/// Open: an identifier of a merged person was changed to another value at its site.
+pub const IDENTIFIER_CORRECTED: &str = "identifier_corrected";
+
+/// Every reason, with what a data manager reads for it.
+pub const REASONS: [(&str, &str); 6] = [
+    (IDENTIFIER_LINK, "merged: two records hold the same identifier"),
+    (SITE_MERGE, "merged: a clinic merged two of its own records"),
+    (SURVIVOR_CHANGE, "merged: a registration date changed which record survives"),
+    (IDENTIFIER_VOIDED, "an identifier that joined this person was voided at a clinic; the merge is kept until someone decides"),
+    (IDENTIFIER_DELETED, "an identifier that joined this person was deleted at a clinic; the merge is kept until someone decides"),
+    (IDENTIFIER_CORRECTED, "an identifier that joined this person was changed at a clinic; the merge is kept until someone decides"),
+];
+
+/// The review reason of a merge's reason (`identifier`, `site_merge`, `survivor_change`).
+pub fn merge_reason(merge_reason: &str) -> &'static str {
+    match merge_reason {
+        "identifier" => IDENTIFIER_LINK,
+        "site_merge" => SITE_MERGE,
+        _ => SURVIVOR_CHANGE,
+    }
+}
+
+/// What a data manager reads for `reason`.
+pub fn describe(reason: &str) -> &'static str {
+    REASONS.iter().find(|(r, _)| *r == reason).map_or("", |(_, d)| d)
+}
+
+/// Namespace of review ids.
+const NS: uuid::Uuid = uuid::Uuid::from_u128(0x6f6d_7273_2d72_6576_6965_772d_6964_0001);
+
+/// The id of the review about `parts` (joined with a separator no uuid or code holds).
+pub fn review_id(parts: &[&str]) -> String {
+    uuid::Uuid::new_v5(&NS, parts.join("\u{1f}").as_bytes()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_finding_has_the_same_id_and_another_one_another() {
+        assert_eq!(review_id(&["merge", "a", "b"]), review_id(&["merge", "a", "b"]));
+        assert_ne!(review_id(&["merge", "a", "b"]), review_id(&["merge", "b", "a"]));
+        assert_ne!(review_id(&["merge", "ab", ""]), review_id(&["merge", "a", "b"]));
+        assert!(REASONS.iter().all(|(r, d)| !d.is_empty() && describe(r) == *d));
+    }
+}
