@@ -81,7 +81,7 @@ enum Command {
     },
     /// Cross-site patient identity at HQ, for a data manager: `list` the review queue (every
     /// merge, every identifier change HQ will not act on alone), `show` one person's records
-    /// per clinic and why they were joined.
+    /// per clinic and why they were joined, `confirm` a review (keep the merge).
     Identity {
         #[command(subcommand)]
         action: omrs_sinks::identity::IdentityCommand,
@@ -223,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         print!("{}", omrs_sinks::identity::render_list(&l));
                     }
                 }
+                omrs_sinks::identity::IdentityCommand::Confirm(a) => println!("{}", omrs_sinks::identity::confirm(&cfg, a).await?),
                 omrs_sinks::identity::IdentityCommand::Show(a) => {
                     let c = omrs_sinks::identity::show(&cfg, a).await?;
                     if a.json {

@@ -99,10 +99,10 @@ fn topics_apply_then_check_exit_codes() {
 
     let apply = bin().arg("--config").arg(&cfg).args(["topics", "apply"]).output().unwrap();
     assert!(apply.status.success(), "{}", String::from_utf8_lossy(&apply.stderr));
-    assert!(String::from_utf8_lossy(&apply.stdout).contains("9 created, 0 changed, 0 unchanged"));
+    assert!(String::from_utf8_lossy(&apply.stdout).contains("10 created, 0 changed, 0 unchanged"));
 
     let again = bin().arg("--config").arg(&cfg).args(["topics", "apply"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&again.stdout).contains("0 created, 0 changed, 9 unchanged"));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 created, 0 changed, 10 unchanged"));
 
     let check = bin().arg("--config").arg(&cfg).args(["topics", "check"]).output().unwrap();
     assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stderr));

@@ -166,6 +166,46 @@ async fn five_sites_of_adversarial_identity_consolidate_by_the_simulators_truth(
         assert!(text.contains(&m.0) && text.contains(&m.1), "identity show (text) lacks {m:?}:\n{text}");
     }
 
+    // A data manager confirms one open review (issue #23 §3): the decision goes through Kafka
+    // and the transform to both sinks, once; confirming again changes nothing; the merge stays.
+    let confirm = |id: &str| {
+        let out = bin()
+            .arg("--config")
+            .arg(&cfg_path)
+            .args(["identity", "confirm", id, "--note", "same person: the card was misprinted", "--by", "dm-test", "--wait", "0"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "identity confirm: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let (cid, _, _, _) = &open[0];
+    let said = confirm(cid);
+    assert!(said.contains("sent"), "{said}");
+    p.run(&cfg_path, &["transform", "--until-idle", "--metrics-port", "0"]);
+    p.run(&cfg_path, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
+    p.run(&cfg_path, &["sink", "parquet", "--until-idle", "--metrics-port", "0", "--quiet"]);
+    let row: Option<(String, Option<String>, Option<String>)> =
+        h.exec_first("SELECT status, decided_by, note FROM omrs_sync_identity_review WHERE review_id = ?", (cid,)).await.unwrap();
+    assert_eq!(row, Some(("confirmed".into(), Some("dm-test".into()), Some("same person: the card was misprinted".into()))));
+    assert_eq!(count(&mut h, "SELECT COUNT(*) FROM omrs_sync_identity_review WHERE status = 'open'").await, open.len() as i64 - 1);
+    let q = bin()
+        .arg("--config")
+        .arg(&cfg_path)
+        .args(["query", "--lake"])
+        .arg(&lake)
+        .args(["--format", "json", &format!("SELECT status, decided_by, note FROM identity.reviews WHERE review_id = '{cid}'")])
+        .output()
+        .unwrap();
+    let lake_row: J = serde_json::from_slice(&q.stdout).unwrap_or(J::Null);
+    assert_eq!(lake_row, serde_json::json!([{"status": "confirmed", "decided_by": "dm-test", "note": "same person: the card was misprinted"}]), "{}", String::from_utf8_lossy(&q.stderr));
+    assert!(confirm(cid).contains("already confirmed"));
+    let again = bin().arg("--config").arg(&cfg_path).args(["identity", "show", cid, "--json"]).output().unwrap();
+    let again: J = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["members"].as_array().map(Vec::len), Some(truth.len()), "the confirmed merge stands");
+    let v = bin().arg("--config").arg(&cfg_path).args(["verify", "--json", "--no-values", "--lake"]).arg(&lake).output().unwrap();
+    let report: J = serde_json::from_slice(&v.stdout).unwrap_or(J::Null);
+    assert_eq!(report["lake_reviews"]["differing"], 0, "after the decision: {}", report["lake_reviews"]);
+
     let mut a = admin(HQ_PORT, None).await;
     a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
     for port in PORTS {

@@ -48,6 +48,15 @@ impl TopicNames {
     pub fn transform_state(&self) -> String {
         format!("{}omrs.transform.state", self.prefix)
     }
+    /// Data managers' decisions on identity reviews (`omrs-stream identity confirm`).
+    pub fn identity_decisions(&self) -> String {
+        format!("{}omrs.identity.decisions", self.prefix)
+    }
+    /// What the transform reads: every site topic, and the identity decisions.
+    pub fn transform_input_pattern(&self) -> String {
+        let p = self.prefix.replace('.', "\\.");
+        format!("^({p}omrs\\.cdc\\..+|{p}omrs\\.identity\\.decisions)$")
+    }
     pub fn dlq(&self) -> String {
         format!("{}omrs.dlq", self.prefix)
     }

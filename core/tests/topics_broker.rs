@@ -42,11 +42,11 @@ async fn apply_creates_every_topic_with_its_settings_and_is_idempotent() {
     let prefix = unique_prefix("apply");
     let k = kafka(&prefix);
     let want = declared(&prefix);
-    // Per site: omrs.cdc.<site> and omrs.ingest.offsets.<site>; then three shared topics.
-    assert_eq!(want.len(), 2 * 3 + 3);
+    // Per site: omrs.cdc.<site> and omrs.ingest.offsets.<site>; then four shared topics.
+    assert_eq!(want.len(), 2 * 3 + 4);
 
     let first = topics::apply(&k, &want).await.unwrap();
-    assert_eq!(first.created.len(), 9, "{first:?}");
+    assert_eq!(first.created.len(), 10, "{first:?}");
 
     // Read every topic back through the admin API.
     let names: Vec<String> = want.iter().map(|t| t.name.clone()).collect();
@@ -70,7 +70,7 @@ async fn apply_creates_every_topic_with_its_settings_and_is_idempotent() {
 
     let second = topics::apply(&k, &want).await.unwrap();
     assert!(second.is_noop(), "second apply changed something: {second:?}");
-    assert_eq!(second.unchanged.len(), 9);
+    assert_eq!(second.unchanged.len(), 10);
     topics::check(&k, &want).await.unwrap();
     cleanup(&k, &want).await;
 }
@@ -99,8 +99,8 @@ async fn check_names_each_mismatch_and_apply_fixes_what_it_can() {
     assert!(lines.contains(&format!("{dlq}: partitions 3 (want 1)")), "{lines:?}");
     assert!(lines.contains(&format!("{state}: cleanup.policy=delete (want compact)")), "{lines:?}");
     assert!(lines.contains(&format!("{}: missing", n.hq_changes())), "{lines:?}");
-    // 7 missing topics; the state topic: policy and lag; the DLQ: partitions and retention.
-    assert_eq!(lines.len(), 7 + 2 + 2, "{lines:?}");
+    // 8 missing topics; the state topic: policy and lag; the DLQ: partitions and retention.
+    assert_eq!(lines.len(), 8 + 2 + 2, "{lines:?}");
 
     // apply creates the missing ones and fixes the config, but cannot remove partitions.
     let err = topics::apply(&k, &want).await.unwrap_err();

@@ -26,6 +26,25 @@ pub enum IdentityCommand {
     /// birthdates and identifiers; why they were joined; what HQ did; and its reviews. Takes a
     /// person uuid (any record of the person, at any clinic) or a review id.
     Show(ShowArgs),
+    /// Keep a merge, or close an open review while keeping the merge: the decision (who, when,
+    /// why) goes to omrs.identity.decisions, and the transform passes it to HQ and the lake.
+    /// Waits until HQ shows it.
+    Confirm(DecideArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DecideArgs {
+    /// The review id (from `identity list`).
+    pub review: String,
+    /// Why, in a few words; kept with the decision.
+    #[arg(long)]
+    pub note: Option<String>,
+    /// Who decides (default: $OMRS_USER, else $USER).
+    #[arg(long)]
+    pub by: Option<String>,
+    /// Wait this many seconds for HQ to show the decision (0: send and return).
+    #[arg(long, default_value_t = 60)]
+    pub wait: u64,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -372,4 +391,65 @@ pub fn render_show(c: &Component) -> String {
         }
     }
     out
+}
+
+/// `identity confirm`: the decision sent, and what HQ shows. Returns the line to print.
+pub async fn confirm(cfg: &Config, args: &DecideArgs) -> Result<String, SinkError> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut conn = crate::hq_mysql::connect(cfg, true).await?;
+    let id = args.review.trim();
+    let row: Option<(String, String, String, i64, String, String, Option<String>, Option<String>)> = conn
+        .exec_first(
+            "SELECT status, reason, site, first_seen_ms, person_uuid, records, evidence, decided_by FROM omrs_sync_identity_review WHERE review_id = ?",
+            (id,),
+        )
+        .await
+        .map_err(|e| no_queue(e, "reading the identity reviews"))?;
+    let Some((status, reason, site, ts_ms, person, records, evidence, decided_by)) = row else {
+        return Err(SinkError::Usage(format!("{id}: no such review at HQ (`omrs-stream identity list` shows them)")));
+    };
+    if status == review::CONFIRMED {
+        return Ok(format!("review {id} is already confirmed (by {})", decided_by.unwrap_or_default()));
+    }
+    let by = args.by.clone().or_else(|| std::env::var("OMRS_USER").ok()).or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
+    let decision = review::Decision {
+        action: "confirm".into(),
+        review_id: id.to_string(),
+        reason,
+        person,
+        records: serde_json::from_str(&records).unwrap_or_default(),
+        evidence: evidence.and_then(|e| serde_json::from_str(&e).ok()).unwrap_or(serde_json::Value::Null),
+        site,
+        ts_ms,
+        decided: review::Decided { by: by.clone(), at_ms: omrs_core::clock::now_ms(), note: args.note.clone() },
+    };
+    let topic = omrs_core::topics::TopicNames::new(cfg.kafka.topic_prefix.clone()).identity_decisions();
+    let producer: FutureProducer = omrs_core::kafka::client_config(&cfg.kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .map_err(|e| SinkError::kafka("creating the decisions producer", e))?;
+    let payload = serde_json::to_vec(&decision).unwrap_or_default();
+    producer
+        .send(FutureRecord::to(&topic).key(id).payload(&payload), std::time::Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| SinkError::Kafka {
+            context: format!("sending the decision to {topic} (does it exist? `omrs-stream topics apply` creates it)"),
+            message: e.to_string(),
+            transient: false,
+        })?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait);
+    while std::time::Instant::now() < deadline {
+        let now: Option<String> = conn
+            .exec_first("SELECT status FROM omrs_sync_identity_review WHERE review_id = ?", (id,))
+            .await
+            .map_err(|e| SinkError::db("reading the identity reviews", e))?;
+        if now.as_deref() == Some(review::CONFIRMED) {
+            return Ok(format!("review {id} confirmed by {by}: HQ keeps the merge; the lake follows"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    Ok(format!(
+        "review {id}: decision by {by} sent to {topic}; HQ and the lake show it once the transform and the sinks have applied it (they are not running, or behind)"
+    ))
 }

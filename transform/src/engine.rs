@@ -320,6 +320,7 @@ impl Engine {
             evidence: evidence.clone(),
             site: site.into(),
             ts_ms: ts,
+            decided: None,
         };
         out.push(Out::Hq(Box::new(HqEvent::Merge { winner: m.winner, loser: m.loser, reason: reason.into(), evidence, site: site.into(), ts_ms: ts })));
         out.push(Out::Hq(Box::new(review)));
@@ -338,6 +339,7 @@ impl Engine {
             evidence: f.evidence,
             site: site.into(),
             ts_ms: ts,
+            decided: None,
         })));
     }
 
@@ -456,6 +458,29 @@ impl Engine {
             _ => ["patient_id", "person_id"].iter().find_map(|c| ev.refs.get(c).and_then(J::as_str).map(str::to_string)),
         };
         out.push(Out::Change { late, person, origin_refs, event: ev });
+    }
+
+    /// A data manager's decision on a review (`omrs.identity.decisions`): the review again,
+    /// with the status the decision gives it, for both sinks. Err: not a decision this version
+    /// knows (the runner dead-letters it).
+    pub fn decide(&mut self, d: review::Decision, out: &mut Vec<Out>) -> Result<(), String> {
+        let status = d.status()?;
+        if d.review_id.is_empty() {
+            return Err("decision without a review_id".into());
+        }
+        tracing::info!(review = %d.review_id, status, by = %d.decided.by, "identity review decided");
+        out.push(Out::Hq(Box::new(HqEvent::IdentityReview {
+            person: self.identity.canonical(&d.person),
+            review_id: d.review_id,
+            reason: d.reason,
+            status: status.into(),
+            records: d.records,
+            evidence: d.evidence,
+            site: d.site,
+            ts_ms: d.ts_ms,
+            decided: Some(d.decided),
+        })));
+        Ok(())
     }
 
     /// Watermark facts for the changelog.

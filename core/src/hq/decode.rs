@@ -54,6 +54,7 @@ struct Fields<R> {
     review_id: Option<String>,
     status: Option<String>,
     records: Option<Vec<String>>,
+    decided: Option<super::review::Decided>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<J>, D::Error> {
@@ -118,6 +119,7 @@ impl<R: Image> Fields<R> {
                     evidence,
                     site: need(f.site, "site")?,
                     ts_ms: need(f.ts_ms, "ts_ms")?,
+                    decided: f.decided,
                 }
             }
         })
@@ -148,6 +150,7 @@ mod tests {
             r#"{"type":"aggregate","name":"obs_per_day","site":"s","window_start_ms":0,"window_end_ms":86400000,"value":4,"final":true,"revision":1,"watermark_ms":9}"#.to_string(),
             r#"{"type":"identity_review","person":"p","reason":"identifier_voided","evidence":{"v":1},"site":"s","ts_ms":4}"#.to_string(),
             r#"{"type":"identity_review","review_id":"r-1","reason":"identifier_link","status":"merged","person":"p","records":["p","q"],"evidence":{"v":1},"site":"s","ts_ms":4}"#.to_string(),
+            r#"{"type":"identity_review","review_id":"r-1","reason":"identifier_link","status":"confirmed","person":"p","records":["p","q"],"evidence":{"v":1},"site":"s","ts_ms":4,"decided":{"by":"dm","at_ms":9,"note":"same mother"}}"#.to_string(),
         ];
         for r in &records {
             let maps: HqEvent<Row> = serde_json::from_str(r).unwrap_or_else(|e| panic!("{r}: {e}"));

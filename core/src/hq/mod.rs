@@ -84,6 +84,9 @@ pub enum HqEvent<R = Row> {
         evidence: J,
         site: String,
         ts_ms: i64,
+        /// Set when a person's decision gave the review its status.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decided: Option<review::Decided>,
     },
 }
 

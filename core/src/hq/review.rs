@@ -14,6 +14,9 @@ pub const SUGGESTED: &str = "suggested";
 /// A person looked and kept the merge.
 pub const CONFIRMED: &str = "confirmed";
 
+/// Statuses only a person's decision sets: a review raised again never takes them back.
+pub const DECIDED: [&str; 1] = [CONFIRMED];
+
 /// Every status, in the order the `identity` command shows them.
 pub const STATUSES: [&str; 4] = [OPEN, SUGGESTED, MERGED, CONFIRMED];
 
@@ -52,6 +55,47 @@ pub fn merge_reason(merge_reason: &str) -> &'static str {
 /// What a data manager reads for `reason`.
 pub fn describe(reason: &str) -> &'static str {
     REASONS.iter().find(|(r, _)| *r == reason).map_or("", |(_, d)| d)
+}
+
+/// A data manager's decision on a review, as written to `omrs.identity.decisions` by
+/// `omrs-stream identity confirm` and consumed by the transform (in its transaction, like a
+/// site's change). It carries the review as the data manager saw it at HQ, so that the
+/// transform can re-emit it with its new status.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Decision {
+    /// `confirm`.
+    pub action: String,
+    pub review_id: String,
+    pub reason: String,
+    pub person: String,
+    pub records: Vec<String>,
+    pub evidence: serde_json::Value,
+    pub site: String,
+    /// The review's first event time.
+    pub ts_ms: i64,
+    pub decided: Decided,
+}
+
+/// Who decided, when, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Decided {
+    pub by: String,
+    pub at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The actions a decision may take.
+pub const ACTIONS: [&str; 1] = ["confirm"];
+
+impl Decision {
+    /// The status a decision gives its review, or why it is not a decision this version knows.
+    pub fn status(&self) -> Result<&'static str, String> {
+        match self.action.as_str() {
+            "confirm" => Ok(CONFIRMED),
+            other => Err(format!("decision on review {}: unknown action `{other}` (known: {})", self.review_id, ACTIONS.join(", "))),
+        }
+    }
 }
 
 /// Namespace of review ids.

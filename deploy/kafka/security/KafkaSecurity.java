@@ -11,12 +11,14 @@
 // Principals and what each may do (least privilege; P = topic prefix):
 //   P omrs-agent-<site>   write omrs.cdc.<site>; read/write omrs.ingest.offsets.<site>;
 //                         its transactional id omrs-ingest-<site>. Nothing else.
-//   P omrs-transform      read omrs.cdc.*; write omrs.hq.changes and omrs.dlq; read/write
-//                         omrs.transform.state; its group and transactional id.
+//   P omrs-transform      read omrs.cdc.* and omrs.identity.decisions; write omrs.hq.changes
+//                         and omrs.dlq; read/write omrs.transform.state; its group and
+//                         transactional id.
 //   P omrs-hq-sink        read omrs.hq.changes; write omrs.dlq; its group.
 //   P omrs-parquet-sink   the same, for the Parquet sink.
 //   P omrs-operator       read every omrs topic and group (verify, dlq list); write the site
-//                         topics and omrs.hq.changes (dlq replay).
+//                         topics and omrs.hq.changes (dlq replay), and omrs.identity.decisions
+//                         (identity confirm): the only writer of decisions.
 
 import java.nio.file.*;
 import java.nio.file.attribute.PosixFilePermissions;
@@ -99,6 +101,7 @@ public class KafkaSecurity {
         String t = prefix + "omrs-transform";
         users.add(t);
         topic(acls, t, prefix + "omrs.cdc.", PRE, R, D);
+        topic(acls, t, prefix + "omrs.identity.decisions", L, R, D);
         topic(acls, t, prefix + "omrs.hq.changes", L, W, D);
         topic(acls, t, prefix + "omrs.transform.state", L, R, W, D);
         topic(acls, t, prefix + "omrs.dlq", L, W, D);
@@ -119,6 +122,7 @@ public class KafkaSecurity {
         topic(acls, op, prefix + "omrs.", PRE, R, D, AclOperation.DESCRIBE_CONFIGS);
         topic(acls, op, prefix + "omrs.cdc.", PRE, W);
         topic(acls, op, prefix + "omrs.hq.changes", L, W);
+        topic(acls, op, prefix + "omrs.identity.decisions", L, W);
         acls.add(allow(op, ResourceType.GROUP, prefix + "omrs-", PRE, R));
         acls.add(allow(op, ResourceType.GROUP, prefix + "omrs-", PRE, D));
         acls.add(allow(op, ResourceType.GROUP, "omrs-reader-" + prefix, PRE, R));

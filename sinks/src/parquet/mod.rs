@@ -581,10 +581,10 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &Site
         HqEvent::Watermark { ts_ms } => {
             buf.watermark = Some(buf.watermark.map_or(ts_ms, |w| w.max(ts_ms)));
         }
-        HqEvent::IdentityReview { review_id, reason, status, person, records, evidence, site, ts_ms } => {
+        HqEvent::IdentityReview { review_id, reason, status, person, records, evidence, site, ts_ms, decided } => {
             let records = serde_json::to_string(&records).unwrap_or_default();
             let evidence = evidence.to_string();
-            buf.reviews.push(reviews::ReviewVersion { review_id, reason, status, person, records, evidence, site, ts_ms, partition: p, offset: o });
+            buf.reviews.push(reviews::ReviewVersion { review_id, reason, status, person, records, evidence, site, ts_ms, decided, partition: p, offset: o });
         }
         HqEvent::Aggregate { name, site, window_start_ms, window_end_ms, dim, value, is_final, revision, watermark_ms } => {
             if !omrs_core::hq::AGGREGATES.iter().any(|a| a.name == name) {

@@ -29,6 +29,7 @@ pub struct ReviewVersion {
     pub evidence: String,
     pub site: String,
     pub ts_ms: i64,
+    pub decided: Option<omrs_core::hq::review::Decided>,
     pub partition: i32,
     pub offset: i64,
 }
@@ -43,7 +44,10 @@ pub fn schema() -> SchemaRef {
         Field::new("records", DataType::Utf8, false),
         Field::new("evidence", DataType::Utf8, true),
         Field::new("site", DataType::Utf8, false),
-        Field::new("first_seen", ts, false),
+        Field::new("first_seen", ts.clone(), false),
+        Field::new("decided_at", ts, true),
+        Field::new("decided_by", DataType::Utf8, true),
+        Field::new("note", DataType::Utf8, true),
         Field::new("_kafka_partition", DataType::Int32, false),
         Field::new("_kafka_offset", DataType::Int64, false),
     ]))
@@ -53,25 +57,42 @@ pub fn batch(rows: &[ReviewVersion]) -> Result<RecordBatch, SinkError> {
     let n = rows.len();
     let mut text: Vec<StringBuilder> = (0..7).map(|_| StringBuilder::new()).collect();
     let (mut ts, mut kp, mut ko) = (TimestampMillisecondBuilder::with_capacity(n), Int32Builder::with_capacity(n), Int64Builder::with_capacity(n));
+    let (mut at, mut by, mut note) = (TimestampMillisecondBuilder::with_capacity(n), StringBuilder::new(), StringBuilder::new());
     for r in rows {
         for (b, v) in text.iter_mut().zip([&r.review_id, &r.reason, &r.status, &r.person, &r.records, &r.evidence, &r.site]) {
             b.append_value(v);
         }
         ts.append_value(r.ts_ms);
+        at.append_option(r.decided.as_ref().map(|d| d.at_ms));
+        by.append_option(r.decided.as_ref().map(|d| d.by.as_str()));
+        note.append_option(r.decided.as_ref().and_then(|d| d.note.as_deref()));
         kp.append_value(r.partition);
         ko.append_value(r.offset);
     }
     let mut cols: Vec<ArrayRef> = text.into_iter().map(|mut b| Arc::new(b.finish()) as ArrayRef).collect();
-    cols.extend([Arc::new(ts.finish().with_timezone("UTC")) as ArrayRef, Arc::new(kp.finish()), Arc::new(ko.finish())]);
+    cols.extend([
+        Arc::new(ts.finish().with_timezone("UTC")) as ArrayRef,
+        Arc::new(at.finish().with_timezone("UTC")),
+        Arc::new(by.finish()),
+        Arc::new(note.finish()),
+        Arc::new(kp.finish()),
+        Arc::new(ko.finish()),
+    ]);
     RecordBatch::try_new(schema(), cols).map_err(|e| SinkError::Lake(format!("building the identity review batch: {e}")))
 }
 
-/// One row per review: the query behind `identity.reviews`.
+/// One row per review: the query behind `identity.reviews`. As at HQ: the latest version gives
+/// the reason, evidence and person, the latest decision the status, the earliest `first_seen`.
 pub fn latest_sql() -> String {
+    let h = format!("{DIR}.{REVIEWS}_history");
     format!(
-        "SELECT review_id, reason, status, person_uuid, records, evidence, site, _first AS first_seen FROM \
-         (SELECT *, ROW_NUMBER() OVER (PARTITION BY review_id ORDER BY CASE WHEN status IN ('confirmed', 'split') THEN 1 ELSE 0 END DESC, \
-            _kafka_partition DESC, _kafka_offset DESC) AS _rn, MIN(first_seen) OVER (PARTITION BY review_id) AS _first \
-          FROM {DIR}.{REVIEWS}_history) WHERE _rn = 1"
+        "SELECT l.review_id, l.reason, COALESCE(d.status, l.status) AS status, l.person_uuid, l.records, l.evidence, l.site, \
+                l._first AS first_seen, d.decided_at, d.decided_by, d.note \
+         FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY review_id ORDER BY _kafka_partition DESC, _kafka_offset DESC) AS _rn, \
+                      MIN(first_seen) OVER (PARTITION BY review_id) AS _first FROM {h}) l \
+         LEFT JOIN (SELECT review_id, status, decided_at, decided_by, note, \
+                      ROW_NUMBER() OVER (PARTITION BY review_id ORDER BY _kafka_partition DESC, _kafka_offset DESC) AS _rn \
+                    FROM {h} WHERE decided_by IS NOT NULL) d ON d.review_id = l.review_id AND d._rn = 1 \
+         WHERE l._rn = 1"
     )
 }

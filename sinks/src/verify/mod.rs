@@ -232,7 +232,7 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
     // 3. No two unvoided HQ patients share a configured identifier.
     check_identifiers(cfg, &mut hq, &mut r).await?;
 
-    // 4. The lake's current tables equal HQ in uuid space.
+    // 4. The lake's current tables equal HQ in uuid space, and so does its review queue.
     let lake_root = args.lake.clone().unwrap_or_else(|| cfg.sinks.parquet.path.clone());
     if !args.no_lake {
         let ctx = crate::query::context(&lake_root).await?;
@@ -261,6 +261,11 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
                 sample: missing.iter().chain(extra.iter()).take(args.samples).map(|u| u.to_string()).collect(),
             });
         }
+        let reviews = lake::reviews(&ctx, &mut hq, args.samples).await?;
+        if reviews.differing > 0 {
+            r.problems.push(format!("identity reviews: {} differ between HQ ({}) and the lake ({}), e.g. {:?}", reviews.differing, reviews.hq, reviews.lake, reviews.sample));
+        }
+        r.lake_reviews = Some(reviews);
     }
 
     // 5. Values: HQ against the sites' winners, the lake against HQ, the lake's history.
@@ -439,11 +444,6 @@ async fn value_checks(cfg: &Config, args: &VerifyArgs, lake_root: &std::path::Pa
     for t in r.lake_values.iter().filter(|t| t.differing > 0) {
         r.problems.push(format!("lake current.{}: {} of {} rows differ from HQ", t.table, t.differing, t.compared));
     }
-    let reviews = lake::reviews(&ctx, &mut hq, args.samples).await?;
-    if reviews.differing > 0 {
-        r.problems.push(format!("identity reviews: {} differ between HQ ({}) and the lake ({}), e.g. {:?}", reviews.differing, reviews.hq, reviews.lake, reviews.sample));
-    }
-    r.lake_reviews = Some(reviews);
     r.lake_history_duplicates = lake::history_duplicates(&ctx, args.samples).await?;
     for d in &r.lake_history_duplicates {
         r.problems.push(format!("lake changes.{}: {} repeated rows (same {})", d.table, d.rows, d.by));

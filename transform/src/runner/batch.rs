@@ -69,6 +69,8 @@ pub(super) struct Runner {
     prof: Phases,
     /// The last global watermark written to omrs.hq.changes (for the Parquet sink's partitions).
     wm_out: i64,
+    /// `omrs.identity.decisions`: read with the site topics, handled by [`Engine::decide`].
+    decisions_topic: String,
 }
 
 impl Runner {
@@ -110,12 +112,13 @@ impl Runner {
             .set("queued.max.messages.kbytes", "4096")
             .create_with_context(LagContext::new("transform"))
             .map_err(|e| TransformError::kafka("creating the consumer", e))?;
-        consumer.subscribe(&[&names.cdc_pattern()]).map_err(|e| TransformError::kafka("subscribing to the site topics", e))?;
+        consumer.subscribe(&[&names.transform_input_pattern()]).map_err(|e| TransformError::kafka("subscribing to the site topics", e))?;
         omrs_core::endpoint::ready();
         let cdc_prefix = names.cdc_prefix();
-        let targets = if args.until_idle { Some(end_offsets(&consumer, &cdc_prefix)?) } else { None };
+        let targets = if args.until_idle { Some(end_offsets(&consumer, &cdc_prefix, &names.identity_decisions())?) } else { None };
         Ok(Runner {
             out_topic: names.hq_changes(),
+            decisions_topic: names.identity_decisions(),
             state_topic: names.transform_state(),
             dlq_topic: names.dlq(),
             cdc_prefix,
@@ -195,6 +198,16 @@ impl Runner {
             }
             if self.engine.already_handled(&origin) {
                 // Emitted or dead-lettered past the committed offset by an earlier version.
+                continue;
+            }
+            if *origin.topic == *self.decisions_topic {
+                let payload = msg.payload().unwrap_or(&[]);
+                let decided = serde_json::from_slice::<omrs_core::hq::review::Decision>(payload)
+                    .map_err(|e| format!("not an identity decision: {e}"))
+                    .and_then(|d| self.engine.decide(d, &mut b.outputs));
+                if let Err(reason) = decided {
+                    b.dead.push((origin, DeadKind::InvalidRecord, reason, payload.to_vec()));
+                }
                 continue;
             }
             // Decode from the borrowed record; the event keeps one copy of its bytes, and a
@@ -411,10 +424,10 @@ fn decode_record(payload: &[u8], site: &Arc<str>, topic: &str) -> Result<InEvent
 
 /// The end offset of every site topic's partitions at start, for `--until-idle`; partitions
 /// already committed to their end count as done (0).
-fn end_offsets(consumer: &StreamConsumer<LagContext>, cdc_prefix: &str) -> Result<HashMap<TopicPart, i64>, TransformError> {
+fn end_offsets(consumer: &StreamConsumer<LagContext>, cdc_prefix: &str, decisions: &str) -> Result<HashMap<TopicPart, i64>, TransformError> {
     let md = consumer.fetch_metadata(None, Duration::from_secs(30)).map_err(|e| TransformError::kafka("reading metadata", e))?;
     let mut t = HashMap::new();
-    for topic in md.topics().iter().filter(|t| t.name().starts_with(cdc_prefix)) {
+    for topic in md.topics().iter().filter(|t| t.name().starts_with(cdc_prefix) || t.name() == decisions) {
         for p in topic.partitions() {
             let (_, high) = consumer.fetch_watermarks(topic.name(), p.id(), Duration::from_secs(30)).map_err(|e| TransformError::kafka("reading end offsets", e))?;
             t.insert((topic.name().to_string(), p.id()), high);

@@ -314,12 +314,12 @@ impl Applier {
                 aggregates.entry(name).or_default().insert((site, window_start_ms, dim), row);
                 None
             }
-            HqEvent::IdentityReview { review_id, reason, status, person, records, evidence, site, ts_ms } => {
+            HqEvent::IdentityReview { review_id, reason, status, person, records, evidence, site, ts_ms, decided } => {
                 if status == omrs_core::hq::review::OPEN {
                     tracing::warn!(review = %review_id, person = %person, site = %site, reason = %reason, "identity review opened: HQ keeps the merge until someone decides (omrs-stream identity list)");
                 }
                 let records = serde_json::to_string(&records).unwrap_or_default();
-                Some(Intake::Review(Box::new(ReviewRow { review_id, reason, status, person, records, evidence: evidence.to_string(), site, ts_ms })))
+                Some(Intake::Review(Box::new(ReviewRow { review_id, reason, status, person, records, evidence: evidence.to_string(), site, ts_ms, decided })))
             }
         }
     }

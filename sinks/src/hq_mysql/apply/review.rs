@@ -2,7 +2,8 @@
 //! raised, upserted by its id in the batch's transaction (so exactly once with the offsets).
 //! A review raised again (the same merge made again after a survivor change went back and
 //! forth) takes the latest reason and evidence, and keeps the status HQ holds: a person's
-//! decision is never undone by a replay. Open reviews are exported as gauges per reason, with the age of the oldest.
+//! decision is never undone by a replay; a decision (`decided`) sets the status, who, when and
+//! why. Open reviews are exported as gauges per reason, with the age of the oldest.
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
@@ -22,6 +23,7 @@ pub(super) struct ReviewRow {
     pub(super) evidence: String,
     pub(super) site: String,
     pub(super) ts_ms: i64,
+    pub(super) decided: Option<omrs_core::hq::review::Decided>,
 }
 
 /// Upserts the batch's reviews (the last one of an id, in stream order, gives its reason,
@@ -29,9 +31,10 @@ pub(super) struct ReviewRow {
 pub(super) async fn upsert_reviews(conn: &mut Conn, rows: Vec<ReviewRow>) -> Result<u64, SinkError> {
     let n = rows.len() as u64;
     for chunk in rows.chunks(200) {
-        let marks = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, NOW(3))"; chunk.len()].join(",");
-        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 9);
+        let marks = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, NOW(3), ?, ?, ?)"; chunk.len()].join(",");
+        let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 12);
         for r in chunk {
+            let d = r.decided.as_ref();
             params.extend([
                 Value::from(r.review_id.as_str()),
                 Value::from(r.reason.as_str()),
@@ -42,14 +45,21 @@ pub(super) async fn upsert_reviews(conn: &mut Conn, rows: Vec<ReviewRow>) -> Res
                 Value::from(r.site.as_str()),
                 Value::from(r.ts_ms),
                 Value::from(datetime(r.ts_ms)),
+                Value::from(d.map(|d| datetime(d.at_ms))),
+                Value::from(d.map(|d| d.by.as_str())),
+                Value::from(d.and_then(|d| d.note.as_deref())),
             ]);
         }
         conn.exec_drop(
             format!(
                 "INSERT INTO omrs_sync_identity_review
-                   (review_id, reason, status, person_uuid, records, evidence, site, first_seen_ms, first_seen, raised_at)
+                   (review_id, reason, status, person_uuid, records, evidence, site, first_seen_ms, first_seen, raised_at, decided_at, decided_by, note)
                  VALUES {marks}
                  ON DUPLICATE KEY UPDATE person_uuid = VALUES(person_uuid), reason = VALUES(reason), records = VALUES(records),
+                   status = IF(VALUES(decided_by) IS NOT NULL, VALUES(status), status),
+                   decided_at = IF(VALUES(decided_by) IS NOT NULL, VALUES(decided_at), decided_at),
+                   note = IF(VALUES(decided_by) IS NOT NULL, VALUES(note), note),
+                   decided_by = COALESCE(VALUES(decided_by), decided_by),
                    evidence = VALUES(evidence), site = VALUES(site),
                    first_seen = IF(VALUES(first_seen_ms) < first_seen_ms, VALUES(first_seen), first_seen),
                    first_seen_ms = LEAST(first_seen_ms, VALUES(first_seen_ms))"
