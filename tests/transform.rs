@@ -47,6 +47,28 @@ async fn produce(prefix: &str, site: &str, events: &[ChangeEvent]) {
     p.flush(Duration::from_secs(60)).unwrap();
 }
 
+/// 100 confirmations (`review-<round*100+i>`) on the decisions topic, as `identity confirm`
+/// writes them.
+async fn produce_decisions(prefix: &str, round: usize) {
+    let p = producer();
+    let topic = format!("{prefix}omrs.identity.decisions");
+    for i in round * 100..(round + 1) * 100 {
+        let d = omrs_core::hq::review::Decision {
+            action: "confirm".into(),
+            review_id: format!("review-{i:03}"),
+            reason: "identifier_link".into(),
+            person: format!("p-{i}"),
+            records: vec![format!("p-{i}"), format!("q-{i}")],
+            evidence: json!({"value": format!("NID{i}")}),
+            site: "site-a".into(),
+            ts_ms: 1_700_000_000_000 + i as i64,
+            decided: omrs_core::hq::review::Decided { by: "dm".into(), at_ms: 1_800_000_000_000, note: None },
+        };
+        let payload = serde_json::to_vec(&d).unwrap();
+        p.send(FutureRecord::<str, [u8]>::to(&topic).key(&d.review_id).payload(&payload), Duration::from_secs(30)).await.unwrap();
+    }
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     config: PathBuf,
@@ -166,10 +188,17 @@ async fn sigkill_at_several_points_gives_each_event_exactly_once_and_the_same_me
         produce(&killed.prefix, site, evs).await;
         produce(&clean.prefix, site, evs).await;
     }
+
+    // Data managers' decisions (issue #23): all of them for the clean run; for the killed one,
+    // 100 more before each run that is killed.
+    for round in 0..3 {
+        produce_decisions(&clean.prefix, round).await;
+    }
     run_to_end(&clean);
 
     let out_topic = format!("{}omrs.hq.changes", killed.prefix);
-    for target in [5_000, 30_000, 70_000] {
+    for (round, target) in [5_000, 30_000, 70_000].into_iter().enumerate() {
+        produce_decisions(&killed.prefix, round).await;
         let mut t = transform(&killed, true);
         wait_for(180, &format!("{out_topic} to reach {target}"), || {
             if let Ok(Some(s)) = t.try_wait() {
@@ -191,6 +220,20 @@ async fn sigkill_at_several_points_gives_each_event_exactly_once_and_the_same_me
     assert_eq!(got, want);
 
     let clean_out = read_out(&format!("{}omrs.hq.changes", clean.prefix));
+    let decided = |out: &[HqEvent]| -> Vec<(String, String, String)> {
+        let mut d: Vec<_> = out
+            .iter()
+            .filter_map(|e| match e {
+                HqEvent::IdentityReview { review_id, status, decided: Some(by), .. } => Some((review_id.clone(), status.clone(), by.by.clone())),
+                _ => None,
+            })
+            .collect();
+        d.sort();
+        d
+    };
+    let want_decided: Vec<(String, String, String)> = (0..300).map(|i| (format!("review-{i:03}"), "confirmed".to_string(), "dm".to_string())).collect();
+    assert_eq!(decided(&out), want_decided, "every decision re-emitted exactly once across the kills");
+    assert_eq!(decided(&clean_out), want_decided);
     let a = assignment(&out);
     assert_eq!(a.len(), 1_600, "every duplicate merged once");
     assert_eq!(a, assignment(&clean_out), "merges differ from the uninterrupted run");
