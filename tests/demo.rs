@@ -76,6 +76,17 @@ async fn demo_verifies_and_verify_catches_tampering() {
     assert_eq!(s["hq_merges_logged"].as_u64(), Some(merged_away), "records merged away at HQ, by the simulator's own count");
     assert_eq!(s["hq_active_patients"].as_u64(), manifest["expected_hq"]["active_patients"].as_u64());
     assert_eq!(manifest["offline"].as_array().unwrap().len(), 1);
+    // The review queue (issue #23): every merge HQ made is there; the summary says how many
+    // wait for a person and how to list them, and that command works as printed.
+    let merge_reviews = s["reviews_total"].as_i64().unwrap() - s["reviews_open"].as_i64().unwrap();
+    assert!(merge_reviews >= s["hq_merges_logged"].as_i64().unwrap(), "{s}");
+    let line = stdout.lines().find(|l| l.contains("identity reviews")).unwrap_or_else(|| panic!("no review line:\n{stdout}"));
+    assert!(line.contains(&format!("{} open of {}", s["reviews_open"], s["reviews_total"])) && line.contains("identity list --status open"), "{line}");
+    let listed = bin().args(["--config", s["config"].as_str().unwrap(), "identity", "list", "--json"]).output().unwrap();
+    assert!(listed.status.success(), "identity list on the demo: {}", String::from_utf8_lossy(&listed.stderr));
+    let listed: J = serde_json::from_slice(&listed.stdout).unwrap();
+    let total: i64 = listed["counts"].as_object().unwrap().values().map(|v| v.as_i64().unwrap()).sum();
+    assert_eq!(total, s["reviews_total"].as_i64().unwrap(), "{listed}");
     let logs = PathBuf::from(s["logs"].as_str().unwrap());
     for name in ["ingest-site-a", "ingest-site-b", "transform", "sink-hq-mysql", "sink-parquet"] {
         assert!(logs.join(format!("{name}.log")).is_file(), "log of {name}");
