@@ -138,6 +138,36 @@ async fn five_sites_of_adversarial_identity_consolidate_by_the_simulators_truth(
         }
     }
 
+    // Near misses (issue #23 §1), by the simulator's truth: every two records of different
+    // humans at two clinics that end with the same name as typed there (case and spacing
+    // aside), sex and birthdate, each having held a National ID, are suggested; none merged.
+    let norm = |s: &str| s.split_whitespace().map(str::to_lowercase).collect::<Vec<_>>().join(" ");
+    let mut namesakes: std::collections::BTreeMap<(String, String), Vec<(usize, &omrs_simulate::manifest::RecordManifest)>> = Default::default();
+    for (hi, hm) in manifest.humans.iter().enumerate() {
+        for r in hm.records.iter().filter(|r| !r.national_ids.is_empty()) {
+            if let (Some(n), Some(sb)) = (&r.name, &r.sex_birthdate) {
+                namesakes.entry((norm(n), sb.clone())).or_default().push((hi, r));
+            }
+        }
+    }
+    let mut expected = std::collections::BTreeSet::new();
+    for group in namesakes.values() {
+        for (i, (ha, a)) in group.iter().enumerate() {
+            for (hb, b) in &group[i + 1..] {
+                if ha != hb && a.site != b.site {
+                    let mut pair = [a.person_uuid.clone(), b.person_uuid.clone()];
+                    pair.sort();
+                    expected.insert(pair);
+                }
+            }
+        }
+    }
+    let suggested: Vec<(String, String)> = h.query("SELECT records, status FROM omrs_sync_identity_review WHERE reason = 'near_miss'").await.unwrap();
+    assert!(suggested.iter().all(|(_, st)| st == "suggested"), "{suggested:?}");
+    let suggested: std::collections::BTreeSet<[String; 2]> = suggested.iter().map(|(r, _)| serde_json::from_str(r).unwrap()).collect();
+    let missing: Vec<_> = expected.difference(&suggested).collect();
+    assert!(expected.len() >= 3 && missing.is_empty(), "{} namesake pairs by the simulator, {} suggested, not suggested: {missing:?}", expected.len(), suggested.len());
+
     // The data manager's commands on it: the list holds exactly the open reviews; `show` of one
     // gives the human's records, every one, at their clinics.
     let out = bin().arg("--config").arg(&cfg_path).args(["identity", "list", "--status", "open", "--limit", "10000", "--json"]).output().unwrap();

@@ -518,6 +518,8 @@ async fn humans_of(setup: &Setup, args: &SimulateArgs, run: &Ran<'_>) -> Result<
                 national_ids: p.nids_held.clone(),
                 fixes: p.fixes.iter().map(|f| f.to_string()).collect(),
                 merged_into: merged.get(p.uuid.as_str()).map(|w| w.to_string()),
+                name: p.name.as_ref().map(|(g, f)| format!("{g} {f}")),
+                sex_birthdate: p.human.map(|h| format!("{}|{}", run.humans[h].gender, run.humans[h].birthdate.format("%Y-%m-%d"))),
             };
             match p.human {
                 Some(h) => by_human.entry(h).or_default().push(rec),
@@ -718,6 +720,8 @@ mod tests {
             national_ids: nid.map(|n| n.chars().filter(char::is_ascii_digit).collect()).into_iter().collect(),
             fixes: Vec::new(),
             merged_into: merged_into.map(str::to_string),
+            name: None,
+            sex_birthdate: None,
         }
     }
 

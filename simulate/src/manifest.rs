@@ -77,6 +77,13 @@ pub struct RecordManifest {
     pub fixes: Vec<String>,
     /// Voided by a site-side merge into this person uuid.
     pub merged_into: Option<String>,
+    /// The preferred name this site holds at the end, as typed there (`given family`), with the
+    /// human's sex and birthdate (`F|1980-02-03`): what a near-miss suggestion compares.
+    /// Absent for patients that were there before the run, and in older manifests.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub sex_birthdate: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

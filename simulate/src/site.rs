@@ -83,6 +83,8 @@ pub struct PatientState {
     pub human: Option<usize>,
     pub kind: Option<RegKind>,
     name_id: Option<i64>,
+    /// The preferred name as this site holds it now (given, family), as typed here.
+    pub name: Option<(String, String)>,
     address_id: Option<i64>,
     pub voided: bool,
     pub openmrs_id: Option<String>,
@@ -364,6 +366,7 @@ impl SiteGen {
             human: Some(h.idx),
             kind: Some(reg.kind),
             name_id: Some(name_id),
+            name: Some((given.clone(), family.clone())),
             address_id: Some(address_id),
             voided: false,
             openmrs_id: Some(openmrs_id),
@@ -670,6 +673,9 @@ impl SiteGen {
             &format!("UPDATE person_name SET given_name = {}, changed_by = {}, date_changed = NOW() WHERE person_name_id = {name_id}", q(given), self.meta.user_id),
             1,
         );
+        if let Some(n) = self.patients[p].name.as_mut() {
+            n.0 = given.to_string();
+        }
     }
 
     fn change_address(&mut self, tx: &mut Tx, p: usize) {
@@ -847,6 +853,7 @@ fn existing_state(e: &ExistingPatient) -> PatientState {
         human: None,
         kind: None,
         name_id: e.name_id,
+        name: None,
         address_id: e.address_id,
         voided: false,
         openmrs_id: None,

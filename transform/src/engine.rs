@@ -36,6 +36,7 @@ use serde_json::Value as J;
 
 pub use crate::event::{InEvent, Out, Refs};
 use crate::identity::{Identity, Merged};
+use crate::nearmiss::{NearMiss, Part};
 
 /// Where an input record came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +84,11 @@ pub enum Fact {
     Identifier { type_idx: u16, value: String, person: String },
     Link { a: String, b: String },
     Watermark { site: String, max_ts: i64 },
+    /// A part of a record's demographics for near misses: `part` is `sb` (sex and birthdate)
+    /// or `n` (preferred name), at its site.
+    Demo { uuid: String, part: String, value: String, site: String },
+    /// A record holds a configured identifier (for near misses).
+    Holds { uuid: String },
     /// Offset ranges (inclusive) of a partition that were handled (emitted or dead-lettered)
     /// past its committed offset. Empty once the committed offset has passed them.
     Emitted { topic: String, partition: i32, ranges: Vec<(i64, i64)> },
@@ -96,6 +102,8 @@ impl Fact {
             Fact::Identifier { type_idx, value, .. } => format!("i:{type_idx}:{value}"),
             Fact::Link { a, b } => format!("l:{a}:{b}"),
             Fact::Watermark { site, .. } => format!("w:{site}"),
+            Fact::Demo { uuid, part, .. } => format!("d:{part}:{uuid}"),
+            Fact::Holds { uuid } => format!("h:{uuid}"),
             Fact::Emitted { topic, partition, .. } => format!("e:{topic}:{partition}"),
         }
     }
@@ -111,6 +119,8 @@ pub struct Engine {
     /// Partitions whose ranges changed since the last `take_facts`.
     ahead_changed: BTreeSet<Partition>,
     pub identity: Identity,
+    /// Demographics for near-miss suggestions.
+    near: NearMiss,
     global_wm: i64,
     /// Facts produced since the last `take_facts`.
     facts: Vec<Fact>,
@@ -129,6 +139,7 @@ impl Engine {
             ahead: BTreeMap::new(),
             ahead_changed: BTreeSet::new(),
             identity: Identity::default(),
+            near: NearMiss::default(),
             global_wm: i64::MIN,
             facts: Vec::new(),
             late_events: BTreeMap::new(),
@@ -165,6 +176,15 @@ impl Engine {
             Fact::Watermark { site, max_ts } => {
                 let s = self.sites.entry(site).or_default();
                 s.max_ts = s.max_ts.max(max_ts);
+            }
+            Fact::Demo { uuid, part, value, site } => {
+                let r = self.identity.record(&uuid);
+                let p = if part == "n" { Part::Name(&value) } else { Part::SexBirth(&value) };
+                self.near.set(r, &site, p);
+            }
+            Fact::Holds { uuid } => {
+                let r = self.identity.record(&uuid);
+                self.near.holds_identifier(r);
             }
             Fact::Emitted { topic, partition, ranges } => {
                 let key = (Arc::from(topic), partition);
@@ -442,6 +462,8 @@ impl Engine {
             self.review_identifier(f, &ev.site, ts, out);
         }
 
+        self.near_misses(&ev, ts, out);
+
         let mut origin_refs = Vec::new();
         // A merge log row keeps its own winner and loser.
         if ev.table_str() != "person_merge_log" {
@@ -458,6 +480,62 @@ impl Engine {
             _ => ["patient_id", "person_id"].iter().find_map(|c| ev.refs.get(c).and_then(J::as_str).map(str::to_string)),
         };
         out.push(Out::Change { late, person, origin_refs, event: ev });
+    }
+
+    /// Keeps the near-miss index up to date with a person, preferred name or identifier row,
+    /// and suggests every record of another clinic it now matches that no merge joined.
+    fn near_misses(&mut self, ev: &InEvent, ts: i64, out: &mut Vec<Out>) {
+        if ev.op == Op::Delete {
+            return;
+        }
+        let table = ev.table_str();
+        if !matches!(table, "person" | "person_name" | "patient_identifier") {
+            return;
+        }
+        let row = row_map(ev.after_raw());
+        let get = |c: &str| row.as_ref().and_then(|r| r.get(c)).and_then(J::as_str).map(str::trim).filter(|v| !v.is_empty());
+        let flag = |c: &str| row.as_ref().and_then(|r| r.get(c)).and_then(J::as_i64).unwrap_or(0) == 1;
+        let (person, part, value) = match table {
+            "person" => match (ev.uuid.as_deref(), get("gender"), get("birthdate")) {
+                (Some(u), Some(g), Some(b)) if !flag("voided") => (u.to_string(), "sb", format!("{g}|{}", b.get(..10).unwrap_or(b))),
+                _ => return,
+            },
+            "person_name" => match (ev.refs.get("person_id").and_then(J::as_str), get("family_name")) {
+                (Some(u), Some(f)) if flag("preferred") && !flag("voided") => (u.to_string(), "n", format!("{} {f}", get("given_name").unwrap_or(""))),
+                _ => return,
+            },
+            _ => match ev.refs.get("patient_id").and_then(J::as_str) {
+                Some(u) if !flag("voided") && self.rule_of(ev.refs.get("identifier_type").and_then(J::as_str).unwrap_or("")).is_some() => (u.to_string(), "", String::new()),
+                _ => return,
+            },
+        };
+        let rec = self.identity.record(&person);
+        let found = match part {
+            "sb" => self.near.set(rec, &ev.site, Part::SexBirth(&value)),
+            "n" => self.near.set(rec, &ev.site, Part::Name(&value)),
+            _ => self.near.holds_identifier(rec),
+        };
+        let Some(found) = found else { return };
+        let fact = if part.is_empty() { Fact::Holds { uuid: person } } else { Fact::Demo { uuid: person, part: part.into(), value, site: ev.site.to_string() } };
+        self.facts.push(fact);
+        for other in found {
+            if self.identity.same_component(rec, other) {
+                continue;
+            }
+            let (a, b) = if self.identity.uuid_of(rec) < self.identity.uuid_of(other) { (rec, other) } else { (other, rec) };
+            let records = vec![self.identity.uuid_of(a).to_string(), self.identity.uuid_of(b).to_string()];
+            out.push(Out::Hq(Box::new(HqEvent::IdentityReview {
+                review_id: review::review_id(&["near_miss", &records[0], &records[1]]),
+                reason: review::NEAR_MISS.into(),
+                status: review::SUGGESTED.into(),
+                person: self.identity.canonical(&records[0]),
+                evidence: self.near.evidence(a, b),
+                records,
+                site: ev.site.to_string(),
+                ts_ms: ts,
+                decided: None,
+            })));
+        }
     }
 
     /// A data manager's decision on a review (`omrs.identity.decisions`): the review again,

@@ -209,6 +209,21 @@ impl Identity {
         }
     }
 
+    /// The record number of `uuid` (registering it if new).
+    pub fn record(&mut self, uuid: &str) -> u32 {
+        self.rec(uuid)
+    }
+
+    /// The uuid of record `i`.
+    pub fn uuid_of(&self, i: u32) -> &str {
+        self.recs.get(i as usize).map_or("", |r| &r.uuid)
+    }
+
+    /// Whether records `a` and `b` are one person now.
+    pub fn same_component(&mut self, a: u32, b: u32) -> bool {
+        self.find(a) == self.find(b)
+    }
+
     /// Members of `uuid`'s component.
     pub fn component_size(&mut self, uuid: &str) -> u32 {
         match self.lookup(uuid) {

@@ -21,6 +21,7 @@ pub mod aggregate;
 pub mod engine;
 pub mod event;
 pub mod identity;
+pub mod nearmiss;
 pub mod runner;
 pub mod synth;
 

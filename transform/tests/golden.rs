@@ -224,3 +224,8 @@ fn poison_records_go_to_the_dlq() {
 fn identity_a_corrected_or_deleted_identifier_of_a_merged_person_opens_a_review() {
     run("identity_corrected_review");
 }
+
+#[test]
+fn identity_namesakes_at_two_clinics_are_suggested_not_merged() {
+    run("identity_near_miss");
+}

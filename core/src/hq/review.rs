@@ -33,14 +33,18 @@ pub const IDENTIFIER_DELETED: &str = "identifier_deleted";
 /// Open: an identifier of a merged person was changed to another value at its site.
 pub const IDENTIFIER_CORRECTED: &str = "identifier_corrected";
 
+/// Suggested: the same name, sex and birthdate at two clinics, different identifiers.
+pub const NEAR_MISS: &str = "near_miss";
+
 /// Every reason, with what a data manager reads for it.
-pub const REASONS: [(&str, &str); 6] = [
+pub const REASONS: [(&str, &str); 7] = [
     (IDENTIFIER_LINK, "merged: two records hold the same identifier"),
     (SITE_MERGE, "merged: a clinic merged two of its own records"),
     (SURVIVOR_CHANGE, "merged: a registration date changed which record survives"),
     (IDENTIFIER_VOIDED, "an identifier that joined this person was voided at a clinic; the merge is kept until someone decides"),
     (IDENTIFIER_DELETED, "an identifier that joined this person was deleted at a clinic; the merge is kept until someone decides"),
     (IDENTIFIER_CORRECTED, "an identifier that joined this person was changed at a clinic; the merge is kept until someone decides"),
+    (NEAR_MISS, "suggestion: the same name, sex and birthdate at two clinics, with different identifiers; nothing was merged"),
 ];
 
 /// The review reason of a merge's reason (`identifier`, `site_merge`, `survivor_change`).
