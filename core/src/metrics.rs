@@ -226,7 +226,7 @@ impl Metrics {
             heartbeats: counter_vec(&r, HEARTBEATS, "Heartbeats sent by a quiet site", &["site"]),
             ref_cache_entries: gauge_vec(&r, REF_CACHE_ENTRIES, "Rows tracked for FK to uuid resolution", &["site"]),
             identity_records: gauge(&r, IDENTITY_RECORDS, "Person records in the identity index"),
-            identity_bytes: gauge(&r, IDENTITY_BYTES, "Approximate heap bytes of the identity index"),
+            identity_bytes: gauge(&r, IDENTITY_BYTES, "Approximate heap bytes of the identity index and the near-miss demographics"),
             identity_reviews: counter_vec(&r, IDENTITY_REVIEWS, "Entries raised in the identity review queue (merges included, status merged)", &["reason", "status"]),
             identity_reviews_open: gauge_vec(&r, IDENTITY_REVIEWS_OPEN, "Reviews at HQ waiting for a person (status open), per reason", &["reason"]),
             identity_review_oldest_age: gauge_vec(&r, IDENTITY_REVIEW_OLDEST_AGE, "Age of the oldest open review at HQ, per reason (0: none)", &["reason"]),

@@ -165,6 +165,10 @@ fn gist(r: &Review) -> String {
         review::IDENTIFIER_CORRECTED => format!("{} → {}", s("value"), s("new_value")),
         review::SITE_MERGE => format!("{}'s merge log {}", r.site, s("person_merge_log")),
         review::SURVIVOR_CHANGE => format!("{} registered {}", s("record"), s("date_created")),
+        review::NEAR_MISS => {
+            let sites: Vec<&str> = e.get("sites").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+            format!("namesakes at {}", sites.join(" and "))
+        }
         _ => s("value").to_string(),
     }
 }

@@ -149,6 +149,11 @@ impl Engine {
         }
     }
 
+    /// Approximate heap bytes of the identity state: the index and the near-miss demographics.
+    pub fn identity_bytes(&self) -> usize {
+        self.identity.approx_bytes() + self.near.approx_bytes()
+    }
+
     pub fn global_watermark(&self) -> i64 {
         self.global_wm
     }

@@ -5,7 +5,8 @@
 //!
 //! Records are the identity index's record numbers. A record's key is its latest sex and
 //! birthdate (from `person`) with its latest preferred name (from `person_name`), normalised
-//! (case, spacing); only records whose key is complete are indexed.
+//! (case, spacing) and hashed; only records whose key is complete are indexed. Two different
+//! people whose keys collide (64 bits) would be suggested: a suggestion, never a merge.
 
 use std::collections::{HashMap, HashSet};
 
@@ -17,11 +18,14 @@ pub enum Part<'a> {
     Name(&'a str),
 }
 
-#[derive(Default)]
+/// A record's parts, as hashes (a record costs about 70 bytes; the names themselves are at
+/// HQ, where `identity show` reads them).
+#[derive(Default, Clone, Copy)]
 struct Parts {
-    site: Box<str>,
-    sex_birth: Option<Box<str>>,
-    name: Option<Box<str>>,
+    /// Index into `NearMiss::sites`.
+    site: u16,
+    sex_birth: u64,
+    name: u64,
     /// 0: incomplete.
     key: u64,
 }
@@ -29,8 +33,11 @@ struct Parts {
 #[derive(Default)]
 pub struct NearMiss {
     parts: HashMap<u32, Parts>,
-    index: HashMap<u64, Vec<u32>>,
+    /// Key → the first record with it; more records with the same key in `more`.
+    index: HashMap<u64, u32>,
+    more: HashMap<u64, Vec<u32>>,
     holds: HashSet<u32>,
+    sites: Vec<Box<str>>,
 }
 
 /// Lower case, single spaces, no spaces at the ends.
@@ -38,53 +45,77 @@ fn norm(s: &str) -> String {
     s.split_whitespace().map(str::to_lowercase).collect::<Vec<_>>().join(" ")
 }
 
-/// FNV-1a: a key that stays the same across versions and restarts.
-fn fnv(parts: &[&str]) -> u64 {
+/// FNV-1a: a hash that stays the same across versions and restarts (0 is kept for "none").
+fn fnv(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            h = (h ^ 0x1f).wrapping_mul(0x0100_0000_01b3);
-        }
-        for b in p.bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
+    for b in s.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
     h.max(1)
 }
 
 impl NearMiss {
+    fn site_index(&mut self, site: &str) -> u16 {
+        match self.sites.iter().position(|s| **s == *site) {
+            Some(i) => i as u16,
+            None => {
+                self.sites.push(site.into());
+                (self.sites.len() - 1) as u16
+            }
+        }
+    }
+
     /// Sets one part of `rec`'s demographics; returns the records it now matches, or None
     /// when the part is what it was (nothing to record or suggest).
     pub fn set(&mut self, rec: u32, site: &str, part: Part<'_>) -> Option<Vec<u32>> {
-        let p = self.parts.entry(rec).or_default();
-        let (slot, v) = match part {
-            Part::SexBirth(v) => (&mut p.sex_birth, norm(v)),
-            Part::Name(v) => (&mut p.name, norm(v)),
+        let site = self.site_index(site);
+        let mut p = self.parts.get(&rec).copied().unwrap_or_default();
+        let (slot, h) = match part {
+            Part::SexBirth(v) => (&mut p.sex_birth, fnv(&norm(v))),
+            Part::Name(v) => (&mut p.name, fnv(&norm(v))),
         };
-        if slot.as_deref() == Some(v.as_str()) && *p.site == *site {
+        if *slot == h && p.site == site && self.parts.contains_key(&rec) {
             return None;
         }
-        *slot = Some(v.into());
-        if *p.site != *site {
-            p.site = site.into();
-        }
-        let key = match (&p.sex_birth, &p.name) {
-            (Some(sb), Some(n)) if !n.is_empty() => fnv(&[n, sb]),
-            _ => 0,
-        };
+        *slot = h;
+        p.site = site;
+        let key = if p.sex_birth != 0 && p.name != 0 { (p.sex_birth ^ p.name.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15).max(1) } else { 0 };
         let old = std::mem::replace(&mut p.key, key);
+        self.parts.insert(rec, p);
         if old != key {
-            if let Some(b) = self.index.get_mut(&old) {
-                b.retain(|r| *r != rec);
-                if b.is_empty() {
-                    self.index.remove(&old);
-                }
-            }
+            self.unindex(old, rec);
             if key != 0 {
-                self.index.entry(key).or_default().push(rec);
+                match self.index.get(&key) {
+                    None => {
+                        self.index.insert(key, rec);
+                    }
+                    Some(_) => self.more.entry(key).or_default().push(rec),
+                }
             }
         }
         Some(self.matches(rec))
+    }
+
+    fn unindex(&mut self, key: u64, rec: u32) {
+        if key == 0 {
+            return;
+        }
+        if let Some(m) = self.more.get_mut(&key) {
+            m.retain(|r| *r != rec);
+        }
+        if self.index.get(&key) == Some(&rec) {
+            match self.more.get_mut(&key).and_then(Vec::pop) {
+                Some(next) => {
+                    self.index.insert(key, next);
+                }
+                None => {
+                    self.index.remove(&key);
+                }
+            }
+        }
+        if self.more.get(&key).is_some_and(Vec::is_empty) {
+            self.more.remove(&key);
+        }
     }
 
     /// `rec` holds a configured identifier; returns the records it now matches, or None when
@@ -96,28 +127,34 @@ impl NearMiss {
     /// Records of another clinic with `rec`'s key, both holding an identifier.
     fn matches(&self, rec: u32) -> Vec<u32> {
         let Some(p) = self.parts.get(&rec).filter(|p| p.key != 0 && self.holds.contains(&rec)) else { return Vec::new() };
-        self.index
-            .get(&p.key)
-            .map(|b| b.iter().copied().filter(|r| *r != rec && self.holds.contains(r) && self.parts.get(r).is_some_and(|q| q.site != p.site)).collect())
-            .unwrap_or_default()
+        let first = self.index.get(&p.key).copied();
+        first
+            .into_iter()
+            .chain(self.more.get(&p.key).into_iter().flatten().copied())
+            .filter(|r| *r != rec && self.holds.contains(r) && self.parts.get(r).is_some_and(|q| q.site != p.site))
+            .collect()
     }
 
-    /// What the suggestion says: the normalised name and sex and birthdate, and the two sites.
+    /// What the suggestion says: the two clinics (the names and birthdates are at HQ).
     pub fn evidence(&self, a: u32, b: u32) -> serde_json::Value {
-        let get = |r: u32| self.parts.get(&r);
-        serde_json::json!({
-            "name": get(a).and_then(|p| p.name.as_deref()),
-            "sex_birthdate": get(a).and_then(|p| p.sex_birth.as_deref()),
-            "sites": [get(a).map(|p| &*p.site), get(b).map(|p| &*p.site)],
-        })
+        let site = |r: u32| self.parts.get(&r).and_then(|p| self.sites.get(p.site as usize)).map(|s| s.to_string());
+        serde_json::json!({"matched_on": "name, sex and birthdate", "sites": [site(a), site(b)]})
+    }
+
+    /// Approximate heap bytes held (for `omrs_stream_identity_index_bytes`).
+    pub fn approx_bytes(&self) -> usize {
+        self.parts.capacity() * (std::mem::size_of::<(u32, Parts)>() + 1)
+            + self.index.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+            + self.more.values().map(|m| m.capacity() * 4 + 48).sum::<usize>()
+            + self.holds.capacity() * 5
     }
 
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.parts.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.parts.is_empty()
     }
 }
 
@@ -150,5 +187,19 @@ mod tests {
         let mut m = n.set(3, "b", Part::SexBirth("F|1980-01-02")).unwrap_or_default();
         m.sort();
         assert_eq!(m, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_record_costs_under_a_hundred_bytes() {
+        let mut n = NearMiss::default();
+        let people = 100_000u32;
+        for r in 0..people {
+            n.set(r, if r % 2 == 0 { "site-a" } else { "site-b" }, Part::SexBirth(&format!("F|19{:02}-0{}-1{}", r % 100, r % 9 + 1, r % 10)));
+            n.set(r, "site-a", Part::Name(&format!("Given{r} Family{}", r % 997)));
+            n.holds_identifier(r);
+        }
+        let per = n.approx_bytes() / people as usize;
+        println!("near-miss bytes per record: {per}");
+        assert!(per <= 100, "{per} bytes per record");
     }
 }

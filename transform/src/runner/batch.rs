@@ -385,7 +385,7 @@ impl Runner {
             m.watermark_delay.set(now_ms() - gwm);
         }
         m.identity_records.set(e.identity.len() as i64);
-        m.identity_bytes.set(e.identity.approx_bytes() as i64);
+        m.identity_bytes.set(e.identity_bytes() as i64);
         for (site, st) in &e.sites {
             m.site_watermark.with_label_values(&[site]).set(st.max_ts);
             m.site_idle.with_label_values(&[site]).set(st.idle as i64);
