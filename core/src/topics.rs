@@ -38,10 +38,6 @@ impl TopicNames {
     pub fn cdc(&self, site: &str) -> String {
         format!("{}omrs.cdc.{site}", self.prefix)
     }
-    /// Regex subscribing to every site topic.
-    pub fn cdc_pattern(&self) -> String {
-        format!("^{}omrs\\.cdc\\..+", self.prefix.replace('.', "\\."))
-    }
     pub fn hq_changes(&self) -> String {
         format!("{}omrs.hq.changes", self.prefix)
     }

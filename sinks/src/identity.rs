@@ -1,7 +1,8 @@
 //! `omrs-stream identity`: the data manager's view of cross-site patient identity at HQ. It
 //! reads HQ's review queue (`omrs_sync_identity_review`), its merges
-//! (`omrs_sync_identity_merge`) and the OpenMRS rows of the persons involved; it writes
-//! nothing (read-only: a delivery guarantee does not apply).
+//! (`omrs_sync_identity_merge`) and the OpenMRS rows of the persons involved. It never writes
+//! HQ: `confirm` writes a decision to `omrs.identity.decisions` (an idempotent producer), the
+//! transform reads it in its transaction, and both sinks apply it exactly once, as any change.
 
 // Rows read from SQL come back as tuples named by their SELECT.
 #![allow(clippy::type_complexity)]
@@ -49,14 +50,14 @@ pub struct DecideArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ListArgs {
-    /// Only reviews with this status: open, suggested, merged or confirmed.
-    #[arg(long)]
+    /// Only reviews with this status.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(review::STATUSES))]
     pub status: Option<String>,
     /// Only reviews raised by this clinic's data.
     #[arg(long)]
     pub site: Option<String>,
-    /// Only reviews with this reason (e.g. identifier_corrected, identifier_link).
-    #[arg(long)]
+    /// Only reviews with this reason.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(review::REASONS.map(|(r, _)| r)))]
     pub reason: Option<String>,
     /// At most this many rows.
     #[arg(long, default_value_t = 50)]
@@ -111,22 +112,11 @@ fn review_of(t: ReviewTuple) -> Review {
         first_seen,
         person,
         records: serde_json::from_str(&records).unwrap_or_default(),
-        evidence: evidence.and_then(|e| serde_json::from_str(&e).ok()).unwrap_or(serde_json::Value::Null),
+        evidence: json_or_null(evidence),
     }
 }
 
 pub async fn list(cfg: &Config, args: &ListArgs) -> Result<Listing, SinkError> {
-    if let Some(s) = &args.status {
-        if !review::STATUSES.contains(&s.as_str()) {
-            return Err(SinkError::Usage(format!("--status {s}: not a review status (one of {})", review::STATUSES.join(", "))));
-        }
-    }
-    if let Some(r) = &args.reason {
-        if !review::REASONS.iter().any(|(x, _)| x == r) {
-            let all: Vec<&str> = review::REASONS.iter().map(|(x, _)| *x).collect();
-            return Err(SinkError::Usage(format!("--reason {r}: not a review reason (one of {})", all.join(", "))));
-        }
-    }
     let mut conn = crate::hq_mysql::connect(cfg, true).await?;
     let counts: Vec<(String, i64)> = conn
         .query("SELECT status, COUNT(*) FROM omrs_sync_identity_review GROUP BY status")
@@ -145,6 +135,11 @@ pub async fn list(cfg: &Config, args: &ListArgs) -> Result<Listing, SinkError> {
     let mut c: BTreeMap<String, i64> = review::STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
     c.extend(counts);
     Ok(Listing { counts: c, reviews: rows.into_iter().map(review_of).collect() })
+}
+
+/// A JSON column's value (NULL or unreadable: null).
+fn json_or_null(text: Option<String>) -> serde_json::Value {
+    text.and_then(|e| serde_json::from_str(&e).ok()).unwrap_or(serde_json::Value::Null)
 }
 
 /// A table missing from an HQ that no sink of this version has run against yet.
@@ -270,7 +265,7 @@ pub async fn show(cfg: &Config, args: &ShowArgs) -> Result<Component, SinkError>
             loser,
             survivor,
             rule,
-            evidence: evidence.and_then(|e| serde_json::from_str(&e).ok()).unwrap_or(serde_json::Value::Null),
+            evidence: json_or_null(evidence),
             site,
             applied: applied == 1,
             status,
@@ -399,7 +394,7 @@ pub fn render_show(c: &Component) -> String {
 
 /// `identity confirm`: the decision sent, and what HQ shows. Returns the line to print.
 pub async fn confirm(cfg: &Config, args: &DecideArgs) -> Result<String, SinkError> {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::FutureRecord;
     let mut conn = crate::hq_mysql::connect(cfg, true).await?;
     let id = args.review.trim();
     let row: Option<(String, String, String, i64, String, String, Option<String>, Option<String>)> = conn
@@ -422,17 +417,13 @@ pub async fn confirm(cfg: &Config, args: &DecideArgs) -> Result<String, SinkErro
         reason,
         person,
         records: serde_json::from_str(&records).unwrap_or_default(),
-        evidence: evidence.and_then(|e| serde_json::from_str(&e).ok()).unwrap_or(serde_json::Value::Null),
+        evidence: json_or_null(evidence),
         site,
         ts_ms,
         decided: review::Decided { by: by.clone(), at_ms: omrs_core::clock::now_ms(), note: args.note.clone() },
     };
     let topic = omrs_core::topics::TopicNames::new(cfg.kafka.topic_prefix.clone()).identity_decisions();
-    let producer: FutureProducer = omrs_core::kafka::client_config(&cfg.kafka)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .create()
-        .map_err(|e| SinkError::kafka("creating the decisions producer", e))?;
+    let producer = crate::kafka::producer(cfg, "the decisions producer")?;
     let payload = serde_json::to_vec(&decision).unwrap_or_default();
     producer
         .send(FutureRecord::to(&topic).key(id).payload(&payload), std::time::Duration::from_secs(30))

@@ -49,12 +49,14 @@ pub fn consumer(cfg: &Config, name: &'static str) -> Result<SinkConsumer, SinkEr
         .map_err(|e| SinkError::kafka("creating the consumer", e))
 }
 
-pub fn dlq_producer(cfg: &Config) -> Result<FutureProducer, SinkError> {
+/// An idempotent producer (acks from every replica, no duplicates on retry): the sinks' dead
+/// letters, and the data manager's identity decisions. `what` names it in an error.
+pub fn producer(cfg: &Config, what: &str) -> Result<FutureProducer, SinkError> {
     client_config(&cfg.kafka)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()
-        .map_err(|e| SinkError::kafka("creating the dead-letter producer", e))
+        .map_err(|e| SinkError::kafka(format!("creating {what}"), e))
 }
 
 /// Assigns every partition of `topic` at the offset in `stored` (the beginning where none is

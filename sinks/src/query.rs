@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, Int64Array, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::catalog::MemorySchemaProvider;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -151,27 +151,11 @@ pub async fn context_within(lake_root: &Path, memory: Option<usize>) -> Result<S
     }
     for def in omrs_core::hq::AGGREGATES.iter() {
         use crate::parquet::aggregates;
-        let dir = lake_root.join(aggregates::DIR).join(def.name);
-        let history = format!("aggregates.{}_history", def.name);
-        if has_parquet(&dir) {
-            register_dir(&ctx, &history, &dir, false).await?;
-        } else {
-            ctx.register_batch(history.as_str(), RecordBatch::new_empty(aggregates::schema(def))).map_err(df_err)?;
-        }
-        let latest = ctx.sql(&aggregates::latest_sql(def)).await.map_err(df_err)?.into_view();
-        ctx.register_table(format!("aggregates.{}", def.name).as_str(), latest).map_err(df_err)?;
+        register_versions(&ctx, lake_root, aggregates::DIR, def.name, aggregates::schema(def), &aggregates::latest_sql(def)).await?;
     }
     {
         use crate::parquet::reviews;
-        let dir = lake_root.join(reviews::DIR).join(reviews::REVIEWS);
-        let history = format!("{}.{}_history", reviews::DIR, reviews::REVIEWS);
-        if has_parquet(&dir) {
-            register_dir(&ctx, &history, &dir, false).await?;
-        } else {
-            ctx.register_batch(history.as_str(), RecordBatch::new_empty(reviews::schema())).map_err(df_err)?;
-        }
-        let latest = ctx.sql(&reviews::latest_sql()).await.map_err(df_err)?.into_view();
-        ctx.register_table(format!("{}.{}", reviews::DIR, reviews::REVIEWS).as_str(), latest).map_err(df_err)?;
+        register_versions(&ctx, lake_root, reviews::DIR, reviews::REVIEWS, reviews::schema(), &reviews::latest_sql()).await?;
     }
     let lake = Lake::new(lake_root);
     if let Ok((state, _)) = lake.read_manifest() {
@@ -203,6 +187,22 @@ pub async fn context_within(lake_root: &Path, memory: Option<usize>) -> Result<S
         ctx.register_batch("lake_partitions", batch).map_err(df_err)?;
     }
     Ok(ctx)
+}
+
+/// A folder of appended versions, `<lake>/<schema>/<name>/`: every version as
+/// `<schema>.<name>_history` (empty, with `schema_ref`, before its first file), and the view
+/// `latest_sql` over it as `<schema>.<name>`.
+async fn register_versions(ctx: &SessionContext, lake_root: &Path, schema: &str, name: &str, schema_ref: SchemaRef, latest_sql: &str) -> Result<(), SinkError> {
+    let dir = lake_root.join(schema).join(name);
+    let history = format!("{schema}.{name}_history");
+    if has_parquet(&dir) {
+        register_dir(ctx, &history, &dir, false).await?;
+    } else {
+        ctx.register_batch(history.as_str(), RecordBatch::new_empty(schema_ref)).map_err(df_err)?;
+    }
+    let latest = ctx.sql(latest_sql).await.map_err(df_err)?.into_view();
+    ctx.register_table(format!("{schema}.{name}").as_str(), latest).map_err(df_err)?;
+    Ok(())
 }
 
 /// Every registered table, `schema.table` (or bare for the default schema), sorted.

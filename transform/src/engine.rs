@@ -337,7 +337,7 @@ impl Engine {
         records.sort();
         records.dedup();
         let review = HqEvent::IdentityReview {
-            review_id: review::review_id(&["merge", &m.loser, &m.winner]),
+            review_id: review::merge_review_id(&m.loser, &m.winner),
             reason: review::merge_reason(reason).into(),
             status: review::MERGED.into(),
             person: m.winner.clone(),
@@ -385,12 +385,17 @@ impl Engine {
         let alive = ev.op != Op::Delete;
         let mut pending_merges: Vec<(Merged, &'static str, J)> = Vec::new();
         let mut review: Option<Finding> = None;
+        // A record that holds a configured identifier with this event.
+        let mut holder: Option<String> = None;
+        // The few identity rows are parsed in full, once; every other row stays raw.
+        let row = match ev.table_str() {
+            "person" | "person_name" | "patient_identifier" => row_map(ev.after_raw().or(ev.before_raw())),
+            _ => None,
+        };
 
         match ev.table_str() {
             "person" if alive => {
                 if let Some(uuid) = ev.uuid.clone() {
-                    // The few identity rows are parsed in full; every other row stays raw.
-                    let row = row_map(ev.after_raw().or(ev.before_raw()));
                     let created = row
                         .as_ref()
                         .and_then(|r| r.get("date_created"))
@@ -409,7 +414,6 @@ impl Engine {
             "patient_identifier" => {
                 let type_uuid = ev.refs.get("identifier_type").and_then(J::as_str).unwrap_or("").to_string();
                 let person = ev.refs.get("patient_id").and_then(J::as_str).map(str::to_string);
-                let row = row_map(ev.after_raw().or(ev.before_raw()));
                 let raw = row.as_ref().and_then(|r| r.get("identifier")).and_then(J::as_str).map(str::to_string);
                 if let (Some((ti, rule)), Some(person), Some(raw)) = (self.rule_of(&type_uuid), person, raw) {
                     let value = rule.normalize(&raw);
@@ -430,6 +434,7 @@ impl Engine {
                         }
                     }
                     if !value.is_empty() && alive && !voided {
+                        holder = Some(person.clone());
                         if let Some(other) = self.identity.identifier(ti, &value, &person) {
                             if let Some(m) = self.identity.union(&person, &other) {
                                 let evidence = serde_json::json!({"identifier_type": type_uuid, "value": value, "records": [other, person]});
@@ -467,7 +472,7 @@ impl Engine {
             self.review_identifier(f, &ev.site, ts, out);
         }
 
-        self.near_misses(&ev, ts, out);
+        self.near_misses(&ev, row.as_ref(), holder, ts, out);
 
         let mut origin_refs = Vec::new();
         // A merge log row keeps its own winner and loser.
@@ -487,20 +492,16 @@ impl Engine {
         out.push(Out::Change { late, person, origin_refs, event: ev });
     }
 
-    /// Keeps the near-miss index up to date with a person, preferred name or identifier row,
-    /// and suggests every record of another clinic it now matches that no merge joined.
-    fn near_misses(&mut self, ev: &InEvent, ts: i64, out: &mut Vec<Out>) {
+    /// Keeps the near-miss index up to date with a person or preferred name row (`row`, parsed
+    /// by [`Engine::emit`]) or a record that now holds an identifier (`holder`), and suggests
+    /// every record of another clinic it now matches that no merge joined.
+    fn near_misses(&mut self, ev: &InEvent, row: Option<&serde_json::Map<String, J>>, holder: Option<String>, ts: i64, out: &mut Vec<Out>) {
         if ev.op == Op::Delete {
             return;
         }
-        let table = ev.table_str();
-        if !matches!(table, "person" | "person_name" | "patient_identifier") {
-            return;
-        }
-        let row = row_map(ev.after_raw());
-        let get = |c: &str| row.as_ref().and_then(|r| r.get(c)).and_then(J::as_str).map(str::trim).filter(|v| !v.is_empty());
-        let flag = |c: &str| row.as_ref().and_then(|r| r.get(c)).and_then(J::as_i64).unwrap_or(0) == 1;
-        let (person, part, value) = match table {
+        let get = |c: &str| row.and_then(|r| r.get(c)).and_then(J::as_str).map(str::trim).filter(|v| !v.is_empty());
+        let flag = |c: &str| row.and_then(|r| r.get(c)).and_then(J::as_i64).unwrap_or(0) == 1;
+        let (person, part, value) = match ev.table_str() {
             "person" => match (ev.uuid.as_deref(), get("gender"), get("birthdate")) {
                 (Some(u), Some(g), Some(b)) if !flag("voided") => (u.to_string(), "sb", format!("{g}|{}", b.get(..10).unwrap_or(b))),
                 _ => return,
@@ -509,9 +510,9 @@ impl Engine {
                 (Some(u), Some(f)) if flag("preferred") && !flag("voided") => (u.to_string(), "n", format!("{} {f}", get("given_name").unwrap_or(""))),
                 _ => return,
             },
-            _ => match ev.refs.get("patient_id").and_then(J::as_str) {
-                Some(u) if !flag("voided") && self.rule_of(ev.refs.get("identifier_type").and_then(J::as_str).unwrap_or("")).is_some() => (u.to_string(), "", String::new()),
-                _ => return,
+            _ => match holder {
+                Some(u) => (u, "", String::new()),
+                None => return,
             },
         };
         let rec = self.identity.record(&person);

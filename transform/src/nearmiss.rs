@@ -148,14 +148,6 @@ impl NearMiss {
             + self.more.values().map(|m| m.capacity() * 4 + 48).sum::<usize>()
             + self.holds.capacity() * 5
     }
-
-    pub fn len(&self) -> usize {
-        self.parts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.parts.is_empty()
-    }
 }
 
 #[cfg(test)]

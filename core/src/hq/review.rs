@@ -14,9 +14,6 @@ pub const SUGGESTED: &str = "suggested";
 /// A person looked and kept the merge.
 pub const CONFIRMED: &str = "confirmed";
 
-/// Statuses only a person's decision sets: a review raised again never takes them back.
-pub const DECIDED: [&str; 1] = [CONFIRMED];
-
 /// Every status, in the order the `identity` command shows them.
 pub const STATUSES: [&str; 4] = [OPEN, SUGGESTED, MERGED, CONFIRMED];
 
@@ -54,6 +51,12 @@ pub fn merge_reason(merge_reason: &str) -> &'static str {
         "site_merge" => SITE_MERGE,
         _ => SURVIVOR_CHANGE,
     }
+}
+
+/// The id of the review of the merge of `loser` into `winner` (the transform raises it, the
+/// HQ sink links its merge record to it).
+pub fn merge_review_id(loser: &str, winner: &str) -> String {
+    review_id(&["merge", loser, winner])
 }
 
 /// What a data manager reads for `reason`.

@@ -138,7 +138,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     schema::ensure_bookkeeping(&mut conn).await?;
     tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: bookkeeping ensured");
     let consumer = crate::kafka::consumer(cfg, "hq-mysql")?;
-    let producer = crate::kafka::dlq_producer(cfg)?;
+    let producer = crate::kafka::producer(cfg, "the dead-letter producer")?;
 
     let stored: Vec<(i32, i64)> = conn
         .exec("SELECT kafka_partition, next_offset FROM omrs_sync_offsets WHERE topic = ?", (topic.as_str(),))

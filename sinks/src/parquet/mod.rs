@@ -296,7 +296,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
     let rules = SiteRules::of(cfg);
 
     let consumer = crate::kafka::consumer(cfg, "parquet")?;
-    let producer = crate::kafka::dlq_producer(cfg)?;
+    let producer = crate::kafka::producer(cfg, "the dead-letter producer")?;
     // Seek to the offsets the manifest holds (semantics 1), not to a group's.
     let stored: HashMap<i32, i64> = state.offsets.iter().map(|(p, o)| (*p, *o)).collect();
     let partitions = crate::kafka::assign_at(&consumer, &topic, &stored)?;

@@ -304,8 +304,8 @@ impl Applier {
                 Some(Intake::Work(Box::new(self.keyed(w))))
             }
             HqEvent::Merge { winner, loser, reason, evidence, site, ts_ms } => {
-                let review_id = omrs_core::hq::review::review_id(&["merge", &loser, &winner]);
-                Some(Intake::Merge(loser, MergeRec { winner, ts_ms, reason, applied: false, evidence: evidence.to_string(), site, review_id: Some(review_id) }))
+                let review_id = Some(omrs_core::hq::review::merge_review_id(&loser, &winner));
+                Some(Intake::Merge(loser, MergeRec { winner, ts_ms, reason, applied: false, evidence: evidence.to_string(), site, review_id }))
             }
             // The Parquet sink's concern: HQ has no date partitions to finalise.
             HqEvent::Watermark { .. } => None,
