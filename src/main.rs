@@ -224,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 omrs_sinks::identity::IdentityCommand::Confirm(a) => println!("{}", omrs_sinks::identity::confirm(&cfg, a).await?),
+                omrs_sinks::identity::IdentityCommand::Split(a) => println!("{}", omrs_sinks::identity::split(&cfg, a).await?),
                 omrs_sinks::identity::IdentityCommand::Show(a) => {
                     let c = omrs_sinks::identity::show(&cfg, a).await?;
                     if a.json {

@@ -236,9 +236,138 @@ async fn five_sites_of_adversarial_identity_consolidate_by_the_simulators_truth(
     let report: J = serde_json::from_slice(&v.stdout).unwrap_or(J::Null);
     assert_eq!(report["lake_reviews"]["differing"], 0, "after the decision: {}", report["lake_reviews"]);
 
+    split_and_relink(&p, &cfg_path, &cfg, &manifest, &mut h, &lake, cid).await;
+
     let mut a = admin(HQ_PORT, None).await;
     a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
     for port in PORTS {
         admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
     }
+}
+
+/// The uuids of `table`'s rows whose `col` is the person `person` at `site`'s own database:
+/// the clinic's truth of whose they are.
+async fn site_rows(database: &str, site: &str, table: &str, col: &str, person: &str) -> std::collections::BTreeSet<String> {
+    let port = PORTS[SITES.iter().position(|s| *s == site).unwrap()];
+    let mut c = admin(port, Some(database)).await;
+    c.exec::<String, _, _>(format!("SELECT t.uuid FROM {table} t JOIN person p ON p.person_id = t.{col} WHERE p.uuid = ?"), (person,)).await.unwrap().into_iter().collect()
+}
+
+/// The uuids of `table`'s rows on HQ person `person`.
+async fn hq_rows(h: &mut mysql_async::Conn, table: &str, col: &str, person: &str) -> std::collections::BTreeSet<String> {
+    h.exec::<String, _, _>(format!("SELECT t.uuid FROM {table} t JOIN person p ON p.person_id = t.{col} WHERE p.uuid = ?"), (person,)).await.unwrap().into_iter().collect()
+}
+
+/// Issue #23 §4: a data manager splits a record off a merged person. At HQ and in the lake
+/// its obs and encounters (by its clinic's own database) go back to it, the rest stay; the
+/// record is a patient again. A new identifier both sides then share opens a review instead
+/// of merging them again. HQ and the lake agree, value for value.
+async fn split_and_relink(
+    p: &Pipeline,
+    cfg_path: &std::path::Path,
+    cfg: &omrs_core::config::Config,
+    manifest: &omrs_simulate::manifest::Manifest,
+    h: &mut mysql_async::Conn,
+    lake: &std::path::Path,
+    confirmed: &str,
+) {
+    // A record joined by an identifier that no clinic merged and that merged none itself, in a
+    // person with obs at the record's clinic and elsewhere.
+    let site_merged: std::collections::BTreeSet<&str> =
+        manifest.humans.iter().flat_map(|hm| &hm.records).filter_map(|r| r.merged_into.as_deref().map(|w| [w, r.person_uuid.as_str()])).flatten().collect();
+    let candidates: Vec<(String, String, String)> = h
+        .query("SELECT m.loser_uuid, m.winner_uuid, m.review_id FROM omrs_sync_merge m WHERE m.reason = 'identifier' AND m.applied = 1 ORDER BY m.loser_uuid")
+        .await
+        .unwrap();
+    let site_of: std::collections::HashMap<&str, &str> = manifest.humans.iter().flat_map(|hm| &hm.records).map(|r| (r.person_uuid.as_str(), r.site.as_str())).collect();
+    let mut pick = None;
+    for (loser, winner, review) in candidates {
+        let members: Vec<String> = h.exec("SELECT loser_uuid FROM omrs_sync_merge WHERE winner_uuid = ?", (winner.as_str(),)).await.unwrap();
+        if review == confirmed || site_merged.contains(loser.as_str()) || members.iter().any(|m| site_merged.contains(m.as_str())) || site_merged.contains(winner.as_str()) {
+            continue;
+        }
+        let Some(site) = site_of.get(loser.as_str()) else { continue };
+        let own = site_rows(&p.database, site, "obs", "person_id", &loser).await;
+        let all = hq_rows(h, "obs", "person_id", &winner).await;
+        if !own.is_empty() && all.len() > own.len() {
+            pick = Some((loser, winner, site.to_string()));
+            break;
+        }
+    }
+    let (r, w, site) = pick.expect("a record merged on an identifier, with obs of its own and others'");
+    let (own_obs, own_enc) = (site_rows(&p.database, &site, "obs", "person_id", &r).await, site_rows(&p.database, &site, "encounter", "patient_id", &r).await);
+    let (all_obs, all_enc) = (hq_rows(h, "obs", "person_id", &w).await, hq_rows(h, "encounter", "patient_id", &w).await);
+    assert!(own_obs.is_subset(&all_obs) && own_enc.is_subset(&all_enc), "before the split, {r}'s rows are on {w}");
+
+    let out = bin()
+        .arg("--config")
+        .arg(cfg_path)
+        .args(["identity", "split", &r, "--note", "two people: the clerk copied the wrong card", "--by", "dm-test", "--wait", "0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "identity split: {}", String::from_utf8_lossy(&out.stderr));
+    p.run(cfg_path, &["transform", "--until-idle", "--metrics-port", "0"]);
+    p.run(cfg_path, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
+    p.run(cfg_path, &["sink", "parquet", "--until-idle", "--metrics-port", "0", "--quiet"]);
+
+    // HQ: the record is a patient of its own again, with exactly its clinic's rows.
+    let voided: Vec<(i64, i64)> =
+        h.exec("SELECT p.voided, pa.voided FROM person p JOIN patient pa ON pa.patient_id = p.person_id WHERE p.uuid = ?", (r.as_str(),)).await.unwrap();
+    assert_eq!(voided, vec![(0, 0)], "{r} is not voided any more");
+    assert_eq!(hq_rows(h, "obs", "person_id", &r).await, own_obs, "{r}'s obs, by its clinic");
+    assert_eq!(hq_rows(h, "encounter", "patient_id", &r).await, own_enc, "{r}'s encounters, by its clinic");
+    assert_eq!(hq_rows(h, "obs", "person_id", &w).await, &all_obs - &own_obs, "the others' obs stay on {w}");
+    assert_eq!(hq_rows(h, "encounter", "patient_id", &w).await, &all_enc - &own_enc);
+    let merged_away = count(h, &format!("SELECT COUNT(*) FROM omrs_sync_merge WHERE loser_uuid = '{r}'")).await;
+    assert_eq!(merged_away, 0, "{r} is nobody's loser");
+    // The lake's current state says the same.
+    let lake_obs = |person: &str| {
+        let q = bin()
+            .arg("--config")
+            .arg(cfg_path)
+            .args(["query", "--lake"])
+            .arg(lake)
+            .args(["--format", "json", &format!("SELECT uuid FROM current.obs WHERE person_id_uuid = '{person}'")])
+            .output()
+            .unwrap();
+        let rows: J = serde_json::from_slice(&q.stdout).unwrap_or(J::Null);
+        assert!(q.status.success() && rows.is_array(), "query: {}", String::from_utf8_lossy(&q.stderr));
+        rows.as_array().map(|a| a.iter().filter_map(|x| x["uuid"].as_str().map(str::to_string)).collect::<std::collections::BTreeSet<String>>()).unwrap_or_default()
+    };
+    assert_eq!(lake_obs(&r), own_obs, "the lake: {r}'s obs");
+    assert_eq!(lake_obs(&w), &all_obs - &own_obs, "the lake: the others' obs");
+
+    // Both clinics add the same new identifier to their record: the split holds, a review opens.
+    let type_uuid = &cfg.identity.identifiers[0].identifier_type_uuid;
+    let value = format!("{}", 900_000_000 + (std::process::id() % 99_999));
+    for (person, site) in [(r.as_str(), site.as_str()), (w.as_str(), site_of_any(manifest, &w))] {
+        let port = PORTS[SITES.iter().position(|s| *s == site).unwrap()];
+        let mut c = admin(port, Some(&p.database)).await;
+        c.exec_drop(
+            "INSERT INTO patient_identifier (patient_id, identifier, identifier_type, preferred, location_id, creator, date_created, voided, uuid)
+             SELECT p.person_id, ?, t.patient_identifier_type_id, 0, (SELECT MIN(location_id) FROM location), 1, NOW(), 0, UUID()
+               FROM person p, patient_identifier_type t WHERE p.uuid = ? AND t.uuid = ?",
+            (value.as_str(), person, type_uuid.as_str()),
+        )
+        .await
+        .unwrap();
+    }
+    p.ingest(cfg_path, &SITES, true);
+    p.run(cfg_path, &["transform", "--until-idle", "--metrics-port", "0"]);
+    p.run(cfg_path, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
+    p.run(cfg_path, &["sink", "parquet", "--until-idle", "--metrics-port", "0", "--quiet"]);
+    let mut pair = [r.clone(), w.clone()];
+    pair.sort();
+    let shared: Vec<(String, String)> = h.query("SELECT status, records FROM omrs_sync_identity_review WHERE reason = 'identifier_shared'").await.unwrap();
+    assert_eq!(shared, vec![("open".to_string(), serde_json::to_string(&pair).unwrap())], "the shared identifier is a review");
+    assert_eq!(count(h, &format!("SELECT COUNT(*) FROM omrs_sync_merge WHERE loser_uuid = '{r}'")).await, 0, "{r} was not merged again");
+    assert_eq!(hq_rows(h, "obs", "person_id", &r).await, own_obs);
+    let v = bin().arg("--config").arg(cfg_path).args(["verify", "--json", "--lake"]).arg(lake).output().unwrap();
+    let report: J = serde_json::from_slice(&v.stdout).unwrap_or(J::Null);
+    assert!(v.status.success() && report["ok"] == J::Bool(true), "verify after the split: {}\n{}", String::from_utf8_lossy(&v.stderr), serde_json::to_string_pretty(&report).unwrap_or_default());
+}
+
+/// The clinic of a record (the survivor's own, for a survivor).
+fn site_of_any<'m>(manifest: &'m omrs_simulate::manifest::Manifest, person: &str) -> &'m str {
+    manifest.humans.iter().flat_map(|hm| &hm.records).find(|r| r.person_uuid == person).map(|r| r.site.as_str()).unwrap_or("site-a")
 }

@@ -21,6 +21,7 @@ pub const WATERMARK_DELAY: &str = "omrs_stream_watermark_delay_ms";
 pub const SITE_IDLE: &str = "omrs_stream_site_idle";
 pub const LATE_EVENTS: &str = "omrs_stream_late_events_total";
 pub const MERGES: &str = "omrs_stream_identity_merges_total";
+pub const SPLITS: &str = "omrs_stream_identity_splits_total";
 pub const CONFLICTS: &str = "omrs_stream_conflicts_total";
 pub const PARKED_ROWS: &str = "omrs_stream_parked_rows";
 pub const DEAD_LETTERED: &str = "omrs_stream_dead_lettered_total";
@@ -78,6 +79,8 @@ pub struct Metrics {
     pub site_idle: IntGaugeVec,
     pub late_events: IntCounterVec,
     pub merges: IntCounter,
+    /// Groups of records that left a merged person (a split decision).
+    pub splits: IntCounter,
     pub conflicts: IntCounterVec,
     pub parked_rows: IntGauge,
     pub dead_lettered: IntCounterVec,
@@ -182,6 +185,8 @@ impl Metrics {
         let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         let merges = IntCounter::new(MERGES, "Cross-site patient merges performed").expect("static");
         r.register(Box::new(merges.clone())).expect("metric registered once");
+        let splits = IntCounter::new(SPLITS, "Groups of person records that left a merged person (split decisions)").expect("static");
+        r.register(Box::new(splits.clone())).expect("metric registered once");
         let batch_latency = HistogramVec::new(
             HistogramOpts::new(BATCH_LATENCY, "Time to process one batch, by stage").buckets(vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -200,6 +205,7 @@ impl Metrics {
             site_idle: gauge_vec(&r, SITE_IDLE, "1 while the site is idle and does not hold the watermark back", &["site"]),
             late_events: counter_vec(&r, LATE_EVENTS, "Events older than the global watermark, emitted late", &["site"]),
             merges,
+            splits,
             conflicts: counter_vec(&r, CONFLICTS, "Changes overwritten by a later writer (last writer wins)", &["sink", "table"]),
             parked_rows: gauge(&r, PARKED_ROWS, "Rows waiting at the HQ sink for a referenced row"),
             dead_lettered: counter_vec(&r, DEAD_LETTERED, "Records sent to the dead-letter topic", &["stage", "reason"]),

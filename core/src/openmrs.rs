@@ -36,6 +36,16 @@ pub const MOVES: &[(&str, &str, bool)] = &[
     ("person_address", "person_id", true),
 ];
 
+/// The name HQ's `omrs_sync_moved` knows a moved person column by: the table, or
+/// `table.column` for a table with two person columns (`relationship`).
+pub fn moved_key(table: &str, column: &str) -> String {
+    if MOVES.iter().filter(|(t, _, _)| *t == table).count() > 1 {
+        format!("{table}.{column}")
+    } else {
+        table.to_string()
+    }
+}
+
 /// Why loading the dump failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {

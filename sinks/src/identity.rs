@@ -31,12 +31,24 @@ pub enum IdentityCommand {
     /// why) goes to omrs.identity.decisions, and the transform passes it to HQ and the lake.
     /// Waits until HQ shows it.
     Confirm(DecideArgs),
+    /// Undo a merge: the records given (or those the review names) are not the same person as
+    /// the rest. The decision goes to omrs.identity.decisions; the transform keeps the two sides
+    /// apart from then on (a later link between them opens a review instead of merging), and HQ
+    /// and the lake move each side's rows back to its own patient. Waits until HQ shows it.
+    Split(SplitArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DecideArgs {
     /// The review id (from `identity list`).
     pub review: String,
+    #[command(flatten)]
+    pub decision: DecisionArgs,
+}
+
+/// Who decides, why, and how long to wait for HQ to show it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DecisionArgs {
     /// Why, in a few words; kept with the decision.
     #[arg(long)]
     pub note: Option<String>,
@@ -392,27 +404,29 @@ pub fn render_show(c: &Component) -> String {
     out
 }
 
-/// `identity confirm`: the decision sent, and what HQ shows. Returns the line to print.
-pub async fn confirm(cfg: &Config, args: &DecideArgs) -> Result<String, SinkError> {
-    use rdkafka::producer::FutureRecord;
-    let mut conn = crate::hq_mysql::connect(cfg, true).await?;
-    let id = args.review.trim();
-    let row: Option<(String, String, String, i64, String, String, Option<String>, Option<String>)> = conn
-        .exec_first(
-            "SELECT status, reason, site, first_seen_ms, person_uuid, records, evidence, decided_by FROM omrs_sync_identity_review WHERE review_id = ?",
-            (id,),
-        )
-        .await
-        .map_err(|e| no_queue(e, "reading the identity reviews"))?;
-    let Some((status, reason, site, ts_ms, person, records, evidence, decided_by)) = row else {
-        return Err(SinkError::Usage(format!("{id}: no such review at HQ (`omrs-stream identity list` shows them)")));
-    };
-    if status == review::CONFIRMED {
-        return Ok(format!("review {id} is already confirmed (by {})", decided_by.unwrap_or_default()));
-    }
-    let by = args.by.clone().or_else(|| std::env::var("OMRS_USER").ok()).or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
-    let decision = review::Decision {
-        action: "confirm".into(),
+/// A review as HQ holds it: (status, reason, site, first_seen_ms, person, records, evidence,
+/// decided_by).
+type ReviewRow = (String, String, String, i64, String, String, Option<String>, Option<String>);
+
+async fn review_row(conn: &mut Conn, id: &str) -> Result<Option<ReviewRow>, SinkError> {
+    conn.exec_first(
+        "SELECT status, reason, site, first_seen_ms, person_uuid, records, evidence, decided_by FROM omrs_sync_identity_review WHERE review_id = ?",
+        (id,),
+    )
+    .await
+    .map_err(|e| no_queue(e, "reading the identity reviews"))
+}
+
+/// Who decides: `--by`, else $OMRS_USER, else $USER.
+fn decider(by: &Option<String>) -> String {
+    by.clone().or_else(|| std::env::var("OMRS_USER").ok()).or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into())
+}
+
+/// A decision on review `row` (id `id`), sides empty unless it is a split.
+fn decision(action: &str, id: &str, row: ReviewRow, by: &str, note: &Option<String>, keep: Vec<String>, other: Vec<String>) -> review::Decision {
+    let (_, reason, site, ts_ms, person, records, evidence, _) = row;
+    review::Decision {
+        action: action.into(),
         review_id: id.to_string(),
         reason,
         person,
@@ -420,31 +434,166 @@ pub async fn confirm(cfg: &Config, args: &DecideArgs) -> Result<String, SinkErro
         evidence: json_or_null(evidence),
         site,
         ts_ms,
-        decided: review::Decided { by: by.clone(), at_ms: omrs_core::clock::now_ms(), note: args.note.clone() },
-    };
+        decided: review::Decided { by: by.to_string(), at_ms: omrs_core::clock::now_ms(), note: note.clone() },
+        keep,
+        other,
+    }
+}
+
+/// Sends a decision to `omrs.identity.decisions` and waits up to `wait` seconds for HQ to show
+/// its review with `status`. Returns whether it did.
+async fn send(cfg: &Config, conn: &mut Conn, d: &review::Decision, status: &str, wait: u64) -> Result<bool, SinkError> {
+    use rdkafka::producer::FutureRecord;
     let topic = omrs_core::topics::TopicNames::new(cfg.kafka.topic_prefix.clone()).identity_decisions();
     let producer = crate::kafka::producer(cfg, "the decisions producer")?;
-    let payload = serde_json::to_vec(&decision).unwrap_or_default();
+    let payload = serde_json::to_vec(d).unwrap_or_default();
     producer
-        .send(FutureRecord::to(&topic).key(id).payload(&payload), std::time::Duration::from_secs(30))
+        .send(FutureRecord::to(&topic).key(&d.review_id).payload(&payload), std::time::Duration::from_secs(30))
         .await
         .map_err(|(e, _)| SinkError::Kafka {
             context: format!("sending the decision to {topic} (does it exist? `omrs-stream topics apply` creates it)"),
             message: e.to_string(),
             transient: false,
         })?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
     while std::time::Instant::now() < deadline {
         let now: Option<String> = conn
-            .exec_first("SELECT status FROM omrs_sync_identity_review WHERE review_id = ?", (id,))
+            .exec_first("SELECT status FROM omrs_sync_identity_review WHERE review_id = ?", (&d.review_id,))
             .await
             .map_err(|e| SinkError::db("reading the identity reviews", e))?;
-        if now.as_deref() == Some(review::CONFIRMED) {
-            return Ok(format!("review {id} confirmed by {by}: HQ keeps the merge; the lake follows"));
+        if now.as_deref() == Some(status) {
+            return Ok(true);
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    Ok(format!(
-        "review {id}: decision by {by} sent to {topic}; HQ and the lake show it once the transform and the sinks have applied it (they are not running, or behind)"
-    ))
+    Ok(false)
+}
+
+fn not_yet(id: &str, by: &str) -> String {
+    format!("review {id}: decision by {by} sent; HQ and the lake show it once the transform and the sinks have applied it (they are not running, or behind)")
+}
+
+/// `identity confirm`: the decision sent, and what HQ shows. Returns the line to print.
+pub async fn confirm(cfg: &Config, args: &DecideArgs) -> Result<String, SinkError> {
+    let mut conn = crate::hq_mysql::connect(cfg, true).await?;
+    let id = args.review.trim();
+    let Some(row) = review_row(&mut conn, id).await? else {
+        return Err(SinkError::Usage(format!("{id}: no such review at HQ (`omrs-stream identity list` shows them)")));
+    };
+    if row.0 == review::CONFIRMED {
+        return Ok(format!("review {id} is already confirmed (by {})", row.7.unwrap_or_default()));
+    }
+    let by = decider(&args.decision.by);
+    let d = decision("confirm", id, row, &by, &args.decision.note, Vec::new(), Vec::new());
+    Ok(if send(cfg, &mut conn, &d, review::CONFIRMED, args.decision.wait).await? {
+        format!("review {id} confirmed by {by}: HQ keeps the merge; the lake follows")
+    } else {
+        not_yet(id, &by)
+    })
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SplitArgs {
+    /// A review id (a merge's, or an open review's, from `identity list`) or a person uuid
+    /// (a record that should not be part of its merged person).
+    pub target: String,
+    /// The records that stay together with each other (default: all but the ones the review
+    /// names, or all but the person given). The others become a person of their own.
+    #[arg(long, num_args = 1..)]
+    pub keep: Vec<String>,
+    #[command(flatten)]
+    pub decision: DecisionArgs,
+}
+
+/// The merged person `uuid` belongs to at HQ: (survivor, every record of it, survivor first).
+async fn component_of(conn: &mut Conn, uuid: &str) -> Result<(String, Vec<String>), SinkError> {
+    let winner: Option<String> = conn
+        .exec_first("SELECT winner_uuid FROM omrs_sync_merge WHERE loser_uuid = ?", (uuid,))
+        .await
+        .map_err(|e| no_queue(e, "reading the merges"))?;
+    let survivor = winner.unwrap_or_else(|| uuid.to_string());
+    let losers: Vec<String> = conn
+        .exec("SELECT loser_uuid FROM omrs_sync_merge WHERE winner_uuid = ? ORDER BY loser_uuid", (survivor.as_str(),))
+        .await
+        .map_err(|e| SinkError::db("reading the merges", e))?;
+    Ok((survivor.clone(), std::iter::once(survivor).chain(losers).collect()))
+}
+
+/// `identity split`: undoes a merge. The decision names two sides of the merged person; the
+/// transform keeps them apart from then on (a later link between them is a review, not a
+/// merge), and both sinks move each side's rows to its own survivor.
+pub async fn split(cfg: &Config, args: &SplitArgs) -> Result<String, SinkError> {
+    let mut conn = crate::hq_mysql::connect(cfg, true).await?;
+    let target = args.target.trim();
+    let reviewed = review_row(&mut conn, target).await?;
+    let (survivor, members) = match &reviewed {
+        Some(r) if r.0 == review::SPLIT => return Ok(format!("review {target} is already split (by {})", r.7.clone().unwrap_or_default())),
+        Some(r) if r.1 == review::NEAR_MISS || r.1 == review::IDENTIFIER_SHARED => {
+            return Err(SinkError::Usage(format!("review {target} ({}): these records were not merged; there is nothing to split (`identity confirm` closes it)", r.1)))
+        }
+        Some(r) => component_of(&mut conn, &r.4).await?,
+        None => component_of(&mut conn, target).await?,
+    };
+    if members.len() < 2 {
+        return Err(SinkError::Usage(format!("{target}: no merged person at HQ has this review or record (`identity show {target}`)")));
+    }
+    let (keep, other): (Vec<String>, Vec<String>) = if !args.keep.is_empty() {
+        if let Some(stray) = args.keep.iter().find(|k| !members.contains(k)) {
+            return Err(SinkError::Usage(format!("--keep {stray}: not a record of person {survivor} (its records: {})", members.join(", "))));
+        }
+        members.iter().cloned().partition(|m| args.keep.contains(m))
+    } else {
+        let named: Vec<String> = match &reviewed {
+            Some(r) => serde_json::from_str(&r.5).unwrap_or_default(),
+            None => vec![target.to_string()],
+        };
+        let leaving: Vec<String> = named.into_iter().filter(|n| *n != survivor && members.contains(n)).collect();
+        if leaving.is_empty() {
+            return Err(SinkError::Usage(format!("{target}: which records leave person {survivor}? Name the ones that stay with --keep (its records: {})", members.join(", "))));
+        }
+        members.iter().cloned().partition(|m| !leaving.contains(m))
+    };
+    if other.is_empty() {
+        return Err(SinkError::Usage(format!("--keep names every record of person {survivor}: nothing would leave")));
+    }
+    // A clinic's own merge is its rows: HQ cannot take them back.
+    let site_merges: Vec<(String, String, Option<String>)> = conn
+        .exec("SELECT loser_uuid, site, evidence FROM omrs_sync_merge WHERE winner_uuid = ? AND reason = 'site_merge'", (survivor.as_str(),))
+        .await
+        .map_err(|e| SinkError::db("reading the merges", e))?;
+    for (_, site, evidence) in site_merges {
+        let ev = json_or_null(evidence);
+        let pair = [ev.get("site_winner"), ev.get("site_loser")].map(|v| v.and_then(|v| v.as_str()).unwrap_or("").to_string());
+        if keep.contains(&pair[0]) != keep.contains(&pair[1]) && !pair[0].is_empty() {
+            return Err(SinkError::Usage(format!(
+                "{site} merged {} and {} itself (its person_merge_log): HQ cannot split what the clinic merged, since the clinic moved the rows. Undo it at the clinic, or keep them on one side",
+                pair[1], pair[0]
+            )));
+        }
+    }
+    // The decision is recorded on a review: the one given, else the merge of a record leaving.
+    let id = match reviewed {
+        Some(_) => target.to_string(),
+        None => {
+            let mut id = None;
+            for r in other.iter().chain(&keep) {
+                let rid: Option<Option<String>> = conn.exec_first("SELECT review_id FROM omrs_sync_merge WHERE loser_uuid = ?", (r.as_str(),)).await.map_err(|e| SinkError::db("reading the merges", e))?;
+                if let Some(Some(rid)) = rid {
+                    id = Some(rid);
+                    break;
+                }
+            }
+            id.ok_or_else(|| SinkError::Usage(format!("{target}: no review at HQ for the merges of person {survivor} (merged by an earlier version?)")))?
+        }
+    };
+    let Some(row) = review_row(&mut conn, &id).await? else {
+        return Err(SinkError::Usage(format!("{id}: no such review at HQ")));
+    };
+    let by = decider(&args.decision.by);
+    let d = decision("split", &id, row, &by, &args.decision.note, keep.clone(), other.clone());
+    Ok(if send(cfg, &mut conn, &d, review::SPLIT, args.decision.wait).await? {
+        format!("review {id} split by {by}: {} and {} are two people now; HQ moved each record's rows to its own patient, the lake follows", other.join(", "), keep.join(", "))
+    } else {
+        not_yet(&id, &by)
+    })
 }

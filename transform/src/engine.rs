@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
 pub use crate::event::{InEvent, Out, Refs};
-use crate::identity::{Identity, Merged};
+use crate::identity::{Change, Identity, Merged};
 use crate::nearmiss::{NearMiss, Part};
 
 /// Where an input record came from.
@@ -83,6 +83,8 @@ pub enum Fact {
     Person { uuid: String, created: Option<String> },
     Identifier { type_idx: u16, value: String, person: String },
     Link { a: String, b: String },
+    /// A person's split decision: no record of `keep` is one person with a record of `other`.
+    Apart { review_id: String, keep: Vec<String>, other: Vec<String> },
     Watermark { site: String, max_ts: i64 },
     /// A part of a record's demographics for near misses: `part` is `sb` (sex and birthdate)
     /// or `n` (preferred name), at its site.
@@ -101,6 +103,7 @@ impl Fact {
             Fact::Person { uuid, .. } => format!("p:{uuid}"),
             Fact::Identifier { type_idx, value, .. } => format!("i:{type_idx}:{value}"),
             Fact::Link { a, b } => format!("l:{a}:{b}"),
+            Fact::Apart { review_id, .. } => format!("x:{review_id}"),
             Fact::Watermark { site, .. } => format!("w:{site}"),
             Fact::Demo { uuid, part, .. } => format!("d:{part}:{uuid}"),
             Fact::Holds { uuid } => format!("h:{uuid}"),
@@ -172,11 +175,14 @@ impl Engine {
             }
             Fact::Identifier { type_idx, value, person } => {
                 if let Some(other) = self.identity.identifier(type_idx, &value, &person) {
-                    self.identity.union(&person, &other);
+                    self.identity.link(&person, &other);
                 }
             }
             Fact::Link { a, b } => {
-                self.identity.union(&a, &b);
+                self.identity.link(&a, &b);
+            }
+            Fact::Apart { keep, other, .. } => {
+                self.identity.keep_apart(&keep, &other);
             }
             Fact::Watermark { site, max_ts } => {
                 let s = self.sites.entry(site).or_default();
@@ -351,6 +357,37 @@ impl Engine {
         out.push(Out::Hq(Box::new(review)));
     }
 
+    /// What a link or a decision changed, for the sinks: a merge, or records leaving a
+    /// component (`review_id` names the decision, or is derived from the records).
+    #[allow(clippy::too_many_arguments)]
+    fn changed(&mut self, c: Change, reason: &str, evidence: J, review_id: &str, site: &str, ts: i64, out: &mut Vec<Out>) {
+        match c {
+            Change::Merged(m) => self.merged(m, reason, evidence, site, ts, out),
+            Change::Split { survivor, from, records } => {
+                let review_id = if review_id.is_empty() { review::review_id(&["regroup", &from, &survivor, &records.join(",")]) } else { review_id.to_string() };
+                tracing::info!(from = %from, survivor = %survivor, records = records.len(), review = %review_id, "records leave a merged person");
+                out.push(Out::Hq(Box::new(HqEvent::Split { survivor, from, records, review_id, site: site.into(), ts_ms: ts })));
+            }
+        }
+    }
+
+    /// A link a person's split decision keeps from joining: an open review, not a merge.
+    fn kept_apart(&mut self, mut records: [String; 2], evidence: J, site: &str, ts: i64, out: &mut Vec<Out>) {
+        self.reviews += 1;
+        records.sort();
+        out.push(Out::Hq(Box::new(HqEvent::IdentityReview {
+            review_id: review::review_id(&["shared", &records[0], &records[1]]),
+            reason: review::IDENTIFIER_SHARED.into(),
+            status: review::OPEN.into(),
+            person: self.identity.canonical(&records[0]),
+            records: records.to_vec(),
+            evidence,
+            site: site.into(),
+            ts_ms: ts,
+            decided: None,
+        })));
+    }
+
     /// An identifier of a merged person stopped holding at its site: the merge stays (one
     /// clerk's edit must not move clinical data back and forth), a person decides.
     fn review_identifier(&mut self, f: Finding, site: &str, ts: i64, out: &mut Vec<Out>) {
@@ -383,7 +420,9 @@ impl Engine {
     fn emit(&mut self, mut ev: InEvent, late: bool, out: &mut Vec<Out>) {
         let ts = ev.source.ts_ms;
         let alive = ev.op != Op::Delete;
-        let mut pending_merges: Vec<(Merged, &'static str, J)> = Vec::new();
+        let mut pending_merges: Vec<(Change, &'static str, J)> = Vec::new();
+        // A link a split decision keeps from joining: (the two records, its evidence).
+        let mut refused: Option<([String; 2], J)> = None;
         let mut review: Option<Finding> = None;
         // A record that holds a configured identifier with this event.
         let mut holder: Option<String> = None;
@@ -403,7 +442,7 @@ impl Engine {
                         .map(|c| self.in_utc(&ev.site, c));
                     if let Some(m) = self.identity.person(&uuid, created.as_deref()) {
                         pending_merges.push((
-                            m,
+                            Change::Merged(m),
                             "survivor_change",
                             serde_json::json!({"record": uuid, "date_created": created}),
                         ));
@@ -436,10 +475,12 @@ impl Engine {
                     if !value.is_empty() && alive && !voided {
                         holder = Some(person.clone());
                         if let Some(other) = self.identity.identifier(ti, &value, &person) {
-                            if let Some(m) = self.identity.union(&person, &other) {
-                                let evidence = serde_json::json!({"identifier_type": type_uuid, "value": value, "records": [other, person]});
-                                pending_merges.push((m, "identifier", evidence));
+                            let (changes, kept_apart) = self.identity.link(&person, &other);
+                            let evidence = serde_json::json!({"identifier_type": type_uuid, "value": value, "records": [other, person]});
+                            if kept_apart {
+                                refused = Some(([other.clone(), person.clone()], evidence.clone()));
                             }
+                            pending_merges.extend(changes.into_iter().map(|c| (c, "identifier", evidence.clone())));
                             self.facts.push(Fact::Link { a: other, b: person.clone() });
                         } else {
                             self.facts.push(Fact::Identifier { type_idx: ti, value, person: person.clone() });
@@ -455,9 +496,12 @@ impl Engine {
                 let w = ev.refs.get("winner_person_id").and_then(J::as_str).map(str::to_string);
                 let l = ev.refs.get("loser_person_id").and_then(J::as_str).map(str::to_string);
                 if let (Some(w), Some(l)) = (w, l) {
-                    if let Some(m) = self.identity.union(&w, &l) {
-                        pending_merges.push((m, "site_merge", serde_json::json!({"site_winner": w, "site_loser": l, "person_merge_log": ev.uuid})));
+                    let (changes, kept_apart) = self.identity.link(&w, &l);
+                    let evidence = serde_json::json!({"site_winner": w, "site_loser": l, "person_merge_log": ev.uuid});
+                    if kept_apart {
+                        refused = Some(([w.clone(), l.clone()], evidence.clone()));
                     }
+                    pending_merges.extend(changes.into_iter().map(|c| (c, "site_merge", evidence.clone())));
                     self.facts.push(Fact::Link { a: w, b: l });
                 }
             }
@@ -465,8 +509,11 @@ impl Engine {
         }
 
         // Merges first: the change that caused them follows, already canonical.
-        for (m, reason, evidence) in pending_merges {
-            self.merged(m, reason, evidence, &ev.site, ts, out);
+        for (c, reason, evidence) in pending_merges {
+            self.changed(c, reason, evidence, "", &ev.site, ts, out);
+        }
+        if let Some((records, evidence)) = refused {
+            self.kept_apart(records, evidence, &ev.site, ts, out);
         }
         if let Some(f) = review {
             self.review_identifier(f, &ev.site, ts, out);
@@ -553,6 +600,12 @@ impl Engine {
             return Err("decision without a review_id".into());
         }
         tracing::info!(review = %d.review_id, status, by = %d.decided.by, "identity review decided");
+        if status == review::SPLIT {
+            for c in self.identity.keep_apart(&d.keep, &d.other) {
+                self.changed(c, "survivor_change", J::Null, &d.review_id, &d.site, d.ts_ms, out);
+            }
+            self.facts.push(Fact::Apart { review_id: d.review_id.clone(), keep: d.keep.clone(), other: d.other.clone() });
+        }
         out.push(Out::Hq(Box::new(HqEvent::IdentityReview {
             person: self.identity.canonical(&d.person),
             review_id: d.review_id,

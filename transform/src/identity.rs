@@ -5,6 +5,14 @@
 //! The survivor of a component is deterministic: the earliest `person.date_created`, then the
 //! smallest uuid. It depends only on the set of records in the component, so the final
 //! assignment is the same whatever the arrival order.
+//!
+//! A person's split decision ("these records are not those") cannot be undone in a union-find,
+//! so every link is also kept, and a component that holds a record named by a decision is
+//! rebuilt from its links: in (uuid, uuid) order, each link joins unless it would put records
+//! a decision keeps apart in one component. The components are then a function of the set of
+//! links and the set of decisions, whatever the order they came in (the tests check it over
+//! permutations). A component with no such record is closed under its links, so the plain
+//! union is the same rebuild, done incrementally.
 
 use std::hash::BuildHasher;
 
@@ -24,6 +32,21 @@ fn parse_created(s: &str) -> i64 {
 pub struct Merged {
     pub winner: String,
     pub loser: String,
+}
+
+/// What a link or a decision changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The component of `loser` (all of it) now survives as `winner`.
+    Merged(Merged),
+    /// `records` left the component that survived as `from` and survive as `survivor`.
+    Split { survivor: String, from: String, records: Vec<String> },
+}
+
+/// A person's decision: no record of `a` is the same person as a record of `b`.
+struct Apart {
+    a: Vec<u32>,
+    b: Vec<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +73,11 @@ pub struct Identity {
     index: HashMap<(u16, Box<str>), u32>,
     /// Heap bytes of the strings held (uuids twice, creation times, identifier values).
     str_bytes: usize,
+    /// Every link, both ways (only records that were ever linked have an entry).
+    links: HashMap<u32, Vec<u32>>,
+    /// Split decisions, and the decisions naming each record.
+    apart: Vec<Apart>,
+    constrained: HashMap<u32, Vec<u32>>,
 }
 
 impl Identity {
@@ -174,13 +202,8 @@ impl Identity {
         (**su != *uuid).then(|| su.to_string())
     }
 
-    /// Joins two records. Returns the merge if they were in different components.
-    pub fn union(&mut self, a: &str, b: &str) -> Option<Merged> {
-        let (ia, ib) = (self.rec(a), self.rec(b));
-        let (ra, rb) = (self.find(ia), self.find(ib));
-        if ra == rb {
-            return None;
-        }
+    /// Joins the components of roots `ra` and `rb` (distinct): the merge it makes.
+    fn join(&mut self, ra: u32, rb: u32) -> Merged {
         let (sa, sb) = (self.recs[ra as usize].survivor, self.recs[rb as usize].survivor);
         let (winner, loser) = if self.better(sa, sb) { (sa, sb) } else { (sb, sa) };
         let (big, small) = if self.recs[ra as usize].size >= self.recs[rb as usize].size { (ra, rb) } else { (rb, ra) };
@@ -191,7 +214,173 @@ impl Identity {
         self.recs[rb as usize].next = na;
         self.recs[big as usize].size += self.recs[small as usize].size;
         self.recs[big as usize].survivor = winner;
-        Some(Merged { winner: self.recs[winner as usize].uuid.to_string(), loser: self.recs[loser as usize].uuid.to_string() })
+        Merged { winner: self.recs[winner as usize].uuid.to_string(), loser: self.recs[loser as usize].uuid.to_string() }
+    }
+
+    /// Links two records (the same identifier, a site's merge). Returns what changed, and
+    /// whether a split decision keeps them apart (the link is kept, but does not join).
+    pub fn link(&mut self, a: &str, b: &str) -> (Vec<Change>, bool) {
+        let (ia, ib) = (self.rec(a), self.rec(b));
+        if ia == ib {
+            return (Vec::new(), false);
+        }
+        for (x, y) in [(ia, ib), (ib, ia)] {
+            let l = self.links.entry(x).or_default();
+            if !l.contains(&y) {
+                l.push(y);
+            }
+        }
+        let (ra, rb) = (self.find(ia), self.find(ib));
+        if ra == rb {
+            return (Vec::new(), false);
+        }
+        if self.apart.is_empty() || (!self.holds_constrained(ra) && !self.holds_constrained(rb)) {
+            return (vec![Change::Merged(self.join(ra, rb))], false);
+        }
+        let changes = self.rebuild(&[ia]);
+        let refused = self.find(ia) != self.find(ib);
+        (changes, refused)
+    }
+
+    /// Joins two records, as [`Identity::link`], returning only a merge.
+    #[cfg(test)]
+    pub fn union(&mut self, a: &str, b: &str) -> Option<Merged> {
+        self.link(a, b).0.into_iter().find_map(|c| match c {
+            Change::Merged(m) => Some(m),
+            Change::Split { .. } => None,
+        })
+    }
+
+    /// A person's decision: no record of `keep` is one person with a record of `other`.
+    /// Returns what it changed (the splits; nothing when they were apart already).
+    pub fn keep_apart(&mut self, keep: &[String], other: &[String]) -> Vec<Change> {
+        let a: Vec<u32> = keep.iter().map(|u| self.rec(u)).collect();
+        let b: Vec<u32> = other.iter().map(|u| self.rec(u)).collect();
+        let d = self.apart.len() as u32;
+        for &r in a.iter().chain(&b) {
+            let c = self.constrained.entry(r).or_default();
+            if !c.contains(&d) {
+                c.push(d);
+            }
+        }
+        let seeds: Vec<u32> = a.iter().chain(&b).copied().collect();
+        self.apart.push(Apart { a, b });
+        self.rebuild(&seeds)
+    }
+
+    /// Whether the component of root `r` holds a record a decision names.
+    fn holds_constrained(&self, r: u32) -> bool {
+        self.members(r).iter().any(|m| self.constrained.contains_key(m))
+    }
+
+    /// The members of `i`'s component, walking its ring.
+    fn members(&self, i: u32) -> Vec<u32> {
+        let mut out = vec![i];
+        let mut j = self.recs[i as usize].next;
+        while j != i {
+            out.push(j);
+            j = self.recs[j as usize].next;
+        }
+        out
+    }
+
+    /// For each decision a member of root `r`'s component is named in: (decision, sides
+    /// present as bits: 1 = a, 2 = b).
+    fn sides(&self, r: u32) -> Vec<(u32, u8)> {
+        let mut out: Vec<(u32, u8)> = Vec::new();
+        for m in self.members(r) {
+            for &d in self.constrained.get(&m).map(Vec::as_slice).unwrap_or(&[]) {
+                let ap = &self.apart[d as usize];
+                let bit = if ap.a.contains(&m) { 1 } else if ap.b.contains(&m) { 2 } else { 0 };
+                match out.iter_mut().find(|(x, _)| *x == d) {
+                    Some((_, bits)) => *bits |= bit,
+                    None => out.push((d, bit)),
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether joining the components of roots `ra` and `rb` keeps every decision.
+    fn may_join(&self, ra: u32, rb: u32) -> bool {
+        let sb = self.sides(rb);
+        self.sides(ra).iter().all(|(d, bits)| sb.iter().filter(|(e, _)| e == d).all(|(_, other)| (bits | other) != 3))
+    }
+
+    /// Rebuilds the components of every record linked (transitively) to `seeds`: from its
+    /// links in (uuid, uuid) order, skipping each that would break a decision. Returns the
+    /// changes from the components before.
+    fn rebuild(&mut self, seeds: &[u32]) -> Vec<Change> {
+        let mut region: Vec<u32> = Vec::new();
+        let mut seen: hashbrown::HashSet<u32> = hashbrown::HashSet::new();
+        let mut stack: Vec<u32> = seeds.to_vec();
+        while let Some(r) = stack.pop() {
+            if !seen.insert(r) {
+                continue;
+            }
+            region.push(r);
+            stack.extend(self.links.get(&r).map(Vec::as_slice).unwrap_or(&[]).iter().copied());
+            // Members joined by a link of a version that kept none: their component.
+            stack.extend(self.members(r));
+        }
+        let before: Vec<(u32, u32)> = region.iter().map(|&r| (r, self.survivor_of_rec(r))).collect();
+        for &r in &region {
+            let x = &mut self.recs[r as usize];
+            (x.parent, x.next, x.survivor, x.size) = (r, r, r, 1);
+        }
+        let mut edges: Vec<(u32, u32)> = Vec::new();
+        for &r in &region {
+            for &n in self.links.get(&r).map(Vec::as_slice).unwrap_or(&[]) {
+                if self.recs[r as usize].uuid < self.recs[n as usize].uuid {
+                    edges.push((r, n));
+                }
+            }
+        }
+        edges.sort_by(|x, y| (&self.recs[x.0 as usize].uuid, &self.recs[x.1 as usize].uuid).cmp(&(&self.recs[y.0 as usize].uuid, &self.recs[y.1 as usize].uuid)));
+        for (a, b) in edges {
+            let (ra, rb) = (self.find(a), self.find(b));
+            if ra != rb && self.may_join(ra, rb) {
+                self.join(ra, rb);
+            }
+        }
+        self.changes(before)
+    }
+
+    /// The survivor record of record `r`'s component.
+    fn survivor_of_rec(&mut self, r: u32) -> u32 {
+        let root = self.find(r);
+        self.recs[root as usize].survivor
+    }
+
+    /// What a rebuild changed, from each record's survivor before it: per old survivor, each
+    /// group of its records that now survives as another record is a split, or a merge when
+    /// the group is the whole old component. Splits first, each list in uuid order.
+    fn changes(&mut self, before: Vec<(u32, u32)>) -> Vec<Change> {
+        let mut old_sizes: HashMap<u32, usize> = HashMap::new();
+        let mut moved: Vec<(u32, u32, u32)> = Vec::new();
+        for &(r, old) in &before {
+            *old_sizes.entry(old).or_default() += 1;
+            let new = self.survivor_of_rec(r);
+            if new != old {
+                moved.push((old, new, r));
+            }
+        }
+        let uuid = |i: u32| -> String { self.recs[i as usize].uuid.to_string() };
+        let mut groups: std::collections::BTreeMap<(String, String), (u32, Vec<String>)> = std::collections::BTreeMap::new();
+        for (old, new, r) in moved {
+            groups.entry((uuid(old), uuid(new))).or_insert_with(|| (old, Vec::new())).1.push(uuid(r));
+        }
+        let (mut splits, mut merges) = (Vec::new(), Vec::new());
+        for ((from, survivor), (old, mut records)) in groups {
+            if records.len() == old_sizes.get(&old).copied().unwrap_or(0) {
+                merges.push(Change::Merged(Merged { winner: survivor, loser: from }));
+            } else {
+                records.sort();
+                splits.push(Change::Split { survivor, from, records });
+            }
+        }
+        splits.extend(merges);
+        splits
     }
 
     /// Records that `person` holds identifier (type, value). Returns the record it shares the
@@ -241,6 +430,8 @@ impl Identity {
             + self.by_uuid.capacity() * (std::mem::size_of::<u32>() + 1)
             + self.index.capacity() * (std::mem::size_of::<((u16, Box<str>), u32)>() + 1)
             + self.str_bytes
+            + self.links.capacity() * (std::mem::size_of::<(u32, Vec<u32>)>() + 1)
+            + self.links.values().map(|l| l.capacity() * 4).sum::<usize>()
     }
 }
 
@@ -321,5 +512,83 @@ mod tests {
             assert_eq!(id.canonical(u), "r");
         }
         assert_eq!(id.canonical("s"), "s", "another component is not walked");
+    }
+
+    /// Every order of the same links and split decisions ends in the same components.
+    #[test]
+    fn a_split_gives_the_same_components_whatever_the_order() {
+        #[derive(Clone, Copy)]
+        enum Ev {
+            L(&'static str, &'static str),
+            D(&'static [&'static str], &'static [&'static str]),
+        }
+        let evs = [Ev::L("a", "b"), Ev::L("b", "c"), Ev::L("c", "d"), Ev::L("a", "x"), Ev::L("x", "c"), Ev::D(&["a", "b"], &["c"])];
+        let people = [("a", "2020-03-01 00:00:00"), ("b", "2020-01-01 00:00:00"), ("c", "2019-01-01 00:00:00"), ("d", "2021-01-01 00:00:00"), ("x", "2018-01-01 00:00:00")];
+        let mut first: Option<Vec<String>> = None;
+        let mut order: Vec<usize> = (0..evs.len()).collect();
+        let mut count = 0;
+        // Heap's algorithm over the 720 orders.
+        let mut c = vec![0usize; order.len()];
+        let mut run = |order: &[usize]| {
+            let mut id = Identity::default();
+            for (u, t) in people {
+                id.person(u, Some(t));
+            }
+            for &i in order {
+                match evs[i] {
+                    Ev::L(a, b) => {
+                        id.link(a, b);
+                    }
+                    Ev::D(k, o) => {
+                        let (k, o): (Vec<String>, Vec<String>) = (k.iter().map(|s| s.to_string()).collect(), o.iter().map(|s| s.to_string()).collect());
+                        id.keep_apart(&k, &o);
+                    }
+                }
+            }
+            let got: Vec<String> = ["a", "b", "c", "d", "x"].iter().map(|u| id.canonical(u)).collect();
+            match &first {
+                Some(f) => assert_eq!(&got, f, "order {order:?}"),
+                None => first = Some(got),
+            }
+            count += 1;
+        };
+        run(&order);
+        let mut i = 0;
+        while i < order.len() {
+            if c[i] < i {
+                if i % 2 == 0 { order.swap(0, i) } else { order.swap(c[i], i) }
+                run(&order);
+                c[i] += 1;
+                i = 0;
+            } else {
+                c[i] = 0;
+                i += 1;
+            }
+        }
+        assert_eq!(count, 720);
+        // (a,b) and (a,x) join first; (b,c) and (x,c) would put c with a and b; (c,d) joins.
+        assert_eq!(first.unwrap_or_default(), ["x", "x", "c", "c", "x"]);
+    }
+
+    #[test]
+    fn a_split_reports_what_moved_and_refuses_a_later_link() {
+        let mut id = Identity::default();
+        for (u, t) in [("h", "2020-01-01 00:00:00"), ("s", "2021-01-01 00:00:00"), ("t", "2022-01-01 00:00:00")] {
+            id.person(u, Some(t));
+        }
+        assert_eq!(id.link("h", "s").0, vec![Change::Merged(Merged { winner: "h".into(), loser: "s".into() })]);
+        assert_eq!(id.link("s", "t").0, vec![Change::Merged(Merged { winner: "h".into(), loser: "t".into() })]);
+        let changes = id.keep_apart(&["h".into()], &["s".into(), "t".into()]);
+        assert_eq!(changes, vec![Change::Split { survivor: "s".into(), from: "h".into(), records: vec!["s".into(), "t".into()] }]);
+        assert_eq!((id.canonical("t"), id.canonical("h")), ("s".into(), "h".into()));
+        assert!(id.keep_apart(&["h".into()], &["s".into()]).is_empty(), "already apart");
+        // The same identifier again: kept apart, and said so.
+        let (changes, refused) = id.link("t", "h");
+        assert!(changes.is_empty() && refused);
+        // A new record linked to s joins s's side.
+        id.person("u", Some("2017-01-01 00:00:00"));
+        let (changes, refused) = id.link("u", "s");
+        assert_eq!(changes, vec![Change::Merged(Merged { winner: "u".into(), loser: "s".into() })]);
+        assert!(!refused);
     }
 }

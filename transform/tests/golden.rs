@@ -108,6 +108,7 @@ fn render(o: &HqEvent) -> String {
         HqEvent::IdentityReview { reason, status, person, records, site, evidence, .. } => {
             format!("REVIEW {reason} {status} person={person} records={} at={site} value={}", records.join(","), evidence["value"].as_str().unwrap_or(""))
         }
+        HqEvent::Split { survivor, from, records, site, .. } => format!("SPLIT from={from} survivor={survivor} records={} at={site}", records.join(",")),
         HqEvent::Watermark { ts_ms } => format!("WATERMARK {ts_ms}"),
         HqEvent::Aggregate { name, site, window_start_ms, dim, value, is_final, revision, .. } => {
             format!("AGGREGATE {name} {site} {window_start_ms} {dim} value={value} final={is_final} revision={revision}")
@@ -138,6 +139,14 @@ fn run(name: &str) {
     let mut out = Vec::new();
     for (i, line) in input.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with("//")) {
         let v: J = serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}:{}: {e}", i + 1));
+        if let Some(d) = v.get("decide") {
+            // A data manager's decision, as read from omrs.identity.decisions.
+            let d: omrs_core::hq::review::Decision = serde_json::from_value(d.clone()).unwrap_or_else(|e| panic!("{name}:{}: {e}", i + 1));
+            let mut o = Vec::new();
+            engine.decide(d, &mut o).unwrap_or_else(|e| panic!("{name}:{}: {e}", i + 1));
+            out.extend(o.iter().map(render_out));
+            continue;
+        }
         if let Some(t) = v.get("tick") {
             engine.tick(t.as_i64().unwrap());
             out.push(format!("tick {}: watermark {}", t, engine.global_watermark()));
@@ -163,6 +172,11 @@ fn run(name: &str) {
     }
     let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
     assert_eq!(got, expected, "scenario {name}: output differs from {}", expected_path.display());
+}
+
+#[test]
+fn identity_split_keeps_the_records_apart() {
+    run("identity_split");
 }
 
 #[test]

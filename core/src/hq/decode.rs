@@ -19,6 +19,7 @@ use crate::envelope::{ChangeEvent, Image};
 enum Kind {
     Change,
     Merge,
+    Split,
     Watermark,
     Aggregate,
     IdentityReview,
@@ -36,6 +37,8 @@ struct Fields<R> {
     event: Option<ChangeEvent<R>>,
     winner: Option<String>,
     loser: Option<String>,
+    survivor: Option<String>,
+    from: Option<String>,
     reason: Option<String>,
     /// `null` is a value here: Some(Null).
     #[serde(default, deserialize_with = "present")]
@@ -88,6 +91,14 @@ impl<R: Image> Fields<R> {
                 loser: need(f.loser, "loser")?,
                 reason: need(f.reason, "reason")?,
                 evidence: need(f.evidence, "evidence")?,
+                site: need(f.site, "site")?,
+                ts_ms: need(f.ts_ms, "ts_ms")?,
+            },
+            Kind::Split => HqEvent::Split {
+                survivor: need(f.survivor, "survivor")?,
+                from: need(f.from, "from")?,
+                records: need(f.records, "records")?,
+                review_id: need(f.review_id, "review_id")?,
                 site: need(f.site, "site")?,
                 ts_ms: need(f.ts_ms, "ts_ms")?,
             },

@@ -43,6 +43,20 @@ pub enum HqEvent<R = Row> {
         site: String,
         ts_ms: i64,
     },
+    /// A person's decision took `records` away from the component that survived as `from`:
+    /// they are now one person surviving as `survivor` (one of them, or the survivor of
+    /// another component they join). The rows whose own person is one of `records` follow
+    /// them; the rest stays. Emitted by a split (`identity split`) and by a link that a split
+    /// re-arranges (the transform rebuilds a split component from its links).
+    Split {
+        survivor: String,
+        from: String,
+        records: Vec<String>,
+        /// The review whose decision caused it.
+        review_id: String,
+        site: String,
+        ts_ms: i64,
+    },
     /// The transform's global watermark: every later record that is not `late` is at or after
     /// it. The Parquet sink finalises date partitions with it.
     Watermark { ts_ms: i64 },
@@ -99,6 +113,7 @@ impl<R: Serialize + Image> HqEvent<R> {
         match self {
             HqEvent::Change { event, .. } => format!("{}:{}", event.table.as_deref().unwrap_or(""), event.uuid.as_deref().unwrap_or("")),
             HqEvent::Merge { loser, .. } => format!("merge:{loser}"),
+            HqEvent::Split { from, survivor, .. } => format!("split:{from}:{survivor}"),
             HqEvent::IdentityReview { review_id, .. } => format!("review:{review_id}"),
             HqEvent::Aggregate { name, site, window_start_ms, dim, .. } => format!("agg:{name}:{site}:{window_start_ms}:{dim}"),
             HqEvent::Watermark { .. } => "watermark".to_string(),

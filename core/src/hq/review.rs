@@ -13,9 +13,11 @@ pub const OPEN: &str = "open";
 pub const SUGGESTED: &str = "suggested";
 /// A person looked and kept the merge.
 pub const CONFIRMED: &str = "confirmed";
+/// A person looked and undid the merge: the records are two people (`identity split`).
+pub const SPLIT: &str = "split";
 
 /// Every status, in the order the `identity` command shows them.
-pub const STATUSES: [&str; 4] = [OPEN, SUGGESTED, MERGED, CONFIRMED];
+pub const STATUSES: [&str; 5] = [OPEN, SUGGESTED, MERGED, CONFIRMED, SPLIT];
 
 /// Merged: two records held the same identifier.
 pub const IDENTIFIER_LINK: &str = "identifier_link";
@@ -32,15 +34,19 @@ pub const IDENTIFIER_CORRECTED: &str = "identifier_corrected";
 
 /// Suggested: the same name, sex and birthdate at two clinics, different identifiers.
 pub const NEAR_MISS: &str = "near_miss";
+/// Open: records a person split apart hold the same identifier (or are linked through a third
+/// record); they were not merged again.
+pub const IDENTIFIER_SHARED: &str = "identifier_shared";
 
 /// Every reason, with what a data manager reads for it.
-pub const REASONS: [(&str, &str); 7] = [
+pub const REASONS: [(&str, &str); 8] = [
     (IDENTIFIER_LINK, "merged: two records hold the same identifier"),
     (SITE_MERGE, "merged: a clinic merged two of its own records"),
     (SURVIVOR_CHANGE, "merged: a registration date changed which record survives"),
     (IDENTIFIER_VOIDED, "an identifier that joined this person was voided at a clinic; the merge is kept until someone decides"),
     (IDENTIFIER_DELETED, "an identifier that joined this person was deleted at a clinic; the merge is kept until someone decides"),
     (IDENTIFIER_CORRECTED, "an identifier that joined this person was changed at a clinic; the merge is kept until someone decides"),
+    (IDENTIFIER_SHARED, "records someone split apart are linked again (a shared identifier, or a record linked to both); they were not merged"),
     (NEAR_MISS, "suggestion: the same name, sex and birthdate at two clinics, with different identifiers; nothing was merged"),
 ];
 
@@ -70,7 +76,7 @@ pub fn describe(reason: &str) -> &'static str {
 /// transform can re-emit it with its new status.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Decision {
-    /// `confirm`.
+    /// `confirm` or `split`.
     pub action: String,
     pub review_id: String,
     pub reason: String,
@@ -81,6 +87,13 @@ pub struct Decision {
     /// The review's first event time.
     pub ts_ms: i64,
     pub decided: Decided,
+    /// A split: the records that stay together on one side (`--keep`, or the survivor's own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<String>,
+    /// A split: the records of the other side. No record of `keep` is the same person as a
+    /// record of `other` from then on, whatever links them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other: Vec<String>,
 }
 
 /// Who decided, when, and why.
@@ -93,13 +106,18 @@ pub struct Decided {
 }
 
 /// The actions a decision may take.
-pub const ACTIONS: [&str; 1] = ["confirm"];
+pub const ACTIONS: [&str; 2] = ["confirm", "split"];
 
 impl Decision {
     /// The status a decision gives its review, or why it is not a decision this version knows.
     pub fn status(&self) -> Result<&'static str, String> {
         match self.action.as_str() {
             "confirm" => Ok(CONFIRMED),
+            "split" if self.keep.is_empty() || self.other.is_empty() => {
+                Err(format!("split of review {}: both sides need a record (keep {}, other {})", self.review_id, self.keep.len(), self.other.len()))
+            }
+            "split" if self.keep.iter().any(|k| self.other.contains(k)) => Err(format!("split of review {}: a record is on both sides", self.review_id)),
+            "split" => Ok(SPLIT),
             other => Err(format!("decision on review {}: unknown action `{other}` (known: {})", self.review_id, ACTIONS.join(", "))),
         }
     }

@@ -12,10 +12,12 @@
 use omrs_core::envelope::{FlatRow, Row};
 use serde_json::{Map, Value as J};
 
-/// Points each reference of a change of `table` whose row is a merge loser (`survivor_of`
-/// gives its final survivor) at that survivor, and records the replaced value in
-/// `origin_refs` unless it holds one for the column already. A `person_merge_log` row keeps its
-/// own winner and loser. Returns true when a reference changed.
+/// Points each reference of a change of `table` at the final survivor of the person it was
+/// written for (its `origin_refs` value, else the reference itself; `survivor_of` gives the
+/// final survivor of a merge loser), and records the row's own person in `origin_refs` while it
+/// is on another one. A row whose own person survives on its own again (a split) goes back to
+/// it. A `person_merge_log` row keeps its own winner and loser. Returns true when a reference
+/// changed.
 pub(super) fn canonicalise(table: Option<&str>, refs: &mut FlatRow, origin_refs: &mut Map<String, J>, survivor_of: impl Fn(&str) -> Option<String>) -> bool {
     if table == Some("person_merge_log") {
         return false;
@@ -23,9 +25,10 @@ pub(super) fn canonicalise(table: Option<&str>, refs: &mut FlatRow, origin_refs:
     let moved: Vec<(String, String, String)> = refs
         .iter()
         .filter_map(|(col, v)| {
-            let old = v.as_str()?;
-            let survivor = survivor_of(old).filter(|s| s != old)?;
-            Some((col.to_string(), old.to_string(), survivor))
+            let cur = v.as_str()?;
+            let own = origin_refs.get(col).and_then(J::as_str).unwrap_or(cur);
+            let target = survivor_of(own).filter(|s| s != own).unwrap_or_else(|| own.to_string());
+            (target != cur).then(|| (col.to_string(), own.to_string(), target))
         })
         .collect();
     if moved.is_empty() {
@@ -33,10 +36,14 @@ pub(super) fn canonicalise(table: Option<&str>, refs: &mut FlatRow, origin_refs:
     }
     // A flat row image is read-only: the rare change that moves is rebuilt, in its order.
     let mut row: Row = refs.iter().map(|(c, v)| (c.to_string(), v.clone())).collect();
-    for (col, old, survivor) in moved {
-        tracing::debug!(table = table.unwrap_or(""), column = %col, loser = %old, survivor = %survivor, "reference to a merged person points at the survivor");
-        origin_refs.entry(col.clone()).or_insert(J::String(old));
-        row.insert(col, J::String(survivor));
+    for (col, own, target) in moved {
+        tracing::debug!(table = table.unwrap_or(""), column = %col, own = %own, survivor = %target, "reference to a merged person points at the survivor");
+        if own == target {
+            origin_refs.remove(&col);
+        } else {
+            origin_refs.entry(col.clone()).or_insert(J::String(own));
+        }
+        row.insert(col, J::String(target));
     }
     *refs = FlatRow::from(&row);
     true
@@ -53,7 +60,7 @@ mod tests {
 
     fn survivor(u: &str) -> Option<String> {
         match u {
-            "L" | "L2" => Some("W".into()),
+            "L" | "L2" | "L0" => Some("W".into()),
             // A chain already followed to its end by `survivor_of`; a survivor maps to none.
             _ => None,
         }
@@ -83,6 +90,9 @@ mod tests {
         assert_eq!(origin.get("patient_id"), Some(&json!("L0")), "the row's own origin stays");
         // Already canonical: nothing changes.
         assert!(!canonicalise(Some("patient_identifier"), &mut refs, &mut origin, survivor));
+        // Split off again: the row goes back to its own person.
+        assert!(canonicalise(Some("patient_identifier"), &mut refs, &mut origin, |_| None));
+        assert_eq!((refs.get("patient_id"), origin.get("patient_id")), (Some(&json!("L0")), None));
         // A merge log keeps its loser.
         let mut log = flat(json!({"winner_person_id": "W", "loser_person_id": "L"}));
         let mut origin = Map::new();

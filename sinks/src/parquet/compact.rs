@@ -163,12 +163,15 @@ impl Merges {
         Ok(Merges::from_rows(rows))
     }
 
-    /// The merges of (partition, offset, winner, loser) rows, in stream order.
+    /// The merges of (partition, offset, winner, loser) rows, in stream order. A row whose
+    /// winner is its loser is a split's: that record is nobody's loser any more.
     fn from_rows(mut rows: Vec<(i32, i64, String, String)>) -> Merges {
         rows.sort();
         let mut m = Merges::default();
         for (_, _, winner, loser) in rows {
             if winner == loser {
+                // A split released this record: it survives on its own again.
+                m.winner.remove(&winner);
                 continue;
             }
             // A survivor change: the new survivor is no longer anyone's loser.
@@ -614,5 +617,20 @@ mod merge_tests {
         assert_eq!(m.survivor_of("W"), None);
         assert_eq!(m.survivor_of("X"), Some("W"));
         assert_eq!(m.survivor_of("S"), Some("W"));
+    }
+
+    #[test]
+    fn a_split_releases_its_survivor_and_takes_its_records_along() {
+        // L1 and L2 merged into W; a split takes both away, L1 surviving (its rows as the
+        // sink writes them: the survivor merged into itself, then each other record).
+        let m = Merges::from_rows(vec![
+            (0, 1, "W".into(), "L1".into()),
+            (0, 2, "W".into(), "L2".into()),
+            (0, 3, "W".into(), "L3".into()),
+            (0, 4, "L1".into(), "L2".into()),
+            (0, 4, "L1".into(), "L1".into()),
+        ]);
+        assert_eq!((m.survivor_of("L1"), m.survivor_of("L2"), m.survivor_of("L3")), (None, Some("L1"), Some("W")));
+        assert!(m.is_winner("L1") && m.is_winner("W"));
     }
 }

@@ -578,6 +578,15 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &Site
                 evidence: evidence.to_string(),
             });
         }
+        // A split in the merge history: the survivor is released (a row merging it into
+        // itself), then each record leaving follows it (`compact::Merges` folds them).
+        HqEvent::Split { survivor, from, records, review_id, site, ts_ms } => {
+            let evidence = serde_json::json!({"from": from, "review_id": review_id}).to_string();
+            let rows = buf.merges.entry((site.clone(), date_of(ts_ms))).or_default();
+            for loser in std::iter::once(survivor.clone()).chain(records.into_iter().filter(|r| *r != survivor)) {
+                rows.push(MergeRow { ts_ms, site: site.clone(), partition: p, offset: o, winner: survivor.clone(), loser, reason: "split".into(), evidence: evidence.clone() });
+            }
+        }
         HqEvent::Watermark { ts_ms } => {
             buf.watermark = Some(buf.watermark.map_or(ts_ms, |w| w.max(ts_ms)));
         }

@@ -145,11 +145,12 @@ pub struct LakeRow {
     pub cells: Vec<Cell<'static>>,
 }
 
-/// An identifier, name or address keeps the person it was written for (the site's) in its
-/// `<column>_uuid`, not the survivor the transform pointed it at: the current view maps it
-/// through the merges, and a survivor change that hands the person back finds it its own.
+/// A row of a table a merge moves (obs, encounters, identifiers, names…) keeps the person it
+/// was written for (the site's) in its `<column>_uuid`, not the survivor the transform pointed
+/// it at: the current view maps it through the merges, so a survivor change that hands the
+/// person back, or a split, finds it its own.
 pub fn keeps_own_person(table: &str, column: &str) -> bool {
-    omrs_core::openmrs::MOVES.iter().any(|(t, c, preferred)| *preferred && *t == table && *c == column)
+    omrs_core::openmrs::MOVES.iter().any(|(t, c, _)| *t == table && *c == column)
 }
 
 /// Converts one change: the after image (the before image of a delete), each value typed by

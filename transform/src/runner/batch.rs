@@ -361,6 +361,7 @@ impl Runner {
                 }
                 Out::Hq(h) => match &**h {
                     HqEvent::Merge { .. } => m.merges.inc(),
+                    HqEvent::Split { .. } => m.splits.inc(),
                     HqEvent::IdentityReview { reason, status, .. } => m.identity_reviews.with_label_values(&[reason.as_str(), status.as_str()]).inc(),
                     HqEvent::Watermark { .. } | HqEvent::Aggregate { .. } | HqEvent::Change { .. } => {}
                 },

@@ -43,6 +43,31 @@ pub(super) async fn load(conn: &mut Conn) -> Result<HashMap<String, MergeRec>, S
         .collect())
 }
 
+/// Stores a merge in `omrs_sync_merge` (a later record of the same loser re-points it).
+pub(super) async fn record_merge(conn: &mut Conn, loser: &str, rec: &MergeRec, log_uuid: Option<&str>) -> Result<(), SinkError> {
+    conn.exec_drop(
+        "INSERT INTO omrs_sync_merge (loser_uuid, winner_uuid, reason, evidence, site, ts_ms, applied, merge_log_uuid, applied_at, review_id)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, IF(? = 1, NOW(3), NULL), ?)
+         ON DUPLICATE KEY UPDATE winner_uuid = VALUES(winner_uuid), applied = VALUES(applied),
+           merge_log_uuid = COALESCE(VALUES(merge_log_uuid), merge_log_uuid), applied_at = COALESCE(applied_at, VALUES(applied_at)),
+           review_id = COALESCE(VALUES(review_id), review_id)",
+        vec![
+            Value::from(loser),
+            Value::from(rec.winner.as_str()),
+            Value::from(rec.reason.as_str()),
+            Value::from(rec.evidence.as_str()),
+            Value::from(rec.site.as_str()),
+            Value::from(rec.ts_ms),
+            Value::from(rec.applied as i64),
+            Value::from(log_uuid),
+            Value::from(rec.applied as i64),
+            Value::from(rec.review_id.as_deref()),
+        ],
+    )
+    .await
+    .map_err(db("recording the merge"))
+}
+
 /// HQ's own `person_merge_log` rows whose loser a site's own log also names go: a site's merge
 /// is logged by the site (semantics 4: the same rows whichever of the two arrived first).
 /// HQ's rows are the ones `omrs_sync_merge` names; HQ writes at most one per loser. Only the
@@ -103,7 +128,8 @@ impl Applier {
 
     /// A merged person stays voided whatever its site says later, and the rows moved to a
     /// survivor stay non-preferred (semantics 4: the same result in any order). Returns, for a
-    /// row written to a person not its own, that person and the row's own `preferred`.
+    /// row written to a person not its own, per person column (`moved_key`): that person and
+    /// the row's own `preferred`.
     pub(super) async fn force_merge_values<'c>(
         &mut self,
         conn: &mut Conn,
@@ -112,7 +138,7 @@ impl Applier {
         w: &Work,
         cols: &mut Vec<&'c str>,
         vals: &mut Vec<Value>,
-    ) -> Result<Option<(String, Value)>, SinkError> {
+    ) -> Result<Vec<(String, String, Value)>, SinkError> {
         let set = |cols: &mut Vec<&'c str>, vals: &mut Vec<Value>, c: &'static str, v: Value| match cols.iter().position(|x| *x == c) {
             Some(i) => vals[i] = v,
             None => {
@@ -142,17 +168,24 @@ impl Applier {
                     set(cols, vals, "void_reason", Value::NULL);
                 }
             }
-            "patient_identifier" | "person_name" | "person_address" => {
-                let col = if table == "patient_identifier" { "patient_id" } else { "person_id" };
-                if let Some(J::String(own)) = w.origin_refs.get(col) {
-                    let preferred = cols.iter().position(|c| *c == "preferred").map_or(Value::NULL, |i| vals[i].clone());
-                    set(cols, vals, "preferred", Value::from(0));
-                    return Ok(Some((own.clone(), preferred)));
+            _ => {
+                // A row written to a person not its own: whose it is (a split takes it back),
+                // and for an identifier, name or address its own `preferred`.
+                let mut owners = Vec::new();
+                for (_, col, preferred) in MOVES.iter().filter(|(t, _, _)| *t == table) {
+                    if let Some(J::String(own)) = w.origin_refs.get(*col) {
+                        let mut flag = Value::NULL;
+                        if *preferred {
+                            flag = cols.iter().position(|c| *c == "preferred").map_or(Value::NULL, |i| vals[i].clone());
+                            set(cols, vals, "preferred", Value::from(0));
+                        }
+                        owners.push((omrs_core::openmrs::moved_key(table, col), own.clone(), flag));
+                    }
                 }
+                return Ok(owners);
             }
-            _ => {}
         }
-        Ok(None)
+        Ok(Vec::new())
     }
 
     /// The row is voided by a merge ("Merged with patient #…").
@@ -217,17 +250,27 @@ impl Applier {
                 if !tm.columns.iter().any(|c| c.name == *col) {
                     continue;
                 }
-                if *preferred && tm.columns.iter().any(|c| c.name == "preferred") && tm.pk.len() == 1 {
-                    // Non-preferred once moved, unless it goes back to the person it came from
-                    // (a survivor change hands the component to an earlier loser): its owner
-                    // and own flag are remembered the first time it leaves its person.
-                    let pk = q(&tm.pk[0]);
+                let has_preferred = *preferred && tm.columns.iter().any(|c| c.name == "preferred");
+                if tm.pk.len() == 1 {
+                    // Whose each row is, the first time it leaves its person (a split takes
+                    // it back), with its own `preferred`.
+                    let flag = if has_preferred { "preferred" } else { "NULL" };
                     conn.exec_drop(
-                        format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, ?, preferred FROM {} WHERE {} = ?", q(table), q(col)),
-                        (*table, loser, l),
+                        format!(
+                            "INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, ?, {flag} FROM {t} WHERE {c} = ?",
+                            pk = q(&tm.pk[0]),
+                            t = q(table),
+                            c = q(col)
+                        ),
+                        (omrs_core::openmrs::moved_key(table, col), loser, l),
                     )
                     .await
                     .map_err(|e| SinkError::db(format!("remembering where the moved {table} rows belong"), e))?;
+                }
+                if has_preferred && tm.pk.len() == 1 {
+                    // Non-preferred once moved, unless it goes back to the person it came from
+                    // (a survivor change hands the component to an earlier loser).
+                    let pk = q(&tm.pk[0]);
                     conn.exec_drop(
                         format!(
                             "UPDATE {t} r LEFT JOIN omrs_sync_moved m ON m.tbl = ? AND m.hq_id = r.{pk} SET r.{c} = ?, r.preferred = IF(m.person_uuid <=> ?, m.preferred, 0) WHERE r.{c} = ?",
@@ -305,27 +348,7 @@ impl Applier {
             }
             rec.applied = true;
         }
-        conn.exec_drop(
-            "INSERT INTO omrs_sync_merge (loser_uuid, winner_uuid, reason, evidence, site, ts_ms, applied, merge_log_uuid, applied_at, review_id)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, IF(? = 1, NOW(3), NULL), ?)
-             ON DUPLICATE KEY UPDATE winner_uuid = VALUES(winner_uuid), applied = VALUES(applied),
-               merge_log_uuid = COALESCE(VALUES(merge_log_uuid), merge_log_uuid), applied_at = COALESCE(applied_at, VALUES(applied_at)),
-               review_id = COALESCE(VALUES(review_id), review_id)",
-            vec![
-                Value::from(loser),
-                Value::from(rec.winner.as_str()),
-                Value::from(rec.reason.as_str()),
-                Value::from(rec.evidence.as_str()),
-                Value::from(rec.site.as_str()),
-                Value::from(rec.ts_ms),
-                Value::from(rec.applied as i64),
-                Value::from(log_uuid.as_deref()),
-                Value::from(rec.applied as i64),
-                Value::from(rec.review_id.as_deref()),
-            ],
-        )
-        .await
-        .map_err(db("recording the merge"))?;
+        record_merge(conn, loser, &rec, log_uuid.as_deref()).await?;
         if !chained.is_empty() {
             let marks = vec!["?"; chained.len()].join(",");
             let mut params: Vec<Value> = vec![Value::from(rec.winner.as_str())];

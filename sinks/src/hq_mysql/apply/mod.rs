@@ -20,6 +20,7 @@ mod merge;
 mod pending;
 mod record;
 mod review;
+mod split;
 mod sql;
 mod stage;
 mod versions;
@@ -152,6 +153,7 @@ pub struct Applier {
 enum Intake {
     Work(Box<Work>),
     Merge(String, MergeRec),
+    Split(Box<split::SplitRec>),
     Review(Box<ReviewRow>),
 }
 
@@ -256,7 +258,7 @@ impl Applier {
     /// `w` with its references pointing at merge survivors ([`canonicalise`]) and its key
     /// worked out (see [`Work::key`]).
     fn keyed(&self, mut w: Work) -> Work {
-        if !self.merges.is_empty() {
+        if !self.merges.is_empty() || !w.origin_refs.is_empty() {
             canonicalise(w.event.table.as_deref(), &mut w.event.refs, &mut w.origin_refs, |u| self.survivor_of(u));
         }
         w.key = match w.event.table.as_deref().and_then(|t| self.model.table(t)) {
@@ -307,6 +309,7 @@ impl Applier {
                 let review_id = Some(omrs_core::hq::review::merge_review_id(&loser, &winner));
                 Some(Intake::Merge(loser, MergeRec { winner, ts_ms, reason, applied: false, evidence: evidence.to_string(), site, review_id }))
             }
+            HqEvent::Split { survivor, from, records, review_id, site, ts_ms } => Some(Intake::Split(Box::new(split::SplitRec { survivor, from, records, review_id, site, ts_ms }))),
             // The Parquet sink's concern: HQ has no date partitions to finalise.
             HqEvent::Watermark { .. } => None,
             HqEvent::Aggregate { name, site, window_start_ms, window_end_ms, dim, value, is_final, revision, watermark_ms } => {
@@ -343,6 +346,10 @@ impl Applier {
                     self.merge(conn, &loser, rec).await?;
                     out.merges += 1;
                 }
+                Some(Intake::Split(s)) => {
+                    self.flush(conn, std::mem::take(&mut segment), &mut out, &mut missing).await?;
+                    self.split(conn, *s).await?;
+                }
                 Some(Intake::Review(r)) => reviews.push(*r),
                 None => {}
             }
@@ -368,7 +375,7 @@ impl Applier {
             return true;
         }
         records.iter().any(|r| match &r.decoded {
-            Ok(HqEvent::Merge { .. } | HqEvent::IdentityReview { .. }) => true,
+            Ok(HqEvent::Merge { .. } | HqEvent::Split { .. } | HqEvent::IdentityReview { .. }) => true,
             Ok(HqEvent::Change { event, origin_refs, .. }) if matches!(event.table.as_deref(), Some("person" | "patient")) && !self.merges.is_empty() => {
                 match event.table.as_deref().and_then(|t| self.model.table(t)) {
                     Some(tm) => self.row_key(tm, event, origin_refs).map(|k| self.survivor_of(&k).is_some()).unwrap_or(false),
@@ -391,7 +398,7 @@ impl Applier {
         for rec in records {
             match self.intake(rec, &mut out, &mut aggregates) {
                 Some(Intake::Work(w)) => segment.push(*w),
-                Some(Intake::Merge(..) | Intake::Review(_)) => {
+                Some(Intake::Merge(..) | Intake::Split(_) | Intake::Review(_)) => {
                     return Err(SinkError::Schema("internal: a merge or review in a batch planned ahead; needs_sync should have sent it to apply".into()))
                 }
                 None => {}

@@ -357,8 +357,10 @@ impl Applier {
             units.push(std::mem::take(staged));
         }
         let wi = Self::receipt(staged, w);
-        if let (Some((person, preferred)), Some(id)) = (owner, key.own_id) {
-            staged.moved.push((table.to_string(), id, person, preferred, wi));
+        if let Some(id) = key.own_id {
+            for (moved_key, person, preferred) in owner {
+                staged.moved.push((moved_key, id, person, preferred, wi));
+            }
         }
         let rows = staged.upserts.entry(table.to_string()).or_default();
         let staged_row = Some(StagedRow { cols, vals, work: wi, insert: key.allocated });

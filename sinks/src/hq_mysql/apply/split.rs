@@ -1,0 +1,127 @@
+//! A split at HQ (issue #23 §4): records that a person's decision took away from a merged
+//! person survive on their own again, with exactly the rows that are theirs.
+//!
+//! Whose a row is, HQ knows from `omrs_sync_moved`: every row of a table a merge moves gets an
+//! entry the first time it leaves its person (moved by a merge, or written to a survivor by
+//! the transform). A split moves back the rows of the leaving records, un-voids their new
+//! survivor, and re-points their merge records and HQ's merge logs. In the batch's
+//! transaction, like a merge, so it happens once; and a function of the records' provenance,
+//! not of the order the merges came in.
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Value};
+use omrs_core::openmrs::{moved_key, MOVES};
+
+use super::merge::{record_merge, MergeRec, MERGE_LOG_NS};
+use super::sql::{db, q};
+use super::Applier;
+use crate::SinkError;
+
+/// A split as the sink applies it ([`omrs_core::hq::HqEvent::Split`]).
+pub(super) struct SplitRec {
+    pub(super) survivor: String,
+    pub(super) from: String,
+    pub(super) records: Vec<String>,
+    pub(super) review_id: String,
+    pub(super) site: String,
+    pub(super) ts_ms: i64,
+}
+
+impl Applier {
+    /// `records` leave the person that survived as `from` and survive as `survivor`.
+    pub(super) async fn split(&mut self, conn: &mut Conn, s: SplitRec) -> Result<(), SinkError> {
+        let (sid, fid) = (self.lookup_id(conn, "person", &s.survivor).await?, self.lookup_id(conn, "person", &s.from).await?);
+        tracing::info!(from = %s.from, survivor = %s.survivor, records = s.records.len(), review = %s.review_id, "split: records leave a merged person");
+        self.resplit_merges(conn, &s, sid).await?;
+        let (Some(sid), Some(fid)) = (sid, fid) else {
+            // A person not at HQ yet has no rows to take back; its rows arrive canonical.
+            return Ok(());
+        };
+        let marks = vec!["?"; s.records.len()].join(",");
+        for (table, col, preferred) in MOVES {
+            let Some(tm) = self.model.table(table) else { continue };
+            if tm.pk.len() != 1 || !tm.columns.iter().any(|c| c.name == *col) {
+                continue;
+            }
+            let (t, c, pk, key) = (q(table), q(col), q(&tm.pk[0]), moved_key(table, col));
+            let has_preferred = *preferred && tm.columns.iter().any(|c| c.name == "preferred");
+            // The rows still on `from` that were its own have no entry yet: they get one.
+            let flag = if has_preferred { "preferred" } else { "NULL" };
+            conn.exec_drop(
+                format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, ?, {flag} FROM {t} WHERE {c} = ?"),
+                (key.as_str(), s.from.as_str(), fid),
+            )
+            .await
+            .map_err(|e| SinkError::db(format!("remembering whose the {table} rows of a split person are"), e))?;
+            // Preferred again on the person it is its own, non-preferred elsewhere.
+            let set_pref = if has_preferred { ", r.preferred = IF(m.person_uuid <=> ?, m.preferred, 0)" } else { "" };
+            let mut params: Vec<Value> = vec![Value::from(key.as_str()), Value::from(sid)];
+            if has_preferred {
+                params.push(Value::from(s.survivor.as_str()));
+            }
+            params.push(Value::from(fid));
+            params.extend(s.records.iter().map(|r| Value::from(r.as_str())));
+            conn.exec_drop(format!("UPDATE {t} r JOIN omrs_sync_moved m ON m.tbl = ? AND m.hq_id = r.{pk} SET r.{c} = ?{set_pref} WHERE r.{c} = ? AND m.person_uuid IN ({marks})"), params)
+                .await
+                .map_err(|e| SinkError::db(format!("moving the {table} rows of a split person back"), e))?;
+        }
+        self.revoid(conn, &s, sid).await
+    }
+
+    /// The merge map and `omrs_sync_merge`: the survivor is nobody's loser, every other record
+    /// leaving is the survivor's; HQ's merge log of the survivor goes.
+    async fn resplit_merges(&mut self, conn: &mut Conn, s: &SplitRec, sid: Option<i64>) -> Result<(), SinkError> {
+        if self.merges.remove(&s.survivor).is_some() {
+            conn.exec_drop("DELETE FROM omrs_sync_merge WHERE loser_uuid = ?", (s.survivor.as_str(),)).await.map_err(db("withdrawing the split survivor's merge"))?;
+        }
+        let own_log = uuid::Uuid::new_v5(&MERGE_LOG_NS, s.survivor.as_bytes()).to_string();
+        conn.exec_drop("DELETE FROM person_merge_log WHERE uuid = ?", (own_log.as_str(),)).await.map_err(db("withdrawing the split survivor's merge log"))?;
+        for r in s.records.iter().filter(|r| **r != s.survivor) {
+            let rec = match self.merges.get(r) {
+                Some(m) => MergeRec { winner: s.survivor.clone(), ..m.clone() },
+                // `from` itself was a survivor: it is now the new survivor's loser.
+                None => MergeRec {
+                    winner: s.survivor.clone(),
+                    ts_ms: s.ts_ms,
+                    reason: "split".into(),
+                    applied: sid.is_some(),
+                    evidence: serde_json::json!({"from": s.from, "review_id": s.review_id}).to_string(),
+                    site: s.site.clone(),
+                    review_id: Some(s.review_id.clone()),
+                },
+            };
+            record_merge(conn, r, &rec, None).await?;
+            self.merges.insert(r.clone(), rec);
+        }
+        Ok(())
+    }
+
+    /// The survivor is alive again; every other record leaving is voided "Merged with patient
+    /// #<survivor>" (dated at its own registration, as a merge is) and HQ's merge log of it
+    /// names the survivor.
+    async fn revoid(&mut self, conn: &mut Conn, s: &SplitRec, sid: i64) -> Result<(), SinkError> {
+        for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+            conn.exec_drop(
+                format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} = ? AND voided = 1 AND void_reason LIKE 'Merged with patient%'"),
+                (sid,),
+            )
+            .await
+            .map_err(db("un-voiding a split survivor"))?;
+        }
+        let reason = format!("Merged with patient #{sid}");
+        for r in s.records.iter().filter(|r| **r != s.survivor) {
+            let Some(id) = self.lookup_id(conn, "person", r).await? else { continue };
+            for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+                conn.exec_drop(
+                    format!("UPDATE {table} SET voided = 1, voided_by = ?, date_voided = date_created, void_reason = ? WHERE {col} = ?"),
+                    (self.daemon_user, reason.as_str(), id),
+                )
+                .await
+                .map_err(db("voiding a record merged into a split survivor"))?;
+            }
+            let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, r.as_bytes()).to_string();
+            conn.exec_drop("UPDATE person_merge_log SET winner_person_id = ? WHERE uuid = ?", (sid, u.as_str())).await.map_err(db("re-pointing a merge log"))?;
+        }
+        Ok(())
+    }
+}
