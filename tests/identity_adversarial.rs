@@ -236,7 +236,7 @@ async fn five_sites_of_adversarial_identity_consolidate_by_the_simulators_truth(
     let report: J = serde_json::from_slice(&v.stdout).unwrap_or(J::Null);
     assert_eq!(report["lake_reviews"]["differing"], 0, "after the decision: {}", report["lake_reviews"]);
 
-    split_and_relink(&p, &cfg_path, &cfg, &manifest, &mut h, &lake, cid).await;
+    split_and_relink(&p, &cfg_path, &cfg, &manifest, &mut h, &hq_db, &lake, cid).await;
 
     let mut a = admin(HQ_PORT, None).await;
     a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
@@ -268,6 +268,7 @@ async fn split_and_relink(
     cfg: &omrs_core::config::Config,
     manifest: &omrs_simulate::manifest::Manifest,
     h: &mut mysql_async::Conn,
+    hq_db: &str,
     lake: &std::path::Path,
     confirmed: &str,
 ) {
@@ -307,6 +308,34 @@ async fn split_and_relink(
         .unwrap();
     assert!(out.status.success(), "identity split: {}", String::from_utf8_lossy(&out.stderr));
     p.run(cfg_path, &["transform", "--until-idle", "--metrics-port", "0"]);
+    // The HQ sink is SIGKILLed in the middle of applying the split: inside the split's
+    // transaction it waits on the record's person row, which the test holds locked. Run
+    // again, it applies the split once, whole.
+    let mut lock = hq(hq_db).await;
+    lock.query_drop("START TRANSACTION").await.unwrap();
+    lock.exec_drop("SELECT person_id FROM person WHERE uuid = ? FOR UPDATE", (r.as_str(),)).await.unwrap();
+    let mut sink = bin()
+        .arg("--config")
+        .arg(cfg_path)
+        .args(["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let waiting = count(h, "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'").await;
+        if waiting > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the HQ sink never reached the locked person row");
+        assert!(sink.try_wait().unwrap().is_none(), "the HQ sink exited before applying the split");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    kill9(&mut sink);
+    lock.query_drop("ROLLBACK").await.unwrap();
+    assert_eq!(hq_rows(h, "obs", "person_id", &r).await, std::collections::BTreeSet::new(), "nothing of the killed split was committed");
     p.run(cfg_path, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
     p.run(cfg_path, &["sink", "parquet", "--until-idle", "--metrics-port", "0", "--quiet"]);
 
