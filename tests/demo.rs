@@ -194,6 +194,36 @@ async fn demo_verifies_and_verify_catches_tampering() {
     }
     assert_eq!(verify(&config, &lake).0, 0, "restored");
 
+    // 5. A data manager undoes a merge on the demo, as a new user would (issue #23 §4): `show`
+    // explains it, `split` undoes it, the stages apply it, HQ and the lake agree after.
+    let (loser, winner): (String, String) = hq
+        .query_first(
+            "SELECT m.loser_uuid, m.winner_uuid FROM omrs_sync_merge m WHERE m.reason = 'identifier' AND m.applied = 1
+               AND NOT EXISTS (SELECT 1 FROM omrs_sync_merge s WHERE s.winner_uuid = m.winner_uuid AND s.reason = 'site_merge') ORDER BY m.loser_uuid LIMIT 1",
+        )
+        .await
+        .unwrap()
+        .expect("a merge made on an identifier");
+    let cli = |args: &[&str]| {
+        let out = bin().arg("--config").arg(&config).args(args).env("RUST_LOG", "warn").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let shown = cli(&["identity", "show", &loser]);
+    assert!(shown.contains(&loser) && shown.contains(&winner) && shown.contains("same identifier"), "identity show:\n{shown}");
+    let said = cli(&["identity", "split", &loser, "--note", "demo: two people", "--by", "dm-demo", "--wait", "0"]);
+    assert!(said.contains("sent"), "{said}");
+    for stage in [&["transform", "--until-idle", "--metrics-port", "0"][..], &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"], &["sink", "parquet", "--until-idle", "--metrics-port", "0", "--quiet"]] {
+        cli(stage);
+    }
+    let alive: Option<i64> = hq.exec_first("SELECT voided FROM person WHERE uuid = ?", (loser.as_str(),)).await.unwrap();
+    assert_eq!(alive, Some(0), "{loser} is a patient of its own again");
+    let alone: J = serde_json::from_str(&cli(&["identity", "show", &loser, "--json"])).unwrap();
+    assert_eq!(alone["members"].as_array().map(Vec::len), Some(1), "{alone}");
+    assert!(cli(&["identity", "list", "--status", "split"]).contains("split"));
+    let (code, r) = verify(&config, &lake);
+    assert_eq!(code, 0, "after the split: {r}");
+
     // Tidy the databases of this run.
     hq.query_drop(format!("DROP DATABASE `{hq_db}`")).await.unwrap();
     for port in [3311, 3312, 3313] {
