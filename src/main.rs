@@ -71,6 +71,11 @@ enum Command {
     /// identifiers shared by unvoided patients, the lake against HQ, the lag of every stage, and
     /// with --manifest the simulator's identity ground truth. Exit 1 on any discrepancy.
     Verify(omrs_sinks::verify::VerifyArgs),
+    /// The programme at a glance: per clinic, live or offline (and since when), what it
+    /// captured, what the transform has yet to take, rows waiting at HQ, dead letters and open
+    /// identity reviews; per stage, how far behind. Reads Kafka and HQ, never a clinic.
+    /// Exit 1 when something is wrong (a clinic offline, something unreadable).
+    Status(omrs_sinks::status::StatusArgs),
     /// Generate a multi-site OpenMRS workload on the real schema, with a ground-truth manifest.
     Simulate(omrs_simulate::SimulateArgs),
     /// The dead-letter topic: `list` what is there and why; `replay` records back into the
@@ -81,7 +86,8 @@ enum Command {
     },
     /// Cross-site patient identity at HQ, for a data manager: `list` the review queue (every
     /// merge, every identifier change HQ will not act on alone), `show` one person's records
-    /// per clinic and why they were joined, `confirm` a review (keep the merge).
+    /// per clinic and why they were joined, `confirm` a review (keep the merge), `split` a
+    /// wrong merge.
     Identity {
         #[command(subcommand)]
         action: omrs_sinks::identity::IdentityCommand,
@@ -253,6 +259,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            let cfg = Config::load(&cli.config)?;
+            loop {
+                let s = omrs_sinks::status::status(&cfg, args.lake.as_deref()).await;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&s)?);
+                } else {
+                    if args.watch.is_some() {
+                        // Clear the screen and go home, as `watch` does.
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", omrs_sinks::status::render(&s));
+                }
+                match args.watch {
+                    Some(secs) => tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))).await,
+                    None => return Ok(if s.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }),
+                }
+            }
         }
         Command::Verify(args) => {
             let cfg = Config::load(&cli.config)?;

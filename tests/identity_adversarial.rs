@@ -236,7 +236,8 @@ async fn five_sites_of_adversarial_identity_consolidate_by_the_simulators_truth(
     let report: J = serde_json::from_slice(&v.stdout).unwrap_or(J::Null);
     assert_eq!(report["lake_reviews"]["differing"], 0, "after the decision: {}", report["lake_reviews"]);
 
-    split_and_relink(&p, &cfg_path, &cfg, &manifest, &mut h, &hq_db, &lake, cid).await;
+    split_and_relink(&p, &cfg_path, &manifest, &mut h, &hq_db, &lake, cid).await;
+    status_sees_each_clinic(&cfg_path, &mut h).await;
 
     let mut a = admin(HQ_PORT, None).await;
     a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
@@ -265,7 +266,6 @@ async fn hq_rows(h: &mut mysql_async::Conn, table: &str, col: &str, person: &str
 async fn split_and_relink(
     p: &Pipeline,
     cfg_path: &std::path::Path,
-    cfg: &omrs_core::config::Config,
     manifest: &omrs_simulate::manifest::Manifest,
     h: &mut mysql_async::Conn,
     hq_db: &str,
@@ -367,6 +367,7 @@ async fn split_and_relink(
     assert_eq!(lake_obs(&w), &all_obs - &own_obs, "the lake: the others' obs");
 
     // Both clinics add the same new identifier to their record: the split holds, a review opens.
+    let cfg = omrs_core::config::Config::load(cfg_path).unwrap();
     let type_uuid = &cfg.identity.identifiers[0].identifier_type_uuid;
     let value = format!("{}", 900_000_000 + (std::process::id() % 99_999));
     for (person, site) in [(r.as_str(), site.as_str()), (w.as_str(), site_of_any(manifest, &w))] {
@@ -399,4 +400,52 @@ async fn split_and_relink(
 /// The clinic of a record (the survivor's own, for a survivor).
 fn site_of_any<'m>(manifest: &'m omrs_simulate::manifest::Manifest, person: &str) -> &'m str {
     manifest.humans.iter().flat_map(|hm| &hm.records).find(|r| r.person_uuid == person).map(|r| r.site.as_str()).unwrap_or("site-a")
+}
+
+/// Issue #27 §3: `omrs-stream status` with one clinic's agent running and four stopped for
+/// longer than the idle timeout: the running one live, the others offline, each with what its
+/// topic holds, nothing left for the transform, and HQ's open reviews per clinic.
+async fn status_sees_each_clinic(cfg_path: &std::path::Path, h: &mut mysql_async::Conn) {
+    let cfg = omrs_core::config::Config::load(cfg_path).unwrap();
+    let mut agent = bin()
+        .arg("--config")
+        .arg(cfg_path)
+        .args(["ingest", "--site", "site-a", "--quiet", "--metrics-port", "0"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = || {
+        let out = bin().arg("--config").arg(cfg_path).args(["status", "--json"]).output().unwrap();
+        let s: J = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), s)
+    };
+    let state = |s: &J, site: &str| s["sites"].as_array().unwrap().iter().find(|r| r["site"] == site).cloned().unwrap();
+    // The stopped agents are offline once the idle timeout has passed since their last word.
+    let (code, s) = wait_for(60, "site-a live and the others offline in omrs-stream status", || {
+        let (code, s) = status();
+        let offline = SITES[1..].iter().all(|site| state(&s, site)["state"] == "offline");
+        (state(&s, "site-a")["state"] == "live" && offline).then_some((code, s))
+    });
+    kill9(&mut agent);
+    assert_eq!(code, Some(1), "clinics offline: status exits 1");
+    let open: std::collections::BTreeMap<String, i64> =
+        h.query::<(String, i64), _>("SELECT site, COUNT(*) FROM omrs_sync_identity_review WHERE status = 'open' GROUP BY site").await.unwrap().into_iter().collect();
+    let reader: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
+    for site in &SITES[1..] {
+        let r = state(&s, site);
+        assert_eq!(r["state"], "offline", "{r}");
+        let topic = format!("{}omrs.cdc.{site}", cfg.kafka.topic_prefix);
+        let (_, end) = rdkafka::consumer::Consumer::fetch_watermarks(&reader, &topic, 0, std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(r["captured"].as_i64(), Some(end), "{r}");
+        assert_eq!(r["transform_behind"].as_i64(), Some(0), "{r}");
+        assert_eq!(r["open_reviews"].as_i64(), Some(open.get(*site).copied().unwrap_or(0)), "{r}");
+        assert!(r["last_heard_age_s"].as_i64().unwrap() > cfg.transform.idle_timeout_s as i64, "{r}");
+        assert!(s["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().starts_with(&format!("{site} offline"))), "{s}");
+    }
+    assert_eq!(state(&s, "site-a")["open_reviews"].as_i64(), Some(open.get("site-a").copied().unwrap_or(0)));
+    let text = bin().arg("--config").arg(cfg_path).arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.lines().any(|l| l.starts_with("site-b") && l.contains("offline")), "{text}");
 }

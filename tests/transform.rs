@@ -51,7 +51,7 @@ async fn produce(prefix: &str, site: &str, events: &[ChangeEvent]) {
 /// split of a real duplicate: `h = 5 i`, registered at its home site and the next one).
 fn split_pair(i: usize) -> Option<[String; 2]> {
     let h = i * 5;
-    (i % 10 == 0).then(|| [format!("p-site-{}-{h}", (b'a' + (h % 3) as u8) as char), format!("p-site-{}-{h}", (b'a' + ((h + 1) % 3) as u8) as char)])
+    i.is_multiple_of(10).then(|| [format!("p-site-{}-{h}", (b'a' + (h % 3) as u8) as char), format!("p-site-{}-{h}", (b'a' + ((h + 1) % 3) as u8) as char)])
 }
 
 /// 100 decisions (`review-<round*100+i>`) on the decisions topic, as `identity confirm` and

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod kafka;
 pub mod parquet;
 pub mod query;
+pub mod status;
 pub mod verify;
 
 /// Errors of the sinks. Transient ones (the database or the broker unreachable, a deadlock) are

@@ -478,62 +478,15 @@ async fn value_checks(cfg: &Config, args: &VerifyArgs, lake_root: &std::path::Pa
     Ok(())
 }
 
-/// The lag of every stage, in records that can still be read after the position it stored:
-/// the HQ sink (`omrs_sync_offsets`), the Parquet sink (its manifest, when `lake` is given) and
-/// the transform (its consumer group) on each site topic. The topics are transactional: their
-/// end offset counts commit markers, so a stage is behind only if a record can be read after
-/// its position. `None`: the stage has stored no position yet.
+/// The lag of every stage, in records that can still be read after the position it stored
+/// ([`records_after`]): the HQ sink (`omrs_sync_offsets`), the Parquet sink (its manifest, when
+/// `lake` is given) and the transform (its consumer group) on each site topic. `None`: the
+/// stage has stored no position yet.
 pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Path>) -> Result<Vec<Lag>, SinkError> {
     let mut lags = Vec::new();
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let hq_topic = names.hq_changes();
-    // Records that carry no data do not count: a site topic's heartbeats (`heartbeats`; a
-    // running transform holds a quiet site's last ones until the watermark passes them), and
-    // omrs.hq.changes' watermark records (written every second while sites heartbeat). So a
-    // live pipeline that has applied everything reads 0 behind.
-    let behind = |topic: &str, stored: Option<i64>, heartbeats: bool| -> Result<Option<i64>, SinkError> {
-        let Some(stored) = stored else { return Ok(None) };
-        let reader: BaseConsumer = client_config(&cfg.kafka)
-            .set("group.id", TopicNames::new(cfg.kafka.topic_prefix.clone()).verify_group())
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "false")
-            .create()
-            .map_err(|e| SinkError::kafka("creating a consumer", e))?;
-        let (_, end) = reader.fetch_watermarks(topic, 0, Duration::from_secs(10)).map_err(|e| SinkError::kafka(format!("reading the end of {topic}"), e))?;
-        if end <= stored {
-            return Ok(Some(0));
-        }
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(stored)).map_err(|e| SinkError::kafka("assigning", e))?;
-        reader.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut changes = 0;
-        while std::time::Instant::now() < deadline {
-            match reader.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) if m.payload().is_some_and(|p| is_marker(p, heartbeats)) => {
-                    if m.offset() + 1 >= end {
-                        return Ok(Some(changes));
-                    }
-                }
-                Some(Ok(_)) => {
-                    changes += 1;
-                }
-                Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}"), e)),
-                // Nothing to read: the consumer has stepped over the commit markers to the end.
-                None => {
-                    let at = reader
-                        .position()
-                        .ok()
-                        .and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
-                    if at.is_some_and(|o| o >= end) {
-                        return Ok(Some(changes));
-                    }
-                }
-            }
-        }
-        Ok(Some(end - stored))
-    };
+    let behind = |topic: &str, stored: Option<i64>, heartbeats: bool| records_after(cfg, topic, stored, heartbeats, None);
     let hq_stored: Option<i64> = hq
         .exec_first("SELECT next_offset FROM omrs_sync_offsets WHERE topic = ? AND kafka_partition = 0", (hq_topic.as_str(),))
         .await
@@ -544,10 +497,20 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
         let stored = lake.read_manifest().ok().and_then(|(s, _)| s.offsets.get(&0).copied());
         lags.push(Lag { stage: "parquet".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(stored.unwrap_or(0)), false)? });
     }
+    for (_, topic, committed) in transform_positions(cfg)? {
+        lags.push(Lag { stage: "transform".into(), topic: topic.clone(), messages: behind(&topic, committed, true)? });
+    }
+    Ok(lags)
+}
+
+/// Per configured site: (site, its topic, the transform's committed offset on it, if any).
+pub fn transform_positions(cfg: &Config) -> Result<Vec<(String, String, Option<i64>)>, SinkError> {
+    let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let group: BaseConsumer = client_config(&cfg.kafka)
-        .set("group.id", TopicNames::new(cfg.kafka.topic_prefix.clone()).transform_group())
+        .set("group.id", names.transform_group())
         .create()
         .map_err(|e| SinkError::kafka("creating a consumer", e))?;
+    let mut out = Vec::new();
     for s in &cfg.sites {
         let topic = names.cdc(&s.name);
         let mut tpl = rdkafka::TopicPartitionList::new();
@@ -556,9 +519,68 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
             .committed_offsets(tpl, Duration::from_secs(10))
             .ok()
             .and_then(|t| t.find_partition(&topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
-        lags.push(Lag { stage: "transform".into(), topic: topic.clone(), messages: behind(&topic, committed, true)? });
+        out.push((s.name.clone(), topic, committed));
     }
-    Ok(lags)
+    Ok(out)
+}
+
+/// A consumer that reads committed records where it is assigned, and commits nothing.
+pub fn committed_reader(cfg: &Config) -> Result<BaseConsumer, SinkError> {
+    client_config(&cfg.kafka)
+        .set("group.id", TopicNames::new(cfg.kafka.topic_prefix.clone()).verify_group())
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|e| SinkError::kafka("creating a consumer", e))
+}
+
+/// How many data records of `topic` (partition 0) can be read at or after offset `stored`
+/// (None: no position stored yet). Records that carry no data do not count: a site topic's
+/// heartbeats (`heartbeats`; a running transform holds a quiet site's last ones until the
+/// watermark passes them), and omrs.hq.changes' watermark records (written every second while
+/// sites heartbeat). So a live pipeline that has applied everything reads 0 behind. The topics
+/// are transactional: their end offset counts commit markers, so the records are read. With
+/// `exact_up_to`, a gap larger than that is not read: the offset difference is returned.
+pub fn records_after(cfg: &Config, topic: &str, stored: Option<i64>, heartbeats: bool, exact_up_to: Option<i64>) -> Result<Option<i64>, SinkError> {
+    let Some(stored) = stored else { return Ok(None) };
+    let reader = committed_reader(cfg)?;
+    let (_, end) = reader.fetch_watermarks(topic, 0, Duration::from_secs(10)).map_err(|e| SinkError::kafka(format!("reading the end of {topic}"), e))?;
+    if end <= stored {
+        return Ok(Some(0));
+    }
+    if exact_up_to.is_some_and(|max| end - stored > max) {
+        return Ok(Some(end - stored));
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(stored)).map_err(|e| SinkError::kafka("assigning", e))?;
+    reader.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut changes = 0;
+    while std::time::Instant::now() < deadline {
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if m.payload().is_some_and(|p| is_marker(p, heartbeats)) => {
+                if m.offset() + 1 >= end {
+                    return Ok(Some(changes));
+                }
+            }
+            Some(Ok(_)) => {
+                changes += 1;
+            }
+            Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}"), e)),
+            // Nothing to read: the consumer has stepped over the commit markers to the end.
+            None => {
+                let at = reader
+                    .position()
+                    .ok()
+                    .and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
+                if at.is_some_and(|o| o >= end) {
+                    return Ok(Some(changes));
+                }
+            }
+        }
+    }
+    Ok(Some(end - stored))
 }
 
 /// The report for a terminal.

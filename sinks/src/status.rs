@@ -1,0 +1,289 @@
+//! `omrs-stream status`: the programme at a glance, one row per clinic and one per stage
+//! (issue #27 §3). It reads Kafka (each clinic's topic: how much it captured and when it was
+//! last heard from; the transform's position on it; the dead letters) and HQ (rows waiting for
+//! a parent, open identity reviews, the HQ sink's position), and the lake's manifest when
+//! given. It needs no clinic to be reachable, and says what it could not read instead of
+//! failing. It writes nothing.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mysql_async::prelude::Queryable;
+use omrs_core::config::Config;
+use omrs_core::topics::TopicNames;
+use rdkafka::consumer::Consumer;
+use rdkafka::Message;
+use serde::Serialize;
+use serde_json::Value as J;
+
+use crate::verify::{committed_reader, records_after, transform_positions};
+use crate::SinkError;
+
+/// Differences of offsets above this are shown as they are, not counted record by record.
+const EXACT_UP_TO: i64 = 50_000;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// The lake to report the Parquet sink's position for.
+    #[arg(long)]
+    pub lake: Option<std::path::PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every this many seconds until interrupted.
+    #[arg(long, value_name = "SECONDS")]
+    pub watch: Option<u64>,
+}
+
+/// One clinic.
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteStatus {
+    pub site: String,
+    /// `live` (heard from within the transform's idle timeout), `offline` (not since), or
+    /// `never heard` (nothing on its topic yet).
+    pub state: String,
+    /// When its agent last wrote to its topic (a change or a heartbeat), UTC.
+    pub last_heard: Option<String>,
+    pub last_heard_age_s: Option<i64>,
+    /// Records on its topic (the end offset, commit markers included).
+    pub captured: i64,
+    /// Records of its topic the transform has not consumed (None: it has consumed none yet).
+    pub transform_behind: Option<i64>,
+    /// Its rows waiting at HQ for a parent row, and the oldest one's age.
+    pub pending_at_hq: i64,
+    pub oldest_pending_age_s: Option<i64>,
+    /// Dead letters of its records.
+    pub dead_letters: i64,
+    /// Open identity reviews raised by its data.
+    pub open_reviews: i64,
+}
+
+/// One stage that is not a clinic's.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageStatus {
+    pub stage: String,
+    pub topic: String,
+    /// Data records of `topic` after its stored position (None: no position stored yet).
+    pub behind: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub at: String,
+    pub broker: String,
+    pub sites: Vec<SiteStatus>,
+    pub stages: Vec<StageStatus>,
+    /// Dead letters that name no clinic (e.g. a record of omrs.hq.changes a sink refused).
+    pub other_dead_letters: i64,
+    /// What could not be read, and what looks wrong.
+    pub problems: Vec<String>,
+}
+
+/// When `topic`'s last record was written (ms), and its end offset. Reads only its tail.
+fn tail(cfg: &Config, topic: &str) -> Result<(i64, Option<i64>), SinkError> {
+    let c = committed_reader(cfg)?;
+    let (low, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(10)).map_err(|e| SinkError::kafka(format!("reading the end of {topic}"), e))?;
+    if high <= low {
+        return Ok((high, None));
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    // A transaction's commit marker takes an offset: a few back finds the last record.
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset((high - 16).max(low))).map_err(|e| SinkError::kafka("assigning", e))?;
+    c.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => last = m.timestamp().to_millis().or(last),
+            Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}"), e)),
+            None => {
+                let at = c.position().ok().and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
+                if at.is_some_and(|o| o >= high) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok((high, last))
+}
+
+/// The clinic a dead letter is about: its source topic's, else its payload's event site.
+fn dead_letter_site(record: &J, cdc_prefix: &str) -> Option<String> {
+    if let Some(site) = record.get("topic").and_then(J::as_str).and_then(|t| t.strip_prefix(cdc_prefix)) {
+        return Some(site.to_string());
+    }
+    let payload: J = serde_json::from_str(record.get("payload_text")?.as_str()?).ok()?;
+    payload.pointer("/event/site").or(payload.get("site")).and_then(J::as_str).map(str::to_string)
+}
+
+fn utc(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()
+}
+
+/// What HQ holds per clinic: (pending rows, oldest pending first-seen ms, open reviews), and
+/// the HQ sink's stored position.
+type HqCounts = (BTreeMap<String, (i64, Option<i64>, i64)>, Option<i64>);
+
+async fn hq_counts(cfg: &Config) -> Result<HqCounts, SinkError> {
+    let mut conn = crate::hq_mysql::connect(cfg, true).await?;
+    let mut per: BTreeMap<String, (i64, Option<i64>, i64)> = BTreeMap::new();
+    let pending: Vec<(Option<String>, i64, Option<i64>)> = conn
+        .query("SELECT JSON_UNQUOTE(JSON_EXTRACT(event, '$.event.site')), COUNT(*), MIN(first_seen_ms) FROM omrs_sync_pending GROUP BY 1")
+        .await
+        .map_err(|e| SinkError::db("reading omrs_sync_pending", e))?;
+    for (site, n, oldest) in pending {
+        let e = per.entry(site.unwrap_or_default()).or_default();
+        (e.0, e.1) = (n, oldest);
+    }
+    let reviews: Vec<(String, i64)> =
+        conn.query("SELECT site, COUNT(*) FROM omrs_sync_identity_review WHERE status = 'open' GROUP BY site").await.map_err(|e| SinkError::db("reading the identity reviews", e))?;
+    for (site, n) in reviews {
+        per.entry(site).or_default().2 = n;
+    }
+    let topic = TopicNames::new(cfg.kafka.topic_prefix.clone()).hq_changes();
+    let stored: Option<i64> = conn
+        .exec_first("SELECT next_offset FROM omrs_sync_offsets WHERE topic = ? AND kafka_partition = 0", (topic.as_str(),))
+        .await
+        .map_err(|e| SinkError::db("reading omrs_sync_offsets", e))?;
+    Ok((per, stored))
+}
+
+/// The status now.
+pub async fn status(cfg: &Config, lake: Option<&std::path::Path>) -> Status {
+    let now = omrs_core::clock::now_ms();
+    let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
+    let mut problems = Vec::new();
+    let (hq, hq_stored) = match hq_counts(cfg).await {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(format!("HQ: {e}"));
+            (BTreeMap::new(), None)
+        }
+    };
+    let mut dead: BTreeMap<String, i64> = BTreeMap::new();
+    let cdc_prefix = names.cdc_prefix();
+    let all = crate::dlq::DlqFilter { stage: None, kind: None, offsets: Vec::new(), limit: None, json: false };
+    match crate::dlq::read(cfg, &all) {
+        Ok(letters) => {
+            for d in letters {
+                *dead.entry(dead_letter_site(&d.record, &cdc_prefix).unwrap_or_default()).or_default() += 1;
+            }
+        }
+        Err(e) => problems.push(format!("dead letters: {e}")),
+    }
+    let positions = transform_positions(cfg).unwrap_or_else(|e| {
+        problems.push(format!("the transform's positions: {e}"));
+        cfg.sites.iter().map(|s| (s.name.clone(), names.cdc(&s.name), None)).collect()
+    });
+    let idle_ms = cfg.transform.idle_timeout_s as i64 * 1000;
+    let mut sites = Vec::new();
+    let mut broker = "reachable".to_string();
+    for (site, topic, committed) in positions {
+        let (captured, last) = match tail(cfg, &topic) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(format!("{site}: {e}"));
+                broker = "unreachable or incomplete (see problems)".into();
+                (0, None)
+            }
+        };
+        let behind = records_after(cfg, &topic, committed, true, Some(EXACT_UP_TO)).unwrap_or(None);
+        let age = last.map(|l| ((now - l) / 1000).max(0));
+        let state = match last {
+            None => "never heard",
+            Some(l) if now - l <= idle_ms => "live",
+            Some(_) => "offline",
+        };
+        let (pending, oldest, reviews) = hq.get(&site).copied().unwrap_or_default();
+        sites.push(SiteStatus {
+            state: state.into(),
+            last_heard: last.map(utc),
+            last_heard_age_s: age,
+            captured,
+            transform_behind: behind,
+            pending_at_hq: pending,
+            oldest_pending_age_s: oldest.map(|o| ((now - o) / 1000).max(0)),
+            dead_letters: dead.remove(&site).unwrap_or(0),
+            open_reviews: reviews,
+            site,
+        });
+    }
+    let hq_topic = names.hq_changes();
+    let mut stages = vec![StageStatus { stage: "hq_mysql".into(), topic: hq_topic.clone(), behind: records_after(cfg, &hq_topic, hq_stored, false, Some(EXACT_UP_TO)).unwrap_or(None) }];
+    if let Some(root) = lake {
+        let stored = crate::parquet::lake::Lake::new(root).read_manifest().ok().and_then(|(s, _)| s.offsets.get(&0).copied());
+        stages.push(StageStatus { stage: "parquet".into(), topic: hq_topic.clone(), behind: records_after(cfg, &hq_topic, stored, false, Some(EXACT_UP_TO)).unwrap_or(None) });
+    }
+    for s in sites.iter().filter(|s| s.state == "offline") {
+        problems.push(format!("{} offline: last heard {} ({} ago)", s.site, s.last_heard.clone().unwrap_or_default(), age_text(s.last_heard_age_s)));
+    }
+    Status { at: utc(now), broker, sites, stages, other_dead_letters: dead.values().sum(), problems }
+}
+
+/// `90 s`, `12 min`, `3.5 h`, `2.1 d`.
+fn age_text(s: Option<i64>) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s < 120 => format!("{s} s"),
+        Some(s) if s < 7_200 => format!("{} min", s / 60),
+        Some(s) if s < 172_800 => format!("{:.1} h", s as f64 / 3_600.0),
+        Some(s) => format!("{:.1} d", s as f64 / 86_400.0),
+    }
+}
+
+fn count_text(n: Option<i64>) -> String {
+    n.map_or("-".into(), |n| n.to_string())
+}
+
+/// The status for a terminal.
+pub fn render(s: &Status) -> String {
+    let mut out = format!("omrs-stream status at {} UTC (broker {})\n\n", s.at, s.broker);
+    out.push_str(&format!(
+        "{:<16} {:<12} {:>10} {:>10} {:>12} {:>9} {:>9} {:>6} {:>7}\n",
+        "clinic", "state", "last heard", "captured", "to transform", "pending", "oldest", "dead", "reviews"
+    ));
+    for r in &s.sites {
+        out.push_str(&format!(
+            "{:<16} {:<12} {:>10} {:>10} {:>12} {:>9} {:>9} {:>6} {:>7}\n",
+            r.site,
+            r.state,
+            age_text(r.last_heard_age_s),
+            r.captured,
+            count_text(r.transform_behind),
+            r.pending_at_hq,
+            age_text(r.oldest_pending_age_s),
+            r.dead_letters,
+            r.open_reviews
+        ));
+    }
+    out.push_str("\n(last heard: age of the clinic's last change or heartbeat; to transform: its records the transform has yet to take; pending: rows waiting at HQ for a parent; reviews: open identity reviews)\n\n");
+    for st in &s.stages {
+        out.push_str(&format!("{:<10} {} records behind on {}\n", st.stage, count_text(st.behind), st.topic));
+    }
+    if s.other_dead_letters > 0 {
+        out.push_str(&format!("dead letters naming no clinic: {} (omrs-stream dlq list)\n", s.other_dead_letters));
+    }
+    if !s.problems.is_empty() {
+        out.push_str("\nproblems:\n");
+        for p in &s.problems {
+            out.push_str(&format!("  {p}\n"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_names_its_clinic_by_topic_or_payload() {
+        let from_topic = serde_json::json!({"topic": "x.omrs.cdc.site-b", "payload_text": "{"});
+        assert_eq!(dead_letter_site(&from_topic, "x.omrs.cdc.").as_deref(), Some("site-b"));
+        let from_payload = serde_json::json!({"topic": "x.omrs.hq.changes", "payload_text": "{\"type\":\"change\",\"event\":{\"site\":\"site-c\"}}"});
+        assert_eq!(dead_letter_site(&from_payload, "x.omrs.cdc.").as_deref(), Some("site-c"));
+        let none = serde_json::json!({"topic": "x.omrs.hq.changes", "payload_text": null});
+        assert_eq!(dead_letter_site(&none, "x.omrs.cdc."), None);
+        assert_eq!((age_text(Some(59)), age_text(Some(600)), age_text(Some(36_000)), age_text(None)), ("59 s".into(), "10 min".into(), "10.0 h".into(), "-".into()));
+    }
+}
