@@ -448,4 +448,16 @@ async fn status_sees_each_clinic(cfg_path: &std::path::Path, h: &mut mysql_async
     let text = bin().arg("--config").arg(cfg_path).arg("status").output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.lines().any(|l| l.starts_with("site-b") && l.contains("offline")), "{text}");
+
+    // `verify --site`: one clinic against HQ, the others not needed.
+    let v = bin().arg("--config").arg(cfg_path).args(["verify", "--site", "site-b", "--no-lake", "--json"]).output().unwrap();
+    let report: J = serde_json::from_slice(&v.stdout).unwrap_or(J::Null);
+    assert!(v.status.success() && report["ok"] == J::Bool(true), "verify --site: {}\n{report}", String::from_utf8_lossy(&v.stderr));
+    let obs = report["tables"].as_array().unwrap().iter().find(|t| t["table"] == "obs").unwrap();
+    assert_eq!(obs["site_rows"].as_object().unwrap().keys().collect::<Vec<_>>(), ["site-b"], "{obs}");
+    let site_obs = count(&mut admin(PORTS[1], Some(&cfg.sites[1].database.database)).await, "SELECT COUNT(*) FROM obs").await;
+    assert_eq!(obs["site_rows"]["site-b"].as_i64(), Some(site_obs));
+    assert!(report["scope"].as_str().is_some_and(|s| s.contains("site-b")), "{report}");
+    let bad = bin().arg("--config").arg(cfg_path).args(["verify", "--site", "site-z"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--site site-z: no such site"), "{}", String::from_utf8_lossy(&bad.stderr));
 }

@@ -47,7 +47,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     d.progress.set("verifying sites against HQ against the lake".into());
     let verify = omrs_sinks::verify::run(
         &d.cfg,
-        &omrs_sinks::verify::VerifyArgs { manifest: Some(d.paths.manifest.clone()), json: false, lake: Some(d.paths.lake.clone()), no_lake: false, no_values: false, samples: 5 },
+        &omrs_sinks::verify::VerifyArgs { manifest: Some(d.paths.manifest.clone()), json: false, lake: Some(d.paths.lake.clone()), no_lake: false, no_values: false, samples: 5, site: None },
     )
     .await
     .context("verify")?;
