@@ -43,7 +43,7 @@ async fn broker_sigkill_mid_stream_loses_and_doubles_nothing() {
     // Mid-stream means: HQ has applied part of the live workload, and the clinics still write.
     let base = hq_offset(&hq_db).await;
     wait_for(120, "HQ to apply part of the live workload", || {
-        let n = futures_block(hq_offset(&hq_db));
+        let n = block_on(hq_offset(&hq_db));
         (n > base + 2_000 && !workload.is_finished()).then_some(())
     });
     let _back = BrokerBack;
@@ -67,6 +67,3 @@ async fn broker_sigkill_mid_stream_loses_and_doubles_nothing() {
     drop_databases(&[&hq_db], &p.database).await;
 }
 
-fn futures_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
-}

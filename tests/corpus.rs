@@ -173,7 +173,7 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
         let dlq: Vec<J> = read_json(&dlq_topic);
         let found = match_dlq(&dlq);
         let bad_done = cases.iter().zip(&found).all(|(c, f)| c.expect != "dlq" || !f.is_empty());
-        let at_hq: Vec<String> = futures_block(async { admin(3310, Some(&hq_db)).await.query(at_hq_sql.as_str()).await.unwrap() });
+        let at_hq: Vec<String> = block_on(async { admin(3310, Some(&hq_db)).await.query(at_hq_sql.as_str()).await.unwrap() });
         let mut distinct = at_hq.clone();
         distinct.sort();
         distinct.dedup();
@@ -249,6 +249,3 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
     admin(3310, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
 }
 
-fn futures_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
-}

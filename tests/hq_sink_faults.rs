@@ -113,8 +113,8 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
     .await;
     drain();
     let count = |sql: String| {
-        let mut c2 = futures_block(admin(3310, Some(&hq_db)));
-        futures_block(async move { c2.query_first::<i64, _>(sql).await.unwrap().unwrap_or(0) })
+        let mut c2 = block_on(admin(3310, Some(&hq_db)));
+        block_on(async move { c2.query_first::<i64, _>(sql).await.unwrap().unwrap_or(0) })
     };
     assert_eq!(count(format!("SELECT COUNT(*) FROM person WHERE uuid = '{p1}'")), 1);
     assert_eq!(count(format!("SELECT COUNT(*) FROM patient p JOIN person x ON x.person_id = p.patient_id WHERE x.uuid = '{p1}'")), 1);
@@ -221,6 +221,3 @@ async fn bad_rows_are_dead_lettered_and_rows_wait_for_their_parents() {
     a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
 }
 
-fn futures_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
-}

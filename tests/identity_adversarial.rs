@@ -323,16 +323,10 @@ async fn split_and_relink(
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let waiting = count(h, "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'").await;
-        if waiting > 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the HQ sink never reached the locked person row");
+    wait_for(120, "the HQ sink to wait on the locked person row inside the split", || {
         assert!(sink.try_wait().unwrap().is_none(), "the HQ sink exited before applying the split");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+        (block_on(count(h, "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'")) > 0).then_some(())
+    });
     kill9(&mut sink);
     lock.query_drop("ROLLBACK").await.unwrap();
     assert_eq!(hq_rows(h, "obs", "person_id", &r).await, std::collections::BTreeSet::new(), "nothing of the killed split was committed");

@@ -16,7 +16,7 @@ use rdkafka::Message;
 use serde::Serialize;
 use serde_json::Value as J;
 
-use crate::verify::{committed_reader, records_after, transform_positions};
+use crate::verify::{committed_reader, reached, records_after, transform_positions};
 use crate::SinkError;
 
 /// Differences of offsets above this are shown as they are, not counted record by record.
@@ -96,12 +96,8 @@ fn tail(cfg: &Config, topic: &str) -> Result<(i64, Option<i64>), SinkError> {
         match c.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => last = m.timestamp().to_millis().or(last),
             Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}"), e)),
-            None => {
-                let at = c.position().ok().and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
-                if at.is_some_and(|o| o >= high) {
-                    break;
-                }
-            }
+            None if reached(&c, topic, high) => break,
+            None => {}
         }
     }
     Ok((high, last))

@@ -159,6 +159,12 @@ pub fn read_json<T: serde::de::DeserializeOwned>(topic: &str) -> Vec<T> {
     out
 }
 
+/// Runs a future to completion from synchronous code inside the test's (multi-thread)
+/// runtime, e.g. a database poll inside [`wait_for`].
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
 /// Polls `f` until it returns Some, or panics after `secs`.
 pub fn wait_for<T>(secs: u64, what: &str, f: impl FnMut() -> Option<T>) -> T {
     wait_for_or(secs, what, String::new, f)

@@ -540,6 +540,13 @@ pub fn transform_positions(cfg: &Config) -> Result<Vec<(String, String, Option<i
     Ok(out)
 }
 
+/// Whether `c`'s position on `topic` (partition 0) is at `end` or past it: with nothing left
+/// to read, a transactional topic's last offsets are commit markers.
+pub fn reached(c: &BaseConsumer, topic: &str, end: i64) -> bool {
+    let at = c.position().ok().and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
+    at.is_some_and(|o| o >= end)
+}
+
 /// A consumer that reads committed records where it is assigned, and commits nothing.
 pub fn committed_reader(cfg: &Config) -> Result<BaseConsumer, SinkError> {
     client_config(&cfg.kafka)
@@ -586,11 +593,7 @@ pub fn records_after(cfg: &Config, topic: &str, stored: Option<i64>, heartbeats:
             Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}"), e)),
             // Nothing to read: the consumer has stepped over the commit markers to the end.
             None => {
-                let at = reader
-                    .position()
-                    .ok()
-                    .and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
-                if at.is_some_and(|o| o >= end) {
+                if reached(&reader, topic, end) {
                     return Ok(Some(changes));
                 }
             }

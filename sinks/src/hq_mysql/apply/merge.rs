@@ -68,6 +68,45 @@ pub(super) async fn record_merge(conn: &mut Conn, loser: &str, rec: &MergeRec, l
     .map_err(db("recording the merge"))
 }
 
+/// Remembers whose the rows of `table` on HQ person `id` are (`owner`, with their own
+/// `preferred`), for those not remembered yet: the first time a row leaves its person.
+pub(super) async fn remember_owner(conn: &mut Conn, table: &str, col: &str, pk: &str, has_preferred: bool, owner: &str, id: i64) -> Result<(), SinkError> {
+    let flag = if has_preferred { "preferred" } else { "NULL" };
+    conn.exec_drop(
+        format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {}, ?, {flag} FROM {} WHERE {} = ?", q(pk), q(table), q(col)),
+        (omrs_core::openmrs::moved_key(table, col), owner, id),
+    )
+    .await
+    .map_err(|e| SinkError::db(format!("remembering whose the moved {table} rows are"), e))
+}
+
+/// HQ person `id` (and its patient) alive, if a merge had voided it.
+pub(super) async fn unvoid_survivor(conn: &mut Conn, id: i64) -> Result<(), SinkError> {
+    for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+        conn.exec_drop(
+            format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} = ? AND voided = 1 AND void_reason LIKE 'Merged with patient%'"),
+            (id,),
+        )
+        .await
+        .map_err(|e| SinkError::db(format!("keeping the surviving {table}"), e))?;
+    }
+    Ok(())
+}
+
+/// HQ person `id` (and its patient) voided by a merge, dated at its own registration: the same
+/// whenever HQ learns of it.
+pub(super) async fn void_merged(conn: &mut Conn, id: i64, daemon_user: i64, reason: &str) -> Result<(), SinkError> {
+    for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+        conn.exec_drop(
+            format!("UPDATE {table} SET voided = 1, voided_by = ?, date_voided = date_created, void_reason = ? WHERE {col} = ?"),
+            (daemon_user, reason, id),
+        )
+        .await
+        .map_err(|e| SinkError::db(format!("voiding the merged {table}"), e))?;
+    }
+    Ok(())
+}
+
 /// HQ's own `person_merge_log` rows whose loser a site's own log also names go: a site's merge
 /// is logged by the site (semantics 4: the same rows whichever of the two arrived first).
 /// HQ's rows are the ones `omrs_sync_merge` names; HQ writes at most one per loser. Only the
@@ -252,20 +291,7 @@ impl Applier {
                 }
                 let has_preferred = *preferred && tm.columns.iter().any(|c| c.name == "preferred");
                 if tm.pk.len() == 1 {
-                    // Whose each row is, the first time it leaves its person (a split takes
-                    // it back), with its own `preferred`.
-                    let flag = if has_preferred { "preferred" } else { "NULL" };
-                    conn.exec_drop(
-                        format!(
-                            "INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, ?, {flag} FROM {t} WHERE {c} = ?",
-                            pk = q(&tm.pk[0]),
-                            t = q(table),
-                            c = q(col)
-                        ),
-                        (omrs_core::openmrs::moved_key(table, col), loser, l),
-                    )
-                    .await
-                    .map_err(|e| SinkError::db(format!("remembering where the moved {table} rows belong"), e))?;
+                    remember_owner(conn, table, col, &tm.pk[0], has_preferred, loser, l).await?;
                 }
                 if has_preferred && tm.pk.len() == 1 {
                     // Non-preferred once moved, unless it goes back to the person it came from
@@ -290,23 +316,8 @@ impl Applier {
             let reason = format!("Merged with patient #{w}");
             // A survivor that its site had merged away (the site chose the other record) is
             // alive at HQ.
-            for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
-                conn.exec_drop(
-                    format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} = ? AND voided = 1 AND void_reason LIKE 'Merged with patient%'"),
-                    (w,),
-                )
-                .await
-                .map_err(|e| SinkError::db(format!("keeping the surviving {table}"), e))?;
-            }
-            for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
-                conn.exec_drop(
-                    // Dated at the row's own registration: the same whenever HQ learns of it.
-                    format!("UPDATE {table} SET voided = 1, voided_by = ?, date_voided = date_created, void_reason = ? WHERE {col} = ?"),
-                    (self.daemon_user, reason.as_str(), l),
-                )
-                .await
-                .map_err(|e| SinkError::db(format!("voiding the merged {table}"), e))?;
-            }
+            unvoid_survivor(conn, w).await?;
+            void_merged(conn, l, self.daemon_user, &reason).await?;
             // HQ logs a merge of its own unless a site's log names the same loser (whatever the
             // reason of this record: which records reach HQ as `site_merge` and which as
             // `identifier` depends on the order the evidence arrived in; the site's log that

@@ -12,7 +12,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
 use omrs_core::openmrs::{moved_key, MOVES};
 
-use super::merge::{record_merge, MergeRec, MERGE_LOG_NS};
+use super::merge::{record_merge, remember_owner, unvoid_survivor, void_merged, MergeRec, MERGE_LOG_NS};
 use super::sql::{db, q};
 use super::Applier;
 use crate::SinkError;
@@ -46,13 +46,7 @@ impl Applier {
             let (t, c, pk, key) = (q(table), q(col), q(&tm.pk[0]), moved_key(table, col));
             let has_preferred = *preferred && tm.columns.iter().any(|c| c.name == "preferred");
             // The rows still on `from` that were its own have no entry yet: they get one.
-            let flag = if has_preferred { "preferred" } else { "NULL" };
-            conn.exec_drop(
-                format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, ?, {flag} FROM {t} WHERE {c} = ?"),
-                (key.as_str(), s.from.as_str(), fid),
-            )
-            .await
-            .map_err(|e| SinkError::db(format!("remembering whose the {table} rows of a split person are"), e))?;
+            remember_owner(conn, table, col, &tm.pk[0], has_preferred, &s.from, fid).await?;
             // Preferred again on the person it is its own, non-preferred elsewhere.
             let set_pref = if has_preferred { ", r.preferred = IF(m.person_uuid <=> ?, m.preferred, 0)" } else { "" };
             let mut params: Vec<Value> = vec![Value::from(key.as_str()), Value::from(sid)];
@@ -100,25 +94,11 @@ impl Applier {
     /// #<survivor>" (dated at its own registration, as a merge is) and HQ's merge log of it
     /// names the survivor.
     async fn revoid(&mut self, conn: &mut Conn, s: &SplitRec, sid: i64) -> Result<(), SinkError> {
-        for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
-            conn.exec_drop(
-                format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} = ? AND voided = 1 AND void_reason LIKE 'Merged with patient%'"),
-                (sid,),
-            )
-            .await
-            .map_err(db("un-voiding a split survivor"))?;
-        }
+        unvoid_survivor(conn, sid).await?;
         let reason = format!("Merged with patient #{sid}");
         for r in s.records.iter().filter(|r| **r != s.survivor) {
             let Some(id) = self.lookup_id(conn, "person", r).await? else { continue };
-            for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
-                conn.exec_drop(
-                    format!("UPDATE {table} SET voided = 1, voided_by = ?, date_voided = date_created, void_reason = ? WHERE {col} = ?"),
-                    (self.daemon_user, reason.as_str(), id),
-                )
-                .await
-                .map_err(db("voiding a record merged into a split survivor"))?;
-            }
+            void_merged(conn, id, self.daemon_user, &reason).await?;
             let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, r.as_bytes()).to_string();
             conn.exec_drop("UPDATE person_merge_log SET winner_person_id = ? WHERE uuid = ?", (sid, u.as_str())).await.map_err(db("re-pointing a merge log"))?;
         }
