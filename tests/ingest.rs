@@ -31,7 +31,11 @@ async fn site_counts(env: &Env) -> BTreeMap<String, i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_counts_match_and_scrubbed_columns_never_leave() {
     let env = Env::new("snap", "site-a", &[]).await;
-    env.catch_up();
+    let out = env.catch_up();
+    if mysql_mode() {
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains("global read lock held"), "the MySQL snapshot path holds FLUSH TABLES WITH READ LOCK: {log}");
+    }
     let events = env.events();
     let mut per_table: BTreeMap<String, i64> = BTreeMap::new();
     for ev in events.iter().filter(|e| e.op == Op::Read) {
@@ -308,6 +312,67 @@ async fn alter_table_mid_stream_is_picked_up() {
     assert!(upd.before.as_ref().unwrap()["nickname"].is_null());
     assert!(agent.try_wait().unwrap().is_none(), "the agent kept running");
     kill9(&mut agent);
+    env.drop().await;
+}
+
+/// A restart in the middle of a DDL sequence: the agent reads rows written under three
+/// different shapes of `person_name` while information_schema already shows the last one. Each
+/// row must carry its own columns, by name. With `binlog_row_metadata=MINIMAL` the binlog names
+/// no column, so this holds only through the schema history (the third shape has as many
+/// columns as the first, in another order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_in_the_middle_of_a_ddl_sequence_decodes_each_row_with_its_own_columns() {
+    let env = Env::new("ddlseq", "site-c", &[]).await;
+    env.catch_up();
+    let mut c = env.db().await;
+    c.query_drop("ALTER TABLE person_name ADD COLUMN nickname VARCHAR(50) NULL AFTER given_name").await.unwrap();
+    c.query_drop("UPDATE person_name SET nickname = 'Jo', date_changed = NOW() WHERE person_name_id = 1").await.unwrap();
+    // The agent reads that far and stops.
+    env.catch_up();
+    c.query_drop("ALTER TABLE person_name ADD COLUMN title VARCHAR(20) NULL FIRST").await.unwrap();
+    c.query_drop("UPDATE person_name SET title = 'Dr', nickname = 'Joe' WHERE person_name_id = 1").await.unwrap();
+    c.query_drop("ALTER TABLE person_name DROP COLUMN nickname").await.unwrap();
+    c.query_drop("UPDATE person_name SET title = 'Prof', given_name = 'Super2' WHERE person_name_id = 1").await.unwrap();
+    let out = env.catch_up();
+    let ups: Vec<_> = env
+        .events()
+        .into_iter()
+        .filter(|e| e.op == Op::Update && e.table.as_deref() == Some("person_name") && e.key.as_ref().is_some_and(|k| k["person_name_id"] == 1))
+        .map(|e| e.after.unwrap())
+        .collect();
+    assert_eq!(ups.len(), 3, "three updates of person_name 1: {ups:?}\n{}", String::from_utf8_lossy(&out.stderr));
+    let get = |i: usize, k: &str| ups[i].get(k).cloned();
+    assert_eq!((get(0, "nickname"), get(0, "given_name"), get(0, "title")), (Some("Jo".into()), Some("Super".into()), None));
+    assert_eq!((get(1, "title"), get(1, "nickname"), get(1, "given_name")), (Some("Dr".into()), Some("Joe".into()), Some("Super".into())));
+    assert_eq!((get(2, "title"), get(2, "given_name"), get(2, "nickname")), (Some("Prof".into()), Some("Super2".into()), None));
+    assert_eq!(ups[2]["uuid"], ups[0]["uuid"], "the same row throughout");
+    env.drop().await;
+}
+
+/// The grants the agent needs, by path: MariaDB's snapshot takes no lock, so a user without
+/// RELOAD snapshots there; the MySQL path needs RELOAD for FLUSH TABLES WITH READ LOCK and says
+/// so, naming the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_reload_is_told_which_grant_the_mysql_path_needs() {
+    let user = format!("cdc_nr{}", std::process::id());
+    let env = Env::new("grants", "site-a", &[("user = \"cdc\"", &format!("user = \"{user}\""))]).await;
+    let mut c = env.db().await;
+    c.query_drop(format!(
+        "CREATE USER IF NOT EXISTS '{user}'@'127.0.0.1' IDENTIFIED BY 'cdc'; GRANT SELECT, REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO '{user}'@'127.0.0.1'; GRANT BINLOG MONITOR ON *.* TO '{user}'@'127.0.0.1'"
+    ))
+    .await
+    .unwrap();
+    let out = env.agent(&["--until-caught-up"]).wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    if mysql_mode() {
+        assert!(!out.status.success(), "the MySQL path cannot lock without RELOAD");
+        assert!(log.contains("needs RELOAD") && log.contains("GRANT SELECT, RELOAD, REPLICATION SLAVE, REPLICATION CLIENT"), "the error names the grant: {log}");
+        assert!(env.events().is_empty(), "nothing was sent");
+    } else {
+        assert!(out.status.success(), "MariaDB's snapshot needs no RELOAD: {log}");
+        assert!(env.events().iter().any(|e| e.op == Op::Read));
+    }
+    c.query_drop(format!("DROP USER '{user}'@'127.0.0.1'")).await.unwrap();
     env.drop().await;
 }
 

@@ -30,6 +30,8 @@ pub const SITE_CLOCK_AHEAD: &str = "omrs_stream_site_clock_ahead_ms";
 pub const CLOCK_CAPPED: &str = "omrs_stream_clock_capped_events_total";
 pub const SNAPSHOT_ROWS: &str = "omrs_stream_snapshot_rows_total";
 pub const SNAPSHOT_TABLES_DONE: &str = "omrs_stream_snapshot_tables_done";
+pub const SNAPSHOT_LOCK_MS: &str = "omrs_stream_snapshot_lock_ms";
+pub const SCHEMA_CHANGES: &str = "omrs_stream_ingest_schema_changes_total";
 pub const SIMULATED_ROWS: &str = "omrs_stream_simulate_rows_total";
 pub const UP: &str = "omrs_stream_up";
 pub const BUILD_INFO: &str = "omrs_stream_build_info";
@@ -91,6 +93,8 @@ pub struct Metrics {
     pub clock_capped: IntCounterVec,
     pub snapshot_rows: IntCounterVec,
     pub snapshot_tables_done: IntGaugeVec,
+    pub snapshot_lock_ms: IntGaugeVec,
+    pub schema_changes: IntCounterVec,
     pub simulated_rows: IntCounterVec,
     pub up: IntGaugeVec,
     /// 1, labelled with the version and stage of the running build.
@@ -214,6 +218,8 @@ impl Metrics {
             clock_capped: counter_vec(&r, CLOCK_CAPPED, "Events whose time was capped: the site's clock ran ahead of the transform's by more than max_clock_ahead_s", &["site"]),
             snapshot_rows: counter_vec(&r, SNAPSHOT_ROWS, "Rows read by the initial snapshot", &["site", "table"]),
             snapshot_tables_done: gauge_vec(&r, SNAPSHOT_TABLES_DONE, "Tables whose snapshot is complete", &["site"]),
+            snapshot_lock_ms: gauge_vec(&r, SNAPSHOT_LOCK_MS, "How long the last snapshot held the site's global read lock (MySQL path), ms", &["site"]),
+            schema_changes: counter_vec(&r, SCHEMA_CHANGES, "DDL statements read from a site's binlog, by how the schema history followed them (applied, information_schema)", &["site", "how"]),
             simulated_rows: counter_vec(&r, SIMULATED_ROWS, "Row changes written by the simulator", &["site", "table", "op"]),
             up: gauge_vec(&r, UP, "1 while the process runs", &["stage"]),
             build_info: gauge_vec(&r, BUILD_INFO, "1; the labels name the running build", &["version", "stage"]),

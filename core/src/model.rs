@@ -152,7 +152,7 @@ pub fn is_int_type(column_type: &str) -> bool {
 }
 
 /// `enum('a','b')` → ["a", "b"].
-fn parse_enum(column_type: &str) -> Option<Vec<String>> {
+pub fn parse_enum(column_type: &str) -> Option<Vec<String>> {
     let inner = column_type.strip_prefix("enum(")?.strip_suffix(')')?;
     Some(
         inner

@@ -90,10 +90,19 @@ pub fn read_legacy(kafka: &KafkaConfig, topic: &str, site: &str) -> Option<Check
 
 /// Reads the last committed checkpoint of `site` (read_committed), or None.
 pub fn read(kafka: &KafkaConfig, topic: &str, site: &str) -> Result<Option<Checkpoint>, IngestError> {
+    Ok(read_with_schema(kafka, topic, site)?.0)
+}
+
+/// Reads the last committed checkpoint of `site` and the schema history beside it
+/// ([`crate::schema`]).
+pub fn read_with_schema(kafka: &KafkaConfig, topic: &str, site: &str) -> Result<(Option<Checkpoint>, crate::schema::History), IngestError> {
     let mut last = None;
+    let mut history = crate::schema::History::default();
     omrs_core::kafka::read_to_end(kafka, topic, |key, payload, _| {
-        if key == Some(site.as_bytes()) {
-            last = Some(serde_json::from_slice::<Checkpoint>(payload).map_err(|e| e.to_string())?);
+        match key {
+            Some(k) if k == site.as_bytes() => last = Some(serde_json::from_slice::<Checkpoint>(payload).map_err(|e| e.to_string())?),
+            Some(k) => history.learn(k, payload)?,
+            None => {}
         }
         Ok(())
     })
@@ -104,5 +113,5 @@ pub fn read(kafka: &KafkaConfig, topic: &str, site: &str) -> Result<Option<Check
             IngestError::Checkpoint(e.to_string())
         }
     })?;
-    Ok(last)
+    Ok((last, history))
 }

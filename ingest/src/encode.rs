@@ -76,6 +76,15 @@ pub struct TablePlan {
     pub events_in: [Box<dyn Fn(u64) + Send + Sync>; 3],
 }
 
+/// A string column's charset when the binlog does not say (MySQL 5.7): binary for the binary
+/// types of the schema history, else a UTF-8 one.
+fn modelled_charset(column_type: Option<&str>) -> u16 {
+    match column_type {
+        Some(t) if t.starts_with("binary") || t.starts_with("varbinary") || t.ends_with("blob") => BINARY,
+        _ => 45, // utf8mb4_general_ci
+    }
+}
+
 fn json_str(out: &mut Vec<u8>, s: &str) {
     // Writing into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
@@ -105,7 +114,23 @@ impl TablePlan {
         let mut signedness = extractor.iter_signedness();
         let mut charsets = extractor.iter_charset();
         let mut enum_charsets = extractor.iter_enum_and_set_charset();
-        let mut names = extractor.iter_column_name();
+        let names: Vec<String> = extractor
+            .iter_column_name()
+            .map(|c| c.map(|c| String::from_utf8_lossy(c.name_raw()).into_owned()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        // Without names in the binlog (binlog_row_metadata MINIMAL or none), the schema
+        // history's columns name them: they must be as many.
+        let from_model = names.is_empty();
+        if from_model && table.columns.len() != n {
+            return Err(IngestError::Schema(format!(
+                "the binlog's table map of `{}` has {n} columns and the schema history {} ({}): a DDL the agent did not follow. \
+                 Set binlog_row_metadata=FULL at the site if the server has it, or resnapshot the site (docs/OPERATIONS.md, \"Schema history\")",
+                table.name,
+                table.columns.len(),
+                table.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
         let mut cols = Vec::with_capacity(n);
         let mut col_names = Vec::with_capacity(n);
         for i in 0..n {
@@ -115,17 +140,22 @@ impl TablePlan {
                 Err(e) => return Err(bad(e.to_string())),
             };
             let meta: Box<[u8]> = tme.get_column_metadata(i).unwrap_or(&[]).into();
-            let unsigned = ty.is_numeric_type().then(|| signedness.next()).flatten().unwrap_or_default();
+            let modelled = table.columns.get(i).filter(|_| from_model).map(|c| c.column_type.to_ascii_lowercase());
+            let unsigned = ty
+                .is_numeric_type()
+                .then(|| signedness.next().or_else(|| modelled.as_ref().map(|t| t.contains("unsigned"))))
+                .flatten()
+                .unwrap_or_default();
             let charset = if ty.is_character_type() {
-                charsets.next().transpose().map_err(|e| bad(e.to_string()))?.unwrap_or_default()
+                charsets.next().transpose().map_err(|e| bad(e.to_string()))?.unwrap_or_else(|| modelled_charset(modelled.as_deref()))
             } else if ty.is_enum_or_set_type() {
                 enum_charsets.next().transpose().map_err(|e| bad(e.to_string()))?.unwrap_or_default()
             } else {
                 Default::default()
             };
-            let name: String = match names.next().transpose().map_err(|e| bad(e.to_string()))? {
-                Some(c) => String::from_utf8_lossy(c.name_raw()).into_owned(),
-                None => format!("@{i}"),
+            let name: String = match names.get(i) {
+                Some(n) => n.clone(),
+                None => table.columns.get(i).map(|c| c.name.clone()).unwrap_or_else(|| format!("@{i}")),
             };
             let enums = table.enums.get(&name).map(|labels| {
                 labels

@@ -6,6 +6,8 @@
 //! from the last committed checkpoint, and `transactional.id` (derived from the site) fences a
 //! zombie. The initial snapshot is consistent without a global lock and resumes mid-table.
 //!
+//! - [`server`]: MariaDB or MySQL, its version and binlog settings.
+//! - [`schema`]: the schema history (column names when the binlog has none).
 //! - [`snapshot`]: chunked consistent snapshot (`op:"r"`).
 //! - [`stream`]: binlog tailing with mysql_async, heartbeats, DDL refresh.
 //! - [`refs`]: FK → uuid.
@@ -18,6 +20,8 @@ pub mod convert;
 pub mod encode;
 pub mod producer;
 pub mod refs;
+pub mod schema;
+pub mod server;
 pub mod snapshot;
 pub mod stream;
 
@@ -60,6 +64,9 @@ pub enum IngestError {
     Usage(String),
     #[error("binlog: {0}")]
     Binlog(String),
+    /// The binlog and the schema history disagree about a table: definite, the agent stops.
+    #[error("schema: {0}")]
+    Schema(String),
 }
 
 impl From<omrs_core::CoreError> for IngestError {
@@ -148,6 +155,8 @@ pub struct Agent {
     pub exclude: Vec<String>,
     pub tuning: Tuning,
     pub server_id: u32,
+    /// The server's kind, version and binlog metadata, read at start.
+    pub server: server::Server,
     pub quiet: bool,
 }
 
@@ -161,40 +170,6 @@ pub async fn connect(site: &SiteConfig) -> Result<Conn, IngestError> {
         .map_err(|e| IngestError::site(&format!("connecting to {}", site.database.redacted_url()), e))?;
     c.query_drop("SET time_zone = '+00:00'").await.map_err(|e| IngestError::site("setting the session time zone", e))?;
     Ok(c)
-}
-
-/// Refuses a server whose binlog cannot carry full row images with metadata.
-pub async fn check_server(conn: &mut Conn) -> Result<u32, IngestError> {
-    let row: Option<(Option<String>, Option<String>, Option<String>, Option<String>, u32)> = conn
-        .query_first("SELECT @@GLOBAL.log_bin, @@GLOBAL.binlog_format, @@GLOBAL.binlog_row_image, @@GLOBAL.binlog_row_metadata, @@GLOBAL.server_id")
-        .await
-        .map_err(|e| IngestError::site("reading binlog settings", e))?;
-    let Some((log_bin, format, image, metadata, server_id)) = row else {
-        return Err(IngestError::Refused("could not read the binlog settings".into()));
-    };
-    let on = |v: &Option<String>| v.as_deref().is_some_and(|s| s == "1" || s.eq_ignore_ascii_case("ON"));
-    if !on(&log_bin) {
-        return Err(IngestError::Refused(
-            "log_bin is OFF: the binary log is disabled. Set `log_bin` (and server_id) in the server's [mysqld] config and restart it".into(),
-        ));
-    }
-    let mut problems = Vec::new();
-    if !format.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("ROW")) {
-        problems.push(format!("binlog_format is {} (need ROW): SET GLOBAL binlog_format = 'ROW' and binlog_format=ROW in [mysqld]", format.unwrap_or_default()));
-    }
-    if !image.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("FULL")) {
-        problems.push(format!("binlog_row_image is {} (need FULL): SET GLOBAL binlog_row_image = 'FULL' and binlog_row_image=FULL in [mysqld]", image.unwrap_or_default()));
-    }
-    if !metadata.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("FULL")) {
-        problems.push(format!(
-            "binlog_row_metadata is {} (need FULL, for column names and primary keys in the binlog): SET GLOBAL binlog_row_metadata = 'FULL' and binlog_row_metadata=FULL in [mysqld]",
-            metadata.unwrap_or_else(|| "unsupported by this server".into())
-        ));
-    }
-    if !problems.is_empty() {
-        return Err(IngestError::Refused(problems.join("; ")));
-    }
-    Ok(server_id)
 }
 
 /// Runs the agent until `--until-caught-up` is satisfied, or forever. Transient errors (site or
@@ -221,8 +196,9 @@ pub async fn run(cfg: &Config, args: &IngestArgs) -> Result<(), IngestError> {
 async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot: bool) -> Result<(), IngestError> {
     let t0 = std::time::Instant::now();
     let mut query = connect(site).await?;
-    check_server(&mut query).await?;
-    let model = Model::load(&mut query, &site.database.database, &cfg.ingest.include, &cfg.ingest.exclude).await?;
+    let server = server::inspect(&mut query, site.database.flavor).await?;
+    tracing::info!(site = %site.name, version = %server.version, kind = ?server.kind, metadata = ?server.metadata, "site server");
+    let mut model = Model::load(&mut query, &site.database.database, &cfg.ingest.include, &cfg.ingest.exclude).await?;
     if model.tables.is_empty() {
         return Err(IngestError::Usage(format!("database `{}` at site {} has no tables to capture", site.database.database, site.name)));
     }
@@ -230,14 +206,20 @@ async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let producer = TxProducer::new(&cfg.kafka, &site.name, names.cdc(&site.name), names.ingest_offsets(&site.name))?;
     let t_producer = t0.elapsed();
-    let saved = if resnapshot {
-        None
+    let (saved, history) = if resnapshot {
+        (None, schema::History::default())
     } else {
-        match checkpoint::read(&cfg.kafka, &names.ingest_offsets(&site.name), &site.name)? {
-            Some(cp) => Some(cp),
-            None => checkpoint::read_legacy(&cfg.kafka, &names.legacy_ingest_offsets(), &site.name),
+        let (cp, history) = checkpoint::read_with_schema(&cfg.kafka, &names.ingest_offsets(&site.name), &site.name)?;
+        match cp {
+            Some(cp) => (Some(cp), history),
+            None => (checkpoint::read_legacy(&cfg.kafka, &names.legacy_ingest_offsets(), &site.name), history),
         }
     };
+    // Where the agent resumes, each table as the binlog knew it there (a DDL it has not read
+    // yet is already in information_schema).
+    if saved.is_some() {
+        history.apply_to(&mut model);
+    }
     tracing::debug!(site = %site.name, model_ms = t_model.as_millis() as u64, producer_ms = t_producer.as_millis() as u64, checkpoint_ms = t0.elapsed().as_millis() as u64, "agent started");
     omrs_core::endpoint::ready();
     let tuning = Tuning {
@@ -258,7 +240,8 @@ async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot
         include: cfg.ingest.include.clone(),
         exclude: cfg.ingest.exclude.clone(),
         tuning,
-        server_id: 0,
+        server_id: server.server_id,
+        server,
         quiet: args.quiet,
     };
     let streaming = match saved {

@@ -132,6 +132,8 @@ impl From<Vec<ChangeEvent>> for Batch {
 enum Req {
     /// Records that go into the open transaction (begun if none is).
     Records(Batch),
+    /// Records for the checkpoint topic (the schema history) in the open transaction.
+    Aside(Vec<(Vec<u8>, Vec<u8>)>),
     /// Ends the open transaction (begun if none is) with the checkpoint, and commits it.
     Commit(Checkpoint),
     Flush(oneshot::Sender<()>),
@@ -188,6 +190,7 @@ impl TxProducer {
             while let Some(req) = rx.recv().await {
                 let result = match req {
                     Req::Records(events) => worker.records(events).await,
+                    Req::Aside(recs) => worker.aside(recs).await,
                     Req::Commit(cp) => worker.commit(cp).await,
                     Req::Flush(reply) => {
                         let r = worker.wait().await;
@@ -247,6 +250,15 @@ impl TxProducer {
         Ok(())
     }
 
+    /// Hands records for the checkpoint topic (the schema history, [`crate::schema`]) to the
+    /// producer task: they commit with the next checkpoint.
+    pub async fn aside(&mut self, records: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), IngestError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.request(Req::Aside(records)).await
+    }
+
     /// Waits until everything sent so far is committed.
     pub async fn wait(&mut self) -> Result<(), IngestError> {
         self.check()?;
@@ -301,6 +313,16 @@ impl Worker {
         if let (Ok(mut spare), true) = (self.spare.lock(), events.buf.capacity() <= 4 * STREAM_BYTES) {
             if spare.len() < QUEUE + 2 {
                 spare.push(events);
+            }
+        }
+        Ok(())
+    }
+
+    async fn aside(&mut self, records: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), IngestError> {
+        self.begin().await?;
+        for (key, value) in &records {
+            if let Err(e) = self.enqueue(&self.offsets_topic, key, value).await {
+                return Err(self.abort(e));
             }
         }
         Ok(())

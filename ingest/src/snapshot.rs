@@ -1,8 +1,13 @@
-//! The consistent initial snapshot, without a global lock.
+//! The consistent initial snapshot: without a global lock on MariaDB, with one held for
+//! milliseconds on MySQL.
 //!
 //! `START TRANSACTION WITH CONSISTENT SNAPSHOT` fixes one InnoDB view; MariaDB's session status
 //! `binlog_snapshot_file`/`binlog_snapshot_position` names the binlog position that view
-//! corresponds to exactly, so streaming from there has no gap and no overlap. Tables go in
+//! corresponds to exactly, so streaming from there has no gap and no overlap. MySQL has no such
+//! status: the agent takes `FLUSH TABLES WITH READ LOCK`, opens the view, reads the position
+//! (`SHOW MASTER STATUS`, `SHOW BINARY LOG STATUS` on 8.4+) and unlocks; no commit can fall
+//! between the view and the position. The lock's wait is bounded (`lock_wait_timeout`), and the
+//! time it was held is logged and measured (`omrs_stream_snapshot_lock_ms`). Tables go in
 //! FK-dependency order (parents first), in chunks by integer primary key. Each chunk's `op:"r"`
 //! events and the progress (table, last key) are one Kafka transaction, so a crash resumes
 //! mid-table.
@@ -20,6 +25,7 @@ use serde_json::Value as J;
 
 use crate::checkpoint::{Checkpoint, Position, Segment};
 use crate::convert::{scrubbed, text_value};
+use crate::server::{grant_error, Kind};
 use crate::{connect, Agent, IngestError};
 
 type Resume = (Vec<String>, Vec<Segment>, usize, Option<i64>, u64);
@@ -33,6 +39,10 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
     let db = agent.model.database.clone();
 
     let (mut snap, position, ts_ms) = open_view(agent).await?;
+    if segments.is_empty() {
+        // A fresh snapshot: the schema history starts here.
+        agent.producer.aside(crate::schema::base_records(&agent.model, &position)).await?;
+    }
     segments.push(Segment { table_idx: next_table, after_key, position: position.clone() });
     tracing::info!(site = %site, file = %position.file, pos = position.pos, tables = tables.len(), from_table = next_table, "snapshot started");
 
@@ -125,21 +135,9 @@ async fn open_view(agent: &mut Agent) -> Result<(mysql_async::Conn, Position, i6
     snap.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .await
         .map_err(|e| IngestError::site("setting the snapshot isolation level", e))?;
-    snap.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
-        .await
-        .map_err(|e| IngestError::site("starting the consistent snapshot", e))?;
-    let status: Vec<(String, String)> = snap
-        .query("SHOW SESSION STATUS LIKE 'binlog_snapshot_%'")
-        .await
-        .map_err(|e| IngestError::site("reading the snapshot's binlog position", e))?;
-    let get = |k: &str| status.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
-    let position = match (get("binlog_snapshot_file"), get("binlog_snapshot_position")) {
-        (Some(file), Some(pos)) if !file.is_empty() => Position { file, pos: pos.parse().unwrap_or(4), gtid: None },
-        _ => {
-            return Err(IngestError::Refused(
-                "the server does not report binlog_snapshot_file/binlog_snapshot_position (MariaDB only); a consistent snapshot without a global lock is not possible here".into(),
-            ))
-        }
+    let position = match agent.server.kind {
+        Kind::MariaDb => mariadb_view(&mut snap).await?,
+        Kind::MySql => mysql_view(&mut snap, &agent.server, &agent.site.name).await?,
     };
     let ts_ms: i64 = snap
         .query_first::<f64, _>("SELECT UNIX_TIMESTAMP(NOW(3)) * 1000")
@@ -153,6 +151,68 @@ async fn open_view(agent: &mut Agent) -> Result<(mysql_async::Conn, Position, i6
         .unwrap_or(0);
     agent.server_id = server_id;
     Ok((snap, position, ts_ms))
+}
+
+/// MariaDB: the view, and the position its session status names; no lock.
+async fn mariadb_view(snap: &mut mysql_async::Conn) -> Result<Position, IngestError> {
+    snap.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+        .await
+        .map_err(|e| IngestError::site("starting the consistent snapshot", e))?;
+    let status: Vec<(String, String)> = snap
+        .query("SHOW SESSION STATUS LIKE 'binlog_snapshot_%'")
+        .await
+        .map_err(|e| IngestError::site("reading the snapshot's binlog position", e))?;
+    let get = |k: &str| status.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
+    match (get("binlog_snapshot_file"), get("binlog_snapshot_position")) {
+        (Some(file), Some(pos)) if !file.is_empty() => Ok(Position { file, pos: pos.parse().unwrap_or(4), gtid: None }),
+        _ => Err(IngestError::Refused(
+            "the server does not report binlog_snapshot_file/binlog_snapshot_position (a MariaDB feature): if this is a MySQL server, set `flavor = \"mysql\"` under [sites.database] (or leave it at \"auto\")".into(),
+        )),
+    }
+}
+
+/// How long the agent waits for the global read lock before it gives up and retries later,
+/// rather than hold the clinic's writes queued behind a long query.
+const LOCK_WAIT_S: u32 = 10;
+
+/// MySQL: the view opened and its position read under `FLUSH TABLES WITH READ LOCK`, held for
+/// as short a time as that takes.
+async fn mysql_view(snap: &mut mysql_async::Conn, server: &crate::server::Server, site: &str) -> Result<Position, IngestError> {
+    snap.query_drop(format!("SET SESSION lock_wait_timeout = {LOCK_WAIT_S}"))
+        .await
+        .map_err(|e| IngestError::site("setting lock_wait_timeout", e))?;
+    let t = std::time::Instant::now();
+    snap.query_drop("FLUSH TABLES WITH READ LOCK").await.map_err(|e| match &e {
+        mysql_async::Error::Server(s) if s.code == 1205 => IngestError::Site { context: format!("taking the global read lock (waited {LOCK_WAIT_S} s for a long query or lock at the site; retrying later)"), source: e },
+        _ => grant_error("taking the global read lock for the snapshot", "RELOAD", e),
+    })?;
+    let locked = async {
+        snap.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+            .await
+            .map_err(|e| IngestError::site("starting the consistent snapshot", e))?;
+        let row: Option<mysql_async::Row> = snap
+            .query_first(server.binlog_status_sql())
+            .await
+            .map_err(|e| grant_error("reading the binlog position", "REPLICATION CLIENT", e))?;
+        let row = row.ok_or_else(|| IngestError::Refused("the server reports no binary log position (is log_bin on?)".into()))?;
+        let file: Option<String> = row.get(0);
+        let pos: Option<u64> = row.get(1);
+        // MySQL's fifth column: the executed GTID set, kept for the operator's eyes.
+        let gtids: Option<String> = if row.len() > 4 { row.get::<Option<String>, _>(4).flatten() } else { None };
+        match (file, pos) {
+            (Some(file), Some(pos)) if !file.is_empty() => Ok((Position { file, pos, gtid: None }, gtids)),
+            _ => Err(IngestError::Refused("the server reports no binary log position (is log_bin on?)".into())),
+        }
+    }
+    .await;
+    // Unlocked whatever happened; the view stays open.
+    let unlocked = snap.query_drop("UNLOCK TABLES").await.map_err(|e| IngestError::site("releasing the global read lock", e));
+    let held = t.elapsed();
+    let (position, gtids) = locked?;
+    unlocked?;
+    metrics().snapshot_lock_ms.with_label_values(&[site]).set(held.as_millis() as i64);
+    tracing::info!(site, held_ms = held.as_millis() as u64, file = %position.file, pos = position.pos, gtids = gtids.as_deref().unwrap_or(""), "global read lock held while the snapshot view opened");
+    Ok(position)
 }
 
 /// The progress bar (unless quiet), its length an estimate of the rows left.

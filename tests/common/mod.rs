@@ -41,6 +41,14 @@ pub fn python() -> String {
     })
 }
 
+/// `OMRS_SITE_MODE=mysql-minimal`: the test's sites are the `site-minimal` server
+/// (binlog_row_metadata=MINIMAL, port 3330) with `flavor = "mysql"`, so the agent takes the
+/// MySQL snapshot path and names columns from its schema history (scripts/test runs the
+/// ingest tests a second time so).
+pub fn mysql_mode() -> bool {
+    std::env::var("OMRS_SITE_MODE").is_ok_and(|m| m == "mysql-minimal")
+}
+
 pub fn unique(tag: &str) -> String {
     let n = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros();
     format!("{tag}_{}_{}", std::process::id(), n % 1_000_000_000)
@@ -63,7 +71,9 @@ impl Env {
     pub async fn new(tag: &str, site: &str, tweaks: &[(&str, &str)]) -> Env {
         let database = unique(&format!("ing_{tag}"));
         let prefix = format!("{}.", unique(&format!("t{tag}")));
+        let mysql = mysql_mode();
         let port = match site {
+            _ if mysql => 3330,
             "site-a" => 3311,
             "site-b" => 3312,
             _ => 3313,
@@ -76,6 +86,12 @@ impl Env {
         for (from, to) in tweaks {
             assert!(text.contains(from), "config tweak `{from}` does not apply");
             text = text.replacen(from, to, 1);
+        }
+        if mysql {
+            // Every site on the MINIMAL-metadata server, through the MySQL paths.
+            for p in ["3311", "3312", "3313"] {
+                text = text.replace(&format!("port = {p}\n"), "port = 3330\nflavor = \"mysql\"\n");
+            }
         }
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("omrs-stream.toml");

@@ -171,6 +171,20 @@ pub struct DatabaseConfig {
     /// TLS to the server. Absent: plain TCP.
     #[serde(default)]
     pub tls: Option<DbTlsConfig>,
+    /// Which server a site runs, and so which snapshot and binlog paths its agent takes:
+    /// `auto` (the default: read from `VERSION()`), `mariadb` or `mysql`. Ignored for HQ.
+    #[serde(default)]
+    pub flavor: Flavor,
+}
+
+/// A site server's kind (`[sites.database] flavor`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    #[default]
+    Auto,
+    Mariadb,
+    Mysql,
 }
 
 /// TLS to a MySQL/MariaDB server (`[sites.database.tls]`, `[hq.database.tls]`).
@@ -196,6 +210,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("password_file", &self.password_file)
             .field("database", &self.database)
             .field("tls", &self.tls)
+            .field("flavor", &self.flavor)
             .finish()
     }
 }
@@ -846,6 +861,7 @@ mod tests {
             password_file: None,
             database: "d".into(),
             tls: None,
+            flavor: Flavor::Auto,
         };
         assert_eq!(db.url(), "mysql://u:p%40ss%3A%2F@h:1/d");
         assert!(!db.redacted_url().contains("ss"));

@@ -24,10 +24,13 @@
 //! Resuming is by GTID (`@slave_connect_state`) when the checkpoint has one and the server has
 //! GTIDs, else by file and position (after a snapshot, and for a split transaction).
 //!
-//! MySQL 8 is not tested here. What differs there: GTIDs arrive as GTID_EVENT (33) and resuming
-//! by GTID needs COM_BINLOG_DUMP_GTID (`BinlogStreamRequest::with_gtid`), which is not built;
-//! the snapshot position has no `binlog_snapshot_*` status (the agent refuses to snapshot); V2
-//! row events are decoded by mysql_common as on MariaDB.
+//! MySQL specifics (decoded on MySQL's own binlog files, see tests/mysql_binlogs.rs): a
+//! transaction starts with GTID (33), tagged GTID (42, 8.4+) or ANONYMOUS_GTID (34); GTIDs are
+//! kept as `uuid[:tag]:gno` in checkpoints, and resuming is by file and position (see
+//! `open`). A compressed transaction (TRANSACTION_PAYLOAD, 40, 8.0.20+) arrives as the payload
+//! event followed by its decompressed events, whose headers carry no position: their rows take
+//! the payload's position with row numbers running across the transaction, and the
+//! transaction ends at the payload's end.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -167,6 +170,12 @@ struct Cursor {
     txn_rows_seen: u64,
     /// A MariaDB GTID flagged standalone: a DDL with no COMMIT after it.
     standalone: bool,
+    /// Inside a MySQL compressed transaction: where its payload event starts and ends.
+    payload: Option<(u64, u64)>,
+    /// Rows of the transaction's earlier row events inside a payload (they share its position).
+    row_base: u32,
+    /// A DDL changed the schema history: commit a checkpoint after it at once.
+    ddl: bool,
 }
 
 impl Cursor {
@@ -233,6 +242,9 @@ impl<'a> Tail<'a> {
             txn_gtid: None,
             txn_rows_seen: 0,
             standalone: false,
+            payload: None,
+            row_base: 0,
+            ddl: false,
         };
         let pend = Pending { batch: agent.producer.batch(), done: 0, sent: 0, end: None, since: Instant::now(), last_emit: Instant::now() };
         Tail {
@@ -344,8 +356,14 @@ impl<'a> Tail<'a> {
     async fn on_event(&mut self, stream: &BinlogStream, event: &Event) -> Result<(), IngestError> {
         let h = event.header();
         let etype = h.event_type_raw();
-        let next_pos = h.log_pos() as u64;
-        let start_pos = next_pos.saturating_sub(h.event_size() as u64);
+        let (next_pos, start_pos) = match self.cur.payload {
+            // An event of a compressed transaction: no position of its own.
+            Some((start, end)) if etype != 40 => (end, start),
+            _ => {
+                let next = h.log_pos() as u64;
+                (next, next.saturating_sub(h.event_size() as u64))
+            }
+        };
         let was_first = std::mem::replace(&mut self.cur.first, false);
         let end_txn = match etype {
             // ROTATE
@@ -365,13 +383,23 @@ impl<'a> Tail<'a> {
                 self.cur.begin(start_pos);
                 false
             }
-            // MySQL GTID
-            33 => {
-                if let Ok(Some(EventData::GtidEvent(g))) = event.read_data() {
-                    self.cur.txn_gtid = Some(format!("{}:{}", uuid_hex(&g.sid()), g.gno()));
-                }
+            // MySQL GTID, tagged GTID (8.4+), anonymous GTID: a transaction starts.
+            33 | 34 | 42 => {
+                self.cur.txn_gtid = match event.read_data() {
+                    Ok(Some(EventData::GtidEvent(g))) if etype != 34 => Some(mysql_gtid(&g)),
+                    _ => None,
+                };
                 self.cur.standalone = false;
                 self.cur.begin(start_pos);
+                false
+            }
+            // MySQL TRANSACTION_PAYLOAD: the transaction's events follow, decompressed.
+            40 => {
+                self.cur.payload = Some((start_pos, next_pos));
+                self.cur.row_base = 0;
+                if !self.cur.in_txn {
+                    self.cur.begin(start_pos);
+                }
                 false
             }
             // QUERY
@@ -388,7 +416,14 @@ impl<'a> Tail<'a> {
             _ => false,
         };
         if end_txn {
+            self.cur.payload = None;
             self.end_txn(next_pos).await?;
+            if std::mem::take(&mut self.cur.ddl) {
+                // The schema history's records go with the checkpoint after the DDL.
+                self.pend.done = self.pend.batch.len();
+                self.pend.end = Some(self.cur.here());
+                self.flush_done().await?;
+            }
         } else if !self.cur.in_txn && next_pos > 0 {
             self.cur.pos = next_pos;
         }
@@ -426,12 +461,45 @@ impl<'a> Tail<'a> {
             return Ok(true);
         }
         if is_ddl(t) && (q.schema() == self.db || t.contains(&self.db)) {
-            tracing::info!(site = %self.site, ddl = %t.chars().take(200).collect::<String>(), "DDL: refreshing the table model");
-            let a = &mut *self.agent;
-            a.model = Model::load(&mut a.query, &self.db, &a.include, &a.exclude).await?;
-            self.rows.plans.clear();
+            let schema = q.schema().into_owned();
+            let end = Position { file: self.cur.file.clone(), pos: event.header().log_pos() as u64, gtid: self.cur.txn_gtid.clone() };
+            self.on_ddl(t, &schema, &end).await?;
         }
         Ok(self.cur.standalone || !self.cur.in_txn)
+    }
+
+    /// A DDL of the site database: the schema history follows it (see [`crate::schema`]), the
+    /// tables it changed are recorded with the next checkpoint, and row plans are made afresh.
+    async fn on_ddl(&mut self, ddl: &str, schema: &str, end: &Position) -> Result<(), IngestError> {
+        let a = &mut *self.agent;
+        let current = Model::load(&mut a.query, &self.db, &a.include, &a.exclude).await?;
+        let (include, exclude) = (a.include.clone(), a.exclude.clone());
+        let captured = move |t: &str| (include.is_empty() || include.iter().any(|i| i == t)) && !exclude.iter().any(|e| e == t);
+        let mut next = a.model.clone();
+        let scope = crate::schema::Scope { db: &self.db, default: schema };
+        let records = match crate::schema::apply_ddl(&mut next, scope, ddl, &captured) {
+            Ok(crate::schema::Applied::Tables(tables)) => {
+                let recs = crate::schema::settle(&mut next, &current, &tables, end, ddl);
+                metrics().schema_changes.with_label_values(&[&self.site, "applied"]).inc();
+                recs
+            }
+            Ok(crate::schema::Applied::Nothing) => Vec::new(),
+            Err(reason) => {
+                tracing::warn!(site = %self.site, ddl = %ddl.chars().take(200).collect::<String>(), reason = %reason, "DDL not followed as a statement: the table model is read from information_schema as it is now");
+                metrics().schema_changes.with_label_values(&[&self.site, "information_schema"]).inc();
+                let recs = crate::schema::differences(&a.model, &current, end, ddl);
+                next = current;
+                recs
+            }
+        };
+        tracing::info!(site = %self.site, ddl = %ddl.chars().take(200).collect::<String>(), tables = ?records.iter().map(|r| r.table.as_str()).collect::<Vec<_>>(), "DDL: schema history updated");
+        a.model = next;
+        self.rows.plans.clear();
+        if !records.is_empty() {
+            a.producer.aside(records.iter().map(|r| r.record()).collect()).await?;
+            self.cur.ddl = true;
+        }
+        Ok(())
     }
 
     /// A site transaction ended at `next_pos`: its events are whole; commit or stream them when
@@ -439,6 +507,7 @@ impl<'a> Tail<'a> {
     async fn end_txn(&mut self, next_pos: u64) -> Result<(), IngestError> {
         self.cur.in_txn = false;
         self.cur.standalone = false;
+        self.cur.row_base = 0;
         if self.cur.txn_gtid.is_some() {
             self.cur.last_gtid = self.cur.txn_gtid.take();
         }
@@ -531,6 +600,14 @@ fn strip_rotate_name(raw: &str) -> Option<String> {
     })
 }
 
+
+/// A MySQL GTID as MySQL prints it: `uuid:gno`, or `uuid:tag:gno` for a tagged one.
+fn mysql_gtid(g: &mysql_common::binlog::events::GtidEvent) -> String {
+    match g.tag() {
+        Some(tag) => format!("{}:{}:{}", uuid_hex(&g.sid()), tag.as_str(), g.gno()),
+        None => format!("{}:{}", uuid_hex(&g.sid()), g.gno()),
+    }
+}
 
 fn uuid_hex(b: &[u8; 16]) -> String {
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();

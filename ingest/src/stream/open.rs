@@ -9,6 +9,7 @@ use mysql_async::{BinlogStream, BinlogStreamRequest};
 use omrs_core::metrics::metrics;
 
 use crate::checkpoint::Position;
+use crate::server::{grant_error, Kind};
 use crate::{connect, Agent, IngestError};
 
 /// An open binlog stream and how it was positioned.
@@ -27,22 +28,29 @@ pub(super) async fn open(agent: &mut Agent, position: &Position, skip_rows: u64)
     agent.server_id = server_id;
     check_retained(&mut conn, &site, position).await?;
     let target: Option<(String, u64)> = {
-        let row: Option<mysql_async::Row> = conn.query_first("SHOW MASTER STATUS").await.map_err(|e| IngestError::site("reading the binlog end", e))?;
+        let row: Option<mysql_async::Row> = conn.query_first(agent.server.binlog_status_sql()).await.map_err(|e| grant_error("reading the binlog end", "REPLICATION CLIENT", e))?;
         row.and_then(|r| Some((r.get::<String, _>(0)?, r.get::<u64, _>(1)?)))
     };
-    conn.query_drop("SET @mariadb_slave_capability = 4").await.map_err(|e| IngestError::site("announcing GTID capability", e))?;
+    let mariadb = agent.server.detected == Kind::MariaDb;
+    if mariadb {
+        conn.query_drop("SET @mariadb_slave_capability = 4").await.map_err(|e| IngestError::site("announcing GTID capability", e))?;
+    }
     // A replica id unique to this connection, so concurrent agents on one server do not kick
     // each other off.
     let replica_id = 1_000_000_000u32 + (rand_u32() % 1_000_000_000);
-    // Resume by GTID where the server has GTIDs (it survives a fail-over to a replica whose file
-    // names differ), else by file and position. A split transaction resumes at its start by
-    // position, since it must be re-read from its first row.
-    let server_gtids: String = conn
-        .query_first::<Option<String>, _>("SELECT @@GLOBAL.gtid_binlog_pos")
-        .await
-        .map_err(|e| IngestError::site("reading gtid_binlog_pos", e))?
-        .flatten()
-        .unwrap_or_default();
+    // Resume by GTID where a MariaDB server has GTIDs (it survives a fail-over to a replica whose
+    // file names differ), else by file and position. A split transaction resumes at its start by
+    // position, since it must be re-read from its first row. MySQL resumes by file and position:
+    // its GTID protocol needs the whole executed set, which the checkpoint does not keep.
+    let server_gtids: String = if mariadb {
+        conn.query_first::<Option<String>, _>("SELECT @@GLOBAL.gtid_binlog_pos")
+            .await
+            .map_err(|e| IngestError::site("reading gtid_binlog_pos", e))?
+            .flatten()
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
     let by_gtid = match (&position.gtid, skip_rows) {
         (Some(g), 0) if !server_gtids.is_empty() && g.split('-').count() == 3 && g.chars().all(|c| c.is_ascii_digit() || c == '-') => Some(g.clone()),
         _ => None,
@@ -57,14 +65,14 @@ pub(super) async fn open(agent: &mut Agent, position: &Position, skip_rows: u64)
         }
         None => BinlogStreamRequest::new(replica_id).with_filename(&file_bytes).with_pos(position.pos),
     };
-    let stream = conn.get_binlog_stream(req).await.map_err(|e| IngestError::site("requesting the binlog", e))?;
+    let stream = conn.get_binlog_stream(req).await.map_err(|e| grant_error("requesting the binlog", "REPLICATION SLAVE", e))?;
     tracing::info!(site = %site, file = %position.file, pos = position.pos, gtid = ?by_gtid, skip_rows, "streaming the binlog");
     Ok(Opened { stream, by_gtid, target })
 }
 
 /// The checkpoint's file must still be on the server; sets the margin and retention metrics.
 async fn check_retained(conn: &mut mysql_async::Conn, site: &str, position: &Position) -> Result<(), IngestError> {
-    let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await.map_err(|e| IngestError::site("listing binary logs", e))?;
+    let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await.map_err(|e| grant_error("listing binary logs", "REPLICATION CLIENT", e))?;
     let files: Vec<String> = logs.iter().filter_map(|r| r.get::<String, _>(0)).collect();
     let Some(idx) = files.iter().position(|f| *f == position.file) else {
         return Err(IngestError::Purged(format!(

@@ -71,7 +71,7 @@ impl Tail<'_> {
         while !rows.is_empty() {
             plan.decode_row(&mut rows, before_cols, after_cols, &mut st.enc)
                 .map_err(|e| IngestError::Binlog(format!("decoding {} rows at {}:{start_pos}: {e}", table.name, self.cur.file)))?;
-            let row_idx = re_rows as u32;
+            let row_idx = self.cur.row_base + re_rows as u32;
             re_rows += 1;
             self.cur.txn_rows_seen += 1;
             if self.cur.resume_skip > 0 {
@@ -99,6 +99,10 @@ impl Tail<'_> {
             _ => &plan.events_in[1],
         };
         counter(re_rows);
+        if self.cur.payload.is_some() {
+            // The rows of a compressed transaction share its position: number them on.
+            self.cur.row_base += re_rows as u32;
+        }
         if self.pend.batch.len() - self.pend.done >= self.agent.tuning.max_txn_events {
             self.split().await?;
         }
