@@ -51,6 +51,7 @@ fn record_from(site: &str, offset: i64, op: Op, table: &str, uuid: &str, row: J,
             source: Source { server_id: 11, gtid: None, file: "binlog.000001".into(), pos: 100 + offset as u64, row: 0, ts_ms: 1_790_000_000_000 + offset, snapshot: false },
             ts_ms: 1_790_000_000_000 + offset,
             oversize: None,
+            schema: None,
         },
     };
     Record::decode(0, offset, ev.to_json())

@@ -41,6 +41,7 @@ fn change(table: &str, uuid: &str, after: J, refs: J, pos: u64) -> Vec<u8> {
             source: Source { server_id: 11, gtid: None, file: "binlog.000001".into(), pos, row: 0, ts_ms: 1_790_000_000_000 + pos as i64, snapshot: false },
             ts_ms: 1_790_000_000_000,
             oversize: None,
+            schema: None,
         },
     }
     .to_json()

@@ -42,6 +42,7 @@ fn person_change() -> Vec<u8> {
             source: Source { server_id: 11, gtid: None, file: "binlog.000001".into(), pos: 4, row: 0, ts_ms: 1_790_000_000_000, snapshot: false },
             ts_ms: 1_790_000_000_000,
             oversize: None,
+            schema: None,
         },
     }
     .to_json()

@@ -300,6 +300,7 @@ async fn a_new_site_topic_is_consumed_without_a_restart() {
         source: Source { server_id: 4, gtid: None, file: "binlog.000001".into(), pos: 1, row: 0, ts_ms: now, snapshot: false },
         ts_ms: now,
         oversize: None,
+        schema: None,
     };
     let hb = ChangeEvent::heartbeat("site-d", Source { server_id: 4, gtid: None, file: "binlog.000001".into(), pos: 2, row: 0, ts_ms: now + 10_000, snapshot: false }, now);
     produce(&s.prefix, "site-d", &[ev, hb]).await;

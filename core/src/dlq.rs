@@ -27,6 +27,9 @@ pub enum DeadKind {
     FkWaitTimeout,
     /// It had to wait for a row, and the pending store was full (`max_pending_rows`).
     PendingFull,
+    /// Its table's schema changed at its site in a way HQ does not follow alone (a dropped,
+    /// renamed or retyped column): stopped until a person migrates HQ.
+    SchemaBlocked,
 }
 
 impl DeadKind {
@@ -43,6 +46,7 @@ impl DeadKind {
             DeadKind::RowRejected => "row_rejected",
             DeadKind::FkWaitTimeout => "fk_wait_timeout",
             DeadKind::PendingFull => "pending_full",
+            DeadKind::SchemaBlocked => "schema_blocked",
         }
     }
 }

@@ -35,6 +35,10 @@ pub enum Op {
     /// Heartbeat of a quiet site: no row, only a position and a time.
     #[serde(rename = "h")]
     Heartbeat,
+    /// A DDL changed a table: its new shape in `schema`, no row (issue #25, an addition to
+    /// DESIGN.md's envelope: docs/ARCHITECTURE.md, "Schema evolution").
+    #[serde(rename = "s")]
+    Schema,
 }
 
 impl Op {
@@ -45,6 +49,7 @@ impl Op {
             Op::Delete => "d",
             Op::Read => "r",
             Op::Heartbeat => "h",
+            Op::Schema => "s",
         }
     }
 }
@@ -104,6 +109,9 @@ pub struct ChangeEvent<R = Row> {
     /// the site's stream goes on (an addition to DESIGN.md's envelope: docs/ARCHITECTURE.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oversize: Option<u64>,
+    /// `op:"s"`: the table's shape after a DDL at the site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<crate::shape::TableShape>,
 }
 
 /// The largest change event an agent produces: under the transform's limit for a change that
@@ -125,7 +133,13 @@ impl ChangeEvent {
             source,
             ts_ms,
             oversize: None,
+            schema: None,
         }
+    }
+
+    /// A table's new shape after a DDL at a site, at the DDL's binlog position.
+    pub fn schema(site: impl Into<String>, shape: crate::shape::TableShape, source: Source, ts_ms: i64) -> Self {
+        ChangeEvent { op: Op::Schema, table: Some(shape.table.clone()), schema: Some(shape), ..ChangeEvent::heartbeat(site, source, ts_ms) }
     }
 
     /// The stand-in for a row change too large to send: everything but the images and refs,
@@ -174,6 +188,15 @@ impl<R: Image + Serialize> ChangeEvent<R> {
             }
             return Ok(());
         }
+        if self.op == Op::Schema {
+            return match &self.schema {
+                None => bad("a schema event needs `schema`"),
+                Some(s) if Some(s.table.as_str()) != self.table.as_deref() => bad("`schema.table` differs from `table`"),
+                Some(s) if s.columns.is_empty() && !s.dropped => bad("`schema.columns` is empty"),
+                Some(_) if self.before.is_some() || self.after.is_some() => bad("a schema event carries no row images"),
+                Some(_) => Ok(()),
+            };
+        }
         match self.table.as_deref() {
             None | Some("") => return bad("`table` is missing"),
             Some(_) => {}
@@ -197,7 +220,7 @@ impl<R: Image + Serialize> ChangeEvent<R> {
             (Op::Update, _, _) => return bad("needs both `before` and `after`"),
             (Op::Delete, true, false) => {}
             (Op::Delete, _, _) => return bad("needs `before` and no `after`"),
-            (Op::Heartbeat, _, _) => {}
+            (Op::Heartbeat | Op::Schema, _, _) => {}
         }
         if (self.op == Op::Read) != self.source.snapshot {
             return bad("`source.snapshot` must be true exactly for op `r`");

@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod model;
 pub mod openmrs;
 pub mod runtime;
+pub mod shape;
 pub mod stop;
 pub mod topics;
 pub mod zone;

@@ -21,11 +21,16 @@ pub struct Fk {
     pub ref_column: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ColumnInfo {
     pub name: String,
     /// `information_schema.columns.column_type`, e.g. `int(11)`, `enum('a','b')`.
     pub column_type: String,
+    /// `is_nullable = 'NO'`.
+    pub not_null: bool,
+    /// `information_schema.columns.column_default` as the server writes it (MariaDB: an SQL
+    /// expression, `'text'`, `0`, `current_timestamp()`, `NULL`; MySQL: the bare value).
+    pub default: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,9 +77,9 @@ impl Model {
     /// Reads the model of `database`, keeping the captured tables (include/exclude).
     pub async fn load(conn: &mut Conn, database: &str, include: &[String], exclude: &[String]) -> Result<Model, CoreError> {
         let db = database.replace('\'', "''");
-        let cols: Vec<(String, String, String)> = conn
+        let cols: Vec<(String, String, String, String, Option<String>)> = conn
             .query(format!(
-                "SELECT table_name, column_name, column_type FROM information_schema.columns
+                "SELECT table_name, column_name, column_type, is_nullable, column_default FROM information_schema.columns
                  WHERE table_schema = '{db}' ORDER BY table_name, ordinal_position"
             ))
             .await
@@ -97,7 +102,7 @@ impl Model {
             .map_err(|e| CoreError::db("reading information_schema.key_column_usage", e))?;
 
         let mut tables: BTreeMap<String, TableModel> = BTreeMap::new();
-        for (table, column, column_type) in cols {
+        for (table, column, column_type, nullable, default) in cols {
             if !base.contains(&table) {
                 continue;
             }
@@ -116,7 +121,7 @@ impl Model {
             if let Some(values) = parse_enum(&column_type) {
                 t.enums.insert(column.clone(), values);
             }
-            t.columns.push(ColumnInfo { name: column, column_type });
+            t.columns.push(ColumnInfo { name: column, column_type, not_null: nullable == "NO", default: default.filter(|d| d != "NULL") });
         }
         for (table, column, constraint, ref_table, ref_column) in keys {
             let Some(t) = tables.get_mut(&table) else { continue };

@@ -398,13 +398,14 @@ fn oversize_stub(site: &str, payload: &[u8]) -> Result<Vec<u8>, IngestError> {
     Ok(ev.oversize_stub(payload.len()).to_json())
 }
 
-/// `table:pk1,pk2`, or `~heartbeat`.
+/// `table:pk1,pk2`, `~schema:table`, or `~heartbeat`.
 pub fn event_key(ev: &ChangeEvent) -> String {
     match (&ev.table, &ev.key) {
         (Some(t), Some(k)) => {
             let vals: Vec<String> = k.values().map(|v| v.to_string()).collect();
             format!("{t}:{}", vals.join(","))
         }
+        (Some(t), None) if ev.op == Op::Schema => format!("~schema:{t}"),
         _ => "~heartbeat".into(),
     }
 }

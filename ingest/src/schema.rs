@@ -23,7 +23,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use omrs_core::model::{dependency_order, ColumnInfo, Model, TableModel};
+use omrs_core::model::{dependency_order, ColumnInfo, Fk, Model, TableModel};
+use omrs_core::shape::TableShape;
 use serde::{Deserialize, Serialize};
 use sqlparser::ast::{
     AlterTableOperation, ColumnDef, ColumnOption, CreateTableLikeKind, MySQLColumnPosition, ObjectName, ObjectNamePart, ObjectType, RenameTableNameKind,
@@ -39,38 +40,32 @@ pub const KEY_PREFIX: &str = "schema:";
 /// The key of the base marker: the position of the latest fresh snapshot.
 const BASE_KEY: &str = "schema:*";
 
-/// One table's columns at a position.
+/// One table's shape at a position.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableSchema {
-    pub table: String,
+    #[serde(flatten)]
+    pub shape: TableShape,
     pub position: Position,
-    /// `(name, column_type)` in ordinal order.
-    pub columns: Vec<(String, String)>,
-    #[serde(default)]
-    pub pk: Vec<String>,
-    /// Dropped (or renamed away) at `position`.
-    #[serde(default)]
-    pub dropped: bool,
-    /// The statement that made it, none for the base.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ddl: Option<String>,
 }
 
 impl TableSchema {
     pub fn of(t: &TableModel, position: &Position, ddl: Option<&str>) -> Self {
-        TableSchema {
-            table: t.name.clone(),
-            position: position.clone(),
-            columns: t.columns.iter().map(|c| (c.name.clone(), c.column_type.clone())).collect(),
-            pk: t.pk.clone(),
-            dropped: false,
-            ddl: ddl.map(|d| d.chars().take(2000).collect()),
-        }
+        TableSchema { shape: TableShape::of(t, ddl), position: position.clone() }
+    }
+
+    /// A table dropped (or renamed away) at `position`.
+    pub fn dropped(table: &str, position: &Position, ddl: &str) -> Self {
+        let shape = TableShape { table: table.to_string(), columns: Vec::new(), pk: Vec::new(), fks: Vec::new(), dropped: true, ddl: Some(ddl.chars().take(2000).collect()) };
+        TableSchema { shape, position: position.clone() }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.shape.table
     }
 
     /// The Kafka record (key, value).
     pub fn record(&self) -> (Vec<u8>, Vec<u8>) {
-        (format!("{KEY_PREFIX}{}", self.table).into_bytes(), serde_json::to_vec(self).unwrap_or_default())
+        (format!("{KEY_PREFIX}{}", self.shape.table).into_bytes(), serde_json::to_vec(self).unwrap_or_default())
     }
 }
 
@@ -101,7 +96,7 @@ impl History {
             self.base = Some(b.position);
         } else if key.starts_with(KEY_PREFIX.as_bytes()) {
             let t: TableSchema = serde_json::from_slice(payload).map_err(|e| format!("schema record {}: {e}", String::from_utf8_lossy(key)))?;
-            self.tables.insert(t.table.clone(), t);
+            self.tables.insert(t.shape.table.clone(), t);
         }
         Ok(())
     }
@@ -118,21 +113,27 @@ impl History {
     /// columns. A table whose current columns are the recorded ones keeps the richer current model.
     pub fn apply_to(&self, model: &mut Model) {
         let mut changed = false;
-        for t in self.tables.values() {
-            if self.base.as_ref().is_some_and(|b| t.position.key() < b.key()) {
+        for rec in self.tables.values() {
+            if self.base.as_ref().is_some_and(|b| rec.position.key() < b.key()) {
                 continue; // from an earlier snapshot
             }
+            let t = &rec.shape;
             let current = model.tables.get(&t.table).cloned();
             if t.dropped {
                 changed |= model.tables.remove(&t.table).is_some();
                 continue;
             }
-            if current.as_ref().is_some_and(|c| same_columns(c, &t.columns)) {
+            let names: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+            if current.as_ref().is_some_and(|c| same_columns(c, &names)) {
                 continue;
             }
             tracing::info!(table = %t.table, columns = t.columns.len(), "the table as the binlog knew it at the checkpoint (information_schema is ahead)");
-            let columns = t.columns.iter().map(|(n, ty)| ColumnInfo { name: n.clone(), column_type: ty.clone() }).collect();
-            model.tables.insert(t.table.clone(), Arc::new(rebuilt(&t.table, columns, t.pk.clone(), current.as_deref())));
+            let columns = t.columns.iter().map(|c| ColumnInfo { name: c.name.clone(), column_type: c.column_type.clone(), not_null: c.not_null, default: c.default.clone() }).collect();
+            let mut m = rebuilt(&t.table, columns, t.pk.clone(), current.as_deref());
+            if current.is_none() {
+                m.fks = t.fks.iter().map(|f| Fk { column: f.column.clone(), ref_table: f.ref_table.clone(), ref_column: f.ref_column.clone() }).collect();
+            }
+            model.tables.insert(t.table.clone(), Arc::new(m));
             changed = true;
         }
         if changed {
@@ -141,8 +142,8 @@ impl History {
     }
 }
 
-fn same_columns(t: &TableModel, columns: &[(String, String)]) -> bool {
-    t.columns.len() == columns.len() && t.columns.iter().zip(columns).all(|(a, (n, _))| a.name.eq_ignore_ascii_case(n))
+fn same_columns(t: &TableModel, names: &[&str]) -> bool {
+    t.columns.len() == names.len() && t.columns.iter().zip(names).all(|(a, n)| a.name.eq_ignore_ascii_case(n))
 }
 
 /// A table model from columns and key, keeping what `like` knows of the columns still there.
@@ -211,7 +212,12 @@ fn table_name(name: &ObjectName, scope: Scope<'_>) -> Option<String> {
 }
 
 fn column_of(def: &ColumnDef) -> ColumnInfo {
-    ColumnInfo { name: def.name.value.clone(), column_type: type_text(&def.data_type) }
+    let not_null = def.options.iter().any(|o| matches!(o.option, ColumnOption::NotNull | ColumnOption::PrimaryKey(_)));
+    let default = def.options.iter().find_map(|o| match &o.option {
+        ColumnOption::Default(e) => Some(e.to_string()).filter(|d| !d.eq_ignore_ascii_case("NULL")),
+        _ => None,
+    });
+    ColumnInfo { name: def.name.value.clone(), column_type: type_text(&def.data_type), not_null, default }
 }
 
 /// A column type as information_schema writes it: `enum('a','b')`, `varchar(50)`.
@@ -303,7 +309,7 @@ fn apply_one(model: &mut Model, db: Scope<'_>, st: Statement, captured: &dyn Fn(
                     AlterTableOperation::ChangeColumn { old_name, new_name: to, data_type, column_position, .. } => {
                         let i = find(&columns, &old_name.value)?;
                         columns.remove(i);
-                        let col = ColumnInfo { name: to.value.clone(), column_type: type_text(data_type) };
+                        let col = ColumnInfo { name: to.value.clone(), column_type: type_text(data_type), ..Default::default() };
                         for k in pk.iter_mut().filter(|k| k.eq_ignore_ascii_case(&old_name.value)) {
                             *k = to.value.clone();
                         }
@@ -386,11 +392,11 @@ pub fn settle(model: &mut Model, current: &Model, changed: &[String], position: 
     let mut out = Vec::new();
     for name in changed {
         match model.tables.get(name).cloned() {
-            None => out.push(TableSchema { table: name.clone(), position: position.clone(), columns: Vec::new(), pk: Vec::new(), dropped: true, ddl: Some(ddl.chars().take(2000).collect()) }),
+            None => out.push(TableSchema::dropped(name, position, ddl)),
             Some(applied) => {
-                let cols: Vec<(String, String)> = applied.columns.iter().map(|c| (c.name.clone(), c.column_type.clone())).collect();
+                let names: Vec<&str> = applied.columns.iter().map(|c| c.name.as_str()).collect();
                 let t = match current.tables.get(name) {
-                    Some(c) if same_columns(c, &cols) => c.clone(),
+                    Some(c) if same_columns(c, &names) => c.clone(),
                     _ => {
                         tracing::info!(table = %name, "information_schema is already past this DDL; the table follows the statement");
                         applied
@@ -416,7 +422,7 @@ pub fn differences(model: &Model, current: &Model, position: &Position, ddl: &st
         }
     }
     for name in model.tables.keys().filter(|n| !current.tables.contains_key(*n)) {
-        out.push(TableSchema { table: name.clone(), position: position.clone(), columns: Vec::new(), pk: Vec::new(), dropped: true, ddl: Some(ddl.chars().take(2000).collect()) });
+        out.push(TableSchema::dropped(name, position, ddl));
     }
     out
 }

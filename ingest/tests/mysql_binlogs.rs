@@ -117,7 +117,7 @@ impl Reader {
             }
             return t.clone();
         }
-        let columns = (1..=n).map(|i| ColumnInfo { name: format!("@{i}"), column_type: String::new() }).collect();
+        let columns = (1..=n).map(|i| ColumnInfo { name: format!("@{i}"), ..Default::default() }).collect();
         Arc::new(TableModel { name, columns, pk: vec![], has_uuid: false, fks: vec![], shared_parent: None, enums: HashMap::new() })
     }
 

@@ -279,7 +279,12 @@ impl Engine {
             st.idle = false;
             tracing::info!(site = %ev.site, "site active again");
         }
-        if ev.op != Op::Heartbeat {
+        if ev.op == Op::Schema {
+            // A table's new shape goes on ahead of the site's next changes; nothing to resolve.
+            if let Some(schema) = ev.schema {
+                out.push(Out::Hq(Box::new(HqEvent::Schema { site: ev.site.to_string(), schema: *schema, ts_ms: ts })));
+            }
+        } else if ev.op != Op::Heartbeat {
             // A snapshot row states the site's content as of its snapshot, not history: never
             // late. A binlog event older than the global watermark is (an offline site
             // catching up, a site whose clock is behind the others').

@@ -86,6 +86,8 @@ pub struct InEvent {
     key: Option<Span>,
     before: Option<Span>,
     after: Option<Span>,
+    /// `op:"s"`: the table's new shape (rare: boxed).
+    pub schema: Option<Box<omrs_core::shape::TableShape>>,
 }
 
 /// A parsed record, before it owns its bytes.
@@ -100,12 +102,13 @@ struct Parts {
     key: Option<Span>,
     before: Option<Span>,
     after: Option<Span>,
+    schema: Option<Box<omrs_core::shape::TableShape>>,
 }
 
 impl Parts {
     fn into_event(self, raw: Box<[u8]>) -> InEvent {
-        // A heartbeat keeps no bytes.
-        let raw = if self.op == Op::Heartbeat { Box::default() } else { raw };
+        // A heartbeat or a schema event keeps no bytes.
+        let raw = if matches!(self.op, Op::Heartbeat | Op::Schema) { Box::default() } else { raw };
         InEvent {
             op: self.op,
             site: self.site,
@@ -118,6 +121,7 @@ impl Parts {
             key: self.key,
             before: self.before,
             after: self.after,
+            schema: self.schema,
         }
     }
 }
@@ -140,7 +144,12 @@ impl InEvent {
         let site = if w.site == **site { site.clone() } else { Arc::from(w.site.as_str()) };
         if w.op == Op::Heartbeat {
             // A heartbeat is never emitted: anything else it carries is not kept.
-            return Ok(Parts { op: w.op, site, table: None, uuid: None, refs: Refs::default(), source: w.source, ts_ms: w.ts_ms, key: None, before: None, after: None });
+            return Ok(Parts { op: w.op, site, table: None, uuid: None, refs: Refs::default(), source: w.source, ts_ms: w.ts_ms, key: None, before: None, after: None, schema: None });
+        }
+        if w.op == Op::Schema {
+            // Passed on as `HqEvent::Schema`; no row.
+            let table = w.table.map(String::into_boxed_str);
+            return Ok(Parts { op: w.op, site, table, uuid: None, refs: Refs::default(), source: w.source, ts_ms: w.ts_ms, key: None, before: None, after: None, schema: w.schema.map(Box::new) });
         }
         // Row images are kept raw, and a raw value's strings are not decoded: an escape that
         // decodes to nothing (a lone surrogate, `\udc00`) would pass here and fail every
@@ -173,6 +182,7 @@ impl InEvent {
             key: w.key.map(span).transpose()?,
             before: w.before.map(span).transpose()?,
             after: w.after.map(span).transpose()?,
+            schema: None,
         })
     }
 

@@ -36,6 +36,7 @@ pub fn input(sites: usize, people: usize, obs_per_person: usize, dup_every: usiz
             source: Source { server_id: 1, gtid: None, file: "binlog.000001".into(), pos: evs.len() as u64 + 1, row: 0, ts_ms: ts, snapshot: false },
             ts_ms: ts,
             oversize: None,
+            schema: None,
         });
     };
     for h in 0..people {

@@ -7,6 +7,7 @@
 //! Input lines (JSON):
 //! - `{"at":MS,"site":S,"op":"c|u|d|r","table":T,"key":K,"uuid":U,"ts":MS,"after":{..},"before":{..},"refs":{..}}`
 //! - `{"at":MS,"site":S,"op":"h","ts":MS}` a heartbeat;
+//! - `{"at":MS,"site":S,"op":"s","table":T,"ts":MS,"schema":{..}}` a table's new shape after a DDL;
 //! - `{"at":MS,"topic_site":S,"raw":"..."}` raw bytes on S's topic (poison);
 //! - `{"tick":MS}` the clock moves with no input.
 
@@ -55,6 +56,8 @@ fn event(line: &J, offset: i64) -> Vec<u8> {
     let source = Source { server_id: 1, gtid: None, file: "binlog.000001".into(), pos: offset as u64, row: 0, ts_ms: line["ts"].as_i64().unwrap(), snapshot: op == Op::Read };
     let ev = if op == Op::Heartbeat {
         ChangeEvent::heartbeat(site, source, 0)
+    } else if op == Op::Schema {
+        ChangeEvent::schema(site, serde_json::from_value(line["schema"].clone()).unwrap(), source, 0)
     } else {
         let table = line["table"].as_str().unwrap().to_string();
         let mut key = Row::new();
@@ -79,6 +82,7 @@ fn event(line: &J, offset: i64) -> Vec<u8> {
             source,
             ts_ms: 0,
             oversize: None,
+            schema: None,
         }
     };
     ev.to_json()
@@ -110,6 +114,7 @@ fn render(o: &HqEvent) -> String {
         }
         HqEvent::Split { survivor, from, records, site, .. } => format!("SPLIT from={from} survivor={survivor} records={} at={site}", records.join(",")),
         HqEvent::Watermark { ts_ms } => format!("WATERMARK {ts_ms}"),
+        HqEvent::Schema { site, schema, .. } => format!("SCHEMA {} at={site} columns={}", schema.table, schema.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(",")),
         HqEvent::Aggregate { name, site, window_start_ms, dim, value, is_final, revision, .. } => {
             format!("AGGREGATE {name} {site} {window_start_ms} {dim} value={value} final={is_final} revision={revision}")
         }
@@ -242,4 +247,9 @@ fn identity_a_corrected_or_deleted_identifier_of_a_merged_person_opens_a_review(
 #[test]
 fn identity_namesakes_at_two_clinics_are_suggested_not_merged() {
     run("identity_near_miss");
+}
+
+#[test]
+fn schema_change() {
+    run("schema_change");
 }

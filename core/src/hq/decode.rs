@@ -21,6 +21,7 @@ enum Kind {
     Merge,
     Split,
     Watermark,
+    Schema,
     Aggregate,
     IdentityReview,
 }
@@ -58,6 +59,7 @@ struct Fields<R> {
     status: Option<String>,
     records: Option<Vec<String>>,
     decided: Option<super::review::Decided>,
+    schema: Option<crate::shape::TableShape>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<J>, D::Error> {
@@ -103,6 +105,7 @@ impl<R: Image> Fields<R> {
                 ts_ms: need(f.ts_ms, "ts_ms")?,
             },
             Kind::Watermark => HqEvent::Watermark { ts_ms: need(f.ts_ms, "ts_ms")? },
+            Kind::Schema => HqEvent::Schema { site: need(f.site, "site")?, schema: need(f.schema, "schema")?, ts_ms: need(f.ts_ms, "ts_ms")? },
             Kind::Aggregate => HqEvent::Aggregate {
                 name: need(f.name, "name")?,
                 site: need(f.site, "site")?,
@@ -158,6 +161,7 @@ mod tests {
             r#"{"type":"change","late":false,"event":{"op":"c","site":"site-a","table":"obs","key":{"obs_id":7},"uuid":"u-1","after":{"obs_id":7},"source":{"server_id":11,"file":"b.1","pos":4,"ts_ms":5},"ts_ms":5}}"#.to_string(),
             r#"{"type":"merge","winner":"w","loser":"l","reason":"identifier","evidence":null,"site":"site-a","ts_ms":3}"#.to_string(),
             r#"{"type":"watermark","ts_ms":12}"#.to_string(),
+            r#"{"type":"schema","site":"site-a","schema":{"table":"hiv_care","columns":[{"name":"hiv_care_id","type":"int(11)"}],"pk":["hiv_care_id"],"fks":[],"dropped":false,"ddl":"CREATE TABLE hiv_care (hiv_care_id int primary key)"},"ts_ms":7}"#.to_string(),
             r#"{"type":"aggregate","name":"obs_per_day","site":"s","window_start_ms":0,"window_end_ms":86400000,"value":4,"final":true,"revision":1,"watermark_ms":9}"#.to_string(),
             r#"{"type":"identity_review","person":"p","reason":"identifier_voided","evidence":{"v":1},"site":"s","ts_ms":4}"#.to_string(),
             r#"{"type":"identity_review","review_id":"r-1","reason":"identifier_link","status":"merged","person":"p","records":["p","q"],"evidence":{"v":1},"site":"s","ts_ms":4}"#.to_string(),

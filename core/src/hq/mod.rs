@@ -60,6 +60,15 @@ pub enum HqEvent<R = Row> {
     /// The transform's global watermark: every later record that is not `late` is at or after
     /// it. The Parquet sink finalises date partitions with it.
     Watermark { ts_ms: i64 },
+    /// A DDL at `site` gave a table this shape: every later change of that site's table has
+    /// it. A sink makes its own table able to hold it (additive changes) or stops that site's
+    /// changes of the table with the reason (the rest), before the next change of it.
+    Schema {
+        site: String,
+        schema: crate::shape::TableShape,
+        /// The site commit time of the DDL.
+        ts_ms: i64,
+    },
     /// One version of a dashboard aggregate window (see [`AGGREGATES`]): provisional while the
     /// global watermark is before `window_end`, final after it; a change to a final window is a
     /// correction, a new final version with the next `revision`.
@@ -117,6 +126,7 @@ impl<R: Serialize + Image> HqEvent<R> {
             HqEvent::IdentityReview { review_id, .. } => format!("review:{review_id}"),
             HqEvent::Aggregate { name, site, window_start_ms, dim, .. } => format!("agg:{name}:{site}:{window_start_ms}:{dim}"),
             HqEvent::Watermark { .. } => "watermark".to_string(),
+            HqEvent::Schema { site, schema, .. } => format!("schema:{site}:{}", schema.table),
         }
     }
 }

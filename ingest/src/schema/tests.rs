@@ -3,7 +3,7 @@ use super::*;
 fn model(tables: &[(&str, &[&str], &[&str])]) -> Model {
     let mut m = Model { database: "openmrs".into(), ..Default::default() };
     for (name, cols, pk) in tables {
-        let columns = cols.iter().map(|c| ColumnInfo { name: c.to_string(), column_type: "int(11)".into() }).collect();
+        let columns = cols.iter().map(|c| ColumnInfo { name: c.to_string(), column_type: "int(11)".into(), ..Default::default() }).collect();
         m.tables.insert(name.to_string(), Arc::new(rebuilt(name, columns, pk.iter().map(|s| s.to_string()).collect(), None)));
     }
     reorder(&mut m);
@@ -94,14 +94,14 @@ fn history_gives_each_table_as_the_binlog_knew_it_at_the_checkpoint() {
     let base = model(&[("person_name", &["person_name_id", "given_name"], &["person_name_id"]), ("obs", &["obs_id"], &["obs_id"]), ("gone", &["id"], &["id"])]);
     let mut h = History::default();
     // An earlier snapshot's record is ignored: it is older than the latest base.
-    let stale = TableSchema { table: "obs".into(), position: pos(10), columns: vec![("x".into(), "int".into())], pk: vec![], dropped: false, ddl: None };
+    let stale = TableSchema::of(&model(&[("obs", &["x"], &[])]).tables["obs"], &pos(10), None);
     let (k, v) = stale.record();
     h.learn(&k, &v).unwrap();
     for (k, v) in base_records(&base, &pos(100)) {
         h.learn(&k, &v).unwrap();
     }
     // Then `gone` was dropped before the checkpoint.
-    let dropped = TableSchema { table: "gone".into(), position: pos(200), columns: vec![], pk: vec![], dropped: true, ddl: Some("DROP TABLE gone".into()) };
+    let dropped = TableSchema::dropped("gone", &pos(200), "DROP TABLE gone");
     let (k, v) = dropped.record();
     h.learn(&k, &v).unwrap();
     h.learn(b"site-a", b"{\"phase\":\"streaming\"}").unwrap();
@@ -122,7 +122,7 @@ fn settle_prefers_information_schema_only_when_it_names_the_same_columns() {
     let rec = settle(&mut m, &ahead, &changed, &pos(300), ddl);
     assert_eq!(cols(&m, "person_name"), ["person_name_id", "given_name", "nickname"]);
     assert_eq!(rec.len(), 1);
-    assert_eq!(rec[0].columns.len(), 3);
+    assert_eq!(rec[0].shape.columns.len(), 3);
     // In step: information_schema's model (its column types) is taken.
     let mut m2 = model(&[("person_name", &["person_name_id", "given_name"], &["person_name_id"])]);
     apply_ddl(&mut m2, OURS, ddl, &all).unwrap();

@@ -100,6 +100,7 @@ pub async fn make_event(
         source,
         ts_ms: now_ms(),
         oversize: None,
+        schema: None,
     })
 }
 
@@ -463,14 +464,25 @@ impl<'a> Tail<'a> {
         if is_ddl(t) && (q.schema() == self.db || t.contains(&self.db)) {
             let schema = q.schema().into_owned();
             let end = Position { file: self.cur.file.clone(), pos: event.header().log_pos() as u64, gtid: self.cur.txn_gtid.clone() };
-            self.on_ddl(t, &schema, &end).await?;
+            let source = Source {
+                server_id: event.header().server_id(),
+                gtid: self.cur.txn_gtid.clone(),
+                file: self.cur.file.clone(),
+                pos: start_pos,
+                row: 0,
+                ts_ms: event.header().timestamp() as i64 * 1000,
+                snapshot: false,
+            };
+            self.on_ddl(t, &schema, &end, source).await?;
         }
         Ok(self.cur.standalone || !self.cur.in_txn)
     }
 
     /// A DDL of the site database: the schema history follows it (see [`crate::schema`]), the
-    /// tables it changed are recorded with the next checkpoint, and row plans are made afresh.
-    async fn on_ddl(&mut self, ddl: &str, schema: &str, end: &Position) -> Result<(), IngestError> {
+    /// tables it changed are recorded with the next checkpoint and sent on as schema events
+    /// (`op:"s"`, in the site's order: before the rows that have the new shape), and row plans
+    /// are made afresh.
+    async fn on_ddl(&mut self, ddl: &str, schema: &str, end: &Position, source: Source) -> Result<(), IngestError> {
         let a = &mut *self.agent;
         let current = Model::load(&mut a.query, &self.db, &a.include, &a.exclude).await?;
         let (include, exclude) = (a.include.clone(), a.exclude.clone());
@@ -492,11 +504,15 @@ impl<'a> Tail<'a> {
                 recs
             }
         };
-        tracing::info!(site = %self.site, ddl = %ddl.chars().take(200).collect::<String>(), tables = ?records.iter().map(|r| r.table.as_str()).collect::<Vec<_>>(), "DDL: schema history updated");
+        tracing::info!(site = %self.site, ddl = %ddl.chars().take(200).collect::<String>(), tables = ?records.iter().map(|r| r.table()).collect::<Vec<_>>(), "DDL: schema history updated");
         a.model = next;
         self.rows.plans.clear();
         if !records.is_empty() {
             a.producer.aside(records.iter().map(|r| r.record()).collect()).await?;
+            for (i, r) in records.iter().enumerate() {
+                let ev = ChangeEvent::schema(self.site.clone(), r.shape.clone(), Source { row: i as u32, ..source.clone() }, now_ms());
+                self.pend.batch.push_event(&ev);
+            }
             self.cur.ddl = true;
         }
         Ok(())

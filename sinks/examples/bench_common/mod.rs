@@ -47,6 +47,7 @@ pub fn change(site: &str, table: &str, uuid: &str, mut after: J, refs: J, seq: &
             source: Source { server_id: 11, gtid: None, file: "binlog.000001".into(), pos: *seq, row: 0, ts_ms: ts, snapshot: false },
             ts_ms: ts,
             oversize: None,
+            schema: None,
         },
     }
 }

@@ -165,7 +165,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     omrs_core::endpoint::ready();
     let mut total_applied: u64 = 0;
     let mut last_bytes_total = Instant::now();
-    let writer = std::sync::Arc::new(applier.writer());
+    let mut writer = std::sync::Arc::new(applier.writer());
     // Batches without merges are planned on this connection (ids, versions: committed reads)
     // while the batch before is written on `conn` by a task of its own.
     let mut read_conn = connect(cfg, true).await?;
@@ -201,6 +201,14 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
                     // then this one is planned and written on the writing connection.
                     finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;
                     let mut conn = idle_conn.take().ok_or_else(|| SinkError::Schema("internal: no writing connection".into()))?;
+                    if Applier::has_schema_changes(&records) {
+                        // DDL commits on its own: before the batch's transaction.
+                        if let Err(e) = applier.evolve(&mut conn, &records).await {
+                            idle_conn = Some(conn);
+                            return Err(e);
+                        }
+                        writer = std::sync::Arc::new(applier.writer());
+                    }
                     conn.query_drop("START TRANSACTION").await.map_err(|e| SinkError::db("beginning a transaction", e))?;
                     let outcome = match applier.apply(&mut conn, records).await {
                         Ok(o) => o,

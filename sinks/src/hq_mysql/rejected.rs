@@ -355,8 +355,8 @@ mod tests {
     use omrs_core::model::{ColumnInfo, Fk};
 
     fn table(name: &str, pk: &str, fks: &[(&str, &str, &str)]) -> Arc<TableModel> {
-        let mut columns = vec![ColumnInfo { name: pk.into(), column_type: "int(11)".into() }];
-        columns.extend(fks.iter().map(|(c, _, _)| ColumnInfo { name: c.to_string(), column_type: "int(11)".into() }));
+        let mut columns = vec![ColumnInfo { name: pk.into(), column_type: "int(11)".into(), ..Default::default() }];
+        columns.extend(fks.iter().map(|(c, _, _)| ColumnInfo { name: c.to_string(), column_type: "int(11)".into(), ..Default::default() }));
         Arc::new(TableModel {
             name: name.into(),
             columns,

@@ -136,6 +136,7 @@ pub const BOOKKEEPING: &[&str] = &[
     // Identifiers, names and addresses that left their own person (moved by a merge, or written
     // to a survivor by the transform): whose they are and their own `preferred` flag, so that
     // one handed back to its person by a survivor change is preferred again as at its site.
+    super::apply::evolve::LOG_DDL,
     "CREATE TABLE IF NOT EXISTS omrs_sync_moved (
         tbl VARCHAR(64) NOT NULL,
         hq_id BIGINT NOT NULL,

@@ -94,6 +94,45 @@ pub fn read_file(path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
     reader.collect::<Result<Vec<_>, _>>().map_err(arrow_err(format!("reading {}", path.display())))
 }
 
+/// A file's batches in the table's schema: a column the file predates (added by a schema
+/// change at a site, issue #25) reads as its default, or null; columns are matched by name.
+pub fn read_conformed(path: &Path, table: &LakeTable) -> Result<Vec<RecordBatch>, SinkError> {
+    let batches = read_file(path)?;
+    batches.iter().map(|b| conform(b, table).map_err(arrow_err(format!("reading {}", path.display())))).collect()
+}
+
+fn conform(b: &RecordBatch, table: &LakeTable) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let schema = &table.schema;
+    if b.schema().fields() == schema.fields() {
+        return Ok(b.clone());
+    }
+    let n = b.num_rows();
+    let cols = schema
+        .fields()
+        .iter()
+        .map(|f| match b.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => arrow::compute::cast(c, f.data_type()),
+            None => {
+                let default = table.def.columns.iter().find(|c| c.name == *f.name()).and_then(|c| c.default.as_ref());
+                let constant: Option<ArrayRef> = match default {
+                    Some(serde_json::Value::String(s)) => Some(Arc::new(StringArray::from(vec![s.as_str(); n]))),
+                    Some(serde_json::Value::Number(x)) => match x.as_i64() {
+                        Some(i) => Some(Arc::new(Int64Array::from(vec![i; n]))),
+                        None => x.as_f64().map(|v| Arc::new(arrow::array::Float64Array::from(vec![v; n])) as ArrayRef),
+                    },
+                    _ => None,
+                };
+                match constant {
+                    Some(c) => arrow::compute::cast(&c, f.data_type()),
+                    None => Ok(arrow::array::new_null_array(f.data_type(), n)),
+                }
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema.clone(), cols)
+}
+
 fn str_col<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a StringArray, SinkError> {
     b.column_by_name(name)
         .and_then(|c| c.as_string_opt::<i32>())
@@ -430,10 +469,10 @@ async fn compact_held(lake: &Lake, state: &State, tables: &HashMap<String, Arc<L
         let raw = if let Some(files) = fresh {
             let mut batches = Vec::new();
             if let Some(p) = &prev_raw {
-                batches.extend(read_file(p)?);
+                batches.extend(read_conformed(p, t)?);
             }
             for f in files {
-                batches.extend(read_file(&lake.root.join(f))?);
+                batches.extend(read_conformed(&lake.root.join(f), t)?);
             }
             let w = winners(&t.schema, &batches)?;
             write::write_file(&raw_path, &t.schema, std::slice::from_ref(&w), row_group)?;
@@ -441,7 +480,7 @@ async fn compact_held(lake: &Lake, state: &State, tables: &HashMap<String, Arc<L
         } else {
             let p = prev_raw.clone().ok_or_else(|| SinkError::Lake(format!("snapshot lacks _raw/{name}.parquet")))?;
             link_or_copy(&p, &raw_path)?;
-            concat_batches(&t.schema, &read_file(&p)?).map_err(arrow_err(format!("reading _raw/{name}")))?
+            concat_batches(&t.schema, &read_conformed(&p, t)?).map_err(arrow_err(format!("reading _raw/{name}")))?
         };
         if fresh.is_none() && !republish {
             if let Some(c) = &prev_cur {

@@ -102,7 +102,14 @@ pub fn decode(
             _ => image.get(&c.name),
         };
         let cell = match raw {
-            None => Cell::Null,
+            None => match &c.default {
+                // A column the row's site does not have yet (issue #25): its default.
+                Some(d) => match super::schema::cell(d, t) {
+                    Ok(c) => c,
+                    Err(why) => return Some(Err(format!("{}.{}: {why}", table.def.name, c.name))),
+                },
+                None => Cell::Null,
+            },
             Some(r) => match raw_cell(r, t) {
                 Ok(c) => c,
                 Err(why) => return Some(Err(format!("{}.{}: {why}", table.def.name, c.name))),
@@ -160,7 +167,7 @@ mod tests {
     use omrs_core::hq::HqEvent;
 
     fn table() -> Arc<LakeTable> {
-        let col = |n: &str, t: &str, r: Option<&str>| LakeColumn { name: n.into(), mysql_type: t.into(), references: r.map(str::to_string) };
+        let col = |n: &str, t: &str, r: Option<&str>| LakeColumn { name: n.into(), mysql_type: t.into(), references: r.map(str::to_string), default: None };
         Arc::new(LakeTable::new(LakeTableDef {
             name: "obs".into(),
             columns: vec![

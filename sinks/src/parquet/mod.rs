@@ -250,12 +250,60 @@ enum Work {
     Batch(Vec<(i32, i64, Vec<u8>)>),
     /// Hand over the rows decoded so far.
     Roll,
+    /// The lake's tables after a schema change: every later record is decoded with them.
+    Tables(Tables),
 }
+
+type Tables = HashMap<String, Arc<LakeTable>>;
+
+/// Schema changes that end a file set (site, new shape), and where the new tables go back.
+type SchemaChanges = (Vec<(String, omrs_core::shape::TableShape)>, tokio::sync::oneshot::Sender<Tables>);
 
 /// A file set from the reader task; `at_end`: `--until-idle` has read the topic's end at start.
 struct Chunk {
     buf: Buffer,
     at_end: bool,
+    /// The file set ends with schema changes (`HqEvent::Schema`): the main loop saves them in
+    /// `_schema.json` before it commits the set, then answers with the new tables, which the
+    /// reader hands to the decoders before the next record.
+    schema: Option<SchemaChanges>,
+}
+
+/// A schema change record (`"type":"schema"`), read in full; None for any other record. The
+/// byte pattern cannot occur inside a JSON string (its quotes would be escaped), only as a
+/// record's tag or a column named `type` holding `schema`, which the full read tells apart.
+fn schema_change(payload: &[u8]) -> Option<(String, omrs_core::shape::TableShape)> {
+    memchr::memmem::find(payload, br#""type":"schema""#)?;
+    match serde_json::from_slice::<HqEvent>(payload) {
+        Ok(HqEvent::Schema { site, schema, .. }) => Some((site, schema)),
+        _ => None,
+    }
+}
+
+/// Saves the schema changes in `_schema.json` (before the file set that ends with them
+/// commits) and returns the tables to decode with from now on.
+fn evolve_schema(cfg: &Config, lake: &Lake, changes: &[(String, omrs_core::shape::TableShape)], tables: &Tables) -> Result<Option<Tables>, SinkError> {
+    let mut file = LakeSchemaFile::load(&lake.schema_path())?.ok_or_else(|| SinkError::Lake("_schema.json is gone".into()))?;
+    let scrub = |t: &str, c: &str| cfg.ingest.scrub.iter().any(|s| *s == format!("{t}.{c}"));
+    let mut changed = false;
+    for (site, shape) in changes {
+        if file.evolve(shape, &scrub) {
+            tracing::info!(site = %site, table = %shape.table, ddl = shape.ddl.as_deref().unwrap_or(""), "the lake's schema takes the site's change: new files carry it, older ones read it as its default or null");
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(None);
+    }
+    let bytes = serde_json::to_vec_pretty(&file).map_err(|e| SinkError::Lake(format!("encoding the schema: {e}")))?;
+    lake::write_atomic(&lake.tmp(), &lake.schema_path(), &bytes)?;
+    let mut next = tables.clone();
+    for (_, shape) in changes {
+        if let Some(def) = file.tables.get(&shape.table) {
+            next.insert(shape.table.clone(), Arc::new(LakeTable::new(def.clone())));
+        }
+    }
+    Ok(Some(next))
 }
 
 /// Runs the sink (or `--compact`).
@@ -292,7 +340,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
     let topic = names.hq_changes();
     let dlq_topic = names.dlq();
     let mut state = lake.open(lock)?;
-    let tables = load_tables(cfg, lake).await?;
+    let mut tables = load_tables(cfg, lake).await?;
     let rules = SiteRules::of(cfg);
 
     let consumer = crate::kafka::consumer(cfg, "parquet")?;
@@ -338,7 +386,16 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
             Err(_) => (None, false),
             Ok(None) => return Err(SinkError::Kafka { context: "reading omrs.hq.changes".into(), message: "the reader task stopped".into(), transient: true }),
             Ok(Some(Err(e))) => return Err(e),
-            Ok(Some(Ok(c))) => (Some(c.buf), c.at_end),
+            Ok(Some(Ok(c))) => {
+                if let Some((changes, ack)) = c.schema {
+                    // Saved before the file set (which ends with them) commits its offsets.
+                    if let Some(next) = evolve_schema(cfg, lake, &changes, &tables)? {
+                        tables = next;
+                    }
+                    let _ = ack.send(tables.clone());
+                }
+                (Some(c.buf), c.at_end)
+            }
         };
         if let Some(mut buf) = chunk {
             if buf.records > 0 {
@@ -392,11 +449,12 @@ fn spawn_decoders(tables: &HashMap<String, Arc<LakeTable>>, rules: &SiteRules) -
     let mut work_txs = Vec::with_capacity(DECODERS);
     for _ in 0..DECODERS {
         let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Work>(8);
-        let (tables, rules, done_tx) = (tables.clone(), rules.clone(), done_tx.clone());
+        let (mut tables, rules, done_tx) = (tables.clone(), rules.clone(), done_tx.clone());
         tokio::task::spawn_blocking(move || {
             let mut buf = Buffer::default();
             while let Some(w) = wrx.blocking_recv() {
                 match w {
+                    Work::Tables(t) => tables = t,
                     Work::Batch(records) => {
                         for (p, o, payload) in records {
                             take(&mut buf, &tables, &rules, p, o, &payload);
@@ -443,6 +501,7 @@ fn spawn_reader(
     loop {
         let mut set = Buffer::default();
         let mut at_end = false;
+        let mut schema_changes: Vec<(String, omrs_core::shape::TableShape)> = Vec::new();
         // One timer for the whole file set (not one per record): it ticks every 200 ms
         // to roll by time and, when nothing came since the last tick, to look for the end.
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -466,7 +525,13 @@ fn spawn_reader(
                         set.first_at.get_or_insert_with(Instant::now);
                         let payload = m.payload().unwrap_or(&[]).to_vec();
                         set.bytes += payload.len();
+                        let schema = schema_change(&payload);
                         batch.push((p, o, payload));
+                        if let Some(change) = schema {
+                            // The file set ends here: later records take the new shape.
+                            schema_changes.push(change);
+                            break;
+                        }
                         if batch.len() >= BATCH {
                             let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
                             if work_txs[turn % DECODERS].send(Work::Batch(full)).await.is_err() {
@@ -510,8 +575,23 @@ fn spawn_reader(
                 None => return,
             }
         }
-        if tx.send(Ok(Chunk { buf: set, at_end })).await.is_err() || at_end {
+        let (ack, new_tables) = if schema_changes.is_empty() {
+            (None, None)
+        } else {
+            let (a, r) = tokio::sync::oneshot::channel();
+            (Some((schema_changes, a)), Some(r))
+        };
+        if tx.send(Ok(Chunk { buf: set, at_end, schema: ack })).await.is_err() || at_end {
             return;
+        }
+        if let Some(r) = new_tables {
+            // The main loop saved the schema; nothing more is decoded before the decoders have it.
+            let Ok(t) = r.await else { return };
+            for w in &work_txs {
+                if w.send(Work::Tables(t.clone())).await.is_err() {
+                    return;
+                }
+            }
         }
     }
     }))
@@ -590,6 +670,8 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &Site
         HqEvent::Watermark { ts_ms } => {
             buf.watermark = Some(buf.watermark.map_or(ts_ms, |w| w.max(ts_ms)));
         }
+        // Taken by the reader and the main loop (`evolve_schema`) before the next record.
+        HqEvent::Schema { .. } => {}
         HqEvent::IdentityReview { review_id, reason, status, person, records, evidence, site, ts_ms, decided } => {
             let records = serde_json::to_string(&records).unwrap_or_default();
             let evidence = evidence.to_string();

@@ -33,6 +33,21 @@ pub struct LakeColumn {
     /// `<name>_uuid` column next to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub references: Option<String>,
+    /// The value a row without this column has: the column's default, for a column added by a
+    /// schema change at a site (HQ gives it to its rows that predate it, and to rows of sites
+    /// that have not upgraded, as the lake does then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<J>,
+}
+
+/// A default as an SQL literal (`'in_person'`, `0`) as the value a row image would carry; None
+/// for an expression (`current_timestamp()`), which the lake leaves null.
+pub fn default_value(sql: Option<&str>) -> Option<J> {
+    let d = sql?.trim();
+    if let Some(s) = d.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
+        return Some(J::String(s.replace("''", "'")));
+    }
+    serde_json::from_str::<serde_json::Number>(d).ok().map(J::Number)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -171,7 +186,7 @@ pub fn convert(
     let row_key = table.row_key(ev, origin_refs)?;
     let mut cells = Vec::with_capacity(table.schema.fields().len() - META_COLUMNS.len());
     for (c, t) in table.def.columns.iter().zip(&table.types) {
-        let v = image.get(&c.name).unwrap_or(&J::Null);
+        let v = image.get(&c.name).or(c.default.as_ref()).unwrap_or(&J::Null);
         let cell = cell(v, t).map_err(|why| format!("{}.{}: {why}", table.def.name, c.name))?;
         cells.push(cell);
         if c.references.is_some() {
@@ -308,7 +323,7 @@ impl LakeSchemaFile {
                 let columns = t
                     .columns
                     .iter()
-                    .map(|c| LakeColumn { name: c.name.clone(), mysql_type: c.column_type.clone(), references: t.fk(&c.name).map(|f| f.ref_table.clone()) })
+                    .map(|c| LakeColumn { name: c.name.clone(), mysql_type: c.column_type.clone(), references: t.fk(&c.name).map(|f| f.ref_table.clone()), default: None })
                     .collect();
                 (
                     name.clone(),
@@ -317,6 +332,38 @@ impl LakeSchemaFile {
             })
             .collect();
         LakeSchemaFile { source, tables }
+    }
+
+    /// Takes a table's new shape from a site (issue #25 §2): a new table gets its definition, a
+    /// new column is appended (nullable; older files read it as null). Nothing else changes: the
+    /// lake is a history, so a column dropped at one site stays (null in that site's new rows),
+    /// and a type stays as it was (a wider one would split the table's files into two types).
+    /// `scrubbed` says whether a column is scrubbed. Returns whether the schema changed.
+    pub fn evolve(&mut self, shape: &omrs_core::shape::TableShape, scrubbed: &dyn Fn(&str, &str) -> bool) -> bool {
+        if shape.dropped || shape.table.starts_with("omrs_sync_") || shape.table.starts_with("omrs_dash_") {
+            return false;
+        }
+        let refs = |c: &str| shape.fks.iter().find(|f| f.column == c).map(|f| f.ref_table.clone());
+        let column = |c: &omrs_core::shape::ColumnShape| LakeColumn { name: c.name.clone(), mysql_type: c.column_type.clone(), references: refs(&c.name), default: default_value(c.default_sql().as_deref()) };
+        match self.tables.get_mut(&shape.table) {
+            None => {
+                let columns: Vec<LakeColumn> = shape.columns.iter().filter(|c| !scrubbed(&shape.table, &c.name)).map(column).collect();
+                let has_uuid = columns.iter().any(|c| c.name == "uuid");
+                self.tables.insert(shape.table.clone(), LakeTableDef { name: shape.table.clone(), columns, pk: shape.pk.clone(), has_uuid, shared_parent: None });
+                true
+            }
+            Some(def) => {
+                let mut changed = false;
+                for c in &shape.columns {
+                    if !def.columns.iter().any(|d| d.name.eq_ignore_ascii_case(&c.name)) && !scrubbed(&shape.table, &c.name) {
+                        def.columns.push(column(c));
+                        def.has_uuid |= c.name == "uuid";
+                        changed = true;
+                    }
+                }
+                changed
+            }
+        }
     }
 
     pub fn load(path: &Path) -> Result<Option<LakeSchemaFile>, SinkError> {

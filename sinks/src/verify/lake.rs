@@ -128,9 +128,16 @@ pub async fn current_values(ctx: &SessionContext, hq: &mut Conn, hq_db: &str, sc
         let cols = compared_columns(&model, t, scrub);
         let Some(sel) = model.select(t, &cols) else { continue };
         let lake_cols: Vec<String> = cols.iter().map(|c| if model.references(t, c).is_some() { format!("{c}_uuid") } else { c.clone() }).collect();
+        // A column HQ has and the lake lacks (a schema change the lake did not take) is a
+        // difference of every row, not a column to pass over.
+        let have: HashSet<String> = match ctx.table(format!("current.{t}").as_str()).await {
+            Ok(df) => df.schema().fields().iter().map(|f| f.name().to_string()).collect(),
+            Err(_) => HashSet::new(),
+        };
+        let missing_columns: Vec<String> = lake_cols.iter().filter(|c| !have.contains(*c)).cloned().collect();
         let mut lake = LakeRows::open(ctx, t, lake_cols).await?;
         let voids = matches!(t, "person" | "patient").then(|| cols.iter().position(|c| c == "void_reason")).flatten();
-        let mut check = TableValues { table: t.to_string(), ..Default::default() };
+        let mut check = TableValues { table: t.to_string(), missing_columns, ..Default::default() };
         let mut pager = Pager::new(sel, "HQ");
         while pager.peek(hq).await?.is_some() {
             let Some((key, mut row)) = pager.pop() else { break };

@@ -257,6 +257,12 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
     if !args.no_lake {
         let ctx = crate::query::context(&lake_root).await?;
         r.lake_checked = true;
+        let lake_tables: HashSet<String> = crate::query::table_names(&ctx).await.iter().filter_map(|n| n.strip_prefix("current.")).map(str::to_string).collect();
+        let mut absent: Vec<(&String, usize)> = hq_sets.iter().filter(|(t, rows)| !rows.is_empty() && !lake_tables.contains(*t)).map(|(t, rows)| (t, rows.len())).collect();
+        absent.sort();
+        for (t, n) in absent {
+            r.problems.push(format!("lake: HQ's table {t} ({n} rows) is not in the lake (no current.{t})"));
+        }
         for t in crate::query::table_names(&ctx).await.iter().filter_map(|n| n.strip_prefix("current.")) {
             let Some(at_hq) = hq_sets.get(t) else { continue };
             let batches = crate::query::sql(&ctx, &format!("SELECT _row_key FROM current.{t}")).await?;
@@ -486,6 +492,9 @@ async fn value_checks(cfg: &Config, args: &VerifyArgs, lake_root: &std::path::Pa
     r.lake_values = lake::current_values(&ctx, &mut hq, &cfg.hq.database.database, &scrub, &merges, args.samples).await?;
     for t in r.lake_values.iter().filter(|t| t.differing > 0) {
         r.problems.push(format!("lake current.{}: {} of {} rows differ from HQ", t.table, t.differing, t.compared));
+    }
+    for t in r.lake_values.iter().filter(|t| !t.missing_columns.is_empty()) {
+        r.problems.push(format!("lake current.{}: HQ's columns {} are not in the lake", t.table, t.missing_columns.join(", ")));
     }
     r.lake_history_duplicates = lake::history_duplicates(&ctx, args.samples).await?;
     for d in &r.lake_history_duplicates {

@@ -52,6 +52,9 @@ pub struct TableValues {
     /// Rows that differ between sites and carry no change time: HQ holds one of them.
     pub undecided: usize,
     pub examples: Vec<ValueDiff>,
+    /// Columns of HQ's table the lake's table lacks (the lake check only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_columns: Vec<String>,
 }
 
 impl TableValues {

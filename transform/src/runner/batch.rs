@@ -363,7 +363,7 @@ impl Runner {
                     HqEvent::Merge { .. } => m.merges.inc(),
                     HqEvent::Split { .. } => m.splits.inc(),
                     HqEvent::IdentityReview { reason, status, .. } => m.identity_reviews.with_label_values(&[reason.as_str(), status.as_str()]).inc(),
-                    HqEvent::Watermark { .. } | HqEvent::Aggregate { .. } | HqEvent::Change { .. } => {}
+                    HqEvent::Watermark { .. } | HqEvent::Aggregate { .. } | HqEvent::Change { .. } | HqEvent::Schema { .. } => {}
                 },
             }
         }

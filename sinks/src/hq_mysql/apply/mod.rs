@@ -15,6 +15,7 @@
 mod aggregate;
 mod cache;
 mod columns;
+pub mod evolve;
 mod ids;
 mod merge;
 mod pending;
@@ -107,6 +108,11 @@ struct Work {
 /// HQ's state as the sink sees it: table model, id and version caches, merges, pending rows.
 pub struct Applier {
     pub model: Model,
+    /// HQ's database name.
+    database: String,
+    /// (site, table) whose changes are stopped from an offset on: a schema change HQ does not
+    /// follow alone ([`evolve`]).
+    blocked: evolve::Blocked,
     rules: SiteRules,
     ids: Cache<i64>,
     /// Keys the current flush's bulk lookup found absent at HQ: no point query for them.
@@ -191,8 +197,11 @@ impl Applier {
             None => conn.query_first("SELECT MIN(user_id) FROM users").await.map_err(db("reading users"))?.unwrap_or(1),
         };
         let merges = merge::load(conn).await?;
+        let blocked = evolve::load_blocked(conn).await?;
         let mut a = Applier {
             model,
+            database: database.to_string(),
+            blocked,
             rules,
             ids: Cache::new(500_000),
             absent: hashbrown::HashSet::new(),
@@ -299,6 +308,10 @@ impl Applier {
                     out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: DeadKind::InvalidEvent, reason: e.to_string(), payload: payload.to_vec() });
                     return None;
                 }
+                if let Some(reason) = self.blocked_at(&event.site, event.table.as_deref(), rec.offset) {
+                    out.dead.push(DeadLetter { partition: rec.partition, offset: rec.offset, kind: DeadKind::SchemaBlocked, reason, payload: payload.to_vec() });
+                    return None;
+                }
                 if event.op == Op::Heartbeat {
                     return None;
                 }
@@ -312,6 +325,8 @@ impl Applier {
             HqEvent::Split { survivor, from, records, review_id, site, ts_ms } => Some(Intake::Split(Box::new(split::SplitRec { survivor, from, records, review_id, site, ts_ms }))),
             // The Parquet sink's concern: HQ has no date partitions to finalise.
             HqEvent::Watermark { .. } => None,
+            // Done before the batch ([`Applier::evolve`]).
+            HqEvent::Schema { .. } => None,
             HqEvent::Aggregate { name, site, window_start_ms, window_end_ms, dim, value, is_final, revision, watermark_ms } => {
                 let row = AggRow { site: site.clone(), start_ms: window_start_ms, end_ms: window_end_ms, dim: dim.clone(), value, is_final, revision, watermark_ms };
                 aggregates.entry(name).or_default().insert((site, window_start_ms, dim), row);
@@ -370,12 +385,59 @@ impl Applier {
     /// still waiting for its persons, or a change of a merged person (its void date and
     /// reason are read from HQ). Every other batch can be planned while the previous one is
     /// being written ([`Applier::plan_batch`]).
+    /// Why a change of `table` from `site` at `offset` is stopped, if it is.
+    fn blocked_at(&self, site: &str, table: Option<&str>, offset: i64) -> Option<String> {
+        let from = *self.blocked.get(&(site.to_string(), table?.to_string()))?;
+        (offset > from).then(|| {
+            format!(
+                "the schema of `{}` changed at site {site} in a way HQ does not follow alone (omrs_sync_schema_change, status blocked, offset {from}): migrate HQ, mark it resolved and replay these dead letters (docs/OPERATIONS.md, \"OpenMRS upgrades\")",
+                table.unwrap_or_default()
+            )
+        })
+    }
+
+    /// Whether `records` hold a schema change ([`Applier::evolve`] runs before they are planned).
+    pub fn has_schema_changes(records: &[Record]) -> bool {
+        records.iter().any(|r| matches!(r.decoded, Ok(HqEvent::Schema { .. })))
+    }
+
+    /// Evolves HQ's tables for the schema changes in `records`, in order, before the batch is
+    /// planned (outside its transaction: DDL commits on its own). Reloads HQ's table model when
+    /// a table changed.
+    pub async fn evolve(&mut self, conn: &mut Conn, records: &[Record]) -> Result<(), SinkError> {
+        let mut changed = false;
+        for r in records {
+            let Ok(HqEvent::Schema { site, schema, ts_ms }) = &r.decoded else { continue };
+            if self.blocked.contains_key(&(site.clone(), schema.table.clone())) {
+                continue;
+            }
+            match evolve::evolve(conn, &self.database, &self.model, site, schema, *ts_ms, r.offset).await? {
+                evolve::Evolved::Applied(_) => {
+                    self.model = Model::load(conn, &self.database, &[], &[]).await.map_err(|e| SinkError::Schema(format!("reading HQ's information_schema after a schema change: {e}")))?;
+                    changed = true;
+                }
+                evolve::Evolved::InStep => {}
+                evolve::Evolved::Blocked(_) => {
+                    self.blocked.insert((site.clone(), schema.table.clone()), r.offset);
+                    omrs_core::metrics::metrics().sink_errors.with_label_values(&["hq_mysql", "schema_blocked"]).inc();
+                }
+            }
+        }
+        if changed {
+            let (columns, resolved_fks) = columns::load(conn, &self.database, &self.model).await?;
+            self.columns = columns;
+            self.resolved_fks = resolved_fks;
+            self.col_lists.clear();
+        }
+        Ok(())
+    }
+
     pub fn needs_sync(&self, records: &[Record]) -> bool {
         if self.merges.values().any(|m| !m.applied) {
             return true;
         }
         records.iter().any(|r| match &r.decoded {
-            Ok(HqEvent::Merge { .. } | HqEvent::Split { .. } | HqEvent::IdentityReview { .. }) => true,
+            Ok(HqEvent::Merge { .. } | HqEvent::Split { .. } | HqEvent::IdentityReview { .. } | HqEvent::Schema { .. }) => true,
             Ok(HqEvent::Change { event, origin_refs, .. }) if matches!(event.table.as_deref(), Some("person" | "patient")) && !self.merges.is_empty() => {
                 match event.table.as_deref().and_then(|t| self.model.table(t)) {
                     Some(tm) => self.row_key(tm, event, origin_refs).map(|k| self.survivor_of(&k).is_some()).unwrap_or(false),

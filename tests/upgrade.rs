@@ -1,0 +1,204 @@
+//! An OpenMRS upgrade while streaming (issue #25 §3). The simulator writes at three clinics
+//! while site-a runs an upgrade script (Liquibase-style ALTER TABLEs: columns added, one with a
+//! default, a wider identifier; a module's new table with foreign keys to `patient` and
+//! `encounter`) and writes rows that use it; later site-b runs the same script. No stage is
+//! restarted. At the end `verify` (sites vs HQ vs lake, by value) passes; HQ has the columns and
+//! the module table with the sites' values; the lake's `changes` and `current` carry them; HQ's
+//! log says which site's change it applied and that the second was already in step.
+//! Its own test binary: it runs a whole pipeline.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::hq::*;
+use common::pipeline::*;
+use common::*;
+use mysql_async::prelude::Queryable;
+use serde_json::Value as J;
+
+const UPGRADE: &[&str] = &[
+    "ALTER TABLE person_name ADD COLUMN name_origin VARCHAR(64) NULL AFTER family_name",
+    "ALTER TABLE visit ADD COLUMN visit_channel VARCHAR(16) NOT NULL DEFAULT 'in_person'",
+    "ALTER TABLE patient_identifier MODIFY COLUMN identifier VARCHAR(100) NOT NULL DEFAULT ''",
+    "CREATE TABLE hivcare_enrollment (
+        hivcare_enrollment_id INT(11) NOT NULL AUTO_INCREMENT,
+        patient_id INT(11) NOT NULL,
+        encounter_id INT(11) NULL,
+        art_start_date DATE NULL,
+        who_stage TINYINT(4) NULL,
+        uuid CHAR(38) NOT NULL,
+        date_created DATETIME NOT NULL,
+        PRIMARY KEY (hivcare_enrollment_id),
+        UNIQUE KEY hivcare_enrollment_uuid (uuid),
+        CONSTRAINT hivcare_enrollment_patient FOREIGN KEY (patient_id) REFERENCES patient (patient_id),
+        CONSTRAINT hivcare_enrollment_encounter FOREIGN KEY (encounter_id) REFERENCES encounter (encounter_id)
+     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+];
+
+/// The upgrade at one clinic, then rows that use it: an enrollment for five patients with an
+/// encounter, a name origin for their names, a telehealth visit channel. Returns the
+/// enrollments' uuids.
+async fn upgrade(port: u16, db: &str, site: &str) -> Vec<String> {
+    let mut c = admin(port, Some(db)).await;
+    for ddl in UPGRADE {
+        c.query_drop(*ddl).await.unwrap_or_else(|e| panic!("{site}: {ddl}: {e}"));
+    }
+    // Patients of the demo dump, which the simulator's workload leaves alone: the clinic's own
+    // transactions there do not wait on (or deadlock with) the workload's.
+    let patients: Vec<(i64, i64)> = c
+        .query("SELECT e.patient_id, MIN(e.encounter_id) FROM encounter e JOIN patient p ON p.patient_id = e.patient_id WHERE e.voided = 0 GROUP BY e.patient_id ORDER BY e.patient_id LIMIT 5")
+        .await
+        .unwrap();
+    assert_eq!(patients.len(), 5, "{site} has five patients with encounters");
+    let mut uuids = Vec::new();
+    for (i, (pid, eid)) in patients.iter().enumerate() {
+        let uuid = format!("{:08x}-0000-4000-8000-{:012x}", 0x4ec0_0000u32 + i as u32, port as u64);
+        c.exec_drop(
+            "INSERT INTO hivcare_enrollment (patient_id, encounter_id, art_start_date, who_stage, uuid, date_created) VALUES (?, ?, ?, ?, ?, NOW())",
+            (pid, eid, format!("2026-0{}-1{i}", 1 + i % 9), (i % 4 + 1) as i64, &uuid),
+        )
+        .await
+        .unwrap();
+        c.exec_drop("UPDATE person_name SET name_origin = ?, date_changed = NOW() WHERE person_id = ? AND voided = 0", (format!("{site} registry {i}"), pid)).await.unwrap();
+        c.exec_drop("UPDATE visit SET visit_channel = 'telehealth', date_changed = NOW() WHERE patient_id = ? AND voided = 0", (pid,)).await.unwrap();
+        uuids.push(uuid);
+    }
+    uuids
+}
+
+/// `(uuid, patient uuid, encounter uuid, art_start_date, who_stage)` of the enrollments in `db`
+/// on `port`.
+async fn enrollments(port: u16, db: &str) -> BTreeSet<String> {
+    let mut c = admin(port, Some(db)).await;
+    type Enrollment = (String, String, Option<String>, Option<String>, Option<i64>);
+    let rows: Vec<Enrollment> = c
+        .query(
+            "SELECT h.uuid, pe.uuid, e.uuid, DATE_FORMAT(h.art_start_date, '%Y-%m-%d'), h.who_stage FROM hivcare_enrollment h
+             JOIN person pe ON pe.person_id = h.patient_id LEFT JOIN encounter e ON e.encounter_id = h.encounter_id",
+        )
+        .await
+        .unwrap();
+    rows.into_iter().map(|r| format!("{r:?}")).collect()
+}
+
+fn lake_query(config: &std::path::Path, lake: &std::path::Path, sql: &str) -> Vec<serde_json::Map<String, J>> {
+    let out = bin().arg("--config").arg(config).args(["query", "--format", "json", "--lake"]).arg(lake).arg(sql).output().unwrap();
+    assert!(out.status.success(), "query {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openmrs_upgrade_at_two_clinics_flows_to_hq_and_the_lake_without_a_restart() {
+    let p = Pipeline { dir: tempfile::tempdir().unwrap(), prefix: format!("{}.", unique("tupg")), database: unique("upg") };
+    let hq_db = unique("openmrs_hq_upg");
+    let l = live(&p, &hq_db, 60, 31, Some(150.0)).await;
+    let (mut procs, sim) = start_with_workload(&p, &l);
+    let mut hq = hq(&hq_db).await;
+    // The clinics' work is reaching HQ when site-a upgrades.
+    wait_for(240, "the first rows at HQ", || {
+        let n: i64 = futures_count(&hq_db, "SELECT COUNT(*) FROM obs");
+        (n > 0).then_some(())
+    });
+    assert!(!sim.is_finished(), "the workload is still writing when site-a upgrades");
+    let a_uuids = upgrade(3311, &p.database, "site-a").await;
+    // site-a's enrollments at HQ (the table was created there on the way) while the others
+    // have not upgraded.
+    wait_for(240, "site-a's module rows at HQ", || {
+        let n = futures_count(&hq_db, "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'hivcare_enrollment'");
+        (n == 1 && futures_count(&hq_db, "SELECT COUNT(*) FROM hivcare_enrollment") == 5).then_some(())
+    });
+    assert_alive(&mut procs, p.dir.path(), "after site-a's upgrade");
+    assert!(!sim.is_finished(), "the workload is still writing when site-b upgrades");
+    let b_uuids = upgrade(3312, &p.database, "site-b").await;
+    let manifest = sim.await.unwrap().unwrap();
+    eprintln!("upgrade: {} row changes by the simulator", manifest.row_changes);
+    let report = drain_until_verified(&l.config, Some(&l.manifest), &l.lake, &mut procs, p.dir.path(), 420, "the upgrades").await;
+    assert_eq!(report["ok"], true);
+
+    // HQ has the new columns, the widened identifier and the module table with its keys.
+    let cols: Vec<(String, String, String, String, Option<String>)> = hq
+        .query(
+            "SELECT table_name, column_name, column_type, is_nullable, column_default FROM information_schema.columns WHERE table_schema = DATABASE()
+             AND ((table_name = 'person_name' AND column_name = 'name_origin') OR (table_name = 'visit' AND column_name = 'visit_channel')
+                  OR (table_name = 'patient_identifier' AND column_name = 'identifier')) ORDER BY table_name",
+        )
+        .await
+        .unwrap();
+    assert_eq!(cols.len(), 3, "{cols:?}");
+    assert_eq!((cols[0].1.as_str(), cols[0].2.as_str()), ("identifier", "varchar(100)"));
+    assert_eq!((cols[1].1.as_str(), cols[1].2.as_str(), cols[1].3.as_str()), ("name_origin", "varchar(64)", "YES"));
+    assert_eq!((cols[2].1.as_str(), cols[2].4.as_deref()), ("visit_channel", Some("'in_person'")));
+    let fks: Vec<String> = hq
+        .query("SELECT referenced_table_name FROM information_schema.key_column_usage WHERE table_schema = DATABASE() AND table_name = 'hivcare_enrollment' AND referenced_table_name IS NOT NULL ORDER BY 1")
+        .await
+        .unwrap();
+    assert_eq!(fks, ["encounter", "patient"]);
+    // The module's rows at HQ, by value and with their references, are the clinics'.
+    let mut want = enrollments(3311, &p.database).await;
+    want.extend(enrollments(3312, &p.database).await);
+    assert_eq!(want.len(), 10);
+    assert_eq!(enrollments(HQ_PORT, &hq_db).await, want, "HQ's enrollments are the clinics'");
+    // Columns added at the clinics hold the clinics' values at HQ (the name origins written,
+    // and the default the ALTER gave every existing visit).
+    let origins: Vec<(String, String)> = hq.query("SELECT uuid, name_origin FROM person_name WHERE name_origin IS NOT NULL ORDER BY uuid").await.unwrap();
+    assert_eq!(origins.len(), origins.iter().filter(|(_, o)| o.starts_with("site-a") || o.starts_with("site-b")).count());
+    assert!(origins.len() >= 10, "name origins at HQ: {origins:?}");
+    let channels: Vec<(String, i64)> = hq.query("SELECT visit_channel, COUNT(*) FROM visit GROUP BY visit_channel ORDER BY 1").await.unwrap();
+    assert!(channels.iter().any(|(c, n)| c == "telehealth" && *n >= 10), "{channels:?}");
+    // HQ's log: site-a's change applied, site-b's found HQ in step; nothing blocked.
+    let log: Vec<(String, String, String)> = hq.query("SELECT site, tbl, status FROM omrs_sync_schema_change ORDER BY id").await.unwrap();
+    for t in ["person_name", "visit", "patient_identifier", "hivcare_enrollment"] {
+        assert!(log.contains(&("site-a".into(), t.into(), "applied".into())), "site-a's {t}: {log:?}");
+        assert!(log.contains(&("site-b".into(), t.into(), "in_step".into())), "site-b's {t}: {log:?}");
+    }
+    assert!(!log.iter().any(|(_, _, s)| s == "blocked"), "{log:?}");
+
+    // The lake: the module's dataset, and the new column in changes and current.
+    let lake_enr = lake_query(&l.config, &l.lake, "SELECT uuid, who_stage, patient_id_uuid FROM current.hivcare_enrollment ORDER BY uuid");
+    let lake_uuids: Vec<&str> = lake_enr.iter().filter_map(|r| r["uuid"].as_str()).collect();
+    let mut all: Vec<String> = a_uuids.iter().chain(&b_uuids).cloned().collect();
+    all.sort();
+    assert_eq!(lake_uuids, all.iter().map(String::as_str).collect::<Vec<_>>());
+    let changed = lake_query(&l.config, &l.lake, "SELECT COUNT(*) AS n FROM changes.person_name WHERE name_origin IS NOT NULL");
+    assert!(changed[0]["n"].as_i64().unwrap_or(0) >= 10, "{changed:?}");
+    let current = lake_query(&l.config, &l.lake, "SELECT uuid, name_origin FROM current.person_name WHERE name_origin IS NOT NULL ORDER BY uuid");
+    let lake_origins: Vec<(String, String)> = current.iter().map(|r| (r["uuid"].as_str().unwrap_or("").to_string(), r["name_origin"].as_str().unwrap_or("").to_string())).collect();
+    assert_eq!(lake_origins, origins, "the lake's current names carry the clinics' origins");
+
+    // A change HQ will not follow alone: site-c renames a column. Its changes of that table stop
+    // (dead-lettered with the reason, logged as blocked); its other tables keep flowing.
+    let mut c = admin(3313, Some(&p.database)).await;
+    c.query_drop("ALTER TABLE location_tag CHANGE COLUMN description tag_description VARCHAR(255) NULL").await.unwrap();
+    c.query_drop("UPDATE location_tag SET tag_description = 'renamed at site-c', date_changed = NOW() WHERE location_tag_id = 1").await.unwrap();
+    c.query_drop("UPDATE location SET description = 'after the rename', date_changed = NOW() WHERE location_id = 1").await.unwrap();
+    wait_for(120, "site-c's location change at HQ", || {
+        let n = futures_count(&hq_db, "SELECT COUNT(*) FROM location WHERE location_id = 1 AND description = 'after the rename'");
+        (n == 1).then_some(())
+    });
+    let blocked: Vec<(String, String, String)> = hq.query("SELECT tbl, site_ddl, reason FROM omrs_sync_schema_change WHERE status = 'blocked' AND site = 'site-c'").await.unwrap();
+    assert_eq!(blocked.len(), 1, "{blocked:?}");
+    assert_eq!(blocked[0].0, "location_tag");
+    assert!(blocked[0].1.contains("CHANGE COLUMN description tag_description"), "{blocked:?}");
+    assert!(blocked[0].2.contains("`description` is gone at the site"), "{blocked:?}");
+    let dead = wait_for(60, "the blocked change in the dead-letter topic", || {
+        let out = bin().arg("--config").arg(&l.config).args(["dlq", "list", "--kind", "schema_blocked"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("location_tag").then_some(text)
+    });
+    assert!(dead.contains("site-c"), "the dead letter names the site: {dead}");
+    let hq_tag: Option<String> = hq.query_first("SELECT description FROM location_tag WHERE uuid = (SELECT uuid FROM location_tag WHERE location_tag_id = 1)").await.unwrap().flatten();
+    assert_ne!(hq_tag.as_deref(), Some("renamed at site-c"), "HQ did not guess where the renamed column's value goes");
+    assert_alive(&mut procs, p.dir.path(), "after a blocked schema change");
+    drop(procs);
+    drop(hq);
+    drop_databases(&[&hq_db], &p.database).await;
+}
+
+/// A count at HQ, from a synchronous poll.
+fn futures_count(hq_db: &str, sql: &str) -> i64 {
+    block_on(async {
+        let mut c = hq(hq_db).await;
+        c.query_first::<i64, _>(sql).await.ok().flatten().unwrap_or(0)
+    })
+}
