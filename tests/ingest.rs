@@ -376,6 +376,54 @@ async fn a_user_without_reload_is_told_which_grant_the_mysql_path_needs() {
     env.drop().await;
 }
 
+/// One process for several sites (issue #24 §4): each site has its own topic and checkpoint
+/// and takes its whole snapshot; a site whose agent cannot log in stops alone, and the process
+/// says which; a site not in the config is refused before anything connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_runs_several_sites_and_a_failing_one_stops_only_itself() {
+    let env = Env::new("multi", "site-a", &[]).await;
+    let b_port = if mysql_mode() { env.port } else { 3312 };
+    if b_port != env.port {
+        let mut b = admin(b_port, None).await;
+        omrs_simulate::provision::provision(&mut b, "site-b", &env.database, &dump(), true).await.expect("provision site-b");
+    }
+    // site-c's agent cannot log in: a definite error of that site alone.
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    let at = text.find("name = \"site-c\"").unwrap();
+    let pw = at + text[at..].find("password = ").unwrap();
+    let end = pw + text[pw..].find('\n').unwrap();
+    std::fs::write(&env.config, format!("{}password = \"not-the-password\"{}", &text[..pw], &text[end..])).unwrap();
+    let agent = |sites: &[&str]| {
+        let mut c = bin();
+        c.arg("--config").arg(&env.config).args(["ingest", "--until-caught-up", "--metrics-port", "0"]).env("RUST_LOG", "warn,omrs_ingest=info");
+        for s in sites {
+            c.args(["--site", s]);
+        }
+        c.output().unwrap()
+    };
+    let refused = agent(&["site-a", "nowhere"]);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("site `nowhere` is not in the config"));
+    assert!(read_topic(&format!("{}omrs.cdc.site-a", env.prefix)).is_empty(), "nothing connected before the config was checked");
+    let out = agent(&["site-a", "site-b", "site-c"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a stopped site makes the process exit 1");
+    assert!(log.contains("1 site(s) stopped: site-c"), "{log}");
+    let rows: i64 = site_counts(&env).await.values().sum();
+    for site in ["site-a", "site-b"] {
+        let events = read_topic(&format!("{}omrs.cdc.{site}", env.prefix));
+        let reads = events.iter().filter(|e| e.op == Op::Read).count() as i64;
+        assert_eq!(reads, rows, "{site}'s whole snapshot on its own topic");
+        assert!(events.iter().all(|e| e.site == site));
+        let cps = read_json::<serde_json::Value>(&format!("{}omrs.ingest.offsets.{site}", env.prefix));
+        assert_eq!(cps.last().map(|c| c["phase"].clone()), Some(serde_json::json!("streaming")), "{site} has its own checkpoint");
+    }
+    assert!(read_topic(&format!("{}omrs.cdc.site-c", env.prefix)).is_empty());
+    if b_port != env.port {
+        admin(b_port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{}`", env.database)).await.unwrap();
+    }
+    env.drop().await;
+}
+
 /// A row whose change event would exceed a site event's limit (a 9 MB LONGTEXT) does not stop
 /// the site's stream: it goes as a stand-in without its images, with its size, which the
 /// transform dead-letters naming the row; the rows after it arrive as usual.

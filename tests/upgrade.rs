@@ -195,6 +195,44 @@ async fn an_openmrs_upgrade_at_two_clinics_flows_to_hq_and_the_lake_without_a_re
     drop_databases(&[&hq_db], &p.database).await;
 }
 
+/// `sink hq-mysql --init --schema-from site-a`: HQ's tables are the site's own (its OpenMRS
+/// version and its modules), with their keys and foreign keys, and no rows; the bookkeeping is
+/// there. An HQ that exists is kept without --force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hq_is_built_from_a_live_sites_schema() {
+    let hq_db = unique("openmrs_hq_from");
+    let env = Env::new("schemafrom", "site-a", &[("database = \"openmrs_hq\"", &format!("database = \"{hq_db}\""))]).await;
+    let mut site = env.db().await;
+    site.query_drop(UPGRADE[3]).await.unwrap();
+    let at_site = base_tables(&mut site, &env.database).await;
+    let out = bin().arg("--config").arg(&env.config).args(["sink", "hq-mysql", "--init", "--schema-from", "site-a"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut hq = hq(&hq_db).await;
+    assert_eq!(base_tables(&mut hq, &hq_db).await, at_site, "HQ has the site's tables");
+    assert!(at_site.contains(&"hivcare_enrollment".to_string()));
+    let fks: Vec<String> = hq
+        .query(format!("SELECT referenced_table_name FROM information_schema.key_column_usage WHERE table_schema = '{hq_db}' AND table_name = 'hivcare_enrollment' AND referenced_table_name IS NOT NULL ORDER BY 1"))
+        .await
+        .unwrap();
+    assert_eq!(fks, ["encounter", "patient"]);
+    let rows: i64 = hq.query_first("SELECT (SELECT COUNT(*) FROM obs) + (SELECT COUNT(*) FROM person) + (SELECT COUNT(*) FROM concept)").await.unwrap().unwrap();
+    assert_eq!(rows, 0, "no rows: the snapshots bring them");
+    let offsets: i64 = hq.query_first("SELECT COUNT(*) FROM omrs_sync_offsets").await.unwrap().unwrap();
+    assert_eq!(offsets, 0);
+    // Kept without --force; an unknown site is named.
+    let again = bin().arg("--config").arg(&env.config).args(["sink", "hq-mysql", "--init", "--schema-from", "site-a"]).output().unwrap();
+    assert!(again.status.success() && String::from_utf8_lossy(&again.stderr).contains("kept it"), "{}", String::from_utf8_lossy(&again.stderr));
+    let unknown = bin().arg("--config").arg(&env.config).args(["sink", "hq-mysql", "--init", "--schema-from", "site-z"]).output().unwrap();
+    assert!(!unknown.status.success() && String::from_utf8_lossy(&unknown.stderr).contains("site `site-z` is not in the config"));
+    hq.query_drop(format!("DROP DATABASE `{hq_db}`")).await.unwrap();
+    env.drop().await;
+}
+
+/// The OpenMRS base tables of `db` (the sink's own left out).
+async fn base_tables(c: &mut mysql_async::Conn, db: &str) -> Vec<String> {
+    c.query(format!("SELECT table_name FROM information_schema.tables WHERE table_schema = '{db}' AND table_type = 'BASE TABLE' AND table_name NOT LIKE 'omrs\\_%' ORDER BY 1")).await.unwrap()
+}
+
 /// A count at HQ, from a synchronous poll.
 fn futures_count(hq_db: &str, sql: &str) -> i64 {
     block_on(async {

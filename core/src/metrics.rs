@@ -32,6 +32,7 @@ pub const SNAPSHOT_ROWS: &str = "omrs_stream_snapshot_rows_total";
 pub const SNAPSHOT_TABLES_DONE: &str = "omrs_stream_snapshot_tables_done";
 pub const SNAPSHOT_LOCK_MS: &str = "omrs_stream_snapshot_lock_ms";
 pub const SCHEMA_CHANGES: &str = "omrs_stream_ingest_schema_changes_total";
+pub const INGEST_SITE_RUNNING: &str = "omrs_stream_ingest_site_running";
 pub const SIMULATED_ROWS: &str = "omrs_stream_simulate_rows_total";
 pub const UP: &str = "omrs_stream_up";
 pub const BUILD_INFO: &str = "omrs_stream_build_info";
@@ -95,6 +96,7 @@ pub struct Metrics {
     pub snapshot_tables_done: IntGaugeVec,
     pub snapshot_lock_ms: IntGaugeVec,
     pub schema_changes: IntCounterVec,
+    pub ingest_site_running: IntGaugeVec,
     pub simulated_rows: IntCounterVec,
     pub up: IntGaugeVec,
     /// 1, labelled with the version and stage of the running build.
@@ -219,6 +221,7 @@ impl Metrics {
             snapshot_rows: counter_vec(&r, SNAPSHOT_ROWS, "Rows read by the initial snapshot", &["site", "table"]),
             snapshot_tables_done: gauge_vec(&r, SNAPSHOT_TABLES_DONE, "Tables whose snapshot is complete", &["site"]),
             snapshot_lock_ms: gauge_vec(&r, SNAPSHOT_LOCK_MS, "How long the last snapshot held the site's global read lock (MySQL path), ms", &["site"]),
+            ingest_site_running: gauge_vec(&r, INGEST_SITE_RUNNING, "1 while a site's agent runs in a multi-site ingest process, 0 once it stopped", &["site"]),
             schema_changes: counter_vec(&r, SCHEMA_CHANGES, "DDL statements read from a site's binlog, by how the schema history followed them (applied, information_schema)", &["site", "how"]),
             simulated_rows: counter_vec(&r, SIMULATED_ROWS, "Row changes written by the simulator", &["site", "table", "op"]),
             up: gauge_vec(&r, UP, "1 while the process runs", &["stage"]),

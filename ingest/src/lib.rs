@@ -110,9 +110,15 @@ impl IngestError {
 /// `omrs-stream ingest`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngestArgs {
-    /// The site, as named in omrs-stream.toml.
-    #[arg(long)]
-    pub site: String,
+    /// The site, as named in omrs-stream.toml. Repeat it to run several sites in one process
+    /// (an HQ-side deployment that pulls from clinics over a VPN): each has its own binlog
+    /// connection, checkpoint topic and Kafka transaction, and one site's error never stops the
+    /// others.
+    #[arg(long = "site", value_name = "SITE", required_unless_present = "all_sites")]
+    pub sites: Vec<String>,
+    /// Every site of the config, in one process (as repeating --site for each).
+    #[arg(long, conflicts_with = "sites")]
+    pub all_sites: bool,
     /// Exit 0 once the snapshot is done and the binlog end seen at start has been reached.
     #[arg(long)]
     pub until_caught_up: bool,
@@ -172,22 +178,75 @@ pub async fn connect(site: &SiteConfig) -> Result<Conn, IngestError> {
     Ok(c)
 }
 
-/// Runs the agent until `--until-caught-up` is satisfied, or forever. Transient errors (site or
-/// Kafka unreachable) restart it from the last committed checkpoint with backoff.
+/// Runs the agent of each site given until `--until-caught-up` is satisfied, or forever. Every
+/// site named must be in the config (checked before connecting). With several sites, each runs
+/// as a task of its own: a site whose agent stops with a definite error is logged and counted
+/// (`omrs_stream_ingest_site_running` 0) while the others go on; the process then exits 1 when
+/// the rest are done, naming the sites that stopped.
 pub async fn run(cfg: &Config, args: &IngestArgs) -> Result<(), IngestError> {
-    let site = cfg
-        .site(&args.site)
-        .ok_or_else(|| IngestError::Usage(format!("site `{}` is not in the config (sites: {})", args.site, cfg.site_names().join(", "))))?
-        .clone();
-    let resnapshot = std::cell::Cell::new(args.resnapshot);
+    let names: Vec<String> = if args.all_sites { cfg.site_names() } else { args.sites.clone() };
+    let mut sites = Vec::with_capacity(names.len());
+    for name in &names {
+        let site = cfg
+            .site(name)
+            .ok_or_else(|| IngestError::Usage(format!("site `{name}` is not in the config (sites: {})", cfg.site_names().join(", "))))?;
+        if sites.iter().any(|s: &SiteConfig| s.name == site.name) {
+            return Err(IngestError::Usage(format!("site `{name}` is given twice")));
+        }
+        sites.push(site.clone());
+    }
+    match sites.as_slice() {
+        [] => Err(IngestError::Usage("no site to capture: name one with --site, or use --all-sites".into())),
+        [one] => run_site(cfg, one, args).await,
+        _ => run_sites(cfg, sites, args).await,
+    }
+}
+
+/// Several sites in one process, each on a task of its own.
+async fn run_sites(cfg: &Config, sites: Vec<SiteConfig>, args: &IngestArgs) -> Result<(), IngestError> {
+    // One progress bar per site would garble the terminal: progress goes to the log.
+    let args = IngestArgs { quiet: true, ..args.clone() };
+    tracing::info!(sites = sites.len(), "one agent per site in this process");
+    let mut tasks = tokio::task::JoinSet::new();
+    for site in sites {
+        let (cfg, args) = (cfg.clone(), args.clone());
+        tasks.spawn(async move {
+            metrics().ingest_site_running.with_label_values(&[&site.name]).set(1);
+            let r = run_site(&cfg, &site, &args).await;
+            metrics().ingest_site_running.with_label_values(&[&site.name]).set(0);
+            (site.name, r)
+        });
+    }
+    let mut stopped = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((site, Ok(()))) => tracing::info!(site = %site, "site's agent done"),
+            Ok((site, Err(e))) => {
+                tracing::error!(site = %site, error = %e, "this site's agent stopped; the other sites go on");
+                stopped.push(format!("{site}: {e}"));
+            }
+            Err(e) => stopped.push(format!("a site's task: {e}")),
+        }
+    }
+    if stopped.is_empty() {
+        Ok(())
+    } else {
+        Err(IngestError::Usage(format!("{} site(s) stopped: {}", stopped.len(), stopped.join("; "))))
+    }
+}
+
+/// One site's agent, restarted from its last committed checkpoint with backoff after a
+/// transient error (site or Kafka unreachable).
+async fn run_site(cfg: &Config, site: &SiteConfig, args: &IngestArgs) -> Result<(), IngestError> {
+    let resnapshot = std::sync::atomic::AtomicBool::new(args.resnapshot);
     retry_transient(
-        || run_once(cfg, &site, args, resnapshot.get()),
+        || run_once(cfg, site, args, resnapshot.load(std::sync::atomic::Ordering::Relaxed)),
         IngestError::is_transient,
         |e, wait| {
             metrics().ingest_retries.with_label_values(&[&site.name, e.reason()]).inc();
             tracing::warn!(site = %site.name, error = %e, retry_in_ms = wait.as_millis() as u64, "transient error; resuming from the last committed checkpoint");
             // A resnapshot that already committed progress continues from it.
-            resnapshot.set(false);
+            resnapshot.store(false, std::sync::atomic::Ordering::Relaxed);
         },
     )
     .await

@@ -96,7 +96,7 @@ async fn main() {
     let topics = TopicsFile::load(&root.join("topics.toml")).expect("topics.toml").resolve(&cfg.site_names(), &prefix);
     omrs_core::topics::apply(&cfg.kafka, &topics).await.expect("topics apply");
 
-    let init = omrs_sinks::hq_mysql::HqSinkArgs { init: true, force: true, dump, until_idle: false, metrics_port: None, batch_rows: None, quiet: true };
+    let init = omrs_sinks::hq_mysql::HqSinkArgs { init: true, force: true, dump, schema_from: None, until_idle: false, metrics_port: None, batch_rows: None, quiet: true };
     omrs_sinks::hq_mysql::run(&cfg, &init).await.expect("HQ --init");
     let mut c = Conn::new(admin(Some(database))).await.expect("HQ");
     let one = |sql: &'static str| sql;
@@ -116,7 +116,7 @@ async fn main() {
     // The sink, to the end of the topic.
     // BENCH_BATCH_ROWS overrides sinks.hq_mysql.batch_max_rows, to compare batch sizes.
     let batch_rows = std::env::var("BENCH_BATCH_ROWS").ok().and_then(|v| v.parse().ok());
-    let args = omrs_sinks::hq_mysql::HqSinkArgs { init: false, force: false, dump: Default::default(), until_idle: true, metrics_port: None, batch_rows, quiet: true };
+    let args = omrs_sinks::hq_mysql::HqSinkArgs { init: false, force: false, dump: Default::default(), schema_from: None, until_idle: true, metrics_port: None, batch_rows, quiet: true };
     let cpu0 = cpu_now();
     let t0 = Instant::now();
     omrs_sinks::hq_mysql::run(&cfg, &args).await.expect("sink");

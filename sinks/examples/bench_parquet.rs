@@ -75,7 +75,7 @@ async fn main() {
     }
     let topics = TopicsFile::load(&root.join("topics.toml")).expect("topics.toml").resolve(&cfg.site_names(), &prefix);
     omrs_core::topics::apply(&cfg.kafka, &topics).await.expect("topics apply");
-    let init = omrs_sinks::hq_mysql::HqSinkArgs { init: true, force: true, dump, until_idle: false, metrics_port: None, batch_rows: None, quiet: true };
+    let init = omrs_sinks::hq_mysql::HqSinkArgs { init: true, force: true, dump, schema_from: None, until_idle: false, metrics_port: None, batch_rows: None, quiet: true };
     omrs_sinks::hq_mysql::run(&cfg, &init).await.expect("HQ --init");
     let opts = OptsBuilder::default().ip_or_hostname("127.0.0.1").tcp_port(3310).user(Some("omrs")).pass(Some("omrs")).db_name(Some(database)).prefer_socket(false);
     let mut c = Conn::new(opts).await.expect("HQ");

@@ -321,9 +321,11 @@ impl Board {
             if offline.iter().any(|w| &w.site == site && w.state == WindowState::Down) {
                 continue;
             }
-            if let Some(port) = procs.port(&format!("ingest-{site}")) {
+            // Its own agent's process, or the one the grouped sites share.
+            if let Some(port) = procs.port(&format!("ingest-{site}")).or_else(|| procs.port(GROUP_PROC)) {
                 if let Some(s) = prom::scrape(port).await {
-                    let v = prom::sum(&s, m::EVENTS_OUT, &[("stage", "ingest")]) - prom::sum(&s, m::EVENTS_OUT, &[("stage", "ingest"), ("op", "heartbeat")]);
+                    let v = prom::sum(&s, m::EVENTS_OUT, &[("stage", "ingest"), ("site", site)])
+                        - prom::sum(&s, m::EVENTS_OUT, &[("stage", "ingest"), ("site", site), ("op", "heartbeat")]);
                     self.captured.entry(site.clone()).or_default().see(v);
                 }
             }
@@ -467,6 +469,9 @@ async fn until_released(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// The process that runs the agents of the grouped sites (`steps::GROUP_ABOVE`).
+pub(crate) const GROUP_PROC: &str = "ingest-group";
 
 /// Starts (or restarts) one site's agent on its metrics port.
 fn start_agent(procs: &mut Procs, sites: &[String], site: &str, base: u16) -> anyhow::Result<()> {

@@ -14,7 +14,7 @@ use omrs_core::config::{Config, TopicsFile};
 use omrs_core::metrics as m;
 
 use super::procs::{self, Procs};
-use super::{fetch_dump, find_dev_up, fmt_n, parse_window, prom, site_names, start_agent, summary, until_released, wait_sim, Board, DemoArgs, Progress, Summary, Task, Window, WindowState};
+use super::{GROUP_PROC, fetch_dump, find_dev_up, fmt_n, parse_window, prom, site_names, start_agent, summary, until_released, wait_sim, Board, DemoArgs, Progress, Summary, Task, Window, WindowState};
 
 /// Runs the demo. `topics` is the topics file (topics.toml).
 pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary> {
@@ -121,7 +121,14 @@ struct Demo<'a> {
     board: Board,
     /// The simulator's arguments every step starts from.
     sim: omrs_simulate::SimulateArgs,
+    /// Sites whose agents share one process (`ingest-group`): above [`GROUP_ABOVE`] sites,
+    /// every site without an offline window (those the demo stops and starts alone).
+    grouped: Vec<String>,
 }
+
+/// Above this many sites, the demo runs the agents of sites without an offline window in one
+/// `omrs-stream ingest` process (issue #24 §4): fifty processes do not fit two cores.
+const GROUP_ABOVE: usize = 5;
 
 impl<'a> Demo<'a> {
     /// Everything that can be wrong with the arguments, before anything starts; then the dump,
@@ -178,7 +185,8 @@ impl<'a> Demo<'a> {
             quiet: true,
             ..Default::default()
         };
-        Ok(Demo { args, sites, windows, cfg, dump, topics_file, paths, procs, progress, board: Board::default(), sim })
+        let grouped = if sites.len() > GROUP_ABOVE { sites.iter().filter(|s| !windows.iter().any(|w: &Window| &w.site == *s)).cloned().collect() } else { Vec::new() };
+        Ok(Demo { args, sites, windows, cfg, dump, topics_file, paths, procs, progress, board: Board::default(), sim, grouped })
     }
 
     /// A new run directory under the state root (`latest` points at it), with its logs.
@@ -269,8 +277,19 @@ impl<'a> Demo<'a> {
     /// The agents, the transform and both sinks, each on its metrics port.
     fn start_pipeline(&mut self) -> anyhow::Result<()> {
         let port = self.args.metrics_port;
-        for site in &self.sites {
+        for site in self.sites.iter().filter(|s| !self.grouped.contains(s)) {
             start_agent(&mut self.procs, &self.sites, site, port)?;
+        }
+        if let Some(first) = self.grouped.first() {
+            // One process, on the first grouped site's port.
+            let p = port + 3 + self.sites.iter().position(|s| s == first).unwrap_or(0) as u16;
+            let mut a: Vec<String> = vec!["ingest".into()];
+            for s in &self.grouped {
+                a.extend(["--site".to_string(), s.clone()]);
+            }
+            a.extend(["--quiet".to_string(), "--metrics-port".to_string(), p.to_string()]);
+            self.procs.spawn(GROUP_PROC, &a, Some(p))?;
+            self.progress.step(format!("{} sites' agents in one ingest process ({GROUP_PROC})", self.grouped.len()));
         }
         self.procs.spawn("transform", &["transform".into(), "--metrics-port".into(), port.to_string()], Some(port))?;
         let p = port + 1;
@@ -434,7 +453,8 @@ impl<'a> Demo<'a> {
             .iter()
             .filter(|p| !p.name.starts_with("ingest-"))
             .filter_map(|p| p.port.map(|port| (p.name.clone(), format!("http://127.0.0.1:{port}/metrics"))))
-            .chain(self.sites.iter().enumerate().map(|(i, s)| (format!("ingest-{s}"), format!("http://127.0.0.1:{}/metrics", port + 3 + i as u16))))
+            .chain(self.sites.iter().enumerate().filter(|(_, s)| !self.grouped.contains(s)).map(|(i, s)| (format!("ingest-{s}"), format!("http://127.0.0.1:{}/metrics", port + 3 + i as u16))))
+            .chain(self.grouped.first().and_then(|f| self.sites.iter().position(|s| s == f)).map(|i| (GROUP_PROC.to_string(), format!("http://127.0.0.1:{}/metrics", port + 3 + i as u16))))
             .collect()
     }
 }

@@ -55,6 +55,12 @@ pub struct HqSinkArgs {
     /// The OpenMRS dump that --init loads.
     #[arg(long, env = "OMRS_DEMO_DUMP", default_value_os_t = omrs_core::openmrs::default_dump())]
     pub dump: PathBuf,
+    /// With --init: build HQ from this site's live schema (the programme's own OpenMRS version
+    /// and modules, read with the site's agent credentials: SHOW CREATE TABLE of each of its
+    /// tables) instead of the demo dump. HQ starts empty; the sites' snapshots bring the shared
+    /// metadata (concepts, locations, users) like everything else.
+    #[arg(long, requires = "init", value_name = "SITE")]
+    pub schema_from: Option<String>,
     /// Exit 0 once everything that was on omrs.hq.changes at start is applied (batch runs, tests).
     #[arg(long)]
     pub until_idle: bool,
@@ -100,6 +106,15 @@ struct Batch {
 pub async fn run(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     if args.init {
         let mut conn = connect(cfg, false).await?;
+        if let Some(site) = &args.schema_from {
+            let site_cfg = cfg.site(site).ok_or_else(|| SinkError::Usage(format!("--schema-from: site `{site}` is not in the config (sites: {})", cfg.site_names().join(", "))))?;
+            let n = schema::init_from_site(&mut conn, &cfg.hq.database.database, &site_cfg.database, args.force).await?;
+            match n {
+                Some(n) => tracing::info!(database = %cfg.hq.database.database, site = %site, tables = n, "HQ database created from the site's schema (no rows: the sites' snapshots bring them)"),
+                None => tracing::info!(database = %cfg.hq.database.database, "HQ database already holds OpenMRS; kept it (use --force to recreate); omrs_sync_ tables ensured"),
+            }
+            return Ok(());
+        }
         let created = schema::init(&mut conn, &cfg.hq.database.database, &args.dump, args.force).await?;
         if created {
             tracing::info!(database = %cfg.hq.database.database, dump = %args.dump.display(), "HQ database created from the OpenMRS schema and shared metadata");

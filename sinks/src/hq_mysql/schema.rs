@@ -254,3 +254,68 @@ pub async fn init(conn: &mut Conn, database: &str, dump: &Path, force: bool) -> 
     ensure_bookkeeping(conn).await?;
     Ok(true)
 }
+
+/// `--init --schema-from <site>`: HQ's OpenMRS tables as the site has them (`SHOW CREATE TABLE`
+/// of each base table, foreign keys included, auto-increment counters reset), no rows, then the
+/// bookkeeping. Returns the number of tables, or None when an existing HQ was kept.
+pub async fn init_from_site(conn: &mut Conn, database: &str, site: &omrs_core::config::DatabaseConfig, force: bool) -> Result<Option<usize>, SinkError> {
+    if has_openmrs(conn, database).await? && !force {
+        conn.query_drop(format!("USE `{database}`")).await.map_err(|e| SinkError::db("selecting the HQ database", e))?;
+        ensure_bookkeeping(conn).await?;
+        return Ok(None);
+    }
+    let mut src = Conn::new(site.opts()).await.map_err(|e| SinkError::db(format!("connecting to the site at {}", site.redacted_url()), e))?;
+    let tables: Vec<String> = src
+        .exec(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = ? AND table_type = 'BASE TABLE' ORDER BY table_name",
+            (&site.database,),
+        )
+        .await
+        .map_err(|e| SinkError::db("listing the site's tables", e))?;
+    let tables: Vec<String> = tables.into_iter().filter(|t| !t.starts_with("omrs_sync_") && !t.starts_with("omrs_dash_")).collect();
+    if !tables.iter().any(|t| t == "person") || !tables.iter().any(|t| t == "patient") {
+        return Err(SinkError::Usage(format!("--schema-from: database `{}` at {} is not an OpenMRS database (no person or patient table)", site.database, site.redacted_url())));
+    }
+    let mut ddl = Vec::with_capacity(tables.len());
+    for t in &tables {
+        let row: Option<(String, String)> = src
+            .query_first(format!("SHOW CREATE TABLE `{}`.`{}`", site.database.replace('`', "``"), t.replace('`', "``")))
+            .await
+            .map_err(|e| SinkError::db(format!("reading the definition of the site's `{t}`"), e))?;
+        let Some((_, create)) = row else { continue };
+        ddl.push(without_auto_increment(&create));
+    }
+    let _ = src.disconnect().await;
+    conn.query_drop(format!("DROP DATABASE IF EXISTS `{database}`; CREATE DATABASE `{database}` DEFAULT CHARACTER SET utf8mb4; USE `{database}`"))
+        .await
+        .map_err(|e| SinkError::db("creating the HQ database", e))?;
+    conn.query_drop("SET FOREIGN_KEY_CHECKS = 0").await.map_err(|e| SinkError::db("setting FOREIGN_KEY_CHECKS", e))?;
+    for (t, create) in tables.iter().zip(&ddl) {
+        conn.query_drop(create).await.map_err(|e| SinkError::db(format!("creating `{t}` at HQ"), e))?;
+    }
+    conn.query_drop("SET FOREIGN_KEY_CHECKS = 1").await.map_err(|e| SinkError::db("setting FOREIGN_KEY_CHECKS", e))?;
+    ensure_bookkeeping(conn).await?;
+    Ok(Some(ddl.len()))
+}
+
+/// A `CREATE TABLE` without its `AUTO_INCREMENT=n` table option: HQ numbers its own rows.
+fn without_auto_increment(create: &str) -> String {
+    match create.rfind(" AUTO_INCREMENT=") {
+        Some(i) => {
+            let rest = &create[i + 1..];
+            let end = rest.find(' ').map(|e| i + 1 + e).unwrap_or(create.len());
+            format!("{}{}", &create[..i], &create[end..])
+        }
+        None => create.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod init_tests {
+    #[test]
+    fn the_sites_row_counter_is_not_copied() {
+        let c = "CREATE TABLE `obs` (\n  `obs_id` int(11) NOT NULL AUTO_INCREMENT,\n  PRIMARY KEY (`obs_id`)\n) ENGINE=InnoDB AUTO_INCREMENT=9981 DEFAULT CHARSET=utf8mb3";
+        assert_eq!(super::without_auto_increment(c), "CREATE TABLE `obs` (\n  `obs_id` int(11) NOT NULL AUTO_INCREMENT,\n  PRIMARY KEY (`obs_id`)\n) ENGINE=InnoDB DEFAULT CHARSET=utf8mb3");
+        assert_eq!(super::without_auto_increment("CREATE TABLE t (a int)"), "CREATE TABLE t (a int)");
+    }
+}

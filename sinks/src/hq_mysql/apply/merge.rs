@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
-use omrs_core::openmrs::MOVES;
+use omrs_core::openmrs::{DAEMON_USER_UUID, MOVES};
 use serde_json::Value as J;
 
 use super::sql::{datetime, db, q};
@@ -195,7 +195,8 @@ impl Applier {
                     };
                     let reason = self.void_reason(conn, &survivor).await?;
                     set(cols, vals, "voided", Value::from(1));
-                    set(cols, vals, "voided_by", Value::from(self.daemon_user));
+                    let daemon = self.daemon(conn).await?;
+                    set(cols, vals, "voided_by", Value::from(daemon));
                     set(cols, vals, "date_voided", when);
                     set(cols, vals, "void_reason", Value::from(reason));
                 } else if Self::merge_voided(cols, vals) && self.merges.values().any(|m| m.winner == row_key) {
@@ -239,6 +240,21 @@ impl Applier {
     /// from the row being written; this reads the person's when the image lacks it). A
     /// duplicate is a duplicate from its creation; and unlike the time HQ learned of it, this
     /// does not depend on the order in which the sites were read (semantics 4).
+    /// HQ's id of the OpenMRS daemon user, in whose name merges are done. An HQ built from a
+    /// site's schema (`--init --schema-from`) starts without users: the daemon user arrives with
+    /// the first snapshot, so it is looked up again until found (until then: the lowest user id,
+    /// else 1).
+    pub(super) async fn daemon(&mut self, conn: &mut Conn) -> Result<i64, SinkError> {
+        if !self.daemon_known {
+            let found: Option<i64> = conn.exec_first("SELECT user_id FROM users WHERE uuid = ?", (DAEMON_USER_UUID,)).await.map_err(db("reading the daemon user"))?;
+            if let Some(id) = found {
+                self.daemon_user = id;
+                self.daemon_known = true;
+            }
+        }
+        Ok(self.daemon_user)
+    }
+
     pub(super) async fn merge_time(&mut self, conn: &mut Conn, loser: &str) -> Result<String, SinkError> {
         let t: Option<Option<String>> = conn
             .exec_first("SELECT DATE_FORMAT(date_created, '%Y-%m-%d %H:%i:%s') FROM person WHERE uuid = ?", (loser,))
@@ -317,7 +333,8 @@ impl Applier {
             // A survivor that its site had merged away (the site chose the other record) is
             // alive at HQ.
             unvoid_survivor(conn, w).await?;
-            void_merged(conn, l, self.daemon_user, &reason).await?;
+            let daemon = self.daemon(conn).await?;
+            void_merged(conn, l, daemon, &reason).await?;
             // HQ logs a merge of its own unless a site's log names the same loser (whatever the
             // reason of this record: which records reach HQ as `site_merge` and which as
             // `identifier` depends on the order the evidence arrived in; the site's log that
@@ -337,7 +354,7 @@ impl Applier {
                     "INSERT INTO person_merge_log (person_merge_log_id, winner_person_id, loser_person_id, creator, date_created, merged_data, uuid, voided)
                      VALUES (?, ?, ?, ?, ?, ?, ?, 0)
                      ON DUPLICATE KEY UPDATE winner_person_id = VALUES(winner_person_id)",
-                    (id, w, l, self.daemon_user, when.as_str(), data.to_string(), u.as_str()),
+                    (id, w, l, daemon, when.as_str(), data.to_string(), u.as_str()),
                 )
                 .await
                 .map_err(db("writing person_merge_log"))?;

@@ -141,6 +141,8 @@ pub struct Applier {
     /// learnt of it ([`super::rejected`]).
     carry: Carry,
     daemon_user: i64,
+    /// `daemon_user` is the daemon user's own id (not a fallback).
+    daemon_known: bool,
     fk_wait_ms: i64,
     max_pending: usize,
     warned: HashSet<(String, String)>,
@@ -217,6 +219,7 @@ impl Applier {
             ready: Vec::new(),
             carry: Carry::default(),
             daemon_user,
+            daemon_known: daemon.is_some(),
             fk_wait_ms,
             max_pending: usize::MAX,
             warned: HashSet::new(),

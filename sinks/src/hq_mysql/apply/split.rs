@@ -98,7 +98,8 @@ impl Applier {
         let reason = format!("Merged with patient #{sid}");
         for r in s.records.iter().filter(|r| **r != s.survivor) {
             let Some(id) = self.lookup_id(conn, "person", r).await? else { continue };
-            void_merged(conn, id, self.daemon_user, &reason).await?;
+            let daemon = self.daemon(conn).await?;
+            void_merged(conn, id, daemon, &reason).await?;
             let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, r.as_bytes()).to_string();
             conn.exec_drop("UPDATE person_merge_log SET winner_person_id = ? WHERE uuid = ?", (sid, u.as_str())).await.map_err(db("re-pointing a merge log"))?;
         }
