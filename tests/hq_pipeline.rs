@@ -389,6 +389,46 @@ async fn a_survivor_change_leaves_exactly_the_new_survivor_alive() {
     Hq::close(init, &db, [read, write]).await;
 }
 
+/// Every merged record names its component's survivor, through chains and survivor changes
+/// (`Applier::settle_voids`, added after tests/stop.rs saw, twice in about ten runs, a merged
+/// person voided in the name of a record a survivor change had merged away: that order was not
+/// reproduced here, so this is the invariant in a chain, not the failing order). Y merged into
+/// L, X into Y (the transform's merge towards Y withdraws Y's own merge: Y is the survivor),
+/// a change of X's row, then L merged into Y: L and X are voided in Y's name, HQ's merge log of
+/// X names Y, and Y is alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_change_renames_every_record_of_the_component_not_only_direct_losers() {
+    let Hq { db, init, mut write, read, user } = Hq::fresh("openmrs_hq_chain").await;
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
+    let (l, y, x) = ("88888888-0000-4000-8000-000000000001", "88888888-0000-4000-8000-000000000002", "88888888-0000-4000-8000-000000000003");
+    let person = |id: i64, uuid: &str, created: &str, changed: Option<&str>| json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": created, "date_changed": changed, "voided": 0, "uuid": uuid});
+    let merge = |offset: i64, winner: &str, loser: &str, reason: &str| {
+        let ev: HqEvent = HqEvent::Merge { winner: winner.into(), loser: loser.into(), reason: reason.into(), evidence: json!({}), site: "site-a".into(), ts_ms: 1_790_000_000_000 + offset };
+        Record::decode(0, offset, ev.to_json())
+    };
+    apply_batch(&mut applier, &mut write, vec![
+        record(1, Op::Create, "person", l, person(921, l, "2026-05-01 09:00:00", None), json!({"creator": user})),
+        record_from("site-b", 2, Op::Create, "person", y, person(922, y, "2026-02-01 09:00:00", None), json!({"creator": user})),
+        record_from("site-c", 3, Op::Create, "person", x, person(923, x, "2026-03-01 09:00:00", None), json!({"creator": user})),
+        merge(4, l, y, "identifier"),
+        merge(5, y, x, "identifier"),
+    ])
+    .await;
+    // X's row changes at its site while X's survivor (through Y) is L.
+    apply_batch(&mut applier, &mut write, vec![record_from("site-c", 6, Op::Update, "person", x, person(923, x, "2026-03-01 09:00:00", Some("2026-06-01 09:00:00")), json!({"creator": user}))]).await;
+    // Y is the earlier registration: it becomes the survivor.
+    apply_batch(&mut applier, &mut write, vec![merge(7, y, l, "survivor_change")]).await;
+    let y_id = count(&mut write, &format!("SELECT person_id FROM person WHERE uuid = '{y}'")).await;
+    for u in [l, x] {
+        let reason: String = write.query_first(format!("SELECT void_reason FROM person WHERE uuid = '{u}' AND voided = 1")).await.unwrap().unwrap_or_default();
+        assert_eq!(reason, format!("Merged with patient #{y_id}"), "{u} is voided in the survivor's name");
+    }
+    let x_id = count(&mut write, &format!("SELECT person_id FROM person WHERE uuid = '{x}'")).await;
+    assert_eq!(count(&mut write, &format!("SELECT COUNT(*) FROM person_merge_log WHERE loser_person_id = {x_id} AND winner_person_id = {y_id}")).await, 1, "X's merge log names Y");
+    assert_eq!(count(&mut write, &format!("SELECT voided FROM person WHERE uuid = '{y}'")).await, 0, "Y is alive");
+    Hq::close(init, &db, [read, write]).await;
+}
+
 /// Issue #22, registration dates fixed after the fact: the survivor changes to an earlier loser
 /// and back. A name handed back to its own person is preferred again, as at its site (before,
 /// every move left it non-preferred for good); one written to the survivor by the transform

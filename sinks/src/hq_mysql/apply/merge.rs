@@ -240,6 +240,59 @@ impl Applier {
     /// from the row being written; this reads the person's when the image lacks it). A
     /// duplicate is a duplicate from its creation; and unlike the time HQ learned of it, this
     /// does not depend on the order in which the sites were read (semantics 4).
+    /// Every merged record of the components the merges of a batch touched (`losers`) is voided
+    /// in the name of its component's survivor, and HQ's merge log of it names that survivor,
+    /// whatever order the merges and the merged records' own changes arrived in. (A change of
+    /// a merged record voids it in the name of its survivor at that moment; a survivor change
+    /// later in the stream renames the records merged into the old survivor, but one merged
+    /// through a record the change withdrew kept the old name: `tests/stop.rs` saw it.)
+    pub(super) async fn settle_voids(&mut self, conn: &mut Conn, losers: &[String]) -> Result<(), SinkError> {
+        let mut survivors: Vec<String> = losers.iter().filter_map(|l| self.survivor_of(l)).collect();
+        if survivors.is_empty() {
+            return Ok(());
+        }
+        survivors.sort();
+        survivors.dedup();
+        let members: Vec<(String, String)> = self
+            .merges
+            .iter()
+            .filter(|(_, m)| m.applied)
+            .filter_map(|(l, _)| self.survivor_of(l).filter(|s| survivors.binary_search(s).is_ok()).map(|s| (l.clone(), s)))
+            .collect();
+        for (l, s) in members {
+            let (Some(lid), Some(sid)) = (self.lookup_id(conn, "person", &l).await?, self.lookup_id(conn, "person", &s).await?) else { continue };
+            let reason = format!("Merged with patient #{sid}");
+            for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
+                conn.exec_drop(format!("UPDATE {table} SET void_reason = ? WHERE {col} = ? AND voided = 1 AND NOT (void_reason <=> ?)"), (reason.as_str(), lid, reason.as_str()))
+                    .await
+                    .map_err(db("naming a merged person's survivor"))?;
+            }
+            let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, l.as_bytes()).to_string();
+            conn.exec_drop("UPDATE person_merge_log SET winner_person_id = ? WHERE uuid = ? AND winner_person_id <> ?", (sid, u.as_str(), sid))
+                .await
+                .map_err(db("naming a merged person's survivor in its merge log"))?;
+        }
+        Ok(())
+    }
+
+    /// The records whose survivor is `loser`, directly or through a chain, but `except`.
+    fn merged_into(&self, loser: &str, except: &str) -> Vec<String> {
+        let mut below: Vec<String> = Vec::new();
+        let mut frontier: Vec<String> = vec![loser.to_string()];
+        while !frontier.is_empty() {
+            let next: Vec<String> = self
+                .merges
+                .iter()
+                .filter(|(l, m)| frontier.contains(&m.winner) && l.as_str() != loser && !below.contains(l))
+                .map(|(l, _)| l.clone())
+                .collect();
+            below.extend(next.iter().cloned());
+            frontier = next;
+        }
+        below.retain(|l| l != except);
+        below
+    }
+
     /// HQ's id of the OpenMRS daemon user, in whose name merges are done. An HQ built from a
     /// site's schema (`--init --schema-from`) starts without users: the daemon user arrives with
     /// the first snapshot, so it is looked up again until found (until then: the lowest user id,
@@ -281,6 +334,11 @@ impl Applier {
         if loser == rec.winner {
             return Ok(());
         }
+        // Every record whose survivor was `loser`, directly or through a chain (read before the
+        // maps change): their void reason and HQ's merge log must name the new survivor. Direct
+        // losers alone missed one merged into a record that a survivor change then withdrew
+        // (x → y, y → l; then l → y makes y the survivor: x still named l; tests/stop.rs saw it).
+        let below = self.merged_into(loser, &rec.winner);
         // The survivor of a component is never a loser. A survivor change names an earlier loser
         // of this component as the new survivor: its own merge is withdrawn (its merge log goes,
         // it is un-voided below), instead of being chained to itself, which voided everyone.
@@ -361,7 +419,7 @@ impl Applier {
                 log_uuid = Some(u);
             }
             // Earlier losers: their merge log and void reason name the new survivor.
-            for cl in &chained {
+            for cl in &below {
                 if let Some(cid) = self.lookup_id(conn, "person", cl).await? {
                     for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
                         conn.exec_drop(format!("UPDATE {table} SET void_reason = ? WHERE {col} = ? AND voided = 1"), (reason.as_str(), cid))

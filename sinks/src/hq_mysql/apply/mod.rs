@@ -356,12 +356,15 @@ impl Applier {
         // What this batch did not write: later rows of it must not reference it.
         let mut missing = Missing::default();
         let mut reviews: Vec<ReviewRow> = Vec::new();
+        // The losers of the merges this batch applies: their components are settled at its end.
+        let mut merged: Vec<String> = Vec::new();
         for rec in records {
             match self.intake(rec, &mut out, &mut aggregates) {
                 Some(Intake::Work(w)) => segment.push(*w),
                 Some(Intake::Merge(loser, rec)) => {
                     self.flush(conn, std::mem::take(&mut segment), &mut out, &mut missing).await?;
                     self.merge(conn, &loser, rec).await?;
+                    merged.push(loser);
                     out.merges += 1;
                 }
                 Some(Intake::Split(s)) => {
@@ -376,18 +379,13 @@ impl Applier {
         out.aggregates = upsert_aggregates(conn, aggregates).await?;
         out.reviews = upsert_reviews(conn, reviews).await?;
         self.retry_merges(conn).await?;
+        self.settle_voids(conn, &merged).await?;
         let expired = self.expire_pending(&mut out);
         let failed = self.writer().execute(conn, expired, &mut out, &mut missing).await?;
         self.forget(&failed);
         Ok(out)
     }
 
-    /// True when `records` must be applied by [`Applier::apply`] on the writing connection,
-    /// after the batch before it has committed: a merge (it reads and moves rows) or a review
-    /// (they come with merges, and are rare), a merge
-    /// still waiting for its persons, or a change of a merged person (its void date and
-    /// reason are read from HQ). Every other batch can be planned while the previous one is
-    /// being written ([`Applier::plan_batch`]).
     /// Why a change of `table` from `site` at `offset` is stopped, if it is.
     fn blocked_at(&self, site: &str, table: Option<&str>, offset: i64) -> Option<String> {
         let from = *self.blocked.get(&(site.to_string(), table?.to_string()))?;
@@ -435,6 +433,12 @@ impl Applier {
         Ok(())
     }
 
+    /// True when `records` must be applied by [`Applier::apply`] on the writing connection,
+    /// after the batch before it has committed: a merge (it reads and moves rows) or a review
+    /// (they come with merges, and are rare), a merge
+    /// still waiting for its persons, or a change of a merged person (its void date and
+    /// reason are read from HQ). Every other batch can be planned while the previous one is
+    /// being written ([`Applier::plan_batch`]).
     pub fn needs_sync(&self, records: &[Record]) -> bool {
         if self.merges.values().any(|m| !m.applied) {
             return true;
