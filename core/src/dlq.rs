@@ -27,6 +27,9 @@ pub enum DeadKind {
     FkWaitTimeout,
     /// It had to wait for a row, and the pending store was full (`max_pending_rows`).
     PendingFull,
+    /// A foreign key of a change read from Debezium names a row the input never saw
+    /// (`[sites.debezium] ref_wait_ms`).
+    UnresolvedReference,
     /// Its table's schema changed at its site in a way HQ does not follow alone (a dropped,
     /// renamed or retyped column): stopped until a person migrates HQ.
     SchemaBlocked,
@@ -47,6 +50,7 @@ impl DeadKind {
             DeadKind::FkWaitTimeout => "fk_wait_timeout",
             DeadKind::PendingFull => "pending_full",
             DeadKind::SchemaBlocked => "schema_blocked",
+            DeadKind::UnresolvedReference => "unresolved_reference",
         }
     }
 }

@@ -222,7 +222,7 @@ impl Metrics {
             snapshot_tables_done: gauge_vec(&r, SNAPSHOT_TABLES_DONE, "Tables whose snapshot is complete", &["site"]),
             snapshot_lock_ms: gauge_vec(&r, SNAPSHOT_LOCK_MS, "How long the last snapshot held the site's global read lock (MySQL path), ms", &["site"]),
             ingest_site_running: gauge_vec(&r, INGEST_SITE_RUNNING, "1 while a site's agent runs in a multi-site ingest process, 0 once it stopped", &["site"]),
-            schema_changes: counter_vec(&r, SCHEMA_CHANGES, "DDL statements read from a site's binlog, by how the schema history followed them (applied, information_schema)", &["site", "how"]),
+            schema_changes: counter_vec(&r, SCHEMA_CHANGES, "DDL statements read from a site's binlog, by how the schema history followed them (applied, information_schema; the Debezium input: applied, not_followed)", &["site", "how"]),
             simulated_rows: counter_vec(&r, SIMULATED_ROWS, "Row changes written by the simulator", &["site", "table", "op"]),
             up: gauge_vec(&r, UP, "1 while the process runs", &["stage"]),
             build_info: gauge_vec(&r, BUILD_INFO, "1; the labels name the running build", &["version", "stage"]),

@@ -72,7 +72,7 @@ async fn main() {
 
     let mut c = Conn::new(admin(port, None)).await.unwrap();
     omrs_simulate::provision::provision(&mut c, &site.name, database, &dump, true).await.unwrap();
-    let args = omrs_ingest::IngestArgs { sites: vec![site.name.clone()], all_sites: false, until_caught_up: true, resnapshot: false, metrics_port: None, quiet: true };
+    let args = omrs_ingest::IngestArgs { sites: vec![site.name.clone()], all_sites: false, until_caught_up: true, resnapshot: false, from_debezium: false, metrics_port: None, quiet: true };
     let t = Instant::now();
     omrs_ingest::run(&cfg, &args).await.unwrap();
     let snapshot_secs = t.elapsed().as_secs_f64();

@@ -61,6 +61,15 @@ pub enum Checkpoint {
         #[serde(default)]
         segments: Vec<Segment>,
     },
+    /// `ingest --from-debezium` ([`crate::debezium`]): the next offset to read of every
+    /// Debezium topic partition (`topic:partition`), and the last binlog position sent.
+    Debezium {
+        offsets: std::collections::BTreeMap<String, i64>,
+        #[serde(default)]
+        position: Option<Position>,
+        #[serde(default)]
+        ts_ms: i64,
+    },
 }
 
 impl Checkpoint {
@@ -96,11 +105,27 @@ pub fn read(kafka: &KafkaConfig, topic: &str, site: &str) -> Result<Option<Check
 /// Reads the last committed checkpoint of `site` and the schema history beside it
 /// ([`crate::schema`]).
 pub fn read_with_schema(kafka: &KafkaConfig, topic: &str, site: &str) -> Result<(Option<Checkpoint>, crate::schema::History), IngestError> {
+    read_state(kafka, topic, site, None)
+}
+
+/// [`read_with_schema`], and the ids the Debezium input saved ([`crate::debezium::ids`]) into
+/// `ids` when given.
+pub fn read_state(
+    kafka: &KafkaConfig,
+    topic: &str,
+    site: &str,
+    mut ids: Option<&mut crate::debezium::ids::Ids>,
+) -> Result<(Option<Checkpoint>, crate::schema::History), IngestError> {
     let mut last = None;
     let mut history = crate::schema::History::default();
     omrs_core::kafka::read_to_end(kafka, topic, |key, payload, _| {
         match key {
             Some(k) if k == site.as_bytes() => last = Some(serde_json::from_slice::<Checkpoint>(payload).map_err(|e| e.to_string())?),
+            Some(k) if k.starts_with(b"ids:") => {
+                if let Some(ids) = ids.as_deref_mut() {
+                    ids.load(k, payload)?;
+                }
+            }
             Some(k) => history.learn(k, payload)?,
             None => {}
         }

@@ -14,9 +14,12 @@
 //! - [`convert`]: MySQL values → envelope JSON.
 //! - [`encode`]: binlog rows straight to the JSON of their change events.
 //! - [`checkpoint`], [`producer`]: offsets and the transactional producer.
+//! - [`debezium`]: the other way in, `--from-debezium`: a clinic's Debezium topics instead of
+//!   its binlog.
 
 pub mod checkpoint;
 pub mod convert;
+pub mod debezium;
 pub mod encode;
 pub mod producer;
 pub mod refs;
@@ -122,9 +125,14 @@ pub struct IngestArgs {
     /// Exit 0 once the snapshot is done and the binlog end seen at start has been reached.
     #[arg(long)]
     pub until_caught_up: bool,
-    /// Ignore the saved position and take a fresh snapshot (after the binlog was purged).
+    /// Ignore the saved position and take a fresh snapshot (after the binlog was purged); with
+    /// --from-debezium, read the Debezium topics from their beginning.
     #[arg(long)]
     pub resnapshot: bool,
+    /// Read the site from an existing Debezium deployment's topics (`[sites.debezium]`) instead
+    /// of its binlog: no agent at the clinic.
+    #[arg(long)]
+    pub from_debezium: bool,
     /// Serve /metrics and /health on this port (overrides metrics.listen).
     #[arg(long)]
     pub metrics_port: Option<u16>,
@@ -193,6 +201,9 @@ pub async fn run(cfg: &Config, args: &IngestArgs) -> Result<(), IngestError> {
         if sites.iter().any(|s: &SiteConfig| s.name == site.name) {
             return Err(IngestError::Usage(format!("site `{name}` is given twice")));
         }
+        if args.from_debezium {
+            debezium::check(site)?;
+        }
         sites.push(site.clone());
     }
     match sites.as_slice() {
@@ -240,7 +251,14 @@ async fn run_sites(cfg: &Config, sites: Vec<SiteConfig>, args: &IngestArgs) -> R
 async fn run_site(cfg: &Config, site: &SiteConfig, args: &IngestArgs) -> Result<(), IngestError> {
     let resnapshot = std::sync::atomic::AtomicBool::new(args.resnapshot);
     retry_transient(
-        || run_once(cfg, site, args, resnapshot.load(std::sync::atomic::Ordering::Relaxed)),
+        || async {
+            let fresh = resnapshot.load(std::sync::atomic::Ordering::Relaxed);
+            if args.from_debezium {
+                debezium::run_once(cfg, site, args, fresh).await
+            } else {
+                run_once(cfg, site, args, fresh).await
+            }
+        },
         IngestError::is_transient,
         |e, wait| {
             metrics().ingest_retries.with_label_values(&[&site.name, e.reason()]).inc();
@@ -308,6 +326,12 @@ async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot
         Some(Checkpoint::Snapshot { tables, segments, next_table, after_key, rows }) => {
             tracing::info!(site = %site.name, next_table, ?after_key, "resuming the snapshot");
             snapshot::run(&mut agent, Some((tables, segments, next_table, after_key, rows))).await?
+        }
+        Some(Checkpoint::Debezium { .. }) => {
+            return Err(IngestError::Usage(format!(
+                "site {}'s checkpoint is the Debezium input's: run `ingest --site {} --from-debezium`, or `--resnapshot` to capture its binlog from a fresh snapshot instead",
+                site.name, site.name
+            )))
         }
         None => snapshot::run(&mut agent, None).await?,
     };

@@ -134,6 +134,8 @@ enum Req {
     Records(Batch),
     /// Records for the checkpoint topic (the schema history) in the open transaction.
     Aside(Vec<(Vec<u8>, Vec<u8>)>),
+    /// A dead letter (`omrs.dlq`), in the open transaction.
+    Dead { topic: String, value: Vec<u8> },
     /// Ends the open transaction (begun if none is) with the checkpoint, and commits it.
     Commit(Checkpoint),
     Flush(oneshot::Sender<()>),
@@ -191,6 +193,7 @@ impl TxProducer {
                 let result = match req {
                     Req::Records(events) => worker.records(events).await,
                     Req::Aside(recs) => worker.aside(recs).await,
+                    Req::Dead { topic, value } => worker.dead(&topic, &value).await,
                     Req::Commit(cp) => worker.commit(cp).await,
                     Req::Flush(reply) => {
                         let r = worker.wait().await;
@@ -259,6 +262,12 @@ impl TxProducer {
         self.request(Req::Aside(records)).await
     }
 
+    /// Hands a dead letter for `topic` (the dead-letter topic) to the producer task: it commits
+    /// with the next checkpoint, so a record is dead-lettered exactly once as it is sent once.
+    pub async fn dead(&mut self, topic: String, value: Vec<u8>) -> Result<(), IngestError> {
+        self.request(Req::Dead { topic, value }).await
+    }
+
     /// Waits until everything sent so far is committed.
     pub async fn wait(&mut self) -> Result<(), IngestError> {
         self.check()?;
@@ -324,6 +333,14 @@ impl Worker {
             if let Err(e) = self.enqueue(&self.offsets_topic, key, value).await {
                 return Err(self.abort(e));
             }
+        }
+        Ok(())
+    }
+
+    async fn dead(&mut self, topic: &str, value: &[u8]) -> Result<(), IngestError> {
+        self.begin().await?;
+        if let Err(e) = self.enqueue(topic, self.site.as_bytes(), value).await {
+            return Err(self.abort(e));
         }
         Ok(())
     }

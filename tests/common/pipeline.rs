@@ -131,16 +131,20 @@ pub struct Live {
 }
 
 pub async fn live(p: &hq::Pipeline, hq_db: &str, patients: usize, seed: u64, rate: Option<f64>) -> Live {
+    live_with(p, hq_db, patients, seed, rate, &[]).await
+}
+
+/// As [`live`], with more config tweaks (`(from, to)`, as [`hq::Pipeline::config`] takes them).
+pub async fn live_with(p: &hq::Pipeline, hq_db: &str, patients: usize, seed: u64, rate: Option<f64>, tweaks: &[(&str, &str)]) -> Live {
     let lake = p.dir.path().join("lake");
     let lake_line = format!("path = \"{}\"", lake.display());
-    let config = p.config(
-        hq_db,
-        &[
-            ("path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"", &lake_line),
-            ("roll_interval_ms = 10000", "roll_interval_ms = 1000"),
-            ("compact_interval_s = 60", "compact_interval_s = 5"),
-        ],
-    );
+    let mut all = vec![
+        ("path = \"${OMRS_LAKE:-/var/lib/omrs-stream/lake}\"", lake_line.as_str()),
+        ("roll_interval_ms = 10000", "roll_interval_ms = 1000"),
+        ("compact_interval_s = 60", "compact_interval_s = 5"),
+    ];
+    all.extend_from_slice(tweaks);
+    let config = p.config(hq_db, &all);
     p.run(&config, &["topics", "apply"]);
     let cfg = omrs_core::config::Config::load(&config).unwrap();
     let manifest = p.dir.path().join("manifest.json");

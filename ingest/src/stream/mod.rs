@@ -66,16 +66,7 @@ pub async fn make_event(
         (None, Some(b)) => b,
         (None, None) => return Err(IngestError::Binlog(format!("{}: a row event without an image", table.name))),
     };
-    let mut key = Row::new();
-    if table.pk.is_empty() {
-        for (k, v) in image {
-            key.insert(k.clone(), v.clone());
-        }
-    } else {
-        for k in &table.pk {
-            key.insert(k.clone(), image.get(k).cloned().unwrap_or(J::Null));
-        }
-    }
+    let key = row_key(table, image);
     let id = table.int_pk().and_then(|pk| image.get(pk)).and_then(J::as_i64);
     let uuid = if table.has_uuid {
         image.get("uuid").and_then(J::as_str).map(str::to_string)
@@ -102,6 +93,15 @@ pub async fn make_event(
         oversize: None,
         schema: None,
     })
+}
+
+/// The envelope's `key` of a row: its primary key columns, or every column of a table without
+/// one.
+pub(crate) fn row_key(table: &TableModel, image: &Row) -> Row {
+    if table.pk.is_empty() {
+        return image.clone();
+    }
+    table.pk.iter().map(|k| (k.clone(), image.get(k).cloned().unwrap_or(J::Null))).collect()
 }
 
 /// Which snapshot segment a row belongs to, and so from which position its changes count.
