@@ -7,6 +7,12 @@
 //!    (no conversion, no Kafka) — the ceiling.
 //! 4. The agent catches up: binlog → change events → committed Kafka transactions.
 //!
+//! 5. With `--debezium` (a Kafka Connect worker from `deploy/debezium/debezium-up
+//!    --worker-only` on 127.0.0.1:8083): Debezium's MariaDB connector snapshots the database
+//!    before the workload (paused meanwhile), then reads the same binlog range into its topics
+//!    (timed), and `ingest --from-debezium` turns them into committed change events (timed), to
+//!    set the Debezium path beside the agent.
+//!
 //! Prints `BENCH <name> <value> <unit>` lines last.
 //!
 //! With `--check` after the patient count, the rows of the range are also encoded both ways
@@ -77,6 +83,12 @@ async fn main() {
     omrs_ingest::run(&cfg, &args).await.unwrap();
     let snapshot_secs = t.elapsed().as_secs_f64();
     eprintln!("snapshot of the demo dump: {snapshot_secs:.1} s");
+    // Debezium's snapshot of the same database, then its connector paused for the workload; the
+    // input takes the snapshot's records untimed.
+    let dbz = std::env::args().any(|a| a == "--debezium").then(|| dbz::Bench::start(&cfg, database, port, &prefix));
+    if let Some(d) = &dbz {
+        d.catch_up(&root).await;
+    }
 
     // The workload, written while the agent is stopped.
     let (from_file, from_pos) = master_status(&mut c).await;
@@ -119,6 +131,17 @@ async fn main() {
     let rss1 = rss_kib();
     let tracked = omrs_core::metrics::metrics().ref_cache_entries.with_label_values(&[&site.name]).get().max(1) as u64;
     let events_out: u64 = omrs_core::metrics::metrics().kafka_transactions.with_label_values(&["ingest", &site.name]).get();
+    // The Debezium path over the same range: the connector, then the input.
+    let dbz_secs = match &dbz {
+        Some(d) => {
+            let connector = d.resume_and_time(raw_rows);
+            Some((connector, d.catch_up(&root).await))
+        }
+        None => None,
+    };
+    if let Some(d) = &dbz {
+        d.stop(&cfg).await;
+    }
 
     // Clean up.
     let _ = c.query_drop(format!("DROP DATABASE `{database}`")).await;
@@ -139,6 +162,151 @@ async fn main() {
     println!("BENCH ingest_kafka_transactions {events_out} txns");
     println!("BENCH ref_cache_entries {tracked} rows");
     println!("BENCH memory_per_tracked_row {:.0} bytes", (rss1.saturating_sub(rss0) * 1024) as f64 / tracked as f64);
+    if let Some((connector, input)) = dbz_secs {
+        println!("BENCH debezium_connector_rate {:.0} rows/s", raw_rows as f64 / connector);
+        println!("BENCH debezium_input_rate {:.0} rows/s", raw_rows as f64 / input);
+        println!("BENCH debezium_path_rate {:.0} rows/s", raw_rows as f64 / (connector + input));
+        println!("BENCH debezium_path_vs_agent {:.2} ratio", (raw_rows as f64 / (connector + input)) / agent_rate);
+    }
+}
+
+/// The Debezium side of the benchmark (module docs, step 5).
+mod dbz {
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    use omrs_core::config::{Config, DebeziumConfig, ModelSource, TopicsFile};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    const REST: &str = "http://127.0.0.1:8083";
+
+    pub struct Bench {
+        name: String,
+        topic_prefix: String,
+        database: String,
+        /// The input's own pipeline prefix (its omrs.cdc and checkpoint topics).
+        cfg: Config,
+    }
+
+    fn curl(args: &[&str]) -> String {
+        let out = Command::new("curl").args(["-sS", "--max-time", "30"]).args(args).output().expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    impl Bench {
+        /// The connector, registered; back once its snapshot is in its topics, paused.
+        pub fn start(cfg: &Config, database: &str, port: u16, prefix: &str) -> Bench {
+            let name = format!("{prefix}bench");
+            let topic_prefix = format!("{prefix}dbz");
+            let body = serde_json::json!({"name": name, "config": {
+                "connector.class": "io.debezium.connector.mariadb.MariaDbConnector", "tasks.max": "1",
+                "database.hostname": "127.0.0.1", "database.port": port.to_string(), "database.user": "cdc", "database.password": "cdc",
+                "database.server.id": (5300 + std::process::id() % 90).to_string(), "database.include.list": database,
+                "topic.prefix": topic_prefix, "snapshot.mode": "initial", "include.schema.changes": "true",
+                "decimal.handling.mode": "string", "heartbeat.interval.ms": "1000", "connect.keep.alive.interval.ms": "2500",
+                "schema.history.internal.kafka.bootstrap.servers": cfg.kafka.bootstrap_servers, "schema.history.internal.kafka.topic": format!("{topic_prefix}.schema-history"),
+                "topic.creation.default.replication.factor": "1", "topic.creation.default.partitions": "1",
+                "value.converter": "org.apache.kafka.connect.json.JsonConverter", "value.converter.schemas.enable": "false",
+                "value.converter.replace.null.with.default": "false",
+                "key.converter": "org.apache.kafka.connect.json.JsonConverter", "key.converter.schemas.enable": "false"}});
+            let out = curl(&["-X", "POST", "-H", "Content-Type: application/json", "--data", &body.to_string(), &format!("{REST}/connectors")]);
+            assert!(!out.contains("error_code") && !out.is_empty(), "registering the connector (is deploy/debezium/debezium-up --worker-only running?): {out}");
+            let mut input = cfg.clone();
+            input.kafka.topic_prefix = format!("{prefix}dbzin.");
+            let mut site = input.sites[0].clone();
+            site.debezium = Some(DebeziumConfig {
+                topic_prefix: topic_prefix.clone(),
+                database: None,
+                schemas: false,
+                model: ModelSource::Site,
+                heartbeat_topic: None,
+                order_grace_ms: 500,
+                ref_wait_ms: 30_000,
+                kafka: None,
+            });
+            input.sites = vec![site];
+            let b = Bench { name, topic_prefix, database: database.into(), cfg: input };
+            // The snapshot is in once the topics stop growing.
+            let mut last = (0, Instant::now());
+            wait("Debezium's snapshot", 600, || {
+                let n = b.records();
+                if n != last.0 {
+                    last = (n, Instant::now());
+                }
+                n > 0 && last.1.elapsed() > Duration::from_secs(3)
+            });
+            curl(&["-X", "PUT", &format!("{REST}/connectors/{}/pause", b.name)]);
+            wait("the connector paused", 60, || curl(&[&format!("{REST}/connectors/{}/status", b.name)]).matches("PAUSED").count() >= 2);
+            eprintln!("Debezium snapshot: {} records; connector paused", b.records());
+            b
+        }
+
+        /// Records in the connector's table topics (tombstones included).
+        fn records(&self) -> i64 {
+            let Ok(c) = omrs_core::kafka::client_config(&self.cfg.kafka).create::<BaseConsumer>() else { return 0 };
+            let Ok(md) = c.fetch_metadata(None, Duration::from_secs(10)) else { return 0 };
+            let tables = format!("{}.{}.", self.topic_prefix, self.database);
+            md.topics()
+                .iter()
+                .filter(|t| t.name().starts_with(&tables))
+                .filter_map(|t| c.fetch_watermarks(t.name(), 0, Duration::from_secs(10)).ok())
+                .map(|(_, high)| high)
+                .sum()
+        }
+
+        /// Resumes the connector; seconds until `rows` more row records are in its topics and
+        /// they stop growing (the growth's end, not the wait after it).
+        pub fn resume_and_time(&self, rows: u64) -> f64 {
+            let base = self.records();
+            curl(&["-X", "PUT", &format!("{REST}/connectors/{}/resume", self.name)]);
+            let t = Instant::now();
+            let mut last = (base, t.elapsed());
+            wait("Debezium over the workload's binlog range", 1800, || {
+                let n = self.records();
+                if n != last.0 {
+                    last = (n, t.elapsed());
+                }
+                n >= base + rows as i64 && t.elapsed() - last.1 > Duration::from_secs(2)
+            });
+            eprintln!("Debezium: {} records in {:.1} s", last.0 - base, last.1.as_secs_f64());
+            last.1.as_secs_f64()
+        }
+
+        /// `ingest --from-debezium --until-caught-up`; its seconds.
+        pub async fn catch_up(&self, root: &std::path::Path) -> f64 {
+            let topics = TopicsFile::load(&root.join("topics.toml")).unwrap().resolve(&self.cfg.site_names(), &self.cfg.kafka.topic_prefix);
+            omrs_core::topics::apply(&self.cfg.kafka, &topics).await.unwrap();
+            let args = omrs_ingest::IngestArgs { sites: vec![self.cfg.sites[0].name.clone()], all_sites: false, until_caught_up: true, resnapshot: false, from_debezium: true, metrics_port: None, quiet: true };
+            let t = Instant::now();
+            omrs_ingest::run(&self.cfg, &args).await.unwrap();
+            t.elapsed().as_secs_f64()
+        }
+
+        /// The connector and every topic of this run.
+        pub async fn stop(&self, cfg: &Config) {
+            curl(&["-X", "DELETE", &format!("{REST}/connectors/{}", self.name)]);
+            let Ok(c) = omrs_core::kafka::client_config(&cfg.kafka).create::<BaseConsumer>() else { return };
+            let Ok(md) = c.fetch_metadata(None, Duration::from_secs(10)) else { return };
+            let heartbeat = format!("__debezium-heartbeat.{}", self.topic_prefix);
+            let names: Vec<String> = md
+                .topics()
+                .iter()
+                .map(|t| t.name().to_string())
+                .filter(|n| n.starts_with(&self.topic_prefix) || n.starts_with(&self.cfg.kafka.topic_prefix) || *n == heartbeat)
+                .collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = omrs_core::kafka::client_config(&cfg.kafka).create().unwrap();
+            let _ = admin.delete_topics(&refs, &rdkafka::admin::AdminOptions::new()).await;
+        }
+    }
 }
 
 /// Reads the binlog range from `from` to `to` and hands every rows event of `database` to `f`,

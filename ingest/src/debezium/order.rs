@@ -70,6 +70,11 @@ impl<T> Merge<T> {
         self.lanes.len() - 1
     }
 
+    /// The offset after the last record pushed to `lane` (where it was started, before any).
+    pub fn next_offset(&self, lane: usize) -> i64 {
+        self.lanes.get(lane).map_or(0, |l| l.next_offset)
+    }
+
     /// Records waiting in `lane`.
     pub fn waiting(&self, lane: usize) -> usize {
         self.lanes.get(lane).map_or(0, |l| l.queue.len())

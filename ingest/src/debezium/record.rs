@@ -70,10 +70,10 @@ pub fn parse(value: Option<&[u8]>) -> Result<Record, String> {
         Some(other) => return Err(format!("unknown op `{other}`")),
         None => return Err("no `op`".into()),
     };
-    let image = |k: &str| -> Result<Option<Map<String, J>>, String> {
-        match top.get(k) {
+    let mut image = |k: &str| -> Result<Option<Map<String, J>>, String> {
+        match top.remove(k) {
             None | Some(J::Null) => Ok(None),
-            Some(J::Object(m)) => Ok(Some(m.clone())),
+            Some(J::Object(m)) => Ok(Some(m)),
             Some(_) => Err(format!("`{k}` is not an object")),
         }
     };
@@ -87,6 +87,28 @@ pub fn parse(value: Option<&[u8]>) -> Result<Record, String> {
         _ => {}
     }
     Ok(Record::Change(DbzChange { op, before, after, source }))
+}
+
+/// The id (column `pk`) and uuid of a record's row after the change, read without building the
+/// row (the read-ahead's only need). None for anything else.
+pub fn row_id(value: &[u8], pk: &str) -> Option<(i64, String)> {
+    use serde_json::value::RawValue;
+    #[derive(serde::Deserialize)]
+    struct Top<'a> {
+        #[serde(borrow, default)]
+        after: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        payload: Option<&'a RawValue>,
+    }
+    let top: Top = serde_json::from_slice(value).ok()?;
+    let after = match top.payload {
+        Some(p) => serde_json::from_str::<Top>(p.get()).ok()?.after?,
+        None => top.after?,
+    };
+    let cols: std::collections::HashMap<&str, &RawValue> = serde_json::from_str(after.get()).ok()?;
+    let id = serde_json::from_str::<i64>(cols.get(pk)?.get()).ok()?;
+    let uuid = serde_json::from_str::<String>(cols.get("uuid")?.get()).ok()?;
+    Some((id, uuid))
 }
 
 fn source(s: &Map<String, J>) -> Result<DbzSource, String> {
@@ -138,6 +160,10 @@ mod tests {
         assert!(parse(Some(b"not json")).unwrap_err().contains("not JSON"));
         let no_before = format!(r#"{{"before":null,"after":{{"a":1}},{SOURCE},"op":"u"}}"#);
         assert!(parse(Some(no_before.as_bytes())).unwrap_err().contains("binlog_row_image"));
+        let row = format!(r#"{{"before":null,"after":{{"obs_id":7,"uuid":"u-7","value_text":"a \"b\""}},{SOURCE},"op":"c"}}"#);
+        assert_eq!(row_id(row.as_bytes(), "obs_id"), Some((7, "u-7".into())));
+        assert_eq!(row_id(format!(r#"{{"schema":{{}},"payload":{row}}}"#).as_bytes(), "obs_id"), Some((7, "u-7".into())));
+        assert_eq!(row_id(no_before.as_bytes(), "obs_id"), None, "no uuid");
         let odd = format!(r#"{{"before":null,"after":{{"a":1}},{SOURCE},"op":"x"}}"#);
         assert!(parse(Some(odd.as_bytes())).unwrap_err().contains("unknown op `x`"));
     }
