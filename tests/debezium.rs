@@ -166,12 +166,26 @@ async fn clinics_streamed_by_debezium_reach_hq_and_the_lake_as_with_our_agent() 
     // final image and its references, folded from omrs.cdc.<site> of each run.
     for site in ["site-a", "site-c"] {
         let ours = fold(&read_topic(&format!("{}omrs.cdc.{site}", reference.p.prefix)));
-        let theirs = fold(&read_topic(&format!("{}omrs.cdc.{site}", p.prefix)));
+        let events = read_topic(&format!("{}omrs.cdc.{site}", p.prefix));
+        // The connector's heartbeats came through while the clinic was quiet, and none overtook
+        // a change: each is later than every change before it.
+        let mut latest = i64::MIN;
+        let mut heartbeats = 0;
+        for e in &events {
+            if e.op == omrs_core::envelope::Op::Heartbeat {
+                assert!(e.source.ts_ms >= latest, "{site}: a heartbeat at {} after a change at {latest}", e.source.ts_ms);
+                heartbeats += 1;
+            } else if !e.source.snapshot {
+                latest = latest.max(e.source.ts_ms);
+            }
+        }
+        assert!(heartbeats > 0, "{site}: no heartbeat in its topic");
+        let theirs = fold(&events);
         let differ: Vec<_> = ours.iter().filter(|(k, v)| theirs.get(*k) != Some(*v)).take(5).collect();
         let extra: Vec<_> = theirs.keys().filter(|k| !ours.contains_key(*k)).take(5).collect();
         assert!(differ.is_empty() && extra.is_empty(), "{site}: rows whose image or references differ from the agent's (agent's shown): {differ:#?}\nrows only the Debezium input has: {extra:?}\nthe Debezium input's: {:#?}", differ.iter().map(|(k, _)| theirs.get(*k)).collect::<Vec<_>>());
         assert!(ours.len() > 5_000, "{site}: {} rows", ours.len());
-        eprintln!("debezium: {site}: {} rows, every image and reference equal to the agent's", ours.len());
+        eprintln!("debezium: {site}: {} rows, every image and reference equal to the agent's; {heartbeats} heartbeats", ours.len());
     }
     drop_databases(&[&hq_db], &p.database).await;
 }

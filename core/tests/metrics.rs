@@ -60,15 +60,24 @@ fn every_metric_name_has_the_project_prefix() {
     }
 }
 
-/// The shipped alerting rules name only metrics that exist, and both Prometheus configs load them.
-#[test]
-fn the_alert_rules_name_real_metrics() {
-    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("..");
-    let declared: std::collections::HashSet<String> = include_str!("../src/metrics.rs")
+/// The repository's root.
+fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())).join("..")
+}
+
+/// Every metric name core/src/metrics.rs declares.
+fn declared_metrics() -> std::collections::HashSet<String> {
+    include_str!("../src/metrics.rs")
         .lines()
         .filter(|l| l.trim_start().starts_with("pub const ") && l.contains(": &str = \"omrs_stream_"))
         .filter_map(|l| l.split('"').nth(1).map(str::to_string))
-        .collect();
+        .collect()
+}
+
+/// The shipped alerting rules name only metrics that exist, and both Prometheus configs load them.
+#[test]
+fn the_alert_rules_name_real_metrics() {
+    let (root, declared) = (repo_root(), declared_metrics());
     assert!(declared.len() > 30, "read the metric names: {declared:?}");
     let rules = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml")).unwrap();
     let mut named = 0;
@@ -84,4 +93,73 @@ fn the_alert_rules_name_real_metrics() {
         let text = std::fs::read_to_string(root.join("deploy/prometheus").join(cfg)).unwrap();
         assert!(text.contains("rule_files:\n  - alerts.yml"), "{cfg} does not load alerts.yml");
     }
+}
+
+/// The shipped Grafana dashboards parse, name only metrics that exist, use only provisioned
+/// datasources, and filter by clinic and stage: the `$site` and `$stage` variables exist and
+/// the per-site and per-stage metrics use them; the operations dashboard has its per-clinic table.
+#[test]
+fn the_dashboards_name_real_metrics_and_filter_by_clinic_and_stage() {
+    let (root, declared) = (repo_root(), declared_metrics());
+    let provisioned: String = std::fs::read_dir(root.join("deploy/grafana/provisioning/datasources"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let mut dashboards = 0;
+    for entry in std::fs::read_dir(root.join("deploy/grafana/dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        dashboards += 1;
+        let mut panels: Vec<&serde_json::Value> = Vec::new();
+        for p in d["panels"].as_array().unwrap() {
+            panels.push(p);
+            panels.extend(p["panels"].as_array().into_iter().flatten());
+        }
+        let mut exprs = Vec::new();
+        for p in &panels {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let uid = t["datasource"]["uid"].as_str().or(p["datasource"]["uid"].as_str()).unwrap_or("");
+                assert!(provisioned.contains(&format!("uid: {uid}\n")), "{}: panel `{}` uses datasource `{uid}`, which is not provisioned", path.display(), p["title"]);
+                exprs.extend(t["expr"].as_str().or(t["rawSql"].as_str()).map(str::to_string));
+            }
+        }
+        let dash: Vec<&str> = omrs_core::hq::AGGREGATES.iter().map(|a| a.hq_table).collect();
+        for e in &exprs {
+            for (at, _) in e.match_indices("omrs_dash_") {
+                let table: String = e[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                assert!(dash.contains(&table.as_str()), "{}: `{table}` is not one of HQ's dashboard tables {dash:?}", path.display());
+            }
+            for (at, _) in e.match_indices("omrs_stream_") {
+                let name: String = e[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                let base = ["_bucket", "_sum", "_count"].iter().fold(name.clone(), |n, s| n.strip_suffix(s).map(str::to_string).unwrap_or(n));
+                assert!(declared.contains(&base), "{}: `{name}` is not declared in core/src/metrics.rs", path.display());
+            }
+        }
+        if d["uid"] == "omrs-clinical" {
+            // Every query reads HQ's dashboard tables for the chosen clinics.
+            assert!(exprs.len() >= 5 && exprs.iter().all(|e| e.contains("omrs_dash_") && e.contains("($site)")), "{exprs:?}");
+        }
+        if d["uid"] != "omrs-stream" {
+            continue;
+        }
+        let vars: Vec<&str> = d["templating"]["list"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+        assert_eq!(vars, ["site", "stage"]);
+        for (metric, var) in [
+            ("omrs_stream_events_in_total", "$site"),
+            ("omrs_stream_site_watermark_ms", "$site"),
+            ("omrs_stream_late_events_total", "$site"),
+            ("omrs_stream_hq_end_to_end_latency_seconds", "$site"),
+            ("omrs_stream_up", "$stage"),
+            ("omrs_stream_consumer_lag_messages", "$stage"),
+            ("omrs_stream_dead_lettered_total", "$stage"),
+        ] {
+            let using: Vec<&String> = exprs.iter().filter(|e| e.contains(metric)).collect();
+            assert!(!using.is_empty() && using.iter().all(|e| e.contains(var)), "every query of {metric} filters by {var}: {using:?}");
+        }
+        let clinics = panels.iter().find(|p| p["title"] == "Clinics").expect("the per-clinic table");
+        assert_eq!(clinics["type"], "table");
+        let targets = clinics["targets"].as_array().unwrap();
+        assert!(targets.len() >= 8 && targets.iter().all(|t| t["expr"].as_str().unwrap().contains("by (site)") && t["instant"] == true), "{targets:?}");
+    }
+    assert!(dashboards >= 2);
 }

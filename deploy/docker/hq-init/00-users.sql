@@ -12,6 +12,10 @@ GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX, DROP, REFERENCES,
       CREATE TEMPORARY TABLES, LOCK TABLES, CREATE VIEW, SHOW VIEW
   ON `openmrs\_hq%`.* TO 'hq'@'%';
 
+-- Grafana's clinical dashboard (deploy/grafana/provisioning/datasources/hq-mysql.yml): read only.
+CREATE USER IF NOT EXISTS 'dashboards'@'%' IDENTIFIED BY 'dashboards';
+GRANT SELECT ON `openmrs_hq`.* TO 'dashboards'@'%';
+
 -- Dev admin used by the simulator and the tests.
 CREATE USER IF NOT EXISTS 'omrs'@'%' IDENTIFIED BY 'omrs';
 GRANT ALL PRIVILEGES ON *.* TO 'omrs'@'%' WITH GRANT OPTION;
