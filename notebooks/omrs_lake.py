@@ -84,3 +84,32 @@ def last_commit(lake):
         if "committed_at_ms" in entry:
             return entry
     return {}
+
+
+def by_month(df, value, index="month", columns="site"):
+    """One row per calendar month from the first month of `df` to its last, one column per
+    `columns` value (or a single column when `columns` is None), NaN where a month has no data.
+
+    A line chart of it shows a gap over months without data instead of a straight line across
+    them: the demo dump's own history ends in 2017 and the simulated clinics write from the day
+    they run, so the years between hold nothing.
+
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"month": pd.to_datetime(["2017-01-01", "2017-02-01", "2017-05-01"]),
+    ...                    "site": ["a", "a", "a"], "n": [1.0, 2.0, 5.0]})
+    >>> t = by_month(df, "n")
+    >>> [str(m.date()) for m in t.index]
+    ['2017-01-01', '2017-02-01', '2017-03-01', '2017-04-01', '2017-05-01']
+    >>> [None if v != v else v for v in t["a"]]
+    [1.0, 2.0, None, None, 5.0]
+    """
+    import pandas as pd
+
+    if columns is None:
+        table = df.set_index(index)[[value]]
+    else:
+        table = df.pivot(index=index, columns=columns, values=value)
+    if table.empty:
+        return table
+    months = pd.date_range(table.index.min(), table.index.max(), freq="MS")
+    return table.reindex(months)

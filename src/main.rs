@@ -112,34 +112,11 @@ enum TopicsAction {
     Check,
 }
 
-/// The error and its causes, joined by ": ", leaving out a cause whose text the message before
-/// it already holds (most of our errors print their source inline).
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-    }
-    out
-}
-
 fn resolved_topics(cli: &Cli) -> anyhow::Result<(Config, Vec<omrs_core::config::ResolvedTopic>)> {
     let cfg = Config::load(&cli.config)?;
     let tf = TopicsFile::load(&cli.topics)?;
     let topics = tf.resolve(&cfg.site_names(), &cfg.kafka.topic_prefix);
     Ok((cfg, topics))
-}
-
-/// Serves /metrics and /health on `metrics.listen`, or on its host with `--metrics-port`.
-async fn serve_metrics(cfg: &Config, port: Option<u16>, stage: &str) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
-    let addr = cfg.metrics.addr()?;
-    let listen = port.map(|p| std::net::SocketAddr::new(addr.ip(), p)).unwrap_or(addr);
-    Ok(omrs_core::endpoint::serve(listen, stage).await?)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -168,20 +145,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ingest(args) => {
             let cfg = Config::load(&cli.config)?;
-            let _metrics = serve_metrics(&cfg, args.metrics_port, "ingest").await?;
+            let _metrics = omrs_core::endpoint::serve_stage(&cfg.metrics, args.metrics_port, "ingest").await?;
             omrs_ingest::run(&cfg, args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Transform(args) => {
             let cfg = Config::load(&cli.config)?;
-            let _metrics = serve_metrics(&cfg, args.metrics_port, "transform").await?;
+            let _metrics = omrs_core::endpoint::serve_stage(&cfg.metrics, args.metrics_port, "transform").await?;
             omrs_transform::runner::run(&cfg, args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sink { which: SinkKind::HqMysql(args) } => {
             let cfg = Config::load(&cli.config)?;
             if !args.init {
-                let _metrics = serve_metrics(&cfg, args.metrics_port, "hq_mysql").await?;
+                let _metrics = omrs_core::endpoint::serve_stage(&cfg.metrics, args.metrics_port, "hq_mysql").await?;
                 omrs_sinks::hq_mysql::run(&cfg, args).await?;
             } else {
                 omrs_sinks::hq_mysql::run(&cfg, args).await?;
@@ -193,7 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if args.compact {
                 omrs_sinks::parquet::run(&cfg, args).await?;
             } else {
-                let _metrics = serve_metrics(&cfg, args.metrics_port, "parquet").await?;
+                let _metrics = omrs_core::endpoint::serve_stage(&cfg.metrics, args.metrics_port, "parquet").await?;
                 omrs_sinks::parquet::run(&cfg, args).await?;
             }
             Ok(ExitCode::SUCCESS)
@@ -203,8 +180,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(p) => p.clone(),
                 None => Config::load(&cli.config)?.sinks.parquet.path,
             };
-            if let Some(addr) = &args.serve {
-                omrs_sinks::query::serve(&lake, addr).await?;
+            if let Some(addr) = &args.server.serve {
+                let access = omrs_sinks::query::Access::from_args(addr, &args.server)?;
+                omrs_sinks::query::serve(&lake, &access).await?;
                 return Ok(ExitCode::SUCCESS);
             }
             match omrs_sinks::query::run(&lake, args).await {
@@ -336,26 +314,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo draws its own progress; the stages it runs log to their files.
     let default_filter = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cli.log_format {
-        // Colour only on a terminal; log files and pipes get plain text.
-        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-        // One JSON object a line: timestamp, level, target, message and the structured fields.
-        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
+    omrs_core::runtime::init_logging(matches!(cli.log_format, LogFormat::Json), default_filter);
+    omrs_core::runtime::run_main(run(cli))
 }

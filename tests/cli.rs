@@ -1,19 +1,12 @@
 //! The `omrs-stream` binary: help, argument and config errors before any connection, and
 //! `topics apply|check` exit codes against the real broker.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
+
+use common::{bin, root};
 use std::time::{SystemTime, UNIX_EPOCH};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_omrs-stream"));
-    c.current_dir(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()));
-    c
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()))
-}
 
 #[test]
 fn help_lists_every_subcommand() {
@@ -183,6 +176,11 @@ fn json_logs_and_a_clean_stop_while_retrying() {
     let mut health = String::new();
     std::io::Read::read_to_string(&mut s, &mut health).unwrap();
     assert!(health.contains(" 503 ") && health.contains("not ready: retrying after a transient error"), "{health}");
+    // The images' HEALTHCHECK (deploy/docker/healthcheck) says unhealthy, with the reason.
+    let check = Command::new(root().join("deploy/docker/healthcheck")).env("OMRS_HEALTH_PORT", port.to_string()).output().unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{said}");
+    assert!(said.contains(" 503 ") && said.contains("retrying after a transient error"), "{said}");
 
     let stopped_at = std::time::Instant::now();
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
@@ -194,4 +192,99 @@ fn json_logs_and_a_clean_stop_while_retrying() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(0), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let check = Command::new(root().join("deploy/docker/healthcheck")).env("OMRS_HEALTH_PORT", port.to_string()).output().unwrap();
+    assert_eq!(check.status.code(), Some(1), "healthy with nothing listening");
+    assert!(String::from_utf8_lossy(&check.stdout).contains(&format!("nothing listens on 127.0.0.1:{port}")));
+}
+
+#[test]
+fn query_serve_refuses_an_open_or_half_configured_server_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("_manifest")).unwrap();
+    let lake = dir.path().to_str().unwrap().to_string();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "\n").unwrap();
+    let rsa = dir.path().join("rsa.key");
+    std::fs::write(&rsa, "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----\n").unwrap();
+    let cert = dir.path().join("cert.pem");
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+    let good_pw = dir.path().join("good");
+    std::fs::write(&good_pw, "pw\n").unwrap();
+    let (pw, rsa, cert, good_pw) = (pw.to_str().unwrap(), rsa.to_str().unwrap(), cert.to_str().unwrap(), good_pw.to_str().unwrap());
+    for (args, why) in [
+        (vec!["--serve", "0.0.0.0:5999"], "would let anyone who can reach this host read every clinic's records"),
+        (vec!["--serve", "127.0.0.1:5999", "--password-file", pw], "the file is empty"),
+        (vec!["--serve", "127.0.0.1:5999", "--password-file", "/nonexistent/pw"], "--password-file /nonexistent/pw"),
+        (vec!["--serve", "127.0.0.1:5999", "--password-file", good_pw, "--tls-cert", cert, "--tls-key", rsa], "openssl pkcs8 -topk8"),
+        (vec!["--serve", "127.0.0.1:5999", "--tls-cert", cert, "--tls-key", cert], "no PEM `BEGIN PRIVATE KEY` block"),
+        (vec!["--serve", "127.0.0.1:5999", "--tls-cert", cert, "--tls-key", cert.replace("cert.pem", "no.key").as_str()], "--tls-key"),
+        (vec!["--serve", "localhost"], "expected HOST:PORT"),
+    ] {
+        let out = bin().args(["query", "--lake", &lake]).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: expected `{why}` in: {err}");
+        assert!(!err.contains("serving"), "{args:?} started serving: {err}");
+    }
+}
+
+/// The deployable HQ stack's pieces outside Docker: deploy/compose/make-secrets makes the
+/// secret files once (a second run keeps them), deploy/compose/omrs-stream.toml loads with them
+/// (its passwords read from the files), and `query --serve` as the stack's `query` service
+/// runs it (TLS only, SCRAM) answers psql checking the certificate, with the password file's
+/// password.
+#[test]
+fn the_deployments_secrets_config_and_query_server_work_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let make = || Command::new(root().join("deploy/compose/make-secrets")).arg("localhost").env("OMRS_SECRETS_DIR", &secrets).output().unwrap();
+    let first = make();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let password = std::fs::read_to_string(secrets.join("query_password")).unwrap();
+    assert_eq!(password.trim().len(), 48, "{password}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&secrets).unwrap().permissions().mode() & 0o777, 0o700);
+    for f in ["mariadb_root_password", "hq_password", "cdc_password", "dashboards_password", "grafana_admin_password", "query_tls_cert.pem", "query_tls_key.pem"] {
+        assert_eq!(std::fs::metadata(secrets.join(f)).unwrap().permissions().mode() & 0o777, 0o444, "{f}");
+    }
+    let again = make();
+    assert!(again.status.success() && !String::from_utf8_lossy(&again.stdout).contains("made "), "a second run replaced a secret");
+    assert_eq!(std::fs::read_to_string(secrets.join("query_password")).unwrap(), password);
+
+    let text = std::fs::read_to_string(root().join("deploy/compose/omrs-stream.toml")).unwrap().replace("/run/secrets", secrets.to_str().unwrap());
+    let cfg = dir.path().join("omrs-stream.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let out = bin().arg("--config").arg(&cfg).args(["ingest", "--site", "nowhere", "--metrics-port", "0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("site `nowhere` is not in the config (sites: clinic-a, clinic-b)"), "{err}");
+
+    let lake = dir.path().join("lake");
+    std::fs::create_dir_all(lake.join("_manifest")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["query", "--lake"])
+        .arg(&lake)
+        .args(["--serve", &format!("127.0.0.1:{port}"), "--password-file"])
+        .arg(secrets.join("query_password"))
+        .arg("--tls-cert")
+        .arg(secrets.join("query_tls_cert.pem"))
+        .arg("--tls-key")
+        .arg(secrets.join("query_tls_key.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_for(60, "query --serve to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()));
+    let out = Command::new("psql")
+        .arg(format!("host=localhost port={port} user=analyst dbname=datafusion sslmode=verify-full sslrootcert={}", secrets.join("query_tls_cert.pem").display()))
+        .args(["-X", "-A", "-t", "-c", "SELECT 40 + 2"])
+        .env("PGPASSWORD", password.trim())
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
 }

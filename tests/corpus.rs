@@ -98,7 +98,7 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
         .set("compression.type", "lz4")
         .create()
         .unwrap();
-    let mut at: Vec<(String, i64, Option<String>)> = Vec::with_capacity(cases.len());
+    let mut at: Vec<(String, i32, i64, Option<String>)> = Vec::with_capacity(cases.len());
     for c in &cases {
         let bytes = match (&c.payload, &c.payload_b64) {
             (Some(p), _) => fill(p).into_bytes(),
@@ -107,10 +107,10 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
         };
         let topic = if c.topic == "cdc" { &cdc_topic } else { &hq_topic };
         let delivery = producer
-            .send(FutureRecord::<(), _>::to(topic).payload(&bytes), Duration::from_secs(30))
+            .send(FutureRecord::<(), _>::to(topic).partition(0).payload(&bytes), Duration::from_secs(30))
             .await
             .unwrap_or_else(|(e, _)| panic!("{}: producing {} bytes: {e}", c.id, bytes.len()));
-        at.push((topic.clone(), delivery.offset, key_marker(&bytes)));
+        at.push((topic.clone(), delivery.partition, delivery.offset, key_marker(&bytes)));
     }
 
     // The pipeline, as long-running processes.
@@ -137,19 +137,20 @@ async fn every_bad_record_is_dead_lettered_with_its_reason_and_the_good_ones_lan
     // Dead letters per case: by source position, or (past the transform) by the record's key.
     let dlq_topic = format!("{prefix}omrs.dlq");
     let match_dlq = |dlq: &[J]| -> Vec<Vec<(String, String)>> {
-        let mut by_pos: HashMap<(String, i64), Vec<(String, String)>> = HashMap::new();
+        let mut by_pos: HashMap<(String, i32, i64), Vec<(String, String)>> = HashMap::new();
         let mut later: Vec<(String, String, String)> = Vec::new();
         for d in dlq {
             let stage = d["stage"].as_str().unwrap_or("").to_string();
             let reason = d["reason"].as_str().unwrap_or("").to_string();
             let topic = d["topic"].as_str().unwrap_or("").to_string();
-            by_pos.entry((topic, d["offset"].as_i64().unwrap_or(-1))).or_default().push((stage.clone(), reason.clone()));
+            let partition = d["partition"].as_i64().unwrap_or(-1) as i32;
+            by_pos.entry((topic, partition, d["offset"].as_i64().unwrap_or(-1))).or_default().push((stage.clone(), reason.clone()));
             later.push((stage, reason, d["payload_text"].as_str().unwrap_or("").to_string()));
         }
         at.iter()
             .enumerate()
-            .map(|(i, (topic, offset, marker))| {
-                let mut v = by_pos.get(&(topic.clone(), *offset)).cloned().unwrap_or_default();
+            .map(|(i, (topic, partition, offset, marker))| {
+                let mut v = by_pos.get(&(topic.clone(), *partition, *offset)).cloned().unwrap_or_default();
                 if cases[i].topic == "cdc" {
                     if let Some(m) = marker {
                         let needle = format!("\"key\":{m}");

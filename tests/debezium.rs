@@ -120,6 +120,15 @@ async fn clinics_streamed_by_debezium_reach_hq_and_the_lake_as_with_our_agent() 
             Proc { name: name.to_string(), args, child, starts: 1 }
         })
         .collect();
+    // The workload starts once both connectors stream (a heartbeat came through each input):
+    // a cold Connect worker's snapshot can take longer than the whole workload, and the kill
+    // below must land while the clinic is still writing.
+    for site in ["site-a", "site-c"] {
+        let topic = format!("{}omrs.cdc.{site}", p.prefix);
+        wait_for(300, &format!("a Debezium heartbeat in {topic}"), || {
+            read_topic(&topic).iter().any(|e| e.op == omrs_core::envelope::Op::Heartbeat).then_some(())
+        });
+    }
     let sim_cfg = cfg.clone();
     let sim = tokio::spawn(async move { omrs_simulate::run(&sim_cfg, &omrs_simulate::SimulateArgs { no_provision: true, ..args }).await });
 

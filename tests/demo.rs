@@ -63,6 +63,14 @@ async fn demo_verifies_and_verify_catches_tampering() {
     let p99 = s["e2e_latency_p99_s"].as_f64().unwrap();
     assert!(p50 > 0.0 && p99 >= p50, "latency p50 {p50} p99 {p99}");
     assert!(s["e2e_latency_observations"].as_u64().unwrap() > 0);
+    // The latency probe wrote at a clinic without an offline window, about every 100 ms of
+    // the 30 s workload, and saw each change at HQ.
+    assert_eq!(s["probe_site"], J::from("site-a"), "{s}");
+    let probe = &s["probe_hq"];
+    assert!(probe["samples"].as_u64().is_some_and(|n| (100..=400).contains(&n)), "{probe}");
+    let (pp50, pp99) = (probe["p50_s"].as_f64().unwrap(), probe["p99_s"].as_f64().unwrap());
+    assert!(pp50 > 0.0 && pp99 >= pp50 && pp99 < 30.0, "{probe}");
+    assert!(stdout.contains("probe to HQ"), "{stdout}");
     assert_eq!(s["queries"].as_array().unwrap().len(), 2);
     assert!(s["queries"][0]["output"].as_str().unwrap().contains("site-a"), "{}", s["queries"][0]);
     assert!(s["queries"][1]["output"].as_str().unwrap().contains("kg"), "{}", s["queries"][1]);
@@ -211,8 +219,57 @@ async fn demo_verifies_and_verify_catches_tampering() {
     };
     let shown = cli(&["identity", "show", &loser]);
     assert!(shown.contains(&loser) && shown.contains(&winner) && shown.contains("same identifier"), "identity show:\n{shown}");
-    let said = cli(&["identity", "split", &loser, "--note", "demo: two people", "--by", "dm-demo", "--wait", "0"]);
-    assert!(said.contains("sent"), "{said}");
+
+    // Every `omrs-stream` example of the README, as a user runs it after the demo: in bash,
+    // `omrs-stream` on PATH, OMRS_CONFIG set to the run's config as the summary prints it, the
+    // placeholders filled in. `confirm` and `split` get `--wait 0` (the stages run below).
+    let printed = format!("export OMRS_CONFIG={}", config.display());
+    assert!(stdout.contains(&printed), "the summary prints `{printed}`:\n{stdout}");
+    let listed: J = serde_json::from_str(&cli(&["identity", "list", "--json", "--status", "merged", "--limit", "500"])).unwrap();
+    let review = listed["reviews"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| !r.to_string().contains(&loser) && !r.to_string().contains(&winner)))
+        .and_then(|r| r["review_id"].as_str())
+        .unwrap_or_else(|| panic!("a merge review apart from {loser}'s: {listed}"))
+        .to_string();
+    let examples = readme_examples();
+    assert!(examples.len() >= 11, "the README's examples: {examples:?}");
+    let mut said = String::new();
+    for example in &examples {
+        let line = example.replace("<review id or person uuid>", &loser).replace("<review id>", &review).replace("<record uuid>", &loser);
+        if line.contains("--serve") {
+            readme_serve(&line, &config, &lake);
+            continue;
+        }
+        let decides = line.contains("identity confirm") || line.contains("identity split");
+        let line = if decides { format!("{line} --by dm-demo --wait 0") } else { line };
+        let out = run_readme(&line, &config);
+        let (text, err) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+        // `status` exits 1 when a clinic is offline: the demo's agents have stopped, and a
+        // clinic not heard from for idle_timeout_s is offline by then.
+        let offline_ok = line.starts_with("omrs-stream status") && out.status.code() == Some(1) && text.contains("offline");
+        assert!(out.status.success() || offline_ok, "README example `{line}`: exit {:?}\n{text}\n{err}", out.status.code());
+        let expect: &[&str] = match () {
+            _ if line.contains("--tables") => &["changes.obs", "obs_flat", "aggregates.hourly_encounters"],
+            _ if line.contains("FROM changes.obs GROUP BY site") => &["site-a", "site-b", "site-c"],
+            _ if line.contains("--format csv") => &["concept_name"],
+            _ if line.contains("aggregates.hourly_encounters") => &["window_start", "is_final"],
+            _ if line.starts_with("omrs-stream verify") => &["verify: OK"],
+            _ if line.starts_with("omrs-stream status") => &["site-a", "site-b", "site-c"],
+            _ if line.contains("identity list") => &["Identity reviews at HQ:", " open"],
+            _ if line.contains("identity show") => &[loser.as_str(), winner.as_str()],
+            _ if line.contains("identity confirm") => &[review.as_str()],
+            _ if line.contains("identity split") => &["sent"],
+            _ => panic!("a README example this test does not know: {line}"),
+        };
+        for want in expect {
+            assert!(text.contains(want), "README example `{line}` printed no `{want}`:\n{text}");
+        }
+        if line.contains("identity split") {
+            said = text;
+        }
+    }
+    assert!(said.contains("sent"), "the README's split example ran: {said}");
     for stage in [&["transform", "--until-idle", "--metrics-port", "0"][..], &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"], &["sink", "parquet", "--until-idle", "--metrics-port", "0", "--quiet"]] {
         cli(stage);
     }
@@ -221,6 +278,8 @@ async fn demo_verifies_and_verify_catches_tampering() {
     let alone: J = serde_json::from_str(&cli(&["identity", "show", &loser, "--json"])).unwrap();
     assert_eq!(alone["members"].as_array().map(Vec::len), Some(1), "{alone}");
     assert!(cli(&["identity", "list", "--status", "split"]).contains("split"));
+    let confirmed: Option<String> = hq.exec_first("SELECT status FROM omrs_sync_identity_review WHERE review_id = ?", (review.as_str(),)).await.unwrap();
+    assert_eq!(confirmed.as_deref(), Some("confirmed"), "the README's confirm example, applied");
     let (code, r) = verify(&config, &lake);
     assert_eq!(code, 0, "after the split: {r}");
 
@@ -229,6 +288,61 @@ async fn demo_verifies_and_verify_catches_tampering() {
     for port in [3311, 3312, 3313] {
         admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{site_db}`")).await.unwrap();
     }
+}
+
+/// The README's `omrs-stream …` examples: every such line of its ```sh blocks, comment removed.
+fn readme_examples() -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let mut out = Vec::new();
+    let mut in_sh = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            in_sh = line.trim() == "```sh";
+            continue;
+        }
+        if in_sh && line.starts_with("omrs-stream ") {
+            let command = line.find("  # ").map_or(line, |i| &line[..i]);
+            out.push(command.trim_end().to_string());
+        }
+    }
+    out
+}
+
+/// A README line as a user runs it: bash, `omrs-stream` on PATH, OMRS_CONFIG = `config`.
+fn readme_command(line: &str, config: &Path) -> std::process::Command {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_omrs-stream")).parent().unwrap().to_path_buf();
+    let mut c = std::process::Command::new("bash");
+    c.args(["-c", line])
+        .env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default()))
+        .env("OMRS_CONFIG", config)
+        .env("RUST_LOG", "warn")
+        .current_dir(root());
+    c
+}
+
+fn run_readme(line: &str, config: &Path) -> std::process::Output {
+    readme_command(line, config).output().unwrap()
+}
+
+/// The README's `query --serve` line: it serves the demo's lake, and psql reads what `query`
+/// reads.
+fn readme_serve(line: &str, config: &Path, lake: &Path) {
+    let addr = line.split_whitespace().skip_while(|w| *w != "--serve").nth(1).unwrap_or_else(|| panic!("{line}"));
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut server = readme_command(&format!("exec {line}"), config).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    wait_for(60, &format!("`{line}` to accept connections"), || std::net::TcpStream::connect((host, port.parse::<u16>().unwrap())).ok().map(|_| ()));
+    let sql = "SELECT site, COUNT(*) AS n FROM changes.obs GROUP BY site ORDER BY site";
+    let psql = std::process::Command::new("psql")
+        .arg(format!("host={host} port={port} user=analyst dbname=datafusion sslmode=disable"))
+        .args(["-X", "-A", "-t", "-F", ",", "-c", sql])
+        .output()
+        .unwrap();
+    kill9(&mut server);
+    assert!(psql.status.success(), "psql against `{line}`: {}", String::from_utf8_lossy(&psql.stderr));
+    let direct = bin().arg("--config").arg(config).args(["query", "--format", "csv", "--lake"]).arg(lake).arg(sql).output().unwrap();
+    let direct: Vec<String> = String::from_utf8_lossy(&direct.stdout).lines().skip(1).map(str::to_string).collect();
+    let served: Vec<String> = String::from_utf8_lossy(&psql.stdout).lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
+    assert!(served.len() == 3 && served == direct, "`{line}` serves {served:?}, query gives {direct:?}");
 }
 
 /// One aggregate window: (site, window start in epoch seconds, dim).

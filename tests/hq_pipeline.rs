@@ -429,6 +429,81 @@ async fn a_survivor_change_renames_every_record_of_the_component_not_only_direct
     Hq::close(init, &db, [read, write]).await;
 }
 
+/// With a partition per site, a merge can reach HQ before the record that survives it (its own
+/// site's partition brings it later). X merged into P; then P into S, a survivor that is not
+/// at HQ yet: the merge waits, and X is re-pointed to S at once. When S's record lands, the
+/// waiting merge is applied, and X, voided in P's name until then, must name S like P does
+/// (`tests/broker_fault.rs` saw X keep P's name: the settling covered only the batch's own
+/// merges, not those applied because their survivor arrived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_applied_when_its_survivor_arrives_renames_the_whole_component() {
+    let Hq { db, init, mut write, read, user } = Hq::fresh("openmrs_hq_late").await;
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
+    let (x, p, s) = ("99999999-0000-4000-8000-000000000001", "99999999-0000-4000-8000-000000000002", "99999999-0000-4000-8000-000000000003");
+    let person = |id: i64, uuid: &str, created: &str| json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": created, "voided": 0, "uuid": uuid});
+    let merge = |offset: i64, winner: &str, loser: &str, reason: &str| {
+        let ev: HqEvent = HqEvent::Merge { winner: winner.into(), loser: loser.into(), reason: reason.into(), evidence: json!({}), site: "site-a".into(), ts_ms: 1_790_000_000_000 + offset };
+        Record::decode(0, offset, ev.to_json())
+    };
+    apply_batch(&mut applier, &mut write, vec![
+        record_from("site-c", 1, Op::Create, "person", x, person(931, x, "2026-05-01 09:00:00"), json!({"creator": user})),
+        record(2, Op::Create, "person", p, person(932, p, "2026-04-01 09:00:00"), json!({"creator": user})),
+        merge(3, p, x, "identifier"),
+    ])
+    .await;
+    let p_id = count(&mut write, &format!("SELECT person_id FROM person WHERE uuid = '{p}'")).await;
+    let reason_of = |u: &str| format!("SELECT void_reason FROM person WHERE uuid = '{u}' AND voided = 1");
+    let reason: Option<String> = write.query_first(reason_of(x)).await.unwrap();
+    assert_eq!(reason, Some(format!("Merged with patient #{p_id}")), "X is voided in P's name");
+    // S registered earlier, at site-b: the survivor changes to a record HQ has not seen.
+    apply_batch(&mut applier, &mut write, vec![merge(4, s, p, "survivor_change")]).await;
+    // S's record arrives, in a batch of its own.
+    apply_batch(&mut applier, &mut write, vec![record_from("site-b", 5, Op::Create, "person", s, person(933, s, "2026-01-01 09:00:00"), json!({"creator": user}))]).await;
+    let s_id = count(&mut write, &format!("SELECT person_id FROM person WHERE uuid = '{s}'")).await;
+    for u in [x, p] {
+        let reason: Option<String> = write.query_first(reason_of(u)).await.unwrap();
+        assert_eq!(reason, Some(format!("Merged with patient #{s_id}")), "{u} is voided in the survivor's name");
+    }
+    assert_eq!(count(&mut write, &format!("SELECT voided FROM person WHERE uuid = '{s}'")).await, 0, "S is alive");
+    let x_id = count(&mut write, &format!("SELECT person_id FROM person WHERE uuid = '{x}'")).await;
+    assert_eq!(count(&mut write, &format!("SELECT COUNT(*) FROM person_merge_log WHERE loser_person_id = {x_id} AND winner_person_id = {s_id}")).await, 1, "X's merge log names S");
+    Hq::close(init, &db, [read, write]).await;
+}
+
+/// A merge whose survivor is at HQ as a person but not yet as a patient (its patient row comes
+/// in a later batch, from its own site's partition) waits: the loser's identifier cannot move
+/// to a patient HQ does not have (`tests/site_fault.rs` saw the sink stop on that foreign key).
+/// Once the survivor's patient row lands, the merge is applied and the identifier moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_waits_for_its_survivors_patient_row() {
+    let Hq { db, init, mut write, read, user } = Hq::fresh("openmrs_hq_pat").await;
+    let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
+    let (w, l, ident) = ("aaaaaaaa-1111-4000-8000-000000000001", "aaaaaaaa-1111-4000-8000-000000000002", "aaaaaaaa-1111-4000-8000-000000000003");
+    let id_type: String = write.query_first("SELECT uuid FROM patient_identifier_type ORDER BY patient_identifier_type_id LIMIT 1").await.unwrap().unwrap();
+    let person = |id: i64, uuid: &str, created: &str| json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": created, "voided": 0, "uuid": uuid});
+    let patient = |id: i64, created: &str| json!({"patient_id": id, "creator": 1, "date_created": created, "voided": 0, "allergy_status": "Unknown"});
+    let merge = |offset: i64, winner: &str, loser: &str| {
+        let ev: HqEvent = HqEvent::Merge { winner: winner.into(), loser: loser.into(), reason: "identifier".into(), evidence: json!({}), site: "site-a".into(), ts_ms: 1_790_000_000_000 + offset };
+        Record::decode(0, offset, ev.to_json())
+    };
+    apply_batch(&mut applier, &mut write, vec![
+        record_from("site-b", 1, Op::Create, "person", w, person(941, w, "2026-01-01 09:00:00"), json!({"creator": user})),
+        record(2, Op::Create, "person", l, person(942, l, "2026-05-01 09:00:00"), json!({"creator": user})),
+        record(3, Op::Create, "patient", l, patient(942, "2026-05-01 09:00:00"), json!({"patient_id": l, "creator": user})),
+        record(4, Op::Create, "patient_identifier", ident, json!({"patient_identifier_id": 77, "patient_id": 942, "identifier": "NID-77", "identifier_type": 1, "preferred": 1, "location_id": null, "creator": 1, "date_created": "2026-05-01 09:00:00", "voided": 0, "uuid": ident}), json!({"patient_id": l, "identifier_type": id_type, "creator": user})),
+        merge(5, w, l),
+    ])
+    .await;
+    assert_eq!(count(&mut write, &format!("SELECT voided FROM person WHERE uuid = '{l}'")).await, 0, "the merge waits: L is not voided yet");
+    // W's patient row, from its own site's partition.
+    apply_batch(&mut applier, &mut write, vec![record_from("site-b", 6, Op::Create, "patient", w, patient(941, "2026-01-01 09:00:00"), json!({"patient_id": w, "creator": user}))]).await;
+    let w_id = count(&mut write, &format!("SELECT person_id FROM person WHERE uuid = '{w}'")).await;
+    assert_eq!(count(&mut write, &format!("SELECT patient_id FROM patient_identifier WHERE uuid = '{ident}'")).await, w_id, "L's identifier moved to W");
+    assert_eq!(count(&mut write, &format!("SELECT voided FROM person WHERE uuid = '{l}'")).await, 1, "L is voided");
+    assert_eq!(count(&mut write, &format!("SELECT voided FROM patient WHERE patient_id = {w_id}")).await, 0, "W's patient is alive");
+    Hq::close(init, &db, [read, write]).await;
+}
+
 /// Issue #22, registration dates fixed after the fact: the survivor changes to an earlier loser
 /// and back. A name handed back to its own person is preferred again, as at its site (before,
 /// every move left it non-preferred for good); one written to the survivor by the transform

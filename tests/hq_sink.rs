@@ -3,7 +3,9 @@
 //! per site, the transform, then `sink hq-mysql` into a fresh HQ database. After the drain:
 //! one unvoided patient per human, the manifest's table counts, no FK orphans, a cross-site
 //! conflict decided by the rule and logged, and the same HQ (in uuid space) after SIGKILLs,
-//! other batch sizes, and a second pipeline run with the sites started in another order.
+//! other batch sizes, and a second pipeline run with the sites started in another order. And a
+//! clinic's backlog in its partition of `omrs.hq.changes` does not hold back another clinic's
+//! change (issue #24).
 
 mod common;
 
@@ -18,7 +20,7 @@ const LOC_UUID_SQL: &str = "SELECT uuid FROM location WHERE retired = 0 ORDER BY
 
 async fn offsets(db: &str) -> i64 {
     let mut c = hq(db).await;
-    c.query_first::<i64, _>("SELECT COALESCE(MAX(next_offset), 0) FROM omrs_sync_offsets").await.unwrap_or(None).unwrap_or(0)
+    c.query_first::<i64, _>("SELECT CAST(COALESCE(SUM(next_offset), 0) AS SIGNED) FROM omrs_sync_offsets").await.unwrap_or(None).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,8 +123,13 @@ async fn hq_sink_consolidates_three_sites_exactly_once() {
     // The conflict: the later edit holds, the other is logged.
     let desc: String = c.exec_first("SELECT description FROM location WHERE uuid = ?", (&loc,)).await.unwrap().unwrap();
     assert_eq!(desc, "edited at site-a");
-    let logged = count(&mut c, &format!("SELECT COUNT(*) FROM omrs_sync_conflict WHERE tbl = 'location' AND row_key = '{loc}' AND loser_site = 'site-b' AND winner_site = 'site-a'")).await;
-    assert_eq!(logged, 1, "conflict logged");
+    // Site-b's edit lost to site-a's and is logged with its values; site-a's never lost. (Site-b's
+    // unedited snapshot copy is logged too when it reaches HQ after site-a's edit: each site's
+    // changes are in order, but nothing orders one site's against another's.)
+    let logged = count(&mut c, &format!("SELECT COUNT(*) FROM omrs_sync_conflict WHERE tbl = 'location' AND row_key = '{loc}' AND loser_site = 'site-b' AND winner_site = 'site-a' AND loser_values LIKE '%edited at site-b%'")).await;
+    assert_eq!(logged, 1, "site-b's edit logged as the conflict's loser");
+    let a_lost = count(&mut c, &format!("SELECT COUNT(*) FROM omrs_sync_conflict WHERE tbl = 'location' AND row_key = '{loc}' AND loser_site = 'site-a' AND loser_values LIKE '%edited at site-a%'")).await;
+    assert_eq!(a_lost, 0, "site-a's later edit never lost");
     assert_eq!(count(&mut c, "SELECT COUNT(*) FROM omrs_sync_pending").await, 0, "nothing left pending");
     let reference = hq_dump(&hq1).await;
     let end = offsets(&hq1).await;
@@ -207,6 +214,127 @@ async fn hq_sink_consolidates_three_sites_exactly_once() {
         let mut c = admin(port, None).await;
         c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", p.database)).await.unwrap();
     }
+}
+
+/// A person created at `site`, as an `omrs.hq.changes` record.
+fn person_at(site: &str, i: usize, uuid: &str, creator: &str) -> Vec<u8> {
+    let obj = |v: serde_json::Value| match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    omrs_core::hq::HqEvent::Change {
+        late: false,
+        person: None,
+        origin_refs: serde_json::Map::new(),
+        event: omrs_core::envelope::ChangeEvent {
+            op: omrs_core::envelope::Op::Create,
+            site: site.into(),
+            table: Some("person".into()),
+            key: Some(obj(serde_json::json!({ "person_id": i }))),
+            uuid: Some(uuid.into()),
+            before: None,
+            after: Some(obj(serde_json::json!({"person_id": i, "gender": "F", "dead": 0, "creator": 1, "date_created": "2026-01-01 10:00:00", "voided": 0, "uuid": uuid}))),
+            refs: obj(serde_json::json!({ "creator": creator })),
+            source: omrs_core::envelope::Source { server_id: 11, gtid: None, file: "binlog.000001".into(), pos: i as u64, row: 0, ts_ms: 1_790_000_000_000 + i as i64, snapshot: false },
+            ts_ms: 1_790_000_000_000 + i as i64,
+            oversize: None,
+            schema: None,
+        },
+    }
+    .to_json()
+}
+
+/// A test's own config (its topic prefix and HQ database), from the repository's.
+fn sink_config(dir: &std::path::Path, prefix: &str, hq_db: &str, edits: &[(&str, &str)]) -> std::path::PathBuf {
+    let mut text = std::fs::read_to_string(root().join("omrs-stream.toml"))
+        .unwrap()
+        .replace("[kafka]\n", &format!("[kafka]\ntopic_prefix = \"{prefix}\"\n"))
+        .replace("database = \"openmrs_hq\"\n", &format!("database = \"{hq_db}\"\n"))
+        .replace("user = \"hq\"", "user = \"omrs\"")
+        .replace("${OMRS_HQ_PASSWORD:-hq}", "omrs");
+    for (from, to) in edits {
+        assert!(text.contains(from), "omrs-stream.toml has no `{from}`");
+        text = text.replace(from, to);
+    }
+    let config = dir.join("omrs-stream.toml");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// A clinic back from a long time offline has thousands of changes in its partition of
+/// omrs.hq.changes; another clinic's change, written after all of them, reaches HQ within the
+/// first batches, not after the backlog (issue #24 §2). Then everything lands, and the offsets
+/// stored for each partition are its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clinics_backlog_does_not_hold_back_another_clinics_change() {
+    const BACKLOG: usize = 20_000;
+    let prefix = format!("{}.", unique("thqb"));
+    let hq_db = unique("openmrs_hq_b");
+    let dir = tempfile::tempdir().unwrap();
+    let config = sink_config(dir.path(), &prefix, &hq_db, &[("batch_max_rows = 5000", "batch_max_rows = 400")]);
+    let run = |args: &[&str]| {
+        let out = bin().arg("--config").arg(&config).args(args).env("RUST_LOG", "warn").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["topics", "apply"]);
+    run(&["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
+    let mut c = admin(3310, Some(&hq_db)).await;
+    let user: String = c.query_first("SELECT uuid FROM users ORDER BY user_id LIMIT 1").await.unwrap().unwrap();
+
+    // Each clinic's records in its own partition, as the transform writes them.
+    let topic = format!("{prefix}omrs.hq.changes");
+    let reader: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
+    let n = omrs_core::kafka::topic_partitions(rdkafka::consumer::Consumer::client(&reader), &topic, std::time::Duration::from_secs(10)).unwrap().len() as i32;
+    let (pa, pb) = (omrs_core::topics::hq_partition("site-a", n), omrs_core::topics::hq_partition("site-b", n));
+    assert_ne!(pa, pb, "site-a and site-b share a partition of {n}");
+    let person = |site: &str, i: usize, u: &str| person_at(site, i, u, &user);
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").set("linger.ms", "20").create().unwrap();
+    // Enqueued 2,000 at a time, then every delivery confirmed.
+    let mut sent = Vec::with_capacity(2_000);
+    for i in 1..=BACKLOG {
+        let u = format!("aaaaaaaa-0000-4000-8000-{i:012}");
+        let bytes = person("site-a", i, &u);
+        sent.push(producer.send_result(rdkafka::producer::FutureRecord::<(), _>::to(&topic).partition(pa).payload(&bytes)).map_err(|(e, _)| e).unwrap());
+        if sent.len() == 2_000 || i == BACKLOG {
+            for d in sent.drain(..) {
+                d.await.unwrap().map_err(|(e, _)| e).unwrap();
+            }
+        }
+    }
+    let marker = "bbbbbbbb-0000-4000-8000-000000000001";
+    producer.send(rdkafka::producer::FutureRecord::<(), _>::to(&topic).partition(pb).payload(&person("site-b", 1, marker)), std::time::Duration::from_secs(60)).await.unwrap();
+
+    let log = dir.path().join("sink.log");
+    let args: Vec<String> = ["sink", "hq-mysql", "--metrics-port", "0", "--quiet"].iter().map(|s| s.to_string()).collect();
+    // Killed however the test ends: a failed assertion must not leave a sink running.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut sink = Killed(common::pipeline::start(&config, &args, &log));
+    let count = |sql: &str| {
+        let mut c2 = block_on(admin(3310, Some(&hq_db)));
+        let sql = sql.to_string();
+        block_on(async move { c2.query_first::<i64, _>(sql).await.unwrap().unwrap_or(0) })
+    };
+    // In one transaction with its batch: when the marker is at HQ, so is the rest of its batch.
+    let backlog_then = wait_for_or(120, "site-b's change at HQ", || std::fs::read_to_string(&log).unwrap_or_default(), || {
+        (count(&format!("SELECT COUNT(*) FROM person WHERE uuid = '{marker}'")) == 1).then(|| count("SELECT COUNT(*) FROM person WHERE uuid LIKE 'aaaaaaaa-%'"))
+    });
+    eprintln!("site-b's change landed with {backlog_then} of site-a's {BACKLOG} backlog rows at HQ");
+    assert!(backlog_then < (BACKLOG / 4) as i64, "site-b's change waited for {backlog_then} of site-a's {BACKLOG} backlog rows");
+    wait_for(180, "site-a's whole backlog at HQ", || (count("SELECT COUNT(*) FROM person WHERE uuid LIKE 'aaaaaaaa-%'") == BACKLOG as i64).then_some(()));
+    kill9(&mut sink.0);
+    let stored: std::collections::BTreeMap<i32, i64> = c.query::<(i32, i64), _>("SELECT kafka_partition, next_offset FROM omrs_sync_offsets").await.unwrap().into_iter().collect();
+    assert_eq!(stored.get(&pa).copied(), Some(BACKLOG as i64), "site-a's partition's stored offset");
+    assert_eq!(stored.get(&pb).copied(), Some(1), "site-b's partition's stored offset");
+    assert_eq!(count("SELECT COUNT(*) FROM omrs_sync_pending"), 0);
+    drop(c);
+    let mut a = admin(3310, None).await;
+    a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
 }
 
 fn dump_path() -> PathBuf {

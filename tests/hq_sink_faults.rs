@@ -50,7 +50,7 @@ fn change(table: &str, uuid: &str, after: J, refs: J, pos: u64) -> Vec<u8> {
 async fn produce(topic: &str, records: Vec<Vec<u8>>) {
     let p: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
     for r in records {
-        p.send(FutureRecord::<(), _>::to(topic).payload(&r), Duration::from_secs(10)).await.unwrap();
+        p.send(FutureRecord::<(), _>::to(topic).partition(0).payload(&r), Duration::from_secs(10)).await.unwrap();
     }
 }
 

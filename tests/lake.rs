@@ -83,25 +83,29 @@ async fn lake_dump(cfg: &Path, lake: &Path, db: &str, tables: &[&str]) -> BTreeM
     out
 }
 
-/// The manifest's committed offset of partition 0 (entries and checkpoints).
+/// The manifest's committed offsets, summed over the partitions (entries and checkpoints):
+/// it grows with every file set committed.
 fn committed(lake: &Path) -> i64 {
-    let mut best = 0;
+    let mut per: BTreeMap<String, i64> = BTreeMap::new();
     if let Ok(rd) = std::fs::read_dir(lake.join("_manifest")) {
         for e in rd.flatten() {
             if let Ok(v) = serde_json::from_slice::<J>(&std::fs::read(e.path()).unwrap_or_default()) {
-                best = best.max(v["offsets"]["0"].as_i64().unwrap_or(0));
+                for (p, o) in v["offsets"].as_object().into_iter().flatten() {
+                    let at = per.entry(p.clone()).or_default();
+                    *at = (*at).max(o.as_i64().unwrap_or(0));
+                }
             }
         }
     }
-    best
+    per.values().sum()
 }
 
-/// Per change table: (rows, distinct offsets, sum of offsets).
+/// Per change table: (rows, distinct (partition, offset)s, sum of offsets).
 fn change_counts(cfg: &Path, lake: &Path) -> BTreeMap<String, (i64, i64, i64)> {
     let tables: Vec<String> = std::fs::read_dir(lake.join("changes")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     let sql = tables
         .iter()
-        .map(|t| format!("SELECT '{t}' AS t, COUNT(*) AS n, COUNT(DISTINCT _kafka_offset) AS d, SUM(_kafka_offset) AS s FROM changes.{t}"))
+        .map(|t| format!("SELECT '{t}' AS t, COUNT(*) AS n, COUNT(DISTINCT _kafka_partition * 4294967296 + _kafka_offset) AS d, SUM(_kafka_offset) AS s FROM changes.{t}"))
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
     query(cfg, lake, &sql)
@@ -374,6 +378,56 @@ async fn lake_is_exact_typed_and_equal_to_hq() {
     assert_eq!(over_pg, csv(&latest), "latest weight per patient over psql");
     let schemas = psql("SELECT DISTINCT table_schema FROM information_schema.tables ORDER BY 1");
     assert!(schemas.contains(&"changes".to_string()) && schemas.contains(&"current".to_string()), "{schemas:?}");
+    kill9(&mut server);
+
+    // As a deployment serves it (docker-compose's `query` service): TLS only, one user with a
+    // password from a file, SCRAM-SHA-256. The right password over TLS reads the same rows,
+    // the server's certificate checked against the CA; a wrong password, another user, or a
+    // client that does not ask for TLS is refused.
+    let tls = PathBuf::from(std::env::var("OMRS_STATE").unwrap_or_else(|_| "/var/lib/omrs-stream".into())).join("tls");
+    let secret = p.dir.path().join("query-password");
+    std::fs::write(&secret, "clinic data 42\n").unwrap();
+    let tls_port = pg_port + 1000;
+    let mut server = bin()
+        .arg("--config")
+        .arg(&cfg_a)
+        .args(["query", "--lake"])
+        .arg(&lake_a)
+        .args(["--serve", &format!("127.0.0.1:{tls_port}"), "--user", "dashboards", "--password-file"])
+        .arg(&secret)
+        .arg("--tls-cert")
+        .arg(tls.join("server.pem"))
+        .arg("--tls-key")
+        .arg(tls.join("server.key"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(60, "query --serve with TLS to accept connections", || std::net::TcpStream::connect(("127.0.0.1", tls_port)).ok().map(|_| ()));
+    let login = |user: &str, password: &str, ssl: &str, sql: &str| {
+        std::process::Command::new("psql")
+            .arg(format!("host=localhost port={tls_port} user={user} dbname=datafusion {ssl}"))
+            .args(["-X", "-A", "-t", "-F", ",", "-c", sql])
+            .env("PGPASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let verify_full = format!("sslmode=verify-full sslrootcert={}", tls.join("ca.pem").display());
+    let out = login("dashboards", "clinic data 42", &verify_full, per_site);
+    assert!(out.status.success(), "psql over TLS: {}", String::from_utf8_lossy(&out.stderr));
+    let mut rows: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
+    rows.sort();
+    assert_eq!(rows, csv(per_site), "encounters per site over TLS with a password");
+    for (user, password, ssl, why) in [
+        ("dashboards", "clinic data 41", verify_full.as_str(), "authentication failed"),
+        ("analyst", "clinic data 42", verify_full.as_str(), "password authentication failed for user \"analyst\""),
+        ("dashboards", "clinic data 42", "sslmode=disable", "accepts TLS connections only"),
+    ] {
+        let out = login(user, password, ssl, per_site);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.to_lowercase().contains(&why.to_lowercase()), "{user}/{ssl}: expected `{why}`: {err}");
+        assert!(out.stdout.is_empty(), "{user}/{ssl} read rows: {}", String::from_utf8_lossy(&out.stdout));
+    }
     kill9(&mut server);
 
     // verify: everything reconciles; then a row removed behind HQ's back is reported.

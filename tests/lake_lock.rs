@@ -93,7 +93,7 @@ async fn compact_next_to_a_running_sink_is_refused_and_the_sinks_commit_survives
     let mut sink = Proc { name: "sink-parquet".into(), child: start_env(&cfg, &args, &log, &env), args, starts: 1 };
     let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
     producer
-        .send(FutureRecord::<(), _>::to(&format!("{}omrs.hq.changes", p.prefix)).payload(&person_change()), std::time::Duration::from_secs(10))
+        .send(FutureRecord::<(), _>::to(&format!("{}omrs.hq.changes", p.prefix)).partition(0).payload(&person_change()), std::time::Duration::from_secs(10))
         .await
         .unwrap();
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();

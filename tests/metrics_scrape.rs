@@ -97,6 +97,9 @@ async fn every_process_serves_metrics_that_move() {
             (total(&t, name, filter) > 0.0).then_some(t)
         });
         assert!(get(*port, "/health").is_some_and(|h| h.starts_with("HTTP/1.0 200") || h.starts_with("HTTP/1.1 200")), "{what}: /health");
+        // The images' HEALTHCHECK agrees.
+        let check = std::process::Command::new(root().join("deploy/docker/healthcheck")).env("OMRS_HEALTH_PORT", port.to_string()).output().unwrap();
+        assert!(check.status.success(), "{what}: deploy/docker/healthcheck: {}", String::from_utf8_lossy(&check.stdout));
         assert!(total(&text, "omrs_stream_up", "") >= 1.0, "{what}: omrs_stream_up");
         // Every consuming stage reports its lag per partition, from librdkafka's statistics.
         if let Some(stage) = [("transform", "transform"), ("hq-mysql", "hq_mysql"), ("parquet", "parquet")].iter().find(|(w, _)| w == what).map(|(_, s)| *s) {

@@ -119,9 +119,11 @@ fn run_to_end(s: &Setup) {
     assert!(out.status.success(), "transform failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The end offsets of `topic`, summed over its partitions.
 fn high(topic: &str) -> i64 {
     let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
-    c.fetch_watermarks(topic, 0, Duration::from_secs(10)).map(|(_, h)| h).unwrap_or(0)
+    let parts = omrs_core::kafka::topic_partitions(c.client(), topic, Duration::from_secs(10)).unwrap();
+    parts.iter().map(|p| c.fetch_watermarks(topic, *p, Duration::from_secs(10)).map(|(_, h)| h).unwrap_or(0)).sum()
 }
 
 fn read_out(topic: &str) -> Vec<HqEvent> {

@@ -74,6 +74,13 @@ async fn serve_health() -> impl IntoResponse {
     (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, text)
 }
 
+/// Serves `/metrics` and `/health` for `stage` on the config's `metrics.listen`, or on its
+/// host with `port` (a stage's `--metrics-port`).
+pub async fn serve_stage(metrics_cfg: &crate::config::MetricsConfig, port: Option<u16>, stage: &str) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let addr = metrics_cfg.addr()?;
+    serve(port.map(|p| SocketAddr::new(addr.ip(), p)).unwrap_or(addr), stage).await
+}
+
 /// Serves `/metrics` and `/health` on `addr` until the task is dropped. Returns the bound
 /// address (useful with port 0).
 pub async fn serve(addr: SocketAddr, stage: &str) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {

@@ -106,9 +106,19 @@ impl rdkafka::ClientContext for LagContext {
 
 impl rdkafka::consumer::ConsumerContext for LagContext {}
 
-/// Reads partition 0 of `topic` from the beginning to its current end, read_committed, calling
-/// `f(key, payload, offset)` for each record. A missing topic is a definite error that says to
-/// run `topics apply`; `f` returning Err stops the read with that message.
+/// The partitions of `topic`, ascending, from the broker's metadata: none when the topic does
+/// not exist. `client` is any consumer's or producer's.
+pub fn topic_partitions<C: rdkafka::ClientContext>(client: &rdkafka::client::Client<C>, topic: &str, timeout: Duration) -> rdkafka::error::KafkaResult<Vec<i32>> {
+    let md = client.fetch_metadata(Some(topic), timeout)?;
+    let mut partitions: Vec<i32> = md.topics().iter().filter(|t| t.error().is_none()).flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    partitions.sort_unstable();
+    Ok(partitions)
+}
+
+/// Reads every partition of `topic` from the beginning to its current end, read_committed,
+/// partition after partition (each in order), calling `f(key, payload, offset)` for each
+/// record. A missing topic is a definite error that says to run `topics apply`; `f` returning
+/// Err stops the read with that message.
 pub fn read_to_end(
     cfg: &KafkaConfig,
     topic: &str,
@@ -121,39 +131,59 @@ pub fn read_to_end(
         .set("enable.partition.eof", "false")
         .create()
         .map_err(|e| CoreError::kafka(format!("creating a reader for {topic}"), e))?;
-    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(30)).map_err(|e| match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::UnknownPartition | RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => CoreError::Kafka {
-            context: format!("topic {topic}"),
-            message: "does not exist: create the topics first with `omrs-stream topics apply`".into(),
-            transient: false,
-        },
-        _ => CoreError::kafka(format!("reading the end of {topic}"), e),
-    })?;
-    if high <= low {
-        return Ok(());
+    let missing = || CoreError::Kafka {
+        context: format!("topic {topic}"),
+        message: "does not exist: create the topics first with `omrs-stream topics apply`".into(),
+        transient: false,
+    };
+    let partitions = topic_partitions(consumer.client(), topic, Duration::from_secs(30)).map_err(|e| CoreError::kafka(format!("reading the metadata of {topic}"), e))?;
+    if partitions.is_empty() {
+        return Err(missing());
     }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).map_err(|e| CoreError::kafka(format!("assigning {topic}"), e))?;
-    consumer.assign(&tpl).map_err(|e| CoreError::kafka(format!("assigning {topic}"), e))?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
-            let msg = msg.map_err(|e| CoreError::kafka(format!("reading {topic}"), e))?;
-            if let Some(payload) = msg.payload() {
-                f(msg.key(), payload, msg.offset()).map_err(|m| CoreError::Kafka { context: format!("{topic} offset {}", msg.offset()), message: m, transient: false })?;
+    for part in partitions {
+        // A topic just created, or a broker busy moving leaders, answers "not leader" for a
+        // moment: asked again until the deadline.
+        let (low, high) = loop {
+            match consumer.fetch_watermarks(topic, part, Duration::from_secs(30)) {
+                Ok(w) => break w,
+                Err(e) if matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::NotLeaderForPartition | RDKafkaErrorCode::LeaderNotAvailable)) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    return Err(match e.rdkafka_error_code() {
+                        Some(RDKafkaErrorCode::UnknownPartition | RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => missing(),
+                        _ => CoreError::kafka(format!("reading the end of {topic}"), e),
+                    })
+                }
             }
+        };
+        if high <= low {
+            continue;
         }
-        // The position, not the last offset: a transactional topic ends with a commit marker.
-        let pos = consumer.position().ok().and_then(|p| p.find_partition(topic, 0).map(|e| e.offset()));
-        if let Some(Offset::Offset(o)) = pos {
-            if o >= high {
-                return Ok(());
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, part, Offset::Beginning).map_err(|e| CoreError::kafka(format!("assigning {topic}"), e))?;
+        consumer.assign(&tpl).map_err(|e| CoreError::kafka(format!("assigning {topic}"), e))?;
+        loop {
+            if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
+                let msg = msg.map_err(|e| CoreError::kafka(format!("reading {topic}"), e))?;
+                if let Some(payload) = msg.payload() {
+                    f(msg.key(), payload, msg.offset()).map_err(|m| CoreError::Kafka { context: format!("{topic} partition {part} offset {}", msg.offset()), message: m, transient: false })?;
+                }
             }
-        }
-        if Instant::now() > deadline {
-            return Err(CoreError::Kafka { context: format!("reading {topic} to its end"), message: "timed out".into(), transient: true });
+            // The position, not the last offset: a transactional topic ends with a commit marker.
+            let pos = consumer.position().ok().and_then(|p| p.find_partition(topic, part).map(|e| e.offset()));
+            if let Some(Offset::Offset(o)) = pos {
+                if o >= high {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(CoreError::Kafka { context: format!("reading {topic} to its end"), message: "timed out".into(), transient: true });
+            }
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -29,3 +29,80 @@ pub fn lowest_thread_priority() {
         libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
     }
 }
+
+/// Starts the process's log: to stderr, at the level `RUST_LOG` sets (else `default_filter`),
+/// as text (coloured only on a terminal) or as one JSON object a line (timestamp, level, target,
+/// message and the structured fields) for a log shipper.
+pub fn init_logging(json: bool, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        logs.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
+}
+
+/// An error and its causes, joined by ": ", leaving out a cause whose text the message before
+/// it already holds (most of our errors print their source inline). What a binary prints last.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// Runs a binary's `main` future on a multi-thread tokio runtime and turns its outcome into
+/// the exit code: the future's own, or 1 with `error: <the chain>` on stderr.
+pub fn run_main<E>(main: impl std::future::Future<Output = Result<std::process::ExitCode, E>>) -> std::process::ExitCode
+where
+    E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(main) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let inner = E("connection refused", None);
+        let mid = E("site-a: connection refused", Some(Box::new(inner)));
+        let top = E("ingest", Some(Box::new(mid)));
+        assert_eq!(super::error_chain(&top), "ingest: site-a: connection refused");
+    }
+}

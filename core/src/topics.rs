@@ -101,11 +101,30 @@ impl TopicNames {
     pub fn dlq_replay_group(&self) -> String {
         format!("{}omrs-dlq-replay", self.prefix)
     }
-    /// The demo's count of what went through.
-    pub fn demo_count_group(&self) -> String {
-        format!("{}omrs-demo-count", self.prefix)
-    }
 }
+
+/// The partition of `omrs.hq.changes` that `site`'s changes and schema records go to, of `n`:
+/// a stable hash of the site's name (FNV-1a), so that a site keeps its partition, and its
+/// order, when sites are added or removed. Each site's records stay in order in their
+/// partition; nothing is ordered across partitions, so a backlog in one does not hold back
+/// the sites of the others (issue #24). Merges, splits, identity reviews and aggregates go to
+/// [`IDENTITY_LANE`]; watermarks to every partition.
+pub fn hq_partition(site: &str, n: i32) -> i32 {
+    if n <= 1 {
+        return 0;
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in site.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % n as u32) as i32
+}
+
+/// The partition of `omrs.hq.changes` that holds every merge, split, identity review and
+/// aggregate version, in the transform's order: the sinks fold merges and keep the latest
+/// review or aggregate version by (partition, offset), which is stream order within it.
+pub const IDENTITY_LANE: i32 = 0;
 
 /// What `apply` did, topic by topic.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -320,7 +339,12 @@ pub async fn apply(cfg: &KafkaConfig, want: &[ResolvedTopic]) -> Result<ApplyRep
                         transient: false,
                     })
                 })?;
-            changes.push(format!("partitions {} -> {}", state.partitions, t.partitions));
+            if t.name.ends_with("omrs.hq.changes") {
+                // The transform and the sinks read the partition count when they start.
+                changes.push(format!("partitions {} -> {} (restart the transform, then both sinks)", state.partitions, t.partitions));
+            } else {
+                changes.push(format!("partitions {} -> {}", state.partitions, t.partitions));
+            }
         }
         let config_differs = t.config.iter().any(|(k, v)| {
             state.all_config.get(k).is_none_or(|h| !same_value(k, v, h))
@@ -360,4 +384,19 @@ pub async fn apply(cfg: &KafkaConfig, want: &[ResolvedTopic]) -> Result<ApplyRep
         return Err(CoreError::TopicMismatch(unfixable));
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hq_partition;
+
+    #[test]
+    fn a_site_keeps_its_partition_and_sites_spread() {
+        assert_eq!(hq_partition("site-a", 1), 0);
+        assert_eq!(hq_partition("site-a", 16), hq_partition("site-a", 16));
+        let sites: Vec<String> = (b'a'..=b'j').map(|c| format!("site-{}", c as char)).collect();
+        let used: std::collections::BTreeSet<i32> = sites.iter().map(|s| hq_partition(s, 16)).collect();
+        assert!(used.iter().all(|p| (0..16).contains(p)));
+        assert!(used.len() >= 6, "ten sites over 16 partitions: {used:?}");
+    }
 }

@@ -303,7 +303,7 @@ async fn run_once(cfg: &Config, site: &SiteConfig, args: &IngestArgs, resnapshot
         chunk_rows: cfg.ingest.snapshot_chunk_rows,
         heartbeat: Duration::from_millis(cfg.ingest.heartbeat_interval_ms.max(50)),
         batch_events: 20_000,
-        batch_age: Duration::from_millis(200),
+        batch_age: Duration::from_millis(cfg.ingest.batch_max_ms.max(1)),
         max_txn_events: cfg.ingest.max_txn_events,
         ref_cache: 2_000_000,
     };

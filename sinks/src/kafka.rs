@@ -62,8 +62,7 @@ pub fn producer(cfg: &Config, what: &str) -> Result<FutureProducer, SinkError> {
 /// Assigns every partition of `topic` at the offset in `stored` (the beginning where none is
 /// stored). Returns the partitions; a missing topic is a definite error with the fix.
 pub fn assign_at(consumer: &SinkConsumer, topic: &str, stored: &HashMap<i32, i64>) -> Result<Vec<i32>, SinkError> {
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading metadata", e))?;
-    let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let partitions = omrs_core::kafka::topic_partitions(consumer.client(), topic, Duration::from_secs(30)).map_err(|e| SinkError::kafka("reading metadata", e))?;
     if partitions.is_empty() {
         return Err(SinkError::Kafka {
             context: format!("topic {topic}"),

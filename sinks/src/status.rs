@@ -16,7 +16,7 @@ use rdkafka::Message;
 use serde::Serialize;
 use serde_json::Value as J;
 
-use crate::verify::{committed_reader, reached, records_after, transform_positions};
+use crate::verify::{committed_reader, reached, records_after, records_after_all, transform_positions};
 use crate::SinkError;
 
 /// Differences of offsets above this are shown as they are, not counted record by record.
@@ -118,7 +118,7 @@ fn utc(ms: i64) -> String {
 
 /// What HQ holds per clinic: (pending rows, oldest pending first-seen ms, open reviews), and
 /// the HQ sink's stored position.
-type HqCounts = (BTreeMap<String, (i64, Option<i64>, i64)>, Option<i64>);
+type HqCounts = (BTreeMap<String, (i64, Option<i64>, i64)>, Option<BTreeMap<i32, i64>>);
 
 async fn hq_counts(cfg: &Config) -> Result<HqCounts, SinkError> {
     let mut conn = crate::hq_mysql::connect(cfg, true).await?;
@@ -137,10 +137,7 @@ async fn hq_counts(cfg: &Config) -> Result<HqCounts, SinkError> {
         per.entry(site).or_default().2 = n;
     }
     let topic = TopicNames::new(cfg.kafka.topic_prefix.clone()).hq_changes();
-    let stored: Option<i64> = conn
-        .exec_first("SELECT next_offset FROM omrs_sync_offsets WHERE topic = ? AND kafka_partition = 0", (topic.as_str(),))
-        .await
-        .map_err(|e| SinkError::db("reading omrs_sync_offsets", e))?;
+    let stored = crate::verify::hq_offsets(&mut conn, &topic).await?;
     Ok((per, stored))
 }
 
@@ -205,10 +202,10 @@ pub async fn status(cfg: &Config, lake: Option<&std::path::Path>) -> Status {
         });
     }
     let hq_topic = names.hq_changes();
-    let mut stages = vec![StageStatus { stage: "hq_mysql".into(), topic: hq_topic.clone(), behind: records_after(cfg, &hq_topic, hq_stored, false, Some(EXACT_UP_TO)).unwrap_or(None) }];
+    let mut stages = vec![StageStatus { stage: "hq_mysql".into(), topic: hq_topic.clone(), behind: records_after_all(cfg, &hq_topic, hq_stored.as_ref(), Some(EXACT_UP_TO)).unwrap_or(None) }];
     if let Some(root) = lake {
-        let stored = crate::parquet::lake::Lake::new(root).read_manifest().ok().and_then(|(s, _)| s.offsets.get(&0).copied());
-        stages.push(StageStatus { stage: "parquet".into(), topic: hq_topic.clone(), behind: records_after(cfg, &hq_topic, stored, false, Some(EXACT_UP_TO)).unwrap_or(None) });
+        let stored = crate::parquet::lake::Lake::new(root).read_manifest().ok().map(|(s, _)| s.offsets).filter(|o| !o.is_empty());
+        stages.push(StageStatus { stage: "parquet".into(), topic: hq_topic.clone(), behind: records_after_all(cfg, &hq_topic, stored.as_ref(), Some(EXACT_UP_TO)).unwrap_or(None) });
     }
     for s in sites.iter().filter(|s| s.state == "offline") {
         problems.push(format!("{} offline: last heard {} ({} ago)", s.site, s.last_heard.clone().unwrap_or_default(), age_text(s.last_heard_age_s)));

@@ -12,6 +12,7 @@
 //! verify → summary. `--backlog` writes the workload first with the pipeline stopped and times
 //! the catch-up instead (the cold-replay benchmark).
 
+mod probe;
 mod procs;
 pub mod prom;
 mod steps;
@@ -47,6 +48,11 @@ pub struct DemoArgs {
     /// cards corrected later; registration dates fixed after the fact.
     #[arg(long, default_value_t = 0.05)]
     pub adversarial: f64,
+    /// Clock trouble at the clinics: the second site's clock runs 10 minutes behind, the
+    /// third's jumps a day ahead for a stretch of its work and back (no other site's changes
+    /// may wait for either).
+    #[arg(long)]
+    pub clock_trouble: bool,
     /// Seed of the workload: the same seed gives the same people and values.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -100,6 +106,11 @@ pub struct DemoArgs {
     /// (daily registrations, hourly encounters, monthly active patients, daily obs).
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub agg_window: u32,
+    /// Change one setting of the run's config, e.g. `--set transform.batch_max_ms=50` or
+    /// `--set sinks.hq_mysql.batch_max_ms=100` (the VALUE as TOML writes it; repeatable). The
+    /// run's config is checked like any other before anything starts.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 /// SITE:START:SECS, checked against the simulated sites.
@@ -211,7 +222,7 @@ max_clock_ahead_s = 300
 fk_wait_timeout_s = 600
 max_pending_rows = 100000
 batch_max_rows = 5000
-batch_max_ms = 200
+batch_max_ms = 100
 
 [sinks.parquet]
 path = "{lake}"
@@ -233,6 +244,28 @@ row_group_rows = 131072
         lake = lake.display(),
     ));
     t
+}
+
+/// The run's config text with each `--set SECTION.KEY=VALUE` applied: the key's line in its
+/// `[SECTION]` replaced, or added under the section's header.
+fn apply_sets(text: &str, sets: &[String]) -> anyhow::Result<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    for set in sets {
+        let bad = || anyhow::anyhow!("--set {set}: expected SECTION.KEY=VALUE, e.g. transform.batch_max_ms=50");
+        let (path, value) = set.split_once('=').ok_or_else(bad)?;
+        let (section, key) = path.trim().rsplit_once('.').ok_or_else(bad)?;
+        let header = format!("[{section}]");
+        let start = lines.iter().position(|l| l.trim() == header).ok_or_else(|| {
+            anyhow::anyhow!("--set {set}: the demo's config has no {header} (it has kafka, metrics, hq.database, ingest, transform, sinks.hq_mysql, sinks.parquet; clinics are not set this way)")
+        })?;
+        let end = lines[start + 1..].iter().position(|l| l.trim_start().starts_with('[')).map_or(lines.len(), |i| start + 1 + i);
+        let line = format!("{key} = {}", value.trim());
+        match lines[start + 1..end].iter().position(|l| l.split('=').next().is_some_and(|k| k.trim() == key)) {
+            Some(i) => lines[start + 1 + i] = line,
+            None => lines.insert(start + 1, line),
+        }
+    }
+    Ok(lines.join("\n") + "\n")
 }
 
 /// `scripts/<name>`, from the working directory or from the checkout the binary was built in.
@@ -530,6 +563,17 @@ mod tests {
         assert_eq!(cfg.sites[11].name, "site-l");
         assert_eq!(cfg.sites[11].database.port, 3322);
         assert_eq!(cfg.transform.idle_timeout_s, IDLE_TIMEOUT_S);
+    }
+
+    #[test]
+    fn a_set_replaces_or_adds_a_key_in_its_section() {
+        let text = "[transform]\nout_of_orderness_ms = 2000\n\n[sinks.hq_mysql]\nbatch_max_ms = 200\n";
+        let sets = ["sinks.hq_mysql.batch_max_ms=100".to_string(), "transform.batch_max_ms = 50".to_string()];
+        let got = apply_sets(text, &sets).unwrap();
+        assert_eq!(got, "[transform]\nbatch_max_ms = 50\nout_of_orderness_ms = 2000\n\n[sinks.hq_mysql]\nbatch_max_ms = 100\n");
+        let err = apply_sets(text, &["nosuch.key=1".to_string()]).unwrap_err().to_string();
+        assert!(err.contains("has no [nosuch]"), "{err}");
+        assert!(apply_sets(text, &["transform".to_string()]).unwrap_err().to_string().contains("SECTION.KEY=VALUE"));
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Procs {
     topics: PathBuf,
     pub logs: PathBuf,
     pub running: Vec<Proc>,
+    /// The peak resident set (MB) of each stage stopped so far, the largest of its runs.
+    peaks: std::collections::BTreeMap<String, f64>,
 }
 
 /// The last `n` lines of a log, for error messages.
@@ -31,6 +33,19 @@ pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Adds `p`'s peak resident set to `peaks` (the larger of the two).
+fn note(peaks: &mut std::collections::BTreeMap<String, f64>, p: &Proc) {
+    let Some(mb) = p.child.id().and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok()).and_then(|s| vm_hwm_kb(&s)).map(|kb| kb as f64 / 1024.0) else { return };
+    let at = peaks.entry(p.name.clone()).or_insert(mb);
+    *at = at.max(mb);
+}
+
+/// `VmHWM` (kB) of a `/proc/<pid>/status` text: the process's peak resident set.
+fn vm_hwm_kb(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn signal(pid: Option<u32>, sig: i32) {
@@ -44,7 +59,18 @@ fn signal(pid: Option<u32>, sig: i32) {
 
 impl Procs {
     pub fn new(exe: PathBuf, config: PathBuf, topics: PathBuf, logs: PathBuf) -> Procs {
-        Procs { exe, config, topics, logs, running: Vec::new() }
+        Procs { exe, config, topics, logs, running: Vec::new(), peaks: Default::default() }
+    }
+
+    /// The peak resident set (VmHWM, MB) of every stage, by name: of the stages stopped, read
+    /// as they were stopped (the largest of a stage's runs), and of those running, now. A stage
+    /// whose `/proc` entry cannot be read is left out.
+    pub fn peak_rss_mb(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut out = self.peaks.clone();
+        for p in &self.running {
+            note(&mut out, p);
+        }
+        out
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {
@@ -107,6 +133,7 @@ impl Procs {
     pub async fn stop(&mut self, name: &str, grace: Duration) {
         let Some(i) = self.running.iter().position(|p| p.name == name) else { return };
         let mut p = self.running.remove(i);
+        note(&mut self.peaks, &p);
         signal(p.child.id(), libc::SIGTERM);
         if tokio::time::timeout(grace, p.child.wait()).await.is_err() {
             tracing::warn!(process = name, "did not stop on SIGTERM; killing it");
@@ -119,6 +146,7 @@ impl Procs {
         let (stop, keep): (Vec<Proc>, Vec<Proc>) = std::mem::take(&mut self.running).into_iter().partition(|p| p.name.starts_with(prefix));
         self.running = keep;
         for p in &stop {
+            note(&mut self.peaks, p);
             signal(p.child.id(), libc::SIGTERM);
         }
         for mut p in stop {
@@ -149,5 +177,16 @@ impl Drop for Procs {
         for p in &mut self.running {
             let _ = p.child.start_kill();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peak_rss_is_read_from_proc_status() {
+        assert_eq!(super::vm_hwm_kb("Name:\tomrs-stream\nVmPeak:\t  900 kB\nVmHWM:\t  123456 kB\nVmRSS:\t 1000 kB\n"), Some(123_456));
+        assert_eq!(super::vm_hwm_kb("Name:\tx\n"), None);
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(super::vm_hwm_kb(&own).is_some_and(|kb| kb > 0));
     }
 }

@@ -39,6 +39,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     let pipeline_secs = t_pipeline.elapsed().as_secs_f64();
     d.board.scrape(&d.procs, &d.sites, &d.windows).await;
     d.procs.stop_all("", Duration::from_secs(15)).await;
+    let peak_rss_mb = d.procs.peak_rss_mb();
     d.progress.step(format!("drained in {:.1} s after the workload{}", (now_ms() - work.t_end_ms) as f64 / 1000.0, if drain.drained { "" } else { " (NOT complete)" }));
 
     // Compaction and verify.
@@ -77,6 +78,8 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         lags: drain.lags,
         endpoints: drain.endpoints,
         latency_base,
+        probe: work.probe,
+        peak_rss_mb,
     };
     summary::build(&d.cfg, facts, &mut hq_conn, verify).await
 }
@@ -97,6 +100,8 @@ struct Paths {
 struct Work {
     sim_rows: u64,
     t_end_ms: i64,
+    /// The latency probe's clinic and figures.
+    probe: Option<(String, super::probe::ProbeFigures)>,
 }
 
 /// How the drain went.
@@ -160,7 +165,8 @@ impl<'a> Demo<'a> {
         let topics_file = std::fs::canonicalize(topics_file).with_context(|| format!("the topics file {} (run the demo from the omrs-stream checkout, or pass --topics)", topics_file.display()))?;
         let exe = std::env::current_exe().context("finding this binary")?;
         let paths = Self::run_dir(args)?;
-        std::fs::write(&paths.config, super::config_text(args, &paths.prefix, &paths.lake, args.metrics_port)).with_context(|| format!("writing {}", paths.config.display()))?;
+        let text = super::apply_sets(&super::config_text(args, &paths.prefix, &paths.lake, args.metrics_port), &args.set)?;
+        std::fs::write(&paths.config, text).with_context(|| format!("writing {}", paths.config.display()))?;
         let cfg = Config::load(&paths.config).context("the demo's generated config")?;
         let mut progress = Progress::new(args.quiet);
         progress.step(format!(
@@ -179,6 +185,7 @@ impl<'a> Demo<'a> {
             dup_fraction: args.dup_fraction,
             seed: args.seed,
             adversarial: args.adversarial,
+            clock_trouble: args.clock_trouble,
             manifest: paths.manifest.clone(),
             database: Some(args.site_database.clone()),
             dump: dump.clone(),
@@ -271,7 +278,7 @@ impl<'a> Demo<'a> {
         }));
         let manifest = wait_sim(sim_task, &mut self.progress).await?;
         self.progress.step(format!("backlog written: {} row changes in {:.1} s", fmt_n(manifest.row_changes as f64), manifest.write_seconds));
-        Ok(Work { sim_rows: manifest.row_changes, t_end_ms: now_ms() })
+        Ok(Work { sim_rows: manifest.row_changes, t_end_ms: now_ms(), probe: None })
     }
 
     /// The agents, the transform and both sinks, each on its metrics port.
@@ -337,6 +344,14 @@ impl<'a> Demo<'a> {
     /// really stopped, then started again on its backlog.
     async fn live(&mut self) -> anyhow::Result<Work> {
         let args = self.args;
+        // The latency probe writes at a clinic that stays online.
+        let probe_site = self.sites.iter().find(|s| self.windows.iter().all(|w| &w.site != *s)).cloned();
+        let mut probe = None;
+        if let Some(site) = &probe_site {
+            let db = &self.cfg.site(site).context("the probe's site")?.database;
+            let writer = omrs_sinks::mysql_opts(db).user(Some(self.sim.admin_user.clone())).pass(Some(self.sim.admin_password.clone()));
+            probe = Some(super::probe::start(writer, omrs_sinks::mysql_opts(&self.cfg.hq.database)).await.context("starting the latency probe")?);
+        }
         let sim_task = Task(tokio::spawn({
             let cfg = self.cfg.clone();
             let sim = omrs_simulate::SimulateArgs { no_provision: true, rate: Some(args.rate), duration: Some(args.duration), offline: args.offline.clone(), ..self.sim.clone() };
@@ -349,7 +364,15 @@ impl<'a> Demo<'a> {
             self.windows_at(elapsed).await?;
             if sim_task.0.is_finished() {
                 let manifest = wait_sim(sim_task, &mut self.progress).await?;
-                break Work { sim_rows: manifest.row_changes, t_end_ms: now_ms() };
+                let t_end_ms = now_ms();
+                let probe = match (probe.take(), &probe_site) {
+                    (Some(p), Some(site)) => {
+                        self.progress.set("workload done; the latency probe's last change on its way to HQ".into());
+                        Some((site.clone(), p.finish().await))
+                    }
+                    _ => None,
+                };
+                break Work { sim_rows: manifest.row_changes, t_end_ms, probe };
             }
             self.board.scrape(&self.procs, &self.sites, &self.windows).await;
             let offline: Vec<String> = self

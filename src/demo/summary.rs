@@ -3,14 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use mysql_async::prelude::Queryable;
 use omrs_core::config::Config;
 use omrs_core::metrics as m;
-use omrs_core::topics::TopicNames;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 
 use super::prom::{self, Sample};
@@ -42,6 +39,10 @@ pub struct Facts {
     /// The HQ and Parquet sinks' samples when the live workload started (empty in backlog
     /// mode): the summary's latencies are of what came after.
     pub latency_base: (Vec<Sample>, Vec<Sample>),
+    /// The probe's figures (live mode; none when every clinic had an offline window).
+    pub probe: Option<(String, super::probe::ProbeFigures)>,
+    /// Each stage's peak resident set (MB), read at the end of the drain.
+    pub peak_rss_mb: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +114,13 @@ pub struct Summary {
     pub lake_latency_p50_s: Option<f64>,
     pub lake_latency_p99_s: Option<f64>,
     pub lake_latency_observations: u64,
+    /// The clinic the latency probe wrote at, and its figures: site commit → visible at HQ,
+    /// measured from outside the pipeline (`super::probe`).
+    pub probe_site: Option<String>,
+    pub probe_hq: Option<super::probe::ProbeFigures>,
+    /// Each stage's peak resident set (MB; VmHWM at the end of the drain): agents that stopped
+    /// for an offline window count from their last start.
+    pub peak_rss_mb: BTreeMap<String, f64>,
     pub drained: bool,
     pub verify_ok: bool,
     pub problems: Vec<String>,
@@ -130,35 +138,13 @@ pub struct Summary {
     pub verify_text: String,
 }
 
-/// Records readable in `topic` (read_committed), counted by reading them.
+/// Records readable in `topic` (read_committed), counted by reading them, every partition.
 fn count_records(cfg: &Config, topic: &str) -> anyhow::Result<u64> {
-    let c: BaseConsumer = omrs_core::kafka::client_config(&cfg.kafka)
-        .set("group.id", TopicNames::new(cfg.kafka.topic_prefix.clone()).demo_count_group())
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .context("creating a Kafka consumer")?;
-    let (low, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(10)).with_context(|| format!("reading the end of {topic}"))?;
-    if high <= low {
-        return Ok(0);
-    }
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).context("assigning")?;
-    c.assign(&tpl).context("assigning")?;
     let mut n = 0u64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        match c.poll(Duration::from_millis(200)) {
-            Some(Ok(_)) => n += 1,
-            Some(Err(e)) => return Err(e).with_context(|| format!("reading {topic}")),
-            None => {
-                let at = c.position().ok().and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
-                if at.is_some_and(|o| o >= high) {
-                    break;
-                }
-            }
-        }
-    }
+    omrs_core::kafka::read_to_end(&cfg.kafka, topic, |_, _, _| {
+        n += 1;
+        Ok(())
+    })?;
     Ok(n)
 }
 
@@ -220,7 +206,7 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
     }
     let mut queries = Vec::new();
     for (title, sql) in QUERIES {
-        let args = omrs_sinks::query::QueryArgs { sql: Some(sql.to_string()), tables: false, format: omrs_sinks::query::Format::Table, lake: None, serve: None };
+        let args = omrs_sinks::query::QueryArgs { sql: Some(sql.to_string()), tables: false, format: omrs_sinks::query::Format::Table, lake: None, server: Default::default() };
         let output = match omrs_sinks::query::run(&f.lake, &args).await {
             Ok(o) => o.trim_end().to_string(),
             Err(e) => format!("(query failed: {e})"),
@@ -261,6 +247,9 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         lake_latency_p50_s: prom::quantile(&lake_latency, m::LAKE_E2E_LATENCY, 0.5),
         lake_latency_p99_s: prom::quantile(&lake_latency, m::LAKE_E2E_LATENCY, 0.99),
         lake_latency_observations: prom::sum(&lake_latency, &format!("{}_count", m::LAKE_E2E_LATENCY), &[]) as u64,
+        probe_site: f.probe.as_ref().map(|(site, _)| site.clone()),
+        probe_hq: f.probe.map(|(_, figures)| figures),
+        peak_rss_mb: f.peak_rss_mb,
         drained: f.drained,
         verify_ok,
         problems,
@@ -309,8 +298,22 @@ pub fn render(s: &Summary) -> String {
     if s.mode == "live" {
         o.push_str(&format!("  end-to-end latency    p50 {} · p99 {} (site commit → HQ commit, {} rows of the live workload)\n", secs(s.e2e_latency_p50_s), secs(s.e2e_latency_p99_s), fmt_n(s.e2e_latency_observations as f64)));
         o.push_str(&format!("  to the lake           p50 {} · p99 {} (site commit → the lake's commit of the change, {} site transactions)\n", secs(s.lake_latency_p50_s), secs(s.lake_latency_p99_s), fmt_n(s.lake_latency_observations as f64)));
+        if let (Some(site), Some(p)) = (&s.probe_site, &s.probe_hq) {
+            o.push_str(&format!(
+                "  probe to HQ           p50 {} · p99 {} (a change committed at {site} every 100 ms, read back at HQ every 10 ms: {} samples; the rows above date a change by its binlog second)\n",
+                secs(p.p50_s),
+                secs(p.p99_s),
+                p.samples
+            ));
+            let slowest: Vec<String> = p.slowest.iter().map(|(t, l)| format!("{l:.2} s at {t:.0} s")).collect();
+            o.push_str(&format!("                        slowest: {} (seconds into the workload)\n", slowest.join(", ")));
+        }
     } else {
         o.push_str("  end-to-end latency    not meaningful for a backlog (every row waited for the pipeline to start)\n");
+    }
+    if !s.peak_rss_mb.is_empty() {
+        let rss: Vec<String> = s.peak_rss_mb.iter().map(|(n, mb)| format!("{n} {mb:.0} MB")).collect();
+        o.push_str(&format!("  peak memory (RSS)     {}\n", rss.join(", ")));
     }
     o.push_str(&format!("  identity merges       {} (HQ merge log: {})\n", s.identity_merges, s.hq_merges_logged));
     o.push_str(&format!(
@@ -345,6 +348,7 @@ pub fn render(s: &Summary) -> String {
     o.push_str(&format!("  HQ database    {}\n", s.hq_url));
     o.push_str(&format!("  lake           {}\n", s.lake.display()));
     o.push_str(&format!("  config         {}\n", s.config.display()));
+    o.push_str(&format!("                 export OMRS_CONFIG={}   # the README's examples then use this run\n", s.config.display()));
     o.push_str(&format!("  logs           {}\n", s.logs.display()));
     o.push_str(&format!("  manifest       {}\n", s.manifest.display()));
     o.push_str(&format!("  topics         {}omrs.*\n", s.topic_prefix));

@@ -175,10 +175,11 @@ pub async fn drop_databases(hq_dbs: &[&str], site_db: &str) {
     }
 }
 
-/// The HQ sink's stored offset (0 before its first batch).
+/// The HQ sink's stored offsets, summed over the partitions (0 before its first batch): it
+/// grows with every batch the sink commits.
 pub async fn hq_offset(hq_db: &str) -> i64 {
     let mut c = hq::hq(hq_db).await;
-    c.query_first::<Option<i64>, _>("SELECT MAX(next_offset) FROM omrs_sync_offsets").await.unwrap().flatten().unwrap_or(0)
+    c.query_first::<Option<i64>, _>("SELECT CAST(SUM(next_offset) AS SIGNED) FROM omrs_sync_offsets").await.unwrap().flatten().unwrap_or(0)
 }
 
 /// HQ initialised, the six stages started, and the live workload of `l` running in a task.

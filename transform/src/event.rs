@@ -336,6 +336,22 @@ impl Out {
         k
     }
 
+    /// The partition of `omrs.hq.changes` (of `n`) the record goes to: a site's changes and
+    /// schema records to the site's ([`omrs_core::topics::hq_partition`]), identity records and
+    /// aggregates to [`omrs_core::topics::IDENTITY_LANE`]; `None` for a watermark, which goes
+    /// to every partition.
+    pub fn partition(&self, n: i32) -> Option<i32> {
+        use omrs_core::topics::{hq_partition, IDENTITY_LANE};
+        match self {
+            Out::Change { event, .. } => Some(hq_partition(&event.site, n)),
+            Out::Hq(h) => match h.as_ref() {
+                HqEvent::Watermark { .. } => None,
+                HqEvent::Schema { site, .. } | HqEvent::Change { event: omrs_core::envelope::ChangeEvent { site, .. }, .. } => Some(hq_partition(site, n)),
+                HqEvent::Merge { .. } | HqEvent::Split { .. } | HqEvent::IdentityReview { .. } | HqEvent::Aggregate { .. } => Some(IDENTITY_LANE),
+            },
+        }
+    }
+
     /// The record as an [`HqEvent`], parsed back from its JSON.
     pub fn to_hq(&self) -> Result<HqEvent, String> {
         serde_json::from_slice(&self.to_json()).map_err(|e| e.to_string())

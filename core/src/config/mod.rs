@@ -22,10 +22,12 @@ mod debezium;
 mod env;
 mod identity;
 mod sinks;
+mod stages;
 pub use aggregates::*;
 pub use debezium::*;
 pub use identity::*;
 pub use sinks::*;
+pub use stages::*;
 
 /// `omrs-stream.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -246,26 +248,28 @@ impl std::fmt::Debug for KafkaConfig {
     }
 }
 
-/// Reads a secret file: the whole file, one trailing newline (`\n` or `\r\n`) removed.
-fn read_secret_file(path: &Path, key: &str, file: &Path) -> Result<String> {
+/// Reads a secret file: the whole file (at most 64 KiB), one trailing newline (`\n` or `\r\n`)
+/// removed. Err is a sentence that starts with the path: a missing, unreadable or empty file.
+/// The config's `*_password_file` keys and `query --serve --password-file` read their files so.
+pub fn read_secret(path: &Path) -> std::result::Result<String, String> {
     use std::io::Read;
-    let fail = |message: String| CoreError::Config { file: file.to_path_buf(), key: key.to_string(), message };
     if !path.is_file() {
-        return Err(fail(format!("the secret file `{}` does not exist or is not a regular file", path.display())));
+        return Err(format!("{} does not exist or is not a regular file", path.display()));
     }
     let mut text = String::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
-        .map_err(|e| fail(format!("cannot read the secret file `{}`: {e}", path.display())))?;
+        .map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
     let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
     if text.is_empty() {
-        return Err(CoreError::Config {
-            file: file.to_path_buf(),
-            key: key.to_string(),
-            message: format!("the secret file `{}` is empty", path.display()),
-        });
+        return Err(format!("{}: the file is empty", path.display()));
     }
     Ok(text.to_string())
+}
+
+/// [`read_secret`] for the config key `key` of `file`.
+fn read_secret_file(path: &Path, key: &str, file: &Path) -> Result<String> {
+    read_secret(path).map_err(|m| CoreError::Config { file: file.to_path_buf(), key: key.to_string(), message: format!("the secret file {m}") })
 }
 
 fn default_host() -> String {
@@ -328,120 +332,6 @@ fn pct(s: &str) -> String {
 #[serde(deny_unknown_fields)]
 pub struct HqConfig {
     pub database: DatabaseConfig,
-}
-
-/// What the ingest agents read and what never leaves a site.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IngestConfig {
-    /// Tables to capture; empty means every table not excluded.
-    #[serde(default)]
-    pub include: Vec<String>,
-    #[serde(default = "default_exclude")]
-    pub exclude: Vec<String>,
-    /// `table.column` values that are never shipped.
-    #[serde(default = "default_scrub")]
-    pub scrub: Vec<String>,
-    #[serde(default = "default_chunk_rows")]
-    pub snapshot_chunk_rows: u32,
-    #[serde(default = "default_heartbeat_ms")]
-    pub heartbeat_interval_ms: u64,
-    /// A site transaction with more captured rows than this is committed to Kafka in parts
-    /// (each with a checkpoint inside the transaction), so one huge UPDATE cannot exceed what a
-    /// Kafka transaction should hold.
-    #[serde(default = "default_max_txn_events")]
-    pub max_txn_events: usize,
-}
-
-fn default_max_txn_events() -> usize {
-    50_000
-}
-
-fn default_exclude() -> Vec<String> {
-    [
-        "liquibasechangelog",
-        "liquibasechangeloglock",
-        "scheduler_task_config",
-        "scheduler_task_config_property",
-        "idgen_pooled_identifier",
-        "idgen_log_entry",
-        "notification_alert_recipient",
-        "hl7_in_queue",
-        "hl7_in_archive",
-        "hl7_in_error",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn default_scrub() -> Vec<String> {
-    ["users.password", "users.salt", "users.secret_question", "users.secret_answer"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
-
-fn default_chunk_rows() -> u32 {
-    5_000
-}
-
-fn default_heartbeat_ms() -> u64 {
-    1_000
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        IngestConfig {
-            include: Vec::new(),
-            exclude: default_exclude(),
-            scrub: default_scrub(),
-            snapshot_chunk_rows: default_chunk_rows(),
-            heartbeat_interval_ms: default_heartbeat_ms(),
-            max_txn_events: default_max_txn_events(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TransformConfig {
-    /// Bounded out-of-orderness subtracted from each site's latest event time.
-    #[serde(default = "default_ooo")]
-    pub out_of_orderness_ms: u64,
-    /// A site with no event or heartbeat for this long stops holding the global watermark back.
-    #[serde(default = "default_idle")]
-    pub idle_timeout_s: u64,
-    /// How far ahead of the transform's clock a site's event times may carry its watermark: a
-    /// clinic clock that jumps forward is capped here, so it cannot finalise windows and
-    /// partitions early or make other sites' events late.
-    #[serde(default = "default_clock_ahead")]
-    pub max_clock_ahead_s: u64,
-    /// No longer used: the transform buffers nothing since it emits on arrival (issue #24).
-    /// Accepted so that older configs still load; a warning says it is ignored.
-    #[serde(default)]
-    pub max_buffered_events: Option<usize>,
-}
-
-fn default_ooo() -> u64 {
-    2_000
-}
-fn default_idle() -> u64 {
-    180
-}
-fn default_clock_ahead() -> u64 {
-    300
-}
-
-impl Default for TransformConfig {
-    fn default() -> Self {
-        TransformConfig {
-            out_of_orderness_ms: default_ooo(),
-            idle_timeout_s: default_idle(),
-            max_clock_ahead_s: default_clock_ahead(),
-            max_buffered_events: None,
-        }
-    }
 }
 
 impl Config {

@@ -38,7 +38,7 @@ fn default_batch_rows() -> usize {
     5_000
 }
 fn default_batch_ms() -> u64 {
-    200
+    100
 }
 
 fn default_fk_wait() -> u64 {

@@ -23,6 +23,7 @@
 
 pub mod apply;
 mod canonical;
+mod reader;
 pub mod rejected;
 pub mod schema;
 
@@ -36,8 +37,6 @@ use omrs_core::clock::{now_ms, retry_transient};
 use omrs_core::config::Config;
 use omrs_core::metrics::metrics;
 use omrs_core::topics::TopicNames;
-use rdkafka::consumer::Consumer;
-use rdkafka::{Message, Offset};
 
 use crate::SinkError;
 use apply::{Applier, Record};
@@ -169,7 +168,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let bar = crate::spinner("hq-mysql", args.quiet);
     // The reader task consumes and parses the next batch while this one is being written.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, SinkError>>(2);
-    let reader = spawn_reader(consumer, topic.clone(), stored.clone(), targets, Reading { batch_rows, batch_max: Duration::from_millis(sink_cfg.batch_max_ms), until_idle: args.until_idle }, tx);
+    let reader = reader::spawn_reader(consumer, topic.clone(), &partitions, stored.clone(), targets, reader::Reading { batch_rows, batch_max: Duration::from_millis(sink_cfg.batch_max_ms), until_idle: args.until_idle }, tx)?;
     // The reader fetches the first batch while HQ's table model and the sink's state load.
     let mut applier = Applier::load(&mut conn, &cfg.hq.database.database, omrs_core::zone::SiteRules::of(cfg), sink_cfg.fk_wait_timeout_s as i64 * 1000)
         .await?
@@ -306,73 +305,6 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
             return Ok(());
         }
     }
-}
-
-/// How the reader task batches records.
-struct Reading {
-    /// At most this many records a batch (`sinks.hq_mysql.batch_max_rows`, `--batch-rows`).
-    batch_rows: usize,
-    /// A batch closes this long after it opened (`batch_max_ms`).
-    batch_max: Duration,
-    /// `--until-idle`: a batch says when every partition is read to `targets`.
-    until_idle: bool,
-}
-
-/// The reader task: consumes `topic` from `stored` and parses each record, batch by batch, into
-/// `tx`, while the batch before is planned and written.
-fn spawn_reader(
-    consumer: crate::kafka::SinkConsumer,
-    topic: String,
-    stored: HashMap<i32, i64>,
-    targets: HashMap<i32, i64>,
-    r: Reading,
-    tx: tokio::sync::mpsc::Sender<Result<Batch, SinkError>>,
-) -> crate::kafka::AbortOnDrop {
-    let Reading { batch_rows, batch_max, until_idle } = r;
-    let mut next = stored;
-    crate::kafka::AbortOnDrop(tokio::spawn(async move {
-    // The first batches after a start are smaller, doubling up to `batch_rows`: HQ
-    // starts writing while the next batch is read and planned, instead of waiting for
-    // a whole batch to be read and planned first.
-    let mut limit = (batch_rows / 16).max(1);
-    loop {
-        let deadline = Instant::now() + batch_max;
-        let mut records: Vec<Record> = Vec::with_capacity(limit);
-        while records.len() < limit {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match tokio::time::timeout(left, consumer.recv()).await {
-                Err(_) => break,
-                Ok(Err(e)) => {
-                    let _ = tx.send(Err(SinkError::kafka("consuming", e))).await;
-                    return;
-                }
-                Ok(Ok(m)) => {
-                    next.insert(m.partition(), m.offset() + 1);
-                    records.push(Record::decode(m.partition(), m.offset(), m.payload().unwrap_or(&[]).to_vec()));
-                }
-            }
-        }
-        let at_end = until_idle
-            && records.is_empty()
-            && targets.iter().all(|(p, high)| {
-                let pos = consumer
-                    .position()
-                    .ok()
-                    .and_then(|tp| tp.find_partition(&topic, *p).and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None }));
-                *high == 0 || pos.is_some_and(|o| o >= *high) || next.get(p).is_some_and(|o| *o >= *high)
-            });
-        tracing::debug!(records = records.len(), "batch read");
-        if !records.is_empty() {
-            limit = (limit * 2).min(batch_rows);
-        }
-        if tx.send(Ok(Batch { records, next: next.clone(), at_end })).await.is_err() {
-            return;
-        }
-    }
-    }))
 }
 
 /// A planned batch being written and committed by a task of its own.

@@ -71,11 +71,21 @@ pub struct Entry {
     pub renames: Vec<(String, String)>,
     /// Kafka partition → next offset to read.
     pub offsets: BTreeMap<i32, i64>,
-    /// The global watermark seen up to these offsets (ms).
+    /// The global watermark seen up to these offsets (ms): the least of the partitions'.
     pub watermark: Option<i64>,
+    /// Kafka partition → the latest watermark record read in it (ms). Absent from entries of
+    /// versions before partitioned `omrs.hq.changes`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub partition_watermarks: BTreeMap<i32, i64>,
     /// Date partitions this commit finalised (watermark passed their end).
     pub completed: Vec<PartKey>,
     pub committed_at_ms: i64,
+}
+
+/// Raises partition `p`'s watermark in `to` to `w` if that is later.
+pub(crate) fn raise_watermark(to: &mut BTreeMap<i32, i64>, p: i32, w: i64) {
+    let at = to.entry(p).or_insert(w);
+    *at = (*at).max(w);
 }
 
 /// A finalised date partition.
@@ -92,6 +102,9 @@ pub struct State {
     pub seq: u64,
     pub offsets: BTreeMap<i32, i64>,
     pub watermark: Option<i64>,
+    /// Kafka partition → the latest watermark record read in it.
+    #[serde(default)]
+    pub partition_watermarks: BTreeMap<i32, i64>,
     pub files: Vec<FileEntry>,
     /// Partitions that hold at least one file.
     pub partitions: BTreeSet<PartKey>,
@@ -107,6 +120,9 @@ impl State {
         if e.watermark.is_some() {
             self.watermark = e.watermark;
         }
+        for (p, w) in &e.partition_watermarks {
+            raise_watermark(&mut self.partition_watermarks, *p, *w);
+        }
         for f in &e.files {
             let key = (f.table.clone(), f.site.clone(), f.date.clone());
             if f.late {
@@ -121,6 +137,25 @@ impl State {
         for k in &e.completed {
             self.complete.entry(k.clone()).or_insert(Completion { watermark_ms: e.watermark.unwrap_or(0), revision: 1 });
         }
+    }
+
+    /// The watermark after a file set that read the watermark records `seen` (the latest per
+    /// Kafka partition): each partition's latest, and the global watermark, the least of them
+    /// over `partitions`. The transform writes each watermark to every partition after the
+    /// records it covers, so a partition read further than another cannot finalise a date the
+    /// other still has rows of. A partition with none yet counts as the global watermark
+    /// before (a lake of a single-partition version); the global one never goes back.
+    pub fn next_watermark(&self, seen: &BTreeMap<i32, i64>, partitions: &[i32]) -> (Option<i64>, BTreeMap<i32, i64>) {
+        let mut per = self.partition_watermarks.clone();
+        for (p, w) in seen {
+            raise_watermark(&mut per, *p, *w);
+        }
+        let least = partitions.iter().map(|p| per.get(p).copied().or(self.watermark)).collect::<Option<Vec<i64>>>().and_then(|v| v.into_iter().min());
+        let global = match (least, self.watermark) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        (global, per)
     }
 
     /// The partitions the watermark `wm` has passed the end of and that are not final yet
@@ -515,6 +550,7 @@ mod tests {
             renames: vec![(tmp, fin)],
             offsets: [(0, seq as i64 + 1)].into(),
             watermark: None,
+            partition_watermarks: BTreeMap::new(),
             completed: vec![],
             committed_at_ms: 0,
         }
@@ -600,6 +636,28 @@ mod tests {
         create_dir_durable(&lake.root.join("a/b/c")).unwrap();
         assert!(lake.root.join("a/b/c").is_dir());
         create_dir_durable(&lake.root.join("a/b/c")).unwrap();
+    }
+
+    #[test]
+    fn the_watermark_is_the_least_of_the_partitions() {
+        let st = State::default();
+        // Partition 1 has no watermark yet: none is global.
+        let (g, per) = st.next_watermark(&[(0, 50)].into(), &[0, 1]);
+        assert_eq!((g, per.get(&0).copied()), (None, Some(50)));
+        let st = State { partition_watermarks: per, ..State::default() };
+        let (g, per) = st.next_watermark(&[(1, 30)].into(), &[0, 1]);
+        assert_eq!(g, Some(30));
+        // Partition 1 moves on past partition 0: partition 0's is the global one.
+        let st = State { partition_watermarks: per, watermark: g, ..State::default() };
+        let (g, _) = st.next_watermark(&[(1, 90)].into(), &[0, 1]);
+        assert_eq!(g, Some(50));
+        // One partition: its latest; a lake written before per-partition watermarks
+        // starts from its global one, which never goes back.
+        let old = State { watermark: Some(70), ..State::default() };
+        assert_eq!(old.next_watermark(&BTreeMap::new(), &[0, 1]).0, Some(70));
+        assert_eq!(old.next_watermark(&[(0, 60)].into(), &[0]).0, Some(70));
+        assert_eq!(old.next_watermark(&[(0, 80)].into(), &[0]).0, Some(80));
+        assert_eq!(old.next_watermark(&[(0, 80)].into(), &[0, 1]).0, Some(70));
     }
 
     #[test]

@@ -185,7 +185,8 @@ struct Buffer {
     reviews: Vec<reviews::ReviewVersion>,
     dead: Vec<DeadLetter>,
     next: BTreeMap<i32, i64>,
-    watermark: Option<i64>,
+    /// Kafka partition → the latest watermark record read in it.
+    watermarks: BTreeMap<i32, i64>,
     bytes: usize,
     records: u64,
     first_at: Option<Instant>,
@@ -232,10 +233,9 @@ impl Buffer {
         self.reviews.extend(o.reviews);
         self.dead.extend(o.dead);
         self.commits.extend(o.commits);
-        self.watermark = match (self.watermark, o.watermark) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+        for (p, w) in o.watermarks {
+            lake::raise_watermark(&mut self.watermarks, p, w);
+        }
     }
 }
 
@@ -400,7 +400,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
         if let Some(mut buf) = chunk {
             if buf.records > 0 {
                 let t_commit = Instant::now();
-                total_rows += commit(lake, &mut state, &mut buf, pq.row_group_rows, &producer, &dlq_topic, &topic).await?;
+                total_rows += commit(lake, &mut state, &mut buf, pq.row_group_rows, &producer, &dlq_topic, &topic, &partitions).await?;
                 commit_time += t_commit.elapsed();
             }
         }
@@ -419,7 +419,19 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
         }
         if let Some(every) = compact_every {
             if last_compact.elapsed() >= every && compact::needs(lake, &state) {
-                compact::compact_in_background(lake, lock, &state, &tables, "schedule").await?;
+                // A stop does not wait for a scheduled compaction (at nice 19 on a busy host it
+                // can take many seconds): the process exits and the compaction with it, which
+                // publishes nothing half-made (the snapshot is swapped in whole, or not at all);
+                // the next start compacts again.
+                tokio::select! {
+                    r = compact::compact_in_background(lake, lock, &state, &tables, "schedule") => {
+                        r?;
+                    }
+                    _ = omrs_core::stop::wait() => {
+                        tracing::info!("stopping during a scheduled compaction: left for the next start");
+                        continue;
+                    }
+                }
                 last_compact = Instant::now();
             }
         }
@@ -668,7 +680,7 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &Site
             }
         }
         HqEvent::Watermark { ts_ms } => {
-            buf.watermark = Some(buf.watermark.map_or(ts_ms, |w| w.max(ts_ms)));
+            lake::raise_watermark(&mut buf.watermarks, p, ts_ms);
         }
         // Taken by the reader and the main loop (`evolve_schema`) before the next record.
         HqEvent::Schema { .. } => {}
@@ -708,6 +720,7 @@ async fn commit(
     producer: &FutureProducer,
     dlq_topic: &str,
     topic: &str,
+    partitions: &[i32],
 ) -> Result<u64, SinkError> {
     let started = Instant::now();
     let b = std::mem::take(buf);
@@ -809,10 +822,7 @@ async fn commit(
     }
     failpoint("lake:after-data-tmp");
     crate::kafka::send_dead_letters(producer, dlq_topic, "parquet", topic, &b.dead).await?;
-    let watermark = match (b.watermark, state.watermark) {
-        (Some(a), Some(s)) => Some(a.max(s)),
-        (a, s) => a.or(s),
-    };
+    let (watermark, partition_watermarks) = state.next_watermark(&b.watermarks, partitions);
     let completed = match watermark {
         Some(w) => state.newly_complete(w, &new_keys),
         None => Vec::new(),
@@ -821,7 +831,7 @@ async fn commit(
     let total: u64 = files.iter().map(|f| f.rows).sum();
     let bytes_total: u64 = files.iter().map(|f| f.bytes).sum();
     let nfiles = files.len();
-    let entry = Entry { seq, files, renames, offsets: b.next, watermark, completed, committed_at_ms: now_ms() };
+    let entry = Entry { seq, files, renames, offsets: b.next, watermark, partition_watermarks, completed, committed_at_ms: now_ms() };
     lake.commit(state, entry)?;
     let m = metrics();
     for (t, k) in rows_by_table {

@@ -512,20 +512,27 @@ pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Pa
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let hq_topic = names.hq_changes();
     let behind = |topic: &str, stored: Option<i64>, heartbeats: bool| records_after(cfg, topic, stored, heartbeats, None);
-    let hq_stored: Option<i64> = hq
-        .exec_first("SELECT next_offset FROM omrs_sync_offsets WHERE topic = ? AND kafka_partition = 0", (hq_topic.as_str(),))
-        .await
-        .map_err(|e| SinkError::db("reading omrs_sync_offsets", e))?;
-    lags.push(Lag { stage: "hq_mysql".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(hq_stored.unwrap_or(0)), false)? });
+    let hq_stored = hq_offsets(hq, &hq_topic).await?.unwrap_or_default();
+    lags.push(Lag { stage: "hq_mysql".into(), topic: hq_topic.clone(), messages: records_after_all(cfg, &hq_topic, Some(&hq_stored), None)? });
     if let Some(lake_root) = lake {
         let lake = crate::parquet::lake::Lake::new(lake_root);
-        let stored = lake.read_manifest().ok().and_then(|(s, _)| s.offsets.get(&0).copied());
-        lags.push(Lag { stage: "parquet".into(), topic: hq_topic.clone(), messages: behind(&hq_topic, Some(stored.unwrap_or(0)), false)? });
+        let stored = lake.read_manifest().ok().map(|(s, _)| s.offsets).unwrap_or_default();
+        lags.push(Lag { stage: "parquet".into(), topic: hq_topic.clone(), messages: records_after_all(cfg, &hq_topic, Some(&stored), None)? });
     }
     for (_, topic, committed) in transform_positions(cfg)? {
         lags.push(Lag { stage: "transform".into(), topic: topic.clone(), messages: behind(&topic, committed, true)? });
     }
     Ok(lags)
+}
+
+/// The HQ sink's stored offset of each partition of `topic` (`omrs_sync_offsets`); None
+/// before its first batch.
+pub async fn hq_offsets(hq: &mut Conn, topic: &str) -> Result<Option<BTreeMap<i32, i64>>, SinkError> {
+    let rows: Vec<(i32, i64)> = hq
+        .exec("SELECT kafka_partition, next_offset FROM omrs_sync_offsets WHERE topic = ?", (topic,))
+        .await
+        .map_err(|e| SinkError::db("reading omrs_sync_offsets", e))?;
+    Ok((!rows.is_empty()).then(|| rows.into_iter().collect()))
 }
 
 /// Per configured site: (site, its topic, the transform's committed offset on it, if any).
@@ -552,7 +559,12 @@ pub fn transform_positions(cfg: &Config) -> Result<Vec<(String, String, Option<i
 /// Whether `c`'s position on `topic` (partition 0) is at `end` or past it: with nothing left
 /// to read, a transactional topic's last offsets are commit markers.
 pub fn reached(c: &BaseConsumer, topic: &str, end: i64) -> bool {
-    let at = c.position().ok().and_then(|t| t.find_partition(topic, 0).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
+    reached_in(c, topic, 0, end)
+}
+
+/// As [`reached`], in `partition`.
+fn reached_in(c: &BaseConsumer, topic: &str, partition: i32, end: i64) -> bool {
+    let at = c.position().ok().and_then(|t| t.find_partition(topic, partition).and_then(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }));
     at.is_some_and(|o| o >= end)
 }
 
@@ -575,9 +587,27 @@ pub fn committed_reader(cfg: &Config) -> Result<BaseConsumer, SinkError> {
 /// are transactional: their end offset counts commit markers, so the records are read. With
 /// `exact_up_to`, a gap larger than that is not read: the offset difference is returned.
 pub fn records_after(cfg: &Config, topic: &str, stored: Option<i64>, heartbeats: bool, exact_up_to: Option<i64>) -> Result<Option<i64>, SinkError> {
+    records_after_in(cfg, topic, 0, stored, heartbeats, exact_up_to)
+}
+
+/// As [`records_after`], summed over every partition of `topic` (`omrs.hq.changes`), each
+/// from its offset in `stored` (0 where none is stored; None: no position stored at all).
+pub fn records_after_all(cfg: &Config, topic: &str, stored: Option<&BTreeMap<i32, i64>>, exact_up_to: Option<i64>) -> Result<Option<i64>, SinkError> {
     let Some(stored) = stored else { return Ok(None) };
     let reader = committed_reader(cfg)?;
-    let (_, end) = reader.fetch_watermarks(topic, 0, Duration::from_secs(10)).map_err(|e| SinkError::kafka(format!("reading the end of {topic}"), e))?;
+    let partitions = omrs_core::kafka::topic_partitions(reader.client(), topic, Duration::from_secs(10)).map_err(|e| SinkError::kafka(format!("reading the metadata of {topic}"), e))?;
+    let mut total = 0;
+    for p in partitions {
+        total += records_after_in(cfg, topic, p, Some(stored.get(&p).copied().unwrap_or(0)), false, exact_up_to)?.unwrap_or(0);
+    }
+    Ok(Some(total))
+}
+
+/// As [`records_after`], in `partition`.
+fn records_after_in(cfg: &Config, topic: &str, partition: i32, stored: Option<i64>, heartbeats: bool, exact_up_to: Option<i64>) -> Result<Option<i64>, SinkError> {
+    let Some(stored) = stored else { return Ok(None) };
+    let reader = committed_reader(cfg)?;
+    let (_, end) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10)).map_err(|e| SinkError::kafka(format!("reading the end of {topic}"), e))?;
     if end <= stored {
         return Ok(Some(0));
     }
@@ -585,7 +615,7 @@ pub fn records_after(cfg: &Config, topic: &str, stored: Option<i64>, heartbeats:
         return Ok(Some(end - stored));
     }
     let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(stored)).map_err(|e| SinkError::kafka("assigning", e))?;
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(stored)).map_err(|e| SinkError::kafka("assigning", e))?;
     reader.assign(&tpl).map_err(|e| SinkError::kafka("assigning", e))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut changes = 0;
@@ -602,7 +632,7 @@ pub fn records_after(cfg: &Config, topic: &str, stored: Option<i64>, heartbeats:
             Some(Err(e)) => return Err(SinkError::kafka(format!("reading {topic}"), e)),
             // Nothing to read: the consumer has stepped over the commit markers to the end.
             None => {
-                if reached(&reader, topic, end) {
+                if reached_in(&reader, topic, partition, end) {
                     return Ok(Some(changes));
                 }
             }

@@ -30,6 +30,15 @@ use crate::{TransformArgs, TransformError};
 
 type TopicPart = (String, i32);
 
+/// How many partitions `topic` has: a missing topic is a definite error with the fix.
+fn partitions_of(producer: &TxProducer, topic: &str) -> Result<i32, TransformError> {
+    let n = omrs_core::kafka::topic_partitions(producer.client(), topic, Duration::from_secs(30)).map_err(|e| TransformError::kafka(&format!("reading the metadata of {topic}"), e))?.len();
+    if n == 0 {
+        return Err(TransformError::Kafka { context: format!("topic {topic}"), message: "does not exist: create the topics first with `omrs-stream topics apply`".into() });
+    }
+    Ok(n as i32)
+}
+
 /// A record that cannot be transformed: where it was, why, and its bytes.
 type Dead = (Origin, DeadKind, String, Vec<u8>);
 
@@ -71,6 +80,10 @@ pub(super) struct Runner {
     wm_out: i64,
     /// `omrs.identity.decisions`: read with the site topics, handled by [`Engine::decide`].
     decisions_topic: String,
+    /// A batch reads for at most this long (`transform.batch_max_ms`).
+    batch_max: Duration,
+    /// The partitions of `omrs.hq.changes` at start (a site's records go to one of them).
+    out_partitions: i32,
 }
 
 impl Runner {
@@ -113,12 +126,15 @@ impl Runner {
             .create_with_context(LagContext::new("transform"))
             .map_err(|e| TransformError::kafka("creating the consumer", e))?;
         consumer.subscribe(&[&names.transform_input_pattern()]).map_err(|e| TransformError::kafka("subscribing to the site topics", e))?;
+        let out_partitions = partitions_of(&producer, &names.hq_changes())?;
+        tracing::info!(topic = %names.hq_changes(), partitions = out_partitions, "each site's changes go to one partition");
         omrs_core::endpoint::ready();
         let cdc_prefix = names.cdc_prefix();
         let targets = if args.until_idle { Some(end_offsets(&consumer, &cdc_prefix, &names.identity_decisions())?) } else { None };
         Ok(Runner {
             out_topic: names.hq_changes(),
             decisions_topic: names.identity_decisions(),
+            batch_max: Duration::from_millis(cfg.transform.batch_max_ms.max(1)),
             state_topic: names.transform_state(),
             dlq_topic: names.dlq(),
             cdc_prefix,
@@ -138,6 +154,7 @@ impl Runner {
             key: String::with_capacity(128),
             prof: Phases::default(),
             wm_out: i64::MIN,
+            out_partitions,
         })
     }
 
@@ -168,12 +185,13 @@ impl Runner {
         Ok(())
     }
 
-    /// Reads up to 20,000 records or 100 ms, whichever comes first, through the engine.
+    /// Reads up to 20,000 records or `batch_max` (100 ms by default), whichever comes first,
+    /// through the engine.
     pub(super) async fn read_batch(&mut self) -> Result<Batch, TransformError> {
         let started = Instant::now();
         self.prof.batches += 1;
         let mut b = Batch { outputs: Vec::with_capacity(4096), dead: Vec::new(), n: 0, now: now_ms(), started };
-        let deadline = Instant::now() + Duration::from_millis(100);
+        let deadline = Instant::now() + self.batch_max;
         let timer = tokio::time::sleep_until(deadline.into());
         tokio::pin!(timer);
         while b.n < 20_000 {
@@ -312,17 +330,24 @@ impl Runner {
             self.buf.clear();
             o.write_json(&mut self.buf);
             o.write_key(&mut self.key);
-            enqueue(p, &self.out_topic, &self.key, &self.buf).await?;
+            match o.partition(self.out_partitions) {
+                Some(part) => enqueue(p, &self.out_topic, Some(part), &self.key, &self.buf).await?,
+                None => {
+                    for part in 0..self.out_partitions {
+                        enqueue(p, &self.out_topic, Some(part), &self.key, &self.buf).await?;
+                    }
+                }
+            }
         }
         for f in &facts {
-            enqueue(p, &self.state_topic, &f.key(), &serde_json::to_vec(f).unwrap_or_default()).await?;
+            enqueue(p, &self.state_topic, None, &f.key(), &serde_json::to_vec(f).unwrap_or_default()).await?;
         }
         for f in &agg_facts {
-            enqueue(p, &self.state_topic, &f.key(), &serde_json::to_vec(f).unwrap_or_default()).await?;
+            enqueue(p, &self.state_topic, None, &f.key(), &serde_json::to_vec(f).unwrap_or_default()).await?;
         }
         for (origin, kind, reason, payload) in &b.dead {
             tracing::warn!(topic = %origin.topic, offset = origin.offset, kind = kind.as_str(), reason = %reason, "record dead-lettered");
-            enqueue(p, &self.dlq_topic, &format!("{}:{}", origin.topic, origin.offset), &dlq_record(*kind, reason, origin, payload)).await?;
+            enqueue(p, &self.dlq_topic, None, &format!("{}:{}", origin.topic, origin.offset), &dlq_record(*kind, reason, origin, payload)).await?;
         }
         let cgm = if new_committed.is_empty() {
             None

@@ -190,9 +190,13 @@ async fn await_commit(h: tokio::task::JoinHandle<Result<(), TransformError>>) ->
 /// the transaction's commit, and the loop restarts from the last committed transaction.
 type TxProducer = Arc<ThreadedProducer<DefaultProducerContext>>;
 
-async fn enqueue(producer: &TxProducer, topic: &str, key: &str, payload: &[u8]) -> Result<(), TransformError> {
+async fn enqueue(producer: &TxProducer, topic: &str, partition: Option<i32>, key: &str, payload: &[u8]) -> Result<(), TransformError> {
     loop {
-        match producer.send(BaseRecord::<str, [u8]>::to(topic).key(key).payload(payload)) {
+        let mut record = BaseRecord::<str, [u8]>::to(topic).key(key).payload(payload);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        match producer.send(record) {
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => tokio::time::sleep(Duration::from_millis(5)).await,
             Err((e, _)) => return Err(TransformError::kafka(&format!("producing to {topic}"), e)),

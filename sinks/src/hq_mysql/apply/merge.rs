@@ -43,6 +43,13 @@ pub(super) async fn load(conn: &mut Conn) -> Result<HashMap<String, MergeRec>, S
         .collect())
 }
 
+/// Whether HQ person `id` is a patient (its `patient` row is written, in this transaction or
+/// before).
+async fn is_patient(conn: &mut Conn, id: i64) -> Result<bool, SinkError> {
+    let n: Option<i64> = conn.exec_first("SELECT COUNT(*) FROM patient WHERE patient_id = ?", (id,)).await.map_err(db("reading whether a merged person is a patient"))?;
+    Ok(n.unwrap_or(0) > 0)
+}
+
 /// Stores a merge in `omrs_sync_merge` (a later record of the same loser re-points it).
 pub(super) async fn record_merge(conn: &mut Conn, loser: &str, rec: &MergeRec, log_uuid: Option<&str>) -> Result<(), SinkError> {
     conn.exec_drop(
@@ -155,14 +162,22 @@ impl Applier {
         (cur != uuid).then_some(cur)
     }
 
-    /// Re-applies merges whose persons were not both at HQ yet.
-    pub(super) async fn retry_merges(&mut self, conn: &mut Conn) -> Result<(), SinkError> {
+    /// Re-applies merges whose persons were not both at HQ yet. Returns the losers of those
+    /// applied now: their components are settled with the batch's own ([`Self::settle_voids`]).
+    /// (With a partition per site, a merge can reach HQ before its survivor's record, which
+    /// its own site's partition brings later: `tests/broker_fault.rs` saw a record voided in
+    /// the name of a survivor that a later survivor change replaced.)
+    pub(super) async fn retry_merges(&mut self, conn: &mut Conn) -> Result<Vec<String>, SinkError> {
         let waiting: Vec<(String, MergeRec)> =
             self.merges.iter().filter(|(_, m)| !m.applied).map(|(l, m)| (l.clone(), m.clone())).collect();
+        let mut applied = Vec::new();
         for (loser, rec) in waiting {
             self.merge(conn, &loser, rec).await?;
+            if self.merges.get(&loser).is_some_and(|m| m.applied) {
+                applied.push(loser);
+            }
         }
-        Ok(())
+        Ok(applied)
     }
 
     /// A merged person stays voided whatever its site says later, and the rows moved to a
@@ -356,8 +371,15 @@ impl Applier {
         }
         let w = self.lookup_id(conn, "person", &rec.winner).await?;
         let l = self.lookup_id(conn, "person", loser).await?;
+        // A patient's rows (identifiers, visits, encounters…) move only to a survivor that is a
+        // patient at HQ: with a partition per site, a survivor's person can land before its
+        // patient row. Until then the merge waits, as for a person not at HQ yet.
+        let ready = match (w, l) {
+            (Some(w), Some(l)) => !is_patient(conn, l).await? || is_patient(conn, w).await?,
+            _ => false,
+        };
         let mut log_uuid: Option<String> = None;
-        if let (Some(w), Some(l)) = (w, l) {
+        if let (Some(w), Some(l), true) = (w, l, ready) {
             for (table, col, preferred) in MOVES {
                 let Some(tm) = self.model.table(table) else { continue };
                 if !tm.columns.iter().any(|c| c.name == *col) {

@@ -378,7 +378,7 @@ impl Applier {
         self.flush(conn, segment, &mut out, &mut missing).await?;
         out.aggregates = upsert_aggregates(conn, aggregates).await?;
         out.reviews = upsert_reviews(conn, reviews).await?;
-        self.retry_merges(conn).await?;
+        merged.extend(self.retry_merges(conn).await?);
         self.settle_voids(conn, &merged).await?;
         let expired = self.expire_pending(&mut out);
         let failed = self.writer().execute(conn, expired, &mut out, &mut missing).await?;

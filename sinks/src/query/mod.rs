@@ -29,6 +29,9 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use crate::parquet::lake::Lake;
 use crate::SinkError;
 
+mod serve;
+pub use serve::{serve, Access};
+
 /// `omrs-stream query`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueryArgs {
@@ -44,10 +47,39 @@ pub struct QueryArgs {
     /// The lake directory, instead of sinks.parquet.path.
     #[arg(long)]
     pub lake: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServeArgs,
+}
+
+/// `query --serve` and who may connect to it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
     /// Serve the tables over the PostgreSQL wire protocol on HOST:PORT until stopped
-    /// (`psql -h HOST -p PORT -c "SELECT …"`; any user name, no password).
+    /// (`psql -h HOST -p PORT -U USER -c "SELECT …"`). On a loopback address without
+    /// --password-file any user name is let in; any other address needs --password-file.
     #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["sql", "tables"])]
     pub serve: Option<String>,
+    /// With --serve: the user name clients log in as.
+    #[arg(long, value_name = "NAME", default_value = "analyst", env = "OMRS_QUERY_USER")]
+    pub user: String,
+    /// With --serve: a file that holds the user's password (a Docker or Kubernetes secret; a
+    /// final newline is ignored). Clients then log in with SCRAM-SHA-256, as with PostgreSQL.
+    #[arg(long, value_name = "FILE", env = "OMRS_QUERY_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// With --serve: TLS with this certificate chain (PEM); with --tls-key. Clients that do not
+    /// ask for TLS (sslmode=disable) are then refused.
+    #[arg(long, value_name = "FILE", requires = "tls_key", env = "OMRS_QUERY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// With --serve: the certificate's private key (PEM, PKCS#8: `BEGIN PRIVATE KEY`).
+    #[arg(long, value_name = "FILE", requires = "tls_cert", env = "OMRS_QUERY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for ServeArgs {
+    /// Not serving.
+    fn default() -> Self {
+        ServeArgs { serve: None, user: "analyst".into(), password_file: None, tls_cert: None, tls_key: None }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -279,55 +311,10 @@ pub async fn describe(ctx: &SessionContext) -> Result<String, SinkError> {
 
 /// What identifies the lake's published state: the snapshot `current` points at and the
 /// newest manifest entry.
-fn lake_stamp(lake_root: &Path) -> (Option<PathBuf>, Option<u64>) {
+pub(crate) fn lake_stamp(lake_root: &Path) -> (Option<PathBuf>, Option<u64>) {
     let snapshot = std::fs::canonicalize(lake_root.join("current")).ok();
     let seq = Lake::new(lake_root).read_manifest().ok().map(|(state, _)| state.seq);
     (snapshot, seq)
-}
-
-/// `omrs-stream query --serve HOST:PORT`: the lake over the PostgreSQL wire protocol, until the
-/// process is stopped. Every 2 s it looks for a new snapshot or manifest entry, and swaps the
-/// served schemas (`changes`, `current`, and the default one with the views) for new ones.
-pub async fn serve(lake_root: &Path, addr: &str) -> Result<(), SinkError> {
-    let bad = || SinkError::Usage(format!("--serve {addr}: expected HOST:PORT, e.g. 127.0.0.1:5433"));
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let ctx = Arc::new(context(lake_root).await?);
-    datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog(&ctx, "datafusion", datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider)
-        .map_err(|e| SinkError::Query(format!("setting up pg_catalog: {e}")))?;
-    let refresh = {
-        let ctx = ctx.clone();
-        let lake_root = lake_root.to_path_buf();
-        tokio::spawn(async move {
-            let mut stamp = lake_stamp(&lake_root);
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                let now = lake_stamp(&lake_root);
-                if now == stamp {
-                    continue;
-                }
-                match context(&lake_root).await {
-                    Ok(fresh) => {
-                        if let (Some(served), Some(new)) = (ctx.catalog("datafusion"), fresh.catalog("datafusion")) {
-                            for name in new.schema_names() {
-                                if let Some(schema) = new.schema(&name) {
-                                    let _ = served.register_schema(&name, schema);
-                                }
-                            }
-                        }
-                        tracing::info!(snapshot = ?now.0, manifest_seq = ?now.1, "serving the lake's new state");
-                        stamp = now;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "reading the lake's new state failed; still serving the previous one"),
-                }
-            }
-        })
-    };
-    let _refresh = crate::kafka::AbortOnDrop(refresh);
-    let opts = datafusion_postgres::ServerOptions::new().with_host(host.to_string()).with_port(port);
-    tracing::info!(addr, lake = %lake_root.display(), "serving the lake over the PostgreSQL wire protocol");
-    eprintln!("serving {} on postgresql://{addr} (psql -h {host} -p {port}); Ctrl-C stops", lake_root.display());
-    datafusion_postgres::serve(ctx, &opts).await.map_err(|e| SinkError::io(format!("serving on {addr}"), e))
 }
 
 /// `omrs-stream query`: the output, or the error with the list of tables.
