@@ -199,8 +199,8 @@ impl<'a> Demo<'a> {
     /// A new run directory under the state root (`latest` points at it), with its logs.
     fn run_dir(args: &DemoArgs) -> anyhow::Result<Paths> {
         let state_root = args.state_dir.clone().unwrap_or_else(|| PathBuf::from(std::env::var("OMRS_STATE").unwrap_or_else(|_| "/var/lib/omrs-stream".into())).join("demo"));
-        let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
-        let run_dir = state_root.join(&run_id);
+        std::fs::create_dir_all(&state_root).with_context(|| format!("creating {}", state_root.display()))?;
+        let (run_id, run_dir) = new_run_dir(&state_root)?;
         let logs = run_dir.join("logs");
         std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
         let run_dir = std::fs::canonicalize(&run_dir).context("resolving the run directory")?;
@@ -247,6 +247,9 @@ impl<'a> Demo<'a> {
         let tf = TopicsFile::load(&self.topics_file)?;
         let want = tf.resolve(&self.cfg.site_names(), &self.cfg.kafka.topic_prefix);
         let report = omrs_core::topics::apply(&self.cfg.kafka, &want).await.context("creating the demo's topics")?;
+        if let Some(existing) = report.unchanged.first().or(report.changed.first().map(|(t, _)| t)) {
+            bail!("topic {existing} already exists: another run uses the prefix {} (a run's topics must be its own; start the demo again)", self.paths.prefix);
+        }
         self.progress.step(format!("topics: {} created with prefix {}", report.created.len(), self.paths.prefix));
         Ok(())
     }
@@ -479,5 +482,37 @@ impl<'a> Demo<'a> {
             .chain(self.sites.iter().enumerate().filter(|(_, s)| !self.grouped.contains(s)).map(|(i, s)| (format!("ingest-{s}"), format!("http://127.0.0.1:{}/metrics", port + 3 + i as u16))))
             .chain(self.grouped.first().and_then(|f| self.sites.iter().position(|s| s == f)).map(|i| (GROUP_PROC.to_string(), format!("http://127.0.0.1:{}/metrics", port + 3 + i as u16))))
             .collect()
+    }
+}
+
+/// A run id and its directory under `state_root`, created here and new. The run id names the
+/// run's topics, and so its transactional ids and consumer groups: two demos started in the
+/// same second (the demo tests run two at once) must not share them, or one run's agent resumes
+/// from the other's checkpoint. The second carries a suffix of this process, and a directory
+/// that already exists is never taken.
+fn new_run_dir(state_root: &Path) -> anyhow::Result<(String, PathBuf)> {
+    for attempt in 0u32..64 {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let suffix = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos ^ attempt.wrapping_mul(40_503)) & 0xffff;
+        let id = format!("{}-{suffix:04x}", chrono::Utc::now().format("%Y%m%dT%H%M%S"));
+        let dir = state_root.join(&id);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok((id, dir)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+    }
+    bail!("no new run directory could be made under {}", state_root.display())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_run_gets_a_directory_and_id_of_its_own() {
+        let root = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = (0..50).map(|_| super::new_run_dir(root.path()).unwrap().0).collect();
+        let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+        assert!(ids.iter().all(|id| id.len() == "20261205T204926-92ff".len() && root.path().join(id).is_dir()), "{ids:?}");
     }
 }

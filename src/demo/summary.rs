@@ -98,6 +98,9 @@ pub struct Summary {
     pub conflicts: i64,
     pub pending: i64,
     pub dead_letters: u64,
+    /// The dead letters by stage and kind, with the first one's reason: the next failure of
+    /// this kind names itself in the summary.
+    pub dead_letter_kinds: Vec<DeadLetterKind>,
     pub hq_active_patients: i64,
     /// The dashboard aggregates at HQ (`omrs_dash_*`), per aggregate.
     pub aggregates: Vec<AggSummary>,
@@ -139,13 +142,30 @@ pub struct Summary {
 }
 
 /// Records readable in `topic` (read_committed), counted by reading them, every partition.
-fn count_records(cfg: &Config, topic: &str) -> anyhow::Result<u64> {
+/// Dead letters of one stage and kind.
+#[derive(Debug, Serialize)]
+pub struct DeadLetterKind {
+    pub stage: String,
+    pub kind: String,
+    pub count: u64,
+    pub first_reason: String,
+}
+
+/// The dead-letter topic's records counted by stage and kind (a record that is not the DLQ's
+/// JSON counts as stage and kind `?`).
+fn dead_letters(cfg: &Config, topic: &str) -> anyhow::Result<(u64, Vec<DeadLetterKind>)> {
+    let mut kinds: std::collections::BTreeMap<(String, String), DeadLetterKind> = Default::default();
     let mut n = 0u64;
-    omrs_core::kafka::read_to_end(&cfg.kafka, topic, |_, _, _| {
+    omrs_core::kafka::read_to_end(&cfg.kafka, topic, |_, payload, _| {
         n += 1;
+        let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null);
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
+        let (stage, kind) = (field("stage"), field("kind"));
+        let entry = kinds.entry((stage.clone(), kind.clone())).or_insert_with(|| DeadLetterKind { stage, kind, count: 0, first_reason: field("reason") });
+        entry.count += 1;
         Ok(())
     })?;
-    Ok(n)
+    Ok((n, kinds.into_values().collect()))
 }
 
 const QUERIES: [(&str, &str); 2] = [
@@ -187,7 +207,7 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
     let active = count(hq.query_first("SELECT COUNT(*) FROM patient WHERE voided = 0").await.context("counting patients")?);
     let reviews_open = count(hq.query_first("SELECT COUNT(*) FROM omrs_sync_identity_review WHERE status = 'open'").await.context("counting open identity reviews")?);
     let reviews_total = count(hq.query_first("SELECT COUNT(*) FROM omrs_sync_identity_review").await.context("counting identity reviews")?);
-    let dead_letters = count_records(cfg, &names.dlq())?;
+    let (dead_letters, dead_letter_kinds) = dead_letters(cfg, &names.dlq())?;
     let mut aggregates = Vec::new();
     for def in omrs_core::hq::AGGREGATES.iter() {
         let row: Option<(i64, Option<i64>, Option<i64>, Option<i64>)> = hq
@@ -235,6 +255,7 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         conflicts,
         pending,
         dead_letters,
+        dead_letter_kinds,
         hq_active_patients: active,
         aggregates,
         hq_rows_applied: prom::sum(&f.hq, m::HQ_ROWS_APPLIED, &[]) as u64,
@@ -325,6 +346,13 @@ pub fn render(s: &Summary) -> String {
     o.push_str(&format!("  conflicts             {}\n", s.conflicts));
     o.push_str(&format!("  pending at HQ         {}\n", s.pending));
     o.push_str(&format!("  dead letters          {}\n", s.dead_letters));
+    for k in &s.dead_letter_kinds {
+        let reason: String = k.first_reason.chars().take(160).collect();
+        o.push_str(&format!("    {} {}: {} (first: {reason})\n", k.stage, k.kind, k.count));
+    }
+    if s.dead_letters > 0 {
+        o.push_str(&format!("    list: omrs-stream --config {} dlq list\n", s.config.display()));
+    }
     o.push_str(&format!("  HQ                    {} active patients, {} rows applied\n", fmt_n(s.hq_active_patients as f64), fmt_n(s.hq_rows_applied as f64)));
     o.push_str(&format!("  lake                  {} rows written\n", fmt_n(s.lake_rows_written as f64)));
     o.push_str("  aggregates (HQ omrs_dash_*, lake aggregates.*)\n");
