@@ -36,11 +36,12 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         work = d.live().await?;
     }
     let drain = d.drain(&mut hq_conn, work.t_end_ms).await?;
+    let drain_secs = (now_ms() - work.t_end_ms) as f64 / 1000.0;
     let pipeline_secs = t_pipeline.elapsed().as_secs_f64();
     d.board.scrape(&d.procs, &d.sites, &d.windows).await;
     d.procs.stop_all("", Duration::from_secs(15)).await;
     let peak_rss_mb = d.procs.peak_rss_mb();
-    d.progress.step(format!("drained in {:.1} s after the workload{}", (now_ms() - work.t_end_ms) as f64 / 1000.0, if drain.drained { "" } else { " (NOT complete)" }));
+    d.progress.step(format!("drained in {drain_secs:.1} s after the workload{}", if drain.drained { "" } else { " (NOT complete)" }));
 
     // Compaction and verify.
     d.progress.set("compacting the lake (current tables and views)".into());
@@ -80,6 +81,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         latency_base,
         probe: work.probe,
         peak_rss_mb,
+        drain_secs,
     };
     summary::build(&d.cfg, facts, &mut hq_conn, verify).await
 }

@@ -43,6 +43,8 @@ pub struct Facts {
     pub probe: Option<(String, super::probe::ProbeFigures)>,
     /// Each stage's peak resident set (MB), read at the end of the drain.
     pub peak_rss_mb: BTreeMap<String, f64>,
+    /// Seconds from the end of the workload until every stage had read to the end.
+    pub drain_secs: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -125,6 +127,9 @@ pub struct Summary {
     /// for an offline window count from their last start.
     pub peak_rss_mb: BTreeMap<String, f64>,
     pub drained: bool,
+    /// Seconds from the end of the workload (or of the backlog's writing) until every stage
+    /// had read to the end.
+    pub drain_seconds: f64,
     pub verify_ok: bool,
     pub problems: Vec<String>,
     pub queries: Vec<QueryResult>,
@@ -272,6 +277,7 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         probe_hq: f.probe.map(|(_, figures)| figures),
         peak_rss_mb: f.peak_rss_mb,
         drained: f.drained,
+        drain_seconds: f.drain_secs,
         verify_ok,
         problems,
         queries,

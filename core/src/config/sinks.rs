@@ -19,10 +19,11 @@ pub struct HqSinkConfig {
     pub fk_wait_timeout_s: u64,
     #[serde(default = "default_pending")]
     pub max_pending_rows: usize,
-    /// A batch (one HQ transaction) closes at this many records…
+    /// A batch (one HQ transaction) holds at most this many records. It is made when the sink
+    /// is ready for it, from what has arrived, and closes once nothing more is ready.
     #[serde(default = "default_batch_rows")]
     pub batch_max_rows: usize,
-    /// …or after this many milliseconds, whichever comes first.
+    /// An empty batch waits this many milliseconds for its first record.
     #[serde(default = "default_batch_ms")]
     pub batch_max_ms: u64,
     /// HQ's own foreign-key checks on the sink's inserts and updates. Off by default: the sink

@@ -106,8 +106,9 @@ pub struct TransformConfig {
     #[serde(default)]
     pub max_buffered_events: Option<usize>,
     /// The transform reads for at most this long (or 20,000 records) per batch, which it then
-    /// writes in one Kafka transaction. Lower is quicker to HQ and costs more transactions
-    /// (docs/BENCHMARKS.md, "The latency probe", has the figures behind the default).
+    /// writes in one Kafka transaction. A batch closes sooner, once it holds a record, nothing
+    /// more is ready and the transaction before has committed; an empty batch waits this long
+    /// for its first record.
     #[serde(default = "default_transform_batch_ms")]
     pub batch_max_ms: u64,
 }

@@ -166,10 +166,15 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let targets = if args.until_idle { crate::kafka::end_offsets(&consumer, &topic, &partitions)? } else { HashMap::new() };
     tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: watermarks");
     let bar = crate::spinner("hq-mysql", args.quiet);
-    // The reader task consumes and parses the next batch while this one is being written.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, SinkError>>(2);
-    let reader = reader::spawn_reader(consumer, topic.clone(), &partitions, stored.clone(), targets, reader::Reading { batch_rows, batch_max: Duration::from_millis(sink_cfg.batch_max_ms), until_idle: args.until_idle }, tx)?;
-    // The reader fetches the first batch while HQ's table model and the sink's state load.
+    // The reader task makes a batch when asked (`asks`), from what has arrived: the next one
+    // is asked for as soon as this one's write has begun, and is read and planned meanwhile.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, SinkError>>(1);
+    let (asks, ask_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let reading = reader::Reading { batch_rows, batch_max: Duration::from_millis(sink_cfg.batch_max_ms), until_idle: args.until_idle, targets };
+    let reader = reader::spawn_reader(consumer, topic.clone(), &partitions, stored.clone(), reading, ask_rx, tx)?;
+    // The first batch is read while HQ's table model and the sink's state load.
+    let _ = asks.try_send(());
+    let mut asked = true;
     let mut applier = Applier::load(&mut conn, &cfg.hq.database.database, omrs_core::zone::SiteRules::of(cfg), sink_cfg.fk_wait_timeout_s as i64 * 1000)
         .await?
         .with_max_pending(sink_cfg.max_pending_rows)
@@ -188,6 +193,11 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let mut reviews_exported: Option<Instant> = None;
 
     loop {
+        // The next batch is asked for once this loop has planned the one before and begun its
+        // write, not sooner: a batch made earlier would miss what arrives meanwhile.
+        if !asked {
+            let _ = asks.try_send(());
+        }
         let received = tokio::select! {
             b = rx.recv() => Some(b),
             _ = omrs_core::stop::wait() => None,
@@ -200,6 +210,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
             drop(reader);
             return Ok(());
         };
+        asked = false;
         let Some(batch) = received else {
             finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await.ok();
             return Err(SinkError::Kafka { context: "reading omrs.hq.changes".into(), message: "the reader task stopped".into(), transient: true });

@@ -1,10 +1,12 @@
 //! The HQ sink's reader task: consumes `omrs.hq.changes` from the offsets stored in HQ and
-//! parses each record, batch by batch, while the batch before is planned and written.
+//! parses each record. A batch is made when the sink asks for it (as the batch before is being
+//! written), from what has arrived by then: a batch read ahead would hold a live change behind
+//! it for a whole write.
 //!
 //! Each partition has its own queue (`split_partition_queue`), and a batch takes at most a
-//! share of its rows from any one partition: a site replaying a backlog fills its share, and
-//! the live sites' records, in other partitions, go into the same batch instead of waiting
-//! behind the backlog (issue #24). Within a partition the records keep their order; across
+//! share of its rows from any one partition while another partition is busy: a site replaying
+//! a backlog fills its share, and the live sites' records, in other partitions, go into the
+//! same batch instead of waiting behind the backlog (issue #24). Within a partition the records keep their order; across
 //! partitions there is none to keep (docs/ARCHITECTURE.md, "omrs.hq.changes").
 //!
 //! Delivery guarantee: none of its own. The reader hands every record on, in partition order,
@@ -21,6 +23,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset};
 
 use super::apply::Record;
+use super::apply::HqEvent;
 use super::Batch;
 use crate::kafka::{AbortOnDrop, SinkConsumer};
 use crate::SinkError;
@@ -30,23 +33,31 @@ use omrs_core::kafka::LagContext;
 pub(super) struct Reading {
     /// At most this many records a batch (`sinks.hq_mysql.batch_max_rows`, `--batch-rows`).
     pub batch_rows: usize,
-    /// A batch closes this long after it opened (`batch_max_ms`).
+    /// How long an empty batch waits for its first record (`batch_max_ms`). A batch that holds
+    /// a record closes as soon as nothing more is ready.
     pub batch_max: Duration,
     /// `--until-idle`: a batch says when every partition is read to `targets`.
     pub until_idle: bool,
+    /// The end offset of each partition at start (`--until-idle`).
+    pub targets: HashMap<i32, i64>,
 }
 
-/// The most a batch takes from one of `partitions` partitions: a quarter of the batch (at
-/// least one record), or all of it when there is only one. With one partition busy, a batch is
-/// a quarter of its size, and is written in about a quarter of the time, so the other
-/// partitions' records wait that long at most.
-fn share(limit: usize, partitions: usize) -> usize {
-    if partitions <= 1 {
-        limit
-    } else {
+/// The most a batch takes from one partition: a quarter of the batch (at least one record)
+/// while another partition is busy, else all of it. With a backlog in one partition and live
+/// changes in others, a batch is a quarter of its size, and is written in about a quarter of
+/// the time, so the other partitions' records wait that long at most; a backlog alone fills
+/// whole batches.
+fn share(limit: usize, others_busy: bool) -> usize {
+    if others_busy {
         (limit / 4).max(1)
+    } else {
+        limit
     }
 }
+
+/// A partition is busy for this long after it gave a record other than a watermark (and for
+/// this long after the start, before anything is known of it).
+const BUSY_FOR: Duration = Duration::from_secs(1);
 
 type Queue = StreamPartitionQueue<LagContext>;
 
@@ -63,6 +74,8 @@ struct Reader {
     next: HashMap<i32, i64>,
     /// The partition a batch's sweep starts at turns, so that no partition is always first.
     first: usize,
+    /// Per queue (same index): when it last gave a record other than a watermark.
+    last_data: Vec<Instant>,
 }
 
 /// Starts the reader: `partitions` of `topic` are assigned (at `stored`) on `consumer`, and
@@ -72,8 +85,8 @@ pub(super) fn spawn_reader(
     topic: String,
     partitions: &[i32],
     stored: HashMap<i32, i64>,
-    targets: HashMap<i32, i64>,
     r: Reading,
+    mut asks: tokio::sync::mpsc::Receiver<()>,
     tx: tokio::sync::mpsc::Sender<Result<Batch, SinkError>>,
 ) -> Result<AbortOnDrop, SinkError> {
     let consumer = Arc::new(consumer);
@@ -91,14 +104,16 @@ pub(super) fn spawn_reader(
     while let Some(m) = consumer.recv().now_or_never() {
         head.push_back(decode(&m.map_err(|e| SinkError::kafka("consuming", e))?));
     }
-    let mut reader = Reader { consumer, topic, queues, head, next: stored, first: 0 };
-    let Reading { batch_rows, batch_max, until_idle } = r;
+    let last_data = vec![Instant::now(); queues.len()];
+    let mut reader = Reader { consumer, topic, queues, head, next: stored, first: 0, last_data };
+    let Reading { batch_rows, batch_max, until_idle, targets } = r;
     Ok(AbortOnDrop(tokio::spawn(async move {
         // The first batches after a start are smaller, doubling up to `batch_rows`: HQ
         // starts writing while the next batch is read and planned, instead of waiting for
         // a whole batch to be read and planned first.
         let mut limit = (batch_rows / 16).max(1);
-        loop {
+        // One batch per request of the sink.
+        while asks.recv().await.is_some() {
             let records = match reader.batch(limit, batch_max).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -119,12 +134,13 @@ pub(super) fn spawn_reader(
 }
 
 impl Reader {
-    /// One batch: up to `limit` records, read for at most `batch_max`, at most a share of them
-    /// from any one partition.
+    /// One batch: up to `limit` records of what is ready, at most a share of them from any one
+    /// partition while another is busy. An empty batch waits up to `batch_max` for its first
+    /// record; one that holds a record closes when nothing more is ready.
     async fn batch(&mut self, limit: usize, batch_max: Duration) -> Result<Vec<Record>, SinkError> {
         let deadline = Instant::now() + batch_max;
-        let mut records: Vec<Record> = Vec::with_capacity(limit);
-        let cap = share(limit, self.queues.len());
+        let mut records: Vec<Record> = Vec::with_capacity(limit.min(8192));
+        let caps: Vec<usize> = (0..self.queues.len()).map(|i| share(limit, self.others_busy(i))).collect();
         let mut taken = vec![0usize; self.queues.len()];
         // Events and errors that are not a partition's (librdkafka's statistics, a broker
         // gone) come through the consumer's own queue, which must be served too.
@@ -137,7 +153,7 @@ impl Reader {
         }
         // A partition with records left in `head` is not read from its queue yet.
         let held: Vec<i32> = self.head.iter().map(|r| r.partition).collect();
-        let open = |i: usize, taken: &[usize], queues: &[(i32, Queue)]| taken[i] < cap && !held.contains(&queues[i].0);
+        let open = |i: usize, taken: &[usize], queues: &[(i32, Queue)]| taken[i] < caps[i] && !held.contains(&queues[i].0);
         while records.len() < limit {
             // A sweep takes what each partition has ready, up to its share of the batch.
             let mut got = false;
@@ -156,8 +172,11 @@ impl Reader {
             if got {
                 continue;
             }
-            // Nothing ready below its share: wait for the first record of a partition that
-            // has room, or the batch's end.
+            if !records.is_empty() {
+                // Nothing more ready: the batch goes as it is.
+                break;
+            }
+            // Nothing at all yet: wait for the first record of a partition, or the deadline.
             let waiting: Vec<usize> = (0..self.queues.len()).filter(|i| open(*i, &taken, &self.queues)).collect();
             if waiting.is_empty() {
                 break;
@@ -172,6 +191,11 @@ impl Reader {
         Ok(records)
     }
 
+    /// Whether a partition other than queue `i`'s gave data within [`BUSY_FOR`].
+    fn others_busy(&self, i: usize) -> bool {
+        self.last_data.iter().enumerate().any(|(j, t)| j != i && t.elapsed() < BUSY_FOR)
+    }
+
     /// Takes `rec` into `records`, with the offset after it. A record behind one already taken
     /// of its partition would put the batch out of order: the sink starts again from the
     /// offsets it stored (nothing is written out of order).
@@ -184,6 +208,11 @@ impl Reader {
             });
         }
         self.next.insert(rec.partition, rec.offset + 1);
+        if !matches!(rec.decoded, Ok(HqEvent::Watermark { .. })) {
+            if let Some(i) = self.queues.iter().position(|(p, _)| *p == rec.partition) {
+                self.last_data[i] = Instant::now();
+            }
+        }
         records.push(rec);
         Ok(())
     }

@@ -373,11 +373,17 @@ fn swap_link(root: &Path, name: &str, target: &Path) -> Result<(), SinkError> {
     sync_dir(root)
 }
 
-/// [`compact`] on a thread of its own at the lowest CPU priority (nice 19), for the running
-/// sink's scheduled compactions: on a shared host HQ's database and the other stages come first.
-/// A 10-site replay's compactions (about 110 s at 140 % CPU each while the lake caught up) held
-/// HQ to a fraction of its rate. The sink's loop waits for it, as before.
-pub async fn compact_in_background(lake: &Lake, _writer: &LakeLock, state: &State, tables: &HashMap<String, Arc<LakeTable>>, trigger: &'static str) -> Result<Report, SinkError> {
+/// A compaction running on a thread of its own: its report arrives here.
+pub type Running = tokio::sync::oneshot::Receiver<Result<Report, SinkError>>;
+
+/// Starts [`compact`] on a thread of its own at the lowest CPU priority (nice 19), for the
+/// running sink's scheduled compactions: on a shared host HQ's database and the other stages
+/// come first (a 10-site replay's compactions, about 110 s at 140 % CPU each while the lake
+/// caught up, held HQ to a fraction of its rate). It works on copies of `state` and `tables`:
+/// a snapshot is a function of the manifest entries it covers, so the sink's loop goes on
+/// committing file sets meanwhile, and the lake's commits do not wait for it. `_writer` is the
+/// lake's writer lock, held by the caller.
+pub fn start_in_background(lake: &Lake, _writer: &LakeLock, state: &State, tables: &HashMap<String, Arc<LakeTable>>, trigger: &'static str) -> Result<Running, SinkError> {
     let (lake_c, state_c, tables_c) = (lake.clone(), state.clone(), tables.clone());
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -397,7 +403,22 @@ pub async fn compact_in_background(lake: &Lake, _writer: &LakeLock, state: &Stat
             let _ = tx.send(result);
         })
         .map_err(|e| SinkError::Lake(format!("starting the compaction thread: {e}")))?;
-    rx.await.map_err(|_| SinkError::Lake("the compaction thread ended without a result".into()))?
+    Ok(rx)
+}
+
+/// The report of a compaction started by [`start_in_background`], once it is done (None while
+/// it runs).
+pub fn finished(running: &mut Running) -> Option<Result<Report, SinkError>> {
+    match running.try_recv() {
+        Ok(r) => Some(r),
+        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
+        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Some(Err(SinkError::Lake("the compaction thread ended without a result".into()))),
+    }
+}
+
+/// Waits for a compaction started by [`start_in_background`].
+pub async fn wait(running: Running) -> Result<Report, SinkError> {
+    running.await.map_err(|_| SinkError::Lake("the compaction thread ended without a result".into()))?
 }
 
 /// Builds and publishes a new snapshot from `state`. `_writer` is the lake's writer lock (the

@@ -12,7 +12,9 @@
 //!
 //! The current state (`current/<table>`) and the flattened views (`views/<name>`) are rebuilt
 //! by [`compact`] from the previous snapshot plus the files committed since, and published by
-//! an atomic symlink swap: readers see the old snapshot or the new one, never a mix.
+//! an atomic symlink swap: readers see the old snapshot or the new one, never a mix. A
+//! scheduled compaction runs on a thread of its own beside the loop, from a copy of the
+//! manifest's state: the lake's commits go on while it runs.
 //!
 //! Failure behaviour: the broker away or the disk refusing writes (full, read-only) is
 //! transient: the open file set is dropped and the sink retries from the last commit with
@@ -356,6 +358,7 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
     let roll_every = Duration::from_millis(pq.roll_interval_ms);
     let compact_every = (pq.compact_interval_s > 0 && !args.no_compact).then(|| Duration::from_secs(pq.compact_interval_s));
     let mut last_compact = Instant::now();
+    let mut compaction: Option<compact::Running> = None;
     let mut total_rows: u64 = 0;
     let mut last_lag = Instant::now() - Duration::from_secs(10);
 
@@ -417,25 +420,24 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
         if let Some(b) = &bar {
             b.set_message(format!("{total_rows} rows committed, manifest entry {}", state.seq));
         }
+        // A scheduled compaction runs beside the loop: the lake's commits go on meanwhile. A
+        // stop does not wait for it (at nice 19 on a busy host it can take many seconds): the
+        // process exits and the compaction with it, which publishes nothing half-made (the
+        // snapshot is swapped in whole, or not at all); the next start compacts again.
+        if let Some(r) = compaction.as_mut().and_then(compact::finished) {
+            compaction = None;
+            r?;
+            last_compact = Instant::now();
+        }
         if let Some(every) = compact_every {
-            if last_compact.elapsed() >= every && compact::needs(lake, &state) {
-                // A stop does not wait for a scheduled compaction (at nice 19 on a busy host it
-                // can take many seconds): the process exits and the compaction with it, which
-                // publishes nothing half-made (the snapshot is swapped in whole, or not at all);
-                // the next start compacts again.
-                tokio::select! {
-                    r = compact::compact_in_background(lake, lock, &state, &tables, "schedule") => {
-                        r?;
-                    }
-                    _ = omrs_core::stop::wait() => {
-                        tracing::info!("stopping during a scheduled compaction: left for the next start");
-                        continue;
-                    }
-                }
-                last_compact = Instant::now();
+            if compaction.is_none() && last_compact.elapsed() >= every && compact::needs(lake, &state) {
+                compaction = Some(compact::start_in_background(lake, lock, &state, &tables, "schedule")?);
             }
         }
         if at_end {
+            if let Some(running) = compaction.take() {
+                compact::wait(running).await?;
+            }
             if !args.no_compact && compact::needs(lake, &state) {
                 compact::compact(lake, lock, &state, &tables, "until_idle").await?;
             }

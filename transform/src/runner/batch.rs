@@ -185,8 +185,8 @@ impl Runner {
         Ok(())
     }
 
-    /// Reads up to 20,000 records or `batch_max` (100 ms by default), whichever comes first,
-    /// through the engine.
+    /// Reads up to 20,000 records through the engine: until nothing more is ready once the
+    /// commit before has finished, and for `batch_max` (100 ms by default) at most.
     pub(super) async fn read_batch(&mut self) -> Result<Batch, TransformError> {
         let started = Instant::now();
         self.prof.batches += 1;
@@ -199,10 +199,29 @@ impl Runner {
             if b.n % 256 == 255 && Instant::now() >= deadline {
                 break;
             }
-            let msg = tokio::select! {
-                biased;
-                m = self.consumer.recv() => m.map_err(|e| TransformError::kafka("consuming", e))?,
-                _ = &mut timer => break,
+            // A batch that holds a record closes once nothing more is ready and the transaction
+            // before has committed (its own cannot begin sooner): under load batches fill while
+            // the commit runs, and a lone live change goes out at once instead of waiting out a
+            // fixed window. An empty batch waits up to `batch_max` for its first record.
+            let ready = if b.n == 0 {
+                None
+            } else {
+                tokio::select! {
+                    biased;
+                    m = self.consumer.recv() => Some(m),
+                    _ = std::future::ready(()) => None,
+                }
+            };
+            let msg = match ready {
+                Some(m) => m.map_err(|e| TransformError::kafka("consuming", e))?,
+                None if b.n > 0 && self.inflight.as_ref().is_none_or(|h| h.is_finished()) => break,
+                None => tokio::select! {
+                    biased;
+                    m = self.consumer.recv() => m.map_err(|e| TransformError::kafka("consuming", e))?,
+                    _ = &mut timer => break,
+                    // The commit in flight is looked at again every millisecond.
+                    _ = tokio::time::sleep(Duration::from_millis(1)), if b.n > 0 => continue,
+                },
             };
             b.n += 1;
             if b.n.is_multiple_of(512) {
