@@ -373,7 +373,7 @@ impl<'a> Demo<'a> {
                 let probe = match (probe.take(), &probe_site) {
                     (Some(p), Some(site)) => {
                         self.progress.set("workload done; the latency probe's last change on its way to HQ".into());
-                        Some((site.clone(), p.finish().await))
+                        Some((site.clone(), p.finish(&self.cfg.kafka, site).await))
                     }
                     _ => None,
                 };

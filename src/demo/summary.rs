@@ -118,6 +118,9 @@ pub struct Summary {
     /// Site commit → the lake's commit of the file set holding the change (queryable).
     pub lake_latency_p50_s: Option<f64>,
     pub lake_latency_p99_s: Option<f64>,
+    /// The same p99 per clinic: a clinic whose clock is behind puts its own changes in the
+    /// histogram's top bucket, and the figure of all clinics says nothing of the others.
+    pub lake_latency_p99_by_site_s: BTreeMap<String, f64>,
     pub lake_latency_observations: u64,
     /// The clinic the latency probe wrote at, and its figures: site commit → visible at HQ,
     /// measured from outside the pipeline (`super::probe`).
@@ -272,6 +275,14 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         e2e_latency_observations: e2e_count,
         lake_latency_p50_s: prom::quantile(&lake_latency, m::LAKE_E2E_LATENCY, 0.5),
         lake_latency_p99_s: prom::quantile(&lake_latency, m::LAKE_E2E_LATENCY, 0.99),
+        lake_latency_p99_by_site_s: f
+            .sites
+            .iter()
+            .filter_map(|site| {
+                let of_site: Vec<prom::Sample> = lake_latency.iter().filter(|x| x.label("site") == Some(site.as_str())).cloned().collect();
+                prom::quantile(&of_site, m::LAKE_E2E_LATENCY, 0.99).map(|q| (site.clone(), (q * 100.0).round() / 100.0))
+            })
+            .collect(),
         lake_latency_observations: prom::sum(&lake_latency, &format!("{}_count", m::LAKE_E2E_LATENCY), &[]) as u64,
         probe_site: f.probe.as_ref().map(|(site, _)| site.clone()),
         probe_hq: f.probe.map(|(_, figures)| figures),
@@ -325,6 +336,10 @@ pub fn render(s: &Summary) -> String {
     if s.mode == "live" {
         o.push_str(&format!("  end-to-end latency    p50 {} · p99 {} (site commit → HQ commit, {} rows of the live workload)\n", secs(s.e2e_latency_p50_s), secs(s.e2e_latency_p99_s), fmt_n(s.e2e_latency_observations as f64)));
         o.push_str(&format!("  to the lake           p50 {} · p99 {} (site commit → the lake's commit of the change, {} site transactions)\n", secs(s.lake_latency_p50_s), secs(s.lake_latency_p99_s), fmt_n(s.lake_latency_observations as f64)));
+        if s.lake_latency_p99_by_site_s.len() > 1 {
+            let per: Vec<String> = s.lake_latency_p99_by_site_s.iter().map(|(site, q)| format!("{site} {q:.2} s")).collect();
+            o.push_str(&format!("                        p99 per clinic: {}\n", per.join(", ")));
+        }
         if let (Some(site), Some(p)) = (&s.probe_site, &s.probe_hq) {
             o.push_str(&format!(
                 "  probe to HQ           p50 {} · p99 {} (a change committed at {site} every 100 ms, read back at HQ every 10 ms: {} samples; the rows above date a change by its binlog second)\n",
@@ -332,8 +347,20 @@ pub fn render(s: &Summary) -> String {
                 secs(p.p99_s),
                 p.samples
             ));
-            let slowest: Vec<String> = p.slowest.iter().map(|(t, l)| format!("{l:.2} s at {t:.0} s")).collect();
-            o.push_str(&format!("                        slowest: {} (seconds into the workload)\n", slowest.join(", ")));
+            if !p.by_stage.is_empty() {
+                let stages: Vec<String> = p.by_stage.iter().map(|(n, p50, p99)| format!("{n} {p50:.2} / {p99:.2} s")).collect();
+                o.push_str(&format!("                        by stage, p50 / p99: {}\n", stages.join(" · ")));
+            }
+            let slowest: Vec<String> = p
+                .slowest
+                .iter()
+                .zip(p.slowest_by_stage.iter().map(Some).chain(std::iter::repeat(None)))
+                .map(|((t, l), split)| match split.copied().flatten() {
+                    Some([a, tr, hq]) => format!("{l:.2} s at {t:.0} s ({a:.2}/{tr:.2}/{hq:.2})"),
+                    None => format!("{l:.2} s at {t:.0} s"),
+                })
+                .collect();
+            o.push_str(&format!("                        slowest: {} (seconds into the workload; agent/transform/HQ sink)\n", slowest.join(", ")));
         }
     } else {
         o.push_str("  end-to-end latency    not meaningful for a backlog (every row waited for the pipeline to start)\n");
