@@ -152,12 +152,11 @@ impl Probe {
         let _ = self.writer.await;
         let samples = self.reader.await.unwrap_or_default();
         let (kafka, site) = (kafka.clone(), site.to_string());
-        let times = tokio::task::spawn_blocking(move || {
+        let read = tokio::task::spawn_blocking(move || {
             let names = omrs_core::topics::TopicNames::new(kafka.topic_prefix.clone());
             [kafka_times(&kafka, &names.cdc(&site), None), kafka_times(&kafka, &names.hq_changes(), Some(&site))]
-        })
-            .await
-            .unwrap_or_else(|e| [Err(format!("{e}")), Err(format!("{e}"))]);
+        });
+        let times = read.await.unwrap_or_else(|e| [Err(format!("{e}")), Err(format!("{e}"))]);
         let times = times.map(|t| {
             t.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "the probe's changes could not be read back from Kafka; no split by stage");

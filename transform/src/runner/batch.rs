@@ -186,7 +186,7 @@ impl Runner {
     }
 
     /// Reads up to 20,000 records through the engine: until nothing more is ready once the
-    /// commit before has finished, and for `batch_max` (100 ms by default) at most.
+    /// commit before has finished, and for `transform.batch_max_ms` (50 ms by default) at most.
     pub(super) async fn read_batch(&mut self) -> Result<Batch, TransformError> {
         let started = Instant::now();
         self.prof.batches += 1;
