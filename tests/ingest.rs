@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use common::*;
 use mysql_async::prelude::Queryable;
-use omrs_core::envelope::Op;
+use omrs_core::envelope::{ChangeEvent, Op};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 async fn site_counts(env: &Env) -> BTreeMap<String, i64> {
@@ -200,24 +200,7 @@ async fn sigkill_during_snapshot_and_streaming_loses_and_doubles_nothing() {
         kill_after(&env, target);
     }
     // Streaming, with a workload running at the site, killed twice more.
-    let mut cfg = env.cfg.clone();
-    cfg.sites.retain(|s| s.name == env.site);
-    let args = omrs_simulate::SimulateArgs {
-        sites: 1,
-        patients: 120,
-        dup_fraction: 0.0,
-        seed: 3,
-        rate: Some(1500.0),
-        manifest: env.dir.path().join("manifest.json"),
-        database: Some(env.database.clone()),
-        no_provision: true,
-        dump: dump(),
-        demo_site: "none".into(),
-        batch: 4,
-        quiet: true,
-        ..Default::default()
-    };
-    let workload = tokio::spawn(async move { omrs_simulate::run(&cfg, &args).await });
+    let workload = workload(&env, 3);
     let base = high_watermark(&env.topic());
     for step in [400, 1_500] {
         kill_after(&env, base + step);
@@ -239,9 +222,15 @@ async fn sigkill_during_snapshot_and_streaming_loses_and_doubles_nothing() {
         );
         assert!(seen.insert(id.clone()), "duplicate event {id:?}");
     }
-    // Nothing lost: replaying the topic gives the site's current state.
-    let state = replay(&events);
-    let counts = site_counts(&env).await;
+    assert_replay_is_the_site(&env, &events).await;
+    env.drop().await;
+}
+
+/// Nothing lost: replaying the topic gives the site's current state (row counts per table,
+/// every name's given name, every obs's voided flag).
+async fn assert_replay_is_the_site(env: &Env, events: &[ChangeEvent]) {
+    let state = replay(events);
+    let counts = site_counts(env).await;
     for (t, n) in &counts {
         assert_eq!(state.get(t).map(|m| m.len() as i64).unwrap_or(0), *n, "replayed {t}");
     }
@@ -260,7 +249,28 @@ async fn sigkill_during_snapshot_and_streaming_loses_and_doubles_nothing() {
     for (id, v) in voided {
         assert_eq!(replayed.get(&id), Some(&v), "obs {id} voided flag");
     }
-    env.drop().await;
+}
+
+/// The simulator's workload at the env's site: 120 patients at 1,500 row changes/s.
+fn workload(env: &Env, seed: u64) -> tokio::task::JoinHandle<Result<(), String>> {
+    let mut cfg = env.cfg.clone();
+    cfg.sites.retain(|s| s.name == env.site);
+    let args = omrs_simulate::SimulateArgs {
+        sites: 1,
+        patients: 120,
+        dup_fraction: 0.0,
+        seed,
+        rate: Some(1500.0),
+        manifest: env.dir.path().join(format!("manifest-{seed}.json")),
+        database: Some(env.database.clone()),
+        no_provision: true,
+        dump: dump(),
+        demo_site: "none".into(),
+        batch: 4,
+        quiet: true,
+        ..Default::default()
+    };
+    tokio::spawn(async move { omrs_simulate::run(&cfg, &args).await.map(|_| ()).map_err(|e| e.to_string()) })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,9 +375,28 @@ async fn a_user_without_reload_is_told_which_grant_the_mysql_path_needs() {
     let out = env.agent(&["--until-caught-up"]).wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     if mysql_mode() {
-        assert!(!out.status.success(), "the MySQL path cannot lock without RELOAD");
-        assert!(log.contains("needs RELOAD") && log.contains("GRANT SELECT, RELOAD, REPLICATION SLAVE, REPLICATION CLIENT"), "the error names the grant: {log}");
+        assert!(!out.status.success(), "the MySQL path cannot lock without RELOAD or LOCK TABLES");
+        assert!(log.contains("needs RELOAD") && log.contains("or LOCK TABLES on the OpenMRS database") && log.contains("GRANT SELECT, RELOAD, REPLICATION SLAVE, REPLICATION CLIENT"), "the error names the grants: {log}");
         assert!(env.events().is_empty(), "nothing was sent");
+        // LOCK TABLES on the database (what a managed server grants): table locks instead, and
+        // the snapshot under a writing clinic is still the site's state, value for value.
+        c.query_drop(format!("GRANT LOCK TABLES ON `{}`.* TO '{user}'@'127.0.0.1'", env.database)).await.unwrap();
+        let before = site_counts(&env).await;
+        let writes = workload(&env, 5);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while site_counts(&env).await == before {
+            assert!(std::time::Instant::now() < deadline, "the workload wrote nothing in 60 s");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(!writes.is_finished(), "the clinic is writing when the snapshot starts");
+        let out = env.agent(&["--until-caught-up"]).wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "table locks: {log}");
+        let held = log.lines().find(|l| l.contains("table locks held while the snapshot view opened")).unwrap_or_else(|| panic!("{log}"));
+        eprintln!("{held}");
+        writes.await.unwrap().expect("workload ran");
+        env.catch_up();
+        assert_replay_is_the_site(&env, &env.events()).await;
     } else {
         assert!(out.status.success(), "MariaDB's snapshot needs no RELOAD: {log}");
         assert!(env.events().iter().any(|e| e.op == Op::Read));

@@ -21,6 +21,8 @@ const UPGRADE: &[&str] = &[
     "ALTER TABLE person_name ADD COLUMN name_origin VARCHAR(64) NULL AFTER family_name",
     "ALTER TABLE visit ADD COLUMN visit_channel VARCHAR(16) NOT NULL DEFAULT 'in_person'",
     "ALTER TABLE patient_identifier MODIFY COLUMN identifier VARCHAR(100) NOT NULL DEFAULT ''",
+    "CREATE INDEX person_name_origin ON person_name (name_origin)",
+    "ALTER TABLE visit ADD INDEX visit_channel_started (visit_channel, date_started)",
     "CREATE TABLE hivcare_enrollment (
         hivcare_enrollment_id INT(11) NOT NULL AUTO_INCREMENT,
         patient_id INT(11) NOT NULL,
@@ -31,6 +33,7 @@ const UPGRADE: &[&str] = &[
         date_created DATETIME NOT NULL,
         PRIMARY KEY (hivcare_enrollment_id),
         UNIQUE KEY hivcare_enrollment_uuid (uuid),
+        KEY hivcare_enrollment_art_start (art_start_date),
         CONSTRAINT hivcare_enrollment_patient FOREIGN KEY (patient_id) REFERENCES patient (patient_id),
         CONSTRAINT hivcare_enrollment_encounter FOREIGN KEY (encounter_id) REFERENCES encounter (encounter_id)
      ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
@@ -65,6 +68,14 @@ async fn upgrade(port: u16, db: &str, site: &str) -> Vec<String> {
         uuids.push(uuid);
     }
     uuids
+}
+
+/// The module's next release widens a column its rows already use, then needs the room: the
+/// lake's files before hold it as Int8, after as Int16.
+async fn widen_stage(port: u16, db: &str, uuid: &str) {
+    let mut c = admin(port, Some(db)).await;
+    c.query_drop("ALTER TABLE hivcare_enrollment MODIFY COLUMN who_stage SMALLINT(6) NULL").await.unwrap();
+    c.exec_drop("UPDATE hivcare_enrollment SET who_stage = ? WHERE uuid = ?", (1000 + port as i64 % 100, uuid)).await.unwrap();
 }
 
 /// `(uuid, patient uuid, encounter uuid, art_start_date, who_stage)` of the enrollments in `db`
@@ -108,9 +119,13 @@ async fn an_openmrs_upgrade_at_two_clinics_flows_to_hq_and_the_lake_without_a_re
         let n = futures_count(&hq_db, "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'hivcare_enrollment'");
         (n == 1 && futures_count(&hq_db, "SELECT COUNT(*) FROM hivcare_enrollment") == 5).then_some(())
     });
+    // Widened once the table and its rows have gone on (the agent reads a DDL's shape when it
+    // reaches it, so a widening read with the CREATE would be no widening downstream).
+    widen_stage(3311, &p.database, &a_uuids[0]).await;
     assert_alive(&mut procs, p.dir.path(), "after site-a's upgrade");
     assert!(!sim.is_finished(), "the workload is still writing when site-b upgrades");
     let b_uuids = upgrade(3312, &p.database, "site-b").await;
+    widen_stage(3312, &p.database, &b_uuids[0]).await;
     let manifest = sim.await.unwrap().unwrap();
     eprintln!("upgrade: {} row changes by the simulator", manifest.row_changes);
     let report = drain_until_verified(&l.config, Some(&l.manifest), &l.lake, &mut procs, p.dir.path(), 420, "the upgrades").await;
@@ -134,6 +149,32 @@ async fn an_openmrs_upgrade_at_two_clinics_flows_to_hq_and_the_lake_without_a_re
         .await
         .unwrap();
     assert_eq!(fks, ["encounter", "patient"]);
+    // The clinics' new indexes, once each however many clinics sent them; the module table's
+    // uuid key stays unique, its other keys are plain (values unique at one clinic may repeat
+    // across clinics).
+    let indexes: Vec<(String, String, String, i64)> = hq
+        .query(
+            "SELECT table_name, index_name, GROUP_CONCAT(column_name ORDER BY seq_in_index), MIN(non_unique) FROM information_schema.statistics
+             WHERE table_schema = DATABASE() AND ((table_name = 'person_name' AND index_name LIKE 'person_name_origin%')
+                  OR (table_name = 'visit' AND index_name LIKE 'visit_channel%') OR (table_name = 'hivcare_enrollment' AND index_name <> 'PRIMARY'))
+             GROUP BY table_name, index_name ORDER BY table_name, index_name",
+        )
+        .await
+        .unwrap();
+    let indexes: Vec<(&str, &str, &str, i64)> = indexes.iter().map(|(t, i, c, n)| (t.as_str(), i.as_str(), c.as_str(), *n)).collect();
+    let fk_keys = indexes.iter().filter(|i| i.0 == "hivcare_enrollment" && (i.2 == "patient_id" || i.2 == "encounter_id")).count();
+    let indexes: Vec<_> = indexes.into_iter().filter(|i| !(i.0 == "hivcare_enrollment" && (i.2 == "patient_id" || i.2 == "encounter_id"))).collect();
+    assert_eq!(
+        indexes,
+        [
+            ("hivcare_enrollment", "hivcare_enrollment_art_start", "art_start_date", 1),
+            ("hivcare_enrollment", "hivcare_enrollment_uuid", "uuid", 0),
+            ("person_name", "person_name_origin", "name_origin", 1),
+            ("visit", "visit_channel_started", "visit_channel,date_started", 1),
+        ],
+        "HQ's indexes from the clinics' upgrades"
+    );
+    assert!(fk_keys <= 2, "the foreign keys' own indexes: {fk_keys}");
     // The module's rows at HQ, by value and with their references, are the clinics'.
     let mut want = enrollments(3311, &p.database).await;
     want.extend(enrollments(3312, &p.database).await);
@@ -160,6 +201,21 @@ async fn an_openmrs_upgrade_at_two_clinics_flows_to_hq_and_the_lake_without_a_re
     let mut all: Vec<String> = a_uuids.iter().chain(&b_uuids).cloned().collect();
     all.sort();
     assert_eq!(lake_uuids, all.iter().map(String::as_str).collect::<Vec<_>>());
+    // The widened column: one type for the table, older files cast to it, the clinics' values.
+    let stages = lake_query(&l.config, &l.lake, "SELECT uuid, who_stage FROM current.hivcare_enrollment ORDER BY uuid");
+    let lake_stages: BTreeSet<(String, i64)> = stages.iter().map(|r| (r["uuid"].as_str().unwrap_or("").to_string(), r["who_stage"].as_i64().unwrap_or(-1))).collect();
+    let mut site_stages = BTreeSet::new();
+    for port in [3311u16, 3312] {
+        let mut c = admin(port, Some(&p.database)).await;
+        let rows: Vec<(String, i64)> = c.query("SELECT uuid, who_stage FROM hivcare_enrollment").await.unwrap();
+        site_stages.extend(rows);
+    }
+    assert_eq!(lake_stages, site_stages, "the lake's current enrollments hold the widened values");
+    assert_eq!(site_stages.iter().filter(|(_, s)| *s >= 1000).count(), 2, "{site_stages:?}");
+    let history = lake_query(&l.config, &l.lake, "SELECT COUNT(*) AS n, MAX(who_stage) AS top, arrow_typeof(MAX(who_stage)) AS t FROM changes.hivcare_enrollment");
+    assert!(history[0]["n"].as_i64().unwrap_or(0) >= 12, "inserts and the two updates: {history:?}");
+    assert_eq!(history[0]["top"].as_i64(), site_stages.iter().map(|(_, s)| *s).max(), "{history:?}");
+    assert_eq!(history[0]["t"].as_str(), Some("Int16"), "{history:?}");
     let changed = lake_query(&l.config, &l.lake, "SELECT COUNT(*) AS n FROM changes.person_name WHERE name_origin IS NOT NULL");
     assert!(changed[0]["n"].as_i64().unwrap_or(0) >= 10, "{changed:?}");
     let current = lake_query(&l.config, &l.lake, "SELECT uuid, name_origin FROM current.person_name WHERE name_origin IS NOT NULL ORDER BY uuid");
@@ -203,7 +259,8 @@ async fn hq_is_built_from_a_live_sites_schema() {
     let hq_db = unique("openmrs_hq_from");
     let env = Env::new("schemafrom", "site-a", &[("database = \"openmrs_hq\"", &format!("database = \"{hq_db}\""))]).await;
     let mut site = env.db().await;
-    site.query_drop(UPGRADE[3]).await.unwrap();
+    let module = UPGRADE.iter().find(|d| d.starts_with("CREATE TABLE hivcare_enrollment")).expect("the module's table");
+    site.query_drop(*module).await.unwrap();
     let at_site = base_tables(&mut site, &env.database).await;
     let out = bin().arg("--config").arg(&env.config).args(["sink", "hq-mysql", "--init", "--schema-from", "site-a"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

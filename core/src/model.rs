@@ -74,6 +74,32 @@ impl Model {
         self.tables.get(name)
     }
 
+    /// The secondary indexes of `table` (not the primary key), from `information_schema.statistics`,
+    /// by name; a column indexed by its first characters reads `column(prefix)`.
+    pub async fn indexes(conn: &mut Conn, database: &str, table: &str) -> Result<Vec<crate::shape::IndexShape>, CoreError> {
+        let rows: Vec<(String, String, Option<u64>, i64)> = conn
+            .exec(
+                "SELECT index_name, column_name, sub_part, non_unique FROM information_schema.statistics
+                 WHERE table_schema = ? AND table_name = ? AND index_name <> 'PRIMARY' AND column_name IS NOT NULL
+                 ORDER BY index_name, seq_in_index",
+                (database, table),
+            )
+            .await
+            .map_err(|e| CoreError::db(format!("reading the indexes of `{table}` from information_schema.statistics"), e))?;
+        let mut out: Vec<crate::shape::IndexShape> = Vec::new();
+        for (name, column, prefix, non_unique) in rows {
+            let column = match prefix {
+                Some(n) => format!("{column}({n})"),
+                None => column,
+            };
+            match out.last_mut() {
+                Some(i) if i.name == name => i.columns.push(column),
+                _ => out.push(crate::shape::IndexShape { name, columns: vec![column], unique: non_unique == 0 }),
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads the model of `database`, keeping the captured tables (include/exclude).
     pub async fn load(conn: &mut Conn, database: &str, include: &[String], exclude: &[String]) -> Result<Model, CoreError> {
         let db = database.replace('\'', "''");

@@ -45,6 +45,44 @@ pub struct FkShape {
     pub ref_column: String,
 }
 
+/// A secondary index of a site's table (from `information_schema.statistics`): its columns in
+/// order, each with its prefix length when the index holds only the first characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexShape {
+    pub name: String,
+    /// `column` or `column(prefix)`, in the index's order.
+    pub columns: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unique: bool,
+}
+
+impl IndexShape {
+    /// The index's columns as an SQL list: `` `a`, `b`(20) ``.
+    pub fn column_sql(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| match c.split_once('(') {
+                Some((name, prefix)) => format!("`{}`({prefix}", name.replace('`', "``")),
+                None => format!("`{}`", c.replace('`', "``")),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The site's indexes a sink holding `have` lacks: an index is matched by its columns (an index
+/// of the same columns under another name already serves the same queries), never dropped.
+pub fn missing_indexes<'a>(want: &'a [IndexShape], have: &[IndexShape]) -> Vec<&'a IndexShape> {
+    let key = |i: &IndexShape| i.columns.iter().map(|c| c.to_ascii_lowercase()).collect::<Vec<_>>();
+    let mut out: Vec<&IndexShape> = Vec::new();
+    for w in want {
+        if !have.iter().any(|h| key(h) == key(w)) && !out.iter().any(|o| key(o) == key(w)) {
+            out.push(w);
+        }
+    }
+    out
+}
+
 /// A table as a site has it after a DDL.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableShape {
@@ -55,6 +93,9 @@ pub struct TableShape {
     pub pk: Vec<String>,
     #[serde(default)]
     pub fks: Vec<FkShape>,
+    /// Its secondary indexes when the agent read them (a DDL's shape; empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub indexes: Vec<IndexShape>,
     /// Dropped (or renamed away) by `ddl`.
     #[serde(default)]
     pub dropped: bool,
@@ -81,6 +122,7 @@ impl TableShape {
             columns: t.columns.iter().map(|c| ColumnShape { name: c.name.clone(), column_type: c.column_type.clone(), not_null: c.not_null, default: c.default.clone() }).collect(),
             pk: t.pk.clone(),
             fks: t.fks.iter().map(|f| FkShape { column: f.column.clone(), ref_table: f.ref_table.clone(), ref_column: f.ref_column.clone() }).collect(),
+            indexes: Vec::new(),
             dropped: false,
             ddl: ddl.map(|d| d.chars().take(2000).collect()),
         }
@@ -143,7 +185,7 @@ fn same_type(a: &str, b: &str) -> bool {
 
 /// Some(true): `to` holds every value of `from` and more; Some(false): the reverse (narrower);
 /// None: neither (a different kind of type).
-fn widens(from: &str, to: &str) -> Option<bool> {
+pub fn widens(from: &str, to: &str) -> Option<bool> {
     let (f, t) = (norm(from), norm(to));
     let parts = |s: &str| -> (String, Option<u64>, String) {
         match s.split_once('(') {
@@ -174,6 +216,27 @@ fn widens(from: &str, to: &str) -> Option<bool> {
     // varchar → text is wider.
     if fb == "varchar" && rank(&tb, &TEXTS).is_some_and(|r| r >= 1) {
         return Some(true);
+    }
+    // A decimal holds another when it has as many digits before the point and after it.
+    if matches!(fb.as_str(), "decimal" | "numeric") && matches!(tb.as_str(), "decimal" | "numeric") {
+        let digits = |s: &str| -> Option<(u64, u64)> {
+            let inner = s.split_once('(')?.1.split_once(')')?.0;
+            let (p, sc) = inner.split_once(',').unwrap_or((inner, "0"));
+            Some((p.trim().parse().ok()?, sc.trim().parse().ok()?))
+        };
+        let ((fp, fs), (tp, ts)) = (digits(&f).unwrap_or((10, 0)), digits(&t).unwrap_or((10, 0)));
+        let (fi, ti) = (fp.saturating_sub(fs), tp.saturating_sub(ts));
+        return match (ti >= fi && ts >= fs, fi >= ti && fs >= ts) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+    }
+    if fb == "float" && tb == "double" {
+        return Some(true);
+    }
+    if fb == "double" && tb == "float" {
+        return Some(false);
     }
     if fb == "enum" && tb == "enum" {
         let (a, b) = (parse_enum(from).unwrap_or_default(), parse_enum(&to.replace("', '", "','")).unwrap_or_default());
@@ -228,6 +291,12 @@ mod tests {
         assert_eq!(shape(&[("a", "int")]).evolve(None).unwrap(), vec![Step::Create]);
         assert_eq!(widens("enum('a','b')", "enum('a','b','c')"), Some(true));
         assert_eq!(widens("int(11) unsigned", "int(11)"), None);
+        assert_eq!(widens("decimal(10,2)", "decimal(12,2)"), Some(true));
+        assert_eq!(widens("decimal(10,2)", "decimal(12,4)"), Some(true), "as many digits before the point, more after");
+        assert_eq!(widens("decimal(10,2)", "decimal(10,4)"), None, "fewer digits before the point, more after");
+        assert_eq!(widens("decimal(12,4)", "decimal(10,2)"), Some(false));
+        assert_eq!(widens("float", "double"), Some(true));
+        assert_eq!(widens("double", "datetime"), None);
         let d = |v: &str| ColumnShape { default: Some(v.into()), ..Default::default() }.default_sql();
         assert_eq!(d("'in_person'").as_deref(), Some("'in_person'"), "MariaDB writes SQL");
         assert_eq!(d("in_person").as_deref(), Some("'in_person'"), "MySQL writes the bare value");
@@ -235,5 +304,21 @@ mod tests {
         assert_eq!(d("0").as_deref(), Some("0"));
         assert_eq!(d("current_timestamp()").as_deref(), Some("current_timestamp()"));
         assert_eq!(d("CURRENT_TIMESTAMP").as_deref(), Some("CURRENT_TIMESTAMP"));
+    }
+
+    #[test]
+    fn a_sites_index_is_missing_when_no_index_has_its_columns() {
+        let i = |name: &str, cols: &[&str]| IndexShape { name: name.into(), columns: cols.iter().map(|c| c.to_string()).collect(), unique: false };
+        let have = [i("person_name_given", &["given_name"]), i("fam", &["family_name", "given_name"])];
+        let want = [
+            i("given_name_idx", &["Given_Name"]),
+            i("fam_middle", &["family_name", "middle_name"]),
+            i("fam_middle_again", &["family_name", "middle_name"]),
+            i("prefix", &["family_name(10)"]),
+        ];
+        let missing: Vec<&str> = missing_indexes(&want, &have).iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(missing, ["fam_middle", "prefix"], "same columns under another name serve; a repeat is made once");
+        assert_eq!(want[3].column_sql(), "`family_name`(10)");
+        assert_eq!(want[1].column_sql(), "`family_name`, `middle_name`");
     }
 }

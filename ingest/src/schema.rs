@@ -55,7 +55,7 @@ impl TableSchema {
 
     /// A table dropped (or renamed away) at `position`.
     pub fn dropped(table: &str, position: &Position, ddl: &str) -> Self {
-        let shape = TableShape { table: table.to_string(), columns: Vec::new(), pk: Vec::new(), fks: Vec::new(), dropped: true, ddl: Some(ddl.chars().take(2000).collect()) };
+        let shape = TableShape { table: table.to_string(), columns: Vec::new(), pk: Vec::new(), fks: Vec::new(), indexes: Vec::new(), dropped: true, ddl: Some(ddl.chars().take(2000).collect()) };
         TableSchema { shape, position: position.clone() }
     }
 
@@ -165,7 +165,7 @@ fn reorder(model: &mut Model) {
 pub enum Applied {
     /// These tables changed (created, altered, dropped, renamed).
     Tables(Vec<String>),
-    /// Not a statement about this database's tables (CREATE INDEX, a view, another schema…).
+    /// Not a statement about this database's tables (a view, a trigger, another schema…).
     Nothing,
 }
 
@@ -358,6 +358,12 @@ fn apply_one(model: &mut Model, db: Scope<'_>, st: Statement, captured: &dyn Fn(
                 None => {
                     model.tables.insert(name, Arc::new(t));
                 }
+            }
+        }
+        // The columns stay; the table's shape goes on with its indexes (HQ adds the new one).
+        Statement::CreateIndex(ci) => {
+            if let Some(t) = table_name(&ci.table_name, db).filter(|t| model.tables.contains_key(t)) {
+                changed.push(t);
             }
         }
         Statement::Drop { object_type: ObjectType::Table, names, .. } => {

@@ -6,8 +6,10 @@
 //! corresponds to exactly, so streaming from there has no gap and no overlap. MySQL has no such
 //! status: the agent takes `FLUSH TABLES WITH READ LOCK`, opens the view, reads the position
 //! (`SHOW MASTER STATUS`, `SHOW BINARY LOG STATUS` on 8.4+) and unlocks; no commit can fall
-//! between the view and the position. The lock's wait is bounded (`lock_wait_timeout`), and the
-//! time it was held is logged and measured (`omrs_stream_snapshot_lock_ms`). Tables go in
+//! between the view and the position. A user without RELOAD gets table locks on the captured
+//! tables instead, and on MySQL 8.0+ a backup lock that holds DDL for the snapshot's length
+//! ([`tables_view`]). The lock's wait is bounded (`lock_wait_timeout`), and the time it was
+//! held is logged and measured (`omrs_stream_snapshot_lock_ms`). Tables go in
 //! FK-dependency order (parents first), in chunks by integer primary key. Each chunk's `op:"r"`
 //! events and the progress (table, last key) are one Kafka transaction, so a crash resumes
 //! mid-table.
@@ -38,7 +40,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
     let site = agent.site.name.clone();
     let db = agent.model.database.clone();
 
-    let (mut snap, position, ts_ms) = open_view(agent).await?;
+    let (mut snap, position, ts_ms, backup) = open_view(agent).await?;
     if segments.is_empty() {
         // A fresh snapshot: the schema history starts here.
         agent.producer.aside(crate::schema::base_records(&agent.model, &position)).await?;
@@ -99,6 +101,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
                 }
                 agent.producer.wait().await?;
                 let _ = snap.query_drop("COMMIT").await;
+                release_backup(backup).await;
                 if let Some(pb) = &bar {
                     pb.finish_and_clear();
                 }
@@ -117,6 +120,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
         agent.producer.send(std::mem::take(&mut pending).into(), cp).await?;
     }
     snap.query_drop("COMMIT").await.map_err(|e| IngestError::site("ending the snapshot", e))?;
+    release_backup(backup).await;
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }
@@ -129,15 +133,16 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
 }
 
 /// A connection holding a consistent snapshot view, the binlog position that view corresponds
-/// to, and the site clock then. Sets the agent's `server_id`.
-async fn open_view(agent: &mut Agent) -> Result<(mysql_async::Conn, Position, i64), IngestError> {
+/// to, the site clock then, and the connection holding a backup lock until the snapshot ends
+/// (MySQL 8.0+ without RELOAD). Sets the agent's `server_id`.
+async fn open_view(agent: &mut Agent) -> Result<(mysql_async::Conn, Position, i64, Option<mysql_async::Conn>), IngestError> {
     let mut snap = connect(&agent.site).await?;
     snap.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .await
         .map_err(|e| IngestError::site("setting the snapshot isolation level", e))?;
-    let position = match agent.server.kind {
-        Kind::MariaDb => mariadb_view(&mut snap).await?,
-        Kind::MySql => mysql_view(&mut snap, &agent.server, &agent.site.name).await?,
+    let (position, backup) = match agent.server.kind {
+        Kind::MariaDb => (mariadb_view(&mut snap).await?, None),
+        Kind::MySql => mysql_view(&mut snap, agent).await?,
     };
     let ts_ms: i64 = snap
         .query_first::<f64, _>("SELECT UNIX_TIMESTAMP(NOW(3)) * 1000")
@@ -150,7 +155,7 @@ async fn open_view(agent: &mut Agent) -> Result<(mysql_async::Conn, Position, i6
         .map_err(|e| IngestError::site("reading server_id", e))?
         .unwrap_or(0);
     agent.server_id = server_id;
-    Ok((snap, position, ts_ms))
+    Ok((snap, position, ts_ms, backup))
 }
 
 /// MariaDB: the view, and the position its session status names; no lock.
@@ -171,40 +176,62 @@ async fn mariadb_view(snap: &mut mysql_async::Conn) -> Result<Position, IngestEr
     }
 }
 
-/// How long the agent waits for the global read lock before it gives up and retries later,
+/// How long the agent waits for a lock (global or tables) before it gives up and retries later,
 /// rather than hold the clinic's writes queued behind a long query.
 const LOCK_WAIT_S: u32 = 10;
 
+/// A lock error as the agent reports it: a wait that timed out is retried later; a missing
+/// grant names what to grant.
+fn lock_error(what: &str, grant: &str, e: mysql_async::Error) -> IngestError {
+    match &e {
+        mysql_async::Error::Server(s) if s.code == 1205 => IngestError::Site { context: format!("taking {what} (waited {LOCK_WAIT_S} s for a long query or lock at the site; retrying later)"), source: e },
+        _ => grant_error(&format!("taking {what} for the snapshot"), grant, e),
+    }
+}
+
+fn is_grant_error(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Server(s) if matches!(s.code, 1044 | 1045 | 1142 | 1227))
+}
+
+/// The view opened and its position read, on `snap`, while commits are held by a lock.
+async fn view_and_position(snap: &mut mysql_async::Conn, server: &crate::server::Server) -> Result<(Position, Option<String>), IngestError> {
+    snap.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+        .await
+        .map_err(|e| IngestError::site("starting the consistent snapshot", e))?;
+    let row: Option<mysql_async::Row> = snap
+        .query_first(server.binlog_status_sql())
+        .await
+        .map_err(|e| grant_error("reading the binlog position", "REPLICATION CLIENT", e))?;
+    let row = row.ok_or_else(|| IngestError::Refused("the server reports no binary log position (is log_bin on?)".into()))?;
+    let file: Option<String> = row.get(0);
+    let pos: Option<u64> = row.get(1);
+    // MySQL's fifth column: the executed GTID set, kept for the operator's eyes.
+    let gtids: Option<String> = if row.len() > 4 { row.get::<Option<String>, _>(4).flatten() } else { None };
+    match (file, pos) {
+        (Some(file), Some(pos)) if !file.is_empty() => Ok((Position { file, pos, gtid: None }, gtids)),
+        _ => Err(IngestError::Refused("the server reports no binary log position (is log_bin on?)".into())),
+    }
+}
+
 /// MySQL: the view opened and its position read under `FLUSH TABLES WITH READ LOCK`, held for
-/// as short a time as that takes.
-async fn mysql_view(snap: &mut mysql_async::Conn, server: &crate::server::Server, site: &str) -> Result<Position, IngestError> {
+/// as short a time as that takes. A user without RELOAD (a managed server often grants none)
+/// gets table locks instead ([`tables_view`]). Returns the connection that holds the backup
+/// lock until the snapshot ends, when one was taken.
+async fn mysql_view(snap: &mut mysql_async::Conn, agent: &Agent) -> Result<(Position, Option<mysql_async::Conn>), IngestError> {
+    let site = agent.site.name.as_str();
     snap.query_drop(format!("SET SESSION lock_wait_timeout = {LOCK_WAIT_S}"))
         .await
         .map_err(|e| IngestError::site("setting lock_wait_timeout", e))?;
     let t = std::time::Instant::now();
-    snap.query_drop("FLUSH TABLES WITH READ LOCK").await.map_err(|e| match &e {
-        mysql_async::Error::Server(s) if s.code == 1205 => IngestError::Site { context: format!("taking the global read lock (waited {LOCK_WAIT_S} s for a long query or lock at the site; retrying later)"), source: e },
-        _ => grant_error("taking the global read lock for the snapshot", "RELOAD", e),
-    })?;
-    let locked = async {
-        snap.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
-            .await
-            .map_err(|e| IngestError::site("starting the consistent snapshot", e))?;
-        let row: Option<mysql_async::Row> = snap
-            .query_first(server.binlog_status_sql())
-            .await
-            .map_err(|e| grant_error("reading the binlog position", "REPLICATION CLIENT", e))?;
-        let row = row.ok_or_else(|| IngestError::Refused("the server reports no binary log position (is log_bin on?)".into()))?;
-        let file: Option<String> = row.get(0);
-        let pos: Option<u64> = row.get(1);
-        // MySQL's fifth column: the executed GTID set, kept for the operator's eyes.
-        let gtids: Option<String> = if row.len() > 4 { row.get::<Option<String>, _>(4).flatten() } else { None };
-        match (file, pos) {
-            (Some(file), Some(pos)) if !file.is_empty() => Ok((Position { file, pos, gtid: None }, gtids)),
-            _ => Err(IngestError::Refused("the server reports no binary log position (is log_bin on?)".into())),
+    match snap.query_drop("FLUSH TABLES WITH READ LOCK").await {
+        Ok(()) => {}
+        Err(e) if is_grant_error(&e) => {
+            tracing::info!(site, error = %e, "no global read lock (the user lacks RELOAD): the snapshot takes table locks instead");
+            return tables_view(snap, agent).await;
         }
+        Err(e) => return Err(lock_error("the global read lock", "RELOAD", e)),
     }
-    .await;
+    let locked = view_and_position(snap, &agent.server).await;
     // Unlocked whatever happened; the view stays open.
     let unlocked = snap.query_drop("UNLOCK TABLES").await.map_err(|e| IngestError::site("releasing the global read lock", e));
     let held = t.elapsed();
@@ -212,7 +239,59 @@ async fn mysql_view(snap: &mut mysql_async::Conn, server: &crate::server::Server
     unlocked?;
     metrics().snapshot_lock_ms.with_label_values(&[site]).set(held.as_millis() as i64);
     tracing::info!(site, held_ms = held.as_millis() as u64, file = %position.file, pos = position.pos, gtids = gtids.as_deref().unwrap_or(""), "global read lock held while the snapshot view opened");
-    Ok(position)
+    Ok((position, None))
+}
+
+/// MySQL without RELOAD (as MySQL Shell's dump does): a second connection takes `LOCK TABLES …
+/// READ` on every captured table, which waits for the transactions writing them to commit and
+/// holds new ones; the view opens and the position is read on `snap`; the tables unlock. No
+/// commit to a captured table falls between the view and the position (a commit to another
+/// table may, and is not captured). On MySQL 8.0+ the second connection first takes `LOCK
+/// INSTANCE FOR BACKUP` (BACKUP_ADMIN), which lets writes go on but holds DDL until the
+/// snapshot ends, so a clinic's ALTER cannot invalidate the view half-way; without that grant
+/// the snapshot goes on and a DDL during it makes the agent read the table again later.
+async fn tables_view(snap: &mut mysql_async::Conn, agent: &Agent) -> Result<(Position, Option<mysql_async::Conn>), IngestError> {
+    let site = agent.site.name.as_str();
+    let mut lock = connect(&agent.site).await?;
+    lock.query_drop(format!("SET SESSION lock_wait_timeout = {LOCK_WAIT_S}"))
+        .await
+        .map_err(|e| IngestError::site("setting lock_wait_timeout", e))?;
+    let server = &agent.server;
+    let mut backup = false;
+    if server.detected == Kind::MySql && server.number >= (8, 0, 0) {
+        match lock.query_drop("LOCK INSTANCE FOR BACKUP").await {
+            Ok(()) => backup = true,
+            Err(e) if is_grant_error(&e) => {
+                tracing::warn!(site, error = %e, "no backup lock (the user lacks BACKUP_ADMIN): a DDL at the clinic during the snapshot will make the agent read that table again")
+            }
+            Err(e) => return Err(lock_error("the backup lock", "BACKUP_ADMIN", e)),
+        }
+    }
+    let db = agent.model.database.replace('`', "``");
+    let list = agent.model.order.iter().map(|t| format!("`{db}`.`{}` READ", t.replace('`', "``"))).collect::<Vec<_>>().join(", ");
+    let t = std::time::Instant::now();
+    lock.query_drop(format!("LOCK TABLES {list}"))
+        .await
+        .map_err(|e| lock_error("table locks", "RELOAD (a global read lock, held for milliseconds) or LOCK TABLES on the OpenMRS database (table locks)", e))?;
+    let locked = view_and_position(snap, server).await;
+    let unlocked = lock.query_drop("UNLOCK TABLES").await.map_err(|e| IngestError::site("releasing the table locks", e));
+    let held = t.elapsed();
+    let (position, gtids) = locked?;
+    unlocked?;
+    metrics().snapshot_lock_ms.with_label_values(&[site]).set(held.as_millis() as i64);
+    tracing::info!(
+        site, held_ms = held.as_millis() as u64, tables = agent.model.order.len(), backup_lock = backup, file = %position.file, pos = position.pos, gtids = gtids.as_deref().unwrap_or(""),
+        "table locks held while the snapshot view opened"
+    );
+    Ok((position, if backup { Some(lock) } else { let _ = lock.disconnect().await; None }))
+}
+
+/// Ends the backup lock taken for the snapshot, if one was.
+async fn release_backup(backup: Option<mysql_async::Conn>) {
+    if let Some(mut c) = backup {
+        let _ = c.query_drop("UNLOCK INSTANCE").await;
+        let _ = c.disconnect().await;
+    }
 }
 
 /// The progress bar (unless quiet), its length an estimate of the rows left.

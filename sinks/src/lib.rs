@@ -45,6 +45,17 @@ pub enum SinkError {
     Query(String),
 }
 
+impl From<omrs_core::CoreError> for SinkError {
+    /// A database error stays one (and keeps its transient or definite kind).
+    fn from(e: omrs_core::CoreError) -> Self {
+        match e {
+            omrs_core::CoreError::Db { context, source } => SinkError::Db { context, source },
+            omrs_core::CoreError::Kafka { context, message, transient } => SinkError::Kafka { context, message, transient },
+            other => SinkError::Schema(other.to_string()),
+        }
+    }
+}
+
 impl SinkError {
     pub fn db(context: impl Into<String>, source: mysql_async::Error) -> Self {
         SinkError::Db { context: context.into(), source }

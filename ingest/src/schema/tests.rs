@@ -42,7 +42,8 @@ fn alter_table_follows_columns_and_their_places() {
     assert_eq!(apply_ddl(&mut m, OURS, "ALTER TABLE person_name ADD INDEX i_given (given_name)", &all).unwrap(), Applied::Tables(vec!["person_name".into()]));
     assert_eq!(cols(&m, "person_name"), ["person_name_id", "given_name", "other_name", "title"]);
     assert_eq!(apply_ddl(&mut m, OURS, "ALTER TABLE other_db.person_name DROP COLUMN title", &all).unwrap(), Applied::Nothing);
-    assert_eq!(apply_ddl(&mut m, OURS, "CREATE INDEX i2 ON person_name (title)", &all).unwrap(), Applied::Nothing);
+    assert_eq!(apply_ddl(&mut m, OURS, "CREATE INDEX i2 ON person_name (title)", &all).unwrap(), Applied::Tables(vec!["person_name".into()]));
+    assert_eq!(apply_ddl(&mut m, OURS, "CREATE INDEX i3 ON other_db.person_name (title)", &all).unwrap(), Applied::Nothing);
     // Run from another default schema, an unqualified name is that schema's table.
     let elsewhere = Scope { db: "openmrs", default: "reports" };
     assert_eq!(apply_ddl(&mut m, elsewhere, "ALTER TABLE person_name DROP COLUMN title", &all).unwrap(), Applied::Nothing);

@@ -504,6 +504,11 @@ impl<'a> Tail<'a> {
                 recs
             }
         };
+        let mut records = records;
+        for r in records.iter_mut().filter(|r| !r.shape.dropped) {
+            // The table's indexes as the site has them now, for HQ to add the new ones.
+            r.shape.indexes = Model::indexes(&mut a.query, &self.db, &r.shape.table).await?;
+        }
         tracing::info!(site = %self.site, ddl = %ddl.chars().take(200).collect::<String>(), tables = ?records.iter().map(|r| r.table()).collect::<Vec<_>>(), "DDL: schema history updated");
         a.model = next;
         self.rows.plans.clear();

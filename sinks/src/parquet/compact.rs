@@ -523,7 +523,7 @@ async fn compact_held(lake: &Lake, state: &State, tables: &HashMap<String, Arc<L
     // The views, from the new current tables.
     let ctx = SessionContext::new();
     for name in info.tables.keys() {
-        crate::query::register_dir(&ctx, name, &dir.join("current").join(name), false).await?;
+        crate::query::register_dir(&ctx, name, &dir.join("current").join(name), false, tables.get(name).map(|t| t.schema.clone())).await?;
     }
     // A table with no rows yet reads as empty (a view's LEFT JOIN to it yields nulls).
     for (name, t) in tables {

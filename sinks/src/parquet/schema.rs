@@ -335,9 +335,12 @@ impl LakeSchemaFile {
     }
 
     /// Takes a table's new shape from a site (issue #25 §2): a new table gets its definition, a
-    /// new column is appended (nullable; older files read it as null). Nothing else changes: the
-    /// lake is a history, so a column dropped at one site stays (null in that site's new rows),
-    /// and a type stays as it was (a wider one would split the table's files into two types).
+    /// new column is appended (nullable; older files read it as null), and a column the site
+    /// widened (`int` → `bigint`, `decimal(10,2)` → `decimal(12,4)`, `float` → `double`) takes
+    /// the wider type: new files carry it, older ones are cast to it when read (the query
+    /// layer reads each table in this schema, compaction conforms to it). Nothing else changes:
+    /// the lake is a history, so a column dropped at one site stays (null in that site's new
+    /// rows), and a type narrowed at one site stays wide.
     /// `scrubbed` says whether a column is scrubbed. Returns whether the schema changed.
     pub fn evolve(&mut self, shape: &omrs_core::shape::TableShape, scrubbed: &dyn Fn(&str, &str) -> bool) -> bool {
         if shape.dropped || shape.table.starts_with("omrs_sync_") || shape.table.starts_with("omrs_dash_") {
@@ -355,10 +358,18 @@ impl LakeSchemaFile {
             Some(def) => {
                 let mut changed = false;
                 for c in &shape.columns {
-                    if !def.columns.iter().any(|d| d.name.eq_ignore_ascii_case(&c.name)) && !scrubbed(&shape.table, &c.name) {
-                        def.columns.push(column(c));
-                        def.has_uuid |= c.name == "uuid";
-                        changed = true;
+                    match def.columns.iter_mut().find(|d| d.name.eq_ignore_ascii_case(&c.name)) {
+                        Some(d) if omrs_core::shape::widens(&d.mysql_type, &c.column_type) == Some(true) && arrow_type(&d.mysql_type) != arrow_type(&c.column_type) => {
+                            d.mysql_type = c.column_type.clone();
+                            changed = true;
+                        }
+                        Some(_) => {}
+                        None if !scrubbed(&shape.table, &c.name) => {
+                            def.columns.push(column(c));
+                            def.has_uuid |= c.name == "uuid";
+                            changed = true;
+                        }
+                        None => {}
                     }
                 }
                 changed

@@ -15,6 +15,7 @@
 //! sink publishes a new snapshot or commits new files, the served tables are swapped for the
 //! new ones, so each query still reads one snapshot.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -95,14 +96,16 @@ fn df_err(e: datafusion::error::DataFusionError) -> SinkError {
 }
 
 /// Registers the Parquet files under `dir` as `name` (`site`/`date` hive partitions when
-/// `hive`).
-pub async fn register_dir(ctx: &SessionContext, name: &str, dir: &Path, hive: bool) -> Result<(), SinkError> {
+/// `hive`), read in `schema` when given: a file written before a column was added or widened
+/// at a site (issue #25) reads that column as null or cast to the wider type. Without it the
+/// schema is inferred from the files, which fails on two types for one column.
+pub async fn register_dir(ctx: &SessionContext, name: &str, dir: &Path, hive: bool, schema: Option<SchemaRef>) -> Result<(), SinkError> {
     let mut opts = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
     if hive {
         opts = opts.with_table_partition_cols(vec![("site".to_string(), DataType::Utf8), ("date".to_string(), DataType::Utf8)]);
     }
     let path = format!("{}/", dir.display());
-    ctx.register_listing_table(name, path, opts, None, None).await.map_err(|e| SinkError::Query(format!("registering {name}: {e}")))
+    ctx.register_listing_table(name, path, opts, schema, None).await.map_err(|e| SinkError::Query(format!("registering {name}: {e}")))
 }
 
 fn subdirs(dir: &Path) -> Vec<String> {
@@ -154,31 +157,34 @@ pub async fn context_within(lake_root: &Path, memory: Option<usize>) -> Result<S
     for schema in ["changes", "current", "aggregates", crate::parquet::reviews::DIR] {
         catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new())).map_err(df_err)?;
     }
+    // The tables' schemas as the sink last evolved them (the files' union by name).
+    let tables: BTreeMap<String, SchemaRef> = crate::parquet::schema::LakeSchemaFile::load(&lake_root.join("_schema.json"))
+        .ok()
+        .flatten()
+        .map(|f| f.tables.into_iter().map(|(name, def)| (name, crate::parquet::schema::LakeTable::new(def).schema.clone())).collect())
+        .unwrap_or_default();
     let changes = lake_root.join("changes");
     for t in subdirs(&changes) {
         if has_parquet(&changes.join(&t)) {
-            register_dir(&ctx, &format!("changes.{t}"), &changes.join(&t), true).await?;
+            register_dir(&ctx, &format!("changes.{t}"), &changes.join(&t), true, tables.get(&t).cloned()).await?;
         }
     }
     // One snapshot for the whole query: the links are resolved now.
     if let Ok(cur) = std::fs::canonicalize(lake_root.join("current")) {
         for t in subdirs(&cur) {
-            register_dir(&ctx, &format!("current.{t}"), &cur.join(&t), false).await?;
+            register_dir(&ctx, &format!("current.{t}"), &cur.join(&t), false, tables.get(&t).cloned()).await?;
         }
     }
     // Tables of the schema with no rows yet read as empty, not "not found".
-    if let Ok(Some(schema)) = crate::parquet::schema::LakeSchemaFile::load(&lake_root.join("_schema.json")) {
-        let current = catalog.schema("current").ok_or_else(|| SinkError::Query("no current schema".into()))?;
-        for (name, def) in schema.tables {
-            if !current.table_exist(&name) {
-                let t = crate::parquet::schema::LakeTable::new(def);
-                ctx.register_batch(format!("current.{name}").as_str(), RecordBatch::new_empty(t.schema.clone())).map_err(df_err)?;
-            }
+    let current = catalog.schema("current").ok_or_else(|| SinkError::Query("no current schema".into()))?;
+    for (name, schema) in &tables {
+        if !current.table_exist(name) {
+            ctx.register_batch(format!("current.{name}").as_str(), RecordBatch::new_empty(schema.clone())).map_err(df_err)?;
         }
     }
     if let Ok(views) = std::fs::canonicalize(lake_root.join("views")) {
         for v in subdirs(&views) {
-            register_dir(&ctx, &v, &views.join(&v), false).await?;
+            register_dir(&ctx, &v, &views.join(&v), false, None).await?;
         }
     }
     for def in omrs_core::hq::AGGREGATES.iter() {
@@ -228,7 +234,7 @@ async fn register_versions(ctx: &SessionContext, lake_root: &Path, schema: &str,
     let dir = lake_root.join(schema).join(name);
     let history = format!("{schema}.{name}_history");
     if has_parquet(&dir) {
-        register_dir(ctx, &history, &dir, false).await?;
+        register_dir(ctx, &history, &dir, false, None).await?;
     } else {
         ctx.register_batch(history.as_str(), RecordBatch::new_empty(schema_ref)).map_err(df_err)?;
     }

@@ -23,7 +23,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use omrs_core::clock::now_ms;
 use omrs_core::model::Model;
-use omrs_core::shape::{ColumnShape, Step, TableShape};
+use omrs_core::shape::{missing_indexes, ColumnShape, IndexShape, Step, TableShape};
 
 use crate::SinkError;
 
@@ -132,6 +132,37 @@ pub fn statements(shape: &TableShape, steps: &[Step], model: &Model, widened: &H
     out
 }
 
+/// The site's indexes HQ lacks, as statements. Each is a plain index at HQ even when unique at
+/// the site: HQ holds every site's rows, and a value unique within one clinic (a local
+/// identifier, a name) may repeat across clinics, so a unique index at HQ could refuse a later
+/// clinic's row; a unique index of `uuid` alone stays unique. HQ never drops an index a site dropped: an index only serves HQ's queries. A
+/// name HQ already uses for other columns gets a suffix.
+pub fn index_statements(shape: &TableShape, have: &[IndexShape]) -> Vec<String> {
+    if shape.dropped {
+        return Vec::new();
+    }
+    let mut names: Vec<String> = have.iter().map(|h| h.name.to_ascii_lowercase()).collect();
+    let mut out = Vec::new();
+    // An index read at the site after a later DDL may name a column this shape does not have yet.
+    let known = |c: &String| {
+        let name = c.split_once('(').map_or(c.as_str(), |(n, _)| n);
+        shape.columns.iter().any(|col| col.name.eq_ignore_ascii_case(name))
+    };
+    for i in missing_indexes(&shape.indexes, have).into_iter().filter(|i| i.columns.iter().all(known)) {
+        let mut name: String = i.name.chars().take(60).collect();
+        let mut n = 1;
+        while names.contains(&name.to_ascii_lowercase()) {
+            n += 1;
+            name = format!("{}_{n}", i.name.chars().take(56).collect::<String>());
+        }
+        names.push(name.to_ascii_lowercase());
+        // A uuid is one record everywhere: HQ keys its rows by it, as OpenMRS's own schema does.
+        let kind = if i.unique && i.columns.len() == 1 && i.columns[0].eq_ignore_ascii_case("uuid") { "UNIQUE INDEX" } else { "INDEX" };
+        out.push(format!("ALTER TABLE {} ADD {kind} {} ({})", q(&shape.table), q(&name), i.column_sql()));
+    }
+    out
+}
+
 /// What a widened column keeps of HQ's definition: NOT NULL, its default, AUTO_INCREMENT.
 async fn kept_attributes(conn: &mut Conn, database: &str, table: &str, steps: &[Step]) -> Result<HashMap<String, String>, SinkError> {
     let mut out = HashMap::new();
@@ -161,14 +192,23 @@ async fn kept_attributes(conn: &mut Conn, database: &str, table: &str, steps: &[
 /// Makes HQ's table able to hold `shape`'s rows, or says why it cannot; logs it.
 pub async fn evolve(conn: &mut Conn, database: &str, model: &Model, site: &str, shape: &TableShape, ts_ms: i64, offset: i64) -> Result<Evolved, SinkError> {
     let outcome = match shape.evolve(model.table(&shape.table).map(|t| &**t)) {
-        Ok(steps) if steps.is_empty() => Evolved::InStep,
         Ok(steps) => {
             let kept = kept_attributes(conn, database, &shape.table, &steps).await?;
-            let stmts = statements(shape, &steps, model, &kept);
+            let mut stmts = statements(shape, &steps, model, &kept);
             for s in &stmts {
                 conn.query_drop(s).await.map_err(|e| SinkError::db(format!("evolving HQ's `{}` for site {site}: {s}", shape.table), e))?;
             }
-            Evolved::Applied(stmts)
+            // Indexes after columns: a new index may be on a column just added.
+            let have = Model::indexes(conn, database, &shape.table).await?;
+            for s in index_statements(shape, &have) {
+                conn.query_drop(&s).await.map_err(|e| SinkError::db(format!("adding the site's index to HQ's `{}` for site {site}: {s}", shape.table), e))?;
+                stmts.push(s);
+            }
+            if stmts.is_empty() {
+                Evolved::InStep
+            } else {
+                Evolved::Applied(stmts)
+            }
         }
         Err(reason) => Evolved::Blocked(reason),
     };
@@ -213,6 +253,7 @@ mod tests {
             columns: vec![ColumnShape { name: "hiv_care_id".into(), column_type: "int(11)".into(), not_null: true, default: None }, ColumnShape { name: "patient_id".into(), column_type: "int(11)".into(), not_null: true, default: None }],
             pk: vec!["hiv_care_id".into()],
             fks: vec![FkShape { column: "patient_id".into(), ref_table: "patient".into(), ref_column: "patient_id".into() }, FkShape { column: "x".into(), ref_table: "nowhere".into(), ref_column: "id".into() }],
+            indexes: vec![],
             dropped: false,
             ddl: None,
         };
@@ -230,5 +271,34 @@ mod tests {
         assert_eq!(statements(&p, &[Step::AddColumn { column: channel, after: None }], &model, &HashMap::new()), ["ALTER TABLE `patient` ADD COLUMN `channel` varchar(16) NOT NULL DEFAULT 'in_person' FIRST"]);
         let kept = HashMap::from([("patient_id".to_string(), " NOT NULL AUTO_INCREMENT".to_string())]);
         assert_eq!(statements(&p, &[widen], &model, &kept), ["ALTER TABLE `patient` MODIFY COLUMN `patient_id` bigint(20) NOT NULL AUTO_INCREMENT"]);
+    }
+
+    #[test]
+    fn a_sites_new_index_is_a_plain_index_at_hq_under_a_free_name() {
+        let i = |name: &str, cols: &[&str], unique: bool| IndexShape { name: name.into(), columns: cols.iter().map(|c| c.to_string()).collect(), unique };
+        let col = |n: &str| ColumnShape { name: n.into(), column_type: "varchar(50)".into(), ..Default::default() };
+        let shape = TableShape {
+            table: "person_name".into(),
+            columns: ["name_origin", "family_name", "given_name", "uuid"].iter().map(|n| col(n)).collect(),
+            pk: vec![],
+            fks: vec![],
+            indexes: vec![
+                i("name_origin_idx", &["name_origin"], true),
+                i("family_prefix", &["family_name(10)", "given_name"], false),
+                i("given", &["given_name"], false),
+                i("name_uuid", &["uuid"], true),
+                i("later", &["not_yet_here"], false),
+            ],
+            dropped: false,
+            ddl: None,
+        };
+        let have = [i("name_origin_idx", &["voided"], false), i("person_name_given", &["given_name"], false)];
+        assert_eq!(index_statements(&shape, &have), [
+            "ALTER TABLE `person_name` ADD INDEX `name_origin_idx_2` (`name_origin`)",
+            "ALTER TABLE `person_name` ADD INDEX `family_prefix` (`family_name`(10), `given_name`)",
+            "ALTER TABLE `person_name` ADD UNIQUE INDEX `name_uuid` (`uuid`)",
+        ]);
+        let now: Vec<IndexShape> = have.iter().cloned().chain([i("name_origin_idx_2", &["name_origin"], false), i("family_prefix", &["family_name(10)", "given_name"], false), i("name_uuid", &["uuid"], true)]).collect();
+        assert!(index_statements(&shape, &now).is_empty(), "the second site's same index finds HQ in step");
     }
 }
