@@ -15,6 +15,10 @@ pub struct Position {
     pub pos: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gtid: Option<String>,
+    /// MySQL's executed GTID set through this position (`crate::gtid`), when the server has
+    /// GTIDs: the agent can resume by it where the file is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gtid_set: Option<String>,
 }
 
 impl Position {

@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod convert;
 pub mod debezium;
 pub mod encode;
+pub mod gtid;
 pub mod producer;
 pub mod refs;
 pub mod schema;

@@ -169,7 +169,7 @@ async fn mariadb_view(snap: &mut mysql_async::Conn) -> Result<Position, IngestEr
         .map_err(|e| IngestError::site("reading the snapshot's binlog position", e))?;
     let get = |k: &str| status.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
     match (get("binlog_snapshot_file"), get("binlog_snapshot_position")) {
-        (Some(file), Some(pos)) if !file.is_empty() => Ok(Position { file, pos: pos.parse().unwrap_or(4), gtid: None }),
+        (Some(file), Some(pos)) if !file.is_empty() => Ok(Position { file, pos: pos.parse().unwrap_or(4), gtid: None, gtid_set: None }),
         _ => Err(IngestError::Refused(
             "the server does not report binlog_snapshot_file/binlog_snapshot_position (a MariaDB feature): if this is a MySQL server, set `flavor = \"mysql\"` under [sites.database] (or leave it at \"auto\")".into(),
         )),
@@ -208,7 +208,18 @@ async fn view_and_position(snap: &mut mysql_async::Conn, server: &crate::server:
     // MySQL's fifth column: the executed GTID set, kept for the operator's eyes.
     let gtids: Option<String> = if row.len() > 4 { row.get::<Option<String>, _>(4).flatten() } else { None };
     match (file, pos) {
-        (Some(file), Some(pos)) if !file.is_empty() => Ok((Position { file, pos, gtid: None }, gtids)),
+        (Some(file), Some(pos)) if !file.is_empty() => {
+            // Read in the same statement as the position, under the lock: the two agree.
+            let gtid_set = match gtids.as_deref().map(str::trim).filter(|g| !g.is_empty()).map(crate::gtid::GtidSet::parse) {
+                Some(Ok(set)) => Some(set.to_string()),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "the server's executed GTID set could not be read: the agent resumes by file and position only");
+                    None
+                }
+                None => None,
+            };
+            Ok((Position { file, pos, gtid: None, gtid_set }, gtids))
+        }
         _ => Err(IngestError::Refused("the server reports no binary log position (is log_bin on?)".into())),
     }
 }

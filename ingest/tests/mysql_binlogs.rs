@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mysql_common::binlog::events::{EventData, QueryEvent, RowsEventData, TableMapEvent, TransactionPayloadEvent};
+use mysql_common::binlog::events::{EventData, PreviousGtidsEvent, QueryEvent, RowsEventData, TableMapEvent, TransactionPayloadEvent};
 use mysql_common::binlog::consts::BinlogVersion;
 use mysql_common::binlog::EventStreamReader;
 use mysql_common::io::ParseBuf;
@@ -56,6 +56,10 @@ struct Row {
 struct Decoded {
     rows: Vec<Row>,
     gtids: Vec<String>,
+    /// The file's Previous_gtids: (uuid, tag, first, last) per interval.
+    previous: Vec<(String, String, u64, u64)>,
+    /// Its GTIDs as the agent writes them (`uuid:gno`, `uuid:tag:gno`).
+    agent_gtids: Vec<(String, String, u64)>,
     /// Tables whose column names came from the file's DDL (the schema history).
     named_by_history: Vec<String>,
     ddl_followed: usize,
@@ -87,8 +91,17 @@ impl Reader {
                     }
                 }
             }
+            35 => {
+                let p = ev.read_event::<PreviousGtidsEvent>().map_err(|e| at(&e))?;
+                for s in p.sids() {
+                    for i in s.intervals() {
+                        self.out.previous.push((hyphenated(&s.uuid()), s.tag().map(|t| t.as_str().to_string()).unwrap_or_default(), i.start(), i.end() - 1));
+                    }
+                }
+            }
             33 | 42 => {
                 if let Ok(Some(EventData::GtidEvent(g))) = ev.read_data() {
+                    self.out.agent_gtids.push((hyphenated(&g.sid()), g.tag().map(|t| t.as_str().to_string()).unwrap_or_default(), g.gno()));
                     let sid: String = g.sid().iter().map(|b| format!("{b:02x}")).collect();
                     self.out.gtids.push(match g.tag() {
                         Some(t) => format!("{sid}:{}:{}", t.as_str(), g.gno()),
@@ -314,6 +327,62 @@ fn every_row_event_of_the_real_files_decodes_to_the_values_they_hold() {
     // A compressed transaction's rows.
     let c = &decoded["transaction_compression.000001"];
     assert!(c.payloads >= 1 && !c.rows.is_empty(), "compressed transaction: {} payloads, {} rows", c.payloads, c.rows.len());
+}
+
+fn hyphenated(b: &[u8; 16]) -> String {
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// The executed GTID set the agent keeps (`omrs_ingest::gtid`) after reading a whole file: the
+/// file's Previous_gtids plus each of its transactions, as MySQL writes such a set. The
+/// expectation is worked out here from the transaction numbers themselves.
+#[test]
+fn the_gtid_set_after_each_real_file_is_its_previous_set_and_its_transactions() {
+    let Some(dir) = dir() else { return };
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if BROKEN.contains(&name.as_str()) || name.ends_with(".txt") {
+            continue;
+        }
+        let Ok(d) = decode_file(&entry.path()) else { continue };
+        if d.agent_gtids.is_empty() {
+            continue;
+        }
+        let mut want: BTreeMap<(String, String), std::collections::BTreeSet<u64>> = BTreeMap::new();
+        let mut text = Vec::new();
+        for (uuid, tag, a, b) in &d.previous {
+            assert!(b - a < 1_000_000, "{name}: an interval too long to expand");
+            want.entry((uuid.clone(), tag.clone())).or_default().extend(*a..=*b);
+            text.push(if tag.is_empty() { format!("{uuid}:{a}-{b}") } else { format!("{uuid}:{tag}:{a}-{b}") });
+        }
+        let mut ours = omrs_ingest::gtid::GtidSet::parse(&text.join(",")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (uuid, tag, gno) in &d.agent_gtids {
+            want.entry((uuid.clone(), tag.clone())).or_default().insert(*gno);
+            let g = if tag.is_empty() { format!("{uuid}:{gno}") } else { format!("{uuid}:{tag}:{gno}") };
+            assert!(ours.add(&g), "{name}: {g} is a GTID");
+        }
+        // MySQL's form: per server (and tag) its runs of consecutive numbers.
+        let expected: Vec<String> = want
+            .iter()
+            .map(|((uuid, tag), gnos)| {
+                let mut runs: Vec<(u64, u64)> = Vec::new();
+                for &n in gnos {
+                    match runs.last_mut() {
+                        Some(r) if r.1 + 1 == n => r.1 = n,
+                        _ => runs.push((n, n)),
+                    }
+                }
+                let runs: Vec<String> = runs.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+                if tag.is_empty() { format!("{uuid}:{}", runs.join(":")) } else { format!("{uuid}:{tag}:{}", runs.join(":")) }
+            })
+            .collect();
+        assert_eq!(ours.to_string(), expected.join(","), "{name}");
+        assert_eq!(omrs_ingest::gtid::GtidSet::parse(&ours.to_string()).unwrap(), ours, "{name}: the checkpoint's text reads back");
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} files with GTIDs");
 }
 
 #[test]

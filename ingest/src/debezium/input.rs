@@ -448,7 +448,7 @@ impl<'a> Input<'a> {
             build::learn(&mut self.ids, &t, img, true);
         }
         self.server_id = c.source.server_id;
-        self.position = Some(Position { file: c.source.file.clone(), pos: c.source.pos, gtid: c.source.gtid.clone() });
+        self.position = Some(Position { file: c.source.file.clone(), pos: c.source.pos, gtid: c.source.gtid.clone(), gtid_set: None });
         self.ts_ms = self.ts_ms.max(c.source.ts_ms);
         metrics().events_in.with_label_values(&["ingest", &self.site.name, table, c.op.as_str()]).inc();
         self.batch.push_event(&ev);
@@ -491,7 +491,7 @@ impl<'a> Input<'a> {
         let include = self.cfg.ingest.include.clone();
         let exclude = self.cfg.ingest.exclude.clone();
         let captured = move |t: &str| (include.is_empty() || include.iter().any(|i| i == t)) && !exclude.iter().any(|e| e == t);
-        let position = Position { file: source.file.clone(), pos: source.pos, gtid: source.gtid.clone() };
+        let position = Position { file: source.file.clone(), pos: source.pos, gtid: source.gtid.clone(), gtid_set: None };
         let changed = match crate::schema::apply_ddl(&mut self.model, scope, ddl, &captured) {
             Ok(crate::schema::Applied::Tables(changed)) => changed,
             Ok(crate::schema::Applied::Nothing) => return Ok(()),

@@ -21,7 +21,7 @@ fn all(_: &str) -> bool {
 }
 
 fn pos(p: u64) -> Position {
-    Position { file: "binlog.000001".into(), pos: p, gtid: None }
+    Position { file: "binlog.000001".into(), pos: p, gtid: None, gtid_set: None }
 }
 
 #[test]

@@ -161,6 +161,9 @@ struct Cursor {
     file: String,
     pos: u64,
     last_gtid: Option<String>,
+    /// MySQL's executed GTID set through `pos` (None: the server has no GTIDs, or the
+    /// checkpoint predates them).
+    gtids: Option<crate::gtid::GtidSet>,
     /// No event read yet (the first ROTATE and a purged file are special).
     first: bool,
     /// Rows of the first transaction already sent before a split (see the module docs).
@@ -181,12 +184,13 @@ struct Cursor {
 
 impl Cursor {
     fn here(&self) -> Position {
-        Position { file: self.file.clone(), pos: self.pos, gtid: self.last_gtid.clone() }
+        Position { file: self.file.clone(), pos: self.pos, gtid: self.last_gtid.clone(), gtid_set: self.gtids.as_ref().map(|g| g.to_string()) }
     }
     /// A site transaction starts at `start_pos`.
     fn begin(&mut self, start_pos: u64) {
         self.in_txn = true;
-        self.txn_start = Position { file: self.file.clone(), pos: start_pos, gtid: self.last_gtid.clone() };
+        // The GTID set is written only if the transaction is split (`rows.rs`).
+        self.txn_start = Position { file: self.file.clone(), pos: start_pos, gtid: self.last_gtid.clone(), gtid_set: None };
         self.txn_rows_seen = 0;
     }
 }
@@ -236,6 +240,13 @@ impl<'a> Tail<'a> {
             file: position.file.clone(),
             pos: position.pos,
             last_gtid: position.gtid.clone(),
+            gtids: position.gtid_set.as_deref().and_then(|s| match crate::gtid::GtidSet::parse(s) {
+                Ok(set) => Some(set),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the checkpoint's GTID set is unreadable: checkpoints go on without one");
+                    None
+                }
+            }),
             first: true,
             resume_skip: skip_rows,
             in_txn: false,
@@ -384,13 +395,14 @@ impl<'a> Tail<'a> {
                 self.cur.begin(start_pos);
                 false
             }
-            // MySQL GTID, tagged GTID (8.4+), anonymous GTID: a transaction starts.
+            // MySQL GTID, tagged GTID (8.4+), anonymous GTID: a transaction starts. Standalone
+            // until a BEGIN says otherwise: a DDL is a GTID and its statement, with no COMMIT.
             33 | 34 | 42 => {
                 self.cur.txn_gtid = match event.read_data() {
                     Ok(Some(EventData::GtidEvent(g))) if etype != 34 => Some(mysql_gtid(&g)),
                     _ => None,
                 };
-                self.cur.standalone = false;
+                self.cur.standalone = true;
                 self.cur.begin(start_pos);
                 false
             }
@@ -456,6 +468,7 @@ impl<'a> Tail<'a> {
             if !self.cur.in_txn {
                 self.cur.begin(start_pos);
             }
+            self.cur.standalone = false;
             return Ok(false);
         }
         if t.eq_ignore_ascii_case("COMMIT") {
@@ -463,7 +476,7 @@ impl<'a> Tail<'a> {
         }
         if is_ddl(t) && (q.schema() == self.db || t.contains(&self.db)) {
             let schema = q.schema().into_owned();
-            let end = Position { file: self.cur.file.clone(), pos: event.header().log_pos() as u64, gtid: self.cur.txn_gtid.clone() };
+            let end = Position { file: self.cur.file.clone(), pos: event.header().log_pos() as u64, gtid: self.cur.txn_gtid.clone(), gtid_set: None };
             let source = Source {
                 server_id: event.header().server_id(),
                 gtid: self.cur.txn_gtid.clone(),
@@ -529,8 +542,11 @@ impl<'a> Tail<'a> {
         self.cur.in_txn = false;
         self.cur.standalone = false;
         self.cur.row_base = 0;
-        if self.cur.txn_gtid.is_some() {
-            self.cur.last_gtid = self.cur.txn_gtid.take();
+        if let Some(g) = self.cur.txn_gtid.take() {
+            if let Some(set) = &mut self.cur.gtids {
+                set.add(&g);
+            }
+            self.cur.last_gtid = Some(g);
         }
         if next_pos > 0 {
             self.cur.pos = next_pos;

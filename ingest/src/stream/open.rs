@@ -26,7 +26,18 @@ pub(super) async fn open(agent: &mut Agent, position: &Position, skip_rows: u64)
     let mut conn = connect(&agent.site).await?;
     let server_id: u32 = conn.query_first("SELECT @@server_id").await.map_err(|e| IngestError::site("reading server_id", e))?.unwrap_or(0);
     agent.server_id = server_id;
-    check_retained(&mut conn, &site, position).await?;
+    // A MySQL checkpoint whose file is gone may still resume by its GTID set.
+    let gtid_set = match check_retained(&mut conn, &site, position).await {
+        Ok(()) => None,
+        Err(IngestError::Purged(msg)) => match mysql_gtid_resume(&mut conn, agent, position, skip_rows).await? {
+            Some(set) => {
+                tracing::warn!(site = %site, file = %position.file, gtid_set = %set, "the checkpoint's binlog file is not on this server: resuming by the checkpoint's GTID set (a fail-over, or a purge of transactions the agent had read)");
+                Some(set)
+            }
+            None => return Err(IngestError::Purged(msg)),
+        },
+        Err(e) => return Err(e),
+    };
     let target: Option<(String, u64)> = {
         let row: Option<mysql_async::Row> = conn.query_first(agent.server.binlog_status_sql()).await.map_err(|e| grant_error("reading the binlog end", "REPLICATION CLIENT", e))?;
         row.and_then(|r| Some((r.get::<String, _>(0)?, r.get::<u64, _>(1)?)))
@@ -40,8 +51,9 @@ pub(super) async fn open(agent: &mut Agent, position: &Position, skip_rows: u64)
     let replica_id = 1_000_000_000u32 + (rand_u32() % 1_000_000_000);
     // Resume by GTID where a MariaDB server has GTIDs (it survives a fail-over to a replica whose
     // file names differ), else by file and position. A split transaction resumes at its start by
-    // position, since it must be re-read from its first row. MySQL resumes by file and position:
-    // its GTID protocol needs the whole executed set, which the checkpoint does not keep.
+    // position, since it must be re-read from its first row. MySQL resumes by file and position
+    // while the file is there (the path every test runs), else by the executed GTID set the
+    // checkpoint keeps (`COM_BINLOG_DUMP_GTID`).
     let server_gtids: String = if mariadb {
         conn.query_first::<Option<String>, _>("SELECT @@GLOBAL.gtid_binlog_pos")
             .await
@@ -52,22 +64,56 @@ pub(super) async fn open(agent: &mut Agent, position: &Position, skip_rows: u64)
         String::new()
     };
     let by_gtid = match (&position.gtid, skip_rows) {
+        _ if gtid_set.is_some() => gtid_set.as_ref().map(ToString::to_string),
         (Some(g), 0) if !server_gtids.is_empty() && g.split('-').count() == 3 && g.chars().all(|c| c.is_ascii_digit() || c == '-') => Some(g.clone()),
         _ => None,
     };
     let file_bytes = position.file.clone().into_bytes();
-    let req = match &by_gtid {
-        Some(gtid) => {
+    let req = match (&by_gtid, &gtid_set) {
+        (_, Some(set)) => BinlogStreamRequest::new(replica_id)
+            .with_gtid()
+            .with_gtid_set(set.sids().map_err(|e| IngestError::Checkpoint(format!("site {site}: the checkpoint's GTID set: {e}")))?)
+            .with_filename(b"")
+            .with_pos(4),
+        (Some(gtid), None) => {
             conn.query_drop(format!("SET @slave_connect_state = '{gtid}'; SET @slave_gtid_strict_mode = 0; SET @slave_gtid_ignore_duplicates = 0"))
                 .await
                 .map_err(|e| IngestError::site("setting the GTID to resume from", e))?;
             BinlogStreamRequest::new(replica_id).with_filename(b"").with_pos(4)
         }
-        None => BinlogStreamRequest::new(replica_id).with_filename(&file_bytes).with_pos(position.pos),
+        (None, None) => BinlogStreamRequest::new(replica_id).with_filename(&file_bytes).with_pos(position.pos),
     };
     let stream = conn.get_binlog_stream(req).await.map_err(|e| grant_error("requesting the binlog", "REPLICATION SLAVE", e))?;
     tracing::info!(site = %site, file = %position.file, pos = position.pos, gtid = ?by_gtid, skip_rows, "streaming the binlog");
     Ok(Opened { stream, by_gtid, target })
+}
+
+/// When a MySQL checkpoint's file is gone: its GTID set, if the server can send every
+/// transaction after it (GTIDs on, and none of those transactions purged:
+/// `GTID_SUBSET(@@gtid_purged, set)`). None: resuming is not possible (the caller's error
+/// says to take a fresh snapshot).
+async fn mysql_gtid_resume(conn: &mut mysql_async::Conn, agent: &Agent, position: &Position, skip_rows: u64) -> Result<Option<crate::gtid::GtidSet>, IngestError> {
+    let Some(text) = position.gtid_set.as_deref() else { return Ok(None) };
+    if !resumable_by_gtid_set(agent.server.detected, skip_rows, text) {
+        return Ok(None);
+    }
+    let set = crate::gtid::GtidSet::parse(text).map_err(IngestError::Checkpoint)?;
+    let mode: Option<String> = conn.query_first("SELECT @@GLOBAL.gtid_mode").await.map_err(|e| IngestError::site("reading gtid_mode", e))?;
+    if !mode.is_some_and(|m| m.eq_ignore_ascii_case("ON")) {
+        return Ok(None);
+    }
+    let subset: Option<i64> = conn
+        .exec_first("SELECT GTID_SUBSET(@@GLOBAL.gtid_purged, ?)", (set.to_string(),))
+        .await
+        .map_err(|e| IngestError::site("comparing gtid_purged with the checkpoint's GTID set", e))?;
+    Ok((subset == Some(1)).then_some(set))
+}
+
+/// A checkpoint can resume by its GTID set: a MySQL server (MariaDB's GTIDs are another
+/// protocol), a whole transaction (a split one is re-read from its first row, by position),
+/// and a non-empty set.
+pub(super) fn resumable_by_gtid_set(server: Kind, skip_rows: u64, set: &str) -> bool {
+    server == Kind::MySql && skip_rows == 0 && !set.trim().is_empty()
 }
 
 /// The checkpoint's file must still be on the server; sets the margin and retention metrics.
@@ -106,4 +152,18 @@ async fn check_retained(conn: &mut mysql_async::Conn, site: &str, position: &Pos
 fn rand_u32() -> u32 {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     (t as u32) ^ ((t >> 32) as u32) ^ std::process::id().wrapping_mul(2654435761)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_whole_mysql_transaction_with_a_set_resumes_by_it() {
+        let set = "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-40";
+        assert!(resumable_by_gtid_set(Kind::MySql, 0, set));
+        assert!(!resumable_by_gtid_set(Kind::MariaDb, 0, set), "MariaDB's GTIDs are another protocol");
+        assert!(!resumable_by_gtid_set(Kind::MySql, 3, set), "a split transaction is re-read by position");
+        assert!(!resumable_by_gtid_set(Kind::MySql, 0, " "));
+    }
 }

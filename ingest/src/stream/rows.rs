@@ -113,7 +113,8 @@ impl Tail<'_> {
     /// number of its rows read (see the module docs).
     async fn split(&mut self) -> Result<(), IngestError> {
         let cp = Checkpoint::Streaming {
-            position: self.cur.txn_start.clone(),
+            // The set before this transaction: its GTID joins only at its end.
+            position: crate::checkpoint::Position { gtid_set: self.cur.gtids.as_ref().map(|g| g.to_string()), ..self.cur.txn_start.clone() },
             skip_rows: self.cur.txn_rows_seen,
             tables: self.segs.tables.clone(),
             segments: self.segs.segments.clone(),
