@@ -7,6 +7,8 @@
 //! 4. Raw: the same number of obs-shaped rows through 1000-row multi-row prepared INSERTs into a
 //!    copy of `obs` on the same server — the ceiling — once before the sink's run and once
 //!    after it; the ratio is against their mean.
+//!    Then the same rows through `LOAD DATA LOCAL INFILE` (5,000-row files), against the
+//!    second INSERT run: which way is faster for rows new to HQ.
 //! 5. CPU seconds of this process, HQ's mariadbd and the broker during the sink run and the raw
 //!    INSERTs (from /proc), to see which side bounds the rate.
 //! 6. Latency: events produced at a steady 2,000/s for 20 s, with the site commit time set to
@@ -57,6 +59,41 @@ async fn raw_inserts(c: &mut Conn, rows: u64) -> f64 {
     let rate = written as f64 / t0.elapsed().as_secs_f64();
     eprintln!("raw INSERTs: {rate:.0} rows/s; CPU: this process {:.2} s, HQ mariadbd {:.2} s", cpu2.0 - cpu1.0, cpu2.1 - cpu1.1);
     c.query_drop("DROP TABLE bench_obs_raw").await.unwrap();
+    rate
+}
+
+/// The same rows through `LOAD DATA LOCAL INFILE` (issue #24 §3: "measure both"), 5,000 rows
+/// a statement and a transaction, the file formatted and written inside the timed loop (as the
+/// INSERTs' parameters are built inside theirs): rows/s.
+async fn raw_load_data(database: &str, rows: u64) -> f64 {
+    let dir = std::env::temp_dir().join(format!("omrs-bench-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let per = 5000u64;
+    let files: Vec<std::path::PathBuf> = (0..rows.div_ceil(per)).map(|i| dir.join(format!("obs-{i}.tsv"))).collect();
+    let opts = admin(Some(database)).local_infile_handler(Some(mysql_async::WhiteListFsHandler::new(files.clone())));
+    let mut c = Conn::new(opts).await.expect("HQ");
+    c.query_drop("DROP TABLE IF EXISTS bench_obs_raw; CREATE TABLE bench_obs_raw LIKE obs").await.unwrap();
+    let cols = "obs_id,person_id,concept_id,encounter_id,obs_datetime,location_id,value_numeric,creator,date_created,voided,uuid";
+    let t0 = Instant::now();
+    let cpu1 = cpu_now();
+    let mut id = 1u64;
+    for f in &files {
+        let mut tsv = String::with_capacity(per as usize * 120);
+        for _ in 0..per.min(rows + 1 - id) {
+            tsv.push_str(&format!("{id}\t1\t5089\t\\N\t2026-11-26 10:00:00\t1\t36.6\t1\t2026-11-26 10:00:00\t0\t{}\n", uuid::Uuid::new_v4()));
+            id += 1;
+        }
+        std::fs::write(f, tsv).unwrap();
+        c.query_drop(format!("LOAD DATA LOCAL INFILE '{}' INTO TABLE bench_obs_raw ({cols})", f.display())).await.unwrap();
+        let _ = std::fs::remove_file(f);
+    }
+    let cpu2 = cpu_now();
+    let rate = (id - 1) as f64 / t0.elapsed().as_secs_f64();
+    eprintln!("raw LOAD DATA: {rate:.0} rows/s; CPU: this process {:.2} s, HQ mariadbd {:.2} s", cpu2.0 - cpu1.0, cpu2.1 - cpu1.1);
+    let n: i64 = c.query_first("SELECT COUNT(*) FROM bench_obs_raw").await.unwrap().unwrap_or(0);
+    assert_eq!(n as u64, id - 1, "LOAD DATA loaded every row");
+    c.query_drop("DROP TABLE bench_obs_raw").await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
     rate
 }
 
@@ -140,6 +177,8 @@ async fn main() {
     let raw_after = raw_inserts(&mut c, rows).await;
     let raw_rate = (raw_before + raw_after) / 2.0;
     eprintln!("raw multi-row INSERT: {raw_before:.0} rows/s before the sink, {raw_after:.0} after; mean {raw_rate:.0} rows/s");
+    // LOAD DATA right after the second INSERT run: compared with that one, the nearest in time.
+    let load_rate = raw_load_data(database, rows).await;
 
     // Latency at a steady 2,000 events/s.
     let live = tokio::spawn({
@@ -152,6 +191,7 @@ async fn main() {
     let rate = 2000.0;
     let secs_live = 20.0;
     let start = Instant::now();
+    let live_partition = bench_common::site_partition(&producer, &topic, "site-b");
     let mut sent = 0u64;
     let mut i = 1_000_000u64;
     while start.elapsed().as_secs_f64() < secs_live {
@@ -159,7 +199,7 @@ async fn main() {
         while sent < due {
             for ev in patient("site-b", &meta, i, &mut seq, chrono::Utc::now().timestamp_millis()) {
                 let payload = ev.to_json();
-                let _ = producer.send_result(FutureRecord::to(&topic).key(&ev.key()).payload(&payload));
+                let _ = producer.send_result(FutureRecord::to(&topic).partition(live_partition).key(&ev.key()).payload(&payload));
                 sent += 1;
             }
             i += 1;
@@ -196,6 +236,8 @@ async fn main() {
     println!("BENCH hq_sink_rows_per_s {sink_rate:.0} rows/s");
     println!("BENCH hq_raw_insert_rows_per_s {raw_rate:.0} rows/s");
     println!("BENCH hq_sink_vs_raw_ratio {:.2} ratio", sink_rate / raw_rate);
+    println!("BENCH hq_raw_load_data_rows_per_s {load_rate:.0} rows/s");
+    println!("BENCH hq_load_data_vs_insert_ratio {:.2} ratio", load_rate / raw_after);
 
     println!("BENCH hq_latency_p50_at_2000_eps {p50:.3} s");
     println!("BENCH hq_latency_p99_at_2000_eps {p99:.3} s");

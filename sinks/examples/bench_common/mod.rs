@@ -8,7 +8,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use omrs_core::envelope::{ChangeEvent, Op, Source};
 use omrs_core::hq::HqEvent;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::{json, Map, Value as J};
 
 pub struct Meta {
@@ -89,13 +89,22 @@ pub async fn meta(c: &mut Conn) -> Meta {
 
 #[allow(clippy::too_many_arguments)]
 /// Produces `patients` patients' events from `site` to `topic`; returns the events sent.
+/// The partition of `omrs.hq.changes` (`topic`) the transform gives `site`'s changes.
+pub fn site_partition(producer: &FutureProducer, topic: &str, site: &str) -> i32 {
+    let n = omrs_core::kafka::topic_partitions(producer.client(), topic, Duration::from_secs(10)).map(|p| p.len() as i32).unwrap_or(1);
+    omrs_core::topics::hq_partition(site, n)
+}
+
 pub async fn prefill(producer: &FutureProducer, topic: &str, site: &str, meta: &Meta, patients: u64, first: u64, seq: &mut u64, ts: i64) -> u64 {
+    // The site's partition, as the transform routes it: a site's changes are in order in one
+    // partition (spread by key, children would arrive before their parents and wait).
+    let partition = site_partition(producer, topic, site);
     let mut rows = 0;
     for i in 0..patients {
         for ev in patient(site, meta, first + i, seq, ts) {
             let payload = ev.to_json();
             loop {
-                match producer.send_result(FutureRecord::to(topic).key(&ev.key()).payload(&payload)) {
+                match producer.send_result(FutureRecord::to(topic).partition(partition).key(&ev.key()).payload(&payload)) {
                     Ok(_) => break,
                     Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
