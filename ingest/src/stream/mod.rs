@@ -464,7 +464,8 @@ impl<'a> Tail<'a> {
         let q = event.read_event::<QueryEvent>().map_err(|e| IngestError::Binlog(format!("decoding a query event at {}:{start_pos}: {e}", self.cur.file)))?;
         let text = q.query();
         let t = text.trim();
-        if t.eq_ignore_ascii_case("BEGIN") {
+        // MySQL's XA START opens its transaction as BEGIN does (a GTID, then the statement).
+        if t.eq_ignore_ascii_case("BEGIN") || t.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("XA START")) {
             if !self.cur.in_txn {
                 self.cur.begin(start_pos);
             }
