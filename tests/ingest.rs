@@ -383,11 +383,7 @@ async fn a_user_without_reload_is_told_which_grant_the_mysql_path_needs() {
         c.query_drop(format!("GRANT LOCK TABLES ON `{}`.* TO '{user}'@'127.0.0.1'", env.database)).await.unwrap();
         let before = site_counts(&env).await;
         let writes = workload(&env, 5);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while site_counts(&env).await == before {
-            assert!(std::time::Instant::now() < deadline, "the workload wrote nothing in 60 s");
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        wait_for(60, "the workload's first writes", || (block_on(site_counts(&env)) != before).then_some(()));
         assert!(!writes.is_finished(), "the clinic is writing when the snapshot starts");
         let out = env.agent(&["--until-caught-up"]).wait_with_output().unwrap();
         let log = String::from_utf8_lossy(&out.stderr);

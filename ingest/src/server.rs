@@ -139,11 +139,16 @@ pub async fn inspect(conn: &mut Conn, flavor: Flavor) -> Result<Server, IngestEr
     Ok(server)
 }
 
+/// MySQL's "access denied" errors (1044, 1045, 1142, 1227): the user lacks a grant.
+pub fn is_grant_error(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Server(s) if matches!(s.code, 1044 | 1045 | 1142 | 1227))
+}
+
 /// A clear error for a statement the `cdc` user may not run (MySQL's 1227, 1044, 1045, 1142):
 /// which grant it needs, else the server's own error.
 pub fn grant_error(context: &str, grant: &str, e: mysql_async::Error) -> IngestError {
     if let mysql_async::Error::Server(s) = &e {
-        if matches!(s.code, 1044 | 1045 | 1142 | 1227) {
+        if is_grant_error(&e) {
             return IngestError::Refused(format!(
                 "{context}: {} (error {}). The agent's user needs {grant}: GRANT SELECT, RELOAD, REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO '<user>'@'<host>' (docs/OPERATIONS.md, \"MySQL sites\")",
                 s.message, s.code

@@ -27,7 +27,7 @@ use serde_json::Value as J;
 
 use crate::checkpoint::{Checkpoint, Position, Segment};
 use crate::convert::{scrubbed, text_value};
-use crate::server::{grant_error, Kind};
+use crate::server::{grant_error, is_grant_error, Kind};
 use crate::{connect, Agent, IngestError};
 
 type Resume = (Vec<String>, Vec<Segment>, usize, Option<i64>, u64);
@@ -189,12 +189,8 @@ fn lock_error(what: &str, grant: &str, e: mysql_async::Error) -> IngestError {
     }
 }
 
-fn is_grant_error(e: &mysql_async::Error) -> bool {
-    matches!(e, mysql_async::Error::Server(s) if matches!(s.code, 1044 | 1045 | 1142 | 1227))
-}
-
 /// The view opened and its position read, on `snap`, while commits are held by a lock.
-async fn view_and_position(snap: &mut mysql_async::Conn, server: &crate::server::Server) -> Result<(Position, Option<String>), IngestError> {
+async fn view_and_position(snap: &mut mysql_async::Conn, server: &crate::server::Server) -> Result<Position, IngestError> {
     snap.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
         .await
         .map_err(|e| IngestError::site("starting the consistent snapshot", e))?;
@@ -205,11 +201,11 @@ async fn view_and_position(snap: &mut mysql_async::Conn, server: &crate::server:
     let row = row.ok_or_else(|| IngestError::Refused("the server reports no binary log position (is log_bin on?)".into()))?;
     let file: Option<String> = row.get(0);
     let pos: Option<u64> = row.get(1);
-    // MySQL's fifth column: the executed GTID set, kept for the operator's eyes.
+    // MySQL's fifth column: the executed GTID set, read in the same statement as the position,
+    // under the lock, so the two agree.
     let gtids: Option<String> = if row.len() > 4 { row.get::<Option<String>, _>(4).flatten() } else { None };
     match (file, pos) {
         (Some(file), Some(pos)) if !file.is_empty() => {
-            // Read in the same statement as the position, under the lock: the two agree.
             let gtid_set = match gtids.as_deref().map(str::trim).filter(|g| !g.is_empty()).map(crate::gtid::GtidSet::parse) {
                 Some(Ok(set)) => Some(set.to_string()),
                 Some(Err(e)) => {
@@ -218,7 +214,7 @@ async fn view_and_position(snap: &mut mysql_async::Conn, server: &crate::server:
                 }
                 None => None,
             };
-            Ok((Position { file, pos, gtid: None, gtid_set }, gtids))
+            Ok(Position { file, pos, gtid: None, gtid_set })
         }
         _ => Err(IngestError::Refused("the server reports no binary log position (is log_bin on?)".into())),
     }
@@ -246,10 +242,10 @@ async fn mysql_view(snap: &mut mysql_async::Conn, agent: &Agent) -> Result<(Posi
     // Unlocked whatever happened; the view stays open.
     let unlocked = snap.query_drop("UNLOCK TABLES").await.map_err(|e| IngestError::site("releasing the global read lock", e));
     let held = t.elapsed();
-    let (position, gtids) = locked?;
+    let position = locked?;
     unlocked?;
     metrics().snapshot_lock_ms.with_label_values(&[site]).set(held.as_millis() as i64);
-    tracing::info!(site, held_ms = held.as_millis() as u64, file = %position.file, pos = position.pos, gtids = gtids.as_deref().unwrap_or(""), "global read lock held while the snapshot view opened");
+    tracing::info!(site, held_ms = held.as_millis() as u64, file = %position.file, pos = position.pos, gtid_set = position.gtid_set.as_deref().unwrap_or(""), "global read lock held while the snapshot view opened");
     Ok((position, None))
 }
 
@@ -287,11 +283,11 @@ async fn tables_view(snap: &mut mysql_async::Conn, agent: &Agent) -> Result<(Pos
     let locked = view_and_position(snap, server).await;
     let unlocked = lock.query_drop("UNLOCK TABLES").await.map_err(|e| IngestError::site("releasing the table locks", e));
     let held = t.elapsed();
-    let (position, gtids) = locked?;
+    let position = locked?;
     unlocked?;
     metrics().snapshot_lock_ms.with_label_values(&[site]).set(held.as_millis() as i64);
     tracing::info!(
-        site, held_ms = held.as_millis() as u64, tables = agent.model.order.len(), backup_lock = backup, file = %position.file, pos = position.pos, gtids = gtids.as_deref().unwrap_or(""),
+        site, held_ms = held.as_millis() as u64, tables = agent.model.order.len(), backup_lock = backup, file = %position.file, pos = position.pos, gtid_set = position.gtid_set.as_deref().unwrap_or(""),
         "table locks held while the snapshot view opened"
     );
     Ok((position, if backup { Some(lock) } else { let _ = lock.disconnect().await; None }))

@@ -503,7 +503,7 @@ impl<'a> Tail<'a> {
         let captured = move |t: &str| (include.is_empty() || include.iter().any(|i| i == t)) && !exclude.iter().any(|e| e == t);
         let mut next = a.model.clone();
         let scope = crate::schema::Scope { db: &self.db, default: schema };
-        let records = match crate::schema::apply_ddl(&mut next, scope, ddl, &captured) {
+        let mut records = match crate::schema::apply_ddl(&mut next, scope, ddl, &captured) {
             Ok(crate::schema::Applied::Tables(tables)) => {
                 let recs = crate::schema::settle(&mut next, &current, &tables, end, ddl);
                 metrics().schema_changes.with_label_values(&[&self.site, "applied"]).inc();
@@ -518,7 +518,6 @@ impl<'a> Tail<'a> {
                 recs
             }
         };
-        let mut records = records;
         for r in records.iter_mut().filter(|r| !r.shape.dropped) {
             // The table's indexes as the site has them now, for HQ to add the new ones.
             r.shape.indexes = Model::indexes(&mut a.query, &self.db, &r.shape.table).await?;

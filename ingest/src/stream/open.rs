@@ -63,9 +63,9 @@ pub(super) async fn open(agent: &mut Agent, position: &Position, skip_rows: u64)
     } else {
         String::new()
     };
-    let by_gtid = match (&position.gtid, skip_rows) {
-        _ if gtid_set.is_some() => gtid_set.as_ref().map(ToString::to_string),
-        (Some(g), 0) if !server_gtids.is_empty() && g.split('-').count() == 3 && g.chars().all(|c| c.is_ascii_digit() || c == '-') => Some(g.clone()),
+    let by_gtid = match (&gtid_set, &position.gtid, skip_rows) {
+        (Some(set), _, _) => Some(set.to_string()),
+        (None, Some(g), 0) if !server_gtids.is_empty() && g.split('-').count() == 3 && g.chars().all(|c| c.is_ascii_digit() || c == '-') => Some(g.clone()),
         _ => None,
     };
     let file_bytes = position.file.clone().into_bytes();

@@ -135,8 +135,9 @@ pub fn statements(shape: &TableShape, steps: &[Step], model: &Model, widened: &H
 /// The site's indexes HQ lacks, as statements. Each is a plain index at HQ even when unique at
 /// the site: HQ holds every site's rows, and a value unique within one clinic (a local
 /// identifier, a name) may repeat across clinics, so a unique index at HQ could refuse a later
-/// clinic's row; a unique index of `uuid` alone stays unique. HQ never drops an index a site dropped: an index only serves HQ's queries. A
-/// name HQ already uses for other columns gets a suffix.
+/// clinic's row; a unique index of `uuid` alone stays unique. HQ never drops an index a site
+/// dropped: an index only serves HQ's queries. A name HQ already uses for other columns gets a
+/// suffix.
 pub fn index_statements(shape: &TableShape, have: &[IndexShape]) -> Vec<String> {
     if shape.dropped {
         return Vec::new();
@@ -199,7 +200,7 @@ pub async fn evolve(conn: &mut Conn, database: &str, model: &Model, site: &str, 
                 conn.query_drop(s).await.map_err(|e| SinkError::db(format!("evolving HQ's `{}` for site {site}: {s}", shape.table), e))?;
             }
             // Indexes after columns: a new index may be on a column just added.
-            let have = Model::indexes(conn, database, &shape.table).await?;
+            let have = if shape.indexes.is_empty() { Vec::new() } else { Model::indexes(conn, database, &shape.table).await? };
             for s in index_statements(shape, &have) {
                 conn.query_drop(&s).await.map_err(|e| SinkError::db(format!("adding the site's index to HQ's `{}` for site {site}: {s}", shape.table), e))?;
                 stmts.push(s);
