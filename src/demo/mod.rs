@@ -33,8 +33,10 @@ pub use summary::{render, Summary};
 /// `omrs-stream demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Clinics to simulate (site-a, site-b, …; one MariaDB server each, ports 3311, 3312, …).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=26))]
+    /// Clinics to simulate (site-a … site-z, then site-aa, site-ab, …; one MariaDB server each,
+    /// ports 3311, 3312, … for the first 19, 3419, 3420, … from site-t on). Above 5, the agents
+    /// share one `omrs-stream ingest` process.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=MAX_SITES))]
     pub sites: u16,
     /// People in the workload plan (the seed site also keeps the dump's 100 demo patients).
     #[arg(long, default_value_t = 300)]
@@ -71,6 +73,11 @@ pub struct DemoArgs {
     /// then start the pipeline and time how long it takes to catch up (the cold replay).
     #[arg(long, conflicts_with = "offline")]
     pub backlog: bool,
+    /// With --backlog: run the pipeline without the HQ sink until the lake holds everything
+    /// (the lake's own replay rate), then start the HQ sink and let it catch up; verify as
+    /// always. The summary gives both times.
+    #[arg(long, requires = "backlog")]
+    pub lake_first: bool,
     /// Where runs keep their config, logs, lake, manifest and summary (one directory per run;
     /// `latest` points at the last one).
     #[arg(long, env = "OMRS_DEMO_STATE")]
@@ -157,8 +164,24 @@ fn parse_window(spec: &str, sites: &[String], duration: f64) -> anyhow::Result<W
 /// The demo's idle timeout: a stopped agent is given up on after this, so its backlog is late.
 const IDLE_TIMEOUT_S: u64 = 5;
 
+/// The most clinics a demo simulates (issue #24's 50-site run).
+const MAX_SITES: i64 = 50;
+
+/// The demo's clinics: site-a … site-z, then site-aa, site-ab, … (two letters from the 27th).
 fn site_names(n: u16) -> Vec<String> {
-    (0..n).map(|i| format!("site-{}", (b'a' + i as u8) as char)).collect()
+    let letter = |i: usize| (b'a' + (i % 26) as u8) as char;
+    (0..n as usize).map(|i| if i < 26 { format!("site-{}", letter(i)) } else { format!("site-{}{}", letter(i / 26 - 1), letter(i)) }).collect()
+}
+
+/// The MariaDB port of the i-th clinic: 3311 + i for site-a … site-s (deploy/mariadb/mariadb-up's
+/// own choice for them), 3400 + i from site-t on, clear of site-minimal's 3330 (the MySQL-style
+/// test server) and of instances mariadb-up numbers from 3341.
+fn site_port(i: usize) -> u16 {
+    if i < 19 {
+        3311 + i as u16
+    } else {
+        3400 + i as u16
+    }
 }
 
 /// The run's config: the local services of scripts/dev-up, the run's topic prefix, databases
@@ -189,7 +212,7 @@ password = "${{OMRS_CDC_PASSWORD:-cdc}}"
 database = "{db}"
 "#,
             priority = names.len() - i,
-            port = 3311 + i,
+            port = site_port(i),
             db = args.site_database,
         ));
     }
@@ -563,6 +586,21 @@ mod tests {
         assert_eq!(cfg.sites[11].name, "site-l");
         assert_eq!(cfg.sites[11].database.port, 3322);
         assert_eq!(cfg.transform.idle_timeout_s, IDLE_TIMEOUT_S);
+    }
+
+    #[test]
+    fn fifty_clinics_have_names_and_ports_of_their_own() {
+        let names = site_names(50);
+        assert_eq!((names[0].as_str(), names[25].as_str(), names[26].as_str(), names[27].as_str(), names[49].as_str()), ("site-a", "site-z", "site-aa", "site-ab", "site-ax"));
+        let ports: Vec<u16> = (0..50).map(site_port).collect();
+        assert_eq!((ports[0], ports[18], ports[19], ports[49]), (3311, 3329, 3419, 3449));
+        assert_eq!(names.iter().collect::<std::collections::BTreeSet<_>>().len(), 50);
+        assert_eq!(ports.iter().collect::<std::collections::BTreeSet<_>>().len(), 50);
+        assert!(!ports.contains(&3310) && !ports.contains(&3330), "HQ's and site-minimal's ports stay free");
+        // Every name is one deploy/mariadb/mariadb-up takes.
+        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')));
+        let err = <DemoArgs as clap::Args>::augment_args(clap::Command::new("demo")).try_get_matches_from(["demo", "--sites", "51"]).unwrap_err();
+        assert!(err.to_string().contains("51"), "{err}");
     }
 
     #[test]

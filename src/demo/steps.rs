@@ -35,7 +35,12 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         latency_base = d.through_snapshots(&mut hq_conn).await?;
         work = d.live().await?;
     }
-    let drain = d.drain(&mut hq_conn, work.t_end_ms).await?;
+    let (drain, lake_secs) = if args.lake_first {
+        let (drain, secs) = d.drain_lake_first(&mut hq_conn, work.t_end_ms, t_pipeline).await?;
+        (drain, Some(secs))
+    } else {
+        (d.drain(&mut hq_conn, work.t_end_ms, true).await?, None)
+    };
     let drain_secs = (now_ms() - work.t_end_ms) as f64 / 1000.0;
     let pipeline_secs = t_pipeline.elapsed().as_secs_f64();
     d.board.scrape(&d.procs, &d.sites, &d.windows).await;
@@ -69,6 +74,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         backlog: args.backlog,
         sim_rows: work.sim_rows,
         pipeline_secs,
+        lake_secs,
         total_secs: t0.elapsed().as_secs_f64(),
         drained: drain.drained,
         problems: drain.problems,
@@ -229,9 +235,11 @@ impl<'a> Demo<'a> {
         self.progress.set(format!("starting Kafka and MariaDB (hq, {}) with {}", self.sites.join(", "), script.display()));
         let log_path = self.paths.logs.join("services.log");
         let log = std::fs::File::create(&log_path).context("creating services.log")?;
+        // NAME:PORT for every clinic: the port the run's config gives it (site_port).
+        let servers: Vec<String> = self.cfg.sites.iter().map(|s| format!("{}:{}", s.name, s.database.port)).collect();
         let status = tokio::process::Command::new(&script)
             .arg("hq")
-            .args(&self.sites)
+            .args(&servers)
             .stdout(log.try_clone().context("log handle")?)
             .stderr(log)
             .status()
@@ -304,16 +312,23 @@ impl<'a> Demo<'a> {
             self.progress.step(format!("{} sites' agents in one ingest process ({GROUP_PROC})", self.grouped.len()));
         }
         self.procs.spawn("transform", &["transform".into(), "--metrics-port".into(), port.to_string()], Some(port))?;
-        let p = port + 1;
-        self.procs.spawn("sink-hq-mysql", &["sink".into(), "hq-mysql".into(), "--quiet".into(), "--metrics-port".into(), p.to_string()], Some(p))?;
+        if !self.args.lake_first {
+            self.start_hq_sink()?;
+        }
         let p = port + 2;
         self.procs.spawn("sink-parquet", &["sink".into(), "parquet".into(), "--quiet".into(), "--metrics-port".into(), p.to_string()], Some(p))?;
         self.progress.step(format!(
-            "pipeline started: {} ingest agents, transform, HQ MySQL sink, Parquet sink (logs in {})",
+            "pipeline started: {} ingest agents, transform, {}Parquet sink (logs in {})",
             self.sites.len(),
+            if self.args.lake_first { "" } else { "HQ MySQL sink, " },
             self.paths.logs.display()
         ));
         Ok(())
+    }
+
+    fn start_hq_sink(&mut self) -> anyhow::Result<()> {
+        let p = self.args.metrics_port + 1;
+        self.procs.spawn("sink-hq-mysql", &["sink".into(), "hq-mysql".into(), "--quiet".into(), "--metrics-port".into(), p.to_string()], Some(p))
     }
 
     /// Waits for every site's snapshot to come through the transform and the HQ sink, so the
@@ -435,20 +450,25 @@ impl<'a> Demo<'a> {
     /// the end, so nothing new reaches a topic after its reader was found at the end of it: the
     /// agents; the transform, at the end of the site topics (its last counts scraped first);
     /// then the sinks, at the end of omrs.hq.changes with nothing pending at HQ.
-    async fn drain(&mut self, hq_conn: &mut mysql_async::Conn, t_end_ms: i64) -> anyhow::Result<Drain> {
+    async fn drain(&mut self, hq_conn: &mut mysql_async::Conn, t_end_ms: i64, with_hq: bool) -> anyhow::Result<Drain> {
         let timeout = self.args.drain_timeout;
         let deadline = Instant::now() + Duration::from_secs(timeout);
-        let mut drained = true;
-        let mut problems: Vec<String> = Vec::new();
         if let Err(late_sites) = until_released(&mut self.procs, &mut self.board, &self.sites, &self.windows, t_end_ms, deadline, &mut self.progress, "draining").await? {
-            drained = false;
-            problems.push(format!("the pipeline did not drain within {timeout} s (sites behind: {late_sites:?})"));
+            let problems = vec![format!("the pipeline did not drain within {timeout} s (sites behind: {late_sites:?})")];
+            return Ok(Drain { drained: false, problems, lags: Vec::new(), endpoints: self.endpoints() });
         }
         let endpoints = self.endpoints();
         self.procs.stop_all("ingest-", Duration::from_secs(10)).await;
-        let mut lags = Vec::new();
-        let mut transform_running = true;
-        while drained {
+        self.drain_sinks(hq_conn, deadline, true, with_hq, endpoints).await
+    }
+
+    /// The drain's second half: the transform stopped once it has read the site topics to
+    /// their end, then the running sinks until they have read `omrs.hq.changes` to its end
+    /// (`with_hq`: the HQ sink too, with nothing pending at HQ).
+    async fn drain_sinks(&mut self, hq_conn: &mut mysql_async::Conn, deadline: Instant, mut transform_running: bool, with_hq: bool, endpoints: Vec<(String, String)>) -> anyhow::Result<Drain> {
+        let timeout = self.args.drain_timeout;
+        let mut lags;
+        loop {
             self.procs.check()?;
             lags = omrs_sinks::verify::stage_lags(&self.cfg, hq_conn, Some(&self.paths.lake)).await?;
             let pending: i64 = hq_conn.query_first("SELECT COUNT(*) FROM omrs_sync_pending").await.context("counting pending rows at HQ")?.unwrap_or(0);
@@ -458,19 +478,38 @@ impl<'a> Demo<'a> {
                 transform_running = false;
                 continue;
             }
-            let busy: Vec<String> = lags.iter().filter(|l| l.messages != Some(0)).map(|l| format!("{} {}", l.stage, l.messages.map(|m| m.to_string()).unwrap_or("-".into()))).collect();
-            if !transform_running && busy.is_empty() && pending == 0 {
-                break;
+            let busy: Vec<String> = lags
+                .iter()
+                .filter(|l| with_hq || l.stage != "hq_mysql")
+                .filter(|l| l.messages != Some(0))
+                .map(|l| format!("{} {}", l.stage, l.messages.map(|m| m.to_string()).unwrap_or("-".into())))
+                .collect();
+            if !transform_running && busy.is_empty() && (pending == 0 || !with_hq) {
+                return Ok(Drain { drained: true, problems: Vec::new(), lags, endpoints });
             }
             if Instant::now() >= deadline {
-                drained = false;
-                problems.push(format!("the sinks did not drain within {timeout} s ({pending} pending at HQ; behind: {busy:?})"));
-                break;
+                let problems = vec![format!("the sinks did not drain within {timeout} s ({pending} pending at HQ; behind: {busy:?})")];
+                return Ok(Drain { drained: false, problems, lags, endpoints });
             }
             self.progress.set(format!("draining the sinks: {} · behind: {} · {pending} pending at HQ", self.board.line(), busy.join(", ")));
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        Ok(Drain { drained, problems, lags, endpoints })
+    }
+
+    /// `--lake-first`: the drain with the HQ sink off until the lake holds everything (the
+    /// lake's own replay time), then the HQ sink started and drained. Returns the drain and the
+    /// seconds from `t_pipeline` to the lake's end.
+    async fn drain_lake_first(&mut self, hq_conn: &mut mysql_async::Conn, t_end_ms: i64, t_pipeline: Instant) -> anyhow::Result<(Drain, f64)> {
+        let lake = self.drain(hq_conn, t_end_ms, false).await?;
+        let lake_secs = t_pipeline.elapsed().as_secs_f64();
+        if !lake.drained {
+            return Ok((lake, lake_secs));
+        }
+        self.progress.step(format!("the lake holds everything {lake_secs:.1} s into the pipeline (HQ sink off); the HQ sink starts"));
+        self.start_hq_sink()?;
+        let deadline = Instant::now() + Duration::from_secs(self.args.drain_timeout);
+        let endpoints = self.endpoints();
+        Ok((self.drain_sinks(hq_conn, deadline, false, true, endpoints).await?, lake_secs))
     }
 
     /// Every stage's metrics endpoint, for the summary.

@@ -27,6 +27,9 @@ pub struct Facts {
     pub backlog: bool,
     pub sim_rows: u64,
     pub pipeline_secs: f64,
+    /// `--lake-first`: seconds from starting the pipeline until the lake held everything, the
+    /// HQ sink off.
+    pub lake_secs: Option<f64>,
     pub total_secs: f64,
     pub drained: bool,
     pub problems: Vec<String>,
@@ -112,6 +115,10 @@ pub struct Summary {
     pub pipeline_seconds: f64,
     /// Change events captured per second of pipeline time.
     pub throughput_events_per_s: f64,
+    /// `--lake-first`: seconds from starting the pipeline until the lake held everything with
+    /// the HQ sink off, and the events captured per second of it (the lake alone, end to end).
+    pub lake_only_seconds: Option<f64>,
+    pub lake_only_events_per_s: Option<f64>,
     pub e2e_latency_p50_s: Option<f64>,
     pub e2e_latency_p99_s: Option<f64>,
     pub e2e_latency_observations: u64,
@@ -270,6 +277,8 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         lake_rows_written: prom::sum(&f.parquet, m::LAKE_ROWS_WRITTEN, &[]) as u64,
         pipeline_seconds: f.pipeline_secs,
         throughput_events_per_s: captured / f.pipeline_secs.max(0.001),
+        lake_only_seconds: f.lake_secs,
+        lake_only_events_per_s: f.lake_secs.map(|l| captured / l.max(0.001)),
         e2e_latency_p50_s: prom::quantile(&latency, m::HQ_E2E_LATENCY, 0.5),
         e2e_latency_p99_s: prom::quantile(&latency, m::HQ_E2E_LATENCY, 0.99),
         e2e_latency_observations: e2e_count,
@@ -333,6 +342,9 @@ pub fn render(s: &Summary) -> String {
     o.push_str("\npipeline\n");
     o.push_str(&format!("  events captured       {} ({} row changes written during the workload; the rest is the snapshot)\n", fmt_n(s.events_captured as f64), fmt_n(s.row_changes_written as f64)));
     o.push_str(&format!("  throughput            {:.0} events/s over {:.1} s of pipeline time\n", s.throughput_events_per_s, s.pipeline_seconds));
+    if let (Some(secs), Some(rate)) = (s.lake_only_seconds, s.lake_only_events_per_s) {
+        o.push_str(&format!("  the lake alone        {rate:.0} events/s: every event in the lake {secs:.1} s into the pipeline, the HQ sink off (--lake-first); HQ after it\n"));
+    }
     if s.mode == "live" {
         o.push_str(&format!("  end-to-end latency    p50 {} · p99 {} (site commit → HQ commit, {} rows of the live workload)\n", secs(s.e2e_latency_p50_s), secs(s.e2e_latency_p99_s), fmt_n(s.e2e_latency_observations as f64)));
         o.push_str(&format!("  to the lake           p50 {} · p99 {} (site commit → the lake's commit of the change, {} site transactions)\n", secs(s.lake_latency_p50_s), secs(s.lake_latency_p99_s), fmt_n(s.lake_latency_observations as f64)));
