@@ -240,8 +240,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => {
             let cfg = Config::load(&cli.config)?;
+            for url in &args.metrics {
+                omrs_core::prom::split_url(url).context("--metrics")?;
+            }
             loop {
-                let s = omrs_sinks::status::status(&cfg, args.lake.as_deref()).await;
+                let s = omrs_sinks::status::status(&cfg, args.lake.as_deref(), &args.metrics).await;
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&s)?);
                 } else {

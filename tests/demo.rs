@@ -470,3 +470,85 @@ async fn ctrl_c_stops_every_stage() {
     }
     admin(3310, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
 }
+
+/// `omrs-stream status` on a running 5-clinic demo while one clinic's agent is stopped (issue
+/// #27): that clinic offline since its last record, its agent's endpoint named as unreachable,
+/// the other four live with their agents running, their watermarks seconds behind and their
+/// servers' binlog retention (mariadb-up sets `expire_logs_days=14`) read from the agents.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_sees_a_five_clinic_demo_with_one_clinic_offline() {
+    let tag = unique("demostat");
+    let state = tempfile::tempdir().unwrap();
+    let site_db = format!("openmrs_{tag}");
+    let hq_db = format!("openmrs_hq_{tag}");
+    let base = 20464u16;
+    let out_path = state.path().join("demo.out");
+    let mut demo = bin()
+        .args(["demo", "--sites", "5", "--patients", "40", "--duration", "70", "--rate", "100", "--offline", "site-c:5:50", "--metrics-port", &base.to_string(), "--quiet"])
+        .args(["--site-database", &site_db, "--hq-database", &hq_db])
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("OMRS_DEMO_DUMP", dump())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let config = state.path().join("latest").join("omrs-stream.toml");
+    let mut urls: Vec<String> = (0..5).map(|i| format!("http://127.0.0.1:{}/metrics", base + 3 + i)).collect();
+    urls.push(format!("http://127.0.0.1:{base}/metrics"));
+    let status = || -> Option<J> {
+        let mut c = bin();
+        c.arg("--config").arg(&config).args(["status", "--json"]);
+        for u in &urls {
+            c.args(["--metrics", u]);
+        }
+        serde_json::from_slice(&c.output().ok()?.stdout).ok()
+    };
+    let site = |s: &J, name: &str| s["sites"].as_array().unwrap().iter().find(|x| x["site"] == name).cloned().unwrap();
+    // While site-c's agent is stopped: its records stop, and after the transform's idle time
+    // (5 s in the demo) status calls it offline; the others keep heartbeating.
+    let s = wait_for_or(300, "status to show site-c offline and the other four live", || format!("{:?}", status()), || {
+        assert!(demo.try_wait().unwrap().is_none(), "the demo ended before its offline window was seen");
+        let s = status()?;
+        let live = ["site-a", "site-b", "site-d", "site-e"].iter().all(|n| site(&s, n)["state"] == "live" && site(&s, n)["agent"] == "running");
+        (site(&s, "site-c")["state"] == "offline" && live).then_some(s)
+    });
+    let c = site(&s, "site-c");
+    assert!(c["last_heard_age_s"].as_i64().unwrap() >= 5, "{c}");
+    assert_eq!(c["offline_since"], c["last_heard"], "{c}");
+    assert_eq!(c["agent"], J::Null, "site-c's agent is stopped, so no endpoint reports it: {c}");
+    assert!(c["watermark_delay_s"].as_i64().unwrap() >= 5, "site-c's watermark stands still: {c}");
+    let problems: Vec<&str> = s["problems"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert!(problems.iter().any(|p| p.starts_with("site-c offline since")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains(&format!("127.0.0.1:{}", base + 3 + 2))), "site-c's agent endpoint is named as unreachable: {problems:?}");
+    assert!(!problems.iter().any(|p| ["site-a", "site-b", "site-d", "site-e"].iter().any(|n| p.starts_with(n))), "{problems:?}");
+    for n in ["site-a", "site-b", "site-d", "site-e"] {
+        let x = site(&s, n);
+        assert_eq!(x["binlog_retention_s"], J::from(14 * 86_400), "{x}");
+        let margin = x["retention_margin_s"].as_i64().unwrap();
+        assert!((14 * 86_400 - 60..=14 * 86_400).contains(&margin), "{x}");
+        assert!(x["watermark_delay_s"].as_i64().unwrap() < 30, "{x}");
+        assert!(x["captured"].as_i64().unwrap() > 0 && x["hq_behind"].is_i64(), "{x}");
+        assert!(x["binlog_margin_files"].is_i64(), "{x}");
+    }
+    let stages: Vec<&str> = s["stages"].as_array().unwrap().iter().map(|x| x["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["transform", "hq_mysql"]);
+    // The text form has a row per clinic.
+    let mut c = bin();
+    c.arg("--config").arg(&config).arg("status");
+    let text = String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned();
+    assert_eq!(text.lines().filter(|l| l.starts_with("site-")).count(), 5, "{text}");
+    assert!(text.lines().any(|l| l.starts_with("site-c") && l.contains("offline")), "{text}");
+    // A bad endpoint is refused before anything connects.
+    let out = bin().arg("--config").arg(&config).args(["status", "--metrics", "127.0.0.1:9"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("http://HOST:PORT"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The demo goes on to its end and verifies.
+    let out = wait_for(600, "the demo to finish", || demo.try_wait().unwrap());
+    let stdout = std::fs::read_to_string(&out_path).unwrap();
+    assert!(out.success() && stdout.contains("verify: OK"), "{stdout}");
+    for port in [3311, 3312, 3313, 3314, 3315] {
+        admin(port, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{site_db}`")).await.unwrap();
+    }
+    admin(3310, None).await.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
+}

@@ -52,6 +52,9 @@ pub enum CoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Another stage's metrics endpoint could not be read (`omrs-stream status`).
+    #[error("metrics endpoint {url}: {message}")]
+    Scrape { url: String, message: String },
 }
 
 impl CoreError {
@@ -59,7 +62,7 @@ impl CoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             CoreError::Kafka { transient, .. } => *transient,
-            CoreError::Metrics { .. } => true,
+            CoreError::Metrics { .. } | CoreError::Scrape { .. } => true,
             CoreError::Db { source, .. } => is_transient_db(source),
             CoreError::ConfigRead { .. }
             | CoreError::Config { .. }

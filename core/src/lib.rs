@@ -32,6 +32,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod openmrs;
+pub mod prom;
 pub mod runtime;
 pub mod shape;
 pub mod stop;

@@ -2,8 +2,10 @@
 //! (issue #27 §3). It reads Kafka (each clinic's topic: how much it captured and when it was
 //! last heard from; the transform's position on it; the dead letters) and HQ (rows waiting for
 //! a parent, open identity reviews, the HQ sink's position), and the lake's manifest when
-//! given. It needs no clinic to be reachable, and says what it could not read instead of
-//! failing. It writes nothing.
+//! given. With `--metrics`, it also reads the stages' metrics endpoints: each clinic's agent
+//! (running or stopped, binlog files left behind its position, the server's retention) and the
+//! transform (each clinic's watermark). It needs no clinic to be reachable, and says what it
+//! could not read instead of failing. It writes nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,7 +18,10 @@ use rdkafka::Message;
 use serde::Serialize;
 use serde_json::Value as J;
 
-use crate::verify::{committed_reader, reached, records_after, records_after_all, transform_positions};
+use omrs_core::metrics as m;
+use omrs_core::prom::Sample;
+
+use crate::verify::{committed_reader, reached, records_after, records_after_all, records_after_in, transform_positions};
 use crate::SinkError;
 
 /// Differences of offsets above this are shown as they are, not counted record by record.
@@ -33,6 +38,12 @@ pub struct StatusArgs {
     /// Refresh every this many seconds until interrupted.
     #[arg(long, value_name = "SECONDS")]
     pub watch: Option<u64>,
+    /// A stage's metrics endpoint to read too (repeatable), e.g. `--metrics
+    /// http://127.0.0.1:9467/metrics`: an agent's gives its clinics' connection and binlog
+    /// margin, the transform's each clinic's watermark delay. One ingest process that runs
+    /// every clinic (`--all-sites`) is one endpoint.
+    #[arg(long = "metrics", value_name = "URL")]
+    pub metrics: Vec<String>,
 }
 
 /// One clinic.
@@ -56,6 +67,23 @@ pub struct SiteStatus {
     pub dead_letters: i64,
     /// Open identity reviews raised by its data.
     pub open_reviews: i64,
+    /// When it went quiet (its last record), for a clinic `offline`, UTC.
+    pub offline_since: Option<String>,
+    /// Records of its partition of `omrs.hq.changes` HQ has not applied (None: HQ has stored
+    /// no position). Clinics that share a partition show the partition's figure.
+    pub hq_behind: Option<i64>,
+    /// From the agents' metrics (`--metrics`; None when no endpoint reports the clinic): its
+    /// agent `running` or `stopped`, the binlog files the server still keeps behind the agent's
+    /// position, and the server's binlog retention in seconds (0: never purged).
+    pub agent: Option<String>,
+    pub binlog_margin_files: Option<i64>,
+    pub binlog_retention_s: Option<i64>,
+    /// The retention less the time since the clinic was last heard from: how long until its
+    /// server may purge a binlog the agent has not read (None: no retention known, or never
+    /// purged).
+    pub retention_margin_s: Option<i64>,
+    /// From the transform's metrics: now minus the clinic's watermark, in seconds.
+    pub watermark_delay_s: Option<i64>,
 }
 
 /// One stage that is not a clinic's.
@@ -142,7 +170,7 @@ async fn hq_counts(cfg: &Config) -> Result<HqCounts, SinkError> {
 }
 
 /// The status now.
-pub async fn status(cfg: &Config, lake: Option<&std::path::Path>) -> Status {
+pub async fn status(cfg: &Config, lake: Option<&std::path::Path>, metrics: &[String]) -> Status {
     let now = omrs_core::clock::now_ms();
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let mut problems = Vec::new();
@@ -169,6 +197,17 @@ pub async fn status(cfg: &Config, lake: Option<&std::path::Path>) -> Status {
         cfg.sites.iter().map(|s| (s.name.clone(), names.cdc(&s.name), None)).collect()
     });
     let idle_ms = cfg.transform.idle_timeout_s as i64 * 1000;
+    let hq_partitions = committed_reader(cfg)
+        .and_then(|c| omrs_core::kafka::topic_partitions(c.client(), &names.hq_changes(), Duration::from_secs(10)).map_err(|e| SinkError::kafka("reading the metadata of omrs.hq.changes", e)))
+        .map(|p| p.len() as i32)
+        .unwrap_or(1);
+    let mut scraped = Vec::new();
+    for url in metrics {
+        match omrs_core::prom::scrape_url(url).await {
+            Ok(samples) => scraped.extend(samples),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
     let mut sites = Vec::new();
     let mut broker = "reachable".to_string();
     for (site, topic, committed) in positions {
@@ -188,7 +227,17 @@ pub async fn status(cfg: &Config, lake: Option<&std::path::Path>) -> Status {
             Some(_) => "offline",
         };
         let (pending, oldest, reviews) = hq.get(&site).copied().unwrap_or_default();
+        let partition = omrs_core::topics::hq_partition(&site, hq_partitions);
+        let hq_behind = hq_stored.as_ref().and_then(|s| records_after_in(cfg, &names.hq_changes(), partition, Some(s.get(&partition).copied().unwrap_or(0)), false, Some(EXACT_UP_TO)).ok().flatten());
+        let from = Scraped::of(&scraped, &site, now);
         sites.push(SiteStatus {
+            offline_since: if state == "offline" { last.map(utc) } else { None },
+            hq_behind,
+            agent: from.agent,
+            binlog_margin_files: from.margin,
+            binlog_retention_s: from.retention,
+            retention_margin_s: from.retention.filter(|r| *r > 0).map(|r| r - age.unwrap_or(0)),
+            watermark_delay_s: from.watermark_delay,
             state: state.into(),
             last_heard: last.map(utc),
             last_heard_age_s: age,
@@ -202,15 +251,53 @@ pub async fn status(cfg: &Config, lake: Option<&std::path::Path>) -> Status {
         });
     }
     let hq_topic = names.hq_changes();
-    let mut stages = vec![StageStatus { stage: "hq_mysql".into(), topic: hq_topic.clone(), behind: records_after_all(cfg, &hq_topic, hq_stored.as_ref(), Some(EXACT_UP_TO)).unwrap_or(None) }];
+    let transform_behind = sites.iter().filter_map(|s| s.transform_behind).reduce(|a, b| a + b);
+    let mut stages = vec![
+        StageStatus { stage: "transform".into(), topic: format!("{}*", names.cdc_prefix()), behind: transform_behind },
+        StageStatus { stage: "hq_mysql".into(), topic: hq_topic.clone(), behind: records_after_all(cfg, &hq_topic, hq_stored.as_ref(), Some(EXACT_UP_TO)).unwrap_or(None) },
+    ];
     if let Some(root) = lake {
         let stored = crate::parquet::lake::Lake::new(root).read_manifest().ok().map(|(s, _)| s.offsets).filter(|o| !o.is_empty());
         stages.push(StageStatus { stage: "parquet".into(), topic: hq_topic.clone(), behind: records_after_all(cfg, &hq_topic, stored.as_ref(), Some(EXACT_UP_TO)).unwrap_or(None) });
     }
     for s in sites.iter().filter(|s| s.state == "offline") {
-        problems.push(format!("{} offline: last heard {} ({} ago)", s.site, s.last_heard.clone().unwrap_or_default(), age_text(s.last_heard_age_s)));
+        problems.push(format!("{} offline since {} ({} ago)", s.site, s.offline_since.clone().unwrap_or_default(), age_text(s.last_heard_age_s)));
+        if let (Some(left), Some(ret)) = (s.retention_margin_s, s.binlog_retention_s) {
+            if left < ret / 2 {
+                problems.push(format!("{}: silent for more than half its binlog retention; its server may purge unread binlogs in {}", s.site, age_text(Some(left.max(0)))));
+            }
+        }
     }
     Status { at: utc(now), broker, sites, stages, other_dead_letters: dead.values().sum(), problems }
+}
+
+/// What the scraped metrics say of one clinic.
+#[derive(Default)]
+struct Scraped {
+    agent: Option<String>,
+    margin: Option<i64>,
+    retention: Option<i64>,
+    watermark_delay: Option<i64>,
+}
+
+impl Scraped {
+    fn of(samples: &[Sample], site: &str, now_ms: i64) -> Scraped {
+        let get = |name: &str| samples.iter().find(|x| x.name == name && x.label("site") == Some(site)).map(|x| x.value);
+        let margin = get(m::INGEST_BINLOG_MARGIN);
+        // A multi-site process says whether each clinic's agent runs; a one-clinic agent that
+        // answers and reports the clinic's binlog is running.
+        let agent = match get(m::INGEST_SITE_RUNNING) {
+            Some(v) if v >= 1.0 => Some("running".to_string()),
+            Some(_) => Some("stopped".to_string()),
+            None => margin.or(get(m::INGEST_POSITION)).map(|_| "running".to_string()),
+        };
+        Scraped {
+            agent,
+            margin: margin.map(|v| v as i64),
+            retention: get(m::INGEST_BINLOG_RETENTION).map(|v| v as i64),
+            watermark_delay: get(m::SITE_WATERMARK).filter(|w| *w > 0.0).map(|w| ((now_ms - w as i64) / 1000).max(0)),
+        }
+    }
 }
 
 /// `90 s`, `12 min`, `3.5 h`, `2.1 d`.
@@ -232,24 +319,37 @@ fn count_text(n: Option<i64>) -> String {
 pub fn render(s: &Status) -> String {
     let mut out = format!("omrs-stream status at {} UTC (broker {})\n\n", s.at, s.broker);
     out.push_str(&format!(
-        "{:<16} {:<12} {:>10} {:>10} {:>12} {:>9} {:>9} {:>6} {:>7}\n",
-        "clinic", "state", "last heard", "captured", "to transform", "pending", "oldest", "dead", "reviews"
+        "{:<12} {:<11} {:>10} {:>10} {:>9} {:>7} {:>8} {:>7} {:>7} {:>5} {:>7} {:>8} {:>11}\n",
+        "clinic", "state", "last heard", "captured", "to trans.", "to HQ", "wm delay", "pending", "oldest", "dead", "reviews", "agent", "retention"
     ));
     for r in &s.sites {
+        let binlog = match (r.binlog_retention_s, r.retention_margin_s) {
+            (Some(0), _) => "never purged".to_string(),
+            (_, Some(left)) => age_text(Some(left.max(0))),
+            _ => "-".into(),
+        };
         out.push_str(&format!(
-            "{:<16} {:<12} {:>10} {:>10} {:>12} {:>9} {:>9} {:>6} {:>7}\n",
+            "{:<12} {:<11} {:>10} {:>10} {:>9} {:>7} {:>8} {:>7} {:>7} {:>5} {:>7} {:>8} {:>11}\n",
             r.site,
             r.state,
             age_text(r.last_heard_age_s),
             r.captured,
             count_text(r.transform_behind),
+            count_text(r.hq_behind),
+            age_text(r.watermark_delay_s),
             r.pending_at_hq,
             age_text(r.oldest_pending_age_s),
             r.dead_letters,
-            r.open_reviews
+            r.open_reviews,
+            r.agent.as_deref().unwrap_or("-"),
+            binlog
         ));
     }
-    out.push_str("\n(last heard: age of the clinic's last change or heartbeat; to transform: its records the transform has yet to take; pending: rows waiting at HQ for a parent; reviews: open identity reviews)\n\n");
+    out.push_str(
+        "\n(last heard: age of the clinic's last change or heartbeat; to trans. / to HQ: its records the transform has yet to take / HQ has yet to apply; \
+wm delay: now minus its watermark; pending: rows waiting at HQ for a parent; reviews: open identity reviews; agent, retention: from --metrics, \
+its agent, and how long until its server may purge a binlog the agent has not read)\n\n",
+    );
     for st in &s.stages {
         out.push_str(&format!("{:<10} {} records behind on {}\n", st.stage, count_text(st.behind), st.topic));
     }
@@ -278,5 +378,25 @@ mod tests {
         let none = serde_json::json!({"topic": "x.omrs.hq.changes", "payload_text": null});
         assert_eq!(dead_letter_site(&none, "x.omrs.cdc."), None);
         assert_eq!((age_text(Some(59)), age_text(Some(600)), age_text(Some(36_000)), age_text(None)), ("59 s".into(), "10 min".into(), "10.0 h".into(), "-".into()));
+    }
+
+    #[test]
+    fn the_stages_metrics_say_whose_agent_runs_and_how_far_each_watermark_is() {
+        let page = "omrs_stream_ingest_site_running{site=\"site-a\"} 1\n\
+                    omrs_stream_ingest_site_running{site=\"site-b\"} 0\n\
+                    omrs_stream_ingest_binlog_margin_files{site=\"site-a\"} 3\n\
+                    omrs_stream_ingest_binlog_retention_seconds{site=\"site-a\"} 1209600\n\
+                    omrs_stream_ingest_binlog_position{file=\"binlog.000002\",site=\"site-d\"} 4\n\
+                    omrs_stream_site_watermark_ms{site=\"site-a\"} 1000000\n\
+                    omrs_stream_site_watermark_ms{site=\"site-b\"} 0\n";
+        let samples = omrs_core::prom::parse(page);
+        let a = Scraped::of(&samples, "site-a", 1_030_500);
+        assert_eq!((a.agent.as_deref(), a.margin, a.retention, a.watermark_delay), (Some("running"), Some(3), Some(1_209_600), Some(30)));
+        let b = Scraped::of(&samples, "site-b", 1_030_500);
+        assert_eq!((b.agent.as_deref(), b.watermark_delay), (Some("stopped"), None), "a zero watermark is none yet");
+        // A one-clinic agent has no running gauge: it answers and reports its clinic.
+        assert_eq!(Scraped::of(&samples, "site-d", 0).agent.as_deref(), Some("running"));
+        let c = Scraped::of(&samples, "site-c", 0);
+        assert_eq!((c.agent, c.margin, c.retention, c.watermark_delay), (None, None, None, None));
     }
 }

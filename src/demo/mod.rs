@@ -14,7 +14,7 @@
 
 mod probe;
 mod procs;
-pub mod prom;
+pub use omrs_core::prom;
 mod steps;
 mod summary;
 

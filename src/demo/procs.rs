@@ -26,6 +26,8 @@ pub struct Procs {
     pub running: Vec<Proc>,
     /// The peak resident set (MB) of each stage stopped so far, the largest of its runs.
     peaks: std::collections::BTreeMap<String, f64>,
+    /// The CPU seconds (user + system) of each stage stopped so far, summed over its runs.
+    cpu_done: std::collections::BTreeMap<String, f64>,
 }
 
 /// The last `n` lines of a log, for error messages.
@@ -40,6 +42,34 @@ fn note(peaks: &mut std::collections::BTreeMap<String, f64>, p: &Proc) {
     let Some(mb) = p.child.id().and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok()).and_then(|s| vm_hwm_kb(&s)).map(|kb| kb as f64 / 1024.0) else { return };
     let at = peaks.entry(p.name.clone()).or_insert(mb);
     *at = at.max(mb);
+}
+
+/// The CPU seconds (user + system) `p` has used so far.
+fn cpu_of(p: &Proc) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.child.id()?)).ok()?;
+    let ticks = cpu_ticks(&stat)?;
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
+}
+
+/// utime + stime (clock ticks) of a `/proc/<pid>/stat` line. The command name, in parentheses,
+/// may hold spaces: the fields are counted after its closing parenthesis (state is the first,
+/// utime the twelfth, stime the thirteenth).
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Busy and total clock ticks of the whole machine (the `cpu` line of `/proc/stat`; idle and
+/// iowait are not busy).
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3)? + f.get(4)?;
+    Some((total - idle, total))
 }
 
 /// `VmHWM` (kB) of a `/proc/<pid>/status` text: the process's peak resident set.
@@ -59,7 +89,7 @@ fn signal(pid: Option<u32>, sig: i32) {
 
 impl Procs {
     pub fn new(exe: PathBuf, config: PathBuf, topics: PathBuf, logs: PathBuf) -> Procs {
-        Procs { exe, config, topics, logs, running: Vec::new(), peaks: Default::default() }
+        Procs { exe, config, topics, logs, running: Vec::new(), peaks: Default::default(), cpu_done: Default::default() }
     }
 
     /// The peak resident set (VmHWM, MB) of every stage, by name: of the stages stopped, read
@@ -71,6 +101,21 @@ impl Procs {
             note(&mut out, p);
         }
         out
+    }
+
+    /// The CPU seconds of every stage, by name: of its runs stopped, and of the one running.
+    pub fn cpu_seconds(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut out = self.cpu_done.clone();
+        for p in &self.running {
+            *out.entry(p.name.clone()).or_default() += cpu_of(p).unwrap_or(0.0);
+        }
+        out
+    }
+
+    /// Notes a stage's peak resident set and CPU time as it stops.
+    fn noted(&mut self, p: &Proc) {
+        note(&mut self.peaks, p);
+        *self.cpu_done.entry(p.name.clone()).or_default() += cpu_of(p).unwrap_or(0.0);
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {
@@ -133,7 +178,7 @@ impl Procs {
     pub async fn stop(&mut self, name: &str, grace: Duration) {
         let Some(i) = self.running.iter().position(|p| p.name == name) else { return };
         let mut p = self.running.remove(i);
-        note(&mut self.peaks, &p);
+        self.noted(&p);
         signal(p.child.id(), libc::SIGTERM);
         if tokio::time::timeout(grace, p.child.wait()).await.is_err() {
             tracing::warn!(process = name, "did not stop on SIGTERM; killing it");
@@ -146,7 +191,7 @@ impl Procs {
         let (stop, keep): (Vec<Proc>, Vec<Proc>) = std::mem::take(&mut self.running).into_iter().partition(|p| p.name.starts_with(prefix));
         self.running = keep;
         for p in &stop {
-            note(&mut self.peaks, p);
+            self.noted(p);
             signal(p.child.id(), libc::SIGTERM);
         }
         for mut p in stop {
@@ -182,6 +227,15 @@ impl Drop for Procs {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cpu_time_is_read_from_proc_stat() {
+        let stat = "4242 (omrs stream) S 1 4242 4242 0 -1 4194304 100 0 0 0 1500 250 0 0 20 0 9 0 1234 5678 90 0";
+        assert_eq!(super::cpu_ticks(stat), Some(1750));
+        assert_eq!(super::cpu_ticks("garbage"), None);
+        let (busy, total) = super::machine_ticks().unwrap();
+        assert!(busy <= total && total > 0);
+    }
+
     #[test]
     fn peak_rss_is_read_from_proc_status() {
         assert_eq!(super::vm_hwm_kb("Name:\tomrs-stream\nVmPeak:\t  900 kB\nVmHWM:\t  123456 kB\nVmRSS:\t 1000 kB\n"), Some(123_456));

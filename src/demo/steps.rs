@@ -29,6 +29,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     }
     let mut hq_conn = mysql_async::Conn::new(omrs_sinks::mysql_opts(&d.cfg.hq.database)).await.context("connecting to HQ")?;
     let t_pipeline = Instant::now();
+    let machine_before = procs::machine_ticks();
     d.start_pipeline()?;
     let mut latency_base: (Vec<prom::Sample>, Vec<prom::Sample>) = Default::default();
     if !args.backlog {
@@ -43,9 +44,11 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     };
     let drain_secs = (now_ms() - work.t_end_ms) as f64 / 1000.0;
     let pipeline_secs = t_pipeline.elapsed().as_secs_f64();
+    let machine_busy = machine_before.zip(procs::machine_ticks()).map(|((b0, t0), (b1, t1))| (b1 - b0) as f64 / (t1 - t0).max(1) as f64);
     d.board.scrape(&d.procs, &d.sites, &d.windows).await;
     d.procs.stop_all("", Duration::from_secs(15)).await;
     let peak_rss_mb = d.procs.peak_rss_mb();
+    let cpu_seconds = d.procs.cpu_seconds();
     d.progress.step(format!("drained in {drain_secs:.1} s after the workload{}", if drain.drained { "" } else { " (NOT complete)" }));
 
     // Compaction and verify.
@@ -87,6 +90,8 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         latency_base,
         probe: work.probe,
         peak_rss_mb,
+        cpu_seconds,
+        machine_busy,
         drain_secs,
     };
     summary::build(&d.cfg, facts, &mut hq_conn, verify).await

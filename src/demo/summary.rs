@@ -46,6 +46,9 @@ pub struct Facts {
     pub probe: Option<(String, super::probe::ProbeFigures)>,
     /// Each stage's peak resident set (MB), read at the end of the drain.
     pub peak_rss_mb: BTreeMap<String, f64>,
+    /// Each stage's CPU seconds, and the machine's busy fraction (all cores) over the pipeline.
+    pub cpu_seconds: BTreeMap<String, f64>,
+    pub machine_busy: Option<f64>,
     /// Seconds from the end of the workload until every stage had read to the end.
     pub drain_secs: f64,
 }
@@ -136,6 +139,11 @@ pub struct Summary {
     /// Each stage's peak resident set (MB; VmHWM at the end of the drain): agents that stopped
     /// for an offline window count from their last start.
     pub peak_rss_mb: BTreeMap<String, f64>,
+    /// Each stage's CPU seconds (user + system, summed over its runs) until the end of the
+    /// drain, and the fraction of the machine's cores busy over the pipeline's time (the
+    /// MariaDB servers and the broker included): where a replay's time goes.
+    pub cpu_seconds: BTreeMap<String, f64>,
+    pub machine_cpu_busy: Option<f64>,
     pub drained: bool,
     /// Seconds from the end of the workload (or of the backlog's writing) until every stage
     /// had read to the end.
@@ -296,6 +304,8 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         probe_site: f.probe.as_ref().map(|(site, _)| site.clone()),
         probe_hq: f.probe.map(|(_, figures)| figures),
         peak_rss_mb: f.peak_rss_mb,
+        cpu_seconds: f.cpu_seconds.iter().map(|(n, s)| (n.clone(), (s * 10.0).round() / 10.0)).collect(),
+        machine_cpu_busy: f.machine_busy.map(|b| (b * 100.0).round() / 100.0),
         drained: f.drained,
         drain_seconds: f.drain_secs,
         verify_ok,
@@ -380,6 +390,11 @@ pub fn render(s: &Summary) -> String {
     if !s.peak_rss_mb.is_empty() {
         let rss: Vec<String> = s.peak_rss_mb.iter().map(|(n, mb)| format!("{n} {mb:.0} MB")).collect();
         o.push_str(&format!("  peak memory (RSS)     {}\n", rss.join(", ")));
+    }
+    if !s.cpu_seconds.is_empty() {
+        let cpu: Vec<String> = s.cpu_seconds.iter().map(|(n, secs)| format!("{n} {secs:.0} s")).collect();
+        let busy = s.machine_cpu_busy.map(|b| format!("; the machine's cores {:.0} % busy", b * 100.0)).unwrap_or_default();
+        o.push_str(&format!("  CPU time              {}{busy}\n", cpu.join(", ")));
     }
     o.push_str(&format!("  identity merges       {} (HQ merge log: {})\n", s.identity_merges, s.hq_merges_logged));
     o.push_str(&format!(

@@ -650,7 +650,7 @@ pub fn records_after_all(cfg: &Config, topic: &str, stored: Option<&BTreeMap<i32
 }
 
 /// As [`records_after`], in `partition`.
-fn records_after_in(cfg: &Config, topic: &str, partition: i32, stored: Option<i64>, heartbeats: bool, exact_up_to: Option<i64>) -> Result<Option<i64>, SinkError> {
+pub fn records_after_in(cfg: &Config, topic: &str, partition: i32, stored: Option<i64>, heartbeats: bool, exact_up_to: Option<i64>) -> Result<Option<i64>, SinkError> {
     let Some(stored) = stored else { return Ok(None) };
     let reader = committed_reader(cfg)?;
     let (_, end) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10)).map_err(|e| SinkError::kafka(format!("reading the end of {topic}"), e))?;

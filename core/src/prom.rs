@@ -1,10 +1,13 @@
-//! Reading the stages' `/metrics` pages: a plain HTTP GET and the Prometheus text format, enough
-//! for the demo's progress line and summary (sums by label, histogram quantiles).
+//! Reading the stages' `/metrics` pages: a plain HTTP/1.0 GET and the Prometheus text format,
+//! enough for the demo's progress line and summary (sums by label, histogram quantiles) and for
+//! `omrs-stream status`. Our own endpoints only: no redirects, no TLS, no chunked bodies.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::error::CoreError;
 
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -21,16 +24,42 @@ impl Sample {
 
 /// One scrape of `http://127.0.0.1:<port>/metrics`; `None` when the process does not answer.
 pub async fn scrape(port: u16) -> Option<Vec<Sample>> {
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
-        let mut body = Vec::new();
-        s.read_to_end(&mut body).await.ok()?;
-        let text = String::from_utf8_lossy(&body).into_owned();
-        let (_, page) = text.split_once("\r\n\r\n")?;
-        Some(parse(page))
+    scrape_url(&format!("http://127.0.0.1:{port}/metrics")).await.ok()
+}
+
+/// `url`'s `HOST:PORT` and path (`/metrics` when none is given), or why it is not an
+/// `http://HOST:PORT[/PATH]` URL: checked before anything connects.
+pub fn split_url(url: &str) -> Result<(&str, &str), CoreError> {
+    let fail = |message: &str| CoreError::Scrape { url: url.to_string(), message: message.to_string() };
+    let rest = url.strip_prefix("http://").ok_or_else(|| fail("not an http:// URL (expected http://HOST:PORT/metrics)"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/metrics"),
     };
-    tokio::time::timeout(Duration::from_secs(3), fetch).await.ok().flatten()
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok((authority, path)),
+        _ => Err(fail("expected http://HOST:PORT/metrics")),
+    }
+}
+
+/// One scrape of `url` (`http://HOST:PORT[/PATH]`), within 3 s.
+pub async fn scrape_url(url: &str) -> Result<Vec<Sample>, CoreError> {
+    let fail = |message: String| CoreError::Scrape { url: url.to_string(), message };
+    let (authority, path) = split_url(url)?;
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(authority).await.map_err(|e| fail(e.to_string()))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes()).await.map_err(|e| fail(e.to_string()))?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await.map_err(|e| fail(e.to_string()))?;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let (head, page) = text.split_once("\r\n\r\n").ok_or_else(|| fail("not an HTTP response".into()))?;
+        let status = head.lines().next().unwrap_or_default();
+        if status.split(' ').nth(1) != Some("200") {
+            return Err(fail(format!("answered `{status}`")));
+        }
+        Ok(parse(page))
+    };
+    tokio::time::timeout(Duration::from_secs(3), fetch).await.map_err(|_| fail("no answer within 3 s".into()))?
 }
 
 /// The Prometheus text exposition format: `name{k="v",…} value`, comments skipped.
@@ -161,6 +190,16 @@ lat_bucket{site="b",le="2"} 0
 lat_bucket{site="b",le="+Inf"} 0
 omrs_stream_up{stage="a \"quoted\" one"} 1
 "#;
+
+    #[test]
+    fn metrics_urls_are_checked_before_connecting() {
+        assert_eq!(split_url("http://127.0.0.1:9467/metrics").unwrap(), ("127.0.0.1:9467", "/metrics"));
+        assert_eq!(split_url("http://agents.vpn:9467").unwrap(), ("agents.vpn:9467", "/metrics"));
+        for bad in ["127.0.0.1:9467", "https://x:1/metrics", "http://x/metrics", "http://:9467", "http://x:port"] {
+            let e = split_url(bad).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("http://HOST:PORT"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn sums_and_labels() {
