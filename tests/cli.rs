@@ -38,8 +38,10 @@ fn demo_refuses_bad_arguments_before_starting_anything() {
     }
     // Nothing was started: no run directory was made.
     assert_eq!(std::fs::read_dir(state.path()).unwrap().count(), 0);
-    let out = bin().args(["demo", "--sites", "27"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "clap rejects --sites 27");
+    // Up to 50 clinics (issue #24's 50-site run); more is refused by clap before anything runs.
+    let out = bin().args(["demo", "--sites", "51"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap rejects --sites 51");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1..=50"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -531,8 +531,10 @@ async fn status_sees_a_five_clinic_demo_with_one_clinic_offline() {
         assert!(x["captured"].as_i64().unwrap() > 0 && x["hq_behind"].is_i64(), "{x}");
         assert!(x["binlog_margin_files"].is_i64(), "{x}");
     }
+    // The Parquet sink's row from the config's lake (the run's `sinks.parquet.path`).
     let stages: Vec<&str> = s["stages"].as_array().unwrap().iter().map(|x| x["stage"].as_str().unwrap()).collect();
-    assert_eq!(stages, ["transform", "hq_mysql"]);
+    assert_eq!(stages, ["transform", "hq_mysql", "parquet"]);
+    assert!(s["stages"].as_array().unwrap().iter().all(|x| x["behind"].is_i64()), "{}", s["stages"]);
     // The text form has a row per clinic.
     let mut c = bin();
     c.arg("--config").arg(&config).arg("status");

@@ -29,7 +29,8 @@ const EXACT_UP_TO: i64 = 50_000;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
-    /// The lake to report the Parquet sink's position for.
+    /// The lake to report the Parquet sink's position for (default: the config's
+    /// `sinks.parquet.path`, when a lake is there).
     #[arg(long)]
     pub lake: Option<std::path::PathBuf>,
     /// Print JSON.
@@ -256,7 +257,10 @@ pub async fn status(cfg: &Config, lake: Option<&std::path::Path>, metrics: &[Str
         StageStatus { stage: "transform".into(), topic: format!("{}*", names.cdc_prefix()), behind: transform_behind },
         StageStatus { stage: "hq_mysql".into(), topic: hq_topic.clone(), behind: records_after_all(cfg, &hq_topic, hq_stored.as_ref(), Some(EXACT_UP_TO)).unwrap_or(None) },
     ];
-    if let Some(root) = lake {
+    // The lake named by --lake, else the config's `sinks.parquet.path` when a lake is there
+    // (a deployment without the Parquet sink has none, and gets no row for it).
+    let config_lake = Some(cfg.sinks.parquet.path.as_path()).filter(|p| crate::parquet::lake::Lake::new(p).read_manifest().is_ok());
+    if let Some(root) = lake.or(config_lake) {
         let stored = crate::parquet::lake::Lake::new(root).read_manifest().ok().map(|(s, _)| s.offsets).filter(|o| !o.is_empty());
         stages.push(StageStatus { stage: "parquet".into(), topic: hq_topic.clone(), behind: records_after_all(cfg, &hq_topic, stored.as_ref(), Some(EXACT_UP_TO)).unwrap_or(None) });
     }
