@@ -198,8 +198,9 @@ pub async fn status(cfg: &Config, lake: Option<&std::path::Path>, metrics: &[Str
         cfg.sites.iter().map(|s| (s.name.clone(), names.cdc(&s.name), None)).collect()
     });
     let idle_ms = cfg.transform.idle_timeout_s as i64 * 1000;
+    let hq_topic = names.hq_changes();
     let hq_partitions = committed_reader(cfg)
-        .and_then(|c| omrs_core::kafka::topic_partitions(c.client(), &names.hq_changes(), Duration::from_secs(10)).map_err(|e| SinkError::kafka("reading the metadata of omrs.hq.changes", e)))
+        .and_then(|c| omrs_core::kafka::topic_partitions(c.client(), &hq_topic, Duration::from_secs(10)).map_err(|e| SinkError::kafka("reading the metadata of omrs.hq.changes", e)))
         .map(|p| p.len() as i32)
         .unwrap_or(1);
     let mut scraped = Vec::new();
@@ -229,7 +230,7 @@ pub async fn status(cfg: &Config, lake: Option<&std::path::Path>, metrics: &[Str
         };
         let (pending, oldest, reviews) = hq.get(&site).copied().unwrap_or_default();
         let partition = omrs_core::topics::hq_partition(&site, hq_partitions);
-        let hq_behind = hq_stored.as_ref().and_then(|s| records_after_in(cfg, &names.hq_changes(), partition, Some(s.get(&partition).copied().unwrap_or(0)), false, Some(EXACT_UP_TO)).ok().flatten());
+        let hq_behind = hq_stored.as_ref().and_then(|s| records_after_in(cfg, &hq_topic, partition, Some(s.get(&partition).copied().unwrap_or(0)), false, Some(EXACT_UP_TO)).ok().flatten());
         let from = Scraped::of(&scraped, &site, now);
         sites.push(SiteStatus {
             offline_since: if state == "offline" { last.map(utc) } else { None },
@@ -251,7 +252,6 @@ pub async fn status(cfg: &Config, lake: Option<&std::path::Path>, metrics: &[Str
             site,
         });
     }
-    let hq_topic = names.hq_changes();
     let transform_behind = sites.iter().filter_map(|s| s.transform_behind).reduce(|a, b| a + b);
     let mut stages = vec![
         StageStatus { stage: "transform".into(), topic: format!("{}*", names.cdc_prefix()), behind: transform_behind },

@@ -346,7 +346,7 @@ impl<'a> Demo<'a> {
         }
         loop {
             self.procs.check()?;
-            let lags = omrs_sinks::verify::stage_lags(&self.cfg, hq_conn, None).await?;
+            let lags = omrs_sinks::verify::stage_lags(&self.cfg, Some(&mut *hq_conn), None).await?;
             let through = |stage: &str| lags.iter().all(|l| l.stage != stage || l.messages == Some(0));
             if (through("hq_mysql") && through("parquet")) || Instant::now() >= deadline {
                 break;
@@ -475,21 +475,18 @@ impl<'a> Demo<'a> {
         let mut lags;
         loop {
             self.procs.check()?;
-            lags = omrs_sinks::verify::stage_lags(&self.cfg, hq_conn, Some(&self.paths.lake)).await?;
-            let pending: i64 = hq_conn.query_first("SELECT COUNT(*) FROM omrs_sync_pending").await.context("counting pending rows at HQ")?.unwrap_or(0);
+            // With the HQ sink off (`--lake-first`'s first half), HQ's lag is not read: it would
+            // read omrs.hq.changes from its start on every round.
+            lags = omrs_sinks::verify::stage_lags(&self.cfg, with_hq.then_some(&mut *hq_conn), Some(&self.paths.lake)).await?;
+            let pending: i64 = if with_hq { hq_conn.query_first("SELECT COUNT(*) FROM omrs_sync_pending").await.context("counting pending rows at HQ")?.unwrap_or(0) } else { 0 };
             self.board.scrape(&self.procs, &self.sites, &self.windows).await;
             if transform_running && lags.iter().filter(|l| l.stage == "transform").all(|l| l.messages == Some(0)) {
                 self.procs.stop("transform", Duration::from_secs(15)).await;
                 transform_running = false;
                 continue;
             }
-            let busy: Vec<String> = lags
-                .iter()
-                .filter(|l| with_hq || l.stage != "hq_mysql")
-                .filter(|l| l.messages != Some(0))
-                .map(|l| format!("{} {}", l.stage, l.messages.map(|m| m.to_string()).unwrap_or("-".into())))
-                .collect();
-            if !transform_running && busy.is_empty() && (pending == 0 || !with_hq) {
+            let busy: Vec<String> = lags.iter().filter(|l| l.messages != Some(0)).map(|l| format!("{} {}", l.stage, l.messages.map(|m| m.to_string()).unwrap_or("-".into()))).collect();
+            if !transform_running && busy.is_empty() && pending == 0 {
                 return Ok(Drain { drained: true, problems: Vec::new(), lags, endpoints });
             }
             if Instant::now() >= deadline {

@@ -302,7 +302,7 @@ pub async fn run(cfg: &Config, args: &VerifyArgs) -> Result<Report, SinkError> {
     }
 
     // 6. Lag of every stage, from the positions they stored.
-    r.lag = stage_lags(cfg, &mut hq, (!args.no_lake).then_some(lake_root.as_path())).await?;
+    r.lag = stage_lags(cfg, Some(&mut hq), (!args.no_lake).then_some(lake_root.as_path())).await?;
     for l in &r.lag {
         if l.messages.is_some_and(|m| m > 0) {
             r.problems.push(format!("{} is {} messages behind on {}", l.stage, l.messages.unwrap_or(0), l.topic));
@@ -504,16 +504,18 @@ async fn value_checks(cfg: &Config, args: &VerifyArgs, lake_root: &std::path::Pa
 }
 
 /// The lag of every stage, in records that can still be read after the position it stored
-/// ([`records_after`]): the HQ sink (`omrs_sync_offsets`), the Parquet sink (its manifest, when
-/// `lake` is given) and the transform (its consumer group) on each site topic. `None`: the
-/// stage has stored no position yet.
-pub async fn stage_lags(cfg: &Config, hq: &mut Conn, lake: Option<&std::path::Path>) -> Result<Vec<Lag>, SinkError> {
+/// ([`records_after`]): the HQ sink (`omrs_sync_offsets`, when `hq` is given), the Parquet sink
+/// (its manifest, when `lake` is given) and the transform (its consumer group) on each site
+/// topic. `None`: the stage has stored no position yet.
+pub async fn stage_lags(cfg: &Config, hq: Option<&mut Conn>, lake: Option<&std::path::Path>) -> Result<Vec<Lag>, SinkError> {
     let mut lags = Vec::new();
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let hq_topic = names.hq_changes();
     let behind = |topic: &str, stored: Option<i64>, heartbeats: bool| records_after(cfg, topic, stored, heartbeats, None);
-    let hq_stored = hq_offsets(hq, &hq_topic).await?.unwrap_or_default();
-    lags.push(Lag { stage: "hq_mysql".into(), topic: hq_topic.clone(), messages: records_after_all(cfg, &hq_topic, Some(&hq_stored), None)? });
+    if let Some(hq) = hq {
+        let hq_stored = hq_offsets(hq, &hq_topic).await?.unwrap_or_default();
+        lags.push(Lag { stage: "hq_mysql".into(), topic: hq_topic.clone(), messages: records_after_all(cfg, &hq_topic, Some(&hq_stored), None)? });
+    }
     if let Some(lake_root) = lake {
         let lake = crate::parquet::lake::Lake::new(lake_root);
         let stored = lake.read_manifest().ok().map(|(s, _)| s.offsets).unwrap_or_default();
