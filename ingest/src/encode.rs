@@ -30,6 +30,8 @@ use crate::convert::{binlog_value_typed, float32, is_latin1, BINARY};
 use crate::refs::{Resolver, Target};
 use crate::IngestError;
 
+mod text;
+
 /// One column of a table map.
 struct ColPlan {
     ty: ColumnType,
@@ -173,6 +175,12 @@ impl TablePlan {
             cols.push(ColPlan { ty, meta, unsigned, charset, key: json_key(&name), scrub: scrub.contains(&name.as_str()), enums });
             col_names.push(name);
         }
+        Ok(Self::assemble(table, tme.table_id(), cols, &col_names, site, model, resolver))
+    }
+
+    /// The plan, once its columns are known: where the key, uuid and foreign keys lie, the
+    /// envelope's head, the counters.
+    fn assemble(table: Arc<TableModel>, table_id: u64, cols: Vec<ColPlan>, col_names: &[String], site: &str, model: &Model, resolver: &mut Resolver) -> TablePlan {
         // A column of the image, by name (scrubbed columns are not in the image).
         let find = |name: &str| col_names.iter().position(|c| c == name).filter(|&i| !cols[i].scrub);
         let mut head = Vec::new();
@@ -203,9 +211,9 @@ impl TablePlan {
             let c = omrs_core::metrics::metrics().events_in.with_label_values(&["ingest", site, &table.name, op.as_str()]);
             Box::new(move |n| c.inc_by(n))
         };
-        Ok(TablePlan {
+        TablePlan {
             name: Arc::from(table.name.as_str()),
-            table_id: tme.table_id(),
+            table_id,
             cols,
             head,
             pk,
@@ -216,7 +224,7 @@ impl TablePlan {
             fks,
             events_in: [counter(Op::Create), counter(Op::Update), counter(Op::Delete)],
             table,
-        })
+        }
     }
 
     /// Whether this plan was made for `tme` (same table id, table and column count).
@@ -442,9 +450,9 @@ pub fn push_ref(refs: &mut Vec<u8>, fk: &FkPlan, uuid: Option<&str>) {
     }
 }
 
-/// `"server_id":…,"gtid":…,"file":…,"pos":…,"row":` and `,"ts_ms":…,"snapshot":false}` of the
-/// `source` object of every row of one event, around the row index.
-pub fn source_parts(server_id: u32, gtid: Option<&str>, file: &str, pos: u64, ts_ms: i64, head: &mut Vec<u8>, tail: &mut Vec<u8>) {
+/// `"server_id":…,"gtid":…,"file":…,"pos":…,"row":` and `,"ts_ms":…,"snapshot":…}` of the
+/// `source` object of every row of one event (or snapshot chunk), around the row index.
+pub fn source_parts(server_id: u32, gtid: Option<&str>, (file, pos): (&str, u64), ts_ms: i64, snapshot: bool, head: &mut Vec<u8>, tail: &mut Vec<u8>) {
     head.clear();
     head.extend_from_slice(b"\"source\":{\"server_id\":");
     push_u64(head, server_id as u64);
@@ -460,7 +468,7 @@ pub fn source_parts(server_id: u32, gtid: Option<&str>, file: &str, pos: u64, ts
     tail.clear();
     tail.extend_from_slice(b",\"ts_ms\":");
     push_i64(tail, ts_ms);
-    tail.extend_from_slice(b",\"snapshot\":false},\"ts_ms\":");
+    tail.extend_from_slice(if snapshot { b",\"snapshot\":true},\"ts_ms\":" } else { b",\"snapshot\":false},\"ts_ms\":" });
 }
 
 /// `serde_json::Value::as_i64` of a value's JSON: an integer number that fits an i64.
@@ -548,19 +556,25 @@ fn write_value(out: &mut Vec<u8>, value: &BinlogValue<'_>, c: &ColPlan, scratch:
         Value::Bytes(b) => match t {
             MYSQL_TYPE_NEWDECIMAL | MYSQL_TYPE_DECIMAL => json_str(out, &String::from_utf8_lossy(b)),
             MYSQL_TYPE_YEAR | MYSQL_TYPE_BIT | MYSQL_TYPE_TIMESTAMP | MYSQL_TYPE_TIMESTAMP2 => fallback(out),
-            _ if c.charset == BINARY => {
-                scratch.clear();
-                base64::engine::general_purpose::STANDARD.encode_string(b, scratch);
-                json_str(out, scratch);
-            }
-            _ if is_latin1(c.charset) && !b.is_ascii() => {
-                scratch.clear();
-                scratch.extend(b.iter().map(|&b| b as char));
-                json_str(out, scratch);
-            }
-            _ => json_str(out, &String::from_utf8_lossy(b)),
+            _ => write_string(out, b, c.charset, scratch),
         },
         _ => fallback(out),
+    }
+}
+
+/// A string or binary column's bytes as a JSON string: base64 for binary, decoded with the
+/// column's charset otherwise (as `convert::text` makes them).
+fn write_string(out: &mut Vec<u8>, b: &[u8], charset: u16, scratch: &mut String) {
+    if charset == BINARY {
+        scratch.clear();
+        base64::engine::general_purpose::STANDARD.encode_string(b, scratch);
+        json_str(out, scratch);
+    } else if is_latin1(charset) && !b.is_ascii() {
+        scratch.clear();
+        scratch.extend(b.iter().map(|&b| b as char));
+        json_str(out, scratch);
+    } else {
+        json_str(out, &String::from_utf8_lossy(b));
     }
 }
 

@@ -11,7 +11,6 @@ use std::num::NonZeroUsize;
 use lru::LruCache;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
-use serde_json::Value as J;
 
 use omrs_core::model::Model;
 use crate::IngestError;
@@ -60,13 +59,7 @@ impl Resolver {
         n
     }
 
-    /// Remembers the uuid of `table` row `id`.
-    pub fn learn(&mut self, table: &str, id: i64, uuid: &str) {
-        let t = self.table_id(table);
-        self.learn_id(t, id, uuid);
-    }
-
-    /// [`Resolver::learn`] by the table's id ([`Resolver::table_id`]).
+    /// Remembers the uuid of row `id` of a table, by the table's id ([`Resolver::table_id`]).
     pub fn learn_id(&mut self, table_id: u32, id: i64, uuid: &str) {
         self.cache.put((table_id, id), uuid.into());
     }
@@ -106,48 +99,5 @@ impl Resolver {
         let found: Option<String> = conn.query_first(sql).await.map_err(|e| IngestError::site("resolving a foreign key", e))?;
         self.cache.put((target.id, id), found.as_deref().unwrap_or("").into());
         Ok(found)
-    }
-
-    /// The uuid that stands for row `id` of `table`: its own uuid column, or the uuid of the
-    /// row whose key it shares (patient → person). None when the row does not exist.
-    pub async fn uuid_of(&mut self, model: &Model, conn: &mut Conn, table: &str, id: i64) -> Result<Option<String>, IngestError> {
-        let Some(target) = self.target(model, table) else { return Ok(None) };
-        if let Some(hit) = self.cached(&target, id) {
-            return Ok(hit.map(str::to_string));
-        }
-        self.fetch(model, conn, &target, id).await
-    }
-
-    /// Resolves every FK column of `row` of `table` into `refs` (column → uuid or null).
-    pub async fn refs(
-        &mut self,
-        model: &Model,
-        conn: &mut Conn,
-        site: &str,
-        table: &str,
-        row: &serde_json::Map<String, J>,
-    ) -> Result<serde_json::Map<String, J>, IngestError> {
-        let mut out = serde_json::Map::new();
-        let Some(t) = model.table(table) else { return Ok(out) };
-        for fk in &t.fks {
-            let v = match row.get(&fk.column) {
-                None => continue, // scrubbed or not in the image
-                Some(J::Null) => J::Null,
-                Some(v) => match v.as_i64() {
-                    Some(id) => match self.uuid_of(model, conn, &fk.ref_table, id).await? {
-                        Some(u) => J::String(u),
-                        None => {
-                            self.unresolved += 1;
-                            omrs_core::metrics::metrics().unresolved_refs.with_label_values(&[site, table]).inc();
-                            tracing::warn!(site, table, column = %fk.column, id, ref_table = %fk.ref_table, "foreign key does not resolve to a uuid; sent as null");
-                            J::Null
-                        }
-                    },
-                    None => J::Null,
-                },
-            };
-            out.insert(fk.column.clone(), v);
-        }
-        Ok(out)
     }
 }

@@ -18,15 +18,23 @@
 //! [`Segment`]; while streaming replays the binlog from the first view's position, a change to a
 //! row is dropped when the row's segment was read at or after that change's position, because
 //! the row read already contains it.
+//!
+//! Each row's event is written as JSON straight from the result row by its table's plan
+//! ([`TablePlan::for_result`], `encode/text.rs`), as the binlog's rows are.
+
+use std::sync::Arc;
 
 use mysql_async::prelude::Queryable;
-use omrs_core::envelope::{ChangeEvent, Op, Row, Source};
+use omrs_core::clock::now_ms;
+use omrs_core::envelope::{Op, Source};
 use omrs_core::model::TableModel;
 use omrs_core::metrics::metrics;
-use serde_json::Value as J;
 
 use crate::checkpoint::{Checkpoint, Position, Segment};
-use crate::convert::{scrubbed, text_value};
+use crate::convert::scrubbed;
+use crate::encode::{source_parts, RowEncoder, TablePlan};
+use crate::producer::Batch;
+use crate::stream::{resolve_refs, resolve_uuid};
 use crate::server::{grant_error, is_grant_error, Kind};
 use crate::{connect, Agent, IngestError};
 
@@ -50,7 +58,8 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
 
     let bar = progress_bar(&mut snap, &db, agent.quiet, rows_done).await;
 
-    let mut pending: Vec<ChangeEvent> = Vec::new();
+    let mut pending: Batch = agent.producer.batch();
+    let mut chunks = Chunks::default();
     let mut pending_cp: Option<Checkpoint> = None;
     for (ti, name) in tables.iter().enumerate().skip(next_table) {
         let Some(table) = agent.model.table(name).cloned() else {
@@ -73,7 +82,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
             let rows: Vec<mysql_async::Row> = snap.query(sql).await.map_err(|e| IngestError::site(&format!("reading {name}"), e))?;
             let n = rows.len();
             let at = Source { server_id: agent.server_id, gtid: None, file: position.file.clone(), pos: position.pos, row: 0, ts_ms, snapshot: true };
-            let last_key = read_rows(agent, &table, (int_pk.as_deref(), after_key), rows, &at, &mut rows_done, &mut pending).await?;
+            let last_key = read_rows(agent, &table, after_key, rows, &at, (&mut chunks, &mut rows_done), &mut pending).await?;
             let table_done = int_pk.is_none() || n < agent.tuning.chunk_rows as usize;
             let cp = if table_done {
                 Checkpoint::Snapshot { tables: tables.clone(), segments: segments.clone(), next_table: ti + 1, after_key: None, rows: rows_done }
@@ -83,7 +92,8 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
             // Small tables share a Kafka transaction: a batch goes out once it holds a chunk's
             // worth of rows, with the checkpoint that covers all of it.
             if pending.len() >= agent.tuning.chunk_rows as usize {
-                agent.producer.send(std::mem::take(&mut pending).into(), cp).await?;
+                let full = std::mem::replace(&mut pending, agent.producer.batch());
+                agent.producer.send(full, cp).await?;
             } else {
                 pending_cp = Some(cp);
             }
@@ -97,7 +107,8 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
                 // Stopped between chunks: what was read is committed with its checkpoint, and
                 // the snapshot resumes from there at the next start.
                 if let Some(cp) = pending_cp.take().filter(|_| !pending.is_empty()) {
-                    agent.producer.send(std::mem::take(&mut pending).into(), cp).await?;
+                    let full = std::mem::replace(&mut pending, agent.producer.batch());
+                agent.producer.send(full, cp).await?;
                 }
                 agent.producer.wait().await?;
                 let _ = snap.query_drop("COMMIT").await;
@@ -117,7 +128,8 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
         }
     }
     if let Some(cp) = pending_cp.take().filter(|_| !pending.is_empty()) {
-        agent.producer.send(std::mem::take(&mut pending).into(), cp).await?;
+        let full = std::mem::replace(&mut pending, agent.producer.batch());
+                agent.producer.send(full, cp).await?;
     }
     snap.query_drop("COMMIT").await.map_err(|e| IngestError::site("ending the snapshot", e))?;
     release_backup(backup).await;
@@ -321,30 +333,55 @@ async fn progress_bar(snap: &mut mysql_async::Conn, db: &str, quiet: bool, rows_
     })
 }
 
-/// One chunk's rows as `op:"r"` events into `pending`, numbered from `rows_done` at the
-/// snapshot's position `at`. Returns the last integer key read (`after_key` when there are no rows).
+/// Reused from chunk to chunk: the current table's plan (from its first chunk's columns) and
+/// the row encoder's buffers.
+#[derive(Default)]
+struct Chunks {
+    plan: Option<Arc<TablePlan>>,
+    enc: RowEncoder,
+    refs: Vec<u8>,
+    key: Vec<u8>,
+    src_head: Vec<u8>,
+    src_tail: Vec<u8>,
+}
+
+/// One chunk's rows as `op:"r"` events into `pending`, written straight to JSON by the table's
+/// plan ([`TablePlan::for_result`]), numbered from `rows_done` at the snapshot's position `at`.
+/// Returns the last integer key read (`after_key` when there are no rows).
 async fn read_rows(
     agent: &mut Agent,
-    table: &TableModel,
-    (int_pk, after_key): (Option<&str>, Option<i64>),
+    table: &Arc<TableModel>,
+    after_key: Option<i64>,
     rows: Vec<mysql_async::Row>,
     at: &Source,
-    rows_done: &mut u64,
-    pending: &mut Vec<ChangeEvent>,
+    (st, rows_done): (&mut Chunks, &mut u64),
+    pending: &mut Batch,
 ) -> Result<Option<i64>, IngestError> {
     let mut last_key = after_key;
-    for r in rows {
-        let mut image = Row::new();
-        for (i, col) in r.columns_ref().iter().enumerate() {
-            let v = r.as_ref(i).map(|v| text_value(v, col)).unwrap_or(J::Null);
-            image.insert(col.name_str().into_owned(), v);
+    let Some(first) = rows.first() else { return Ok(last_key) };
+    let (site, int_pk) = (agent.site.name.clone(), table.int_pk().is_some());
+    let plan = match &st.plan {
+        Some(p) if Arc::ptr_eq(&p.table, table) => p.clone(),
+        _ => {
+            let p = Arc::new(TablePlan::for_result(first.columns_ref(), table.clone(), &agent.site.name, &agent.model, &mut agent.resolver));
+            st.plan = Some(p.clone());
+            p
         }
-        if let Some(pk) = int_pk {
-            last_key = image.get(pk).and_then(J::as_i64);
+    };
+    source_parts(at.server_id, None, (&at.file, at.pos), at.ts_ms, true, &mut st.src_head, &mut st.src_tail);
+    // Processing time, once per chunk.
+    let ts_ms = now_ms();
+    for r in &rows {
+        plan.decode_text_row(r, &mut st.enc);
+        let key = plan.int_key(&st.enc);
+        if int_pk {
+            last_key = key;
         }
-        let source = Source { row: (*rows_done % u32::MAX as u64) as u32, ..at.clone() };
+        let uuid = resolve_uuid(agent, &plan, &st.enc, key, Op::Read).await?;
+        resolve_refs(agent, &site, &plan, &st.enc, &mut st.refs).await?;
+        let row = (*rows_done % u32::MAX as u64) as u32;
         *rows_done += 1;
-        pending.push(crate::stream::make_event(agent, table, Op::Read, None, Some(image), source).await?);
+        plan.write_event(&st.enc, Op::Read, uuid.as_deref(), &st.refs, (&st.src_head, row, &st.src_tail), ts_ms, &mut st.key, pending);
     }
     Ok(last_key)
 }

@@ -40,7 +40,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::BinlogStream;
 use mysql_common::binlog::events::{Event, EventData, QueryEvent, RotateEvent};
 use omrs_core::clock::now_ms;
-use omrs_core::envelope::{ChangeEvent, Op, Row, Source};
+use omrs_core::envelope::{ChangeEvent, Row, Source};
 use omrs_core::metrics::metrics;
 use omrs_core::model::{Model, TableModel};
 use serde_json::Value as J;
@@ -52,48 +52,7 @@ use crate::{Agent, IngestError};
 mod open;
 mod rows;
 
-/// Builds one change event: key, uuid, refs; learns the row's uuid for later references.
-pub async fn make_event(
-    agent: &mut Agent,
-    table: &TableModel,
-    op: Op,
-    before: Option<Row>,
-    after: Option<Row>,
-    source: Source,
-) -> Result<ChangeEvent, IngestError> {
-    let image = match (&after, &before) {
-        (Some(a), _) => a,
-        (None, Some(b)) => b,
-        (None, None) => return Err(IngestError::Binlog(format!("{}: a row event without an image", table.name))),
-    };
-    let key = row_key(table, image);
-    let id = table.int_pk().and_then(|pk| image.get(pk)).and_then(J::as_i64);
-    let uuid = if table.has_uuid {
-        image.get("uuid").and_then(J::as_str).map(str::to_string)
-    } else if let (Some(parent), Some(id)) = (&table.shared_parent, id) {
-        agent.resolver.uuid_of(&agent.model, &mut agent.query, parent, id).await?
-    } else {
-        None
-    };
-    if let (true, Some(id), Some(u), false) = (table.has_uuid, id, &uuid, op == Op::Delete) {
-        agent.resolver.learn(&table.name, id, u);
-    }
-    let refs = agent.resolver.refs(&agent.model, &mut agent.query, &agent.site.name, &table.name, image).await?;
-    Ok(ChangeEvent {
-        op,
-        site: agent.site.name.clone(),
-        table: Some(table.name.clone()),
-        key: Some(key),
-        uuid,
-        before,
-        after,
-        refs,
-        source,
-        ts_ms: now_ms(),
-        oversize: None,
-        schema: None,
-    })
-}
+pub(crate) use rows::{resolve_refs, resolve_uuid};
 
 /// The envelope's `key` of a row: its primary key columns, or every column of a table without
 /// one.

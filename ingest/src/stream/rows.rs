@@ -63,7 +63,7 @@ impl Tail<'_> {
         });
         let (before_cols, after_cols) = (before_cols.map(|_| &st.before_bits[..]), after_cols.map(|_| &st.after_bits[..]));
         let h = event.header();
-        source_parts(h.server_id(), self.cur.txn_gtid.as_deref(), &self.cur.file, start_pos, h.timestamp() as i64 * 1000, &mut st.src_head, &mut st.src_tail);
+        source_parts(h.server_id(), self.cur.txn_gtid.as_deref(), (&self.cur.file, start_pos), h.timestamp() as i64 * 1000, false, &mut st.src_head, &mut st.src_tail);
         let mut rows = ParseBuf(re.rows_data());
         // Processing time, once per row event.
         let ts_ms = now_ms();
@@ -144,7 +144,7 @@ fn plan_for(plans: &mut HashMap<u64, Arc<TablePlan>>, agent: &mut Agent, db: &st
 
 /// The row's uuid: its own (learnt for later references), or its parent's for a table that
 /// shares its parent's key.
-async fn resolve_uuid<'e>(agent: &mut Agent, plan: &TablePlan, enc: &'e RowEncoder, key: Option<i64>, op: Op) -> Result<Option<Cow<'e, str>>, IngestError> {
+pub(crate) async fn resolve_uuid<'e>(agent: &mut Agent, plan: &TablePlan, enc: &'e RowEncoder, key: Option<i64>, op: Op) -> Result<Option<Cow<'e, str>>, IngestError> {
     if plan.table.has_uuid {
         let u = plan.uuid(enc);
         if let (Some(t), Some(id), Some(u), false) = (plan.learn, key, &u, op == Op::Delete) {
@@ -161,7 +161,7 @@ async fn resolve_uuid<'e>(agent: &mut Agent, plan: &TablePlan, enc: &'e RowEncod
 
 /// The row's foreign keys as uuids, written into `refs`; one that does not resolve is sent as
 /// null, counted and logged.
-async fn resolve_refs(agent: &mut Agent, site: &str, plan: &TablePlan, enc: &RowEncoder, refs: &mut Vec<u8>) -> Result<(), IngestError> {
+pub(crate) async fn resolve_refs(agent: &mut Agent, site: &str, plan: &TablePlan, enc: &RowEncoder, refs: &mut Vec<u8>) -> Result<(), IngestError> {
     refs.clear();
     for fk in &plan.fks {
         let Some(fid) = plan.fk_id(fk, enc) else { continue }; // scrubbed or not in the image
