@@ -2,7 +2,7 @@
 //! the loser voided and logged, survivor changes followed; and what keeps a merged person
 //! merged when its site writes it again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
@@ -48,6 +48,17 @@ pub(super) async fn load(conn: &mut Conn) -> Result<HashMap<String, MergeRec>, S
 async fn is_patient(conn: &mut Conn, id: i64) -> Result<bool, SinkError> {
     let n: Option<i64> = conn.exec_first("SELECT COUNT(*) FROM patient WHERE patient_id = ?", (id,)).await.map_err(db("reading whether a merged person is a patient"))?;
     Ok(n.unwrap_or(0) > 0)
+}
+
+/// Which of the HQ person ids `ids` are patients.
+async fn patients_among(conn: &mut Conn, ids: Vec<i64>) -> Result<HashSet<i64>, SinkError> {
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(1000) {
+        let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let rows: Vec<i64> = conn.query(format!("SELECT patient_id FROM patient WHERE patient_id IN ({list})")).await.map_err(db("reading which merged persons are patients"))?;
+        found.extend(rows);
+    }
+    Ok(found)
 }
 
 /// Stores a merge in `omrs_sync_merge` (a later record of the same loser re-points it).
@@ -167,11 +178,40 @@ impl Applier {
     /// (With a partition per site, a merge can reach HQ before its survivor's record, which
     /// its own site's partition brings later: `tests/broker_fault.rs` saw a record voided in
     /// the name of a survivor that a later survivor change replaced.)
+    ///
+    /// A merge that would still wait is not retried: its persons' ids are looked up for all
+    /// waiting merges at once, and which of them are patients in one query per thousand. A
+    /// retry that waits again would only have written the same `omrs_sync_merge` row again; in
+    /// a cold replay thousands of merges wait for their patient rows, and retrying each of them
+    /// after every batch (three queries and a write each) made the HQ sink's first minute
+    /// crawl. A merge is still retried when its survivor is itself a loser, or when other
+    /// merges name its loser as their survivor (the retry then re-points those).
     pub(super) async fn retry_merges(&mut self, conn: &mut Conn) -> Result<Vec<String>, SinkError> {
         let waiting: Vec<(String, MergeRec)> =
             self.merges.iter().filter(|(_, m)| !m.applied).map(|(l, m)| (l.clone(), m.clone())).collect();
+        if waiting.is_empty() {
+            return Ok(Vec::new());
+        }
+        let persons: HashSet<&str> = waiting.iter().flat_map(|(l, m)| [l.as_str(), m.winner.as_str()]).collect();
+        self.prefetch_ids(conn, HashMap::from([("person".to_string(), persons)])).await?;
+        let ids: HashMap<String, i64> = waiting
+            .iter()
+            .flat_map(|(l, m)| [l.as_str(), m.winner.as_str()])
+            .filter_map(|u| Some((u.to_string(), *self.ids.get("person", u)?)))
+            .collect();
+        let patients = patients_among(conn, ids.values().copied().collect()).await?;
+        // Survivors only ever become other merges' survivors, so this set, taken once, stays a
+        // superset of the live one through the loop.
+        let survivors: HashSet<String> = self.merges.values().map(|m| m.winner.clone()).collect();
         let mut applied = Vec::new();
         for (loser, rec) in waiting {
+            let ready = match (ids.get(rec.winner.as_str()), ids.get(loser.as_str())) {
+                (Some(w), Some(l)) => !patients.contains(l) || patients.contains(w),
+                _ => false,
+            };
+            if !ready && !self.merges.contains_key(&rec.winner) && !survivors.contains(&loser) {
+                continue;
+            }
             self.merge(conn, &loser, rec).await?;
             if self.merges.get(&loser).is_some_and(|m| m.applied) {
                 applied.push(loser);
