@@ -9,6 +9,7 @@ use mysql_async::{Conn, Value};
 use omrs_core::openmrs::{DAEMON_USER_UUID, MOVES};
 use serde_json::Value as J;
 
+use super::merge_map::MergeMap;
 use super::sql::{datetime, db, q};
 use super::{Applier, Work};
 use crate::SinkError;
@@ -30,7 +31,7 @@ pub(super) struct MergeRec {
 }
 
 /// The merges HQ knows of (`omrs_sync_merge`), by loser.
-pub(super) async fn load(conn: &mut Conn) -> Result<HashMap<String, MergeRec>, SinkError> {
+pub(super) async fn load(conn: &mut Conn) -> Result<MergeMap, SinkError> {
     let rows: Vec<(String, String, i64, String, i64, Option<String>, String, Option<String>)> = conn
         .query("SELECT loser_uuid, winner_uuid, ts_ms, reason, applied, evidence, site, review_id FROM omrs_sync_merge")
         .await
@@ -84,6 +85,20 @@ pub(super) async fn record_merge(conn: &mut Conn, loser: &str, rec: &MergeRec, l
     )
     .await
     .map_err(db("recording the merge"))
+}
+
+/// For each (table, person column) of `moves`, whether HQ holds a row of person `id` there: one
+/// query instead of a remembering INSERT and a moving UPDATE per table. (A merge applied when
+/// its patient row lands, as in a cold replay, finds the loser's names, addresses and
+/// identifiers, and its visits, encounters and obs not there yet.)
+async fn tables_holding(conn: &mut Conn, moves: &[(&str, &str, bool)], id: i64) -> Result<Vec<bool>, SinkError> {
+    if moves.is_empty() {
+        return Ok(Vec::new());
+    }
+    let probes: Vec<String> = moves.iter().map(|(t, c, _)| format!("EXISTS(SELECT 1 FROM {} WHERE {} = {id})", q(t), q(c))).collect();
+    let row: Option<mysql_async::Row> = conn.query_first(format!("SELECT {}", probes.join(", "))).await.map_err(db("reading which tables hold a merged person's rows"))?;
+    let row = row.ok_or_else(|| SinkError::Schema("internal: a SELECT of EXISTS probes returned no row".into()))?;
+    Ok((0..moves.len()).map(|i| row.get::<i64, _>(i).unwrap_or(1) != 0).collect())
 }
 
 /// Remembers whose the rows of `table` on HQ person `id` are (`owner`, with their own
@@ -200,16 +215,13 @@ impl Applier {
             .filter_map(|u| Some((u.to_string(), *self.ids.get("person", u)?)))
             .collect();
         let patients = patients_among(conn, ids.values().copied().collect()).await?;
-        // Survivors only ever become other merges' survivors, so this set, taken once, stays a
-        // superset of the live one through the loop.
-        let survivors: HashSet<String> = self.merges.values().map(|m| m.winner.clone()).collect();
         let mut applied = Vec::new();
         for (loser, rec) in waiting {
             let ready = match (ids.get(rec.winner.as_str()), ids.get(loser.as_str())) {
                 (Some(w), Some(l)) => !patients.contains(l) || patients.contains(w),
                 _ => false,
             };
-            if !ready && !self.merges.contains_key(&rec.winner) && !survivors.contains(&loser) {
+            if !ready && !self.merges.contains_key(&rec.winner) && !self.merges.is_survivor(&loser) {
                 continue;
             }
             self.merge(conn, &loser, rec).await?;
@@ -254,7 +266,7 @@ impl Applier {
                     set(cols, vals, "voided_by", Value::from(daemon));
                     set(cols, vals, "date_voided", when);
                     set(cols, vals, "void_reason", Value::from(reason));
-                } else if Self::merge_voided(cols, vals) && self.merges.values().any(|m| m.winner == row_key) {
+                } else if Self::merge_voided(cols, vals) && self.merges.is_survivor(row_key) {
                     // The site voided this person by merging it into another one, but HQ's rule
                     // (earliest registration, then uuid) made it the survivor: it stays alive.
                     set(cols, vals, "voided", Value::from(0));
@@ -308,12 +320,16 @@ impl Applier {
         }
         survivors.sort();
         survivors.dedup();
-        let members: Vec<(String, String)> = self
-            .merges
-            .iter()
-            .filter(|(_, m)| m.applied)
-            .filter_map(|(l, _)| self.survivor_of(l).filter(|s| survivors.binary_search(s).is_ok()).map(|s| (l.clone(), s)))
-            .collect();
+        // The survivors' components (every record whose chain reaches one), then the same test as
+        // ever on each.
+        let mut members: Vec<(String, String)> = Vec::new();
+        for s in &survivors {
+            for l in self.merged_into(s, "") {
+                if self.merges.get(&l).is_some_and(|m| m.applied) && self.survivor_of(&l).as_ref() == Some(s) {
+                    members.push((l, s.clone()));
+                }
+            }
+        }
         for (l, s) in members {
             let (Some(lid), Some(sid)) = (self.lookup_id(conn, "person", &l).await?, self.lookup_id(conn, "person", &s).await?) else { continue };
             let reason = format!("Merged with patient #{sid}");
@@ -333,16 +349,15 @@ impl Applier {
     /// The records whose survivor is `loser`, directly or through a chain, but `except`.
     fn merged_into(&self, loser: &str, except: &str) -> Vec<String> {
         let mut below: Vec<String> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::from([loser.to_string()]);
         let mut frontier: Vec<String> = vec![loser.to_string()];
-        while !frontier.is_empty() {
-            let next: Vec<String> = self
-                .merges
-                .iter()
-                .filter(|(l, m)| frontier.contains(&m.winner) && l.as_str() != loser && !below.contains(l))
-                .map(|(l, _)| l.clone())
-                .collect();
-            below.extend(next.iter().cloned());
-            frontier = next;
+        while let Some(w) = frontier.pop() {
+            for l in self.merges.losers_of(&w) {
+                if seen.insert(l.clone()) {
+                    below.push(l.clone());
+                    frontier.push(l);
+                }
+            }
         }
         below.retain(|l| l != except);
         below
@@ -403,11 +418,9 @@ impl Applier {
             conn.exec_drop("DELETE FROM person_merge_log WHERE uuid = ?", (u.as_str(),)).await.map_err(db("withdrawing the survivor's merge log"))?;
         }
         // Earlier losers of the loser now belong to the new survivor.
-        let chained: Vec<String> = self.merges.iter().filter(|(_, m)| m.winner == loser).map(|(l, _)| l.clone()).collect();
+        let chained: Vec<String> = self.merges.losers_of(loser);
         for l in &chained {
-            if let Some(m) = self.merges.get_mut(l) {
-                m.winner = rec.winner.clone();
-            }
+            self.merges.set_winner(l, &rec.winner);
         }
         let w = self.lookup_id(conn, "person", &rec.winner).await?;
         let l = self.lookup_id(conn, "person", loser).await?;
@@ -420,11 +433,17 @@ impl Applier {
         };
         let mut log_uuid: Option<String> = None;
         if let (Some(w), Some(l), true) = (w, l, ready) {
-            for (table, col, preferred) in MOVES {
-                let Some(tm) = self.model.table(table) else { continue };
-                if !tm.columns.iter().any(|c| c.name == *col) {
-                    continue;
+            let moves: Vec<(&str, &str, bool)> = MOVES
+                .iter()
+                .filter(|(table, col, _)| self.model.table(table).is_some_and(|tm| tm.columns.iter().any(|c| c.name == *col)))
+                .map(|&(t, c, p)| (t, c, p))
+                .collect();
+            let held = tables_holding(conn, &moves, l).await?;
+            for ((table, col, preferred), held) in moves.iter().zip(held) {
+                if !held {
+                    continue; // nothing of the loser's to remember or move
                 }
+                let Some(tm) = self.model.table(table) else { continue };
                 let has_preferred = *preferred && tm.columns.iter().any(|c| c.name == "preferred");
                 if tm.pk.len() == 1 {
                     remember_owner(conn, table, col, &tm.pk[0], has_preferred, loser, l).await?;

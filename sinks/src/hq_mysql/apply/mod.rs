@@ -18,6 +18,7 @@ mod columns;
 pub mod evolve;
 mod ids;
 mod merge;
+mod merge_map;
 mod pending;
 mod record;
 mod review;
@@ -129,7 +130,7 @@ pub struct Applier {
     /// Version packs read back lately, by pack id.
     packs: LruCache<i64, std::sync::Arc<Pack>>,
     next_id: HashMap<String, i64>,
-    merges: HashMap<String, MergeRec>,
+    merges: merge_map::MergeMap,
     /// Rows waiting for a row they reference ([`PendingStore`]).
     pending: PendingStore,
     /// The next `omrs_sync_pending` id, shared with the writers ([`Writer::pending_ids`]).
@@ -440,7 +441,7 @@ impl Applier {
     /// reason are read from HQ). Every other batch can be planned while the previous one is
     /// being written ([`Applier::plan_batch`]).
     pub fn needs_sync(&self, records: &[Record]) -> bool {
-        if self.merges.values().any(|m| !m.applied) {
+        if self.merges.any_waiting() {
             return true;
         }
         records.iter().any(|r| match &r.decoded {
