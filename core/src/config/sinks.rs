@@ -72,7 +72,8 @@ pub struct ParquetSinkConfig {
     /// …or when the oldest buffered record is this old, whichever comes first.
     #[serde(default = "default_roll_ms")]
     pub roll_interval_ms: u64,
-    /// How often the sink rebuilds `current/` and the views (0: only on demand).
+    /// How often the sink rebuilds `current/` and the views (0: only on demand). A compaction
+    /// that took T is followed by at least 3 T without one, whatever this says.
     #[serde(default = "default_compact_s")]
     pub compact_interval_s: u64,
     /// Rows per Parquet row group.

@@ -358,6 +358,10 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
     let roll_every = Duration::from_millis(pq.roll_interval_ms);
     let compact_every = (pq.compact_interval_s > 0 && !args.no_compact).then(|| Duration::from_secs(pq.compact_interval_s));
     let mut last_compact = Instant::now();
+    // The wait before the next scheduled compaction: the interval, or three times the last
+    // compaction's length if that is longer, so that compacting a large lake takes at most a
+    // quarter of the sink's time (during a replay each compaction rewrites the grown tables).
+    let mut compact_gap = compact_every.unwrap_or_default();
     let mut compaction: Option<compact::Running> = None;
     let mut total_rows: u64 = 0;
     let mut last_lag = Instant::now() - Duration::from_secs(10);
@@ -426,11 +430,12 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
         // snapshot is swapped in whole, or not at all); the next start compacts again.
         if let Some(r) = compaction.as_mut().and_then(compact::finished) {
             compaction = None;
-            r?;
+            let took = Duration::from_secs_f64(r?.seconds.max(0.0));
             last_compact = Instant::now();
+            compact_gap = compact_every.unwrap_or_default().max(took * 3);
         }
-        if let Some(every) = compact_every {
-            if compaction.is_none() && last_compact.elapsed() >= every && compact::needs(lake, &state) {
+        if compact_every.is_some() {
+            if compaction.is_none() && last_compact.elapsed() >= compact_gap && compact::needs(lake, &state) {
                 compaction = Some(compact::start_in_background(lake, lock, &state, &tables, "schedule")?);
             }
         }
