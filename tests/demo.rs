@@ -541,6 +541,33 @@ async fn status_sees_a_five_clinic_demo_with_one_clinic_offline() {
     let text = String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned();
     assert_eq!(text.lines().filter(|l| l.starts_with("site-")).count(), 5, "{text}");
     assert!(text.lines().any(|l| l.starts_with("site-c") && l.contains("offline")), "{text}");
+    // --watch clears the screen and draws the table again every SECONDS, until stopped.
+    let mut watch = bin().arg("--config").arg(&config).args(["status", "--watch", "1"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let screens = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (mut out, screens) = (watch.stdout.take().unwrap(), screens.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                screens.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    // Three screens drawn in full: the third clear proves the second screen was complete.
+    let drawn = wait_for(60, "status --watch to draw the table three times", || {
+        let all = screens.lock().unwrap().clone();
+        (all.matches("\x1b[2J\x1b[H").count() >= 3).then_some(all)
+    });
+    assert!(watch.try_wait().unwrap().is_none(), "status --watch exited by itself");
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    reader.join().unwrap();
+    for screen in drawn.split("\x1b[2J\x1b[H").skip(1).take(2) {
+        assert_eq!(screen.lines().filter(|l| l.starts_with("site-")).count(), 5, "{screen}");
+    }
     // A bad endpoint is refused before anything connects.
     let out = bin().arg("--config").arg(&config).args(["status", "--metrics", "127.0.0.1:9"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
