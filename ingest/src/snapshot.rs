@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use mysql_async::prelude::Queryable;
 use omrs_core::clock::now_ms;
-use omrs_core::envelope::{Op, Source};
+use omrs_core::envelope::Op;
 use omrs_core::model::TableModel;
 use omrs_core::metrics::metrics;
 
@@ -60,6 +60,8 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
 
     let mut pending: Batch = agent.producer.batch();
     let mut chunks = Chunks::default();
+    // Every row of this view has the same `source` but for its row number.
+    source_parts(agent.server_id, None, (&position.file, position.pos), ts_ms, true, &mut chunks.src_head, &mut chunks.src_tail);
     let mut pending_cp: Option<Checkpoint> = None;
     for (ti, name) in tables.iter().enumerate().skip(next_table) {
         let Some(table) = agent.model.table(name).cloned() else {
@@ -81,8 +83,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
             };
             let rows: Vec<mysql_async::Row> = snap.query(sql).await.map_err(|e| IngestError::site(&format!("reading {name}"), e))?;
             let n = rows.len();
-            let at = Source { server_id: agent.server_id, gtid: None, file: position.file.clone(), pos: position.pos, row: 0, ts_ms, snapshot: true };
-            let last_key = read_rows(agent, &table, after_key, rows, &at, (&mut chunks, &mut rows_done), &mut pending).await?;
+            let last_key = read_rows(agent, &table, after_key, rows, (&mut chunks, &mut rows_done), &mut pending).await?;
             let table_done = int_pk.is_none() || n < agent.tuning.chunk_rows as usize;
             let cp = if table_done {
                 Checkpoint::Snapshot { tables: tables.clone(), segments: segments.clone(), next_table: ti + 1, after_key: None, rows: rows_done }
@@ -92,8 +93,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
             // Small tables share a Kafka transaction: a batch goes out once it holds a chunk's
             // worth of rows, with the checkpoint that covers all of it.
             if pending.len() >= agent.tuning.chunk_rows as usize {
-                let full = std::mem::replace(&mut pending, agent.producer.batch());
-                agent.producer.send(full, cp).await?;
+                send_pending(agent, &mut pending, cp).await?;
             } else {
                 pending_cp = Some(cp);
             }
@@ -107,8 +107,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
                 // Stopped between chunks: what was read is committed with its checkpoint, and
                 // the snapshot resumes from there at the next start.
                 if let Some(cp) = pending_cp.take().filter(|_| !pending.is_empty()) {
-                    let full = std::mem::replace(&mut pending, agent.producer.batch());
-                agent.producer.send(full, cp).await?;
+                    send_pending(agent, &mut pending, cp).await?;
                 }
                 agent.producer.wait().await?;
                 let _ = snap.query_drop("COMMIT").await;
@@ -128,8 +127,7 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
         }
     }
     if let Some(cp) = pending_cp.take().filter(|_| !pending.is_empty()) {
-        let full = std::mem::replace(&mut pending, agent.producer.batch());
-                agent.producer.send(full, cp).await?;
+        send_pending(agent, &mut pending, cp).await?;
     }
     snap.query_drop("COMMIT").await.map_err(|e| IngestError::site("ending the snapshot", e))?;
     release_backup(backup).await;
@@ -333,8 +331,15 @@ async fn progress_bar(snap: &mut mysql_async::Conn, db: &str, quiet: bool, rows_
     })
 }
 
+/// Sends the rows gathered so far with the checkpoint that covers them; `pending` starts again
+/// with one of the producer's spare batches.
+async fn send_pending(agent: &mut Agent, pending: &mut Batch, cp: Checkpoint) -> Result<(), IngestError> {
+    let full = std::mem::replace(pending, agent.producer.batch());
+    agent.producer.send(full, cp).await
+}
+
 /// Reused from chunk to chunk: the current table's plan (from its first chunk's columns) and
-/// the row encoder's buffers.
+/// the row encoder's buffers, and the view's `source` object around the row number.
 #[derive(Default)]
 struct Chunks {
     plan: Option<Arc<TablePlan>>,
@@ -346,14 +351,13 @@ struct Chunks {
 }
 
 /// One chunk's rows as `op:"r"` events into `pending`, written straight to JSON by the table's
-/// plan ([`TablePlan::for_result`]), numbered from `rows_done` at the snapshot's position `at`.
+/// plan ([`TablePlan::for_result`]), numbered from `rows_done`.
 /// Returns the last integer key read (`after_key` when there are no rows).
 async fn read_rows(
     agent: &mut Agent,
     table: &Arc<TableModel>,
     after_key: Option<i64>,
     rows: Vec<mysql_async::Row>,
-    at: &Source,
     (st, rows_done): (&mut Chunks, &mut u64),
     pending: &mut Batch,
 ) -> Result<Option<i64>, IngestError> {
@@ -363,12 +367,11 @@ async fn read_rows(
     let plan = match &st.plan {
         Some(p) if Arc::ptr_eq(&p.table, table) => p.clone(),
         _ => {
-            let p = Arc::new(TablePlan::for_result(first.columns_ref(), table.clone(), &agent.site.name, &agent.model, &mut agent.resolver));
+            let p = Arc::new(TablePlan::for_result(first.columns_ref(), table.clone(), &site, &agent.model, &mut agent.resolver));
             st.plan = Some(p.clone());
             p
         }
     };
-    source_parts(at.server_id, None, (&at.file, at.pos), at.ts_ms, true, &mut st.src_head, &mut st.src_tail);
     // Processing time, once per chunk.
     let ts_ms = now_ms();
     for r in &rows {

@@ -78,12 +78,13 @@ fn write_text(out: &mut Vec<u8>, value: &Value, c: &ColPlan, col: &Column, scrat
     };
     match c.ty {
         MYSQL_TYPE_TINY | MYSQL_TYPE_SHORT | MYSQL_TYPE_LONG | MYSQL_TYPE_LONGLONG | MYSQL_TYPE_INT24 | MYSQL_TYPE_YEAR => {
-            match std::str::from_utf8(b).ok().and_then(|s| s.parse::<i64>().ok()) {
-                Some(n) => push_i64(out, n),
-                None => match std::str::from_utf8(b).ok().and_then(|s| s.parse::<u64>().ok()) {
-                    Some(n) => push_u64(out, n),
-                    None => fallback(out),
-                },
+            let s = std::str::from_utf8(b).ok();
+            if let Some(n) = s.and_then(|s| s.parse::<i64>().ok()) {
+                push_i64(out, n);
+            } else if let Some(n) = s.and_then(|s| s.parse::<u64>().ok()) {
+                push_u64(out, n);
+            } else {
+                fallback(out);
             }
         }
         MYSQL_TYPE_FLOAT | MYSQL_TYPE_DOUBLE => {

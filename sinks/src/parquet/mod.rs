@@ -434,10 +434,8 @@ async fn run_once(cfg: &Config, args: &ParquetSinkArgs, lake: &Lake, lock: &Lake
             last_compact = Instant::now();
             compact_gap = compact_every.unwrap_or_default().max(took * 3);
         }
-        if compact_every.is_some() {
-            if compaction.is_none() && last_compact.elapsed() >= compact_gap && compact::needs(lake, &state) {
-                compaction = Some(compact::start_in_background(lake, lock, &state, &tables, "schedule")?);
-            }
+        if compact_every.is_some() && compaction.is_none() && last_compact.elapsed() >= compact_gap && compact::needs(lake, &state) {
+            compaction = Some(compact::start_in_background(lake, lock, &state, &tables, "schedule")?);
         }
         if at_end {
             if let Some(running) = compaction.take() {

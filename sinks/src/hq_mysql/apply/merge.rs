@@ -436,7 +436,7 @@ impl Applier {
             let moves: Vec<(&str, &str, bool)> = MOVES
                 .iter()
                 .filter(|(table, col, _)| self.model.table(table).is_some_and(|tm| tm.columns.iter().any(|c| c.name == *col)))
-                .map(|&(t, c, p)| (t, c, p))
+                .copied()
                 .collect();
             let held = tables_holding(conn, &moves, l).await?;
             for ((table, col, preferred), held) in moves.iter().zip(held) {
