@@ -48,7 +48,26 @@ async fn snapshot_counts_match_and_scrubbed_columns_never_leave() {
         assert_eq!(per_table.get(t).copied().unwrap_or(0), *n, "snapshot of {t}");
     }
     assert_eq!(per_table.get("obs"), Some(&9927));
-    let users: Vec<_> = events.iter().filter(|e| e.table.as_deref() == Some("users")).collect();
+    // Every captured table's shape went ahead of its rows (the lake's schema), scrubbed columns
+    // left out.
+    let shapes: BTreeMap<String, (usize, omrs_core::shape::TableShape)> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.op == Op::Schema)
+        .map(|(i, e)| {
+            let s = e.schema.clone().expect("a schema event carries its shape");
+            (s.table.clone(), (i, s))
+        })
+        .collect();
+    assert_eq!(shapes.keys().collect::<Vec<_>>(), counts.keys().collect::<Vec<_>>(), "one shape per captured table");
+    let first_row = events.iter().position(|e| e.op == Op::Read).unwrap();
+    assert!(shapes.values().all(|(i, s)| *i < first_row && s.base && s.ddl.is_none()), "base shapes, before the first row");
+    let users_shape: Vec<&str> = shapes["users"].1.columns.iter().map(|c| c.name.as_str()).collect();
+    assert!(users_shape.contains(&"username") && !users_shape.contains(&"password") && !users_shape.contains(&"salt"), "{users_shape:?}");
+    assert_eq!(shapes["patient"].1.shared_parent.as_deref(), Some("person"));
+    let obs_value = shapes["obs"].1.columns.iter().find(|c| c.name == "value_numeric").unwrap();
+    assert_eq!(obs_value.column_type, "double");
+    let users: Vec<_> = events.iter().filter(|e| e.table.as_deref() == Some("users") && e.op == Op::Read).collect();
     assert_eq!(users.len(), 7);
     for u in users {
         let after = u.after.as_ref().unwrap();
@@ -58,11 +77,11 @@ async fn snapshot_counts_match_and_scrubbed_columns_never_leave() {
         }
     }
     // Shared keys and refs on snapshot rows.
-    let patient = events.iter().find(|e| e.table.as_deref() == Some("patient")).unwrap();
+    let patient = events.iter().find(|e| e.table.as_deref() == Some("patient") && e.op == Op::Read).unwrap();
     let pid = patient.key.as_ref().unwrap()["patient_id"].as_i64().unwrap();
     let person_uuid = events
         .iter()
-        .find(|e| e.table.as_deref() == Some("person") && e.key.as_ref().unwrap()["person_id"].as_i64() == Some(pid))
+        .find(|e| e.table.as_deref() == Some("person") && e.op == Op::Read && e.key.as_ref().unwrap()["person_id"].as_i64() == Some(pid))
         .and_then(|e| e.uuid.clone())
         .unwrap();
     assert_eq!(patient.uuid.as_deref(), Some(person_uuid.as_str()), "patient takes its person's uuid");
@@ -211,7 +230,7 @@ async fn sigkill_during_snapshot_and_streaming_loses_and_doubles_nothing() {
     let events = env.events();
     // Exactly once: no (table, key, op, position) twice.
     let mut seen = HashSet::new();
-    for e in events.iter().filter(|e| e.op != Op::Heartbeat) {
+    for e in events.iter().filter(|e| !matches!(e.op, Op::Heartbeat | Op::Schema)) {
         let id = (
             e.table.clone().unwrap(),
             serde_json::to_string(e.key.as_ref().unwrap()).unwrap(),
@@ -291,7 +310,7 @@ async fn a_quiet_site_sends_heartbeats_and_its_position_advances() {
             .find(|e| (&e.source.file, e.source.pos) > (&first.source.file, first.source.pos))
     });
     assert!(later.source.ts_ms >= first.source.ts_ms);
-    assert!(env.events().iter().filter(|e| e.op != Op::Read).all(|e| e.op == Op::Heartbeat), "no data events for a quiet site");
+    assert!(env.events().iter().filter(|e| !matches!(e.op, Op::Read | Op::Schema)).all(|e| e.op == Op::Heartbeat), "no data events for a quiet site");
     assert!(agent.try_wait().unwrap().is_none(), "agent still running");
     kill9(&mut agent);
     c.query_drop(format!("DROP DATABASE `{other}`")).await.unwrap();

@@ -64,7 +64,7 @@ async fn a_purged_position_is_a_clear_error_and_resnapshot_recovers() {
     let last_name = events
         .iter()
         .rev()
-        .find(|e| e.table.as_deref() == Some("person_name") && e.key.as_ref().unwrap()["person_name_id"] == 1)
+        .find(|e| e.table.as_deref() == Some("person_name") && e.op != omrs_core::envelope::Op::Schema && e.key.as_ref().unwrap()["person_name_id"] == 1)
         .unwrap();
     assert_eq!(last_name.op, omrs_core::envelope::Op::Read, "the fresh snapshot carries the change the purge lost");
     assert_eq!(last_name.after.as_ref().unwrap()["given_name"], "Purged");

@@ -78,10 +78,11 @@ async fn compact_next_to_a_running_sink_is_refused_and_the_sinks_commit_survives
             ("${OMRS_LAKE:-/var/lib/omrs-stream/lake}", lake_text.as_str()),
             ("roll_interval_ms = 10000", "roll_interval_ms = 300"),
             ("compact_interval_s = 60", "compact_interval_s = 0"),
+            ("schema_from_hq = false", "schema_from_hq = true"),
         ],
     );
     p.run(&cfg, &["topics", "apply"]);
-    // The lake's table model comes from HQ.
+    // A record produced by hand carries no table shape: the lake's table model comes from HQ.
     p.run(&cfg, &["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
 
     // The sink, paused inside its first commit.

@@ -102,6 +102,14 @@ pub struct TableShape {
     /// The statement that made it (none for a snapshot's base).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ddl: Option<String>,
+    /// The table whose primary key this table's primary key also is (patient → person).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_parent: Option<String>,
+    /// The table as it is at a fresh snapshot, sent ahead of its rows: a statement of the
+    /// site's shape, not a change. The lake builds its schema from these; HQ, whose schema is
+    /// the programme's OpenMRS (`sink hq-mysql --init`), does not evolve on them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub base: bool,
 }
 
 /// One additive step a sink takes to hold rows of the new shape.
@@ -125,7 +133,14 @@ impl TableShape {
             indexes: Vec::new(),
             dropped: false,
             ddl: ddl.map(|d| d.chars().take(2000).collect()),
+            shared_parent: t.shared_parent.clone(),
+            base: false,
         }
+    }
+
+    /// The table's shape at a fresh snapshot (see [`TableShape::base`]).
+    pub fn base_of(t: &TableModel) -> Self {
+        TableShape { base: true, ..TableShape::of(t, None) }
     }
 
     /// The steps that let a sink holding `have` (None: no such table) take this shape's rows;

@@ -55,7 +55,7 @@ impl TableSchema {
 
     /// A table dropped (or renamed away) at `position`.
     pub fn dropped(table: &str, position: &Position, ddl: &str) -> Self {
-        let shape = TableShape { table: table.to_string(), columns: Vec::new(), pk: Vec::new(), fks: Vec::new(), indexes: Vec::new(), dropped: true, ddl: Some(ddl.chars().take(2000).collect()) };
+        let shape = TableShape { table: table.to_string(), columns: Vec::new(), pk: Vec::new(), fks: Vec::new(), indexes: Vec::new(), dropped: true, ddl: Some(ddl.chars().take(2000).collect()), shared_parent: None, base: false };
         TableSchema { shape, position: position.clone() }
     }
 

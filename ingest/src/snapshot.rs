@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use mysql_async::prelude::Queryable;
 use omrs_core::clock::now_ms;
-use omrs_core::envelope::Op;
+use omrs_core::envelope::{ChangeEvent, Op, Source};
 use omrs_core::model::TableModel;
 use omrs_core::metrics::metrics;
 
@@ -49,16 +49,18 @@ pub async fn run(agent: &mut Agent, resume: Option<Resume>) -> Result<Option<Che
     let db = agent.model.database.clone();
 
     let (mut snap, position, ts_ms, backup) = open_view(agent).await?;
+    let mut pending: Batch = agent.producer.batch();
     if segments.is_empty() {
-        // A fresh snapshot: the schema history starts here.
+        // A fresh snapshot: the schema history starts here, and every table's shape goes
+        // ahead of the rows, in their transaction.
         agent.producer.aside(crate::schema::base_records(&agent.model, &position)).await?;
+        base_shapes(agent, &tables, &position, ts_ms, &mut pending);
     }
     segments.push(Segment { table_idx: next_table, after_key, position: position.clone() });
     tracing::info!(site = %site, file = %position.file, pos = position.pos, tables = tables.len(), from_table = next_table, "snapshot started");
 
     let bar = progress_bar(&mut snap, &db, agent.quiet, rows_done).await;
 
-    let mut pending: Batch = agent.producer.batch();
     let mut chunks = Chunks::default();
     // Every row of this view has the same `source` but for its row number.
     source_parts(agent.server_id, None, (&position.file, position.pos), ts_ms, true, &mut chunks.src_head, &mut chunks.src_tail);
@@ -329,6 +331,20 @@ async fn progress_bar(snap: &mut mysql_async::Conn, db: &str, quiet: bool, rows_
         pb.set_position(rows_done);
         pb
     })
+}
+
+/// Every captured table's shape as the snapshot sees it (scrubbed columns left out), as
+/// schema events ahead of the rows: the lake builds its schema from them (see
+/// [`omrs_core::shape::TableShape::base`]).
+fn base_shapes(agent: &Agent, tables: &[String], position: &Position, ts_ms: i64, pending: &mut Batch) {
+    for (i, name) in tables.iter().enumerate() {
+        let Some(table) = agent.model.table(name) else { continue };
+        let scrub = scrubbed(table, &agent.scrub);
+        let mut shape = omrs_core::shape::TableShape::base_of(table);
+        shape.columns.retain(|c| !scrub.contains(&c.name.as_str()));
+        let source = Source { server_id: agent.server_id, gtid: None, file: position.file.clone(), pos: position.pos, row: i as u32, ts_ms, snapshot: true };
+        pending.push_event(&ChangeEvent::schema(agent.site.name.clone(), shape, source, ts_ms));
+    }
 }
 
 /// Sends the rows gathered so far with the checkpoint that covers them; `pending` starts again

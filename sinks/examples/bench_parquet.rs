@@ -69,6 +69,8 @@ async fn main() {
     cfg.hq.database.user = "omrs".into();
     cfg.hq.database.password = "omrs".into();
     cfg.sinks.parquet.path = lake.clone();
+    // The pre-filled records carry no table shapes: the lake's schema is HQ's.
+    cfg.sinks.parquet.schema_from_hq = true;
     // BENCH_ROLL_BYTES overrides sinks.parquet.roll_max_bytes, to compare file-set sizes.
     if let Some(b) = std::env::var("BENCH_ROLL_BYTES").ok().and_then(|v| v.parse().ok()) {
         cfg.sinks.parquet.roll_max_bytes = b;

@@ -262,6 +262,14 @@ impl Engine {
             // time, identity and aggregates were committed with it.
             return;
         }
+        if ev.op == Op::Schema && ev.schema.as_ref().is_some_and(|s| s.base) {
+            // A table's shape at a fresh snapshot, ahead of its rows: passed on, with no time of
+            // its own (the Debezium input sends it before it has read any).
+            if let Some(schema) = ev.schema {
+                out.push(Out::Hq(Box::new(HqEvent::Schema { site: ev.site.to_string(), schema: *schema, ts_ms: ev.source.ts_ms })));
+            }
+            return;
+        }
         let st = match self.sites.get_mut(&*ev.site) {
             Some(st) => st,
             None => self.sites.entry(ev.site.to_string()).or_default(),

@@ -253,3 +253,8 @@ fn identity_namesakes_at_two_clinics_are_suggested_not_merged() {
 fn schema_change() {
     run("schema_change");
 }
+
+#[test]
+fn a_snapshots_table_shapes_move_no_watermark() {
+    run("schema_base");
+}

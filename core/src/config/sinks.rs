@@ -79,6 +79,12 @@ pub struct ParquetSinkConfig {
     /// Rows per Parquet row group.
     #[serde(default = "default_row_group")]
     pub row_group_rows: usize,
+    /// Where a new lake's table model comes from. False (the default): the stream itself;
+    /// every agent sends each table's shape ahead of its snapshot, and DDL changes after it.
+    /// True: HQ's `information_schema`, read once at the lake's first start, for topics written
+    /// by agents that sent no shapes (before 2026-12) or records produced by hand.
+    #[serde(default)]
+    pub schema_from_hq: bool,
 }
 
 fn default_lake() -> PathBuf {
@@ -105,6 +111,7 @@ impl Default for ParquetSinkConfig {
             roll_interval_ms: default_roll_ms(),
             compact_interval_s: default_compact_s(),
             row_group_rows: default_row_group(),
+            schema_from_hq: false,
         }
     }
 }

@@ -113,7 +113,8 @@ impl<'a> Input<'a> {
                 .create()
                 .map_err(|e| IngestError::kafka("creating the Debezium topics' consumer", e))
         };
-        Ok(Input {
+        let fresh = resume.offsets.is_empty();
+        let mut input = Input {
             targets: build::targets(&model),
             ranks: ranks(&model),
             merge: Merge::new(dbz.order_grace_ms),
@@ -143,7 +144,27 @@ impl<'a> Input<'a> {
             snapshot_rows: 0,
             sent: 0,
             streaming: false,
-        })
+        };
+        if fresh {
+            input.base_shapes();
+        }
+        Ok(input)
+    }
+
+    /// From the topics' beginning: every table's shape (scrubbed columns left out) goes ahead
+    /// of the first rows, in their transaction; the lake builds its schema from them (see
+    /// [`omrs_core::shape::TableShape::base`]).
+    fn base_shapes(&mut self) {
+        let now = now_ms();
+        for (i, name) in self.model.order.iter().enumerate() {
+            let Some(table) = self.model.table(name) else { continue };
+            let scrub = crate::convert::scrubbed(table, &self.cfg.ingest.scrub);
+            let mut shape = omrs_core::shape::TableShape::base_of(table);
+            shape.columns.retain(|c| !scrub.contains(&c.name.as_str()));
+            let at = Source { server_id: 0, gtid: None, file: String::new(), pos: 0, row: i as u32, ts_ms: now, snapshot: true };
+            self.batch.push_event(&ChangeEvent::schema(self.site.name.clone(), shape, at, now));
+        }
+        self.batch_since.get_or_insert_with(Instant::now);
     }
 
     pub async fn run(&mut self, until_caught_up: bool, quiet: bool) -> Result<(), IngestError> {

@@ -545,6 +545,12 @@ async fn compact_held(lake: &Lake, state: &State, tables: &HashMap<String, Arc<L
     .map_err(arrow_err("merge map".into()))?;
     ctx.register_batch("merge_map", mm).map_err(|e| SinkError::Lake(format!("merge map: {e}")))?;
     for (view, sql) in VIEWS {
+        let missing = missing_tables(&ctx, sql);
+        if !missing.is_empty() {
+            // A lake whose sites capture no such table (ingest.include), or none yet.
+            tracing::warn!(view, missing = ?missing, "view not built: the lake has none of these tables (no site has sent their shape)");
+            continue;
+        }
         let batches = match ctx.sql(sql).await {
             Ok(df) => df.collect().await,
             Err(e) => Err(e),
@@ -579,6 +585,14 @@ async fn compact_held(lake: &Lake, state: &State, tables: &HashMap<String, Arc<L
     metrics().lake_compaction_seconds.with_label_values(&[trigger]).observe(seconds);
     tracing::info!(snapshot = id, manifest_seq = state.seq, rebuilt, merges = merges.len(), seconds, "current state and views published");
     Ok(Report { id, rebuilt, seconds })
+}
+
+/// The tables `sql` reads that `ctx` does not have.
+fn missing_tables(ctx: &SessionContext, sql: &str) -> Vec<String> {
+    let state = ctx.state();
+    let Ok(statement) = state.sql_to_statement(sql, &datafusion::config::Dialect::Generic) else { return Vec::new() };
+    let refs = state.resolve_table_references(&statement).unwrap_or_default();
+    refs.into_iter().filter(|r| !ctx.table_exist(r.clone()).unwrap_or(true)).map(|r| r.to_string()).collect()
 }
 
 /// fsyncs every directory of a snapshot (its files were fsynced when written).

@@ -2,7 +2,7 @@
 //! which Kafka offsets they cover.
 //!
 //! ```text
-//! <lake>/_schema.json                       table model (from HQ's information_schema)
+//! <lake>/_schema.json                       table model (from the sites' table shapes)
 //! <lake>/_manifest/<seq>.json               one commit: files, offsets, watermark
 //! <lake>/_manifest/<seq>.checkpoint.json    the whole state up to <seq> (older entries deleted)
 //! <lake>/_tmp/                              files being written (removed on start)

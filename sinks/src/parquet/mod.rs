@@ -83,34 +83,15 @@ pub struct ParquetSinkArgs {
     pub quiet: bool,
 }
 
-/// The lake's tables: `<lake>/_schema.json`, or HQ's `information_schema` the first time
-/// (scrubbed columns left out), saved for every later start and for readers.
+/// The lake's tables: `<lake>/_schema.json`, kept for every later start and for readers. A new
+/// lake starts with none and takes each table from the shapes in the stream (every agent sends
+/// its tables' shapes ahead of its snapshot); with `sinks.parquet.schema_from_hq` it starts from
+/// HQ's `information_schema` instead (scrubbed columns left out).
 pub async fn load_tables(cfg: &Config, lake: &Lake) -> Result<HashMap<String, Arc<LakeTable>>, SinkError> {
     let file = match LakeSchemaFile::load(&lake.schema_path())? {
         Some(f) => f,
         None => {
-            let d = &cfg.hq.database;
-            let opts = crate::mysql_opts(d);
-            let mut conn = mysql_async::Conn::new(opts).await.map_err(|e| match &e {
-                mysql_async::Error::Server(s) if s.code == 1049 => SinkError::Schema(format!(
-                    "the lake takes its table model from HQ, and the HQ database `{}` does not exist: create it with `omrs-stream sink hq-mysql --init`",
-                    d.database
-                )),
-                _ => SinkError::db(format!("reading the table model from {}", d.redacted_url()), e),
-            })?;
-            let model = omrs_core::model::Model::load(&mut conn, &d.database, &[], &[])
-                .await
-                .map_err(|e| SinkError::Schema(format!("reading the table model from HQ: {e}")))?;
-            let _ = conn.disconnect().await;
-            let mut f = LakeSchemaFile::from_model(&model, format!("hq:{}", d.database));
-            // The sink's bookkeeping and the dashboard tables are HQ's, not OpenMRS data.
-            f.tables.retain(|name, _| !name.starts_with("omrs_sync_") && !name.starts_with("omrs_dash_"));
-            for (name, t) in f.tables.iter_mut() {
-                t.columns.retain(|c| !cfg.ingest.scrub.iter().any(|s| s == &format!("{name}.{}", c.name)));
-            }
-            if f.tables.is_empty() {
-                return Err(SinkError::Schema(format!("HQ database `{}` has no tables: run `omrs-stream sink hq-mysql --init`", d.database)));
-            }
+            let f = if cfg.sinks.parquet.schema_from_hq { schema_from_hq(cfg).await? } else { LakeSchemaFile { source: "stream".into(), tables: Default::default() } };
             let bytes = serde_json::to_vec_pretty(&f).map_err(|e| SinkError::Lake(format!("encoding the schema: {e}")))?;
             std::fs::create_dir_all(lake.tmp()).map_err(lake::io(format!("creating {}", lake.tmp().display())))?;
             lake::write_atomic(&lake.tmp(), &lake.schema_path(), &bytes)?;
@@ -119,6 +100,30 @@ pub async fn load_tables(cfg: &Config, lake: &Lake) -> Result<HashMap<String, Ar
         }
     };
     Ok(file.tables.into_values().map(|d| (d.name.clone(), Arc::new(LakeTable::new(d)))).collect())
+}
+
+/// `sinks.parquet.schema_from_hq`: the table model of HQ's database.
+async fn schema_from_hq(cfg: &Config) -> Result<LakeSchemaFile, SinkError> {
+    let d = &cfg.hq.database;
+    let mut conn = mysql_async::Conn::new(crate::mysql_opts(d)).await.map_err(|e| match &e {
+        mysql_async::Error::Server(s) if s.code == 1049 => SinkError::Schema(format!(
+            "sinks.parquet.schema_from_hq takes the lake's table model from HQ, and the HQ database `{}` does not exist: create it with `omrs-stream sink hq-mysql --init`",
+            d.database
+        )),
+        _ => SinkError::db(format!("reading the table model from {}", d.redacted_url()), e),
+    })?;
+    let model = omrs_core::model::Model::load(&mut conn, &d.database, &[], &[]).await.map_err(|e| SinkError::Schema(format!("reading the table model from HQ: {e}")))?;
+    let _ = conn.disconnect().await;
+    let mut f = LakeSchemaFile::from_model(&model, format!("hq:{}", d.database));
+    // The sink's bookkeeping and the dashboard tables are HQ's, not OpenMRS data.
+    f.tables.retain(|name, _| !name.starts_with("omrs_sync_") && !name.starts_with("omrs_dash_"));
+    for (name, t) in f.tables.iter_mut() {
+        t.columns.retain(|c| !cfg.ingest.scrub.iter().any(|s| s == &format!("{name}.{}", c.name)));
+    }
+    if f.tables.is_empty() {
+        return Err(SinkError::Schema(format!("HQ database `{}` has no tables: run `omrs-stream sink hq-mysql --init`", d.database)));
+    }
+    Ok(f)
 }
 
 pub fn merge_schema() -> SchemaRef {
@@ -515,10 +520,15 @@ fn spawn_reader(
     crate::kafka::AbortOnDrop(tokio::spawn(async move {
     let mut turn = 0usize;
     let mut batch: Vec<(i32, i64, Vec<u8>)> = Vec::with_capacity(BATCH);
+    // The record that ended a run of schema changes: the first of the next file set.
+    let mut carry: Option<(i32, i64, Vec<u8>)> = None;
     loop {
         let mut set = Buffer::default();
         let mut at_end = false;
         let mut schema_changes: Vec<(String, omrs_core::shape::TableShape)> = Vec::new();
+        if let Some((p, o, payload)) = carry.take() {
+            take_record(&mut set, &mut next, &mut batch, (p, o, payload));
+        }
         // One timer for the whole file set (not one per record): it ticks every 200 ms
         // to roll by time and, when nothing came since the last tick, to look for the end.
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -536,18 +546,18 @@ fn spawn_reader(
                     Ok(m) => {
                         seen_since_tick = true;
                         let (p, o) = (m.partition(), m.offset());
-                        set.next.insert(p, o + 1);
-                        next.insert(p, o + 1);
-                        set.records += 1;
-                        set.first_at.get_or_insert_with(Instant::now);
                         let payload = m.payload().unwrap_or(&[]).to_vec();
-                        set.bytes += payload.len();
                         let schema = schema_change(&payload);
-                        batch.push((p, o, payload));
-                        if let Some(change) = schema {
-                            // The file set ends here: later records take the new shape.
-                            schema_changes.push(change);
+                        if schema.is_none() && !schema_changes.is_empty() {
+                            // The file set ends after a run of schema changes (a snapshot sends
+                            // every table's shape at once): later records take the new shapes.
+                            carry = Some((p, o, payload));
                             break;
+                        }
+                        take_record(&mut set, &mut next, &mut batch, (p, o, payload));
+                        if let Some(change) = schema {
+                            schema_changes.push(change);
+                            continue;
                         }
                         if batch.len() >= BATCH {
                             let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
@@ -563,7 +573,7 @@ fn spawn_reader(
                     }
                 },
                 _ = tick.tick() => {
-                    if set.first_at.is_some_and(|t| t.elapsed() >= roll_every) {
+                    if !schema_changes.is_empty() || set.first_at.is_some_and(|t| t.elapsed() >= roll_every) {
                         break;
                     }
                     if !seen_since_tick && until_idle && reached(&consumer, &topic, &targets, &next) {
@@ -614,6 +624,16 @@ fn spawn_reader(
     }))
 }
 
+/// Counts a record into the file set and queues it for the decoders.
+fn take_record(set: &mut Buffer, next: &mut BTreeMap<i32, i64>, batch: &mut Vec<(i32, i64, Vec<u8>)>, (p, o, payload): (i32, i64, Vec<u8>)) {
+    set.next.insert(p, o + 1);
+    next.insert(p, o + 1);
+    set.records += 1;
+    set.first_at.get_or_insert_with(Instant::now);
+    set.bytes += payload.len();
+    batch.push((p, o, payload));
+}
+
 /// `--until-idle`: every partition is read up to its end offset at start.
 fn reached(consumer: &crate::kafka::SinkConsumer, topic: &str, targets: &HashMap<i32, i64>, next: &BTreeMap<i32, i64>) -> bool {
     let pos = consumer.position().ok();
@@ -655,7 +675,10 @@ fn take(buf: &mut Buffer, tables: &HashMap<String, Arc<LakeTable>>, rules: &Site
             }
             let name = event.table.clone().unwrap_or_default();
             let Some(t) = tables.get(&name) else {
-                buf.dead.push(dead(DeadKind::UnknownTable, format!("table `{name}` is not in the lake schema (_schema.json, read from HQ)")));
+                buf.dead.push(dead(
+                    DeadKind::UnknownTable,
+                    format!("table `{name}` is not in the lake schema (_schema.json): no shape of it came before its rows (agents send one ahead of their snapshot; for topics without shapes set sinks.parquet.schema_from_hq at the lake's first start)"),
+                ));
                 return;
             };
             match convert(t, &event, late, person, &origin_refs, rules.get(&event.site), p, o) {
@@ -825,7 +848,10 @@ async fn commit(
         let range = (rows.first().map(|r| r.offset).unwrap_or(0), rows.last().map(|r| r.offset).unwrap_or(0));
         side_file(format!("{}.{}", reviews::DIR, reviews::REVIEWS), reviews::batch(&rows)?, &reviews::schema(), range, n)?;
     }
-    failpoint("lake:after-data-tmp");
+    if !renames.is_empty() {
+        // (A file set of table shapes alone has no data files to leave behind.)
+        failpoint("lake:after-data-tmp");
+    }
     crate::kafka::send_dead_letters(producer, dlq_topic, "parquet", topic, &b.dead).await?;
     let (watermark, partition_watermarks) = state.next_watermark(&b.watermarks, partitions);
     let completed = match watermark {

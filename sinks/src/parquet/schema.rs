@@ -1,7 +1,9 @@
-//! The lake's table schemas: the OpenMRS table model (read once from HQ's
-//! `information_schema`, then kept in `<lake>/_schema.json` so that restarts and readers do
-//! not need HQ), typed through the one MySQL → Arrow map of `omrs_core::arrow_map`, and the
-//! conversion of one change event into a typed row.
+//! The lake's table schemas: each table as the sites' shapes describe it (sent by the agents
+//! ahead of their snapshots and after every DDL, merged here by [`LakeSchemaFile::evolve`], or
+//! read once from HQ's `information_schema` with `sinks.parquet.schema_from_hq`), kept in
+//! `<lake>/_schema.json` so that restarts and readers need nothing else, typed through the one
+//! MySQL → Arrow map of `omrs_core::arrow_map`; and the conversion of one change event into a
+//! typed row.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -63,7 +65,7 @@ pub struct LakeTableDef {
 /// `<lake>/_schema.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct LakeSchemaFile {
-    /// Where the model was read from (`hq:<database>`).
+    /// Where the model came from: `stream` (the sites' table shapes) or `hq:<database>`.
     pub source: String,
     pub tables: BTreeMap<String, LakeTableDef>,
 }
@@ -352,7 +354,7 @@ impl LakeSchemaFile {
             None => {
                 let columns: Vec<LakeColumn> = shape.columns.iter().filter(|c| !scrubbed(&shape.table, &c.name)).map(column).collect();
                 let has_uuid = columns.iter().any(|c| c.name == "uuid");
-                self.tables.insert(shape.table.clone(), LakeTableDef { name: shape.table.clone(), columns, pk: shape.pk.clone(), has_uuid, shared_parent: None });
+                self.tables.insert(shape.table.clone(), LakeTableDef { name: shape.table.clone(), columns, pk: shape.pk.clone(), has_uuid, shared_parent: shape.shared_parent.clone() });
                 true
             }
             Some(def) => {
@@ -389,6 +391,41 @@ impl LakeSchemaFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use omrs_core::model::{ColumnInfo, Fk, TableModel};
+    use omrs_core::shape::TableShape;
+
+    #[test]
+    fn a_new_lake_takes_its_tables_from_the_sites_base_shapes() {
+        let col = |n: &str, t: &str| ColumnInfo { name: n.into(), column_type: t.into(), ..Default::default() };
+        let patient = TableModel {
+            name: "patient".into(),
+            columns: vec![col("patient_id", "int(11)"), col("allergy_status", "varchar(50)"), col("secret", "varchar(9)")],
+            pk: vec!["patient_id".into()],
+            has_uuid: false,
+            fks: vec![Fk { column: "patient_id".into(), ref_table: "person".into(), ref_column: "person_id".into() }],
+            shared_parent: Some("person".into()),
+            enums: Default::default(),
+        };
+        let mut file = LakeSchemaFile { source: "stream".into(), tables: BTreeMap::new() };
+        let scrub = |t: &str, c: &str| t == "patient" && c == "secret";
+        assert!(file.evolve(&TableShape::base_of(&patient), &scrub));
+        let def = &file.tables["patient"];
+        assert_eq!(def.columns.iter().map(|c| (c.name.as_str(), c.mysql_type.as_str(), c.references.as_deref())).collect::<Vec<_>>(), [
+            ("patient_id", "int(11)", Some("person")),
+            ("allergy_status", "varchar(50)", None)
+        ]);
+        assert_eq!((def.pk.clone(), def.has_uuid, def.shared_parent.as_deref()), (vec!["patient_id".to_string()], false, Some("person")));
+        let t = LakeTable::new(def.clone());
+        assert!(!t.site_local && t.fk_key_columns == ["patient_id"], "patient rows are keyed by their person");
+        // The same shape from a second site changes nothing; a wider one widens.
+        assert!(!file.evolve(&TableShape::base_of(&patient), &scrub));
+        let mut wider = TableShape::base_of(&patient);
+        wider.columns[1].column_type = "varchar(255)".into();
+        assert!(!file.evolve(&wider, &scrub), "both are Utf8: nothing to change in the lake");
+        wider.columns[0].column_type = "bigint(20)".into();
+        assert!(file.evolve(&wider, &scrub));
+        assert_eq!(file.tables["patient"].columns[0].mysql_type, "bigint(20)");
+    }
 
     #[test]
     fn cells_are_typed_or_refused_with_the_value() {

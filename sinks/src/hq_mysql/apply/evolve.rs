@@ -257,6 +257,8 @@ mod tests {
             indexes: vec![],
             dropped: false,
             ddl: None,
+            shared_parent: None,
+            base: false,
         };
         let s = statements(&shape, &[Step::Create], &model, &HashMap::new());
         assert_eq!(s, ["CREATE TABLE IF NOT EXISTS `hiv_care` (`hiv_care_id` int(11) NOT NULL, `patient_id` int(11) NULL, PRIMARY KEY (`hiv_care_id`), FOREIGN KEY (`patient_id`) REFERENCES `patient` (`patient_id`)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"]);
@@ -292,6 +294,8 @@ mod tests {
             ],
             dropped: false,
             ddl: None,
+            shared_parent: None,
+            base: false,
         };
         let have = [i("name_origin_idx", &["voided"], false), i("person_name_given", &["given_name"], false)];
         assert_eq!(index_statements(&shape, &have), [

@@ -399,8 +399,10 @@ impl Applier {
     }
 
     /// Whether `records` hold a schema change ([`Applier::evolve`] runs before they are planned).
+    /// A snapshot's base shapes are not changes: HQ's schema is the programme's OpenMRS, made by
+    /// `--init`, and a site on an older version must not block HQ's tables.
     pub fn has_schema_changes(records: &[Record]) -> bool {
-        records.iter().any(|r| matches!(r.decoded, Ok(HqEvent::Schema { .. })))
+        records.iter().any(|r| matches!(&r.decoded, Ok(HqEvent::Schema { schema, .. }) if !schema.base))
     }
 
     /// Evolves HQ's tables for the schema changes in `records`, in order, before the batch is
@@ -410,7 +412,7 @@ impl Applier {
         let mut changed = false;
         for r in records {
             let Ok(HqEvent::Schema { site, schema, ts_ms }) = &r.decoded else { continue };
-            if self.blocked.contains_key(&(site.clone(), schema.table.clone())) {
+            if schema.base || self.blocked.contains_key(&(site.clone(), schema.table.clone())) {
                 continue;
             }
             match evolve::evolve(conn, &self.database, &self.model, site, schema, *ts_ms, r.offset).await? {
