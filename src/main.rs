@@ -196,70 +196,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Identity { action } => {
-            let cfg = Config::load(&cli.config)?;
-            match action {
-                omrs_sinks::identity::IdentityCommand::List(a) => {
-                    let l = omrs_sinks::identity::list(&cfg, a).await?;
-                    if a.json {
-                        println!("{}", serde_json::to_string_pretty(&l)?);
-                    } else {
-                        print!("{}", omrs_sinks::identity::render_list(&l));
-                    }
-                }
-                omrs_sinks::identity::IdentityCommand::Confirm(a) => println!("{}", omrs_sinks::identity::confirm(&cfg, a).await?),
-                omrs_sinks::identity::IdentityCommand::Split(a) => println!("{}", omrs_sinks::identity::split(&cfg, a).await?),
-                omrs_sinks::identity::IdentityCommand::Show(a) => {
-                    let c = omrs_sinks::identity::show(&cfg, a).await?;
-                    if a.json {
-                        println!("{}", serde_json::to_string_pretty(&c)?);
-                    } else {
-                        print!("{}", omrs_sinks::identity::render_show(&c));
-                    }
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Dlq { action } => {
-            let cfg = Config::load(&cli.config)?;
-            match action {
-                omrs_sinks::dlq::DlqCommand::List(f) => {
-                    let dead = omrs_sinks::dlq::read(&cfg, f)?;
-                    print!("{}", omrs_sinks::dlq::render(&dead, f.json));
-                }
-                omrs_sinks::dlq::DlqCommand::Replay { filter, dry_run } => {
-                    let dead = omrs_sinks::dlq::read(&cfg, filter)?;
-                    let (n, skipped) = omrs_sinks::dlq::replay(&cfg, &dead, *dry_run).await?;
-                    for s in &skipped {
-                        eprintln!("skipped: {s}");
-                    }
-                    println!("{} {n} of {} dead letters", if *dry_run { "would replay" } else { "replayed" }, dead.len());
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Status(args) => {
-            let cfg = Config::load(&cli.config)?;
-            for url in &args.metrics {
-                omrs_core::prom::split_url(url).context("--metrics")?;
-            }
-            loop {
-                let s = omrs_sinks::status::status(&cfg, args.lake.as_deref(), &args.metrics).await;
-                if args.json {
-                    println!("{}", serde_json::to_string_pretty(&s)?);
-                } else {
-                    if args.watch.is_some() {
-                        // Clear the screen and go home, as `watch` does.
-                        print!("\x1b[2J\x1b[H");
-                    }
-                    print!("{}", omrs_sinks::status::render(&s));
-                }
-                match args.watch {
-                    Some(secs) => tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))).await,
-                    None => return Ok(if s.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }),
-                }
-            }
-        }
+        Command::Identity { action } => identity(&Config::load(&cli.config)?, action).await,
+        Command::Dlq { action } => dlq(&Config::load(&cli.config)?, action).await,
+        Command::Status(args) => status(&Config::load(&cli.config)?, args).await,
         Command::Verify(args) => {
             let cfg = Config::load(&cli.config)?;
             let report = omrs_sinks::verify::run(&cfg, args).await?;
@@ -308,6 +247,73 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = Config::load(&cli.config)?;
             omrs_simulate::run(&cfg, args).await?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `omrs-stream identity …`: the data manager's review of cross-site merges.
+async fn identity(cfg: &Config, action: &omrs_sinks::identity::IdentityCommand) -> anyhow::Result<ExitCode> {
+    match action {
+        omrs_sinks::identity::IdentityCommand::List(a) => {
+            let l = omrs_sinks::identity::list(cfg, a).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                print!("{}", omrs_sinks::identity::render_list(&l));
+            }
+        }
+        omrs_sinks::identity::IdentityCommand::Confirm(a) => println!("{}", omrs_sinks::identity::confirm(cfg, a).await?),
+        omrs_sinks::identity::IdentityCommand::Split(a) => println!("{}", omrs_sinks::identity::split(cfg, a).await?),
+        omrs_sinks::identity::IdentityCommand::Show(a) => {
+            let c = omrs_sinks::identity::show(cfg, a).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                print!("{}", omrs_sinks::identity::render_show(&c));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `omrs-stream dlq …`: the dead letters, listed or replayed.
+async fn dlq(cfg: &Config, action: &omrs_sinks::dlq::DlqCommand) -> anyhow::Result<ExitCode> {
+    match action {
+        omrs_sinks::dlq::DlqCommand::List(f) => {
+            let dead = omrs_sinks::dlq::read(cfg, f)?;
+            print!("{}", omrs_sinks::dlq::render(&dead, f.json));
+        }
+        omrs_sinks::dlq::DlqCommand::Replay { filter, dry_run } => {
+            let dead = omrs_sinks::dlq::read(cfg, filter)?;
+            let (n, skipped) = omrs_sinks::dlq::replay(cfg, &dead, *dry_run).await?;
+            for s in &skipped {
+                eprintln!("skipped: {s}");
+            }
+            println!("{} {n} of {} dead letters", if *dry_run { "would replay" } else { "replayed" }, dead.len());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `omrs-stream status`: every clinic and stage at a glance, once or every `--watch` seconds.
+async fn status(cfg: &Config, args: &omrs_sinks::status::StatusArgs) -> anyhow::Result<ExitCode> {
+    for url in &args.metrics {
+        omrs_core::prom::split_url(url).context("--metrics")?;
+    }
+    loop {
+        let s = omrs_sinks::status::status(cfg, args.lake.as_deref(), &args.metrics).await;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            if args.watch.is_some() {
+                // Clear the screen and go home, as `watch` does.
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", omrs_sinks::status::render(&s));
+        }
+        match args.watch {
+            Some(secs) => tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))).await,
+            None => return Ok(if s.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }),
         }
     }
 }

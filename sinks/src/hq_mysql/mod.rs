@@ -141,7 +141,6 @@ pub async fn run(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
 async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let topic = names.hq_changes();
-    let dlq_topic = names.dlq();
     let sink_cfg = &cfg.sinks.hq_mysql;
     let batch_rows = args.batch_rows.unwrap_or(sink_cfg.batch_max_rows).max(1);
 
@@ -152,7 +151,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
     schema::ensure_bookkeeping(&mut conn).await?;
     tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: bookkeeping ensured");
     let consumer = crate::kafka::consumer(cfg, "hq-mysql")?;
-    let producer = crate::kafka::producer(cfg, "the dead-letter producer")?;
+    let out = Outputs { producer: crate::kafka::producer(cfg, "the dead-letter producer")?, topic: topic.clone(), dlq_topic: names.dlq() };
 
     let stored: Vec<(i32, i64)> = conn
         .exec("SELECT kafka_partition, next_offset FROM omrs_sync_offsets WHERE topic = ?", (topic.as_str(),))
@@ -222,30 +221,12 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
             let offsets = (n > 0).then_some(stored_now);
             if n > 0 || applier.pending_len() > 0 {
                 if applier.needs_sync(&records) {
-                    // A merge reads and moves committed rows: the batch before commits first,
-                    // then this one is planned and written on the writing connection.
                     finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;
-                    let mut conn = idle_conn.take().ok_or_else(|| SinkError::Schema("internal: no writing connection".into()))?;
-                    if Applier::has_schema_changes(&records) {
-                        // DDL commits on its own: before the batch's transaction.
-                        if let Err(e) = applier.evolve(&mut conn, &records).await {
-                            idle_conn = Some(conn);
-                            return Err(e);
-                        }
-                        writer = std::sync::Arc::new(applier.writer());
-                    }
-                    conn.query_drop("START TRANSACTION").await.map_err(|e| SinkError::db("beginning a transaction", e))?;
-                    let outcome = match applier.apply(&mut conn, records).await {
-                        Ok(o) => o,
-                        Err(e) => {
-                            let _ = conn.query_drop("ROLLBACK").await;
-                            return Err(e);
-                        }
-                    };
-                    let committed = commit(&mut conn, &topic, offsets.as_ref(), &producer, &dlq_topic, &outcome).await?;
-                    applier.written(applier.generation());
-                    record(&outcome, started, committed, &mut total_applied);
+                    let conn = idle_conn.take().ok_or_else(|| SinkError::Schema("internal: no writing connection".into()))?;
+                    let (conn, result) = write_in_line(conn, &mut applier, &mut writer, &out, records, offsets).await;
                     idle_conn = Some(conn);
+                    let (outcome, committed) = result?;
+                    record(&outcome, started, committed, &mut total_applied);
                 } else {
                     let planned = applier.plan_batch(&mut read_conn, records).await?;
                     if inflight.is_some() {
@@ -254,27 +235,7 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
                     }
                     finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;
                     let conn = idle_conn.take().ok_or_else(|| SinkError::Schema("internal: no writing connection".into()))?;
-                    let generation = planned.generation;
-                    let (writer, producer, topic, dlq_topic) = (writer.clone(), producer.clone(), topic.clone(), dlq_topic.clone());
-                    let task = tokio::spawn(async move {
-                        let mut conn = conn;
-                        let t0 = Instant::now();
-                        conn.query_drop("START TRANSACTION").await.map_err(|e| SinkError::db("beginning a transaction", e))?;
-                        let (outcome, failed) = match planned.write(&writer, &mut conn).await {
-                            Ok(r) => r,
-                            Err(e) => {
-                                let _ = conn.query_drop("ROLLBACK").await;
-                                return Err(e);
-                            }
-                        };
-                        let t_write = t0.elapsed();
-                        // Batch n written, not committed; n+1 may be being planned.
-                        crate::failpoint::failpoint("hq:written-uncommitted");
-                        let committed = commit(&mut conn, &topic, offsets.as_ref(), &producer, &dlq_topic, &outcome).await?;
-                        tracing::debug!(write_ms = t_write.as_millis() as u64, commit_ms = (t0.elapsed() - t_write).as_millis() as u64, "batch written");
-                        Ok(Written { conn, outcome, failed, committed })
-                    });
-                    inflight = Some(InFlight { task, generation, started });
+                    inflight = Some(spawn_write(planned, conn, writer.clone(), out.clone(), offsets, started));
                 }
             }
             Ok::<bool, SinkError>(at_end)
@@ -316,6 +277,76 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
             return Ok(());
         }
     }
+}
+
+/// Where a batch's offsets and dead letters go.
+#[derive(Clone)]
+struct Outputs {
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    dlq_topic: String,
+}
+
+/// A batch with a merge (it reads and moves committed rows) or a schema change (DDL commits on
+/// its own, before the batch's transaction), planned and written on the writing connection once
+/// the batch before has committed. Returns the outcome and the commit time; the connection comes
+/// back whatever happens.
+async fn write_in_line(
+    mut conn: Conn,
+    applier: &mut Applier,
+    writer: &mut std::sync::Arc<apply::Writer>,
+    out: &Outputs,
+    records: Vec<Record>,
+    offsets: Option<HashMap<i32, i64>>,
+) -> (Conn, Result<(apply::Outcome, i64), SinkError>) {
+    if Applier::has_schema_changes(&records) {
+        if let Err(e) = applier.evolve(&mut conn, &records).await {
+            return (conn, Err(e));
+        }
+        *writer = std::sync::Arc::new(applier.writer());
+    }
+    if let Err(e) = conn.query_drop("START TRANSACTION").await {
+        return (conn, Err(SinkError::db("beginning a transaction", e)));
+    }
+    let outcome = match applier.apply(&mut conn, records).await {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = conn.query_drop("ROLLBACK").await;
+            return (conn, Err(e));
+        }
+    };
+    match commit(&mut conn, &out.topic, offsets.as_ref(), &out.producer, &out.dlq_topic, &outcome).await {
+        Ok(committed) => {
+            applier.written(applier.generation());
+            (conn, Ok((outcome, committed)))
+        }
+        Err(e) => (conn, Err(e)),
+    }
+}
+
+/// Writes and commits a planned batch on the writing connection, in a task of its own, while
+/// the loop plans the next one.
+fn spawn_write(planned: apply::PlannedBatch, conn: Conn, writer: std::sync::Arc<apply::Writer>, out: Outputs, offsets: Option<HashMap<i32, i64>>, started: Instant) -> InFlight {
+    let generation = planned.generation;
+    let task = tokio::spawn(async move {
+        let mut conn = conn;
+        let t0 = Instant::now();
+        conn.query_drop("START TRANSACTION").await.map_err(|e| SinkError::db("beginning a transaction", e))?;
+        let (outcome, failed) = match planned.write(&writer, &mut conn).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = conn.query_drop("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        let t_write = t0.elapsed();
+        // Batch n written, not committed; n+1 may be being planned.
+        crate::failpoint::failpoint("hq:written-uncommitted");
+        let committed = commit(&mut conn, &out.topic, offsets.as_ref(), &out.producer, &out.dlq_topic, &outcome).await?;
+        tracing::debug!(write_ms = t_write.as_millis() as u64, commit_ms = (t0.elapsed() - t_write).as_millis() as u64, "batch written");
+        Ok(Written { conn, outcome, failed, committed })
+    });
+    InFlight { task, generation, started }
 }
 
 /// A planned batch being written and committed by a task of its own.

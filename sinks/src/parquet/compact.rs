@@ -520,7 +520,24 @@ async fn compact_held(lake: &Lake, state: &State, tables: &HashMap<String, Arc<L
     }
     failpoint("compact:after-tables");
 
-    // The views, from the new current tables.
+    build_views(&dir, tables, &merges, &mut info, row_group).await?;
+    std::fs::create_dir_all(dir.join("views")).map_err(io("creating views"))?;
+    let bytes = serde_json::to_vec_pretty(&info).map_err(|e| SinkError::Lake(format!("encoding snapshot.json: {e}")))?;
+    write_atomic(&lake.tmp(), &dir.join("snapshot.json"), &bytes)?;
+    sync_tree(&dir)?;
+    failpoint("compact:before-swap");
+    swap_link(&lake.root, "current", &PathBuf::from(format!("_snapshots/{id:010}/current")))?;
+    failpoint("compact:between-swaps");
+    swap_link(&lake.root, "views", &PathBuf::from(format!("_snapshots/{id:010}/views")))?;
+    let seconds = started.elapsed().as_secs_f64();
+    metrics().lake_compaction_seconds.with_label_values(&[trigger]).observe(seconds);
+    tracing::info!(snapshot = id, manifest_seq = state.seq, rebuilt, merges = merges.len(), seconds, "current state and views published");
+    Ok(Report { id, rebuilt, seconds })
+}
+
+/// The views, from the new current tables (`info.tables`) and the merges, into `dir/views`;
+/// their row counts into `info.views`.
+async fn build_views(dir: &Path, tables: &HashMap<String, Arc<LakeTable>>, merges: &Merges, info: &mut SnapshotInfo, row_group: usize) -> Result<(), SinkError> {
     let ctx = SessionContext::new();
     for name in info.tables.keys() {
         crate::query::register_dir(&ctx, name, &dir.join("current").join(name), false, tables.get(name).map(|t| t.schema.clone())).await?;
@@ -573,18 +590,7 @@ async fn compact_held(lake: &Lake, state: &State, tables: &HashMap<String, Arc<L
             Err(e) => return Err(SinkError::Lake(format!("building view {view}: {e}"))),
         }
     }
-    std::fs::create_dir_all(dir.join("views")).map_err(io("creating views"))?;
-    let bytes = serde_json::to_vec_pretty(&info).map_err(|e| SinkError::Lake(format!("encoding snapshot.json: {e}")))?;
-    write_atomic(&lake.tmp(), &dir.join("snapshot.json"), &bytes)?;
-    sync_tree(&dir)?;
-    failpoint("compact:before-swap");
-    swap_link(&lake.root, "current", &PathBuf::from(format!("_snapshots/{id:010}/current")))?;
-    failpoint("compact:between-swaps");
-    swap_link(&lake.root, "views", &PathBuf::from(format!("_snapshots/{id:010}/views")))?;
-    let seconds = started.elapsed().as_secs_f64();
-    metrics().lake_compaction_seconds.with_label_values(&[trigger]).observe(seconds);
-    tracing::info!(snapshot = id, manifest_seq = state.seq, rebuilt, merges = merges.len(), seconds, "current state and views published");
-    Ok(Report { id, rebuilt, seconds })
+    Ok(())
 }
 
 /// The tables `sql` reads that `ctx` does not have.
