@@ -129,12 +129,10 @@ impl<'de> Deserialize<'de> for FlatRow {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<FlatRow, A::Error> {
                 let mut pairs: Vec<(Cow<'static, str>, J)> = Vec::with_capacity(m.size_hint().unwrap_or(16));
+                let mut seen = Seen::default();
                 while let Some(k) = m.next_key_seed(Name)? {
                     let v: J = m.next_value()?;
-                    match pairs.iter_mut().find(|(c, _)| *c == k) {
-                        Some(e) => e.1 = v,
-                        None => pairs.push((k, v)),
-                    }
+                    put(&mut pairs, &mut seen, k, v);
                 }
                 Ok(FlatRow(pairs))
             }
@@ -293,12 +291,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawPairs<'a> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<RawPairs<'a>, A::Error> {
                 let mut v: Vec<(Cow<'a, str>, &'a RawValue)> = Vec::with_capacity(m.size_hint().unwrap_or(24));
+                let mut seen = Seen::default();
                 while let Some((k, val)) = m.next_entry::<Key<'de>, &'de RawValue>()? {
-                    let k = k.0;
-                    match v.iter_mut().find(|(c, _)| *c == k) {
-                        Some(e) => e.1 = val,
-                        None => v.push((k, val)),
-                    }
+                    put(&mut v, &mut seen, k.0, val);
                 }
                 Ok(RawPairs(v))
             }
@@ -320,6 +315,35 @@ impl Serialize for RawPairs<'_> {
 /// A column name borrowed from the record when it has no escapes (serde's own `Cow` always
 /// copies).
 struct Key<'a>(Cow<'a, str>);
+
+/// The column names an image has so far, as a 64-bit filter of (length, last byte): a name
+/// whose bit is not set cannot be a repeat, so only the rare name whose bit is set is looked
+/// for among the others (a full `obs` image has 30 columns: 435 comparisons without it).
+#[derive(Default)]
+struct Seen(u64);
+
+impl Seen {
+    #[inline(always)]
+    fn bit(name: &str) -> u64 {
+        let last = name.as_bytes().last().copied().unwrap_or(0) as usize;
+        1 << ((name.len() * 7 + last) & 63)
+    }
+}
+
+/// Appends (name, value), or replaces the value of an earlier pair of that name: a repeated
+/// column keeps its first place and its last value, as in a JSON map.
+#[inline(always)]
+fn put<'a, V>(pairs: &mut Vec<(Cow<'a, str>, V)>, seen: &mut Seen, name: Cow<'a, str>, value: V) {
+    let bit = Seen::bit(&name);
+    if seen.0 & bit != 0 {
+        if let Some(e) = pairs.iter_mut().find(|(c, _)| *c == name) {
+            e.1 = value;
+            return;
+        }
+    }
+    seen.0 |= bit;
+    pairs.push((name, value));
+}
 
 impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -361,5 +385,12 @@ mod tests {
         assert_eq!(pairs.get("c292").map(RawValue::get), Some(r#""again 292""#));
         assert_eq!(pairs.get("c1").map(RawValue::get), Some(r#""escaped""#));
         assert_eq!(pairs.at(2).map(|(k, v)| (k, v.get())), Some(("c2", "2")));
+        // A few columns, where the filter decides: `ab` and `cb` share a bit and stay apart.
+        assert_eq!(Seen::bit("ab"), Seen::bit("cb"));
+        let small = r#"{"ab":1,"cb":2,"uuid":3,"ab":4}"#;
+        let pairs: RawPairs<'_> = serde_json::from_str(small).expect("pairs");
+        let flat: FlatRow = serde_json::from_str(small).expect("flat");
+        assert_eq!(serde_json::to_string(&pairs).ok().as_deref(), Some(r#"{"ab":4,"cb":2,"uuid":3}"#));
+        assert_eq!(serde_json::to_string(&flat).ok().as_deref(), Some(r#"{"ab":4,"cb":2,"uuid":3}"#));
     }
 }
