@@ -49,3 +49,18 @@ kafka_jars() {
   version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")
   echo "$OMRS_STATE/kafka/jars-$version-$(sha256sum "$pom" | cut -c1-12)"
 }
+
+# debian_prometheus: the directory Debian's prometheus package is unpacked into (bin and
+# promtool under usr/bin), downloading it the first time. Not installed: no service, no user.
+debian_prometheus() {
+  local dir=/var/cache/omrs-stream/prometheus-deb tmp
+  if [ ! -x "$dir/usr/bin/prometheus" ] || [ ! -x "$dir/usr/bin/promtool" ]; then
+    tmp=$(mktemp -d)
+    (cd "$tmp" && { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get download prometheus >/dev/null; }; }) \
+      || { rm -rf "$tmp"; die "could not download Debian's prometheus package"; }
+    mkdir -p "$dir"
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$dir"
+    rm -rf "$tmp"
+  fi
+  echo "$dir"
+}

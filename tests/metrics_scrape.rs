@@ -1,7 +1,9 @@
 //! Every long-running process serves `/metrics` and `/health`, and the documented metric names
 //! are there and move: three ingest agents, the transform, the HQ sink and the Parquet sink run
 //! as they do in production (not in batch mode) over a small simulator workload, and each one's
-//! endpoint is scraped until its counters are above zero.
+//! endpoint is scraped until its counters are above zero. They listen on ports the local
+//! Prometheus scrapes (`scripts/dev-up --prometheus`, `deploy/prometheus/prometheus.local.yml`),
+//! which must see the same counters move and have the alerting rules loaded.
 
 mod common;
 
@@ -13,8 +15,19 @@ use common::hq::*;
 use common::*;
 use mysql_async::prelude::Queryable;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The i-th of the ports the local Prometheus scrapes that the demo leaves free (9486-9492).
+fn scraped_port(i: u16) -> u16 {
+    let port = 9486 + i;
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "port {port} (scraped by the local Prometheus) is in use: a demo running?");
+    port
+}
+
+/// The sum of an instant query's samples at the local Prometheus; None when it has none yet.
+fn prom_sum(prom: &str, query: &str) -> Option<f64> {
+    let out = std::process::Command::new("curl").args(["-fsS", "-G", &format!("{prom}/api/v1/query"), "--data-urlencode", &format!("query={query}")]).output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let samples = v["data"]["result"].as_array()?;
+    (!samples.is_empty()).then(|| samples.iter().filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok()).sum())
 }
 
 fn get(port: u16, path: &str) -> Option<String> {
@@ -76,18 +89,18 @@ async fn every_process_serves_metrics_that_move() {
     };
     let mut procs = Kill(Vec::new());
     let mut ports = Vec::new();
-    for site in ["site-a", "site-b", "site-c"] {
-        let port = free_port();
+    for (i, site) in ["site-a", "site-b", "site-c"].into_iter().enumerate() {
+        let port = scraped_port(i as u16);
         procs.0.push(spawn(&["ingest", "--site", site, "--quiet"], port));
         ports.push((format!("ingest {site}"), port, "omrs_stream_events_out_total", "stage=\"ingest\""));
     }
-    let port = free_port();
+    let port = scraped_port(3);
     procs.0.push(spawn(&["transform"], port));
     ports.push(("transform".into(), port, "omrs_stream_events_out_total", "stage=\"transform\""));
-    let port = free_port();
+    let port = scraped_port(4);
     procs.0.push(spawn(&["sink", "hq-mysql", "--quiet"], port));
     ports.push(("hq-mysql".into(), port, "omrs_stream_hq_rows_applied_total", ""));
-    let port = free_port();
+    let port = scraped_port(5);
     procs.0.push(spawn(&["sink", "parquet", "--quiet"], port));
     ports.push(("parquet".into(), port, "omrs_stream_lake_rows_written_total", ""));
 
@@ -134,6 +147,22 @@ async fn every_process_serves_metrics_that_move() {
                 assert_eq!(retention, 14.0 * 86400.0, "{what}: binlog retention");
             }
         }
+    }
+    // The local Prometheus scrapes each of them and has the alerting rules.
+    let prom = std::env::var("OMRS_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:9090".into());
+    let ready = std::process::Command::new("curl").args(["-fsS", &format!("{prom}/-/ready")]).output().unwrap();
+    assert!(ready.status.success(), "no Prometheus at {prom}: start it with deploy/prometheus/prometheus-up (scripts/test does, through scripts/dev-up --prometheus)");
+    for (what, port, name, filter) in &ports {
+        let labels = if filter.is_empty() { format!("instance=\"127.0.0.1:{port}\"") } else { format!("instance=\"127.0.0.1:{port}\",{filter}") };
+        let up = wait_for(60, &format!("Prometheus: {what} up"), || prom_sum(&prom, &format!("up{{instance=\"127.0.0.1:{port}\"}}")).filter(|v| *v == 1.0));
+        assert_eq!(up, 1.0);
+        let v = wait_for(60, &format!("Prometheus: {name}{{{labels}}} above zero"), || prom_sum(&prom, &format!("{name}{{{labels}}}")).filter(|v| *v > 0.0));
+        eprintln!("Prometheus sees {what}: {name} = {v}");
+    }
+    let rules = std::process::Command::new("curl").args(["-fsS", &format!("{prom}/api/v1/rules")]).output().unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).to_string();
+    for alert in ["OmrsDeadLetters", "OmrsTargetDown"] {
+        assert!(rules.contains(&format!("\"name\":\"{alert}\"")), "the local Prometheus has not loaded alert {alert}");
     }
     drop(procs);
 
