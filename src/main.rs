@@ -202,11 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(args) => {
             let cfg = Config::load(&cli.config)?;
             let report = omrs_sinks::verify::run(&cfg, args).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", omrs_sinks::verify::render(&report));
-            }
+            print_as(args.json, &report, omrs_sinks::verify::render)?;
             Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Topics { action: TopicsAction::Apply } => {
@@ -251,26 +247,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Prints `value` as pretty JSON (`--json`), or as `render` writes it for a person.
+fn print_as<T: serde::Serialize>(json: bool, value: &T, render: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", render(value));
+    }
+    Ok(())
+}
+
 /// `omrs-stream identity …`: the data manager's review of cross-site merges.
 async fn identity(cfg: &Config, action: &omrs_sinks::identity::IdentityCommand) -> anyhow::Result<ExitCode> {
     match action {
         omrs_sinks::identity::IdentityCommand::List(a) => {
-            let l = omrs_sinks::identity::list(cfg, a).await?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&l)?);
-            } else {
-                print!("{}", omrs_sinks::identity::render_list(&l));
-            }
+            print_as(a.json, &omrs_sinks::identity::list(cfg, a).await?, omrs_sinks::identity::render_list)?;
         }
         omrs_sinks::identity::IdentityCommand::Confirm(a) => println!("{}", omrs_sinks::identity::confirm(cfg, a).await?),
         omrs_sinks::identity::IdentityCommand::Split(a) => println!("{}", omrs_sinks::identity::split(cfg, a).await?),
         omrs_sinks::identity::IdentityCommand::Show(a) => {
-            let c = omrs_sinks::identity::show(cfg, a).await?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&c)?);
-            } else {
-                print!("{}", omrs_sinks::identity::render_show(&c));
-            }
+            print_as(a.json, &omrs_sinks::identity::show(cfg, a).await?, omrs_sinks::identity::render_show)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -302,15 +298,11 @@ async fn status(cfg: &Config, args: &omrs_sinks::status::StatusArgs) -> anyhow::
     }
     loop {
         let s = omrs_sinks::status::status(cfg, args.lake.as_deref(), &args.metrics).await;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&s)?);
-        } else {
-            if args.watch.is_some() {
-                // Clear the screen and go home, as `watch` does.
-                print!("\x1b[2J\x1b[H");
-            }
-            print!("{}", omrs_sinks::status::render(&s));
+        if args.watch.is_some() && !args.json {
+            // Clear the screen and go home, as `watch` does.
+            print!("\x1b[2J\x1b[H");
         }
+        print_as(args.json, &s, omrs_sinks::status::render)?;
         match args.watch {
             Some(secs) => tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))).await,
             None => return Ok(if s.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }),

@@ -69,6 +69,16 @@ impl TableSchema {
     }
 }
 
+/// A table's shape as a fresh snapshot (or a Debezium input reading from the beginning) sends
+/// it ahead of the rows, scrubbed columns left out: the lake builds its schema from these (see
+/// [`TableShape::base`]).
+pub fn base_shape(t: &TableModel, scrub: &[String]) -> TableShape {
+    let scrubbed = crate::convert::scrubbed(t, scrub);
+    let mut shape = TableShape::base_of(t);
+    shape.columns.retain(|c| !scrubbed.contains(&c.name.as_str()));
+    shape
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Base {
     position: Position,

@@ -333,15 +333,12 @@ async fn progress_bar(snap: &mut mysql_async::Conn, db: &str, quiet: bool, rows_
     })
 }
 
-/// Every captured table's shape as the snapshot sees it (scrubbed columns left out), as
-/// schema events ahead of the rows: the lake builds its schema from them (see
-/// [`omrs_core::shape::TableShape::base`]).
+/// Every captured table's shape as the snapshot sees it ([`crate::schema::base_shape`]), as
+/// schema events ahead of the rows.
 fn base_shapes(agent: &Agent, tables: &[String], position: &Position, ts_ms: i64, pending: &mut Batch) {
     for (i, name) in tables.iter().enumerate() {
         let Some(table) = agent.model.table(name) else { continue };
-        let scrub = scrubbed(table, &agent.scrub);
-        let mut shape = omrs_core::shape::TableShape::base_of(table);
-        shape.columns.retain(|c| !scrub.contains(&c.name.as_str()));
+        let shape = crate::schema::base_shape(table, &agent.scrub);
         let source = Source { server_id: agent.server_id, gtid: None, file: position.file.clone(), pos: position.pos, row: i as u32, ts_ms, snapshot: true };
         pending.push_event(&ChangeEvent::schema(agent.site.name.clone(), shape, source, ts_ms));
     }

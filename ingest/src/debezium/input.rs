@@ -151,16 +151,13 @@ impl<'a> Input<'a> {
         Ok(input)
     }
 
-    /// From the topics' beginning: every table's shape (scrubbed columns left out) goes ahead
-    /// of the first rows, in their transaction; the lake builds its schema from them (see
-    /// [`omrs_core::shape::TableShape::base`]).
+    /// From the topics' beginning: every table's shape ([`crate::schema::base_shape`]) goes
+    /// ahead of the first rows, in their transaction.
     fn base_shapes(&mut self) {
         let now = now_ms();
         for (i, name) in self.model.order.iter().enumerate() {
             let Some(table) = self.model.table(name) else { continue };
-            let scrub = crate::convert::scrubbed(table, &self.cfg.ingest.scrub);
-            let mut shape = omrs_core::shape::TableShape::base_of(table);
-            shape.columns.retain(|c| !scrub.contains(&c.name.as_str()));
+            let shape = crate::schema::base_shape(table, &self.cfg.ingest.scrub);
             let at = Source { server_id: 0, gtid: None, file: String::new(), pos: 0, row: i as u32, ts_ms: now, snapshot: true };
             self.batch.push_event(&ChangeEvent::schema(self.site.name.clone(), shape, at, now));
         }

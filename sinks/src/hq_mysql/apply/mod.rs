@@ -447,7 +447,9 @@ impl Applier {
             return true;
         }
         records.iter().any(|r| match &r.decoded {
-            Ok(HqEvent::Merge { .. } | HqEvent::Split { .. } | HqEvent::IdentityReview { .. } | HqEvent::Schema { .. }) => true,
+            Ok(HqEvent::Merge { .. } | HqEvent::Split { .. } | HqEvent::IdentityReview { .. }) => true,
+            // A DDL's shape evolves HQ first; a snapshot's base shape is nothing to HQ.
+            Ok(HqEvent::Schema { schema, .. }) => !schema.base,
             Ok(HqEvent::Change { event, origin_refs, .. }) if matches!(event.table.as_deref(), Some("person" | "patient")) && !self.merges.is_empty() => {
                 match event.table.as_deref().and_then(|t| self.model.table(t)) {
                     Some(tm) => self.row_key(tm, event, origin_refs).map(|k| self.survivor_of(&k).is_some()).unwrap_or(false),
