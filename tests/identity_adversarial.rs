@@ -237,6 +237,7 @@ async fn five_sites_of_adversarial_identity_consolidate_by_the_simulators_truth(
     assert_eq!(report["lake_reviews"]["differing"], 0, "after the decision: {}", report["lake_reviews"]);
 
     split_and_relink(&p, &cfg_path, &manifest, &mut h, &hq_db, &lake, cid).await;
+    split_site_merge(&p, &cfg_path, &manifest, &mut h, &lake).await;
     status_sees_each_clinic(&cfg_path, &mut h).await;
 
     let mut a = admin(HQ_PORT, None).await;
@@ -344,21 +345,8 @@ async fn split_and_relink(
     let merged_away = count(h, &format!("SELECT COUNT(*) FROM omrs_sync_merge WHERE loser_uuid = '{r}'")).await;
     assert_eq!(merged_away, 0, "{r} is nobody's loser");
     // The lake's current state says the same.
-    let lake_obs = |person: &str| {
-        let q = bin()
-            .arg("--config")
-            .arg(cfg_path)
-            .args(["query", "--lake"])
-            .arg(lake)
-            .args(["--format", "json", &format!("SELECT uuid FROM current.obs WHERE person_id_uuid = '{person}'")])
-            .output()
-            .unwrap();
-        let rows: J = serde_json::from_slice(&q.stdout).unwrap_or(J::Null);
-        assert!(q.status.success() && rows.is_array(), "query: {}", String::from_utf8_lossy(&q.stderr));
-        rows.as_array().map(|a| a.iter().filter_map(|x| x["uuid"].as_str().map(str::to_string)).collect::<std::collections::BTreeSet<String>>()).unwrap_or_default()
-    };
-    assert_eq!(lake_obs(&r), own_obs, "the lake: {r}'s obs");
-    assert_eq!(lake_obs(&w), &all_obs - &own_obs, "the lake: the others' obs");
+    assert_eq!(lake_set(cfg_path, lake, "obs", "person_id_uuid", &r), own_obs, "the lake: {r}'s obs");
+    assert_eq!(lake_set(cfg_path, lake, "obs", "person_id_uuid", &w), &all_obs - &own_obs, "the lake: the others' obs");
 
     // Both clinics add the same new identifier to their record: the split holds, a review opens.
     let cfg = omrs_core::config::Config::load(cfg_path).unwrap();
@@ -389,6 +377,123 @@ async fn split_and_relink(
     let v = bin().arg("--config").arg(cfg_path).args(["verify", "--json", "--lake"]).arg(lake).output().unwrap();
     let report: J = serde_json::from_slice(&v.stdout).unwrap_or(J::Null);
     assert!(v.status.success() && report["ok"] == J::Bool(true), "verify after the split: {}\n{}", String::from_utf8_lossy(&v.stderr), serde_json::to_string_pretty(&report).unwrap_or_default());
+}
+
+/// The uuids of the obs in the encounters with `encounters` uuids, at a clinic.
+async fn obs_of_encounters(c: &mut mysql_async::Conn, encounters: &[String]) -> std::collections::BTreeSet<String> {
+    let marks = vec!["?"; encounters.len()].join(",");
+    let sql = format!("SELECT o.uuid FROM obs o JOIN encounter e ON e.encounter_id = o.encounter_id WHERE e.uuid IN ({marks})");
+    c.exec::<String, _, _>(sql, encounters.to_vec()).await.unwrap().into_iter().collect()
+}
+
+/// The uuids of `sql`'s first column at HQ, for the one parameter given.
+async fn hq_set(h: &mut mysql_async::Conn, sql: &str, person: &str) -> std::collections::BTreeSet<String> {
+    h.exec::<String, _, _>(sql, (person,)).await.unwrap().into_iter().collect()
+}
+
+/// The uuids of the lake's current `table` rows whose `column` is `person`.
+fn lake_set(cfg_path: &std::path::Path, lake: &std::path::Path, table: &str, column: &str, person: &str) -> std::collections::BTreeSet<String> {
+    let q = bin()
+        .arg("--config")
+        .arg(cfg_path)
+        .args(["query", "--lake"])
+        .arg(lake)
+        .args(["--format", "json", &format!("SELECT uuid FROM current.{table} WHERE {column} = '{person}'")])
+        .output()
+        .unwrap();
+    let rows: J = serde_json::from_slice(&q.stdout).unwrap_or(J::Null);
+    assert!(q.status.success() && rows.is_array(), "query: {}", String::from_utf8_lossy(&q.stderr));
+    rows.as_array().map(|a| a.iter().filter_map(|x| x["uuid"].as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+/// Issue #23 §4: a clinic's own merge (its `person_merge_log`) split at HQ. The visits and
+/// encounters the simulator moved in that merge, and the obs in them (by the clinic's own
+/// database), go back to the loser at HQ and in the lake; the loser is a patient again. Later
+/// changes at the clinic, which still has them as one patient (an obs of a moved encounter
+/// voided, a new obs added to one), land on the loser too. HQ and the lake agree.
+async fn split_site_merge(p: &Pipeline, cfg_path: &std::path::Path, manifest: &omrs_simulate::manifest::Manifest, h: &mut mysql_async::Conn, lake: &std::path::Path) {
+    // A clinic's merge that moved encounters, of a loser that merged no other record itself.
+    let winners: std::collections::BTreeSet<&str> = manifest.site_merges.iter().map(|m| m.winner_uuid.as_str()).collect();
+    let m = manifest
+        .site_merges
+        .iter()
+        .find(|m| !m.moved_encounters.is_empty() && !winners.contains(m.loser_uuid.as_str()))
+        .expect("a clinic's merge that moved encounters");
+    let (l, w) = (m.loser_uuid.as_str(), m.winner_uuid.as_str());
+    let port = PORTS[SITES.iter().position(|s| *s == m.site).unwrap()];
+    let mut site = admin(port, Some(&p.database)).await;
+    let own_obs = obs_of_encounters(&mut site, &m.moved_encounters).await;
+    assert!(!own_obs.is_empty(), "the moved encounters hold obs");
+    let own_enc: std::collections::BTreeSet<String> = m.moved_encounters.iter().cloned().collect();
+    let own_visits: std::collections::BTreeSet<String> = m.moved_visits.iter().cloned().collect();
+    // At the clinic they are all the winner's now.
+    assert_eq!(site_rows(&p.database, &m.site, "obs", "person_id", w).await.intersection(&own_obs).count(), own_obs.len(), "{l}'s obs are {w}'s at the clinic");
+
+    // HQ has them on the merged person's survivor; the record not surviving leaves.
+    let survivor: Option<String> = h.exec_first("SELECT winner_uuid FROM omrs_sync_merge WHERE loser_uuid = ?", (l,)).await.unwrap();
+    let survivor = survivor.unwrap_or_else(|| l.to_string());
+    let enc_sql = "SELECT t.uuid FROM encounter t JOIN person p ON p.person_id = t.patient_id WHERE p.uuid = ?";
+    assert!(own_enc.is_subset(&hq_set(h, enc_sql, &survivor).await), "before the split, {l}'s encounters are on {survivor}");
+    // The loser leaves; when HQ's survivor is the loser itself, it stays and the rest leave.
+    let mut split = vec!["identity", "split", l];
+    if survivor == l {
+        split.extend(["--keep", l]);
+    }
+    let out = bin()
+        .arg("--config")
+        .arg(cfg_path)
+        .args(&split)
+        .args(["--note", "not the same child: the clinic merged twins", "--by", "dm-test", "--wait", "0"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "identity split of a clinic's merge: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains(&format!("{} merged them itself", m.site)), "the split says the clinic still has one patient: {said}");
+    let run_all = || {
+        p.run(cfg_path, &["transform", "--until-idle", "--metrics-port", "0"]);
+        p.run(cfg_path, &["sink", "hq-mysql", "--until-idle", "--metrics-port", "0", "--quiet"]);
+        p.run(cfg_path, &["sink", "parquet", "--until-idle", "--metrics-port", "0", "--quiet"]);
+    };
+    run_all();
+
+    let obs_sql = "SELECT t.uuid FROM obs t JOIN person p ON p.person_id = t.person_id WHERE p.uuid = ?";
+    let visit_sql = "SELECT t.uuid FROM visit t JOIN person p ON p.person_id = t.patient_id WHERE p.uuid = ?";
+    let voided: Vec<(i64, i64)> = h.exec("SELECT p.voided, pa.voided FROM person p JOIN patient pa ON pa.patient_id = p.person_id WHERE p.uuid = ?", (l,)).await.unwrap();
+    assert_eq!(voided, vec![(0, 0)], "{l} is a patient again at HQ");
+    assert_eq!(hq_set(h, enc_sql, l).await, own_enc, "HQ: {l}'s encounters, as the simulator moved them");
+    assert_eq!(hq_set(h, visit_sql, l).await, own_visits, "HQ: {l}'s visits");
+    assert_eq!(hq_set(h, obs_sql, l).await, own_obs, "HQ: {l}'s obs, by its clinic's encounters");
+    let w_side: Option<String> = h.exec_first("SELECT winner_uuid FROM omrs_sync_merge WHERE loser_uuid = ?", (w,)).await.unwrap();
+    let w_side = w_side.unwrap_or_else(|| w.to_string());
+    assert!(hq_set(h, obs_sql, &w_side).await.is_disjoint(&own_obs), "none of {l}'s obs stay on {w_side}");
+    assert_eq!(lake_set(cfg_path, lake, "obs", "person_id_uuid", l), own_obs, "the lake: {l}'s obs");
+    assert_eq!(lake_set(cfg_path, lake, "encounter", "patient_id_uuid", l), own_enc, "the lake: {l}'s encounters");
+
+    // The clinic goes on with its merged patient: an obs of a moved encounter is voided, a new
+    // one is added to that encounter (on the winner, as the clinic sees it).
+    let first = m.moved_encounters[0].as_str();
+    site.exec_drop("UPDATE obs o JOIN encounter e ON e.encounter_id = o.encounter_id SET o.voided = 1, o.voided_by = 1, o.date_voided = NOW(), o.void_reason = 'entered in error' WHERE e.uuid = ? AND o.voided = 0 ORDER BY o.obs_id LIMIT 1", (first,))
+        .await
+        .unwrap();
+    let new_obs = format!("5e1f0a00-0000-4000-8000-{:012}", std::process::id());
+    site.exec_drop(
+        "INSERT INTO obs (person_id, concept_id, encounter_id, obs_datetime, location_id, value_text, creator, date_created, voided, uuid)
+         SELECT e.patient_id, o.concept_id, e.encounter_id, e.encounter_datetime, e.location_id, 'added after the split', 1, NOW(), 0, ?
+           FROM encounter e JOIN obs o ON o.encounter_id = e.encounter_id WHERE e.uuid = ? ORDER BY o.obs_id LIMIT 1",
+        (new_obs.as_str(), first),
+    )
+    .await
+    .unwrap();
+    p.ingest(cfg_path, &[m.site.as_str()], true);
+    run_all();
+    let mut expected = own_obs.clone();
+    expected.insert(new_obs.clone());
+    assert_eq!(obs_of_encounters(&mut site, &m.moved_encounters).await, expected, "the clinic's encounters hold the new obs");
+    assert_eq!(hq_set(h, obs_sql, l).await, expected, "HQ: the clinic's later changes land on {l}");
+    assert_eq!(lake_set(cfg_path, lake, "obs", "person_id_uuid", l), expected, "the lake: the clinic's later changes land on {l}");
+    let v = bin().arg("--config").arg(cfg_path).args(["verify", "--json", "--lake"]).arg(lake).output().unwrap();
+    let report: J = serde_json::from_slice(&v.stdout).unwrap_or(J::Null);
+    assert!(v.status.success() && report["ok"] == J::Bool(true), "verify after splitting a clinic's merge: {}\n{}", String::from_utf8_lossy(&v.stderr), serde_json::to_string_pretty(&report).unwrap_or_default());
 }
 
 /// The clinic of a record (the survivor's own, for a survivor).

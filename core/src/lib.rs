@@ -29,6 +29,7 @@ pub mod error;
 pub mod hq;
 pub mod image;
 pub mod kafka;
+pub mod merge_log;
 pub mod metrics;
 pub mod model;
 pub mod openmrs;

@@ -527,7 +527,13 @@ async fn humans_of(setup: &Setup, args: &SimulateArgs, run: &Ran<'_>) -> Result<
             }
         }
         for m in &g.merges {
-            site_merges.push(SiteMergeManifest { site: g.name.clone(), winner_uuid: m.winner_uuid.clone(), loser_uuid: m.loser_uuid.clone() });
+            site_merges.push(SiteMergeManifest {
+                site: g.name.clone(),
+                winner_uuid: m.winner_uuid.clone(),
+                loser_uuid: m.loser_uuid.clone(),
+                moved_visits: m.moved_visits.clone(),
+                moved_encounters: m.moved_encounters.clone(),
+            });
         }
     }
     let created = registration_times(args, &setup.sites, run.databases).await?;

@@ -91,6 +91,12 @@ pub struct SiteMergeManifest {
     pub site: String,
     pub winner_uuid: String,
     pub loser_uuid: String,
+    /// The uuids of the loser's visits and encounters (voided ones too) that the merge moved to
+    /// the winner, by the simulator's own record. Their obs moved with the encounters.
+    #[serde(default)]
+    pub moved_visits: Vec<String>,
+    #[serde(default)]
+    pub moved_encounters: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -71,6 +71,7 @@ struct ObsRef {
 #[derive(Debug, Clone)]
 struct EncState {
     id: i64,
+    uuid: String,
     live_obs: u64,
     voided: bool,
 }
@@ -101,7 +102,8 @@ pub struct PatientState {
     /// Identifier corrections and date fixes done here, for the manifest.
     pub fixes: Vec<&'static str>,
     encounters: Vec<EncState>,
-    visits: u64,
+    /// The uuids of this record's visits (a merge log names the ones it moves).
+    visits: Vec<String>,
     obs_total: u64,
     /// Numeric obs that may still be edited or deleted (never edited, not voided).
     editable: Vec<ObsRef>,
@@ -112,6 +114,9 @@ pub struct PatientState {
 pub struct SiteMerge {
     pub winner_uuid: String,
     pub loser_uuid: String,
+    /// What the merge moved, as its log names it: the loser's visits and encounters.
+    pub moved_visits: Vec<String>,
+    pub moved_encounters: Vec<String>,
 }
 
 pub struct SiteGen {
@@ -378,7 +383,7 @@ impl SiteGen {
             correction: reg.correction.clone(),
             fixes: Vec::new(),
             encounters: Vec::new(),
-            visits: 0,
+            visits: Vec::new(),
             obs_total: 0,
             editable: Vec::new(),
         });
@@ -562,7 +567,7 @@ impl SiteGen {
 
         // Vitals.
         let vitals_at = start + Duration::minutes(5);
-        let vitals = self.encounter_row(&mut enc, &mut prov, self.meta.enc_vitals, person, location, vitals_at, visit_id);
+        let (vitals, vitals_uuid) = self.encounter_row(&mut enc, &mut prov, self.meta.enc_vitals, person, location, vitals_at, visit_id);
         let mut n_vitals = 0;
         let numeric = self.meta.numeric.clone();
         for c in &numeric {
@@ -578,7 +583,7 @@ impl SiteGen {
 
         // Visit note: diagnoses as obs groups, a free-text note, sometimes a date.
         let note_at = start + Duration::minutes(30);
-        let note = self.encounter_row(&mut enc, &mut prov, self.meta.enc_note, person, location, note_at, visit_id);
+        let (note, note_uuid) = self.encounter_row(&mut enc, &mut prov, self.meta.enc_note, person, location, note_at, visit_id);
         let mut n_note = 0;
         if let Some(d) = self.meta.diagnosis.clone() {
             for order in 0..self.rng.gen_range(1..=2usize) {
@@ -610,9 +615,9 @@ impl SiteGen {
         tx.insert("obs", obs);
         tx.insert("obs", members);
         let st = &mut self.patients[p];
-        st.encounters.push(EncState { id: vitals, live_obs: n_vitals, voided: false });
-        st.encounters.push(EncState { id: note, live_obs: n_note, voided: false });
-        st.visits += 1;
+        st.encounters.push(EncState { id: vitals, uuid: vitals_uuid, live_obs: n_vitals, voided: false });
+        st.encounters.push(EncState { id: note, uuid: note_uuid, live_obs: n_note, voided: false });
+        st.visits.push(visit_uuid);
         st.obs_total += n_obs;
         if st.editable.len() > 24 {
             let excess = st.editable.len() - 24;
@@ -625,16 +630,16 @@ impl SiteGen {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn encounter_row(&mut self, enc: &mut Insert, prov: &mut Insert, etype: i64, person: i64, location: i64, at: NaiveDateTime, visit: i64) -> i64 {
+    fn encounter_row(&mut self, enc: &mut Insert, prov: &mut Insert, etype: i64, person: i64, location: i64, at: NaiveDateTime, visit: i64) -> (i64, String) {
         let id = self.id("encounter");
         let u = self.uuid();
         enc.row(&[id.to_string(), etype.to_string(), person.to_string(), location.to_string(), dt(at), self.meta.user_id.to_string(), "NOW()".into(), "0".into(), visit.to_string(), q(&u)]);
         if let Some(&provider) = self.meta.providers.choose(&mut self.rng) {
             let pid = self.id("encounter_provider");
-            let u = self.uuid();
-            prov.row(&[pid.to_string(), id.to_string(), provider.to_string(), self.meta.encounter_role.to_string(), self.meta.user_id.to_string(), "NOW()".into(), "0".into(), q(&u)]);
+            let pu = self.uuid();
+            prov.row(&[pid.to_string(), id.to_string(), provider.to_string(), self.meta.encounter_role.to_string(), self.meta.user_id.to_string(), "NOW()".into(), "0".into(), q(&pu)]);
         }
-        id
+        (id, u)
     }
 
     /// An edit as OpenMRS does it: the old obs is voided and the new one points back at it.
@@ -746,14 +751,15 @@ impl SiteGen {
         if n_enc > 0 {
             tx.update("encounter", &format!("UPDATE encounter SET patient_id = {wid}, changed_by = {user}, date_changed = NOW() WHERE patient_id = {lid}"), n_enc);
         }
-        if loser.visits > 0 {
-            tx.update("visit", &format!("UPDATE visit SET patient_id = {wid}, changed_by = {user}, date_changed = NOW() WHERE patient_id = {lid}"), loser.visits);
+        if !loser.visits.is_empty() {
+            tx.update("visit", &format!("UPDATE visit SET patient_id = {wid}, changed_by = {user}, date_changed = NOW() WHERE patient_id = {lid}"), loser.visits.len() as u64);
         }
         if loser.obs_total > 0 {
             tx.update("obs", &format!("UPDATE obs SET person_id = {wid} WHERE person_id = {lid}"), loser.obs_total);
         }
         // The loser's identifiers are copied to the winner as non-preferred ones.
         let mut n_ident = 0;
+        let mut created = Vec::new();
         if let Some(openmrs_id) = &loser.openmrs_id {
             let id = self.id("patient_identifier");
             let u = self.uuid();
@@ -764,6 +770,7 @@ impl SiteGen {
             );
             ins.row(&[id.to_string(), wid.to_string(), q(openmrs_id), self.meta.openmrs_id_type.to_string(), "0".into(), location.to_string(), user.to_string(), "NOW()".into(), "0".into(), q(&u)]);
             tx.insert("patient_identifier", ins);
+            created.push(u);
             n_ident += 1;
         }
         if loser.national_id_raw.is_some() {
@@ -779,10 +786,8 @@ impl SiteGen {
         tx.update("person", &voided("person", "person_id"), 1);
         let log_id = self.id("person_merge_log");
         let u = self.uuid();
-        let data = format!(
-            "{{\"winner\":\"{}\",\"loser\":\"{}\",\"movedEncounters\":{n_enc},\"movedVisits\":{},\"movedObs\":{},\"createdIdentifiers\":1}}",
-            self.patients[w].uuid, loser.uuid, loser.visits, loser.obs_total
-        );
+        let encounters: Vec<String> = loser.encounters.iter().map(|e| e.uuid.clone()).collect();
+        let data = merge_log_data(&loser.visits, &encounters, &created);
         let mut ins = Insert::new(
             "person_merge_log",
             &["person_merge_log_id", "winner_person_id", "loser_person_id", "creator", "date_created", "merged_data", "uuid", "voided"],
@@ -794,16 +799,34 @@ impl SiteGen {
         let moved = std::mem::take(&mut self.patients[l].encounters);
         let editable = std::mem::take(&mut self.patients[l].editable);
         self.patients[l].voided = true;
-        self.patients[l].visits = 0;
+        self.patients[l].visits = Vec::new();
         self.patients[l].obs_total = 0;
         let ws = &mut self.patients[w];
         ws.encounters.extend(moved);
         ws.editable.extend(editable);
-        ws.visits += loser.visits;
+        ws.visits.extend(loser.visits.iter().cloned());
         ws.obs_total += loser.obs_total;
         self.live.retain(|&i| i != l);
-        self.merges.push(SiteMerge { winner_uuid: self.patients[w].uuid.clone(), loser_uuid: loser.uuid });
+        self.merges.push(SiteMerge { winner_uuid: self.patients[w].uuid.clone(), loser_uuid: loser.uuid, moved_visits: loser.visits, moved_encounters: encounters });
     }
+}
+
+/// `merged_data` as OpenMRS writes it: its `PersonMergeLogData` through the default (XStream)
+/// serializer. Obs in the moved encounters follow them and are not listed.
+fn merge_log_data(visits: &[String], encounters: &[String], identifiers: &[String]) -> String {
+    let mut xml = String::from("<org.openmrs.person.PersonMergeLogData>\n");
+    for (element, uuids) in [("movedVisits", visits), ("movedEncounters", encounters), ("createdIdentifiers", identifiers)] {
+        if uuids.is_empty() {
+            continue;
+        }
+        xml.push_str(&format!("  <{element}>\n"));
+        for u in uuids {
+            xml.push_str(&format!("    <string>{u}</string>\n"));
+        }
+        xml.push_str(&format!("  </{element}>\n"));
+    }
+    xml.push_str("</org.openmrs.person.PersonMergeLogData>");
+    xml
 }
 
 /// A correction made some time after the fact.
@@ -865,7 +888,7 @@ fn existing_state(e: &ExistingPatient) -> PatientState {
         correction: None,
         fixes: Vec::new(),
         encounters: Vec::new(),
-        visits: 0,
+        visits: Vec::new(),
         obs_total: 0,
         editable: Vec::new(),
     }

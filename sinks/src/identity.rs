@@ -556,19 +556,18 @@ pub async fn split(cfg: &Config, args: &SplitArgs) -> Result<String, SinkError> 
     if other.is_empty() {
         return Err(SinkError::Usage(format!("--keep names every record of person {survivor}: nothing would leave")));
     }
-    // A clinic's own merge is its rows: HQ cannot take them back.
-    let site_merges: Vec<(String, String, Option<String>)> = conn
-        .exec("SELECT loser_uuid, site, evidence FROM omrs_sync_merge WHERE winner_uuid = ? AND reason = 'site_merge'", (survivor.as_str(),))
+    // A clinic's own merge: HQ takes back the rows its merge log names; the clinic still holds
+    // them as one person until someone un-merges them there.
+    let site_merges: Vec<(String, Option<String>)> = conn
+        .exec("SELECT site, evidence FROM omrs_sync_merge WHERE winner_uuid = ? AND reason = 'site_merge'", (survivor.as_str(),))
         .await
         .map_err(|e| SinkError::db("reading the merges", e))?;
-    for (_, site, evidence) in site_merges {
+    let mut clinics: Vec<String> = Vec::new();
+    for (site, evidence) in site_merges {
         let ev = json_or_null(evidence);
         let pair = [ev.get("site_winner"), ev.get("site_loser")].map(|v| v.and_then(|v| v.as_str()).unwrap_or("").to_string());
-        if keep.contains(&pair[0]) != keep.contains(&pair[1]) && !pair[0].is_empty() {
-            return Err(SinkError::Usage(format!(
-                "{site} merged {} and {} itself (its person_merge_log): HQ cannot split what the clinic merged, since the clinic moved the rows. Undo it at the clinic, or keep them on one side",
-                pair[1], pair[0]
-            )));
+        if keep.contains(&pair[0]) != keep.contains(&pair[1]) && !pair[0].is_empty() && !clinics.contains(&site) {
+            clinics.push(site);
         }
     }
     // The decision is recorded on a review: the one given, else the merge of a record leaving.
@@ -591,9 +590,14 @@ pub async fn split(cfg: &Config, args: &SplitArgs) -> Result<String, SinkError> 
     };
     let by = decider(&args.decision.by);
     let d = decision("split", &id, row, &by, &args.decision.note, keep.clone(), other.clone());
-    Ok(if send(cfg, &mut conn, &d, review::SPLIT, args.decision.wait).await? {
-        format!("review {id} split by {by}: {} and {} are two people now; HQ moved each record's rows to its own patient, the lake follows", other.join(", "), keep.join(", "))
+    let at_clinics = if clinics.is_empty() {
+        String::new()
     } else {
-        not_yet(&id, &by)
+        format!(". {} merged them itself: HQ took back the rows its merge log names; the clinic still has them as one patient until it is undone there", clinics.join(", "))
+    };
+    Ok(if send(cfg, &mut conn, &d, review::SPLIT, args.decision.wait).await? {
+        format!("review {id} split by {by}: {} and {} are two people now; HQ moved each record's rows to its own patient, the lake follows{at_clinics}", other.join(", "), keep.join(", "))
+    } else {
+        format!("{}{at_clinics}", not_yet(&id, &by))
     })
 }

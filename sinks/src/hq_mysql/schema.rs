@@ -113,6 +113,13 @@ pub const BOOKKEEPING: &[&str] = &[
         KEY (winner_uuid),
         KEY (merge_log_uuid)
      ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // Records a split made survivors again (issue #23 §4): alive at HQ even where their clinic
+    // voided them by merging them, until they are merged again.
+    "CREATE TABLE IF NOT EXISTS omrs_sync_released (
+        person_uuid CHAR(38) NOT NULL PRIMARY KEY,
+        review_id CHAR(36) NULL,
+        ts_ms BIGINT NOT NULL
+     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     // The identity review queue (omrs_core::hq::review): every merge (status `merged`),
     // every identity change HQ will not act on alone (`open`), and what a person decided.
     // `first_seen` is the site time of the event that raised it (UTC), `raised_at` HQ's.

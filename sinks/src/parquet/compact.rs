@@ -31,6 +31,7 @@ use datafusion::prelude::SessionContext;
 use omrs_core::hq::{compare, RowVersion};
 use omrs_core::metrics::metrics;
 // Merges are done in the daemon user's name, moving what `mergePatients` moves (as at HQ).
+use omrs_core::merge_log::SiteMoves;
 use omrs_core::openmrs::{DAEMON_USER_UUID, MOVES};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
@@ -183,6 +184,13 @@ pub fn winners(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatc
 #[derive(Default)]
 pub struct Merges {
     winner: HashMap<String, String>,
+    /// The rows the clinics' own merges moved, by their merge logs (the `person_merge_log`
+    /// rows, in stream order): each belongs to its loser, as at HQ
+    /// (`hq_mysql::apply::site_moves`).
+    site: SiteMoves,
+    /// Records a split made survivors again, until merged again: alive even where their clinic
+    /// voided them by merging them (HQ's `omrs_sync_released`).
+    released: HashSet<String>,
 }
 
 impl Merges {
@@ -199,7 +207,15 @@ impl Merges {
                 }
             }
         }
-        Ok(Merges::from_rows(rows))
+        let mut m = Merges::from_rows(rows);
+        m.site = site_moves(lake, state)?;
+        Ok(m)
+    }
+
+    /// The person a row of `table` belongs to: its clinic's merge log's loser for a row the
+    /// clinic's merge moved, else `stored`.
+    fn own<'a>(&'a self, table: &str, row_uuid: Option<&str>, encounter_uuid: Option<&str>, stored: Option<&'a str>) -> Option<&'a str> {
+        self.site.owner(table, row_uuid, encounter_uuid).or(stored)
     }
 
     /// The merges of (partition, offset, winner, loser) rows, in stream order. A row whose
@@ -211,8 +227,10 @@ impl Merges {
             if winner == loser {
                 // A split released this record: it survives on its own again.
                 m.winner.remove(&winner);
+                m.released.insert(winner);
                 continue;
             }
+            m.released.remove(&loser);
             // A survivor change: the new survivor is no longer anyone's loser.
             m.winner.remove(&winner);
             for w in m.winner.values_mut() {
@@ -245,7 +263,7 @@ impl Merges {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.winner.is_empty()
+        self.winner.is_empty() && self.site.is_empty()
     }
 
     /// `(loser, survivor)` of every merge.
@@ -254,6 +272,32 @@ impl Merges {
         v.sort();
         v
     }
+}
+
+/// The rows the clinics' merge logs name, from the lake's `person_merge_log` files in stream
+/// order (the order HQ wrote them in).
+fn site_moves(lake: &Lake, state: &State) -> Result<SiteMoves, SinkError> {
+    let mut logs: Vec<(i32, i64, String, String)> = Vec::new();
+    for f in state.files.iter().filter(|f| f.table == "person_merge_log") {
+        for b in read_file(&lake.root.join(&f.path))? {
+            let (Ok(loser), Ok(data)) = (str_col(&b, "loser_person_id_uuid"), str_col(&b, "merged_data")) else { continue };
+            let kp = b.column_by_name("_kafka_partition").and_then(|c| c.as_any().downcast_ref::<Int32Array>().cloned());
+            let ko = b.column_by_name("_kafka_offset").and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned());
+            let (Some(kp), Some(ko)) = (kp, ko) else { continue };
+            for i in 0..b.num_rows() {
+                if loser.is_null(i) || data.is_null(i) || !data.value(i).starts_with('<') {
+                    continue;
+                }
+                logs.push((kp.value(i), ko.value(i), loser.value(i).to_string(), data.value(i).to_string()));
+            }
+        }
+    }
+    logs.sort();
+    let mut moves = SiteMoves::default();
+    for (_, _, loser, data) in logs {
+        moves.add(&loser, &data);
+    }
+    Ok(moves)
 }
 
 fn replace(batch: &RecordBatch, name: &str, arr: ArrayRef) -> Result<RecordBatch, SinkError> {
@@ -272,14 +316,25 @@ fn publish(table: &str, raw: &RecordBatch, merges: &Merges) -> Result<RecordBatc
         return Ok(b);
     }
     let n = b.num_rows();
-    // Clinical rows of a loser point at the survivor.
+    // Clinical rows of a loser point at the survivor; a row a clinic's merge moved is its
+    // loser's.
     let mut moved = vec![false; n];
-    for (t, col, _) in MOVES.iter().filter(|(t, _, _)| *t == table) {
-        let _ = t;
+    let site_col = SiteMoves::column(table).filter(|_| !merges.site.is_empty());
+    let row_keys = site_col.and_then(|_| str_col(&b, "_uuid").ok().cloned());
+    let encounters = (site_col.is_some() && table == "obs").then(|| str_col(&b, "encounter_id_uuid").ok().cloned()).flatten();
+    for (_, col, _) in MOVES.iter().filter(|(t, _, _)| *t == table) {
         let name = format!("{col}_uuid");
         let Ok(c) = str_col(&b, &name) else { continue };
+        let by_log = site_col == Some(*col);
         let mut out = StringBuilder::with_capacity(n, n * 36);
         for (i, v) in c.iter().enumerate() {
+            let v = match (&row_keys, by_log) {
+                (Some(k), true) => {
+                    let enc = encounters.as_ref().and_then(|e| (!e.is_null(i)).then(|| e.value(i)));
+                    merges.own(table, (!k.is_null(i)).then(|| k.value(i)), enc, v)
+                }
+                _ => v,
+            };
             match v.and_then(|u| merges.survivor_of(u)) {
                 Some(s) => {
                     moved[i] = true;
@@ -324,7 +379,7 @@ fn publish(table: &str, raw: &RecordBatch, merges: &Merges) -> Result<RecordBatc
                 d_out.append_option(when);
                 by_out.append_value(DAEMON_USER_UUID);
                 by_id_null[i] = true;
-            } else if !voided.is_null(i) && voided.value(i) && !reason.is_null(i) && reason.value(i).starts_with("Merged with patient") && merges.is_winner(k) {
+            } else if !voided.is_null(i) && voided.value(i) && !reason.is_null(i) && reason.value(i).starts_with("Merged with patient") && (merges.is_winner(k) || merges.released.contains(k)) {
                 v_out.append_value(false);
                 r_out.append_null();
                 d_out.append_null();
@@ -458,7 +513,8 @@ async fn compact_held(lake: &Lake, state: &State, tables: &HashMap<String, Arc<L
     for f in state.files.iter().filter(|f| f.seq > prev_seq) {
         new_files.entry(f.table.as_str()).or_default().push(f.path.as_str());
     }
-    let merges_changed = new_files.contains_key(MERGE_TABLE);
+    // A clinic's merge log gives rows back to its loser: it changes the published rows too.
+    let merges_changed = new_files.contains_key(MERGE_TABLE) || new_files.contains_key("person_merge_log");
     let merges = Merges::load(lake, state)?;
     let merge_tables: HashSet<&str> = MOVES.iter().map(|(t, _, _)| *t).chain(["person", "patient"]).collect();
     let row_group = 128 * 1024;

@@ -19,6 +19,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use omrs_core::config::Config;
 use omrs_core::hq::{compare, parse_datetime, RowVersion};
+use omrs_core::merge_log::SiteMoves;
 use omrs_core::zone::SiteRule;
 use serde::Serialize;
 
@@ -82,6 +83,10 @@ pub struct Merges {
     pub loops: Vec<String>,
     /// HQ person id → uuid, for the ids named by "Merged with patient #<id>".
     pub hq_person: HashMap<String, String>,
+    /// The rows the clinics' own merges moved, by the clinics' own merge logs: the loser's.
+    pub site: SiteMoves,
+    /// Records a split made survivors again (HQ's `omrs_sync_released`).
+    pub released: HashSet<String>,
 }
 
 impl Merges {
@@ -123,7 +128,34 @@ impl Merges {
             .await
             .map_err(|e| SinkError::db("reading the persons named by merge void reasons", e))?;
         m.hq_person = ids.into_iter().collect();
+        // An HQ whose sink has not run since this version made the table has released nobody.
+        let released: Vec<String> = match hq.query("SELECT person_uuid FROM omrs_sync_released").await {
+            Ok(r) => r,
+            Err(mysql_async::Error::Server(e)) if e.code == 1146 => Vec::new(),
+            Err(e) => return Err(SinkError::db("reading omrs_sync_released", e)),
+        };
+        m.released = released.into_iter().collect();
         Ok(m)
+    }
+
+    /// What each clinic's merge logs say its merges moved (read at the clinic, in the order it
+    /// wrote them).
+    pub async fn add_site_logs(&mut self, site: &mut Conn) -> Result<(), SinkError> {
+        let logs: Vec<(String, Option<String>)> = match site
+            .query("SELECT p.uuid, l.merged_data FROM person_merge_log l JOIN person p ON p.person_id = l.loser_person_id ORDER BY l.person_merge_log_id")
+            .await
+        {
+            Ok(l) => l,
+            // A database without OpenMRS's merge log has no merges to read.
+            Err(mysql_async::Error::Server(e)) if e.code == 1146 => Vec::new(),
+            Err(e) => return Err(SinkError::db("reading a site's person_merge_log", e)),
+        };
+        for (loser, data) in logs {
+            if let Some(d) = data {
+                self.site.add(&loser, &d);
+            }
+        }
+        Ok(())
     }
 
     /// HQ's void reason in uuid space ("Merged with patient #12" names HQ's id).
@@ -146,6 +178,9 @@ pub struct TableRules<'a> {
     voids: Option<[usize; 4]>,
     date_changed: Option<usize>,
     date_created: Option<usize>,
+    /// The person column a clinic's merge moves ([`SiteMoves::column`]), and an obs's encounter.
+    moved_by_log: Option<usize>,
+    encounter: Option<usize>,
 }
 
 impl<'a> TableRules<'a> {
@@ -159,11 +194,20 @@ impl<'a> TableRules<'a> {
         };
         let preferred = NOT_PREFERRED_WHEN_MOVED.iter().find(|(t, _)| *t == table).and_then(|(_, c)| Some((at(c)?, at("preferred")?)));
         let voids = matches!(table, "person" | "patient").then(|| Some([at("voided")?, at("voided_by")?, at("date_voided")?, at("void_reason")?])).flatten();
-        TableRules { table, cols, person_refs, preferred, voids, date_changed: at("date_changed"), date_created: at("date_created") }
+        let moved_by_log = SiteMoves::column(table).and_then(at);
+        let encounter = (table == "obs").then(|| at("encounter_id")).flatten();
+        TableRules { table, cols, person_refs, preferred, voids, date_changed: at("date_changed"), date_created: at("date_created"), moved_by_log, encounter }
     }
 
-    /// A site's row as HQ must hold it: persons through the merges, merge voids.
+    /// A site's row as HQ must hold it: persons through the merges (a row its clinic's merge
+    /// moved is its loser's), merge voids.
     fn map(&self, key: &str, mut row: Vec<Option<String>>, m: &Merges) -> Vec<Option<String>> {
+        if let Some(i) = self.moved_by_log.filter(|_| !m.site.is_empty()) {
+            let encounter = self.encounter.and_then(|e| row[e].as_deref());
+            if let Some(owner) = m.site.owner(self.table, Some(key), encounter) {
+                row[i] = Some(owner.to_string());
+            }
+        }
         for &i in &self.person_refs {
             if let Some(s) = row[i].as_ref().and_then(|v| m.survivor.get(v)) {
                 row[i] = Some(s.clone());
@@ -179,7 +223,7 @@ impl<'a> TableRules<'a> {
                 // Dated at the row's own registration.
                 row[date] = self.date_created.and_then(|i| row[i].clone());
                 row[reason] = Some(format!("Merged with patient {s}"));
-            } else if m.survivors.contains(key) && row[voided].as_deref() == Some("1") && row[reason].as_deref().is_some_and(|r| r.starts_with("Merged with patient")) {
+            } else if (m.survivors.contains(key) || m.released.contains(key)) && row[voided].as_deref() == Some("1") && row[reason].as_deref().is_some_and(|r| r.starts_with("Merged with patient")) {
                 row[voided] = Some("0".into());
                 row[by] = None;
                 row[date] = None;
@@ -324,7 +368,10 @@ pub async fn run(cfg: &Config, hq: Conn, sites: Vec<Conn>, skip: &HashSet<String
         };
         models.push(DbModel::load(c, &db, &what).await?);
     }
-    let merges = Merges::load(&mut conns[hq_at]).await?;
+    let mut merges = Merges::load(&mut conns[hq_at]).await?;
+    for c in conns[..hq_at].iter_mut() {
+        merges.add_site_logs(c).await?;
+    }
     let scrub: HashSet<String> = cfg.ingest.scrub.iter().cloned().collect();
     let sites: Vec<(String, SiteRule)> = cfg
         .sites
@@ -374,6 +421,8 @@ mod tests {
             voids: None,
             date_changed: at("date_changed"),
             date_created: at("date_created"),
+            moved_by_log: SiteMoves::column(table).and_then(at),
+            encounter: at("encounter_id"),
         }
     }
 

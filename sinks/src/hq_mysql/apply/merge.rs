@@ -36,12 +36,25 @@ pub(super) async fn load(conn: &mut Conn) -> Result<MergeMap, SinkError> {
         .query("SELECT loser_uuid, winner_uuid, ts_ms, reason, applied, evidence, site, review_id FROM omrs_sync_merge")
         .await
         .map_err(db("reading omrs_sync_merge"))?;
-    Ok(rows
+    let mut map: MergeMap = rows
         .into_iter()
         .map(|(loser, winner, ts_ms, reason, applied, evidence, site, review_id)| {
             (loser, MergeRec { winner, ts_ms, reason, applied: applied == 1, evidence: evidence.unwrap_or_default(), site, review_id })
         })
-        .collect())
+        .collect();
+    let released: Vec<String> = conn.query("SELECT person_uuid FROM omrs_sync_released").await.map_err(db("reading omrs_sync_released"))?;
+    for r in released {
+        map.release(&r);
+    }
+    Ok(map)
+}
+
+/// `loser` is merged again: a split no longer keeps it alive.
+pub(super) async fn unrelease(conn: &mut Conn, merges: &MergeMap, loser: &str) -> Result<(), SinkError> {
+    if merges.is_released(loser) {
+        conn.exec_drop("DELETE FROM omrs_sync_released WHERE person_uuid = ?", (loser,)).await.map_err(db("forgetting a released record merged again"))?;
+    }
+    Ok(())
 }
 
 /// Whether HQ person `id` is a patient (its `patient` row is written, in this transaction or
@@ -266,9 +279,10 @@ impl Applier {
                     set(cols, vals, "voided_by", Value::from(daemon));
                     set(cols, vals, "date_voided", when);
                     set(cols, vals, "void_reason", Value::from(reason));
-                } else if Self::merge_voided(cols, vals) && self.merges.is_survivor(row_key) {
+                } else if Self::merge_voided(cols, vals) && (self.merges.is_survivor(row_key) || self.merges.is_released(row_key)) {
                     // The site voided this person by merging it into another one, but HQ's rule
-                    // (earliest registration, then uuid) made it the survivor: it stays alive.
+                    // (earliest registration, then uuid) made it the survivor, or a person split
+                    // it off that merge: it stays alive.
                     set(cols, vals, "voided", Value::from(0));
                     set(cols, vals, "voided_by", Value::NULL);
                     set(cols, vals, "date_voided", Value::NULL);
@@ -404,6 +418,7 @@ impl Applier {
         if loser == rec.winner {
             return Ok(());
         }
+        unrelease(conn, &self.merges, loser).await?;
         // Every record whose survivor was `loser`, directly or through a chain (read before the
         // maps change): their void reason and HQ's merge log must name the new survivor. Direct
         // losers alone missed one merged into a record that a survivor change then withdrew

@@ -14,6 +14,9 @@ pub(super) struct MergeMap {
     by_winner: HashMap<String, HashSet<String>>,
     /// Merges not applied yet.
     waiting: usize,
+    /// Records a split made survivors again (`omrs_sync_released`): alive at HQ though their
+    /// clinic voided them by merging them (issue #23 §4), until they are merged again.
+    released: HashSet<String>,
 }
 
 impl MergeMap {
@@ -48,7 +51,17 @@ impl MergeMap {
         self.by_winner.get(winner).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
+    pub(super) fn is_released(&self, uuid: &str) -> bool {
+        self.released.contains(uuid)
+    }
+
+    pub(super) fn release(&mut self, uuid: &str) {
+        self.released.insert(uuid.to_string());
+    }
+
+    /// A record merged again is no longer released ([`MergeMap::insert`] forgets it too).
     pub(super) fn insert(&mut self, loser: String, rec: MergeRec) -> Option<MergeRec> {
+        self.released.remove(&loser);
         self.by_winner.entry(rec.winner.clone()).or_default().insert(loser.clone());
         self.waiting += usize::from(!rec.applied);
         let old = self.by_loser.insert(loser.clone(), rec);

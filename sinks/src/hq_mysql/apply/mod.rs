@@ -22,6 +22,7 @@ mod merge_map;
 mod pending;
 mod record;
 mod review;
+mod site_moves;
 mod split;
 mod sql;
 mod stage;
@@ -44,6 +45,7 @@ use omrs_core::zone::SiteRules;
 use serde_json::Value as J;
 
 use super::canonical::canonicalise;
+use omrs_core::merge_log::SiteMoves;
 use super::rejected::{Carry, Missing, Rejected};
 use crate::SinkError;
 use aggregate::{upsert_aggregates, AggRow, Aggregates};
@@ -131,6 +133,9 @@ pub struct Applier {
     packs: LruCache<i64, std::sync::Arc<Pack>>,
     next_id: HashMap<String, i64>,
     merges: merge_map::MergeMap,
+    /// The rows the clinics' own merges moved, by their merge logs: each belongs to its loser
+    /// ([`omrs_core::merge_log`]).
+    site_moves: SiteMoves,
     /// Rows waiting for a row they reference ([`PendingStore`]).
     pending: PendingStore,
     /// The next `omrs_sync_pending` id, shared with the writers ([`Writer::pending_ids`]).
@@ -200,6 +205,7 @@ impl Applier {
             None => conn.query_first("SELECT MIN(user_id) FROM users").await.map_err(db("reading users"))?.unwrap_or(1),
         };
         let merges = merge::load(conn).await?;
+        let site_moves = site_moves::load(conn).await?;
         let blocked = evolve::load_blocked(conn).await?;
         let mut a = Applier {
             model,
@@ -215,6 +221,7 @@ impl Applier {
             packs: LruCache::new(NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN)),
             next_id: HashMap::new(),
             merges,
+            site_moves,
             pending: PendingStore::default(),
             pending_ids: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1)),
             ready: Vec::new(),
@@ -271,6 +278,9 @@ impl Applier {
     /// `w` with its references pointing at merge survivors ([`canonicalise`]) and its key
     /// worked out (see [`Work::key`]).
     fn keyed(&self, mut w: Work) -> Work {
+        if !self.site_moves.is_empty() {
+            site_moves::own_person(&self.site_moves, &w.event, &mut w.origin_refs);
+        }
         if !self.merges.is_empty() || !w.origin_refs.is_empty() {
             canonicalise(w.event.table.as_deref(), &mut w.event.refs, &mut w.origin_refs, |u| self.survivor_of(u));
         }
@@ -359,9 +369,13 @@ impl Applier {
         let mut reviews: Vec<ReviewRow> = Vec::new();
         // The losers of the merges this batch applies: their components are settled at its end.
         let mut merged: Vec<String> = Vec::new();
+        let mut logs: Vec<(String, String)> = Vec::new();
         for rec in records {
             match self.intake(rec, &mut out, &mut aggregates) {
-                Some(Intake::Work(w)) => segment.push(*w),
+                Some(Intake::Work(w)) => {
+                    logs.extend(site_moves::logged(&w.event));
+                    segment.push(*w)
+                }
                 Some(Intake::Merge(loser, rec)) => {
                     self.flush(conn, std::mem::take(&mut segment), &mut out, &mut missing).await?;
                     self.merge(conn, &loser, rec).await?;
@@ -377,6 +391,9 @@ impl Applier {
             }
         }
         self.flush(conn, segment, &mut out, &mut missing).await?;
+        for (loser, data) in logs {
+            self.site_merge_logged(conn, &loser, &data).await?;
+        }
         out.aggregates = upsert_aggregates(conn, aggregates).await?;
         out.reviews = upsert_reviews(conn, reviews).await?;
         merged.extend(self.retry_merges(conn).await?);
@@ -448,6 +465,8 @@ impl Applier {
         }
         records.iter().any(|r| match &r.decoded {
             Ok(HqEvent::Merge { .. } | HqEvent::Split { .. } | HqEvent::IdentityReview { .. }) => true,
+            // A clinic's merge log gives rows back to their loser ([`Applier::site_merge_logged`]).
+            Ok(HqEvent::Change { event, .. }) if event.table.as_deref() == Some("person_merge_log") => true,
             // A DDL's shape evolves HQ first; a snapshot's base shape is nothing to HQ.
             Ok(HqEvent::Schema { schema, .. }) => !schema.base,
             Ok(HqEvent::Change { event, origin_refs, .. }) if matches!(event.table.as_deref(), Some("person" | "patient")) && !self.merges.is_empty() => {

@@ -12,7 +12,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
 use omrs_core::openmrs::{moved_key, MOVES};
 
-use super::merge::{record_merge, remember_owner, unvoid_survivor, void_merged, MergeRec, MERGE_LOG_NS};
+use super::merge::{record_merge, remember_owner, unrelease, unvoid_survivor, void_merged, MergeRec, MERGE_LOG_NS};
 use super::sql::{db, q};
 use super::Applier;
 use crate::SinkError;
@@ -33,6 +33,14 @@ impl Applier {
         let (sid, fid) = (self.lookup_id(conn, "person", &s.survivor).await?, self.lookup_id(conn, "person", &s.from).await?);
         tracing::info!(from = %s.from, survivor = %s.survivor, records = s.records.len(), review = %s.review_id, "split: records leave a merged person");
         self.resplit_merges(conn, &s, sid).await?;
+        // Alive from now on, even where its clinic voided it by merging it.
+        conn.exec_drop(
+            "INSERT INTO omrs_sync_released (person_uuid, review_id, ts_ms) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE review_id = VALUES(review_id), ts_ms = VALUES(ts_ms)",
+            (s.survivor.as_str(), s.review_id.as_str(), s.ts_ms),
+        )
+        .await
+        .map_err(db("recording the released record"))?;
+        self.merges.release(&s.survivor);
         let (Some(sid), Some(fid)) = (sid, fid) else {
             // A person not at HQ yet has no rows to take back; its rows arrive canonical.
             return Ok(());
@@ -85,6 +93,7 @@ impl Applier {
                 },
             };
             record_merge(conn, r, &rec, None).await?;
+            unrelease(conn, &self.merges, r).await?;
             self.merges.insert(r.clone(), rec);
         }
         Ok(())
