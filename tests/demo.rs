@@ -394,7 +394,8 @@ async fn aggregates_match_sql_over_hq_and_the_lake(hq: &mut mysql_async::Conn, c
     for (name, sql) in recompute {
         let def = omrs_core::hq::AGGREGATES.iter().find(|a| a.name == name).unwrap();
         let dim = def.dim_column.unwrap_or("''");
-        let dash: Vec<(String, i64, String, i64, i64, i64, i64, i64)> = hq
+        type DashRow = (String, i64, String, i64, i64, i64, i64, i64);
+        let dash: Vec<DashRow> = hq
             .query(format!(
                 "SELECT site, UNIX_TIMESTAMP(window_start), {dim}, value, is_final, revision, UNIX_TIMESTAMP(window_end) * 1000, watermark_ms FROM {}",
                 def.hq_table

@@ -11,6 +11,7 @@
 //! - scrubbed columns (`users.password`, `salt`, `secret_question`, `secret_answer`) appear in
 //!   no topic, no lake file and not at HQ, from the snapshot or from the binlog, while an
 //!   unscrubbed column written the same way does (so the scan can see what it looks for).
+//!
 //! Its own test binary: it sets up users and ACLs on the shared broker.
 
 mod common;

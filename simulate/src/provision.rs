@@ -195,7 +195,9 @@ pub async fn load_start(conn: &mut Conn, site: &str) -> Result<SiteStart, SimErr
     )
     .await?;
 
-    let rows: Vec<(i64, String, Option<f64>, Option<f64>, Option<i64>)> = conn
+    // (concept id, uuid, low, high, precise)
+    type Numeric = (i64, String, Option<f64>, Option<f64>, Option<i64>);
+    let rows: Vec<Numeric> = conn
         .query(
             "SELECT c.concept_id, c.uuid, cn.low_absolute, cn.hi_absolute, cn.precise
              FROM concept_numeric cn JOIN concept c ON c.concept_id = cn.concept_id

@@ -233,7 +233,9 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
     let (dead_letters, dead_letter_kinds) = dead_letters(cfg, &names.dlq())?;
     let mut aggregates = Vec::new();
     for def in omrs_core::hq::AGGREGATES.iter() {
-        let row: Option<(i64, Option<i64>, Option<i64>, Option<i64>)> = hq
+        // (windows, final, revised, highest revision)
+        type Counts = (i64, Option<i64>, Option<i64>, Option<i64>);
+        let row: Option<Counts> = hq
             .query_first(format!("SELECT COUNT(*), SUM(is_final), SUM(revision > 1), MAX(revision) FROM {}", def.hq_table))
             .await
             .with_context(|| format!("reading {}", def.hq_table))?;

@@ -139,7 +139,8 @@ pub async fn hq_dump(db: &str) -> BTreeMap<String, Vec<String>> {
         )
         .await
         .unwrap();
-    let keys: Vec<(String, String, String, Option<String>, Option<String>)> = c
+    type KeyRow = (String, String, String, Option<String>, Option<String>);
+    let keys: Vec<KeyRow> = c
         .exec(
             "SELECT table_name, column_name, constraint_name, referenced_table_name, referenced_column_name FROM information_schema.key_column_usage WHERE table_schema = ?",
             (db,),
@@ -168,7 +169,7 @@ pub async fn hq_dump(db: &str) -> BTreeMap<String, Vec<String>> {
             uuid_of.insert(t.clone(), rows.into_iter().filter_map(|(i, u)| Some((i, u?))).collect());
         }
     }
-    for (t, _) in &by_table {
+    for t in by_table.keys() {
         let Some(p) = pk.get(t).filter(|p| p.len() == 1) else { continue };
         if uuid_of.contains_key(t) {
             continue;

@@ -55,6 +55,9 @@ pub const UNKNOWN: &str = "unknown";
 /// One window: (aggregate index, site, window start, dim).
 pub type WinKey = (u8, Arc<str>, i64, String);
 
+/// (aggregate name, site, window start, dim) → (value, final, revision): [`Aggregator::snapshot`].
+pub type WindowValues = BTreeMap<(String, String, i64, String), (i64, bool, u32)>;
+
 /// A window's state.
 #[derive(Debug, Clone, PartialEq)]
 struct Win {
@@ -530,7 +533,7 @@ impl Aggregator {
 
     /// The current value of every window: (aggregate name, site, start, dim) → (value, final,
     /// revision). For tests and the demo summary.
-    pub fn snapshot(&self) -> BTreeMap<(String, String, i64, String), (i64, bool, u32)> {
+    pub fn snapshot(&self) -> WindowValues {
         self.windows
             .iter()
             .map(|((a, site, start, dim), w)| ((AGGREGATES[*a as usize].name.to_string(), site.to_string(), *start, dim.clone()), (w.value, w.closed, w.revision)))
@@ -584,6 +587,7 @@ mod tests {
         chrono::DateTime::from_timestamp_millis(ms).unwrap().format("%Y-%m-%d %H:%M:%S").to_string()
     }
 
+    #[allow(clippy::too_many_arguments)] // a change event's fields, spelled out in each test
     fn change(site: &str, table: &str, op: &str, uuid: &str, before: Option<J>, after: Option<J>, refs: J, ts: i64) -> InEvent {
         let rec = serde_json::json!({
             "op": op, "site": site, "table": table, "uuid": uuid, "key": {"id": 1},

@@ -358,6 +358,43 @@ impl Out {
     }
 }
 
+/// The fuzz target `envelope` (fuzz/) and its regression test: a site-topic record as the
+/// transform decodes it, the same bytes as a `ChangeEvent` and as an `omrs.hq.changes`
+/// record. Err names a broken promise: what the transform accepts, it writes back as JSON
+/// that parses; an `HqEvent` serialises to a record that parses to the same key.
+pub fn check_envelope(data: &[u8]) -> Result<(), String> {
+    let site: Arc<str> = Arc::from("site-a");
+    if let Ok(ev) = InEvent::decode(data, &site, "omrs.cdc.site-a") {
+        let mut out = Vec::new();
+        ev.write_json(&mut out);
+        serde_json::from_slice::<J>(&out).map_err(|e| format!("the transform wrote a record that is not JSON ({e}): {}", String::from_utf8_lossy(&out)))?;
+        let _ = ev.to_change_event();
+    }
+    if let Ok(ev) = serde_json::from_slice::<ChangeEvent>(data) {
+        let _ = ev.validate();
+    }
+    // Core's one decoder of `omrs.hq.changes` reads the same record whichever image form a
+    // sink asks for.
+    let maps = serde_json::from_slice::<HqEvent>(data);
+    let flat = serde_json::from_slice::<HqEvent<FlatRow>>(data);
+    if maps.is_ok() != flat.is_ok() {
+        return Err(format!("an omrs.hq.changes record read with maps and flat rows differently: {:?} / {:?}", maps.as_ref().err(), flat.as_ref().err()));
+    }
+    if let (Ok(m), Ok(f), Ok(r)) = (&maps, &flat, serde_json::from_slice::<HqEvent<RawPairs<'_>>>(data)) {
+        let v = serde_json::to_value(m).ok();
+        if serde_json::to_value(f).ok() != v || serde_json::to_value(&r).ok() != v {
+            return Err("an omrs.hq.changes record means different things in different image forms".into());
+        }
+    }
+    if let Ok(h) = maps {
+        let again: HqEvent = serde_json::from_slice(&h.to_json()).map_err(|e| format!("an HqEvent serialised to a record that does not parse: {e}"))?;
+        if again.key() != h.key() {
+            return Err(format!("an HqEvent changed key on a round trip: {} → {}", h.key(), again.key()));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,41 +445,4 @@ mod tests {
             assert!(err.contains(reason), "{input}: {err}");
         }
     }
-}
-
-/// The fuzz target `envelope` (fuzz/) and its regression test: a site-topic record as the
-/// transform decodes it, the same bytes as a `ChangeEvent` and as an `omrs.hq.changes`
-/// record. Err names a broken promise: what the transform accepts, it writes back as JSON
-/// that parses; an `HqEvent` serialises to a record that parses to the same key.
-pub fn check_envelope(data: &[u8]) -> Result<(), String> {
-    let site: Arc<str> = Arc::from("site-a");
-    if let Ok(ev) = InEvent::decode(data, &site, "omrs.cdc.site-a") {
-        let mut out = Vec::new();
-        ev.write_json(&mut out);
-        serde_json::from_slice::<J>(&out).map_err(|e| format!("the transform wrote a record that is not JSON ({e}): {}", String::from_utf8_lossy(&out)))?;
-        let _ = ev.to_change_event();
-    }
-    if let Ok(ev) = serde_json::from_slice::<ChangeEvent>(data) {
-        let _ = ev.validate();
-    }
-    // Core's one decoder of `omrs.hq.changes` reads the same record whichever image form a
-    // sink asks for.
-    let maps = serde_json::from_slice::<HqEvent>(data);
-    let flat = serde_json::from_slice::<HqEvent<FlatRow>>(data);
-    if maps.is_ok() != flat.is_ok() {
-        return Err(format!("an omrs.hq.changes record read with maps and flat rows differently: {:?} / {:?}", maps.as_ref().err(), flat.as_ref().err()));
-    }
-    if let (Ok(m), Ok(f), Ok(r)) = (&maps, &flat, serde_json::from_slice::<HqEvent<RawPairs<'_>>>(data)) {
-        let v = serde_json::to_value(m).ok();
-        if serde_json::to_value(f).ok() != v || serde_json::to_value(&r).ok() != v {
-            return Err("an omrs.hq.changes record means different things in different image forms".into());
-        }
-    }
-    if let Ok(h) = maps {
-        let again: HqEvent = serde_json::from_slice(&h.to_json()).map_err(|e| format!("an HqEvent serialised to a record that does not parse: {e}"))?;
-        if again.key() != h.key() {
-            return Err(format!("an HqEvent changed key on a round trip: {} → {}", h.key(), again.key()));
-        }
-    }
-    Ok(())
 }

@@ -95,6 +95,7 @@ pub fn site_partition(producer: &FutureProducer, topic: &str, site: &str) -> i32
     omrs_core::topics::hq_partition(site, n)
 }
 
+#[allow(clippy::too_many_arguments)] // the bench's knobs, named at each call
 pub async fn prefill(producer: &FutureProducer, topic: &str, site: &str, meta: &Meta, patients: u64, first: u64, seq: &mut u64, ts: i64) -> u64 {
     // The site's partition, as the transform routes it: a site's changes are in order in one
     // partition (spread by key, children would arrive before their parents and wait).

@@ -638,7 +638,7 @@ async fn build_views(dir: &Path, tables: &HashMap<String, Arc<LakeTable>>, merge
                     },
                 };
                 let p = dir.join("views").join(view).join("part-0.parquet");
-                std::fs::create_dir_all(p.parent().unwrap_or(&dir)).map_err(io(format!("creating {}", p.display())))?;
+                std::fs::create_dir_all(p.parent().unwrap_or(dir)).map_err(io(format!("creating {}", p.display())))?;
                 write::write_file(&p, &schema, &batches, row_group)?;
                 metrics().lake_files_written.with_label_values(&["views"]).inc();
                 info.views.insert(view.to_string(), batches.iter().map(|b| b.num_rows() as u64).sum());
