@@ -880,3 +880,122 @@ async fn merge_logs_do_not_depend_on_the_order_merges_arrive_in() {
         assert_eq!(rows, &want, "{order}: HQ logs B's merge into W, the site logs D's into B");
     }
 }
+
+/// Issue #23 §4: a clinic's own merge, split by a person. The clinic moved D's encounter (and
+/// its obs) to B itself and logged it (`merged_data` lists the encounter, as OpenMRS writes it).
+/// Whether the split decision reaches HQ after the clinic's merge (HQ moves the rows back) or
+/// before it (the transform then keeps them apart and sends no merge: HQ points the logged rows
+/// at D when the log arrives), HQ ends the same: D alive with its encounter and obs, B alive.
+/// A later change of the obs at the clinic (still on B there) stays on D.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clinics_merge_split_before_or_after_its_log_gives_the_same_hq() {
+    let (b, d, e, o, log) = (
+        "88888888-0000-4000-8000-00000000000b",
+        "88888888-0000-4000-8000-00000000000d",
+        "88888888-0000-4000-8000-0000000000e1",
+        "88888888-0000-4000-8000-0000000000f1",
+        "88888888-0000-4000-8000-000000000010",
+    );
+    let now = "2026-05-01 10:00:00";
+    let mut ends = Vec::new();
+    for order in ["split after the merge", "split before the merge"] {
+        let Hq { db, init, mut write, mut read, user } = Hq::fresh("openmrs_hq_smsplit").await;
+        let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier");
+        let location: String = write.query_first("SELECT uuid FROM location ORDER BY location_id LIMIT 1").await.unwrap().unwrap();
+        let etype: String = write.query_first("SELECT uuid FROM encounter_type ORDER BY encounter_type_id LIMIT 1").await.unwrap().unwrap();
+        let concept: String = write.query_first("SELECT uuid FROM concept ORDER BY concept_id LIMIT 1").await.unwrap().unwrap();
+        let person = |id: i64, uuid: &str, voided: bool| {
+            let mut p = json!({"person_id": id, "gender": "F", "dead": 0, "creator": 1, "date_created": now, "voided": voided as i64, "uuid": uuid});
+            if voided {
+                p["void_reason"] = json!("Merged with patient #902");
+            }
+            p
+        };
+        let patient = |id: i64, voided: bool| {
+            let mut p = json!({"patient_id": id, "creator": 1, "date_created": now, "voided": voided as i64, "allergy_status": "Unknown"});
+            if voided {
+                p["void_reason"] = json!("Merged with patient #902");
+            }
+            p
+        };
+        let encounter = |patient_id: i64| json!({"encounter_id": 7, "encounter_type": 1, "patient_id": patient_id, "location_id": 1, "encounter_datetime": now, "creator": 1, "date_created": now, "voided": 0, "uuid": e});
+        let obs = |person_id: i64, value: f64| json!({"obs_id": 70, "person_id": person_id, "concept_id": 1, "encounter_id": 7, "obs_datetime": now, "location_id": 1, "value_numeric": value, "creator": 1, "date_created": now, "voided": 0, "uuid": o});
+        let enc_refs = |p: &str| json!({"encounter_type": etype, "patient_id": p, "location_id": location, "creator": user});
+        let obs_refs = |p: &str| json!({"person_id": p, "concept_id": concept, "encounter_id": e, "location_id": location, "creator": user});
+        let rec = |offset: i64, op: Op, table: &str, uuid: &str, row: J, refs: J| record_from("site-b", offset, op, table, uuid, row, refs);
+        // Both registered at site-b; D's encounter and obs.
+        apply_batch(&mut applier, &mut write, vec![
+            rec(1, Op::Create, "person", b, person(902, b, false), json!({"creator": user})),
+            rec(2, Op::Create, "patient", b, patient(902, false), json!({"patient_id": b, "creator": user})),
+            rec(3, Op::Create, "person", d, person(903, d, false), json!({"creator": user})),
+            rec(4, Op::Create, "patient", d, patient(903, false), json!({"patient_id": d, "creator": user})),
+            rec(5, Op::Create, "encounter", e, encounter(903), enc_refs(d)),
+            rec(6, Op::Create, "obs", o, obs(903, 37.5), obs_refs(d)),
+        ])
+        .await;
+        // The clinic's merge of D into B, in one transaction, its log last; the transform's
+        // merge ahead of the log (unless a split decision keeps them apart).
+        let xml = format!("<org.openmrs.person.PersonMergeLogData>\n  <movedEncounters>\n    <string>{e}</string>\n  </movedEncounters>\n</org.openmrs.person.PersonMergeLogData>");
+        let merge = || Record::decode(0, 14, HqEvent::<Map<String, J>>::Merge { winner: b.into(), loser: d.into(), reason: "site_merge".into(), evidence: json!({"site_winner": b, "site_loser": d}), site: "site-b".into(), ts_ms: 1_790_000_000_014 }.to_json());
+        let clinic_merge = |with_merge: bool| {
+            let mut v = vec![
+                rec(10, Op::Update, "encounter", e, encounter(902), enc_refs(b)),
+                rec(11, Op::Update, "obs", o, obs(902, 37.5), obs_refs(b)),
+                rec(12, Op::Update, "patient", d, patient(903, true), json!({"patient_id": d, "creator": user})),
+                rec(13, Op::Update, "person", d, person(903, d, true), json!({"creator": user})),
+            ];
+            if with_merge {
+                v.push(merge());
+            }
+            v.push(rec(
+                15,
+                Op::Create,
+                "person_merge_log",
+                log,
+                json!({"person_merge_log_id": 35, "winner_person_id": 902, "loser_person_id": 903, "creator": 1, "date_created": now, "merged_data": xml, "uuid": log, "voided": 0}),
+                json!({"winner_person_id": b, "loser_person_id": d, "creator": user}),
+            ));
+            v
+        };
+        let split = Record::decode(
+            0,
+            20,
+            HqEvent::<Map<String, J>>::Split { survivor: d.into(), from: b.into(), records: vec![d.into()], review_id: "99999999-0000-4000-8000-000000000001".into(), site: "site-b".into(), ts_ms: 1_790_000_000_020 }.to_json(),
+        );
+        if order == "split after the merge" {
+            apply_batch(&mut applier, &mut write, clinic_merge(true)).await;
+            let on_b = count(&mut read, &format!("SELECT COUNT(*) FROM obs o JOIN person p ON p.person_id = o.person_id WHERE o.uuid = '{o}' AND p.uuid = '{b}'")).await;
+            assert_eq!(on_b, 1, "{order}: before the split, D's obs is on B");
+            apply_batch(&mut applier, &mut write, vec![split]).await;
+        } else {
+            apply_batch(&mut applier, &mut write, vec![split]).await;
+            apply_batch(&mut applier, &mut write, clinic_merge(false)).await;
+        }
+        // A restart, then the clinic corrects the obs (still B's there).
+        drop(applier);
+        let mut applier = Applier::load(&mut write, &db, Default::default(), 600_000).await.expect("applier after restart");
+        apply_batch(&mut applier, &mut write, vec![rec(30, Op::Update, "obs", o, obs(902, 38.1), obs_refs(b))]).await;
+        let end: Vec<(String, String, i64)> = read
+            .query(format!(
+                "SELECT 'encounter', p.uuid, x.voided FROM encounter x JOIN person p ON p.person_id = x.patient_id WHERE x.uuid = '{e}'
+                 UNION ALL SELECT 'obs', p.uuid, x.voided FROM obs x JOIN person p ON p.person_id = x.person_id WHERE x.uuid = '{o}'
+                 UNION ALL SELECT 'person', p.uuid, p.voided FROM person p WHERE p.uuid IN ('{b}', '{d}')
+                 UNION ALL SELECT 'patient', p.uuid, x.voided FROM patient x JOIN person p ON p.person_id = x.patient_id WHERE p.uuid IN ('{b}', '{d}')
+                 ORDER BY 1, 2"
+            ))
+            .await
+            .unwrap();
+        let value: Option<f64> = read.query_first(format!("SELECT value_numeric FROM obs WHERE uuid = '{o}'")).await.unwrap();
+        assert_eq!(value, Some(38.1), "{order}: the clinic's correction is applied");
+        ends.push((order, end));
+        drop(applier);
+        Hq::close(init, &db, [read, write]).await;
+    }
+    let want: Vec<(String, String, i64)> = [("encounter", d, 0), ("obs", d, 0), ("patient", b, 0), ("patient", d, 0), ("person", b, 0), ("person", d, 0)]
+        .iter()
+        .map(|(t, u, v)| (t.to_string(), u.to_string(), *v))
+        .collect();
+    for (order, end) in &ends {
+        assert_eq!(end, &want, "{order}: D alive with its encounter and obs, B alive");
+    }
+}
