@@ -41,11 +41,11 @@ use omrs_core::envelope::{FlatRow, Op};
 use omrs_core::hq::{row_key, KeyShape};
 use omrs_core::model::{Model, TableModel};
 use omrs_core::openmrs::DAEMON_USER_UUID;
+use omrs_core::merge_log::SiteMoves;
 use omrs_core::zone::SiteRules;
 use serde_json::Value as J;
 
 use super::canonical::canonicalise;
-use omrs_core::merge_log::SiteMoves;
 use super::rejected::{Carry, Missing, Rejected};
 use crate::SinkError;
 use aggregate::{upsert_aggregates, AggRow, Aggregates};
