@@ -57,11 +57,14 @@ pub(super) async fn unrelease(conn: &mut Conn, merges: &MergeMap, loser: &str) -
     Ok(())
 }
 
-/// Whether HQ person `id` is a patient (its `patient` row is written, in this transaction or
-/// before).
-async fn is_patient(conn: &mut Conn, id: i64) -> Result<bool, SinkError> {
-    let n: Option<i64> = conn.exec_first("SELECT COUNT(*) FROM patient WHERE patient_id = ?", (id,)).await.map_err(db("reading whether a merged person is a patient"))?;
-    Ok(n.unwrap_or(0) > 0)
+/// Whether HQ persons `loser` and `winner` are patients (their `patient` rows written, in this
+/// transaction or before): one round trip for the two.
+async fn are_patients(conn: &mut Conn, loser: i64, winner: i64) -> Result<(bool, bool), SinkError> {
+    let row: Option<(i64, i64)> = conn
+        .exec_first("SELECT EXISTS(SELECT 1 FROM patient WHERE patient_id = ?), EXISTS(SELECT 1 FROM patient WHERE patient_id = ?)", (loser, winner))
+        .await
+        .map_err(db("reading whether merged persons are patients"))?;
+    Ok(row.map_or((false, false), |(l, w)| (l != 0, w != 0)))
 }
 
 /// Which of the HQ person ids `ids` are patients.
@@ -126,17 +129,30 @@ pub(super) async fn remember_owner(conn: &mut Conn, table: &str, col: &str, pk: 
     .map_err(|e| SinkError::db(format!("remembering whose the moved {table} rows are"), e))
 }
 
+/// The statements that keep HQ person `id` (and its patient) alive, if a merge had voided it.
+fn unvoid_sql(id: i64) -> String {
+    [("person", "person_id"), ("patient", "patient_id")]
+        .iter()
+        .map(|(table, col)| format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} = {id} AND voided = 1 AND void_reason LIKE 'Merged with patient%'"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// HQ person `id` (and its patient) alive, if a merge had voided it.
 pub(super) async fn unvoid_survivor(conn: &mut Conn, id: i64) -> Result<(), SinkError> {
-    for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
-        conn.exec_drop(
-            format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} = ? AND voided = 1 AND void_reason LIKE 'Merged with patient%'"),
-            (id,),
-        )
-        .await
-        .map_err(|e| SinkError::db(format!("keeping the surviving {table}"), e))?;
-    }
-    Ok(())
+    conn.query_drop(unvoid_sql(id)).await.map_err(db("keeping the surviving person and patient"))
+}
+
+/// A merge's voids in one round trip: survivor `w` alive ([`unvoid_survivor`]), then loser `l`
+/// voided "Merged with patient #`w`" ([`void_merged`]). Every value is a number, written into
+/// the statements' text.
+async fn void_loser_keep_survivor(conn: &mut Conn, w: i64, l: i64, daemon_user: i64) -> Result<(), SinkError> {
+    let voids = [("person", "person_id"), ("patient", "patient_id")]
+        .iter()
+        .map(|(table, col)| format!("UPDATE {table} SET voided = 1, voided_by = {daemon_user}, date_voided = date_created, void_reason = 'Merged with patient #{w}' WHERE {col} = {l}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    conn.query_drop(format!("{}; {voids}", unvoid_sql(w))).await.map_err(db("voiding the merged person and keeping the survivor"))
 }
 
 /// HQ person `id` (and its patient) voided by a merge, dated at its own registration: the same
@@ -151,6 +167,20 @@ pub(super) async fn void_merged(conn: &mut Conn, id: i64, daemon_user: i64, reas
         .map_err(|e| SinkError::db(format!("voiding the merged {table}"), e))?;
     }
     Ok(())
+}
+
+/// Members of merged components settled in one round trip ([`Applier::settle_voids`]).
+const SETTLE_PER_TRIP: usize = 200;
+
+/// The statements that void HQ person `lid` (and its patient) in the name of survivor `sid`,
+/// and point its merge log (`log_uuid`) at it: no-ops where that is so already.
+fn settle_sql(lid: i64, sid: i64, log_uuid: &uuid::Uuid) -> String {
+    let reason = format!("'Merged with patient #{sid}'");
+    format!(
+        "UPDATE person SET void_reason = {reason} WHERE person_id = {lid} AND voided = 1 AND NOT (void_reason <=> {reason}); \
+         UPDATE patient SET void_reason = {reason} WHERE patient_id = {lid} AND voided = 1 AND NOT (void_reason <=> {reason}); \
+         UPDATE person_merge_log SET winner_person_id = {sid} WHERE uuid = '{log_uuid}' AND winner_person_id <> {sid}"
+    )
 }
 
 /// HQ's own `person_merge_log` rows whose loser a site's own log also names go: a site's merge
@@ -344,18 +374,20 @@ impl Applier {
                 }
             }
         }
+        // Three statements a member, sent SETTLE_PER_TRIP members at a time: a cold replay
+        // settles thousands of members, and one round trip each was a tenth of the HQ sink's
+        // time while the merges came in. Every value is a number or a uuid made here.
+        let mut sql: Vec<String> = Vec::new();
         for (l, s) in members {
             let (Some(lid), Some(sid)) = (self.lookup_id(conn, "person", &l).await?, self.lookup_id(conn, "person", &s).await?) else { continue };
-            let reason = format!("Merged with patient #{sid}");
-            for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
-                conn.exec_drop(format!("UPDATE {table} SET void_reason = ? WHERE {col} = ? AND voided = 1 AND NOT (void_reason <=> ?)"), (reason.as_str(), lid, reason.as_str()))
-                    .await
-                    .map_err(db("naming a merged person's survivor"))?;
+            let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, l.as_bytes());
+            sql.push(settle_sql(lid, sid, &u));
+            if sql.len() == SETTLE_PER_TRIP {
+                conn.query_drop(std::mem::take(&mut sql).join("; ")).await.map_err(db("naming merged persons' survivors"))?;
             }
-            let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, l.as_bytes()).to_string();
-            conn.exec_drop("UPDATE person_merge_log SET winner_person_id = ? WHERE uuid = ? AND winner_person_id <> ?", (sid, u.as_str(), sid))
-                .await
-                .map_err(db("naming a merged person's survivor in its merge log"))?;
+        }
+        if !sql.is_empty() {
+            conn.query_drop(sql.join("; ")).await.map_err(db("naming merged persons' survivors"))?;
         }
         Ok(())
     }
@@ -443,7 +475,10 @@ impl Applier {
         // patient at HQ: with a partition per site, a survivor's person can land before its
         // patient row. Until then the merge waits, as for a person not at HQ yet.
         let ready = match (w, l) {
-            (Some(w), Some(l)) => !is_patient(conn, l).await? || is_patient(conn, w).await?,
+            (Some(w), Some(l)) => {
+                let (l_patient, w_patient) = are_patients(conn, l, w).await?;
+                !l_patient || w_patient
+            }
             _ => false,
         };
         let mut log_uuid: Option<String> = None;
@@ -486,20 +521,26 @@ impl Applier {
             let reason = format!("Merged with patient #{w}");
             // A survivor that its site had merged away (the site chose the other record) is
             // alive at HQ.
-            unvoid_survivor(conn, w).await?;
             let daemon = self.daemon(conn).await?;
-            void_merged(conn, l, daemon, &reason).await?;
+            void_loser_keep_survivor(conn, w, l, daemon).await?;
             // HQ logs a merge of its own unless a site's log names the same loser (whatever the
             // reason of this record: which records reach HQ as `site_merge` and which as
             // `identifier` depends on the order the evidence arrived in; the site's log that
             // lands later removes HQ's, see `drop_covered_merge_logs`).
             let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, loser.as_bytes()).to_string();
-            let site_logged: Option<i64> = conn
-                .exec_first("SELECT COUNT(*) FROM person_merge_log WHERE loser_person_id = ? AND uuid <> ?", (l, u.as_str()))
+            // The sites' logs of this loser, and its registration time (HQ's log is dated at
+            // it), in one round trip.
+            let (site_logged, created): (i64, Option<String>) = conn
+                .exec_first(
+                    "SELECT (SELECT COUNT(*) FROM person_merge_log WHERE loser_person_id = ? AND uuid <> ?),
+                            (SELECT DATE_FORMAT(date_created, '%Y-%m-%d %H:%i:%s') FROM person WHERE person_id = ?)",
+                    (l, u.as_str(), l),
+                )
                 .await
-                .map_err(db("reading the sites' merge logs"))?;
-            if site_logged.unwrap_or(0) == 0 {
-                let when = self.merge_time(conn, loser).await?;
+                .map_err(db("reading the sites' merge logs"))?
+                .unwrap_or((0, None));
+            if site_logged == 0 {
+                let when = created.unwrap_or_else(|| datetime(self.merges.get(loser).map(|m| m.ts_ms).unwrap_or(0)));
                 let id = self.allocate(conn, "person_merge_log", "person_merge_log_id").await?;
                 // Only what does not depend on the order the evidence arrived in: the reason and
                 // evidence of this merge are in omrs_sync_merge.
