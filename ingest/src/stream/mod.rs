@@ -298,7 +298,11 @@ impl<'a> Tail<'a> {
         omrs_core::endpoint::beat();
         if self.pend.any() {
             self.flush_done().await?;
-        } else if !self.cur.in_txn && self.pend.last_emit.elapsed() >= self.agent.tuning.heartbeat {
+        } else if !self.cur.first && !self.cur.in_txn && self.pend.last_emit.elapsed() >= self.agent.tuning.heartbeat {
+            // Not before the stream's first event: a heartbeat says the site is at its clock's
+            // time at this position, which is false while a backlog after it is unread. Sent
+            // ahead of the backlog (a connection slower than the heartbeat interval), it would
+            // give the backlog's events its time, and none of them would be marked late.
             let pos = self.cur.here();
             heartbeat(self.agent, &pos, &self.segs).await?;
             self.committed = pos;
@@ -336,6 +340,11 @@ impl<'a> Tail<'a> {
             }
         };
         let was_first = std::mem::replace(&mut self.cur.first, false);
+        if was_first {
+            // The stream has begun (the server's first event comes right before the backlog):
+            // the heartbeat's silence counts from here, not from before the connection.
+            self.pend.last_emit = Instant::now();
+        }
         let end_txn = match etype {
             // ROTATE
             4 => {
