@@ -144,29 +144,25 @@ pub(super) async fn unvoid_survivor(conn: &mut Conn, id: i64) -> Result<(), Sink
 }
 
 /// A merge's voids in one round trip: survivor `w` alive ([`unvoid_survivor`]), then loser `l`
-/// voided "Merged with patient #`w`" ([`void_merged`]). Every value is a number, written into
-/// the statements' text.
+/// voided in its name ([`void_merged`]).
 async fn void_loser_keep_survivor(conn: &mut Conn, w: i64, l: i64, daemon_user: i64) -> Result<(), SinkError> {
-    let voids = [("person", "person_id"), ("patient", "patient_id")]
-        .iter()
-        .map(|(table, col)| format!("UPDATE {table} SET voided = 1, voided_by = {daemon_user}, date_voided = date_created, void_reason = 'Merged with patient #{w}' WHERE {col} = {l}"))
-        .collect::<Vec<_>>()
-        .join("; ");
-    conn.query_drop(format!("{}; {voids}", unvoid_sql(w))).await.map_err(db("voiding the merged person and keeping the survivor"))
+    conn.query_drop(format!("{}; {}", unvoid_sql(w), void_sql(l, daemon_user, w))).await.map_err(db("voiding the merged person and keeping the survivor"))
 }
 
-/// HQ person `id` (and its patient) voided by a merge, dated at its own registration: the same
-/// whenever HQ learns of it.
-pub(super) async fn void_merged(conn: &mut Conn, id: i64, daemon_user: i64, reason: &str) -> Result<(), SinkError> {
-    for (table, col) in [("person", "person_id"), ("patient", "patient_id")] {
-        conn.exec_drop(
-            format!("UPDATE {table} SET voided = 1, voided_by = ?, date_voided = date_created, void_reason = ? WHERE {col} = ?"),
-            (daemon_user, reason, id),
-        )
-        .await
-        .map_err(|e| SinkError::db(format!("voiding the merged {table}"), e))?;
-    }
-    Ok(())
+/// The statements that void HQ person `id` (and its patient) "Merged with patient #`survivor`",
+/// dated at its own registration. Every value is a number, written into the text.
+fn void_sql(id: i64, daemon_user: i64, survivor: i64) -> String {
+    [("person", "person_id"), ("patient", "patient_id")]
+        .iter()
+        .map(|(table, col)| format!("UPDATE {table} SET voided = 1, voided_by = {daemon_user}, date_voided = date_created, void_reason = 'Merged with patient #{survivor}' WHERE {col} = {id}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// HQ person `id` (and its patient) voided by a merge into HQ person `survivor`, dated at its
+/// own registration: the same whenever HQ learns of it.
+pub(super) async fn void_merged(conn: &mut Conn, id: i64, daemon_user: i64, survivor: i64) -> Result<(), SinkError> {
+    conn.query_drop(void_sql(id, daemon_user, survivor)).await.map_err(db("voiding the merged person and patient"))
 }
 
 /// Members of merged components settled in one round trip ([`Applier::settle_voids`]).
@@ -377,6 +373,8 @@ impl Applier {
         // Three statements a member, sent SETTLE_PER_TRIP members at a time: a cold replay
         // settles thousands of members, and one round trip each was a tenth of the HQ sink's
         // time while the merges came in. Every value is a number or a uuid made here.
+        let persons: HashSet<&str> = members.iter().flat_map(|(l, s)| [l.as_str(), s.as_str()]).collect();
+        self.prefetch_ids(conn, HashMap::from([("person".to_string(), persons)])).await?;
         let mut sql: Vec<String> = Vec::new();
         for (l, s) in members {
             let (Some(lid), Some(sid)) = (self.lookup_id(conn, "person", &l).await?, self.lookup_id(conn, "person", &s).await?) else { continue };
@@ -429,7 +427,12 @@ impl Applier {
             .exec_first("SELECT DATE_FORMAT(date_created, '%Y-%m-%d %H:%i:%s') FROM person WHERE uuid = ?", (loser,))
             .await
             .map_err(db("reading the merged person"))?;
-        Ok(t.flatten().unwrap_or_else(|| datetime(self.merges.get(loser).map(|m| m.ts_ms).unwrap_or(0))))
+        Ok(t.flatten().unwrap_or_else(|| self.merge_time_unknown(loser)))
+    }
+
+    /// A merge's date when its loser's registration is not at HQ: the merge's own time.
+    fn merge_time_unknown(&self, loser: &str) -> String {
+        datetime(self.merges.get(loser).map(|m| m.ts_ms).unwrap_or(0))
     }
 
     pub(super) async fn void_reason(&mut self, conn: &mut Conn, survivor: &str) -> Result<String, SinkError> {
@@ -540,7 +543,7 @@ impl Applier {
                 .map_err(db("reading the sites' merge logs"))?
                 .unwrap_or((0, None));
             if site_logged == 0 {
-                let when = created.unwrap_or_else(|| datetime(self.merges.get(loser).map(|m| m.ts_ms).unwrap_or(0)));
+                let when = created.unwrap_or_else(|| self.merge_time_unknown(loser));
                 let id = self.allocate(conn, "person_merge_log", "person_merge_log_id").await?;
                 // Only what does not depend on the order the evidence arrived in: the reason and
                 // evidence of this merge are in omrs_sync_merge.

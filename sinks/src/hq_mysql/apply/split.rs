@@ -104,11 +104,10 @@ impl Applier {
     /// names the survivor.
     async fn revoid(&mut self, conn: &mut Conn, s: &SplitRec, sid: i64) -> Result<(), SinkError> {
         unvoid_survivor(conn, sid).await?;
-        let reason = format!("Merged with patient #{sid}");
         for r in s.records.iter().filter(|r| **r != s.survivor) {
             let Some(id) = self.lookup_id(conn, "person", r).await? else { continue };
             let daemon = self.daemon(conn).await?;
-            void_merged(conn, id, daemon, &reason).await?;
+            void_merged(conn, id, daemon, sid).await?;
             let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, r.as_bytes()).to_string();
             conn.exec_drop("UPDATE person_merge_log SET winner_person_id = ? WHERE uuid = ?", (sid, u.as_str())).await.map_err(db("re-pointing a merge log"))?;
         }
