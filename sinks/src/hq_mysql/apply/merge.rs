@@ -10,6 +10,7 @@ use omrs_core::openmrs::{DAEMON_USER_UUID, MOVES};
 use serde_json::Value as J;
 
 use super::merge_map::MergeMap;
+use super::merge_run::{holding, record_merges};
 use super::sql::{datetime, db, q};
 use super::{Applier, Work};
 use crate::SinkError;
@@ -68,7 +69,7 @@ async fn are_patients(conn: &mut Conn, loser: i64, winner: i64) -> Result<(bool,
 }
 
 /// Which of the HQ person ids `ids` are patients.
-async fn patients_among(conn: &mut Conn, ids: Vec<i64>) -> Result<HashSet<i64>, SinkError> {
+pub(super) async fn patients_among(conn: &mut Conn, ids: Vec<i64>) -> Result<HashSet<i64>, SinkError> {
     let mut found = HashSet::new();
     for chunk in ids.chunks(1000) {
         let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
@@ -80,41 +81,7 @@ async fn patients_among(conn: &mut Conn, ids: Vec<i64>) -> Result<HashSet<i64>, 
 
 /// Stores a merge in `omrs_sync_merge` (a later record of the same loser re-points it).
 pub(super) async fn record_merge(conn: &mut Conn, loser: &str, rec: &MergeRec, log_uuid: Option<&str>) -> Result<(), SinkError> {
-    conn.exec_drop(
-        "INSERT INTO omrs_sync_merge (loser_uuid, winner_uuid, reason, evidence, site, ts_ms, applied, merge_log_uuid, applied_at, review_id)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, IF(? = 1, NOW(3), NULL), ?)
-         ON DUPLICATE KEY UPDATE winner_uuid = VALUES(winner_uuid), applied = VALUES(applied),
-           merge_log_uuid = COALESCE(VALUES(merge_log_uuid), merge_log_uuid), applied_at = COALESCE(applied_at, VALUES(applied_at)),
-           review_id = COALESCE(VALUES(review_id), review_id)",
-        vec![
-            Value::from(loser),
-            Value::from(rec.winner.as_str()),
-            Value::from(rec.reason.as_str()),
-            Value::from(rec.evidence.as_str()),
-            Value::from(rec.site.as_str()),
-            Value::from(rec.ts_ms),
-            Value::from(rec.applied as i64),
-            Value::from(log_uuid),
-            Value::from(rec.applied as i64),
-            Value::from(rec.review_id.as_deref()),
-        ],
-    )
-    .await
-    .map_err(db("recording the merge"))
-}
-
-/// For each (table, person column) of `moves`, whether HQ holds a row of person `id` there: one
-/// query instead of a remembering INSERT and a moving UPDATE per table. (A merge applied when
-/// its patient row lands, as in a cold replay, finds the loser's names, addresses and
-/// identifiers, and its visits, encounters and obs not there yet.)
-async fn tables_holding(conn: &mut Conn, moves: &[(&str, &str, bool)], id: i64) -> Result<Vec<bool>, SinkError> {
-    if moves.is_empty() {
-        return Ok(Vec::new());
-    }
-    let probes: Vec<String> = moves.iter().map(|(t, c, _)| format!("EXISTS(SELECT 1 FROM {} WHERE {} = {id})", q(t), q(c))).collect();
-    let row: Option<mysql_async::Row> = conn.query_first(format!("SELECT {}", probes.join(", "))).await.map_err(db("reading which tables hold a merged person's rows"))?;
-    let row = row.ok_or_else(|| SinkError::Schema("internal: a SELECT of EXISTS probes returned no row".into()))?;
-    Ok((0..moves.len()).map(|i| row.get::<i64, _>(i).unwrap_or(1) != 0).collect())
+    record_merges(conn, &[(loser, rec, log_uuid)]).await
 }
 
 /// Remembers whose the rows of `table` on HQ person `id` are (`owner`, with their own
@@ -130,7 +97,7 @@ pub(super) async fn remember_owner(conn: &mut Conn, table: &str, col: &str, pk: 
 }
 
 /// The statements that keep HQ person `id` (and its patient) alive, if a merge had voided it.
-fn unvoid_sql(id: i64) -> String {
+pub(super) fn unvoid_sql(id: i64) -> String {
     [("person", "person_id"), ("patient", "patient_id")]
         .iter()
         .map(|(table, col)| format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} = {id} AND voided = 1 AND void_reason LIKE 'Merged with patient%'"))
@@ -151,7 +118,7 @@ async fn void_loser_keep_survivor(conn: &mut Conn, w: i64, l: i64, daemon_user: 
 
 /// The statements that void HQ person `id` (and its patient) "Merged with patient #`survivor`",
 /// dated at its own registration. Every value is a number, written into the text.
-fn void_sql(id: i64, daemon_user: i64, survivor: i64) -> String {
+pub(super) fn void_sql(id: i64, daemon_user: i64, survivor: i64) -> String {
     [("person", "person_id"), ("patient", "patient_id")]
         .iter()
         .map(|(table, col)| format!("UPDATE {table} SET voided = 1, voided_by = {daemon_user}, date_voided = date_created, void_reason = 'Merged with patient #{survivor}' WHERE {col} = {id}"))
@@ -254,7 +221,7 @@ impl Applier {
             .filter_map(|u| Some((u.to_string(), *self.ids.get("person", u)?)))
             .collect();
         let patients = patients_among(conn, ids.values().copied().collect()).await?;
-        let mut applied = Vec::new();
+        let mut retry = Vec::new();
         for (loser, rec) in waiting {
             let ready = match (ids.get(rec.winner.as_str()), ids.get(loser.as_str())) {
                 (Some(w), Some(l)) => !patients.contains(l) || patients.contains(w),
@@ -263,11 +230,10 @@ impl Applier {
             if !ready && !self.merges.contains_key(&rec.winner) && !self.merges.is_survivor(&loser) {
                 continue;
             }
-            self.merge(conn, &loser, rec).await?;
-            if self.merges.get(&loser).is_some_and(|m| m.applied) {
-                applied.push(loser);
-            }
+            retry.push((loser, rec));
         }
+        let mut applied = self.apply_merges(conn, retry).await?;
+        applied.retain(|l| self.merges.get(l).is_some_and(|m| m.applied));
         Ok(applied)
     }
 
@@ -333,6 +299,35 @@ impl Applier {
             }
         }
         Ok(Vec::new())
+    }
+
+    /// The (table, person column, has `preferred`) of [`MOVES`] that HQ's schema has.
+    pub(super) fn moves(&self) -> Vec<(&'static str, &'static str, bool)> {
+        MOVES.iter().filter(|(table, col, _)| self.model.table(table).is_some_and(|tm| tm.columns.iter().any(|c| c.name == *col))).copied().collect()
+    }
+
+    /// A merge's move of one table's rows from HQ person `l` (uuid `loser`) to `w` (`winner`):
+    /// whose they were is remembered the first time they leave their person, and an
+    /// identifier, name or address goes non-preferred unless it goes back to the person it
+    /// came from (a survivor change hands the component to an earlier loser).
+    pub(super) async fn move_rows(&mut self, conn: &mut Conn, (table, col, preferred): (&str, &str, bool), (loser, l): (&str, i64), (winner, w): (&str, i64)) -> Result<(), SinkError> {
+        let Some(tm) = self.model.table(table) else { return Ok(()) };
+        let has_preferred = preferred && tm.columns.iter().any(|c| c.name == "preferred");
+        if tm.pk.len() == 1 {
+            remember_owner(conn, table, col, &tm.pk[0], has_preferred, loser, l).await?;
+        }
+        let moved = if has_preferred && tm.pk.len() == 1 {
+            let sql = format!(
+                "UPDATE {t} r LEFT JOIN omrs_sync_moved m ON m.tbl = ? AND m.hq_id = r.{pk} SET r.{c} = ?, r.preferred = IF(m.person_uuid <=> ?, m.preferred, 0) WHERE r.{c} = ?",
+                t = q(table),
+                c = q(col),
+                pk = q(&tm.pk[0])
+            );
+            conn.exec_drop(sql, (table, w, winner, l)).await
+        } else {
+            conn.exec_drop(format!("UPDATE {t} SET {c} = ? WHERE {c} = ?", t = q(table), c = q(col)), (w, l)).await
+        };
+        moved.map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))
     }
 
     /// The row is voided by a merge ("Merged with patient #…").
@@ -486,40 +481,12 @@ impl Applier {
         };
         let mut log_uuid: Option<String> = None;
         if let (Some(w), Some(l), true) = (w, l, ready) {
-            let moves: Vec<(&str, &str, bool)> = MOVES
-                .iter()
-                .filter(|(table, col, _)| self.model.table(table).is_some_and(|tm| tm.columns.iter().any(|c| c.name == *col)))
-                .copied()
-                .collect();
-            let held = tables_holding(conn, &moves, l).await?;
-            for ((table, col, preferred), held) in moves.iter().zip(held) {
-                if !held {
-                    continue; // nothing of the loser's to remember or move
+            let moves = self.moves();
+            let held = holding(conn, &moves, &[l]).await?;
+            for (m, mv) in moves.iter().enumerate() {
+                if held.contains(&(m, l)) {
+                    self.move_rows(conn, *mv, (loser, l), (&rec.winner, w)).await?;
                 }
-                let Some(tm) = self.model.table(table) else { continue };
-                let has_preferred = *preferred && tm.columns.iter().any(|c| c.name == "preferred");
-                if tm.pk.len() == 1 {
-                    remember_owner(conn, table, col, &tm.pk[0], has_preferred, loser, l).await?;
-                }
-                if has_preferred && tm.pk.len() == 1 {
-                    // Non-preferred once moved, unless it goes back to the person it came from
-                    // (a survivor change hands the component to an earlier loser).
-                    let pk = q(&tm.pk[0]);
-                    conn.exec_drop(
-                        format!(
-                            "UPDATE {t} r LEFT JOIN omrs_sync_moved m ON m.tbl = ? AND m.hq_id = r.{pk} SET r.{c} = ?, r.preferred = IF(m.person_uuid <=> ?, m.preferred, 0) WHERE r.{c} = ?",
-                            t = q(table),
-                            c = q(col)
-                        ),
-                        (*table, w, rec.winner.as_str(), l),
-                    )
-                    .await
-                    .map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))?;
-                    continue;
-                }
-                conn.exec_drop(format!("UPDATE {} SET {} = ? WHERE {} = ?", q(table), q(col), q(col)), (w, l))
-                    .await
-                    .map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))?;
             }
             let reason = format!("Merged with patient #{w}");
             // A survivor that its site had merged away (the site chose the other record) is

@@ -6,8 +6,9 @@
 //! parks the row in `omrs_sync_pending`), then a staged write. Staged writes go out as
 //! multi-row prepared `INSERT … ON DUPLICATE KEY UPDATE` per table, parents before children; a
 //! statement that fails on a definite error is retried row by row so that only the bad row is
-//! dead-lettered. A `merge` record first flushes what is staged, then does what OpenMRS
-//! `mergePatients` does (see [`Applier::merge`]).
+//! dead-lettered. A `merge` record does what OpenMRS `mergePatients` does (see
+//! [`Applier::merge`]) after the changes before it are written, and before any change after
+//! it that concerns its persons; merges in a row go together ([`merge_run`]).
 
 // Rows read from SQL come back as tuples named by their SELECT.
 #![allow(clippy::type_complexity)]
@@ -19,6 +20,7 @@ pub mod evolve;
 mod ids;
 mod merge;
 mod merge_map;
+mod merge_run;
 mod pending;
 mod record;
 mod review;
@@ -370,20 +372,28 @@ impl Applier {
         // The losers of the merges this batch applies: their components are settled at its end.
         let mut merged: Vec<String> = Vec::new();
         let mut logs: Vec<(String, String)> = Vec::new();
+        // Merges wait here until a change they concern, a split or the batch's end
+        // ([`merge_run`]): the changes staged before them are written first.
+        let mut run = merge_run::MergeRun::default();
         for rec in records {
             match self.intake(rec, &mut out, &mut aggregates) {
                 Some(Intake::Work(w)) => {
+                    let mut w = *w;
+                    if !run.is_empty() && run.concerns(w.key.as_deref().ok(), &w.event.refs, &w.origin_refs, |u| self.survivor_of(u)) {
+                        self.flush(conn, std::mem::take(&mut segment), &mut out, &mut missing).await?;
+                        merged.extend(self.apply_merges(conn, run.take()).await?);
+                        w = self.keyed(w);
+                    }
                     logs.extend(site_moves::logged(&w.event));
-                    segment.push(*w)
+                    segment.push(w)
                 }
                 Some(Intake::Merge(loser, rec)) => {
-                    self.flush(conn, std::mem::take(&mut segment), &mut out, &mut missing).await?;
-                    self.merge(conn, &loser, rec).await?;
-                    merged.push(loser);
+                    run.push(loser, rec, |u| self.survivor_of(u));
                     out.merges += 1;
                 }
                 Some(Intake::Split(s)) => {
                     self.flush(conn, std::mem::take(&mut segment), &mut out, &mut missing).await?;
+                    merged.extend(self.apply_merges(conn, run.take()).await?);
                     self.split(conn, *s).await?;
                 }
                 Some(Intake::Review(r)) => reviews.push(*r),
@@ -391,6 +401,7 @@ impl Applier {
             }
         }
         self.flush(conn, segment, &mut out, &mut missing).await?;
+        merged.extend(self.apply_merges(conn, run.take()).await?);
         for (loser, data) in logs {
             self.site_merge_logged(conn, &loser, &data).await?;
         }
