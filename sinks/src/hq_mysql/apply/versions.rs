@@ -2,7 +2,8 @@
 //! packs (`omrs_sync_version_pack`), which hold the first versions of a batch's new rows in a
 //! few compressed rows instead of one row each.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
@@ -137,45 +138,51 @@ impl Applier {
     }
 
     /// Versions of rows at HQ that `omrs_sync_version` does not hold: their first version, in
-    /// the pack of the batch that created them, found by the row's HQ id.
+    /// the pack of the batch that created them, found by the row's HQ id. Those not in a cached
+    /// pack are looked up [`PACK_LOOKUPS_PER_TRIP`] at a time: the candidate packs of all of
+    /// them in one query, the packs not cached in another (one id a round trip, twice, was
+    /// 5,848 queries in 15 s of a cold replay's merge phase; docs/BENCHMARKS.md, "Stop 47").
     pub(super) async fn packed_versions(&mut self, conn: &mut Conn, table: &str, misses: Vec<(String, i64)>) -> Result<(), SinkError> {
+        let mut unresolved = Vec::new();
         for (key, id) in misses {
-            let mut found = self.pack_entry(table, id, &key);
-            if found.is_none() {
-                let candidates: Vec<(i64, i64)> = conn
-                    .exec(
-                        "SELECT pack_id, last_id FROM omrs_sync_version_pack WHERE tbl = ? AND first_id <= ? AND committed = 1 ORDER BY first_id DESC LIMIT 8",
-                        (table, id),
-                    )
-                    .await
-                    .map_err(db("finding version packs"))?;
-                for (pack_id, last_id) in candidates {
-                    if last_id < id || self.packs.contains(&pack_id) {
-                        continue;
-                    }
-                    let row: Option<(i64, i64, Vec<u8>)> = conn
-                        .exec_first("SELECT first_id, last_id, entries FROM omrs_sync_version_pack WHERE pack_id = ?", (pack_id,))
-                        .await
-                        .map_err(db("reading a version pack"))?;
-                    let Some((first_id, last_id, entries)) = row else { continue };
-                    let bad = |e: String| SinkError::Schema(format!("omrs_sync_version_pack row {pack_id} ({table}) is not a version pack: {e}"));
-                    let mut json = Vec::new();
-                    std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(entries.get(4..).unwrap_or_default()), &mut json).map_err(|e| bad(e.to_string()))?;
-                    let parsed: Vec<(i64, String, i64, i32, String, i64, String, Option<String>, u64)> =
-                        serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
-                    let entries = parsed
-                        .into_iter()
-                        .map(|(hq_id, key, change_ms, priority, site, commit_ms, position, _origin, hash)| {
-                            let version = RowVersion { change_ms, priority, site, commit_ms, position };
-                            (hq_id, (key, Stored { version, hash, hq_id: Some(hq_id) }))
-                        })
-                        .collect();
-                    self.packs.put(pack_id, std::sync::Arc::new(Pack { table: table.to_string(), first_id, last_id, entries }));
-                }
-                found = self.pack_entry(table, id, &key);
+            match self.pack_entry(table, id, &key) {
+                Some(stored) => self.versions.put((table.to_string(), key), Some(stored)),
+                None => unresolved.push((key, id)),
             }
-            if let Some(stored) = found {
-                self.versions.put((table.to_string(), key), Some(stored));
+        }
+        let tbl = Value::from(table).as_sql(false);
+        for chunk in unresolved.chunks(PACK_LOOKUPS_PER_TRIP) {
+            let sql: Vec<String> = chunk
+                .iter()
+                .map(|(_, id)| {
+                    format!("(SELECT pack_id, last_id, {id} FROM omrs_sync_version_pack WHERE tbl = {tbl} AND first_id <= {id} AND committed = 1 ORDER BY first_id DESC LIMIT 8)")
+                })
+                .collect();
+            let candidates: Vec<(i64, i64, i64)> = conn.query(sql.join(" UNION ALL ")).await.map_err(db("finding version packs"))?;
+            let wanted: BTreeSet<i64> = candidates.into_iter().filter(|(pack_id, last_id, id)| last_id >= id && !self.packs.contains(pack_id)).map(|(p, _, _)| p).collect();
+            let mut fetched: Vec<(i64, Arc<Pack>)> = Vec::new();
+            if !wanted.is_empty() {
+                let list = wanted.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                let rows: Vec<(i64, i64, i64, Vec<u8>)> = conn
+                    .query(format!("SELECT pack_id, first_id, last_id, entries FROM omrs_sync_version_pack WHERE pack_id IN ({list})"))
+                    .await
+                    .map_err(db("reading version packs"))?;
+                for (pack_id, first_id, last_id, entries) in rows {
+                    fetched.push((pack_id, Arc::new(read_pack(table, pack_id, first_id, last_id, &entries)?)));
+                }
+            }
+            for (key, id) in chunk {
+                // The newest pack that holds the row, of those just read and those cached.
+                let found = [newest(fetched.iter().map(|(p, pack)| (p, pack)), table, *id, key), newest(self.packs.iter(), table, *id, key)]
+                    .into_iter()
+                    .flatten()
+                    .max_by_key(|(pack_id, _)| *pack_id);
+                if let Some((_, stored)) = found {
+                    self.versions.put((table.to_string(), key.clone()), Some(stored));
+                }
+            }
+            for (pack_id, pack) in fetched {
+                self.packs.put(pack_id, pack);
             }
         }
         Ok(())
@@ -183,12 +190,33 @@ impl Applier {
 
     /// The version of row `key` with HQ id `id` in a cached pack (the newest pack if several).
     pub(super) fn pack_entry(&self, table: &str, id: i64, key: &str) -> Option<Stored> {
-        self.packs
-            .iter()
-            .filter(|(_, p)| p.table == table && p.first_id <= id && id <= p.last_id)
-            .filter_map(|(pack_id, p)| p.entries.get(&id).filter(|(k, _)| k == key).map(|(_, s)| (*pack_id, s)))
-            .max_by_key(|(pack_id, _)| *pack_id)
-            .map(|(_, s)| s.clone())
+        newest(self.packs.iter(), table, id, key).map(|(_, s)| s)
     }
 }
 
+/// Rows whose candidate packs are looked up in one round trip ([`Applier::packed_versions`]).
+const PACK_LOOKUPS_PER_TRIP: usize = 200;
+
+/// Of `packs`, the newest that holds row `key` with HQ id `id`: its id and the row's version.
+fn newest<'a>(packs: impl Iterator<Item = (&'a i64, &'a Arc<Pack>)>, table: &str, id: i64, key: &str) -> Option<(i64, Stored)> {
+    packs
+        .filter(|(_, p)| p.table == table && p.first_id <= id && id <= p.last_id)
+        .filter_map(|(pack_id, p)| p.entries.get(&id).filter(|(k, _)| k == key).map(|(_, s)| (*pack_id, s.clone())))
+        .max_by_key(|(pack_id, _)| *pack_id)
+}
+
+/// A stored `omrs_sync_version_pack` row's entries ([`version_packs`] wrote them).
+fn read_pack(table: &str, pack_id: i64, first_id: i64, last_id: i64, entries: &[u8]) -> Result<Pack, SinkError> {
+    let bad = |e: String| SinkError::Schema(format!("omrs_sync_version_pack row {pack_id} ({table}) is not a version pack: {e}"));
+    let mut json = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(entries.get(4..).unwrap_or_default()), &mut json).map_err(|e| bad(e.to_string()))?;
+    let parsed: Vec<(i64, String, i64, i32, String, i64, String, Option<String>, u64)> = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
+    let entries = parsed
+        .into_iter()
+        .map(|(hq_id, key, change_ms, priority, site, commit_ms, position, _origin, hash)| {
+            let version = RowVersion { change_ms, priority, site, commit_ms, position };
+            (hq_id, (key, Stored { version, hash, hq_id: Some(hq_id) }))
+        })
+        .collect();
+    Ok(Pack { table: table.to_string(), first_id, last_id, entries })
+}
