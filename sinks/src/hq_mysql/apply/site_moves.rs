@@ -69,7 +69,7 @@ impl Applier {
         if rows.is_empty() {
             return Ok(());
         }
-        let survivor = self.survivor_of(loser).unwrap_or_else(|| loser.to_string());
+        let survivor = self.holder_of(loser);
         let target = self.lookup_id(conn, "person", &survivor).await?;
         tracing::info!(loser, survivor = %survivor, rows = rows.len(), "a clinic's merge log: the rows it moved are its loser's");
         let mut tables: Vec<&str> = rows.iter().map(|(t, _)| *t).collect();
@@ -83,6 +83,21 @@ impl Applier {
             }
         }
         Ok(())
+    }
+
+    /// The record that holds `loser`'s rows at HQ now: its survivor through the merges HQ has
+    /// applied. A merge still waiting for its persons has not moved them (it moves them when it
+    /// is applied, see `merge`); pointing them at its survivor before then broke the survivor's
+    /// foreign keys when it was not a patient at HQ yet (`tests/site_fault.rs` saw it once).
+    fn holder_of(&self, loser: &str) -> String {
+        let mut cur = loser.to_string();
+        for _ in 0..64 {
+            match self.merges.get(&cur) {
+                Some(m) if m.applied && m.winner != cur && m.winner != loser => cur = m.winner.clone(),
+                _ => break,
+            }
+        }
+        cur
     }
 
     /// Records `loser` as the owner of `table`'s rows with `uuids` (or, with `via`, of the rows
