@@ -58,16 +58,6 @@ pub(super) async fn unrelease(conn: &mut Conn, merges: &MergeMap, loser: &str) -
     Ok(())
 }
 
-/// Whether HQ persons `loser` and `winner` are patients (their `patient` rows written, in this
-/// transaction or before): one round trip for the two.
-async fn are_patients(conn: &mut Conn, loser: i64, winner: i64) -> Result<(bool, bool), SinkError> {
-    let row: Option<(i64, i64)> = conn
-        .exec_first("SELECT EXISTS(SELECT 1 FROM patient WHERE patient_id = ?), EXISTS(SELECT 1 FROM patient WHERE patient_id = ?)", (loser, winner))
-        .await
-        .map_err(db("reading whether merged persons are patients"))?;
-    Ok(row.map_or((false, false), |(l, w)| (l != 0, w != 0)))
-}
-
 /// Which of the HQ person ids `ids` are patients.
 pub(super) async fn patients_among(conn: &mut Conn, ids: Vec<i64>) -> Result<HashSet<i64>, SinkError> {
     let mut found = HashSet::new();
@@ -422,12 +412,8 @@ impl Applier {
             .exec_first("SELECT DATE_FORMAT(date_created, '%Y-%m-%d %H:%i:%s') FROM person WHERE uuid = ?", (loser,))
             .await
             .map_err(db("reading the merged person"))?;
-        Ok(t.flatten().unwrap_or_else(|| self.merge_time_unknown(loser)))
-    }
-
-    /// A merge's date when its loser's registration is not at HQ: the merge's own time.
-    fn merge_time_unknown(&self, loser: &str) -> String {
-        datetime(self.merges.get(loser).map(|m| m.ts_ms).unwrap_or(0))
+        // Not at HQ: the merge's own time.
+        Ok(t.flatten().unwrap_or_else(|| datetime(self.merges.get(loser).map(|m| m.ts_ms).unwrap_or(0))))
     }
 
     pub(super) async fn void_reason(&mut self, conn: &mut Conn, survivor: &str) -> Result<String, SinkError> {
@@ -474,8 +460,8 @@ impl Applier {
         // patient row. Until then the merge waits, as for a person not at HQ yet.
         let ready = match (w, l) {
             (Some(w), Some(l)) => {
-                let (l_patient, w_patient) = are_patients(conn, l, w).await?;
-                !l_patient || w_patient
+                let patients = patients_among(conn, vec![l, w]).await?;
+                !patients.contains(&l) || patients.contains(&w)
             }
             _ => false,
         };
@@ -497,34 +483,8 @@ impl Applier {
             // reason of this record: which records reach HQ as `site_merge` and which as
             // `identifier` depends on the order the evidence arrived in; the site's log that
             // lands later removes HQ's, see `drop_covered_merge_logs`).
-            let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, loser.as_bytes()).to_string();
-            // The sites' logs of this loser, and its registration time (HQ's log is dated at
-            // it), in one round trip.
-            let (site_logged, created): (i64, Option<String>) = conn
-                .exec_first(
-                    "SELECT (SELECT COUNT(*) FROM person_merge_log WHERE loser_person_id = ? AND uuid <> ?),
-                            (SELECT DATE_FORMAT(date_created, '%Y-%m-%d %H:%i:%s') FROM person WHERE person_id = ?)",
-                    (l, u.as_str(), l),
-                )
-                .await
-                .map_err(db("reading the sites' merge logs"))?
-                .unwrap_or((0, None));
-            if site_logged == 0 {
-                let when = created.unwrap_or_else(|| self.merge_time_unknown(loser));
-                let id = self.allocate(conn, "person_merge_log", "person_merge_log_id").await?;
-                // Only what does not depend on the order the evidence arrived in: the reason and
-                // evidence of this merge are in omrs_sync_merge.
-                let data = serde_json::json!({"loser": loser, "merged_by": "omrs-stream", "details": "omrs_sync_merge"});
-                conn.exec_drop(
-                    "INSERT INTO person_merge_log (person_merge_log_id, winner_person_id, loser_person_id, creator, date_created, merged_data, uuid, voided)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, 0)
-                     ON DUPLICATE KEY UPDATE winner_person_id = VALUES(winner_person_id)",
-                    (id, w, l, daemon, when.as_str(), data.to_string(), u.as_str()),
-                )
-                .await
-                .map_err(db("writing person_merge_log"))?;
-                log_uuid = Some(u);
-            }
+            let mut logged = self.log_merges(conn, &[(loser.to_string(), rec.clone())], &[(0, l, w)], daemon).await?;
+            log_uuid = logged.remove(&0);
             // Earlier losers: their merge log and void reason name the new survivor.
             for cl in &below {
                 if let Some(cid) = self.lookup_id(conn, "person", cl).await? {

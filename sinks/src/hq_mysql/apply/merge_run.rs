@@ -127,7 +127,7 @@ pub(super) async fn record_merges(conn: &mut Conn, merges: &[(&str, &MergeRec, O
 }
 
 /// A merge of a run that HQ applies now: its index in the run, loser and survivor HQ ids.
-type Ready = (usize, i64, i64);
+pub(super) type Ready = (usize, i64, i64);
 
 impl Applier {
     /// Applies a run of merges ([`MergeRun`]) in stream order. A merge that concerns another
@@ -228,7 +228,7 @@ impl Applier {
 
     /// HQ's own `person_merge_log` rows of the `ready` merges of `run`, for the losers no site's
     /// log names (see `merge`), dated at the loser's registration. Returns their uuids by index.
-    async fn log_merges(&mut self, conn: &mut Conn, run: &[(String, MergeRec)], ready: &[Ready], daemon: i64) -> Result<HashMap<usize, String>, SinkError> {
+    pub(super) async fn log_merges(&mut self, conn: &mut Conn, run: &[(String, MergeRec)], ready: &[Ready], daemon: i64) -> Result<HashMap<usize, String>, SinkError> {
         let list = ready.iter().map(|(_, l, _)| l.to_string()).collect::<Vec<_>>().join(",");
         let site_logs: Vec<(i64, String)> = conn
             .query(format!("SELECT loser_person_id, uuid FROM person_merge_log WHERE loser_person_id IN ({list})"))
