@@ -1,6 +1,9 @@
 //! A bounded cache by (table, row key) that looks entries up without allocating.
 
 
+/// Row keys (or uuids) by table, for the lookups made in bulk before a batch is planned.
+pub(super) type Wanted<'a> = hashbrown::HashMap<String, hashbrown::HashSet<&'a str>>;
+
 /// (table, row key): the key of the caches and sets that follow rows.
 pub(super) type TKey = (String, String);
 

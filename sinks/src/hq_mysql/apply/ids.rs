@@ -1,18 +1,18 @@
 //! HQ ids by uuid: bulk lookups into the id cache, and the ids the sink gives new rows.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
 
-use super::cache::Tk;
+use super::cache::{Tk, Wanted};
 use super::sql::{db, padded_len, q};
 use super::Applier;
 use crate::SinkError;
 
 impl Applier {
     /// Fills the id cache for (table, uuid) pairs in bulk.
-    pub(super) async fn prefetch_ids(&mut self, conn: &mut Conn, wanted: HashMap<String, HashSet<&str>>) -> Result<(), SinkError> {
+    pub(super) async fn prefetch_ids(&mut self, conn: &mut Conn, wanted: Wanted<'_>) -> Result<(), SinkError> {
         for (table, keys) in wanted {
             let Some(tm) = self.table(&table) else { continue };
             let keys: Vec<&str> = keys.into_iter().filter(|k| !self.ids.contains(&table, k)).collect();
@@ -74,9 +74,7 @@ impl Applier {
         if self.absent.contains(&Tk(table, uuid)) {
             return Ok(None);
         }
-        let mut want = HashMap::new();
-        want.insert(table.to_string(), HashSet::from([uuid]));
-        self.prefetch_ids(conn, want).await?;
+        self.prefetch_ids(conn, Wanted::from([(table.to_string(), hashbrown::HashSet::from([uuid]))])).await?;
         Ok(self.ids.get(table, uuid).copied())
     }
 
@@ -86,7 +84,8 @@ impl Applier {
                 conn.query_first(format!("SELECT MAX({}) FROM {}", q(pk), q(table))).await.map_err(db("reading the next HQ id"))?;
             self.next_id.insert(table.to_string(), max.flatten().unwrap_or(0) + 1);
         }
-        let n = self.next_id.entry(table.to_string()).or_insert(1);
+        // (Looked up by `&str`: a new row costs no allocation here.)
+        let n = self.next_id.entry_ref(table).or_insert(1);
         let id = *n;
         *n += 1;
         Ok(id)

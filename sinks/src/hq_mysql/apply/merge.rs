@@ -9,6 +9,7 @@ use mysql_async::{Conn, Value};
 use omrs_core::openmrs::{DAEMON_USER_UUID, MOVES};
 use serde_json::Value as J;
 
+use super::cache::Wanted;
 use super::merge_map::MergeMap;
 use super::merge_run::{holding, record_merges};
 use super::sql::{datetime, db, q};
@@ -204,7 +205,7 @@ impl Applier {
             return Ok(Vec::new());
         }
         let persons: HashSet<&str> = waiting.iter().flat_map(|(l, m)| [l.as_str(), m.winner.as_str()]).collect();
-        self.prefetch_ids(conn, HashMap::from([("person".to_string(), persons)])).await?;
+        self.prefetch_ids(conn, Wanted::from([("person".to_string(), persons.into_iter().collect())])).await?;
         let ids: HashMap<String, i64> = waiting
             .iter()
             .flat_map(|(l, m)| [l.as_str(), m.winner.as_str()])
@@ -359,7 +360,7 @@ impl Applier {
         // settles thousands of members, and one round trip each was a tenth of the HQ sink's
         // time while the merges came in. Every value is a number or a uuid made here.
         let persons: HashSet<&str> = members.iter().flat_map(|(l, s)| [l.as_str(), s.as_str()]).collect();
-        self.prefetch_ids(conn, HashMap::from([("person".to_string(), persons)])).await?;
+        self.prefetch_ids(conn, Wanted::from([("person".to_string(), persons.into_iter().collect())])).await?;
         let mut sql: Vec<String> = Vec::new();
         for (l, s) in members {
             let (Some(lid), Some(sid)) = (self.lookup_id(conn, "person", &l).await?, self.lookup_id(conn, "person", &s).await?) else { continue };

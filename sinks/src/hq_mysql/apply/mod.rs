@@ -51,7 +51,7 @@ use super::canonical::canonicalise;
 use super::rejected::{Carry, Missing, Rejected};
 use crate::SinkError;
 use aggregate::{upsert_aggregates, AggRow, Aggregates};
-use cache::{Cache, TKey};
+use cache::{Cache, TKey, Wanted};
 use columns::Columns;
 use merge::MergeRec;
 use pending::PendingStore;
@@ -133,7 +133,7 @@ pub struct Applier {
     versions: Cache<Option<Stored>>,
     /// Version packs read back lately, by pack id.
     packs: LruCache<i64, std::sync::Arc<Pack>>,
-    next_id: HashMap<String, i64>,
+    next_id: hashbrown::HashMap<String, i64>,
     merges: merge_map::MergeMap,
     /// The rows the clinics' own merges moved, by their merge logs: each belongs to its loser
     /// ([`omrs_core::merge_log`]).
@@ -158,7 +158,7 @@ pub struct Applier {
     /// The column lists of the rows staged lately, per table (a few: new rows leave out their
     /// NULLs, so a table's rows have a few lists): a row shares the list that has its columns
     /// instead of a list of its own.
-    col_lists: HashMap<String, Vec<std::sync::Arc<[String]>>>,
+    col_lists: hashbrown::HashMap<String, Vec<std::sync::Arc<[String]>>>,
     pub max_rows_per_statement: usize,
     fk_checks: bool,
     /// Tables whose every foreign key the sink resolves from a uuid to an HQ id (worked out
@@ -221,7 +221,7 @@ impl Applier {
             generation: 0,
             versions: Cache::new(500_000),
             packs: LruCache::new(NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN)),
-            next_id: HashMap::new(),
+            next_id: hashbrown::HashMap::new(),
             merges,
             site_moves,
             pending: PendingStore::default(),
@@ -234,7 +234,7 @@ impl Applier {
             max_pending: usize::MAX,
             warned: HashSet::new(),
             columns: HashMap::new(),
-            col_lists: HashMap::new(),
+            col_lists: hashbrown::HashMap::new(),
             max_rows_per_statement: 1000,
             fk_checks: false,
             resolved_fks: HashSet::new(),
@@ -619,18 +619,18 @@ impl Applier {
         // Bulk lookups first: the rows' own ids and versions, and every referenced uuid.
         self.absent.clear();
         // (The keys are borrowed from the batch; a table's name is copied once.)
-        fn want<'k>(m: &mut HashMap<String, HashSet<&'k str>>, table: &str, key: &'k str) {
+        fn want<'k>(m: &mut Wanted<'k>, table: &str, key: &'k str) {
             match m.get_mut(table) {
                 Some(s) => {
                     s.insert(key);
                 }
                 None => {
-                    m.insert(table.to_string(), HashSet::from([key]));
+                    m.insert(table.to_string(), hashbrown::HashSet::from([key]));
                 }
             }
         }
-        let mut want_ids: HashMap<String, HashSet<&str>> = HashMap::new();
-        let mut want_versions: HashMap<String, HashSet<&str>> = HashMap::new();
+        let mut want_ids = Wanted::new();
+        let mut want_versions = Wanted::new();
         for w in &works {
             let Some(table) = w.event.table.as_deref() else { continue };
             let (Some(tm), Some(cm)) = (self.model.table(table), self.columns.get(table)) else { continue };

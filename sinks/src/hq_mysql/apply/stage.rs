@@ -1,7 +1,6 @@
 //! One change planned and staged: its version against the stored one, its key and references
 //! mapped to HQ ids, merged persons kept merged; staged rows grouped per table for the writer.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -12,7 +11,7 @@ use omrs_core::hq::{compare, RowVersion};
 use omrs_core::model::TableModel;
 use serde_json::Value as J;
 
-use super::cache::{TKey, Tk};
+use super::cache::{TKey, Tk, Wanted};
 use super::columns::{ColInfo, Columns};
 use super::{Applier, ChangeEvent, Outcome, PendingEntry, Plan, Stored, Work};
 use crate::SinkError;
@@ -51,7 +50,7 @@ pub(crate) struct StagedRow {
 #[derive(Default)]
 pub(super) struct Staged {
     /// table → rows, in stream order; `index` finds a row by its primary-key text.
-    pub(super) upserts: HashMap<String, Vec<Option<StagedRow>>>,
+    pub(super) upserts: hashbrown::HashMap<String, Vec<Option<StagedRow>>>,
     pub(super) index: hashbrown::HashMap<TKey, usize>,
     pub(super) deletes: Vec<(String, Vec<(String, Value)>, usize)>,
     pub(super) deleted_keys: hashbrown::HashSet<TKey>,
@@ -200,9 +199,7 @@ impl Applier {
             Some(s) => s,
             None if self.known_new(&table, &row_key) => None,
             None => {
-                let mut want = HashMap::new();
-                want.insert(table.clone(), HashSet::from([row_key.as_str()]));
-                self.prefetch_versions(conn, want).await?;
+                self.prefetch_versions(conn, Wanted::from([(table.clone(), hashbrown::HashSet::from([row_key.as_str()]))])).await?;
                 self.versions.get(&table, &row_key).cloned().flatten()
             }
         };
@@ -362,7 +359,7 @@ impl Applier {
                 staged.moved.push((moved_key, id, person, preferred, wi));
             }
         }
-        let rows = staged.upserts.entry(table.to_string()).or_default();
+        let rows = staged.upserts.entry_ref(table).or_default();
         let staged_row = Some(StagedRow { cols, vals, work: wi, insert: key.allocated });
         match staged.index.get(&Tk(table, &pk_text)) {
             Some(&i) => rows[i] = staged_row,

@@ -9,6 +9,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
 use omrs_core::hq::RowVersion;
 
+use super::cache::Wanted;
 use super::sql::{db, padded_len};
 use super::{Applier, StagedVersion};
 use crate::SinkError;
@@ -87,7 +88,7 @@ pub(crate) struct Stored {
 }
 
 impl Applier {
-    pub(super) async fn prefetch_versions(&mut self, conn: &mut Conn, wanted: HashMap<String, HashSet<&str>>) -> Result<(), SinkError> {
+    pub(super) async fn prefetch_versions(&mut self, conn: &mut Conn, wanted: Wanted<'_>) -> Result<(), SinkError> {
         for (table, keys) in wanted {
             let keys: Vec<&str> = keys.into_iter().filter(|k| !self.versions.contains(&table, k)).collect();
             for chunk in keys.chunks(1000) {
