@@ -747,9 +747,9 @@ mod tests {
     /// still sets it loads, and the new setting has its default.
     #[test]
     fn an_older_config_with_max_buffered_events_still_loads() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../omrs-stream.toml");
         // Read at build time: a test binary built in another checkout of the repository (a
         // shared target directory) still finds it.
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../omrs-stream.toml");
         let text = include_str!("../../../omrs-stream.toml");
         let old = text.replace("max_clock_ahead_s = 300", "max_buffered_events = 200000");
         assert_ne!(old, text);

@@ -4,6 +4,11 @@
 /// Row keys (or uuids) by table, for the lookups made in bulk before a batch is planned.
 pub(super) type Wanted<'a> = hashbrown::HashMap<String, hashbrown::HashSet<&'a str>>;
 
+/// [`Wanted`] for one table.
+pub(super) fn wanted<'a>(table: &str, keys: impl IntoIterator<Item = &'a str>) -> Wanted<'a> {
+    Wanted::from([(table.to_string(), keys.into_iter().collect())])
+}
+
 /// (table, row key): the key of the caches and sets that follow rows.
 pub(super) type TKey = (String, String);
 

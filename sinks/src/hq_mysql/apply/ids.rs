@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
 
-use super::cache::{Tk, Wanted};
+use super::cache::{wanted, Tk, Wanted};
 use super::sql::{db, padded_len, q};
 use super::Applier;
 use crate::SinkError;
@@ -74,7 +74,7 @@ impl Applier {
         if self.absent.contains(&Tk(table, uuid)) {
             return Ok(None);
         }
-        self.prefetch_ids(conn, Wanted::from([(table.to_string(), hashbrown::HashSet::from([uuid]))])).await?;
+        self.prefetch_ids(conn, wanted(table, [uuid])).await?;
         Ok(self.ids.get(table, uuid).copied())
     }
 

@@ -9,7 +9,7 @@ use mysql_async::{Conn, Value};
 use omrs_core::openmrs::{DAEMON_USER_UUID, MOVES};
 use serde_json::Value as J;
 
-use super::cache::Wanted;
+use super::cache::wanted;
 use super::merge_map::MergeMap;
 use super::merge_run::{holding, record_merges};
 use super::sql::{datetime, db, q};
@@ -204,8 +204,7 @@ impl Applier {
         if waiting.is_empty() {
             return Ok(Vec::new());
         }
-        let persons: HashSet<&str> = waiting.iter().flat_map(|(l, m)| [l.as_str(), m.winner.as_str()]).collect();
-        self.prefetch_ids(conn, Wanted::from([("person".to_string(), persons.into_iter().collect())])).await?;
+        self.prefetch_ids(conn, wanted("person", waiting.iter().flat_map(|(l, m)| [l.as_str(), m.winner.as_str()]))).await?;
         let ids: HashMap<String, i64> = waiting
             .iter()
             .flat_map(|(l, m)| [l.as_str(), m.winner.as_str()])
@@ -359,8 +358,7 @@ impl Applier {
         // Three statements a member, sent SETTLE_PER_TRIP members at a time: a cold replay
         // settles thousands of members, and one round trip each was a tenth of the HQ sink's
         // time while the merges came in. Every value is a number or a uuid made here.
-        let persons: HashSet<&str> = members.iter().flat_map(|(l, s)| [l.as_str(), s.as_str()]).collect();
-        self.prefetch_ids(conn, Wanted::from([("person".to_string(), persons.into_iter().collect())])).await?;
+        self.prefetch_ids(conn, wanted("person", members.iter().flat_map(|(l, s)| [l.as_str(), s.as_str()]))).await?;
         let mut sql: Vec<String> = Vec::new();
         for (l, s) in members {
             let (Some(lid), Some(sid)) = (self.lookup_id(conn, "person", &l).await?, self.lookup_id(conn, "person", &s).await?) else { continue };

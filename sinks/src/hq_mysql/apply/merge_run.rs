@@ -17,7 +17,7 @@ use mysql_async::{Conn, Value};
 use omrs_core::envelope::FlatRow;
 use serde_json::Value as J;
 
-use super::cache::Wanted;
+use super::cache::wanted;
 use super::merge::{patients_among, unvoid_sql, void_sql, MergeRec, MERGE_LOG_NS};
 use super::sql::{datetime, db, q, stable_chunks};
 use super::Applier;
@@ -175,8 +175,7 @@ impl Applier {
         if run.is_empty() {
             return Ok(());
         }
-        let persons: HashSet<&str> = run.iter().flat_map(|(l, r)| [l.as_str(), r.winner.as_str()]).collect();
-        self.prefetch_ids(conn, Wanted::from([("person".to_string(), persons.into_iter().collect())])).await?;
+        self.prefetch_ids(conn, wanted("person", run.iter().flat_map(|(l, r)| [l.as_str(), r.winner.as_str()]))).await?;
         let ids: Vec<(Option<i64>, Option<i64>)> =
             run.iter().map(|(l, r)| (self.ids.get("person", l).copied(), self.ids.get("person", &r.winner).copied())).collect();
         let patients = patients_among(conn, ids.iter().flat_map(|(l, w)| [*l, *w]).flatten().collect()).await?;

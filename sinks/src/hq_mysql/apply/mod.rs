@@ -620,14 +620,7 @@ impl Applier {
         self.absent.clear();
         // (The keys are borrowed from the batch; a table's name is copied once.)
         fn want<'k>(m: &mut Wanted<'k>, table: &str, key: &'k str) {
-            match m.get_mut(table) {
-                Some(s) => {
-                    s.insert(key);
-                }
-                None => {
-                    m.insert(table.to_string(), hashbrown::HashSet::from([key]));
-                }
-            }
+            m.entry_ref(table).or_default().insert(key);
         }
         let mut want_ids = Wanted::new();
         let mut want_versions = Wanted::new();

@@ -11,7 +11,7 @@ use omrs_core::hq::{compare, RowVersion};
 use omrs_core::model::TableModel;
 use serde_json::Value as J;
 
-use super::cache::{TKey, Tk, Wanted};
+use super::cache::{wanted, TKey, Tk};
 use super::columns::{ColInfo, Columns};
 use super::{Applier, ChangeEvent, Outcome, PendingEntry, Plan, Stored, Work};
 use crate::SinkError;
@@ -199,7 +199,7 @@ impl Applier {
             Some(s) => s,
             None if self.known_new(&table, &row_key) => None,
             None => {
-                self.prefetch_versions(conn, Wanted::from([(table.clone(), hashbrown::HashSet::from([row_key.as_str()]))])).await?;
+                self.prefetch_versions(conn, wanted(&table, [row_key.as_str()])).await?;
                 self.versions.get(&table, &row_key).cloned().flatten()
             }
         };
