@@ -46,11 +46,7 @@ fn note(peaks: &mut std::collections::BTreeMap<String, f64>, p: &Proc) {
 
 /// The CPU seconds (user + system) `p` has used so far.
 fn cpu_of(p: &Proc) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.child.id()?)).ok()?;
-    let ticks = cpu_ticks(&stat)?;
-    // SAFETY: sysconf reads a constant of the system; no memory is passed.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| ticks as f64 / hz as f64)
+    pid_cpu(p.child.id()?)
 }
 
 /// utime + stime (clock ticks) of a `/proc/<pid>/stat` line. The command name, in parentheses,
@@ -70,6 +66,83 @@ pub fn machine_ticks() -> Option<(u64, u64)> {
     let total: u64 = f.iter().take(8).sum();
     let idle = f.get(3)? + f.get(4)?;
     Some((total - idle, total))
+}
+
+/// The servers a run uses (Kafka's broker, HQ's and the clinics' MariaDB), found by the local
+/// port each listens on, so that a run's CPU can be split between our stages and the servers
+/// (`cpu_seconds` of the summary). A server this user cannot see (another user's process, or
+/// one on another host) is left out.
+pub struct Servers(Vec<(String, u32)>);
+
+impl Servers {
+    /// `ports`: a group name (`kafka`, `mariadb-hq`, `mariadb-sites`) and a port, each.
+    pub fn find(ports: &[(String, u16)]) -> Servers {
+        let listening = listening_inodes();
+        let wanted: std::collections::HashMap<u64, &str> = ports.iter().filter_map(|(g, port)| listening.get(port).map(|inode| (*inode, g.as_str()))).collect();
+        let mut found = Vec::new();
+        if wanted.is_empty() {
+            return Servers(found);
+        }
+        for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+            let group = fds.flatten().find_map(|fd| {
+                let link = std::fs::read_link(fd.path()).ok()?;
+                let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok()?;
+                wanted.get(&inode).copied()
+            });
+            if let Some(g) = group {
+                found.push((g.to_string(), pid));
+            }
+        }
+        Servers(found)
+    }
+
+    /// The CPU seconds each group's servers have used so far (since they started).
+    pub fn cpu_seconds(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut out = std::collections::BTreeMap::new();
+        for (g, pid) in &self.0 {
+            if let Some(s) = pid_cpu(*pid) {
+                *out.entry(g.clone()).or_default() += s;
+            }
+        }
+        out
+    }
+}
+
+/// `later - earlier`, by name (a name missing from `earlier` counts from zero).
+pub fn cpu_delta(later: &std::collections::BTreeMap<String, f64>, earlier: &std::collections::BTreeMap<String, f64>) -> std::collections::BTreeMap<String, f64> {
+    later.iter().map(|(n, s)| (n.clone(), (s - earlier.get(n).copied().unwrap_or(0.0)).max(0.0))).collect()
+}
+
+/// Local port → socket inode of every TCP socket in LISTEN state (`/proc/net/tcp` and `tcp6`).
+fn listening_inodes() -> std::collections::HashMap<u16, u64> {
+    let mut out = std::collections::HashMap::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(f).unwrap_or_default().lines().skip(1) {
+            if let Some((port, inode)) = listen_entry(line) {
+                out.entry(port).or_insert(inode);
+            }
+        }
+    }
+    out
+}
+
+/// The local port and inode of a `/proc/net/tcp` line in LISTEN state (`st` 0A).
+fn listen_entry(line: &str) -> Option<(u16, u64)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.get(3)? != &"0A" {
+        return None;
+    }
+    let port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+    Some((port, f.get(9)?.parse().ok()?))
+}
+
+/// The CPU seconds (user + system) process `pid` has used so far.
+fn pid_cpu(pid: u32) -> Option<f64> {
+    let ticks = cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
 }
 
 /// `VmHWM` (kB) of a `/proc/<pid>/status` text: the process's peak resident set.
@@ -234,6 +307,23 @@ mod tests {
         assert_eq!(super::cpu_ticks("garbage"), None);
         let (busy, total) = super::machine_ticks().unwrap();
         assert!(busy <= total && total > 0);
+    }
+
+    #[test]
+    fn a_listening_socket_is_found_with_its_process() {
+        let line = "   1: 0100007F:2384 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 98765 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(super::listen_entry(line), Some((9092, 98765)));
+        // Not listening (01: established).
+        assert_eq!(super::listen_entry(&line.replace(" 0A ", " 01 ")), None);
+        assert_eq!(super::listen_entry("garbage"), None);
+        // This process, listening on a port of its own, is found by it and its CPU read.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let s = super::Servers::find(&[("self".to_string(), port), ("nobody".to_string(), 1)]);
+        assert_eq!(s.0, vec![("self".to_string(), std::process::id())]);
+        assert!(s.cpu_seconds().contains_key("self"), "{:?}", s.cpu_seconds());
+        let d = super::cpu_delta(&[("a".to_string(), 5.0), ("b".to_string(), 2.0)].into(), &[("a".to_string(), 1.5)].into());
+        assert_eq!(d, [("a".to_string(), 3.5), ("b".to_string(), 2.0)].into());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //!
 //! Delivery guarantee: none of its own (see `super`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -30,25 +31,29 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     let mut hq_conn = mysql_async::Conn::new(omrs_sinks::mysql_opts(&d.cfg.hq.database)).await.context("connecting to HQ")?;
     let t_pipeline = Instant::now();
     let machine_before = procs::machine_ticks();
+    let servers = procs::Servers::find(&d.server_ports());
+    let servers_before = servers.cpu_seconds();
     d.start_pipeline()?;
     let mut latency_base: (Vec<prom::Sample>, Vec<prom::Sample>) = Default::default();
     if !args.backlog {
         latency_base = d.through_snapshots(&mut hq_conn).await?;
         work = d.live().await?;
     }
-    let (drain, lake_secs) = if args.lake_first {
-        let (drain, secs) = d.drain_lake_first(&mut hq_conn, work.t_end_ms, t_pipeline).await?;
-        (drain, Some(secs))
+    let (drain, lake_secs, lake_cpu) = if args.lake_first {
+        let (drain, secs, cpu) = d.drain_lake_first(&mut hq_conn, work.t_end_ms, t_pipeline, (&servers, &servers_before)).await?;
+        (drain, Some(secs), Some(cpu))
     } else {
-        (d.drain(&mut hq_conn, work.t_end_ms, true).await?, None)
+        (d.drain(&mut hq_conn, work.t_end_ms, true).await?, None, None)
     };
     let drain_secs = (now_ms() - work.t_end_ms) as f64 / 1000.0;
     let pipeline_secs = t_pipeline.elapsed().as_secs_f64();
     let machine_busy = machine_before.zip(procs::machine_ticks()).map(|((b0, t0), (b1, t1))| (b1 - b0) as f64 / (t1 - t0).max(1) as f64);
+    let servers_cpu = procs::cpu_delta(&servers.cpu_seconds(), &servers_before);
     d.board.scrape(&d.procs, &d.sites, &d.windows).await;
     d.procs.stop_all("", Duration::from_secs(15)).await;
     let peak_rss_mb = d.procs.peak_rss_mb();
-    let cpu_seconds = d.procs.cpu_seconds();
+    let mut cpu_seconds = d.procs.cpu_seconds();
+    cpu_seconds.extend(servers_cpu);
     d.progress.step(format!("drained in {drain_secs:.1} s after the workload{}", if drain.drained { "" } else { " (NOT complete)" }));
 
     // Compaction and verify.
@@ -91,6 +96,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         probe: work.probe,
         peak_rss_mb,
         cpu_seconds,
+        lake_cpu,
         machine_busy,
         drain_secs,
     };
@@ -501,17 +507,32 @@ impl<'a> Demo<'a> {
     /// `--lake-first`: the drain with the HQ sink off until the lake holds everything (the
     /// lake's own replay time), then the HQ sink started and drained. Returns the drain and the
     /// seconds from `t_pipeline` to the lake's end.
-    async fn drain_lake_first(&mut self, hq_conn: &mut mysql_async::Conn, t_end_ms: i64, t_pipeline: Instant) -> anyhow::Result<(Drain, f64)> {
+    /// The lake's drain with the HQ sink off, then HQ's: the first's seconds into the pipeline,
+    /// and the CPU seconds each stage and server used in it (`servers`: the servers and their
+    /// CPU when the pipeline started).
+    async fn drain_lake_first(&mut self, hq_conn: &mut mysql_async::Conn, t_end_ms: i64, t_pipeline: Instant, servers: (&procs::Servers, &BTreeMap<String, f64>)) -> anyhow::Result<(Drain, f64, BTreeMap<String, f64>)> {
         let lake = self.drain(hq_conn, t_end_ms, false).await?;
         let lake_secs = t_pipeline.elapsed().as_secs_f64();
+        let mut cpu = self.procs.cpu_seconds();
+        cpu.extend(procs::cpu_delta(&servers.0.cpu_seconds(), servers.1));
         if !lake.drained {
-            return Ok((lake, lake_secs));
+            return Ok((lake, lake_secs, cpu));
         }
         self.progress.step(format!("the lake holds everything {lake_secs:.1} s into the pipeline (HQ sink off); the HQ sink starts"));
         self.start_hq_sink()?;
         let deadline = Instant::now() + Duration::from_secs(self.args.drain_timeout);
         let endpoints = self.endpoints();
-        Ok((self.drain_sinks(hq_conn, deadline, false, true, endpoints).await?, lake_secs))
+        Ok((self.drain_sinks(hq_conn, deadline, false, true, endpoints).await?, lake_secs, cpu))
+    }
+
+    /// The local ports of the servers the run uses, by group: Kafka's broker, HQ's MariaDB,
+    /// the clinics' (for [`procs::Servers`]). Servers on other hosts are left out.
+    fn server_ports(&self) -> Vec<(String, u16)> {
+        let local = |host: &str| matches!(host, "127.0.0.1" | "localhost" | "::1" | "[::1]");
+        let kafka = self.cfg.kafka.bootstrap_servers.split(',').filter_map(|b| b.trim().rsplit_once(':')).filter(|(h, _)| local(h)).filter_map(|(_, p)| p.parse().ok()).map(|p| ("kafka".to_string(), p));
+        let hq = Some(&self.cfg.hq.database).filter(|d| local(&d.host)).map(|d| ("mariadb-hq".to_string(), d.port));
+        let sites = self.cfg.sites.iter().map(|s| &s.database).filter(|d| local(&d.host)).map(|d| ("mariadb-sites".to_string(), d.port));
+        kafka.chain(hq).chain(sites).collect()
     }
 
     /// Every stage's metrics endpoint, for the summary.

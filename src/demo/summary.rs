@@ -48,6 +48,8 @@ pub struct Facts {
     pub peak_rss_mb: BTreeMap<String, f64>,
     /// Each stage's CPU seconds, and the machine's busy fraction (all cores) over the pipeline.
     pub cpu_seconds: BTreeMap<String, f64>,
+    /// With `--lake-first`: each stage's and server's CPU seconds until the lake held everything.
+    pub lake_cpu: Option<BTreeMap<String, f64>>,
     pub machine_busy: Option<f64>,
     /// Seconds from the end of the workload until every stage had read to the end.
     pub drain_secs: f64,
@@ -144,6 +146,10 @@ pub struct Summary {
     /// MariaDB servers and the broker included): where a replay's time goes.
     pub cpu_seconds: BTreeMap<String, f64>,
     pub machine_cpu_busy: Option<f64>,
+    /// With `--lake-first`: the CPU seconds each stage and server used until the lake held
+    /// everything (the HQ sink not yet started): the lake path's cost per event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lake_only_cpu_seconds: Option<BTreeMap<String, f64>>,
     pub drained: bool,
     /// Seconds from the end of the workload (or of the backlog's writing) until every stage
     /// had read to the end.
@@ -308,6 +314,7 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         peak_rss_mb: f.peak_rss_mb,
         cpu_seconds: f.cpu_seconds.iter().map(|(n, s)| (n.clone(), (s * 10.0).round() / 10.0)).collect(),
         machine_cpu_busy: f.machine_busy.map(|b| (b * 100.0).round() / 100.0),
+        lake_only_cpu_seconds: f.lake_cpu.map(|c| c.iter().map(|(n, s)| (n.clone(), (s * 10.0).round() / 10.0)).collect()),
         drained: f.drained,
         drain_seconds: f.drain_secs,
         verify_ok,
@@ -397,6 +404,10 @@ pub fn render(s: &Summary) -> String {
         let cpu: Vec<String> = s.cpu_seconds.iter().map(|(n, secs)| format!("{n} {secs:.0} s")).collect();
         let busy = s.machine_cpu_busy.map(|b| format!("; the machine's cores {:.0} % busy", b * 100.0)).unwrap_or_default();
         o.push_str(&format!("  CPU time              {}{busy}\n", cpu.join(", ")));
+    }
+    if let Some(lake) = &s.lake_only_cpu_seconds {
+        let cpu: Vec<String> = lake.iter().map(|(n, secs)| format!("{n} {secs:.0} s")).collect();
+        o.push_str(&format!("  CPU, the lake alone   {}\n", cpu.join(", ")));
     }
     o.push_str(&format!("  identity merges       {} (HQ merge log: {})\n", s.identity_merges, s.hq_merges_logged));
     o.push_str(&format!(
