@@ -505,11 +505,9 @@ impl<'a> Demo<'a> {
     }
 
     /// `--lake-first`: the drain with the HQ sink off until the lake holds everything (the
-    /// lake's own replay time), then the HQ sink started and drained. Returns the drain and the
-    /// seconds from `t_pipeline` to the lake's end.
-    /// The lake's drain with the HQ sink off, then HQ's: the first's seconds into the pipeline,
-    /// and the CPU seconds each stage and server used in it (`servers`: the servers and their
-    /// CPU when the pipeline started).
+    /// lake's own replay time), then the HQ sink started and drained. Returns the drain, the
+    /// seconds from `t_pipeline` to the lake's end, and the CPU seconds each stage and server
+    /// used until then (`servers`: the servers, and their CPU when the pipeline started).
     async fn drain_lake_first(&mut self, hq_conn: &mut mysql_async::Conn, t_end_ms: i64, t_pipeline: Instant, servers: (&procs::Servers, &BTreeMap<String, f64>)) -> anyhow::Result<(Drain, f64, BTreeMap<String, f64>)> {
         let lake = self.drain(hq_conn, t_end_ms, false).await?;
         let lake_secs = t_pipeline.elapsed().as_secs_f64();
