@@ -72,16 +72,33 @@ pub fn machine_ticks() -> Option<(u64, u64)> {
 /// port each listens on, so that a run's CPU can be split between our stages and the servers
 /// (`cpu_seconds` of the summary). A server this user cannot see (another user's process, or
 /// one on another host) is left out.
-pub struct Servers(Vec<(String, u32)>);
+pub struct Servers {
+    /// (group, pid) of each server found.
+    pids: Vec<(String, u32)>,
+    /// Each group's CPU seconds when they were found: [`Servers::used`] counts from there.
+    start: std::collections::BTreeMap<String, f64>,
+}
 
 impl Servers {
     /// `ports`: a group name (`kafka`, `mariadb-hq`, `mariadb-sites`) and a port, each.
     pub fn find(ports: &[(String, u16)]) -> Servers {
+        let pids = Self::pids(ports);
+        let start = cpu_by_group(&pids);
+        Servers { pids, start }
+    }
+
+    /// The CPU seconds each group's servers have used since they were found.
+    pub fn used(&self) -> std::collections::BTreeMap<String, f64> {
+        let start = &self.start;
+        cpu_by_group(&self.pids).into_iter().map(|(n, s)| (n.clone(), (s - start.get(&n).copied().unwrap_or(0.0)).max(0.0))).collect()
+    }
+
+    fn pids(ports: &[(String, u16)]) -> Vec<(String, u32)> {
         let listening = listening_inodes();
         let wanted: std::collections::HashMap<u64, &str> = ports.iter().filter_map(|(g, port)| listening.get(port).map(|inode| (*inode, g.as_str()))).collect();
         let mut found = Vec::new();
         if wanted.is_empty() {
-            return Servers(found);
+            return found;
         }
         for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
             let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
@@ -94,24 +111,19 @@ impl Servers {
                 found.push((g.to_string(), pid));
             }
         }
-        Servers(found)
-    }
-
-    /// The CPU seconds each group's servers have used so far (since they started).
-    pub fn cpu_seconds(&self) -> std::collections::BTreeMap<String, f64> {
-        let mut out = std::collections::BTreeMap::new();
-        for (g, pid) in &self.0 {
-            if let Some(s) = pid_cpu(*pid) {
-                *out.entry(g.clone()).or_default() += s;
-            }
-        }
-        out
+        found
     }
 }
 
-/// `later - earlier`, by name (a name missing from `earlier` counts from zero).
-pub fn cpu_delta(later: &std::collections::BTreeMap<String, f64>, earlier: &std::collections::BTreeMap<String, f64>) -> std::collections::BTreeMap<String, f64> {
-    later.iter().map(|(n, s)| (n.clone(), (s - earlier.get(n).copied().unwrap_or(0.0)).max(0.0))).collect()
+/// The CPU seconds (since they started) of the processes `pids`, summed by group.
+fn cpu_by_group(pids: &[(String, u32)]) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (g, pid) in pids {
+        if let Some(s) = pid_cpu(*pid) {
+            *out.entry(g.clone()).or_default() += s;
+        }
+    }
+    out
 }
 
 /// Local port → socket inode of every TCP socket in LISTEN state (`/proc/net/tcp` and `tcp6`).
@@ -182,6 +194,13 @@ impl Procs {
         for p in &self.running {
             *out.entry(p.name.clone()).or_default() += cpu_of(p).unwrap_or(0.0);
         }
+        out
+    }
+
+    /// [`Procs::cpu_seconds`] with the CPU `servers` used since they were found.
+    pub fn cpu_with(&self, servers: &Servers) -> std::collections::BTreeMap<String, f64> {
+        let mut out = self.cpu_seconds();
+        out.extend(servers.used());
         out
     }
 
@@ -320,10 +339,8 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let s = super::Servers::find(&[("self".to_string(), port), ("nobody".to_string(), 1)]);
-        assert_eq!(s.0, vec![("self".to_string(), std::process::id())]);
-        assert!(s.cpu_seconds().contains_key("self"), "{:?}", s.cpu_seconds());
-        let d = super::cpu_delta(&[("a".to_string(), 5.0), ("b".to_string(), 2.0)].into(), &[("a".to_string(), 1.5)].into());
-        assert_eq!(d, [("a".to_string(), 3.5), ("b".to_string(), 2.0)].into());
+        assert_eq!(s.pids, vec![("self".to_string(), std::process::id())]);
+        assert!(s.used().get("self").is_some_and(|c| *c >= 0.0), "{:?}", s.used());
     }
 
     #[test]

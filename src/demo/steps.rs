@@ -32,7 +32,6 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     let t_pipeline = Instant::now();
     let machine_before = procs::machine_ticks();
     let servers = procs::Servers::find(&d.server_ports());
-    let servers_before = servers.cpu_seconds();
     d.start_pipeline()?;
     let mut latency_base: (Vec<prom::Sample>, Vec<prom::Sample>) = Default::default();
     if !args.backlog {
@@ -40,7 +39,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
         work = d.live().await?;
     }
     let (drain, lake_secs, lake_cpu) = if args.lake_first {
-        let (drain, secs, cpu) = d.drain_lake_first(&mut hq_conn, work.t_end_ms, t_pipeline, (&servers, &servers_before)).await?;
+        let (drain, secs, cpu) = d.drain_lake_first(&mut hq_conn, work.t_end_ms, t_pipeline, &servers).await?;
         (drain, Some(secs), Some(cpu))
     } else {
         (d.drain(&mut hq_conn, work.t_end_ms, true).await?, None, None)
@@ -48,7 +47,7 @@ pub async fn run(args: &DemoArgs, topics_file: &Path) -> anyhow::Result<Summary>
     let drain_secs = (now_ms() - work.t_end_ms) as f64 / 1000.0;
     let pipeline_secs = t_pipeline.elapsed().as_secs_f64();
     let machine_busy = machine_before.zip(procs::machine_ticks()).map(|((b0, t0), (b1, t1))| (b1 - b0) as f64 / (t1 - t0).max(1) as f64);
-    let servers_cpu = procs::cpu_delta(&servers.cpu_seconds(), &servers_before);
+    let servers_cpu = servers.used();
     d.board.scrape(&d.procs, &d.sites, &d.windows).await;
     d.procs.stop_all("", Duration::from_secs(15)).await;
     let peak_rss_mb = d.procs.peak_rss_mb();
@@ -507,12 +506,11 @@ impl<'a> Demo<'a> {
     /// `--lake-first`: the drain with the HQ sink off until the lake holds everything (the
     /// lake's own replay time), then the HQ sink started and drained. Returns the drain, the
     /// seconds from `t_pipeline` to the lake's end, and the CPU seconds each stage and server
-    /// used until then (`servers`: the servers, and their CPU when the pipeline started).
-    async fn drain_lake_first(&mut self, hq_conn: &mut mysql_async::Conn, t_end_ms: i64, t_pipeline: Instant, servers: (&procs::Servers, &BTreeMap<String, f64>)) -> anyhow::Result<(Drain, f64, BTreeMap<String, f64>)> {
+    /// used until then (`servers`: found when the pipeline started).
+    async fn drain_lake_first(&mut self, hq_conn: &mut mysql_async::Conn, t_end_ms: i64, t_pipeline: Instant, servers: &procs::Servers) -> anyhow::Result<(Drain, f64, BTreeMap<String, f64>)> {
         let lake = self.drain(hq_conn, t_end_ms, false).await?;
         let lake_secs = t_pipeline.elapsed().as_secs_f64();
-        let mut cpu = self.procs.cpu_seconds();
-        cpu.extend(procs::cpu_delta(&servers.0.cpu_seconds(), servers.1));
+        let cpu = self.procs.cpu_with(servers);
         if !lake.drained {
             return Ok((lake, lake_secs, cpu));
         }

@@ -312,9 +312,9 @@ pub async fn build(cfg: &Config, f: Facts, hq: &mut mysql_async::Conn, verify: o
         probe_site: f.probe.as_ref().map(|(site, _)| site.clone()),
         probe_hq: f.probe.map(|(_, figures)| figures),
         peak_rss_mb: f.peak_rss_mb,
-        cpu_seconds: f.cpu_seconds.iter().map(|(n, s)| (n.clone(), (s * 10.0).round() / 10.0)).collect(),
+        cpu_seconds: tenths(&f.cpu_seconds),
         machine_cpu_busy: f.machine_busy.map(|b| (b * 100.0).round() / 100.0),
-        lake_only_cpu_seconds: f.lake_cpu.map(|c| c.iter().map(|(n, s)| (n.clone(), (s * 10.0).round() / 10.0)).collect()),
+        lake_only_cpu_seconds: f.lake_cpu.as_ref().map(tenths),
         drained: f.drained,
         drain_seconds: f.drain_secs,
         verify_ok,
@@ -338,6 +338,11 @@ fn secs(v: Option<f64>) -> String {
 }
 
 /// The summary for a terminal.
+/// CPU seconds rounded to a tenth, for the summary.
+fn tenths(cpu: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    cpu.iter().map(|(n, s)| (n.clone(), (s * 10.0).round() / 10.0)).collect()
+}
+
 pub fn render(s: &Summary) -> String {
     let mut o = String::new();
     o.push_str(&format!("\n== omrs-stream demo {} ({}): {}\n", s.run_id, s.mode, if s.ok { "VERIFIED" } else { "FAILED" }));
