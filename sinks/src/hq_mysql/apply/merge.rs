@@ -87,53 +87,80 @@ pub(super) async fn remember_owner(conn: &mut Conn, table: &str, col: &str, pk: 
     .map_err(|e| SinkError::db(format!("remembering whose the moved {table} rows are"), e))
 }
 
-/// The statements that keep HQ person `id` (and its patient) alive, if a merge had voided it.
-pub(super) fn unvoid_sql(id: i64) -> String {
+/// The statements that keep HQ persons `ids` (and their patients) alive, if a merge had voided
+/// them.
+pub(super) fn unvoid_sql(ids: &[i64]) -> String {
+    let list = id_list(ids.iter());
     [("person", "person_id"), ("patient", "patient_id")]
         .iter()
-        .map(|(table, col)| format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} = {id} AND voided = 1 AND void_reason LIKE 'Merged with patient%'"))
+        .map(|(table, col)| format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} IN ({list}) AND voided = 1 AND void_reason LIKE 'Merged with patient%'"))
         .collect::<Vec<_>>()
         .join("; ")
 }
 
 /// HQ person `id` (and its patient) alive, if a merge had voided it.
 pub(super) async fn unvoid_survivor(conn: &mut Conn, id: i64) -> Result<(), SinkError> {
-    conn.query_drop(unvoid_sql(id)).await.map_err(db("keeping the surviving person and patient"))
+    conn.query_drop(unvoid_sql(&[id])).await.map_err(db("keeping the surviving person and patient"))
 }
 
-/// A merge's voids in one round trip: survivor `w` alive ([`unvoid_survivor`]), then loser `l`
-/// voided in its name ([`void_merged`]).
-async fn void_loser_keep_survivor(conn: &mut Conn, w: i64, l: i64, daemon_user: i64) -> Result<(), SinkError> {
-    conn.query_drop(format!("{}; {}", unvoid_sql(w), void_sql(l, daemon_user, w))).await.map_err(db("voiding the merged person and keeping the survivor"))
-}
-
-/// The statements that void HQ person `id` (and its patient) "Merged with patient #`survivor`",
-/// dated at its own registration. Every value is a number, written into the text.
-pub(super) fn void_sql(id: i64, daemon_user: i64, survivor: i64) -> String {
+/// The statements that void each HQ person `l` of `merged` (and its patient) "Merged with
+/// patient #`w`", dated at its own registration. Every value is a number, written into the text.
+pub(super) fn void_sql(merged: &[(i64, i64)], daemon_user: i64) -> String {
+    let list = id_list(merged.iter().map(|(l, _)| l));
+    let reason: String = merged.iter().map(|(l, w)| format!(" WHEN {l} THEN 'Merged with patient #{w}'")).collect();
     [("person", "person_id"), ("patient", "patient_id")]
         .iter()
-        .map(|(table, col)| format!("UPDATE {table} SET voided = 1, voided_by = {daemon_user}, date_voided = date_created, void_reason = 'Merged with patient #{survivor}' WHERE {col} = {id}"))
+        .map(|(table, col)| format!("UPDATE {table} SET voided = 1, voided_by = {daemon_user}, date_voided = date_created, void_reason = CASE {col}{reason} END WHERE {col} IN ({list})"))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Merges' voids in one round trip: every survivor `w` of `merged` (loser, survivor) alive
+/// ([`unvoid_sql`]), then every loser `l` voided in its survivor's name ([`void_sql`]). No
+/// person may be in two of the merges (the survivors are kept alive before any loser is voided).
+pub(super) async fn void_losers_keep_survivors(conn: &mut Conn, merged: &[(i64, i64)], daemon_user: i64) -> Result<(), SinkError> {
+    let survivors: Vec<i64> = merged.iter().map(|(_, w)| *w).collect();
+    conn.query_drop(format!("{}; {}", unvoid_sql(&survivors), void_sql(merged, daemon_user)))
+        .await
+        .map_err(db("voiding merged persons and keeping their survivors"))
 }
 
 /// HQ person `id` (and its patient) voided by a merge into HQ person `survivor`, dated at its
 /// own registration: the same whenever HQ learns of it.
 pub(super) async fn void_merged(conn: &mut Conn, id: i64, daemon_user: i64, survivor: i64) -> Result<(), SinkError> {
-    conn.query_drop(void_sql(id, daemon_user, survivor)).await.map_err(db("voiding the merged person and patient"))
+    conn.query_drop(void_sql(&[(id, survivor)], daemon_user)).await.map_err(db("voiding the merged person and patient"))
 }
 
-/// Members of merged components settled in one round trip ([`Applier::settle_voids`]).
-const SETTLE_PER_TRIP: usize = 200;
+/// `ids` as the text of an SQL list (`1,2,3`).
+fn id_list<'a>(ids: impl Iterator<Item = &'a i64>) -> String {
+    ids.map(i64::to_string).collect::<Vec<_>>().join(",")
+}
 
-/// The statements that void HQ person `lid` (and its patient) in the name of survivor `sid`,
-/// and point its merge log (`log_uuid`) at it: no-ops where that is so already.
-fn settle_sql(lid: i64, sid: i64, log_uuid: &uuid::Uuid) -> String {
-    let reason = format!("'Merged with patient #{sid}'");
+/// One merge's persons for [`Applier::move_rows`]: (loser uuid, HQ id), (survivor uuid, HQ id).
+pub(super) type Moved<'a> = ((&'a str, i64), (&'a str, i64));
+
+/// Merges whose rows of one table move in one statement ([`Applier::move_rows`]).
+const MOVES_PER_STATEMENT: usize = 500;
+
+/// Members of merged components settled in one round trip of three statements
+/// ([`Applier::settle_voids`]).
+const SETTLE_PER_TRIP: usize = 500;
+
+/// The statements that void each HQ person `lid` of `members` (and its patient) in the name of
+/// its survivor `sid`, and point its merge log (`log_uuid`) at it: no-ops where that is so
+/// already. Every value is a number or a uuid made here.
+fn settle_sql(members: &[(i64, i64, uuid::Uuid)]) -> String {
+    let ids = id_list(members.iter().map(|(l, _, _)| l));
+    let uuids = members.iter().map(|(_, _, u)| format!("'{u}'")).collect::<Vec<_>>().join(",");
+    let reason: String = members.iter().map(|(l, s, _)| format!(" WHEN {l} THEN 'Merged with patient #{s}'")).collect();
+    let winner: String = members.iter().map(|(_, s, u)| format!(" WHEN '{u}' THEN {s}")).collect();
+    let rename = |table: &str, col: &str| {
+        format!("UPDATE {table} SET void_reason = CASE {col}{reason} END WHERE {col} IN ({ids}) AND voided = 1 AND NOT (void_reason <=> CASE {col}{reason} END)")
+    };
     format!(
-        "UPDATE person SET void_reason = {reason} WHERE person_id = {lid} AND voided = 1 AND NOT (void_reason <=> {reason}); \
-         UPDATE patient SET void_reason = {reason} WHERE patient_id = {lid} AND voided = 1 AND NOT (void_reason <=> {reason}); \
-         UPDATE person_merge_log SET winner_person_id = {sid} WHERE uuid = '{log_uuid}' AND winner_person_id <> {sid}"
+        "{}; {}; UPDATE person_merge_log SET winner_person_id = CASE uuid{winner} END WHERE uuid IN ({uuids}) AND winner_person_id <> CASE uuid{winner} END",
+        rename("person", "person_id"),
+        rename("patient", "patient_id")
     )
 }
 
@@ -296,28 +323,53 @@ impl Applier {
         MOVES.iter().filter(|(table, col, _)| self.model.table(table).is_some_and(|tm| tm.columns.iter().any(|c| c.name == *col))).copied().collect()
     }
 
-    /// A merge's move of one table's rows from HQ person `l` (uuid `loser`) to `w` (`winner`):
-    /// whose they were is remembered the first time they leave their person, and an
-    /// identifier, name or address goes non-preferred unless it goes back to the person it
-    /// came from (a survivor change hands the component to an earlier loser).
-    pub(super) async fn move_rows(&mut self, conn: &mut Conn, (table, col, preferred): (&str, &str, bool), (loser, l): (&str, i64), (winner, w): (&str, i64)) -> Result<(), SinkError> {
+    /// Merges' move of one table's rows from each HQ person `l` (uuid `loser`) of `pairs` to its
+    /// `w` (`winner`): whose they were is remembered the first time they leave their person, and
+    /// an identifier, name or address goes non-preferred unless it goes back to the person it
+    /// came from (a survivor change hands the component to an earlier loser). Two statements for
+    /// [`MOVES_PER_STATEMENT`] merges, where there were two for each merge: a cold replay's
+    /// moves were a fifth of the statements HQ's server ran. No person may be in two of the
+    /// merges (no survivor is a loser): every person number is written into the text, the
+    /// uuids go as parameters.
+    pub(super) async fn move_rows(&mut self, conn: &mut Conn, (table, col, preferred): (&str, &str, bool), pairs: &[Moved<'_>]) -> Result<(), SinkError> {
         let Some(tm) = self.model.table(table) else { return Ok(()) };
+        let single_pk = (tm.pk.len() == 1).then(|| q(&tm.pk[0]));
         let has_preferred = preferred && tm.columns.iter().any(|c| c.name == "preferred");
-        if tm.pk.len() == 1 {
-            remember_owner(conn, table, col, &tm.pk[0], has_preferred, loser, l).await?;
+        let (t, c, key) = (q(table), q(col), omrs_core::openmrs::moved_key(table, col));
+        for chunk in pairs.chunks(MOVES_PER_STATEMENT) {
+            let losers = id_list(chunk.iter().map(|((_, l), _)| l));
+            let to_survivor: String = chunk.iter().map(|((_, l), (_, w))| format!(" WHEN {l} THEN {w}")).collect();
+            if let Some(pk) = &single_pk {
+                let owner: String = chunk.iter().map(|((_, l), _)| format!(" WHEN {l} THEN ?")).collect();
+                let flag = if has_preferred { "preferred" } else { "NULL" };
+                let mut params = vec![Value::from(key.as_str())];
+                params.extend(chunk.iter().map(|((loser, _), _)| Value::from(*loser)));
+                conn.exec_drop(
+                    format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, CASE {c}{owner} END, {flag} FROM {t} WHERE {c} IN ({losers})"),
+                    params,
+                )
+                .await
+                .map_err(|e| SinkError::db(format!("remembering whose the moved {table} rows are"), e))?;
+            }
+            let moved = match (&single_pk, has_preferred) {
+                (Some(pk), true) => {
+                    // The survivor's uuid whether the row names the loser or already the survivor
+                    // (a multi-table UPDATE may assign in any order).
+                    let winner: String = chunk.iter().map(|((_, l), (_, w))| format!(" WHEN {l} THEN ? WHEN {w} THEN ?")).collect();
+                    let mut params = vec![Value::from(key.as_str())];
+                    params.extend(chunk.iter().flat_map(|(_, (winner, _))| [Value::from(*winner), Value::from(*winner)]));
+                    let sql = format!(
+                        "UPDATE {t} r LEFT JOIN omrs_sync_moved m ON m.tbl = ? AND m.hq_id = r.{pk}
+                            SET r.preferred = IF(m.person_uuid <=> CASE r.{c}{winner} END, m.preferred, 0), r.{c} = CASE r.{c}{to_survivor} ELSE r.{c} END
+                          WHERE r.{c} IN ({losers})"
+                    );
+                    conn.exec_drop(sql, params).await
+                }
+                _ => conn.query_drop(format!("UPDATE {t} SET {c} = CASE {c}{to_survivor} ELSE {c} END WHERE {c} IN ({losers})")).await,
+            };
+            moved.map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))?;
         }
-        let moved = if has_preferred && tm.pk.len() == 1 {
-            let sql = format!(
-                "UPDATE {t} r LEFT JOIN omrs_sync_moved m ON m.tbl = ? AND m.hq_id = r.{pk} SET r.{c} = ?, r.preferred = IF(m.person_uuid <=> ?, m.preferred, 0) WHERE r.{c} = ?",
-                t = q(table),
-                c = q(col),
-                pk = q(&tm.pk[0])
-            );
-            conn.exec_drop(sql, (table, w, winner, l)).await
-        } else {
-            conn.exec_drop(format!("UPDATE {t} SET {c} = ? WHERE {c} = ?", t = q(table), c = q(col)), (w, l)).await
-        };
-        moved.map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))
+        Ok(())
     }
 
     /// The row is voided by a merge ("Merged with patient #…").
@@ -355,21 +407,17 @@ impl Applier {
                 }
             }
         }
-        // Three statements a member, sent SETTLE_PER_TRIP members at a time: a cold replay
-        // settles thousands of members, and one round trip each was a tenth of the HQ sink's
-        // time while the merges came in. Every value is a number or a uuid made here.
+        // Three statements for SETTLE_PER_TRIP members: a cold replay settles thousands of
+        // members, and one round trip each was a tenth of the HQ sink's time while the merges
+        // came in; three statements each were a third of the UPDATEs HQ's server ran.
         self.prefetch_ids(conn, wanted("person", members.iter().flat_map(|(l, s)| [l.as_str(), s.as_str()]))).await?;
-        let mut sql: Vec<String> = Vec::new();
+        let mut ids: Vec<(i64, i64, uuid::Uuid)> = Vec::new();
         for (l, s) in members {
             let (Some(lid), Some(sid)) = (self.lookup_id(conn, "person", &l).await?, self.lookup_id(conn, "person", &s).await?) else { continue };
-            let u = uuid::Uuid::new_v5(&MERGE_LOG_NS, l.as_bytes());
-            sql.push(settle_sql(lid, sid, &u));
-            if sql.len() == SETTLE_PER_TRIP {
-                conn.query_drop(std::mem::take(&mut sql).join("; ")).await.map_err(db("naming merged persons' survivors"))?;
-            }
+            ids.push((lid, sid, uuid::Uuid::new_v5(&MERGE_LOG_NS, l.as_bytes())));
         }
-        if !sql.is_empty() {
-            conn.query_drop(sql.join("; ")).await.map_err(db("naming merged persons' survivors"))?;
+        for chunk in ids.chunks(SETTLE_PER_TRIP) {
+            conn.query_drop(settle_sql(chunk)).await.map_err(db("naming merged persons' survivors"))?;
         }
         Ok(())
     }
@@ -470,14 +518,14 @@ impl Applier {
             let held = holding(conn, &moves, &[l]).await?;
             for (m, mv) in moves.iter().enumerate() {
                 if held.contains(&(m, l)) {
-                    self.move_rows(conn, *mv, (loser, l), (&rec.winner, w)).await?;
+                    self.move_rows(conn, *mv, &[((loser, l), (&rec.winner, w))]).await?;
                 }
             }
             let reason = format!("Merged with patient #{w}");
             // A survivor that its site had merged away (the site chose the other record) is
             // alive at HQ.
             let daemon = self.daemon(conn).await?;
-            void_loser_keep_survivor(conn, w, l, daemon).await?;
+            void_losers_keep_survivors(conn, &[(l, w)], daemon).await?;
             // HQ logs a merge of its own unless a site's log names the same loser (whatever the
             // reason of this record: which records reach HQ as `site_merge` and which as
             // `identifier` depends on the order the evidence arrived in; the site's log that

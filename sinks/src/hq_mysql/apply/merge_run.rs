@@ -18,13 +18,13 @@ use omrs_core::envelope::FlatRow;
 use serde_json::Value as J;
 
 use super::cache::wanted;
-use super::merge::{patients_among, unvoid_sql, void_sql, MergeRec, MERGE_LOG_NS};
+use super::merge::{patients_among, void_losers_keep_survivors, MergeRec, Moved, MERGE_LOG_NS};
 use super::sql::{datetime, db, q, stable_chunks};
 use super::Applier;
 use crate::SinkError;
 
-/// Merges whose voids go to HQ in one round trip (4 UPDATEs each).
-const VOIDS_PER_TRIP: usize = 100;
+/// Merges whose voids go to HQ in one round trip (four UPDATEs for all of them).
+const VOIDS_PER_TRIP: usize = 500;
 /// Losers whose rows are looked for in one round trip (an `EXISTS` probe per moved table each).
 const PROBES_PER_TRIP: usize = 100;
 /// Rows of one multi-row `omrs_sync_merge` or `person_merge_log` INSERT.
@@ -167,10 +167,12 @@ impl Applier {
 
     /// Independent merges (no person in two of them, none in an earlier merge's chain), each
     /// with [`Applier::merge`]'s result: their persons' ids in one lookup, which are patients
-    /// in one query, which tables hold the losers' rows in one trip per hundred; the voids in
-    /// one trip per hundred, HQ's merge logs and `omrs_sync_merge` in multi-row INSERTs. The
-    /// rows that move (rare in a cold replay, where a merge comes before the loser's clinical
-    /// rows) still move one table of one loser at a time.
+    /// in one query, which tables hold the losers' rows in one trip per hundred; each table's
+    /// rows of every loser moved in two statements ([`Applier::move_rows`]), the voids in four
+    /// ([`void_losers_keep_survivors`]), HQ's merge logs and `omrs_sync_merge` in multi-row
+    /// INSERTs. (A cold replay's merges move their losers' names, addresses and identifiers,
+    /// which come before the merge; one statement per table and merge was most of HQ's
+    /// statements.)
     async fn merge_together(&mut self, conn: &mut Conn, run: Vec<(String, MergeRec)>) -> Result<(), SinkError> {
         if run.is_empty() {
             return Ok(());
@@ -192,19 +194,19 @@ impl Applier {
         if !ready.is_empty() {
             let moves = self.moves();
             let held = holding(conn, &moves, &ready.iter().map(|(_, l, _)| *l).collect::<Vec<_>>()).await?;
-            for (i, l, w) in &ready {
-                for (m, mv) in moves.iter().enumerate() {
-                    if held.contains(&(m, *l)) {
-                        self.move_rows(conn, *mv, (&run[*i].0, *l), (&run[*i].1.winner, *w)).await?;
-                    }
+            for (m, mv) in moves.iter().enumerate() {
+                let pairs: Vec<Moved> =
+                    ready.iter().filter(|(_, l, _)| held.contains(&(m, *l))).map(|(i, l, w)| ((run[*i].0.as_str(), *l), (run[*i].1.winner.as_str(), *w))).collect();
+                if !pairs.is_empty() {
+                    self.move_rows(conn, *mv, &pairs).await?;
                 }
             }
             // A survivor that its site had merged away is alive at HQ; the loser is voided in
-            // its name. Every value is a number.
+            // its name.
             let daemon = self.daemon(conn).await?;
             for chunk in ready.chunks(VOIDS_PER_TRIP) {
-                let sql: Vec<String> = chunk.iter().map(|(_, l, w)| format!("{}; {}", unvoid_sql(*w), void_sql(*l, daemon, *w))).collect();
-                conn.query_drop(sql.join("; ")).await.map_err(db("voiding merged persons and keeping their survivors"))?;
+                let merged: Vec<(i64, i64)> = chunk.iter().map(|(_, l, w)| (*l, *w)).collect();
+                void_losers_keep_survivors(conn, &merged, daemon).await?;
             }
             logs = self.log_merges(conn, &run, &ready, daemon).await?;
         }
