@@ -12,7 +12,7 @@ use serde_json::Value as J;
 use super::cache::wanted;
 use super::merge_map::MergeMap;
 use super::merge_run::{holding, record_merges};
-use super::sql::{datetime, db, q};
+use super::sql::{datetime, db, q, stable_chunks};
 use super::{Applier, Work};
 use crate::SinkError;
 
@@ -329,43 +329,53 @@ impl Applier {
     /// came from (a survivor change hands the component to an earlier loser). Two statements for
     /// [`MOVES_PER_STATEMENT`] merges, where there were two for each merge: a cold replay's
     /// moves were a fifth of the statements HQ's server ran. No person may be in two of the
-    /// merges (no survivor is a loser): every person number is written into the text, the
-    /// uuids go as parameters.
+    /// merges (no survivor is a loser).
     pub(super) async fn move_rows(&mut self, conn: &mut Conn, (table, col, preferred): (&str, &str, bool), pairs: &[Moved<'_>]) -> Result<(), SinkError> {
         let Some(tm) = self.model.table(table) else { return Ok(()) };
         let single_pk = (tm.pk.len() == 1).then(|| q(&tm.pk[0]));
         let has_preferred = preferred && tm.columns.iter().any(|c| c.name == "preferred");
         let (t, c, key) = (q(table), q(col), omrs_core::openmrs::moved_key(table, col));
-        for chunk in pairs.chunks(MOVES_PER_STATEMENT) {
-            let losers = id_list(chunk.iter().map(|((_, l), _)| l));
-            let to_survivor: String = chunk.iter().map(|((_, l), (_, w))| format!(" WHEN {l} THEN {w}")).collect();
+        // Every value a parameter, in chunks whose sizes repeat: the statements are prepared
+        // once (a merge applied alone moves one person's rows; with the numbers in the text,
+        // each was prepared and closed again, 16,000 round trips in a 10-clinic replay).
+        for chunk in stable_chunks(pairs, MOVES_PER_STATEMENT) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let losers = || chunk.iter().map(|((_, l), _)| Value::from(*l));
+            let to_survivor = " WHEN ? THEN ?".repeat(chunk.len());
             if let Some(pk) = &single_pk {
-                let owner: String = chunk.iter().map(|((_, l), _)| format!(" WHEN {l} THEN ?")).collect();
+                let owner = " WHEN ? THEN ?".repeat(chunk.len());
                 let flag = if has_preferred { "preferred" } else { "NULL" };
                 let mut params = vec![Value::from(key.as_str())];
-                params.extend(chunk.iter().map(|((loser, _), _)| Value::from(*loser)));
+                params.extend(chunk.iter().flat_map(|((loser, l), _)| [Value::from(*l), Value::from(*loser)]));
+                params.extend(losers());
                 conn.exec_drop(
-                    format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, CASE {c}{owner} END, {flag} FROM {t} WHERE {c} IN ({losers})"),
+                    format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, CASE {c}{owner} END, {flag} FROM {t} WHERE {c} IN ({marks})"),
                     params,
                 )
                 .await
                 .map_err(|e| SinkError::db(format!("remembering whose the moved {table} rows are"), e))?;
             }
+            let moves = chunk.iter().flat_map(|((_, l), (_, w))| [Value::from(*l), Value::from(*w)]);
             let moved = match (&single_pk, has_preferred) {
                 (Some(pk), true) => {
                     // The survivor's uuid whether the row names the loser or already the survivor
                     // (a multi-table UPDATE may assign in any order).
-                    let winner: String = chunk.iter().map(|((_, l), (_, w))| format!(" WHEN {l} THEN ? WHEN {w} THEN ?")).collect();
+                    let winner = " WHEN ? THEN ? WHEN ? THEN ?".repeat(chunk.len());
                     let mut params = vec![Value::from(key.as_str())];
-                    params.extend(chunk.iter().flat_map(|(_, (winner, _))| [Value::from(*winner), Value::from(*winner)]));
+                    params.extend(chunk.iter().flat_map(|((_, l), (winner, w))| [Value::from(*l), Value::from(*winner), Value::from(*w), Value::from(*winner)]));
+                    params.extend(moves);
+                    params.extend(losers());
                     let sql = format!(
                         "UPDATE {t} r LEFT JOIN omrs_sync_moved m ON m.tbl = ? AND m.hq_id = r.{pk}
                             SET r.preferred = IF(m.person_uuid <=> CASE r.{c}{winner} END, m.preferred, 0), r.{c} = CASE r.{c}{to_survivor} ELSE r.{c} END
-                          WHERE r.{c} IN ({losers})"
+                          WHERE r.{c} IN ({marks})"
                     );
                     conn.exec_drop(sql, params).await
                 }
-                _ => conn.query_drop(format!("UPDATE {t} SET {c} = CASE {c}{to_survivor} ELSE {c} END WHERE {c} IN ({losers})")).await,
+                _ => {
+                    let params: Vec<Value> = moves.chain(losers()).collect();
+                    conn.exec_drop(format!("UPDATE {t} SET {c} = CASE {c}{to_survivor} ELSE {c} END WHERE {c} IN ({marks})"), params).await
+                }
             };
             moved.map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))?;
         }
