@@ -69,7 +69,7 @@ impl MergeRun {
 /// For losers `ids` (HQ person ids), which (index into `moves`, loser) have rows at HQ: one
 /// query for [`PROBES_PER_TRIP`] losers, a `SELECT DISTINCT` of the person column per moved
 /// table. (An `EXISTS` subquery per loser and table cost HQ's server more to optimise than to
-/// run: about a tenth of its CPU in a 10-clinic replay's HQ phase, by perf.)
+/// run: 7 % of its CPU in a 10-clinic replay's HQ phase, by perf.)
 pub(super) async fn holding(conn: &mut Conn, moves: &[(&str, &str, bool)], ids: &[i64]) -> Result<HashSet<(usize, i64)>, SinkError> {
     let mut found = HashSet::new();
     if moves.is_empty() {
