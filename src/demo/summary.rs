@@ -337,12 +337,12 @@ fn secs(v: Option<f64>) -> String {
     v.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "-".into())
 }
 
-/// The summary for a terminal.
 /// CPU seconds rounded to a tenth, for the summary.
 fn tenths(cpu: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
     cpu.iter().map(|(n, s)| (n.clone(), (s * 10.0).round() / 10.0)).collect()
 }
 
+/// The summary for a terminal.
 pub fn render(s: &Summary) -> String {
     let mut o = String::new();
     o.push_str(&format!("\n== omrs-stream demo {} ({}): {}\n", s.run_id, s.mode, if s.ok { "VERIFIED" } else { "FAILED" }));

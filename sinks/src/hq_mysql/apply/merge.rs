@@ -12,7 +12,7 @@ use serde_json::Value as J;
 use super::cache::wanted;
 use super::merge_map::MergeMap;
 use super::merge_run::{holding, record_merges};
-use super::sql::{datetime, db, q, stable_chunks};
+use super::sql::{datetime, db, id_list, q, stable_chunks};
 use super::{Applier, Work};
 use crate::SinkError;
 
@@ -63,7 +63,7 @@ pub(super) async fn unrelease(conn: &mut Conn, merges: &MergeMap, loser: &str) -
 pub(super) async fn patients_among(conn: &mut Conn, ids: Vec<i64>) -> Result<HashSet<i64>, SinkError> {
     let mut found = HashSet::new();
     for chunk in ids.chunks(1000) {
-        let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let list = id_list(chunk);
         let rows: Vec<i64> = conn.query(format!("SELECT patient_id FROM patient WHERE patient_id IN ({list})")).await.map_err(db("reading which merged persons are patients"))?;
         found.extend(rows);
     }
@@ -90,7 +90,7 @@ pub(super) async fn remember_owner(conn: &mut Conn, table: &str, col: &str, pk: 
 /// The statements that keep HQ persons `ids` (and their patients) alive, if a merge had voided
 /// them.
 pub(super) fn unvoid_sql(ids: &[i64]) -> String {
-    let list = id_list(ids.iter());
+    let list = id_list(ids);
     [("person", "person_id"), ("patient", "patient_id")]
         .iter()
         .map(|(table, col)| format!("UPDATE {table} SET voided = 0, voided_by = NULL, date_voided = NULL, void_reason = NULL WHERE {col} IN ({list}) AND voided = 1 AND void_reason LIKE 'Merged with patient%'"))
@@ -129,11 +129,6 @@ pub(super) async fn void_losers_keep_survivors(conn: &mut Conn, merged: &[(i64, 
 /// own registration: the same whenever HQ learns of it.
 pub(super) async fn void_merged(conn: &mut Conn, id: i64, daemon_user: i64, survivor: i64) -> Result<(), SinkError> {
     conn.query_drop(void_sql(&[(id, survivor)], daemon_user)).await.map_err(db("voiding the merged person and patient"))
-}
-
-/// `ids` as the text of an SQL list (`1,2,3`).
-fn id_list<'a>(ids: impl Iterator<Item = &'a i64>) -> String {
-    ids.map(i64::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// One merge's persons for [`Applier::move_rows`]: (loser uuid, HQ id), (survivor uuid, HQ id).
@@ -323,6 +318,20 @@ impl Applier {
         MOVES.iter().filter(|(table, col, _)| self.model.table(table).is_some_and(|tm| tm.columns.iter().any(|c| c.name == *col))).copied().collect()
     }
 
+    /// Merges' moves: which tables hold each loser's rows ([`holding`]), then each such table's
+    /// rows moved for all the losers that have some there ([`Applier::move_rows`]).
+    pub(super) async fn move_held(&mut self, conn: &mut Conn, pairs: &[Moved<'_>]) -> Result<(), SinkError> {
+        let moves = self.moves();
+        let held = holding(conn, &moves, &pairs.iter().map(|((_, l), _)| *l).collect::<Vec<_>>()).await?;
+        for (m, mv) in moves.iter().enumerate() {
+            let here: Vec<Moved> = pairs.iter().filter(|((_, l), _)| held.contains(&(m, *l))).copied().collect();
+            if !here.is_empty() {
+                self.move_rows(conn, *mv, &here).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Merges' move of one table's rows from each HQ person `l` (uuid `loser`) of `pairs` to its
     /// `w` (`winner`): whose they were is remembered the first time they leave their person, and
     /// an identifier, name or address goes non-preferred unless it goes back to the person it
@@ -341,15 +350,15 @@ impl Applier {
         for chunk in stable_chunks(pairs, MOVES_PER_STATEMENT) {
             let marks = vec!["?"; chunk.len()].join(",");
             let losers = || chunk.iter().map(|((_, l), _)| Value::from(*l));
-            let to_survivor = " WHEN ? THEN ?".repeat(chunk.len());
+            // A value for each loser: its survivor's id, or (remembering whose the rows were) its uuid.
+            let by_loser = " WHEN ? THEN ?".repeat(chunk.len());
             if let Some(pk) = &single_pk {
-                let owner = " WHEN ? THEN ?".repeat(chunk.len());
                 let flag = if has_preferred { "preferred" } else { "NULL" };
                 let mut params = vec![Value::from(key.as_str())];
                 params.extend(chunk.iter().flat_map(|((loser, l), _)| [Value::from(*l), Value::from(*loser)]));
                 params.extend(losers());
                 conn.exec_drop(
-                    format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, CASE {c}{owner} END, {flag} FROM {t} WHERE {c} IN ({marks})"),
+                    format!("INSERT IGNORE INTO omrs_sync_moved (tbl, hq_id, person_uuid, preferred) SELECT ?, {pk}, CASE {c}{by_loser} END, {flag} FROM {t} WHERE {c} IN ({marks})"),
                     params,
                 )
                 .await
@@ -367,14 +376,14 @@ impl Applier {
                     params.extend(losers());
                     let sql = format!(
                         "UPDATE {t} r LEFT JOIN omrs_sync_moved m ON m.tbl = ? AND m.hq_id = r.{pk}
-                            SET r.preferred = IF(m.person_uuid <=> CASE r.{c}{winner} END, m.preferred, 0), r.{c} = CASE r.{c}{to_survivor} ELSE r.{c} END
+                            SET r.preferred = IF(m.person_uuid <=> CASE r.{c}{winner} END, m.preferred, 0), r.{c} = CASE r.{c}{by_loser} ELSE r.{c} END
                           WHERE r.{c} IN ({marks})"
                     );
                     conn.exec_drop(sql, params).await
                 }
                 _ => {
                     let params: Vec<Value> = moves.chain(losers()).collect();
-                    conn.exec_drop(format!("UPDATE {t} SET {c} = CASE {c}{to_survivor} ELSE {c} END WHERE {c} IN ({marks})"), params).await
+                    conn.exec_drop(format!("UPDATE {t} SET {c} = CASE {c}{by_loser} ELSE {c} END WHERE {c} IN ({marks})"), params).await
                 }
             };
             moved.map_err(|e| SinkError::db(format!("moving {table} to the survivor"), e))?;
@@ -524,13 +533,7 @@ impl Applier {
         };
         let mut log_uuid: Option<String> = None;
         if let (Some(w), Some(l), true) = (w, l, ready) {
-            let moves = self.moves();
-            let held = holding(conn, &moves, &[l]).await?;
-            for (m, mv) in moves.iter().enumerate() {
-                if held.contains(&(m, l)) {
-                    self.move_rows(conn, *mv, &[((loser, l), (&rec.winner, w))]).await?;
-                }
-            }
+            self.move_held(conn, &[((loser, l), (&rec.winner, w))]).await?;
             let reason = format!("Merged with patient #{w}");
             // A survivor that its site had merged away (the site chose the other record) is
             // alive at HQ.

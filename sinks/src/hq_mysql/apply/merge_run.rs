@@ -19,7 +19,7 @@ use serde_json::Value as J;
 
 use super::cache::wanted;
 use super::merge::{patients_among, void_losers_keep_survivors, MergeRec, Moved, MERGE_LOG_NS};
-use super::sql::{datetime, db, q, stable_chunks};
+use super::sql::{datetime, db, id_list, q, stable_chunks};
 use super::Applier;
 use crate::SinkError;
 
@@ -76,7 +76,7 @@ pub(super) async fn holding(conn: &mut Conn, moves: &[(&str, &str, bool)], ids: 
         return Ok(found);
     }
     for chunk in ids.chunks(PROBES_PER_TRIP) {
-        let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let list = id_list(chunk);
         let probes: Vec<String> =
             moves.iter().enumerate().map(|(m, (t, c, _))| format!("SELECT DISTINCT {m}, {c} FROM {t} WHERE {c} IN ({list})", t = q(t), c = q(c))).collect();
         let rows: Vec<(i64, Option<i64>)> = conn.query(probes.join(" UNION ALL ")).await.map_err(db("reading which tables hold merged persons' rows"))?;
@@ -186,15 +186,8 @@ impl Applier {
             .collect();
         let mut logs: HashMap<usize, String> = HashMap::new();
         if !ready.is_empty() {
-            let moves = self.moves();
-            let held = holding(conn, &moves, &ready.iter().map(|(_, l, _)| *l).collect::<Vec<_>>()).await?;
-            for (m, mv) in moves.iter().enumerate() {
-                let pairs: Vec<Moved> =
-                    ready.iter().filter(|(_, l, _)| held.contains(&(m, *l))).map(|(i, l, w)| ((run[*i].0.as_str(), *l), (run[*i].1.winner.as_str(), *w))).collect();
-                if !pairs.is_empty() {
-                    self.move_rows(conn, *mv, &pairs).await?;
-                }
-            }
+            let pairs: Vec<Moved> = ready.iter().map(|(i, l, w)| ((run[*i].0.as_str(), *l), (run[*i].1.winner.as_str(), *w))).collect();
+            self.move_held(conn, &pairs).await?;
             // A survivor that its site had merged away is alive at HQ; the loser is voided in
             // its name.
             let daemon = self.daemon(conn).await?;
@@ -225,7 +218,7 @@ impl Applier {
     /// HQ's own `person_merge_log` rows of the `ready` merges of `run`, for the losers no site's
     /// log names (see `merge`), dated at the loser's registration. Returns their uuids by index.
     pub(super) async fn log_merges(&mut self, conn: &mut Conn, run: &[(String, MergeRec)], ready: &[Ready], daemon: i64) -> Result<HashMap<usize, String>, SinkError> {
-        let list = ready.iter().map(|(_, l, _)| l.to_string()).collect::<Vec<_>>().join(",");
+        let list = id_list(ready.iter().map(|(_, l, _)| l));
         let site_logs: Vec<(i64, String)> = conn
             .query(format!("SELECT loser_person_id, uuid FROM person_merge_log WHERE loser_person_id IN ({list})"))
             .await

@@ -38,6 +38,11 @@ pub(super) fn padded_len(n: usize, max: usize) -> usize {
     n.next_power_of_two().min(max).max(n)
 }
 
+/// `ids` as the text of an SQL list (`1,2,3`).
+pub(super) fn id_list<'a>(ids: impl IntoIterator<Item = &'a i64>) -> String {
+    ids.into_iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
 pub(super) fn db(context: &str) -> impl FnOnce(mysql_async::Error) -> SinkError + '_ {
     move |e| SinkError::db(context, e)
 }
