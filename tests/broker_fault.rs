@@ -39,11 +39,10 @@ async fn broker_sigkill_mid_stream_loses_and_doubles_nothing() {
         async move { omrs_simulate::run(&cfg, &args).await }
     });
 
-    // SIGKILL the broker mid-stream, keep the clinics writing for the outage, start it again.
-    // Mid-stream means: every stage runs and HQ has committed its first batch, with the
-    // snapshots and the workload still in flight. This waited for HQ to apply 2,000 offsets while
-    // the clinics still wrote, a race a slow machine lost (the workload of ~30 s ended first and
-    // the test timed out before any fault); whether the clinics were still writing is printed.
+    // SIGKILL the broker mid-stream, start it again 15 s later. Mid-stream means: every stage
+    // runs and HQ has committed its first batch, with the snapshots and the workload in flight.
+    // Waiting for more while the clinics still write is a race a slow machine loses (the ~30 s
+    // workload ends first), so whether they were still writing is printed, not required.
     let base = hq_offset(&hq_db).await;
     wait_for(180, "HQ to commit its first batch", || (block_on(hq_offset(&hq_db)) > base).then_some(()));
     eprintln!("HQ has committed offsets; the clinics {} writing", if workload.is_finished() { "had stopped" } else { "were still" });

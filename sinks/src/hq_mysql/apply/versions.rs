@@ -10,7 +10,7 @@ use mysql_async::{Conn, Value};
 use omrs_core::hq::RowVersion;
 
 use super::cache::Wanted;
-use super::sql::{db, padded_len};
+use super::sql::{db, id_list, padded_len};
 use super::{Applier, StagedVersion};
 use crate::SinkError;
 
@@ -163,7 +163,7 @@ impl Applier {
             let wanted: BTreeSet<i64> = candidates.into_iter().filter(|(pack_id, last_id, id)| last_id >= id && !self.packs.contains(pack_id)).map(|(p, _, _)| p).collect();
             let mut fetched: Vec<(i64, Arc<Pack>)> = Vec::new();
             if !wanted.is_empty() {
-                let list = wanted.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                let list = id_list(&wanted);
                 let rows: Vec<(i64, i64, i64, Vec<u8>)> = conn
                     .query(format!("SELECT pack_id, first_id, last_id, entries FROM omrs_sync_version_pack WHERE pack_id IN ({list})"))
                     .await
