@@ -383,7 +383,39 @@ pub async fn apply(cfg: &KafkaConfig, want: &[ResolvedTopic]) -> Result<ApplyRep
     if !unfixable.is_empty() {
         return Err(CoreError::TopicMismatch(unfixable));
     }
+    await_visible(&admin, &report.created).await?;
     Ok(report)
+}
+
+/// Returns once the broker's metadata shows every topic in `names` with a leader for each
+/// partition. A CreateTopics answer comes when the controller has committed the topics; the
+/// broker serving metadata learns of them a moment later, and a stage started in that moment
+/// would be told its topic does not exist.
+async fn await_visible(admin: &AdminClient<DefaultClientContext>, names: &[String]) -> Result<()> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let md = admin.inner().fetch_metadata(None, METADATA_TIMEOUT).map_err(|e| CoreError::kafka("metadata after creating topics", e))?;
+        let pending: Vec<&String> = names
+            .iter()
+            .filter(|n| {
+                !md.topics().iter().any(|t| {
+                    t.name() == n.as_str() && t.error().is_none() && !t.partitions().is_empty() && t.partitions().iter().all(|p| p.leader() >= 0)
+                })
+            })
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let list: Vec<&str> = pending.iter().map(|n| n.as_str()).collect();
+            return Err(CoreError::Kafka {
+                context: "creating topics".into(),
+                message: format!("created, but the broker's metadata still lacks {} after {} s", list.join(", "), TIMEOUT.as_secs()),
+                transient: true,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[cfg(test)]
