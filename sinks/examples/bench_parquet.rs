@@ -112,9 +112,14 @@ async fn main() {
     let bytes: u64 = walk(&lake.join("changes"));
     eprintln!("sink: {rows} rows in {secs:.1} s = {rate:.0} rows/s, {:.1} MiB of Parquet", bytes as f64 / 1048576.0);
 
+    // The process's peak RSS is reset (clear_refs 5) so that VmHWM afterwards is the
+    // compaction's peak; the RSS before it is what the sink's run left mapped.
+    let rss_before = status_mib("VmRSS:");
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let t0 = Instant::now();
     omrs_sinks::parquet::run(&cfg, &omrs_sinks::parquet::ParquetSinkArgs { compact: true, until_idle: false, ..args.clone() }).await.expect("compact");
     let compact_s = t0.elapsed().as_secs_f64();
+    let compact_peak = status_mib("VmHWM:");
     let ctx = omrs_sinks::query::context(&lake).await.expect("lake");
     let obs: i64 = omrs_sinks::query::sql(&ctx, "SELECT COUNT(*) AS n FROM current.obs").await.expect("count")[0]
         .column(0)
@@ -123,7 +128,7 @@ async fn main() {
         .map(|a| a.value(0))
         .unwrap_or(0);
     assert_eq!(obs as u64, patients * 24, "current.obs");
-    eprintln!("compaction: {obs} obs in current, {compact_s:.1} s");
+    eprintln!("compaction: {obs} obs in current, {compact_s:.1} s, peak RSS {compact_peak:.0} MiB (RSS before it {rss_before:.0} MiB)");
 
     let q1 = median_query(&lake, ENCOUNTERS_PER_MONTH).await;
     let q2 = median_query(&lake, &latest_weight(&weight)).await;
@@ -133,8 +138,16 @@ async fn main() {
     println!("BENCH parquet_sink_rows_per_s {rate:.0} rows/s");
     println!("BENCH parquet_bytes_per_row {:.1} B", bytes as f64 / rows as f64);
     println!("BENCH parquet_compaction_{}k_obs {compact_s:.2} s", obs / 1000);
+    println!("BENCH parquet_compaction_peak_rss {compact_peak:.0} MiB");
     println!("BENCH query_encounters_per_site_month {:.0} ms", q1 * 1000.0);
     println!("BENCH query_latest_weight_per_patient {:.0} ms", q2 * 1000.0);
+}
+
+/// A `/proc/self/status` figure (`VmRSS:`, `VmHWM:`) in MiB; 0 where there is none.
+fn status_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    kb / 1024.0
 }
 
 fn walk(dir: &std::path::Path) -> u64 {

@@ -22,9 +22,9 @@ use std::time::Instant;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Int32Array, Int64Array, StringArray, StringBuilder, TimestampMicrosecondArray,
-    TimestampMicrosecondBuilder, UInt32Array,
+    TimestampMicrosecondBuilder,
 };
-use arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
+use arrow::compute::{concat_batches, filter_record_batch, interleave_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::prelude::SessionContext;
@@ -157,27 +157,34 @@ fn version(b: &RecordBatch, i: usize) -> Result<RowVersion, SinkError> {
 }
 
 /// The winning version of each row key among `batches` (in commit order: a tie goes to the
-/// later one).
+/// later one), in the order of `batches`. The winners are gathered from the batches as they
+/// are: concatenating them first held every input row twice.
 pub fn winners(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch, SinkError> {
-    let all = concat_batches(schema, batches).map_err(arrow_err("concatenating changes".into()))?;
-    let keys = str_col(&all, "_row_key")?;
-    let mut best: HashMap<&str, usize> = HashMap::with_capacity(all.num_rows());
-    for i in 0..all.num_rows() {
-        let k = keys.value(i);
-        match best.get(k) {
-            None => {
-                best.insert(k, i);
-            }
-            Some(&j) => {
-                if compare(&version(&all, i)?, &version(&all, j)?) != std::cmp::Ordering::Less {
-                    best.insert(k, i);
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let mut best: HashMap<&str, (usize, usize)> = HashMap::with_capacity(rows);
+    for (b, batch) in batches.iter().enumerate() {
+        let keys = str_col(batch, "_row_key")?;
+        for i in 0..batch.num_rows() {
+            match best.entry(keys.value(i)) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert((b, i));
+                }
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let (ob, oi) = *e.get();
+                    if compare(&version(batch, i)?, &version(&batches[ob], oi)?) != std::cmp::Ordering::Less {
+                        e.insert((b, i));
+                    }
                 }
             }
         }
     }
-    let mut idx: Vec<u32> = best.into_values().map(|i| i as u32).collect();
+    if best.is_empty() {
+        return Ok(RecordBatch::new_empty(schema.clone()));
+    }
+    let mut idx: Vec<(usize, usize)> = best.into_values().collect();
     idx.sort_unstable();
-    take_record_batch(&all, &UInt32Array::from(idx)).map_err(arrow_err("selecting winners".into()))
+    let refs: Vec<&RecordBatch> = batches.iter().collect();
+    interleave_record_batch(&refs, &idx).map_err(arrow_err("selecting winners".into()))
 }
 
 /// Merges in commit order, folded the way the HQ sink folds them: loser → final survivor.
@@ -311,7 +318,8 @@ fn replace(batch: &RecordBatch, name: &str, arr: ArrayRef) -> Result<RecordBatch
 fn publish(table: &str, raw: &RecordBatch, merges: &Merges) -> Result<RecordBatch, SinkError> {
     let ops = str_col(raw, "_op")?;
     let keep: BooleanArray = ops.iter().map(|o| Some(o != Some("d"))).collect();
-    let mut b = filter_record_batch(raw, &keep).map_err(arrow_err("dropping deletes".into()))?;
+    // Without deletes (most tables, most of the time) the raw rows are shared, not copied.
+    let mut b = if keep.true_count() == raw.num_rows() { raw.clone() } else { filter_record_batch(raw, &keep).map_err(arrow_err("dropping deletes".into()))? };
     if merges.is_empty() {
         return Ok(b);
     }
@@ -567,6 +575,7 @@ async fn compact_held(lake: &Lake, state: &State, tables: &HashMap<String, Arc<L
             }
         }
         let out = publish(name, &raw, &merges)?;
+        drop(raw);
         std::fs::create_dir_all(cur_path.parent().unwrap_or(&dir)).map_err(io(format!("creating {}", cur_path.display())))?;
         let bytes = write::write_file(&cur_path, &t.schema, std::slice::from_ref(&out), row_group)?;
         metrics().lake_files_written.with_label_values(&["current"]).inc();
@@ -768,5 +777,60 @@ mod merge_tests {
         ]);
         assert_eq!((m.survivor_of("L1"), m.survivor_of("L2"), m.survivor_of("L3")), (None, Some("L1"), Some("W")));
         assert!(m.is_winner("L1") && m.is_winner("W"));
+    }
+}
+
+#[cfg(test)]
+mod winner_tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int32Array, Int64Array, StringArray, TimestampMicrosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use arrow::record_batch::RecordBatch;
+
+    use super::winners;
+
+    /// Rows of (row key, site, position, value); every row changed at the same time, priority 0.
+    fn batch(schema: &Arc<Schema>, rows: &[(&str, &str, &str, &str)]) -> RecordBatch {
+        let n = rows.len();
+        let s = |i: usize| Arc::new(StringArray::from(rows.iter().map(|r| [r.0, r.1, r.2, r.3][i]).collect::<Vec<_>>()));
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                s(0),
+                Arc::new(Int64Array::from(vec![1_000; n])),
+                Arc::new(Int32Array::from(vec![0; n])),
+                Arc::new(TimestampMicrosecondArray::from(vec![1_000_000; n])),
+                s(1),
+                s(2),
+                s(3),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_latest_version_of_each_key_wins_across_batches_in_input_order() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("_row_key", DataType::Utf8, false),
+            Field::new("_change_ms", DataType::Int64, false),
+            Field::new("_priority", DataType::Int32, false),
+            Field::new("_event_time", DataType::Timestamp(TimeUnit::Microsecond, None), false),
+            Field::new("_site", DataType::Utf8, false),
+            Field::new("_position", DataType::Utf8, false),
+            Field::new("value", DataType::Utf8, false),
+        ]));
+        // The previous state, then two change files: k1 changed twice at site-a (the later
+        // position wins whatever the file order), k2 once at each site (a full tie: the lower
+        // site name wins), k3 never again.
+        let prev = batch(&schema, &[("k1", "site-a", "01", "k1 v1"), ("k2", "site-b", "01", "k2 from b"), ("k3", "site-a", "02", "k3 v1")]);
+        let f1 = batch(&schema, &[("k1", "site-a", "05", "k1 v3"), ("k2", "site-a", "01", "k2 from a")]);
+        let f2 = batch(&schema, &[("k1", "site-a", "03", "k1 v2"), ("k4", "site-c", "01", "k4 v1")]);
+        let w = winners(&schema, &[prev, f1, f2]).unwrap();
+        let col = |name: &str| w.column_by_name(name).unwrap().as_any().downcast_ref::<StringArray>().unwrap().iter().map(|v| v.unwrap().to_string()).collect::<Vec<_>>();
+        // In the order of the input: prev's k3, then f1's k1 and k2, then f2's k4.
+        assert_eq!(col("value"), ["k3 v1", "k1 v3", "k2 from a", "k4 v1"]);
+        assert_eq!(w.schema(), schema);
+        assert_eq!(winners(&schema, &[]).unwrap().num_rows(), 0);
     }
 }
