@@ -50,18 +50,13 @@ async fn upgrade(port: u16, db: &str, site: &str) -> Vec<String> {
     // The first five patients with an encounter: at site-a the demo dump's, which the
     // simulator's workload leaves alone; at site-b (no demo patients) the workload's first,
     // which it may still be writing: on a fast machine site-b upgrades before it has five.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
-    let patients: Vec<(i64, i64)> = loop {
-        let found: Vec<(i64, i64)> = c
-            .query("SELECT e.patient_id, MIN(e.encounter_id) FROM encounter e JOIN patient p ON p.patient_id = e.patient_id WHERE e.voided = 0 GROUP BY e.patient_id ORDER BY e.patient_id LIMIT 5")
-            .await
-            .unwrap();
-        if found.len() == 5 {
-            break found;
-        }
-        assert!(std::time::Instant::now() < deadline, "{site} has {} patients with encounters after 180 s; the upgrade's rows need five", found.len());
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    };
+    let patients: Vec<(i64, i64)> = wait_for(180, &format!("five patients with an encounter at {site}, for the upgrade's rows"), || {
+        let found: Vec<(i64, i64)> = block_on(c.query(
+            "SELECT e.patient_id, MIN(e.encounter_id) FROM encounter e JOIN patient p ON p.patient_id = e.patient_id WHERE e.voided = 0 GROUP BY e.patient_id ORDER BY e.patient_id LIMIT 5",
+        ))
+        .unwrap();
+        (found.len() == 5).then_some(found)
+    });
     let mut uuids = Vec::new();
     for (i, (pid, eid)) in patients.iter().enumerate() {
         let uuid = format!("{:08x}-0000-4000-8000-{:012x}", 0x4ec0_0000u32 + i as u32, port as u64);
