@@ -19,7 +19,7 @@
 //! merge stands the loser's survivor is the winner's, and a split gives the row back to the
 //! loser. An obs belongs to the owner of its encounter when the log names the encounter.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 /// The lists of `PersonMergeLogData` whose rows leave with the loser: (element, table).
 pub const MOVED_LISTS: &[(&str, &str)] = &[
@@ -73,7 +73,8 @@ pub fn moved_rows(merged_data: &str) -> Vec<(&'static str, String)> {
 }
 
 /// Every row the clinics' merge logs gave a loser: row uuid → (table, loser person uuid).
-/// Uuids are unique across OpenMRS tables; the table guards against a stray match.
+/// Uuids are unique across OpenMRS tables; the table guards against a stray match. (foldhash,
+/// not SipHash: the HQ sink asks it of every row.)
 #[derive(Debug, Default, Clone)]
 pub struct SiteMoves {
     owner: HashMap<String, (&'static str, String)>,
