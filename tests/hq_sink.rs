@@ -5,7 +5,9 @@
 //! conflict decided by the rule and logged, and the same HQ (in uuid space) after SIGKILLs,
 //! other batch sizes, and a second pipeline run with the sites started in another order. And a
 //! clinic's backlog in its partition of `omrs.hq.changes` does not hold back another clinic's
-//! change (issue #24).
+//! change (issue #24). And the uuid filter: created rows new to HQ go in without a lookup, and
+//! one whose uuid another writer put at HQ meanwhile rolls its batch back and is applied as an
+//! update of the row there, after one restart, with nothing dead-lettered or written twice.
 
 mod common;
 
@@ -244,6 +246,33 @@ fn person_at(site: &str, i: usize, uuid: &str, creator: &str) -> Vec<u8> {
     .to_json()
 }
 
+/// A sink killed however the test ends: a failed assertion must not leave it running.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A test's topics and a fresh HQ database from the dump: a connection to it, a user's uuid
+/// (the records' creator), `omrs.hq.changes`' name and its partition count.
+async fn fresh_hq(config: &std::path::Path, prefix: &str, hq_db: &str) -> (mysql_async::Conn, String, String, i32) {
+    let run = |args: &[&str]| {
+        let out = bin().arg("--config").arg(config).args(args).env("RUST_LOG", "warn").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["topics", "apply"]);
+    run(&["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
+    let mut c = admin(3310, Some(hq_db)).await;
+    let user: String = c.query_first("SELECT uuid FROM users ORDER BY user_id LIMIT 1").await.unwrap().unwrap();
+    let topic = format!("{prefix}omrs.hq.changes");
+    let reader: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
+    let n = omrs_core::kafka::topic_partitions(rdkafka::consumer::Consumer::client(&reader), &topic, std::time::Duration::from_secs(10)).unwrap().len() as i32;
+    (c, user, topic, n)
+}
+
 /// A test's own config (its topic prefix and HQ database), from the repository's.
 fn sink_config(dir: &std::path::Path, prefix: &str, hq_db: &str, edits: &[(&str, &str)]) -> std::path::PathBuf {
     let mut text = std::fs::read_to_string(root().join("omrs-stream.toml"))
@@ -272,19 +301,8 @@ async fn a_clinics_backlog_does_not_hold_back_another_clinics_change() {
     let hq_db = unique("openmrs_hq_b");
     let dir = tempfile::tempdir().unwrap();
     let config = sink_config(dir.path(), &prefix, &hq_db, &[("batch_max_rows = 5000", "batch_max_rows = 400")]);
-    let run = |args: &[&str]| {
-        let out = bin().arg("--config").arg(&config).args(args).env("RUST_LOG", "warn").output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&["topics", "apply"]);
-    run(&["sink", "hq-mysql", "--init", "--dump", &path_str(&dump())]);
-    let mut c = admin(3310, Some(&hq_db)).await;
-    let user: String = c.query_first("SELECT uuid FROM users ORDER BY user_id LIMIT 1").await.unwrap().unwrap();
-
+    let (mut c, user, topic, n) = fresh_hq(&config, &prefix, &hq_db).await;
     // Each clinic's records in its own partition, as the transform writes them.
-    let topic = format!("{prefix}omrs.hq.changes");
-    let reader: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
-    let n = omrs_core::kafka::topic_partitions(rdkafka::consumer::Consumer::client(&reader), &topic, std::time::Duration::from_secs(10)).unwrap().len() as i32;
     let (pa, pb) = (omrs_core::topics::hq_partition("site-a", n), omrs_core::topics::hq_partition("site-b", n));
     assert_ne!(pa, pb, "site-a and site-b share a partition of {n}");
     let person = |site: &str, i: usize, u: &str| person_at(site, i, u, &user);
@@ -306,14 +324,6 @@ async fn a_clinics_backlog_does_not_hold_back_another_clinics_change() {
 
     let log = dir.path().join("sink.log");
     let args: Vec<String> = ["sink", "hq-mysql", "--metrics-port", "0", "--quiet"].iter().map(|s| s.to_string()).collect();
-    // Killed however the test ends: a failed assertion must not leave a sink running.
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut sink = Killed(common::pipeline::start(&config, &args, &log));
     let count = |sql: &str| {
         let mut c2 = block_on(admin(3310, Some(&hq_db)));
@@ -332,6 +342,81 @@ async fn a_clinics_backlog_does_not_hold_back_another_clinics_change() {
     assert_eq!(stored.get(&pa).copied(), Some(BACKLOG as i64), "site-a's partition's stored offset");
     assert_eq!(stored.get(&pb).copied(), Some(1), "site-b's partition's stored offset");
     assert_eq!(count("SELECT COUNT(*) FROM omrs_sync_pending"), 0);
+    drop(c);
+    let mut a = admin(3310, None).await;
+    a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();
+}
+
+/// `sinks.hq_mysql.uuid_filter` (on by default): persons created at a clinic, new to HQ, go in
+/// without a lookup (the sink's counter of skipped lookups says so). A person that another
+/// writer put at HQ after the filter loaded, then created with the same uuid at a clinic, is
+/// refused by HQ's unique index: the batch rolls back, the sink starts again with `person` looked
+/// up, and the clinic's row updates the one at HQ (its id kept, its values the clinic's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_the_uuid_filter_took_for_new_updates_the_row_hq_holds() {
+    let prefix = format!("{}.", unique("thqu"));
+    let hq_db = unique("openmrs_hq_u");
+    let dir = tempfile::tempdir().unwrap();
+    let config = sink_config(dir.path(), &prefix, &hq_db, &[]);
+    let (mut c, user, topic, n) = fresh_hq(&config, &prefix, &hq_db).await;
+    let pa = omrs_core::topics::hq_partition("site-a", n);
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
+    let send = |records: Vec<Vec<u8>>| {
+        let producer = producer.clone();
+        let topic = topic.clone();
+        block_on(async move {
+            for r in records {
+                producer.send(rdkafka::producer::FutureRecord::<(), _>::to(&topic).partition(pa).payload(&r), std::time::Duration::from_secs(60)).await.unwrap();
+            }
+        })
+    };
+    let new_uuid = |i: usize| format!("cccccccc-0000-4000-8000-{i:012}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = dir.path().join("sink.log");
+    let args: Vec<String> = ["sink", "hq-mysql", "--quiet", "--metrics-port", &port.to_string()].iter().map(|s| s.to_string()).collect();
+    let _sink = Killed(common::pipeline::start_env(&config, &args, &log, &[("RUST_LOG".into(), "omrs_sinks=info,warn".into())]));
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for_or(60, "the sink to load HQ's uuids", read_log, || read_log().contains("HQ's uuids loaded").then_some(()));
+    let metric = |name: &str| -> Option<i64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        Some(text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as i64)
+    };
+    let count = |sql: String| block_on(async { admin(3310, Some(&hq_db)).await.query_first::<i64, _>(sql).await.unwrap().unwrap_or(0) });
+
+    // Five persons new to HQ: no lookup for any of them.
+    send((1..=5).map(|i| person_at("site-a", i, &new_uuid(i), &user)).collect());
+    wait_for_or(60, "five new persons at HQ", read_log, || (count("SELECT COUNT(*) FROM person WHERE uuid LIKE 'cccccccc-%'".into()) == 5).then_some(()));
+    assert_eq!(metric("omrs_stream_hq_lookups_skipped_total"), Some(5), "each of the five persons went in without a lookup");
+
+    // Another writer puts a person at HQ; then a clinic creates a person with that uuid.
+    let taken = "dddddddd-0000-4000-8000-000000000001";
+    c.query_drop(format!(
+        "INSERT INTO person (person_id, gender, dead, creator, date_created, voided, uuid) VALUES (900001, 'M', 0, 1, '2026-01-01 09:00:00', 0, '{taken}')"
+    ))
+    .await
+    .unwrap();
+    let mut records: Vec<Vec<u8>> = (6..=7).map(|i| person_at("site-a", i, &new_uuid(i), &user)).collect();
+    records.push(person_at("site-a", 8, taken, &user));
+    send(records);
+    wait_for_or(90, "the clinic's person applied over the one at HQ", read_log, || {
+        (count(format!("SELECT COUNT(*) FROM person WHERE uuid = '{taken}' AND gender = 'F'")) == 1 && count("SELECT COUNT(*) FROM person WHERE uuid LIKE 'cccccccc-%'".into()) == 7)
+            .then_some(())
+    });
+    let rows: Vec<(i64, String)> = c.exec("SELECT person_id, gender FROM person WHERE uuid = ?", (taken,)).await.unwrap();
+    assert_eq!(rows, vec![(900001, "F".to_string())], "one row for the uuid, HQ's id kept, the clinic's values");
+    let refused = read_log().matches("HQ holds a uuid the sink took for new").count();
+    assert_eq!(refused, 1, "one rolled-back batch and restart:\n{}", read_log());
+    assert_eq!(metric("omrs_stream_sink_errors_total{kind=\"uuid_taken\",sink=\"hq_mysql\"}"), Some(1));
+    let stored: i64 = c.exec_first("SELECT next_offset FROM omrs_sync_offsets WHERE kafka_partition = ?", (pa,)).await.unwrap().unwrap_or(0);
+    assert_eq!(stored, 8, "every record applied once");
+    assert_eq!(count("SELECT COUNT(*) FROM omrs_sync_pending".into()), 0);
+    let dead: Vec<serde_json::Value> = read_json(&format!("{prefix}omrs.dlq"));
+    assert!(dead.is_empty(), "nothing dead-lettered: {dead:?}");
     drop(c);
     let mut a = admin(3310, None).await;
     a.query_drop(format!("DROP DATABASE IF EXISTS `{hq_db}`")).await.unwrap();

@@ -53,6 +53,7 @@ pub const IDENTITY_REVIEWS_OPEN: &str = "omrs_stream_identity_reviews_open";
 pub const IDENTITY_REVIEW_OLDEST_AGE: &str = "omrs_stream_identity_review_oldest_open_age_seconds";
 pub const HQ_ROWS_APPLIED: &str = "omrs_stream_hq_rows_applied_total";
 pub const HQ_PENDING_OLDEST_AGE: &str = "omrs_stream_hq_pending_oldest_age_seconds";
+pub const HQ_LOOKUPS_SKIPPED: &str = "omrs_stream_hq_lookups_skipped_total";
 pub const HQ_E2E_LATENCY: &str = "omrs_stream_hq_end_to_end_latency_seconds";
 pub const LAKE_E2E_LATENCY: &str = "omrs_stream_lake_end_to_end_latency_seconds";
 pub const SINK_ERRORS: &str = "omrs_stream_sink_errors_total";
@@ -131,6 +132,8 @@ pub struct Metrics {
     /// Rows written at HQ, by table and op (`c`, `u`, `d`, `r`).
     pub hq_rows_applied: IntCounterVec,
     pub hq_pending_oldest_age: IntGauge,
+    /// Rows new to HQ by the uuid filter, inserted without a lookup first.
+    pub hq_lookups_skipped: IntCounter,
     /// Site commit → HQ commit, seconds.
     pub hq_e2e_latency: HistogramVec,
     /// Site commit to the lake's commit of the file set holding the change (visible to queries).
@@ -175,6 +178,12 @@ fn e2e_histogram(r: &Registry, name: &str, help: &str) -> HistogramVec {
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["site"]).expect("static metric definition");
     r.register(Box::new(h.clone())).expect("metric registered once");
     h
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let m = IntCounter::new(name, help).expect("static metric definition");
+    r.register(Box::new(m.clone())).expect("metric registered once");
+    m
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
@@ -250,6 +259,7 @@ impl Metrics {
             aggregate_unattributed: counter_vec(&r, AGGREGATE_UNATTRIBUTED, "Rows counted under `unknown` for want of a grouping uuid", &["aggregate"]),
             hq_rows_applied: counter_vec(&r, HQ_ROWS_APPLIED, "Rows written to the HQ database", &["table", "op"]),
             hq_pending_oldest_age: gauge(&r, HQ_PENDING_OLDEST_AGE, "Age of the oldest row waiting at the HQ sink for its parent"),
+            hq_lookups_skipped: counter(&r, HQ_LOOKUPS_SKIPPED, "Rows new to HQ by the uuid filter, inserted without a lookup first"),
             hq_e2e_latency: e2e_histogram(&r, HQ_E2E_LATENCY, "Site commit to HQ commit, seconds"),
             lake_e2e_latency: e2e_histogram(&r, LAKE_E2E_LATENCY, "Site commit to the lake's commit of the change, seconds"),
             sink_errors: counter_vec(&r, SINK_ERRORS, "Sink errors by kind", &["sink", "kind"]),

@@ -43,6 +43,11 @@ pub enum SinkError {
     /// A query over the lake failed (bad SQL, unknown table…).
     #[error("{0}")]
     Query(String),
+    /// HQ refused a row the uuid filter took for new: its uuid is at HQ after all (a writer
+    /// other than the sink). The batch rolls back and the sink starts again from its stored
+    /// offsets, with `table`'s rows looked up ([`hq_mysql::apply`]'s `new_rows`).
+    #[error("HQ already holds a {table} uuid that the sink took for new: {detail}")]
+    UuidTaken { table: String, detail: String },
 }
 
 impl From<omrs_core::CoreError> for SinkError {

@@ -33,6 +33,14 @@ pub struct HqSinkConfig {
     /// checked. Turn it on when other writers delete rows at HQ while the sink runs.
     #[serde(default)]
     pub server_fk_checks: bool,
+    /// Rows new to HQ go in without a lookup first. The sink keeps a filter of the uuids HQ
+    /// may hold (read from HQ in the background at start, plus every row it gives an id since);
+    /// a created or snapshot row whose uuid the filter has never seen is inserted straight
+    /// away. HQ's unique index on `uuid` still guards it: if the uuid is there after all (a
+    /// writer other than the sink), the batch rolls back and the sink restarts from its stored
+    /// offsets, looking that table's rows up again. Off: every row is looked up first.
+    #[serde(default = "default_true")]
+    pub uuid_filter: bool,
 }
 
 fn default_batch_rows() -> usize {
@@ -57,6 +65,7 @@ impl Default for HqSinkConfig {
             batch_max_rows: default_batch_rows(),
             batch_max_ms: default_batch_ms(),
             server_fk_checks: false,
+            uuid_filter: true,
         }
     }
 }

@@ -27,7 +27,7 @@ mod reader;
 pub mod rejected;
 pub mod schema;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -122,23 +122,38 @@ pub async fn run(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         }
         return Ok(());
     }
-    retry_transient(
-        || run_once(cfg, args),
-        SinkError::is_transient,
-        |e, wait| {
-            let kind = match e {
-                SinkError::Db { source: mysql_async::Error::Server(s), .. } if s.code == 1213 => "deadlock",
-                SinkError::Db { .. } => "hq_unavailable",
-                _ => "kafka",
-            };
-            metrics().sink_errors.with_label_values(&["hq_mysql", kind]).inc();
-            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "transient error; retrying from the last committed batch");
-        },
-    )
-    .await
+    // Tables whose rows the uuid filter took for new and HQ refused: looked up from then on.
+    let mut excluded: HashSet<String> = HashSet::new();
+    loop {
+        let run = retry_transient(
+            || run_once(cfg, args, &excluded),
+            SinkError::is_transient,
+            |e, wait| {
+                let kind = match e {
+                    SinkError::Db { source: mysql_async::Error::Server(s), .. } if s.code == 1213 => "deadlock",
+                    SinkError::Db { .. } => "hq_unavailable",
+                    _ => "kafka",
+                };
+                metrics().sink_errors.with_label_values(&["hq_mysql", kind]).inc();
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "transient error; retrying from the last committed batch");
+            },
+        )
+        .await;
+        match run {
+            Err(SinkError::UuidTaken { table, detail }) => {
+                metrics().sink_errors.with_label_values(&["hq_mysql", "uuid_taken"]).inc();
+                tracing::warn!(
+                    table = %table, error = %detail,
+                    "HQ holds a uuid the sink took for new (a writer other than the sink?): the batch rolled back; starting again from the last committed batch, the table's rows looked up"
+                );
+                excluded.insert(table);
+            }
+            other => return other,
+        }
+    }
 }
 
-async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
+async fn run_once(cfg: &Config, args: &HqSinkArgs, excluded: &HashSet<String>) -> Result<(), SinkError> {
     let names = TopicNames::new(cfg.kafka.topic_prefix.clone());
     let topic = names.hq_changes();
     let sink_cfg = &cfg.sinks.hq_mysql;
@@ -178,6 +193,14 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
         .await?
         .with_max_pending(sink_cfg.max_pending_rows)
         .with_server_fk_checks(sink_cfg.server_fk_checks);
+    // HQ's uuids are read on a connection of their own while the first batches are looked up.
+    let _uuids_loading = if sink_cfg.uuid_filter {
+        let (loading, loaded) = apply::new_rows::spawn_load(connect(cfg, true).await?, cfg.hq.database.database.clone(), excluded.clone());
+        applier = applier.with_uuid_filter(loaded);
+        Some(loading)
+    } else {
+        None
+    };
     tracing::debug!(ms = t_start.elapsed().as_millis() as u64, "startup: loaded");
     tracing::info!(topic = %topic, offsets = ?stored, pending = applier.pending_len(), "HQ sink started");
     omrs_core::endpoint::ready();
@@ -219,6 +242,11 @@ async fn run_once(cfg: &Config, args: &HqSinkArgs) -> Result<(), SinkError> {
             let started = Instant::now();
             let n = records.len();
             let offsets = (n > 0).then_some(stored_now);
+            // A write that has ended is taken in even when nothing new has come: one that failed
+            // must be retried now, not when the next record arrives.
+            if inflight.as_ref().is_some_and(|f| f.task.is_finished()) {
+                finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;
+            }
             if n > 0 || applier.pending_len() > 0 {
                 if applier.needs_sync(&records) {
                     finish(&mut inflight, &mut idle_conn, &mut applier, &mut total_applied).await?;

@@ -266,6 +266,10 @@ impl Writer {
         match self.upsert(conn, table, cols, pk, go.iter().copied()).await {
             Ok(()) => go.iter().for_each(|r| t.landed(r.work)),
             Err(e) if is_transient_db(&e) => return Err(SinkError::db(format!("writing {table}"), e)),
+            // A row taken for new by the uuid filter, whose uuid HQ holds after all.
+            Err(mysql_async::Error::Server(e)) if e.code == 1062 && go.iter().any(|r| r.unverified) => {
+                return Err(SinkError::UuidTaken { table: table.to_string(), detail: e.message });
+            }
             Err(_) => {
                 for r in go {
                     if self.held(conn, table, r, t, out).await? {

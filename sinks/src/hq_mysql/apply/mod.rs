@@ -21,6 +21,7 @@ mod ids;
 mod merge;
 mod merge_map;
 mod merge_run;
+pub(crate) mod new_rows;
 mod pending;
 mod record;
 mod review;
@@ -122,6 +123,13 @@ pub struct Applier {
     ids: Cache<i64>,
     /// Keys the current flush's bulk lookup found absent at HQ: no point query for them.
     absent: hashbrown::HashSet<TKey>,
+    /// Keys of the current flush absent at HQ by the uuid filter, not looked up: their rows
+    /// are staged as [`StagedRow::unverified`].
+    assumed: hashbrown::HashSet<TKey>,
+    /// The uuids HQ may hold ([`new_rows`]): HQ's, once loaded (`uuids_loading`), and those the
+    /// sink has given ids since it started.
+    uuids: new_rows::UuidFilter,
+    uuids_loading: Option<new_rows::Loaded>,
     /// Rows deleted at HQ (their version is kept): the only rows absent at HQ that have one.
     tombstones: hashbrown::HashSet<TKey>,
     /// Rows deleted by staged writes that may not have committed yet, with the generation of
@@ -216,6 +224,9 @@ impl Applier {
             rules,
             ids: Cache::new(500_000),
             absent: hashbrown::HashSet::new(),
+            assumed: hashbrown::HashSet::new(),
+            uuids: new_rows::UuidFilter::default(),
+            uuids_loading: None,
             tombstones: hashbrown::HashSet::new(),
             deleting: hashbrown::HashMap::new(),
             generation: 0,
@@ -263,6 +274,28 @@ impl Applier {
     pub fn with_server_fk_checks(mut self, on: bool) -> Self {
         self.fk_checks = on;
         self
+    }
+
+    /// Rows new to HQ by the uuid filter go in without a lookup, once HQ's uuids have loaded
+    /// (`sinks.hq_mysql.uuid_filter`; [`new_rows::spawn_load`]).
+    pub(crate) fn with_uuid_filter(mut self, loading: new_rows::Loaded) -> Self {
+        self.uuids_loading = Some(loading);
+        self
+    }
+
+    /// Takes HQ's uuids into the filter once they have loaded.
+    fn uuid_filter_loaded(&mut self) {
+        let Some(rx) = self.uuids_loading.as_mut() else { return };
+        match rx.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return,
+            Ok(Ok(mut loaded)) => {
+                loaded.absorb(std::mem::take(&mut self.uuids));
+                self.uuids = loaded;
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not read HQ's uuids: every row is looked up at HQ first"),
+            Err(_) => {}
+        }
+        self.uuids_loading = None;
     }
 
     pub fn pending_len(&self) -> usize {
@@ -616,8 +649,12 @@ impl Applier {
         if works.is_empty() && self.ready.is_empty() {
             return Ok(units);
         }
-        // Bulk lookups first: the rows' own ids and versions, and every referenced uuid.
+        // Bulk lookups first: the rows' own ids and versions, and every referenced uuid; not
+        // the ids of created or snapshot rows that the uuid filter says are new to HQ.
         self.absent.clear();
+        self.assumed.clear();
+        self.uuid_filter_loaded();
+        let mut assumed: Vec<(&str, &str)> = Vec::new();
         // (The keys are borrowed from the batch; a table's name is copied once.)
         fn want<'k>(m: &mut Wanted<'k>, table: &str, key: &'k str) {
             m.entry_ref(table).or_default().insert(key);
@@ -628,7 +665,9 @@ impl Applier {
             let Some(table) = w.event.table.as_deref() else { continue };
             let (Some(tm), Some(cm)) = (self.model.table(table), self.columns.get(table)) else { continue };
             if let Ok(k) = &w.key {
-                if tm.has_uuid || tm.shared_parent.is_some() {
+                if tm.has_uuid && matches!(w.event.op, Op::Create | Op::Read) && self.uuids.surely_new(table, k) {
+                    assumed.push((table, k));
+                } else if tm.has_uuid || tm.shared_parent.is_some() {
                     want(&mut want_ids, table, k);
                 }
                 want(&mut want_versions, table, k);
@@ -641,6 +680,16 @@ impl Applier {
         }
         let t0 = std::time::Instant::now();
         self.prefetch_ids(conn, want_ids).await?;
+        for (table, k) in assumed {
+            // (A reference of another row may have brought it into the id cache.)
+            if !self.ids.contains(table, k) {
+                self.absent.insert((table.to_string(), k.to_string()));
+                self.assumed.insert((table.to_string(), k.to_string()));
+            }
+        }
+        if !self.assumed.is_empty() {
+            omrs_core::metrics::metrics().hq_lookups_skipped.inc_by(self.assumed.len() as u64);
+        }
         let t_ids = t0.elapsed();
         // A row that is not at HQ has a version only if HQ deleted it: skip the lookup for the
         // rest (most rows of a batch are new).

@@ -45,6 +45,9 @@ pub(crate) struct StagedRow {
     pub(crate) work: usize,
     /// A row new to HQ, with the id the sink has just given it: a plain INSERT.
     pub(crate) insert: bool,
+    /// New to HQ by the uuid filter, not looked up ([`super::new_rows`]): if HQ's unique
+    /// index refuses it, the batch rolls back ([`SinkError::UuidTaken`]).
+    pub(crate) unverified: bool,
 }
 
 #[derive(Default)]
@@ -261,6 +264,9 @@ impl Applier {
                 None if ev.op == Op::Delete => None,
                 None => {
                     key.allocated = true;
+                    if tm.has_uuid {
+                        self.uuids.insert(&c.table, &c.row_key);
+                    }
                     Some(self.allocate(conn, &c.table, pk).await?)
                 }
             };
@@ -360,7 +366,12 @@ impl Applier {
             }
         }
         let rows = staged.upserts.entry_ref(table).or_default();
-        let staged_row = Some(StagedRow { cols, vals, work: wi, insert: key.allocated });
+        // A row given its id in this unit stays an INSERT through its later changes here.
+        let (insert, unverified) = match staged.index.get(&Tk(table, &pk_text)).and_then(|&i| rows.get(i)).and_then(Option::as_ref) {
+            Some(earlier) if earlier.insert => (true, earlier.unverified),
+            _ => (key.allocated, key.allocated && self.assumed.contains(&Tk(table, row_key))),
+        };
+        let staged_row = Some(StagedRow { cols, vals, work: wi, insert, unverified });
         match staged.index.get(&Tk(table, &pk_text)) {
             Some(&i) => rows[i] = staged_row,
             None => {
