@@ -366,14 +366,15 @@ impl Applier {
             }
         }
         let rows = staged.upserts.entry_ref(table).or_default();
+        let at = staged.index.get(&Tk(table, &pk_text)).copied();
         // A row given its id in this unit stays an INSERT through its later changes here.
-        let (insert, unverified) = match staged.index.get(&Tk(table, &pk_text)).and_then(|&i| rows.get(i)).and_then(Option::as_ref) {
+        let (insert, unverified) = match at.and_then(|i| rows.get(i)).and_then(Option::as_ref) {
             Some(earlier) if earlier.insert => (true, earlier.unverified),
             _ => (key.allocated, key.allocated && self.assumed.contains(&Tk(table, row_key))),
         };
         let staged_row = Some(StagedRow { cols, vals, work: wi, insert, unverified });
-        match staged.index.get(&Tk(table, &pk_text)) {
-            Some(&i) => rows[i] = staged_row,
+        match at {
+            Some(i) => rows[i] = staged_row,
             None => {
                 staged.index.insert((table.to_string(), pk_text), rows.len());
                 rows.push(staged_row);
